@@ -1,0 +1,530 @@
+//! The agent's TOML config: parsed strictly, validated whole, errors name file, line and field.
+//!
+//! A config that fails here never reaches the reconciler, so the running state stays as it is.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{IfName, PublicKey, MAIN_TABLE};
+
+/// Default rtnetlink protocol number stamped on every route and rule the agent owns.
+/// Not used by iproute2's /etc/iproute2/rt_protos or any routing daemon we know of.
+pub const DEFAULT_ROUTE_PROTOCOL: u8 = 87;
+/// Table and fwmark used for a default route through the tunnel (wg-quick uses the same).
+pub const DEFAULT_POLICY_TABLE: u32 = 51820;
+/// Priority of the first of the two policy rules; the second takes the next number.
+pub const DEFAULT_RULE_PRIORITY: u32 = 5180;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid { path: PathBuf, line: usize, column: usize, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Kernel,
+    Userspace,
+    #[default]
+    Auto,
+}
+
+/// Where peer routes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableChoice {
+    /// Main table, unless an allowed-ip is a default route: then policy routing (as wg-quick).
+    Auto,
+    /// Always the main table, no rules.
+    Main,
+    /// This table, no rules (wg-quick's `Table = N`).
+    Id(u32),
+    /// No routes at all.
+    Off,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Addr(SocketAddr),
+    Host { host: String, port: u16 },
+}
+
+impl Endpoint {
+    fn parse(s: &str) -> Result<Endpoint, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Endpoint::Addr(addr));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("endpoint {s:?} needs host:port (IPv6 as [addr]:port)"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("endpoint {s:?}: port {port:?} is not a number from 0 to 65535"))?;
+        if host.is_empty() || host.contains(':') || host.contains('[') {
+            return Err(format!("endpoint {s:?} needs host:port (IPv6 as [addr]:port)"));
+        }
+        Ok(Endpoint::Host { host: host.to_owned(), port })
+    }
+
+    /// Resolves a host name (first address returned); a literal address is returned as is.
+    pub fn resolve(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Endpoint::Addr(a) => Ok(*a),
+            Endpoint::Host { host, port } => (host.as_str(), *port)
+                .to_socket_addrs()?
+                .next()
+                .ok_or_else(|| std::io::Error::other(format!("{host} has no address"))),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InterfaceConfig {
+    pub name: IfName,
+    pub backend: BackendChoice,
+    pub private_key_file: PathBuf,
+    pub listen_port: Option<u16>,
+    pub addresses: BTreeSet<IpNet>,
+    pub mtu: Option<u32>,
+    pub fwmark: Option<u32>,
+    /// Program serving the UAPI for the userspace backend (wireguard-go compatible).
+    pub userspace_command: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    pub public_key: PublicKey,
+    pub name: Option<String>,
+    pub endpoint: Option<Endpoint>,
+    pub allowed_ips: BTreeSet<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+    /// 1-based line of the `[[peers]]` entry, for messages found later (e.g. DNS).
+    pub line: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct RoutingConfig {
+    pub table: TableChoice,
+    pub protocol: u8,
+    pub rule_priority: u32,
+    pub policy_table: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Where the agent remembers what it owns (survives kill -9).
+    pub state_dir: PathBuf,
+    /// Full resync period, on top of the netlink events that trigger one at once.
+    pub resync_interval_secs: u64,
+}
+
+/// A validated config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub interface: InterfaceConfig,
+    pub peers: Vec<PeerConfig>,
+    pub routing: RoutingConfig,
+    pub agent: AgentConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: RawInterface,
+    #[serde(default)]
+    peers: Vec<Spanned<RawPeer>>,
+    #[serde(default)]
+    routing: Option<RawRouting>,
+    #[serde(default)]
+    agent: Option<RawAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: Spanned<String>,
+    #[serde(default)]
+    backend: BackendChoice,
+    private_key_file: PathBuf,
+    listen_port: Option<u16>,
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
+    mtu: Option<Spanned<u32>>,
+    fwmark: Option<u32>,
+    userspace_command: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    public_key: Spanned<String>,
+    name: Option<String>,
+    endpoint: Option<Spanned<String>>,
+    #[serde(default)]
+    allowed_ips: Vec<Spanned<String>>,
+    persistent_keepalive: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    table: Option<Spanned<toml::Value>>,
+    protocol: Option<Spanned<u8>>,
+    rule_priority: Option<u32>,
+    policy_table: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    state_dir: Option<PathBuf>,
+    resync_interval_secs: Option<Spanned<u64>>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let at = |span: Range<usize>, message: String| {
+            let (line, column) = line_col(text, span.start);
+            ConfigError::Invalid { path: path.to_owned(), line, column, message }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end().to_owned();
+            at(e.span().unwrap_or(0..0), message)
+        })?;
+        let line_of = |span: Range<usize>| line_col(text, span.start).0;
+
+        let iface = raw.interface;
+        let name: IfName = iface
+            .name
+            .get_ref()
+            .parse()
+            .map_err(|e| at(iface.name.span(), format!("interface.name: {e}")))?;
+        let mut addresses = BTreeSet::new();
+        for a in &iface.addresses {
+            let net: IpNet = a.get_ref().parse().map_err(|_| {
+                at(a.span(), format!("interface.addresses: {:?} is not an address/prefix (e.g. 10.77.0.1/24)", a.get_ref()))
+            })?;
+            if !addresses.insert(net) {
+                return Err(at(a.span(), format!("interface.addresses: {net} is listed twice")));
+            }
+        }
+        if let Some(mtu) = &iface.mtu {
+            if !(576..=65535).contains(mtu.get_ref()) {
+                return Err(at(mtu.span(), format!("interface.mtu: {} is outside 576..=65535", mtu.get_ref())));
+            }
+        }
+        let interface = InterfaceConfig {
+            name,
+            backend: iface.backend,
+            private_key_file: iface.private_key_file,
+            listen_port: iface.listen_port,
+            addresses,
+            mtu: iface.mtu.map(|m| m.into_inner()),
+            fwmark: iface.fwmark.filter(|m| *m != 0),
+            userspace_command: iface.userspace_command.unwrap_or_else(|| "wireguard-go".into()),
+        };
+
+        let mut peers = Vec::with_capacity(raw.peers.len());
+        let mut seen: BTreeMap<PublicKey, usize> = BTreeMap::new();
+        for (i, peer) in raw.peers.iter().enumerate() {
+            let line = line_of(peer.span());
+            let peer = peer.get_ref();
+            let field = |f: &str| format!("peers[{i}].{f}");
+            let public_key: PublicKey = peer
+                .public_key
+                .get_ref()
+                .parse()
+                .map_err(|e| at(peer.public_key.span(), format!("{}: {e}", field("public_key"))))?;
+            if let Some(first) = seen.insert(public_key, line) {
+                return Err(at(
+                    peer.public_key.span(),
+                    format!("{}: duplicate peer {public_key} (first defined on line {first})", field("public_key")),
+                ));
+            }
+            let endpoint = match &peer.endpoint {
+                None => None,
+                Some(e) => Some(
+                    Endpoint::parse(e.get_ref()).map_err(|m| at(e.span(), format!("{}: {m}", field("endpoint"))))?,
+                ),
+            };
+            let mut allowed_ips = BTreeSet::new();
+            for a in &peer.allowed_ips {
+                let net = parse_prefix(a.get_ref())
+                    .map_err(|m| at(a.span(), format!("{}: {m}", field("allowed_ips"))))?;
+                allowed_ips.insert(net);
+            }
+            peers.push(PeerConfig {
+                public_key,
+                name: peer.name.clone(),
+                endpoint,
+                allowed_ips,
+                persistent_keepalive: peer.persistent_keepalive.filter(|k| *k != 0),
+                line,
+            });
+        }
+        if let Some((a, b, net_a, net_b)) = find_overlap(&peers) {
+            let (pa, pb) = (&peers[a], &peers[b]);
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: pb.line,
+                column: 1,
+                message: format!(
+                    "peers[{b}].allowed_ips: {net_b} of peer {} overlaps {net_a} of peer {} (line {}); \
+                     WireGuard routes each address to exactly one peer",
+                    pb.public_key, pa.public_key, pa.line
+                ),
+            });
+        }
+
+        let routing = match raw.routing {
+            None => RoutingConfig {
+                table: TableChoice::Auto,
+                protocol: DEFAULT_ROUTE_PROTOCOL,
+                rule_priority: DEFAULT_RULE_PRIORITY,
+                policy_table: DEFAULT_POLICY_TABLE,
+            },
+            Some(r) => {
+                let table = match &r.table {
+                    None => TableChoice::Auto,
+                    Some(v) => parse_table(v.get_ref()).map_err(|m| at(v.span(), format!("routing.table: {m}")))?,
+                };
+                let protocol = match &r.protocol {
+                    None => DEFAULT_ROUTE_PROTOCOL,
+                    // 0..=4 are the kernel's own (unspec, redirect, kernel, boot, static).
+                    Some(p) if *p.get_ref() <= 4 => {
+                        return Err(at(p.span(), format!("routing.protocol: {} is reserved for the kernel and static routes", p.get_ref())))
+                    }
+                    Some(p) => *p.get_ref(),
+                };
+                let policy_table = match &r.policy_table {
+                    None => DEFAULT_POLICY_TABLE,
+                    Some(t) if reserved_table(*t.get_ref()) => {
+                        return Err(at(t.span(), format!("routing.policy_table: {} is a reserved table", t.get_ref())))
+                    }
+                    Some(t) => *t.get_ref(),
+                };
+                RoutingConfig {
+                    table,
+                    protocol,
+                    rule_priority: r.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY),
+                    policy_table,
+                }
+            }
+        };
+
+        let agent = match raw.agent {
+            None => AgentConfig { state_dir: default_state_dir(), resync_interval_secs: 30 },
+            Some(a) => {
+                let resync = match a.resync_interval_secs {
+                    None => 30,
+                    Some(s) if *s.get_ref() == 0 => {
+                        return Err(at(s.span(), "agent.resync_interval_secs: must be at least 1".into()))
+                    }
+                    Some(s) => s.into_inner(),
+                };
+                AgentConfig { state_dir: a.state_dir.unwrap_or_else(default_state_dir), resync_interval_secs: resync }
+            }
+        };
+
+        Ok(Config { path: path.to_owned(), interface, peers, routing, agent })
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/wirefence")
+}
+
+fn reserved_table(t: u32) -> bool {
+    // unspec, default, main, local
+    matches!(t, 0 | 253 | 254 | 255)
+}
+
+fn parse_table(v: &toml::Value) -> Result<TableChoice, String> {
+    match v {
+        toml::Value::String(s) if s == "auto" => Ok(TableChoice::Auto),
+        toml::Value::String(s) if s == "main" => Ok(TableChoice::Main),
+        toml::Value::String(s) if s == "off" => Ok(TableChoice::Off),
+        toml::Value::Integer(n) if *n == MAIN_TABLE as i64 => Ok(TableChoice::Main),
+        toml::Value::Integer(n) if (1..=u32::MAX as i64).contains(n) && !reserved_table(*n as u32) => {
+            Ok(TableChoice::Id(*n as u32))
+        }
+        other => Err(format!("{other} is not \"auto\", \"main\", \"off\" or a table number (1..=4294967295, not 253/255)")),
+    }
+}
+
+/// A prefix in canonical form: host bits set is an error, not silently masked.
+fn parse_prefix(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = match s.parse() {
+        Ok(n) => n,
+        Err(_) => match s.parse::<IpAddr>() {
+            Ok(a) => IpNet::from(a),
+            Err(_) => return Err(format!("{s:?} is not a prefix (e.g. 10.77.0.2/32 or fd77::2/128)")),
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!("{s:?} has host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+/// Finds two prefixes of different peers where one contains the other.
+/// Sorted by (network, length) a containing prefix precedes what it contains, so a stack
+/// of the prefixes still "open" at each point holds exactly those containing it.
+fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
+    let mut all: Vec<(IpNet, usize)> = peers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (*n, i)))
+        .collect();
+    all.sort_by_key(|(n, _)| (matches!(n, IpNet::V6(_)), n.network(), n.prefix_len()));
+    let mut open: Vec<(IpNet, usize)> = Vec::new();
+    for (net, owner) in all {
+        while let Some((top, _)) = open.last() {
+            if top.contains(&net) {
+                break;
+            }
+            open.pop();
+        }
+        if let Some((outer, o)) = open.iter().find(|(_, o)| *o != owner) {
+            return Some((*o, owner, *outer, net));
+        }
+        open.push((net, owner));
+    }
+    None
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "YFCnHVjyRuQ7Ay8kU/1jHeGKCVXAntoDIWcl5gSOE2U=";
+    const KEY_B: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("agent.toml"), text)
+    }
+
+    fn base() -> String {
+        "[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\naddresses = [\"10.77.0.1/24\", \"fd77::1/64\"]\n".into()
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let text = format!(
+            "{}listen_port = 51820\nbackend = \"auto\"\n\n[[peers]]\npublic_key = \"{KEY_A}\"\nendpoint = \"192.0.2.2:51820\"\n\
+             allowed_ips = [\"10.77.0.2/32\", \"fd77::2/128\", \"10.88.0.0/24\"]\npersistent_keepalive = 25\n\n\
+             [[peers]]\npublic_key = \"{KEY_B}\"\nendpoint = \"[2001:db8::1]:51820\"\n",
+            base()
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.interface.name.as_str(), "wf0");
+        assert_eq!(c.interface.addresses.len(), 2);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[0].allowed_ips.len(), 3);
+        assert_eq!(c.peers[0].persistent_keepalive, Some(25));
+        assert_eq!(c.peers[1].endpoint, Some(Endpoint::Addr("[2001:db8::1]:51820".parse().unwrap())));
+        assert_eq!(c.routing.table, TableChoice::Auto);
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let e = err(&format!("{}colour = \"blue\"\n", base()));
+        assert!(e.starts_with("agent.toml:5:"), "{e}");
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn bad_key_names_line_and_field() {
+        let e = err(&format!("{}[[peers]]\npublic_key = \"nope\"\n", base()));
+        assert!(e.starts_with("agent.toml:6:"), "{e}");
+        assert!(e.contains("peers[0].public_key"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_names_line_and_field() {
+        let e = err(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"10.0.0.300/32\"]\n", base()));
+        assert!(e.starts_with("agent.toml:7:"), "{e}");
+        assert!(e.contains("peers[0].allowed_ips"), "{e}");
+        let e = err(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"10.0.0.1/24\"]\n", base()));
+        assert!(e.contains("did you mean 10.0.0.0/24"), "{e}");
+        let e = err("[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\naddresses = [\"bogus\"]\n");
+        assert!(e.starts_with("agent.toml:4:") && e.contains("interface.addresses"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_peer_is_rejected() {
+        let e = err(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\n[[peers]]\npublic_key = \"{KEY_A}\"\n", base()));
+        assert!(e.starts_with("agent.toml:8:"), "{e}");
+        assert!(e.contains("duplicate peer") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_allowed_ips_between_peers_rejected() {
+        let e = err(&format!(
+            "{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"10.88.0.0/16\"]\n\
+             [[peers]]\npublic_key = \"{KEY_B}\"\nallowed_ips = [\"10.99.0.1/32\", \"10.88.3.0/24\"]\n",
+            base()
+        ));
+        assert!(e.starts_with("agent.toml:8:"), "{e}");
+        assert!(e.contains("10.88.3.0/24") && e.contains("10.88.0.0/16"), "{e}");
+        // Within one peer, nesting is allowed (WireGuard keeps the most specific).
+        parse(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"10.88.0.0/16\", \"10.88.1.0/24\"]\n", base()))
+            .unwrap();
+        // v4 and v6 never overlap.
+        parse(&format!(
+            "{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"0.0.0.0/0\"]\n[[peers]]\npublic_key = \"{KEY_B}\"\nallowed_ips = [\"::/0\"]\n",
+            base()
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = err("[interface\nname = 1\n");
+        assert!(e.starts_with("agent.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(Endpoint::parse("gw.example:51820").unwrap(), Endpoint::Host { host: "gw.example".into(), port: 51820 });
+        assert!(Endpoint::parse("gw.example").is_err());
+        assert!(Endpoint::parse("fd00::1:51820").is_err());
+        assert!(Endpoint::parse("h:99999").is_err());
+    }
+
+    #[test]
+    fn routing_table_values() {
+        let c = parse(&format!("{}[routing]\ntable = 1234\n", base())).unwrap();
+        assert_eq!(c.routing.table, TableChoice::Id(1234));
+        let e = err(&format!("{}[routing]\ntable = \"nope\"\n", base()));
+        assert!(e.starts_with("agent.toml:6:") && e.contains("routing.table"), "{e}");
+        let e = err(&format!("{}[routing]\nprotocol = 2\n", base()));
+        assert!(e.contains("routing.protocol"), "{e}");
+    }
+}

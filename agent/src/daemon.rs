@@ -1,0 +1,205 @@
+//! `run`: loads the config, adopts what the kernel has, then keeps it converged. Any change
+//! of the config file (or SIGHUP), of the kernel's links/addresses/routes/rules, or the death
+//! of a userspace daemon triggers a pass; a periodic pass backs them up.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+use crate::config::{BackendChoice, Config};
+use crate::desired::desired_state;
+use crate::keys;
+use crate::model::Desired;
+use crate::netlink::Netlink;
+use crate::reconcile::Reconciler;
+use crate::state::{Owned, StateDir};
+use crate::wg;
+
+/// Everything loaded from one version of the config file.
+pub struct Loaded {
+    pub config: Config,
+    pub desired: Desired,
+}
+
+pub fn load(path: &Path) -> anyhow::Result<Loaded> {
+    let config = Config::load(path)?;
+    let key = keys::load_or_generate(&config.interface.private_key_file)?;
+    let desired = desired_state(&config, &key)?;
+    Ok(Loaded { config, desired })
+}
+
+/// Settings that cannot change under a running agent without a restart.
+fn fixed_settings(c: &Config) -> (BackendChoice, u8, PathBuf, &str) {
+    (c.interface.backend, c.routing.protocol, c.agent.state_dir.clone(), c.interface.userspace_command.as_str())
+}
+
+pub struct Agent {
+    pub loaded: Loaded,
+    pub state: StateDir,
+    pub reconciler: Reconciler,
+    pub wake: Arc<Notify>,
+}
+
+impl Agent {
+    /// Opens the state directory (taking its lock), picks the backend and removes links a
+    /// previous run owned under another name or backend, and routes and rules of another
+    /// protocol number.
+    pub async fn start(loaded: Loaded) -> anyhow::Result<Agent> {
+        let c = &loaded.config;
+        let state = StateDir::open(&c.agent.state_dir)?;
+        let wake = Arc::new(Notify::new());
+        let backend =
+            wg::select(c.interface.backend, &c.interface.userspace_command, c.agent.state_dir.clone(), wake.clone())?;
+        let nl = Netlink::connect()?;
+        let reconciler = Reconciler::new(nl.clone(), backend.clone(), c.routing.protocol);
+        let before = state.owned()?;
+        if let Some(old) = before.protocol.filter(|p| *p != c.routing.protocol) {
+            tracing::info!(old, new = c.routing.protocol, "route protocol changed; removing routes and rules of the old one");
+            Reconciler::new(nl.clone(), backend.clone(), old).remove_routes_and_rules().await?;
+        }
+        let current = loaded.desired.ifname.to_string();
+        let mut stale: Vec<_> = before.ifnames().into_iter().filter(|n| n.as_str() != current).collect();
+        if before.backend.is_some_and(|b| b != backend.name()) && before.interfaces.contains(&current) {
+            stale.push(loaded.desired.ifname.clone());
+        }
+        let mut owned = Owned { interfaces: before.interfaces.clone(), protocol: Some(c.routing.protocol), backend: Some(backend.name().into()) };
+        owned.interfaces.insert(current.clone());
+        state.set_owned(&owned)?;
+        if !stale.is_empty() {
+            // A link of another backend needs that backend's cleanup; deleting it is the same.
+            reconciler.remove_links(&stale).await?;
+        }
+        owned.interfaces = [current].into();
+        state.set_owned(&owned)?;
+        Ok(Agent { loaded, state, reconciler, wake })
+    }
+
+    pub async fn reconcile_once(&self) -> anyhow::Result<usize> {
+        let applied = self.reconciler.reconcile(&self.loaded.desired).await?;
+        Ok(applied.ops.len())
+    }
+
+    /// Applies a new config: rejected whole (the running state stays) when it does not load
+    /// or changes a setting that needs a restart.
+    async fn reload(&mut self, path: &Path) -> anyhow::Result<()> {
+        let new = load(path)?;
+        if fixed_settings(&new.config) != fixed_settings(&self.loaded.config) {
+            anyhow::bail!("backend, routing.protocol, agent.state_dir and interface.userspace_command change only with a restart");
+        }
+        let old_name = self.loaded.desired.ifname.clone();
+        if new.desired.ifname != old_name {
+            let mut owned = self.state.owned()?;
+            owned.interfaces.insert(new.desired.ifname.to_string());
+            self.state.set_owned(&owned)?;
+            self.reconciler.remove_links(std::slice::from_ref(&old_name)).await?;
+            owned.interfaces.remove(old_name.as_str());
+            self.state.set_owned(&owned)?;
+        }
+        self.loaded = new;
+        Ok(())
+    }
+
+    /// The daemon loop. Returns on SIGTERM or SIGINT, leaving the kernel state in place.
+    pub async fn run(mut self, config_path: &Path) -> anyhow::Result<()> {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let kernel_changed = Arc::new(Notify::new());
+        watch_netlink(kernel_changed.clone())?;
+        let config_changed = Arc::new(Notify::new());
+        watch_file(config_path, config_changed.clone())?;
+
+        let resync = Duration::from_secs(self.loaded.config.agent.resync_interval_secs);
+        let mut backoff = Duration::from_millis(250);
+        let mut next = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = kernel_changed.notified() => {
+                    // Coalesce a burst of events (our own changes cause them too).
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ = self.wake.notified() => {}
+                _ = hup.recv() => self.reload_logged(config_path).await,
+                _ = config_changed.notified() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.reload_logged(config_path).await;
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+            match self.reconciler.reconcile(&self.loaded.desired).await {
+                Ok(applied) => {
+                    if !applied.ops.is_empty() {
+                        tracing::info!(operations = applied.ops.len(), "converged");
+                    }
+                    backoff = Duration::from_millis(250);
+                    next = resync;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "reconcile failed");
+                    next = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        tracing::info!("stopping; the tunnel, routes and rules stay as they are (`down` removes them)");
+        Ok(())
+    }
+
+    async fn reload_logged(&mut self, path: &Path) {
+        match self.reload(path).await {
+            Ok(()) => tracing::info!(path = %path.display(), "config reloaded"),
+            Err(e) => tracing::error!(path = %path.display(), error = format!("{e:#}"), "config rejected; keeping the running state"),
+        }
+    }
+}
+
+/// Wakes `notify` on any link, address, route or rule change in this network namespace.
+fn watch_netlink(notify: Arc<Notify>) -> anyhow::Result<()> {
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        G::Link,
+        G::Ipv4Ifaddr,
+        G::Ipv6Ifaddr,
+        G::Ipv4Route,
+        G::Ipv6Route,
+        G::Ipv4Rule,
+        G::Ipv6Rule,
+    ])
+    .context("netlink monitor socket")?;
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            notify.notify_one();
+        }
+    });
+    Ok(())
+}
+
+/// Wakes `notify` when the config file is written or replaced (editors rename over it).
+fn watch_file(path: &Path, notify: Arc<Notify>) -> anyhow::Result<()> {
+    use inotify::{Inotify, WatchMask};
+    let abs = std::path::absolute(path).with_context(|| format!("{}", path.display()))?;
+    let dir = abs.parent().context("config path has no directory")?.to_owned();
+    let name = abs.file_name().context("config path has no file name")?.to_owned();
+    let inotify = Inotify::init().context("inotify")?;
+    inotify
+        .watches()
+        .add(&dir, WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE)
+        .with_context(|| format!("watch {}", dir.display()))?;
+    let mut events = inotify.into_event_stream([0u8; 4096]).context("inotify stream")?;
+    tokio::spawn(async move {
+        while let Some(Ok(ev)) = events.next().await {
+            if ev.name.as_deref() == Some(name.as_os_str()) {
+                notify.notify_one();
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Turns a validated config into the desired kernel state.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::{Config, TableChoice};
+use crate::model::{Desired, DeviceSpec, Family, PeerSpec, PrivateKey, Route, Rule, RuleAction, MAIN_TABLE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    #[error("{path}:{line}: peers[{index}].endpoint: cannot resolve: {source}")]
+    Resolve { path: std::path::PathBuf, line: usize, index: usize, source: std::io::Error },
+    #[error("{path}:{line}: peers[{index}].public_key is this node's own public key")]
+    OwnKey { path: std::path::PathBuf, line: usize, index: usize },
+}
+
+/// Builds the desired state. Host-name endpoints are resolved here, once per config load.
+pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desired, DesiredError> {
+    let own = private_key.public_key();
+    let mut peers = BTreeMap::new();
+    for (index, p) in config.peers.iter().enumerate() {
+        if p.public_key == own {
+            return Err(DesiredError::OwnKey { path: config.path.clone(), line: p.line, index });
+        }
+        let endpoint = match &p.endpoint {
+            None => None,
+            Some(e) => Some(e.resolve().map_err(|source| DesiredError::Resolve {
+                path: config.path.clone(),
+                line: p.line,
+                index,
+                source,
+            })?),
+        };
+        peers.insert(
+            p.public_key,
+            PeerSpec { endpoint, allowed_ips: p.allowed_ips.clone(), persistent_keepalive: p.persistent_keepalive },
+        );
+    }
+
+    let r = &config.routing;
+    let default_families: BTreeSet<Family> = peers
+        .values()
+        .flat_map(|p| p.allowed_ips.iter())
+        .filter(|n| n.prefix_len() == 0)
+        .map(Family::of)
+        .collect();
+    // wg-quick's rule: a default route through the tunnel needs its own table and a fwmark
+    // on the tunnel's packets, or the encrypted packets would loop back into the tunnel.
+    let policy = r.table == TableChoice::Auto && !default_families.is_empty();
+    let table = match r.table {
+        TableChoice::Auto if policy => Some(r.policy_table),
+        TableChoice::Auto | TableChoice::Main => Some(MAIN_TABLE),
+        TableChoice::Id(t) => Some(t),
+        TableChoice::Off => None,
+    };
+    let routes = match table {
+        None => BTreeSet::new(),
+        Some(table) => peers
+            .values()
+            .flat_map(|p| p.allowed_ips.iter())
+            .map(|dst| Route { dst: *dst, table })
+            .collect(),
+    };
+    let mut rules = BTreeSet::new();
+    let mut fwmark = config.interface.fwmark;
+    if policy {
+        let mark = *fwmark.get_or_insert(r.policy_table);
+        for family in default_families {
+            rules.insert(Rule { family, priority: r.rule_priority, action: RuleAction::MainSuppressDefault });
+            rules.insert(Rule {
+                family,
+                priority: r.rule_priority + 1,
+                action: RuleAction::NotFwmarkLookup { fwmark: mark, table: r.policy_table },
+            });
+        }
+    }
+
+    Ok(Desired {
+        ifname: config.interface.name.clone(),
+        mtu: config.interface.mtu,
+        device: DeviceSpec { private_key: private_key.clone(), listen_port: config.interface.listen_port, fwmark },
+        addresses: config.interface.addresses.clone(),
+        peers,
+        routes,
+        rules,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(extra: &str, peer_ips: &str) -> Config {
+        let peer = PrivateKey::generate().public_key();
+        Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\n{extra}\n[[peers]]\npublic_key = \"{peer}\"\nallowed_ips = {peer_ips}\n"
+            ),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn routes_go_to_main_without_default_route() {
+        let d = desired_state(&config("", r#"["10.0.0.2/32", "fd00::2/128"]"#), &PrivateKey::generate()).unwrap();
+        assert_eq!(d.routes.len(), 2);
+        assert!(d.routes.iter().all(|r| r.table == MAIN_TABLE));
+        assert!(d.rules.is_empty());
+        assert_eq!(d.device.fwmark, None);
+    }
+
+    #[test]
+    fn default_route_turns_on_policy_routing_per_family() {
+        let d = desired_state(&config("", r#"["0.0.0.0/0", "fd00::2/128"]"#), &PrivateKey::generate()).unwrap();
+        assert!(d.routes.iter().all(|r| r.table == 51820));
+        assert_eq!(d.rules.len(), 2);
+        assert!(d.rules.iter().all(|r| r.family == Family::V4));
+        assert_eq!(d.device.fwmark, Some(51820));
+    }
+
+    #[test]
+    fn table_off_means_no_routes() {
+        let d = desired_state(&config("[routing]\ntable = \"off\"\n", r#"["0.0.0.0/0"]"#), &PrivateKey::generate());
+        // [routing] after [interface] but before [[peers]] is valid TOML.
+        let d = d.unwrap();
+        assert!(d.routes.is_empty() && d.rules.is_empty());
+    }
+
+    #[test]
+    fn own_key_as_peer_is_rejected() {
+        let k = PrivateKey::generate();
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\n[[peers]]\npublic_key = \"{}\"\n",
+                k.public_key()
+            ),
+        )
+        .unwrap();
+        let e = desired_state(&c, &k).unwrap_err().to_string();
+        assert!(e.contains("t.toml:4") && e.contains("own public key"), "{e}");
+    }
+}

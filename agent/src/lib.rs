@@ -1,0 +1,14 @@
+//! wirefence-agent: makes a Linux machine a node of a WireGuard mesh by reconciling kernel
+//! state (WireGuard device, link, addresses, routes, rules) against a desired state.
+
+pub mod config;
+pub mod daemon;
+pub mod desired;
+pub mod keys;
+pub mod model;
+pub mod netlink;
+pub mod plan;
+pub mod reconcile;
+pub mod state;
+pub mod status;
+pub mod wg;

@@ -1,0 +1,289 @@
+//! Typed desired and observed state: the planner compares exactly these values.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The main routing table (RT_TABLE_MAIN).
+pub const MAIN_TABLE: u32 = 254;
+
+/// A Linux interface name: 1..=15 bytes, no '/', no whitespace, not "." or "..".
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct IfName(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid interface name {name:?}: {reason}")]
+pub struct InvalidIfName {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+impl FromStr for IfName {
+    type Err = InvalidIfName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| Err(InvalidIfName { name: s.to_owned(), reason });
+        if s.is_empty() {
+            return bad("it is empty");
+        }
+        if s.len() > 15 {
+            return bad("Linux allows at most 15 bytes");
+        }
+        if s == "." || s == ".." {
+            return bad("it is a path component");
+        }
+        if s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+            return bad("it contains '/', ':', whitespace or a control character");
+        }
+        Ok(IfName(s.to_owned()))
+    }
+}
+
+impl IfName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a WireGuard key: expected 32 bytes in base64 (44 characters)")]
+pub struct InvalidKey;
+
+fn decode_key(s: &str) -> Result<[u8; 32], InvalidKey> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|_| InvalidKey)?;
+    bytes.try_into().map_err(|_| InvalidKey)
+}
+
+/// A WireGuard public key. Safe to log and display (base64).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl FromStr for PublicKey {
+    type Err = InvalidKey;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        decode_key(s).map(PublicKey)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A WireGuard private key. Never printed: `Debug` is redacted and there is no `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey([u8; 32]);
+
+impl PrivateKey {
+    pub fn generate() -> Self {
+        PrivateKey(wireguard_control::Key::generate_private().0)
+    }
+
+    pub fn from_base64(s: &str) -> Result<Self, InvalidKey> {
+        decode_key(s).map(PrivateKey)
+    }
+
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.0)
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(wireguard_control::Key(self.0).get_public().0)
+    }
+
+    pub fn as_wg(&self) -> wireguard_control::Key {
+        wireguard_control::Key(self.0)
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// What a peer looks like on the WireGuard device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PeerSpec {
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: BTreeSet<IpNet>,
+    /// Seconds; `None` means off (the UAPI's 0).
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Device-wide WireGuard settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub private_key: PrivateKey,
+    /// `None`: let the device choose (and keep whatever it chose).
+    pub listen_port: Option<u16>,
+    /// `None`: no fwmark (0).
+    pub fwmark: Option<u32>,
+}
+
+/// A route the agent owns: `dst dev <our link> table <table> proto <ours>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Route {
+    pub dst: IpNet,
+    pub table: u32,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} table {}", self.dst, self.table)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(net: &IpNet) -> Family {
+        match net {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// The two policy-routing rules wg-quick installs for a default route through the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum RuleAction {
+    /// `not fwmark <fwmark> lookup <table>`: everything but the tunnel's own packets.
+    NotFwmarkLookup { fwmark: u32, table: u32 },
+    /// `lookup main suppress_prefixlength 0`: keep more specific main-table routes working.
+    MainSuppressDefault,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Rule {
+    pub family: Family,
+    pub priority: u32,
+    pub action: RuleAction,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fam = match self.family {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        };
+        match self.action {
+            RuleAction::NotFwmarkLookup { fwmark, table } => {
+                write!(f, "{fam} prio {} not fwmark {fwmark:#x} lookup {table}", self.priority)
+            }
+            RuleAction::MainSuppressDefault => {
+                write!(f, "{fam} prio {} lookup main suppress_prefixlength 0", self.priority)
+            }
+        }
+    }
+}
+
+/// Everything the agent wants the kernel to have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub ifname: IfName,
+    pub mtu: Option<u32>,
+    pub device: DeviceSpec,
+    pub addresses: BTreeSet<IpNet>,
+    pub peers: BTreeMap<PublicKey, PeerSpec>,
+    pub routes: BTreeSet<Route>,
+    pub rules: BTreeSet<Rule>,
+}
+
+/// The tunnel link as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LinkState {
+    pub index: u32,
+    pub mtu: u32,
+    pub up: bool,
+}
+
+/// The WireGuard device as the backend reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceState {
+    pub public_key: Option<PublicKey>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub peers: BTreeMap<PublicKey, PeerSpec>,
+}
+
+/// An owned route found in the kernel, with the link it points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct OwnedRoute {
+    pub route: Route,
+    pub oif: u32,
+}
+
+/// What the kernel has of everything the agent owns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub link: Option<LinkState>,
+    /// Addresses on the tunnel link (IPv6 link-local ones excluded).
+    pub addresses: BTreeSet<IpNet>,
+    pub device: Option<DeviceState>,
+    /// Every route carrying the agent's protocol number, on any link, in any table.
+    pub routes: BTreeSet<OwnedRoute>,
+    /// Every rule carrying the agent's protocol number.
+    pub rules: BTreeSet<Rule>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifname_rules() {
+        assert!("wf0".parse::<IfName>().is_ok());
+        assert!("a234567890123456".parse::<IfName>().is_err());
+        assert!("".parse::<IfName>().is_err());
+        assert!("a/b".parse::<IfName>().is_err());
+        assert!("a b".parse::<IfName>().is_err());
+    }
+
+    #[test]
+    fn keys_roundtrip_and_redact() {
+        let k = PrivateKey::generate();
+        let back = PrivateKey::from_base64(&k.to_base64()).unwrap();
+        assert_eq!(k, back);
+        assert_eq!(format!("{k:?}"), "PrivateKey(<redacted>)");
+        let p = k.public_key();
+        assert_eq!(p.to_string().parse::<PublicKey>().unwrap(), p);
+        assert!("abc".parse::<PublicKey>().is_err());
+    }
+}

@@ -1,0 +1,435 @@
+//! The planner: desired + observed -> the minimal list of operations, in the order to apply
+//! them. Pure: no I/O, so it is tested exhaustively without a kernel.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+
+use crate::model::{Desired, Observed, OwnedRoute, PublicKey, Route, Rule};
+
+/// Peer fields to set; `None` leaves the field as the device has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerUpdate {
+    pub key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    /// Replaces the whole list.
+    pub allowed_ips: Option<BTreeSet<IpNet>>,
+    /// `Some(0)` turns keepalive off.
+    pub persistent_keepalive: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create the tunnel link and WireGuard device (kernel link, or start the userspace daemon).
+    CreateDevice,
+    DelRule(Rule),
+    DelRoute(OwnedRoute),
+    DelAddress(IpNet),
+    RemovePeer(PublicKey),
+    /// Device-wide settings; `fwmark: Some(0)` clears it.
+    ConfigureDevice { private_key: bool, listen_port: Option<u16>, fwmark: Option<u32> },
+    UpsertPeer(PeerUpdate),
+    SetMtu(u32),
+    SetUp,
+    AddAddress(IpNet),
+    AddRoute(Route),
+    AddRule(Rule),
+}
+
+impl Op {
+    /// True for operations carried by the WireGuard configuration interface (batched together).
+    pub fn is_wireguard(&self) -> bool {
+        matches!(self, Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_))
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::CreateDevice => write!(f, "create device"),
+            Op::DelRule(r) => write!(f, "delete rule {r}"),
+            Op::DelRoute(r) => write!(f, "delete route {} (ifindex {})", r.route, r.oif),
+            Op::DelAddress(a) => write!(f, "delete address {a}"),
+            Op::RemovePeer(k) => write!(f, "remove peer {k}"),
+            Op::ConfigureDevice { private_key, listen_port, fwmark } => {
+                write!(f, "configure device")?;
+                if *private_key {
+                    write!(f, " private-key")?;
+                }
+                if let Some(p) = listen_port {
+                    write!(f, " listen-port {p}")?;
+                }
+                if let Some(m) = fwmark {
+                    write!(f, " fwmark {m:#x}")?;
+                }
+                Ok(())
+            }
+            Op::UpsertPeer(p) => write!(f, "set peer {}", p.key),
+            Op::SetMtu(m) => write!(f, "set mtu {m}"),
+            Op::SetUp => write!(f, "set link up"),
+            Op::AddAddress(a) => write!(f, "add address {a}"),
+            Op::AddRoute(r) => write!(f, "add route {r}"),
+            Op::AddRule(r) => write!(f, "add rule {r}"),
+        }
+    }
+}
+
+/// Operations in application order: create, then remove what is stale (so nothing stale
+/// shadows what is added), then WireGuard settings, then link, addresses, routes, rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let mut ops = Vec::new();
+    let link = observed.link.filter(|_| observed.device.is_some());
+    if link.is_none() {
+        ops.push(Op::CreateDevice);
+    }
+
+    for rule in observed.rules.difference(&desired.rules) {
+        ops.push(Op::DelRule(*rule));
+    }
+    let mut kept_routes = BTreeSet::new();
+    for owned in &observed.routes {
+        let ours = link.is_some_and(|l| l.index == owned.oif);
+        if ours && desired.routes.contains(&owned.route) && kept_routes.insert(owned.route) {
+            continue;
+        }
+        ops.push(Op::DelRoute(*owned));
+    }
+    let observed_addresses = if link.is_some() { observed.addresses.clone() } else { BTreeSet::new() };
+    for addr in observed_addresses.difference(&desired.addresses) {
+        ops.push(Op::DelAddress(*addr));
+    }
+
+    let empty = Default::default();
+    let device = observed.device.as_ref().filter(|_| link.is_some());
+    let observed_peers = device.map_or(&empty, |d| &d.peers);
+    for key in observed_peers.keys() {
+        if !desired.peers.contains_key(key) {
+            ops.push(Op::RemovePeer(*key));
+        }
+    }
+    let want = &desired.device;
+    let private_key = device.and_then(|d| d.public_key) != Some(want.private_key.public_key());
+    let listen_port = want.listen_port.filter(|p| device.and_then(|d| d.listen_port) != Some(*p));
+    let fwmark = Some(want.fwmark.unwrap_or(0)).filter(|m| device.and_then(|d| d.fwmark).unwrap_or(0) != *m);
+    if private_key || listen_port.is_some() || fwmark.is_some() {
+        ops.push(Op::ConfigureDevice { private_key, listen_port, fwmark });
+    }
+    for (key, spec) in &desired.peers {
+        let update = match observed_peers.get(key) {
+            None => PeerUpdate {
+                key: *key,
+                endpoint: spec.endpoint,
+                allowed_ips: Some(spec.allowed_ips.clone()),
+                persistent_keepalive: Some(spec.persistent_keepalive.unwrap_or(0)),
+            },
+            Some(have) => PeerUpdate {
+                key: *key,
+                // No configured endpoint: whatever the peer roamed to is right.
+                endpoint: spec.endpoint.filter(|e| have.endpoint != Some(*e)),
+                allowed_ips: Some(spec.allowed_ips.clone()).filter(|a| *a != have.allowed_ips),
+                persistent_keepalive: Some(spec.persistent_keepalive.unwrap_or(0))
+                    .filter(|k| have.persistent_keepalive.unwrap_or(0) != *k),
+            },
+        };
+        let changed =
+            update.endpoint.is_some() || update.allowed_ips.is_some() || update.persistent_keepalive.is_some();
+        if changed {
+            ops.push(Op::UpsertPeer(update));
+        }
+    }
+
+    if let Some(mtu) = desired.mtu {
+        if link.map(|l| l.mtu) != Some(mtu) {
+            ops.push(Op::SetMtu(mtu));
+        }
+    }
+    if !link.is_some_and(|l| l.up) {
+        ops.push(Op::SetUp);
+    }
+    for addr in desired.addresses.difference(&observed_addresses) {
+        ops.push(Op::AddAddress(*addr));
+    }
+    for route in desired.routes.difference(&kept_routes) {
+        ops.push(Op::AddRoute(*route));
+    }
+    for rule in desired.rules.difference(&observed.rules) {
+        ops.push(Op::AddRule(*rule));
+    }
+    Plan { ops }
+}
+
+#[cfg(test)]
+pub(crate) mod sim {
+    //! A model of the kernel, applying operations to an `Observed`, for planner tests.
+    use super::*;
+    use crate::model::{DeviceState, LinkState, PeerSpec};
+
+    pub fn apply(desired: &Desired, obs: &mut Observed, plan: &Plan, next_index: u32) {
+        for op in &plan.ops {
+            match op {
+                Op::CreateDevice => {
+                    // A new link loses every route and address of an old one.
+                    obs.link = Some(LinkState { index: next_index, mtu: 1420, up: false });
+                    obs.addresses.clear();
+                    obs.device = Some(DeviceState::default());
+                }
+                Op::DelRule(r) => assert!(obs.rules.remove(r), "deleted a missing rule"),
+                Op::DelRoute(r) => assert!(obs.routes.remove(r), "deleted a missing route"),
+                Op::DelAddress(a) => assert!(obs.addresses.remove(a), "deleted a missing address"),
+                Op::RemovePeer(k) => {
+                    assert!(obs.device.as_mut().unwrap().peers.remove(k).is_some(), "removed a missing peer")
+                }
+                Op::ConfigureDevice { private_key, listen_port, fwmark } => {
+                    let d = obs.device.as_mut().unwrap();
+                    if *private_key {
+                        d.public_key = Some(desired.device.private_key.public_key());
+                    }
+                    if let Some(p) = listen_port {
+                        d.listen_port = Some(*p);
+                    }
+                    if let Some(m) = fwmark {
+                        d.fwmark = Some(*m).filter(|m| *m != 0);
+                    }
+                }
+                Op::UpsertPeer(u) => {
+                    let d = obs.device.as_mut().unwrap();
+                    let p = d.peers.entry(u.key).or_insert_with(PeerSpec::default);
+                    if let Some(e) = u.endpoint {
+                        p.endpoint = Some(e);
+                    }
+                    if let Some(a) = &u.allowed_ips {
+                        p.allowed_ips = a.clone();
+                    }
+                    if let Some(k) = u.persistent_keepalive {
+                        p.persistent_keepalive = Some(k).filter(|k| *k != 0);
+                    }
+                }
+                Op::SetMtu(m) => obs.link.as_mut().unwrap().mtu = *m,
+                Op::SetUp => obs.link.as_mut().unwrap().up = true,
+                Op::AddAddress(a) => assert!(obs.addresses.insert(*a), "added an existing address"),
+                Op::AddRoute(r) => {
+                    let oif = obs.link.unwrap().index;
+                    assert!(obs.routes.insert(OwnedRoute { route: *r, oif }), "added an existing route")
+                }
+                Op::AddRule(r) => assert!(obs.rules.insert(*r), "added an existing rule"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn keys() -> Vec<PrivateKey> {
+        (0..6).map(|_| PrivateKey::generate()).collect()
+    }
+
+    fn arb_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (0u8..4, 0u8..=32).prop_map(|(a, l)| IpNet::V4(ipnet::Ipv4Net::new([10, a, 0, 0].into(), l).unwrap().trunc())),
+            (0u16..4, 0u8..=128).prop_map(|(a, l)| IpNet::V6(
+                ipnet::Ipv6Net::new([0xfd00, a, 0, 0, 0, 0, 0, 0].into(), l).unwrap().trunc()
+            )),
+        ]
+    }
+
+    fn arb_peer() -> impl Strategy<Value = PeerSpec> {
+        (
+            proptest::option::of((1u8..4, 1u16..4).prop_map(|(h, p)| SocketAddr::from(([192, 0, 2, h], 51820 + p)))),
+            proptest::collection::btree_set(arb_net(), 0..4),
+            proptest::option::of(1u16..30),
+        )
+            .prop_map(|(endpoint, allowed_ips, persistent_keepalive)| PeerSpec { endpoint, allowed_ips, persistent_keepalive })
+    }
+
+    fn arb_rule() -> impl Strategy<Value = Rule> {
+        (any::<bool>(), 5180u32..5183, any::<bool>()).prop_map(|(v6, priority, sup)| Rule {
+            family: if v6 { Family::V6 } else { Family::V4 },
+            priority,
+            action: if sup {
+                RuleAction::MainSuppressDefault
+            } else {
+                RuleAction::NotFwmarkLookup { fwmark: 51820, table: 51820 }
+            },
+        })
+    }
+
+    fn arb_routes() -> impl Strategy<Value = BTreeSet<Route>> {
+        proptest::collection::btree_set((arb_net(), prop_oneof![Just(254u32), Just(51820u32)]).prop_map(|(dst, table)| Route { dst, table }), 0..5)
+    }
+
+    prop_compose! {
+        fn arb_desired(k: Vec<PrivateKey>)(
+            which in 0usize..3,
+            mtu in proptest::option::of(prop_oneof![Just(1420u32), Just(1380u32)]),
+            listen_port in proptest::option::of(51820u16..51823),
+            fwmark in proptest::option::of(1u32..3),
+            addresses in proptest::collection::btree_set(arb_net(), 0..3),
+            peers in proptest::collection::vec((0usize..6, arb_peer()), 0..5),
+            routes in arb_routes(),
+            rules in proptest::collection::btree_set(arb_rule(), 0..3),
+        ) -> Desired {
+            Desired {
+                ifname: "wf0".parse().unwrap(),
+                mtu,
+                device: DeviceSpec { private_key: k[which].clone(), listen_port, fwmark },
+                addresses,
+                peers: peers.into_iter().map(|(i, p)| (k[i].public_key(), p)).collect::<BTreeMap<_, _>>(),
+                routes,
+                rules,
+            }
+        }
+    }
+
+    prop_compose! {
+        fn arb_observed(k: Vec<PrivateKey>)(
+            link in proptest::option::of((1u32..4, prop_oneof![Just(1420u32), Just(1500u32)], any::<bool>())),
+            has_device in any::<bool>(),
+            key in proptest::option::of(0usize..3),
+            listen_port in proptest::option::of(51820u16..51823),
+            fwmark in proptest::option::of(1u32..3),
+            addresses in proptest::collection::btree_set(arb_net(), 0..3),
+            peers in proptest::collection::vec((0usize..6, arb_peer()), 0..5),
+            routes in proptest::collection::btree_set((arb_routes(), 1u32..5), 0..3),
+            rules in proptest::collection::btree_set(arb_rule(), 0..3),
+        ) -> Observed {
+            let link = link.map(|(index, mtu, up)| LinkState { index, mtu, up });
+            Observed {
+                link,
+                addresses: if link.is_some() { addresses } else { BTreeSet::new() },
+                device: (has_device && link.is_some()).then(|| DeviceState {
+                    public_key: key.map(|i| k[i].public_key()),
+                    listen_port,
+                    fwmark,
+                    peers: peers.into_iter().map(|(i, p)| (k[i].public_key(), p)).collect(),
+                }),
+                routes: routes
+                    .into_iter()
+                    .flat_map(|(rs, oif)| rs.into_iter().map(move |route| OwnedRoute { route, oif }))
+                    .collect(),
+                rules,
+            }
+        }
+    }
+
+    fn converges(desired: &Desired, observed: &Observed) {
+        let first = plan(desired, observed);
+        let mut after = observed.clone();
+        sim::apply(desired, &mut after, &first, 9);
+        let second = plan(desired, &after);
+        assert!(second.is_empty(), "second plan not empty: {:?}\nfirst: {:?}", second.ops, first.ops);
+        // And what converged is what was desired.
+        let link = after.link.unwrap();
+        assert!(link.up);
+        if let Some(m) = desired.mtu {
+            assert_eq!(link.mtu, m);
+        }
+        assert_eq!(after.addresses, desired.addresses);
+        assert_eq!(after.rules, desired.rules);
+        let routes: BTreeSet<Route> = after.routes.iter().inspect(|r| assert_eq!(r.oif, link.index)).map(|r| r.route).collect();
+        assert_eq!(routes, desired.routes);
+        let dev = after.device.unwrap();
+        assert_eq!(dev.public_key, Some(desired.device.private_key.public_key()));
+        assert_eq!(dev.peers.keys().collect::<Vec<_>>(), desired.peers.keys().collect::<Vec<_>>());
+        for (k, want) in &desired.peers {
+            let have = &dev.peers[k];
+            assert_eq!(have.allowed_ips, want.allowed_ips);
+            assert_eq!(have.persistent_keepalive, want.persistent_keepalive);
+            if want.endpoint.is_some() {
+                assert_eq!(have.endpoint, want.endpoint);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_pair_converges_in_one_apply(
+            (desired, observed) in Just(keys()).prop_flat_map(|k| (arb_desired(k.clone()), arb_observed(k)))
+        ) {
+            converges(&desired, &observed);
+        }
+    }
+
+    fn sample() -> (Desired, Observed) {
+        let k = keys();
+        let peer = PeerSpec {
+            endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+            allowed_ips: ["10.77.0.2/32".parse().unwrap()].into(),
+            persistent_keepalive: Some(25),
+        };
+        let desired = Desired {
+            ifname: "wf0".parse().unwrap(),
+            mtu: None,
+            device: DeviceSpec { private_key: k[0].clone(), listen_port: Some(51820), fwmark: None },
+            addresses: ["10.77.0.1/24".parse().unwrap()].into(),
+            peers: [(k[1].public_key(), peer)].into(),
+            routes: [Route { dst: "10.77.0.2/32".parse().unwrap(), table: MAIN_TABLE }].into(),
+            rules: BTreeSet::new(),
+        };
+        let mut observed = Observed::default();
+        sim::apply(&desired, &mut observed, &plan(&desired, &Observed::default()), 7);
+        (desired, observed)
+    }
+
+    #[test]
+    fn unchanged_peer_is_not_touched_when_another_changes() {
+        let (mut desired, observed) = sample();
+        let newcomer = PrivateKey::generate().public_key();
+        desired.peers.insert(newcomer, PeerSpec { allowed_ips: ["10.77.0.3/32".parse().unwrap()].into(), ..Default::default() });
+        let p = plan(&desired, &observed);
+        assert_eq!(p.ops.len(), 1, "{:?}", p.ops);
+        assert!(matches!(&p.ops[0], Op::UpsertPeer(u) if u.key == newcomer));
+    }
+
+    #[test]
+    fn roamed_endpoint_without_configured_one_is_left_alone() {
+        let (mut desired, mut observed) = sample();
+        let key = *desired.peers.keys().next().unwrap();
+        desired.peers.get_mut(&key).unwrap().endpoint = None;
+        observed.device.as_mut().unwrap().peers.get_mut(&key).unwrap().endpoint = Some("198.51.100.9:4000".parse().unwrap());
+        assert!(plan(&desired, &observed).is_empty());
+    }
+
+    #[test]
+    fn foreign_link_routes_with_our_protocol_are_removed_but_ours_kept() {
+        let (desired, mut observed) = sample();
+        let stale = OwnedRoute { route: Route { dst: "10.99.0.0/24".parse().unwrap(), table: MAIN_TABLE }, oif: 3 };
+        observed.routes.insert(stale);
+        assert_eq!(plan(&desired, &observed).ops, vec![Op::DelRoute(stale)]);
+    }
+
+    #[test]
+    fn changed_allowed_ips_replace_only_that_field() {
+        let (mut desired, observed) = sample();
+        let key = *desired.peers.keys().next().unwrap();
+        let new: BTreeSet<IpNet> = ["10.77.0.2/32".parse().unwrap(), "fd77::2/128".parse().unwrap()].into();
+        desired.peers.get_mut(&key).unwrap().allowed_ips = new.clone();
+        desired.routes.insert(Route { dst: "fd77::2/128".parse().unwrap(), table: MAIN_TABLE });
+        let p = plan(&desired, &observed);
+        assert_eq!(
+            p.ops,
+            vec![
+                Op::UpsertPeer(PeerUpdate { key, endpoint: None, allowed_ips: Some(new), persistent_keepalive: None }),
+                Op::AddRoute(Route { dst: "fd77::2/128".parse().unwrap(), table: MAIN_TABLE }),
+            ]
+        );
+    }
+}

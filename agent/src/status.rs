@@ -1,0 +1,138 @@
+//! `status`: what the kernel has of the agent's objects, read directly (no daemon needed).
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::model::{IfName, LinkState, OwnedRoute, PublicKey, Rule};
+use crate::reconcile::Reconciler;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub interface: IfName,
+    pub backend: &'static str,
+    pub link: Option<LinkState>,
+    pub public_key: Option<PublicKey>,
+    pub listen_port: Option<u16>,
+    pub addresses: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    pub routes: Vec<OwnedRoute>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerStatus {
+    pub public_key: PublicKey,
+    pub name: Option<String>,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the last handshake; `None` if there was none.
+    pub handshake_age_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub persistent_keepalive: Option<u16>,
+}
+
+pub async fn collect(
+    rec: &Reconciler,
+    ifname: &IfName,
+    names: &std::collections::BTreeMap<PublicKey, String>,
+) -> anyhow::Result<Status> {
+    let observed = rec.observe(ifname).await?;
+    let info = match observed.link {
+        Some(_) => rec.device_info(ifname).await?,
+        None => None,
+    };
+    let now = SystemTime::now();
+    let peers = info
+        .iter()
+        .flat_map(|d| d.peers.iter())
+        .map(|p| {
+            let key = PublicKey(p.config.public_key.0);
+            PeerStatus {
+                public_key: key,
+                name: names.get(&key).cloned(),
+                endpoint: p.config.endpoint.map(|e| e.to_string()),
+                allowed_ips: p.config.allowed_ips.iter().map(|a| format!("{}/{}", a.address, a.cidr)).collect(),
+                handshake_age_secs: p
+                    .stats
+                    .last_handshake_time
+                    .filter(|t| *t > SystemTime::UNIX_EPOCH)
+                    .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+                persistent_keepalive: p.config.persistent_keepalive_interval.filter(|k| *k != 0),
+            }
+        })
+        .collect();
+    Ok(Status {
+        interface: ifname.clone(),
+        backend: rec.backend().name(),
+        link: observed.link,
+        public_key: info.as_ref().and_then(|d| d.public_key.as_ref()).map(|k| PublicKey(k.0)),
+        listen_port: info.as_ref().and_then(|d| d.listen_port),
+        addresses: observed.addresses.iter().map(|a| a.to_string()).collect(),
+        peers,
+        routes: observed.routes.into_iter().collect(),
+        rules: observed.rules.into_iter().collect(),
+    })
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.link {
+            None => return writeln!(f, "interface {}: absent ({} backend)", self.interface, self.backend),
+            Some(l) => writeln!(
+                f,
+                "interface {}: {} mtu {} index {} ({} backend)",
+                self.interface,
+                if l.up { "up" } else { "down" },
+                l.mtu,
+                l.index,
+                self.backend
+            )?,
+        }
+        if let Some(k) = &self.public_key {
+            writeln!(f, "  public key: {k}")?;
+        }
+        if let Some(p) = self.listen_port {
+            writeln!(f, "  listening port: {p}")?;
+        }
+        writeln!(f, "  addresses: {}", self.addresses.join(", "))?;
+        for p in &self.peers {
+            writeln!(f, "\npeer {}{}", p.public_key, p.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default())?;
+            writeln!(f, "  endpoint: {}", p.endpoint.as_deref().unwrap_or("(none)"))?;
+            writeln!(f, "  allowed ips: {}", p.allowed_ips.join(", "))?;
+            match p.handshake_age_secs {
+                Some(s) => writeln!(f, "  latest handshake: {s} s ago")?,
+                None => writeln!(f, "  latest handshake: never")?,
+            }
+            writeln!(f, "  transfer: {} received, {} sent", bytes(p.rx_bytes), bytes(p.tx_bytes))?;
+            if let Some(k) = p.persistent_keepalive {
+                writeln!(f, "  persistent keepalive: every {k} s")?;
+            }
+        }
+        writeln!(f, "\nowned routes:")?;
+        for r in &self.routes {
+            writeln!(f, "  {} table {} ifindex {}", r.route.dst, r.route.table, r.oif)?;
+        }
+        if !self.rules.is_empty() {
+            writeln!(f, "owned rules:")?;
+            for r in &self.rules {
+                writeln!(f, "  {r}")?;
+            }
+        }
+        Ok(())
+    }
+}

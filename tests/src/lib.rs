@@ -1,0 +1,418 @@
+//! Harness for the privileged integration tests: network namespaces joined by veth, agents
+//! run as real processes driving wireguard-go, and helpers to read kernel state.
+//!
+//! Every test gets its own namespaces and interface names (pid + counter), so tests run in
+//! parallel and never collide; the guards delete everything they created on drop. Tests
+//! panic on any failure, and fail loudly (never skip) when not run as root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A short unique token for names (interface names have 15 bytes at most).
+pub fn unique() -> String {
+    format!("{:x}{}", std::process::id() % 0xffff, COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+pub fn require_root() {
+    assert!(
+        nix_is_root(),
+        "privileged test: must run as root (network namespaces, netlink); CI runs it as root"
+    );
+    assert!(
+        Command::new("wireguard-go").arg("--version").output().is_ok(),
+        "wireguard-go is missing: run scripts/install.sh (Debian package wireguard-go)"
+    );
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Path of the agent binary built by `cargo build -p wirefence-agent` (xtask test does it).
+pub fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile> directory");
+    let bin = dir.join("wirefence-agent");
+    assert!(bin.exists(), "{} is missing: build it first (`cargo xtask test` does)", bin.display());
+    bin
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    out
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn ip(args: &[&str]) -> String {
+    run_ok(Command::new("ip").args(args))
+}
+
+/// Polls `f` until it returns true or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// A network namespace, deleted (with everything in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = format!("wft-{prefix}-{}", unique());
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    pub fn ping(&self, addr: &str) -> bool {
+        run(self.cmd("ping").args(["-c", "1", "-W", "1", "-n", "-q", addr])).status.success()
+    }
+
+    /// Routes carrying the agent's protocol number, as `dst table` strings, sorted.
+    pub fn owned_routes(&self, protocol: u8) -> Vec<String> {
+        let mut out = Vec::new();
+        for fam in ["-4", "-6"] {
+            let json = self.ip(&["-json", fam, "route", "show", "table", "all", "proto", &protocol.to_string()]);
+            for r in serde_json::from_str::<Vec<serde_json::Value>>(&json).expect("ip -json route") {
+                let dst = r["dst"].as_str().unwrap_or("?").to_owned();
+                let dst = if dst.contains('/') || dst == "default" {
+                    dst
+                } else if dst.contains(':') {
+                    format!("{dst}/128")
+                } else {
+                    format!("{dst}/32")
+                };
+                let table = r["table"].as_str().unwrap_or("main").to_owned();
+                out.push(format!("{dst} {table} {}", r["dev"].as_str().unwrap_or("?")));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Rules carrying the agent's protocol number (as `ip rule` prints them).
+    pub fn owned_rules(&self, protocol: u8) -> Vec<String> {
+        let mut out = Vec::new();
+        for fam in ["-4", "-6"] {
+            // `ip rule show proto N` does not filter on this iproute2; match the text instead.
+            let tag = format!(" proto {protocol}");
+            for line in self.ip(&[fam, "rule", "show"]).lines().filter(|l| l.trim_end().ends_with(&tag)) {
+                out.push(format!("{fam} {}", line.trim()));
+            }
+        }
+        out
+    }
+
+    pub fn link_exists(&self, ifname: &str) -> bool {
+        run(Command::new("ip").args(["-n", &self.name, "link", "show", "dev", ifname])).status.success()
+    }
+
+    /// Addresses on a link (global scope), sorted.
+    pub fn addresses(&self, ifname: &str) -> Vec<String> {
+        let json = self.ip(&["-json", "addr", "show", "dev", ifname, "scope", "global"]);
+        let v: Vec<serde_json::Value> = serde_json::from_str(&json).expect("ip -json addr");
+        let mut out: Vec<String> = v
+            .iter()
+            .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| Some(format!("{}/{}", a["local"].as_str()?, a["prefixlen"])))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// One host of a lab: a namespace with an underlay address on a shared bridge, a key, a
+/// tunnel interface name, a config file and a state directory of its own.
+pub struct Host {
+    pub ns: Netns,
+    pub index: u8,
+    pub ifname: String,
+    pub dir: PathBuf,
+    pub public_key: String,
+    pub underlay_v4: String,
+    pub underlay_v6: String,
+    pub overlay_v4: String,
+    pub overlay_v6: String,
+}
+
+/// Hosts joined by veth to a bridge in a "switch" namespace.
+pub struct Lab {
+    pub hosts: Vec<Host>,
+    pub switch: Netns,
+    _dir: TempDir,
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!("wirefence-test-{}", unique()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub const PROTO: u8 = 87;
+
+impl Lab {
+    pub fn new(n: u8) -> Lab {
+        require_root();
+        let dir = TempDir::new();
+        let switch = Netns::new("sw");
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut hosts = Vec::new();
+        for i in 1..=n {
+            let ns = Netns::new(&format!("h{i}"));
+            let tag = unique();
+            let (a, b) = (format!("va{tag}"), format!("vb{tag}"));
+            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+            ip(&["link", "set", &a, "netns", &switch.name]);
+            ip(&["link", "set", &b, "netns", &ns.name]);
+            switch.ip(&["link", "set", &a, "master", "br0", "up"]);
+            ns.ip(&["link", "set", &b, "name", "eth0"]);
+            let underlay_v4 = format!("172.31.255.{i}");
+            let underlay_v6 = format!("fdaa::{i}");
+            ns.ip(&["addr", "add", &format!("{underlay_v4}/24"), "dev", "eth0"]);
+            ns.ip(&["addr", "add", &format!("{underlay_v6}/64"), "dev", "eth0", "nodad"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+            let hdir = dir.0.join(format!("h{i}"));
+            std::fs::create_dir_all(&hdir).unwrap();
+            let public_key =
+                run_ok(Command::new(agent_bin()).args(["keygen", "--out"]).arg(hdir.join("private.key"))).trim().to_owned();
+            hosts.push(Host {
+                ns,
+                index: i,
+                ifname: format!("wf{}", unique()),
+                dir: hdir,
+                public_key,
+                underlay_v4,
+                underlay_v6,
+                overlay_v4: format!("10.77.0.{i}"),
+                overlay_v6: format!("fd77::{i}"),
+            });
+        }
+        Lab { hosts, switch, _dir: dir }
+    }
+}
+
+/// Config builder for one host.
+pub struct ConfigBuilder<'a> {
+    host: &'a Host,
+    peers: Vec<String>,
+    extra: String,
+    ifname: Option<String>,
+    addresses: Option<Vec<String>>,
+}
+
+impl Host {
+    pub fn config(&self) -> ConfigBuilder<'_> {
+        ConfigBuilder { host: self, peers: Vec::new(), extra: String::new(), ifname: None, addresses: None }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    /// Writes the config by rename, as editors and config managers do.
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.dir.join("agent.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
+    pub fn agent(&self) -> Command {
+        let mut c = self.ns.cmd(agent_bin().to_str().unwrap());
+        c.env("WIREFENCE_LOG", "debug");
+        c
+    }
+
+    /// `run --once`; returns the output (the caller checks the status).
+    pub fn run_once(&self) -> Output {
+        run(self.agent().args(["run", "--once", "--config"]).arg(self.config_path()))
+    }
+
+    pub fn run_once_ok(&self) -> String {
+        let out = self.run_once();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "agent run --once failed: {err}");
+        err
+    }
+
+    pub fn down(&self) {
+        run_ok(self.agent().args(["down", "--config"]).arg(self.config_path()));
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = run_ok(self.agent().args(["status", "--json", "--config"]).arg(self.config_path()));
+        serde_json::from_str(&out).expect("status --json")
+    }
+
+    /// Starts the daemon; it is killed (SIGKILL) when the handle drops.
+    pub fn spawn_agent(&self) -> AgentProc {
+        let log = self.dir.join("agent.log");
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = self
+            .agent()
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("spawn agent");
+        AgentProc { child: Some(child), log }
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        Path::new("/var/run/wireguard").join(format!("{}.sock", self.ifname))
+    }
+}
+
+impl ConfigBuilder<'_> {
+    pub fn peer(mut self, other: &Host) -> Self {
+        self = self.peer_with(other, &[&format!("{}/32", other.overlay_v4), &format!("{}/128", other.overlay_v6)]);
+        self
+    }
+
+    pub fn peer_with(mut self, other: &Host, allowed_ips: &[&str]) -> Self {
+        let ips: Vec<String> = allowed_ips.iter().map(|a| format!("\"{a}\"")).collect();
+        self.peers.push(format!(
+            "[[peers]]\npublic_key = \"{}\"\nendpoint = \"{}:51820\"\nallowed_ips = [{}]\n",
+            other.public_key,
+            other.underlay_v4,
+            ips.join(", ")
+        ));
+        self
+    }
+
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn ifname(mut self, name: &str) -> Self {
+        self.ifname = Some(name.to_owned());
+        self
+    }
+
+    pub fn addresses(mut self, addrs: &[&str]) -> Self {
+        self.addresses = Some(addrs.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    pub fn render(&self) -> String {
+        let h = self.host;
+        let addrs = self
+            .addresses
+            .clone()
+            .unwrap_or_else(|| vec![format!("{}/24", h.overlay_v4), format!("{}/64", h.overlay_v6)]);
+        let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        format!(
+            "[interface]\nname = \"{}\"\nbackend = \"userspace\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddresses = [{}]\n\n[agent]\nstate_dir = \"{}\"\nresync_interval_secs = 30\n\n{}\n{}",
+            self.ifname.as_deref().unwrap_or(&h.ifname),
+            h.dir.join("private.key").display(),
+            addrs.join(", "),
+            h.dir.join("state").display(),
+            self.extra,
+            self.peers.join("\n"),
+        )
+    }
+
+    pub fn write(self) {
+        self.host.write_config(&self.render());
+    }
+}
+
+pub struct AgentProc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl AgentProc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no clean-up code of the agent runs.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Seconds-resolution handshake time of a peer, via the UAPI (`wg show` equivalent).
+pub fn latest_handshake(host: &Host, peer: &Host) -> Option<u64> {
+    let out = run(host.ns.cmd("wg").args(["show", &host.ifname, "latest-handshakes"]));
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == peer.public_key).then(|| it.next()?.parse().ok())?
+    })
+}
