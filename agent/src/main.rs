@@ -99,7 +99,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             }
             owned.interfaces.clear();
             state.set_owned(&owned)?;
-            println!("removed {} and every route and rule wirefence owned", owned_list(&config));
+            println!("removed interface {} and every route and rule wirefence owned", config.interface.name);
             Ok(())
         }
         Cmd::Status { config, json } => {
@@ -141,8 +141,4 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn owned_list(config: &Config) -> String {
-    format!("interface {}", config.interface.name)
 }

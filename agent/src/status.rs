@@ -124,8 +124,12 @@ impl std::fmt::Display for Status {
             }
         }
         writeln!(f, "\nowned routes:")?;
+        let ours = self.link.map(|l| l.index);
         for r in &self.routes {
-            writeln!(f, "  {} table {} ifindex {}", r.route.dst, r.route.table, r.oif)?;
+            match ours == Some(r.oif) {
+                true => writeln!(f, "  {} dev {} table {}", r.route.dst, self.interface, r.route.table)?,
+                false => writeln!(f, "  {} ifindex {} table {} (stale)", r.route.dst, r.oif, r.route.table)?,
+            }
         }
         if !self.rules.is_empty() {
             writeln!(f, "owned rules:")?;

@@ -35,6 +35,9 @@ fn nix_is_root() -> bool {
 
 /// Path of the agent binary built by `cargo build -p wirefence-agent` (xtask test does it).
 pub fn agent_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WIREFENCE_AGENT_BIN") {
+        return bin.into();
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile> directory");
     let bin = dir.join("wirefence-agent");
