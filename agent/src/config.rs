@@ -62,12 +62,10 @@ impl Endpoint {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(Endpoint::Addr(addr));
         }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("endpoint {s:?} needs host:port (IPv6 as [addr]:port)"))?;
-        let port: u16 = port
-            .parse()
-            .map_err(|_| format!("endpoint {s:?}: port {port:?} is not a number from 0 to 65535"))?;
+        let (host, port) =
+            s.rsplit_once(':').ok_or_else(|| format!("endpoint {s:?} needs host:port (IPv6 as [addr]:port)"))?;
+        let port: u16 =
+            port.parse().map_err(|_| format!("endpoint {s:?}: port {port:?} is not a number from 0 to 65535"))?;
         if host.is_empty() || host.contains(':') || host.contains('[') {
             return Err(format!("endpoint {s:?} needs host:port (IPv6 as [addr]:port)"));
         }
@@ -192,8 +190,8 @@ struct RawAgent {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(path, &text)
     }
 
@@ -209,15 +207,15 @@ impl Config {
         let line_of = |span: Range<usize>| line_col(text, span.start).0;
 
         let iface = raw.interface;
-        let name: IfName = iface
-            .name
-            .get_ref()
-            .parse()
-            .map_err(|e| at(iface.name.span(), format!("interface.name: {e}")))?;
+        let name: IfName =
+            iface.name.get_ref().parse().map_err(|e| at(iface.name.span(), format!("interface.name: {e}")))?;
         let mut addresses = BTreeSet::new();
         for a in &iface.addresses {
             let net: IpNet = a.get_ref().parse().map_err(|_| {
-                at(a.span(), format!("interface.addresses: {:?} is not an address/prefix (e.g. 10.77.0.1/24)", a.get_ref()))
+                at(
+                    a.span(),
+                    format!("interface.addresses: {:?} is not an address/prefix (e.g. 10.77.0.1/24)", a.get_ref()),
+                )
             })?;
             if !addresses.insert(net) {
                 return Err(at(a.span(), format!("interface.addresses: {net} is listed twice")));
@@ -264,8 +262,8 @@ impl Config {
             };
             let mut allowed_ips = BTreeSet::new();
             for a in &peer.allowed_ips {
-                let net = parse_prefix(a.get_ref())
-                    .map_err(|m| at(a.span(), format!("{}: {m}", field("allowed_ips"))))?;
+                let net =
+                    parse_prefix(a.get_ref()).map_err(|m| at(a.span(), format!("{}: {m}", field("allowed_ips"))))?;
                 allowed_ips.insert(net);
             }
             peers.push(PeerConfig {
@@ -307,7 +305,10 @@ impl Config {
                     None => DEFAULT_ROUTE_PROTOCOL,
                     // 0..=4 are the kernel's own (unspec, redirect, kernel, boot, static).
                     Some(p) if *p.get_ref() <= 4 => {
-                        return Err(at(p.span(), format!("routing.protocol: {} is reserved for the kernel and static routes", p.get_ref())))
+                        return Err(at(
+                            p.span(),
+                            format!("routing.protocol: {} is reserved for the kernel and static routes", p.get_ref()),
+                        ))
                     }
                     Some(p) => *p.get_ref(),
                 };
@@ -363,7 +364,9 @@ fn parse_table(v: &toml::Value) -> Result<TableChoice, String> {
         toml::Value::Integer(n) if (1..=u32::MAX as i64).contains(n) && !reserved_table(*n as u32) => {
             Ok(TableChoice::Id(*n as u32))
         }
-        other => Err(format!("{other} is not \"auto\", \"main\", \"off\" or a table number (1..=4294967295, not 253/255)")),
+        other => {
+            Err(format!("{other} is not \"auto\", \"main\", \"off\" or a table number (1..=4294967295, not 253/255)"))
+        }
     }
 }
 
@@ -386,11 +389,8 @@ fn parse_prefix(s: &str) -> Result<IpNet, String> {
 /// Sorted by (network, length) a containing prefix precedes what it contains, so a stack
 /// of the prefixes still "open" at each point holds exactly those containing it.
 fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
-    let mut all: Vec<(IpNet, usize)> = peers
-        .iter()
-        .enumerate()
-        .flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (*n, i)))
-        .collect();
+    let mut all: Vec<(IpNet, usize)> =
+        peers.iter().enumerate().flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (*n, i))).collect();
     all.sort_by_key(|(n, _)| (matches!(n, IpNet::V6(_)), n.network(), n.prefix_len()));
     let mut open: Vec<(IpNet, usize)> = Vec::new();
     for (net, owner) in all {
@@ -427,7 +427,8 @@ mod tests {
     }
 
     fn base() -> String {
-        "[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\naddresses = [\"10.77.0.1/24\", \"fd77::1/64\"]\n".into()
+        "[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\naddresses = [\"10.77.0.1/24\", \"fd77::1/64\"]\n"
+            .into()
     }
 
     fn err(text: &str) -> String {
@@ -494,8 +495,11 @@ mod tests {
         assert!(e.starts_with("agent.toml:8:"), "{e}");
         assert!(e.contains("10.88.3.0/24") && e.contains("10.88.0.0/16"), "{e}");
         // Within one peer, nesting is allowed (WireGuard keeps the most specific).
-        parse(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"10.88.0.0/16\", \"10.88.1.0/24\"]\n", base()))
-            .unwrap();
+        parse(&format!(
+            "{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"10.88.0.0/16\", \"10.88.1.0/24\"]\n",
+            base()
+        ))
+        .unwrap();
         // v4 and v6 never overlap.
         parse(&format!(
             "{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"0.0.0.0/0\"]\n[[peers]]\npublic_key = \"{KEY_B}\"\nallowed_ips = [\"::/0\"]\n",
@@ -512,7 +516,10 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        assert_eq!(Endpoint::parse("gw.example:51820").unwrap(), Endpoint::Host { host: "gw.example".into(), port: 51820 });
+        assert_eq!(
+            Endpoint::parse("gw.example:51820").unwrap(),
+            Endpoint::Host { host: "gw.example".into(), port: 51820 }
+        );
         assert!(Endpoint::parse("gw.example").is_err());
         assert!(Endpoint::parse("fd00::1:51820").is_err());
         assert!(Endpoint::parse("h:99999").is_err());

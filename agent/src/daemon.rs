@@ -59,7 +59,11 @@ impl Agent {
         let reconciler = Reconciler::new(nl.clone(), backend.clone(), c.routing.protocol);
         let before = state.owned()?;
         if let Some(old) = before.protocol.filter(|p| *p != c.routing.protocol) {
-            tracing::info!(old, new = c.routing.protocol, "route protocol changed; removing routes and rules of the old one");
+            tracing::info!(
+                old,
+                new = c.routing.protocol,
+                "route protocol changed; removing routes and rules of the old one"
+            );
             Reconciler::new(nl.clone(), backend.clone(), old).remove_routes_and_rules().await?;
         }
         let current = loaded.desired.ifname.to_string();
@@ -67,7 +71,11 @@ impl Agent {
         if before.backend.is_some_and(|b| b != backend.name()) && before.interfaces.contains(&current) {
             stale.push(loaded.desired.ifname.clone());
         }
-        let mut owned = Owned { interfaces: before.interfaces.clone(), protocol: Some(c.routing.protocol), backend: Some(backend.name().into()) };
+        let mut owned = Owned {
+            interfaces: before.interfaces.clone(),
+            protocol: Some(c.routing.protocol),
+            backend: Some(backend.name().into()),
+        };
         owned.interfaces.insert(current.clone());
         state.set_owned(&owned)?;
         if !stale.is_empty() {
@@ -89,7 +97,9 @@ impl Agent {
     async fn reload(&mut self, path: &Path) -> anyhow::Result<()> {
         let new = load(path)?;
         if fixed_settings(&new.config) != fixed_settings(&self.loaded.config) {
-            anyhow::bail!("backend, routing.protocol, agent.state_dir and interface.userspace_command change only with a restart");
+            anyhow::bail!(
+                "backend, routing.protocol, agent.state_dir and interface.userspace_command change only with a restart"
+            );
         }
         let old_name = self.loaded.desired.ifname.clone();
         if new.desired.ifname != old_name {
@@ -155,7 +165,9 @@ impl Agent {
     async fn reload_logged(&mut self, path: &Path) {
         match self.reload(path).await {
             Ok(()) => tracing::info!(path = %path.display(), "config reloaded"),
-            Err(e) => tracing::error!(path = %path.display(), error = format!("{e:#}"), "config rejected; keeping the running state"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = format!("{e:#}"), "config rejected; keeping the running state")
+            }
         }
     }
 }

@@ -37,12 +37,8 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
     }
 
     let r = &config.routing;
-    let default_families: BTreeSet<Family> = peers
-        .values()
-        .flat_map(|p| p.allowed_ips.iter())
-        .filter(|n| n.prefix_len() == 0)
-        .map(Family::of)
-        .collect();
+    let default_families: BTreeSet<Family> =
+        peers.values().flat_map(|p| p.allowed_ips.iter()).filter(|n| n.prefix_len() == 0).map(Family::of).collect();
     // wg-quick's rule: a default route through the tunnel needs its own table and a fwmark
     // on the tunnel's packets, or the encrypted packets would loop back into the tunnel.
     let policy = r.table == TableChoice::Auto && !default_families.is_empty();
@@ -54,11 +50,9 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
     };
     let routes = match table {
         None => BTreeSet::new(),
-        Some(table) => peers
-            .values()
-            .flat_map(|p| p.allowed_ips.iter())
-            .map(|dst| Route { dst: *dst, table })
-            .collect(),
+        Some(table) => {
+            peers.values().flat_map(|p| p.allowed_ips.iter()).map(|dst| Route { dst: *dst, table }).collect()
+        }
     };
     let mut rules = BTreeSet::new();
     let mut fwmark = config.interface.fwmark;

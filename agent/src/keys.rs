@@ -23,15 +23,12 @@ pub fn generate(path: &Path) -> Result<PrivateKey, KeyError> {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let key = PrivateKey::generate();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| match source.kind() {
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(
+        |source| match source.kind() {
             std::io::ErrorKind::AlreadyExists => KeyError::Exists { path: path.to_owned() },
             _ => io(source),
-        })?;
+        },
+    )?;
     writeln!(file, "{}", key.to_base64()).and_then(|_| file.sync_all()).map_err(io)?;
     Ok(key)
 }

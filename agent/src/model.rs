@@ -60,9 +60,7 @@ impl fmt::Display for IfName {
 pub struct InvalidKey;
 
 fn decode_key(s: &str) -> Result<[u8; 32], InvalidKey> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(s.trim())
-        .map_err(|_| InvalidKey)?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|_| InvalidKey)?;
     bytes.try_into().map_err(|_| InvalidKey)
 }
 

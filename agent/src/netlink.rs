@@ -22,7 +22,9 @@ pub enum NetlinkError {
     Request { what: String, source: rtnetlink::Error },
     #[error("interface {name} exists but is a {kind} link, not a WireGuard device; refusing to touch it")]
     ForeignLink { name: IfName, kind: String },
-    #[error("{what}: the same route exists already and is not owned by wirefence (different protocol); leaving it alone")]
+    #[error(
+        "{what}: the same route exists already and is not owned by wirefence (different protocol); leaving it alone"
+    )]
     ForeignRoute { what: String },
 }
 
@@ -98,10 +100,9 @@ impl Netlink {
             None => Ok(None),
             Some(Link { state, kind }) => match kind.as_deref() {
                 Some("wireguard") | Some("tun") => Ok(Some(state)),
-                other => Err(NetlinkError::ForeignLink {
-                    name: name.clone(),
-                    kind: other.unwrap_or("kind-less").to_owned(),
-                }),
+                other => {
+                    Err(NetlinkError::ForeignLink { name: name.clone(), kind: other.unwrap_or("kind-less").to_owned() })
+                }
             },
         }
     }
@@ -187,17 +188,21 @@ impl Netlink {
 
     fn route_message(route: &Route, oif: u32, protocol: u8) -> RouteMessage {
         let mut msg = match route.dst {
-            IpNet::V4(n) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                .destination_prefix(n.network(), n.prefix_len())
-                .build(),
-            IpNet::V6(n) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                .destination_prefix(n.network(), n.prefix_len())
-                .build(),
+            IpNet::V4(n) => {
+                RouteMessageBuilder::<std::net::Ipv4Addr>::new().destination_prefix(n.network(), n.prefix_len()).build()
+            }
+            IpNet::V6(n) => {
+                RouteMessageBuilder::<std::net::Ipv6Addr>::new().destination_prefix(n.network(), n.prefix_len()).build()
+            }
         };
         msg.header.protocol = RouteProtocol::from(protocol);
         msg.header.scope = RouteScope::Link;
         msg.header.kind = RouteType::Unicast;
-        msg.header.table = if route.table < 256 { route.table as u8 } else { 252 /* RT_TABLE_COMPAT */ };
+        msg.header.table = if route.table < 256 {
+            route.table as u8
+        } else {
+            252 /* RT_TABLE_COMPAT */
+        };
         msg.attributes.retain(|a| !matches!(a, RouteAttribute::Table(_) | RouteAttribute::Oif(_)));
         msg.attributes.push(RouteAttribute::Table(route.table));
         msg.attributes.push(RouteAttribute::Oif(oif));
@@ -250,7 +255,9 @@ impl Netlink {
     pub async fn add_route(&self, route: &Route, oif: u32, protocol: u8) -> Result<(), NetlinkError> {
         let msg = Self::route_message(route, oif, protocol);
         match self.handle.route().add(msg).execute().await {
-            Err(e) if errno(&e) == Some(libc::EEXIST) => Err(NetlinkError::ForeignRoute { what: format!("add route {route}") }),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {
+                Err(NetlinkError::ForeignRoute { what: format!("add route {route}") })
+            }
             r => r.map_err(Self::req(format!("add route {route}"))),
         }
     }

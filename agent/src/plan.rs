@@ -29,7 +29,11 @@ pub enum Op {
     DelAddress(IpNet),
     RemovePeer(PublicKey),
     /// Device-wide settings; `fwmark: Some(0)` clears it.
-    ConfigureDevice { private_key: bool, listen_port: Option<u16>, fwmark: Option<u32> },
+    ConfigureDevice {
+        private_key: bool,
+        listen_port: Option<u16>,
+        fwmark: Option<u32>,
+    },
     UpsertPeer(PeerUpdate),
     SetMtu(u32),
     SetUp,
@@ -175,7 +179,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
 pub(crate) mod sim {
     //! A model of the kernel, applying operations to an `Observed`, for planner tests.
     use super::*;
-    use crate::model::{DeviceState, LinkState, PeerSpec};
+    use crate::model::{DeviceState, LinkState};
 
     pub fn apply(desired: &Desired, obs: &mut Observed, plan: &Plan, next_index: u32) {
         for op in &plan.ops {
@@ -206,7 +210,7 @@ pub(crate) mod sim {
                 }
                 Op::UpsertPeer(u) => {
                     let d = obs.device.as_mut().unwrap();
-                    let p = d.peers.entry(u.key).or_insert_with(PeerSpec::default);
+                    let p = d.peers.entry(u.key).or_default();
                     if let Some(e) = u.endpoint {
                         p.endpoint = Some(e);
                     }
@@ -243,7 +247,8 @@ mod tests {
 
     fn arb_net() -> impl Strategy<Value = IpNet> {
         prop_oneof![
-            (0u8..4, 0u8..=32).prop_map(|(a, l)| IpNet::V4(ipnet::Ipv4Net::new([10, a, 0, 0].into(), l).unwrap().trunc())),
+            (0u8..4, 0u8..=32)
+                .prop_map(|(a, l)| IpNet::V4(ipnet::Ipv4Net::new([10, a, 0, 0].into(), l).unwrap().trunc())),
             (0u16..4, 0u8..=128).prop_map(|(a, l)| IpNet::V6(
                 ipnet::Ipv6Net::new([0xfd00, a, 0, 0, 0, 0, 0, 0].into(), l).unwrap().trunc()
             )),
@@ -256,7 +261,11 @@ mod tests {
             proptest::collection::btree_set(arb_net(), 0..4),
             proptest::option::of(1u16..30),
         )
-            .prop_map(|(endpoint, allowed_ips, persistent_keepalive)| PeerSpec { endpoint, allowed_ips, persistent_keepalive })
+            .prop_map(|(endpoint, allowed_ips, persistent_keepalive)| PeerSpec {
+                endpoint,
+                allowed_ips,
+                persistent_keepalive,
+            })
     }
 
     fn arb_rule() -> impl Strategy<Value = Rule> {
@@ -272,7 +281,10 @@ mod tests {
     }
 
     fn arb_routes() -> impl Strategy<Value = BTreeSet<Route>> {
-        proptest::collection::btree_set((arb_net(), prop_oneof![Just(254u32), Just(51820u32)]).prop_map(|(dst, table)| Route { dst, table }), 0..5)
+        proptest::collection::btree_set(
+            (arb_net(), prop_oneof![Just(254u32), Just(51820u32)]).prop_map(|(dst, table)| Route { dst, table }),
+            0..5,
+        )
     }
 
     prop_compose! {
@@ -343,7 +355,8 @@ mod tests {
         }
         assert_eq!(after.addresses, desired.addresses);
         assert_eq!(after.rules, desired.rules);
-        let routes: BTreeSet<Route> = after.routes.iter().inspect(|r| assert_eq!(r.oif, link.index)).map(|r| r.route).collect();
+        let routes: BTreeSet<Route> =
+            after.routes.iter().inspect(|r| assert_eq!(r.oif, link.index)).map(|r| r.route).collect();
         assert_eq!(routes, desired.routes);
         let dev = after.device.unwrap();
         assert_eq!(dev.public_key, Some(desired.device.private_key.public_key()));
@@ -393,7 +406,9 @@ mod tests {
     fn unchanged_peer_is_not_touched_when_another_changes() {
         let (mut desired, observed) = sample();
         let newcomer = PrivateKey::generate().public_key();
-        desired.peers.insert(newcomer, PeerSpec { allowed_ips: ["10.77.0.3/32".parse().unwrap()].into(), ..Default::default() });
+        desired
+            .peers
+            .insert(newcomer, PeerSpec { allowed_ips: ["10.77.0.3/32".parse().unwrap()].into(), ..Default::default() });
         let p = plan(&desired, &observed);
         assert_eq!(p.ops.len(), 1, "{:?}", p.ops);
         assert!(matches!(&p.ops[0], Op::UpsertPeer(u) if u.key == newcomer));
@@ -404,7 +419,8 @@ mod tests {
         let (mut desired, mut observed) = sample();
         let key = *desired.peers.keys().next().unwrap();
         desired.peers.get_mut(&key).unwrap().endpoint = None;
-        observed.device.as_mut().unwrap().peers.get_mut(&key).unwrap().endpoint = Some("198.51.100.9:4000".parse().unwrap());
+        observed.device.as_mut().unwrap().peers.get_mut(&key).unwrap().endpoint =
+            Some("198.51.100.9:4000".parse().unwrap());
         assert!(plan(&desired, &observed).is_empty());
     }
 

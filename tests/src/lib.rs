@@ -18,10 +18,7 @@ pub fn unique() -> String {
 }
 
 pub fn require_root() {
-    assert!(
-        nix_is_root(),
-        "privileged test: must run as root (network namespaces, netlink); CI runs it as root"
-    );
+    assert!(nix_is_root(), "privileged test: must run as root (network namespaces, netlink); CI runs it as root");
     assert!(
         Command::new("wireguard-go").arg("--version").output().is_ok(),
         "wireguard-go is missing: run scripts/install.sh (Debian package wireguard-go)"
@@ -233,8 +230,9 @@ impl Lab {
             ns.ip(&["link", "set", "eth0", "up"]);
             let hdir = dir.0.join(format!("h{i}"));
             std::fs::create_dir_all(&hdir).unwrap();
-            let public_key =
-                run_ok(Command::new(agent_bin()).args(["keygen", "--out"]).arg(hdir.join("private.key"))).trim().to_owned();
+            let public_key = run_ok(Command::new(agent_bin()).args(["keygen", "--out"]).arg(hdir.join("private.key")))
+                .trim()
+                .to_owned();
             hosts.push(Host {
                 ns,
                 index: i,

@@ -63,27 +63,30 @@ fn peers_added_changed_removed_while_traffic_flows() {
     let handshake = latest_handshake(a, b).expect("a has a handshake with b");
 
     // Continuous traffic a -> b during all changes.
-    let flood = a
-        .ns
-        .cmd("ping")
-        .args(["-n", "-q", "-i", "0.05", "-w", "4", &b.overlay_v4])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let flood =
+        a.ns.cmd("ping")
+            .args(["-n", "-q", "-i", "0.05", "-w", "4", &b.overlay_v4])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
 
     // Add c.
     a.config().peer(b).peer(c).write();
     ping_ok(a, &c.overlay_v4);
     ping_ok(a, &c.overlay_v6);
     // Change c: one more allowed-ip (a subnet behind c).
-    a.config().peer(b).peer_with(c, &[&format!("{}/32", c.overlay_v4), &format!("{}/128", c.overlay_v6), "10.99.3.0/24"]).write();
+    a.config()
+        .peer(b)
+        .peer_with(c, &[&format!("{}/32", c.overlay_v4), &format!("{}/128", c.overlay_v6), "10.99.3.0/24"])
+        .write();
     wait_until("route to 10.99.3.0/24 via the tunnel", T, || {
         a.ns.owned_routes(PROTO).contains(&format!("10.99.3.0/24 main {}", a.ifname))
     });
     // Remove c.
     a.config().peer(b).write();
     wait_until("c's routes gone", T, || {
-        a.ns.owned_routes(PROTO) == expected_routes(a, &a.ifname, &[&format!("{}/32", b.overlay_v4), &format!("{}/128", b.overlay_v6)])
+        a.ns.owned_routes(PROTO)
+            == expected_routes(a, &a.ifname, &[&format!("{}/32", b.overlay_v4), &format!("{}/128", b.overlay_v6)])
     });
     assert!(!a.ns.ping(&c.overlay_v4), "c still reachable after removal");
 
@@ -114,7 +117,8 @@ fn kill9_then_restart_with_changed_config_leaves_nothing_stale() {
     let _agent = a.spawn_agent();
     wait_until("converged on the new interface", T, || a.ns.link_exists(&new_if) && !a.ns.link_exists(&a.ifname));
     wait_until("exactly the desired routes", T, || {
-        a.ns.owned_routes(PROTO) == expected_routes(a, &new_if, &[&format!("{}/32", b.overlay_v4), &format!("{}/128", b.overlay_v6)])
+        a.ns.owned_routes(PROTO)
+            == expected_routes(a, &new_if, &[&format!("{}/32", b.overlay_v4), &format!("{}/128", b.overlay_v6)])
     });
     assert_eq!(a.ns.addresses(&new_if), vec!["10.77.0.1/24", "fd77::100/64"]);
     let st = a.status_json();

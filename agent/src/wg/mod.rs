@@ -10,7 +10,7 @@ use std::sync::Arc;
 use wireguard_control::{AllowedIp, DeviceUpdate, PeerConfigBuilder};
 
 use crate::config::BackendChoice;
-use crate::model::{DeviceState, Desired, IfName, PeerSpec, PublicKey};
+use crate::model::{Desired, DeviceState, IfName, PeerSpec, PublicKey};
 use crate::plan::Op;
 
 pub use kernel::{kernel_wireguard_available, KernelBackend};
@@ -30,7 +30,11 @@ pub enum WgError {
 }
 
 /// Wraps an I/O error with what was being done, on which interface, by which backend.
-fn io_err<'a>(backend: &'static str, what: &'static str, ifname: &'a IfName) -> impl FnOnce(std::io::Error) -> WgError + 'a {
+fn io_err<'a>(
+    backend: &'static str,
+    what: &'static str,
+    ifname: &'a IfName,
+) -> impl FnOnce(std::io::Error) -> WgError + 'a {
     move |source| WgError::Io { what, ifname: ifname.clone(), backend, source }
 }
 
@@ -56,7 +60,8 @@ pub fn select(
     wake: Arc<tokio::sync::Notify>,
 ) -> Result<Arc<dyn WgBackend>, WgError> {
     let kernel = || -> Arc<dyn WgBackend> { Arc::new(KernelBackend) };
-    let userspace = || -> Arc<dyn WgBackend> { Arc::new(UserspaceBackend::new(userspace_command.into(), log_dir, wake)) };
+    let userspace =
+        || -> Arc<dyn WgBackend> { Arc::new(UserspaceBackend::new(userspace_command.into(), log_dir, wake)) };
     match choice {
         BackendChoice::Kernel if kernel_wireguard_available() => Ok(kernel()),
         BackendChoice::Kernel => Err(WgError::NoKernelModule),

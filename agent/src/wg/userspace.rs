@@ -86,16 +86,17 @@ impl WgBackend for UserspaceBackend {
 
         // Watch before spawning so the socket's creation cannot be missed.
         let mut inotify = Inotify::init().map_err(io_err("userspace", "inotify", ifname))?;
-        inotify
-            .watches()
-            .add(SOCKET_DIR, WatchMask::CREATE | WatchMask::MOVED_TO)
-            .map_err(io_err("userspace", "inotify watch", ifname))?;
+        inotify.watches().add(SOCKET_DIR, WatchMask::CREATE | WatchMask::MOVED_TO).map_err(io_err(
+            "userspace",
+            "inotify watch",
+            ifname,
+        ))?;
 
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path(ifname))
-            .map_err(io_err("userspace", "open daemon log", ifname))?;
+        let log = OpenOptions::new().create(true).append(true).open(self.log_path(ifname)).map_err(io_err(
+            "userspace",
+            "open daemon log",
+            ifname,
+        ))?;
         let log2 = log.try_clone().map_err(io_err("userspace", "open daemon log", ifname))?;
         let mut cmd = Command::new(&self.command);
         cmd.arg("-f")
@@ -151,7 +152,10 @@ impl WgBackend for UserspaceBackend {
             }
             if fds[1].revents != 0 {
                 let status = child.wait().map_err(io_err("userspace", "wait for daemon", ifname))?;
-                return Err(self.start_err(ifname, format!("exited with {status} before opening its socket: {}", self.log_tail(ifname))));
+                return Err(self.start_err(
+                    ifname,
+                    format!("exited with {status} before opening its socket: {}", self.log_tail(ifname)),
+                ));
             }
             if fds[0].revents != 0 {
                 let _ = inotify.read_events(&mut buf); // drain; the loop re-checks the socket
@@ -177,7 +181,9 @@ impl WgBackend for UserspaceBackend {
         }
         match Device::get(&wg_name(ifname), Backend::Userspace) {
             Ok(d) => Ok(Some(d)),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => Ok(None),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                Ok(None)
+            }
             Err(e) => Err(io_err("userspace", "read device", ifname)(e)),
         }
     }

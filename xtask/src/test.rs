@@ -1,0 +1,78 @@
+//! `cargo xtask test`: the whole suite, as CI runs it. Privileged: it needs root.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::{cargo, workspace_root};
+
+#[derive(clap::Args)]
+pub struct TestArgs {
+    /// Skip the qemu VM test of the kernel backend (for quick local runs; CI runs it).
+    #[arg(long)]
+    no_vm: bool,
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Adds a libtest summary line ("test result: ok. 9 passed; 0 failed; ...").
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(n)) = (words.next(), words.next()) else { continue };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+pub fn run(args: TestArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the test suite creates network namespaces and needs root: run it as root (CI does)");
+    }
+    // The integration tests run the agent binary, so build it first.
+    cargo(&["build", "-p", "wirefence-agent"]).context("building the agent")?;
+
+    let mut tally = Tally::default();
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(cargo_bin)
+        .args(["test", "--workspace"])
+        .current_dir(workspace_root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cargo test")?;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        tally.add(&line);
+    }
+    let tests_ok = child.wait()?.success();
+
+    let vm_ok = if args.no_vm {
+        eprintln!("xtask test: VM test skipped (--no-vm); the full suite includes it");
+        true
+    } else {
+        let ok = Command::new(std::env::current_exe()?).arg("vm-test").status()?.success();
+        match ok {
+            true => tally.passed += 1,
+            false => tally.failed += 1,
+        }
+        ok
+    };
+    println!("xtask test: {} passed, {} failed", tally.passed, tally.failed);
+    anyhow::ensure!(tests_ok, "cargo test failed");
+    anyhow::ensure!(vm_ok, "kernel backend VM test failed");
+    Ok(())
+}

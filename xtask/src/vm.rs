@@ -1,0 +1,196 @@
+//! `cargo xtask vm-test`: the kernel WireGuard backend tested inside a qemu VM.
+//!
+//! The build host has no WireGuard module, so the agent's kernel backend runs in a guest:
+//!
+//! 1. kernel: a Debian kernel image (default: whatever `linux-image-cloud-amd64` currently
+//!    depends on), fetched with `apt-get download` and unpacked with `dpkg-deb -x` into
+//!    `<workspace>/.cache/vm/kernels/` — never installed on the host;
+//! 2. initramfs: busybox-static, iproute2's `ip`, the agent and its shared libraries,
+//!    wireguard.ko and the other modules with their dependencies in load order, and the
+//!    scripts of `xtask/vm/` (`init.sh` becomes /init);
+//! 3. qemu under TCG, serial console streamed to the terminal and to
+//!    `.cache/vm/console.log`; the run passes only if /init prints
+//!    `WIREFENCE-VM-RESULT: PASS`.
+//!
+//! Every step is idempotent: the kernel is fetched once per package version, the
+//! initramfs is rebuilt each run (a second or two).
+
+mod initramfs;
+mod kernel;
+mod qemu;
+mod tools;
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Modules every guest loads: WireGuard, veth for the namespaces' underlay, and the
+/// clsact qdisc plus cls_bpf for the eBPF attach path of 6.1 kernels (no tcx there).
+const DEFAULT_MODULES: &[&str] = &["wireguard", "veth", "sch_ingress", "cls_bpf"];
+
+#[derive(clap::Args)]
+pub struct VmTestArgs {
+    /// Test script to run in the guest, a file in xtask/vm/.
+    #[arg(long, default_value = "kernel-backend.sh")]
+    script: String,
+
+    /// Check the VM pipeline alone: run xtask/vm/smoke.sh without building the agent.
+    #[arg(long, conflicts_with_all = ["script", "agent"])]
+    smoke: bool,
+
+    /// Agent binary to test instead of building one with `cargo build -p wirefence-agent`.
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+
+    /// Build the agent in release mode.
+    #[arg(long)]
+    release: bool,
+
+    /// Debian kernel package: a metapackage (resolved to the image it depends on) or a
+    /// concrete linux-image-<release> package.
+    #[arg(long, value_name = "PACKAGE", env = "WIREFENCE_VM_KERNEL", default_value = "linux-image-cloud-amd64")]
+    kernel_package: String,
+
+    /// Another module to load in the guest (with its dependencies). Repeatable.
+    #[arg(long = "module", value_name = "NAME")]
+    modules: Vec<String>,
+
+    /// Another binary to put in the guest's /usr/local/bin (same file name). Repeatable.
+    #[arg(long = "bin", value_name = "PATH")]
+    binaries: Vec<PathBuf>,
+
+    /// Environment variable for the test script (KEY=VALUE). Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+
+    /// Give up after this many seconds (boot included).
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    timeout: u64,
+
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+
+    /// Extra kernel command line.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    append: String,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+pub fn run(args: VmTestArgs) -> Result<()> {
+    let started = Instant::now();
+    tools::require_all()?;
+    let ws = Workspace::locate()?;
+    let cache = ws.root.join(".cache/vm");
+    std::fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
+
+    let scripts_dir = ws.root.join("xtask/vm");
+    let script = if args.smoke { "smoke.sh".to_owned() } else { args.script.clone() };
+    if script.contains('/') || !scripts_dir.join(&script).is_file() {
+        bail!("--script {script}: no such file in {}", scripts_dir.display());
+    }
+    let mut binaries = Vec::new();
+    if !args.smoke {
+        let agent = match &args.agent {
+            Some(path) => path.canonicalize().with_context(|| format!("no agent at {}", path.display()))?,
+            None => ws.build_agent(args.release)?,
+        };
+        binaries.push((agent, "wirefence-agent".to_owned()));
+    }
+    for bin in &args.binaries {
+        let path = bin.canonicalize().with_context(|| format!("no binary at {}", bin.display()))?;
+        let name = path.file_name().context("binary path without a file name")?;
+        binaries.push((path.clone(), name.to_string_lossy().into_owned()));
+    }
+
+    let kernel = kernel::prepare(&cache, &args.kernel_package)?;
+    eprintln!("vm-test: kernel {} {} ({})", kernel.package, kernel.version, kernel.release);
+
+    let mut module_names: Vec<String> = DEFAULT_MODULES.iter().map(|m| m.to_string()).collect();
+    module_names.extend(args.modules.iter().cloned());
+    let modules = kernel::module_load_order(&kernel, &module_names)?;
+
+    let initrd = initramfs::build(
+        &cache,
+        &initramfs::Spec {
+            kernel: &kernel,
+            modules: &modules,
+            binaries: &binaries,
+            scripts_dir: &scripts_dir,
+            test: &script,
+            env: &args.env,
+        },
+    )?;
+    eprintln!(
+        "vm-test: initramfs {} ({} MiB), running {script}",
+        initrd.display(),
+        std::fs::metadata(&initrd)?.len() >> 20
+    );
+
+    let outcome = qemu::run(&qemu::Boot {
+        kernel: kernel.vmlinuz.clone(),
+        initrd,
+        append: format!("console=ttyS0 panic=-1 quiet {}", args.append).trim().to_owned(),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        timeout: Duration::from_secs(args.timeout),
+        log: cache.join("console.log"),
+    })?;
+    let took = started.elapsed().as_secs_f64();
+    match outcome {
+        qemu::Outcome::Pass => {
+            eprintln!("vm-test: PASS ({script} on {}, {took:.1}s in total)", kernel.release);
+            Ok(())
+        }
+        qemu::Outcome::Fail(reason) => {
+            bail!("vm-test: FAIL ({script} on {}, {took:.1}s): {reason}", kernel.release)
+        }
+    }
+}
+
+struct Workspace {
+    root: PathBuf,
+    target_dir: PathBuf,
+    cargo: PathBuf,
+}
+
+impl Workspace {
+    fn locate() -> Result<Self> {
+        // `cargo xtask` runs us through cargo, which tells us which cargo it is.
+        let cargo = std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let out = tools::output(
+            Command::new(&cargo)
+                .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
+                .arg(&manifest),
+        )?;
+        let meta: serde_json::Value = serde_json::from_str(&out).context("cannot parse `cargo metadata` output")?;
+        let path = |key: &str| -> Result<PathBuf> {
+            meta[key].as_str().map(PathBuf::from).with_context(|| format!("`cargo metadata` has no {key}"))
+        };
+        Ok(Self { root: path("workspace_root")?, target_dir: path("target_directory")?, cargo })
+    }
+
+    fn build_agent(&self, release: bool) -> Result<PathBuf> {
+        let mut cmd = Command::new(&self.cargo);
+        cmd.current_dir(&self.root).args(["build", "-p", "wirefence-agent", "--bin", "wirefence-agent"]);
+        if release {
+            cmd.arg("--release");
+        }
+        eprintln!("vm-test: building the agent: {cmd:?}");
+        tools::status(&mut cmd)?;
+        let agent = self.target_dir.join(if release { "release" } else { "debug" }).join("wirefence-agent");
+        if !agent.is_file() {
+            bail!("cargo build succeeded but {} does not exist", agent.display());
+        }
+        Ok(agent)
+    }
+}

@@ -1,0 +1,52 @@
+#!/bin/sh
+# PID 1 of the VM test guest: `cargo xtask vm-test` puts this file in the initramfs as /init.
+# It prepares a minimal system, loads the modules listed in /wirefence-vm/modules (already in
+# dependency order), runs the test script named by $WF_VM_TEST and reports the outcome on the
+# serial console as the last line, which the host waits for:
+#   WIREFENCE-VM-RESULT: PASS
+#   WIREFENCE-VM-RESULT: FAIL <reason>
+export PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+# The console is a tty, but it ends up in CI logs: no colours.
+export NO_COLOR=1 WG_COLOR_MODE=never
+
+finish() {
+    echo "WIREFENCE-VM-RESULT: $*"
+    sync
+    poweroff -f
+    echo o >/proc/sysrq-trigger
+    sleep 10
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs tmpfs /tmp
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+hostname wirefence-vm
+ip link set lo up
+
+set -a
+. /wirefence-vm/env
+set +a
+
+while read -r module; do
+    [ -n "$module" ] || continue
+    insmod "$module" || finish "FAIL cannot load $module"
+done </wirefence-vm/modules
+
+echo "wirefence-vm: kernel $WF_VM_KERNEL, $(nproc) CPUs, booted in $(cut -d' ' -f1 /proc/uptime)s; running $WF_VM_TEST"
+cd /tmp
+sh "$WF_VM_TEST" </dev/null
+rc=$?
+echo "wirefence-vm: $WF_VM_TEST exited with status $rc at $(cut -d' ' -f1 /proc/uptime)s uptime"
+if [ "$rc" -eq 0 ]; then
+    finish PASS
+else
+    finish "FAIL $(basename "$WF_VM_TEST") exited with status $rc"
+fi
