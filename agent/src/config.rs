@@ -204,7 +204,9 @@ impl Config {
             let message = e.message().trim_end().to_owned();
             at(e.span().unwrap_or(0..0), message)
         })?;
-        let line_of = |span: Range<usize>| line_col(text, span.start).0;
+        // Line starts, once: a config of 10,000 peers must not rescan the text per peer.
+        let starts: Vec<usize> = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        let line_of = |span: Range<usize>| starts.partition_point(|&s| s <= span.start);
 
         let iface = raw.interface;
         let name: IfName =
@@ -391,7 +393,11 @@ fn parse_prefix(s: &str) -> Result<IpNet, String> {
 fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
     let mut all: Vec<(IpNet, usize)> =
         peers.iter().enumerate().flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (*n, i))).collect();
-    all.sort_by_key(|(n, _)| (matches!(n, IpNet::V6(_)), n.network(), n.prefix_len()));
+    let order = |n: &IpNet| match n {
+        IpNet::V4(v4) => (0u8, u32::from(v4.network()) as u128, v4.prefix_len()),
+        IpNet::V6(v6) => (1u8, u128::from(v6.network()), v6.prefix_len()),
+    };
+    all.sort_unstable_by_key(|(n, _)| order(n));
     let mut open: Vec<(IpNet, usize)> = Vec::new();
     for (net, owner) in all {
         while let Some((top, _)) = open.last() {

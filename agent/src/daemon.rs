@@ -127,6 +127,9 @@ impl Agent {
         let resync = Duration::from_secs(self.loaded.config.agent.resync_interval_secs);
         let mut backoff = Duration::from_millis(250);
         let mut next = Duration::ZERO;
+        // The last full pass converged without a failure: a config change may be planned
+        // against the previous desired state instead of a fresh observation.
+        let mut converged = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
@@ -135,23 +138,24 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 _ = self.wake.notified() => {}
-                _ = hup.recv() => self.reload_logged(config_path).await,
-                _ = config_changed.notified() => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    self.reload_logged(config_path).await;
-                }
+                _ = hup.recv() => self.reload_logged(config_path, converged).await,
+                // inotify reports a finished write (close) or a rename over the file: no wait.
+                _ = config_changed.notified() => self.reload_logged(config_path, converged).await,
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
             match self.reconciler.reconcile(&self.loaded.desired).await {
                 Ok(applied) => {
-                    if !applied.ops.is_empty() {
+                    // The first pass always says so: it tells a supervisor the agent is ready.
+                    if !applied.ops.is_empty() || !converged {
                         tracing::info!(operations = applied.ops.len(), "converged");
                     }
+                    converged = true;
                     backoff = Duration::from_millis(250);
                     next = resync;
                 }
                 Err(e) => {
+                    converged = false;
                     tracing::error!(error = %e, retry_in = ?backoff, "reconcile failed");
                     next = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -162,12 +166,33 @@ impl Agent {
         Ok(())
     }
 
-    async fn reload_logged(&mut self, path: &Path) {
-        match self.reload(path).await {
-            Ok(()) => tracing::info!(path = %path.display(), "config reloaded"),
-            Err(e) => {
-                tracing::error!(path = %path.display(), error = format!("{e:#}"), "config rejected; keeping the running state")
+    /// Reloads the config; when the previous state was fully converged, applies the change
+    /// at once by planning against that state (the full pass that follows checks it).
+    async fn reload_logged(&mut self, path: &Path, converged: bool) {
+        let started = std::time::Instant::now();
+        let previous = self.loaded.desired.clone();
+        if let Err(e) = self.reload(path).await {
+            tracing::error!(path = %path.display(), error = format!("{e:#}"), "config rejected; keeping the running state");
+            return;
+        }
+        tracing::info!(path = %path.display(), "config reloaded");
+        if !converged || previous.ifname != self.loaded.desired.ifname {
+            return;
+        }
+        let desired = &self.loaded.desired;
+        let result = match self.reconciler.assume(&previous).await {
+            Ok(Some(assumed)) => {
+                let plan = crate::plan::plan(desired, &assumed);
+                self.reconciler.apply(desired, &plan).await.map(|a| a.ops.len())
             }
+            Ok(None) => return,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(operations) => {
+                tracing::info!(operations, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "config change applied")
+            }
+            Err(e) => tracing::warn!(error = %e, "config change partly applied; the full pass follows"),
         }
     }
 }

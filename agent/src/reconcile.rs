@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use crate::model::{Desired, IfName, Observed};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{plan, Op, Plan};
@@ -22,6 +24,9 @@ pub struct OpFailure {
     pub op: String,
     pub error: String,
 }
+
+/// Netlink requests kept in flight at once by one apply.
+const IN_FLIGHT: usize = 256;
 
 /// Decides whether an operation fails instead of running (tests wrap the real path with it).
 pub type FaultHook = Arc<dyn Fn(&Op) -> Option<String> + Send + Sync>;
@@ -94,33 +99,80 @@ impl Reconciler {
             self.nl.del_rule_message(odd, "of unknown shape").await?;
         }
         let plan = self.plan(desired).await?;
+        self.apply(desired, &plan).await
+    }
+
+    /// What the kernel holds if it is exactly `previous` (the last state this agent fully
+    /// converged to) on the current link. Reads only the link: planning a config change
+    /// against it is cheap even with 10,000 peers. The caller follows up with a full pass.
+    pub async fn assume(&self, previous: &Desired) -> Result<Option<Observed>, ReconcileError> {
+        let Some(link) = self.nl.tunnel_link(&previous.ifname).await? else { return Ok(None) };
+        Ok(Some(Observed {
+            link: Some(link),
+            addresses: previous.addresses.clone(),
+            device: Some(crate::model::DeviceState {
+                public_key: Some(previous.device.private_key.public_key()),
+                listen_port: previous.device.listen_port,
+                fwmark: previous.device.fwmark,
+                peers: previous.peers.clone(),
+            }),
+            routes: previous.routes.iter().map(|r| crate::model::OwnedRoute { route: *r, oif: link.index }).collect(),
+            rules: previous.rules.clone(),
+        }))
+    }
+
+    /// Applies a plan: every operation is attempted; failures are collected and reported
+    /// (the next pass retries them).
+    pub async fn apply(&self, desired: &Desired, plan: &Plan) -> Result<Applied, ReconcileError> {
         let total = plan.ops.len();
         let mut applied = Applied::default();
         let mut failures = Vec::new();
         let ifname = &desired.ifname;
         let mut index = self.nl.tunnel_link(ifname).await?.map(|l| l.index);
-        let mut ops = plan.ops.iter().peekable();
-        while let Some(op) = ops.next() {
-            if op.is_wireguard() {
-                let mut group = vec![op];
-                while let Some(next) = ops.next_if(|o| o.is_wireguard()) {
-                    group.push(next);
-                }
-                let result = match group.iter().find_map(|op| self.injected(op)) {
-                    Some(fault) => Err(fault),
-                    None => {
-                        let update = device_update(desired, &group);
-                        let (backend, name) = (self.backend.clone(), ifname.clone());
-                        blocking(move || backend.apply(&name, update)).await.map_err(|e| e.to_string())
-                    }
-                };
-                record(&mut applied, &mut failures, &group, result);
-                continue;
-            }
+
+        let phase = |op: &Op| match op {
+            Op::CreateDevice => 0,
+            Op::DelRule(_) | Op::DelRoute(_) | Op::DelAddress(_) => 1,
+            Op::SetMtu(_) | Op::SetUp => 2,
+            Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => 3,
+            Op::AddAddress(_) | Op::AddRoute(_) | Op::AddRule(_) => 4,
+        };
+        let of = |n: u8| plan.ops.iter().filter(move |op| phase(op) == n).collect::<Vec<_>>();
+
+        // Sequential: the device must exist (and its index be known) before anything else.
+        for op in of(0) {
             let result = match self.injected(op) {
                 Some(fault) => Err(fault),
-                None => self.apply_one(desired, op, &mut index).await,
+                None => self.create_device(ifname, &mut index).await,
             };
+            record(&mut applied, &mut failures, &[op], result);
+        }
+        // Independent removals, then the link settings, each batch in flight together.
+        for op_phase in [1, 2] {
+            let results = self.concurrently(desired, index, of(op_phase)).await;
+            for (op, result) in results {
+                record(&mut applied, &mut failures, &[op], result);
+            }
+        }
+        // The WireGuard transaction and the additions do not depend on each other (routes
+        // need the link up, not the peers): run them at the same time.
+        let wg_ops = of(3);
+        let wg = async {
+            if wg_ops.is_empty() {
+                return Ok(());
+            }
+            if let Some(fault) = wg_ops.iter().find_map(|op| self.injected(op)) {
+                return Err(fault);
+            }
+            let update = device_update(desired, &wg_ops);
+            let (backend, name) = (self.backend.clone(), ifname.clone());
+            blocking(move || backend.apply(&name, update)).await.map_err(|e| e.to_string())
+        };
+        let (wg_result, additions) = tokio::join!(wg, self.concurrently(desired, index, of(4)));
+        if !wg_ops.is_empty() {
+            record(&mut applied, &mut failures, &wg_ops, wg_result);
+        }
+        for (op, result) in additions {
             record(&mut applied, &mut failures, &[op], result);
         }
         if failures.is_empty() {
@@ -130,34 +182,54 @@ impl Reconciler {
         }
     }
 
+    /// Runs independent netlink operations with many requests in flight (results in order).
+    async fn concurrently<'a>(
+        &self,
+        desired: &Desired,
+        index: Option<u32>,
+        ops: Vec<&'a Op>,
+    ) -> Vec<(&'a Op, Result<(), String>)> {
+        futures::stream::iter(ops.into_iter().map(|op| async move {
+            let result = match self.injected(op) {
+                Some(fault) => Err(fault),
+                None => self.apply_one(desired, op, index).await,
+            };
+            (op, result)
+        }))
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await
+    }
+
+    async fn create_device(&self, ifname: &IfName, index: &mut Option<u32>) -> Result<(), String> {
+        let (backend, name) = (self.backend.clone(), ifname.clone());
+        blocking(move || backend.ensure_device(&name)).await.map_err(|e| e.to_string())?;
+        *index = self.nl.tunnel_link(ifname).await.map_err(|e| e.to_string())?.map(|l| l.index);
+        index.map(|_| ()).ok_or_else(|| format!("link {ifname} did not appear"))
+    }
+
     fn injected(&self, op: &Op) -> Option<String> {
         self.fault.as_ref().and_then(|f| f(op)).map(|m| format!("injected fault: {m}"))
     }
 
-    async fn apply_one(&self, desired: &Desired, op: &Op, index: &mut Option<u32>) -> Result<(), String> {
+    async fn apply_one(&self, desired: &Desired, op: &Op, index: Option<u32>) -> Result<(), String> {
         let ifname = &desired.ifname;
-        let link = |index: &Option<u32>| index.ok_or_else(|| format!("link {ifname} does not exist"));
+        let link = || index.ok_or_else(|| format!("link {ifname} does not exist"));
         let p = self.protocol;
-        let r: Result<(), String> = match op {
-            Op::CreateDevice => {
-                let (backend, name) = (self.backend.clone(), ifname.clone());
-                blocking(move || backend.ensure_device(&name)).await.map_err(|e| e.to_string())?;
-                *index = self.nl.tunnel_link(ifname).await.map_err(|e| e.to_string())?.map(|l| l.index);
-                link(index).map(|_| ())
+        match op {
+            Op::DelRule(rule) => self.nl.del_rule(rule, p).await,
+            Op::DelRoute(route) => self.nl.del_route(route, p).await,
+            Op::DelAddress(a) => self.nl.del_address(link()?, *a).await,
+            Op::SetMtu(m) => self.nl.set_mtu(link()?, *m).await,
+            Op::SetUp => self.nl.set_up(link()?).await,
+            Op::AddAddress(a) => self.nl.add_address(link()?, *a).await,
+            Op::AddRoute(route) => self.nl.add_route(route, link()?, p).await,
+            Op::AddRule(rule) => self.nl.add_rule(rule, p).await,
+            Op::CreateDevice | Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => {
+                unreachable!("applied on their own")
             }
-            Op::DelRule(rule) => self.nl.del_rule(rule, p).await.map_err(|e| e.to_string()),
-            Op::DelRoute(route) => self.nl.del_route(route, p).await.map_err(|e| e.to_string()),
-            Op::DelAddress(a) => self.nl.del_address(link(index)?, *a).await.map_err(|e| e.to_string()),
-            Op::SetMtu(m) => self.nl.set_mtu(link(index)?, *m).await.map_err(|e| e.to_string()),
-            Op::SetUp => self.nl.set_up(link(index)?).await.map_err(|e| e.to_string()),
-            Op::AddAddress(a) => self.nl.add_address(link(index)?, *a).await.map_err(|e| e.to_string()),
-            Op::AddRoute(route) => self.nl.add_route(route, link(index)?, p).await.map_err(|e| e.to_string()),
-            Op::AddRule(rule) => self.nl.add_rule(rule, p).await.map_err(|e| e.to_string()),
-            Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => {
-                unreachable!("WireGuard operations are applied as one group")
-            }
-        };
-        r
+        }
+        .map_err(|e| e.to_string())
     }
 
     /// Removes everything the agent owns: its rules and routes (by protocol number, in every

@@ -41,9 +41,7 @@ impl Peer {
 /// Reads `n` 32-byte secrets from the kernel's CSPRNG in one go.
 fn secrets(n: usize) -> Result<Vec<[u8; 32]>> {
     let mut bytes = vec![0u8; n * 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("read /dev/urandom")?;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("read /dev/urandom")?;
     Ok(bytes.chunks_exact(32).map(|c| c.try_into().expect("32 bytes")).collect())
 }
 
@@ -87,7 +85,6 @@ pub fn peer_addresses(i: usize) -> (Ipv4Addr, Ipv6Addr) {
 /// A converged peer set (`before`) and the same set with `changed` peers replaced by new
 /// ones with new keys and new addresses (`after`), spread evenly over the list.
 pub struct Scenario {
-    pub peers: usize,
     pub before: Vec<Peer>,
     pub after: Vec<Peer>,
     /// Indices into `before`/`after` of the replaced peers.
@@ -104,14 +101,14 @@ impl Scenario {
                 Peer { public_key: keys[i].clone(), v4, v6 }
             })
             .collect();
-        let stride = if changed == 0 { 1 } else { peers / changed };
+        let stride = peers.checked_div(changed).unwrap_or(1);
         let replaced: Vec<usize> = (0..changed).map(|j| j * stride + stride / 2).collect();
         let mut after = before.clone();
         for (j, &i) in replaced.iter().enumerate() {
             let (v4, v6) = peer_addresses(peers + j);
             after[i] = Peer { public_key: keys[peers + j].clone(), v4, v6 };
         }
-        Ok(Scenario { peers, before, after, replaced })
+        Ok(Scenario { before, after, replaced })
     }
 }
 

@@ -146,7 +146,10 @@ impl Daemon {
     /// Peak resident set of the daemon so far (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 }
 
@@ -196,7 +199,11 @@ pub struct Sample {
 impl Sample {
     /// Several processes run one after the other: times add up, the peak is the largest.
     pub fn then(self, next: Sample) -> Sample {
-        Sample { wall: self.wall + next.wall, cpu: self.cpu + next.cpu, max_rss_kib: self.max_rss_kib.max(next.max_rss_kib) }
+        Sample {
+            wall: self.wall + next.wall,
+            cpu: self.cpu + next.cpu,
+            max_rss_kib: self.max_rss_kib.max(next.max_rss_kib),
+        }
     }
 }
 

@@ -79,8 +79,9 @@ pub fn check(ns: &Netns, ifname: &str, key: &NodeKey, want: &Expected) -> Result
     }
 
     // Link and addresses.
-    let link: serde_json::Value = serde_json::from_str(&output(ns.command("ip").args(["-json", "address", "show", "dev", ifname]))?)
-        .context("parse `ip -json address show`")?;
+    let link: serde_json::Value =
+        serde_json::from_str(&output(ns.command("ip").args(["-json", "address", "show", "dev", ifname]))?)
+            .context("parse `ip -json address show`")?;
     let link = &link[0];
     let up = link["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "UP"));
     if !up {
@@ -102,11 +103,28 @@ pub fn check(ns: &Netns, ifname: &str, key: &NodeKey, want: &Expected) -> Result
     let mut routes = BTreeSet::new();
     let mut misplaced = Vec::new();
     for family in ["-4", "-6"] {
-        let text = output(ns.command("ip").args([family, "-json", "route", "show", "table", "all", "proto", &PROTO.to_string()]))?;
+        let text = output(ns.command("ip").args([
+            family,
+            "-json",
+            "route",
+            "show",
+            "table",
+            "all",
+            "proto",
+            &PROTO.to_string(),
+        ]))?;
         let list: Vec<serde_json::Value> = serde_json::from_str(&text).context("parse `ip -json route show`")?;
         for r in list {
             let dst = r["dst"].as_str().context("route without dst")?;
-            let dst = if dst == "default" { if family == "-4" { "0.0.0.0/0" } else { "::/0" } } else { dst };
+            let dst = if dst == "default" {
+                if family == "-4" {
+                    "0.0.0.0/0"
+                } else {
+                    "::/0"
+                }
+            } else {
+                dst
+            };
             let prefix = parse_prefix(dst)?;
             // ip omits "table" for the main table.
             if r["dev"] != ifname || r.get("table").is_some_and(|t| t != "main") {
