@@ -12,6 +12,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::model::{IfName, PublicKey, MAIN_TABLE};
+use crate::policy::resolve::{resolve, RawPolicy};
+use crate::policy::PolicyConfig;
 
 /// Default rtnetlink protocol number stamped on every route and rule the agent owns.
 /// Not used by iproute2's /etc/iproute2/rt_protos or any routing daemon we know of.
@@ -132,6 +134,8 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     pub routing: RoutingConfig,
     pub agent: AgentConfig,
+    /// `[policy]`: `None` = no eBPF enforcement at all; present = default deny, fail closed.
+    pub policy: Option<PolicyConfig>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +148,8 @@ struct RawConfig {
     routing: Option<RawRouting>,
     #[serde(default)]
     agent: Option<RawAgent>,
+    #[serde(default)]
+    policy: Option<RawPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -344,7 +350,12 @@ impl Config {
             }
         };
 
-        Ok(Config { path: path.to_owned(), interface, peers, routing, agent })
+        let policy = match raw.policy {
+            None => None,
+            Some(p) => Some(resolve(p, &peers, &interface.addresses).map_err(|e| at(e.span, e.message))?),
+        };
+
+        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy })
     }
 }
 
@@ -373,7 +384,7 @@ fn parse_table(v: &toml::Value) -> Result<TableChoice, String> {
 }
 
 /// A prefix in canonical form: host bits set is an error, not silently masked.
-fn parse_prefix(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_prefix(s: &str) -> Result<IpNet, String> {
     let net: IpNet = match s.parse() {
         Ok(n) => n,
         Err(_) => match s.parse::<IpAddr>() {

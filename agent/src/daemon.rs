@@ -34,8 +34,14 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
 }
 
 /// Settings that cannot change under a running agent without a restart.
-fn fixed_settings(c: &Config) -> (BackendChoice, u8, PathBuf, &str) {
-    (c.interface.backend, c.routing.protocol, c.agent.state_dir.clone(), c.interface.userspace_command.as_str())
+fn fixed_settings(c: &Config) -> (BackendChoice, u8, PathBuf, &str, Option<&Path>) {
+    (
+        c.interface.backend,
+        c.routing.protocol,
+        c.agent.state_dir.clone(),
+        c.interface.userspace_command.as_str(),
+        c.policy.as_ref().map(|p| p.pin_dir.as_path()),
+    )
 }
 
 pub struct Agent {
@@ -56,8 +62,10 @@ impl Agent {
         let backend =
             wg::select(c.interface.backend, &c.interface.userspace_command, c.agent.state_dir.clone(), wake.clone())?;
         let nl = Netlink::connect()?;
-        let reconciler = Reconciler::new(nl.clone(), backend.clone(), c.routing.protocol);
         let before = state.owned()?;
+        let pin_root = c.policy.as_ref().map(|p| p.pin_dir.clone()).or(before.pin_root.clone());
+        let reconciler = Reconciler::new(nl.clone(), backend.clone(), c.routing.protocol)
+            .with_policy_dirs(c.agent.state_dir.clone(), pin_root.clone());
         if let Some(old) = before.protocol.filter(|p| *p != c.routing.protocol) {
             tracing::info!(
                 old,
@@ -75,6 +83,7 @@ impl Agent {
             interfaces: before.interfaces.clone(),
             protocol: Some(c.routing.protocol),
             backend: Some(backend.name().into()),
+            pin_root,
         };
         owned.interfaces.insert(current.clone());
         state.set_owned(&owned)?;
@@ -125,6 +134,7 @@ impl Agent {
         watch_file(config_path, config_changed.clone())?;
 
         let resync = Duration::from_secs(self.loaded.config.agent.resync_interval_secs);
+        let mut denies: Option<tokio::task::JoinHandle<()>> = None;
         let mut backoff = Duration::from_millis(250);
         let mut next = Duration::ZERO;
         // The last full pass converged without a failure: a config change may be planned
@@ -151,6 +161,7 @@ impl Agent {
                         tracing::info!(operations = applied.ops.len(), "converged");
                     }
                     converged = true;
+                    self.follow_events(&mut denies);
                     backoff = Duration::from_millis(250);
                     next = resync;
                 }
@@ -164,6 +175,27 @@ impl Agent {
         }
         tracing::info!("stopping; the tunnel, routes and rules stay as they are (`down` removes them)");
         Ok(())
+    }
+
+    /// Keeps one task reading the policy programs' events while a policy is enforced.
+    fn follow_events(&self, task: &mut Option<tokio::task::JoinHandle<()>>) {
+        let Some(policy) = &self.loaded.desired.policy else {
+            if let Some(t) = task.take() {
+                t.abort();
+            }
+            return;
+        };
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let ifname = self.loaded.desired.ifname.clone();
+        let dir = crate::enforce::pin_dir(&policy.pin_root, &ifname);
+        let state_dir = self.loaded.config.agent.state_dir.clone();
+        *task = Some(tokio::spawn(async move {
+            if let Err(e) = crate::enforce::denies::follow(dir, state_dir, ifname).await {
+                tracing::warn!(error = format!("{e:#}"), "policy event reader stopped");
+            }
+        }));
     }
 
     /// Reloads the config; when the previous state was fully converged, applies the change

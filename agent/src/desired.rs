@@ -2,8 +2,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
 use crate::config::{Config, TableChoice};
-use crate::model::{Desired, DeviceSpec, Family, PeerSpec, PrivateKey, Route, Rule, RuleAction, MAIN_TABLE};
+use crate::model::{
+    Desired, DesiredPolicy, DeviceSpec, Family, PeerSpec, PrivateKey, Route, Rule, RuleAction, MAIN_TABLE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DesiredError {
@@ -11,6 +16,8 @@ pub enum DesiredError {
     Resolve { path: std::path::PathBuf, line: usize, index: usize, source: std::io::Error },
     #[error("{path}:{line}: peers[{index}].public_key is this node's own public key")]
     OwnKey { path: std::path::PathBuf, line: usize, index: usize },
+    #[error("{path}: policy: {source}")]
+    Policy { path: std::path::PathBuf, source: crate::policy::PolicyError },
 }
 
 /// Builds the desired state. Host-name endpoints are resolved here, once per config load.
@@ -68,7 +75,21 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
         }
     }
 
+    let policy = match &config.policy {
+        None => None,
+        Some(pc) => {
+            let compiled = crate::policy::compile_with_limits(&pc.policy, &policy_limits())
+                .map_err(|source| DesiredError::Policy { path: config.path.clone(), source })?;
+            Some(DesiredPolicy {
+                pin_root: pc.pin_dir.clone(),
+                digest: digest(&compiled),
+                compiled: Arc::new(compiled),
+            })
+        }
+    };
+
     Ok(Desired {
+        policy,
         ifname: config.interface.name.clone(),
         mtu: config.interface.mtu,
         device: DeviceSpec { private_key: private_key.clone(), listen_port: config.interface.listen_port, fwmark },
@@ -77,6 +98,28 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
         routes,
         rules,
     })
+}
+
+/// Half of each map's capacity: during a swap the map holds the live generation and the
+/// one being filled.
+fn policy_limits() -> crate::policy::Limits {
+    use wirefence_common as c;
+    crate::policy::Limits {
+        rules: c::MAX_RULES,
+        class_entries: c::MAX_CLASS_ENTRIES / 2,
+        policy_entries: c::MAX_POLICY_ENTRIES / 2,
+    }
+}
+
+fn digest(c: &crate::policy::Compiled) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    c.rule_ids.hash(&mut h);
+    c.src_v4.hash(&mut h);
+    c.dst_v4.hash(&mut h);
+    c.src_v6.hash(&mut h);
+    c.dst_v6.hash(&mut h);
+    c.entries.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]

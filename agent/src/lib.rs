@@ -1,13 +1,16 @@
 //! wirefence-agent: makes a Linux machine a node of a WireGuard mesh by reconciling kernel
 //! state (WireGuard device, link, addresses, routes, rules) against a desired state.
 
+pub mod bpf;
 pub mod config;
 pub mod daemon;
 pub mod desired;
+pub mod enforce;
 pub mod keys;
 pub mod model;
 pub mod netlink;
 pub mod plan;
+pub mod policy;
 pub mod reconcile;
 pub mod state;
 pub mod status;

@@ -1,3 +1,4 @@
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 use wirefence_agent::config::Config;
 use wirefence_agent::daemon::{self, Agent};
 use wirefence_agent::netlink::Netlink;
+use wirefence_agent::policy::{self, Direction};
 use wirefence_agent::reconcile::Reconciler;
 use wirefence_agent::state::StateDir;
 use wirefence_agent::{keys, status, wg};
@@ -55,6 +57,41 @@ enum Cmd {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Access policy tools.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Show what the config's [policy] decides for one packet (exit status 0 for allow and
+    /// deny alike; non-zero only for bad input).
+    Check {
+        /// Agent config (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Source address.
+        src: IpAddr,
+        /// Destination address (same family as the source).
+        dst: IpAddr,
+        /// Protocol and port: tcp/443, udp/53, icmp/8 or icmp/3:1 (type:code), gre, 47.
+        proto: String,
+        /// Where the packet is seen: ingress (arriving from the tunnel) or egress (leaving
+        /// into it).
+        #[arg(long, value_enum, default_value_t = CliDirection::Ingress)]
+        direction: CliDirection,
+        /// A non-first fragment: no port (only rules without ports can match).
+        #[arg(long)]
+        fragment: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CliDirection {
+    Ingress,
+    Egress,
 }
 
 fn main() -> ExitCode {
@@ -94,12 +131,28 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let nl = Netlink::connect()?;
             let protocols: std::collections::BTreeSet<u8> =
                 [Some(config.routing.protocol), owned.protocol].into_iter().flatten().collect();
+            let pin_roots: std::collections::BTreeSet<PathBuf> =
+                [config.policy.as_ref().map(|p| p.pin_dir.clone()), owned.pin_root.clone()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
             for p in protocols {
                 Reconciler::new(nl.clone(), backend.clone(), p).teardown(&owned.ifnames()).await?;
             }
+            for root in pin_roots {
+                let rec = Reconciler::new(nl.clone(), backend.clone(), config.routing.protocol)
+                    .with_policy_dirs(config.agent.state_dir.clone(), Some(root));
+                for ifname in owned.ifnames() {
+                    rec.remove_policy(&ifname).await?;
+                }
+            }
             owned.interfaces.clear();
+            owned.pin_root = None;
             state.set_owned(&owned)?;
-            println!("removed interface {} and every route and rule wirefence owned", config.interface.name);
+            println!(
+                "removed interface {}, its policy programs and maps, and every route and rule wirefence owned",
+                config.interface.name
+            );
             Ok(())
         }
         Cmd::Status { config, json } => {
@@ -112,7 +165,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             )?;
             let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol);
             let names = config.peers.iter().filter_map(|p| Some((p.public_key, p.name.clone()?))).collect();
-            let st = status::collect(&rec, &config.interface.name, &names).await?;
+            let dirs = config.policy.as_ref().map(|p| (p.pin_dir.as_path(), config.agent.state_dir.as_path()));
+            let st = status::collect(&rec, &config.interface.name, &names, dirs).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
@@ -123,6 +177,18 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Keygen { out } => {
             let key = keys::generate(&out)?;
             println!("{}", key.public_key());
+            Ok(())
+        }
+        Cmd::Policy { cmd: PolicyCmd::Check { config, src, dst, proto, direction, fragment } } => {
+            let loaded = Config::load(&config)?;
+            let (proto, port) = policy::check::parse_proto_port(&proto, fragment).map_err(anyhow::Error::msg)?;
+            let direction = match direction {
+                CliDirection::Ingress => Direction::Ingress,
+                CliDirection::Egress => Direction::Egress,
+            };
+            let verdict = policy::check::check(loaded.policy.as_ref(), direction, src, dst, proto, port)
+                .map_err(anyhow::Error::msg)?;
+            println!("{verdict}");
             Ok(())
         }
         Cmd::Check { config } => {

@@ -212,6 +212,33 @@ impl fmt::Display for Rule {
     }
 }
 
+/// The access policy to enforce on the tunnel device, compiled to map entries.
+#[derive(Clone, Debug)]
+pub struct DesiredPolicy {
+    /// bpffs directory; the interface's programs and maps are pinned below it.
+    pub pin_root: std::path::PathBuf,
+    pub compiled: std::sync::Arc<crate::policy::Compiled>,
+    /// Identifies the compiled content (what the maps hold once it is applied).
+    pub digest: u64,
+}
+
+impl PartialEq for DesiredPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.pin_root == other.pin_root && self.digest == other.digest
+    }
+}
+
+impl Eq for DesiredPolicy {}
+
+/// The policy enforcement as found: are the programs on the device, what did this agent
+/// write into the maps, and is anything pinned at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyObserved {
+    pub attached: bool,
+    pub applied: Option<u64>,
+    pub pinned: bool,
+}
+
 /// Everything the agent wants the kernel to have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
@@ -222,6 +249,8 @@ pub struct Desired {
     pub peers: BTreeMap<PublicKey, PeerSpec>,
     pub routes: BTreeSet<Route>,
     pub rules: BTreeSet<Rule>,
+    /// `None`: no eBPF enforcement (and none left behind).
+    pub policy: Option<DesiredPolicy>,
 }
 
 /// The tunnel link as the kernel reports it.
@@ -259,6 +288,7 @@ pub struct Observed {
     pub routes: BTreeSet<OwnedRoute>,
     /// Every rule carrying the agent's protocol number.
     pub rules: BTreeSet<Rule>,
+    pub policy: PolicyObserved,
 }
 
 #[cfg(test)]

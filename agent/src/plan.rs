@@ -24,6 +24,13 @@ pub struct PeerUpdate {
 pub enum Op {
     /// Create the tunnel link and WireGuard device (kernel link, or start the userspace daemon).
     CreateDevice,
+    /// Write the compiled policy into the maps' inactive generation and make it live.
+    ApplyPolicy,
+    /// Attach the classifiers to the tunnel device (after the maps hold the policy, before
+    /// any peer exists on a new device: it never carries a packet unfiltered).
+    AttachPolicy,
+    /// Detach the classifiers and remove their pins (the config has no policy any more).
+    RemovePolicy,
     DelRule(Rule),
     DelRoute(OwnedRoute),
     DelAddress(IpNet),
@@ -53,6 +60,9 @@ impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Op::CreateDevice => write!(f, "create device"),
+            Op::ApplyPolicy => write!(f, "apply policy"),
+            Op::AttachPolicy => write!(f, "attach policy programs"),
+            Op::RemovePolicy => write!(f, "remove policy programs and maps"),
             Op::DelRule(r) => write!(f, "delete rule {r}"),
             Op::DelRoute(r) => write!(f, "delete route {} (ifindex {})", r.route, r.oif),
             Op::DelAddress(a) => write!(f, "delete address {a}"),
@@ -98,6 +108,18 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let link = observed.link.filter(|_| observed.device.is_some());
     if link.is_none() {
         ops.push(Op::CreateDevice);
+    }
+    match &desired.policy {
+        Some(p) => {
+            if observed.policy.applied != Some(p.digest) {
+                ops.push(Op::ApplyPolicy);
+            }
+            if link.is_none() || !observed.policy.attached {
+                ops.push(Op::AttachPolicy);
+            }
+        }
+        None if observed.policy.pinned => ops.push(Op::RemovePolicy),
+        None => {}
     }
 
     for rule in observed.rules.difference(&desired.rules) {
@@ -189,7 +211,17 @@ pub(crate) mod sim {
                     obs.link = Some(LinkState { index: next_index, mtu: 1420, up: false });
                     obs.addresses.clear();
                     obs.device = Some(DeviceState::default());
+                    obs.policy.attached = false;
                 }
+                Op::ApplyPolicy => {
+                    obs.policy.applied = desired.policy.as_ref().map(|p| p.digest);
+                    obs.policy.pinned = true;
+                }
+                Op::AttachPolicy => {
+                    obs.policy.attached = true;
+                    obs.policy.pinned = true;
+                }
+                Op::RemovePolicy => obs.policy = Default::default(),
                 Op::DelRule(r) => assert!(obs.rules.remove(r), "deleted a missing rule"),
                 Op::DelRoute(r) => assert!(obs.routes.remove(r), "deleted a missing route"),
                 Op::DelAddress(a) => assert!(obs.addresses.remove(a), "deleted a missing address"),
@@ -306,6 +338,7 @@ mod tests {
                 peers: peers.into_iter().map(|(i, p)| (k[i].public_key(), p)).collect::<BTreeMap<_, _>>(),
                 routes,
                 rules,
+                policy: None,
             }
         }
     }
@@ -337,6 +370,7 @@ mod tests {
                     .flat_map(|(rs, oif)| rs.into_iter().map(move |route| OwnedRoute { route, oif }))
                     .collect(),
                 rules,
+                policy: Default::default(),
             }
         }
     }
@@ -396,10 +430,37 @@ mod tests {
             peers: [(k[1].public_key(), peer)].into(),
             routes: [Route { dst: "10.77.0.2/32".parse().unwrap(), table: MAIN_TABLE }].into(),
             rules: BTreeSet::new(),
+            policy: None,
         };
         let mut observed = Observed::default();
         sim::apply(&desired, &mut observed, &plan(&desired, &Observed::default()), 7);
         (desired, observed)
+    }
+
+    fn with_policy(desired: &mut Desired, digest: u64) {
+        let policy = crate::policy::Policy::new(Vec::new()).unwrap();
+        desired.policy = Some(DesiredPolicy {
+            pin_root: "/sys/fs/bpf/wirefence".into(),
+            compiled: std::sync::Arc::new(crate::policy::compile(&policy).unwrap()),
+            digest,
+        });
+    }
+
+    #[test]
+    fn policy_is_filled_then_attached_before_any_peer_on_a_new_device() {
+        let (mut desired, _) = sample();
+        with_policy(&mut desired, 7);
+        let p = plan(&desired, &Observed::default());
+        assert_eq!(&p.ops[..3], &[Op::CreateDevice, Op::ApplyPolicy, Op::AttachPolicy]);
+        let mut after = Observed::default();
+        sim::apply(&desired, &mut after, &p, 3);
+        assert!(plan(&desired, &after).is_empty());
+        // A new policy: only the apply.
+        with_policy(&mut desired, 8);
+        assert_eq!(plan(&desired, &after).ops, vec![Op::ApplyPolicy]);
+        // Policy dropped from the config: removed.
+        desired.policy = None;
+        assert_eq!(plan(&desired, &after).ops, vec![Op::RemovePolicy]);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The reconciler: the only code that changes the kernel. Observe, plan, apply.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 
+use crate::enforce::{self, EnforceError, Enforcer};
 use crate::model::{Desired, IfName, Observed};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{plan, Op, Plan};
@@ -15,6 +17,8 @@ pub enum ReconcileError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Wg(#[from] WgError),
+    #[error(transparent)]
+    Enforce(#[from] EnforceError),
     #[error("{} of {total} operations failed (the next pass retries them): {}", failures.len(), failures.iter().map(|f| format!("{}: {}", f.op, f.error)).collect::<Vec<_>>().join("; "))]
     Apply { total: usize, failures: Vec<OpFailure> },
 }
@@ -36,6 +40,12 @@ pub struct Reconciler {
     backend: Arc<dyn WgBackend>,
     protocol: u8,
     fault: Option<FaultHook>,
+    /// The policy programs and maps, opened on first use.
+    enforcer: Arc<Mutex<Option<Enforcer>>>,
+    /// Where pins may exist when the config has no policy (a previous run's pin root).
+    known_pin_root: Option<PathBuf>,
+    /// Where the enforcer keeps its rule-slot table.
+    state_dir: PathBuf,
 }
 
 /// What one pass did.
@@ -50,7 +60,22 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Reconciler {
     pub fn new(nl: Netlink, backend: Arc<dyn WgBackend>, protocol: u8) -> Self {
-        Reconciler { nl, backend, protocol, fault: None }
+        Reconciler {
+            nl,
+            backend,
+            protocol,
+            fault: None,
+            enforcer: Default::default(),
+            known_pin_root: None,
+            state_dir: std::env::temp_dir(),
+        }
+    }
+
+    /// Where the enforcer keeps its state, and a pin root a previous run may have used.
+    pub fn with_policy_dirs(mut self, state_dir: PathBuf, known_pin_root: Option<PathBuf>) -> Self {
+        self.state_dir = state_dir;
+        self.known_pin_root = known_pin_root;
+        self
     }
 
     pub fn with_fault(mut self, hook: FaultHook) -> Self {
@@ -72,7 +97,16 @@ impl Reconciler {
         blocking(move || backend.read(&name)).await
     }
 
+    /// Pin root to look at: the desired policy's, or the one a previous run used.
+    fn pin_root<'a>(&'a self, desired: Option<&'a Desired>) -> Option<&'a Path> {
+        desired.and_then(|d| d.policy.as_ref()).map(|p| p.pin_root.as_path()).or(self.known_pin_root.as_deref())
+    }
+
     pub async fn observe(&self, ifname: &IfName) -> Result<Observed, ReconcileError> {
+        self.observe_with(ifname, self.pin_root(None)).await
+    }
+
+    async fn observe_with(&self, ifname: &IfName, pin_root: Option<&Path>) -> Result<Observed, ReconcileError> {
         let link = self.nl.tunnel_link(ifname).await?;
         let addresses = match link {
             Some(l) => self.nl.addresses(l.index).await?,
@@ -84,11 +118,50 @@ impl Reconciler {
         };
         let routes = self.nl.owned_routes(self.protocol).await?;
         let (rules, _) = self.nl.owned_rules(self.protocol).await?;
-        Ok(Observed { link, addresses, device, routes, rules })
+        let policy = self.observe_policy(ifname, link.map(|l| l.index), pin_root)?;
+        Ok(Observed { link, addresses, device, routes, rules, policy })
+    }
+
+    fn observe_policy(
+        &self,
+        ifname: &IfName,
+        index: Option<u32>,
+        pin_root: Option<&Path>,
+    ) -> Result<crate::model::PolicyObserved, ReconcileError> {
+        let Some(root) = pin_root else { return Ok(Default::default()) };
+        let pinned = enforce::pin_dir(root, ifname).exists();
+        let guard = self.enforcer.lock().expect("enforcer lock");
+        let applied = guard.as_ref().and_then(|e| e.applied());
+        let attached = match (index, guard.as_ref()) {
+            (Some(index), Some(e)) => e.attached(ifname, index)?,
+            (Some(index), None) if pinned => enforce::attached_elsewhere(ifname, index)?,
+            _ => false,
+        };
+        Ok(crate::model::PolicyObserved { attached, applied, pinned })
     }
 
     pub async fn plan(&self, desired: &Desired) -> Result<Plan, ReconcileError> {
-        Ok(plan(desired, &self.observe(&desired.ifname).await?))
+        Ok(plan(desired, &self.observe_with(&desired.ifname, self.pin_root(Some(desired))).await?))
+    }
+
+    /// Runs `f` on the enforcer of `ifname` (opening it, adopting pins, on first use).
+    async fn with_enforcer<T: Send + 'static>(
+        &self,
+        desired: &Desired,
+        f: impl FnOnce(&mut Enforcer) -> Result<T, EnforceError> + Send + 'static,
+    ) -> Result<T, String> {
+        let policy = desired.policy.as_ref().ok_or("no policy in the desired state")?;
+        let (cell, root, ifname, state_dir) =
+            (self.enforcer.clone(), policy.pin_root.clone(), desired.ifname.clone(), self.state_dir.clone());
+        blocking(move || {
+            let mut guard = cell.lock().expect("enforcer lock");
+            if guard.is_none() {
+                *guard = Some(Enforcer::open(&root, &ifname, 0, &state_dir)?);
+            }
+            f(guard.as_mut().expect("just opened"))
+        })
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// One pass: observe, plan, apply every operation (continuing past failures, which the
@@ -118,6 +191,7 @@ impl Reconciler {
             }),
             routes: previous.routes.iter().map(|r| crate::model::OwnedRoute { route: *r, oif: link.index }).collect(),
             rules: previous.rules.clone(),
+            policy: self.observe_policy(&previous.ifname, Some(link.index), self.pin_root(Some(previous)))?,
         }))
     }
 
@@ -131,19 +205,34 @@ impl Reconciler {
         let mut index = self.nl.tunnel_link(ifname).await?.map(|l| l.index);
 
         let phase = |op: &Op| match op {
-            Op::CreateDevice => 0,
-            Op::DelRule(_) | Op::DelRoute(_) | Op::DelAddress(_) => 1,
+            Op::CreateDevice | Op::ApplyPolicy | Op::AttachPolicy => 0,
+            Op::DelRule(_) | Op::DelRoute(_) | Op::DelAddress(_) | Op::RemovePolicy => 1,
             Op::SetMtu(_) | Op::SetUp => 2,
             Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => 3,
             Op::AddAddress(_) | Op::AddRoute(_) | Op::AddRule(_) => 4,
         };
         let of = |n: u8| plan.ops.iter().filter(move |op| phase(op) == n).collect::<Vec<_>>();
 
-        // Sequential: the device must exist (and its index be known) before anything else.
+        // Sequential: the device must exist (and its index be known) before anything else,
+        // and the policy be in force on it before a peer is configured.
         for op in of(0) {
-            let result = match self.injected(op) {
-                Some(fault) => Err(fault),
-                None => self.create_device(ifname, &mut index).await,
+            let result = match (self.injected(op), op) {
+                (Some(fault), _) => Err(fault),
+                (None, Op::CreateDevice) => self.create_device(ifname, &mut index).await,
+                (None, Op::ApplyPolicy) => {
+                    let p = desired.policy.as_ref().expect("planned with a policy");
+                    let (compiled, digest) = (p.compiled.clone(), p.digest);
+                    self.with_enforcer(desired, move |e| e.apply(&compiled, digest)).await.map(|stats| {
+                        tracing::info!(epoch = stats.epoch, map_writes = stats.map_writes, "policy applied");
+                    })
+                }
+                (None, _) => {
+                    let name = ifname.clone();
+                    match index {
+                        Some(index) => self.with_enforcer(desired, move |e| e.attach(&name, index).map(|_| ())).await,
+                        None => Err(format!("link {ifname} does not exist")),
+                    }
+                }
             };
             record(&mut applied, &mut failures, &[op], result);
         }
@@ -225,7 +314,13 @@ impl Reconciler {
             Op::AddAddress(a) => self.nl.add_address(link()?, *a).await,
             Op::AddRoute(route) => self.nl.add_route(route, link()?, p).await,
             Op::AddRule(rule) => self.nl.add_rule(rule, p).await,
-            Op::CreateDevice | Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => {
+            Op::RemovePolicy => return self.remove_policy(ifname).await.map_err(|e| e.to_string()),
+            Op::CreateDevice
+            | Op::ApplyPolicy
+            | Op::AttachPolicy
+            | Op::RemovePeer(_)
+            | Op::ConfigureDevice { .. }
+            | Op::UpsertPeer(_) => {
                 unreachable!("applied on their own")
             }
         }
@@ -235,6 +330,9 @@ impl Reconciler {
     /// Removes everything the agent owns: its rules and routes (by protocol number, in every
     /// table) and the tunnel link of each name given; then what the backend left behind.
     pub async fn teardown(&self, ifnames: &[IfName]) -> Result<(), ReconcileError> {
+        for ifname in ifnames {
+            self.remove_policy(ifname).await?;
+        }
         self.remove_routes_and_rules().await?;
         self.remove_links(ifnames).await
     }
@@ -250,6 +348,16 @@ impl Reconciler {
         }
         for route in self.nl.owned_routes(self.protocol).await? {
             self.nl.del_route(&route, self.protocol).await?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the policy programs and removes every pin of the interface.
+    pub async fn remove_policy(&self, ifname: &IfName) -> Result<(), ReconcileError> {
+        self.enforcer.lock().expect("enforcer lock").take();
+        if let Some(root) = self.known_pin_root.clone() {
+            let name = ifname.clone();
+            blocking(move || enforce::remove(&root, &name)).await?;
         }
         Ok(())
     }

@@ -30,6 +30,9 @@ pub struct Owned {
     /// Backend that created the links ("kernel" or "userspace").
     #[serde(default)]
     pub backend: Option<String>,
+    /// bpffs directory holding the policy programs and maps of the links.
+    #[serde(default)]
+    pub pin_root: Option<std::path::PathBuf>,
 }
 
 impl Owned {

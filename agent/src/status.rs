@@ -18,6 +18,17 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub routes: Vec<OwnedRoute>,
     pub rules: Vec<Rule>,
+    /// `None`: no policy is enforced on the interface.
+    pub policy: Option<PolicyStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyStatus {
+    pub epoch: u32,
+    pub attached: bool,
+    pub counters: crate::enforce::Counters,
+    /// The latest denied packets the running agent saw (newest last).
+    pub recent_denies: Vec<crate::enforce::DenyRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,6 +48,7 @@ pub async fn collect(
     rec: &Reconciler,
     ifname: &IfName,
     names: &std::collections::BTreeMap<PublicKey, String>,
+    policy_dirs: Option<(&std::path::Path, &std::path::Path)>,
 ) -> anyhow::Result<Status> {
     let observed = rec.observe(ifname).await?;
     let info = match observed.link {
@@ -65,7 +77,20 @@ pub async fn collect(
             }
         })
         .collect();
+    let policy = match policy_dirs {
+        Some((root, state_dir)) if crate::enforce::pin_dir(root, ifname).exists() => {
+            let e = crate::enforce::Enforcer::open(root, ifname, 0, state_dir)?;
+            Some(PolicyStatus {
+                epoch: e.state()?.epoch,
+                attached: observed.link.map_or(Ok(false), |l| crate::enforce::attached_elsewhere(ifname, l.index))?,
+                counters: e.counters()?,
+                recent_denies: crate::enforce::denies::load(state_dir, ifname),
+            })
+        }
+        _ => None,
+    };
     Ok(Status {
+        policy,
         interface: ifname.clone(),
         backend: rec.backend().name(),
         link: observed.link,
@@ -139,6 +164,25 @@ impl std::fmt::Display for Status {
             writeln!(f, "owned rules:")?;
             for r in &self.rules {
                 writeln!(f, "  {r}")?;
+            }
+        }
+        if let Some(p) = &self.policy {
+            writeln!(
+                f,
+                "\npolicy: epoch {}, programs {}",
+                p.epoch,
+                if p.attached { "attached" } else { "NOT attached" }
+            )?;
+            for (id, c) in &p.counters.rules {
+                writeln!(f, "  rule {id}: {} packets, {}", c.packets, bytes(c.bytes))?;
+            }
+            let stats: Vec<String> = p.counters.stats.iter().map(|(k, c)| format!("{k} {}", c.packets)).collect();
+            writeln!(f, "  packets: {}", stats.join(", "))?;
+            if !p.recent_denies.is_empty() {
+                writeln!(f, "  recent denies:")?;
+                for d in &p.recent_denies {
+                    writeln!(f, "    {d}")?;
+                }
             }
         }
         Ok(())

@@ -5,6 +5,8 @@
 //! parallel and never collide; the guards delete everything they created on drop. Tests
 //! panic on any failure, and fail loudly (never skip) when not run as root.
 
+pub mod packet;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -3,6 +3,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod build_ebpf;
 mod demo;
 mod test;
 mod vm;
@@ -16,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Build the eBPF programs (ebpf/) as the agent's build does; copies the object to
+    /// target/bpf/wirefence-ebpf.o. Needs bpf-linker and rust-src (scripts/install.sh).
+    BuildEbpf(build_ebpf::BuildEbpfArgs),
     /// Boot a Debian kernel in qemu and run the kernel-WireGuard tests inside it.
     VmTest(vm::VmTestArgs),
     /// Run the whole test suite as CI does (unit, namespace and VM tests). Needs root.
@@ -29,6 +33,7 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::BuildEbpf(args) => build_ebpf::run(args),
         Cmd::VmTest(args) => vm::run(args),
         Cmd::Test(args) => test::run(args),
         Cmd::Demo(args) => demo::run(args),

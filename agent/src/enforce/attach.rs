@@ -1,0 +1,165 @@
+//! Attaching the classifiers: tcx links (kernel 6.6+) pinned in bpffs, or clsact + cls_bpf
+//! filters (older kernels, as Debian 12's 6.1) at a fixed priority and handle.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use wirefence_common as common;
+
+use super::EnforceError;
+use crate::model::IfName;
+
+/// cls_bpf filter priority and handle the agent owns on clsact kernels.
+const NL_PRIORITY: u16 = 0x5746; // "WF"
+const NL_HANDLE: u16 = 1;
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum AttachMode {
+    Tcx,
+    Clsact,
+}
+
+pub fn mode() -> AttachMode {
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => AttachMode::Tcx,
+        _ => AttachMode::Clsact,
+    }
+}
+
+fn directions() -> [(TcAttachType, &'static str, &'static str); 2] {
+    [
+        (TcAttachType::Ingress, common::PROG_INGRESS, "link_ingress"),
+        (TcAttachType::Egress, common::PROG_EGRESS, "link_egress"),
+    ]
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `root` lies on a bpffs, mounting one (at /sys/fs/bpf for paths below it, at
+/// `root` otherwise) when it does not.
+pub fn ensure_bpffs(root: &Path) -> Result<(), EnforceError> {
+    let err = |reason: String| EnforceError::Bpffs { path: root.to_owned(), reason };
+    let mut existing = root.to_path_buf();
+    while !existing.exists() {
+        if !existing.pop() {
+            break;
+        }
+    }
+    if is_bpffs(&existing) {
+        return std::fs::create_dir_all(root).map_err(|e| err(e.to_string()));
+    }
+    let target: PathBuf = if root.starts_with("/sys/fs/bpf") { "/sys/fs/bpf".into() } else { root.to_owned() };
+    std::fs::create_dir_all(&target).map_err(|e| err(e.to_string()))?;
+    nix::mount::mount(Some("bpf"), &target, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| err(format!("mount -t bpf at {}: {e}", target.display())))?;
+    tracing::info!(path = %target.display(), "mounted bpffs");
+    std::fs::create_dir_all(root).map_err(|e| err(e.to_string()))
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EnforceError {
+    move |e| EnforceError::Program { name, source: Box::new(e) }
+}
+
+/// Both programs are on the device (tcx: asked of the kernel).
+pub fn attached_tcx(ifname: &IfName) -> Result<bool, EnforceError> {
+    for (ty, name, _) in directions() {
+        let (_, progs) = SchedClassifier::query_tcx(ifname.as_str(), ty).map_err(prog_err(name))?;
+        if !progs.iter().any(|p| p.name_as_str() == Some(name)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<AttachMode, EnforceError> {
+    let mode = mode();
+    if mode == AttachMode::Clsact {
+        match aya::programs::tc::qdisc_add_clsact(ifname.as_str()) {
+            Ok(()) | Err(aya::programs::TcError::AlreadyAttached) => {}
+            Err(e) if format!("{e:?}").contains("EEXIST") || e.to_string().contains("exists") => {}
+            Err(e) => return Err(EnforceError::Qdisc { ifname: ifname.clone(), source: Box::new(e) }),
+        }
+    }
+    for (ty, name, link_file) in directions() {
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(name).ok_or(EnforceError::MissingMap { name })?.try_into().map_err(prog_err(name))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(prog_err(name))?;
+        }
+        match mode {
+            AttachMode::Tcx => {
+                let (_, progs) = SchedClassifier::query_tcx(ifname.as_str(), ty).map_err(prog_err(name))?;
+                if progs.iter().any(|p| p.name_as_str() == Some(name)) {
+                    continue; // a previous agent's program is there: adopt, never a second copy
+                }
+                // A pinned link left from a device that is gone is defunct: drop its pin.
+                let path = dir.join(link_file);
+                if let Ok(old) = PinnedLink::from_pin(&path) {
+                    let _ = old.unpin();
+                }
+                let _ = std::fs::remove_file(&path);
+                let id = prog
+                    .attach_with_options(ifname.as_str(), ty, TcAttachOptions::TcxOrder(LinkOrder::first()))
+                    .map_err(prog_err(name))?;
+                let link: SchedClassifierLink = prog.take_link(id).map_err(prog_err(name))?;
+                let fd: FdLink = link.try_into().map_err(|e| EnforceError::Link { name, source: Box::new(e) })?;
+                fd.pin(&path).map_err(|e| EnforceError::Pin {
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            }
+            AttachMode::Clsact => {
+                let opts =
+                    NlOptions { priority: NL_PRIORITY, handle: TcHandle::new(0, NL_HANDLE), ..Default::default() };
+                match prog.attach_with_options(ifname.as_str(), ty, TcAttachOptions::Netlink(opts)) {
+                    Ok(id) => {
+                        // The filter lives in the kernel; forget the handle without detaching.
+                        let link = prog.take_link(id).map_err(prog_err(name))?;
+                        std::mem::forget(link);
+                    }
+                    Err(e) if is_exists(&e) => {} // our filter is already there
+                    Err(e) => return Err(prog_err(name)(e)),
+                }
+            }
+        }
+    }
+    Ok(mode)
+}
+
+fn is_exists(e: &aya::programs::ProgramError) -> bool {
+    let text = format!("{e:?}");
+    text.contains("EEXIST") || text.contains("File exists") || text.contains("AlreadyExists")
+}
+
+/// Detaches (tcx: unpins the links; clsact: deletes our filters) and removes every pin.
+pub fn remove(dir: &Path, ifname: &IfName) -> Result<(), EnforceError> {
+    if mode() == AttachMode::Clsact {
+        for (ty, _, _) in directions() {
+            // Filters vanish with the device anyway; removing them matters only if it stays.
+            let link =
+                SchedClassifierLink::attached(ifname.as_str(), ty, NL_PRIORITY, TcHandle::new(0, NL_HANDLE), None);
+            if let Ok(link) = link {
+                drop(link);
+            }
+        }
+    }
+    if !dir.exists() {
+        return Ok(());
+    }
+    for (_, _, link_file) in directions() {
+        if let Ok(link) = PinnedLink::from_pin(dir.join(link_file)) {
+            let _ = link.unpin(); // dropping the fd detaches the tcx link
+        }
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| EnforceError::Pin { path: dir.to_owned(), source })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(|source| EnforceError::Pin { path: path.clone(), source })?;
+    }
+    std::fs::remove_dir(dir).map_err(|source| EnforceError::Pin { path: dir.to_owned(), source })
+}

@@ -1,0 +1,267 @@
+//! The validated access policy: rules with resolved prefixes, typed protocols and ports.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::PolicyError;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+pub const PROTO_SCTP: u8 = 132;
+pub const PROTO_UDPLITE: u8 = 136;
+
+/// Protocols whose key port is the destination port (TCP, UDP, SCTP, UDP-Lite); only rules
+/// for these may name ports.
+pub fn has_ports(proto: u8) -> bool {
+    matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_UDPLITE)
+}
+
+/// `tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, `udplite`, `gre`, `esp`, `any` (= `None`) or
+/// a number 0-255.
+pub fn parse_proto(s: &str) -> Result<Option<u8>, String> {
+    Ok(Some(match s.to_ascii_lowercase().as_str() {
+        "any" => return Ok(None),
+        "tcp" => PROTO_TCP,
+        "udp" => PROTO_UDP,
+        "icmp" => PROTO_ICMP,
+        "icmpv6" | "ipv6-icmp" => PROTO_ICMPV6,
+        "sctp" => PROTO_SCTP,
+        "udplite" => PROTO_UDPLITE,
+        "gre" => 47,
+        "esp" => 50,
+        n => n.parse::<u8>().map_err(|_| {
+            format!("{s:?} is not a protocol (tcp, udp, icmp, icmpv6, sctp, udplite, any or a number 0-255)")
+        })?,
+    }))
+}
+
+/// The name used in messages (`tcp`, ..., or the number).
+pub fn proto_name(proto: Option<u8>) -> String {
+    match proto {
+        None => "any".into(),
+        Some(PROTO_TCP) => "tcp".into(),
+        Some(PROTO_UDP) => "udp".into(),
+        Some(PROTO_ICMP) => "icmp".into(),
+        Some(PROTO_ICMPV6) => "icmpv6".into(),
+        Some(PROTO_SCTP) => "sctp".into(),
+        Some(PROTO_UDPLITE) => "udplite".into(),
+        Some(n) => n.to_string(),
+    }
+}
+
+/// Whether a rule for `proto` can match packets of this family: ICMP is IPv4 only,
+/// ICMPv6 IPv6 only; every other protocol (and any) both.
+pub fn proto_allows_family(proto: Option<u8>, v6: bool) -> bool {
+    match proto {
+        Some(PROTO_ICMP) => !v6,
+        Some(PROTO_ICMPV6) => v6,
+        _ => true,
+    }
+}
+
+/// An inclusive port range, `lo <= hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+/// The direction of a packet at the tunnel device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Arriving from the tunnel (decrypted, on its way into this machine).
+    Ingress,
+    /// Leaving into the tunnel (about to be encrypted).
+    Egress,
+}
+
+impl Direction {
+    /// The key byte ([`wirefence_common::DIR_INGRESS`] / [`wirefence_common::DIR_EGRESS`]).
+    pub fn key_byte(self) -> u8 {
+        match self {
+            Direction::Ingress => wirefence_common::DIR_INGRESS,
+            Direction::Egress => wirefence_common::DIR_EGRESS,
+        }
+    }
+}
+
+/// The packet directions a rule applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RuleDirection {
+    #[default]
+    Both,
+    Ingress,
+    Egress,
+}
+
+impl RuleDirection {
+    pub fn parse(s: &str) -> Result<RuleDirection, String> {
+        match s {
+            "both" => Ok(RuleDirection::Both),
+            "ingress" => Ok(RuleDirection::Ingress),
+            "egress" => Ok(RuleDirection::Egress),
+            _ => Err(format!("{s:?} is not \"both\", \"ingress\" or \"egress\"")),
+        }
+    }
+
+    pub fn directions(self) -> &'static [Direction] {
+        match self {
+            RuleDirection::Both => &[Direction::Ingress, Direction::Egress],
+            RuleDirection::Ingress => &[Direction::Ingress],
+            RuleDirection::Egress => &[Direction::Egress],
+        }
+    }
+
+    pub fn applies(self, d: Direction) -> bool {
+        self.directions().contains(&d)
+    }
+}
+
+/// One allow rule after resolution: selectors are prefixes, the protocol a number.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// `[A-Za-z0-9_.-]{1,64}`, unique in the policy.
+    pub id: String,
+    /// Source prefixes (canonical, sorted, no duplicates; either family).
+    pub from: Vec<IpNet>,
+    /// Destination prefixes (canonical, sorted, no duplicates).
+    pub to: Vec<IpNet>,
+    /// `None`: any protocol.
+    pub proto: Option<u8>,
+    /// Sorted, disjoint, non-adjacent ranges (normalized by [`Policy::new`]); empty = all
+    /// ports. Only for [`has_ports`] protocols.
+    pub ports: Vec<PortRange>,
+    pub direction: RuleDirection,
+}
+
+impl Rule {
+    /// Whether some source and destination prefix share a family the protocol allows.
+    pub fn satisfiable(&self) -> bool {
+        [false, true].into_iter().any(|v6| {
+            proto_allows_family(self.proto, v6)
+                && self.from.iter().any(|n| is_v6(n) == v6)
+                && self.to.iter().any(|n| is_v6(n) == v6)
+        })
+    }
+}
+
+pub(crate) fn is_v6(n: &IpNet) -> bool {
+    matches!(n, IpNet::V6(_))
+}
+
+pub(crate) fn addr_is_v6(a: &IpAddr) -> bool {
+    matches!(a, IpAddr::V6(_))
+}
+
+/// A validated policy: default deny, each rule allows; a rule's index is its position
+/// (rule counters and the policy map's values use it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+impl Policy {
+    /// Validates and normalizes: ids valid and unique, ports only for port protocols and
+    /// not inverted, every rule satisfiable, prefixes canonical. Prefix lists are sorted
+    /// and deduplicated; port ranges are merged (overlapping or adjacent) and a set
+    /// covering 0-65535 becomes "all ports" (empty).
+    pub fn new(mut rules: Vec<Rule>) -> Result<Policy, PolicyError> {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (index, r) in rules.iter().enumerate() {
+            if !valid_id(&r.id) {
+                return Err(PolicyError::InvalidId { index, id: r.id.clone() });
+            }
+            if let Some(first) = seen.insert(&r.id, index) {
+                return Err(PolicyError::DuplicateId { index, id: r.id.clone(), first });
+            }
+        }
+        for (index, r) in rules.iter_mut().enumerate() {
+            let rule = || (index, r.id.clone());
+            if let Some(n) = r.from.iter().chain(&r.to).find(|n| n.trunc() != **n) {
+                let (index, id) = rule();
+                return Err(PolicyError::HostBits { index, id, net: *n });
+            }
+            if let Some(p) = r.ports.iter().find(|p| p.lo > p.hi) {
+                let (index, id) = rule();
+                return Err(PolicyError::InvertedPortRange { index, id, lo: p.lo, hi: p.hi });
+            }
+            if !r.ports.is_empty() && !r.proto.is_some_and(has_ports) {
+                let (index, id) = rule();
+                return Err(PolicyError::PortsWithoutPortProtocol { index, id, proto: proto_name(r.proto) });
+            }
+            r.from.sort_by_key(|n| (is_v6(n), n.network(), n.prefix_len()));
+            r.from.dedup();
+            r.to.sort_by_key(|n| (is_v6(n), n.network(), n.prefix_len()));
+            r.to.dedup();
+            r.ports = merge_ports(std::mem::take(&mut r.ports));
+            if !r.satisfiable() {
+                let (index, id) = rule();
+                return Err(PolicyError::Unsatisfiable { index, id, reason: unsatisfiable_reason(r) });
+            }
+        }
+        Ok(Policy { rules })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.id.as_str())
+    }
+}
+
+fn merge_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
+    ports.sort();
+    let mut out: Vec<PortRange> = Vec::with_capacity(ports.len());
+    for p in ports {
+        match out.last_mut() {
+            Some(last) if u32::from(p.lo) <= u32::from(last.hi) + 1 => last.hi = last.hi.max(p.hi),
+            _ => out.push(p),
+        }
+    }
+    if out == [PortRange { lo: 0, hi: u16::MAX }] {
+        out.clear();
+    }
+    out
+}
+
+fn unsatisfiable_reason(r: &Rule) -> String {
+    let fams = |v: &[IpNet]| match (v.iter().any(|n| !is_v6(n)), v.iter().any(is_v6)) {
+        (false, false) => "no prefixes",
+        (true, false) => "only IPv4 prefixes",
+        (false, true) => "only IPv6 prefixes",
+        (true, true) => "IPv4 and IPv6 prefixes",
+    };
+    let base = format!("from has {} and to has {}", fams(&r.from), fams(&r.to));
+    match r.proto {
+        Some(PROTO_ICMP) => format!("{base}; proto icmp matches IPv4 only (use icmpv6 for IPv6)"),
+        Some(PROTO_ICMPV6) => format!("{base}; proto icmpv6 matches IPv6 only (use icmp for IPv4)"),
+        _ => format!("{base}: no source and destination of the same address family"),
+    }
+}

@@ -1,0 +1,255 @@
+//! Map layouts shared by the eBPF classifiers (`ebpf/`) and the agent. Every type is
+//! `#[repr(C)]`, padding-free (explicit `_pad` fields, always zero) and made of fixed-width
+//! integers; flags are `u32`, never `bool`.
+//!
+//! # The policy model in maps
+//!
+//! A packet's addresses map to *classes* through LPM tries (one per role and family): the
+//! class of an address is the set of rule prefixes (of that role) containing it, numbered by
+//! the compiler; class 0 means "no rule prefix contains it". One LPM lookup in [`POLICY`]
+//! keyed by (generation, direction, src class, dst class, protocol, port) then decides: any
+//! match allows, the value names the deciding rule. Port ranges are expanded into masked
+//! port prefixes; a rule for any protocol ends its prefix after the dst class, a rule for a
+//! protocol with all ports ends it after the protocol.
+//!
+//! # Generations
+//!
+//! Every policy map key starts with a generation byte (0 or 1). [`STATE`] holds the current
+//! [`PolicyState`]; a packet reads it once, so it sees one whole policy. The agent fills the
+//! inactive generation, then writes the state (one word flips which generation is live).
+//!
+//! # Connection tracking
+//!
+//! An allowed new flow is recorded in [`CONNTRACK`] (an LRU hash) under its forward tuple,
+//! with the policy epoch that allowed it. A packet whose tuple, or reversed tuple, is in the
+//! table is established: if the entry's epoch is the current one it passes at once; if not,
+//! the flow's original direction is re-evaluated under the current policy and the entry is
+//! refreshed (still allowed) or deleted and the packet dropped (no longer allowed).
+#![no_std]
+
+/// Map names (as in the object file and under the bpffs pin directory).
+pub const STATE: &str = "WF_STATE";
+pub const SRC_V4: &str = "WF_SRC_V4";
+pub const DST_V4: &str = "WF_DST_V4";
+pub const SRC_V6: &str = "WF_SRC_V6";
+pub const DST_V6: &str = "WF_DST_V6";
+pub const POLICY: &str = "WF_POLICY";
+pub const CONNTRACK: &str = "WF_CONNTRACK";
+pub const RULE_COUNTERS: &str = "WF_RULE_COUNTERS";
+pub const STATS: &str = "WF_STATS";
+pub const EVENTS: &str = "WF_EVENTS";
+pub const EVENT_BUDGET: &str = "WF_EVENT_BUDGET";
+
+/// Program names (functions in the object file).
+pub const PROG_INGRESS: &str = "wf_ingress";
+pub const PROG_EGRESS: &str = "wf_egress";
+
+/// Load-time global (aya `EbpfLoader::set_global`): offset of the IP header in the frame,
+/// 0 on L3 devices (WireGuard, tun), 14 on Ethernet (veth), for tests and benchmarks.
+pub const GLOBAL_L3_OFFSET: &str = "WF_L3_OFFSET";
+
+pub const MAX_RULES: u32 = 1 << 17; // 131072
+pub const MAX_CLASS_ENTRIES: u32 = 1 << 20;
+pub const MAX_POLICY_ENTRIES: u32 = 1 << 22;
+pub const MAX_CONNTRACK: u32 = 1 << 16;
+/// Rule index meaning "no rule" (verdicts reached without the policy map).
+pub const NO_RULE: u32 = u32::MAX;
+
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// `STATE[0]`. Generation `epoch & 1` is live. `initialized == 0` denies everything (fail
+/// closed): an object loaded but never filled lets nothing through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    /// Bumped by every policy swap; conntrack entries of an older epoch are re-checked.
+    pub epoch: u32,
+    pub initialized: u32,
+}
+
+impl PolicyState {
+    pub fn generation(&self) -> u8 {
+        (self.epoch & 1) as u8
+    }
+}
+
+/// Data of an IPv4 class-trie LPM key (aya `lpm_trie::Key<ClassDataV4>`): [generation,
+/// 4 address bytes in network order, 3 zero bytes]; the key's prefix length is 8 + the
+/// address prefix length.
+pub type ClassDataV4 = [u8; 8];
+/// Data of an IPv6 class-trie LPM key: [generation, 16 address bytes, 3 zero bytes];
+/// prefix length 8 + the address prefix length.
+pub type ClassDataV6 = [u8; 20];
+
+pub fn class_data_v4(generation: u8, addr: [u8; 4]) -> ClassDataV4 {
+    [generation, addr[0], addr[1], addr[2], addr[3], 0, 0, 0]
+}
+
+pub fn class_data_v6(generation: u8, addr: [u8; 16]) -> ClassDataV6 {
+    let mut d = [0u8; 20];
+    d[0] = generation;
+    let mut i = 0;
+    while i < 16 {
+        d[1 + i] = addr[i];
+        i += 1;
+    }
+    d
+}
+
+/// Bits of [`PolicyData`] before the protocol: generation, direction, src, dst class.
+pub const POLICY_BITS_TO_DST: u32 = 8 + 8 + 32 + 32;
+/// ... through the protocol.
+pub const POLICY_BITS_TO_PROTO: u32 = POLICY_BITS_TO_DST + 8;
+/// ... through the whole port.
+pub const POLICY_BITS_ALL: u32 = POLICY_BITS_TO_PROTO + 16;
+
+/// Data of a policy-map LPM key: [generation, direction, src class (4 bytes, big endian),
+/// dst class (4, BE), protocol, port (2, BE), 3 zero bytes]. The key's prefix length is
+/// [`POLICY_BITS_TO_DST`] (any protocol), [`POLICY_BITS_TO_PROTO`] (all ports) or
+/// `POLICY_BITS_TO_PROTO + n` for a port prefix of n bits.
+///
+/// Ports: TCP, UDP, SCTP, UDP-Lite use the destination port; ICMP and ICMPv6 use the type
+/// in the high byte and the code in the low byte; other protocols use 0.
+pub type PolicyData = [u8; 16];
+
+pub fn policy_data(generation: u8, direction: u8, src: u32, dst: u32, proto: u8, port: u16) -> PolicyData {
+    let s = src.to_be_bytes();
+    let d = dst.to_be_bytes();
+    let p = port.to_be_bytes();
+    [generation, direction, s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], proto, p[0], p[1], 0, 0, 0]
+}
+
+/// Value of the policy map: the deciding rule's index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub rule: u32,
+}
+
+/// Value of the class tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassValue {
+    pub class: u32,
+}
+
+/// A flow as seen in one packet. IPv4 addresses are IPv4-mapped into 16 bytes
+/// (::ffff:a.b.c.d). For ICMP echo, `sport` is the identifier in requests and `dport` the
+/// identifier in replies, so a reply's reversed tuple is its request's tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// Direction of the packet that created the entry ([`DIR_INGRESS`]/[`DIR_EGRESS`]).
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Policy epoch under which the flow was last found allowed.
+    pub epoch: u32,
+    pub rule: u32,
+    /// bpf_ktime_get_ns() of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU, per-rule counter (index = rule index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indices of the per-CPU [`STATS`] array ([`Counter`] each).
+pub mod stat {
+    pub const ALLOWED_NEW: u32 = 0;
+    pub const ALLOWED_ESTABLISHED: u32 = 1;
+    pub const DENIED: u32 = 2;
+    /// Dropped: headers could not be parsed (truncated, malformed, too many extension headers).
+    pub const MALFORMED: u32 = 3;
+    /// Dropped: the policy was never initialised (fail closed).
+    pub const UNINITIALIZED: u32 = 4;
+    /// Events not sent: ring buffer full or over the rate limit.
+    pub const EVENTS_LOST: u32 = 5;
+    /// Non-first fragments seen (decided without ports, see `ebpf/`).
+    pub const FRAGMENTS: u32 = 6;
+    /// Passed: not IPv4 or IPv6 (ARP on Ethernet test devices); WireGuard carries only IP.
+    pub const NOT_IP: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+pub const EVENT_DENY: u32 = 1;
+pub const EVENT_NEW_FLOW: u32 = 2;
+
+/// A ring buffer record: a denied packet or a newly allowed flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u32,
+    pub rule: u32,
+    pub flow: FlowKey,
+    pub len: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU token bucket limiting events: `tokens` refill at [`EVENT_RATE_PER_SEC`] up to
+/// [`EVENT_BURST`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    pub last_ns: u64,
+    pub tokens: u64,
+}
+
+pub const EVENT_RATE_PER_SEC: u64 = 1000;
+pub const EVENT_BURST: u64 = 100;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are #[repr(C)], padding-free, every bit pattern valid.
+    unsafe impl aya::Pod for PolicyState {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for ClassValue {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for EventBudget {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<PolicyState>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(size_of::<Event>(), 56);
+        assert_eq!(size_of::<EventBudget>(), 16);
+    }
+
+    #[test]
+    fn policy_key_layout() {
+        let k = policy_data(1, DIR_EGRESS, 0x01020304, 0x0a0b0c0d, 6, 0x1f90);
+        assert_eq!(k, [1, 1, 1, 2, 3, 4, 10, 11, 12, 13, 6, 0x1f, 0x90, 0, 0, 0]);
+        assert_eq!(POLICY_BITS_ALL, 104);
+        assert_eq!(
+            class_data_v6(1, [0xfd; 16])[..17],
+            [1, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd]
+        );
+    }
+}

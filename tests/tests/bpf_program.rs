@@ -1,0 +1,978 @@
+//! Program tests of the classifiers (`ebpf/`) through BPF_PROG_TEST_RUN: crafted packets in,
+//! exact verdicts and counters out. Needs root (loading programs, creating maps).
+//!
+//! Every test runs with the Ethernet offset (14, as on veth) and the L3 offset (0, as on
+//! WireGuard). For SCHED_CLS programs the kernel's test runner always treats the input as
+//! an Ethernet frame: it takes `skb->protocol` from bytes 12..14. With the L3 offset the IP
+//! header starts at byte 0, so bytes 12..14 are the first two bytes of the IPv4 source
+//! address, or bytes 4..6 of the IPv6 source address. The test addresses are chosen so these
+//! read 0x0800 / 0x86dd: every IPv4 address here is in 8.0.0.0/16 and every IPv6 address in
+//! fd00:0:86dd::/48, and the same tables run under both offsets.
+//!
+//! Maps are filled directly by a small test-only helper ([`fill`]) from rule-like inputs;
+//! the real policy compiler lives in the agent and is tested on its own.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::lpm_trie::Key;
+use aya::programs::{TestRun, TestRunOptions};
+use wirefence_agent::bpf::Programs;
+use wirefence_common::{
+    self as common, stat, ClassValue, Counter, Event, FlowKey, PolicyState, PolicyValue, DIR_EGRESS, DIR_INGRESS,
+};
+use wirefence_tests::packet::*;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const OFFSETS: [u32; 2] = [14, 0];
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert!(unsafe { libc::geteuid() } == 0, "privileged test: loading eBPF programs needs root; CI runs it as root");
+}
+
+fn v4(a: u8, b: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(8, 0, a, b))
+}
+
+fn v6(a: u16, b: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0x86dd, a, 0, 0, 0, b))
+}
+
+/// The hosts of the tests, per family: a peer, the local node, another peer with no rules,
+/// a router (sends ICMP errors), a peer allowed everything.
+struct Hosts {
+    peer: IpAddr,
+    local: IpAddr,
+    stranger: IpAddr,
+    router: IpAddr,
+    trusted: IpAddr,
+}
+
+fn hosts(is_v6: bool) -> Hosts {
+    if is_v6 {
+        Hosts { peer: v6(0, 1), local: v6(1, 1), stranger: v6(0, 9), router: v6(0xfe, 1), trusted: v6(0, 7) }
+    } else {
+        Hosts { peer: v4(0, 1), local: v4(1, 1), stranger: v4(0, 9), router: v4(254, 1), trusted: v4(0, 7) }
+    }
+}
+
+fn host(a: IpAddr) -> (IpAddr, u8) {
+    (a, if a.is_ipv4() { 32 } else { 128 })
+}
+
+// ---------------------------------------------------------------------------------------
+// Filling the maps from rule-like inputs (test-only).
+
+#[derive(Clone, Debug)]
+struct Rule {
+    dir: u8,
+    src: Vec<(IpAddr, u8)>,
+    dst: Vec<(IpAddr, u8)>,
+    /// None: any protocol.
+    proto: Option<u8>,
+    /// None: all ports (of `proto`). ICMP: type << 8 | code values.
+    ports: Option<(u16, u16)>,
+}
+
+fn rule(dir: u8, src: &[IpAddr], dst: &[IpAddr], proto: Option<u8>, ports: Option<(u16, u16)>) -> Rule {
+    Rule { dir, src: src.iter().map(|a| host(*a)).collect(), dst: dst.iter().map(|a| host(*a)).collect(), proto, ports }
+}
+
+fn normalize((addr, len): (IpAddr, u8)) -> (IpAddr, u8) {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            (IpAddr::V4(Ipv4Addr::from(u32::from(a) & m)), len)
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            (IpAddr::V6(Ipv6Addr::from(u128::from(a) & m)), len)
+        }
+    }
+}
+
+fn contains(outer: (IpAddr, u8), inner: (IpAddr, u8)) -> bool {
+    outer.0.is_ipv4() == inner.0.is_ipv4() && outer.1 <= inner.1 && normalize((inner.0, outer.1)) == normalize(outer)
+}
+
+/// Port range -> (value, bits) prefixes covering it exactly.
+fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let (mut start, end) = (lo as u32, hi as u32);
+    let mut out = Vec::new();
+    while start <= end {
+        let mut size: u32 = if start == 0 { 1 << 16 } else { start & start.wrapping_neg() };
+        while start + size - 1 > end {
+            size >>= 1;
+        }
+        out.push((start as u16, 16 - size.trailing_zeros()));
+        start += size;
+    }
+    out
+}
+
+/// Fills generation `gen` with `rules` (rule index = position): class tries for both roles
+/// (a class is the set of rule prefixes containing an address, numbered per role across
+/// families) and the policy entries.
+fn fill(p: &mut Programs, gen: u8, rules: &[Rule]) {
+    let mut policy_entries: Vec<(u32, [u8; 16], u32)> = Vec::new();
+    let mut classes_of_rule: Vec<[Vec<u32>; 2]> = vec![[Vec::new(), Vec::new()]; rules.len()];
+    #[allow(clippy::needless_range_loop)] // role 0 = source, 1 = destination
+    for role in 0..2 {
+        let prefixes: Vec<(IpAddr, u8)> = {
+            let mut v: Vec<_> = rules
+                .iter()
+                .flat_map(|r| if role == 0 { r.src.clone() } else { r.dst.clone() })
+                .map(normalize)
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let mut ids: BTreeMap<Vec<(IpAddr, u8)>, u32> = BTreeMap::new();
+        let mut class_of: Vec<u32> = Vec::new();
+        for &pfx in &prefixes {
+            let set: Vec<_> = prefixes.iter().copied().filter(|q| contains(*q, pfx)).collect();
+            let next = ids.len() as u32 + 1;
+            let id = *ids.entry(set).or_insert(next);
+            class_of.push(id);
+            let value = ClassValue { class: id };
+            match pfx.0 {
+                IpAddr::V4(a) => {
+                    let key = Key::new(8 + pfx.1 as u32, common::class_data_v4(gen, a.octets()));
+                    let mut t = if role == 0 { p.src_v4().unwrap() } else { p.dst_v4().unwrap() };
+                    t.insert(&key, value, 0).unwrap();
+                }
+                IpAddr::V6(a) => {
+                    let key = Key::new(8 + pfx.1 as u32, common::class_data_v6(gen, a.octets()));
+                    let mut t = if role == 0 { p.src_v6().unwrap() } else { p.dst_v6().unwrap() };
+                    t.insert(&key, value, 0).unwrap();
+                }
+            }
+        }
+        for (i, r) in rules.iter().enumerate() {
+            let mine = if role == 0 { &r.src } else { &r.dst };
+            let mut cs: Vec<u32> = prefixes
+                .iter()
+                .zip(&class_of)
+                .filter(|(pfx, _)| mine.iter().any(|m| contains(normalize(*m), **pfx)))
+                .map(|(_, c)| *c)
+                .collect();
+            cs.sort();
+            cs.dedup();
+            classes_of_rule[i][role] = cs;
+        }
+    }
+    for (i, r) in rules.iter().enumerate() {
+        for &sc in &classes_of_rule[i][0] {
+            for &dc in &classes_of_rule[i][1] {
+                match (r.proto, r.ports) {
+                    (None, _) => policy_entries.push((
+                        common::POLICY_BITS_TO_DST,
+                        common::policy_data(gen, r.dir, sc, dc, 0, 0),
+                        i as u32,
+                    )),
+                    (Some(pr), None) => policy_entries.push((
+                        common::POLICY_BITS_TO_PROTO,
+                        common::policy_data(gen, r.dir, sc, dc, pr, 0),
+                        i as u32,
+                    )),
+                    (Some(pr), Some((lo, hi))) => {
+                        for (port, bits) in port_prefixes(lo, hi) {
+                            policy_entries.push((
+                                common::POLICY_BITS_TO_PROTO + bits,
+                                common::policy_data(gen, r.dir, sc, dc, pr, port),
+                                i as u32,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut policy = p.policy().unwrap();
+    for (bits, data, rule) in policy_entries {
+        policy.insert(&Key::new(bits, data), PolicyValue { rule }, 0).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running packets.
+
+struct Bed {
+    p: Programs,
+    off: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum V {
+    Pass,
+    Drop,
+}
+use V::{Drop, Pass};
+
+impl Bed {
+    /// Loaded programs with generation 0 filled with `rules` and STATE initialised.
+    fn new(off: u32, rules: &[Rule]) -> Bed {
+        let mut bed = Bed::uninitialized(off);
+        fill(&mut bed.p, 0, rules);
+        bed.p.set_state(PolicyState { epoch: 0, initialized: 1 }).unwrap();
+        bed
+    }
+
+    fn uninitialized(off: u32) -> Bed {
+        require_root();
+        Bed { p: Programs::load(off).unwrap_or_else(|e| panic!("load (l3 offset {off}): {e:?}")), off }
+    }
+
+    fn run_frame(&self, dir: u8, frame: &[u8], repeat: u32) -> u32 {
+        let prog = self.p.program(dir).unwrap();
+        let opts = TestRunOptions { data_in: Some(frame), repeat, ..Default::default() };
+        prog.test_run(opts)
+            .unwrap_or_else(|e| panic!("test run of {} bytes {frame:02x?}: {e:?}", frame.len()))
+            .return_value
+    }
+
+    fn stats(&mut self) -> Vec<Counter> {
+        (0..stat::COUNT).map(|i| self.p.stat(i).unwrap()).collect()
+    }
+
+    /// Runs `frame` through the `dir` program; asserts the verdict and that exactly the
+    /// STATS counters in `stats` went up, each by one packet of the frame's length.
+    fn expect_frame(&mut self, what: &str, dir: u8, frame: &[u8], verdict: V, stats: &[u32]) {
+        let before = self.stats();
+        let ret = self.run_frame(dir, frame, 1);
+        let after = self.stats();
+        let want = match verdict {
+            Pass => TC_ACT_OK,
+            Drop => TC_ACT_SHOT,
+        };
+        let changed: Vec<_> =
+            (0..stat::COUNT).filter(|i| after[*i as usize] != before[*i as usize]).map(stat_name).collect();
+        assert_eq!(
+            ret, want,
+            "{what} (l3 offset {}): verdict {ret}, expected {verdict:?}; counted {changed:?}",
+            self.off
+        );
+        for i in 0..stat::COUNT {
+            let n = stats.iter().filter(|s| **s == i).count() as u64;
+            let (b, a) = (before[i as usize], after[i as usize]);
+            assert_eq!(
+                (a.packets - b.packets, a.bytes - b.bytes),
+                (n, n * frame.len() as u64),
+                "{what} (l3 offset {}): STATS[{}] changed by {:?}, expected {n} packet(s)",
+                self.off,
+                stat_name(i),
+                (a.packets - b.packets, a.bytes - b.bytes)
+            );
+        }
+    }
+
+    fn expect(&mut self, what: &str, dir: u8, pkt: &Packet, verdict: V, stats: &[u32]) {
+        let mut frame = pkt.frame(self.off);
+        if self.off == 0 {
+            // The test runner wants a whole IP header after the first 14 bytes (it takes them
+            // for an Ethernet header), i.e. 34 (IPv4) or 54 (IPv6) bytes at least. A shorter
+            // complete packet gets trailing padding, as Ethernet pads short frames; a packet
+            // cut short on purpose cannot be represented and runs under offsets 14/54 only.
+            let min = if pkt.src.is_ipv4() { 34 } else { 54 };
+            if frame.len() < min {
+                if pkt.truncate.is_some() {
+                    eprintln!(
+                        "{what}: {} bytes, not representable with l3 offset 0; covered by the other offsets",
+                        frame.len()
+                    );
+                    return;
+                }
+                frame.resize(min, 0);
+            }
+        }
+        self.expect_frame(what, dir, &frame, verdict, stats);
+    }
+
+    /// The frame `pkt` becomes in [`Bed::expect`].
+    fn frame(&self, pkt: &Packet) -> Vec<u8> {
+        let mut frame = pkt.frame(self.off);
+        let min = if pkt.src.is_ipv4() { 34 } else { 54 };
+        if self.off == 0 && frame.len() < min {
+            frame.resize(min, 0);
+        }
+        frame
+    }
+
+    fn rule(&mut self, rule: u32) -> Counter {
+        self.p.rule_counter(rule).unwrap()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        let mut rb = self.p.events().unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = rb.next() {
+            assert_eq!(item.len(), std::mem::size_of::<Event>());
+            // SAFETY: Event is a plain #[repr(C)] record of the size just checked.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+        }
+        out
+    }
+
+    fn conntrack(&mut self) -> Vec<(FlowKey, common::FlowValue)> {
+        self.p.conntrack().unwrap().iter().map(|r| r.unwrap()).collect()
+    }
+}
+
+fn stat_name(i: u32) -> &'static str {
+    ["ALLOWED_NEW", "ALLOWED_ESTABLISHED", "DENIED", "MALFORMED", "UNINITIALIZED", "EVENTS_LOST", "FRAGMENTS", "NOT_IP"]
+        [i as usize]
+}
+
+const NEW: &[u32] = &[stat::ALLOWED_NEW];
+const EST: &[u32] = &[stat::ALLOWED_ESTABLISHED];
+const DENIED: &[u32] = &[stat::DENIED];
+const MALFORMED: &[u32] = &[stat::MALFORMED];
+
+fn mapped(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+
+#[test]
+fn loads_verifies_and_names_match_common() {
+    for off in OFFSETS {
+        let mut bed = Bed::uninitialized(off);
+        for name in [
+            common::STATE,
+            common::SRC_V4,
+            common::DST_V4,
+            common::SRC_V6,
+            common::DST_V6,
+            common::POLICY,
+            common::CONNTRACK,
+            common::RULE_COUNTERS,
+            common::STATS,
+            common::EVENTS,
+            common::EVENT_BUDGET,
+        ] {
+            assert!(bed.p.ebpf.map(name).is_some(), "map {name} missing");
+        }
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            let info = bed.p.program(dir).unwrap().info().unwrap();
+            eprintln!(
+                "l3 offset {off}: {:?}: {} instructions translated, {:?} verified",
+                info.name_as_str(),
+                info.size_translated().unwrap_or(0) / 8,
+                info.verified_instruction_count()
+            );
+        }
+        assert_eq!(bed.p.rule_counters().unwrap().len(), common::MAX_RULES);
+        assert_eq!(bed.p.stats().unwrap().len(), stat::COUNT);
+    }
+}
+
+#[test]
+fn uninitialized_state_denies_everything() {
+    for off in OFFSETS {
+        let mut bed = Bed::uninitialized(off);
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let unini = &[stat::UNINITIALIZED][..];
+            bed.expect("tcp", DIR_INGRESS, &Packet::tcp(h.peer, h.local, 1000, 22), Drop, unini);
+            bed.expect("udp", DIR_EGRESS, &Packet::udp(h.local, h.peer, 1000, 53), Drop, unini);
+            bed.expect("echo", DIR_EGRESS, &Packet::echo(h.local, h.peer, true, 7), Drop, unini);
+            bed.expect(
+                "truncated tcp",
+                DIR_INGRESS,
+                &Packet::tcp(h.peer, h.local, 1, 2).truncate(if is_v6 { 50 } else { 30 }),
+                Drop,
+                unini,
+            );
+        }
+        // A filled policy does not help while STATE says uninitialised, whatever the epoch.
+        let h = hosts(false);
+        fill(&mut bed.p, 1, &[rule(DIR_INGRESS, &[h.peer], &[h.local], None, None)]);
+        bed.p.set_state(PolicyState { epoch: 1, initialized: 0 }).unwrap();
+        bed.expect(
+            "filled, not initialised",
+            DIR_INGRESS,
+            &Packet::tcp(h.peer, h.local, 1, 2),
+            Drop,
+            &[stat::UNINITIALIZED],
+        );
+        bed.p.set_state(PolicyState { epoch: 1, initialized: 1 }).unwrap();
+        bed.expect("initialised", DIR_INGRESS, &Packet::tcp(h.peer, h.local, 1, 2), Pass, NEW);
+        if off == 14 {
+            bed.p.set_state(PolicyState::default()).unwrap();
+            bed.expect_frame("arp", DIR_INGRESS, &arp_frame(), Pass, &[stat::NOT_IP]);
+        }
+        assert!(bed.conntrack().len() == 1, "only the allowed flow is tracked");
+    }
+}
+
+#[test]
+fn port_range_edges_and_protocols() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let icmp = if is_v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+            let echo_req: u16 = if is_v6 { 128 << 8 } else { 8 << 8 };
+            let rules = [
+                /* 0 */ rule(DIR_INGRESS, &[h.peer], &[h.local], Some(IPPROTO_TCP), Some((8000, 8080))),
+                /* 1 */ rule(DIR_INGRESS, &[h.peer, h.stranger], &[h.local], Some(IPPROTO_UDP), Some((53, 53))),
+                /* 2 */ rule(DIR_INGRESS, &[h.peer], &[h.local], Some(IPPROTO_SCTP), Some((9000, 9001))),
+                /* 3 */ rule(DIR_INGRESS, &[h.peer], &[h.local], Some(IPPROTO_UDPLITE), Some((5000, 5000))),
+                /* 4 */ rule(DIR_INGRESS, &[h.peer], &[h.local], Some(icmp), Some((echo_req, echo_req))),
+                /* 5 */ rule(DIR_INGRESS, &[h.peer], &[h.local], Some(IPPROTO_GRE), None),
+                /* 6 */ rule(DIR_INGRESS, &[h.trusted], &[h.local], None, None),
+                /* 7 */ rule(DIR_EGRESS, &[h.local], &[h.peer], Some(IPPROTO_TCP), Some((0, 1023))),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            let (p, l) = (h.peer, h.local);
+            let table: Vec<(&str, u8, Packet, V, &[u32])> = vec![
+                ("tcp 7999 (below range)", DIR_INGRESS, Packet::tcp(p, l, 40000, 7999), Drop, DENIED),
+                ("tcp 8000 (range start)", DIR_INGRESS, Packet::tcp(p, l, 40000, 8000), Pass, NEW),
+                ("tcp 8040", DIR_INGRESS, Packet::tcp(p, l, 40000, 8040), Pass, NEW),
+                ("tcp 8080 (range end)", DIR_INGRESS, Packet::tcp(p, l, 40000, 8080), Pass, NEW),
+                ("tcp 8081 (above range)", DIR_INGRESS, Packet::tcp(p, l, 40000, 8081), Drop, DENIED),
+                ("tcp 8000 egress (wrong direction)", DIR_EGRESS, Packet::tcp(p, l, 40001, 8000), Drop, DENIED),
+                ("tcp 8000 from stranger", DIR_INGRESS, Packet::tcp(h.stranger, l, 40000, 8000), Drop, DENIED),
+                ("tcp 8000 to stranger", DIR_INGRESS, Packet::tcp(p, h.stranger, 40000, 8000), Drop, DENIED),
+                ("udp 8000 (wrong protocol)", DIR_INGRESS, Packet::udp(p, l, 40000, 8000), Drop, DENIED),
+                ("udp 53", DIR_INGRESS, Packet::udp(p, l, 40000, 53), Pass, NEW),
+                ("udp 53 from stranger", DIR_INGRESS, Packet::udp(h.stranger, l, 40000, 53), Pass, NEW),
+                ("udp 54", DIR_INGRESS, Packet::udp(p, l, 40000, 54), Drop, DENIED),
+                ("sctp 9001", DIR_INGRESS, Packet::sctp(p, l, 40000, 9001), Pass, NEW),
+                ("sctp 9002", DIR_INGRESS, Packet::sctp(p, l, 40000, 9002), Drop, DENIED),
+                ("udplite 5000", DIR_INGRESS, Packet::udplite(p, l, 40000, 5000), Pass, NEW),
+                ("udplite 5001", DIR_INGRESS, Packet::udplite(p, l, 40000, 5001), Drop, DENIED),
+                ("echo request", DIR_INGRESS, Packet::echo(p, l, true, 0x77), Pass, NEW),
+                ("echo reply (not allowed inbound)", DIR_INGRESS, Packet::echo(p, l, false, 0x78), Drop, DENIED),
+                (
+                    "echo request code 1 (type<<8|code)",
+                    DIR_INGRESS,
+                    Packet::icmp(p, l, (echo_req >> 8) as u8, 1, [0, 9, 0, 1], b""),
+                    Drop,
+                    DENIED,
+                ),
+                ("gre (all ports of protocol)", DIR_INGRESS, Packet::new(p, l, IPPROTO_GRE, vec![0; 4]), Pass, NEW),
+                ("gre from stranger", DIR_INGRESS, Packet::new(h.stranger, l, IPPROTO_GRE, vec![0; 4]), Drop, DENIED),
+                ("trusted: tcp anything", DIR_INGRESS, Packet::tcp(h.trusted, l, 1, 65535), Pass, NEW),
+                ("trusted: udp", DIR_INGRESS, Packet::udp(h.trusted, l, 1, 0), Pass, NEW),
+                ("trusted: protocol 253", DIR_INGRESS, Packet::new(h.trusted, l, 253, vec![]), Pass, NEW),
+                ("egress tcp 0 (range start)", DIR_EGRESS, Packet::tcp(l, p, 50000, 0), Pass, NEW),
+                ("egress tcp 1023", DIR_EGRESS, Packet::tcp(l, p, 50000, 1023), Pass, NEW),
+                ("egress tcp 1024", DIR_EGRESS, Packet::tcp(l, p, 50000, 1024), Drop, DENIED),
+            ];
+            for (what, dir, pkt, v, stats) in &table {
+                bed.expect(&format!("{} {what}", if is_v6 { "v6" } else { "v4" }), *dir, pkt, *v, stats);
+            }
+            let tcp_len = bed.frame(&Packet::tcp(p, l, 1, 1)).len() as u64;
+            assert_eq!(bed.rule(0), Counter { packets: 3, bytes: 3 * tcp_len });
+            assert_eq!(bed.rule(1).packets, 2);
+            assert_eq!(bed.rule(6).packets, 3);
+            assert_eq!(bed.rule(7).packets, 2);
+            // Each allowed packet above started a flow (distinct tuples).
+            assert_eq!(bed.conntrack().len(), 14);
+        }
+    }
+}
+
+#[test]
+fn fragments_are_judged_without_ports() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l) = (h.peer, h.local);
+            let rules = [
+                /* 0 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((80, 80))),
+                /* 1 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_UDP), None),
+                /* 2 */ rule(DIR_INGRESS, &[h.trusted], &[l], None, None),
+                /* 3 */ rule(DIR_INGRESS, &[h.stranger], &[l], Some(IPPROTO_UDP), Some((0, 65535))),
+                // Port prefix 0/6: its key bits equal a port-less lookup's (port 0), so only
+                // the lookup's prefix length keeps it from matching a fragment.
+                /* 4 */
+                rule(DIR_INGRESS, &[h.stranger], &[l], Some(IPPROTO_TCP), Some((0, 1023))),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            let frag = &[stat::FRAGMENTS][..];
+            let frag_denied = &[stat::FRAGMENTS, stat::DENIED][..];
+            // A non-first fragment carries payload bytes where the L4 header would be.
+            let tail = |src: IpAddr, proto: u8| Packet::new(src, l, proto, vec![0x1f; 64]).fragment(185, false);
+            let table: Vec<(&str, Packet, V, &[u32])> = vec![
+                ("first tcp fragment to 80", Packet::tcp(p, l, 40000, 80).fragment(0, true), Pass, NEW),
+                ("first tcp fragment to 81", Packet::tcp(p, l, 40000, 81).fragment(0, true), Drop, DENIED),
+                ("non-first tcp fragment (port-specific rule only)", tail(p, IPPROTO_TCP), Drop, frag_denied),
+                ("non-first udp fragment (all-ports rule)", tail(p, IPPROTO_UDP), Pass, frag),
+                ("non-first fragment, any-protocol rule", tail(h.trusted, IPPROTO_TCP), Pass, frag),
+                ("non-first udp fragment, rule 0-65535 as a port prefix /0", tail(h.stranger, IPPROTO_UDP), Pass, frag),
+                ("tcp 22 from stranger (rule 0-1023)", Packet::tcp(h.stranger, l, 40000, 22), Pass, NEW),
+                (
+                    "non-first tcp fragment from stranger (rule 0-1023 only)",
+                    tail(h.stranger, IPPROTO_TCP),
+                    Drop,
+                    frag_denied,
+                ),
+                (
+                    "middle fragment (more set)",
+                    Packet::new(p, l, IPPROTO_UDP, vec![0; 64]).fragment(8, true),
+                    Pass,
+                    frag,
+                ),
+                (
+                    "first fragment too short for its tcp header",
+                    Packet::tcp(p, l, 40000, 80).fragment(0, true).truncate(if is_v6 { 40 + 8 + 10 } else { 30 }),
+                    Drop,
+                    MALFORMED,
+                ),
+            ];
+            for (what, pkt, v, stats) in &table {
+                bed.expect(&format!("{} {what}", if is_v6 { "v6" } else { "v4" }), DIR_INGRESS, pkt, *v, stats);
+            }
+            assert_eq!(bed.rule(0).packets, 1);
+            assert_eq!(bed.rule(1).packets, 2);
+            assert_eq!(bed.rule(2).packets, 1);
+            assert_eq!(bed.rule(3).packets, 1);
+            assert_eq!(bed.rule(4).packets, 1);
+            assert_eq!(bed.conntrack().len(), 2, "fragments do not create flows");
+        }
+    }
+}
+
+#[test]
+fn malformed_headers_drop() {
+    for off in OFFSETS {
+        let h4 = hosts(false);
+        let h6 = hosts(true);
+        let rules = [
+            rule(DIR_INGRESS, &[h4.peer], &[h4.local], Some(IPPROTO_TCP), Some((443, 443))),
+            rule(DIR_INGRESS, &[h6.peer], &[h6.local], Some(IPPROTO_TCP), Some((443, 443))),
+            rule(DIR_INGRESS, &[h4.trusted], &[h4.local], None, None),
+            rule(DIR_INGRESS, &[h6.trusted], &[h6.local], None, None),
+        ];
+        let mut bed = Bed::new(off, &rules);
+        let (p4, l4, t4) = (h4.peer, h4.local, h4.trusted);
+        let (p6, l6, t6) = (h6.peer, h6.local, h6.trusted);
+        let dst_opts = |pkt: Packet, n: usize| (0..n).fold(pkt, |p, _| p.ext(EXT_DEST_OPTS));
+        let mut tcp_doff4 = Packet::tcp(t4, l4, 1, 443);
+        tcp_doff4.l4[12] = 4 << 4;
+        let mut hbh_long = ext_header(EXT_HOP_BY_HOP);
+        hbh_long[1] = 1; // claims 16 bytes, 8 present, nothing after it
+        let table: Vec<(&str, Packet, V, &[u32])> = vec![
+            // IPv4 (any-protocol rule for `trusted`, so only parsing can drop these).
+            ("v4 IHL 4", Packet::tcp(t4, l4, 1, 443).ihl(4), Drop, MALFORMED),
+            ("v4 IHL 15 beyond the packet", Packet::new(t4, l4, 253, vec![0; 8]).ihl(15), Drop, MALFORMED),
+            ("v4 truncated tcp (10 bytes)", Packet::tcp(t4, l4, 1, 443).truncate(30), Drop, MALFORMED),
+            ("v4 tcp data offset 4", tcp_doff4, Drop, MALFORMED),
+            ("v4 truncated udp", Packet::udp(t4, l4, 1, 53).truncate(26), Drop, MALFORMED),
+            ("v4 truncated sctp", Packet::sctp(t4, l4, 1, 53).truncate(30), Drop, MALFORMED),
+            ("v4 truncated icmp", Packet::echo(t4, l4, true, 1).truncate(24), Drop, MALFORMED),
+            ("v4 with options, tcp 443", Packet::tcp(p4, l4, 1, 443).options(&[1, 1, 1, 1, 7, 3, 4]), Pass, NEW),
+            ("v4 with options, tcp 444", Packet::tcp(p4, l4, 1, 444).options(&[1, 1, 1, 1]), Drop, DENIED),
+            ("v4 protocol without L4 parse, empty payload", Packet::new(t4, l4, 253, vec![]), Pass, NEW),
+            // IPv6.
+            ("v6 truncated tcp", Packet::tcp(t6, l6, 1, 443).truncate(50), Drop, MALFORMED),
+            ("v6 truncated icmpv6", Packet::echo(t6, l6, true, 1).truncate(44), Drop, MALFORMED),
+            ("v6 7 extension headers", dst_opts(Packet::tcp(t6, l6, 1, 443), 7), Drop, MALFORMED),
+            ("v6 7 extension headers, non-TCP", dst_opts(Packet::new(t6, l6, 253, vec![]), 7), Drop, MALFORMED),
+            (
+                "v6 extension header cut short",
+                Packet::new(t6, l6, 253, vec![]).ext_raw(EXT_HOP_BY_HOP, hbh_long),
+                Drop,
+                MALFORMED,
+            ),
+            (
+                "v6 extension chain cut inside",
+                Packet::tcp(t6, l6, 1, 443).ext(EXT_HOP_BY_HOP).ext(EXT_AH).truncate(40 + 8 + 6),
+                Drop,
+                MALFORMED,
+            ),
+            // (A v4-mapped source cannot carry 0x86dd in bytes 4..6; it is tested below.)
+            (
+                "v6 v4-mapped destination",
+                Packet::tcp(t6, IpAddr::V6(Ipv4Addr::new(8, 0, 1, 1).to_ipv6_mapped()), 1, 443),
+                Drop,
+                MALFORMED,
+            ),
+            // Fine chains: 6 headers of every kind, then the port decides.
+            (
+                "v6 6 extension headers, tcp 443",
+                Packet::tcp(p6, l6, 1, 443)
+                    .ext(EXT_HOP_BY_HOP)
+                    .ext(EXT_DEST_OPTS)
+                    .ext(EXT_ROUTING)
+                    .fragment(0, false)
+                    .ext(EXT_AH)
+                    .ext(EXT_DEST_OPTS),
+                Pass,
+                NEW,
+            ),
+            ("v6 6 extension headers, tcp 444", dst_opts(Packet::tcp(p6, l6, 1, 444), 6), Drop, DENIED),
+            ("v6 hop-by-hop, tcp 443", Packet::tcp(p6, l6, 2, 443).ext(EXT_HOP_BY_HOP), Pass, NEW),
+            ("v6 atomic fragment, tcp 443", Packet::tcp(p6, l6, 3, 443).fragment(0, false), Pass, NEW),
+        ];
+        for (what, pkt, v, stats) in &table {
+            bed.expect(what, DIR_INGRESS, pkt, *v, stats);
+        }
+        if off == 14 {
+            // The ethertype says IPv4, the header is IPv6 (and the reverse).
+            let v6_bytes = Packet::tcp(t6, l6, 1, 443).ip_bytes();
+            bed.expect_frame("ethertype IPv4, version 6", DIR_INGRESS, &ethernet(0x0800, &v6_bytes), Drop, MALFORMED);
+            let v4_bytes = Packet::tcp(t4, l4, 1, 443).ip_bytes();
+            bed.expect_frame("ethertype IPv6, version 4", DIR_INGRESS, &ethernet(0x86dd, &v4_bytes), Drop, MALFORMED);
+            bed.expect_frame("arp", DIR_EGRESS, &arp_frame(), Pass, &[stat::NOT_IP]);
+            let mapped_src = IpAddr::V6(Ipv4Addr::new(8, 0, 0, 7).to_ipv6_mapped());
+            bed.expect("v6 v4-mapped source", DIR_EGRESS, &Packet::tcp(mapped_src, l6, 1, 443), Drop, MALFORMED);
+        }
+    }
+}
+
+/// IP headers cut short. BPF_PROG_TEST_RUN rejects a frame without a whole IP header after
+/// its Ethernet header, so these run with a 40-byte filler before the IP header (L3 offset
+/// 54); the parser is the same for every offset.
+#[test]
+fn short_ip_headers_drop() {
+    const SHIM: u32 = 14 + 40;
+    let (h4, h6) = (hosts(false), hosts(true));
+    let rules = [
+        rule(DIR_INGRESS, &[h4.trusted], &[h4.local], None, None),
+        rule(DIR_INGRESS, &[h6.trusted], &[h6.local], None, None),
+    ];
+    let mut bed = Bed::new(SHIM, &rules);
+    let (t4, l4, t6, l6) = (h4.trusted, h4.local, h6.trusted, h6.local);
+    let table: Vec<(&str, Packet, V, &[u32])> = vec![
+        ("v4 whole (the filler works)", Packet::tcp(t4, l4, 1, 443), Pass, NEW),
+        ("v6 whole (the filler works)", Packet::tcp(t6, l6, 1, 443), Pass, NEW),
+        ("v4 header cut to 16 bytes", Packet::tcp(t4, l4, 1, 443).truncate(16), Drop, MALFORMED),
+        ("v4 header cut to 19 bytes", Packet::new(t4, l4, 253, vec![]).truncate(19), Drop, MALFORMED),
+        ("v4 nothing at the L3 offset", Packet::tcp(t4, l4, 1, 443).truncate(0), Drop, MALFORMED),
+        ("v4 options cut", Packet::new(t4, l4, 253, vec![]).options(&[1, 1, 1, 1]).truncate(22), Drop, MALFORMED),
+        ("v6 header cut to 30 bytes", Packet::tcp(t6, l6, 1, 443).truncate(30), Drop, MALFORMED),
+        ("v6 header cut to 39 bytes", Packet::new(t6, l6, 253, vec![]).truncate(39), Drop, MALFORMED),
+        ("v6 nothing at the L3 offset", Packet::tcp(t6, l6, 1, 443).truncate(0), Drop, MALFORMED),
+    ];
+    for (what, pkt, v, stats) in &table {
+        bed.expect(what, DIR_INGRESS, pkt, *v, stats);
+        if *v == Drop {
+            bed.expect(what, DIR_EGRESS, pkt, *v, stats);
+        }
+    }
+}
+
+#[test]
+fn return_traffic_of_allowed_flows() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l) = (h.peer, h.local);
+            let rules = [
+                /* 0 */ rule(DIR_EGRESS, &[l], &[p], Some(IPPROTO_TCP), Some((443, 443))),
+                /* 1 */ rule(DIR_EGRESS, &[l], &[p], Some(IPPROTO_UDP), Some((53, 53))),
+                /* 2 */
+                rule(DIR_EGRESS, &[l], &[p], Some(if is_v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP }), None),
+                /* 3 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((22, 22))),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let table: Vec<(&str, u8, Packet, V, &[u32])> = vec![
+                ("reply before any request", DIR_INGRESS, Packet::tcp_ack(p, l, 443, 40000), Drop, DENIED),
+                ("egress SYN to 443", DIR_EGRESS, Packet::tcp(l, p, 40000, 443), Pass, NEW),
+                ("reply", DIR_INGRESS, Packet::tcp_ack(p, l, 443, 40000), Pass, EST),
+                ("second egress packet", DIR_EGRESS, Packet::tcp_ack(l, p, 40000, 443), Pass, EST),
+                ("unsolicited: other local port", DIR_INGRESS, Packet::tcp_ack(p, l, 443, 40001), Drop, DENIED),
+                ("unsolicited: ports swapped", DIR_INGRESS, Packet::tcp(p, l, 40000, 443), Drop, DENIED),
+                (
+                    "unsolicited: from another host",
+                    DIR_INGRESS,
+                    Packet::tcp_ack(h.stranger, l, 443, 40000),
+                    Drop,
+                    DENIED,
+                ),
+                ("forward tuple seen on ingress", DIR_INGRESS, Packet::tcp(l, p, 40000, 443), Drop, DENIED),
+                ("udp query", DIR_EGRESS, Packet::udp(l, p, 5353, 53), Pass, NEW),
+                ("udp answer", DIR_INGRESS, Packet::udp(p, l, 53, 5353), Pass, EST),
+                ("udp answer to another port", DIR_INGRESS, Packet::udp(p, l, 53, 5354), Drop, DENIED),
+                ("echo request out", DIR_EGRESS, Packet::echo(l, p, true, 0x1234), Pass, NEW),
+                ("echo reply in", DIR_INGRESS, Packet::echo(p, l, false, 0x1234), Pass, EST),
+                ("echo reply with another id", DIR_INGRESS, Packet::echo(p, l, false, 0x1235), Drop, DENIED),
+                ("echo request in (not allowed)", DIR_INGRESS, Packet::echo(p, l, true, 0x1234), Drop, DENIED),
+                ("ingress SYN to 22", DIR_INGRESS, Packet::tcp(p, l, 50000, 22), Pass, NEW),
+                ("reply out from 22", DIR_EGRESS, Packet::tcp_ack(l, p, 22, 50000), Pass, EST),
+                ("egress from 22 to another port", DIR_EGRESS, Packet::tcp_ack(l, p, 22, 50001), Drop, DENIED),
+            ];
+            for (what, dir, pkt, v, stats) in &table {
+                bed.expect(&format!("{fam} {what}"), *dir, pkt, *v, stats);
+            }
+            // Rule counters count every packet passed under the rule, established included.
+            assert_eq!(bed.rule(0).packets, 3);
+            assert_eq!(bed.rule(1).packets, 2);
+            assert_eq!(bed.rule(2).packets, 2);
+            assert_eq!(bed.rule(3).packets, 2);
+            let ct = bed.conntrack();
+            assert_eq!(ct.len(), 4);
+            let key = FlowKey {
+                src: mapped(l),
+                dst: mapped(p),
+                sport: 40000,
+                dport: 443,
+                proto: IPPROTO_TCP,
+                direction: DIR_EGRESS,
+                _pad: [0; 2],
+            };
+            let (_, value) = ct.iter().find(|(k, _)| *k == key).expect("conntrack entry of the egress SYN");
+            assert_eq!((value.epoch, value.rule), (0, 0));
+            assert!(value.last_seen_ns > 0);
+            let echo = FlowKey {
+                src: mapped(l),
+                dst: mapped(p),
+                sport: 0x1234,
+                dport: 0,
+                proto: key_icmp(is_v6),
+                direction: DIR_EGRESS,
+                _pad: [0; 2],
+            };
+            assert!(ct.iter().any(|(k, _)| *k == echo), "echo flow keyed by identifier as sport: {ct:?}");
+        }
+    }
+}
+
+fn key_icmp(is_v6: bool) -> u8 {
+    if is_v6 {
+        IPPROTO_ICMPV6
+    } else {
+        IPPROTO_ICMP
+    }
+}
+
+#[test]
+fn icmp_errors_of_tracked_flows_pass() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l, r) = (h.peer, h.local, h.router);
+            let rules = [
+                /* 0 */ rule(DIR_EGRESS, &[l], &[p], Some(IPPROTO_TCP), Some((443, 443))),
+                /* 1 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((22, 22))),
+                /* 2 */ rule(DIR_EGRESS, &[l], &[p], Some(key_icmp(is_v6)), None),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let syn = Packet::tcp(l, p, 40000, 443);
+            let unknown = Packet::tcp(l, p, 40000, 444);
+            let ssh_reply = Packet::tcp_ack(l, p, 22, 50000);
+            let ping = Packet::echo(l, p, true, 0x4321);
+            // (type, code, rest) of the errors of this family.
+            let errors: Vec<(&str, u8, u8, [u8; 4])> = if is_v6 {
+                vec![
+                    ("packet too big", 2, 0, 1280u32.to_be_bytes()),
+                    ("dest unreachable", 1, 4, [0; 4]),
+                    ("time exceeded", 3, 0, [0; 4]),
+                ]
+            } else {
+                vec![
+                    ("frag needed", 3, 4, [0, 0, 0x05, 0x78]),
+                    ("port unreachable", 3, 3, [0; 4]),
+                    ("time exceeded", 11, 0, [0; 4]),
+                ]
+            };
+            bed.expect(&format!("{fam} SYN"), DIR_EGRESS, &syn, Pass, NEW);
+            bed.expect(&format!("{fam} ssh SYN in"), DIR_INGRESS, &Packet::tcp(p, l, 50000, 22), Pass, NEW);
+            bed.expect(&format!("{fam} ping out"), DIR_EGRESS, &ping, Pass, NEW);
+            for (name, ty, code, rest) in &errors {
+                let what = format!("{fam} {name}");
+                bed.expect(
+                    &format!("{what} from router, allowed flow"),
+                    DIR_INGRESS,
+                    &Packet::icmp_error(r, l, *ty, *code, *rest, &syn),
+                    Pass,
+                    EST,
+                );
+                bed.expect(
+                    &format!("{what} from peer, allowed flow"),
+                    DIR_INGRESS,
+                    &Packet::icmp_error(p, l, *ty, *code, *rest, &syn),
+                    Pass,
+                    EST,
+                );
+                bed.expect(
+                    &format!("{what} about a reply of an inbound flow"),
+                    DIR_INGRESS,
+                    &Packet::icmp_error(r, l, *ty, *code, *rest, &ssh_reply),
+                    Pass,
+                    EST,
+                );
+                bed.expect(
+                    &format!("{what} about a ping"),
+                    DIR_INGRESS,
+                    &Packet::icmp_error(r, l, *ty, *code, *rest, &ping),
+                    Pass,
+                    EST,
+                );
+                bed.expect(
+                    &format!("{what} about an unknown flow"),
+                    DIR_INGRESS,
+                    &Packet::icmp_error(r, l, *ty, *code, *rest, &unknown),
+                    Drop,
+                    DENIED,
+                );
+                // The quote must be the flow's own direction: the same error quoting the
+                // peer's packets to us is not related to anything we sent.
+                let inverted = Packet::tcp(p, l, 443, 40000);
+                bed.expect(
+                    &format!("{what} quoting the reverse tuple"),
+                    DIR_INGRESS,
+                    &Packet::icmp_error(r, l, *ty, *code, *rest, &inverted),
+                    Drop,
+                    DENIED,
+                );
+                let mut cut = Packet::icmp_error(r, l, *ty, *code, *rest, &syn);
+                cut.l4.truncate(8 + 12);
+                bed.expect(&format!("{what} with a quote too short"), DIR_INGRESS, &cut, Drop, DENIED);
+            }
+            // An outbound error (we tell the peer its packet to us was too big) for the
+            // inbound ssh flow, quoting the peer's packet.
+            let (ty, code, rest) = if is_v6 { (2, 0, 1280u32.to_be_bytes()) } else { (3, 4, [0, 0, 5, 0x78]) };
+            bed.expect(
+                &format!("{fam} outbound error about inbound flow"),
+                DIR_EGRESS,
+                &Packet::icmp_error(l, p, ty, code, rest, &Packet::tcp(p, l, 50000, 22)),
+                Pass,
+                EST,
+            );
+        }
+    }
+}
+
+#[test]
+fn generation_flip_rechecks_old_flows() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l) = (h.peer, h.local);
+            let gen0 = [
+                /* 0 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((22, 22))),
+                /* 1 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((80, 80))),
+                /* 2 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((443, 443))),
+            ];
+            let mut bed = Bed::new(off, &gen0);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            for port in [22, 80, 443] {
+                bed.expect(
+                    &format!("{fam} SYN to {port} (gen 0)"),
+                    DIR_INGRESS,
+                    &Packet::tcp(p, l, 40000, port),
+                    Pass,
+                    NEW,
+                );
+            }
+            assert_eq!(bed.conntrack().len(), 3);
+
+            // Generation 1: 22 is gone, 80 and 443 are allowed by (renumbered) rules.
+            let gen1 = [
+                /* 0 */ rule(DIR_INGRESS, &[h.stranger], &[l], Some(IPPROTO_UDP), None),
+                /* 1 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((80, 80))),
+                /* 2 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((443, 444))),
+            ];
+            fill(&mut bed.p, 1, &gen1);
+            // Filled but not live: nothing changes.
+            bed.expect(
+                &format!("{fam} ssh before the flip"),
+                DIR_INGRESS,
+                &Packet::tcp_ack(p, l, 40000, 22),
+                Pass,
+                EST,
+            );
+            bed.p.set_state(PolicyState { epoch: 1, initialized: 1 }).unwrap();
+
+            let table: Vec<(&str, u8, Packet, V, &[u32])> = vec![
+                ("ssh (revoked), forward", DIR_INGRESS, Packet::tcp_ack(p, l, 40000, 22), Drop, DENIED),
+                ("ssh reply after revocation", DIR_EGRESS, Packet::tcp_ack(l, p, 22, 40000), Drop, DENIED),
+                ("new ssh SYN", DIR_INGRESS, Packet::tcp(p, l, 40001, 22), Drop, DENIED),
+                ("http, forward (still allowed)", DIR_INGRESS, Packet::tcp_ack(p, l, 40000, 80), Pass, EST),
+                ("http reply", DIR_EGRESS, Packet::tcp_ack(l, p, 80, 40000), Pass, EST),
+                // First packet after the flip is a reply: re-checked through the reversed tuple.
+                ("https reply first (still allowed)", DIR_EGRESS, Packet::tcp_ack(l, p, 443, 40000), Pass, EST),
+                ("https forward", DIR_INGRESS, Packet::tcp_ack(p, l, 40000, 443), Pass, EST),
+                ("new 444 (gen 1 only)", DIR_INGRESS, Packet::tcp(p, l, 40000, 444), Pass, NEW),
+            ];
+            for (what, dir, pkt, v, stats) in &table {
+                bed.expect(&format!("{fam} {what}"), *dir, pkt, *v, stats);
+            }
+            let ct = bed.conntrack();
+            assert_eq!(ct.len(), 3, "the revoked ssh entry is deleted: {ct:?}");
+            assert!(ct.iter().all(|(k, v)| v.epoch == 1 && k.dport != 22), "{ct:?}");
+            let https = ct.iter().find(|(k, _)| k.dport == 443).unwrap();
+            assert_eq!(https.1.rule, 2, "re-checked entries carry the new rule");
+
+            // Flip back to generation 0 (epoch 2): ssh would be allowed again as a new flow.
+            bed.p.set_state(PolicyState { epoch: 2, initialized: 1 }).unwrap();
+            bed.expect(
+                &format!("{fam} ssh SYN under gen 0 again"),
+                DIR_INGRESS,
+                &Packet::tcp(p, l, 40002, 22),
+                Pass,
+                NEW,
+            );
+            bed.expect(
+                &format!("{fam} 444 re-checked under gen 0"),
+                DIR_INGRESS,
+                &Packet::tcp_ack(p, l, 40000, 444),
+                Drop,
+                DENIED,
+            );
+        }
+    }
+}
+
+#[test]
+fn events_report_flows_and_denials_within_budget() {
+    for off in OFFSETS {
+        let h = hosts(false);
+        let (p, l) = (h.peer, h.local);
+        let mut bed = Bed::new(off, &[rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((22, 22)))]);
+        let start = std::time::Instant::now();
+        bed.expect("allowed", DIR_INGRESS, &Packet::tcp(p, l, 40000, 22), Pass, NEW);
+        bed.expect("established: no event", DIR_INGRESS, &Packet::tcp_ack(p, l, 40000, 22), Pass, EST);
+        bed.expect("denied", DIR_INGRESS, &Packet::udp(p, l, 40000, 53), Drop, DENIED);
+        let events = bed.events();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].kind, common::EVENT_NEW_FLOW);
+        assert_eq!(events[0].rule, 0);
+        assert_eq!(events[0].len, bed.frame(&Packet::tcp(p, l, 40000, 22)).len() as u32);
+        assert_eq!(
+            events[0].flow,
+            FlowKey {
+                src: mapped(p),
+                dst: mapped(l),
+                sport: 40000,
+                dport: 22,
+                proto: IPPROTO_TCP,
+                direction: DIR_INGRESS,
+                _pad: [0; 2]
+            }
+        );
+        assert_eq!(events[1].kind, common::EVENT_DENY);
+        assert_eq!(events[1].rule, common::NO_RULE);
+        assert_eq!((events[1].flow.proto, events[1].flow.dport), (IPPROTO_UDP, 53));
+
+        // A burst of denials: at most the bucket (EVENT_BURST, minus the 2 above, plus
+        // what refills while the burst runs) gets through; the rest is counted as lost.
+        let n = 400u32;
+        let frame = bed.frame(&Packet::udp(p, l, 40000, 53));
+        let before = bed.stats();
+        assert_eq!(bed.run_frame(DIR_INGRESS, &frame, n), TC_ACT_SHOT);
+        let elapsed_ms = start.elapsed().as_millis() as u64;
+        let after = bed.stats();
+        let lost = after[stat::EVENTS_LOST as usize].packets - before[stat::EVENTS_LOST as usize].packets;
+        assert_eq!(after[stat::DENIED as usize].packets - before[stat::DENIED as usize].packets, n as u64);
+        let sent = bed.events().len() as u64;
+        assert_eq!(sent + lost, n as u64, "every denial is either an event or counted lost");
+        // Tokens refill from the first event on (at most EVENT_BURST are banked).
+        let max = common::EVENT_BURST - 2 + elapsed_ms * common::EVENT_RATE_PER_SEC / 1000 + 1;
+        assert!(sent <= max, "{sent} events sent, budget allows {max}");
+        assert!(sent >= common::EVENT_BURST - 2, "the bucket's burst was available: {sent}");
+    }
+}
