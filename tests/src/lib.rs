@@ -184,6 +184,21 @@ pub struct Lab {
     _dir: TempDir,
 }
 
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Pins of policy programs (tests put them under the test bpffs, one dir per link).
+        for h in &self.hosts {
+            let dir = Path::new("/run/wirefence-test-bpf").join(&h.ifname);
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+    }
+}
+
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
@@ -207,6 +222,72 @@ impl Drop for TempDir {
 }
 
 pub const PROTO: u8 = 87;
+
+/// A bpffs outside /sys (which `ip netns exec` remounts), so pins made by agents inside
+/// namespaces outlive them as they would under /sys/fs/bpf on a host. Mounted once.
+pub fn bpffs_root() -> PathBuf {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let root = PathBuf::from("/run/wirefence-test-bpf");
+    ONCE.call_once(|| {
+        std::fs::create_dir_all(&root).expect("create bpffs mount point");
+        let mounted = run(Command::new("stat").args(["-f", "-c", "%T"]).arg(&root));
+        if String::from_utf8_lossy(&mounted.stdout).trim() != "bpf_fs" {
+            run_ok(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&root));
+        }
+    });
+    root
+}
+
+/// Runs `f` on a thread inside the namespace (sockets it creates belong to the namespace
+/// and may be used from any thread afterwards).
+pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: setns on a valid namespace descriptor affects only this thread.
+        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// A TCP echo server in a namespace, serving until the process ends.
+pub fn echo_server(ns: &Netns, addr: std::net::SocketAddr) {
+    let listener =
+        in_netns(ns, move || std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut conn = conn;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Connects from a namespace; `None` if no connection within the timeout.
+pub fn connect(ns: &Netns, addr: std::net::SocketAddr, timeout: Duration) -> Option<std::net::TcpStream> {
+    in_netns(ns, move || std::net::TcpStream::connect_timeout(&addr, timeout).ok())
+}
+
+/// Sends a line and expects it back within the timeout.
+pub fn echoes(stream: &mut std::net::TcpStream, timeout: Duration) -> bool {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    if stream.write_all(b"ping\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"ping\n"
+}
 
 impl Lab {
     pub fn new(n: u8) -> Lab {

@@ -2,7 +2,6 @@
 //! namespace against real netlink and wireguard-go; a hook fails chosen operations of the
 //! first pass, and the next pass must converge.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -13,19 +12,6 @@ use wirefence_agent::plan::Op;
 use wirefence_agent::reconcile::{ReconcileError, Reconciler};
 use wirefence_agent::wg;
 use wirefence_tests::*;
-
-/// Runs `f` on a thread inside the namespace, with a runtime whose threads inherit it.
-fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns file");
-        // SAFETY: setns on a valid namespace descriptor affects only this thread.
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
 
 #[test]
 fn failed_operations_mid_apply_converge_on_the_next_pass() {
