@@ -46,16 +46,30 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     step("each host gets an agent config listing the other two as peers; agents start");
+    let (a, b, c) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
+    // c enforces an access policy (eBPF on its tunnel device): a may reach c's web port,
+    // everyone may ping c, nothing else gets in.
+    let acl = format!(
+        "[policy]\npin_dir = \"{}\"\n\
+         [[policy.rules]]\nid = \"a-to-web\"\nfrom = [\"{}/32\", \"{}/128\"]\nto = [\"self\"]\nproto = \"tcp\"\nports = [\"80\"]\n\
+         [[policy.rules]]\nid = \"ping\"\nfrom = [\"10.77.0.0/24\"]\nto = [\"self\"]\nproto = \"icmp\"\n\
+         [[policy.rules]]\nid = \"ping6\"\nfrom = [\"fd77::/64\"]\nto = [\"self\"]\nproto = \"icmpv6\"\n",
+        wirefence_tests::bpffs_root().display(),
+        a.overlay_v4,
+        a.overlay_v6,
+    );
     let mut agents = Vec::new();
     for h in &lab.hosts {
-        let mut c = h.config();
+        let mut cfg = h.config();
         for other in lab.hosts.iter().filter(|o| o.index != h.index) {
-            c = c.peer(other);
+            cfg = cfg.peer(other);
         }
-        c.write();
+        if h.index == c.index {
+            cfg = cfg.extra(&acl);
+        }
+        cfg.write();
         agents.push(h.spawn_agent());
     }
-    let (a, b, c) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
     let reach = |from: &Host, to: &str| {
         wait_until(&format!("{} reaches {to}", from.ns.name), std::time::Duration::from_secs(20), || from.ns.ping(to))
     };
@@ -78,13 +92,33 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let _ = server.wait();
     iperf?;
 
-    step(&format!("wirefence-agent status on {}", a.ns.name));
-    show(a.agent().args(["status", "--config"]).arg(a.config_path()))?;
+    step(&format!("the access policy on {} (eBPF on its tunnel device): a may open tcp/80, nobody else anything but ping", c.ns.name));
+    for port in [80u16, 22] {
+        wirefence_tests::echo_server(&c.ns, format!("[::]:{port}").parse()?);
+    }
+    let short = std::time::Duration::from_millis(800);
+    for (from, port) in [(a, 80u16), (a, 22), (b, 80)] {
+        let addr: std::net::SocketAddr = format!("{}:{port}", c.overlay_v4).parse()?;
+        let verdict = match wirefence_tests::connect(&from.ns, addr, short) {
+            Some(mut s) => match wirefence_tests::echoes(&mut s, short) {
+                true => "connected, reply came back",
+                false => "connected but no reply",
+            },
+            None => "DENIED",
+        };
+        println!("  {} -> {}:{port}: {verdict}", from.ns.name, c.overlay_v4);
+    }
+    println!("  wirefence-agent policy check {} {} tcp/80 (on {}):", b.overlay_v4, c.overlay_v4, c.ns.name);
+    show(c.agent().args(["policy", "check", "--config"]).arg(c.config_path()).args([&b.overlay_v4, &c.overlay_v4, "tcp/80"]))?;
+
+    step(&format!("wirefence-agent status on {} (rule counters, recent denies)", c.ns.name));
+    wait_until("denies recorded", std::time::Duration::from_secs(5), || {
+        c.status_json()["policy"]["recent_denies"].as_array().is_some_and(|d| !d.is_empty())
+    });
+    show(c.agent().args(["status", "--config"]).arg(c.config_path()))?;
 
     step("a peer removed from one config: that pair is cut, the rest stays up");
-    let mut cfg = a.config();
-    cfg = cfg.peer(b);
-    cfg.write();
+    a.config().peer(b).write();
     wait_until("c unreachable from a", std::time::Duration::from_secs(10), || !a.ns.ping(&c.overlay_v4));
     println!(
         "  {} -> {}: cut;  {} -> {}: {}",

@@ -31,10 +31,18 @@ pub struct DenyRecord {
 
 impl fmt::Display for DenyRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
         write!(
             f,
-            "{} {} {}:{} -> {}:{} proto {} ({} bytes)",
-            self.at, self.direction, self.src, self.sport, self.dst, self.dport, self.proto, self.len
+            "{}s ago {} {}:{} -> {}:{} proto {} ({} bytes)",
+            now.saturating_sub(self.at),
+            self.direction,
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport,
+            self.proto,
+            self.len
         )
     }
 }
