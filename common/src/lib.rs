@@ -40,6 +40,10 @@ pub const STATS: &str = "WF_STATS";
 pub const EVENTS: &str = "WF_EVENTS";
 pub const EVENT_BUDGET: &str = "WF_EVENT_BUDGET";
 
+/// Every map of the object (the agent pins each under the interface's pin directory).
+pub const MAPS: [&str; 11] =
+    [STATE, SRC_V4, DST_V4, SRC_V6, DST_V6, POLICY, CONNTRACK, RULE_COUNTERS, STATS, EVENTS, EVENT_BUDGET];
+
 /// Program names (functions in the object file).
 pub const PROG_INGRESS: &str = "wf_ingress";
 pub const PROG_EGRESS: &str = "wf_egress";

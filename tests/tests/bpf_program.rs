@@ -345,19 +345,7 @@ fn mapped(a: IpAddr) -> [u8; 16] {
 fn loads_verifies_and_names_match_common() {
     for off in OFFSETS {
         let mut bed = Bed::uninitialized(off);
-        for name in [
-            common::STATE,
-            common::SRC_V4,
-            common::DST_V4,
-            common::SRC_V6,
-            common::DST_V6,
-            common::POLICY,
-            common::CONNTRACK,
-            common::RULE_COUNTERS,
-            common::STATS,
-            common::EVENTS,
-            common::EVENT_BUDGET,
-        ] {
+        for name in common::MAPS {
             assert!(bed.p.ebpf.map(name).is_some(), "map {name} missing");
         }
         for dir in [DIR_INGRESS, DIR_EGRESS] {

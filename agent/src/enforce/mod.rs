@@ -86,20 +86,6 @@ pub struct Enforcer {
     clsact_index: Option<u32>,
 }
 
-const ALL_MAPS: [&str; 11] = [
-    common::STATE,
-    common::SRC_V4,
-    common::DST_V4,
-    common::SRC_V6,
-    common::DST_V6,
-    common::POLICY,
-    common::CONNTRACK,
-    common::RULE_COUNTERS,
-    common::STATS,
-    common::EVENTS,
-    common::EVENT_BUDGET,
-];
-
 /// The pin directory of one interface.
 pub fn pin_dir(root: &Path, ifname: &IfName) -> PathBuf {
     root.join(ifname.as_str())
@@ -113,7 +99,7 @@ impl Enforcer {
         attach::ensure_bpffs(pin_root)?;
         let dir = pin_dir(pin_root, ifname);
         std::fs::create_dir_all(&dir).map_err(|source| EnforceError::Pin { path: dir.clone(), source })?;
-        let paths: Vec<(&'static str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let paths: Vec<(&'static str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
         for (name, path) in &paths {

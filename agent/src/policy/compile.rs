@@ -235,33 +235,4 @@ mod tests {
         let few = Limits { rules: 0, ..Limits::default() };
         assert_eq!(compile_with_limits(&p, &few).unwrap_err().to_string(), "the policy has 1 rules; the limit is 0");
     }
-
-    /// Not a timed test: prints how long compiling 100,000 simple rules takes. Run with
-    /// `cargo test --release -p wirefence-agent --lib policy::compile -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn timing_100k_rules() {
-        let rules: Vec<Rule> = (0..100_000u32)
-            .map(|i| {
-                let src = format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255);
-                let dst = format!("10.{}.{}.{}/32", 128 + (i >> 16), (i >> 8) & 255, i & 255);
-                rule(
-                    &format!("r{i}"),
-                    &[&src],
-                    &[&dst],
-                    Some(PROTO_TCP),
-                    &[(1000 + (i % 5000) as u16, 1000 + (i % 5000) as u16)],
-                )
-            })
-            .collect();
-        let policy = Policy::new(rules).unwrap();
-        let mut best = std::time::Duration::MAX;
-        for _ in 0..5 {
-            let t = std::time::Instant::now();
-            let c = compile(&policy).unwrap();
-            best = best.min(t.elapsed());
-            assert_eq!(c.entries.len(), 200_000);
-        }
-        println!("compile(100,000 rules -> 200,000 entries): best of 5: {best:?}");
-    }
 }
