@@ -159,6 +159,15 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        // Everything still running inside (wireguard-go daemons outlive their agents on
+        // purpose) goes with the namespace; a daemon left behind would keep its inotify
+        // instance and sockets.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a pid that lives in our test namespace.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }

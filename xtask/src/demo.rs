@@ -92,7 +92,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let _ = server.wait();
     iperf?;
 
-    step(&format!("the access policy on {} (eBPF on its tunnel device): a may open tcp/80, nobody else anything but ping", c.ns.name));
+    step(&format!(
+        "the access policy on {} (eBPF on its tunnel device): a may open tcp/80, nobody else anything but ping",
+        c.ns.name
+    ));
     for port in [80u16, 22] {
         wirefence_tests::echo_server(&c.ns, format!("[::]:{port}").parse()?);
     }
@@ -109,7 +112,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  {} -> {}:{port}: {verdict}", from.ns.name, c.overlay_v4);
     }
     println!("  wirefence-agent policy check {} {} tcp/80 (on {}):", b.overlay_v4, c.overlay_v4, c.ns.name);
-    show(c.agent().args(["policy", "check", "--config"]).arg(c.config_path()).args([&b.overlay_v4, &c.overlay_v4, "tcp/80"]))?;
+    show(c.agent().args(["policy", "check", "--config"]).arg(c.config_path()).args([
+        &b.overlay_v4,
+        &c.overlay_v4,
+        "tcp/80",
+    ]))?;
 
     step(&format!("wirefence-agent status on {} (rule counters, recent denies)", c.ns.name));
     wait_until("denies recorded", std::time::Duration::from_secs(5), || {

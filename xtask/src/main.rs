@@ -3,6 +3,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_policy;
 mod build_ebpf;
 mod demo;
 mod test;
@@ -29,6 +30,9 @@ enum Cmd {
     /// Time the agent applying 1,000/10,000 peers and a 1% change against wg syncconf +
     /// ip -batch in fresh namespaces (userspace backend), with peak RSS. Needs root.
     Bench(bench::BenchArgs),
+    /// The access policy's costs against the goals: per-packet ns (BPF_PROG_TEST_RUN)
+    /// at 10-100,000 rules, iperf3 throughput vs nftables at 10,000 rules, swap time. Needs root.
+    BenchPolicy(bench_policy::BenchPolicyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(args),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::BenchPolicy(args) => bench_policy::run(args),
     }
 }
 

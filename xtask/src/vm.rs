@@ -5,7 +5,7 @@
 //! 1. kernel: a Debian kernel image (default: whatever `linux-image-cloud-amd64` currently
 //!    depends on), fetched with `apt-get download` and unpacked with `dpkg-deb -x` into
 //!    `<workspace>/.cache/vm/kernels/` — never installed on the host;
-//! 2. initramfs: busybox-static, iproute2's `ip`, the agent and its shared libraries,
+//! 2. initramfs: busybox-static, iproute2's `ip` and `tc`, the agent and its shared libraries,
 //!    wireguard.ko and the other modules with their dependencies in load order, and the
 //!    scripts of `xtask/vm/` (`init.sh` becomes /init);
 //! 3. qemu under TCG, serial console streamed to the terminal and to

@@ -12,15 +12,30 @@
 #     and keeps the rest;
 #   - `down` in A removes the interface and its routes, and leaves foreign routes and the
 #     policy rules alone; a second `down` succeeds too.
+# Then the access policy on this kernel's attach path (clsact + cls_bpf before 6.6, tcx
+# after), with A back up and B enforcing "A -> B tcp/80 only" (pins in /sys/fs/bpf, which
+# the agent mounts itself):
+#   - A fetches http://B:80/ over IPv4 and IPv6; B:81, A's ping and B's new flows are dropped;
+#     one filter per direction at the agent's priority and handle; `status` shows the policy
+#     attached and the rule's counters;
+#   - dropping [policy] from the config detaches the filters and removes the pins;
+#   - the daemon attaches it again, reports the denied connection in `status`, and
+#     attaches again what was detached by hand (`tc filter del`; tcx: the link's pin removed);
+#   - another `run --once` finds the filters and attaches nothing; `down` removes the pins.
+# The agent runs with only the network namespace entered (nsenter --net), as it would on a
+# host: it shares the guest's mounts, so its bpffs and pins outlive it.
 set -eu
 . /wirefence-vm/lib.sh
 
 agent() { # agent NS ARGS...: the agent in namespace NS with its config
     _ns=$1
     shift
+    # Only the network namespace is entered: `ip netns exec` would also give the agent a mount
+    # namespace of its own with a fresh /sys, and the bpffs it mounts at /sys/fs/bpf (with its
+    # pins) would vanish when it exits. As on a host, the agent shares the guest's mounts.
     # Logs go through a file: on the console (a tty) they would be coloured for the CI log.
     _rc=0
-    ip netns exec "$_ns" wirefence-agent "$@" --config "/tmp/$_ns/agent.toml" \
+    nsenter --net="/run/netns/$_ns" wirefence-agent "$@" --config "/tmp/$_ns/agent.toml" \
         2>"/tmp/$_ns/agent.log" || _rc=$?
     sed "s/^/[$_ns] /" "/tmp/$_ns/agent.log"
     return "$_rc"
@@ -35,7 +50,12 @@ dump() {
         ip -n "$ns" -6 route show table all || true
         ip -n "$ns" rule show || true
         if command -v wg >/dev/null; then ip netns exec "$ns" wg show all || true; fi
+        tc -n "$ns" qdisc show dev wf0 2>/dev/null || true
+        tc -n "$ns" filter show dev wf0 ingress 2>/dev/null || true
+        tc -n "$ns" filter show dev wf0 egress 2>/dev/null || true
     done
+    grep ' bpf ' /proc/mounts || true
+    ls -lR /sys/fs/bpf 2>/dev/null || true
 }
 trap 'rc=$?; if [ "$rc" -ne 0 ]; then echo "---- state after the failure"; dump; fi' EXIT
 
@@ -214,5 +234,167 @@ fi
 ip netns exec A ping -c 1 -W 2 192.168.77.2 >/dev/null || fail "underlay broken after down"
 agent A down || fail "a second down in A exited with status $?"
 ip -n B link show wf0 >/dev/null || fail "down in A touched B"
+
+# ---- The access policy. The agent attaches its classifiers with tcx from 6.6 on; before
+# (Debian 12's 6.1), as cls_bpf filters under a clsact qdisc at priority 0x5746 (22342) and
+# handle 1, which `tc` lists. On tcx kernels the pinned links stand in for the filters.
+case "$(uname -r)" in
+[0-5].* | 6.[0-5].*) attach=clsact ;;
+*) attach=tcx ;;
+esac
+pins=/sys/fs/bpf/wirefence/wf0
+step "policy ($attach): web servers on B:80 and B:81, reachable from A before any policy"
+agent A run --once || fail "run --once in A after down exited with status $?"
+mkdir -p /tmp/B/www
+echo wirefence-vm-policy >/tmp/B/www/index.html
+for port in 80 81; do
+    ip netns exec B httpd -p "$port" -h /tmp/B/www || fail "cannot start httpd on B:$port"
+done
+fetch() { # fetch URL [SECONDS]: A gets the page, within SECONDS (default 3)
+    ip netns exec A timeout "${2:-3}" wget -q -O - "$1" 2>/dev/null | grep -q wirefence-vm-policy
+}
+denied() { # denied URL: A's connection gets no answer (the policy drops it)
+    if fetch "$1" 1; then fail "$1 answered, but the policy allows only tcp/80"; fi
+}
+bpf_filters() { # bpf_filters ingress|egress: B's cls_bpf filters on wf0, one line each
+    tc -n B filter show dev wf0 "$1" | grep ' bpf .*handle ' || true
+}
+check_attached() { # each direction has the agent's program, once
+    for _dir in ingress egress; do
+        if [ "$attach" = tcx ]; then
+            [ -e "$pins/link_$_dir" ] || fail "no pinned tcx link $pins/link_$_dir"
+            continue
+        fi
+        _filter=$(bpf_filters "$_dir")
+        [ "$(echo "$_filter" | grep -c .)" = 1 ] || fail "want one cls_bpf filter on B's wf0 $_dir, got: $_filter"
+        case "$_filter" in
+        *"pref 22342 "*"handle 0x1 wf_$_dir "*direct-action*) ;;
+        *) fail "B's wf0 $_dir filter is not wf_$_dir at pref 22342 handle 0x1 in direct-action mode: $_filter" ;;
+        esac
+    done
+}
+attachments() { # what identifies the attachments: cls_bpf program ids, or tcx link pins' inodes
+    if [ "$attach" = tcx ]; then
+        stat -c %i "$pins/link_ingress" "$pins/link_egress"
+    else
+        for _dir in ingress egress; do bpf_filters "$_dir" | sed 's/.* id \([0-9]*\) .*/\1/'; done
+    fi
+}
+ingress_attached() {
+    if [ "$attach" = tcx ]; then
+        [ -e "$pins/link_ingress" ]
+    else
+        /sbin/tc -n B filter show dev wf0 ingress | grep -q 'handle 0x1 wf_ingress'
+    fi
+}
+for url in http://10.77.0.2/ http://10.77.0.2:81/ 'http://[fd77::2]:81/'; do
+    retry 20 fetch "$url" || fail "no answer from $url before the policy"
+done
+if grep -q ' /sys/fs/bpf ' /proc/mounts; then fail "bpffs is mounted at /sys/fs/bpf before the agent ran"; fi
+
+cp /tmp/B/agent.toml /tmp/B/agent-nopolicy.toml
+# A periodic pass every 2 s, so the daemon below notices a detached program quickly.
+sed '/^state_dir = /a resync_interval_secs = 2' /tmp/B/agent-nopolicy.toml >/tmp/B/agent-policy.toml
+cat >>/tmp/B/agent-policy.toml <<EOF
+
+[policy]
+pin_dir = "/sys/fs/bpf/wirefence"
+
+[[policy.rules]]
+id = "web"
+from = ["10.77.0.1/32", "fd77::1/128"]
+to = ["10.77.0.2/32", "fd77::2/128"]
+proto = "tcp"
+ports = ["80"]
+EOF
+cp /tmp/B/agent-policy.toml /tmp/B/agent.toml
+
+step "policy: run --once in B with a [policy] allowing A -> B tcp/80 only"
+agent B run --once || fail "run --once with the policy in B exited with status $?"
+grep ' /sys/fs/bpf bpf ' /proc/mounts || fail "the agent did not mount bpffs at /sys/fs/bpf"
+grep -q 'mounted bpffs' /tmp/B/agent.log || fail "the agent did not log that it mounted bpffs"
+ls "$pins"
+[ -e "$pins/WF_POLICY" ] || fail "no pinned WF_POLICY map in $pins"
+if [ "$attach" = clsact ]; then
+    tc -n B qdisc show dev wf0 | grep clsact || fail "no clsact qdisc on B's wf0"
+    bpf_filters ingress
+    bpf_filters egress
+fi
+check_attached
+
+step "policy: A -> B tcp/80 passes with its replies; tcp/81, ping and B's own new flows do not"
+retry 20 fetch http://10.77.0.2/ || fail "A cannot fetch http://10.77.0.2/ (allowed by the policy)"
+fetch 'http://[fd77::2]/' || fail "A cannot fetch http://[fd77::2]/ (allowed by the policy)"
+denied http://10.77.0.2:81/
+denied 'http://[fd77::2]:81/'
+if ip netns exec A ping -c 1 -W 1 10.77.0.2 >/dev/null; then fail "A's ping passed B's ingress filter"; fi
+if ip netns exec B ping -c 1 -W 1 10.77.0.1 >/dev/null; then fail "B's new flow to A passed B's egress filter"; fi
+
+step "policy: status in B shows the programs attached and the rule's counters"
+agent B status --json >/tmp/B/status.json || fail "status --json in B"
+sed -n '/"policy"/,/"stats"/p' /tmp/B/status.json
+counter() { # counter NAME: packets of the counter NAME in B's status
+    grep -A1 "\"$1\": {" /tmp/B/status.json | sed -n 's/.*"packets": *\([0-9]*\).*/\1/p' | head -n 1
+}
+grep -q '"attached": true' /tmp/B/status.json || fail "status in B does not report the policy attached"
+[ "$(counter web)" -gt 0 ] 2>/dev/null || fail "rule web counted no packets: $(counter web)"
+[ "$(counter denied)" -gt 0 ] 2>/dev/null || fail "B counted no denied packets: $(counter denied)"
+[ "$(counter allowed_established)" -gt 0 ] 2>/dev/null ||
+    fail "B counted no established packets (replies): $(counter allowed_established)"
+
+step "policy: dropping [policy] from B's config detaches the programs and removes the pins"
+cp /tmp/B/agent-nopolicy.toml /tmp/B/agent.toml
+agent B run --once || fail "run --once without the policy in B exited with status $?"
+[ -z "$(bpf_filters ingress)$(bpf_filters egress)" ] ||
+    fail "filters left on B's wf0: $(bpf_filters ingress) $(bpf_filters egress)"
+[ ! -e "$pins" ] || fail "pins left: $(ls "$pins")"
+fetch http://10.77.0.2:81/ || fail "B:81 still blocked after the policy left the config"
+ip netns exec B ping -c 1 -W 2 10.77.0.1 >/dev/null || fail "B's egress still filtered after the policy left"
+
+step "policy: the daemon in B attaches it again and reports denies"
+cp /tmp/B/agent-policy.toml /tmp/B/agent.toml
+WIREFENCE_LOG=debug nsenter --net=/run/netns/B wirefence-agent run --config /tmp/B/agent.toml \
+    2>/tmp/B/daemon.log &
+daemon=$!
+retry 20 grep -q converged /tmp/B/daemon.log || fail "the daemon in B did not converge: $(cat /tmp/B/daemon.log)"
+check_attached
+retry 10 fetch http://10.77.0.2/ || fail "A cannot fetch http://10.77.0.2/ under the daemon"
+denied http://10.77.0.2:81/
+recent_deny() {
+    agent B status --json >/tmp/B/status.json && grep -q '"dport": 81' /tmp/B/status.json
+}
+retry 10 recent_deny || fail "status in B lists no recent deny of port 81: $(sed -n '/recent_denies/,$p' /tmp/B/status.json)"
+
+step "policy: the daemon attaches again what was detached by hand"
+if [ "$attach" = tcx ]; then
+    rm "$pins/link_ingress" # the last reference to the tcx link: it goes
+else
+    tc -n B filter del dev wf0 ingress pref 22342
+fi
+if ingress_attached; then fail "could not detach the ingress program by hand"; fi
+retry 10 ingress_attached || fail "the daemon did not attach wf_ingress again"
+check_attached
+denied http://10.77.0.2:81/
+kill "$daemon"
+wait "$daemon" || true
+grep -E 'converged|applied op=|WARN|ERROR' /tmp/B/daemon.log | sed 's/^/[B daemon] /'
+
+step "policy: run --once again in B finds the programs and attaches no second copy"
+before=$(attachments)
+export WIREFENCE_LOG=debug
+agent B run --once >/dev/null || fail "run --once after the daemon exited with status $?"
+unset WIREFENCE_LOG
+grep -E 'converged|applied op=' /tmp/B/agent.log
+[ "$(attachments)" = "$before" ] || fail "run --once replaced the attachments: $before -> $(attachments)"
+if grep -q 'applied op=attach policy programs' /tmp/B/agent.log; then
+    fail "run --once attached the programs again though they were on wf0"
+fi
+check_attached
+fetch http://10.77.0.2/ || fail "A cannot fetch http://10.77.0.2/ after the second run --once"
+
+step "policy: down in B removes wf0 with its programs, and the pins"
+agent B down || fail "down in B exited with status $?"
+if ip -n B link show wf0 >/dev/null 2>&1; then fail "wf0 still exists in B after down"; fi
+[ ! -e "$pins" ] || fail "pins left after down: $(ls "$pins")"
 
 step "kernel backend: all checks passed"

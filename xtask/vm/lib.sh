@@ -5,6 +5,7 @@
 # are therefore wrapped here. (Programs started by other programs, e.g.
 # `ip netns exec A ip ...`, go through PATH and get the real ones; `sh -c '...'` does not.)
 ip() { /sbin/ip "$@"; }
+tc() { /sbin/tc "$@"; }
 
 step() { echo "== $*"; }
 

@@ -76,12 +76,77 @@ pub fn attached_tcx(ifname: &IfName) -> Result<bool, EnforceError> {
     Ok(true)
 }
 
+/// Both filters are on the device (clsact: asked of the kernel, as with tcx, so a restarted
+/// agent or `status` sees them, and a pass notices one deleted by hand).
+pub fn attached_clsact(ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
+    for (ty, _, _) in directions() {
+        let present = clsact_filter_present(index, ty)
+            .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?;
+        if !present {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether the agent's cls_bpf filter (priority [`NL_PRIORITY`], handle [`NL_HANDLE`]) is on
+/// the clsact hook `ty` of device `index`: one filter dump over a blocking netlink socket.
+fn clsact_filter_present(index: u32, ty: TcAttachType) -> std::io::Result<bool> {
+    use rtnetlink::packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+    use rtnetlink::packet_route::tc::{TcAttribute, TcHandle as NlHandle, TcMessage};
+    use rtnetlink::packet_route::RouteNetlinkMessage;
+    use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut msg = TcMessage::with_index(index as i32);
+    // The clsact hooks: ffff:fff2 (ingress) and ffff:fff3 (egress).
+    let minor = match ty {
+        TcAttachType::Egress => NlHandle::MIN_EGRESS,
+        _ => NlHandle::MIN_INGRESS,
+    };
+    msg.header.parent = NlHandle { major: 0xffff, minor };
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut req = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::GetTrafficFilter(msg)));
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+
+    let mut found = false;
+    loop {
+        let (data, _) = socket.recv_from_full()?;
+        let mut offset = 0;
+        while offset < data.len() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                .map_err(|e| std::io::Error::other(format!("filter dump: {e}")))?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                return Err(std::io::Error::other("filter dump: empty netlink message"));
+            }
+            offset += (len + 3) & !3;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
+                    found |= m.header.info >> 16 == u32::from(NL_PRIORITY)
+                        && u32::from(m.header.handle) == u32::from(NL_HANDLE)
+                        && m.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<AttachMode, EnforceError> {
     let mode = mode();
     if mode == AttachMode::Clsact {
         match aya::programs::tc::qdisc_add_clsact(ifname.as_str()) {
-            Ok(()) | Err(aya::programs::TcError::AlreadyAttached) => {}
-            Err(e) if format!("{e:?}").contains("EEXIST") || e.to_string().contains("exists") => {}
+            Ok(()) => {}
+            Err(e) if tc_exists(&e) => {} // the qdisc is there already (ours or not: it is shared)
             Err(e) => return Err(EnforceError::Qdisc { ifname: ifname.clone(), source: Box::new(e) }),
         }
     }
@@ -131,9 +196,22 @@ pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<Attac
     Ok(mode)
 }
 
+/// EEXIST, told by the errno: the kernel's extended ack text varies ("Exclusivity flag on,
+/// cannot modify" for a qdisc on 6.1, "Filter already exists" for a filter).
+fn tc_exists(e: &aya::programs::TcError) -> bool {
+    match e {
+        aya::programs::TcError::AlreadyAttached => true,
+        aya::programs::TcError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
+    }
+}
+
 fn is_exists(e: &aya::programs::ProgramError) -> bool {
-    let text = format!("{e:?}");
-    text.contains("EEXIST") || text.contains("File exists") || text.contains("AlreadyExists")
+    match e {
+        aya::programs::ProgramError::TcError(e) => tc_exists(e),
+        aya::programs::ProgramError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
+    }
 }
 
 /// Detaches (tcx: unpins the links; clsact: deletes our filters) and removes every pin.

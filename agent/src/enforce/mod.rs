@@ -11,10 +11,11 @@ pub mod denies;
 pub mod writer;
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::{Array, IterableMap, MapData, PerCpuArray};
 use ipnet::IpNet;
 use wirefence_common as common;
 
@@ -33,6 +34,8 @@ pub enum EnforceError {
     Program { name: &'static str, source: Box<aya::programs::ProgramError> },
     #[error("link of {name}: {source}")]
     Link { name: &'static str, source: Box<aya::programs::links::LinkError> },
+    #[error("filters on {ifname}: {source}")]
+    Query { ifname: IfName, source: std::io::Error },
     #[error("clsact qdisc on {ifname}: {source}")]
     Qdisc { ifname: IfName, source: Box<aya::programs::TcError> },
     #[error("map {name}: {source}")]
@@ -82,8 +85,6 @@ pub struct Enforcer {
     slots_file: PathBuf,
     /// Digest of the policy this enforcer made live (not known after a restart).
     applied: Option<u64>,
-    /// clsact kernels: the device index the filters were put on by this enforcer.
-    clsact_index: Option<u32>,
 }
 
 /// The pin directory of one interface.
@@ -113,15 +114,7 @@ impl Enforcer {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
             Err(_) => BTreeMap::new(),
         };
-        let mut e = Enforcer {
-            dir,
-            ebpf,
-            gens: Default::default(),
-            ids: Ids::default(),
-            slots_file,
-            applied: None,
-            clsact_index: None,
-        };
+        let mut e = Enforcer { dir, ebpf, gens: Default::default(), ids: Ids::default(), slots_file, applied: None };
         e.gens = [e.read_generation(0)?, e.read_generation(1)?];
         e.ids = Ids::recover(&e.gens, slots);
         Ok(e)
@@ -218,7 +211,9 @@ impl Enforcer {
                 .ok_or(EnforceError::MissingMap { name: common::RULE_COUNTERS })?;
             let mut counters: PerCpuArray<&mut MapData, common::Counter> =
                 PerCpuArray::try_from(map).map_err(map_err(common::RULE_COUNTERS))?;
-            for slot in &fresh {
+            let zeros = vec![common::Counter::default(); fresh.len() * ncpus];
+            let done = writer::update_batch(counters.map().fd().as_fd(), &fresh, &zeros, ncpus);
+            for slot in &fresh[done..] {
                 let zero = aya::maps::PerCpuValues::try_from(vec![common::Counter::default(); ncpus])
                     .map_err(|e| EnforceError::State { path: "per-cpu values".into(), source: e })?;
                 counters.set(*slot, zero, 0).map_err(map_err(common::RULE_COUNTERS))?;
@@ -240,25 +235,37 @@ impl Enforcer {
                 }
             }
         }
-        for ((role, net), class) in &d.class_puts {
-            self.class_op(target, *role, *net, Some(*class))?;
-        }
+        // Insertions go in batches (one bpf(2) call per batch); what a batch did not write
+        // (an error, or a kernel without batch operations) goes one by one, reporting errors.
+        self.class_puts(target, &d.class_puts)?;
         {
+            let keys: Vec<Key<common::PolicyData>> = d
+                .policy_puts
+                .iter()
+                .map(|((data, plen), _)| {
+                    let mut k = *data;
+                    k[0] = target;
+                    Key::new(*plen, k)
+                })
+                .collect();
+            let values: Vec<common::PolicyValue> =
+                d.policy_puts.iter().map(|(_, rule)| common::PolicyValue { rule: *rule }).collect();
             let mut policy = self.policy_map()?;
-            for ((data, plen), rule) in &d.policy_puts {
-                let mut k = *data;
-                k[0] = target;
-                policy
-                    .insert(&Key::new(*plen, k), common::PolicyValue { rule: *rule }, 0)
-                    .map_err(map_err(common::POLICY))?;
+            let done = writer::update_batch(policy.map().fd().as_fd(), &keys, &values, 1);
+            for (k, v) in keys[done..].iter().zip(&values[done..]) {
+                policy.insert(k, v, 0).map_err(map_err(common::POLICY))?;
             }
         }
         self.gens[target as usize] = want;
 
-        // Persist the slot table before the flip, so `status` never names a rule wrongly.
-        let json = serde_json::to_vec(&self.ids.slots).expect("serializable");
-        std::fs::write(&self.slots_file, json)
-            .map_err(|source| EnforceError::State { path: self.slots_file.clone(), source })?;
+        // Persist the slot table before the flip, so `status` never names a rule wrongly
+        // (when it changed: an edit that keeps every rule id keeps every slot).
+        if self.ids.dirty {
+            let json = serde_json::to_vec(&self.ids.slots).expect("serializable");
+            std::fs::write(&self.slots_file, json)
+                .map_err(|source| EnforceError::State { path: self.slots_file.clone(), source })?;
+            self.ids.dirty = false;
+        }
 
         // The flip: one array element; packets read it once.
         let epoch = if state.initialized == 0 { target as u32 } else { state.epoch.wrapping_add(1) };
@@ -268,6 +275,61 @@ impl Enforcer {
         arr.set(0, common::PolicyState { epoch, initialized: 1 }, 0).map_err(map_err(common::STATE))?;
         self.applied = Some(digest);
         Ok(ApplyStats { epoch, map_writes: writes + 1 })
+    }
+
+    /// Class-trie insertions into generation `generation`: one batch per trie, then single
+    /// inserts for anything a batch did not write.
+    fn class_puts(&mut self, generation: u8, puts: &[((Role, IpNet), u32)]) -> Result<(), EnforceError> {
+        let tries = [
+            (Role::Src, false, common::SRC_V4),
+            (Role::Dst, false, common::DST_V4),
+            (Role::Src, true, common::SRC_V6),
+            (Role::Dst, true, common::DST_V6),
+        ];
+        for (role, v6, name) in tries {
+            let mine: Vec<(IpNet, u32)> = puts
+                .iter()
+                .filter(|((r, n), _)| *r == role && matches!(n, IpNet::V6(_)) == v6)
+                .map(|((_, n), c)| (*n, *c))
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let values: Vec<common::ClassValue> = mine.iter().map(|(_, c)| common::ClassValue { class: *c }).collect();
+            let plen = |n: &IpNet| 8 + u32::from(n.prefix_len());
+            let done = match v6 {
+                false => {
+                    let keys: Vec<Key<common::ClassDataV4>> = mine
+                        .iter()
+                        .filter_map(|(n, _)| match n {
+                            IpNet::V4(a) => {
+                                Some(Key::new(plen(n), common::class_data_v4(generation, a.network().octets())))
+                            }
+                            IpNet::V6(_) => None,
+                        })
+                        .collect();
+                    let t = self.trie::<common::ClassDataV4>(name)?;
+                    writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
+                }
+                true => {
+                    let keys: Vec<Key<common::ClassDataV6>> = mine
+                        .iter()
+                        .filter_map(|(n, _)| match n {
+                            IpNet::V6(a) => {
+                                Some(Key::new(plen(n), common::class_data_v6(generation, a.network().octets())))
+                            }
+                            IpNet::V4(_) => None,
+                        })
+                        .collect();
+                    let t = self.trie::<common::ClassDataV6>(name)?;
+                    writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
+                }
+            };
+            for (net, class) in &mine[done..] {
+                self.class_op(generation, role, *net, Some(*class))?;
+            }
+        }
+        Ok(())
     }
 
     fn class_op(&mut self, generation: u8, role: Role, net: IpNet, class: Option<u32>) -> Result<(), EnforceError> {
@@ -335,28 +397,22 @@ impl Enforcer {
 
     /// Whether both programs are attached to the interface (device `index`).
     pub fn attached(&self, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
-        match attach::mode() {
-            AttachMode::Tcx => attach::attached_tcx(ifname),
-            AttachMode::Clsact => Ok(self.clsact_index == Some(index)),
-        }
+        attached_elsewhere(ifname, index)
     }
 
     /// Attaches both programs (replacing a defunct attachment), pinning tcx links.
-    pub fn attach(&mut self, ifname: &IfName, index: u32) -> Result<AttachMode, EnforceError> {
-        let mode = attach::attach(&mut self.ebpf, &self.dir, ifname)?;
-        if mode == AttachMode::Clsact {
-            self.clsact_index = Some(index);
-        }
-        Ok(mode)
+    pub fn attach(&mut self, ifname: &IfName, _index: u32) -> Result<AttachMode, EnforceError> {
+        attach::attach(&mut self.ebpf, &self.dir, ifname)
     }
 }
 
-/// Whether a previous agent's programs are on the device (known on tcx kernels only; on
-/// clsact ones attaching again is harmless).
-pub fn attached_elsewhere(ifname: &IfName, _index: u32) -> Result<bool, EnforceError> {
+/// Whether the agent's programs (this one's or a previous agent's) are on the device, as the
+/// kernel lists them: tcx programs by name, or the cls_bpf filters at the agent's priority
+/// and handle.
+pub fn attached_elsewhere(ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
     match attach::mode() {
         AttachMode::Tcx => attach::attached_tcx(ifname),
-        AttachMode::Clsact => Ok(false),
+        AttachMode::Clsact => attach::attached_clsact(ifname, index),
     }
 }
 

@@ -3,6 +3,7 @@
 //! compiles so a one-rule change is a handful of map writes, not a rewrite.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use ipnet::IpNet;
 use wirefence_common as common;
@@ -37,33 +38,105 @@ impl Diff {
     }
 }
 
+/// The operations turning `have` into `want`: one merge pass over both (sorted) maps, so
+/// every list is in key order.
 pub fn diff(have: &Generation, want: &Generation) -> Diff {
     let mut d = Diff::default();
-    for (k, v) in &have.classes {
-        if !want.classes.contains_key(k) {
-            d.class_removes.push(*k);
-        } else if want.classes[k] != *v {
-            d.class_puts.push((*k, want.classes[k]));
-        }
-    }
-    for (k, v) in &want.classes {
-        if !have.classes.contains_key(k) {
-            d.class_puts.push((*k, *v));
-        }
-    }
-    for (k, v) in &have.policy {
-        match want.policy.get(k) {
-            None => d.policy_removes.push(*k),
-            Some(w) if w != v => d.policy_puts.push((*k, *w)),
-            Some(_) => {}
-        }
-    }
-    for (k, v) in &want.policy {
-        if !have.policy.contains_key(k) {
-            d.policy_puts.push((*k, *v));
-        }
-    }
+    merge(&have.classes, &want.classes, |k, h, w| match (h, w) {
+        (Some(_), None) => d.class_removes.push(*k),
+        (h, Some(w)) if h != Some(w) => d.class_puts.push((*k, *w)),
+        _ => {}
+    });
+    merge(&have.policy, &want.policy, |k, h, w| match (h, w) {
+        (Some(_), None) => d.policy_removes.push(*k),
+        (h, Some(w)) if h != Some(w) => d.policy_puts.push((*k, *w)),
+        _ => {}
+    });
     d
+}
+
+/// Calls `f(key, have's value, want's value)` for every key of either map, in key order.
+fn merge<K: Ord, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>, mut f: impl FnMut(&K, Option<&V>, Option<&V>)) {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        let order = match (h.peek(), w.peek()) {
+            (None, None) => return,
+            (Some(_), None) => Less,
+            (None, Some(_)) => Greater,
+            (Some((hk, _)), Some((wk, _))) => hk.cmp(wk),
+        };
+        match order {
+            Less => {
+                let (k, v) = h.next().expect("peeked");
+                f(k, Some(v), None);
+            }
+            Greater => {
+                let (k, v) = w.next().expect("peeked");
+                f(k, None, Some(v));
+            }
+            Equal => {
+                let ((k, hv), (_, wv)) = (h.next().expect("peeked"), w.next().expect("peeked"));
+                f(k, Some(hv), Some(wv));
+            }
+        }
+    }
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// Elements per `BPF_MAP_UPDATE_BATCH` call.
+const BATCH: usize = 8192;
+
+/// `union bpf_attr`, the part of the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `keys[i] -> values[i * per_key .. (i + 1) * per_key]` (flags 0, as
+/// `insert(.., 0)`) into the map `fd` with `BPF_MAP_UPDATE_BATCH`: one bpf(2) call per
+/// [`BATCH`] elements instead of one per element; the kernel still updates them one by one.
+/// `K` and `V` must be the map's key and value types (as a typed aya map handle has
+/// checked); `per_key` is 1, or the number of possible CPUs for a per-CPU map of an
+/// 8-byte-multiple `V`. Returns how many elements were written: all of them, or those
+/// before the first failure (an error, or a kernel without batch operations for the map
+/// type) — the caller writes the rest one by one, which reports any real error.
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V], per_key: usize) -> usize {
+    assert_eq!(keys.len() * per_key, values.len());
+    let mut done = 0;
+    for (k, v) in keys.chunks(BATCH).zip(values.chunks(BATCH * per_key)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix; the kernel reads `count` keys and values
+        // of the map's sizes (= size_of K, V) from the two slices, and writes `attr.count`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if r < 0 {
+            // `count` now holds the elements written before the failure.
+            return done + (attr.count as usize).min(k.len());
+        }
+        done += k.len();
+    }
+    done
 }
 
 /// Stable numbering: a prefix keeps its class id, a rule id keeps its counter slot, for as
@@ -73,6 +146,35 @@ pub struct Ids {
     classes: HashMap<(Role, IpNet), u32>,
     next_class: u32,
     pub slots: BTreeMap<String, u32>,
+    /// `slots` differs from what was last persisted (set by [`Ids::recover`] and by
+    /// [`Ids::assign`] when it changes a slot; the owner clears it after saving).
+    pub dirty: bool,
+}
+
+/// A set of rule slots: a bitmap over the counter map's range, plus any value outside it
+/// (only ever read back from state written elsewhere).
+struct SlotSet {
+    bits: Vec<bool>,
+    other: HashSet<u32>,
+}
+
+impl SlotSet {
+    fn of(slots: impl Iterator<Item = u32>) -> SlotSet {
+        let mut set = SlotSet { bits: vec![false; common::MAX_RULES as usize], other: HashSet::new() };
+        for s in slots {
+            match set.bits.get_mut(s as usize) {
+                Some(b) => *b = true,
+                None => {
+                    set.other.insert(s);
+                }
+            }
+        }
+        set
+    }
+
+    fn contains(&self, s: u32) -> bool {
+        self.bits.get(s as usize).copied().unwrap_or_else(|| self.other.contains(&s))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +187,7 @@ pub struct TooManyRules {
 impl Ids {
     /// Rebuilds the numbering from what the maps hold and the saved slots.
     pub fn recover(gens: &[Generation; 2], slots: BTreeMap<String, u32>) -> Ids {
-        let mut ids = Ids { slots, ..Default::default() };
+        let mut ids = Ids { slots, dirty: true, ..Default::default() };
         for g in gens {
             for (k, v) in &g.classes {
                 ids.classes.insert(*k, *v);
@@ -98,37 +200,57 @@ impl Ids {
     /// Translates a compilation into stable ids. Returns the generation content and the
     /// slots newly given to a rule (their counters must be zeroed before use).
     pub fn assign(&mut self, compiled: &Compiled, live: &Generation) -> Result<(Generation, Vec<u32>), TooManyRules> {
+        // The slots the compiled rules already have; the ids this compilation does not use.
+        let index: HashMap<&str, usize> = compiled.rule_ids.iter().enumerate().map(|(i, s)| (s.as_str(), i)).collect();
+        let mut slot_of: Vec<Option<u32>> = vec![None; compiled.rule_ids.len()];
+        let mut unused = Vec::new();
+        for (id, slot) in &self.slots {
+            match index.get(id.as_str()) {
+                Some(&i) => slot_of[i] = Some(*slot),
+                None => unused.push((id.clone(), *slot)),
+            }
+        }
         // Forget ids that neither the live generation nor this compilation uses.
-        let wanted: HashSet<&str> = compiled.rule_ids.iter().map(|s| s.as_str()).collect();
-        let live_slots: HashSet<u32> = live.policy.values().copied().collect();
-        self.slots.retain(|id, slot| wanted.contains(id.as_str()) || live_slots.contains(slot));
-        let used: HashSet<u32> = self.slots.values().copied().collect();
-        let mut free = (0..common::MAX_RULES).filter(|s| !used.contains(s));
+        if !unused.is_empty() {
+            let live_slots = SlotSet::of(live.policy.values().copied());
+            for (id, slot) in unused {
+                if !live_slots.contains(slot) {
+                    self.slots.remove(&id);
+                    self.dirty = true;
+                }
+            }
+        }
+        // New ids take the lowest free slots.
+        let mut free = None;
         let mut fresh = Vec::new();
-        let mut slot_of = Vec::with_capacity(compiled.rule_ids.len());
-        for id in &compiled.rule_ids {
-            let slot = match self.slots.get(id) {
-                Some(s) => *s,
+        for (id, slot) in compiled.rule_ids.iter().zip(slot_of.iter_mut()) {
+            if slot.is_some() {
+                continue;
+            }
+            *slot = Some(match self.slots.get(id) {
+                Some(s) => *s, // an id repeated in the compilation
                 None => {
+                    let free = free.get_or_insert_with(|| {
+                        let used = SlotSet::of(self.slots.values().copied());
+                        (0..common::MAX_RULES).filter(move |s| !used.contains(*s))
+                    });
                     let s =
                         free.next().ok_or(TooManyRules { rules: compiled.rule_ids.len(), max: common::MAX_RULES })?;
                     self.slots.insert(id.clone(), s);
                     fresh.push(s);
                     s
                 }
-            };
-            slot_of.push(slot);
+            });
         }
+        let slot_of: Vec<u32> = slot_of.into_iter().map(|s| s.expect("every rule has a slot")).collect();
+        self.dirty |= !fresh.is_empty();
 
-        let live_classes: HashSet<&(Role, IpNet)> = live.classes.keys().collect();
-        let mut compiled_keys = HashSet::new();
         let mut out = Generation::default();
-        // Compiler class id (per role and family) -> stable id.
-        let mut remap: HashMap<(Role, bool, u32), u32> = HashMap::new();
-        let lists = compiled.class_lists();
-        for (role, v6, net, cid) in lists {
+        // Compiler class id -> stable id, by [role][is IPv6][compiler id].
+        let mut remap: [[Vec<Option<u32>>; 2]; 2] = Default::default();
+        let mut classes = Vec::new();
+        for (role, v6, net, cid) in compiled.class_lists() {
             let key = (role, net);
-            compiled_keys.insert(key);
             let stable = match self.classes.get(&key) {
                 Some(s) => *s,
                 None => {
@@ -137,24 +259,140 @@ impl Ids {
                     self.next_class
                 }
             };
-            remap.insert((role, v6, cid), stable);
-            out.classes.insert(key, stable);
+            let ids = &mut remap[role as usize][usize::from(v6)];
+            if ids.len() <= cid as usize {
+                ids.resize(cid as usize + 1, None);
+            }
+            ids[cid as usize] = Some(stable);
+            classes.push((key, stable));
         }
-        self.classes.retain(|k, _| compiled_keys.contains(k) || live_classes.contains(k));
+        // Sorted, then built in bulk (keys are distinct: one per role and prefix).
+        out.classes = classes.into_iter().collect();
+        // Every key of `out.classes` is in `self.classes`: equal sizes mean all are in use.
+        if self.classes.len() != out.classes.len() {
+            self.classes.retain(|k, _| out.classes.contains_key(k) || live.classes.contains_key(k));
+        }
 
+        let mut policy = Vec::with_capacity(compiled.entries.len());
         for e in &compiled.entries {
             let mut data = e.data;
             data[0] = 0;
-            let v6 = e.v6;
+            let ids = |role: Role| &remap[role as usize][usize::from(e.v6)];
+            let map = |role, c: u32| match c {
+                0 => 0,
+                c => ids(role).get(c as usize).copied().flatten().expect("every compiled class has an id"),
+            };
             let src = u32::from_be_bytes([data[2], data[3], data[4], data[5]]);
             let dst = u32::from_be_bytes([data[6], data[7], data[8], data[9]]);
-            let map = |role, c: u32| if c == 0 { 0 } else { remap[&(role, v6, c)] };
             data[2..6].copy_from_slice(&map(Role::Src, src).to_be_bytes());
             data[6..10].copy_from_slice(&map(Role::Dst, dst).to_be_bytes());
-            let slot = slot_of[e.rule as usize];
-            // Lowest rule index wins on equal keys: the compiler already deduplicated.
-            out.policy.entry((data, e.prefixlen)).or_insert(slot);
+            policy.push(((data, e.prefixlen), slot_of[e.rule as usize]));
         }
+        // Lowest rule index wins on equal keys (the compiler already deduplicated): a stable
+        // sort keeps the entries' order among equal keys and `dedup_by` keeps the first.
+        // The u128 key orders as the bytes do (big endian), compared faster.
+        policy.sort_by_key(|((data, plen), _)| (u128::from_be_bytes(*data), *plen));
+        policy.dedup_by(|later, first| later.0 == first.0);
+        // Sorted and distinct: the map is built in bulk.
+        out.policy = policy.into_iter().collect();
         Ok((out, fresh))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{compile, Policy, PortRange, Rule, RuleDirection};
+
+    fn generation(classes: &[(&str, u32)], policy: &[(u8, u32, u32)]) -> Generation {
+        Generation {
+            classes: classes.iter().map(|(n, c)| ((Role::Src, n.parse().unwrap()), *c)).collect(),
+            policy: policy.iter().map(|&(b, plen, slot)| (([b; 16], plen), slot)).collect(),
+        }
+    }
+
+    /// The diff as the obvious lookups compute it, each list in key order.
+    fn naive(have: &Generation, want: &Generation) -> Diff {
+        Diff {
+            class_removes: have.classes.keys().filter(|k| !want.classes.contains_key(k)).copied().collect(),
+            class_puts: want
+                .classes
+                .iter()
+                .filter(|(k, v)| have.classes.get(k) != Some(v))
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+            policy_removes: have.policy.keys().filter(|k| !want.policy.contains_key(k)).copied().collect(),
+            policy_puts: want
+                .policy
+                .iter()
+                .filter(|(k, v)| have.policy.get(k) != Some(v))
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn diff_is_the_difference_in_key_order() {
+        let a = generation(
+            &[("10.0.0.0/8", 1), ("10.1.0.0/16", 2), ("fd00::/64", 3)],
+            &[(1, 90, 0), (2, 90, 1), (4, 96, 2)],
+        );
+        let b = generation(
+            &[("10.1.0.0/16", 5), ("10.2.0.0/16", 6), ("fd00::/64", 3)],
+            &[(0, 90, 0), (2, 90, 7), (4, 96, 2), (9, 80, 1)],
+        );
+        for (have, want) in [(&a, &b), (&b, &a), (&a, &a), (&Generation::default(), &b), (&a, &Generation::default())] {
+            let (d, n) = (diff(have, want), naive(have, want));
+            assert_eq!(d.class_removes, n.class_removes);
+            assert_eq!(d.class_puts, n.class_puts);
+            assert_eq!(d.policy_removes, n.policy_removes);
+            assert_eq!(d.policy_puts, n.policy_puts);
+        }
+        assert!(diff(&a, &a).is_empty());
+    }
+
+    fn rule(id: &str, from: &str, to: &str, port: u16) -> Rule {
+        Rule {
+            id: id.into(),
+            from: vec![from.parse().unwrap()],
+            to: vec![to.parse().unwrap()],
+            proto: Some(6),
+            ports: vec![PortRange { lo: port, hi: port }],
+            direction: RuleDirection::Both,
+        }
+    }
+
+    #[test]
+    fn assign_keeps_ids_and_marks_slot_changes() {
+        let p1 = vec![rule("a", "10.0.0.1/32", "10.1.0.0/24", 80), rule("b", "fd00::1/128", "fd01::/64", 443)];
+        let c1 = compile(&Policy::new(p1.clone()).unwrap()).unwrap();
+        let mut ids = Ids::recover(&Default::default(), BTreeMap::new());
+        let (g1, fresh) = ids.assign(&c1, &Generation::default()).unwrap();
+        assert_eq!(fresh.len(), 2);
+        assert!(ids.dirty);
+        ids.dirty = false;
+        assert_eq!(g1.classes.len(), 4);
+        assert_eq!(g1.policy.len(), c1.entries.len());
+
+        // Same ids, a port edited: same classes and slots, nothing to persist.
+        let mut p2 = p1.clone();
+        p2[0].ports = vec![PortRange { lo: 8080, hi: 8080 }];
+        let c2 = compile(&Policy::new(p2).unwrap()).unwrap();
+        let (g2, fresh) = ids.assign(&c2, &g1).unwrap();
+        assert!(fresh.is_empty() && !ids.dirty);
+        assert_eq!(g2.classes, g1.classes);
+        let d = diff(&g1, &g2);
+        assert_eq!((d.policy_removes.len(), d.policy_puts.len(), d.class_puts.len()), (2, 2, 0));
+
+        // A new rule id: a fresh slot, to be persisted; every entry names a known slot.
+        let mut p3 = p1;
+        p3.push(rule("c", "10.0.0.2/32", "10.1.0.0/24", 22));
+        let c3 = compile(&Policy::new(p3).unwrap()).unwrap();
+        let (g3, fresh) = ids.assign(&c3, &g2).unwrap();
+        assert_eq!(fresh.len(), 1);
+        assert!(ids.dirty);
+        let slots: HashSet<u32> = ids.slots.values().copied().collect();
+        assert!(g3.policy.values().all(|s| slots.contains(s)));
+        assert_eq!(g3.policy.len(), c3.entries.len());
     }
 }

@@ -1,5 +1,5 @@
 //! The guest userland: an uncompressed cpio (newc) archive holding busybox-static,
-//! iproute2's `ip`, the binaries under test with their shared libraries, the kernel
+//! iproute2's `ip` and `tc`, the binaries under test with their shared libraries, the kernel
 //! modules in load order and the scripts from `xtask/vm/`.
 //!
 //! The archive is written here rather than by `cpio`, so it can carry `/dev/console`
@@ -52,11 +52,14 @@ pub fn build(cache: &Path, spec: &Spec) -> Result<PathBuf> {
     let mut libs = BTreeSet::new();
     let mut shipped = BTreeSet::new();
 
-    // iproute2's ip: busybox's applet cannot do network namespaces.
-    let ip = tools::require(tools::IP)?;
-    copy_file(&ip, &stage.join("sbin/ip"), 0o755)?;
-    libs.extend(shared_libraries(&ip)?);
-    shipped.insert("ip".to_owned());
+    // iproute2's ip and tc: busybox's ip cannot do network namespaces, and its tc cannot
+    // show clsact qdiscs or cls_bpf filters.
+    for (tool, name) in [(tools::IP, "ip"), (tools::TC, "tc")] {
+        let path = tools::require(tool)?;
+        copy_file(&path, &stage.join("sbin").join(name), 0o755)?;
+        libs.extend(shared_libraries(&path)?);
+        shipped.insert(name.to_owned());
+    }
 
     // wg, when the host has it, lets the scripts cross-check the kernel's view.
     if let Some(wg) = tools::find(tools::WG.0) {

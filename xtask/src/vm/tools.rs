@@ -12,6 +12,7 @@ pub const DEPMOD: (&str, &str) = ("depmod", "kmod");
 pub const MODPROBE: (&str, &str) = ("modprobe", "kmod");
 pub const BUSYBOX: (&str, &str) = ("busybox", "busybox-static");
 pub const IP: (&str, &str) = ("ip", "iproute2");
+pub const TC: (&str, &str) = ("tc", "iproute2");
 pub const LDD: (&str, &str) = ("ldd", "libc-bin");
 pub const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
 /// Optional: the agent binary is copied unstripped when `strip` is missing.
@@ -20,7 +21,7 @@ pub const STRIP: (&str, &str) = ("strip", "binutils");
 pub const WG: (&str, &str) = ("wg", "wireguard-tools");
 
 /// Every required tool, checked up front so a missing one fails before any slow step.
-pub const REQUIRED: &[(&str, &str)] = &[APT_GET, APT_CACHE, DPKG_DEB, DEPMOD, MODPROBE, BUSYBOX, IP, LDD, QEMU];
+pub const REQUIRED: &[(&str, &str)] = &[APT_GET, APT_CACHE, DPKG_DEB, DEPMOD, MODPROBE, BUSYBOX, IP, TC, LDD, QEMU];
 
 /// Finds `tool` on PATH (plus the sbin directories, which a non-root PATH often lacks).
 pub fn find(tool: &str) -> Option<PathBuf> {

@@ -1,0 +1,296 @@
+//! Benchmark 2: iperf3 TCP throughput between two namespaces over a veth pair, with the
+//! receiver filtering by 10,000 rules in different ways.
+//!
+//! Sender `10.200.0.1` (namespace `snd`) runs `iperf3 -c` (one stream, `-O 1` to skip slow
+//! start, `-J`); the receiver `10.200.0.2` (namespace `rcv`) runs `iperf3 -s`. The rule set:
+//! 9,999 generated rules (see `rules`) and, last (index 9,999), `iperf`: from 10.200.0.1/32
+//! to 10.200.0.0/24 tcp 5201, the only rule that allows the test's flow. Cases:
+//!
+//! - **no filter**;
+//! - **wirefence eBPF**: the agent's `Enforcer` (maps pinned under the bench's bpffs, l3
+//!   offset 14) applies the compiled rules and attaches both classifiers to the receiver's
+//!   veth (tcx ingress + egress, `Enforcer::attach`). After each run the `iperf` rule's
+//!   counter and the established-flow counter are checked to be non-zero;
+//! - **nft linear, ct first**: the equivalent stateful nftables ruleset: input and output
+//!   chains (the rules apply in both directions, as wirefence's `direction = both`), policy
+//!   drop, `ct state established,related accept` first, then one rule per policy rule
+//!   (`ip saddr X ip daddr Y tcp dport Z accept`) — the usual way to write it;
+//! - **nft linear, ct last**: the same rules with the established rule after them, so every
+//!   packet walks the chain (context: what a linear chain costs per packet);
+//! - **nft set**: ct first, then one lookup in a concatenated interval set
+//!   `ip saddr . ip daddr . tcp dport`.
+//!
+//! Before every run a SYN to a port no rule allows (5202, where nothing listens) must go
+//! unanswered with a filter (dropped) and be refused without one, so each case is known to
+//! filter. Cases are interleaved, their order rotating per round; medians are reported.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use ipnet::IpNet;
+use wirefence_agent::enforce::Enforcer;
+use wirefence_agent::model::IfName;
+use wirefence_agent::policy::{compile, Compiled, PortRange, Rule, RuleDirection};
+
+use super::bpf::Pins;
+use super::net::{output, wait_for, Netns, Proc, NS_PREFIX};
+use super::rules;
+
+const SND_ADDR: &str = "10.200.0.1";
+const RCV_ADDR: &str = "10.200.0.2";
+const PORT: u16 = 5201;
+const CLOSED_PORT: u16 = 5202;
+const L3_OFFSET: u32 = 14;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Case {
+    None,
+    Ebpf,
+    NftLinear,
+    NftLinearCtLast,
+    NftSet,
+}
+
+pub const CASES: [Case; 5] = [Case::None, Case::Ebpf, Case::NftLinear, Case::NftLinearCtLast, Case::NftSet];
+
+impl Case {
+    pub fn label(self) -> &'static str {
+        match self {
+            Case::None => "no filter",
+            Case::Ebpf => "wirefence eBPF (tcx)",
+            Case::NftLinear => "nft linear, ct first",
+            Case::NftLinearCtLast => "nft linear, ct last",
+            Case::NftSet => "nft concat set",
+        }
+    }
+}
+
+pub struct Sample {
+    pub gbps: f64,
+    pub retransmits: u64,
+}
+
+pub struct Results {
+    pub rules: usize,
+    pub samples: Vec<(Case, Sample)>,
+    /// Time to load each nft ruleset (`nft -f`), per case.
+    pub nft_load: Vec<(Case, Duration)>,
+    pub ebpf_apply: Vec<Duration>,
+}
+
+pub struct Params {
+    pub rules: u32,
+    pub seconds: u32,
+    pub rounds: u32,
+}
+
+fn rule_set(n: u32) -> Vec<Rule> {
+    let mut rules = rules::generate(n - 1, false);
+    let net = |s: &str| s.parse::<IpNet>().expect("literal prefix");
+    rules.push(Rule {
+        id: "iperf".into(),
+        from: vec![net("10.200.0.1/32")],
+        to: vec![net("10.200.0.0/24")],
+        proto: Some(rules::TCP),
+        ports: vec![PortRange { lo: PORT, hi: PORT }],
+        direction: RuleDirection::Both,
+    });
+    rules
+}
+
+fn nft_match(r: &Rule) -> (String, String, String) {
+    let host = |n: &IpNet| if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() };
+    let p = r.ports[0];
+    let port = if p.lo == p.hi { p.lo.to_string() } else { format!("{}-{}", p.lo, p.hi) };
+    (host(&r.from[0]), host(&r.to[0]), port)
+}
+
+fn nft_linear(rules: &[Rule], ct_first: bool) -> String {
+    let mut body = String::new();
+    if ct_first {
+        body.push_str("    ct state established,related accept\n");
+    }
+    for r in rules {
+        let (s, d, p) = nft_match(r);
+        let _ = writeln!(body, "    ip saddr {s} ip daddr {d} tcp dport {p} accept");
+    }
+    if !ct_first {
+        body.push_str("    ct state established,related accept\n");
+    }
+    format!(
+        "table ip wfbench {{\n  chain input {{\n    type filter hook input priority filter; policy drop;\n{body}  }}\n  \
+         chain output {{\n    type filter hook output priority filter; policy drop;\n{body}  }}\n}}\n"
+    )
+}
+
+fn nft_set(rules: &[Rule]) -> String {
+    let elements: Vec<String> = rules
+        .iter()
+        .map(|r| {
+            let (s, d, p) = nft_match(r);
+            format!("{s} . {d} . {p}")
+        })
+        .collect();
+    let body = "    ct state established,related accept\n    ip saddr . ip daddr . tcp dport @allow accept\n";
+    format!(
+        "table ip wfbench {{\n  set allow {{\n    type ipv4_addr . ipv4_addr . inet_service; flags interval;\n    \
+         elements = {{ {} }}\n  }}\n  chain input {{\n    type filter hook input priority filter; policy drop;\n{body}  }}\n  \
+         chain output {{\n    type filter hook output priority filter; policy drop;\n{body}  }}\n}}\n",
+        elements.join(",\n      ")
+    )
+}
+
+/// SYN to the closed port: true if refused (RST came back), false if unanswered.
+fn closed_port_refused(snd: &Netns) -> Result<bool> {
+    let addr: SocketAddr = format!("{RCV_ADDR}:{CLOSED_PORT}").parse()?;
+    snd.enter(move || match TcpStream::connect_timeout(&addr, Duration::from_millis(400)) {
+        Ok(_) => Err(anyhow::anyhow!("{addr} accepted a connection; nothing should listen there")),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("connect {addr}"))),
+    })?
+}
+
+fn iperf(snd: &Netns, seconds: u32) -> Result<Sample> {
+    let out = output(snd.command("iperf3").args([
+        "-c",
+        RCV_ADDR,
+        "-p",
+        &PORT.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-O",
+        "1",
+        "-J",
+    ]))?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no end.sum_received")?;
+    let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+    Ok(Sample { gbps: bps / 1e9, retransmits })
+}
+
+pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
+    let pid = std::process::id();
+    let rules = rule_set(p.rules);
+    let policy = rules::policy(rules.clone())?;
+    let compiled: Compiled = compile(&policy).map_err(|e| anyhow::anyhow!("compile: {e}"))?;
+    let files = [
+        (Case::NftLinear, nft_linear(&rules, true)),
+        (Case::NftLinearCtLast, nft_linear(&rules, false)),
+        (Case::NftSet, nft_set(&rules)),
+    ];
+    let dir = state_dir.join("nft");
+    std::fs::create_dir_all(&dir)?;
+    let mut nft_files = Vec::new();
+    for (case, text) in &files {
+        let path = dir.join(format!("{case:?}.nft"));
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        nft_files.push((*case, path));
+    }
+
+    let snd = Netns::create(format!("{NS_PREFIX}{pid}-snd"))?;
+    let rcv = Netns::create(format!("{NS_PREFIX}{pid}-rcv"))?;
+    let (sdev, rdev) = (format!("wfbs{}", pid % 100_000), format!("wfbr{}", pid % 100_000));
+    output(
+        Command::new("ip").args([
+            "link", "add", &sdev, "netns", &snd.name, "type", "veth", "peer", "name", &rdev, "netns", &rcv.name,
+        ]),
+    )?;
+    output(snd.command("ip").args(["addr", "add", &format!("{SND_ADDR}/24"), "dev", &sdev]))?;
+    output(rcv.command("ip").args(["addr", "add", &format!("{RCV_ADDR}/24"), "dev", &rdev]))?;
+    output(snd.command("ip").args(["link", "set", &sdev, "up"]))?;
+    output(rcv.command("ip").args(["link", "set", &rdev, "up"]))?;
+    let rindex = {
+        let name = std::ffi::CString::new(rdev.clone())?;
+        // SAFETY: valid C string.
+        rcv.enter(move || unsafe { libc::if_nametoindex(name.as_ptr()) })?
+    };
+    ensure!(rindex != 0, "{rdev}: no such device in {}", rcv.name);
+
+    let server = Proc(
+        rcv.command("iperf3")
+            .args(["-s", "-p", &PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start iperf3 (apt-get install iperf3)")?,
+    );
+    wait_for("iperf3 -s listening", Duration::from_secs(5), || {
+        output(rcv.command("ss").args(["-Hltn", &format!("sport = :{PORT}")])).is_ok_and(|s| !s.trim().is_empty())
+    })?;
+
+    let mut res = Results { rules: rules.len(), samples: Vec::new(), nft_load: Vec::new(), ebpf_apply: Vec::new() };
+    let ifname: IfName = rdev.parse()?;
+    for round in 0..p.rounds {
+        for k in 0..CASES.len() {
+            let case = CASES[(k + round as usize) % CASES.len()];
+            let sample = match case {
+                Case::None => {
+                    ensure!(closed_port_refused(&snd)?, "no filter: the closed port did not refuse");
+                    iperf(&snd, p.seconds)?
+                }
+                Case::Ebpf => {
+                    let _pins = Pins { root: root.to_owned(), ifname: ifname.clone() };
+                    let mut enforcer = Enforcer::open(root, &ifname, L3_OFFSET, state_dir)?;
+                    let t = Instant::now();
+                    enforcer.apply(&compiled, 7)?;
+                    res.ebpf_apply.push(t.elapsed());
+                    let e = &mut enforcer;
+                    let name = ifname.clone();
+                    let attached = rcv.enter(move || {
+                        e.attach(&name, rindex)?;
+                        e.attached(&name, rindex)
+                    })??;
+                    ensure!(attached, "eBPF: programs not attached to {ifname} after Enforcer::attach");
+                    ensure!(!closed_port_refused(&snd)?, "eBPF: the closed port answered (not filtered)");
+                    let s = iperf(&snd, p.seconds)?;
+                    let c = enforcer.counters()?;
+                    let deep = c.rules.get("iperf").map(|c| c.packets).unwrap_or(0);
+                    let est = c.stats.get("allowed_established").map(|c| c.packets).unwrap_or(0);
+                    ensure!(
+                        deep > 0 && est > 0,
+                        "eBPF: the flow did not go through the program (iperf rule {deep} packets, established {est})"
+                    );
+                    drop(enforcer);
+                    let root = root.to_owned();
+                    let name = ifname.clone();
+                    rcv.enter(move || wirefence_agent::enforce::remove(&root, &name))??;
+                    s
+                }
+                Case::NftLinear | Case::NftLinearCtLast | Case::NftSet => {
+                    let path = &nft_files.iter().find(|(c, _)| *c == case).expect("file per nft case").1;
+                    let t = Instant::now();
+                    output(rcv.command("nft").arg("-f").arg(path))?;
+                    res.nft_load.push((case, t.elapsed()));
+                    let result = (|| {
+                        ensure!(
+                            !closed_port_refused(&snd)?,
+                            "{}: the closed port answered (not filtered)",
+                            case.label()
+                        );
+                        iperf(&snd, p.seconds)
+                    })();
+                    output(rcv.command("nft").args(["delete", "table", "ip", "wfbench"]))?;
+                    result?
+                }
+            };
+            eprintln!(
+                "bench-policy: iperf3 round {round} {:<22} {:6.2} Gbit/s ({} retransmits)",
+                case.label(),
+                sample.gbps,
+                sample.retransmits
+            );
+            res.samples.push((case, sample));
+        }
+    }
+    drop(server);
+    Ok(res)
+}
