@@ -37,7 +37,7 @@ fn directions() -> [(TcAttachType, &'static str, &'static str); 2] {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `root` lies on a bpffs, mounting one (at /sys/fs/bpf for paths below it, at

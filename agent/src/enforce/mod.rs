@@ -104,7 +104,7 @@ impl Enforcer {
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
         for (name, path) in &paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader
             .load(crate::bpf::object())
