@@ -66,20 +66,6 @@ const MAX_MISMATCHES: usize = 10;
 /// Mismatches reported per policy before moving on to the next one.
 const MAX_MISMATCHES_PER_POLICY: usize = 3;
 
-const ALL_MAPS: [&str; 11] = [
-    common::STATE,
-    common::SRC_V4,
-    common::DST_V4,
-    common::SRC_V6,
-    common::DST_V6,
-    common::POLICY,
-    common::CONNTRACK,
-    common::RULE_COUNTERS,
-    common::STATS,
-    common::EVENTS,
-    common::EVENT_BUDGET,
-];
-
 // ---------------------------------------------------------------------------------------
 // Randomness (SplitMix64: tiny, seedable, good enough for test data).
 
@@ -862,7 +848,7 @@ type Loaded = (
 );
 
 fn load_programs(dir: &Path) -> Loaded {
-    let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+    let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
     let mut loader = aya::EbpfLoader::new();
     loader.override_global(common::GLOBAL_L3_OFFSET, &L3_OFFSET, true);
     for (name, path) in &paths {

@@ -91,7 +91,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     preflight()?;
     let agent = match &args.agent {
         Some(p) => p.canonicalize().with_context(|| format!("no agent at {}", p.display()))?,
-        None => build_agent()?,
+        None => crate::workspace::Workspace::locate()?.build_agent(true)?,
     };
     sys::remove_stale_namespaces();
 
@@ -329,26 +329,6 @@ fn preflight() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Builds the agent in release mode and returns its path (in cargo's target directory).
-fn build_agent() -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-    let meta = sys::output(
-        Command::new(&cargo).args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"]).arg(&manifest),
-    )?;
-    let meta: serde_json::Value = serde_json::from_str(&meta).context("parse `cargo metadata` output")?;
-    let field = |k: &str| meta[k].as_str().map(PathBuf::from).with_context(|| format!("`cargo metadata` has no {k}"));
-    let (root, target) = (field("workspace_root")?, field("target_directory")?);
-    let mut cmd = Command::new(&cargo);
-    cmd.current_dir(&root).args(["build", "--release", "-p", "wirefence-agent", "--bin", "wirefence-agent"]);
-    eprintln!("bench: building the agent: {cmd:?}");
-    let status = cmd.status().context("run cargo build")?;
-    ensure!(status.success(), "cargo build of the agent failed ({status})");
-    let agent = target.join("release").join("wirefence-agent");
-    ensure!(agent.is_file(), "cargo build succeeded but {} does not exist", agent.display());
-    Ok(agent)
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {

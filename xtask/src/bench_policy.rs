@@ -114,14 +114,13 @@ fn loadavg() -> String {
 
 /// Re-runs `cargo xtask bench-policy <same args>` from an optimized build.
 fn rerun_release() -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let args: Vec<String> = std::env::args().skip(1).collect();
     eprintln!("bench-policy: the compiler and the map writer are timed in-process: re-running as a release build");
-    let status = std::process::Command::new(&cargo)
+    let status = crate::workspace::Workspace::locate()?
+        .cargo_cmd()
         .args(["run", "--quiet", "--release", "--package", "xtask", "--"])
         .args(&args)
         .arg("--no-release")
-        .current_dir(crate::workspace_root())
         .status()
         .context("run cargo")?;
     ensure!(status.success(), "bench-policy (release build) failed ({status})");

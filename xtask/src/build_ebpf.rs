@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{bail, Context};
 
@@ -18,8 +18,9 @@ pub struct BuildEbpfArgs {
 }
 
 pub fn run(args: BuildEbpfArgs) -> anyhow::Result<()> {
-    let object = build(args.release)?;
-    let dest_dir = crate::target_dir()?.join("bpf");
+    let ws = crate::workspace::Workspace::locate()?;
+    let object = build(&ws, args.release)?;
+    let dest_dir = ws.target_dir.join("bpf");
     std::fs::create_dir_all(&dest_dir).with_context(|| dest_dir.display().to_string())?;
     let dest = dest_dir.join("wirefence-ebpf.o");
     std::fs::copy(&object, &dest).with_context(|| format!("copy {} to {}", object.display(), dest.display()))?;
@@ -29,21 +30,15 @@ pub fn run(args: BuildEbpfArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the agent's build script; returns the object in its OUT_DIR.
-fn build(release: bool) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+fn build(ws: &crate::workspace::Workspace, release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = ws.cargo_cmd();
     cmd.args(["build", "-p", "wirefence-agent", "--lib", "--message-format=json-render-diagnostics"]);
     if release {
         cmd.arg("--release");
     }
     // The script's own failure message (e.g. bpf-linker or rust-src missing, with how to
     // install it) goes to stderr, which stays on the terminal.
-    let mut child = cmd
-        .current_dir(crate::workspace_root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawn cargo")?;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("spawn cargo")?;
     let mut out_dir = None;
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;

@@ -7,8 +7,6 @@ use std::process::Command;
 use anyhow::{bail, Context};
 use wirefence_tests::{wait_until, Host, Lab};
 
-use crate::cargo;
-
 #[derive(clap::Args)]
 pub struct DemoArgs {
     /// Keep the mesh up until Enter is pressed (inspect it with `ip netns`, `wg show`).
@@ -34,8 +32,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and needs root");
     }
-    cargo(&["build", "-p", "wirefence-agent"])?;
-    std::env::set_var("WIREFENCE_AGENT_BIN", crate::target_dir()?.join("debug/wirefence-agent"));
+    let agent = crate::workspace::Workspace::locate()?.build_agent(false)?;
+    std::env::set_var("WIREFENCE_AGENT_BIN", agent);
 
     step("three hosts in network namespaces, joined by a bridge (the underlay)");
     let lab = Lab::new(3);

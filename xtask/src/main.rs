@@ -1,13 +1,14 @@
 //! Every build, test and benchmark step that is not plain cargo lives here.
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_policy;
 mod build_ebpf;
 mod demo;
+mod netns;
 mod test;
 mod vm;
+mod workspace;
 
 #[derive(Parser)]
 #[command(about = "wirefence project tasks")]
@@ -44,29 +45,4 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchPolicy(args) => bench_policy::run(args),
     }
-}
-
-/// Runs cargo (the one that runs xtask) in the workspace root.
-fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(&cargo).args(args).current_dir(workspace_root()).status()?;
-    anyhow::ensure!(status.success(), "cargo {} failed ({status})", args.join(" "));
-    Ok(())
-}
-
-/// The workspace root: xtask's manifest directory's parent.
-pub(crate) fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
-}
-
-/// Cargo's target directory, as `cargo metadata` reports it.
-fn target_dir() -> anyhow::Result<std::path::PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .current_dir(workspace_root())
-        .output()?;
-    anyhow::ensure!(out.status.success(), "cargo metadata failed");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(v["target_directory"].as_str().context("target_directory")?.into())
 }

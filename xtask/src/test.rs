@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 
-use crate::{cargo, workspace_root};
+use crate::workspace::Workspace;
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -43,16 +43,12 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         bail!("the test suite creates network namespaces and needs root: run it as root (CI does)");
     }
     // The integration tests run the agent binary, so build it first.
-    cargo(&["build", "-p", "wirefence-agent"]).context("building the agent")?;
+    let ws = Workspace::locate()?;
+    ws.build_agent(false).context("building the agent")?;
 
     let mut tally = Tally::default();
-    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(cargo_bin)
-        .args(["test", "--workspace"])
-        .current_dir(workspace_root())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cargo test")?;
+    let mut child =
+        ws.cargo_cmd().args(["test", "--workspace"]).stdout(Stdio::piped()).spawn().context("cargo test")?;
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");

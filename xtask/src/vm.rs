@@ -18,11 +18,12 @@
 mod initramfs;
 mod kernel;
 mod qemu;
-mod tools;
+pub(crate) mod tools;
 
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use crate::workspace::Workspace;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Modules every guest loads: WireGuard, veth for the namespaces' underlay, and the
@@ -153,44 +154,5 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         qemu::Outcome::Fail(reason) => {
             bail!("vm-test: FAIL ({script} on {}, {took:.1}s): {reason}", kernel.release)
         }
-    }
-}
-
-struct Workspace {
-    root: PathBuf,
-    target_dir: PathBuf,
-    cargo: PathBuf,
-}
-
-impl Workspace {
-    fn locate() -> Result<Self> {
-        // `cargo xtask` runs us through cargo, which tells us which cargo it is.
-        let cargo = std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        let out = tools::output(
-            Command::new(&cargo)
-                .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
-                .arg(&manifest),
-        )?;
-        let meta: serde_json::Value = serde_json::from_str(&out).context("cannot parse `cargo metadata` output")?;
-        let path = |key: &str| -> Result<PathBuf> {
-            meta[key].as_str().map(PathBuf::from).with_context(|| format!("`cargo metadata` has no {key}"))
-        };
-        Ok(Self { root: path("workspace_root")?, target_dir: path("target_directory")?, cargo })
-    }
-
-    fn build_agent(&self, release: bool) -> Result<PathBuf> {
-        let mut cmd = Command::new(&self.cargo);
-        cmd.current_dir(&self.root).args(["build", "-p", "wirefence-agent", "--bin", "wirefence-agent"]);
-        if release {
-            cmd.arg("--release");
-        }
-        eprintln!("vm-test: building the agent: {cmd:?}");
-        tools::status(&mut cmd)?;
-        let agent = self.target_dir.join(if release { "release" } else { "debug" }).join("wirefence-agent");
-        if !agent.is_file() {
-            bail!("cargo build succeeded but {} does not exist", agent.display());
-        }
-        Ok(agent)
     }
 }

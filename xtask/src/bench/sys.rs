@@ -5,14 +5,14 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+pub use crate::netns::{output, Netns};
 
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 /// Every namespace this harness creates is named `<NS_PREFIX><pid>-<n>`.
@@ -26,76 +26,9 @@ fn answering(sock: &Path) -> bool {
     UnixStream::connect(sock).is_ok()
 }
 
-/// Runs a command to completion; its stdout, or an error with its stderr.
-pub fn output(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot start {shown}"))?;
-    if !out.status.success() {
-        bail!("{shown} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("{shown}: output is not UTF-8"))
-}
-
-/// A fresh network namespace with `lo` up, deleted on drop (also on error paths).
-pub struct Netns {
-    pub name: String,
-    fd: File,
-}
-
-impl Netns {
-    pub fn create(name: String) -> Result<Netns> {
-        output(Command::new("ip").args(["netns", "add", &name]))?;
-        // From here on the guard owns it, so an error below still deletes it.
-        let fd = match File::open(Path::new("/run/netns").join(&name)) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let _ = output(Command::new("ip").args(["netns", "del", &name]));
-                return Err(e).with_context(|| format!("open /run/netns/{name}"));
-            }
-        };
-        let ns = Netns { name, fd };
-        output(ns.command("ip").args(["link", "set", "lo", "up"]))?;
-        Ok(ns)
-    }
-
-    /// A command that runs inside this namespace.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new(program);
-        let fd: RawFd = self.fd.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; the descriptor stays open while `self` lives,
-        // and the child only uses it before exec (it is close-on-exec).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = output(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("bench: warning: {e:#}");
-        }
-    }
-}
-
-/// Deletes namespaces left by earlier runs of this harness that were killed (their pid is gone).
+/// Deletes namespaces a killed earlier run of this harness left behind.
 pub fn remove_stale_namespaces() {
-    let Ok(list) = output(Command::new("ip").args(["netns", "list"])) else { return };
-    for line in list.lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("bench: deleting namespace {name} left by an earlier run (pid {pid} is gone)");
-            let _ = output(Command::new("ip").args(["netns", "del", name]));
-        }
-    }
+    crate::netns::remove_stale_namespaces(NS_PREFIX);
 }
 
 /// wireguard-go serving `ifname` inside a namespace; stopped on drop, its socket removed.

@@ -156,21 +156,6 @@ impl Drop for Pins {
     }
 }
 
-/// The map names of the object (each pinned under the enforcer's directory).
-pub const MAPS: [&str; 11] = [
-    common::STATE,
-    common::SRC_V4,
-    common::DST_V4,
-    common::SRC_V6,
-    common::DST_V6,
-    common::POLICY,
-    common::CONNTRACK,
-    common::RULE_COUNTERS,
-    common::STATS,
-    common::EVENTS,
-    common::EVENT_BUDGET,
-];
-
 /// The object's classifiers loaded over the maps pinned in `dir` (an enforcer's directory):
 /// what they see is exactly what the enforcer wrote. Not attached anywhere.
 pub struct Shared {
@@ -181,7 +166,7 @@ impl Shared {
     pub fn load(dir: &Path, l3_offset: u32) -> Result<Shared> {
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
-        let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &paths {
             anyhow::ensure!(path.exists(), "{} is not pinned", path.display());
             loader.map_pin_path(name, path.as_path());

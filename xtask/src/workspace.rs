@@ -1,0 +1,55 @@
+//! Where the workspace is and how to build in it: `cargo metadata`, asked once, through the
+//! cargo that runs xtask.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::vm::tools;
+
+pub struct Workspace {
+    pub root: PathBuf,
+    pub target_dir: PathBuf,
+    pub cargo: PathBuf,
+}
+
+impl Workspace {
+    pub fn locate() -> Result<Self> {
+        // `cargo xtask` runs us through cargo, which tells us which cargo it is.
+        let cargo = std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let out = tools::output(
+            Command::new(&cargo)
+                .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
+                .arg(&manifest),
+        )?;
+        let meta: serde_json::Value = serde_json::from_str(&out).context("cannot parse `cargo metadata` output")?;
+        let path = |key: &str| -> Result<PathBuf> {
+            meta[key].as_str().map(PathBuf::from).with_context(|| format!("`cargo metadata` has no {key}"))
+        };
+        Ok(Self { root: path("workspace_root")?, target_dir: path("target_directory")?, cargo })
+    }
+
+    pub fn build_agent(&self, release: bool) -> Result<PathBuf> {
+        let mut cmd = Command::new(&self.cargo);
+        cmd.current_dir(&self.root).args(["build", "-p", "wirefence-agent", "--bin", "wirefence-agent"]);
+        if release {
+            cmd.arg("--release");
+        }
+        eprintln!("xtask: building the agent: {cmd:?}");
+        tools::status(&mut cmd)?;
+        let agent = self.target_dir.join(if release { "release" } else { "debug" }).join("wirefence-agent");
+        if !agent.is_file() {
+            bail!("cargo build succeeded but {} does not exist", agent.display());
+        }
+        Ok(agent)
+    }
+
+    /// A cargo command run in the workspace root (the cargo that runs xtask).
+    pub fn cargo_cmd(&self) -> Command {
+        let mut cmd = Command::new(&self.cargo);
+        cmd.current_dir(&self.root);
+        cmd
+    }
+}
