@@ -539,16 +539,7 @@ fn established(pkt: &Pkt, epoch: u32, now: u64) -> u32 {
     if let Some(v) = CONNTRACK.get_ptr_mut(&pkt.key) {
         return revalidate(v, &pkt.key, pkt.v6 != 0, pkt.port, epoch, now);
     }
-    let k = &pkt.key;
-    let rev = FlowKey {
-        src: k.dst,
-        dst: k.src,
-        sport: k.dport,
-        dport: k.sport,
-        proto: k.proto,
-        direction: k.direction ^ 1,
-        _pad: [0; 2],
-    };
+    let rev = pkt.key.reversed();
     if let Some(v) = CONNTRACK.get_ptr_mut(&rev) {
         return revalidate(v, &rev, pkt.v6 != 0, pkt.reply_port, epoch, now);
     }

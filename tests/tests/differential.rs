@@ -485,18 +485,6 @@ fn tracked_key(v6: bool, src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8], dir: u8
     Some(FlowKey { src: mapped(src), dst: mapped(dst), sport, dport, proto, direction: dir, _pad: [0; 2] })
 }
 
-fn reverse(k: &FlowKey) -> FlowKey {
-    FlowKey {
-        src: k.dst,
-        dst: k.src,
-        sport: k.dport,
-        dport: k.sport,
-        proto: k.proto,
-        direction: k.direction ^ 1,
-        _pad: [0; 2],
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Kind {
     /// TCP/UDP/UDP-Lite/SCTP, ICMP echo, other protocols: connection-tracked.
@@ -699,7 +687,7 @@ fn gen_case(rng: &mut Rng, view: &PolicyView) -> Case {
             let (body, qwhat, key) = gen_quoted(rng, v6, view, dir);
             if let Some(k) = key {
                 probes.push(k);
-                probes.push(reverse(&k));
+                probes.push(k.reversed());
             }
             let rest = [0, 0, rng.u8(), rng.u8()];
             let p = wire::Packet::icmp(src, dst, ty, code, rest, &body);
@@ -748,7 +736,7 @@ fn gen_case(rng: &mut Rng, view: &PolicyView) -> Case {
     let track = if kind == Kind::Tracked { tracked_key(v6, src, dst, proto, &p.l4, dir) } else { None };
     if let Some(k) = track {
         probes.push(k);
-        probes.push(reverse(&k));
+        probes.push(k.reversed());
     }
     let eval = pol::Packet { direction, src, dst, proto, port };
     Case { eval, wire: p, what, kind, track, probes }
