@@ -7,10 +7,17 @@
 //! A packet's addresses map to *classes* through LPM tries (one per role and family): the
 //! class of an address is the set of rule prefixes (of that role) containing it, numbered by
 //! the compiler; class 0 means "no rule prefix contains it". One LPM lookup in [`POLICY`]
-//! keyed by (generation, direction, src class, dst class, protocol, port) then decides: any
-//! match allows, the value names the deciding rule. Port ranges are expanded into masked
-//! port prefixes; a rule for any protocol ends its prefix after the dst class, a rule for a
-//! protocol with all ports ends it after the protocol.
+//! keyed by (generation, src class, dst class, protocol, port) then decides: the value names
+//! the deciding rule per direction ([`PolicyValue`]), [`NO_RULE`] for a direction it does
+//! not allow. Port ranges are expanded into masked port prefixes; a rule for any protocol
+//! ends its prefix after the dst class, a rule for a protocol with all ports ends it after
+//! the protocol.
+//!
+//! The key has no direction, so a rule for both directions costs one entry per key, not
+//! two. Because the lookup returns only the longest matching entry, every entry carries, for
+//! each direction it has no rule of its own, the rule of its longest shorter entry (same
+//! classes) that has one ([`inherit_directions`]): the longest match then answers each
+//! direction as a per-direction map would.
 //!
 //! # Generations
 //!
@@ -101,15 +108,15 @@ pub fn class_data_v6(generation: u8, addr: [u8; 16]) -> ClassDataV6 {
     d
 }
 
-/// Bits of [`PolicyData`] before the protocol: generation, direction, src, dst class.
-pub const POLICY_BITS_TO_DST: u32 = 8 + 8 + 32 + 32;
+/// Bits of [`PolicyData`] before the protocol: generation, src, dst class.
+pub const POLICY_BITS_TO_DST: u32 = 8 + 32 + 32;
 /// ... through the protocol.
 pub const POLICY_BITS_TO_PROTO: u32 = POLICY_BITS_TO_DST + 8;
 /// ... through the whole port.
 pub const POLICY_BITS_ALL: u32 = POLICY_BITS_TO_PROTO + 16;
 
-/// Data of a policy-map LPM key: [generation, direction, src class (4 bytes, big endian),
-/// dst class (4, BE), protocol, port (2, BE), 3 zero bytes]. The key's prefix length is
+/// Data of a policy-map LPM key: [generation, src class (4 bytes, big endian), dst class
+/// (4, BE), protocol, port (2, BE), 4 zero bytes]. The key's prefix length is
 /// [`POLICY_BITS_TO_DST`] (any protocol), [`POLICY_BITS_TO_PROTO`] (all ports) or
 /// `POLICY_BITS_TO_PROTO + n` for a port prefix of n bits.
 ///
@@ -117,18 +124,70 @@ pub const POLICY_BITS_ALL: u32 = POLICY_BITS_TO_PROTO + 16;
 /// in the high byte and the code in the low byte; other protocols use 0.
 pub type PolicyData = [u8; 16];
 
-pub fn policy_data(generation: u8, direction: u8, src: u32, dst: u32, proto: u8, port: u16) -> PolicyData {
+pub fn policy_data(generation: u8, src: u32, dst: u32, proto: u8, port: u16) -> PolicyData {
     let s = src.to_be_bytes();
     let d = dst.to_be_bytes();
     let p = port.to_be_bytes();
-    [generation, direction, s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], proto, p[0], p[1], 0, 0, 0]
+    [generation, s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], proto, p[0], p[1], 0, 0, 0, 0]
 }
 
-/// Value of the policy map: the deciding rule's index.
+/// Value of the policy map: the deciding rule's index per direction, [`NO_RULE`] where the
+/// entry allows nothing in that direction.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyValue {
-    pub rule: u32,
+    /// Index [`DIR_INGRESS`], [`DIR_EGRESS`].
+    pub rules: [u32; 2],
+}
+
+impl Default for PolicyValue {
+    fn default() -> Self {
+        PolicyValue { rules: [NO_RULE; 2] }
+    }
+}
+
+/// One policy-map entry as [`inherit_directions`] sees it: the key data as a big-endian
+/// u128 (generation byte included), its prefix length and the rule per direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyRow {
+    pub data: u128,
+    pub prefixlen: u32,
+    pub rules: [u32; 2],
+}
+
+/// Deepest nesting of policy entries: any protocol, the protocol, then port prefixes of 0
+/// to 16 bits.
+const MAX_POLICY_DEPTH: usize = 19;
+
+/// Gives every row, for each direction it has no rule of (`NO_RULE`), the rule of its
+/// longest containing row that has one. `rows` must be sorted by (data, prefixlen) with
+/// distinct keys, data masked to the prefix (as the compiler makes them): that order visits
+/// every row after the rows containing it, so a stack of the open ones suffices.
+pub fn inherit_directions(rows: &mut [PolicyRow]) {
+    let mut stack = [(0u128, 0u32, [NO_RULE; 2]); MAX_POLICY_DEPTH + 1];
+    let mut depth = 0;
+    for row in rows.iter_mut() {
+        while depth > 0 {
+            let (data, plen, _) = stack[depth - 1];
+            let mask = u128::MAX.checked_shl(128 - plen).unwrap_or(0);
+            if plen <= row.prefixlen && (data ^ row.data) & mask == 0 {
+                break;
+            }
+            depth -= 1;
+        }
+        if depth > 0 {
+            let parent = stack[depth - 1].2;
+            for d in 0..2 {
+                if row.rules[d] == NO_RULE {
+                    row.rules[d] = parent[d];
+                }
+            }
+        }
+        // Deeper nesting than the key layout allows cannot happen; keep the last level.
+        let at = depth.min(MAX_POLICY_DEPTH);
+        stack[at] = (row.data, row.prefixlen, row.rules);
+        depth = at + 1;
+    }
 }
 
 /// Value of the class tries.
@@ -175,7 +234,7 @@ pub struct FlowValue {
     /// Policy epoch under which the flow was last found allowed.
     pub epoch: u32,
     pub rule: u32,
-    /// bpf_ktime_get_ns() of the last packet.
+    /// bpf_ktime_get_coarse_ns() of the flow's last packet, refreshed at most once a second.
     pub last_seen_ns: u64,
 }
 
@@ -259,16 +318,46 @@ mod tests {
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<Event>(), 56);
         assert_eq!(size_of::<EventBudget>(), 16);
+        assert_eq!(size_of::<PolicyValue>(), 8);
     }
 
     #[test]
     fn policy_key_layout() {
-        let k = policy_data(1, DIR_EGRESS, 0x01020304, 0x0a0b0c0d, 6, 0x1f90);
-        assert_eq!(k, [1, 1, 1, 2, 3, 4, 10, 11, 12, 13, 6, 0x1f, 0x90, 0, 0, 0]);
-        assert_eq!(POLICY_BITS_ALL, 104);
+        let k = policy_data(1, 0x01020304, 0x0a0b0c0d, 6, 0x1f90);
+        assert_eq!(k, [1, 1, 2, 3, 4, 10, 11, 12, 13, 6, 0x1f, 0x90, 0, 0, 0, 0]);
+        assert_eq!(POLICY_BITS_ALL, 96);
         assert_eq!(
             class_data_v6(1, [0xfd; 16])[..17],
             [1, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd, 0xfd]
         );
+    }
+}
+
+#[cfg(test)]
+mod inherit_tests {
+    use super::*;
+
+    fn row(port: u16, plen: u32, rules: [u32; 2]) -> PolicyRow {
+        PolicyRow { data: u128::from_be_bytes(policy_data(0, 1, 1, 6, port)), prefixlen: plen, rules }
+    }
+
+    #[test]
+    fn directions_are_inherited_from_the_longest_container() {
+        let n = NO_RULE;
+        let any = PolicyRow {
+            data: u128::from_be_bytes(policy_data(0, 1, 1, 0, 0)),
+            prefixlen: POLICY_BITS_TO_DST,
+            rules: [n, 5],
+        };
+        let mut rows = [
+            any,
+            row(0, POLICY_BITS_TO_PROTO, [3, n]),
+            row(8000, POLICY_BITS_TO_PROTO + 10, [n, 2]),
+            row(8000, POLICY_BITS_TO_PROTO + 16, [1, n]),
+            row(9000, POLICY_BITS_TO_PROTO + 16, [n, n]),
+        ];
+        inherit_directions(&mut rows);
+        let got: [[u32; 2]; 5] = core::array::from_fn(|i| rows[i].rules);
+        assert_eq!(got, [[n, 5], [3, 5], [3, 2], [1, 2], [3, 5]]);
     }
 }

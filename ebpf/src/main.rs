@@ -7,21 +7,22 @@
 //! 1. Not IPv4/IPv6 (by `skb->protocol`; ARP on Ethernet test devices): pass, `STATS[NOT_IP]`.
 //! 2. `STATE` is read once (one 8-byte load). Not initialised: drop, `STATS[UNINITIALIZED]`.
 //! 3. Parse. The IP header starts at the load-time global `WF_L3_OFFSET` (0 on L3 devices
-//!    such as WireGuard and tun, 14 on Ethernet). All reads go through
-//!    `bpf_skb_load_bytes`, so non-linear (GSO/GRO) skbs parse like linear ones; byte
-//!    counters use `skb->len`. Any parse failure — short or bad IPv4 header (version, IHL,
+//!    such as WireGuard and tun, 14 on Ethernet). Header bytes in the skb's linear area are
+//!    read directly (bounds-checked); bytes beyond it through `bpf_skb_load_bytes`, so
+//!    non-linear (GSO/GRO) skbs parse like linear ones; byte counters use `skb->len`. Any parse failure — short or bad IPv4 header (version, IHL,
 //!    total length), short IPv6 header, v4-mapped IPv6 addresses (they would alias IPv4
 //!    conntrack entries), truncated or more than [`MAX_EXT_HEADERS`] IPv6 extension headers,
 //!    truncated TCP/UDP/UDP-Lite/SCTP/ICMP header, TCP data offset < 5 — drops the packet and
 //!    counts `STATS[MALFORMED]`: the entry points map `Err` to `TC_ACT_SHOT`, never to OK.
 //! 4. Established: the conntrack entry of the forward tuple, then of the reversed tuple.
-//!    Current epoch: pass (`ALLOWED_ESTABLISHED`, `last_seen_ns` updated). Older epoch: the
+//!    Current epoch: pass (`ALLOWED_ESTABLISHED`, `last_seen_ns` refreshed if older than 1 s). Older epoch: the
 //!    entry's own tuple and direction (the flow's first packet) is judged under the live
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet
 //!    passes; no longer allowed => the entry is deleted and the packet is judged as a new
 //!    flow (for a flow the policy no longer allows in either direction, that drops it).
 //! 5. New: class of the source (src trie) and destination (dst trie) of the family, class 0
-//!    on a miss, then one policy LPM lookup. Allowed: conntrack entry, `ALLOWED_NEW`,
+//!    on a miss, then one policy LPM lookup; the entry's rule for the packet's direction
+//!    decides. Allowed: conntrack entry, `ALLOWED_NEW`,
 //!    `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
@@ -77,7 +78,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -118,6 +119,10 @@ static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1,
 /// IPv6 extension headers walked before giving up (more => malformed).
 const MAX_EXT_HEADERS: u32 = 6;
 
+/// Offsets at or beyond this are read with `bpf_skb_load_bytes` only (a bound the verifier
+/// can check; headers never start this deep in the linear area).
+const MAX_DIRECT_OFFSET: u32 = 0x2000;
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -150,6 +155,9 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 const PASS: i32 = TC_ACT_OK as i32;
 #[allow(clippy::unnecessary_cast)]
 const DROP: i32 = TC_ACT_SHOT as i32;
+
+/// `FlowValue::last_seen_ns` is refreshed when older than this.
+const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 const NS_PER_EVENT_TOKEN: u64 = 1_000_000_000 / c::EVENT_RATE_PER_SEC;
 
@@ -255,7 +263,9 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     if !parse(ctx, WF_L3_OFFSET.load(), flags, dir, pkt) {
         return Err(Malformed);
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (jiffies resolution) is a plain load; the precise one reads the TSC.
+    // Both users (conntrack age, event bucket) are fine with milliseconds.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let gen = st.generation();
 
     if pkt.kind == KIND_FRAGMENT {
@@ -332,8 +342,20 @@ fn deny(key: &FlowKey, len: u32, now: u64) -> i32 {
     DROP
 }
 
+/// Reads a `T` at `off`: straight from the linear part of the skb when it holds those bytes
+/// (a bounds-checked direct load, a few instructions), else through `bpf_skb_load_bytes`
+/// (paged GSO/GRO data), so both kinds of skb parse alike.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
+fn load<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
+    // The verifier needs the variable offset bounded before it is added to a packet pointer.
+    if off < MAX_DIRECT_OFFSET {
+        let p = ctx.data() + off as usize;
+        if p + core::mem::size_of::<T>() <= ctx.data_end() {
+            // SAFETY: [p, p + size_of::<T>()) is inside the packet's linear data (checked
+            // above); `T` is a plain byte array or integer.
+            return Ok(unsafe { core::ptr::read_unaligned(p as *const T) });
+        }
+    }
     ctx.load::<T>(off as usize).map_err(|_| Malformed)
 }
 
@@ -382,8 +404,10 @@ fn parse_into(ctx: &TcContext, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> 
     let h: [u8; 8] = load(ctx, l4)?;
     if proto != icmp {
         if proto == IPPROTO_TCP && !quoted {
-            let doff: u8 = load(ctx, l4 + 12)?;
-            if doff >> 4 < 5 {
+            // Two bytes, not one: for a 1-byte direct read LLVM turns the bounds check into
+            // `p < data_end`, which the verifier does not take as a range.
+            let doff: [u8; 2] = load(ctx, l4 + 12)?;
+            if doff[0] >> 4 < 5 {
                 return Err(Malformed);
             }
         }
@@ -552,7 +576,10 @@ fn revalidate(v: *mut FlowValue, key: &FlowKey, v6: bool, port: u16, epoch: u32,
     // SAFETY: a conntrack value pointer from a lookup, valid for this program run.
     let v = unsafe { &mut *v };
     if v.epoch == epoch {
-        v.last_seen_ns = now;
+        // Only a stale stamp is written: an entry shared by CPUs is not dirtied per packet.
+        if now.wrapping_sub(v.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            v.last_seen_ns = now;
+        }
         return v.rule;
     }
     let rule = policy_rule(key, v6, port, (epoch & 1) as u8, true);
@@ -598,14 +625,16 @@ fn policy_rule(key: &FlowKey, v6: bool, port: u16, gen: u8, port_known: bool) ->
     let (s, d, p) = (sc.to_be_bytes(), dc.to_be_bytes(), port.to_be_bytes());
     let k = [
         bits,
-        word([gen, key.direction, s[0], s[1]]),
-        word([s[2], s[3], d[0], d[1]]),
-        word([d[2], d[3], key.proto, p[0]]),
-        word([p[1], 0, 0, 0]),
+        word([gen, s[0], s[1], s[2]]),
+        word([s[3], d[0], d[1], d[2]]),
+        word([d[3], key.proto, p[0], p[1]]),
+        0,
     ];
     // SAFETY: same size and layout as the packed Key<PolicyData> (alignment 1).
     match POLICY.get(unsafe { &*(k.as_ptr() as *const Key<PolicyData>) }) {
-        Some(v) => v.rule,
+        // The entry names a rule per direction (the key has none).
+        Some(v) if key.direction == c::DIR_INGRESS => v.rules[0],
+        Some(v) => v.rules[1],
         None => c::NO_RULE,
     }
 }

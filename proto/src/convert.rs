@@ -91,7 +91,10 @@ mod tests {
     fn socket_addresses_need_a_port() {
         let s: SocketAddr = "[fd00::1]:51820".parse().unwrap();
         assert_eq!(SocketAddr::try_from(&SocketAddress::from(s)).unwrap(), s);
-        assert_eq!(SocketAddr::try_from(&SocketAddress { ip: vec![1, 2, 3, 4], port: 0 }).unwrap_err(), WireError::Port(0));
+        assert_eq!(
+            SocketAddr::try_from(&SocketAddress { ip: vec![1, 2, 3, 4], port: 0 }).unwrap_err(),
+            WireError::Port(0)
+        );
         assert_eq!(
             SocketAddr::try_from(&SocketAddress { ip: vec![1, 2, 3, 4], port: 70000 }).unwrap_err(),
             WireError::Port(70000)

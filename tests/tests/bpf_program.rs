@@ -116,7 +116,8 @@ fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 /// (a class is the set of rule prefixes containing an address, numbered per role across
 /// families) and the policy entries.
 fn fill(p: &mut Programs, gen: u8, rules: &[Rule]) {
-    let mut policy_entries: Vec<(u32, [u8; 16], u32)> = Vec::new();
+    // (prefix length, key data, direction, rule)
+    let mut policy_entries: Vec<(u32, [u8; 16], u8, u32)> = Vec::new();
     let mut classes_of_rule: Vec<[Vec<u32>; 2]> = vec![[Vec::new(), Vec::new()]; rules.len()];
     #[allow(clippy::needless_range_loop)] // role 0 = source, 1 = destination
     for role in 0..2 {
@@ -170,19 +171,22 @@ fn fill(p: &mut Programs, gen: u8, rules: &[Rule]) {
                 match (r.proto, r.ports) {
                     (None, _) => policy_entries.push((
                         common::POLICY_BITS_TO_DST,
-                        common::policy_data(gen, r.dir, sc, dc, 0, 0),
+                        common::policy_data(gen, sc, dc, 0, 0),
+                        r.dir,
                         i as u32,
                     )),
                     (Some(pr), None) => policy_entries.push((
                         common::POLICY_BITS_TO_PROTO,
-                        common::policy_data(gen, r.dir, sc, dc, pr, 0),
+                        common::policy_data(gen, sc, dc, pr, 0),
+                        r.dir,
                         i as u32,
                     )),
                     (Some(pr), Some((lo, hi))) => {
                         for (port, bits) in port_prefixes(lo, hi) {
                             policy_entries.push((
                                 common::POLICY_BITS_TO_PROTO + bits,
-                                common::policy_data(gen, r.dir, sc, dc, pr, port),
+                                common::policy_data(gen, sc, dc, pr, port),
+                                r.dir,
                                 i as u32,
                             ));
                         }
@@ -191,9 +195,18 @@ fn fill(p: &mut Programs, gen: u8, rules: &[Rule]) {
             }
         }
     }
+    // One entry per key: per direction the lowest rule, then the contract's inheritance.
+    let mut merged: BTreeMap<(u128, u32), [u32; 2]> = BTreeMap::new();
+    for (bits, data, dir, rule) in policy_entries {
+        let slot = &mut merged.entry((u128::from_be_bytes(data), bits)).or_insert([common::NO_RULE; 2])[dir as usize];
+        *slot = (*slot).min(rule);
+    }
+    let mut rows: Vec<common::PolicyRow> =
+        merged.into_iter().map(|((data, prefixlen), rules)| common::PolicyRow { data, prefixlen, rules }).collect();
+    common::inherit_directions(&mut rows);
     let mut policy = p.policy().unwrap();
-    for (bits, data, rule) in policy_entries {
-        policy.insert(&Key::new(bits, data), PolicyValue { rule }, 0).unwrap();
+    for r in rows {
+        policy.insert(&Key::new(r.prefixlen, r.data.to_be_bytes()), PolicyValue { rules: r.rules }, 0).unwrap();
     }
 }
 

@@ -1368,7 +1368,7 @@ fn self_check(bed: &mut Bed) {
     assert!(!live.is_empty(), "self-check: no live policy entries");
     let unused = (0..common::MAX_RULES).find(|s| !slots.values().any(|v| v == s)).unwrap();
     for (k, _) in &live {
-        bed.policy_map.insert(k, PolicyValue { rule: unused }, 0).unwrap();
+        bed.policy_map.insert(k, PolicyValue { rules: [unused; 2] }, 0).unwrap();
     }
     let e = check(bed, &tcp(1001)).expect_err("self-check: a wrong rule in conntrack must be reported");
     assert!(e.starts_with("deciding rule"), "{e}");

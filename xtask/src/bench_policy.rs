@@ -15,6 +15,7 @@
 //! as an optimized (release) build when started from a debug one. Needs root, iperf3, nft.
 
 mod bpf;
+mod flows;
 mod net;
 mod perpacket;
 mod rules;
@@ -61,11 +62,15 @@ pub struct BenchPolicyArgs {
     iperf_rules: u32,
 
     /// Seconds per iperf3 run (after one omitted second).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     iperf_seconds: u32,
 
+    /// Seconds per connection-rate and per UDP new-flow run.
+    #[arg(long, default_value_t = 1.5)]
+    flow_seconds: f64,
+
     /// Rounds of the throughput cases (interleaved); the median is reported.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     rounds: u32,
 
     /// Rules of the swap benchmark.
@@ -177,7 +182,12 @@ pub fn run(args: BenchPolicyArgs) -> Result<()> {
             report.per_packet = perpacket::run(&root, &work, &args.rules, &p)?;
         }
         if parts.throughput {
-            let p = throughput::Params { rules: args.iperf_rules, seconds: args.iperf_seconds, rounds: args.rounds };
+            let p = throughput::Params {
+                rules: args.iperf_rules,
+                seconds: args.iperf_seconds,
+                rounds: args.rounds,
+                flow_seconds: args.flow_seconds,
+            };
             report.throughput = Some(throughput::run(&root, &work, &p)?);
         }
         if parts.swap {

@@ -181,7 +181,7 @@ impl Enforcer {
                 continue;
             }
             d[0] = 0;
-            g.policy.insert((d, k.prefix_len()), v.rule);
+            g.policy.insert((d, k.prefix_len()), v.rules);
         }
         Ok(g)
     }
@@ -249,7 +249,7 @@ impl Enforcer {
                 })
                 .collect();
             let values: Vec<common::PolicyValue> =
-                d.policy_puts.iter().map(|(_, rule)| common::PolicyValue { rule: *rule }).collect();
+                d.policy_puts.iter().map(|(_, rules)| common::PolicyValue { rules: *rules }).collect();
             let mut policy = self.policy_map()?;
             let done = writer::update_batch(policy.map().fd().as_fd(), &keys, &values, 1);
             for (k, v) in keys[done..].iter().zip(&values[done..]) {

@@ -15,8 +15,9 @@ use crate::policy::{Compiled, Role};
 pub struct Generation {
     /// (role, prefix) -> class id.
     pub classes: BTreeMap<(Role, IpNet), u32>,
-    /// (policy data with generation byte 0, prefix length) -> rule slot.
-    pub policy: BTreeMap<(common::PolicyData, u32), u32>,
+    /// (policy data with generation byte 0, prefix length) -> rule slot per direction
+    /// (`NO_RULE` for none).
+    pub policy: BTreeMap<(common::PolicyData, u32), [u32; 2]>,
 }
 
 /// The map operations that turn one generation's content into another's.
@@ -25,7 +26,7 @@ pub struct Diff {
     pub class_removes: Vec<(Role, IpNet)>,
     pub class_puts: Vec<((Role, IpNet), u32)>,
     pub policy_removes: Vec<(common::PolicyData, u32)>,
-    pub policy_puts: Vec<((common::PolicyData, u32), u32)>,
+    pub policy_puts: Vec<((common::PolicyData, u32), [u32; 2])>,
 }
 
 impl Diff {
@@ -212,7 +213,8 @@ impl Ids {
         }
         // Forget ids that neither the live generation nor this compilation uses.
         if !unused.is_empty() {
-            let live_slots = SlotSet::of(live.policy.values().copied());
+            let live_slots =
+                SlotSet::of(live.policy.values().flat_map(|r| r.iter().copied()).filter(|&s| s != common::NO_RULE));
             for (id, slot) in unused {
                 if !live_slots.contains(slot) {
                     self.slots.remove(&id);
@@ -282,11 +284,13 @@ impl Ids {
                 0 => 0,
                 c => ids(role).get(c as usize).copied().flatten().expect("every compiled class has an id"),
             };
-            let src = u32::from_be_bytes([data[2], data[3], data[4], data[5]]);
-            let dst = u32::from_be_bytes([data[6], data[7], data[8], data[9]]);
-            data[2..6].copy_from_slice(&map(Role::Src, src).to_be_bytes());
-            data[6..10].copy_from_slice(&map(Role::Dst, dst).to_be_bytes());
-            policy.push(((data, e.prefixlen), slot_of[e.rule as usize]));
+            // policy_data layout: [generation, src class (4, BE), dst class (4, BE), ...].
+            let src = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+            let dst = u32::from_be_bytes([data[5], data[6], data[7], data[8]]);
+            data[1..5].copy_from_slice(&map(Role::Src, src).to_be_bytes());
+            data[5..9].copy_from_slice(&map(Role::Dst, dst).to_be_bytes());
+            let slot = |r: u32| if r == common::NO_RULE { r } else { slot_of[r as usize] };
+            policy.push(((data, e.prefixlen), e.rules.map(slot)));
         }
         // Lowest rule index wins on equal keys (the compiler already deduplicated): a stable
         // sort keeps the entries' order among equal keys and `dedup_by` keeps the first.
@@ -307,7 +311,7 @@ mod tests {
     fn generation(classes: &[(&str, u32)], policy: &[(u8, u32, u32)]) -> Generation {
         Generation {
             classes: classes.iter().map(|(n, c)| ((Role::Src, n.parse().unwrap()), *c)).collect(),
-            policy: policy.iter().map(|&(b, plen, slot)| (([b; 16], plen), slot)).collect(),
+            policy: policy.iter().map(|&(b, plen, slot)| (([b; 16], plen), [slot, common::NO_RULE])).collect(),
         }
     }
 
@@ -382,7 +386,8 @@ mod tests {
         assert!(fresh.is_empty() && !ids.dirty);
         assert_eq!(g2.classes, g1.classes);
         let d = diff(&g1, &g2);
-        assert_eq!((d.policy_removes.len(), d.policy_puts.len(), d.class_puts.len()), (2, 2, 0));
+        // One key per port for both directions.
+        assert_eq!((d.policy_removes.len(), d.policy_puts.len(), d.class_puts.len()), (1, 1, 0));
 
         // A new rule id: a fresh slot, to be persisted; every entry names a known slot.
         let mut p3 = p1;
@@ -392,7 +397,7 @@ mod tests {
         assert_eq!(fresh.len(), 1);
         assert!(ids.dirty);
         let slots: HashSet<u32> = ids.slots.values().copied().collect();
-        assert!(g3.policy.values().all(|s| slots.contains(s)));
+        assert!(g3.policy.values().all(|r| r.iter().all(|s| slots.contains(s))));
         assert_eq!(g3.policy.len(), c3.entries.len());
     }
 }

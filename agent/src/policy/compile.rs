@@ -1,18 +1,22 @@
 //! Policy -> plain map contents (class tries and policy-map entries), no map handles.
 //!
-//! Entries: for each rule, each direction it applies to, each family it uses, each pair
-//! (src class, dst class) its prefixes match (see [`super::classes`]), and each of its
-//! protocol/port prefixes: any protocol -> prefix length [`POLICY_BITS_TO_DST`]; a protocol
-//! with all ports -> [`POLICY_BITS_TO_PROTO`]; port ranges -> their minimal port prefixes,
-//! `POLICY_BITS_TO_PROTO + n`. Key data is [`policy_data`] with generation 0 (the map
-//! writer sets the generation byte). Identical keys from several rules keep the lowest
-//! rule index.
+//! Entries: for each rule, each family it uses, each pair (src class, dst class) its
+//! prefixes match (see [`super::classes`]), and each of its protocol/port prefixes: any
+//! protocol -> prefix length [`POLICY_BITS_TO_DST`]; a protocol with all ports ->
+//! [`POLICY_BITS_TO_PROTO`]; port ranges -> their minimal port prefixes,
+//! `POLICY_BITS_TO_PROTO + n`. The key has no direction: the rule goes into the entry's
+//! slot of each direction it applies to, so a rule for both directions costs one entry per
+//! key. Key data is [`policy_data`] with generation 0 (the map writer sets the generation
+//! byte). Identical keys from several rules keep, per direction, the lowest rule index;
+//! then each entry inherits, for a direction it has no rule of, the rule of its longest
+//! containing entry ([`inherit_directions`]), so the longest match answers every direction.
 
 use std::ops::Range;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use wirefence_common::{
-    policy_data, PolicyData, MAX_CLASS_ENTRIES, MAX_POLICY_ENTRIES, MAX_RULES, POLICY_BITS_TO_DST, POLICY_BITS_TO_PROTO,
+    inherit_directions, policy_data, PolicyData, PolicyRow, MAX_CLASS_ENTRIES, MAX_POLICY_ENTRIES, MAX_RULES, NO_RULE,
+    POLICY_BITS_TO_DST, POLICY_BITS_TO_PROTO,
 };
 
 use super::classes::{Classes, Role};
@@ -35,13 +39,14 @@ impl Default for Limits {
     }
 }
 
-/// One policy-map entry: LPM key (`data`, `prefixlen`) -> `rule`.
+/// One policy-map entry: LPM key (`data`, `prefixlen`) -> rule per direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyEntry {
     /// Generation byte 0.
     pub data: PolicyData,
     pub prefixlen: u32,
-    pub rule: u32,
+    /// Index `DIR_INGRESS`/`DIR_EGRESS`: the deciding rule, `NO_RULE` for none.
+    pub rules: [u32; 2],
     /// The family of the classes in `data` (class ids already differ between families;
     /// for writers that renumber classes per role and family).
     pub v6: bool,
@@ -121,8 +126,7 @@ pub fn compile_with_limits(policy: &Policy, limits: &Limits) -> Result<Compiled,
     }
     let mut total: u64 = 0;
     for part in &rc.parts {
-        let dirs = rules[part.rule as usize].direction.directions().len();
-        let per_pair = (dirs * tail_of[part.rule as usize].len()) as u64;
+        let per_pair = tail_of[part.rule as usize].len() as u64;
         total = total.saturating_add(part.pairs(&rc.ranges).saturating_mul(per_pair));
     }
     if total > u64::from(limits.policy_entries) {
@@ -132,26 +136,44 @@ pub fn compile_with_limits(policy: &Policy, limits: &Limits) -> Result<Compiled,
     let mut entries = Vec::with_capacity(total as usize);
     for part in &rc.parts {
         let tails = &tails[tail_of[part.rule as usize].clone()];
+        let mut mine = [NO_RULE; 2];
         for dir in rules[part.rule as usize].direction.directions() {
-            let dir = dir.key_byte();
-            for s in rc.ranges[part.src.clone()].iter().flat_map(|r| r.clone()) {
-                for d in rc.ranges[part.dst.clone()].iter().flat_map(|r| r.clone()) {
-                    for t in tails {
-                        entries.push(PolicyEntry {
-                            data: policy_data(0, dir, s, d, t.proto, t.port),
-                            prefixlen: t.prefixlen,
-                            rule: part.rule,
-                            v6: part.v6,
-                        });
-                    }
+            mine[dir.key_byte() as usize] = part.rule;
+        }
+        for s in rc.ranges[part.src.clone()].iter().flat_map(|r| r.clone()) {
+            for d in rc.ranges[part.dst.clone()].iter().flat_map(|r| r.clone()) {
+                for t in tails {
+                    entries.push(PolicyEntry {
+                        data: policy_data(0, s, d, t.proto, t.port),
+                        prefixlen: t.prefixlen,
+                        rules: mine,
+                        v6: part.v6,
+                    });
                 }
             }
         }
     }
     // As u128: the same order as the bytes (big endian), compared faster.
-    entries.sort_unstable_by_key(|e| (u128::from_be_bytes(e.data), e.prefixlen, e.rule));
-    // Equal keys are adjacent, lowest rule first; `dedup_by` drops the later ones.
-    entries.dedup_by(|later, first| later.data == first.data && later.prefixlen == first.prefixlen);
+    entries.sort_unstable_by_key(|e| (u128::from_be_bytes(e.data), e.prefixlen));
+    // Equal keys are adjacent: fold them into the first, per direction the lowest rule
+    // (NO_RULE is u32::MAX, so `min` keeps any rule over none).
+    entries.dedup_by(|later, first| {
+        let same = later.data == first.data && later.prefixlen == first.prefixlen;
+        if same {
+            for d in 0..2 {
+                first.rules[d] = first.rules[d].min(later.rules[d]);
+            }
+        }
+        same
+    });
+    let mut rows: Vec<PolicyRow> = entries
+        .iter()
+        .map(|e| PolicyRow { data: u128::from_be_bytes(e.data), prefixlen: e.prefixlen, rules: e.rules })
+        .collect();
+    inherit_directions(&mut rows);
+    for (e, r) in entries.iter_mut().zip(&rows) {
+        e.rules = r.rules;
+    }
 
     Ok(Compiled {
         rule_ids: rules.iter().map(|r| r.id.clone()).collect(),
@@ -167,7 +189,6 @@ pub fn compile_with_limits(policy: &Policy, limits: &Limits) -> Result<Compiled,
 mod tests {
     use super::*;
     use crate::policy::model::{PortRange, RuleDirection, PROTO_TCP};
-    use wirefence_common::{DIR_EGRESS, DIR_INGRESS};
 
     fn rule(id: &str, from: &[&str], to: &[&str], proto: Option<u8>, ports: &[(u16, u16)]) -> Rule {
         Rule {
@@ -194,22 +215,21 @@ mod tests {
         );
         assert!(c.src_v6.is_empty() && c.dst_v6.is_empty());
         assert_eq!(c.dst_v4.len(), 1);
-        let e = |dir, s, proto, port, prefixlen, rule| PolicyEntry {
-            data: policy_data(0, dir, s, 1, proto, port),
+        let e = |s, proto, port, prefixlen, rules| PolicyEntry {
+            data: policy_data(0, s, 1, proto, port),
             prefixlen,
-            rule,
+            rules,
             v6: false,
         };
+        // "web" (ingress only) entries answer egress with the "all" entry they lie in.
         let mut want = vec![
-            e(DIR_INGRESS, 2, 6, 80, POLICY_BITS_TO_PROTO + 16, 0),
-            e(DIR_INGRESS, 2, 6, 8000, POLICY_BITS_TO_PROTO + 10, 0),
-            e(DIR_INGRESS, 2, 6, 8064, POLICY_BITS_TO_PROTO + 12, 0),
-            e(DIR_INGRESS, 2, 6, 8080, POLICY_BITS_TO_PROTO + 16, 0),
+            e(2, 6, 80, POLICY_BITS_TO_PROTO + 16, [0, 1]),
+            e(2, 6, 8000, POLICY_BITS_TO_PROTO + 10, [0, 1]),
+            e(2, 6, 8064, POLICY_BITS_TO_PROTO + 12, [0, 1]),
+            e(2, 6, 8080, POLICY_BITS_TO_PROTO + 16, [0, 1]),
         ];
-        for dir in [DIR_INGRESS, DIR_EGRESS] {
-            for s in [1, 2] {
-                want.push(e(dir, s, 0, 0, POLICY_BITS_TO_DST, 1));
-            }
+        for s in [1, 2] {
+            want.push(e(s, 0, 0, POLICY_BITS_TO_DST, [1, 1]));
         }
         want.sort();
         assert_eq!(c.entries, want);
@@ -220,18 +240,18 @@ mod tests {
         let a = rule("a", &["10.0.0.0/8"], &["10.0.0.1/32"], Some(17), &[]);
         let b = rule("b", &["10.0.0.0/8"], &["10.0.0.1/32"], Some(17), &[]);
         let c = compile(&Policy::new(vec![a, b]).unwrap()).unwrap();
-        assert_eq!(c.entries.len(), 2);
-        assert!(c.entries.iter().all(|e| e.rule == 0));
+        assert_eq!(c.entries.len(), 1);
+        assert!(c.entries.iter().all(|e| e.rules == [0, 0]));
     }
 
     #[test]
     fn limits_are_checked_with_numbers() {
         let many = rule("m", &["10.0.0.0/8", "10.1.0.0/16"], &["::/0", "0.0.0.0/0"], Some(6), &[(1, 65534)]);
         let p = Policy::new(vec![many]).unwrap();
-        // 2 src classes x 1 dst class x 2 directions x 30 port prefixes.
-        assert_eq!(compile(&p).unwrap().entries.len(), 120);
-        let small = Limits { policy_entries: 119, ..Limits::default() };
-        assert_eq!(compile_with_limits(&p, &small).unwrap_err(), PolicyError::TooManyEntries { count: 120, max: 119 });
+        // 2 src classes x 1 dst class x 30 port prefixes (both directions share each key).
+        assert_eq!(compile(&p).unwrap().entries.len(), 60);
+        let small = Limits { policy_entries: 59, ..Limits::default() };
+        assert_eq!(compile_with_limits(&p, &small).unwrap_err(), PolicyError::TooManyEntries { count: 60, max: 59 });
         let few = Limits { rules: 0, ..Limits::default() };
         assert_eq!(compile_with_limits(&p, &few).unwrap_err().to_string(), "the policy has 1 rules; the limit is 0");
     }

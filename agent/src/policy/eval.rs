@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use wirefence_common::{policy_data, POLICY_BITS_ALL, POLICY_BITS_TO_PROTO};
+use wirefence_common::{policy_data, NO_RULE, POLICY_BITS_ALL, POLICY_BITS_TO_PROTO};
 
 use super::compile::Compiled;
 use super::model::{addr_is_v6, proto_allows_family, Direction, Policy};
@@ -94,7 +94,7 @@ pub fn simulate(compiled: &Compiled, pkt: &Packet) -> Decision {
         Some(p) => (p, POLICY_BITS_ALL),
         None => (0, POLICY_BITS_TO_PROTO),
     };
-    let key = u128::from_be_bytes(policy_data(0, pkt.direction.key_byte(), sc, dc, pkt.proto, port));
+    let key = u128::from_be_bytes(policy_data(0, sc, dc, pkt.proto, port));
     let mut best: Option<(u32, u32)> = None;
     for e in &compiled.entries {
         if e.prefixlen > key_len {
@@ -107,10 +107,13 @@ pub fn simulate(compiled: &Compiled, pkt: &Packet) -> Decision {
         match best {
             Some((len, _)) if len > e.prefixlen => {}
             Some((len, _)) if len == e.prefixlen => panic!("two policy entries with one key: {e:?}"),
-            _ => best = Some((e.prefixlen, e.rule)),
+            _ => best = Some((e.prefixlen, e.rules[pkt.direction.key_byte() as usize])),
         }
     }
-    best.map_or(Decision::DENY, |(_, rule)| Decision::allow(rule))
+    match best {
+        Some((_, rule)) if rule != NO_RULE => Decision::allow(rule),
+        _ => Decision::DENY,
+    }
 }
 
 #[cfg(test)]

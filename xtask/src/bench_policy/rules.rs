@@ -19,6 +19,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use wirefence_agent::policy::{Policy, PortRange, Rule, RuleDirection};
 
 pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
 /// Denied by every generated rule set.
 pub const DENIED_PORT: u16 = 7;
 const DST_SUBNETS: u32 = 4096;

@@ -38,12 +38,12 @@ use wirefence_agent::policy::{compile, Compiled, PortRange, Rule, RuleDirection}
 
 use super::bpf::Pins;
 use super::net::{output, wait_for, Netns, Proc, NS_PREFIX};
-use super::rules;
+use super::{flows, rules};
 
 const SND_ADDR: &str = "10.200.0.1";
 const RCV_ADDR: &str = "10.200.0.2";
 const PORT: u16 = 5201;
-const CLOSED_PORT: u16 = 5202;
+const CLOSED_PORT: u16 = 5210;
 const L3_OFFSET: u32 = 14;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +72,10 @@ impl Case {
 pub struct Sample {
     pub gbps: f64,
     pub retransmits: u64,
+    /// iperf3 with MTU 1420 and no offloads ([`flows::set_tunnel_like`]).
+    pub tunnel_gbps: f64,
+    pub conns_per_s: f64,
+    pub udp_flows_per_s: f64,
 }
 
 pub struct Results {
@@ -86,27 +90,38 @@ pub struct Params {
     pub rules: u32,
     pub seconds: u32,
     pub rounds: u32,
+    /// Seconds per connection-rate and UDP new-flow run.
+    pub flow_seconds: f64,
 }
 
+/// `n - 2` generated rules, then `udp` (the UDP new-flow test's ports) and, last, `iperf`
+/// (iperf3's port and the connection-rate test's): the test traffic is allowed only after
+/// a linear chain has tried every other rule.
 fn rule_set(n: u32) -> Vec<Rule> {
-    let mut rules = rules::generate(n - 1, false);
+    let mut rules = rules::generate(n - 2, false);
     let net = |s: &str| s.parse::<IpNet>().expect("literal prefix");
-    rules.push(Rule {
-        id: "iperf".into(),
-        from: vec![net("10.200.0.1/32")],
-        to: vec![net("10.200.0.0/24")],
-        proto: Some(rules::TCP),
-        ports: vec![PortRange { lo: PORT, hi: PORT }],
-        direction: RuleDirection::Both,
-    });
+    let mut push = |id: &str, proto, lo, hi| {
+        rules.push(Rule {
+            id: id.into(),
+            from: vec![net("10.200.0.1/32")],
+            to: vec![net("10.200.0.0/24")],
+            proto: Some(proto),
+            ports: vec![PortRange { lo, hi }],
+            direction: RuleDirection::Both,
+        })
+    };
+    push("udp", rules::UDP, *flows::UDP_PORTS.start(), *flows::UDP_PORTS.end());
+    push("iperf", rules::TCP, PORT, flows::CONN_PORT);
     rules
 }
 
-fn nft_match(r: &Rule) -> (String, String, String) {
+/// (source, destination, protocol name, port or range) of a generated rule.
+fn nft_match(r: &Rule) -> (String, String, &'static str, String) {
     let host = |n: &IpNet| if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() };
     let p = r.ports[0];
     let port = if p.lo == p.hi { p.lo.to_string() } else { format!("{}-{}", p.lo, p.hi) };
-    (host(&r.from[0]), host(&r.to[0]), port)
+    let proto = if r.proto == Some(rules::UDP) { "udp" } else { "tcp" };
+    (host(&r.from[0]), host(&r.to[0]), proto, port)
 }
 
 fn nft_linear(rules: &[Rule], ct_first: bool) -> String {
@@ -115,8 +130,8 @@ fn nft_linear(rules: &[Rule], ct_first: bool) -> String {
         body.push_str("    ct state established,related accept\n");
     }
     for r in rules {
-        let (s, d, p) = nft_match(r);
-        let _ = writeln!(body, "    ip saddr {s} ip daddr {d} tcp dport {p} accept");
+        let (s, d, proto, p) = nft_match(r);
+        let _ = writeln!(body, "    ip saddr {s} ip daddr {d} {proto} dport {p} accept");
     }
     if !ct_first {
         body.push_str("    ct state established,related accept\n");
@@ -131,13 +146,14 @@ fn nft_set(rules: &[Rule]) -> String {
     let elements: Vec<String> = rules
         .iter()
         .map(|r| {
-            let (s, d, p) = nft_match(r);
-            format!("{s} . {d} . {p}")
+            let (s, d, proto, p) = nft_match(r);
+            format!("{s} . {d} . {proto} . {p}")
         })
         .collect();
-    let body = "    ct state established,related accept\n    ip saddr . ip daddr . tcp dport @allow accept\n";
+    let body =
+        "    ct state established,related accept\n    ip saddr . ip daddr . meta l4proto . th dport @allow accept\n";
     format!(
-        "table ip wfbench {{\n  set allow {{\n    type ipv4_addr . ipv4_addr . inet_service; flags interval;\n    \
+        "table ip wfbench {{\n  set allow {{\n    type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval;\n    \
          elements = {{ {} }}\n  }}\n  chain input {{\n    type filter hook input priority filter; policy drop;\n{body}  }}\n  \
          chain output {{\n    type filter hook output priority filter; policy drop;\n{body}  }}\n}}\n",
         elements.join(",\n      ")
@@ -173,7 +189,34 @@ fn iperf(snd: &Netns, seconds: u32) -> Result<Sample> {
     }
     let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no end.sum_received")?;
     let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    Ok(Sample { gbps: bps / 1e9, retransmits })
+    Ok(Sample { gbps: bps / 1e9, retransmits, tunnel_gbps: 0.0, conns_per_s: 0.0, udp_flows_per_s: 0.0 })
+}
+
+/// The two namespaces and their veth ends.
+struct Bed<'a> {
+    snd: &'a Netns,
+    rcv: &'a Netns,
+    sdev: &'a str,
+    rdev: &'a str,
+}
+
+/// Every measurement of one case (the filter in place): the GSO stream, the stream at the
+/// tunnel MTU without offloads, connections/s and UDP new flows/s (`run` numbers the UDP
+/// runs so none reuses a tuple).
+fn measure(b: &Bed, p: &Params, run: u32) -> Result<Sample> {
+    let mut s = iperf(b.snd, p.seconds)?;
+    let tunnel = (|| {
+        flows::set_tunnel_like(b.snd, b.sdev, true)?;
+        flows::set_tunnel_like(b.rcv, b.rdev, true)?;
+        iperf(b.snd, p.seconds)
+    })();
+    flows::set_tunnel_like(b.snd, b.sdev, false)?;
+    flows::set_tunnel_like(b.rcv, b.rdev, false)?;
+    s.tunnel_gbps = tunnel?.gbps;
+    let addr: SocketAddr = format!("{RCV_ADDR}:{}", flows::CONN_PORT).parse()?;
+    s.conns_per_s = flows::tcp_conn_rate(b.snd, b.rcv, addr, p.flow_seconds)?;
+    s.udp_flows_per_s = flows::udp_new_flow_rate(b.snd, b.rcv, SND_ADDR, RCV_ADDR, run, p.flow_seconds)?;
+    Ok(s)
 }
 
 pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
@@ -229,13 +272,15 @@ pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
 
     let mut res = Results { rules: rules.len(), samples: Vec::new(), nft_load: Vec::new(), ebpf_apply: Vec::new() };
     let ifname: IfName = rdev.parse()?;
+    let bed = Bed { snd: &snd, rcv: &rcv, sdev: &sdev, rdev: &rdev };
     for round in 0..p.rounds {
         for k in 0..CASES.len() {
             let case = CASES[(k + round as usize) % CASES.len()];
+            let run = round * CASES.len() as u32 + k as u32;
             let sample = match case {
                 Case::None => {
                     ensure!(closed_port_refused(&snd)?, "no filter: the closed port did not refuse");
-                    iperf(&snd, p.seconds)?
+                    measure(&bed, p, run)?
                 }
                 Case::Ebpf => {
                     let _pins = Pins { root: root.to_owned(), ifname: ifname.clone() };
@@ -251,7 +296,7 @@ pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
                     })??;
                     ensure!(attached, "eBPF: programs not attached to {ifname} after Enforcer::attach");
                     ensure!(!closed_port_refused(&snd)?, "eBPF: the closed port answered (not filtered)");
-                    let s = iperf(&snd, p.seconds)?;
+                    let s = measure(&bed, p, run)?;
                     let c = enforcer.counters()?;
                     let deep = c.rules.get("iperf").map(|c| c.packets).unwrap_or(0);
                     let est = c.stats.get("allowed_established").map(|c| c.packets).unwrap_or(0);
@@ -276,17 +321,21 @@ pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
                             "{}: the closed port answered (not filtered)",
                             case.label()
                         );
-                        iperf(&snd, p.seconds)
+                        measure(&bed, p, run)
                     })();
                     output(rcv.command("nft").args(["delete", "table", "ip", "wfbench"]))?;
                     result?
                 }
             };
             eprintln!(
-                "bench-policy: iperf3 round {round} {:<22} {:6.2} Gbit/s ({} retransmits)",
+                "bench-policy: round {round} {:<22} {:6.2} Gbit/s ({} retransmits), tunnel MTU {:5.2} Gbit/s, \
+                 {:6.0} conn/s, {:7.0} UDP flows/s",
                 case.label(),
                 sample.gbps,
-                sample.retransmits
+                sample.retransmits,
+                sample.tunnel_gbps,
+                sample.conns_per_s,
+                sample.udp_flows_per_s
             );
             res.samples.push((case, sample));
         }
