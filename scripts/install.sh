@@ -12,7 +12,7 @@ packages=(
     build-essential pkg-config ca-certificates git
     iproute2 iputils-ping procps kmod          # namespaces, veth, ping, pgrep, modprobe
     wireguard-go wireguard-tools               # userspace WireGuard for host tests, `wg`
-    iperf3 nftables                            # demo throughput, benchmark baselines
+    iperf3 nftables ethtool                    # demo throughput, benchmark baselines (offloads off)
     qemu-system-x86 busybox-static binutils    # VM test of the kernel backend (strip)
     llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev   # bpf-linker (eBPF programs)
 )

@@ -27,8 +27,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use throughput::Case;
-
 const BPFFS: &str = "/run/wirefence-bench-bpf";
 
 /// The issue's goals.
@@ -237,7 +235,7 @@ impl Report {
             self.print_per_packet(args, &mut missed);
         }
         if let Some(t) = &self.throughput {
-            self.print_throughput(t, args, &mut missed);
+            throughput::print(t, args, &mut missed);
         }
         if let Some(s) = &self.swap {
             self.print_swap(s, &mut missed);
@@ -356,70 +354,6 @@ impl Report {
                 );
             }
         }
-    }
-
-    fn print_throughput(&self, t: &throughput::Results, args: &BenchPolicyArgs, missed: &mut usize) {
-        println!();
-        println!(
-            "2. iperf3 TCP throughput, 1 stream, {} s (+1 s omitted) per run, veth between two namespaces, the receiver \
-             filtering {} rules (the flow allowed only by the last one); median of {} interleaved rounds",
-            args.iperf_seconds, t.rules, args.rounds
-        );
-        println!(
-            "   eBPF: Enforcer::apply + Enforcer::attach (tcx ingress+egress on the receiver's veth, l3 offset 14); nft: \
-             table ip in the receiver, input+output chains, policy drop"
-        );
-        println!();
-        let med = |c: Case| median(&t.samples.iter().filter(|(k, _)| *k == c).map(|(_, s)| s.gbps).collect::<Vec<_>>());
-        let none = med(Case::None);
-        let linear = med(Case::NftLinear);
-        println!(
-            "{:<24} {:>8} {:>9} {:>12} {:>12}  {:<28} {:>9}",
-            "case", "Gbit/s", "vs none", "vs nft lin.", "ruleset load", "samples Gbit/s", "retrans."
-        );
-        for c in throughput::CASES {
-            let g = med(c);
-            let samples: Vec<String> =
-                t.samples.iter().filter(|(k, _)| *k == c).map(|(_, s)| format!("{:.2}", s.gbps)).collect();
-            let retr: u64 = t.samples.iter().filter(|(k, _)| *k == c).map(|(_, s)| s.retransmits).sum();
-            let load = match c {
-                Case::None => "-".to_owned(),
-                Case::Ebpf => format!("{:.0} ms", median(&t.ebpf_apply.iter().map(|d| ms(*d)).collect::<Vec<_>>())),
-                _ => format!(
-                    "{:.0} ms",
-                    median(&t.nft_load.iter().filter(|(k, _)| *k == c).map(|(_, d)| ms(*d)).collect::<Vec<_>>())
-                ),
-            };
-            println!(
-                "{:<24} {:>8.2} {:>8.2}x {:>11.2}x {:>12}  {:<28} {:>9}",
-                c.label(),
-                g,
-                g / none,
-                g / linear,
-                load,
-                samples.join(", "),
-                retr
-            );
-        }
-        let e = med(Case::Ebpf);
-        println!();
-        println!(
-            "   note: one long-lived stream is an established flow after its first packet: with `ct state established` \
-             first, nft walks the chain once per connection; with it last, every packet (GSO: every super-packet) walks \
-             the rules before its own"
-        );
-        println!(
-            "   goal: eBPF >= {GOAL_TPUT_VS_NONE}x no filter: {:.2}x  {}",
-            e / none,
-            verdict(e / none >= GOAL_TPUT_VS_NONE, missed)
-        );
-        println!(
-            "   goal: eBPF >= {GOAL_TPUT_VS_LINEAR}x nft linear chain (ct first, the equivalent ruleset): {:.2}x  {}   \
-             (vs ct last: {:.2}x)",
-            e / linear,
-            verdict(e / linear >= GOAL_TPUT_VS_LINEAR, missed),
-            e / med(Case::NftLinearCtLast)
-        );
     }
 
     fn print_swap(&self, s: &swap::Swap, missed: &mut usize) {
