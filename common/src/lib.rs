@@ -176,10 +176,9 @@ pub fn inherit_directions(rows: &mut [PolicyRow]) {
             depth -= 1;
         }
         if depth > 0 {
-            let parent = stack[depth - 1].2;
-            for d in 0..2 {
-                if row.rules[d] == NO_RULE {
-                    row.rules[d] = parent[d];
+            for (mine, parent) in row.rules.iter_mut().zip(stack[depth - 1].2) {
+                if *mine == NO_RULE {
+                    *mine = parent;
                 }
             }
         }
