@@ -33,8 +33,8 @@ use super::PolicyError;
 /// path serves both families; ordered by (network, length).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) struct Pfx {
-    bits: u128,
-    len: u8,
+    pub(crate) bits: u128,
+    pub(crate) len: u8,
 }
 
 impl Pfx {
@@ -46,7 +46,7 @@ impl Pfx {
     }
 
     /// The last address of the prefix, left-aligned.
-    fn last(&self) -> u128 {
+    pub(crate) fn last(&self) -> u128 {
         self.bits | u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0)
     }
 
@@ -133,7 +133,7 @@ pub fn rule_uses_family(rule: &Rule, v6: bool) -> bool {
 }
 
 /// Calls `f(rule index, rule, v6)` for every family a rule uses, in a fixed order.
-fn for_each_use(policy: &Policy, mut f: impl FnMut(usize, &Rule, bool)) {
+pub(crate) fn for_each_use(policy: &Policy, mut f: impl FnMut(usize, &Rule, bool)) {
     for (index, rule) in policy.rules().iter().enumerate() {
         for v6 in [false, true] {
             if rule_uses_family(rule, v6) {
@@ -143,7 +143,7 @@ fn for_each_use(policy: &Policy, mut f: impl FnMut(usize, &Rule, bool)) {
     }
 }
 
-fn of_family(nets: &[IpNet], v6: bool) -> impl Iterator<Item = &IpNet> {
+pub(crate) fn of_family(nets: &[IpNet], v6: bool) -> impl Iterator<Item = &IpNet> {
     nets.iter().filter(move |n| is_v6(n) == v6)
 }
 

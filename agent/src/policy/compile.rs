@@ -67,11 +67,11 @@ pub struct Compiled {
 }
 
 /// The last bytes of a key: protocol, port and the key's prefix length.
-#[derive(Clone, Copy, Debug)]
-struct Tail {
-    proto: u8,
-    port: u16,
-    prefixlen: u32,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tail {
+    pub proto: u8,
+    pub port: u16,
+    pub prefixlen: u32,
 }
 
 impl Compiled {
@@ -86,7 +86,7 @@ impl Compiled {
     }
 }
 
-fn push_tails(rule: &Rule, out: &mut Vec<Tail>) {
+pub(crate) fn push_tails(rule: &Rule, out: &mut Vec<Tail>) {
     match rule.proto {
         None => out.push(Tail { proto: 0, port: 0, prefixlen: POLICY_BITS_TO_DST }),
         Some(proto) if rule.ports.is_empty() => out.push(Tail { proto, port: 0, prefixlen: POLICY_BITS_TO_PROTO }),
@@ -153,6 +153,22 @@ pub fn compile_with_limits(policy: &Policy, limits: &Limits) -> Result<Compiled,
             }
         }
     }
+    finish(&mut entries);
+
+    Ok(Compiled {
+        rule_ids: rules.iter().map(|r| r.id.clone()).collect(),
+        src_v4: classes.src_v4.v4_entries(),
+        dst_v4: classes.dst_v4.v4_entries(),
+        src_v6: classes.src_v6.v6_entries(),
+        dst_v6: classes.dst_v6.v6_entries(),
+        entries,
+    })
+}
+
+/// Sorts `entries`, folds equal keys (per direction the lowest rule) and lets each entry
+/// inherit the directions it lacks. Works on any set of whole class pairs: the folding and
+/// the inheritance never cross a (src class, dst class) pair.
+pub(crate) fn finish(entries: &mut Vec<PolicyEntry>) {
     // As u128: the same order as the bytes (big endian), compared faster.
     entries.sort_unstable_by_key(|e| (u128::from_be_bytes(e.data), e.prefixlen));
     // Equal keys are adjacent: fold them into the first, per direction the lowest rule
@@ -174,15 +190,6 @@ pub fn compile_with_limits(policy: &Policy, limits: &Limits) -> Result<Compiled,
     for (e, r) in entries.iter_mut().zip(&rows) {
         e.rules = r.rules;
     }
-
-    Ok(Compiled {
-        rule_ids: rules.iter().map(|r| r.id.clone()).collect(),
-        src_v4: classes.src_v4.v4_entries(),
-        dst_v4: classes.dst_v4.v4_entries(),
-        src_v6: classes.src_v6.v6_entries(),
-        dst_v6: classes.dst_v6.v6_entries(),
-        entries,
-    })
 }
 
 #[cfg(test)]

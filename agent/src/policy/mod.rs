@@ -5,6 +5,8 @@
 //! - [`resolve`]: the `[policy]` config section (groups, selectors) -> [`PolicyConfig`].
 //! - [`classes`]: per role and family, the distinct rule prefixes and their class ids.
 //! - [`compile`]: [`Policy`] -> [`Compiled`] (plain data for the map writer).
+//! - [`edit`]: [`Editable`], one-rule replacements that recompute only the class pairs
+//!   the rule touches (falls back to a full compile when the class sets would change).
 //! - [`ports`]: port ranges -> minimal masked port prefixes.
 //! - [`check`]: the `policy check` command's parsing and verdict line.
 //! - [`eval`]: [`evaluate`] walks the rules one by one; [`simulate`] runs the LPM lookups
@@ -19,6 +21,7 @@
 pub mod check;
 pub mod classes;
 pub mod compile;
+pub mod edit;
 pub mod eval;
 pub mod model;
 pub mod ports;
@@ -29,6 +32,7 @@ mod equivalence;
 
 pub use classes::Role;
 pub use compile::{compile, compile_with_limits, Compiled, Limits, PolicyEntry};
+pub use edit::{Editable, EntryChange};
 pub use eval::{evaluate, simulate, Decision, Packet};
 pub use model::{Direction, Policy, PortRange, Rule, RuleDirection};
 pub use resolve::PolicyConfig;
@@ -51,6 +55,10 @@ pub enum PolicyError {
     PortsWithoutPortProtocol { index: usize, id: String, proto: String },
     #[error("rules[{index}] ({id:?}) can never match: {reason}")]
     Unsatisfiable { index: usize, id: String, reason: String },
+    #[error("rules[{index}]: no such rule (the policy has {count})")]
+    NoSuchRule { index: usize, count: usize },
+    #[error("rules[{index}]: a replacement keeps the id {old:?}, got {new:?}")]
+    IdChanged { index: usize, old: String, new: String },
     #[error("the policy has {count} rules; the limit is {max}")]
     TooManyRules { count: usize, max: u32 },
     #[error("the policy uses {count} distinct {map} prefixes; the map holds at most {max}")]
@@ -71,7 +79,9 @@ impl PolicyError {
             | PolicyError::HostBits { index, .. }
             | PolicyError::InvertedPortRange { index, .. }
             | PolicyError::PortsWithoutPortProtocol { index, .. }
-            | PolicyError::Unsatisfiable { index, .. } => Some(*index),
+            | PolicyError::Unsatisfiable { index, .. }
+            | PolicyError::NoSuchRule { index, .. }
+            | PolicyError::IdChanged { index, .. } => Some(*index),
             _ => None,
         }
     }

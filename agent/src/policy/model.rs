@@ -201,28 +201,7 @@ impl Policy {
             }
         }
         for (index, r) in rules.iter_mut().enumerate() {
-            let rule = || (index, r.id.clone());
-            if let Some(n) = r.from.iter().chain(&r.to).find(|n| n.trunc() != **n) {
-                let (index, id) = rule();
-                return Err(PolicyError::HostBits { index, id, net: *n });
-            }
-            if let Some(p) = r.ports.iter().find(|p| p.lo > p.hi) {
-                let (index, id) = rule();
-                return Err(PolicyError::InvertedPortRange { index, id, lo: p.lo, hi: p.hi });
-            }
-            if !r.ports.is_empty() && !r.proto.is_some_and(has_ports) {
-                let (index, id) = rule();
-                return Err(PolicyError::PortsWithoutPortProtocol { index, id, proto: proto_name(r.proto) });
-            }
-            r.from.sort_by_key(|n| (is_v6(n), n.network(), n.prefix_len()));
-            r.from.dedup();
-            r.to.sort_by_key(|n| (is_v6(n), n.network(), n.prefix_len()));
-            r.to.dedup();
-            r.ports = merge_ports(std::mem::take(&mut r.ports));
-            if !r.satisfiable() {
-                let (index, id) = rule();
-                return Err(PolicyError::Unsatisfiable { index, id, reason: unsatisfiable_reason(r) });
-            }
+            normalize(index, r)?;
         }
         Ok(Policy { rules })
     }
@@ -231,9 +210,51 @@ impl Policy {
         &self.rules
     }
 
+    /// Replaces rule `index` by `rule` (same id), validated and normalized as
+    /// [`Policy::new`] does; returns the rule it replaced. The cost of one rule, not of
+    /// the policy: the incremental path ([`super::edit`]) starts here.
+    pub fn replace(&mut self, index: usize, mut rule: Rule) -> Result<Rule, PolicyError> {
+        let Some(old) = self.rules.get(index) else {
+            return Err(PolicyError::NoSuchRule { index, count: self.rules.len() });
+        };
+        if old.id != rule.id {
+            return Err(PolicyError::IdChanged { index, old: old.id.clone(), new: rule.id });
+        }
+        normalize(index, &mut rule)?;
+        Ok(std::mem::replace(&mut self.rules[index], rule))
+    }
+
     pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.id.as_str())
     }
+}
+
+/// One rule's checks beyond its id, and its normal form (sorted, deduplicated prefixes,
+/// merged ports).
+fn normalize(index: usize, r: &mut Rule) -> Result<(), PolicyError> {
+    let rule = |r: &Rule| (index, r.id.clone());
+    if let Some(n) = r.from.iter().chain(&r.to).find(|n| n.trunc() != **n) {
+        let (index, id) = rule(r);
+        return Err(PolicyError::HostBits { index, id, net: *n });
+    }
+    if let Some(p) = r.ports.iter().find(|p| p.lo > p.hi) {
+        let (index, id) = rule(r);
+        return Err(PolicyError::InvertedPortRange { index, id, lo: p.lo, hi: p.hi });
+    }
+    if !r.ports.is_empty() && !r.proto.is_some_and(has_ports) {
+        let (index, id) = rule(r);
+        return Err(PolicyError::PortsWithoutPortProtocol { index, id, proto: proto_name(r.proto) });
+    }
+    r.from.sort_by_key(|n| (is_v6(n), n.network(), n.prefix_len()));
+    r.from.dedup();
+    r.to.sort_by_key(|n| (is_v6(n), n.network(), n.prefix_len()));
+    r.to.dedup();
+    r.ports = merge_ports(std::mem::take(&mut r.ports));
+    if !r.satisfiable() {
+        let (index, id) = rule(r);
+        return Err(PolicyError::Unsatisfiable { index, id, reason: unsatisfiable_reason(r) });
+    }
+    Ok(())
 }
 
 fn merge_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
