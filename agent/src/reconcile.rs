@@ -222,7 +222,20 @@ impl Reconciler {
                 (None, Op::ApplyPolicy) => {
                     let p = desired.policy.as_ref().expect("planned with a policy");
                     let (compiled, digest) = (p.compiled.clone(), p.digest);
-                    self.with_enforcer(desired, move |e| e.apply(&compiled, digest)).await.map(|stats| {
+                    let applied = self.with_enforcer(desired, move |e| e.apply(&compiled, digest)).await;
+                    if applied.is_ok() {
+                        // Off the apply's path: the standby generation catches up, so the next
+                        // change writes only itself (a later apply waits on the lock).
+                        let cell = self.enforcer.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if let Some(e) = cell.lock().expect("enforcer lock").as_mut() {
+                                if let Err(err) = e.sync_standby() {
+                                    tracing::warn!(%err, "standby policy generation not synced");
+                                }
+                            }
+                        });
+                    }
+                    applied.map(|stats| {
                         tracing::info!(epoch = stats.epoch, map_writes = stats.map_writes, "policy applied");
                     })
                 }

@@ -6,25 +6,24 @@
 //! pinned. Attachment is checked on the device itself; an agent finding its programs there
 //! attaches nothing (no second copy).
 
+mod apply;
 mod attach;
 pub mod denies;
 pub mod writer;
 
-use std::collections::BTreeMap;
-use std::os::fd::AsFd;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, IterableMap, MapData, PerCpuArray};
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Array, MapData, PerCpuArray};
 use ipnet::IpNet;
 use wirefence_common as common;
 
 use crate::model::IfName;
-use crate::policy::Compiled;
 use crate::policy::Role;
 pub use attach::AttachMode;
 pub use denies::DenyRecord;
-use writer::{diff, Generation, Ids};
+use writer::{Generation, Ids};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforceError {
@@ -52,7 +51,7 @@ pub enum EnforceError {
     TooManyRules(#[from] writer::TooManyRules),
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforceError {
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforceError {
     move |e| EnforceError::Map { name, source: Box::new(e) }
 }
 
@@ -60,7 +59,10 @@ fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforceErr
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApplyStats {
     pub epoch: u32,
+    /// Class-trie and policy-map operations, plus the flip.
     pub map_writes: usize,
+    /// Rule counters zeroed for rules new to their slot.
+    pub counter_resets: usize,
 }
 
 /// Packets and bytes, summed over CPUs.
@@ -85,6 +87,15 @@ pub struct Enforcer {
     slots_file: PathBuf,
     /// Digest of the policy this enforcer made live (not known after a restart).
     applied: Option<u64>,
+    /// Per generation, the policy keys where it may differ from the live one (`None`:
+    /// unknown, compare everything). The live generation's is empty.
+    behind: [Option<BTreeSet<(common::PolicyData, u32)>>; 2],
+    /// A flip happened since the last RCU grace period: packets may still be reading the
+    /// generation that was live before it (see `apply.rs`).
+    grace_due: bool,
+    /// Counter slots known to hold zeros (a counter map this enforcer created, slots never
+    /// used since): a new rule there needs no reset.
+    zero_slots: Vec<bool>,
 }
 
 /// The pin directory of one interface.
@@ -106,6 +117,7 @@ impl Enforcer {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let counters_new = !dir.join(common::RULE_COUNTERS).exists();
         let ebpf = loader
             .load(crate::bpf::object())
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
@@ -114,7 +126,17 @@ impl Enforcer {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
             Err(_) => BTreeMap::new(),
         };
-        let mut e = Enforcer { dir, ebpf, gens: Default::default(), ids: Ids::default(), slots_file, applied: None };
+        let mut e = Enforcer {
+            dir,
+            ebpf,
+            gens: Default::default(),
+            ids: Ids::default(),
+            slots_file,
+            applied: None,
+            behind: [None, None],
+            grace_due: true,
+            zero_slots: vec![counters_new; common::MAX_RULES as usize],
+        };
         e.gens = [e.read_generation(0)?, e.read_generation(1)?];
         e.ids = Ids::recover(&e.gens, slots);
         Ok(e)
@@ -188,180 +210,6 @@ impl Enforcer {
 
     pub fn applied(&self) -> Option<u64> {
         self.applied
-    }
-
-    /// Fills the inactive generation with `compiled`, then makes it live.
-    pub fn apply(&mut self, compiled: &Compiled, digest: u64) -> Result<ApplyStats, EnforceError> {
-        let state = self.state()?;
-        let live = if state.initialized == 0 { 1 } else { state.generation() };
-        let target = live ^ 1;
-        let (want, fresh) = self.ids.assign(compiled, &self.gens[live as usize])?;
-        let d = diff(&self.gens[target as usize], &want);
-        let writes = d.len();
-
-        // Counters of slots newly given to a rule start from zero.
-        if !fresh.is_empty() {
-            let ncpus = aya::util::nr_cpus().map_err(|(_, source)| EnforceError::State {
-                path: "/sys/devices/system/cpu/possible".into(),
-                source,
-            })?;
-            let map = self
-                .ebpf
-                .map_mut(common::RULE_COUNTERS)
-                .ok_or(EnforceError::MissingMap { name: common::RULE_COUNTERS })?;
-            let mut counters: PerCpuArray<&mut MapData, common::Counter> =
-                PerCpuArray::try_from(map).map_err(map_err(common::RULE_COUNTERS))?;
-            let zeros = vec![common::Counter::default(); fresh.len() * ncpus];
-            let done = writer::update_batch(counters.map().fd().as_fd(), &fresh, &zeros, ncpus);
-            for slot in &fresh[done..] {
-                let zero = aya::maps::PerCpuValues::try_from(vec![common::Counter::default(); ncpus])
-                    .map_err(|e| EnforceError::State { path: "per-cpu values".into(), source: e })?;
-                counters.set(*slot, zero, 0).map_err(map_err(common::RULE_COUNTERS))?;
-            }
-        }
-
-        // Removals first: the generation is not live, so order only matters for capacity.
-        for (role, net) in &d.class_removes {
-            self.class_op(target, *role, *net, None)?;
-        }
-        {
-            let mut policy = self.policy_map()?;
-            for (data, plen) in &d.policy_removes {
-                let mut k = *data;
-                k[0] = target;
-                match policy.remove(&Key::new(*plen, k)) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err(common::POLICY)(e)),
-                }
-            }
-        }
-        // Insertions go in batches (one bpf(2) call per batch); what a batch did not write
-        // (an error, or a kernel without batch operations) goes one by one, reporting errors.
-        self.class_puts(target, &d.class_puts)?;
-        {
-            let keys: Vec<Key<common::PolicyData>> = d
-                .policy_puts
-                .iter()
-                .map(|((data, plen), _)| {
-                    let mut k = *data;
-                    k[0] = target;
-                    Key::new(*plen, k)
-                })
-                .collect();
-            let values: Vec<common::PolicyValue> =
-                d.policy_puts.iter().map(|(_, rules)| common::PolicyValue { rules: *rules }).collect();
-            let mut policy = self.policy_map()?;
-            let done = writer::update_batch(policy.map().fd().as_fd(), &keys, &values, 1);
-            for (k, v) in keys[done..].iter().zip(&values[done..]) {
-                policy.insert(k, v, 0).map_err(map_err(common::POLICY))?;
-            }
-        }
-        self.gens[target as usize] = want;
-
-        // Persist the slot table before the flip, so `status` never names a rule wrongly
-        // (when it changed: an edit that keeps every rule id keeps every slot).
-        if self.ids.dirty {
-            let json = serde_json::to_vec(&self.ids.slots).expect("serializable");
-            std::fs::write(&self.slots_file, json)
-                .map_err(|source| EnforceError::State { path: self.slots_file.clone(), source })?;
-            self.ids.dirty = false;
-        }
-
-        // The flip: one array element; packets read it once.
-        let epoch = if state.initialized == 0 { target as u32 } else { state.epoch.wrapping_add(1) };
-        debug_assert_eq!(epoch & 1, target as u32);
-        let map = self.ebpf.map_mut(common::STATE).ok_or(EnforceError::MissingMap { name: common::STATE })?;
-        let mut arr: Array<&mut MapData, common::PolicyState> = Array::try_from(map).map_err(map_err(common::STATE))?;
-        arr.set(0, common::PolicyState { epoch, initialized: 1 }, 0).map_err(map_err(common::STATE))?;
-        self.applied = Some(digest);
-        Ok(ApplyStats { epoch, map_writes: writes + 1 })
-    }
-
-    /// Class-trie insertions into generation `generation`: one batch per trie, then single
-    /// inserts for anything a batch did not write.
-    fn class_puts(&mut self, generation: u8, puts: &[((Role, IpNet), u32)]) -> Result<(), EnforceError> {
-        let tries = [
-            (Role::Src, false, common::SRC_V4),
-            (Role::Dst, false, common::DST_V4),
-            (Role::Src, true, common::SRC_V6),
-            (Role::Dst, true, common::DST_V6),
-        ];
-        for (role, v6, name) in tries {
-            let mine: Vec<(IpNet, u32)> = puts
-                .iter()
-                .filter(|((r, n), _)| *r == role && matches!(n, IpNet::V6(_)) == v6)
-                .map(|((_, n), c)| (*n, *c))
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let values: Vec<common::ClassValue> = mine.iter().map(|(_, c)| common::ClassValue { class: *c }).collect();
-            let plen = |n: &IpNet| 8 + u32::from(n.prefix_len());
-            let done = match v6 {
-                false => {
-                    let keys: Vec<Key<common::ClassDataV4>> = mine
-                        .iter()
-                        .filter_map(|(n, _)| match n {
-                            IpNet::V4(a) => {
-                                Some(Key::new(plen(n), common::class_data_v4(generation, a.network().octets())))
-                            }
-                            IpNet::V6(_) => None,
-                        })
-                        .collect();
-                    let t = self.trie::<common::ClassDataV4>(name)?;
-                    writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
-                }
-                true => {
-                    let keys: Vec<Key<common::ClassDataV6>> = mine
-                        .iter()
-                        .filter_map(|(n, _)| match n {
-                            IpNet::V6(a) => {
-                                Some(Key::new(plen(n), common::class_data_v6(generation, a.network().octets())))
-                            }
-                            IpNet::V4(_) => None,
-                        })
-                        .collect();
-                    let t = self.trie::<common::ClassDataV6>(name)?;
-                    writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
-                }
-            };
-            for (net, class) in &mine[done..] {
-                self.class_op(generation, role, *net, Some(*class))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn class_op(&mut self, generation: u8, role: Role, net: IpNet, class: Option<u32>) -> Result<(), EnforceError> {
-        let name = match (role, &net) {
-            (Role::Src, IpNet::V4(_)) => common::SRC_V4,
-            (Role::Dst, IpNet::V4(_)) => common::DST_V4,
-            (Role::Src, IpNet::V6(_)) => common::SRC_V6,
-            (Role::Dst, IpNet::V6(_)) => common::DST_V6,
-        };
-        let plen = 8 + net.prefix_len() as u32;
-        let result = match net {
-            IpNet::V4(n) => {
-                let mut t = self.trie::<common::ClassDataV4>(name)?;
-                let key = Key::new(plen, common::class_data_v4(generation, n.network().octets()));
-                match class {
-                    Some(c) => t.insert(&key, common::ClassValue { class: c }, 0),
-                    None => t.remove(&key),
-                }
-            }
-            IpNet::V6(n) => {
-                let mut t = self.trie::<common::ClassDataV6>(name)?;
-                let key = Key::new(plen, common::class_data_v6(generation, n.network().octets()));
-                match class {
-                    Some(c) => t.insert(&key, common::ClassValue { class: c }, 0),
-                    None => t.remove(&key),
-                }
-            }
-        };
-        match result {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(name)(e)),
-        }
     }
 
     /// Per-rule counters by rule id, and the global statistics.

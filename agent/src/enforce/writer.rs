@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use ipnet::IpNet;
 use wirefence_common as common;
 
-use crate::policy::{Compiled, Role};
+use crate::policy::{Compiled, EntryChange, PolicyEntry, Role};
 
 /// One generation's content, as the writer last wrote (or read back) it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,6 +18,24 @@ pub struct Generation {
     /// (policy data with generation byte 0, prefix length) -> rule slot per direction
     /// (`NO_RULE` for none).
     pub policy: BTreeMap<(common::PolicyData, u32), [u32; 2]>,
+}
+
+impl Generation {
+    /// Records `d` as written.
+    pub fn apply(&mut self, d: &Diff) {
+        for k in &d.class_removes {
+            self.classes.remove(k);
+        }
+        for (k, v) in &d.class_puts {
+            self.classes.insert(*k, *v);
+        }
+        for k in &d.policy_removes {
+            self.policy.remove(k);
+        }
+        for (k, v) in &d.policy_puts {
+            self.policy.insert(*k, *v);
+        }
+    }
 }
 
 /// The map operations that turn one generation's content into another's.
@@ -147,9 +165,40 @@ pub struct Ids {
     classes: HashMap<(Role, IpNet), u32>,
     next_class: u32,
     pub slots: BTreeMap<String, u32>,
+    /// The last assignment's translation, for changes to that compilation ([`Ids::translate`]).
+    last: Option<Mapping>,
     /// `slots` differs from what was last persisted (set by [`Ids::recover`] and by
     /// [`Ids::assign`] when it changes a slot; the owner clears it after saving).
     pub dirty: bool,
+}
+
+/// Compiler ids -> stable ids of one compilation.
+#[derive(Debug, Default)]
+struct Mapping {
+    /// Stable class id by [role][is IPv6][compiler class id].
+    remap: [[Vec<Option<u32>>; 2]; 2],
+    /// Rule index -> counter slot.
+    slot_of: Vec<u32>,
+}
+
+impl Mapping {
+    /// A compiled entry's key (generation byte 0) and value in stable ids.
+    fn entry(&self, e: &PolicyEntry) -> ((common::PolicyData, u32), [u32; 2]) {
+        let mut data = e.data;
+        data[0] = 0;
+        let ids = |role: Role| &self.remap[role as usize][usize::from(e.v6)];
+        let map = |role, c: u32| match c {
+            0 => 0,
+            c => ids(role).get(c as usize).copied().flatten().expect("every compiled class has an id"),
+        };
+        // policy_data layout: [generation, src class (4, BE), dst class (4, BE), ...].
+        let src = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
+        let dst = u32::from_be_bytes([data[5], data[6], data[7], data[8]]);
+        data[1..5].copy_from_slice(&map(Role::Src, src).to_be_bytes());
+        data[5..9].copy_from_slice(&map(Role::Dst, dst).to_be_bytes());
+        let slot = |r: u32| if r == common::NO_RULE { r } else { self.slot_of[r as usize] };
+        ((data, e.prefixlen), e.rules.map(slot))
+    }
 }
 
 /// A set of rule slots: a bitmap over the counter map's range, plus any value outside it
@@ -186,6 +235,33 @@ pub struct TooManyRules {
 }
 
 impl Ids {
+    /// Translates a change to the compilation last given to [`Ids::assign`] (same rules,
+    /// same class sets: see [`crate::policy::Editable`]): (key, new value or removal).
+    /// `None` when there was no assignment to build on.
+    pub fn translate(&self, change: &EntryChange) -> Option<Vec<((common::PolicyData, u32), Option<[u32; 2]>)>> {
+        let m = self.last.as_ref()?;
+        let EntryChange::Entries { removed, put } = change else { return None };
+        // Removed keys carry compiler class ids: translate them through a dummy entry.
+        let key = |data: common::PolicyData, prefixlen: u32, v6| {
+            m.entry(&PolicyEntry { data, prefixlen, rules: [common::NO_RULE; 2], v6 }).0
+        };
+        let mut out: Vec<_> = put.iter().map(|e| m.entry(e)).map(|(k, v)| (k, Some(v))).collect();
+        // The family of a removed key: its pair is in `put` or was in the old entries; the
+        // class ids tell (ids of a role never repeat between families), so try both.
+        for (data, plen) in removed {
+            let v6 = self.family_of(data);
+            out.push((key(*data, *plen, v6), None));
+        }
+        Some(out)
+    }
+
+    /// The family of a compiled key's classes (a src class id names one prefix of one family).
+    fn family_of(&self, data: &common::PolicyData) -> bool {
+        let m = self.last.as_ref().expect("checked by the caller");
+        let src = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+        m.remap[Role::Src as usize][0].get(src).copied().flatten().is_none()
+    }
+
     /// Rebuilds the numbering from what the maps hold and the saved slots.
     pub fn recover(gens: &[Generation; 2], slots: BTreeMap<String, u32>) -> Ids {
         let mut ids = Ids { slots, dirty: true, ..Default::default() };
@@ -275,23 +351,9 @@ impl Ids {
             self.classes.retain(|k, _| out.classes.contains_key(k) || live.classes.contains_key(k));
         }
 
-        let mut policy = Vec::with_capacity(compiled.entries.len());
-        for e in &compiled.entries {
-            let mut data = e.data;
-            data[0] = 0;
-            let ids = |role: Role| &remap[role as usize][usize::from(e.v6)];
-            let map = |role, c: u32| match c {
-                0 => 0,
-                c => ids(role).get(c as usize).copied().flatten().expect("every compiled class has an id"),
-            };
-            // policy_data layout: [generation, src class (4, BE), dst class (4, BE), ...].
-            let src = u32::from_be_bytes([data[1], data[2], data[3], data[4]]);
-            let dst = u32::from_be_bytes([data[5], data[6], data[7], data[8]]);
-            data[1..5].copy_from_slice(&map(Role::Src, src).to_be_bytes());
-            data[5..9].copy_from_slice(&map(Role::Dst, dst).to_be_bytes());
-            let slot = |r: u32| if r == common::NO_RULE { r } else { slot_of[r as usize] };
-            policy.push(((data, e.prefixlen), e.rules.map(slot)));
-        }
+        let mapping = Mapping { remap, slot_of };
+        let mut policy: Vec<_> = compiled.entries.iter().map(|e| mapping.entry(e)).collect();
+        self.last = Some(mapping);
         // Lowest rule index wins on equal keys (the compiler already deduplicated): a stable
         // sort keeps the entries' order among equal keys and `dedup_by` keeps the first.
         // The u128 key orders as the bytes do (big endian), compared faster.
