@@ -246,8 +246,7 @@ impl Ids {
             m.entry(&PolicyEntry { data, prefixlen, rules: [common::NO_RULE; 2], v6 }).0
         };
         let mut out: Vec<_> = put.iter().map(|e| m.entry(e)).map(|(k, v)| (k, Some(v))).collect();
-        // The family of a removed key: its pair is in `put` or was in the old entries; the
-        // class ids tell (ids of a role never repeat between families), so try both.
+        // A removed key's family: its src class id says (ids never repeat between families).
         for (data, plen) in removed {
             let v6 = self.family_of(data);
             out.push((key(*data, *plen, v6), None));
