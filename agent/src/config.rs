@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::control::config::{ControlConfig, RawControl};
 use crate::model::{IfName, PublicKey, MAIN_TABLE};
 use crate::policy::resolve::{resolve, RawPolicy};
 use crate::policy::PolicyConfig;
@@ -60,7 +61,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    fn parse(s: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(s: &str) -> Result<Endpoint, String> {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(Endpoint::Addr(addr));
         }
@@ -136,6 +137,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[policy]`: `None` = no eBPF enforcement at all; present = default deny, fail closed.
     pub policy: Option<PolicyConfig>,
+    /// `[control]`: peers, addresses and policy come from a control plane.
+    pub control: Option<ControlConfig>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +153,8 @@ struct RawConfig {
     agent: Option<RawAgent>,
     #[serde(default)]
     policy: Option<RawPolicy>,
+    #[serde(default)]
+    control: Option<Spanned<RawControl>>,
 }
 
 #[derive(Deserialize)]
@@ -355,7 +360,21 @@ impl Config {
             Some(p) => Some(resolve(p, &peers, &interface.addresses).map_err(|e| at(e.span, e.message))?),
         };
 
-        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy })
+        let control = match raw.control {
+            None => None,
+            Some(c) => {
+                let span = c.span();
+                if let Some(p) = raw.peers.first() {
+                    return Err(at(p.span(), "peers: in control mode ([control]) the control plane sends the peers".into()));
+                }
+                if policy.as_ref().is_some_and(|p| !p.policy.rules().is_empty()) {
+                    return Err(at(span, "policy.rules: in control mode ([control]) the control plane sends the policy; keep only [policy] pin_dir".into()));
+                }
+                Some(c.into_inner().resolve().map_err(|e| at(e.span, e.message))?)
+            }
+        };
+
+        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy, control })
     }
 }
 
@@ -401,7 +420,7 @@ pub(crate) fn parse_prefix(s: &str) -> Result<IpNet, String> {
 /// Finds two prefixes of different peers where one contains the other.
 /// Sorted by (network, length) a containing prefix precedes what it contains, so a stack
 /// of the prefixes still "open" at each point holds exactly those containing it.
-fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
+pub(crate) fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
     let mut all: Vec<(IpNet, usize)> =
         peers.iter().enumerate().flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (*n, i))).collect();
     let order = |n: &IpNet| match n {
