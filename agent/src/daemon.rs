@@ -397,8 +397,10 @@ fn start_client(
         tracker: control::Tracker::new(own, saved),
         apply: tx,
         connector: control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?,
-        backend,
-        ifname: loaded.desired.ifname.clone(),
+        peer_stats: {
+            let ifname = loaded.desired.ifname.clone();
+            Box::new(move || control::client::device_peer_stats(backend.as_ref(), &ifname))
+        },
     };
     tokio::spawn(client.run());
     Ok(Control { updates, file: Config::load(config_file)?, view })

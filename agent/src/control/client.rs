@@ -2,7 +2,6 @@
 //! (which applies it through the reconciler) and reports the outcome. It only produces
 //! desired state; it never touches the kernel.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -57,9 +56,8 @@ pub struct ControlClient {
     pub tracker: Tracker,
     pub apply: mpsc::Sender<ApplyRequest>,
     pub connector: Connector,
-    /// For peer statistics in reports (read only).
-    pub backend: Arc<dyn WgBackend>,
-    pub ifname: IfName,
+    /// Reads the device's peer statistics for reports (read only).
+    pub peer_stats: Box<dyn Fn() -> Vec<v1::PeerStat> + Send + Sync>,
 }
 
 impl ControlClient {
@@ -161,7 +159,8 @@ impl ControlClient {
                     Some(u) => u?,
                 },
                 _ = stats.tick() => {
-                    let _ = report.try_send(self.peer_stats());
+                    let stats = v1::PeerStats { peers: (self.peer_stats)() };
+                    let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::Stats(stats)) });
                     continue;
                 }
             };
@@ -205,28 +204,25 @@ impl ControlClient {
         self.apply.send(ApplyRequest { version, view, done }).await.map_err(|_| SessionError::DaemonGone)?;
         result.await.map_err(|_| SessionError::DaemonGone)
     }
+}
 
-    fn peer_stats(&self) -> v1::AgentReport {
-        let peers = match self.backend.read(&self.ifname) {
-            Ok(Some(dev)) => dev
-                .peers
-                .iter()
-                .map(|p| v1::PeerStat {
-                    public_key: p.config.public_key.0.to_vec(),
-                    last_handshake_unix: p
-                        .stats
-                        .last_handshake_time
-                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_secs() as i64),
-                    rx_bytes: p.stats.rx_bytes,
-                    tx_bytes: p.stats.tx_bytes,
-                    endpoint: p.config.endpoint.map(Into::into),
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        v1::AgentReport { body: Some(v1::agent_report::Body::Stats(v1::PeerStats { peers })) }
-    }
+/// The device's peers as report statistics; empty when the device cannot be read.
+pub fn device_peer_stats(backend: &dyn WgBackend, ifname: &IfName) -> Vec<v1::PeerStat> {
+    let Ok(Some(dev)) = backend.read(ifname) else { return Vec::new() };
+    dev.peers
+        .iter()
+        .map(|p| v1::PeerStat {
+            public_key: p.config.public_key.0.to_vec(),
+            last_handshake_unix: p
+                .stats
+                .last_handshake_time
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64),
+            rx_bytes: p.stats.rx_bytes,
+            tx_bytes: p.stats.tx_bytes,
+            endpoint: p.config.endpoint.map(Into::into),
+        })
+        .collect()
 }
 
 fn record_connection(status: &mut ControlStatus, c: &Connected) {
