@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
-use crate::config::{BackendChoice, Config};
+use crate::config::{BackendChoice, Config, ConfigCache};
 use crate::desired::desired_state;
 use crate::keys;
 use crate::model::Desired;
@@ -27,7 +27,16 @@ pub struct Loaded {
 }
 
 pub fn load(path: &Path) -> anyhow::Result<Loaded> {
-    let config = Config::load(path)?;
+    load_cached(path, &mut ConfigCache::default())
+}
+
+/// As [`load`], reusing what `cache` holds of earlier versions of the file (a daemon's
+/// reloads: a 1% change of 10,000 peers parses 100 of them).
+pub fn load_cached(path: &Path, cache: &mut ConfigCache) -> anyhow::Result<Loaded> {
+    finish_load(cache.load(path)?)
+}
+
+fn finish_load(config: Config) -> anyhow::Result<Loaded> {
     let key = keys::load_or_generate(&config.interface.private_key_file)?;
     let desired = desired_state(&config, &key)?;
     Ok(Loaded { config, desired })
@@ -49,6 +58,8 @@ pub struct Agent {
     pub state: StateDir,
     pub reconciler: Reconciler,
     pub wake: Arc<Notify>,
+    /// The peers of the config file as last read, for fast reloads.
+    config_cache: ConfigCache,
 }
 
 impl Agent {
@@ -93,7 +104,13 @@ impl Agent {
         }
         owned.interfaces = [current].into();
         state.set_owned(&owned)?;
-        Ok(Agent { loaded, state, reconciler, wake })
+        Ok(Agent { loaded, state, reconciler, wake, config_cache: ConfigCache::default() })
+    }
+
+    /// Keeps the parsed peers of the config `loaded` came from (see [`load_cached`]).
+    pub fn with_config_cache(mut self, cache: ConfigCache) -> Self {
+        self.config_cache = cache;
+        self
     }
 
     pub async fn reconcile_once(&self) -> anyhow::Result<usize> {
@@ -102,9 +119,9 @@ impl Agent {
     }
 
     /// Applies a new config: rejected whole (the running state stays) when it does not load
-    /// or changes a setting that needs a restart.
-    async fn reload(&mut self, path: &Path) -> anyhow::Result<()> {
-        let new = load(path)?;
+    /// or changes a setting that needs a restart. Returns what it replaced.
+    async fn reload(&mut self, path: &Path) -> anyhow::Result<Loaded> {
+        let new = load_cached(path, &mut self.config_cache)?;
         if fixed_settings(&new.config) != fixed_settings(&self.loaded.config) {
             anyhow::bail!(
                 "backend, routing.protocol, agent.state_dir and interface.userspace_command change only with a restart"
@@ -119,8 +136,7 @@ impl Agent {
             owned.interfaces.remove(old_name.as_str());
             self.state.set_owned(&owned)?;
         }
-        self.loaded = new;
-        Ok(())
+        Ok(std::mem::replace(&mut self.loaded, new))
     }
 
     /// The daemon loop. Returns on SIGTERM or SIGINT, leaving the kernel state in place.
@@ -202,30 +218,45 @@ impl Agent {
     /// at once by planning against that state (the full pass that follows checks it).
     async fn reload_logged(&mut self, path: &Path, converged: bool) {
         let started = std::time::Instant::now();
-        let previous = self.loaded.desired.clone();
-        if let Err(e) = self.reload(path).await {
-            tracing::error!(path = %path.display(), error = format!("{e:#}"), "config rejected; keeping the running state");
-            return;
-        }
-        tracing::info!(path = %path.display(), "config reloaded");
-        if !converged || previous.ifname != self.loaded.desired.ifname {
-            return;
-        }
-        let desired = &self.loaded.desired;
-        let result = match self.reconciler.assume(&previous).await {
-            Ok(Some(assumed)) => {
-                let plan = crate::plan::plan(desired, &assumed);
-                self.reconciler.apply(desired, &plan).await.map(|a| a.ops.len())
+        let ms = |from: std::time::Instant| from.elapsed().as_secs_f64() * 1e3;
+        let previous = match self.reload(path).await {
+            Ok(previous) => previous,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = format!("{e:#}"), "config rejected; keeping the running state");
+                return;
             }
-            Ok(None) => return,
-            Err(e) => Err(e),
         };
-        match result {
-            Ok(operations) => {
-                tracing::info!(operations, elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "config change applied")
+        let load_ms = ms(started);
+        tracing::info!(path = %path.display(), "config reloaded");
+        if !converged || previous.desired.ifname != self.loaded.desired.ifname {
+            return;
+        }
+        let Loaded { config: old_config, desired: previous } = previous;
+        let planning = std::time::Instant::now();
+        let assumed = match self.reconciler.assume(previous).await {
+            Ok(Some(assumed)) => assumed,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "config change partly applied; the full pass follows");
+                return;
             }
+        };
+        let desired = &self.loaded.desired;
+        let plan = crate::plan::plan(desired, &assumed);
+        let plan_ms = ms(planning);
+        match self.reconciler.apply(desired, &plan).await {
+            Ok(applied) => tracing::info!(
+                operations = applied.ops.len(),
+                elapsed_ms = ms(started),
+                load_ms,
+                plan_ms,
+                apply_ms = ms(started) - load_ms - plan_ms,
+                "config change applied"
+            ),
             Err(e) => tracing::warn!(error = %e, "config change partly applied; the full pass follows"),
         }
+        // Freed once the change is in force: 10,000 peers take a while to drop.
+        drop((assumed, old_config));
     }
 }
 
