@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::control::config::{ControlConfig, RawControl};
 use crate::model::{IfName, PublicKey, MAIN_TABLE};
 use crate::policy::resolve::{resolve, RawPolicy};
 use crate::policy::PolicyConfig;
@@ -63,7 +64,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    fn parse(s: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(s: &str) -> Result<Endpoint, String> {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(Endpoint::Addr(addr));
         }
@@ -139,6 +140,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[policy]`: `None` = no eBPF enforcement at all; present = default deny, fail closed.
     pub policy: Option<PolicyConfig>,
+    /// `[control]`: peers, addresses and policy come from a control plane.
+    pub control: Option<ControlConfig>,
 }
 
 #[derive(Deserialize)]
@@ -153,6 +156,8 @@ struct RawConfig {
     agent: Option<RawAgent>,
     #[serde(default)]
     policy: Option<RawPolicy>,
+    #[serde(default)]
+    control: Option<Spanned<RawControl>>,
 }
 
 #[derive(Deserialize)]
@@ -355,7 +360,26 @@ impl Config {
             Some(p) => Some(resolve(p, &peers, &interface.addresses).map_err(|e| at(e.span, e.message))?),
         };
 
-        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy })
+        let control = match raw.control {
+            None => None,
+            Some(c) => {
+                let span = c.span();
+                if let Some(p) = peers.first() {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_owned(),
+                        line: p.line,
+                        column: 1,
+                        message: "peers: in control mode ([control]) the control plane sends the peers".into(),
+                    });
+                }
+                if policy.as_ref().is_some_and(|p| !p.policy.rules().is_empty()) {
+                    return Err(at(span, "policy.rules: in control mode ([control]) the control plane sends the policy; keep only [policy] pin_dir".into()));
+                }
+                Some(c.into_inner().resolve().map_err(|e| at(e.span, e.message))?)
+            }
+        };
+
+        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy, control })
     }
 }
 
@@ -433,7 +457,7 @@ pub(crate) fn parse_prefix(s: &str) -> Result<IpNet, String> {
 /// Finds two prefixes of different peers where one contains the other.
 /// Sorted by (network, length) a containing prefix precedes what it contains, so a stack
 /// of the prefixes still "open" at each point holds exactly those containing it.
-fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
+pub(crate) fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
     let order = |n: &IpNet| match n {
         IpNet::V4(v4) => (0u8, u32::from(v4.network()) as u128, v4.prefix_len()),
         IpNet::V6(v6) => (1u8, u128::from(v6.network()), v6.prefix_len()),
