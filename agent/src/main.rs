@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use wirefence_agent::config::ConfigCache;
 use wirefence_agent::control::ControlFiles;
 use wirefence_agent::daemon::{self, Agent};
 use wirefence_agent::netlink::Netlink;
@@ -114,13 +115,16 @@ fn main() -> ExitCode {
 async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Run { config, once } => {
-            let agent = Agent::start(daemon::load(&config)?, &config).await?;
+            // The parsed peers are kept: a daemon's reload then costs what changed in the file.
+            let mut cache = ConfigCache::default();
+            let agent = Agent::start(daemon::load_cached(&config, &mut cache)?, &config).await?;
             if once {
+                drop(cache); // nothing to reload: its memory is not held through the pass
                 let n = agent.reconcile_once().await?;
                 tracing::info!(operations = n, "converged");
                 return Ok(());
             }
-            agent.run(&config).await
+            agent.with_config_cache(cache).run(&config).await
         }
         Cmd::Down { config } => {
             let config = daemon::load_effective(&config)?;
