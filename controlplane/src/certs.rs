@@ -49,6 +49,11 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<CertFiles, Error> {
     ca.distinguished_name.push(DnType::CommonName, "wirefence control plane CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    // Real lifetimes, so expiry monitoring (agents report it per address family) means
+    // something: the CA ten years, the server certificate one year.
+    let now = time::OffsetDateTime::now_utc();
+    ca.not_before = now - time::Duration::hours(1);
+    ca.not_after = now + time::Duration::days(3650);
     let ca_cert = ca.self_signed(&ca_key)?;
 
     let server_key = KeyPair::generate()?;
@@ -56,6 +61,8 @@ pub fn init(dir: &Path, sans: &[String]) -> Result<CertFiles, Error> {
     server.distinguished_name.push(DnType::CommonName, sans.first().map_or("wirefence-control", |s| s.as_str()));
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.not_before = now - time::Duration::hours(1);
+    server.not_after = now + time::Duration::days(365);
     let issuer = Issuer::new(ca, ca_key);
     let server_cert = server.signed_by(&server_key, &issuer)?;
 

@@ -156,12 +156,15 @@ impl Drop for ControlPlane {
 }
 
 impl Host {
-    /// An agent config in control mode: no peers, no rules, no addresses of its own.
+    /// An agent config in control mode: no peers, no rules, no addresses of its own. Both
+    /// control-plane addresses are listed; odd hosts try IPv4 first, even hosts IPv6.
     pub fn write_control_config(&self, cp: &ControlPlane, enrollment_key: &std::path::Path) {
+        let (v4, v6) = (format!("\"{CP_V4}:{CP_PORT}\""), format!("\"[{CP_V6}]:{CP_PORT}\""));
+        let endpoints = if self.index % 2 == 1 { format!("{v4}, {v6}") } else { format!("{v6}, {v4}") };
         let text = format!(
             "[interface]\nname = \"{ifname}\"\nbackend = \"userspace\"\nprivate_key_file = \"{key}\"\nlisten_port = 51820\n\n\
              [agent]\nstate_dir = \"{state}\"\n\n[policy]\npin_dir = \"{pins}\"\n\n\
-             [control]\nendpoints = [\"{CP_V4}:{CP_PORT}\", \"[{CP_V6}]:{CP_PORT}\"]\nca_file = \"{ca}\"\n\
+             [control]\nendpoints = [{endpoints}]\nca_file = \"{ca}\"\n\
              enrollment_key_file = \"{enroll}\"\nhostname = \"h{i}\"\nadvertise_endpoints = [\"{u4}:51820\"]\n",
             ifname = self.ifname,
             key = self.dir.join("private.key").display(),

@@ -125,11 +125,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let out = Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["policy", "apply"]).arg(&policy_file).output()?;
     print!("  {}", String::from_utf8_lossy(&out.stderr));
 
-    step("wirefence-agent status on h3 (peers, rule counters, recent denies, control plane)");
+    step("wirefence-agent status on h1 (peers, rule counters, denies at the source, control plane)");
     wait_until("denies recorded", secs(5), || {
-        c.status_json()["policy"]["recent_denies"].as_array().is_some_and(|d| !d.is_empty())
+        a.status_json()["policy"]["recent_denies"].as_array().is_some_and(|d| !d.is_empty())
     });
-    show(c.agent().args(["status", "--config"]).arg(c.config_path()))?;
+    show(a.agent().args(["status", "--config"]).arg(a.config_path()))?;
 
     step("node h1 removed at the control plane: it leaves every other node's device");
     show(Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["nodes", "remove", "h1"]))?;
