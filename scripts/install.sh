@@ -38,4 +38,9 @@ if ! command -v bpf-linker >/dev/null; then
     echo "install.sh: building bpf-linker against LLVM 22 (a few minutes, once)"
     cargo install bpf-linker --no-default-features --features llvm-22
 fi
+# `cargo xtask test` fuzzes the update decoder (fuzz/) briefly.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "install.sh: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
 echo "install.sh: ready"

@@ -11,9 +11,13 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::control::config::{ControlConfig, RawControl};
 use crate::model::{IfName, PublicKey, MAIN_TABLE};
 use crate::policy::resolve::{resolve, RawPolicy};
 use crate::policy::PolicyConfig;
+
+mod incremental;
+pub use incremental::ConfigCache;
 
 /// Default rtnetlink protocol number stamped on every route and rule the agent owns.
 /// Not used by iproute2's /etc/iproute2/rt_protos or any routing daemon we know of.
@@ -60,7 +64,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    fn parse(s: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(s: &str) -> Result<Endpoint, String> {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(Endpoint::Addr(addr));
         }
@@ -136,6 +140,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// `[policy]`: `None` = no eBPF enforcement at all; present = default deny, fail closed.
     pub policy: Option<PolicyConfig>,
+    /// `[control]`: peers, addresses and policy come from a control plane.
+    pub control: Option<ControlConfig>,
 }
 
 #[derive(Deserialize)]
@@ -150,6 +156,8 @@ struct RawConfig {
     agent: Option<RawAgent>,
     #[serde(default)]
     policy: Option<RawPolicy>,
+    #[serde(default)]
+    control: Option<Spanned<RawControl>>,
 }
 
 #[derive(Deserialize)]
@@ -202,14 +210,27 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = line_col(text, e.span().unwrap_or(0..0).start);
+            ConfigError::Invalid { path: path.to_owned(), line, column, message: e.message().trim_end().to_owned() }
+        })?;
+        Config::validate(path, text, raw, None)
+    }
+
+    /// Validates a parsed document. `peers`: `None` validates `raw.peers`; `Some` are peers
+    /// validated already, one by one and free of duplicate keys (the incremental parser's,
+    /// which passes the sections around the peers as a `text` of their own: what is built
+    /// here must not depend on positions in `text`, only error messages may).
+    fn validate(
+        path: &Path,
+        text: &str,
+        raw: RawConfig,
+        peers: Option<Vec<PeerConfig>>,
+    ) -> Result<Config, ConfigError> {
         let at = |span: Range<usize>, message: String| {
             let (line, column) = line_col(text, span.start);
             ConfigError::Invalid { path: path.to_owned(), line, column, message }
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim_end().to_owned();
-            at(e.span().unwrap_or(0..0), message)
-        })?;
         // Line starts, once: a config of 10,000 peers must not rescan the text per peer.
         let starts: Vec<usize> = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
         let line_of = |span: Range<usize>| starts.partition_point(|&s| s <= span.start);
@@ -245,44 +266,28 @@ impl Config {
             userspace_command: iface.userspace_command.unwrap_or_else(|| "wireguard-go".into()),
         };
 
-        let mut peers = Vec::with_capacity(raw.peers.len());
-        let mut seen: BTreeMap<PublicKey, usize> = BTreeMap::new();
-        for (i, peer) in raw.peers.iter().enumerate() {
-            let line = line_of(peer.span());
-            let peer = peer.get_ref();
-            let field = |f: &str| format!("peers[{i}].{f}");
-            let public_key: PublicKey = peer
-                .public_key
-                .get_ref()
-                .parse()
-                .map_err(|e| at(peer.public_key.span(), format!("{}: {e}", field("public_key"))))?;
-            if let Some(first) = seen.insert(public_key, line) {
-                return Err(at(
-                    peer.public_key.span(),
-                    format!("{}: duplicate peer {public_key} (first defined on line {first})", field("public_key")),
-                ));
+        let peers = match peers {
+            Some(peers) => peers,
+            None => {
+                let mut peers = Vec::with_capacity(raw.peers.len());
+                let mut seen: BTreeMap<PublicKey, usize> = BTreeMap::new();
+                for (i, peer) in raw.peers.iter().enumerate() {
+                    let line = line_of(peer.span());
+                    let peer = peer.get_ref();
+                    let public_key = peer_key(i, peer).map_err(|(span, m)| at(span, m))?;
+                    if let Some(first) = seen.insert(public_key, line) {
+                        return Err(at(
+                            peer.public_key.span(),
+                            format!(
+                                "peers[{i}].public_key: duplicate peer {public_key} (first defined on line {first})"
+                            ),
+                        ));
+                    }
+                    peers.push(peer_config(i, peer, public_key, line).map_err(|(span, m)| at(span, m))?);
+                }
+                peers
             }
-            let endpoint = match &peer.endpoint {
-                None => None,
-                Some(e) => Some(
-                    Endpoint::parse(e.get_ref()).map_err(|m| at(e.span(), format!("{}: {m}", field("endpoint"))))?,
-                ),
-            };
-            let mut allowed_ips = BTreeSet::new();
-            for a in &peer.allowed_ips {
-                let net =
-                    parse_prefix(a.get_ref()).map_err(|m| at(a.span(), format!("{}: {m}", field("allowed_ips"))))?;
-                allowed_ips.insert(net);
-            }
-            peers.push(PeerConfig {
-                public_key,
-                name: peer.name.clone(),
-                endpoint,
-                allowed_ips,
-                persistent_keepalive: peer.persistent_keepalive.filter(|k| *k != 0),
-                line,
-            });
-        }
+        };
         if let Some((a, b, net_a, net_b)) = find_overlap(&peers) {
             let (pa, pb) = (&peers[a], &peers[b]);
             return Err(ConfigError::Invalid {
@@ -355,8 +360,59 @@ impl Config {
             Some(p) => Some(resolve(p, &peers, &interface.addresses).map_err(|e| at(e.span, e.message))?),
         };
 
-        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy })
+        let control = match raw.control {
+            None => None,
+            Some(c) => {
+                let span = c.span();
+                if let Some(p) = peers.first() {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_owned(),
+                        line: p.line,
+                        column: 1,
+                        message: "peers: in control mode ([control]) the control plane sends the peers".into(),
+                    });
+                }
+                if policy.as_ref().is_some_and(|p| !p.policy.rules().is_empty()) {
+                    return Err(at(span, "policy.rules: in control mode ([control]) the control plane sends the policy; keep only [policy] pin_dir".into()));
+                }
+                Some(c.into_inner().resolve().map_err(|e| at(e.span, e.message))?)
+            }
+        };
+
+        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy, control })
     }
+}
+
+/// A message for the text at a byte range.
+type FieldError = (Range<usize>, String);
+
+/// A peer's public key; checked before its other fields (a duplicate is reported first).
+fn peer_key(i: usize, peer: &RawPeer) -> Result<PublicKey, FieldError> {
+    let key = &peer.public_key;
+    key.get_ref().parse().map_err(|e| (key.span(), format!("peers[{i}].public_key: {e}")))
+}
+
+/// A peer's other fields. Depends on nothing but the entry itself (and `i`, `line` for
+/// messages), so the incremental parser can keep the result per block.
+fn peer_config(i: usize, peer: &RawPeer, public_key: PublicKey, line: usize) -> Result<PeerConfig, FieldError> {
+    let field = |f: &str| format!("peers[{i}].{f}");
+    let endpoint = match &peer.endpoint {
+        None => None,
+        Some(e) => Some(Endpoint::parse(e.get_ref()).map_err(|m| (e.span(), format!("{}: {m}", field("endpoint"))))?),
+    };
+    let mut allowed_ips = BTreeSet::new();
+    for a in &peer.allowed_ips {
+        let net = parse_prefix(a.get_ref()).map_err(|m| (a.span(), format!("{}: {m}", field("allowed_ips"))))?;
+        allowed_ips.insert(net);
+    }
+    Ok(PeerConfig {
+        public_key,
+        name: peer.name.clone(),
+        endpoint,
+        allowed_ips,
+        persistent_keepalive: peer.persistent_keepalive.filter(|k| *k != 0),
+        line,
+    })
 }
 
 fn default_state_dir() -> PathBuf {
@@ -401,16 +457,18 @@ pub(crate) fn parse_prefix(s: &str) -> Result<IpNet, String> {
 /// Finds two prefixes of different peers where one contains the other.
 /// Sorted by (network, length) a containing prefix precedes what it contains, so a stack
 /// of the prefixes still "open" at each point holds exactly those containing it.
-fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
-    let mut all: Vec<(IpNet, usize)> =
-        peers.iter().enumerate().flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| (*n, i))).collect();
+pub(crate) fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet, IpNet)> {
     let order = |n: &IpNet| match n {
         IpNet::V4(v4) => (0u8, u32::from(v4.network()) as u128, v4.prefix_len()),
         IpNet::V6(v6) => (1u8, u128::from(v6.network()), v6.prefix_len()),
     };
-    all.sort_unstable_by_key(|(n, _)| order(n));
+    // The sort key computed once per prefix, not per comparison (20,000 prefixes per load);
+    // the same prefix in two peers: the earlier peer first, so the later one is named.
+    let mut all: Vec<(_, IpNet, usize)> =
+        peers.iter().enumerate().flat_map(|(i, p)| p.allowed_ips.iter().map(move |n| ((order(n), i), *n, i))).collect();
+    all.sort_unstable_by_key(|(key, _, _)| *key);
     let mut open: Vec<(IpNet, usize)> = Vec::new();
-    for (net, owner) in all {
+    for (_, net, owner) in all {
         while let Some((top, _)) = open.last() {
             if top.contains(&net) {
                 break;

@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::IpNet;
+
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -23,7 +25,8 @@ pub enum DesiredError {
 /// Builds the desired state. Host-name endpoints are resolved here, once per config load.
 pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desired, DesiredError> {
     let own = private_key.public_key();
-    let mut peers = BTreeMap::new();
+    // Collected, then built in one pass (one sort) instead of 10,000 searching inserts.
+    let mut peers = Vec::with_capacity(config.peers.len());
     for (index, p) in config.peers.iter().enumerate() {
         if p.public_key == own {
             return Err(DesiredError::OwnKey { path: config.path.clone(), line: p.line, index });
@@ -37,11 +40,13 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
                 source,
             })?),
         };
-        peers.insert(
+        peers.push((
             p.public_key,
             PeerSpec { endpoint, allowed_ips: p.allowed_ips.clone(), persistent_keepalive: p.persistent_keepalive },
-        );
+        ));
     }
+    // Equal keys (never from a parsed config): the last one wins, as with inserts.
+    let peers: BTreeMap<_, _> = peers.into_iter().collect();
 
     let r = &config.routing;
     let default_families: BTreeSet<Family> =
@@ -58,7 +63,15 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
     let routes = match table {
         None => BTreeSet::new(),
         Some(table) => {
-            peers.values().flat_map(|p| p.allowed_ips.iter()).map(|dst| Route { dst: *dst, table }).collect()
+            let mut routes: Vec<Route> =
+                peers.values().flat_map(|p| p.allowed_ips.iter()).map(|dst| Route { dst: *dst, table }).collect();
+            // Sorted on plain integers first (the order of `Route`'s `Ord`), so building the
+            // set finds them in order: 20,000 routes, one cheap sort.
+            routes.sort_unstable_by_key(|r| match r.dst {
+                IpNet::V4(n) => (0u8, u32::from(n.addr()) as u128, n.prefix_len()),
+                IpNet::V6(n) => (1u8, u128::from(n.addr()), n.prefix_len()),
+            });
+            routes.into_iter().collect()
         }
     };
     let mut rules = BTreeSet::new();

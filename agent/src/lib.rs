@@ -3,6 +3,7 @@
 
 pub mod bpf;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod desired;
 pub mod enforce;

@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use wirefence_agent::config::Config;
+use wirefence_agent::config::ConfigCache;
+use wirefence_agent::control::ControlFiles;
 use wirefence_agent::daemon::{self, Agent};
 use wirefence_agent::netlink::Netlink;
 use wirefence_agent::policy::{self, Direction};
@@ -114,16 +115,19 @@ fn main() -> ExitCode {
 async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Run { config, once } => {
-            let agent = Agent::start(daemon::load(&config)?).await?;
+            // The parsed peers are kept: a daemon's reload then costs what changed in the file.
+            let mut cache = ConfigCache::default();
+            let agent = Agent::start(daemon::load_cached(&config, &mut cache)?, &config).await?;
             if once {
+                drop(cache); // nothing to reload: its memory is not held through the pass
                 let n = agent.reconcile_once().await?;
                 tracing::info!(operations = n, "converged");
                 return Ok(());
             }
-            agent.run(&config).await
+            agent.with_config_cache(cache).run(&config).await
         }
         Cmd::Down { config } => {
-            let config = Config::load(&config)?;
+            let config = daemon::load_effective(&config)?;
             let state = StateDir::open(&config.agent.state_dir)?;
             let mut owned = state.owned()?;
             owned.interfaces.insert(config.interface.name.to_string());
@@ -156,7 +160,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { config, json } => {
-            let config = Config::load(&config)?;
+            let config = daemon::load_effective(&config)?;
             let backend = wg::select(
                 config.interface.backend,
                 &config.interface.userspace_command,
@@ -166,7 +170,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol);
             let names = config.peers.iter().filter_map(|p| Some((p.public_key, p.name.clone()?))).collect();
             let dirs = config.policy.as_ref().map(|p| (p.pin_dir.as_path(), config.agent.state_dir.as_path()));
-            let st = status::collect(&rec, &config.interface.name, &names, dirs).await?;
+            let mut st = status::collect(&rec, &config.interface.name, &names, dirs).await?;
+            if config.control.is_some() {
+                st.control = Some(ControlFiles::new(&config.agent.state_dir).status()?.unwrap_or_default());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
@@ -180,7 +187,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Policy { cmd: PolicyCmd::Check { config, src, dst, proto, direction, fragment } } => {
-            let loaded = Config::load(&config)?;
+            let loaded = daemon::load_effective(&config)?;
             let (proto, port) = policy::check::parse_proto_port(&proto, fragment).map_err(anyhow::Error::msg)?;
             let direction = match direction {
                 CliDirection::Ingress => Direction::Ingress,
@@ -192,7 +199,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Check { config } => {
-            let loaded = Config::load(&config)?;
+            let loaded = daemon::load_effective(&config)?;
             let key = keys::load(&loaded.interface.private_key_file)
                 .context("check reads the private key but never creates it")?;
             let desired = wirefence_agent::desired::desired_state(&loaded, &key)?;

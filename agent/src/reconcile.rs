@@ -177,21 +177,28 @@ impl Reconciler {
 
     /// What the kernel holds if it is exactly `previous` (the last state this agent fully
     /// converged to) on the current link. Reads only the link: planning a config change
-    /// against it is cheap even with 10,000 peers. The caller follows up with a full pass.
-    pub async fn assume(&self, previous: &Desired) -> Result<Option<Observed>, ReconcileError> {
+    /// against it is cheap even with 10,000 peers (`previous` is moved in, not copied). The
+    /// caller follows up with a full pass.
+    pub async fn assume(&self, previous: Desired) -> Result<Option<Observed>, ReconcileError> {
         let Some(link) = self.nl.tunnel_link(&previous.ifname).await? else { return Ok(None) };
+        let policy = self.observe_policy(&previous.ifname, Some(link.index), self.pin_root(Some(&previous)))?;
         Ok(Some(Observed {
             link: Some(link),
-            addresses: previous.addresses.clone(),
             device: Some(crate::model::DeviceState {
                 public_key: Some(previous.device.private_key.public_key()),
                 listen_port: previous.device.listen_port,
                 fwmark: previous.device.fwmark,
-                peers: previous.peers.clone(),
+                peers: previous.peers,
             }),
-            routes: previous.routes.iter().map(|r| crate::model::OwnedRoute { route: *r, oif: link.index }).collect(),
-            rules: previous.rules.clone(),
-            policy: self.observe_policy(&previous.ifname, Some(link.index), self.pin_root(Some(previous)))?,
+            // In order, so the set is built without a search per route.
+            routes: previous
+                .routes
+                .into_iter()
+                .map(|route| crate::model::OwnedRoute { route, oif: link.index })
+                .collect(),
+            addresses: previous.addresses,
+            rules: previous.rules,
+            policy,
         }))
     }
 
@@ -249,15 +256,8 @@ impl Reconciler {
             };
             record(&mut applied, &mut failures, &[op], result);
         }
-        // Independent removals, then the link settings, each batch in flight together.
-        for op_phase in [1, 2] {
-            let results = self.concurrently(desired, index, of(op_phase)).await;
-            for (op, result) in results {
-                record(&mut applied, &mut failures, &[op], result);
-            }
-        }
-        // The WireGuard transaction and the additions do not depend on each other (routes
-        // need the link up, not the peers): run them at the same time.
+        // The WireGuard transaction runs alongside the netlink work: removals, link settings
+        // and additions do not depend on the peers (routes need the link up, not the peers).
         let wg_ops = of(3);
         let wg = async {
             if wg_ops.is_empty() {
@@ -270,7 +270,17 @@ impl Reconciler {
             let (backend, name) = (self.backend.clone(), ifname.clone());
             blocking(move || backend.apply(&name, update)).await.map_err(|e| e.to_string())
         };
-        let (wg_result, additions) = tokio::join!(wg, self.concurrently(desired, index, of(4)));
+        // Removals first (nothing stale shadows an addition), then link settings, then
+        // additions; each batch in flight together.
+        let netlink = async {
+            let mut before = self.concurrently(desired, index, of(1)).await;
+            before.extend(self.concurrently(desired, index, of(2)).await);
+            (before, self.concurrently(desired, index, of(4)).await)
+        };
+        let (wg_result, (before, additions)) = tokio::join!(wg, netlink);
+        for (op, result) in before {
+            record(&mut applied, &mut failures, &[op], result);
+        }
         if !wg_ops.is_empty() {
             record(&mut applied, &mut failures, &wg_ops, wg_result);
         }

@@ -20,6 +20,8 @@ pub struct Status {
     pub rules: Vec<Rule>,
     /// `None`: no policy is enforced on the interface.
     pub policy: Option<PolicyStatus>,
+    /// Control mode: the control-plane connection as the running agent last recorded it.
+    pub control: Option<crate::control::ControlStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,6 +92,7 @@ pub async fn collect(
         _ => None,
     };
     Ok(Status {
+        control: None,
         policy,
         interface: ifname.clone(),
         backend: rec.backend().name(),
@@ -183,6 +186,20 @@ impl std::fmt::Display for Status {
                 for d in &p.recent_denies {
                     writeln!(f, "    {d}")?;
                 }
+            }
+        }
+        if let Some(c) = &self.control {
+            writeln!(f, "\ncontrol plane: {}", c.connected_to.as_deref().unwrap_or("not connected"))?;
+            writeln!(f, "  node: {}", c.node_id.as_deref().unwrap_or("(not registered)"))?;
+            writeln!(f, "  applied version: {}", c.applied_version)?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+            for (family, t) in [("IPv4", c.cert_expiry_ipv4), ("IPv6", c.cert_expiry_ipv6)] {
+                if let Some(t) = t {
+                    writeln!(f, "  certificate over {family} expires in {} days (unix {t})", (t - now) / 86_400)?;
+                }
+            }
+            if let Some(e) = &c.last_error {
+                writeln!(f, "  last error: {e}")?;
             }
         }
         Ok(())

@@ -2,9 +2,11 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_control;
 mod bench_policy;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod netns;
 mod test;
 mod vm;
@@ -34,6 +36,12 @@ enum Cmd {
     /// The access policy's costs against the goals: per-packet ns (BPF_PROG_TEST_RUN)
     /// at 10-100,000 rules, iperf3 throughput vs nftables at 10,000 rules, swap time. Needs root.
     BenchPolicy(bench_policy::BenchPolicyArgs),
+    /// The control plane against the goals: push latency (policy apply -> enforced
+    /// in the kernel on 3 agents, p50/p99) and fan-out to 1,000 simulated agents. Needs root.
+    BenchControl(bench_control::BenchControlArgs),
+    /// Fuzz the control-plane update decoder (cargo-fuzz target `update_decoder` in fuzz/)
+    /// for a fixed time; `test` runs it briefly. Needs cargo-fuzz (scripts/install.sh).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +52,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => demo::run(args),
         Cmd::Bench(args) => bench::run(args),
         Cmd::BenchPolicy(args) => bench_policy::run(args),
+        Cmd::Fuzz(args) => fuzz::run(args),
+        Cmd::BenchControl(args) => bench_control::run(args),
     }
 }

@@ -7,6 +7,9 @@ use anyhow::{bail, Context};
 
 use crate::workspace::Workspace;
 
+/// How long the suite fuzzes the update decoder (`cargo xtask fuzz` runs longer).
+const FUZZ_SECS: u64 = 40;
+
 #[derive(clap::Args)]
 pub struct TestArgs {
     /// Skip the qemu VM test of the kernel backend (for quick local runs; CI runs it).
@@ -42,9 +45,9 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the test suite creates network namespaces and needs root: run it as root (CI does)");
     }
-    // The integration tests run the agent binary, so build it first.
+    // The integration tests run the agent and control-plane binaries, so build them first.
     let ws = Workspace::locate()?;
-    ws.build_agent(false).context("building the agent")?;
+    ws.build_bins(false).context("building the agent and the control plane")?;
 
     let mut tally = Tally::default();
     let mut child =
@@ -55,6 +58,16 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         tally.add(&line);
     }
     let tests_ok = child.wait()?.success();
+
+    // One test: the fuzz target builds and finds no failing input in FUZZ_SECS.
+    let fuzz = crate::fuzz::fuzz(&ws, FUZZ_SECS);
+    if let Err(e) = &fuzz {
+        eprintln!("xtask test: fuzzing failed: {e:#}");
+    }
+    match fuzz.is_ok() {
+        true => tally.passed += 1,
+        false => tally.failed += 1,
+    }
 
     let vm_ok = if args.no_vm {
         eprintln!("xtask test: VM test skipped (--no-vm); the full suite includes it");
@@ -69,6 +82,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     };
     println!("xtask test: {} passed, {} failed", tally.passed, tally.failed);
     anyhow::ensure!(tests_ok, "cargo test failed");
+    fuzz.context("fuzzing the update decoder")?;
     anyhow::ensure!(vm_ok, "kernel backend VM test failed");
     Ok(())
 }

@@ -8,6 +8,11 @@ use anyhow::{bail, Context, Result};
 
 use crate::vm::tools;
 
+pub struct Bins {
+    pub agent: PathBuf,
+    pub control: PathBuf,
+}
+
 pub struct Workspace {
     pub root: PathBuf,
     pub target_dir: PathBuf,
@@ -32,18 +37,26 @@ impl Workspace {
     }
 
     pub fn build_agent(&self, release: bool) -> Result<PathBuf> {
+        Ok(self.build_bins(release)?.agent)
+    }
+
+    /// Builds the agent and the control plane binaries (one cargo run).
+    pub fn build_bins(&self, release: bool) -> Result<Bins> {
         let mut cmd = Command::new(&self.cargo);
-        cmd.current_dir(&self.root).args(["build", "-p", "wirefence-agent", "--bin", "wirefence-agent"]);
+        cmd.current_dir(&self.root).args(["build", "-p", "wirefence-agent", "-p", "wirefence-control", "--bins"]);
         if release {
             cmd.arg("--release");
         }
-        eprintln!("xtask: building the agent: {cmd:?}");
+        eprintln!("xtask: building the agent and the control plane: {cmd:?}");
         tools::status(&mut cmd)?;
-        let agent = self.target_dir.join(if release { "release" } else { "debug" }).join("wirefence-agent");
-        if !agent.is_file() {
-            bail!("cargo build succeeded but {} does not exist", agent.display());
+        let dir = self.target_dir.join(if release { "release" } else { "debug" });
+        let bins = Bins { agent: dir.join("wirefence-agent"), control: dir.join("wirefence-control") };
+        for bin in [&bins.agent, &bins.control] {
+            if !bin.is_file() {
+                bail!("cargo build succeeded but {} does not exist", bin.display());
+            }
         }
-        Ok(agent)
+        Ok(bins)
     }
 
     /// A cargo command run in the workspace root (the cargo that runs xtask).

@@ -1,0 +1,257 @@
+//! The control-plane client: registers, watches, hands each accepted view to the daemon
+//! (which applies it through the reconciler) and reports the outcome. It only produces
+//! desired state; it never touches the kernel.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Status};
+use wirefence_proto::v1;
+use wirefence_proto::v1::agent_service_client::AgentServiceClient;
+
+use super::config::ControlConfig;
+use super::connect::{Connected, Connector};
+use super::persist::{ControlFiles, ControlStatus, Credential};
+use super::tracker::{Offer, Tracker};
+use super::view::ControlView;
+use crate::model::{IfName, PublicKey};
+use crate::wg::WgBackend;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const STATS_EVERY: Duration = Duration::from_secs(10);
+
+/// A view for the daemon to apply; `done` carries the outcome (an error leaves the
+/// previous state in place).
+pub struct ApplyRequest {
+    pub version: u64,
+    pub view: ControlView,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Connect(#[from] super::connect::ConnectError),
+    #[error("{0}")]
+    Rpc(#[from] Status),
+    #[error("control.enrollment_key_file is needed to enroll this node (it has no credential yet)")]
+    NoEnrollmentKey,
+    #[error("control.enrollment_key_file {path}: {source}")]
+    EnrollmentKey { path: std::path::PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Persist(#[from] super::persist::PersistError),
+    #[error("the stream skipped from version {applied} to a delta on {base}; resuming")]
+    OutOfOrder { applied: u64, base: u64 },
+    #[error("the daemon stopped")]
+    DaemonGone,
+}
+
+pub struct ControlClient {
+    pub config: ControlConfig,
+    pub files: ControlFiles,
+    pub own: PublicKey,
+    pub tracker: Tracker,
+    pub apply: mpsc::Sender<ApplyRequest>,
+    pub connector: Connector,
+    /// Reads the device's peer statistics for reports (read only).
+    pub peer_stats: Box<dyn Fn() -> Vec<v1::PeerStat> + Send + Sync>,
+}
+
+impl ControlClient {
+    /// Runs until the daemon goes away: sessions separated by exponential backoff with jitter.
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut status = ControlStatus { applied_version: self.tracker.version(), ..Default::default() };
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = self.session(&mut status).await;
+            let message = match result {
+                Err(SessionError::DaemonGone) => return,
+                Ok(()) => "the control plane closed the stream".to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(error = %message, "control plane session ended");
+            status.connected_to = None;
+            status.last_error = Some(message);
+            self.save_status(&status);
+            // A session that ran a while was healthy: start the backoff over.
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn save_status(&self, status: &ControlStatus) {
+        if let Err(e) = self.files.set_status(status) {
+            tracing::warn!(error = %e, "cannot write the control status file");
+        }
+    }
+
+    async fn session(&mut self, status: &mut ControlStatus) -> Result<(), SessionError> {
+        let (channel, connected) = self.connector.connect().await?;
+        let mut client = AgentServiceClient::new(channel);
+        let cred = self.register(&mut client).await?;
+        record_connection(status, &connected);
+        status.node_id = Some(cred.node_id.clone());
+        status.last_error = None;
+        self.save_status(status);
+        tracing::info!(addr = %connected.addr, node = %cred.node_id, version = self.tracker.version(), "connected to the control plane");
+
+        let (report_tx, report_rx) = mpsc::channel::<v1::AgentReport>(64);
+        let mut report_client = client.clone();
+        let report_req = authed(&cred, tokio_stream::wrappers::ReceiverStream::new(report_rx));
+        let report_task = tokio::spawn(async move { report_client.report(report_req).await });
+        let result = self.watch(&mut client, &cred, &report_tx, status).await;
+        drop(report_tx);
+        report_task.abort();
+        result
+    }
+
+    /// Enrolls with the key when there is no credential for this public key, otherwise
+    /// re-registers with the credential (so the control plane learns new endpoints).
+    async fn register(&self, client: &mut AgentServiceClient<tonic::transport::Channel>) -> Result<Credential, SessionError> {
+        let c = &self.config;
+        let mut req = v1::RegisterRequest {
+            public_key: self.own.0.to_vec(),
+            hostname: c.hostname.clone(),
+            endpoints: c.advertise_endpoints.iter().map(|e| (*e).into()).collect(),
+            enrollment_key: String::new(),
+            routes: c.advertise_routes.iter().map(|r| (*r).into()).collect(),
+        };
+        let saved = self.files.credential()?.filter(|s| s.public_key == self.own);
+        let reply = match &saved {
+            Some(cred) => client.register(authed(cred, req)).await?.into_inner(),
+            None => {
+                let path = c.enrollment_key_file.as_ref().ok_or(SessionError::NoEnrollmentKey)?;
+                let key = std::fs::read_to_string(path)
+                    .map_err(|source| SessionError::EnrollmentKey { path: path.clone(), source })?;
+                req.enrollment_key = key.trim().to_owned();
+                client.register(Request::new(req)).await?.into_inner()
+            }
+        };
+        let cred = Credential { node_id: reply.node_id, credential: reply.credential, public_key: self.own };
+        if saved.as_ref() != Some(&cred) {
+            self.files.set_credential(&cred)?;
+            tracing::info!(node = %cred.node_id, "registered with the control plane");
+        }
+        Ok(cred)
+    }
+
+    async fn watch(
+        &mut self,
+        client: &mut AgentServiceClient<tonic::transport::Channel>,
+        cred: &Credential,
+        report: &mpsc::Sender<v1::AgentReport>,
+        status: &mut ControlStatus,
+    ) -> Result<(), SessionError> {
+        let req = authed(cred, v1::WatchRequest { resume_from: self.tracker.version() });
+        let mut stream = client.watch(req).await?.into_inner();
+        let mut stats = tokio::time::interval(STATS_EVERY);
+        loop {
+            let update = tokio::select! {
+                u = stream.next() => match u {
+                    None => return Ok(()),
+                    Some(u) => u?,
+                },
+                _ = stats.tick() => {
+                    let stats = v1::PeerStats { peers: (self.peer_stats)() };
+                    let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::Stats(stats)) });
+                    continue;
+                }
+            };
+            let body = match self.tracker.offer(&update) {
+                Ok(Offer::Stale { version, applied }) => {
+                    tracing::debug!(version, applied, "ignoring a stale or duplicate update");
+                    continue;
+                }
+                Ok(Offer::OutOfOrder { base, applied, .. }) => return Err(SessionError::OutOfOrder { applied, base }),
+                Ok(Offer::Apply { version, view }) => match self.apply(version, view.clone()).await? {
+                    Ok(()) => {
+                        self.tracker.commit(version, view.clone());
+                        self.files.set_view(version, &view)?;
+                        status.applied_version = version;
+                        status.last_error = None;
+                        tracing::info!(version, peers = view.peers.len(), rules = view.policy.rules().len(), "control update applied");
+                        v1::agent_report::Body::Applied(v1::Applied { version })
+                    }
+                    Err(reason) => {
+                        tracing::warn!(version, %reason, "control update failed to apply; keeping the previous state");
+                        status.last_error = Some(reason.clone());
+                        v1::agent_report::Body::Failed(v1::ApplyFailed { version, reason })
+                    }
+                },
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::warn!(version = update.version, %reason, "control update rejected; keeping the previous state");
+                    status.last_error = Some(reason.clone());
+                    v1::agent_report::Body::Failed(v1::ApplyFailed { version: update.version, reason })
+                }
+            };
+            self.save_status(status);
+            // Reports are best effort: the next session's Watch tells the control plane
+            // the applied version anyway.
+            let _ = report.send(v1::AgentReport { body: Some(body) }).await;
+        }
+    }
+
+    async fn apply(&self, version: u64, view: ControlView) -> Result<Result<(), String>, SessionError> {
+        let (done, result) = oneshot::channel();
+        self.apply.send(ApplyRequest { version, view, done }).await.map_err(|_| SessionError::DaemonGone)?;
+        result.await.map_err(|_| SessionError::DaemonGone)
+    }
+}
+
+/// The device's peers as report statistics; empty when the device cannot be read.
+pub fn device_peer_stats(backend: &dyn WgBackend, ifname: &IfName) -> Vec<v1::PeerStat> {
+    let Ok(Some(dev)) = backend.read(ifname) else { return Vec::new() };
+    dev.peers
+        .iter()
+        .map(|p| v1::PeerStat {
+            public_key: p.config.public_key.0.to_vec(),
+            last_handshake_unix: p
+                .stats
+                .last_handshake_time
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64),
+            rx_bytes: p.stats.rx_bytes,
+            tx_bytes: p.stats.tx_bytes,
+            endpoint: p.config.endpoint.map(Into::into),
+        })
+        .collect()
+}
+
+fn record_connection(status: &mut ControlStatus, c: &Connected) {
+    status.connected_to = Some(c.addr.to_string());
+    match c.addr {
+        std::net::SocketAddr::V4(_) => status.cert_expiry_ipv4 = c.cert_not_after,
+        std::net::SocketAddr::V6(_) => status.cert_expiry_ipv6 = c.cert_not_after,
+    }
+}
+
+/// A request carrying the node credential.
+fn authed<T>(cred: &Credential, body: T) -> Request<T> {
+    let mut req = Request::new(body);
+    match MetadataValue::try_from(format!("Bearer {}", cred.credential)) {
+        Ok(v) => {
+            req.metadata_mut().insert("authorization", v);
+        }
+        // Not ASCII: the server will refuse the call as unauthenticated.
+        Err(_) => tracing::warn!(node = %cred.node_id, "the saved credential is not valid metadata"),
+    }
+    req
+}
+
+/// Between half and all of `d` ("equal jitter"), so restarted agents do not reconnect in step.
+fn jitter(d: Duration) -> Duration {
+    d / 2 + d.mul_f64(rand::random::<f64>() / 2.0)
+}
+
+/// Whether a status means this node is not (or no longer) allowed in.
+pub fn refused(s: &Status) -> bool {
+    matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied)
+}

@@ -1,0 +1,199 @@
+//! The `[control]` config section: the agent takes its peers, addresses and policy from a
+//! control plane instead of `[[peers]]` and `[policy.rules]`.
+//!
+//! ```toml
+//! [control]
+//! endpoints = ["cp.example.net:7443", "[fd00::1]:7443"]  # every resolved address is tried
+//! ca_file = "/etc/wirefence/ca.pem"          # or: insecure = true (plaintext, labs only)
+//! enrollment_key_file = "/etc/wirefence/enroll.key"  # needed until the node is registered
+//! hostname = "gw1"                           # default: the machine's host name
+//! advertise_endpoints = ["192.0.2.1:51820"]  # where other nodes reach this one
+//! advertise_routes = ["10.88.0.0/24"]        # subnets this node routes for the mesh
+//! ```
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{parse_prefix, Endpoint};
+use crate::policy::resolve::ResolveError;
+
+/// A validated `[control]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlConfig {
+    pub endpoints: Vec<Endpoint>,
+    pub transport: Transport,
+    pub enrollment_key_file: Option<PathBuf>,
+    pub hostname: String,
+    pub advertise_endpoints: Vec<SocketAddr>,
+    pub advertise_routes: Vec<IpNet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS, trusting only the CA certificates in this PEM file.
+    Tls { ca_file: PathBuf },
+    /// Plaintext gRPC; chosen only by an explicit `insecure = true`.
+    Insecure,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawControl {
+    endpoints: Spanned<Vec<Spanned<String>>>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure: Option<Spanned<bool>>,
+    enrollment_key_file: Option<PathBuf>,
+    hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    advertise_endpoints: Vec<Spanned<String>>,
+    #[serde(default)]
+    advertise_routes: Vec<Spanned<String>>,
+}
+
+fn err(span: Range<usize>, message: String) -> ResolveError {
+    ResolveError { span, message }
+}
+
+impl RawControl {
+    pub(crate) fn resolve(self) -> Result<ControlConfig, ResolveError> {
+        if self.endpoints.get_ref().is_empty() {
+            return Err(err(self.endpoints.span(), "control.endpoints: at least one host:port is needed".into()));
+        }
+        let mut endpoints = Vec::new();
+        for e in self.endpoints.get_ref() {
+            endpoints.push(Endpoint::parse(e.get_ref()).map_err(|m| err(e.span(), format!("control.endpoints: {m}")))?);
+        }
+        let insecure = self.insecure.as_ref().is_some_and(|i| *i.get_ref());
+        let transport = match (self.ca_file, insecure) {
+            (Some(ca_file), false) => Transport::Tls { ca_file },
+            (None, true) => Transport::Insecure,
+            (Some(_), true) => {
+                let span = self.insecure.expect("insecure is set").span();
+                return Err(err(span, "control: ca_file and insecure = true exclude each other".into()));
+            }
+            (None, false) => {
+                return Err(err(
+                    self.endpoints.span(),
+                    "control: ca_file is required (or insecure = true for plaintext gRPC in a lab)".into(),
+                ))
+            }
+        };
+        let hostname = match self.hostname {
+            Some(h) if valid_hostname(h.get_ref()) => h.into_inner(),
+            Some(h) => {
+                return Err(err(
+                    h.span(),
+                    format!("control.hostname: {:?} is not a host name (letters, digits, '-', up to 63)", h.get_ref()),
+                ))
+            }
+            None => system_hostname(),
+        };
+        let mut advertise_endpoints = Vec::new();
+        for e in &self.advertise_endpoints {
+            advertise_endpoints.push(e.get_ref().parse::<SocketAddr>().map_err(|_| {
+                err(e.span(), format!("control.advertise_endpoints: {:?} is not ip:port ([v6]:port)", e.get_ref()))
+            })?);
+        }
+        let mut advertise_routes = Vec::new();
+        for r in &self.advertise_routes {
+            advertise_routes
+                .push(parse_prefix(r.get_ref()).map_err(|m| err(r.span(), format!("control.advertise_routes: {m}")))?);
+        }
+        Ok(ControlConfig {
+            endpoints,
+            transport,
+            enrollment_key_file: self.enrollment_key_file,
+            hostname,
+            advertise_endpoints,
+            advertise_routes,
+        })
+    }
+}
+
+pub fn valid_hostname(h: &str) -> bool {
+    (1..=63).contains(&h.len())
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+}
+
+fn system_hostname() -> String {
+    let h = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let first = h.split('.').next().unwrap_or_default().to_owned();
+    if valid_hostname(&first) {
+        first
+    } else {
+        "node".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn parse(control: &str, extra: &str) -> Result<Config, String> {
+        let text =
+            format!("[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\n{extra}\n[control]\n{control}");
+        Config::parse(Path::new("a.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn control_section_parses() {
+        let c = parse(
+            "endpoints = [\"cp.example:7443\", \"[fd00::1]:7443\"]\nca_file = \"/ca.pem\"\nhostname = \"gw1\"\n\
+             advertise_endpoints = [\"192.0.2.1:51820\"]\nadvertise_routes = [\"10.88.0.0/24\"]\n",
+            "",
+        )
+        .unwrap();
+        let c = c.control.unwrap();
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(c.transport, Transport::Tls { ca_file: "/ca.pem".into() });
+        assert_eq!(c.hostname, "gw1");
+        assert_eq!(c.advertise_routes, vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn bad_control_sections_name_line_and_field() {
+        let e = parse("endpoints = [\"cp:1\"]\n", "").unwrap_err();
+        assert!(e.starts_with("a.toml:6:") && e.contains("ca_file is required"), "{e}");
+        let e = parse("endpoints = [\"cp:1\"]\nca_file = \"/c\"\ninsecure = true\n", "").unwrap_err();
+        assert!(e.starts_with("a.toml:8:") && e.contains("exclude each other"), "{e}");
+        let e = parse("endpoints = []\ninsecure = true\n", "").unwrap_err();
+        assert!(e.contains("control.endpoints: at least one"), "{e}");
+        let e = parse("endpoints = [\"nohostport\"]\ninsecure = true\n", "").unwrap_err();
+        assert!(e.starts_with("a.toml:6:") && e.contains("control.endpoints"), "{e}");
+        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nhostname = \"bad name\"\n", "").unwrap_err();
+        assert!(e.starts_with("a.toml:8:") && e.contains("control.hostname"), "{e}");
+        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nadvertise_routes = [\"10.0.0.1/8\"]\n", "").unwrap_err();
+        assert!(e.contains("control.advertise_routes"), "{e}");
+        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nsecret = 1\n", "").unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn control_mode_refuses_static_peers_and_rules() {
+        let peer = crate::model::PrivateKey::generate().public_key();
+        let e = parse(
+            "endpoints = [\"cp:1\"]\ninsecure = true\n",
+            &format!("[[peers]]\npublic_key = \"{peer}\"\n"),
+        )
+        .unwrap_err();
+        assert!(e.contains("the control plane sends the peers"), "{e}");
+        let e = parse(
+            "endpoints = [\"cp:1\"]\ninsecure = true\n",
+            "[[policy.rules]]\nid = \"r\"\nfrom = [\"10.0.0.0/8\"]\nto = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("the control plane sends the policy"), "{e}");
+        assert!(parse("endpoints = [\"cp:1\"]\ninsecure = true\n", "[policy]\npin_dir = \"/sys/fs/bpf/x\"\n").is_ok());
+    }
+}

@@ -1,0 +1,138 @@
+//! One connection to the control plane: every configured endpoint, every address it
+//! resolves to (IPv4 and IPv6), in order, until one answers; TLS with rustls against the
+//! configured CA only. The caller retries with backoff, so this never loops itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+
+use super::config::Transport;
+use crate::config::Endpoint;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("control.ca_file {path}: {reason}")]
+    Ca { path: PathBuf, reason: String },
+    #[error("no control-plane endpoint answered: {0}")]
+    Unreachable(String),
+}
+
+/// Where the connection went and what certificate the server showed.
+#[derive(Clone, Debug)]
+pub struct Connected {
+    pub addr: SocketAddr,
+    /// Unix seconds the server's certificate expires; `None` for plaintext.
+    pub cert_not_after: Option<i64>,
+}
+
+pub struct Connector {
+    endpoints: Vec<Endpoint>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+impl Connector {
+    pub fn new(endpoints: Vec<Endpoint>, transport: &Transport) -> Result<Connector, ConnectError> {
+        let tls = match transport {
+            Transport::Insecure => None,
+            Transport::Tls { ca_file } => Some(Arc::new(client_config(ca_file)?)),
+        };
+        Ok(Connector { endpoints, tls })
+    }
+
+    /// Connects to the first endpoint address that completes TCP (and TLS), and returns a
+    /// channel bound to that one connection: when it breaks, the caller reconnects.
+    pub async fn connect(&self) -> Result<(Channel, Connected), ConnectError> {
+        let mut failures = Vec::new();
+        for e in &self.endpoints {
+            let (host, addrs) = match e {
+                Endpoint::Addr(a) => (a.ip().to_string(), vec![*a]),
+                Endpoint::Host { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(a) => (host.clone(), a.collect()),
+                    Err(err) => {
+                        failures.push(format!("{host}:{port}: {err}"));
+                        continue;
+                    }
+                },
+            };
+            for addr in addrs {
+                match self.connect_addr(&host, addr).await {
+                    Ok(ok) => return Ok(ok),
+                    Err(err) => failures.push(format!("{addr}: {err}")),
+                }
+            }
+        }
+        Err(ConnectError::Unreachable(failures.join("; ")))
+    }
+
+    async fn connect_addr(&self, host: &str, addr: SocketAddr) -> Result<(Channel, Connected), String> {
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (io, cert_not_after): (Box<dyn Io>, _) = match &self.tls {
+            None => (Box::new(tcp), None),
+            Some(cfg) => {
+                let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host:?}: {e}"))?;
+                let tls = tokio::time::timeout(
+                    HANDSHAKE_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp),
+                )
+                .await
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS: {e}"))?;
+                let expiry = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(not_after);
+                (Box::new(tls), expiry)
+            }
+        };
+        // The channel gets exactly this stream; a second connect attempt by tonic fails and
+        // surfaces as a stream error, which sends the caller back through its backoff.
+        let slot = Arc::new(Mutex::new(Some(io)));
+        let connector = tower::service_fn(move |_uri| {
+            let io = slot.lock().expect("not poisoned").take();
+            async move { io.map(TokioIo::new).ok_or_else(|| std::io::Error::other("connection closed")) }
+        });
+        let channel = TonicEndpoint::from_static("http://control-plane")
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+        Ok((channel, Connected { addr, cert_not_after }))
+    }
+}
+
+fn client_config(ca_file: &Path) -> Result<rustls::ClientConfig, ConnectError> {
+    let ca = |reason: String| ConnectError::Ca { path: ca_file.to_owned(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| ca(e.to_string()))? {
+        roots.add(cert.map_err(|e| ca(e.to_string()))?).map_err(|e| ca(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(ca("no certificate in the file".into()));
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ca(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}

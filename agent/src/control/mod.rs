@@ -1,0 +1,36 @@
+//! Control mode: the agent takes its addresses, peers and policy from a control plane over
+//! gRPC (`wirefence.v1`). The client produces desired state only; the daemon applies it
+//! through the reconciler and the client acknowledges what was applied.
+
+pub mod client;
+pub mod config;
+pub mod connect;
+pub mod persist;
+pub mod tracker;
+pub mod view;
+
+pub use client::{ApplyRequest, ControlClient};
+pub use config::ControlConfig;
+pub use persist::{ControlFiles, ControlStatus};
+pub use tracker::{Offer, Tracker};
+pub use view::{ControlView, UpdateError};
+
+use crate::config::Config;
+use crate::policy::resolve::DEFAULT_PIN_DIR;
+use crate::policy::PolicyConfig;
+
+/// The config the desired state is built from: in control mode the view's peers, its
+/// addresses (beside any configured ones) and its policy, which is always enforced; without
+/// a view yet, no peers and a policy that denies everything. A static config as it is.
+pub fn effective_config(mut config: Config, view: Option<&ControlView>) -> Config {
+    if config.control.is_none() {
+        return config;
+    }
+    let empty = ControlView::default();
+    let view = view.unwrap_or(&empty);
+    config.peers = view.peer_configs();
+    config.interface.addresses.extend(view.addresses.iter().copied());
+    let pin_dir = config.policy.as_ref().map_or_else(|| DEFAULT_PIN_DIR.into(), |p| p.pin_dir.clone());
+    config.policy = Some(PolicyConfig { pin_dir, policy: view.policy.clone() });
+    config
+}

@@ -1,0 +1,210 @@
+//! The control-plane client over a real gRPC connection, against a server that injects the
+//! faults a real stream can show: duplicates, stale replays, an invalid update, a delta
+//! for the wrong base. The client must ignore, reject and report, and resume correctly.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+use wirefence_agent::config::Endpoint;
+use wirefence_agent::control::config::{ControlConfig, Transport};
+use wirefence_agent::control::connect::Connector;
+use wirefence_agent::control::{ApplyRequest, ControlClient, ControlFiles, Tracker};
+use wirefence_agent::model::{PrivateKey, PublicKey};
+use wirefence_proto::v1;
+use wirefence_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
+
+const CREDENTIAL: &str = "n1.s3cret";
+
+#[derive(Default)]
+struct Seen {
+    resumes: Vec<u64>,
+    reports: Vec<v1::agent_report::Body>,
+    enrollment_keys: Vec<String>,
+}
+
+struct Faulty {
+    /// The updates of each successive Watch call.
+    script: Mutex<Vec<Vec<v1::Update>>>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+fn authorized<T>(r: &Request<T>) -> Result<(), Status> {
+    match r.metadata().get("authorization").and_then(|v| v.to_str().ok()) {
+        Some(v) if v == format!("Bearer {CREDENTIAL}") => Ok(()),
+        _ => Err(Status::unauthenticated("bad credential")),
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Faulty {
+    async fn register(&self, r: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        if authorized(&r).is_err() {
+            let key = r.get_ref().enrollment_key.clone();
+            if key != "enroll-me" {
+                return Err(Status::unauthenticated("bad enrollment key"));
+            }
+            self.seen.lock().unwrap().enrollment_keys.push(key);
+        }
+        Ok(Response::new(v1::RegisterResponse {
+            node_id: "n1".into(),
+            credential: CREDENTIAL.into(),
+            addresses: vec![],
+        }))
+    }
+
+    type WatchStream = ReceiverStream<Result<v1::Update, Status>>;
+
+    async fn watch(&self, r: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        authorized(&r)?;
+        self.seen.lock().unwrap().resumes.push(r.get_ref().resume_from);
+        let updates = {
+            let mut script = self.script.lock().unwrap();
+            if script.is_empty() {
+                Vec::new()
+            } else {
+                script.remove(0)
+            }
+        };
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            for u in updates {
+                if tx.send(Ok(u)).await.is_err() {
+                    return;
+                }
+            }
+            // Keep the stream open like a live control plane.
+            tx.closed().await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report(&self, r: Request<Streaming<v1::AgentReport>>) -> Result<Response<v1::ReportReply>, Status> {
+        authorized(&r)?;
+        let mut s = r.into_inner();
+        while let Some(m) = s.message().await? {
+            if let Some(b) = m.body {
+                self.seen.lock().unwrap().reports.push(b);
+            }
+        }
+        Ok(Response::new(v1::ReportReply {}))
+    }
+}
+
+fn prefix(s: &str) -> v1::IpPrefix {
+    s.parse::<ipnet::IpNet>().unwrap().into()
+}
+
+fn peer(k: &PublicKey, ip: &str) -> v1::Peer {
+    v1::Peer { public_key: k.0.to_vec(), name: "p".into(), allowed_ips: vec![prefix(ip)], ..Default::default() }
+}
+
+fn snapshot(version: u64, peers: Vec<v1::Peer>) -> v1::Update {
+    let view = v1::NodeView { addresses: vec![prefix("10.77.0.1/32")], peers, policy: Some(v1::Policy::default()) };
+    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)) }
+}
+
+fn delta(version: u64, base: u64, d: v1::ViewDelta) -> v1::Update {
+    v1::Update { version, body: Some(v1::update::Body::Delta(v1::ViewDelta { base_version: base, ..d })) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() {
+    let own = PrivateKey::generate().public_key();
+    let (a, b) = (PrivateKey::generate().public_key(), PrivateKey::generate().public_key());
+    let upsert = |p| v1::ViewDelta { upsert_peers: vec![p], ..Default::default() };
+    let script = vec![
+        vec![
+            snapshot(5, vec![peer(&a, "10.77.0.2/32")]),
+            snapshot(5, vec![peer(&a, "10.77.0.2/32")]),       // duplicate
+            delta(6, 5, upsert(peer(&b, "10.77.0.3/32"))),     // applies
+            delta(4, 3, upsert(peer(&b, "10.77.0.9/32"))),     // stale
+            delta(7, 6, upsert(peer(&PrivateKey::generate().public_key(), "10.77.0.0/24"))), // invalid: overlaps
+            delta(8, 7, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() }), // wrong base
+        ],
+        vec![delta(8, 6, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() })],
+    ];
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let server = Faulty { script: Mutex::new(script), seen: seen.clone() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(server))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    let dir = std::env::temp_dir().join(format!("wf-client-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
+    let files = ControlFiles::new(&dir);
+    // An unreachable endpoint first: the client must go on to the next one.
+    let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap()), Endpoint::Addr(addr)];
+    let config = ControlConfig {
+        endpoints: endpoints.clone(),
+        transport: Transport::Insecure,
+        enrollment_key_file: Some(dir.join("enroll.key")),
+        hostname: "n1".into(),
+        advertise_endpoints: vec![],
+        advertise_routes: vec![],
+    };
+    let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
+    let client = ControlClient {
+        config,
+        files: files.clone(),
+        own,
+        tracker: Tracker::new(own, None),
+        apply: tx,
+        connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
+        peer_stats: Box::new(Vec::new),
+    };
+    let task = tokio::spawn(client.run());
+
+    let mut applied = Vec::new();
+    while applied.last() != Some(&8) {
+        let req = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an update").unwrap();
+        applied.push(req.version);
+        req.done.send(Ok(())).unwrap();
+    }
+    assert_eq!(applied, vec![5, 6, 8]);
+    // Reports are asynchronous: wait for the last one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = seen.lock().unwrap().reports.iter().any(|r| matches!(r, v1::agent_report::Body::Applied(v1::Applied { version: 8 })));
+        if done || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.resumes, vec![0, 6], "resumes from the applied version after the gap");
+    assert_eq!(seen.enrollment_keys.len(), 1, "enrolls once, then uses its credential");
+    let outcomes: Vec<String> = seen
+        .reports
+        .iter()
+        .filter_map(|r| match r {
+            v1::agent_report::Body::Applied(a) => Some(format!("applied {}", a.version)),
+            v1::agent_report::Body::Failed(f) => Some(format!("failed {}: {}", f.version, f.reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    assert_eq!(outcomes[..2], ["applied 5".to_string(), "applied 6".to_string()]);
+    assert!(outcomes[2].starts_with("failed 7") && outcomes[2].contains("overlaps"), "{outcomes:?}");
+    assert_eq!(outcomes[3], "applied 8");
+
+    let (version, view) = files.view(&own).unwrap().expect("persisted view");
+    assert_eq!(version, 8);
+    assert_eq!(view.peers.keys().copied().collect::<Vec<_>>(), vec![b]);
+    let cred = files.credential().unwrap().expect("persisted credential");
+    assert_eq!(cred.node_id, "n1");
+    let status = files.status().unwrap().expect("status");
+    assert_eq!(status.applied_version, 8);
+    assert_eq!(status.connected_to.as_deref(), Some(addr.to_string().as_str()));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

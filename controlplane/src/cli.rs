@@ -1,0 +1,223 @@
+//! The command line (clap derive; doc comments are the help text).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+pub const DEFAULT_DB: &str = "/var/lib/wirefence/control.db";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wirefence/control.sock";
+
+/// wirefence reference control plane: enrolls nodes, compiles the access policy and
+/// streams each node its peers and policy.
+#[derive(Debug, Parser)]
+#[command(name = "wirefence-control", version)]
+pub struct Cli {
+    /// The admin socket: `serve` creates it (0600), the other commands connect to it.
+    #[arg(long, global = true, default_value = DEFAULT_ADMIN_SOCKET, env = "WIREFENCE_ADMIN_SOCKET")]
+    pub admin_socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    /// Apply or show the access policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// List, show and remove nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// Create enrollment keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Generate a CA and a server certificate for the agent listener.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// SQLite database (created 0600).
+    #[arg(long, default_value = DEFAULT_DB)]
+    pub db: PathBuf,
+    /// Address for agents, e.g. 0.0.0.0:7443 or [::]:7443; repeat for several.
+    #[arg(long, required = true)]
+    pub listen: Vec<SocketAddr>,
+    /// PEM certificate (chain) of the agent listener.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the agent listener.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve agents over plaintext HTTP/2 (testing only).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure: bool,
+    /// IPv4 overlay range node addresses are allocated from.
+    #[arg(long, default_value = "10.77.0.0/16")]
+    pub overlay_v4: Ipv4Net,
+    /// IPv6 overlay range node addresses are allocated from.
+    #[arg(long, default_value = "fd77::/64")]
+    pub overlay_v6: Ipv6Net,
+    /// How many versions are kept for resuming agent streams with a delta.
+    #[arg(long, default_value_t = crate::control::DEFAULT_HISTORY)]
+    pub history: usize,
+}
+
+/// How the agent listener is secured.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    Tls { cert: PathBuf, key: PathBuf },
+    Insecure,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("give --tls-cert and --tls-key, or --insecure to serve agents without TLS")]
+pub struct TlsChoiceError;
+
+impl ServeArgs {
+    /// Exactly one of TLS (cert and key) or `--insecure`.
+    pub fn tls_mode(&self) -> Result<TlsMode, TlsChoiceError> {
+        match (&self.tls_cert, &self.tls_key, self.insecure) {
+            (Some(cert), Some(key), false) => Ok(TlsMode::Tls { cert: cert.clone(), key: key.clone() }),
+            (None, None, true) => Ok(TlsMode::Insecure),
+            _ => Err(TlsChoiceError),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file (syntax, references, satisfiability, its tests) and apply it.
+    Apply {
+        /// The policy file (TOML).
+        file: PathBuf,
+    },
+    /// Print the current policy file and the version it was applied at.
+    Show {
+        /// Output JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List the nodes.
+    List {
+        /// Output JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one node.
+    Show {
+        /// Node id or hostname.
+        node: String,
+        /// Output JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node: its credential stops working and it leaves every other node's view.
+    Remove {
+        /// Node id or hostname.
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an enrollment key (printed once; only its hash is stored).
+    Create {
+        /// The key enrolls one node only.
+        #[arg(long)]
+        single_use: bool,
+        /// Lifetime: seconds, or a number with s, m, h or d (e.g. 30m, 7d). Default: never expires.
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<u64>,
+        /// Tag given to nodes enrolled with the key (policy selector tag:<name>); repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Output JSON ({"key_id", "key", "expires_unix"}).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Write ca.pem, ca.key, server.pem and server.key into a directory.
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Subject alternative name of the server certificate (DNS name or IP); repeatable.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
+}
+
+/// `3600`, `45s`, `30m`, `1h`, `7d` -> seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 3600, 30m, 1h, 7d)"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m, h or d)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3600"), Ok(3600));
+        assert_eq!(parse_duration("45s"), Ok(45));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        assert_eq!(parse_duration("7d"), Ok(604800));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn serve_needs_exactly_one_of_tls_or_insecure() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["wirefence-control", "serve", "--listen", "127.0.0.1:7443"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        let mode = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Serve(s) => s.tls_mode(),
+            _ => unreachable!("serve"),
+        };
+        assert_eq!(mode(&["--insecure"]), Ok(TlsMode::Insecure));
+        assert_eq!(
+            mode(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]),
+            Ok(TlsMode::Tls { cert: "c.pem".into(), key: "k.pem".into() })
+        );
+        assert_eq!(mode(&[]), Err(TlsChoiceError));
+        assert!(parse(&["--tls-cert", "c.pem"]).is_err());
+        assert!(parse(&["--insecure", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_err());
+        let Command::Serve(s) = parse(&["--insecure", "--listen", "[::1]:7443"]).unwrap().command else {
+            unreachable!("serve")
+        };
+        assert_eq!(s.listen.len(), 2);
+        assert_eq!(s.db, PathBuf::from(DEFAULT_DB));
+        assert_eq!(s.overlay_v4.to_string(), "10.77.0.0/16");
+        assert_eq!(s.overlay_v6.to_string(), "fd77::/64");
+    }
+}

@@ -1,0 +1,162 @@
+//! Administration: policy, nodes, enrollment keys.
+
+use std::sync::Arc;
+
+use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
+
+use super::{lock, Control};
+use crate::auth::{self, Token};
+use crate::model::{now_unix, valid_name};
+use crate::policy;
+use crate::store::{self, KeyRow, NodeRow};
+use crate::Error;
+
+/// An applied policy: the version it took effect at, its rule and passed test counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub version: u64,
+    pub rules: usize,
+    pub tests_passed: usize,
+}
+
+/// The current policy file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyFile {
+    pub file_name: String,
+    pub source: String,
+    /// The version it was applied at; 0 = none applied yet.
+    pub version: u64,
+}
+
+/// A created enrollment key (the key is shown once).
+#[derive(Debug)]
+pub struct NewKey {
+    pub key_id: String,
+    pub key: String,
+    /// Unix seconds; 0 = never.
+    pub expires_unix: i64,
+}
+
+impl Control {
+    /// Validates `source` (syntax, references, satisfiability, then the tests against the
+    /// current nodes) and, only if all pass, makes it the policy of every node.
+    pub fn apply_policy(&self, file_name: &str, source: &str) -> Result<Applied, Error> {
+        let policy = policy::parse(file_name, source)?;
+        let mut store = self.store();
+        let state = self.current();
+        let rules = policy::compile(&policy, &state.nodes);
+        let tests_passed = policy::run_tests(&policy, &rules, &state.nodes)?;
+        let ((), version) = store.change(true, |tx| store::set_policy(tx, file_name, source))?;
+        let rule_count = policy.rules.len();
+        self.publish(state.with_policy(version, Arc::new(policy)));
+        tracing::info!(version, rules = rule_count, tests_passed, file = file_name, "policy applied");
+        Ok(Applied { version, rules: rule_count, tests_passed })
+    }
+
+    pub fn policy_file(&self) -> Result<PolicyFile, Error> {
+        Ok(self
+            .store()
+            .policy()?
+            .map(|(file_name, source, version)| PolicyFile { file_name, source, version })
+            .unwrap_or_default())
+    }
+
+    /// Live nodes, as the admin API shows them.
+    pub fn list_nodes(&self) -> Result<Vec<v1::Node>, Error> {
+        let store = self.store();
+        let rows = store.nodes()?;
+        rows.into_iter().filter(|r| !r.removed).map(|r| self.node_info(&store, r)).collect()
+    }
+
+    /// A live node by id or hostname.
+    pub fn get_node(&self, sel: &str) -> Result<v1::Node, Error> {
+        let store = self.store();
+        let row = find(store.nodes()?, sel)?;
+        self.node_info(&store, row)
+    }
+
+    /// Removes a live node: its credential stops working, its streams end, and it leaves
+    /// every other node's view. Returns the new version.
+    pub fn remove_node(&self, sel: &str) -> Result<u64, Error> {
+        let mut store = self.store();
+        let row = find(store.nodes()?, sel)?;
+        let id = row.rec.id;
+        let ((), version) = store.change(true, |tx| store::mark_removed(tx, &id))?;
+        let state = self.current();
+        let nodes = state.nodes.iter().filter(|n| n.id != id).cloned().collect();
+        self.publish(state.with_nodes(version, nodes));
+        tracing::info!(node = %id, version, "node removed");
+        Ok(version)
+    }
+
+    pub fn create_enrollment_key(
+        &self,
+        single_use: bool,
+        expires_in_secs: u64,
+        tags: &[String],
+    ) -> Result<NewKey, Error> {
+        if let Some(bad) = tags.iter().find(|t| !valid_name(t)) {
+            return Err(Error::Tag(bad.clone()));
+        }
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        let expires_unix = match expires_in_secs {
+            0 => 0,
+            s => now_unix().saturating_add(i64::try_from(s).unwrap_or(i64::MAX)),
+        };
+        let token = Token::generate(auth::new_id('k'));
+        let row = KeyRow {
+            id: token.id.clone(),
+            hash: token.hash().to_vec(),
+            single_use,
+            used: false,
+            expires: expires_unix,
+            tags,
+        };
+        self.store().insert_key(&row)?;
+        tracing::info!(key = %row.id, single_use, expires_unix, "enrollment key created");
+        Ok(NewKey { key_id: row.id, key: token.expose(), expires_unix })
+    }
+
+    fn node_info(&self, store: &store::Store, r: NodeRow) -> Result<v1::Node, Error> {
+        let connected = lock(&self.connected).get(&r.rec.id).is_some_and(|c| *c > 0);
+        let peer_stats = store
+            .peer_stats(&r.rec.id)?
+            .into_iter()
+            .map(|s| PeerStat {
+                public_key: s.public_key,
+                last_handshake_unix: s.last_handshake,
+                rx_bytes: s.rx_bytes,
+                tx_bytes: s.tx_bytes,
+                endpoint: s.endpoint.map(SocketAddress::from),
+            })
+            .collect();
+        let n = r.rec;
+        Ok(v1::Node {
+            node_id: n.id,
+            hostname: n.hostname,
+            public_key: n.public_key.to_vec(),
+            addresses: n.addresses.iter().map(|a| IpPrefix::from(*a)).collect(),
+            endpoints: n.endpoints.iter().map(|e| SocketAddress::from(*e)).collect(),
+            tags: n.tags,
+            routes: n.routes.iter().map(|a| IpPrefix::from(*a)).collect(),
+            applied_version: r.applied_version,
+            last_error: r.last_error,
+            last_seen_unix: r.last_seen,
+            connected,
+            peer_stats,
+        })
+    }
+}
+
+/// A live node by id, else by hostname.
+fn find(rows: Vec<NodeRow>, sel: &str) -> Result<NodeRow, Error> {
+    let mut live = rows.into_iter().filter(|r| !r.removed);
+    let (by_id, rest): (Vec<_>, Vec<_>) = live.by_ref().partition(|r| r.rec.id == sel);
+    by_id
+        .into_iter()
+        .next()
+        .or_else(|| rest.into_iter().find(|r| r.rec.hostname == sel))
+        .ok_or_else(|| Error::UnknownNode(sel.to_owned()))
+}

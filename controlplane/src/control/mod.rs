@@ -1,0 +1,163 @@
+//! The registry: the one place that changes nodes, keys and policy. Every versioned change
+//! happens under the store lock: write (with the version bump) in one transaction, then
+//! publish the new [`GlobalState`] to the history and the watch channel, so states are
+//! published in version order.
+//!
+//! - [`register`]: enrollment and re-registration.
+//! - [`admin`]: the administration operations.
+//! - [`report`]: agent reports and connection tracking.
+
+pub mod admin;
+pub mod register;
+pub mod report;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::IpNet;
+use tokio::sync::watch;
+use tonic::metadata::MetadataMap;
+use wirefence_proto::v1::FlowRecord;
+
+use crate::auth;
+use crate::policy::{self, Policy};
+use crate::state::{GlobalState, History};
+use crate::store::Store;
+use crate::Error;
+
+/// The overlay ranges addresses are allocated from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overlay {
+    pub v4: IpNet,
+    pub v6: IpNet,
+}
+
+impl Default for Overlay {
+    fn default() -> Overlay {
+        Overlay {
+            v4: IpNet::V4("10.77.0.0/16".parse().expect("valid literal")),
+            v6: IpNet::V6("fd77::/64".parse().expect("valid literal")),
+        }
+    }
+}
+
+/// How many global states are kept for resuming streams.
+pub const DEFAULT_HISTORY: usize = 256;
+/// How many flow records are kept in memory.
+pub const FLOW_LOG: usize = 512;
+
+pub struct Control {
+    store: Mutex<Store>,
+    overlay: Overlay,
+    state: watch::Sender<Arc<GlobalState>>,
+    history: Mutex<History>,
+    connected: Mutex<HashMap<String, usize>>,
+    /// Every overlay address ever allocated (removed nodes' included); changed only with
+    /// the store lock held.
+    allocated: Mutex<HashSet<IpAddr>>,
+    flows: Mutex<VecDeque<(String, FlowRecord)>>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Locks a mutex, recovering the data if a holder panicked (every critical section leaves
+/// its data consistent or changes nothing).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Control {
+    /// Opens the store and rebuilds the current state from it.
+    pub fn open(db: &Path, overlay: Overlay, history: usize) -> Result<Control, Error> {
+        let store = Store::open(db)?;
+        let version = store.version()?;
+        let policy = match store.policy()? {
+            Some((file, source, _)) => policy::parse(&file, &source)?,
+            None => Policy::default(),
+        };
+        let rows = store.nodes()?;
+        let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
+        let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
+        let state = Arc::new(GlobalState::new(version, live, Arc::new(policy)));
+        let mut hist = History::new(history);
+        hist.push(state.clone());
+        Ok(Control {
+            store: Mutex::new(store),
+            overlay,
+            state: watch::Sender::new(state),
+            history: Mutex::new(hist),
+            connected: Mutex::new(HashMap::new()),
+            allocated: Mutex::new(allocated),
+            flows: Mutex::new(VecDeque::new()),
+            shutdown: watch::Sender::new(false),
+        })
+    }
+
+    pub fn overlay(&self) -> Overlay {
+        self.overlay
+    }
+
+    pub fn current(&self) -> Arc<GlobalState> {
+        self.state.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<GlobalState>> {
+        self.state.subscribe()
+    }
+
+    /// A state still in the history.
+    pub fn at_version(&self, version: u64) -> Option<Arc<GlobalState>> {
+        lock(&self.history).get(version)
+    }
+
+    /// Call with the store lock held, right after committing `state.version`.
+    fn publish(&self, state: GlobalState) -> u64 {
+        let version = state.version;
+        let state = Arc::new(state);
+        lock(&self.history).push(state.clone());
+        self.state.send_replace(state);
+        tracing::debug!(version, "published state");
+        version
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+
+    /// The node id behind the request's bearer credential: refused when missing,
+    /// malformed, unknown or tampered (`Unauthenticated`) or removed (`PermissionDenied`).
+    pub fn authenticate(&self, meta: &MetadataMap) -> Result<String, Error> {
+        let token = auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
+        check_credential(&self.store(), &token)?;
+        Ok(token.id)
+    }
+}
+
+/// Checks a node credential against the store (which the caller has locked).
+fn check_credential(store: &Store, token: &auth::Token) -> Result<(), Error> {
+    let (hash, removed) = store.node_auth(&token.id)?.ok_or(Error::CredentialInvalid)?;
+    if !token.matches(&hash) {
+        return Err(Error::CredentialInvalid);
+    }
+    if removed {
+        return Err(Error::NodeRemoved(token.id.clone()));
+    }
+    Ok(())
+}
+
+impl Control {
+    /// Ends every stream (they return `Unavailable`); used when the server stops.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+}
+
+/// Resolves once `signal` (from [`Control::shutdown_signal`]) says shutting down.
+pub async fn stopped(signal: &mut watch::Receiver<bool>) {
+    let _ = signal.wait_for(|s| *s).await;
+}

@@ -1,0 +1,154 @@
+//! The library's error type and its one mapping to gRPC statuses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use tonic::{Code, Status};
+use wirefence_proto::WireError;
+
+use crate::policy::PolicyError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+
+    // Request validation (the message names the field).
+    #[error("{field}: {source}")]
+    Wire {
+        field: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("public_key: must be 32 bytes, got {0}")]
+    PublicKeyLength(usize),
+    #[error("public_key: the all-zero key is not a public key")]
+    PublicKeyZero,
+    #[error("public_key: already registered by another node")]
+    PublicKeyTaken,
+    #[error("hostname: {0:?} is not a hostname (dot-separated labels of A-Z a-z 0-9 -, at most 63 each)")]
+    Hostname(String),
+    #[error("hostname: {0:?} is already used by another node")]
+    HostnameTaken(String),
+    #[error("routes[{index}]: {route} overlaps the overlay {overlay}")]
+    RouteOverlapsOverlay { index: usize, route: IpNet, overlay: IpNet },
+    #[error("{field}: at most {max} entries")]
+    TooMany { field: &'static str, max: usize },
+    #[error("tags: {0:?} is not 1 to 64 of A-Z a-z 0-9 _ . -")]
+    Tag(String),
+
+    // Enrollment.
+    #[error("an enrollment key is required to register a new node")]
+    EnrollmentKeyMissing,
+    #[error("unknown enrollment key")]
+    EnrollmentKeyUnknown,
+    #[error("enrollment key {0} was already used (single-use)")]
+    EnrollmentKeyUsed(String),
+    #[error("enrollment key {0} has expired")]
+    EnrollmentKeyExpired(String),
+
+    // Node authentication.
+    #[error("missing credential (metadata `authorization: Bearer <credential>`)")]
+    CredentialMissing,
+    #[error("malformed credential")]
+    CredentialMalformed,
+    #[error("invalid credential")]
+    CredentialInvalid,
+    #[error("node {0} has been removed")]
+    NodeRemoved(String),
+
+    // Administration.
+    #[error("no node {0:?} (give a node id or a hostname)")]
+    UnknownNode(String),
+    #[error("the overlay {0} has no free address left")]
+    PoolExhausted(IpNet),
+
+    // Serving.
+    #[error("the control plane is shutting down")]
+    ShuttingDown,
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("certificate generation: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("admin socket {0} is in use by a running control plane")]
+    AdminSocketInUse(PathBuf),
+    #[error("{0}: refusing to overwrite an existing file")]
+    Exists(PathBuf),
+}
+
+impl Error {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { what, path, source }
+    }
+
+    pub fn wire(field: impl Into<String>) -> impl FnOnce(WireError) -> Error {
+        let field = field.into();
+        move |source| Error::Wire { field, source }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Policy(_)
+            | Error::Wire { .. }
+            | Error::PublicKeyLength(_)
+            | Error::PublicKeyZero
+            | Error::Hostname(_)
+            | Error::RouteOverlapsOverlay { .. }
+            | Error::TooMany { .. }
+            | Error::Tag(_) => Code::InvalidArgument,
+            Error::PublicKeyTaken | Error::HostnameTaken(_) => Code::AlreadyExists,
+            Error::EnrollmentKeyMissing
+            | Error::EnrollmentKeyUnknown
+            | Error::CredentialMissing
+            | Error::CredentialMalformed
+            | Error::CredentialInvalid => Code::Unauthenticated,
+            Error::EnrollmentKeyUsed(_) | Error::EnrollmentKeyExpired(_) | Error::NodeRemoved(_) => {
+                Code::PermissionDenied
+            }
+            Error::UnknownNode(_) => Code::NotFound,
+            Error::PoolExhausted(_) => Code::ResourceExhausted,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::Store(_)
+            | Error::Io { .. }
+            | Error::Bind { .. }
+            | Error::Transport(_)
+            | Error::Cert(_)
+            | Error::Reflection(_)
+            | Error::AdminSocketInUse(_)
+            | Error::Exists(_) => Code::Internal,
+        }
+    }
+}
+
+/// The one place library errors become gRPC statuses. Internal details are logged, not
+/// sent.
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let code = e.code();
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+            return Status::internal("internal error (see the control plane's log)");
+        }
+        Status::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,30 @@
+//! wirefence-control: the reference control plane.
+//!
+//! - [`store`]: SQLite persistence (nodes, enrollment keys, policy, version counter, stats).
+//! - [`policy`]: the policy file (parse with positions, compile selectors to prefixes,
+//!   evaluate `[[tests]]`).
+//! - [`state`]: immutable [`state::GlobalState`] snapshots (one per version) and the history
+//!   kept for resuming streams.
+//! - [`view`]: one node's view of a global state (addresses, peers, policy) and deltas.
+//! - [`control`]: the registry that serializes every change: store, version, publication.
+//! - [`server`]: the gRPC services and [`server::serve`] to run them in-process.
+//! - [`admin_client`]: connect to the admin service over its Unix socket.
+//! - [`auth`], [`alloc`], [`certs`]: credentials, overlay address allocation, test PKI.
+//! - [`cli`], [`output`]: the command line and its renderings.
+
+pub mod admin_client;
+pub mod alloc;
+pub mod auth;
+pub mod certs;
+pub mod cli;
+pub mod control;
+pub mod error;
+pub mod model;
+pub mod output;
+pub mod policy;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod view;
+
+pub use error::Error;

@@ -1,0 +1,176 @@
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ipnet::IpNet;
+use tracing_subscriber::EnvFilter;
+use wirefence_control::cli::{
+    CertsCommand, Cli, Command, KeysCommand, NodesCommand, PolicyCommand, ServeArgs, TlsMode,
+};
+use wirefence_control::control::Overlay;
+use wirefence_control::model::now_unix;
+use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
+use wirefence_control::{admin_client, certs, output};
+use wirefence_proto::v1::{
+    ApplyPolicyRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, ListNodesRequest,
+    RemoveNodeRequest,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `WIREFENCE_LOG`, else `RUST_LOG`, else `info`.
+fn log_filter() -> EnvFilter {
+    ["WIREFENCE_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().and_then(|v| EnvFilter::try_new(v).ok()))
+        .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let socket = cli.admin_socket;
+    match cli.command {
+        Command::Serve(args) => run_serve(args, socket).await,
+        Command::Certs(CertsCommand::Init { dir, sans }) => {
+            let files = certs::init(&dir, &sans).with_context(|| format!("certs init in {}", dir.display()))?;
+            println!("wrote {}", files.ca_cert.display());
+            println!("wrote {} (0600)", files.ca_key.display());
+            println!("wrote {}", files.server_cert.display());
+            println!("wrote {} (0600)", files.server_key.display());
+            Ok(())
+        }
+        command => {
+            let mut admin = admin_client::connect(&socket)
+                .await
+                .with_context(|| format!("connect to the admin socket {}", socket.display()))?;
+            let out = admin_command(&mut admin, command).await?;
+            std::io::stdout().write_all(out.as_bytes()).context("write to stdout")?;
+            Ok(())
+        }
+    }
+}
+
+async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<()> {
+    let tls = match args.tls_mode()? {
+        TlsMode::Tls { cert, key } => Some(TlsIdentity::from_files(&cert, &key)?),
+        TlsMode::Insecure => {
+            tracing::warn!("serving agents without TLS (--insecure)");
+            None
+        }
+    };
+    let cfg = ServeConfig {
+        db: args.db.clone(),
+        listen: args.listen,
+        tls,
+        admin_socket,
+        overlay: Overlay { v4: IpNet::V4(args.overlay_v4), v6: IpNet::V6(args.overlay_v6) },
+        history: args.history,
+    };
+    let handle =
+        serve(cfg).await.with_context(|| format!("start the control plane (database {})", args.db.display()))?;
+    for addr in &handle.agent_addrs {
+        println!("listening on {addr}");
+    }
+    println!("admin socket {}", handle.admin_socket.display());
+    let control = handle.control().clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        control.begin_shutdown();
+    });
+    handle.wait().await.context("serve")
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message()).context(format!("control plane refused ({:?})", e.code()))
+}
+
+async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) -> Result<String> {
+    let now = now_unix();
+    Ok(match command {
+        Command::Policy(PolicyCommand::Apply { file }) => {
+            let source = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+            let file_name = file.display().to_string();
+            let r = admin.apply_policy(ApplyPolicyRequest { file_name, source }).await.map_err(|e| {
+                if e.code() == tonic::Code::InvalidArgument {
+                    anyhow::anyhow!("{}", e.message()).context("policy rejected; the running policy is unchanged")
+                } else {
+                    status(e)
+                }
+            })?;
+            let r = r.into_inner();
+            format!("applied at version {}: {} rules, {} tests passed\n", r.version, r.rules, r.tests_passed)
+        }
+        Command::Policy(PolicyCommand::Show { json }) => {
+            let p = admin.get_policy(GetPolicyRequest {}).await.map_err(status)?.into_inner();
+            if json {
+                format!("{:#}\n", output::policy_json(&p))
+            } else if p.version == 0 {
+                "no policy applied (every node denies everything)\n".into()
+            } else {
+                format!("# {} (applied at version {})\n{}", p.file_name, p.version, p.source)
+            }
+        }
+        Command::Nodes(NodesCommand::List { json }) => {
+            let nodes = admin.list_nodes(ListNodesRequest {}).await.map_err(status)?.into_inner().nodes;
+            if json {
+                format!("{:#}\n", serde_json::Value::Array(nodes.iter().map(output::node_json).collect()))
+            } else {
+                output::nodes_table(&nodes, now)
+            }
+        }
+        Command::Nodes(NodesCommand::Show { node, json }) => {
+            let n = admin.get_node(GetNodeRequest { node }).await.map_err(status)?.into_inner();
+            if json {
+                format!("{:#}\n", output::node_json(&n))
+            } else {
+                output::node_text(&n, now)
+            }
+        }
+        Command::Nodes(NodesCommand::Remove { node }) => {
+            let r = admin.remove_node(RemoveNodeRequest { node: node.clone() }).await.map_err(status)?.into_inner();
+            format!("removed {node} (version {})\n", r.version)
+        }
+        Command::Keys(KeysCommand::Create { single_use, expires_in, tags, json }) => {
+            let req = CreateEnrollmentKeyRequest { single_use, expires_in_secs: expires_in.unwrap_or(0), tags };
+            let k = admin.create_enrollment_key(req).await.map_err(status)?.into_inner();
+            if json {
+                let v = serde_json::json!({ "key_id": k.key_id, "key": k.key, "expires_unix": k.expires_unix });
+                return Ok(format!("{v:#}\n"));
+            }
+            let expires = if k.expires_unix == 0 { "never".to_string() } else { format!("unix {}", k.expires_unix) };
+            eprintln!("enrollment key {} (shown once), expires {expires}", k.key_id);
+            format!("{}\n", k.key)
+        }
+        Command::Serve(_) | Command::Certs(_) => bail!("not an admin command"),
+    })
+}

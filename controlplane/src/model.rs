@@ -1,0 +1,74 @@
+//! In-memory node records shared (behind `Arc`) by the global states.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+
+/// A raw X25519 public key.
+pub type PublicKey = [u8; 32];
+
+/// A live node as the views see it. Holds no credential material.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRec {
+    pub id: String,
+    pub hostname: String,
+    pub public_key: PublicKey,
+    /// Overlay host prefixes: one IPv4 /32 and one IPv6 /128.
+    pub addresses: Vec<IpNet>,
+    pub endpoints: Vec<SocketAddr>,
+    /// Subnets this node routes for the mesh.
+    pub routes: Vec<IpNet>,
+    pub tags: Vec<String>,
+}
+
+impl NodeRec {
+    /// Overlay addresses and advertised routes: everything routed to this node.
+    pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
+        self.addresses.iter().chain(self.routes.iter())
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// `[A-Za-z0-9_.-]{1,64}`: rule ids and tags.
+pub fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Hostnames: dot-separated DNS labels (1-63 of A-Z a-z 0-9 -, not starting or ending
+/// with `-`), at most 253 characters.
+pub fn valid_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames_and_names() {
+        for ok in ["db1", "laptop-2", "a.b.c", "X"] {
+            assert!(valid_hostname(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a..b", "a b", "a_b", &"x".repeat(64)] {
+            assert!(!valid_hostname(bad), "{bad}");
+        }
+        assert!(valid_name("admin-ssh.v2_1"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"x".repeat(65)));
+    }
+}

@@ -1,0 +1,128 @@
+//! Selectors -> prefixes against the current nodes. A node contributes its overlay host
+//! prefixes (`*`, `node:`, `tag:`); a CIDR stays as written. Prefixes of a family that
+//! cannot match (the other side has none of it, or ICMP/ICMPv6) are dropped, and a rule
+//! left with an empty side is dropped: the agent only ever receives satisfiable rules.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::{Policy, PortRange, RuleDef, Selector, PROTO_ICMP, PROTO_ICMPV6};
+use crate::model::NodeRec;
+
+/// A set of prefixes with fast membership for host prefixes.
+#[derive(Clone, Debug, Default)]
+pub struct PrefixSet {
+    hosts: HashSet<IpAddr>,
+    nets: Vec<IpNet>,
+}
+
+impl PrefixSet {
+    pub fn new(prefixes: &[IpNet]) -> PrefixSet {
+        let mut s = PrefixSet::default();
+        for p in prefixes {
+            if p.prefix_len() == p.max_prefix_len() {
+                s.hosts.insert(p.addr());
+            } else {
+                s.nets.push(*p);
+            }
+        }
+        s
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.hosts.contains(&ip) || self.nets.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Whether some address is in both `p` and the set.
+    pub fn overlaps(&self, p: &IpNet) -> bool {
+        if p.prefix_len() == p.max_prefix_len() {
+            return self.contains(p.addr());
+        }
+        self.nets.iter().any(|n| n.contains(p) || p.contains(n)) || self.hosts.iter().any(|h| p.contains(h))
+    }
+}
+
+/// A rule with prefixes: what a node enforces.
+#[derive(Clone, Debug)]
+pub struct CompiledRule {
+    pub id: String,
+    pub from: Vec<IpNet>,
+    pub to: Vec<IpNet>,
+    pub protocol: Option<u8>,
+    pub ports: Vec<PortRange>,
+    pub from_set: PrefixSet,
+    pub to_set: PrefixSet,
+}
+
+impl PartialEq for CompiledRule {
+    fn eq(&self, o: &CompiledRule) -> bool {
+        self.id == o.id
+            && self.from == o.from
+            && self.to == o.to
+            && self.protocol == o.protocol
+            && self.ports == o.ports
+    }
+}
+
+impl Eq for CompiledRule {}
+
+/// Resolves every rule of `policy` against `nodes` (the live nodes).
+pub fn compile(policy: &Policy, nodes: &[Arc<NodeRec>]) -> Vec<Arc<CompiledRule>> {
+    let by_host: HashMap<&str, &NodeRec> = nodes.iter().map(|n| (n.hostname.as_str(), &**n)).collect();
+    policy.rules.iter().filter_map(|r| compile_rule(r, nodes, &by_host)).map(Arc::new).collect()
+}
+
+fn resolve(side: &[Selector], nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &NodeRec>) -> BTreeSet<IpNet> {
+    let mut out = BTreeSet::new();
+    for s in side {
+        match s {
+            Selector::All => out.extend(nodes.iter().flat_map(|n| n.addresses.iter().copied())),
+            Selector::Node(h) => {
+                if let Some(n) = by_host.get(h.as_str()) {
+                    out.extend(n.addresses.iter().copied());
+                }
+            }
+            Selector::Tag(t) => out.extend(
+                nodes.iter().filter(|n| n.tags.iter().any(|x| x == t)).flat_map(|n| n.addresses.iter().copied()),
+            ),
+            Selector::Net(n) => {
+                out.insert(*n);
+            }
+        }
+    }
+    out
+}
+
+fn compile_rule(r: &RuleDef, nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &NodeRec>) -> Option<CompiledRule> {
+    let from = resolve(&r.from, nodes, by_host);
+    let to = resolve(&r.to, nodes, by_host);
+    let has = |s: &BTreeSet<IpNet>, v6: bool| s.iter().any(|n| matches!(n, IpNet::V6(_)) == v6);
+    let keep = |v6: bool| {
+        let proto_ok = match r.protocol {
+            Some(PROTO_ICMP) => !v6,
+            Some(PROTO_ICMPV6) => v6,
+            _ => true,
+        };
+        proto_ok && has(&from, v6) && has(&to, v6)
+    };
+    let (k4, k6) = (keep(false), keep(true));
+    let filter = |s: BTreeSet<IpNet>| -> Vec<IpNet> {
+        s.into_iter().filter(|n| if matches!(n, IpNet::V6(_)) { k6 } else { k4 }).collect()
+    };
+    let (from, to) = (filter(from), filter(to));
+    if from.is_empty() || to.is_empty() {
+        return None;
+    }
+    Some(CompiledRule {
+        id: r.id.clone(),
+        from_set: PrefixSet::new(&from),
+        to_set: PrefixSet::new(&to),
+        from,
+        to,
+        protocol: r.protocol,
+        ports: r.ports.clone(),
+    })
+}

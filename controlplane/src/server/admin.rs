@@ -1,0 +1,62 @@
+//! The administration service, served only on the local Unix socket.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use wirefence_proto::v1::admin_service_server::AdminService;
+use wirefence_proto::v1::{
+    ApplyPolicyReply, ApplyPolicyRequest, CreateEnrollmentKeyReply, CreateEnrollmentKeyRequest, GetNodeRequest,
+    GetPolicyReply, GetPolicyRequest, ListNodesReply, ListNodesRequest, Node, RemoveNodeReply, RemoveNodeRequest,
+};
+
+use crate::control::Control;
+
+#[derive(Clone)]
+pub struct AdminSvc {
+    pub control: Arc<Control>,
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminSvc {
+    async fn apply_policy(&self, request: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyReply>, Status> {
+        let r = request.get_ref();
+        let file = if r.file_name.is_empty() { "policy" } else { r.file_name.as_str() };
+        let applied = self.control.apply_policy(file, &r.source)?;
+        Ok(Response::new(ApplyPolicyReply {
+            version: applied.version,
+            rules: count(applied.rules),
+            tests_passed: count(applied.tests_passed),
+        }))
+    }
+
+    async fn get_policy(&self, _: Request<GetPolicyRequest>) -> Result<Response<GetPolicyReply>, Status> {
+        let p = self.control.policy_file()?;
+        Ok(Response::new(GetPolicyReply { file_name: p.file_name, source: p.source, version: p.version }))
+    }
+
+    async fn list_nodes(&self, _: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {
+        Ok(Response::new(ListNodesReply { nodes: self.control.list_nodes()? }))
+    }
+
+    async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        Ok(Response::new(self.control.get_node(&request.get_ref().node)?))
+    }
+
+    async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeReply>, Status> {
+        let version = self.control.remove_node(&request.get_ref().node)?;
+        Ok(Response::new(RemoveNodeReply { version }))
+    }
+
+    async fn create_enrollment_key(
+        &self,
+        request: Request<CreateEnrollmentKeyRequest>,
+    ) -> Result<Response<CreateEnrollmentKeyReply>, Status> {
+        let r = request.get_ref();
+        let k = self.control.create_enrollment_key(r.single_use, r.expires_in_secs, &r.tags)?;
+        Ok(Response::new(CreateEnrollmentKeyReply { key_id: k.key_id, key: k.key, expires_unix: k.expires_unix }))
+    }
+}

@@ -1,0 +1,157 @@
+//! The agent-facing service: Register, Watch, Report.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use wirefence_proto::v1::agent_service_server::AgentService;
+use wirefence_proto::v1::{update, AgentReport, RegisterRequest, RegisterResponse, ReportReply, Update, WatchRequest};
+
+use crate::control::Control;
+use crate::state::GlobalState;
+use crate::view::{delta, node_view, View};
+use crate::Error;
+
+/// Updates buffered per stream; a slow agent makes its stream wait, and the changes in
+/// between are coalesced into one delta.
+const STREAM_BUFFER: usize = 8;
+
+#[derive(Clone)]
+pub struct AgentSvc {
+    pub control: Arc<Control>,
+}
+
+fn snapshot(state: &GlobalState, view: &View) -> Update {
+    Update { version: state.version, body: Some(update::Body::Snapshot(view.snapshot())) }
+}
+
+/// What a new stream starts with: a snapshot (fresh, unknown or future version), nothing
+/// (already current) or one delta from a version still in the history.
+pub fn first_update(
+    control: &Control,
+    state: &GlobalState,
+    node: &str,
+    view: &View,
+    resume_from: u64,
+) -> Option<Update> {
+    if resume_from == state.version {
+        return None;
+    }
+    if resume_from == 0 || resume_from > state.version {
+        return Some(snapshot(state, view));
+    }
+    match control.at_version(resume_from).and_then(|old| node_view(&old, node)) {
+        Some(old) => {
+            let d = delta(&old, view, resume_from)
+                .unwrap_or(wirefence_proto::v1::ViewDelta { base_version: resume_from, ..Default::default() });
+            Some(Update { version: state.version, body: Some(update::Body::Delta(d)) })
+        }
+        None => Some(snapshot(state, view)),
+    }
+}
+
+struct Stream {
+    control: Arc<Control>,
+    node: String,
+    states: watch::Receiver<Arc<GlobalState>>,
+    view: View,
+    sent: u64,
+    tx: mpsc::Sender<Result<Update, Status>>,
+}
+
+impl Stream {
+    async fn run(mut self, first: Option<Update>) {
+        let control = self.control.clone();
+        let _connection = match control.connect(&self.node) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        let mut shutdown = control.shutdown_signal();
+        if let Some(u) = first {
+            if self.tx.send(Ok(u)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = self.tx.closed() => break,
+                _ = crate::control::stopped(&mut shutdown) => {
+                    let _ = self.tx.send(Err(Error::ShuttingDown.into())).await;
+                    break;
+                }
+                changed = self.states.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let state = self.states.borrow_and_update().clone();
+                    if !self.next(&state).await {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!(node = %self.node, "watch stream ended");
+    }
+
+    /// Sends the delta for `state`, if this node's view changed; false = stream over.
+    async fn next(&mut self, state: &GlobalState) -> bool {
+        let Some(new) = node_view(state, &self.node) else {
+            tracing::info!(node = %self.node, "ending the stream of a removed node");
+            let _ = self.tx.send(Err(Error::NodeRemoved(self.node.clone()).into())).await;
+            return false;
+        };
+        if let Some(d) = delta(&self.view, &new, self.sent) {
+            let update = Update { version: state.version, body: Some(update::Body::Delta(d)) };
+            if self.tx.send(Ok(update)).await.is_err() {
+                return false;
+            }
+            self.sent = state.version;
+        }
+        self.view = new;
+        true
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let reply = self.control.register(request.metadata(), request.get_ref())?;
+        Ok(Response::new(reply))
+    }
+
+    type WatchStream = ReceiverStream<Result<Update, Status>>;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let node = self.control.authenticate(request.metadata())?;
+        let resume_from = request.get_ref().resume_from;
+        let mut states = self.control.subscribe();
+        let state = states.borrow_and_update().clone();
+        let view = node_view(&state, &node).ok_or_else(|| Error::NodeRemoved(node.clone()))?;
+        let first = first_update(&self.control, &state, &node, &view, resume_from);
+        tracing::debug!(node = %node, resume_from, version = state.version, "watch");
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = Stream { control: self.control.clone(), node, states, view, sent: state.version, tx };
+        tokio::spawn(stream.run(first));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
+        let node = self.control.authenticate(request.metadata())?;
+        let mut reports = request.into_inner();
+        let mut shutdown = self.control.shutdown_signal();
+        loop {
+            tokio::select! {
+                msg = reports.message() => match msg? {
+                    Some(r) => self.control.report(&node, r)?,
+                    None => break,
+                },
+                _ = crate::control::stopped(&mut shutdown) => return Err(Error::ShuttingDown.into()),
+            }
+        }
+        Ok(Response::new(ReportReply {}))
+    }
+}

@@ -1,0 +1,228 @@
+//! Serving: the agent service (plus health and reflection) on every TCP listen address,
+//! with TLS unless explicitly insecure, and the admin service on a 0600 Unix socket.
+//!
+//! [`serve`] binds everything before returning, so a caller (the CLI, a test, a
+//! benchmark) can connect as soon as it has the [`ServerHandle`].
+
+pub mod admin;
+pub mod agent;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use wirefence_proto::v1::admin_service_server::AdminServiceServer;
+use wirefence_proto::v1::agent_service_server::AgentServiceServer;
+
+use crate::control::{Control, Overlay, DEFAULT_HISTORY};
+use crate::Error;
+
+pub use admin::AdminSvc;
+pub use agent::AgentSvc;
+
+/// PEM certificate chain and private key of the agent listener.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsIdentity {
+    pub fn from_files(cert: &Path, key: &Path) -> Result<TlsIdentity, Error> {
+        Ok(TlsIdentity {
+            cert_pem: std::fs::read(cert).map_err(Error::io("read TLS certificate", cert))?,
+            key_pem: std::fs::read(key).map_err(Error::io("read TLS key", key))?,
+        })
+    }
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity { .. }")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub db: PathBuf,
+    /// Agent listen addresses (port 0 = any free port).
+    pub listen: Vec<SocketAddr>,
+    /// `None` = plaintext (the CLI requires `--insecure` for that).
+    pub tls: Option<TlsIdentity>,
+    pub admin_socket: PathBuf,
+    pub overlay: Overlay,
+    /// Global states kept for resuming streams.
+    pub history: usize,
+}
+
+impl ServeConfig {
+    /// Defaults for everything but the paths; listens on 127.0.0.1:0, plaintext.
+    pub fn new(db: impl Into<PathBuf>, admin_socket: impl Into<PathBuf>) -> ServeConfig {
+        ServeConfig {
+            db: db.into(),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            tls: None,
+            admin_socket: admin_socket.into(),
+            overlay: Overlay::default(),
+            history: DEFAULT_HISTORY,
+        }
+    }
+}
+
+/// A running control plane.
+pub struct ServerHandle {
+    /// The bound agent addresses, in `listen` order (real ports when 0 was asked).
+    pub agent_addrs: Vec<SocketAddr>,
+    pub admin_socket: PathBuf,
+    control: Arc<Control>,
+    tasks: JoinSet<Result<(), tonic::transport::Error>>,
+}
+
+/// How long in-flight calls get to finish once shutdown begins.
+const DRAIN: Duration = Duration::from_secs(5);
+
+impl ServerHandle {
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    /// Ends every stream (`Unavailable`), stops the listeners and removes the admin socket.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.control.begin_shutdown();
+        let mut first_err = None;
+        let drained = tokio::time::timeout(DRAIN, async {
+            while let Some(r) = self.tasks.join_next().await {
+                if let Ok(Err(e)) = r {
+                    first_err.get_or_insert(Error::Transport(e));
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            self.tasks.abort_all();
+        }
+        let _ = std::fs::remove_file(&self.admin_socket);
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Runs until a listener fails or [`Control::begin_shutdown`] is called, then shuts
+    /// down.
+    pub async fn wait(mut self) -> Result<(), Error> {
+        let mut signal = self.control.shutdown_signal();
+        let failed = tokio::select! {
+            Some(r) = self.tasks.join_next() => match r {
+                Ok(Err(e)) => Some(Error::Transport(e)),
+                _ => None,
+            },
+            _ = crate::control::stopped(&mut signal) => None,
+        };
+        let shut = self.shutdown().await;
+        match failed {
+            Some(e) => Err(e),
+            None => shut,
+        }
+    }
+}
+
+fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| Error::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind_err)?;
+    if addr.is_ipv6() {
+        // IPv4 and IPv6 are listed separately; [::] must not also take the IPv4 port.
+        socket.set_only_v6(true).map_err(bind_err)?;
+    }
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)?;
+    TcpListener::from_std(socket.into()).map_err(bind_err)
+}
+
+/// Binds the admin socket 0600 without a window: bind under a temporary name, chmod,
+/// then rename over the final path.
+fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(Error::AdminSocketInUse(path.to_owned()));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(Error::io("create directory", dir))?;
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(Error::io("bind admin socket", &tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io("chmod admin socket", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io("rename admin socket to", path))?;
+    Ok(listener)
+}
+
+/// Opens the store and starts serving; returns once every listener is bound.
+pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
+    let control = Arc::new(Control::open(&cfg.db, cfg.overlay, cfg.history)?);
+    let agent = AgentServiceServer::new(AgentSvc { control: control.clone() });
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AgentServiceServer<AgentSvc>>().await;
+    // Reflection describes what this listener serves (the admin service is only on the
+    // Unix socket, so it is not advertised here).
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(wirefence_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(<AgentServiceServer<AgentSvc> as tonic::server::NamedService>::NAME)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .build_v1()?;
+
+    let mut tasks = JoinSet::new();
+    let mut agent_addrs = Vec::new();
+    for addr in &cfg.listen {
+        let listener = bind_tcp(*addr)?;
+        let local = listener.local_addr().map_err(|source| Error::Bind { addr: *addr, source })?;
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+        if let Some(tls) = &cfg.tls {
+            let identity = Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+            builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+        }
+        let router = builder.add_service(health.clone()).add_service(reflection.clone()).add_service(agent.clone());
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut signal = control.shutdown_signal();
+        tasks.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, async move {
+                    crate::control::stopped(&mut signal).await;
+                })
+                .await
+        });
+        tracing::info!(tls = cfg.tls.is_some(), "listening on {local}");
+        agent_addrs.push(local);
+    }
+
+    let admin_listener = bind_admin(&cfg.admin_socket)?;
+    let admin = AdminServiceServer::new(AdminSvc { control: control.clone() });
+    let mut signal = control.shutdown_signal();
+    tasks.spawn(async move {
+        Server::builder()
+            .add_service(admin)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
+                crate::control::stopped(&mut signal).await;
+            })
+            .await
+    });
+    tracing::info!(socket = %cfg.admin_socket.display(), version = control.current().version, "admin socket ready");
+    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, control, tasks })
+}

@@ -1,0 +1,417 @@
+//! SQLite persistence. Every versioned change runs in one transaction that also bumps the
+//! persisted version counter, so versions stay monotonic across restarts. The database
+//! file is created 0600 (SQLite gives its WAL files the same mode).
+
+use std::fs::{self, OpenOptions, Permissions};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use ipnet::IpNet;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::model::NodeRec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database file {path}: {source}")]
+    File { path: String, source: std::io::Error },
+    #[error("corrupt row: node {id}: {field}")]
+    Corrupt { id: String, field: &'static str },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+INSERT OR IGNORE INTO counter (id, version) VALUES (1, 1);
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    addresses TEXT NOT NULL,
+    endpoints TEXT NOT NULL,
+    routes TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    credential_hash BLOB NOT NULL,
+    removed INTEGER NOT NULL DEFAULT 0,
+    applied_version INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    last_seen INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS enrollment_keys (
+    id TEXT PRIMARY KEY,
+    hash BLOB NOT NULL,
+    single_use INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0,
+    expires INTEGER NOT NULL,
+    tags TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    file_name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peer_stats (
+    node_id TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    last_handshake INTEGER NOT NULL,
+    rx_bytes INTEGER NOT NULL,
+    tx_bytes INTEGER NOT NULL,
+    endpoint TEXT,
+    PRIMARY KEY (node_id, public_key)
+);
+";
+
+/// A node as stored (live or removed), with its reported status.
+#[derive(Clone, Debug)]
+pub struct NodeRow {
+    pub rec: NodeRec,
+    pub removed: bool,
+    pub applied_version: u64,
+    pub last_error: String,
+    pub last_seen: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyRow {
+    pub id: String,
+    pub hash: Vec<u8>,
+    pub single_use: bool,
+    pub used: bool,
+    /// Unix seconds; 0 = never.
+    pub expires: i64,
+    pub tags: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatRow {
+    pub public_key: Vec<u8>,
+    pub last_handshake: i64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub endpoint: Option<SocketAddr>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn json<T: serde::Serialize>(v: &[T]) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+fn list<T: std::str::FromStr>(id: &str, field: &'static str, text: &str) -> Result<Vec<T>> {
+    let strings: Vec<String> = serde_json::from_str(text).map_err(|_| StoreError::Corrupt { id: id.into(), field })?;
+    strings.iter().map(|s| s.parse().map_err(|_| StoreError::Corrupt { id: id.into(), field })).collect()
+}
+
+fn strings<T: ToString>(v: &[T]) -> String {
+    json(&v.iter().map(T::to_string).collect::<Vec<_>>())
+}
+
+impl Store {
+    /// Opens (creating, 0600) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let file_err = |source| StoreError::File { path: path.display().to_string(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(file_err)?;
+        }
+        OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(file_err)?;
+        fs::set_permissions(path, Permissions::from_mode(0o600)).map_err(file_err)?;
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    pub fn version(&self) -> Result<u64> {
+        let v: i64 = self.conn.query_row("SELECT version FROM counter WHERE id = 1", [], |r| r.get(0))?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    }
+
+    /// Runs `f` in a transaction; with `bump`, also increments the version counter.
+    /// Returns `f`'s result and the version after the change.
+    pub fn change<T>(&mut self, bump: bool, f: impl FnOnce(&Transaction) -> Result<T>) -> Result<(T, u64)> {
+        let tx = self.conn.transaction()?;
+        let out = f(&tx)?;
+        if bump {
+            tx.execute("UPDATE counter SET version = version + 1 WHERE id = 1", [])?;
+        }
+        let v: i64 = tx.query_row("SELECT version FROM counter WHERE id = 1", [], |r| r.get(0))?;
+        tx.commit()?;
+        Ok((out, u64::try_from(v).unwrap_or(0)))
+    }
+
+    /// Every node, live and removed, ordered by id.
+    pub fn nodes(&self) -> Result<Vec<NodeRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, hostname, public_key, addresses, endpoints, routes, tags, removed, applied_version, \
+             last_error, last_seen FROM nodes ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                [r.get::<_, String>(3)?, r.get::<_, String>(4)?, r.get::<_, String>(5)?, r.get::<_, String>(6)?],
+                r.get::<_, bool>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, String>(9)?,
+                r.get::<_, i64>(10)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, hostname, key, [addresses, endpoints, routes, tags], removed, applied, last_error, last_seen) =
+                row?;
+            let public_key = key.try_into().map_err(|_| StoreError::Corrupt { id: id.clone(), field: "public_key" })?;
+            let rec = NodeRec {
+                addresses: list::<IpNet>(&id, "addresses", &addresses)?,
+                endpoints: list::<SocketAddr>(&id, "endpoints", &endpoints)?,
+                routes: list::<IpNet>(&id, "routes", &routes)?,
+                tags: list::<String>(&id, "tags", &tags)?,
+                id,
+                hostname,
+                public_key,
+            };
+            out.push(NodeRow {
+                rec,
+                removed,
+                applied_version: u64::try_from(applied).unwrap_or(0),
+                last_error,
+                last_seen,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A node's credential hash and removed flag.
+    pub fn node_auth(&self, id: &str) -> Result<Option<(Vec<u8>, bool)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT credential_hash, removed FROM nodes WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    pub fn key(&self, id: &str) -> Result<Option<KeyRow>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT id, hash, single_use, used, expires, tags FROM enrollment_keys WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, bool>(2)?,
+                        r.get::<_, bool>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(id, hash, single_use, used, expires, tags)| {
+            let tags = list::<String>(&id, "tags", &tags)?;
+            Ok(KeyRow { id, hash, single_use, used, expires, tags })
+        })
+        .transpose()
+    }
+
+    pub fn insert_key(&self, k: &KeyRow) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO enrollment_keys (id, hash, single_use, used, expires, tags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![k.id, k.hash, k.single_use, k.used, k.expires, json(&k.tags)],
+        )?;
+        Ok(())
+    }
+
+    /// The current policy file (name, source, version it was applied at), if any.
+    pub fn policy(&self) -> Result<Option<(String, String, u64)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT file_name, source, version FROM policy WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0)))
+            })
+            .optional()?)
+    }
+
+    pub fn record_applied(&self, id: &str, version: u64, now: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE nodes SET applied_version = ?2, last_error = '', last_seen = ?3 WHERE id = ?1",
+            params![id, to_i64(version), now],
+        )?;
+        Ok(())
+    }
+
+    pub fn record_failed(&self, id: &str, reason: &str, now: i64) -> Result<()> {
+        self.conn
+            .execute("UPDATE nodes SET last_error = ?2, last_seen = ?3 WHERE id = ?1", params![id, reason, now])?;
+        Ok(())
+    }
+
+    pub fn touch(&self, id: &str, now: i64) -> Result<()> {
+        self.conn.execute("UPDATE nodes SET last_seen = ?2 WHERE id = ?1", params![id, now])?;
+        Ok(())
+    }
+
+    /// Replaces a node's last peer statistics.
+    pub fn set_peer_stats(&mut self, id: &str, stats: &[PeerStatRow], now: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM peer_stats WHERE node_id = ?1", [id])?;
+        for s in stats {
+            tx.execute(
+                "INSERT OR REPLACE INTO peer_stats (node_id, public_key, last_handshake, rx_bytes, tx_bytes, endpoint) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    id,
+                    s.public_key,
+                    s.last_handshake,
+                    to_i64(s.rx_bytes),
+                    to_i64(s.tx_bytes),
+                    s.endpoint.map(|e| e.to_string())
+                ],
+            )?;
+        }
+        tx.execute("UPDATE nodes SET last_seen = ?2 WHERE id = ?1", params![id, now])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn peer_stats(&self, id: &str) -> Result<Vec<PeerStatRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT public_key, last_handshake, rx_bytes, tx_bytes, endpoint FROM peer_stats WHERE node_id = ?1 \
+             ORDER BY public_key",
+        )?;
+        let rows = st.query_map([id], |r| {
+            Ok(PeerStatRow {
+                public_key: r.get(0)?,
+                last_handshake: r.get(1)?,
+                rx_bytes: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                tx_bytes: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                endpoint: r.get::<_, Option<String>>(4)?.and_then(|s| s.parse().ok()),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+// Statements used inside `Store::change`.
+
+pub fn insert_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8]) -> Result<()> {
+    tx.execute(
+        "INSERT INTO nodes (id, hostname, public_key, addresses, endpoints, routes, tags, credential_hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            n.id,
+            n.hostname,
+            n.public_key.to_vec(),
+            strings(&n.addresses),
+            strings(&n.endpoints),
+            strings(&n.routes),
+            json(&n.tags),
+            credential_hash
+        ],
+    )?;
+    Ok(())
+}
+
+/// Updates the registration fields (hostname, key, endpoints, routes, tags) of a node.
+pub fn update_node(tx: &Transaction, n: &NodeRec) -> Result<()> {
+    tx.execute(
+        "UPDATE nodes SET hostname = ?2, public_key = ?3, endpoints = ?4, routes = ?5, tags = ?6 WHERE id = ?1",
+        params![n.id, n.hostname, n.public_key.to_vec(), strings(&n.endpoints), strings(&n.routes), json(&n.tags)],
+    )?;
+    Ok(())
+}
+
+pub fn set_credential(tx: &Transaction, id: &str, hash: &[u8]) -> Result<()> {
+    tx.execute("UPDATE nodes SET credential_hash = ?2 WHERE id = ?1", params![id, hash])?;
+    Ok(())
+}
+
+pub fn mark_removed(tx: &Transaction, id: &str) -> Result<()> {
+    tx.execute("UPDATE nodes SET removed = 1 WHERE id = ?1", [id])?;
+    tx.execute("DELETE FROM peer_stats WHERE node_id = ?1", [id])?;
+    Ok(())
+}
+
+pub fn mark_key_used(tx: &Transaction, id: &str) -> Result<()> {
+    tx.execute("UPDATE enrollment_keys SET used = 1 WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// Runs inside `Store::change(true, ..)`, before the bump: the stored version is the one
+/// the change gets.
+pub fn set_policy(tx: &Transaction, file_name: &str, source: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO policy (id, file_name, source, version) VALUES (1, ?1, ?2, \
+         (SELECT version + 1 FROM counter WHERE id = 1)) \
+         ON CONFLICT(id) DO UPDATE SET file_name = excluded.file_name, source = excluded.source, \
+         version = excluded.version",
+        params![file_name, source],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> NodeRec {
+        NodeRec {
+            id: id.into(),
+            hostname: format!("h-{id}"),
+            public_key: [7; 32],
+            addresses: vec!["10.77.0.1/32".parse().unwrap(), "fd77::1/128".parse().unwrap()],
+            endpoints: vec!["192.0.2.1:51820".parse().unwrap(), "[2001:db8::1]:51820".parse().unwrap()],
+            routes: vec!["10.88.0.0/24".parse().unwrap()],
+            tags: vec!["web".into()],
+        }
+    }
+
+    #[test]
+    fn roundtrip_versions_and_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/control.db");
+        {
+            let mut s = Store::open(&path).unwrap();
+            assert_eq!(s.version().unwrap(), 1);
+            let ((), v) = s.change(true, |tx| insert_node(tx, &node("n1"), &[1; 32])).unwrap();
+            assert_eq!(v, 2);
+            let ((), v) = s.change(true, |tx| set_policy(tx, "p.toml", "# empty")).unwrap();
+            assert_eq!(v, 3);
+            s.record_applied("n1", 3, 100).unwrap();
+            let stat = PeerStatRow {
+                public_key: vec![9; 32],
+                last_handshake: 5,
+                rx_bytes: 10,
+                tx_bytes: 20,
+                endpoint: Some("[2001:db8::2]:1".parse().unwrap()),
+            };
+            s.set_peer_stats("n1", std::slice::from_ref(&stat), 101).unwrap();
+            assert_eq!(s.peer_stats("n1").unwrap(), vec![stat]);
+        }
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.version().unwrap(), 3);
+        let rows = s.nodes().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].rec, node("n1"));
+        assert_eq!((rows[0].applied_version, rows[0].last_seen), (3, 101));
+        assert_eq!(s.policy().unwrap(), Some(("p.toml".into(), "# empty".into(), 3)));
+        assert_eq!(s.node_auth("n1").unwrap(), Some((vec![1; 32], false)));
+        assert_eq!(s.node_auth("n2").unwrap(), None);
+    }
+}

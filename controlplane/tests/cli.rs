@@ -1,0 +1,99 @@
+//! The `wirefence-control` binary: argument errors, and every admin command against an
+//! in-process control plane through the Unix admin socket.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+
+async fn cli(socket: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_wirefence-control"))
+        .arg("--admin-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .await
+        .expect("run wirefence-control")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn serve_refuses_without_a_tls_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let args = ["serve", "--db", db.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+    let out = cli(&dir.path().join("a.sock"), &args).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("give --tls-cert and --tls-key, or --insecure"), "{}", text(&out.stderr));
+    assert!(!db.exists(), "nothing is created before the arguments are checked");
+}
+
+#[tokio::test]
+async fn admin_commands_over_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let sock = cp.handle.admin_socket.clone();
+
+    let out = cli(&sock, &["keys", "create", "--json", "--single-use", "--expires-in", "1h", "--tag", "web"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = k["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with(k["key_id"].as_str().unwrap()));
+    assert!(k["expires_unix"].as_i64().unwrap() > 0);
+    let mut agent = cp.agent().await;
+    agent.register(register_req("db1", 2, &key)).await.unwrap();
+    cp.enroll("laptop", 1, &[]).await;
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[rules]]\nid = \"x\"\nfrom = [\"group:nope\"]\nto = [\"*\"]\n").unwrap();
+    let out = cli(&sock, &["policy", "apply", bad.to_str().unwrap()]).await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{}:3:9: rules[0].from[0]: unknown group \"nope\"", bad.display())), "{err}");
+    assert!(err.contains("the running policy is unchanged"), "{err}");
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, POLICY).unwrap();
+    let out = cli(&sock, &["policy", "apply", good.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("1 rules, 1 tests passed"), "{}", text(&out.stdout));
+    let out = cli(&sock, &["policy", "show"]).await;
+    assert!(text(&out.stdout).contains("id = \"admin-ssh\""));
+    let out = cli(&sock, &["policy", "show", "--json"]).await;
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["source"], POLICY);
+
+    let out = cli(&sock, &["nodes", "list", "--json"]).await;
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let hosts: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["hostname"].as_str().unwrap()).collect();
+    assert_eq!(hosts.len(), 2);
+    assert!(hosts.contains(&"db1") && hosts.contains(&"laptop"));
+    let out = cli(&sock, &["nodes", "list"]).await;
+    assert!(text(&out.stdout).starts_with("ID"));
+    let out = cli(&sock, &["nodes", "show", "db1", "--json"]).await;
+    let n: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n["tags"][0], "web");
+    assert_eq!(n["addresses"][0], "10.77.0.1/32");
+    let out = cli(&sock, &["nodes", "show", "db1"]).await;
+    assert!(text(&out.stdout).contains("hostname:        db1"));
+    let out = cli(&sock, &["nodes", "remove", "db1"]).await;
+    assert!(out.status.success() && text(&out.stdout).starts_with("removed db1"));
+    let out = cli(&sock, &["nodes", "show", "db1"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no node \"db1\""), "{}", text(&out.stderr));
+
+    let pki = dir.path().join("pki");
+    let out =
+        cli(&sock, &["certs", "init", "--dir", pki.to_str().unwrap(), "--san", "localhost", "--san", "::1"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(pki.join("server.pem").exists() && pki.join("server.key").exists() && pki.join("ca.pem").exists());
+
+    let out = cli(&dir.path().join("nothing.sock"), &["nodes", "list"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("connect to the admin socket"), "{}", text(&out.stderr));
+}

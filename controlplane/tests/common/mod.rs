@@ -1,0 +1,179 @@
+//! An in-process control plane on 127.0.0.1:0 and a Unix admin socket in a temp dir,
+//! plus helpers acting as agents through the generated clients.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+use wirefence_control::admin_client::{self, AdminClient};
+use wirefence_control::server::{serve, ServeConfig, ServerHandle};
+use wirefence_proto::v1::agent_service_client::AgentServiceClient;
+use wirefence_proto::v1::{
+    update, ApplyPolicyRequest, CreateEnrollmentKeyRequest, NodeView, RegisterRequest, RegisterResponse, SocketAddress,
+    Update, ViewDelta, WatchRequest,
+};
+
+pub type Agent = AgentServiceClient<Channel>;
+
+pub struct Cp {
+    pub handle: ServerHandle,
+    pub admin: AdminClient,
+    pub dir: PathBuf,
+}
+
+impl Cp {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.handle.agent_addrs[0]
+    }
+
+    pub async fn agent(&self) -> Agent {
+        AgentServiceClient::connect(format!("http://{}", self.addr())).await.expect("connect to the agent service")
+    }
+
+    pub async fn key(&mut self, single_use: bool, expires_in_secs: u64, tags: &[&str]) -> String {
+        let req = CreateEnrollmentKeyRequest {
+            single_use,
+            expires_in_secs,
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        };
+        self.admin.create_enrollment_key(req).await.expect("create key").into_inner().key
+    }
+
+    /// Applies a policy; returns its version.
+    pub async fn apply(&mut self, source: &str) -> Result<u64, Status> {
+        let req = ApplyPolicyRequest { file_name: "policy.toml".into(), source: source.into() };
+        Ok(self.admin.apply_policy(req).await?.into_inner().version)
+    }
+
+    /// Enrolls `hostname` with public key `[n; 32]` using a fresh multi-use key with `tags`.
+    pub async fn enroll(&mut self, hostname: &str, n: u8, tags: &[&str]) -> RegisterResponse {
+        let key = self.key(false, 0, tags).await;
+        let mut agent = self.agent().await;
+        agent.register(register_req(hostname, n, &key)).await.expect("register").into_inner()
+    }
+}
+
+pub async fn start_with(dir: &Path, f: impl FnOnce(&mut ServeConfig)) -> Cp {
+    let mut cfg = ServeConfig::new(dir.join("control.db"), dir.join("admin.sock"));
+    f(&mut cfg);
+    let handle = serve(cfg).await.expect("start the control plane");
+    let admin = admin_client::connect(&handle.admin_socket).await.expect("connect to the admin socket");
+    Cp { handle, admin, dir: dir.to_owned() }
+}
+
+pub async fn start(dir: &Path) -> Cp {
+    start_with(dir, |_| {}).await
+}
+
+pub fn register_req(hostname: &str, n: u8, key: &str) -> RegisterRequest {
+    RegisterRequest {
+        public_key: vec![n; 32],
+        hostname: hostname.into(),
+        endpoints: vec![SocketAddress::from(std::net::SocketAddr::from(([192, 0, 2, n], 51820)))],
+        enrollment_key: key.into(),
+        routes: vec![],
+    }
+}
+
+/// `msg` with `authorization: Bearer <credential>`.
+pub fn authed<T>(msg: T, credential: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    let v: MetadataValue<_> = format!("Bearer {credential}").parse().expect("ascii credential");
+    r.metadata_mut().insert("authorization", v);
+    r
+}
+
+pub async fn watch(cp: &Cp, credential: &str, resume_from: u64) -> Result<Streaming<Update>, Status> {
+    let mut agent = cp.agent().await;
+    Ok(agent.watch(authed(WatchRequest { resume_from }, credential)).await?.into_inner())
+}
+
+/// The next message of a stream (5 s at most).
+pub async fn next(s: &mut Streaming<Update>) -> Result<Update, Status> {
+    match tokio::time::timeout(Duration::from_secs(5), s.message()).await {
+        Ok(Ok(Some(u))) => Ok(u),
+        Ok(Ok(None)) => panic!("stream ended without a status"),
+        Ok(Err(status)) => Err(status),
+        Err(_) => panic!("no update within 5 s"),
+    }
+}
+
+/// Asserts nothing arrives on the stream for `ms` milliseconds.
+pub async fn silent(s: &mut Streaming<Update>, ms: u64) {
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(ms), s.message()).await {
+        panic!("expected no update, got {m:?}");
+    }
+}
+
+pub fn snapshot(u: &Update) -> &NodeView {
+    match &u.body {
+        Some(update::Body::Snapshot(v)) => v,
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+pub fn delta(u: &Update) -> &ViewDelta {
+    match &u.body {
+        Some(update::Body::Delta(d)) => d,
+        other => panic!("expected a delta, got {other:?}"),
+    }
+}
+
+pub fn peer_names(v: &NodeView) -> Vec<String> {
+    let mut n: Vec<String> = v.peers.iter().map(|p| p.name.clone()).collect();
+    n.sort();
+    n
+}
+
+pub fn assert_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, contains: &str) {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s:?}");
+            assert!(s.message().contains(contains), "{:?} does not contain {contains:?}", s.message());
+        }
+    }
+}
+
+pub const POLICY: &str = r#"
+[groups]
+web = ["tag:web", "node:db1"]
+admins = ["node:laptop"]
+
+[[rules]]
+id = "admin-ssh"
+from = ["group:admins"]
+to = ["group:web"]
+proto = "tcp"
+ports = ["22"]
+
+[[tests]]
+from = "laptop"
+to = "db1"
+port = 22
+expect = "allow"
+"#;
+
+/// POLICY plus web -> db1 on 5432 (concerns db1 and web1, not laptop's view).
+pub const POLICY_PG: &str = r#"
+[groups]
+web = ["tag:web", "node:db1"]
+admins = ["node:laptop"]
+
+[[rules]]
+id = "admin-ssh"
+from = ["group:admins"]
+to = ["group:web"]
+proto = "tcp"
+ports = ["22"]
+
+[[rules]]
+id = "pg"
+from = ["tag:web"]
+to = ["node:db1"]
+proto = "tcp"
+ports = ["5432"]
+"#;

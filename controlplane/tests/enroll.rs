@@ -1,0 +1,196 @@
+//! Enrollment, re-registration, input validation, authentication and reports over real
+//! TCP against an in-process control plane.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use wirefence_proto::v1::{
+    agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, PeerStat, PeerStats, RegisterRequest,
+    RemoveNodeRequest, SocketAddress, WatchRequest,
+};
+
+fn prefix(s: &str) -> IpPrefix {
+    IpPrefix::from(s.parse::<ipnet::IpNet>().unwrap())
+}
+
+#[tokio::test]
+async fn single_use_unknown_missing_and_expired_enrollment_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let mut agent = cp.agent().await;
+
+    let once = cp.key(true, 0, &["web"]).await;
+    let r = agent.register(register_req("web1", 1, &once)).await.unwrap().into_inner();
+    assert_eq!(r.addresses, vec![prefix("10.77.0.1/32"), prefix("fd77::1/128")]);
+    assert!(r.credential.starts_with(&format!("{}.", r.node_id)));
+    assert_code(agent.register(register_req("web2", 2, &once)).await, Code::PermissionDenied, "already used");
+
+    let key_id = once.split('.').next().unwrap();
+    let forged = format!("{key_id}.{}", "A".repeat(43));
+    assert_code(
+        agent.register(register_req("web2", 2, &forged)).await,
+        Code::Unauthenticated,
+        "unknown enrollment key",
+    );
+    assert_code(agent.register(register_req("web2", 2, "garbage")).await, Code::Unauthenticated, "unknown");
+    assert_code(agent.register(register_req("web2", 2, "")).await, Code::Unauthenticated, "enrollment key is required");
+
+    let short = cp.key(false, 1, &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_code(agent.register(register_req("web2", 2, &short)).await, Code::PermissionDenied, "expired");
+
+    // A good multi-use key enrolls several nodes; addresses are allocated in order.
+    let multi = cp.key(false, 3600, &[]).await;
+    let r2 = agent.register(register_req("web2", 2, &multi)).await.unwrap().into_inner();
+    let r3 = agent.register(register_req("web3", 3, &multi)).await.unwrap().into_inner();
+    assert_eq!(r2.addresses, vec![prefix("10.77.0.2/32"), prefix("fd77::2/128")]);
+    assert_eq!(r3.addresses, vec![prefix("10.77.0.3/32"), prefix("fd77::3/128")]);
+    let node = cp.admin.get_node(GetNodeRequest { node: "web1".into() }).await.unwrap().into_inner();
+    assert_eq!(node.tags, vec!["web".to_string()]);
+}
+
+#[tokio::test]
+async fn reenrollment_and_reregistration() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let mut agent = cp.agent().await;
+    let key = cp.key(false, 0, &[]).await;
+    let first = agent.register(register_req("db1", 1, &key)).await.unwrap().into_inner();
+
+    // Same public key again with a key: the same node, a new credential; the old one dies.
+    let again = agent.register(register_req("db1", 1, &key)).await.unwrap().into_inner();
+    assert_eq!((again.node_id.as_str(), &again.addresses), (first.node_id.as_str(), &first.addresses));
+    assert_ne!(again.credential, first.credential);
+    assert_code(watch(&cp, &first.credential, 0).await, Code::Unauthenticated, "invalid credential");
+
+    // With the credential, no key is needed; endpoints and routes are updated.
+    let mut req = register_req("db1", 1, "");
+    req.endpoints = vec![SocketAddress::from("[2001:db8::1]:51820".parse::<std::net::SocketAddr>().unwrap())];
+    req.routes = vec![prefix("10.88.0.0/24")];
+    let r = agent.register(authed(req, &again.credential)).await.unwrap().into_inner();
+    assert_eq!((r.node_id.as_str(), r.credential.as_str()), (first.node_id.as_str(), again.credential.as_str()));
+    let node = cp.admin.get_node(GetNodeRequest { node: first.node_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(node.routes, vec![prefix("10.88.0.0/24")]);
+    assert_eq!(node.endpoints[0].ip.len(), 16);
+
+    // Another node cannot take the hostname.
+    assert_code(agent.register(register_req("db1", 2, &key)).await, Code::AlreadyExists, "hostname");
+}
+
+#[tokio::test]
+async fn bad_registration_input_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let mut agent = cp.agent().await;
+    let key = cp.key(false, 0, &[]).await;
+    let base = || register_req("n1", 1, &key);
+
+    let mut r = base();
+    r.public_key = vec![1; 31];
+    assert_code(agent.register(r).await, Code::InvalidArgument, "public_key");
+    let mut r = base();
+    r.public_key = vec![0; 32];
+    assert_code(agent.register(r).await, Code::InvalidArgument, "public_key");
+    let mut r = base();
+    r.hostname = "not a host".into();
+    assert_code(agent.register(r).await, Code::InvalidArgument, "hostname");
+    let mut r = base();
+    r.hostname = String::new();
+    assert_code(agent.register(r).await, Code::InvalidArgument, "hostname");
+    let mut r = base();
+    r.endpoints.push(SocketAddress { ip: vec![10, 0, 0, 1], port: 0 });
+    assert_code(agent.register(r).await, Code::InvalidArgument, "endpoints[1]");
+    let mut r = base();
+    r.endpoints = vec![SocketAddress { ip: vec![1, 2, 3], port: 1 }];
+    assert_code(agent.register(r).await, Code::InvalidArgument, "endpoints[0]");
+    let mut r = base();
+    r.routes = vec![IpPrefix { addr: vec![10, 88, 0, 1], prefix_len: 24 }];
+    assert_code(agent.register(r).await, Code::InvalidArgument, "routes[0]");
+    let mut r = base();
+    r.routes = vec![prefix("10.0.0.0/8")];
+    assert_code(agent.register(r).await, Code::InvalidArgument, "overlaps the overlay");
+    // Nothing was enrolled by the rejected calls.
+    assert_eq!(
+        cp.admin.list_nodes(wirefence_proto::v1::ListNodesRequest {}).await.unwrap().into_inner().nodes.len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_tampered_and_removed_nodes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let me = cp.enroll("laptop", 1, &[]).await;
+    let mut agent = cp.agent().await;
+
+    assert_code(agent.watch(WatchRequest { resume_from: 0 }).await, Code::Unauthenticated, "missing credential");
+    assert_code(watch(&cp, "not-a-credential", 0).await, Code::Unauthenticated, "malformed");
+    let mut bad = tonic::Request::new(WatchRequest { resume_from: 0 });
+    bad.metadata_mut().insert("authorization", format!("Basic {}", me.credential).parse().unwrap());
+    assert_code(agent.watch(bad).await, Code::Unauthenticated, "malformed");
+
+    // Flip one character of the secret.
+    let mut t = me.credential.clone().into_bytes();
+    let i = t.len() - 3;
+    t[i] = if t[i] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(t).unwrap();
+    assert_code(watch(&cp, &tampered, 0).await, Code::Unauthenticated, "invalid credential");
+    let reports = tokio_stream::iter(vec![AgentReport::default()]);
+    assert_code(agent.report(authed(reports, &tampered)).await, Code::Unauthenticated, "invalid credential");
+    // Another node's id with this node's secret.
+    let other = cp.enroll("db1", 2, &[]).await;
+    let swapped = format!("{}.{}", other.node_id, me.credential.split_once('.').unwrap().1);
+    assert_code(watch(&cp, &swapped, 0).await, Code::Unauthenticated, "invalid credential");
+
+    assert!(watch(&cp, &me.credential, 0).await.is_ok());
+    cp.admin.remove_node(RemoveNodeRequest { node: "laptop".into() }).await.unwrap();
+    assert_code(watch(&cp, &me.credential, 0).await, Code::PermissionDenied, "removed");
+    let reports = tokio_stream::iter(vec![AgentReport::default()]);
+    assert_code(agent.report(authed(reports, &me.credential)).await, Code::PermissionDenied, "removed");
+    let rereg = agent.register(authed(register_req("laptop", 1, ""), &me.credential)).await;
+    assert_code(rereg, Code::PermissionDenied, "removed");
+    assert_code(cp.admin.get_node(GetNodeRequest { node: "laptop".into() }).await, Code::NotFound, "laptop");
+}
+
+#[tokio::test]
+async fn reports_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let me = cp.enroll("laptop", 1, &[]).await;
+    let peer_key = vec![9u8; 32];
+    let body = |b| AgentReport { body: Some(b) };
+    let msgs = vec![
+        body(agent_report::Body::Applied(Applied { version: 7 })),
+        body(agent_report::Body::Stats(PeerStats {
+            peers: vec![PeerStat {
+                public_key: peer_key.clone(),
+                last_handshake_unix: 1_700_000_000,
+                rx_bytes: 10,
+                tx_bytes: 20,
+                endpoint: Some(SocketAddress::from("192.0.2.9:51820".parse::<std::net::SocketAddr>().unwrap())),
+            }],
+        })),
+        body(agent_report::Body::Failed(ApplyFailed { version: 8, reason: "netlink said no".into() })),
+    ];
+    let mut agent = cp.agent().await;
+    agent.report(authed(tokio_stream::iter(msgs), &me.credential)).await.unwrap();
+    let n = cp.admin.get_node(GetNodeRequest { node: me.node_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(n.applied_version, 7);
+    assert_eq!(n.last_error, "netlink said no");
+    assert!(n.last_seen_unix > 0);
+    assert_eq!(n.peer_stats.len(), 1);
+    assert_eq!((n.peer_stats[0].public_key.clone(), n.peer_stats[0].rx_bytes), (peer_key, 10));
+    assert!(!n.connected);
+
+    // A success clears the error; a watching node shows as connected.
+    let ok = vec![body(agent_report::Body::Applied(Applied { version: 9 }))];
+    agent.report(authed(tokio_stream::iter(ok), &me.credential)).await.unwrap();
+    let _stream = watch(&cp, &me.credential, 0).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let n = cp.admin.get_node(GetNodeRequest { node: "laptop".into() }).await.unwrap().into_inner();
+    assert_eq!((n.applied_version, n.last_error.as_str(), n.connected), (9, "", true));
+    let _ = RegisterRequest::default();
+}

@@ -1,0 +1,276 @@
+//! Watch: snapshots, deltas only to affected nodes, version ordering, resume, removal and
+//! confidentiality, over real TCP against an in-process control plane.
+
+mod common;
+
+use common::*;
+use prost::Message;
+use tonic::Code;
+use wirefence_proto::v1::{GetPolicyRequest, RegisterResponse, RemoveNodeRequest};
+
+struct Mesh {
+    cp: Cp,
+    laptop: RegisterResponse,
+    db1: RegisterResponse,
+    web1: RegisterResponse,
+    other: RegisterResponse,
+}
+
+async fn mesh(dir: &std::path::Path, history: usize) -> Mesh {
+    let mut cp = start_with(dir, |c| c.history = history).await;
+    let laptop = cp.enroll("laptop", 1, &[]).await;
+    let db1 = cp.enroll("db1", 2, &[]).await;
+    let web1 = cp.enroll("web1", 3, &["web"]).await;
+    let other = cp.enroll("other", 4, &[]).await;
+    cp.apply(POLICY).await.unwrap();
+    Mesh { cp, laptop, db1, web1, other }
+}
+
+#[tokio::test]
+async fn snapshots_contain_only_what_policy_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mesh(dir.path(), 256).await;
+    let version = m.cp.handle.control().current().version;
+
+    let mut s = watch(&m.cp, &m.laptop.credential, 0).await.unwrap();
+    let u = next(&mut s).await.unwrap();
+    assert_eq!(u.version, version);
+    let v = snapshot(&u);
+    assert_eq!(peer_names(v), ["db1", "web1"]);
+    assert_eq!(v.addresses, m.laptop.addresses);
+    let rules = &v.policy.as_ref().unwrap().rules;
+    assert_eq!(rules.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["admin-ssh"]);
+    let db1 = v.peers.iter().find(|p| p.name == "db1").unwrap();
+    assert_eq!(db1.public_key, vec![2; 32]);
+    assert_eq!(db1.allowed_ips, m.db1.addresses);
+    assert_eq!(db1.persistent_keepalive, 25);
+    assert!(db1.endpoint.is_some());
+
+    let mut s = watch(&m.cp, &m.db1.credential, 0).await.unwrap();
+    assert_eq!(peer_names(snapshot(&next(&mut s).await.unwrap())), ["laptop"]);
+
+    // A node no rule mentions: no peers and a present, empty policy (deny everything).
+    let mut s = watch(&m.cp, &m.other.credential, 0).await.unwrap();
+    let u = next(&mut s).await.unwrap();
+    let v = snapshot(&u);
+    assert!(v.peers.is_empty());
+    assert_eq!(v.policy.as_ref().map(|p| p.rules.len()), Some(0));
+    // Resuming at the current version sends nothing.
+    let mut s = watch(&m.cp, &m.other.credential, version).await.unwrap();
+    silent(&mut s, 300).await;
+}
+
+#[tokio::test]
+async fn nodes_never_see_credentials_or_policy_meant_for_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = mesh(dir.path(), 256).await;
+    let mut streams = Vec::new();
+    for r in [&m.laptop, &m.db1, &m.web1, &m.other] {
+        streams.push(watch(&m.cp, &r.credential, 0).await.unwrap());
+    }
+    m.cp.apply(POLICY_PG).await.unwrap();
+    let secrets: Vec<&str> =
+        [&m.laptop, &m.db1, &m.web1, &m.other].iter().map(|r| r.credential.split_once('.').unwrap().1).collect();
+    let mut seen = Vec::new();
+    for s in streams.iter_mut() {
+        let mut bytes = next(s).await.unwrap().encode_to_vec();
+        if let Ok(Ok(Some(u))) = tokio::time::timeout(std::time::Duration::from_millis(300), s.message()).await {
+            bytes.extend(u.encode_to_vec());
+        }
+        seen.push(bytes);
+    }
+    for (i, bytes) in seen.iter().enumerate() {
+        for secret in &secrets {
+            assert!(!contains(bytes, secret.as_bytes()), "stream {i} carries a credential");
+        }
+    }
+    // laptop has no business with the "pg" rule; "other" sees no rule at all.
+    assert!(!contains(&seen[0], b"pg"));
+    assert!(contains(&seen[1], b"pg") && contains(&seen[2], b"pg"));
+    assert!(!contains(&seen[3], b"admin-ssh") && !contains(&seen[3], b"pg"));
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn policy_changes_reach_only_affected_nodes_with_ordered_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = mesh(dir.path(), 256).await;
+    let mut laptop = watch(&m.cp, &m.laptop.credential, 0).await.unwrap();
+    let mut db1 = watch(&m.cp, &m.db1.credential, 0).await.unwrap();
+    let mut web1 = watch(&m.cp, &m.web1.credential, 0).await.unwrap();
+    let mut other = watch(&m.cp, &m.other.credential, 0).await.unwrap();
+    let v0 = next(&mut laptop).await.unwrap().version;
+    for s in [&mut db1, &mut web1, &mut other] {
+        assert_eq!(next(s).await.unwrap().version, v0);
+    }
+
+    let v1 = m.cp.apply(POLICY_PG).await.unwrap();
+    assert!(v1 > v0);
+    let u = next(&mut db1).await.unwrap();
+    let d = delta(&u);
+    assert_eq!((u.version, d.base_version), (v1, v0));
+    assert_eq!(d.upsert_peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["web1"]);
+    assert_eq!(d.policy.as_ref().unwrap().rules.len(), 2);
+    assert!(d.addresses.is_none() && d.remove_peers.is_empty());
+    let u = next(&mut web1).await.unwrap();
+    assert_eq!((u.version, delta(&u).base_version), (v1, v0));
+    silent(&mut laptop, 300).await;
+    silent(&mut other, 50).await;
+
+    // A rejected policy changes nothing anywhere.
+    let bad = format!("{POLICY}\n[[tests]]\nfrom = \"laptop\"\nto = \"web1\"\nport = 22\nexpect = \"deny\"\n");
+    let err = m.cp.apply(&bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("policy.toml:19:1: tests[1] (laptop -> web1 tcp/22"), "{}", err.message());
+    assert!(err.message().contains("expected deny, got allow (allowed by rule \"admin-ssh\")"), "{}", err.message());
+    let err = m.cp.apply("[[rules]]\nid = \"x\"\nfrom = [\"group:nope\"]\nto = [\"*\"]\n").await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "policy.toml:3:9: rules[0].from[0]: unknown group \"nope\"")
+    );
+    let p = m.cp.admin.get_policy(GetPolicyRequest {}).await.unwrap().into_inner();
+    assert_eq!((p.version, p.source.as_str()), (v1, POLICY_PG));
+    for s in [&mut laptop, &mut db1, &mut web1, &mut other] {
+        silent(s, 100).await;
+    }
+
+    // Back to POLICY: db1 and web1 again, base = the last version sent on their stream.
+    let v2 = m.cp.apply(POLICY).await.unwrap();
+    assert!(v2 > v1);
+    let u = next(&mut db1).await.unwrap();
+    let d = delta(&u);
+    assert_eq!((u.version, d.base_version), (v2, v1));
+    assert_eq!(d.remove_peers, vec![vec![3u8; 32]]);
+    // The laptop stream skipped v1 (no change for it): its next delta builds on v0.
+    let v3 = m.cp.apply(&POLICY.replace("[\"22\"]", "[\"22\", \"2222\"]")).await.unwrap();
+    let u = next(&mut laptop).await.unwrap();
+    assert_eq!((u.version, delta(&u).base_version), (v3, v0));
+    assert_eq!(delta(&u).policy.as_ref().unwrap().rules[0].ports.len(), 2);
+    let u = next(&mut db1).await.unwrap();
+    assert_eq!((u.version, delta(&u).base_version), (v3, v2));
+}
+
+#[tokio::test]
+async fn resume_from_history_gets_a_delta_and_from_an_unknown_version_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = mesh(dir.path(), 4).await;
+    let v0 = m.cp.handle.control().current().version;
+    let v1 = m.cp.apply(POLICY_PG).await.unwrap();
+
+    // db1 applied v0 and comes back: one delta v0 -> v1.
+    let mut s = watch(&m.cp, &m.db1.credential, v0).await.unwrap();
+    let u = next(&mut s).await.unwrap();
+    let d = delta(&u);
+    assert_eq!((u.version, d.base_version), (v1, v0));
+    assert_eq!(d.upsert_peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["web1"]);
+    assert!(d.policy.is_some());
+    // ... then deltas on top of v1.
+    let v2 = m.cp.apply(POLICY).await.unwrap();
+    let u = next(&mut s).await.unwrap();
+    assert_eq!((u.version, delta(&u).base_version), (v2, v1));
+
+    // laptop resuming from v0: nothing changed for it, an empty delta moves it to now.
+    let mut s = watch(&m.cp, &m.laptop.credential, v0).await.unwrap();
+    let u = next(&mut s).await.unwrap();
+    let d = delta(&u);
+    assert_eq!((u.version, d.base_version), (v2, v0));
+    assert!(d.upsert_peers.is_empty() && d.remove_peers.is_empty() && d.policy.is_none());
+
+    // Push v0 out of the 4-state history: a snapshot again.
+    for i in 0..4 {
+        m.cp.apply(&POLICY.replace("admin-ssh", &format!("admin-ssh-{i}"))).await.unwrap();
+    }
+    let now = m.cp.handle.control().current().version;
+    let mut s = watch(&m.cp, &m.db1.credential, v0).await.unwrap();
+    let u = next(&mut s).await.unwrap();
+    assert_eq!(u.version, now);
+    assert_eq!(peer_names(snapshot(&u)), ["laptop"]);
+    // A version from the future (another database?) also gets a snapshot.
+    let mut s = watch(&m.cp, &m.db1.credential, now + 100).await.unwrap();
+    assert_eq!(snapshot(&next(&mut s).await.unwrap()).peers.len(), 1);
+}
+
+#[tokio::test]
+async fn removal_ends_the_stream_and_leaves_every_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = mesh(dir.path(), 256).await;
+    let mut laptop = watch(&m.cp, &m.laptop.credential, 0).await.unwrap();
+    let mut db1 = watch(&m.cp, &m.db1.credential, 0).await.unwrap();
+    let mut other = watch(&m.cp, &m.other.credential, 0).await.unwrap();
+    let v0 = next(&mut laptop).await.unwrap().version;
+    next(&mut db1).await.unwrap();
+    next(&mut other).await.unwrap();
+
+    let v1 =
+        m.cp.admin.remove_node(RemoveNodeRequest { node: m.db1.node_id.clone() }).await.unwrap().into_inner().version;
+    assert!(v1 > v0);
+    let status = next(&mut db1).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let u = next(&mut laptop).await.unwrap();
+    let d = delta(&u);
+    assert_eq!((u.version, d.base_version), (v1, v0));
+    assert_eq!(d.remove_peers, vec![vec![2u8; 32]]);
+    // The rule no longer lists db1's addresses.
+    let to = &d.policy.as_ref().unwrap().rules[0].to;
+    assert!(!to.iter().any(|p| m.db1.addresses.contains(p)));
+    silent(&mut other, 200).await;
+    assert_code(watch(&m.cp, &m.db1.credential, 0).await, Code::PermissionDenied, "removed");
+    assert_code(m.cp.admin.remove_node(RemoveNodeRequest { node: "db1".into() }).await, Code::NotFound, "db1");
+
+    // A node enrolling later reaches the others that policy lets it.
+    let web2 = m.cp.enroll("web2", 5, &["web"]).await;
+    let u = next(&mut laptop).await.unwrap();
+    assert_eq!(delta(&u).base_version, v1);
+    assert_eq!(delta(&u).upsert_peers[0].name, "web2");
+    assert_eq!(web2.addresses[0].addr, vec![10, 77, 0, 5], "addresses of removed nodes are not reused");
+}
+
+#[tokio::test]
+async fn one_change_reaches_hundreds_of_watchers() {
+    const N: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    cp.apply(
+        "[[rules]]\nid = \"probe\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"tag:sim\"]\nproto = \"tcp\"\nports = [\"1\"]\n",
+    )
+    .await
+    .unwrap();
+    let key = cp.key(false, 0, &["sim"]).await;
+    // A few HTTP/2 connections, many streams each (like agents behind one NAT, cheaper here).
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(cp.agent().await);
+    }
+    let mut streams = Vec::with_capacity(N);
+    for i in 0..N {
+        let n = channels.len();
+        let agent = &mut channels[i % n];
+        let mut req = register_req(&format!("sim{i}"), 7, &key);
+        req.public_key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let r = agent.register(req).await.unwrap().into_inner();
+        let watch = authed(wirefence_proto::v1::WatchRequest { resume_from: 0 }, &r.credential);
+        let mut s = agent.watch(watch).await.unwrap().into_inner();
+        let u = next(&mut s).await.unwrap();
+        assert_eq!(snapshot(&u).policy.as_ref().unwrap().rules.len(), 1);
+        streams.push(s);
+    }
+    let started = std::time::Instant::now();
+    let version = cp
+        .apply("[[rules]]\nid = \"probe\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"tag:sim\"]\nproto = \"tcp\"\nports = [\"2\"]\n")
+        .await
+        .unwrap();
+    let waits = streams.into_iter().map(|mut s| {
+        tokio::spawn(async move {
+            let u = next(&mut s).await.unwrap();
+            (u.version, delta(&u).policy.as_ref().unwrap().rules[0].ports[0].first)
+        })
+    });
+    for w in waits.collect::<Vec<_>>() {
+        assert_eq!(w.await.unwrap(), (version, 2));
+    }
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "fan-out to {N} watchers took {took:?}");
+}

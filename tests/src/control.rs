@@ -1,0 +1,191 @@
+//! The reference control plane in a lab: `wirefence-control serve` in the switch namespace
+//! (reachable from every host over IPv4 and IPv6, TLS with a CA made by `certs init`), its
+//! admin CLI over the Unix socket, and agent configs in control mode.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{run, run_ok, wait_until, Host, Lab, TempDir};
+
+pub const CP_V4: &str = "172.31.255.254";
+pub const CP_V6: &str = "fdaa::fe";
+pub const CP_PORT: u16 = 7443;
+
+/// Path of `wirefence-control` next to the test binary's target directory.
+pub fn control_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WIREFENCE_CONTROL_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.parent().and_then(|d| d.parent()).expect("target/<profile> directory").join("wirefence-control");
+    assert!(bin.exists(), "{} is missing: build it first (`cargo xtask test` does)", bin.display());
+    bin
+}
+
+pub struct ControlPlane {
+    pub dir: TempDir,
+    switch: String,
+    child: Option<Child>,
+}
+
+impl ControlPlane {
+    /// Gives the lab's bridge the control plane's addresses, makes a CA and server
+    /// certificate for them, and starts serving.
+    pub fn start(lab: &Lab) -> ControlPlane {
+        lab.switch.ip(&["addr", "add", &format!("{CP_V4}/24"), "dev", "br0"]);
+        lab.switch.ip(&["addr", "add", &format!("{CP_V6}/64"), "dev", "br0", "nodad"]);
+        let dir = TempDir::new();
+        run_ok(
+            Command::new(control_bin())
+                .args(["certs", "init", "--dir"])
+                .arg(dir.0.join("tls"))
+                .args(["--san", CP_V4, "--san", CP_V6]),
+        );
+        let mut cp = ControlPlane { dir, switch: lab.switch.name.clone(), child: None };
+        cp.restart();
+        cp
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.0.join("admin.sock")
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.0.join("tls/ca.pem")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("control.log")).unwrap_or_default()
+    }
+
+    /// (Re)starts the server on the same database; returns once the admin socket answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(self.admin_socket());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join("control.log")).unwrap();
+        let tls = self.dir.0.join("tls");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.switch])
+            .arg(control_bin())
+            .arg("--admin-socket")
+            .arg(self.admin_socket())
+            .arg("serve")
+            .arg("--db")
+            .arg(self.dir.0.join("control.db"))
+            .args(["--listen", &format!("{CP_V4}:{CP_PORT}"), "--listen", &format!("[{CP_V6}]:{CP_PORT}")])
+            .arg("--tls-cert")
+            .arg(tls.join("server.pem"))
+            .arg("--tls-key")
+            .arg(tls.join("server.key"))
+            .args(["--overlay-v4", "10.77.0.0/24", "--overlay-v6", "fd77::/64"])
+            .env("WIREFENCE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn wirefence-control");
+        self.child = Some(child);
+        wait_until("the control plane's admin socket", Duration::from_secs(15), || {
+            self.admin(&["nodes", "list"]).status.success()
+        });
+    }
+
+    /// Stops the server (SIGKILL: nothing of it runs on the way out).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn admin(&self, args: &[&str]) -> Output {
+        run(Command::new(control_bin()).arg("--admin-socket").arg(self.admin_socket()).args(args))
+    }
+
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "wirefence-control {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A reusable enrollment key, written to a file for agents.
+    pub fn enrollment_key_file(&self, tags: &[&str]) -> PathBuf {
+        let mut args = vec!["keys", "create", "--json"];
+        for t in tags {
+            args.extend(["--tag", t]);
+        }
+        let out: serde_json::Value = serde_json::from_str(&self.admin_ok(&args)).expect("keys create --json");
+        let key = out["key"].as_str().expect("key in keys create --json");
+        let path = self.dir.0.join(format!("enroll-{}.key", crate::unique()));
+        std::fs::write(&path, key).unwrap();
+        path
+    }
+
+    /// Applies a policy file; the output (the caller checks the status).
+    pub fn apply_policy(&self, text: &str) -> Output {
+        let path = self.dir.0.join("policy.toml");
+        std::fs::write(&path, text).unwrap();
+        self.admin(&["policy", "apply", path.to_str().unwrap()])
+    }
+
+    /// Overlay addresses (IPv4, IPv6) the control plane gave a node, by host name.
+    pub fn node_addresses(&self, hostname: &str) -> (String, String) {
+        let n: serde_json::Value =
+            serde_json::from_str(&self.admin_ok(&["nodes", "show", hostname, "--json"])).expect("nodes show --json");
+        let addrs: Vec<String> =
+            n["addresses"].as_array().expect("addresses").iter().map(|a| a.as_str().unwrap().to_owned()).collect();
+        let host = |v6: bool| {
+            addrs
+                .iter()
+                .find(|a| a.contains(':') == v6)
+                .map(|a| a.split('/').next().unwrap().to_owned())
+                .unwrap_or_else(|| panic!("{hostname} has no {} address: {addrs:?}", if v6 { "IPv6" } else { "IPv4" }))
+        };
+        (host(false), host(true))
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Host {
+    /// An agent config in control mode: no peers, no rules, no addresses of its own. Both
+    /// control-plane addresses are listed; odd hosts try IPv4 first, even hosts IPv6.
+    pub fn write_control_config(&self, cp: &ControlPlane, enrollment_key: &std::path::Path) {
+        let (v4, v6) = (format!("\"{CP_V4}:{CP_PORT}\""), format!("\"[{CP_V6}]:{CP_PORT}\""));
+        let endpoints = if self.index % 2 == 1 { format!("{v4}, {v6}") } else { format!("{v6}, {v4}") };
+        let text = format!(
+            "[interface]\nname = \"{ifname}\"\nbackend = \"userspace\"\nprivate_key_file = \"{key}\"\nlisten_port = 51820\n\n\
+             [agent]\nstate_dir = \"{state}\"\n\n[policy]\npin_dir = \"{pins}\"\n\n\
+             [control]\nendpoints = [{endpoints}]\nca_file = \"{ca}\"\n\
+             enrollment_key_file = \"{enroll}\"\nhostname = \"h{i}\"\nadvertise_endpoints = [\"{u4}:51820\"]\n",
+            ifname = self.ifname,
+            key = self.dir.join("private.key").display(),
+            state = self.dir.join("state").display(),
+            pins = crate::bpffs_root().display(),
+            ca = cp.ca_file().display(),
+            enroll = enrollment_key.display(),
+            i = self.index,
+            u4 = self.underlay_v4,
+        );
+        self.write_config(&text);
+    }
+
+    /// The control-plane status the running agent records (`status --json`'s `control`).
+    pub fn control_status(&self) -> serde_json::Value {
+        self.status_json()["control"].clone()
+    }
+}
+
+/// `wg show <if> peers` in the host's namespace.
+pub fn wg_peers(host: &Host) -> Vec<String> {
+    let out = run(host.ns.cmd("wg").args(["show", &host.ifname, "peers"]));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}

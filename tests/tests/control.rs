@@ -1,0 +1,145 @@
+//! End to end with the reference control plane: `wirefence-control serve` (TLS, SQLite) in
+//! the lab's switch namespace, agents in control mode on wireguard-go, enrollment, policy
+//! pushes changing what crosses the tunnel, node removal, outages and restarts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use wirefence_tests::control::{wg_peers, ControlPlane};
+use wirefence_tests::*;
+
+const T: Duration = Duration::from_secs(20);
+const SHORT: Duration = Duration::from_millis(700);
+
+fn sock(addr: &str, port: u16) -> SocketAddr {
+    format!("{}:{port}", if addr.contains(':') { format!("[{addr}]") } else { addr.to_owned() }).parse().unwrap()
+}
+
+/// Pings among all nodes, plus tcp/80 from the `web_from` nodes to h2; the file's tests
+/// check h1's access as the operator expects it.
+fn policy(web_from: &[&str]) -> String {
+    let from: Vec<String> = web_from.iter().map(|h| format!("\"node:{h}\"")).collect();
+    let web = match from.is_empty() {
+        true => String::new(),
+        false => format!(
+            "[[rules]]\nid = \"web\"\nfrom = [{}]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"80\"]\n\n",
+            from.join(", ")
+        ),
+    };
+    let expect = if web_from.contains(&"h1") { "allow" } else { "deny" };
+    format!(
+        "[[rules]]\nid = \"ping\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"icmp\"\n\n\
+         [[rules]]\nid = \"ping6\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"icmpv6\"\n\n{web}\
+         [[tests]]\nfrom = \"h1\"\nto = \"h2\"\nproto = \"tcp\"\nport = 80\nexpect = \"{expect}\"\n\n\
+         [[tests]]\nfrom = \"h1\"\nto = \"h2\"\nproto = \"tcp\"\nport = 81\nexpect = \"deny\"\n"
+    )
+}
+
+/// A lab of `n` hosts enrolled with a running control plane, agents started.
+fn enrolled(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>) {
+    let lab = Lab::new(n);
+    let cp = ControlPlane::start(&lab);
+    let key = cp.enrollment_key_file(&["server"]);
+    let mut agents = Vec::new();
+    for h in &lab.hosts {
+        h.write_control_config(&cp, &key);
+        agents.push(h.spawn_agent());
+    }
+    wait_until("every node enrolled", T, || {
+        let out = cp.admin(&["nodes", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|a| a.len() == n as usize)
+    });
+    (lab, cp, agents)
+}
+
+fn tcp_echoes(from: &Host, to: SocketAddr) -> bool {
+    connect(&from.ns, to, SHORT).is_some_and(|mut s| echoes(&mut s, SHORT))
+}
+
+#[test]
+fn enrollment_mesh_policy_pushes_and_node_removal() {
+    let (lab, cp, agents) = enrolled(3);
+    let (h1, h2, h3) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
+    for port in [80, 81] {
+        echo_server(&h2.ns, sock("::", port));
+    }
+    let applied = cp.apply_policy(&policy(&["h1"]));
+    assert!(applied.status.success(), "policy apply: {}", String::from_utf8_lossy(&applied.stderr));
+    let (h2_v4, h2_v6) = cp.node_addresses("h2");
+
+    wait_until("h1 pings h2 over IPv4 and IPv6 in the tunnel", T, || h1.ns.ping(&h2_v4) && h1.ns.ping(&h2_v6));
+    assert!(h3.ns.ping(&h2_v4), "h3 pings h2");
+    wait_until("h1 reaches h2:80", T, || tcp_echoes(h1, sock(&h2_v4, 80)));
+    assert!(tcp_echoes(h1, sock(&h2_v6, 80)), "h1 reaches h2:80 over IPv6");
+    assert!(!tcp_echoes(h1, sock(&h2_v4, 81)), "h1 -> h2:81 is not allowed");
+    assert!(!tcp_echoes(h3, sock(&h2_v4, 80)), "h3 -> h2:80 is not allowed yet");
+
+    // Every agent reports the version it applied; the control plane sees the same.
+    let version = |h: &Host| h.control_status()["applied_version"].as_u64().unwrap_or(0);
+    wait_until("agents report their applied version", T, || {
+        let v: serde_json::Value = serde_json::from_str(&cp.admin_ok(&["nodes", "show", "h2", "--json"])).unwrap();
+        v["applied_version"].as_u64() == Some(version(h2)) && version(h2) > 0
+    });
+
+    // A policy push opens h3 -> h2:80.
+    assert!(cp.apply_policy(&policy(&["h1", "h3"])).status.success());
+    wait_until("h3 reaches h2:80 after the push", T, || tcp_echoes(h3, sock(&h2_v4, 80)));
+
+    // A rejected policy file names the line and changes nothing anywhere.
+    let bad = cp.apply_policy(&format!("[[rules]]\nid = \"x\"\nfrom = [\"group:nope\"]\nto = [\"*\"]\n\n{}", policy(&["h1"])));
+    assert!(!bad.status.success(), "a policy with an unknown group must be rejected");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("policy.toml:") && err.contains("nope"), "{err}");
+    std::thread::sleep(SHORT);
+    assert!(tcp_echoes(h3, sock(&h2_v4, 80)), "the running policy stays after a rejected file");
+
+    // Removing h3 takes it out of every other node's device and cuts it off.
+    let h3_key = h3.public_key.clone();
+    assert!(wg_peers(h2).contains(&h3_key));
+    cp.admin_ok(&["nodes", "remove", "h3"]);
+    wait_until("h3 is gone from h1 and h2", T, || !wg_peers(h1).contains(&h3_key) && !wg_peers(h2).contains(&h3_key));
+    assert!(!h3.ns.ping(&h2_v4), "a removed node is cut off");
+    wait_until("the removed agent is refused", T, || agents[2].log_text().contains("PermissionDenied") || agents[2].log_text().contains("permission"));
+    assert!(h1.ns.ping(&h2_v4), "the others keep talking");
+}
+
+#[test]
+fn outages_and_restarts_keep_the_data_plane_and_resync() {
+    let (lab, mut cp, mut agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    echo_server(&h2.ns, sock("::", 80));
+    assert!(cp.apply_policy(&policy(&[])).status.success());
+    let (h2_v4, _) = cp.node_addresses("h2");
+    wait_until("h1 pings h2", T, || h1.ns.ping(&h2_v4));
+    assert!(!tcp_echoes(h1, sock(&h2_v4, 80)), "web is not allowed yet");
+
+    // Control plane down: the data plane is untouched.
+    cp.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(h1.ns.ping(&h2_v4), "traffic flows while the control plane is down");
+
+    // h2's agent dies and its interface is removed; restarted while the control plane is
+    // still down, it comes up from its saved view: the tunnel and the policy are back.
+    agents.pop().unwrap().kill9();
+    h2.down();
+    assert!(!h2.ns.link_exists(&h2.ifname));
+    agents.push(h2.spawn_agent());
+    wait_until("h2 is back from its saved view", T, || h1.ns.ping(&h2_v4));
+    assert!(!tcp_echoes(h1, sock(&h2_v4, 80)), "the saved policy is enforced, not an open device");
+
+    // The control plane comes back on the same database: agents resync and a new policy lands.
+    cp.restart();
+    assert!(cp.apply_policy(&policy(&["h1"])).status.success());
+    wait_until("h1 reaches h2:80 after the control plane's restart", T, || tcp_echoes(h1, sock(&h2_v4, 80)));
+    // The server certificate's expiry, per address family: h1 reaches the control plane over
+    // IPv4, h2 over IPv6; `certs init` issues it for a year.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    for (h, family) in [(h1, "ipv4"), (h2, "ipv6")] {
+        let st = h.control_status();
+        let expiry = st[format!("cert_expiry_{family}")].as_i64().unwrap_or(0);
+        assert!((now + 360 * 86_400..now + 366 * 86_400).contains(&expiry), "h{}: {st}", h.index);
+        let connected = st["connected_to"].as_str().unwrap_or_default();
+        assert_eq!(connected.starts_with('['), family == "ipv6", "h{}: {st}", h.index);
+    }
+}
