@@ -9,6 +9,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile([proto], ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("wirefence_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages carrying secrets get hand-written, redacting Debug impls (src/redact.rs).
+    tonic_prost_build::configure()
+        .skip_debug([
+            ".wirefence.v1.RegisterRequest",
+            ".wirefence.v1.RegisterResponse",
+            ".wirefence.v1.CreateEnrollmentKeyReply",
+        ])
+        .compile_fds(fds)?;
     Ok(())
 }

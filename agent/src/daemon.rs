@@ -44,9 +44,22 @@ pub fn load_cached(path: &Path, cache: &mut ConfigCache) -> anyhow::Result<Loade
     let key = keys::load_or_generate(&file.interface.private_key_file)?;
     let view = match &file.control {
         None => None,
-        Some(_) => ControlFiles::new(&file.agent.state_dir).view(&key.public_key())?,
+        Some(_) => saved_view(&ControlFiles::new(&file.agent.state_dir), &key.public_key()),
     };
     build(file, &key, view.as_ref().map(|(_, v)| v))
+}
+
+/// The last applied view; one that cannot be read is set aside (the agent then starts
+/// denying everything and the control plane sends a full snapshot).
+fn saved_view(files: &ControlFiles, own: &crate::model::PublicKey) -> Option<(u64, ControlView)> {
+    match files.view(own) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the saved control-plane view; starting without it");
+            files.set_aside_view();
+            None
+        }
+    }
 }
 
 /// The config as the running agent sees it, for commands that inspect or remove its state
@@ -422,7 +435,7 @@ fn start_client(
 ) -> anyhow::Result<Control> {
     let own = loaded.desired.device.private_key.public_key();
     let files = ControlFiles::new(&loaded.config.agent.state_dir);
-    let saved = files.view(&own)?;
+    let saved = saved_view(&files, &own);
     let view = saved.as_ref().map(|(_, v)| v.clone());
     let (tx, updates) = mpsc::channel(1);
     let client = control::ControlClient {
@@ -432,9 +445,13 @@ fn start_client(
         tracker: control::Tracker::new(own, saved),
         apply: tx,
         connector: control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?,
-        peer_stats: {
-            let ifname = loaded.desired.ifname.clone();
-            Box::new(move || control::client::device_peer_stats(backend.as_ref(), &ifname))
+        telemetry: {
+            let (ifname, state_dir) = (loaded.desired.ifname.clone(), loaded.config.agent.state_dir.clone());
+            let denies_if = ifname.clone();
+            control::client::Telemetry {
+                peer_stats: Box::new(move || control::client::device_peer_stats(backend.as_ref(), &ifname)),
+                denies: Box::new(move || crate::enforce::denies::load(&state_dir, &denies_if)),
+            }
         },
     };
     tokio::spawn(client.run());

@@ -111,6 +111,20 @@ fn delta(version: u64, base: u64, d: v1::ViewDelta) -> v1::Update {
     v1::Update { version, body: Some(v1::update::Body::Delta(v1::ViewDelta { base_version: base, ..d })) }
 }
 
+/// A deny event as the enforcer's reader records it.
+fn deny() -> wirefence_agent::enforce::DenyRecord {
+    wirefence_agent::enforce::DenyRecord {
+        at: 1_700_000_000,
+        direction: "in".into(),
+        src: "10.77.0.9".into(),
+        dst: "10.77.0.1".into(),
+        proto: 6,
+        sport: 40000,
+        dport: 22,
+        len: 60,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() {
     let own = PrivateKey::generate().public_key();
@@ -159,7 +173,10 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
         tracker: Tracker::new(own, None),
         apply: tx,
         connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
-        peer_stats: Box::new(Vec::new),
+        telemetry: wirefence_agent::control::client::Telemetry {
+            peer_stats: Box::new(Vec::new),
+            denies: Box::new(|| vec![deny()]),
+        },
     };
     let task = tokio::spawn(client.run());
 
@@ -197,6 +214,20 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     assert_eq!(outcomes[..2], ["applied 5".to_string(), "applied 6".to_string()]);
     assert!(outcomes[2].starts_with("failed 7") && outcomes[2].contains("overlaps"), "{outcomes:?}");
     assert_eq!(outcomes[3], "applied 8");
+    // The deny event went out as a flow record, once per session at most.
+    let flows: Vec<&v1::FlowRecord> = seen
+        .reports
+        .iter()
+        .filter_map(|r| match r {
+            v1::agent_report::Body::Flows(f) => Some(&f.records),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(!flows.is_empty() && flows.len() <= 2, "{flows:?}");
+    let f = flows[0];
+    assert_eq!((f.src.as_slice(), f.dst_port, f.protocol), (&[10u8, 77, 0, 9][..], 22, 6));
+    assert_eq!((f.verdict(), f.direction(), f.time_unix_ms), (v1::Verdict::Deny, v1::Direction::Ingress, 1_700_000_000_000));
 
     let (version, view) = files.view(&own).unwrap().expect("persisted view");
     assert_eq!(version, 8);

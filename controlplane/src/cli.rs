@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 pub const DEFAULT_DB: &str = "/var/lib/wirefence/control.db";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wirefence/control.sock";
@@ -140,6 +140,10 @@ pub enum KeysCommand {
         /// Tag given to nodes enrolled with the key (policy selector tag:<name>); repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// Subnet nodes enrolled with the key may advertise routes within (at least /8 for
+        /// IPv4, /16 for IPv6); repeatable. Without it, such nodes may advertise no routes.
+        #[arg(long = "route")]
+        routes: Vec<IpNet>,
         /// Output JSON ({"key_id", "key", "expires_unix"}).
         #[arg(long)]
         json: bool,

@@ -28,14 +28,26 @@ pub enum Error {
     PublicKeyLength(usize),
     #[error("public_key: the all-zero key is not a public key")]
     PublicKeyZero,
-    #[error("public_key: already registered by another node")]
-    PublicKeyTaken,
+    #[error("public_key: already enrolled as a live node; re-register with the node's credential")]
+    PublicKeyEnrolled,
+    #[error("public_key: node {0} was removed; its key pair cannot enroll again (generate a new one)")]
+    PublicKeyRemoved(String),
+    #[error("{0}: a registered node cannot change it (remove the node and enroll a new one)")]
+    Immutable(&'static str),
     #[error("hostname: {0:?} is not a hostname (dot-separated labels of A-Z a-z 0-9 -, at most 63 each)")]
     Hostname(String),
     #[error("hostname: {0:?} is already used by another node")]
     HostnameTaken(String),
     #[error("routes[{index}]: {route} overlaps the overlay {overlay}")]
     RouteOverlapsOverlay { index: usize, route: IpNet, overlay: IpNet },
+    #[error("routes[{index}]: {route} is broader than /{min} (refused as a route)")]
+    RouteTooBroad { index: usize, route: IpNet, min: u8 },
+    #[error(
+        "routes[{index}]: {route} is not within the routes granted by the node's enrollment key (keys create --route)"
+    )]
+    RouteNotGranted { index: usize, route: IpNet },
+    #[error("routes[{index}]: {route} overlaps route {theirs} of node {node}")]
+    RouteTaken { index: usize, route: IpNet, theirs: IpNet, node: String },
     #[error("{field}: at most {max} entries")]
     TooMany { field: &'static str, max: usize },
     #[error("tags: {0:?} is not 1 to 64 of A-Z a-z 0-9 _ . -")]
@@ -91,6 +103,8 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("admin socket {0} is in use by a running control plane")]
     AdminSocketInUse(PathBuf),
+    #[error("admin socket directory {path}: {why}; use a directory only its owner (or root) can write")]
+    AdminSocketDir { path: PathBuf, why: String },
     #[error("{0}: refusing to overwrite an existing file")]
     Exists(PathBuf),
 }
@@ -114,17 +128,21 @@ impl Error {
             | Error::PublicKeyZero
             | Error::Hostname(_)
             | Error::RouteOverlapsOverlay { .. }
+            | Error::RouteTooBroad { .. }
             | Error::TooMany { .. }
             | Error::Tag(_) => Code::InvalidArgument,
-            Error::PublicKeyTaken | Error::HostnameTaken(_) => Code::AlreadyExists,
+            Error::PublicKeyEnrolled | Error::HostnameTaken(_) | Error::RouteTaken { .. } => Code::AlreadyExists,
             Error::EnrollmentKeyMissing
             | Error::EnrollmentKeyUnknown
             | Error::CredentialMissing
             | Error::CredentialMalformed
             | Error::CredentialInvalid => Code::Unauthenticated,
-            Error::EnrollmentKeyUsed(_) | Error::EnrollmentKeyExpired(_) | Error::NodeRemoved(_) => {
-                Code::PermissionDenied
-            }
+            Error::EnrollmentKeyUsed(_)
+            | Error::EnrollmentKeyExpired(_)
+            | Error::NodeRemoved(_)
+            | Error::PublicKeyRemoved(_)
+            | Error::Immutable(_)
+            | Error::RouteNotGranted { .. } => Code::PermissionDenied,
             Error::UnknownNode(_) => Code::NotFound,
             Error::PoolExhausted(_) => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
@@ -135,6 +153,7 @@ impl Error {
             | Error::Cert(_)
             | Error::Reflection(_)
             | Error::AdminSocketInUse(_)
+            | Error::AdminSocketDir { .. }
             | Error::Exists(_) => Code::Internal,
         }
     }

@@ -13,7 +13,7 @@ use wirefence_control::model::now_unix;
 use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
 use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
-    ApplyPolicyRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, ListNodesRequest,
+    ApplyPolicyRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix, ListNodesRequest,
     RemoveNodeRequest,
 };
 
@@ -160,8 +160,9 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
             let r = admin.remove_node(RemoveNodeRequest { node: node.clone() }).await.map_err(status)?.into_inner();
             format!("removed {node} (version {})\n", r.version)
         }
-        Command::Keys(KeysCommand::Create { single_use, expires_in, tags, json }) => {
-            let req = CreateEnrollmentKeyRequest { single_use, expires_in_secs: expires_in.unwrap_or(0), tags };
+        Command::Keys(KeysCommand::Create { single_use, expires_in, tags, routes, json }) => {
+            let routes = routes.into_iter().map(IpPrefix::from).collect();
+            let req = CreateEnrollmentKeyRequest { single_use, expires_in_secs: expires_in.unwrap_or(0), tags, routes };
             let k = admin.create_enrollment_key(req).await.map_err(status)?.into_inner();
             if json {
                 let v = serde_json::json!({ "key_id": k.key_id, "key": k.key, "expires_unix": k.expires_unix });

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     removed INTEGER NOT NULL DEFAULT 0,
     applied_version INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
-    last_seen INTEGER NOT NULL DEFAULT 0
+    last_seen INTEGER NOT NULL DEFAULT 0,
+    granted_routes TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS enrollment_keys (
     id TEXT PRIMARY KEY,
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS enrollment_keys (
     single_use INTEGER NOT NULL,
     used INTEGER NOT NULL DEFAULT 0,
     expires INTEGER NOT NULL,
-    tags TEXT NOT NULL
+    tags TEXT NOT NULL,
+    routes TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS policy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -65,6 +67,13 @@ CREATE TABLE IF NOT EXISTS peer_stats (
     PRIMARY KEY (node_id, public_key)
 );
 ";
+
+/// Columns added after the first schema: (table, column, definition, statement run once
+/// after adding it). Nodes enrolled before route grants existed keep the routes they had.
+const MIGRATIONS: &[(&str, &str, &str, &str)] = &[
+    ("nodes", "granted_routes", "TEXT NOT NULL DEFAULT '[]'", "UPDATE nodes SET granted_routes = routes"),
+    ("enrollment_keys", "routes", "TEXT NOT NULL DEFAULT '[]'", ""),
+];
 
 /// A node as stored (live or removed), with its reported status.
 #[derive(Clone, Debug)]
@@ -85,6 +94,8 @@ pub struct KeyRow {
     /// Unix seconds; 0 = never.
     pub expires: i64,
     pub tags: Vec<String>,
+    /// Prefixes nodes enrolled with the key may advertise routes within.
+    pub routes: Vec<IpNet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,6 +142,7 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store { conn })
     }
 
@@ -203,11 +215,26 @@ impl Store {
             .optional()?)
     }
 
+    /// The routes a live node may advertise (granted by its enrollment key).
+    pub fn granted_routes(&self, id: &str) -> Result<Vec<IpNet>> {
+        let text: String = self.conn.query_row("SELECT granted_routes FROM nodes WHERE id = ?1", [id], |r| r.get(0))?;
+        list(id, "granted_routes", &text)
+    }
+
+    /// The id of a removed node with this public key, if any: removed rows are the
+    /// denylist of keys that may not enroll again.
+    pub fn removed_with_key(&self, public_key: &[u8]) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("SELECT id FROM nodes WHERE public_key = ?1 AND removed = 1 LIMIT 1", [public_key], |r| r.get(0))
+            .optional()?)
+    }
+
     pub fn key(&self, id: &str) -> Result<Option<KeyRow>> {
         let row = self
             .conn
             .query_row(
-                "SELECT id, hash, single_use, used, expires, tags FROM enrollment_keys WHERE id = ?1",
+                "SELECT id, hash, single_use, used, expires, tags, routes FROM enrollment_keys WHERE id = ?1",
                 [id],
                 |r| {
                     Ok((
@@ -216,22 +243,24 @@ impl Store {
                         r.get::<_, bool>(2)?,
                         r.get::<_, bool>(3)?,
                         r.get::<_, i64>(4)?,
-                        r.get::<_, String>(5)?,
+                        [r.get::<_, String>(5)?, r.get::<_, String>(6)?],
                     ))
                 },
             )
             .optional()?;
-        row.map(|(id, hash, single_use, used, expires, tags)| {
+        row.map(|(id, hash, single_use, used, expires, [tags, routes])| {
             let tags = list::<String>(&id, "tags", &tags)?;
-            Ok(KeyRow { id, hash, single_use, used, expires, tags })
+            let routes = list::<IpNet>(&id, "routes", &routes)?;
+            Ok(KeyRow { id, hash, single_use, used, expires, tags, routes })
         })
         .transpose()
     }
 
     pub fn insert_key(&self, k: &KeyRow) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO enrollment_keys (id, hash, single_use, used, expires, tags) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![k.id, k.hash, k.single_use, k.used, k.expires, json(&k.tags)],
+            "INSERT INTO enrollment_keys (id, hash, single_use, used, expires, tags, routes) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![k.id, k.hash, k.single_use, k.used, k.expires, json(&k.tags), strings(&k.routes)],
         )?;
         Ok(())
     }
@@ -306,12 +335,29 @@ impl Store {
     }
 }
 
+fn migrate(conn: &Connection) -> Result<()> {
+    for (table, column, definition, then) in MIGRATIONS {
+        let present: bool = conn.query_row(
+            &format!("SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = ?1"),
+            [column],
+            |r| r.get(0),
+        )?;
+        if !present {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}; {then}"))?;
+            tx.commit()?;
+        }
+    }
+    Ok(())
+}
+
 // Statements used inside `Store::change`.
 
-pub fn insert_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8]) -> Result<()> {
+/// Inserts a new node with its credential and the routes it may advertise.
+pub fn insert_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8], granted_routes: &[IpNet]) -> Result<()> {
     tx.execute(
-        "INSERT INTO nodes (id, hostname, public_key, addresses, endpoints, routes, tags, credential_hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO nodes (id, hostname, public_key, addresses, endpoints, routes, tags, credential_hash, \
+         granted_routes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             n.id,
             n.hostname,
@@ -320,23 +366,19 @@ pub fn insert_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8]) -> Res
             strings(&n.endpoints),
             strings(&n.routes),
             json(&n.tags),
-            credential_hash
+            credential_hash,
+            strings(granted_routes)
         ],
     )?;
     Ok(())
 }
 
-/// Updates the registration fields (hostname, key, endpoints, routes, tags) of a node.
+/// Updates what a re-registration may change: endpoints and routes.
 pub fn update_node(tx: &Transaction, n: &NodeRec) -> Result<()> {
     tx.execute(
-        "UPDATE nodes SET hostname = ?2, public_key = ?3, endpoints = ?4, routes = ?5, tags = ?6 WHERE id = ?1",
-        params![n.id, n.hostname, n.public_key.to_vec(), strings(&n.endpoints), strings(&n.routes), json(&n.tags)],
+        "UPDATE nodes SET endpoints = ?2, routes = ?3 WHERE id = ?1",
+        params![n.id, strings(&n.endpoints), strings(&n.routes)],
     )?;
-    Ok(())
-}
-
-pub fn set_credential(tx: &Transaction, id: &str, hash: &[u8]) -> Result<()> {
-    tx.execute("UPDATE nodes SET credential_hash = ?2 WHERE id = ?1", params![id, hash])?;
     Ok(())
 }
 
@@ -387,7 +429,9 @@ mod tests {
         {
             let mut s = Store::open(&path).unwrap();
             assert_eq!(s.version().unwrap(), 1);
-            let ((), v) = s.change(true, |tx| insert_node(tx, &node("n1"), &[1; 32])).unwrap();
+            let ((), v) = s
+                .change(true, |tx| insert_node(tx, &node("n1"), &[1; 32], &["10.88.0.0/16".parse().unwrap()]))
+                .unwrap();
             assert_eq!(v, 2);
             let ((), v) = s.change(true, |tx| set_policy(tx, "p.toml", "# empty")).unwrap();
             assert_eq!(v, 3);
@@ -413,5 +457,35 @@ mod tests {
         assert_eq!(s.policy().unwrap(), Some(("p.toml".into(), "# empty".into(), 3)));
         assert_eq!(s.node_auth("n1").unwrap(), Some((vec![1; 32], false)));
         assert_eq!(s.node_auth("n2").unwrap(), None);
+        assert_eq!(s.granted_routes("n1").unwrap(), vec!["10.88.0.0/16".parse::<IpNet>().unwrap()]);
+        assert_eq!(s.removed_with_key(&[7; 32]).unwrap(), None);
+    }
+
+    #[test]
+    fn old_databases_gain_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE nodes (id TEXT PRIMARY KEY, hostname TEXT NOT NULL, public_key BLOB NOT NULL, \
+                 addresses TEXT NOT NULL, endpoints TEXT NOT NULL, routes TEXT NOT NULL, tags TEXT NOT NULL, \
+                 credential_hash BLOB NOT NULL, removed INTEGER NOT NULL DEFAULT 0, \
+                 applied_version INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '', \
+                 last_seen INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO nodes (id, hostname, public_key, addresses, endpoints, routes, tags, credential_hash) \
+                 VALUES ('n1', 'h', zeroblob(32), '[]', '[]', '[\"10.88.0.0/24\"]', '[]', x'00');
+                 CREATE TABLE enrollment_keys (id TEXT PRIMARY KEY, hash BLOB NOT NULL, \
+                 single_use INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0, expires INTEGER NOT NULL, \
+                 tags TEXT NOT NULL);
+                 INSERT INTO enrollment_keys (id, hash, single_use, expires, tags) VALUES ('k1', x'00', 0, 0, '[]');",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.granted_routes("n1").unwrap(), vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
+        assert!(s.key("k1").unwrap().unwrap().routes.is_empty());
+        drop(s);
+        Store::open(&path).unwrap();
     }
 }

@@ -39,14 +39,22 @@ async fn admin_commands_over_the_socket() {
     let mut cp = start(dir.path()).await;
     let sock = cp.handle.admin_socket.clone();
 
-    let out = cli(&sock, &["keys", "create", "--json", "--single-use", "--expires-in", "1h", "--tag", "web"]).await;
+    let args =
+        ["keys", "create", "--json", "--single-use", "--expires-in", "1h", "--tag", "web", "--route", "10.88.0.0/16"];
+    let out = cli(&sock, &args).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let key = k["key"].as_str().unwrap().to_owned();
     assert!(key.starts_with(k["key_id"].as_str().unwrap()));
     assert!(k["expires_unix"].as_i64().unwrap() > 0);
+    assert_eq!(k.as_object().unwrap().len(), 3, "{k}");
     let mut agent = cp.agent().await;
-    agent.register(register_req("db1", 2, &key)).await.unwrap();
+    let mut req = register_req("db1", 2, &key);
+    req.routes = vec![prefix("10.88.5.0/24")];
+    agent.register(req).await.unwrap();
+    let out = cli(&sock, &["keys", "create", "--route", "0.0.0.0/0"]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("routes[0]: 0.0.0.0/0 is broader than /8"), "{}", text(&out.stderr));
     cp.enroll("laptop", 1, &[]).await;
 
     let bad = dir.path().join("bad.toml");
@@ -79,6 +87,7 @@ async fn admin_commands_over_the_socket() {
     let n: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(n["tags"][0], "web");
     assert_eq!(n["addresses"][0], "10.77.0.1/32");
+    assert_eq!(n["routes"][0], "10.88.5.0/24");
     let out = cli(&sock, &["nodes", "show", "db1"]).await;
     assert!(text(&out.stdout).contains("hostname:        db1"));
     let out = cli(&sock, &["nodes", "remove", "db1"]).await;

@@ -8,13 +8,9 @@ use std::time::Duration;
 use common::*;
 use tonic::Code;
 use wirefence_proto::v1::{
-    agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, PeerStat, PeerStats, RegisterRequest,
-    RemoveNodeRequest, SocketAddress, WatchRequest,
+    agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, PeerStat, PeerStats, RemoveNodeRequest,
+    SocketAddress, WatchRequest,
 };
-
-fn prefix(s: &str) -> IpPrefix {
-    IpPrefix::from(s.parse::<ipnet::IpNet>().unwrap())
-}
 
 #[tokio::test]
 async fn single_use_unknown_missing_and_expired_enrollment_keys() {
@@ -53,31 +49,126 @@ async fn single_use_unknown_missing_and_expired_enrollment_keys() {
 }
 
 #[tokio::test]
-async fn reenrollment_and_reregistration() {
+async fn an_enrolled_public_key_cannot_be_taken_over_with_an_enrollment_key() {
     let dir = tempfile::tempdir().unwrap();
     let mut cp = start(dir.path()).await;
     let mut agent = cp.agent().await;
-    let key = cp.key(false, 0, &[]).await;
+    let key = cp.route_key(&["10.88.0.0/16"]).await.unwrap();
     let first = agent.register(register_req("db1", 1, &key)).await.unwrap().into_inner();
 
-    // Same public key again with a key: the same node, a new credential; the old one dies.
-    let again = agent.register(register_req("db1", 1, &key)).await.unwrap().into_inner();
-    assert_eq!((again.node_id.as_str(), &again.addresses), (first.node_id.as_str(), &first.addresses));
-    assert_ne!(again.credential, first.credential);
-    assert_code(watch(&cp, &first.credential, 0).await, Code::Unauthenticated, "invalid credential");
+    // Public keys are not secret: enrolling db1's key again (any hostname) gets no
+    // credential, and db1's credential keeps working.
+    for host in ["db1", "evil"] {
+        assert_code(
+            agent.register(register_req(host, 1, &key)).await,
+            Code::AlreadyExists,
+            "re-register with the node's credential",
+        );
+    }
+    assert!(watch(&cp, &first.credential, 0).await.is_ok());
 
     // With the credential, no key is needed; endpoints and routes are updated.
     let mut req = register_req("db1", 1, "");
     req.endpoints = vec![SocketAddress::from("[2001:db8::1]:51820".parse::<std::net::SocketAddr>().unwrap())];
     req.routes = vec![prefix("10.88.0.0/24")];
-    let r = agent.register(authed(req, &again.credential)).await.unwrap().into_inner();
-    assert_eq!((r.node_id.as_str(), r.credential.as_str()), (first.node_id.as_str(), again.credential.as_str()));
+    let r = agent.register(authed(req, &first.credential)).await.unwrap().into_inner();
+    assert_eq!((r.node_id.as_str(), r.credential.as_str()), (first.node_id.as_str(), first.credential.as_str()));
     let node = cp.admin.get_node(GetNodeRequest { node: first.node_id.clone() }).await.unwrap().into_inner();
     assert_eq!(node.routes, vec![prefix("10.88.0.0/24")]);
     assert_eq!(node.endpoints[0].ip.len(), 16);
 
     // Another node cannot take the hostname.
     assert_code(agent.register(register_req("db1", 2, &key)).await, Code::AlreadyExists, "hostname");
+}
+
+#[tokio::test]
+async fn reregistration_cannot_change_hostname_or_public_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let me = cp.enroll("web1", 1, &[]).await;
+    let mut agent = cp.agent().await;
+
+    // A new hostname would inherit `node:<name>` rules; a new key would move the tunnel.
+    let r = agent.register(authed(register_req("db1", 1, ""), &me.credential)).await;
+    assert_code(r, Code::PermissionDenied, "hostname");
+    let r = agent.register(authed(register_req("web1", 9, ""), &me.credential)).await;
+    assert_code(r, Code::PermissionDenied, "public_key");
+    let node = cp.admin.get_node(GetNodeRequest { node: me.node_id.clone() }).await.unwrap().into_inner();
+    assert_eq!((node.hostname.as_str(), node.public_key), ("web1", vec![1u8; 32]));
+    // Unchanged identity: accepted.
+    agent.register(authed(register_req("web1", 1, ""), &me.credential)).await.unwrap();
+}
+
+#[tokio::test]
+async fn removed_nodes_cannot_enroll_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let gone = cp.enroll("laptop", 1, &[]).await;
+    cp.admin.remove_node(RemoveNodeRequest { node: "laptop".into() }).await.unwrap();
+
+    let mut agent = cp.agent().await;
+    let fresh = cp.key(true, 0, &[]).await;
+    for host in ["laptop", "laptop2"] {
+        let r = agent.register(register_req(host, 1, &fresh)).await;
+        assert_code(r, Code::PermissionDenied, &format!("node {} was removed", gone.node_id));
+    }
+    // The refusals did not use the single-use key; a new key pair enrolls fine.
+    let r = agent.register(register_req("laptop", 2, &fresh)).await.unwrap().into_inner();
+    assert_ne!(r.node_id, gone.node_id);
+}
+
+#[tokio::test]
+async fn routes_must_be_granted_by_the_enrollment_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let mut agent = cp.agent().await;
+    let with_routes = |host: &str, n: u8, key: &str, routes: &[&str]| {
+        let mut r = register_req(host, n, key);
+        r.routes = routes.iter().map(|r| prefix(r)).collect();
+        r
+    };
+
+    // A key without routes grants none.
+    let plain = cp.key(false, 0, &[]).await;
+    let r = agent.register(with_routes("a", 1, &plain, &["10.88.1.0/24"])).await;
+    assert_code(r, Code::PermissionDenied, "routes[0]: 10.88.1.0/24 is not within the routes granted");
+
+    let key = cp.route_key(&["10.88.0.0/16", "fd88::/48"]).await.unwrap();
+    let r = agent.register(with_routes("a", 1, &key, &["10.88.1.0/24", "10.89.0.0/24"])).await;
+    assert_code(r, Code::PermissionDenied, "routes[1]: 10.89.0.0/24");
+    let a = agent.register(with_routes("a", 1, &key, &["10.88.1.0/24", "fd88:0:0:1::/64"])).await.unwrap();
+    let a = a.into_inner();
+
+    // Another node may not route (part of) the same subnet.
+    let r = agent.register(with_routes("b", 2, &key, &["10.88.1.128/25"])).await;
+    assert_code(
+        r,
+        Code::AlreadyExists,
+        &format!("routes[0]: 10.88.1.128/25 overlaps route 10.88.1.0/24 of node {}", a.node_id),
+    );
+    let b = agent.register(with_routes("b", 2, &key, &["10.88.2.0/24"])).await.unwrap().into_inner();
+
+    // Re-registration is held to the node's grant and to the other nodes' routes too.
+    let r = agent.register(authed(with_routes("a", 1, "", &["10.90.0.0/24"]), &a.credential)).await;
+    assert_code(r, Code::PermissionDenied, "10.90.0.0/24 is not within the routes granted");
+    let r = agent.register(authed(with_routes("a", 1, "", &["10.88.2.0/24"]), &a.credential)).await;
+    assert_code(r, Code::AlreadyExists, &b.node_id);
+    agent.register(authed(with_routes("a", 1, "", &["10.88.3.0/24"]), &a.credential)).await.unwrap();
+    let node = cp.admin.get_node(GetNodeRequest { node: "a".into() }).await.unwrap().into_inner();
+    assert_eq!(node.routes, vec![prefix("10.88.3.0/24")]);
+
+    // Grants and routes broader than /8 (IPv4) or /16 (IPv6), or touching the overlay, are refused.
+    for (bad, msg) in [
+        ("0.0.0.0/0", "broader than /8"),
+        ("10.0.0.0/7", "broader than /8"),
+        ("2000::/3", "broader than /16"),
+        ("10.77.0.0/24", "overlaps the overlay"),
+        ("10.88.0.1/16", "routes[0]"),
+    ] {
+        assert_code(cp.route_key(&[bad]).await, Code::InvalidArgument, msg);
+    }
+    let r = agent.register(with_routes("c", 3, &key, &["0.0.0.0/1"])).await;
+    assert_code(r, Code::InvalidArgument, "routes[0]: 0.0.0.0/1 is broader than /8");
 }
 
 #[tokio::test]
@@ -192,5 +283,4 @@ async fn reports_are_recorded() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let n = cp.admin.get_node(GetNodeRequest { node: "laptop".into() }).await.unwrap().into_inner();
     assert_eq!((n.applied_version, n.last_error.as_str(), n.connected), (9, "", true));
-    let _ = RegisterRequest::default();
 }

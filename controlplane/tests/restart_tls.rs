@@ -161,3 +161,18 @@ async fn reflection_lists_the_agent_service_and_the_admin_socket_is_private() {
     .await;
     assert!(matches!(second, Err(wirefence_control::Error::AdminSocketInUse(_))));
 }
+
+#[tokio::test]
+async fn the_admin_socket_is_refused_in_a_directory_others_can_write() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [0o777, 0o1777, 0o770] {
+        let shared = dir.path().join(format!("shared-{mode:o}"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+        let cfg = wirefence_control::server::ServeConfig::new(dir.path().join("c.db"), shared.join("admin.sock"));
+        let err = wirefence_control::server::serve(cfg).await.err().expect("refused");
+        assert!(matches!(err, wirefence_control::Error::AdminSocketDir { .. }), "{err}");
+        assert!(err.to_string().contains("writable by group or others"), "{err}");
+        assert!(std::fs::read_dir(&shared).unwrap().next().is_none(), "no socket was created");
+    }
+}

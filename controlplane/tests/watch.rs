@@ -73,21 +73,41 @@ async fn nodes_never_see_credentials_or_policy_meant_for_others() {
         [&m.laptop, &m.db1, &m.web1, &m.other].iter().map(|r| r.credential.split_once('.').unwrap().1).collect();
     let mut seen = Vec::new();
     for s in streams.iter_mut() {
-        let mut bytes = next(s).await.unwrap().encode_to_vec();
+        let mut updates = vec![next(s).await.unwrap()];
         if let Ok(Ok(Some(u))) = tokio::time::timeout(std::time::Duration::from_millis(300), s.message()).await {
-            bytes.extend(u.encode_to_vec());
+            updates.push(u);
         }
-        seen.push(bytes);
+        seen.push(updates);
     }
-    for (i, bytes) in seen.iter().enumerate() {
+    for (i, updates) in seen.iter().enumerate() {
+        let bytes: Vec<u8> = updates.iter().flat_map(|u| u.encode_to_vec()).collect();
         for secret in &secrets {
-            assert!(!contains(bytes, secret.as_bytes()), "stream {i} carries a credential");
+            assert!(!contains(&bytes, secret.as_bytes()), "stream {i} carries a credential");
         }
     }
-    // laptop has no business with the "pg" rule; "other" sees no rule at all.
-    assert!(!contains(&seen[0], b"pg"));
-    assert!(contains(&seen[1], b"pg") && contains(&seen[2], b"pg"));
-    assert!(!contains(&seen[3], b"admin-ssh") && !contains(&seen[3], b"pg"));
+    // Rule ids as delivered (decoded, so no accidental byte matches): laptop has no
+    // business with the "pg" rule; "other" receives no rule at all.
+    assert_eq!(rule_ids(&seen[0]), ["admin-ssh"]);
+    assert_eq!(rule_ids(&seen[1]), ["admin-ssh", "pg"]);
+    assert_eq!(rule_ids(&seen[2]), ["admin-ssh", "pg"]);
+    assert!(rule_ids(&seen[3]).is_empty());
+}
+
+/// Every rule id in a stream's snapshots and deltas, sorted, without duplicates.
+fn rule_ids(updates: &[wirefence_proto::v1::Update]) -> Vec<String> {
+    use wirefence_proto::v1::update::Body;
+    let mut ids: Vec<String> = updates
+        .iter()
+        .filter_map(|u| match &u.body {
+            Some(Body::Snapshot(v)) => v.policy.as_ref(),
+            Some(Body::Delta(d)) => d.policy.as_ref(),
+            None => None,
+        })
+        .flat_map(|p| p.rules.iter().map(|r| r.id.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

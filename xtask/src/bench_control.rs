@@ -10,12 +10,10 @@
 //!    received its update. Goal: < 1 s. The control plane's peak RSS is reported.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, Map, MapData};
-use tokio::sync::Barrier;
 use wirefence_proto::v1;
 use wirefence_tests::control::ControlPlane;
 use wirefence_tests::{wait_until, Lab};
@@ -47,15 +45,19 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
     std::env::set_var("WIREFENCE_CONTROL_BIN", &bins.control);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut rows = Vec::new();
+    let print = |rows: &[Row]| {
+        println!("\n{:<58} {:>12} {:>10}  goal", "bench-control", "value", "ratio");
+        for (name, value, ratio, goal) in rows {
+            println!("{name:<58} {value:>12} {ratio:>10}  {goal}");
+        }
+    };
     if !args.no_push {
         rows.extend(push_latency(&rt, args.changes)?);
+        print(&rows);
     }
     if !args.no_fanout {
         rows.extend(rt.block_on(fan_out(&bins.control, args.agents))?);
-    }
-    println!("\n{:<58} {:>12} {:>10}  goal", "bench-control", "value", "ratio");
-    for (name, value, ratio, goal) in rows {
-        println!("{name:<58} {value:>12} {ratio:>10}  {goal}");
+        print(&rows);
     }
     Ok(())
 }
@@ -183,29 +185,34 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
     };
     admin.apply_policy(apply(1)).await?;
     let key = admin
-        .create_enrollment_key(v1::CreateEnrollmentKeyRequest { single_use: false, expires_in_secs: 0, tags: vec!["sim".into()] })
+        .create_enrollment_key(v1::CreateEnrollmentKeyRequest { tags: vec!["sim".into()], ..Default::default() })
         .await?
         .into_inner()
         .key;
 
-    // Every simulated agent: connect, enroll, watch; report when it has its snapshot, then
-    // the time it receives a version >= the target.
-    let ready = Arc::new(Barrier::new(n + 1));
-    let target = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    // Every simulated agent: connect, enroll, watch; say when it has its snapshot, then
+    // return the time it receives a version >= the target. A failure anywhere ends the run.
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<()>>(n);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let (ready, target, key) = (ready.clone(), target.clone(), key.clone());
-        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready, target).await }));
+        let (ready, key) = (ready_tx.clone(), key.clone());
+        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready).await }));
     }
-    ready.wait().await;
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_secs(120), ready_rx.recv()).await {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => bail!("a simulated agent failed: {e:#}"),
+            Ok(None) | Err(_) => bail!("simulated agents did not all get their snapshot within 120 s"),
+        }
+    }
     let setup = started.elapsed();
     let t0 = Instant::now();
     let version = admin.apply_policy(apply(2)).await?.into_inner().version;
-    target.store(version, std::sync::atomic::Ordering::SeqCst);
     let mut last = Duration::ZERO;
     for t in tasks {
-        let received: Instant = t.await??;
+        let (received, got) = tokio::time::timeout(Duration::from_secs(30), t).await.context("fan-out timed out")???;
+        anyhow::ensure!(got == version, "a watcher got version {got}, not the change's {version}");
         last = last.max(received.saturating_duration_since(t0));
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -237,9 +244,23 @@ async fn sim_agent(
     addr: std::net::SocketAddr,
     i: usize,
     key: String,
-    ready: Arc<Barrier>,
-    target: Arc<std::sync::atomic::AtomicU64>,
-) -> Result<Instant> {
+    ready: tokio::sync::mpsc::Sender<Result<()>>,
+) -> Result<(Instant, u64)> {
+    let mut stream = match watching(addr, i, key).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::anyhow!("sim{i}: {e:#}"))).await;
+            return Err(e);
+        }
+    };
+    let _ = ready.send(Ok(())).await;
+    // Nothing else changes meanwhile: the first update after the snapshot is the change.
+    let u = stream.message().await?.context("stream ended before the change")?;
+    Ok((Instant::now(), u.version))
+}
+
+/// Connects, enrolls and opens a Watch; returns the stream after its snapshot.
+async fn watching(addr: std::net::SocketAddr, i: usize, key: String) -> Result<tonic::Streaming<v1::Update>> {
     use v1::agent_service_client::AgentServiceClient;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
@@ -257,13 +278,7 @@ async fn sim_agent(
     let mut stream = client.watch(req).await?.into_inner();
     let first = stream.message().await?.context("no snapshot")?;
     anyhow::ensure!(matches!(first.body, Some(v1::update::Body::Snapshot(_))), "first update is not a snapshot");
-    ready.wait().await;
-    loop {
-        let u = stream.message().await?.context("stream ended before the change")?;
-        if u.version >= target.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(Instant::now());
-        }
-    }
+    Ok(stream)
 }
 
 /// 1,000 connections on each side need more than the default 1,024 descriptors.

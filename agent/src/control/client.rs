@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tonic::metadata::MetadataValue;
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 use wirefence_proto::v1;
 use wirefence_proto::v1::agent_service_client::AgentServiceClient;
 
@@ -16,12 +16,14 @@ use super::connect::{Connected, Connector};
 use super::persist::{ControlFiles, ControlStatus, Credential};
 use super::tracker::{Offer, Tracker};
 use super::view::ControlView;
+use crate::enforce::DenyRecord;
 use crate::model::{IfName, PublicKey};
 use crate::wg::WgBackend;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STATS_EVERY: Duration = Duration::from_secs(10);
+const REPORT_DRAIN: Duration = Duration::from_secs(2);
 
 /// A view for the daemon to apply; `done` carries the outcome (an error leaves the
 /// previous state in place).
@@ -56,8 +58,15 @@ pub struct ControlClient {
     pub tracker: Tracker,
     pub apply: mpsc::Sender<ApplyRequest>,
     pub connector: Connector,
-    /// Reads the device's peer statistics for reports (read only).
+    /// Reads what reports carry besides versions (read only).
+    pub telemetry: Telemetry,
+}
+
+/// Sources of the periodic reports: the device's peer statistics and the policy's deny
+/// events (the latest few, as the enforcer's event reader keeps them).
+pub struct Telemetry {
     pub peer_stats: Box<dyn Fn() -> Vec<v1::PeerStat> + Send + Sync>,
+    pub denies: Box<dyn Fn() -> Vec<DenyRecord> + Send + Sync>,
 }
 
 impl ControlClient {
@@ -107,8 +116,12 @@ impl ControlClient {
         let report_req = authed(&cred, tokio_stream::wrappers::ReceiverStream::new(report_rx));
         let report_task = tokio::spawn(async move { report_client.report(report_req).await });
         let result = self.watch(&mut client, &cred, &report_tx, status).await;
+        // Closing the queue ends the Report stream once what is queued (often the outcome
+        // of the update that ended the session) has gone out; a dead connection gets a moment.
         drop(report_tx);
-        report_task.abort();
+        if tokio::time::timeout(REPORT_DRAIN, report_task).await.is_err() {
+            tracing::debug!("reports not flushed before the session ended");
+        }
         result
     }
 
@@ -152,6 +165,7 @@ impl ControlClient {
         let req = authed(cred, v1::WatchRequest { resume_from: self.tracker.version() });
         let mut stream = client.watch(req).await?.into_inner();
         let mut stats = tokio::time::interval(STATS_EVERY);
+        let mut reported_denies: Vec<DenyRecord> = Vec::new();
         loop {
             let update = tokio::select! {
                 u = stream.next() => match u {
@@ -159,8 +173,16 @@ impl ControlClient {
                     Some(u) => u?,
                 },
                 _ = stats.tick() => {
-                    let stats = v1::PeerStats { peers: (self.peer_stats)() };
+                    let stats = v1::PeerStats { peers: (self.telemetry.peer_stats)() };
                     let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::Stats(stats)) });
+                    let denies = (self.telemetry.denies)();
+                    let records: Vec<v1::FlowRecord> =
+                        denies.iter().filter(|d| !reported_denies.contains(d)).filter_map(flow_record).collect();
+                    reported_denies = denies;
+                    if !records.is_empty() {
+                        let flows = v1::agent_report::Body::Flows(v1::FlowRecords { records });
+                        let _ = report.try_send(v1::AgentReport { body: Some(flows) });
+                    }
                     continue;
                 }
             };
@@ -251,7 +273,22 @@ fn jitter(d: Duration) -> Duration {
     d / 2 + d.mul_f64(rand::random::<f64>() / 2.0)
 }
 
-/// Whether a status means this node is not (or no longer) allowed in.
-pub fn refused(s: &Status) -> bool {
-    matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied)
+/// A deny event as a flow record (an event the agent cannot parse back is skipped).
+pub fn flow_record(d: &DenyRecord) -> Option<v1::FlowRecord> {
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().ok().map(wirefence_proto::ip_to_bytes);
+    Some(v1::FlowRecord {
+        time_unix_ms: i64::try_from(d.at).ok()?.saturating_mul(1000),
+        src: ip(&d.src)?,
+        dst: ip(&d.dst)?,
+        protocol: d.proto.into(),
+        src_port: d.sport.into(),
+        dst_port: d.dport.into(),
+        verdict: v1::Verdict::Deny.into(),
+        direction: match d.direction.as_str() {
+            "in" => v1::Direction::Ingress,
+            _ => v1::Direction::Egress,
+        }
+        .into(),
+        rule_id: String::new(),
+    })
 }

@@ -19,6 +19,8 @@ use crate::config::Endpoint;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -106,7 +108,12 @@ impl Connector {
             let io = slot.lock().expect("not poisoned").take();
             async move { io.map(TokioIo::new).ok_or_else(|| std::io::Error::other("connection closed")) }
         });
+        // HTTP/2 pings find a dead path in seconds (TCP alone would take many minutes), so
+        // the session ends and the next endpoint address is tried.
         let channel = TonicEndpoint::from_static("http://control-plane")
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_with_connector(connector)
             .await
             .map_err(|e| format!("HTTP/2: {e}"))?;

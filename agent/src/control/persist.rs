@@ -3,7 +3,7 @@
 //! comes up in the last known good state) and a status record for `wirefence-agent status`.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -67,7 +67,7 @@ impl ControlFiles {
     fn write(&self, name: &str, bytes: &[u8]) -> Result<(), PersistError> {
         let path = self.path(name);
         let io = |source| PersistError::Io { path: path.clone(), source };
-        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io)?;
         let tmp = self.path(&format!(".{name}.tmp"));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -110,6 +110,11 @@ impl ControlFiles {
         };
         let view = ControlView::from_snapshot(s, own).map_err(|e: UpdateError| corrupt(e.to_string()))?;
         Ok(Some((u.version, view)))
+    }
+
+    /// Renames an unreadable view file to `view.pb.bad` (kept for inspection).
+    pub fn set_aside_view(&self) {
+        let _ = std::fs::rename(self.path("view.pb"), self.path("view.pb.bad"));
     }
 
     pub fn set_view(&self, version: u64, view: &ControlView) -> Result<(), PersistError> {

@@ -1,9 +1,12 @@
 //! Administration: policy, nodes, enrollment keys.
 
+use std::fmt;
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
+use super::register::check_route;
 use super::{lock, Control};
 use crate::auth::{self, Token};
 use crate::model::{now_unix, valid_name};
@@ -29,12 +32,33 @@ pub struct PolicyFile {
 }
 
 /// A created enrollment key (the key is shown once).
-#[derive(Debug)]
 pub struct NewKey {
     pub key_id: String,
     pub key: String,
     /// Unix seconds; 0 = never.
     pub expires_unix: i64,
+}
+
+/// Leaves the secret out, so the key can only reach the admin's terminal.
+impl fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewKey")
+            .field("key_id", &self.key_id)
+            .field("key", &"<redacted>")
+            .field("expires_unix", &self.expires_unix)
+            .finish()
+    }
+}
+
+/// What an enrollment key gives the nodes enrolled with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySpec {
+    pub single_use: bool,
+    /// 0 = never expires.
+    pub expires_in_secs: u64,
+    pub tags: Vec<String>,
+    /// The prefixes such nodes may advertise routes within.
+    pub routes: Vec<IpNet>,
 }
 
 impl Control {
@@ -89,18 +113,18 @@ impl Control {
         Ok(version)
     }
 
-    pub fn create_enrollment_key(
-        &self,
-        single_use: bool,
-        expires_in_secs: u64,
-        tags: &[String],
-    ) -> Result<NewKey, Error> {
+    pub fn create_enrollment_key(&self, spec: KeySpec) -> Result<NewKey, Error> {
+        let KeySpec { single_use, expires_in_secs, mut tags, mut routes } = spec;
         if let Some(bad) = tags.iter().find(|t| !valid_name(t)) {
             return Err(Error::Tag(bad.clone()));
         }
-        let mut tags = tags.to_vec();
         tags.sort();
         tags.dedup();
+        for (index, route) in routes.iter().enumerate() {
+            check_route(index, *route, &self.overlay)?;
+        }
+        routes.sort();
+        routes.dedup();
         let expires_unix = match expires_in_secs {
             0 => 0,
             s => now_unix().saturating_add(i64::try_from(s).unwrap_or(i64::MAX)),
@@ -113,9 +137,10 @@ impl Control {
             used: false,
             expires: expires_unix,
             tags,
+            routes,
         };
         self.store().insert_key(&row)?;
-        tracing::info!(key = %row.id, single_use, expires_unix, "enrollment key created");
+        tracing::info!(key = %row.id, single_use, expires_unix, routes = ?row.routes, "enrollment key created");
         Ok(NewKey { key_id: row.id, key: token.expose(), expires_unix })
     }
 
@@ -159,4 +184,20 @@ fn find(rows: Vec<NodeRow>, sel: &str) -> Result<NodeRow, Error> {
         .next()
         .or_else(|| rest.into_iter().find(|r| r.rec.hostname == sel))
         .ok_or_else(|| Error::UnknownNode(sel.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_keys_do_not_show_the_secret_in_debug() {
+        let k = NewKey { key_id: "kabc".into(), key: "kabc.s3cr3t-material".into(), expires_unix: 0 };
+        let shown = format!("{k:?} {k:#?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("kabc"), "{shown}");
+        let reply = v1::CreateEnrollmentKeyReply { key_id: k.key_id, key: k.key, expires_unix: 0 };
+        let shown = format!("{reply:?} {reply:#?}");
+        assert!(!shown.contains("s3cr3t") && shown.contains("<redacted>"), "{shown}");
+    }
 }

@@ -1,5 +1,6 @@
-//! Register: enrollment of a new node with an enrollment key, re-enrollment of a known
-//! public key, and re-registration with a node credential.
+//! Register: enrollment of a new node with an enrollment key, and re-registration with a
+//! node credential. Public keys are not secret, so a key pair that is already enrolled
+//! (or was removed) never enrolls again: only the node's credential speaks for it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,16 +52,50 @@ pub fn validate(req: &RegisterRequest, overlay: &Overlay) -> Result<Registration
     let mut routes = Vec::with_capacity(req.routes.len());
     for (index, r) in req.routes.iter().enumerate() {
         let route = IpNet::try_from(r).map_err(Error::wire(format!("routes[{index}]")))?;
-        for overlay in [overlay.v4, overlay.v6] {
-            if route.contains(&overlay) || overlay.contains(&route) {
-                return Err(Error::RouteOverlapsOverlay { index, route, overlay });
-            }
-        }
+        check_route(index, route, overlay)?;
         if !routes.contains(&route) {
             routes.push(route);
         }
     }
     Ok(Registration { public_key, hostname: req.hostname.clone(), endpoints, routes })
+}
+
+/// Routes broader than this are refused: no node may claim (a large part of) the Internet.
+pub const MIN_ROUTE_V4: u8 = 8;
+pub const MIN_ROUTE_V6: u8 = 16;
+
+/// A route (advertised, or granted by a key) must be narrow enough and stay clear of the
+/// overlay ranges.
+pub fn check_route(index: usize, route: IpNet, overlay: &Overlay) -> Result<(), Error> {
+    let min = match route {
+        IpNet::V4(_) => MIN_ROUTE_V4,
+        IpNet::V6(_) => MIN_ROUTE_V6,
+    };
+    if route.prefix_len() < min {
+        return Err(Error::RouteTooBroad { index, route, min });
+    }
+    for overlay in [overlay.v4, overlay.v6] {
+        if route.contains(&overlay) || overlay.contains(&route) {
+            return Err(Error::RouteOverlapsOverlay { index, route, overlay });
+        }
+    }
+    Ok(())
+}
+
+/// Advertised routes must lie inside the node's granted routes and not overlap a route of
+/// another live node than `me` (two nodes routing one subnet would split its traffic).
+fn check_routes(routes: &[IpNet], granted: &[IpNet], nodes: &[Arc<NodeRec>], me: &str) -> Result<(), Error> {
+    for (index, route) in routes.iter().enumerate() {
+        if !granted.iter().any(|g| g.contains(route)) {
+            return Err(Error::RouteNotGranted { index, route: *route });
+        }
+        for n in nodes.iter().filter(|n| n.id != me) {
+            if let Some(theirs) = n.routes.iter().find(|t| t.contains(route) || route.contains(*t)) {
+                return Err(Error::RouteTaken { index, route: *route, theirs: *theirs, node: n.id.clone() });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn response(node: &NodeRec, credential: String) -> RegisterResponse {
@@ -85,19 +120,21 @@ impl Control {
         }
     }
 
+    /// Re-registration may update endpoints and routes (within the grant); the hostname
+    /// and public key are what policy and peers know the node by, so they stay fixed.
     fn reregister(&self, token: Token, reg: Registration) -> Result<RegisterResponse, Error> {
         let mut store = self.store();
         super::check_credential(&store, &token)?;
         let state = self.current();
         let old = state.node(&token.id).ok_or_else(|| Error::NodeRemoved(token.id.clone()))?.clone();
-        check_unique(&state.nodes, &old.id, &reg)?;
-        let new = NodeRec {
-            public_key: reg.public_key,
-            hostname: reg.hostname,
-            endpoints: reg.endpoints,
-            routes: reg.routes,
-            ..(*old).clone()
-        };
+        if reg.hostname != old.hostname {
+            return Err(Error::Immutable("hostname"));
+        }
+        if reg.public_key != old.public_key {
+            return Err(Error::Immutable("public_key"));
+        }
+        check_routes(&reg.routes, &store.granted_routes(&old.id)?, &state.nodes, &old.id)?;
+        let new = NodeRec { endpoints: reg.endpoints, routes: reg.routes, ..(*old).clone() };
         if new != *old {
             let ((), version) = store.change(true, |tx| store::update_node(tx, &new))?;
             tracing::info!(node = %new.id, version, "node re-registered with changes");
@@ -118,71 +155,45 @@ impl Control {
             return Err(Error::EnrollmentKeyUnknown);
         }
         check_key(&key)?;
+        // Only after the key checks out, so key pairs cannot be probed without one.
+        if let Some(id) = store.removed_with_key(&reg.public_key)? {
+            return Err(Error::PublicKeyRemoved(id));
+        }
         let state = self.current();
-        let existing = state.nodes.iter().find(|n| n.public_key == reg.public_key).cloned();
-        let (node, changed) = match &existing {
-            // Re-enrollment of a live node's public key: the same node, a new credential.
-            Some(old) => {
-                check_unique(&state.nodes, &old.id, &reg)?;
-                let new = NodeRec {
-                    hostname: reg.hostname,
-                    endpoints: reg.endpoints,
-                    routes: reg.routes,
-                    tags: key.tags.clone(),
-                    ..(**old).clone()
-                };
-                let changed = new != **old;
-                (new, changed)
+        for n in state.nodes.iter() {
+            if n.public_key == reg.public_key {
+                return Err(Error::PublicKeyEnrolled);
             }
-            None => {
-                check_unique(&state.nodes, "", &reg)?;
-                let used = lock(&self.allocated);
-                let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
-                let v6 = allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?;
-                let node = NodeRec {
-                    id: auth::new_id('n'),
-                    hostname: reg.hostname,
-                    public_key: reg.public_key,
-                    addresses: vec![host(v4), host(v6)],
-                    endpoints: reg.endpoints,
-                    routes: reg.routes,
-                    tags: key.tags.clone(),
-                };
-                (node, true)
+            if n.hostname == reg.hostname {
+                return Err(Error::HostnameTaken(reg.hostname.clone()));
             }
+        }
+        check_routes(&reg.routes, &key.routes, &state.nodes, "")?;
+        let used = lock(&self.allocated);
+        let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
+        let v6 = allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?;
+        drop(used);
+        let node = NodeRec {
+            id: auth::new_id('n'),
+            hostname: reg.hostname,
+            public_key: reg.public_key,
+            addresses: vec![host(v4), host(v6)],
+            endpoints: reg.endpoints,
+            routes: reg.routes,
+            tags: key.tags.clone(),
         };
         let credential = Token::generate(node.id.clone());
-        let ((), version) = store.change(changed, |tx| {
-            if existing.is_some() {
-                store::update_node(tx, &node)?;
-                store::set_credential(tx, &node.id, &credential.hash())?;
-            } else {
-                store::insert_node(tx, &node, &credential.hash())?;
-            }
+        let ((), version) = store.change(true, |tx| {
+            store::insert_node(tx, &node, &credential.hash(), &key.routes)?;
             if key.single_use {
                 store::mark_key_used(tx, &key.id)?;
             }
             Ok(())
         })?;
-        if existing.is_none() {
-            lock(&self.allocated).extend(node.addresses.iter().map(|a| a.addr()));
-        }
-        tracing::info!(
-            node = %node.id,
-            hostname = %node.hostname,
-            key = %key.id,
-            version,
-            reenrolled = existing.is_some(),
-            "node enrolled"
-        );
-        if changed {
-            let rec = Arc::new(node.clone());
-            let nodes = match existing {
-                Some(_) => replace(&state.nodes, rec),
-                None => state.nodes.iter().cloned().chain(std::iter::once(rec)).collect(),
-            };
-            self.publish(state.with_nodes(version, nodes));
-        }
+        lock(&self.allocated).extend(node.addresses.iter().map(|a| a.addr()));
+        tracing::info!(node = %node.id, hostname = %node.hostname, key = %key.id, version, "node enrolled");
+        let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
+        self.publish(state.with_nodes(version, nodes));
         Ok(response(&node, credential.expose()))
     }
 }
@@ -197,20 +208,37 @@ fn check_key(key: &KeyRow) -> Result<(), Error> {
     Ok(())
 }
 
-/// Hostname and public key must not belong to another live node than `me`.
-fn check_unique(nodes: &[Arc<NodeRec>], me: &str, reg: &Registration) -> Result<(), Error> {
-    for n in nodes.iter().filter(|n| n.id != me) {
-        if n.hostname == reg.hostname {
-            return Err(Error::HostnameTaken(reg.hostname.clone()));
-        }
-        if n.public_key == reg.public_key {
-            return Err(Error::PublicKeyTaken);
-        }
-    }
-    Ok(())
-}
-
 /// `nodes` with the node of `new.id` replaced by `new`.
 fn replace(nodes: &[Arc<NodeRec>], new: Arc<NodeRec>) -> Vec<Arc<NodeRec>> {
     nodes.iter().map(|n| if n.id == new.id { new.clone() } else { n.clone() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_messages_do_not_show_secrets_in_debug() {
+        let req = RegisterRequest {
+            hostname: "db1".into(),
+            enrollment_key: "kabc.enrollment-s3cr3t".into(),
+            ..Default::default()
+        };
+        let resp =
+            RegisterResponse { node_id: "nabc".into(), credential: "nabc.credential-s3cr3t".into(), addresses: vec![] };
+        for shown in [format!("{req:?}"), format!("{req:#?}"), format!("{resp:?}"), format!("{resp:#?}")] {
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+            assert!(shown.contains("<redacted>") && (shown.contains("db1") || shown.contains("nabc")), "{shown}");
+        }
+        assert!(format!("{:?}", RegisterRequest::default()).contains("enrollment_key: <empty>"));
+    }
+
+    #[test]
+    fn routes_are_narrow_and_clear_of_the_overlay() {
+        let o = Overlay::default();
+        let ok = |s: &str| check_route(0, s.parse().unwrap(), &o).is_ok();
+        assert!(ok("11.0.0.0/8") && ok("10.88.0.0/24") && ok("2001::/16") && ok("fd88::/48"));
+        assert!(!ok("0.0.0.0/0") && !ok("8.0.0.0/7") && !ok("2000::/15") && !ok("::/0"));
+        assert!(!ok("10.77.1.0/24") && !ok("fd77::/48"));
+    }
 }

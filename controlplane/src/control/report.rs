@@ -42,8 +42,9 @@ fn truncate(s: &str, max: usize) -> &str {
 impl Control {
     /// Counts a Watch stream of `node` until the guard drops; records it as seen.
     pub fn connect(&self, node: &str) -> Result<Connection<'_>, Error> {
-        *lock(&self.connected).entry(node.to_owned()).or_default() += 1;
+        // Touch first: counting only once the guard exists means an error leaves no count.
         self.store().touch(node, now_unix())?;
+        *lock(&self.connected).entry(node.to_owned()).or_default() += 1;
         Ok(Connection { control: self, node: node.to_owned() })
     }
 
@@ -102,5 +103,26 @@ impl Control {
     /// The most recent flow records (node id, record), oldest first.
     pub fn recent_flows(&self) -> Vec<(String, wirefence_proto::v1::FlowRecord)> {
         lock(&self.flows).iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{Overlay, DEFAULT_HISTORY};
+
+    #[test]
+    fn a_failed_connect_leaves_no_connection_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("control.db");
+        let control = Control::open(&db, Overlay::default(), DEFAULT_HISTORY).unwrap();
+        let guard = control.connect("n1").unwrap();
+        assert_eq!(lock(&control.connected).get("n1"), Some(&1));
+        drop(guard);
+        assert!(lock(&control.connected).is_empty());
+        // Make the store fail underneath.
+        rusqlite::Connection::open(&db).unwrap().execute_batch("DROP TABLE nodes").unwrap();
+        assert!(control.connect("n1").is_err());
+        assert!(lock(&control.connected).is_empty(), "a failed connect must not count");
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use tonic::{Request, Response, Status};
 use wirefence_proto::v1::admin_service_server::AdminService;
 use wirefence_proto::v1::{
@@ -9,7 +10,9 @@ use wirefence_proto::v1::{
     GetPolicyReply, GetPolicyRequest, ListNodesReply, ListNodesRequest, Node, RemoveNodeReply, RemoveNodeRequest,
 };
 
+use crate::control::admin::KeySpec;
 use crate::control::Control;
+use crate::Error;
 
 #[derive(Clone)]
 pub struct AdminSvc {
@@ -55,8 +58,15 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<CreateEnrollmentKeyRequest>,
     ) -> Result<Response<CreateEnrollmentKeyReply>, Status> {
-        let r = request.get_ref();
-        let k = self.control.create_enrollment_key(r.single_use, r.expires_in_secs, &r.tags)?;
+        let r = request.into_inner();
+        let routes = r
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| IpNet::try_from(p).map_err(Error::wire(format!("routes[{i}]"))))
+            .collect::<Result<_, _>>()?;
+        let spec = KeySpec { single_use: r.single_use, expires_in_secs: r.expires_in_secs, tags: r.tags, routes };
+        let k = self.control.create_enrollment_key(spec)?;
         Ok(Response::new(CreateEnrollmentKeyReply { key_id: k.key_id, key: k.key, expires_unix: k.expires_unix }))
     }
 }

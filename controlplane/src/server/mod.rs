@@ -8,11 +8,12 @@ pub mod admin;
 pub mod agent;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::stat::{umask, Mode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -146,8 +147,24 @@ fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::from_std(socket.into()).map_err(bind_err)
 }
 
-/// Binds the admin socket 0600 without a window: bind under a temporary name, chmod,
-/// then rename over the final path.
+/// The admin socket's directory must be writable by its owner only (and owned by us or
+/// root): whoever else can write it could swap the socket for their own.
+fn check_admin_dir(dir: &Path) -> Result<(), Error> {
+    let meta = std::fs::metadata(dir).map_err(Error::io("inspect directory", dir))?;
+    let refuse = |why: String| Err(Error::AdminSocketDir { path: dir.to_owned(), why });
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return refuse(format!("writable by group or others (mode {mode:04o})"));
+    }
+    let uid = meta.uid();
+    if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
+        return refuse(format!("owned by uid {uid}"));
+    }
+    Ok(())
+}
+
+/// Binds the admin socket 0600 without a window: bind under a temporary name with umask
+/// 0o177, so the socket is created 0600, then rename over the final path.
 fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(Error::AdminSocketInUse(path.to_owned()));
@@ -160,12 +177,17 @@ fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
             .create(dir)
             .map_err(Error::io("create directory", dir))?;
     }
+    check_admin_dir(dir)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(Error::io("bind admin socket", &tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .map_err(Error::io("chmod admin socket", &tmp))?;
+    // bind(2) takes the mode from the umask; a chmod afterwards would leave a window in
+    // which anyone could connect. The umask is process-wide, but while it is set other
+    // threads can only create files with fewer permissions, never more.
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(&tmp);
+    umask(old);
+    let listener = bound.map_err(Error::io("bind admin socket", &tmp))?;
     std::fs::rename(&tmp, path).map_err(Error::io("rename admin socket to", path))?;
     Ok(listener)
 }

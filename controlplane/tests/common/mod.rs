@@ -12,8 +12,8 @@ use wirefence_control::admin_client::{self, AdminClient};
 use wirefence_control::server::{serve, ServeConfig, ServerHandle};
 use wirefence_proto::v1::agent_service_client::AgentServiceClient;
 use wirefence_proto::v1::{
-    update, ApplyPolicyRequest, CreateEnrollmentKeyRequest, NodeView, RegisterRequest, RegisterResponse, SocketAddress,
-    Update, ViewDelta, WatchRequest,
+    update, ApplyPolicyRequest, CreateEnrollmentKeyRequest, IpPrefix, NodeView, RegisterRequest, RegisterResponse,
+    SocketAddress, Update, ViewDelta, WatchRequest,
 };
 
 pub type Agent = AgentServiceClient<Channel>;
@@ -38,8 +38,16 @@ impl Cp {
             single_use,
             expires_in_secs,
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            routes: vec![],
         };
         self.admin.create_enrollment_key(req).await.expect("create key").into_inner().key
+    }
+
+    /// A multi-use key granting `routes` (CIDRs).
+    pub async fn route_key(&mut self, routes: &[&str]) -> Result<String, Status> {
+        let req =
+            CreateEnrollmentKeyRequest { routes: routes.iter().map(|r| prefix(r)).collect(), ..Default::default() };
+        Ok(self.admin.create_enrollment_key(req).await?.into_inner().key)
     }
 
     /// Applies a policy; returns its version.
@@ -66,6 +74,10 @@ pub async fn start_with(dir: &Path, f: impl FnOnce(&mut ServeConfig)) -> Cp {
 
 pub async fn start(dir: &Path) -> Cp {
     start_with(dir, |_| {}).await
+}
+
+pub fn prefix(s: &str) -> IpPrefix {
+    IpPrefix::from(s.parse::<ipnet::IpNet>().expect("a CIDR"))
 }
 
 pub fn register_req(hostname: &str, n: u8, key: &str) -> RegisterRequest {
