@@ -69,7 +69,7 @@ fn enrollment_mesh_policy_pushes_and_node_removal() {
     let (h2_v4, h2_v6) = cp.node_addresses("h2");
 
     wait_until("h1 pings h2 over IPv4 and IPv6 in the tunnel", T, || h1.ns.ping(&h2_v4) && h1.ns.ping(&h2_v6));
-    assert!(h3.ns.ping(&h2_v4), "h3 pings h2");
+    wait_until("h3 pings h2", T, || h3.ns.ping(&h2_v4));
     wait_until("h1 reaches h2:80", T, || tcp_echoes(h1, sock(&h2_v4, 80)));
     assert!(tcp_echoes(h1, sock(&h2_v6, 80)), "h1 reaches h2:80 over IPv6");
     assert!(!tcp_echoes(h1, sock(&h2_v4, 81)), "h1 -> h2:81 is not allowed");

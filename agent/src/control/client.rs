@@ -37,7 +37,7 @@ pub struct ApplyRequest {
 enum SessionError {
     #[error(transparent)]
     Connect(#[from] super::connect::ConnectError),
-    #[error("{0}")]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] Status),
     #[error("control.enrollment_key_file is needed to enroll this node (it has no credential yet)")]
     NoEnrollmentKey,
