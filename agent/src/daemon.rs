@@ -15,10 +15,10 @@ use tokio::sync::mpsc;
 
 use crate::config::{BackendChoice, Config, ConfigCache};
 use crate::control::{self, ApplyRequest, ControlConfig, ControlFiles, ControlView};
-use crate::model::PrivateKey;
 use crate::desired::desired_state;
 use crate::keys;
 use crate::model::Desired;
+use crate::model::PrivateKey;
 use crate::netlink::Netlink;
 use crate::reconcile::Reconciler;
 use crate::state::{Owned, StateDir};
@@ -342,11 +342,7 @@ impl Agent {
         let file = self.control.as_ref().context("not in control mode")?.file.clone();
         let new = build(file, &key, Some(&view))?;
         let previous = std::mem::replace(&mut self.loaded, new);
-        let result = if converged {
-            self.apply_change(previous.desired.clone()).await
-        } else {
-            Ok(None)
-        };
+        let result = if converged { self.apply_change(previous.desired.clone()).await } else { Ok(None) };
         let result = match result {
             Ok(Some(change)) => Ok(change.operations),
             Ok(None) => self.reconciler.reconcile(&self.loaded.desired).await.map(|a| a.ops.len()).map_err(Into::into),

@@ -192,7 +192,8 @@ impl std::fmt::Display for Status {
             writeln!(f, "\ncontrol plane: {}", c.connected_to.as_deref().unwrap_or("not connected"))?;
             writeln!(f, "  node: {}", c.node_id.as_deref().unwrap_or("(not registered)"))?;
             writeln!(f, "  applied version: {}", c.applied_version)?;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
             for (family, t) in [("IPv4", c.cert_expiry_ipv4), ("IPv6", c.cert_expiry_ipv6)] {
                 if let Some(t) = t {
                     writeln!(f, "  certificate over {family} expires in {} days (unix {t})", (t - now) / 86_400)?;

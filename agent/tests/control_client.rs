@@ -133,9 +133,9 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     let script = vec![
         vec![
             snapshot(5, vec![peer(&a, "10.77.0.2/32")]),
-            snapshot(5, vec![peer(&a, "10.77.0.2/32")]),       // duplicate
-            delta(6, 5, upsert(peer(&b, "10.77.0.3/32"))),     // applies
-            delta(4, 3, upsert(peer(&b, "10.77.0.9/32"))),     // stale
+            snapshot(5, vec![peer(&a, "10.77.0.2/32")]),   // duplicate
+            delta(6, 5, upsert(peer(&b, "10.77.0.3/32"))), // applies
+            delta(4, 3, upsert(peer(&b, "10.77.0.9/32"))), // stale
             delta(7, 6, upsert(peer(&PrivateKey::generate().public_key(), "10.77.0.0/24"))), // invalid: overlaps
             delta(8, 7, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() }), // wrong base
         ],
@@ -190,7 +190,12 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     // Reports are asynchronous: wait for the last one.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let done = seen.lock().unwrap().reports.iter().any(|r| matches!(r, v1::agent_report::Body::Applied(v1::Applied { version: 8 })));
+        let done = seen
+            .lock()
+            .unwrap()
+            .reports
+            .iter()
+            .any(|r| matches!(r, v1::agent_report::Body::Applied(v1::Applied { version: 8 })));
         if done || tokio::time::Instant::now() > deadline {
             break;
         }
@@ -227,7 +232,10 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     assert!(!flows.is_empty() && flows.len() <= 2, "{flows:?}");
     let f = flows[0];
     assert_eq!((f.src.as_slice(), f.dst_port, f.protocol), (&[10u8, 77, 0, 9][..], 22, 6));
-    assert_eq!((f.verdict(), f.direction(), f.time_unix_ms), (v1::Verdict::Deny, v1::Direction::Ingress, 1_700_000_000_000));
+    assert_eq!(
+        (f.verdict(), f.direction(), f.time_unix_ms),
+        (v1::Verdict::Deny, v1::Direction::Ingress, 1_700_000_000_000)
+    );
 
     let (version, view) = files.view(&own).unwrap().expect("persisted view");
     assert_eq!(version, 8);

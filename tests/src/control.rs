@@ -104,11 +104,7 @@ impl ControlPlane {
 
     pub fn admin_ok(&self, args: &[&str]) -> String {
         let out = self.admin(args);
-        assert!(
-            out.status.success(),
-            "wirefence-control {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "wirefence-control {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

@@ -87,7 +87,8 @@ fn enrollment_mesh_policy_pushes_and_node_removal() {
     wait_until("h3 reaches h2:80 after the push", T, || tcp_echoes(h3, sock(&h2_v4, 80)));
 
     // A rejected policy file names the line and changes nothing anywhere.
-    let bad = cp.apply_policy(&format!("[[rules]]\nid = \"x\"\nfrom = [\"group:nope\"]\nto = [\"*\"]\n\n{}", policy(&["h1"])));
+    let bad = cp
+        .apply_policy(&format!("[[rules]]\nid = \"x\"\nfrom = [\"group:nope\"]\nto = [\"*\"]\n\n{}", policy(&["h1"])));
     assert!(!bad.status.success(), "a policy with an unknown group must be rejected");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("policy.toml:") && err.contains("nope"), "{err}");

@@ -144,8 +144,18 @@ fn push_latency(rt: &tokio::runtime::Runtime, changes: usize) -> Result<Vec<Row>
         h.down();
     }
     Ok(vec![
-        row(format!("push latency p50, {changes} changes, 3 agents"), format!("{:.1} ms", ms(p50)), ms(p50) / 50.0, "p99 < 50 ms"),
-        row(format!("push latency p99, {changes} changes, 3 agents"), format!("{:.1} ms", ms(p99)), ms(p99) / 50.0, "< 50 ms"),
+        row(
+            format!("push latency p50, {changes} changes, 3 agents"),
+            format!("{:.1} ms", ms(p50)),
+            ms(p50) / 50.0,
+            "p99 < 50 ms",
+        ),
+        row(
+            format!("push latency p99, {changes} changes, 3 agents"),
+            format!("{:.1} ms", ms(p99)),
+            ms(p99) / 50.0,
+            "< 50 ms",
+        ),
     ])
 }
 
@@ -177,11 +187,13 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
             Err(e) => bail!("control plane exited: {e}"),
         }
     };
-    let apply = |port: u16| v1::ApplyPolicyRequest {
+    let apply = |port: u16| {
+        v1::ApplyPolicyRequest {
         file_name: "fanout.toml".into(),
         source: format!(
             "[[rules]]\nid = \"probe\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"tag:sim\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n"
         ),
+    }
     };
     admin.apply_policy(apply(1)).await?;
     let key = admin
@@ -211,16 +223,14 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
     let version = admin.apply_policy(apply(2)).await?.into_inner().version;
     let mut last = Duration::ZERO;
     for t in tasks {
-        let (received, got) = tokio::time::timeout(Duration::from_secs(30), t).await.context("fan-out timed out")???;
+        let (received, got) =
+            tokio::time::timeout(Duration::from_secs(30), t).await.context("fan-out timed out")???;
         anyhow::ensure!(got == version, "a watcher got version {got}, not the change's {version}");
         last = last.max(received.saturating_duration_since(t0));
     }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |field: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
-            .unwrap_or(0)
+        status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
     };
     let (hwm, rss) = (kib("VmHWM:"), kib("VmRSS:"));
     child.kill().await?;

@@ -71,7 +71,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let policy_file = cp.dir.0.join("policy.toml");
     std::fs::write(&policy_file, policy(&["h1"]))?;
     print!("{}", std::fs::read_to_string(&policy_file)?);
-    show(Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["policy", "apply"]).arg(&policy_file))?;
+    show(
+        Command::new(&bins.control)
+            .arg("--admin-socket")
+            .arg(cp.admin_socket())
+            .args(["policy", "apply"])
+            .arg(&policy_file),
+    )?;
     show(Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["nodes", "list"]))?;
 
     let addr = |h: &Host| cp.node_addresses(&format!("h{}", h.index));
@@ -114,7 +120,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     verdicts()?;
     step("a policy push: h2 may open h3:80 too (lands on every affected agent within milliseconds)");
     std::fs::write(&policy_file, policy(&["h1", "h2"]))?;
-    show(Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["policy", "apply"]).arg(&policy_file))?;
+    show(
+        Command::new(&bins.control)
+            .arg("--admin-socket")
+            .arg(cp.admin_socket())
+            .args(["policy", "apply"])
+            .arg(&policy_file),
+    )?;
     wait_until("h2 reaches h3:80", secs(20), || {
         wirefence_tests::connect(&b.ns, format!("{c4}:80").parse().unwrap(), std::time::Duration::from_millis(500))
             .is_some()
@@ -122,7 +134,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     verdicts()?;
     step("a policy file that fails its own tests is rejected with file:line; nothing changes");
     std::fs::write(&policy_file, policy(&["h1"]).replace("port = 22", "port = 80"))?;
-    let out = Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["policy", "apply"]).arg(&policy_file).output()?;
+    let out = Command::new(&bins.control)
+        .arg("--admin-socket")
+        .arg(cp.admin_socket())
+        .args(["policy", "apply"])
+        .arg(&policy_file)
+        .output()?;
     print!("  {}", String::from_utf8_lossy(&out.stderr));
 
     step("wirefence-agent status on h1 (peers, rule counters, denies at the source, control plane)");

@@ -127,7 +127,10 @@ impl ControlClient {
 
     /// Enrolls with the key when there is no credential for this public key, otherwise
     /// re-registers with the credential (so the control plane learns new endpoints).
-    async fn register(&self, client: &mut AgentServiceClient<tonic::transport::Channel>) -> Result<Credential, SessionError> {
+    async fn register(
+        &self,
+        client: &mut AgentServiceClient<tonic::transport::Channel>,
+    ) -> Result<Credential, SessionError> {
         let c = &self.config;
         let mut req = v1::RegisterRequest {
             public_key: self.own.0.to_vec(),
@@ -198,7 +201,12 @@ impl ControlClient {
                         self.files.set_view(version, &view)?;
                         status.applied_version = version;
                         status.last_error = None;
-                        tracing::info!(version, peers = view.peers.len(), rules = view.policy.rules().len(), "control update applied");
+                        tracing::info!(
+                            version,
+                            peers = view.peers.len(),
+                            rules = view.policy.rules().len(),
+                            "control update applied"
+                        );
                         v1::agent_report::Body::Applied(v1::Applied { version })
                     }
                     Err(reason) => {

@@ -141,8 +141,7 @@ mod tests {
     use crate::config::Config;
 
     fn parse(control: &str, extra: &str) -> Result<Config, String> {
-        let text =
-            format!("[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\n{extra}\n[control]\n{control}");
+        let text = format!("[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\n{extra}\n[control]\n{control}");
         Config::parse(Path::new("a.toml"), &text).map_err(|e| e.to_string())
     }
 
@@ -173,7 +172,8 @@ mod tests {
         assert!(e.starts_with("a.toml:6:") && e.contains("control.endpoints"), "{e}");
         let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nhostname = \"bad name\"\n", "").unwrap_err();
         assert!(e.starts_with("a.toml:8:") && e.contains("control.hostname"), "{e}");
-        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nadvertise_routes = [\"10.0.0.1/8\"]\n", "").unwrap_err();
+        let e =
+            parse("endpoints = [\"cp:1\"]\ninsecure = true\nadvertise_routes = [\"10.0.0.1/8\"]\n", "").unwrap_err();
         assert!(e.contains("control.advertise_routes"), "{e}");
         let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nsecret = 1\n", "").unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
@@ -182,11 +182,8 @@ mod tests {
     #[test]
     fn control_mode_refuses_static_peers_and_rules() {
         let peer = crate::model::PrivateKey::generate().public_key();
-        let e = parse(
-            "endpoints = [\"cp:1\"]\ninsecure = true\n",
-            &format!("[[peers]]\npublic_key = \"{peer}\"\n"),
-        )
-        .unwrap_err();
+        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\n", &format!("[[peers]]\npublic_key = \"{peer}\"\n"))
+            .unwrap_err();
         assert!(e.contains("the control plane sends the peers"), "{e}");
         let e = parse(
             "endpoints = [\"cp:1\"]\ninsecure = true\n",

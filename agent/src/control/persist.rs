@@ -69,13 +69,8 @@ impl ControlFiles {
         let io = |source| PersistError::Io { path: path.clone(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io)?;
         let tmp = self.path(&format!(".{name}.tmp"));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
         f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)
     }

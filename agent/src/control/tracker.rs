@@ -113,7 +113,8 @@ mod tests {
         let own = PrivateKey::generate().public_key();
         let (a, b) = (PrivateKey::generate().public_key(), PrivateKey::generate().public_key());
         let mut t = Tracker::new(own, None);
-        let delta_first = delta(3, 2, v1::ViewDelta { upsert_peers: vec![peer(&b, "10.77.0.3/32")], ..Default::default() });
+        let delta_first =
+            delta(3, 2, v1::ViewDelta { upsert_peers: vec![peer(&b, "10.77.0.3/32")], ..Default::default() });
         assert_eq!(t.offer(&delta_first).unwrap(), Offer::OutOfOrder { version: 3, base: 2, applied: 0 });
 
         assert!(matches!(apply(&mut t, &snapshot(2, vec![peer(&a, "10.77.0.2/32")])), Offer::Apply { version: 2, .. }));
@@ -140,7 +141,10 @@ mod tests {
         assert_eq!(t.view().unwrap().policy.rules().len(), 1);
         apply(&mut t, &delta(3, 2, v1::ViewDelta { policy: Some(v1::Policy::default()), ..Default::default() }));
         assert!(t.view().unwrap().policy.rules().is_empty());
-        apply(&mut t, &delta(4, 3, v1::ViewDelta { addresses: Some(v1::AddressList::default()), ..Default::default() }));
+        apply(
+            &mut t,
+            &delta(4, 3, v1::ViewDelta { addresses: Some(v1::AddressList::default()), ..Default::default() }),
+        );
         assert!(t.view().unwrap().addresses.is_empty());
     }
 
@@ -161,8 +165,9 @@ mod tests {
         assert!(bad(v1::ViewDelta { upsert_peers: vec![peer(&own, "10.9.9.9/32")], ..Default::default() })
             .contains("own public key"));
         let unknown = PrivateKey::generate().public_key();
-        assert!(bad(v1::ViewDelta { remove_peers: vec![unknown.0.to_vec()], ..Default::default() })
-            .contains("not a peer"));
+        assert!(
+            bad(v1::ViewDelta { remove_peers: vec![unknown.0.to_vec()], ..Default::default() }).contains("not a peer")
+        );
         let rule = |protocol, first, last| v1::Policy {
             rules: vec![v1::Rule {
                 id: "r".into(),
@@ -172,7 +177,9 @@ mod tests {
                 ports: vec![v1::PortRange { first, last }],
             }],
         };
-        assert!(bad(v1::ViewDelta { policy: Some(rule(Some(256), 1, 2)), ..Default::default() }).contains("protocol 256"));
+        assert!(
+            bad(v1::ViewDelta { policy: Some(rule(Some(256), 1, 2)), ..Default::default() }).contains("protocol 256")
+        );
         assert!(bad(v1::ViewDelta { policy: Some(rule(Some(6), 9, 2)), ..Default::default() }).contains("9-2"));
         assert!(bad(v1::ViewDelta { policy: Some(rule(Some(1), 1, 2)), ..Default::default() }).contains("no ports"));
         let no_policy = v1::Update { version: 5, body: Some(Body::Snapshot(v1::NodeView::default())) };

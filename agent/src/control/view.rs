@@ -58,10 +58,7 @@ pub enum UpdateError {
     Policy(#[from] PolicyError),
 }
 
-fn prefixes<'a>(
-    field: &str,
-    list: impl IntoIterator<Item = &'a v1::IpPrefix>,
-) -> Result<BTreeSet<IpNet>, UpdateError> {
+fn prefixes<'a>(field: &str, list: impl IntoIterator<Item = &'a v1::IpPrefix>) -> Result<BTreeSet<IpNet>, UpdateError> {
     list.into_iter()
         .map(|p| IpNet::try_from(p).map_err(|source| UpdateError::Wire { field: field.into(), source }))
         .collect()
@@ -76,7 +73,10 @@ fn peer(p: &v1::Peer) -> Result<(PublicKey, ControlPeer), UpdateError> {
     let endpoint = p
         .endpoint
         .as_ref()
-        .map(|e| SocketAddr::try_from(e).map_err(|source| UpdateError::Wire { field: format!("peers[{k}].endpoint"), source }))
+        .map(|e| {
+            SocketAddr::try_from(e)
+                .map_err(|source| UpdateError::Wire { field: format!("peers[{k}].endpoint"), source })
+        })
         .transpose()?;
     let persistent_keepalive = match u16::try_from(p.persistent_keepalive) {
         Ok(0) => None,
@@ -92,7 +92,9 @@ fn policy(p: &v1::Policy) -> Result<Policy, UpdateError> {
     for (index, r) in p.rules.iter().enumerate() {
         let proto = match r.protocol {
             None => None,
-            Some(v) => Some(u8::try_from(v).map_err(|_| UpdateError::Protocol { index, id: r.id.clone(), value: v })?),
+            Some(v) => {
+                Some(u8::try_from(v).map_err(|_| UpdateError::Protocol { index, id: r.id.clone(), value: v })?)
+            }
         };
         let mut ports = Vec::with_capacity(r.ports.len());
         for pr in &r.ports {
@@ -169,12 +171,7 @@ impl ControlView {
         }
         let configs = self.peer_configs();
         if let Some((a, b, net_a, net_b)) = crate::config::find_overlap(&configs) {
-            return Err(UpdateError::Overlap {
-                a: configs[a].public_key,
-                net_a,
-                b: configs[b].public_key,
-                net_b,
-            });
+            return Err(UpdateError::Overlap { a: configs[a].public_key, net_a, b: configs[b].public_key, net_b });
         }
         Ok(())
     }
@@ -220,7 +217,11 @@ impl ControlView {
                         from: r.from.iter().map(|n| (*n).into()).collect(),
                         to: r.to.iter().map(|n| (*n).into()).collect(),
                         protocol: r.proto.map(u32::from),
-                        ports: r.ports.iter().map(|p| v1::PortRange { first: p.lo.into(), last: p.hi.into() }).collect(),
+                        ports: r
+                            .ports
+                            .iter()
+                            .map(|p| v1::PortRange { first: p.lo.into(), last: p.hi.into() })
+                            .collect(),
                     })
                     .collect(),
             }),

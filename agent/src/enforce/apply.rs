@@ -53,7 +53,12 @@ impl Enforcer {
     /// editable whose compilation this enforcer last applied): writes only the changed keys
     /// and those the standby generation missed. Falls back to [`Enforcer::apply`] for a full
     /// change or when there is nothing to build on.
-    pub fn apply_change(&mut self, ed: &Editable, change: &EntryChange, digest: u64) -> Result<ApplyStats, EnforceError> {
+    pub fn apply_change(
+        &mut self,
+        ed: &Editable,
+        change: &EntryChange,
+        digest: u64,
+    ) -> Result<ApplyStats, EnforceError> {
         let state = self.state()?;
         let changes = match self.ids.translate(change) {
             Some(c) if state.initialized != 0 => c,
@@ -76,7 +81,9 @@ impl Enforcer {
             Some(missed) => {
                 let live_gen = &self.gens[live as usize];
                 let keys: BTreeSet<_> = missed.iter().chain(changed.keys()).copied().collect();
-                let want = |k: &(common::PolicyData, u32)| changed.get(k).copied().unwrap_or_else(|| live_gen.policy.get(k).copied());
+                let want = |k: &(common::PolicyData, u32)| {
+                    changed.get(k).copied().unwrap_or_else(|| live_gen.policy.get(k).copied())
+                };
                 self.keyed_diff(target, keys.iter(), want)
             }
         };
@@ -154,25 +161,25 @@ impl Enforcer {
     }
 
     fn reset_counters(&mut self, fresh: &[u32]) -> Result<(), EnforceError> {
-    if !fresh.is_empty() {
-        let ncpus = aya::util::nr_cpus().map_err(|(_, source)| EnforceError::State {
-            path: "/sys/devices/system/cpu/possible".into(),
-            source,
-        })?;
-        let map = self
-            .ebpf
-            .map_mut(common::RULE_COUNTERS)
-            .ok_or(EnforceError::MissingMap { name: common::RULE_COUNTERS })?;
-        let mut counters: PerCpuArray<&mut MapData, common::Counter> =
-            PerCpuArray::try_from(map).map_err(map_err(common::RULE_COUNTERS))?;
-        let zeros = vec![common::Counter::default(); fresh.len() * ncpus];
-        let done = writer::update_batch(counters.map().fd().as_fd(), fresh, &zeros, ncpus);
-        for slot in &fresh[done..] {
-            let zero = aya::maps::PerCpuValues::try_from(vec![common::Counter::default(); ncpus])
-                .map_err(|e| EnforceError::State { path: "per-cpu values".into(), source: e })?;
-            counters.set(*slot, zero, 0).map_err(map_err(common::RULE_COUNTERS))?;
+        if !fresh.is_empty() {
+            let ncpus = aya::util::nr_cpus().map_err(|(_, source)| EnforceError::State {
+                path: "/sys/devices/system/cpu/possible".into(),
+                source,
+            })?;
+            let map = self
+                .ebpf
+                .map_mut(common::RULE_COUNTERS)
+                .ok_or(EnforceError::MissingMap { name: common::RULE_COUNTERS })?;
+            let mut counters: PerCpuArray<&mut MapData, common::Counter> =
+                PerCpuArray::try_from(map).map_err(map_err(common::RULE_COUNTERS))?;
+            let zeros = vec![common::Counter::default(); fresh.len() * ncpus];
+            let done = writer::update_batch(counters.map().fd().as_fd(), fresh, &zeros, ncpus);
+            for slot in &fresh[done..] {
+                let zero = aya::maps::PerCpuValues::try_from(vec![common::Counter::default(); ncpus])
+                    .map_err(|e| EnforceError::State { path: "per-cpu values".into(), source: e })?;
+                counters.set(*slot, zero, 0).map_err(map_err(common::RULE_COUNTERS))?;
+            }
         }
-    }
         Ok(())
     }
 

@@ -234,11 +234,14 @@ pub struct TooManyRules {
     pub max: u32,
 }
 
+/// A policy-map key (data, prefix length) and its new value, or `None` for a removal.
+pub type KeyChange = ((common::PolicyData, u32), Option<[u32; 2]>);
+
 impl Ids {
     /// Translates a change to the compilation last given to [`Ids::assign`] (same rules,
     /// same class sets: see [`crate::policy::Editable`]): (key, new value or removal).
     /// `None` when there was no assignment to build on.
-    pub fn translate(&self, change: &EntryChange) -> Option<Vec<((common::PolicyData, u32), Option<[u32; 2]>)>> {
+    pub fn translate(&self, change: &EntryChange) -> Option<Vec<KeyChange>> {
         let m = self.last.as_ref()?;
         let EntryChange::Entries { removed, put } = change else { return None };
         // Removed keys carry compiler class ids: translate them through a dummy entry.

@@ -18,6 +18,9 @@ use super::compile::{compile_with_limits, finish, push_tails, Compiled, Limits, 
 use super::model::{Policy, Rule};
 use super::PolicyError;
 
+/// (IPv6?, (source prefix, class), (destination prefix, class)).
+type ClassPair = (bool, (Pfx, u32), (Pfx, u32));
+
 /// What a replacement changed in [`Compiled::entries`] (compiler class ids, rule indices).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryChange {
@@ -126,7 +129,8 @@ impl Editable {
         }
         finish(&mut fresh);
 
-        let old_count: usize = pairs.iter().map(|&(_, (_, s), (_, d))| pair_range(&self.compiled.entries, s, d).len()).sum();
+        let old_count: usize =
+            pairs.iter().map(|&(_, (_, s), (_, d))| pair_range(&self.compiled.entries, s, d).len()).sum();
         let total = self.compiled.entries.len() - old_count + fresh.len();
         if total > self.limits.policy_entries as usize {
             self.policy.replace(index, old).expect("the old rule was valid");
@@ -141,7 +145,9 @@ impl Editable {
             let mine = pair_range(&fresh, s, d);
             let (was, now) = (&self.compiled.entries[range.clone()], &fresh[mine]);
             let key = |e: &PolicyEntry| (u128::from_be_bytes(e.data), e.prefixlen);
-            removed.extend(was.iter().filter(|w| now.binary_search_by_key(&key(w), key).is_err()).map(|w| (w.data, w.prefixlen)));
+            removed.extend(
+                was.iter().filter(|w| now.binary_search_by_key(&key(w), key).is_err()).map(|w| (w.data, w.prefixlen)),
+            );
             put.extend(now.iter().filter(|n| was.binary_search_by_key(&key(n), key).map_or(true, |i| was[i] != **n)));
             let now = now.to_vec();
             self.compiled.entries.splice(range, now);
@@ -150,7 +156,7 @@ impl Editable {
     }
 
     /// The (family, (src prefix, class), (dst prefix, class)) pairs a rule's entries use.
-    fn pairs(&self, rule: &Rule) -> Vec<(bool, (Pfx, u32), (Pfx, u32))> {
+    fn pairs(&self, rule: &Rule) -> Vec<ClassPair> {
         let mut out = Vec::new();
         for v6 in [false, true] {
             if !rule_uses_family(rule, v6) {

@@ -89,7 +89,11 @@ pub fn run(root: &std::path::Path, state_dir: &std::path::Path, n: u32, runs: u3
             let k = (n / 2 + c * 7919 + run * 104_729) as usize % base.len();
             let rule = rules::edited(&ed.policy().rules()[k], c as u16 + 1);
             let s = change(&mut enforcer, &mut ed, k, rule, 3 + u64::from(c))?;
-            anyhow::ensure!(s.counter_resets == 0 && s.map_ops < 100, "a one-rule edit wrote {} map entries", s.map_ops);
+            anyhow::ensure!(
+                s.counter_resets == 0 && s.map_ops < 100,
+                "a one-rule edit wrote {} map entries",
+                s.map_ops
+            );
             if c == 0 {
                 out.first_change.push(s);
             } else {
