@@ -11,5 +11,6 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("wirefence_descriptor");
 
 mod convert;
+pub mod iana;
 mod redact;
 pub use convert::{ip_from_bytes, ip_to_bytes, WireError};

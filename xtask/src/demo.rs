@@ -68,17 +68,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 3))
     });
     step("the operator applies a policy file (its [[tests]] must pass first): ping for all, h1 -> h3:80");
+    // The operator's CLI, talking to the admin socket.
+    let admin = |args: &[&str]| {
+        let mut c = Command::new(&bins.control);
+        c.arg("--admin-socket").arg(cp.admin_socket()).args(args);
+        c
+    };
     let policy_file = cp.dir.0.join("policy.toml");
     std::fs::write(&policy_file, policy(&["h1"]))?;
     print!("{}", std::fs::read_to_string(&policy_file)?);
-    show(
-        Command::new(&bins.control)
-            .arg("--admin-socket")
-            .arg(cp.admin_socket())
-            .args(["policy", "apply"])
-            .arg(&policy_file),
-    )?;
-    show(Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["nodes", "list"]))?;
+    show(admin(&["policy", "apply"]).arg(&policy_file))?;
+    show(&mut admin(&["nodes", "list"]))?;
 
     let addr = |h: &Host| cp.node_addresses(&format!("h{}", h.index));
     let (a, b, c) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
@@ -120,13 +120,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     verdicts()?;
     step("a policy push: h2 may open h3:80 too (lands on every affected agent within milliseconds)");
     std::fs::write(&policy_file, policy(&["h1", "h2"]))?;
-    show(
-        Command::new(&bins.control)
-            .arg("--admin-socket")
-            .arg(cp.admin_socket())
-            .args(["policy", "apply"])
-            .arg(&policy_file),
-    )?;
+    show(admin(&["policy", "apply"]).arg(&policy_file))?;
     wait_until("h2 reaches h3:80", secs(20), || {
         wirefence_tests::connect(&b.ns, format!("{c4}:80").parse().unwrap(), std::time::Duration::from_millis(500))
             .is_some()
@@ -134,12 +128,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     verdicts()?;
     step("a policy file that fails its own tests is rejected with file:line; nothing changes");
     std::fs::write(&policy_file, policy(&["h1"]).replace("port = 22", "port = 80"))?;
-    let out = Command::new(&bins.control)
-        .arg("--admin-socket")
-        .arg(cp.admin_socket())
-        .args(["policy", "apply"])
-        .arg(&policy_file)
-        .output()?;
+    let out = admin(&["policy", "apply"]).arg(&policy_file).output()?;
     print!("  {}", String::from_utf8_lossy(&out.stderr));
 
     step("wirefence-agent status on h1 (peers, rule counters, denies at the source, control plane)");
@@ -149,7 +138,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     show(a.agent().args(["status", "--config"]).arg(a.config_path()))?;
 
     step("node h1 removed at the control plane: it leaves every other node's device");
-    show(Command::new(&bins.control).arg("--admin-socket").arg(cp.admin_socket()).args(["nodes", "remove", "h1"]))?;
+    show(&mut admin(&["nodes", "remove", "h1"]))?;
     wait_until("h1 cut off", secs(10), || !a.ns.ping(&c4));
     println!("  h1 -> h3: cut;  h2 -> h3: {}", if b.ns.ping(&c4) { "still up" } else { "DOWN" });
 

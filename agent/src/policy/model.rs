@@ -8,60 +8,16 @@ use ipnet::IpNet;
 
 use super::PolicyError;
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMPV6: u8 = 58;
-pub const PROTO_SCTP: u8 = 132;
-pub const PROTO_UDPLITE: u8 = 136;
+pub use wirefence_proto::iana::{
+    has_ports, proto_allows_family, proto_name, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    PROTO_UDPLITE,
+};
 
-/// Protocols whose key port is the destination port (TCP, UDP, SCTP, UDP-Lite); only rules
-/// for these may name ports.
-pub fn has_ports(proto: u8) -> bool {
-    matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_UDPLITE)
-}
-
-/// `tcp`, `udp`, `icmp`, `icmpv6`, `sctp`, `udplite`, `gre`, `esp`, `any` (= `None`) or
-/// a number 0-255.
+/// A protocol name or number ([`wirefence_proto::iana::parse_proto`]); `None` = any.
 pub fn parse_proto(s: &str) -> Result<Option<u8>, String> {
-    Ok(Some(match s.to_ascii_lowercase().as_str() {
-        "any" => return Ok(None),
-        "tcp" => PROTO_TCP,
-        "udp" => PROTO_UDP,
-        "icmp" => PROTO_ICMP,
-        "icmpv6" | "ipv6-icmp" => PROTO_ICMPV6,
-        "sctp" => PROTO_SCTP,
-        "udplite" => PROTO_UDPLITE,
-        "gre" => 47,
-        "esp" => 50,
-        n => n.parse::<u8>().map_err(|_| {
-            format!("{s:?} is not a protocol (tcp, udp, icmp, icmpv6, sctp, udplite, any or a number 0-255)")
-        })?,
-    }))
-}
-
-/// The name used in messages (`tcp`, ..., or the number).
-pub fn proto_name(proto: Option<u8>) -> String {
-    match proto {
-        None => "any".into(),
-        Some(PROTO_TCP) => "tcp".into(),
-        Some(PROTO_UDP) => "udp".into(),
-        Some(PROTO_ICMP) => "icmp".into(),
-        Some(PROTO_ICMPV6) => "icmpv6".into(),
-        Some(PROTO_SCTP) => "sctp".into(),
-        Some(PROTO_UDPLITE) => "udplite".into(),
-        Some(n) => n.to_string(),
-    }
-}
-
-/// Whether a rule for `proto` can match packets of this family: ICMP is IPv4 only,
-/// ICMPv6 IPv6 only; every other protocol (and any) both.
-pub fn proto_allows_family(proto: Option<u8>, v6: bool) -> bool {
-    match proto {
-        Some(PROTO_ICMP) => !v6,
-        Some(PROTO_ICMPV6) => v6,
-        _ => true,
-    }
+    wirefence_proto::iana::parse_proto(s).ok_or_else(|| {
+        format!("{s:?} is not a protocol (tcp, udp, icmp, icmpv6, sctp, udplite, any or a number 0-255)")
+    })
 }
 
 /// An inclusive port range, `lo <= hi`.

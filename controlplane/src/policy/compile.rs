@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{Policy, PortRange, RuleDef, Selector, PROTO_ICMP, PROTO_ICMPV6};
+use super::{Policy, PortRange, RuleDef, Selector};
 use crate::model::NodeRec;
 
 /// A set of prefixes with fast membership for host prefixes.
@@ -100,14 +100,7 @@ fn compile_rule(r: &RuleDef, nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &No
     let from = resolve(&r.from, nodes, by_host);
     let to = resolve(&r.to, nodes, by_host);
     let has = |s: &BTreeSet<IpNet>, v6: bool| s.iter().any(|n| matches!(n, IpNet::V6(_)) == v6);
-    let keep = |v6: bool| {
-        let proto_ok = match r.protocol {
-            Some(PROTO_ICMP) => !v6,
-            Some(PROTO_ICMPV6) => v6,
-            _ => true,
-        };
-        proto_ok && has(&from, v6) && has(&to, v6)
-    };
+    let keep = |v6: bool| wirefence_proto::iana::proto_allows_family(r.protocol, v6) && has(&from, v6) && has(&to, v6);
     let (k4, k6) = (keep(false), keep(true));
     let filter = |s: BTreeSet<IpNet>| -> Vec<IpNet> {
         s.into_iter().filter(|n| if matches!(n, IpNet::V6(_)) { k6 } else { k4 }).collect()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{CompiledRule, Policy, PolicyError, Problem, TestDef, TestEnd, PROTO_ICMP, PROTO_ICMPV6};
+use super::{CompiledRule, Policy, PolicyError, Problem, TestDef, TestEnd};
 use crate::model::NodeRec;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -95,11 +95,7 @@ fn run_test(
 ) -> Result<(), PolicyError> {
     let from = addresses(policy, index, &t.from, "from", t.from_pos, nodes)?;
     let to = addresses(policy, index, &t.to, "to", t.to_pos, nodes)?;
-    let family_ok = |a: &IpAddr| match t.protocol {
-        PROTO_ICMP => a.is_ipv4(),
-        PROTO_ICMPV6 => a.is_ipv6(),
-        _ => true,
-    };
+    let family_ok = |a: &IpAddr| wirefence_proto::iana::proto_allows_family(Some(t.protocol), a.is_ipv6());
     let pairs: Vec<(IpAddr, IpAddr)> = from
         .iter()
         .flat_map(|s| to.iter().map(move |d| (*s, *d)))

@@ -13,7 +13,7 @@ use toml::Spanned;
 
 use super::{
     has_ports, proto_name, Policy, PolicyError, PortRange, Pos, Problem, RuleDef, Selector, TestDef, TestEnd, Verdict,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
 };
 use crate::model::{valid_hostname, valid_name};
 
@@ -142,16 +142,7 @@ fn bad_proto(field: String, v: &NumOrText) -> Problem {
 fn protocol(v: &NumOrText) -> Option<Option<u8>> {
     match v {
         NumOrText::Num(n) => u8::try_from(*n).ok().map(Some),
-        NumOrText::Text(s) => match s.as_str() {
-            "any" => Some(None),
-            "tcp" => Some(Some(PROTO_TCP)),
-            "udp" => Some(Some(PROTO_UDP)),
-            "icmp" => Some(Some(PROTO_ICMP)),
-            "icmpv6" => Some(Some(PROTO_ICMPV6)),
-            "sctp" => Some(Some(PROTO_SCTP)),
-            "udplite" => Some(Some(PROTO_UDPLITE)),
-            other => other.parse::<u8>().ok().map(Some),
-        },
+        NumOrText::Text(s) => wirefence_proto::iana::parse_proto(s),
     }
 }
 

@@ -23,31 +23,9 @@ pub use compile::{compile, CompiledRule, PrefixSet};
 pub use eval::{decide, run_tests, Verdict};
 pub use file::parse;
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_ICMPV6: u8 = 58;
-pub const PROTO_SCTP: u8 = 132;
-pub const PROTO_UDPLITE: u8 = 136;
-
-/// Whether a protocol has ports (TCP, UDP, SCTP, UDP-Lite).
-pub fn has_ports(proto: u8) -> bool {
-    matches!(proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP | PROTO_UDPLITE)
-}
-
-/// The file's name for a protocol number (or the number).
-pub fn proto_name(proto: Option<u8>) -> String {
-    match proto {
-        None => "any".into(),
-        Some(PROTO_ICMP) => "icmp".into(),
-        Some(PROTO_TCP) => "tcp".into(),
-        Some(PROTO_UDP) => "udp".into(),
-        Some(PROTO_ICMPV6) => "icmpv6".into(),
-        Some(PROTO_SCTP) => "sctp".into(),
-        Some(PROTO_UDPLITE) => "udplite".into(),
-        Some(n) => n.to_string(),
-    }
-}
+pub use wirefence_proto::iana::{
+    has_ports, proto_name, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE,
+};
 
 /// A line and column (both from 1) in the policy file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
