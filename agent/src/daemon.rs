@@ -357,8 +357,13 @@ impl Agent {
                 Ok(())
             }
             Err(e) => {
+                // Put the previous state back before answering, so the report says whether
+                // the node is whole again (the loop's passes keep retrying if not).
                 self.loaded = previous;
-                Err(e)
+                match self.reconciler.reconcile(&self.loaded.desired).await {
+                    Ok(_) => Err(anyhow::anyhow!("{e:#}; the previous state is restored")),
+                    Err(r) => Err(anyhow::anyhow!("{e:#}; restoring the previous state failed too ({r}), retrying")),
+                }
             }
         }
     }
@@ -449,6 +454,7 @@ fn start_client(
                 denies: Box::new(move || crate::enforce::denies::load(&state_dir, &denies_if)),
             }
         },
+        sent_denies: Vec::new(),
     };
     tokio::spawn(client.run());
     Ok(Control { updates, file: Config::load(config_file)?, view })

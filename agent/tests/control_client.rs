@@ -27,8 +27,8 @@ struct Seen {
 }
 
 struct Faulty {
-    /// The updates of each successive Watch call.
-    script: Mutex<Vec<Vec<v1::Update>>>,
+    /// The updates of each successive Watch call, and whether the server then ends it.
+    script: Mutex<Vec<(Vec<v1::Update>, bool)>>,
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -61,10 +61,10 @@ impl AgentService for Faulty {
     async fn watch(&self, r: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         authorized(&r)?;
         self.seen.lock().unwrap().resumes.push(r.get_ref().resume_from);
-        let updates = {
+        let (updates, close) = {
             let mut script = self.script.lock().unwrap();
             if script.is_empty() {
-                Vec::new()
+                (Vec::new(), false)
             } else {
                 script.remove(0)
             }
@@ -76,8 +76,10 @@ impl AgentService for Faulty {
                     return;
                 }
             }
-            // Keep the stream open like a live control plane.
-            tx.closed().await;
+            if !close {
+                // Keep the stream open like a live control plane.
+                tx.closed().await;
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -130,16 +132,23 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     let own = PrivateKey::generate().public_key();
     let (a, b) = (PrivateKey::generate().public_key(), PrivateKey::generate().public_key());
     let upsert = |p| v1::ViewDelta { upsert_peers: vec![p], ..Default::default() };
+    let c = PrivateKey::generate().public_key();
     let script = vec![
-        vec![
-            snapshot(5, vec![peer(&a, "10.77.0.2/32")]),
-            snapshot(5, vec![peer(&a, "10.77.0.2/32")]),   // duplicate
-            delta(6, 5, upsert(peer(&b, "10.77.0.3/32"))), // applies
-            delta(4, 3, upsert(peer(&b, "10.77.0.9/32"))), // stale
-            delta(7, 6, upsert(peer(&PrivateKey::generate().public_key(), "10.77.0.0/24"))), // invalid: overlaps
-            delta(8, 7, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() }), // wrong base
-        ],
-        vec![delta(8, 6, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() })],
+        (
+            vec![
+                snapshot(5, vec![peer(&a, "10.77.0.2/32")]),
+                snapshot(5, vec![peer(&a, "10.77.0.2/32")]),   // duplicate
+                delta(6, 5, upsert(peer(&b, "10.77.0.3/32"))), // applies
+                delta(4, 3, upsert(peer(&b, "10.77.0.9/32"))), // stale
+                delta(7, 6, upsert(peer(&PrivateKey::generate().public_key(), "10.77.0.0/24"))), // invalid: overlaps
+                delta(8, 7, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() }), // wrong base
+            ],
+            false,
+        ),
+        // Resumed from 6; then the control plane goes away.
+        (vec![delta(8, 6, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() })], true),
+        // Back with its versions reset (a recreated database): its snapshot at 2 is the truth.
+        (vec![snapshot(2, vec![peer(&c, "10.77.0.4/32")]), snapshot(1, vec![])], false),
     ];
     let seen = Arc::new(Mutex::new(Seen::default()));
     let server = Faulty { script: Mutex::new(script), seen: seen.clone() };
@@ -177,16 +186,17 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
             peer_stats: Box::new(Vec::new),
             denies: Box::new(|| vec![deny()]),
         },
+        sent_denies: Vec::new(),
     };
     let task = tokio::spawn(client.run());
 
     let mut applied = Vec::new();
-    while applied.last() != Some(&8) {
+    while applied.len() < 4 {
         let req = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an update").unwrap();
         applied.push(req.version);
         req.done.send(Ok(())).unwrap();
     }
-    assert_eq!(applied, vec![5, 6, 8]);
+    assert_eq!(applied, vec![5, 6, 8, 2], "the replayed snapshot 1 after the reset is ignored");
     // Reports are asynchronous: wait for the last one.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -195,7 +205,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
             .unwrap()
             .reports
             .iter()
-            .any(|r| matches!(r, v1::agent_report::Body::Applied(v1::Applied { version: 8 })));
+            .any(|r| matches!(r, v1::agent_report::Body::Applied(v1::Applied { version: 2 })));
         if done || tokio::time::Instant::now() > deadline {
             break;
         }
@@ -204,7 +214,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     task.abort();
 
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.resumes, vec![0, 6], "resumes from the applied version after the gap");
+    assert_eq!(seen.resumes, vec![0, 6, 8], "resumes from the applied version after the gap and the outage");
     assert_eq!(seen.enrollment_keys.len(), 1, "enrolls once, then uses its credential");
     let outcomes: Vec<String> = seen
         .reports
@@ -215,11 +225,11 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
             _ => None,
         })
         .collect();
-    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    assert_eq!(outcomes.len(), 5, "{outcomes:?}");
     assert_eq!(outcomes[..2], ["applied 5".to_string(), "applied 6".to_string()]);
     assert!(outcomes[2].starts_with("failed 7") && outcomes[2].contains("overlaps"), "{outcomes:?}");
-    assert_eq!(outcomes[3], "applied 8");
-    // The deny event went out as a flow record, once per session at most.
+    assert_eq!(outcomes[3..], ["applied 8".to_string(), "applied 2".to_string()]);
+    // The deny event went out as one flow record, not again in later sessions.
     let flows: Vec<&v1::FlowRecord> = seen
         .reports
         .iter()
@@ -229,7 +239,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
         })
         .flatten()
         .collect();
-    assert!(!flows.is_empty() && flows.len() <= 2, "{flows:?}");
+    assert_eq!(flows.len(), 1, "{flows:?}");
     let f = flows[0];
     assert_eq!((f.src.as_slice(), f.dst_port, f.protocol), (&[10u8, 77, 0, 9][..], 22, 6));
     assert_eq!(
@@ -238,12 +248,12 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     );
 
     let (version, view) = files.view(&own).unwrap().expect("persisted view");
-    assert_eq!(version, 8);
-    assert_eq!(view.peers.keys().copied().collect::<Vec<_>>(), vec![b]);
+    assert_eq!(version, 2);
+    assert_eq!(view.peers.keys().copied().collect::<Vec<_>>(), vec![c]);
     let cred = files.credential().unwrap().expect("persisted credential");
     assert_eq!(cred.node_id, "n1");
     let status = files.status().unwrap().expect("status");
-    assert_eq!(status.applied_version, 8);
+    assert_eq!(status.applied_version, 2);
     assert_eq!(status.connected_to.as_deref(), Some(addr.to_string().as_str()));
     std::fs::remove_dir_all(&dir).unwrap();
 }

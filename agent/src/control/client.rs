@@ -60,6 +60,9 @@ pub struct ControlClient {
     pub connector: Connector,
     /// Reads what reports carry besides versions (read only).
     pub telemetry: Telemetry,
+    /// Deny events already sent as flow records (start empty), so a new session does not
+    /// send them again.
+    pub sent_denies: Vec<DenyRecord>,
 }
 
 /// Sources of the periodic reports: the device's peer statistics and the policy's deny
@@ -141,7 +144,16 @@ impl ControlClient {
         };
         let saved = self.files.credential()?.filter(|s| s.public_key == self.own);
         let reply = match &saved {
-            Some(cred) => client.register(authed(cred, req)).await?.into_inner(),
+            Some(cred) => match client.register(authed(cred, req)).await {
+                Ok(r) => r.into_inner(),
+                // Unknown to this control plane (its database was recreated): enroll anew
+                // next time, if there is a key. A removed node gets PermissionDenied instead.
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    self.files.forget_credential()?;
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            },
             None => {
                 let path = c.enrollment_key_file.as_ref().ok_or(SessionError::NoEnrollmentKey)?;
                 let key = std::fs::read_to_string(path)
@@ -168,7 +180,7 @@ impl ControlClient {
         let req = authed(cred, v1::WatchRequest { resume_from: self.tracker.version() });
         let mut stream = client.watch(req).await?.into_inner();
         let mut stats = tokio::time::interval(STATS_EVERY);
-        let mut reported_denies: Vec<DenyRecord> = Vec::new();
+        let mut first = true;
         loop {
             let update = tokio::select! {
                 u = stream.next() => match u {
@@ -180,8 +192,8 @@ impl ControlClient {
                     let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::Stats(stats)) });
                     let denies = (self.telemetry.denies)();
                     let records: Vec<v1::FlowRecord> =
-                        denies.iter().filter(|d| !reported_denies.contains(d)).filter_map(flow_record).collect();
-                    reported_denies = denies;
+                        denies.iter().filter(|d| !self.sent_denies.contains(d)).filter_map(flow_record).collect();
+                    self.sent_denies = denies;
                     if !records.is_empty() {
                         let flows = v1::agent_report::Body::Flows(v1::FlowRecords { records });
                         let _ = report.try_send(v1::AgentReport { body: Some(flows) });
@@ -189,15 +201,28 @@ impl ControlClient {
                     continue;
                 }
             };
-            let body = match self.tracker.offer(&update) {
+            let offer = self.tracker.offer_on_stream(&update, std::mem::take(&mut first));
+            let offer = match offer {
+                Ok(Offer::Reset { version, applied, view }) => {
+                    tracing::warn!(
+                        version,
+                        applied,
+                        "the control plane's versions went back (database restored?); taking its snapshot"
+                    );
+                    Ok(Offer::Apply { version, view })
+                }
+                other => other,
+            };
+            let body = match offer {
                 Ok(Offer::Stale { version, applied }) => {
                     tracing::debug!(version, applied, "ignoring a stale or duplicate update");
                     continue;
                 }
                 Ok(Offer::OutOfOrder { base, applied, .. }) => return Err(SessionError::OutOfOrder { applied, base }),
+                Ok(Offer::Reset { .. }) => unreachable!("turned into Apply above"),
                 Ok(Offer::Apply { version, view }) => match self.apply(version, view.clone()).await? {
                     Ok(()) => {
-                        self.tracker.commit(version, view.clone());
+                        self.tracker.reset(version, view.clone());
                         self.files.set_view(version, &view)?;
                         status.applied_version = version;
                         status.last_error = None;

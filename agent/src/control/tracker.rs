@@ -23,6 +23,9 @@ pub enum Offer {
     /// A delta for another base than the applied version: the stream lost its place and
     /// must be resumed.
     OutOfOrder { version: u64, base: u64, applied: u64 },
+    /// The control plane's versions went back (see [`Tracker::offer_on_stream`]): apply this
+    /// view, then [`Tracker::reset`] to it.
+    Reset { version: u64, applied: u64, view: ControlView },
 }
 
 impl Tracker {
@@ -41,11 +44,23 @@ impl Tracker {
 
     /// Decides what `u` means against the applied state, validating whatever would be applied.
     pub fn offer(&self, u: &v1::Update) -> Result<Offer, UpdateError> {
+        self.offer_on_stream(u, false)
+    }
+
+    /// As [`Tracker::offer`]; `first`: `u` opens a stream resumed from the applied version.
+    /// A control plane answers such a resume with a snapshot *below* that version only when
+    /// its own versions went back (a database restored or recreated): that snapshot is its
+    /// whole truth and is taken. Anywhere else an older version is a replay and ignored.
+    pub fn offer_on_stream(&self, u: &v1::Update, first: bool) -> Result<Offer, UpdateError> {
         if u.version == 0 {
             return Err(UpdateError::ZeroVersion);
         }
         let applied = self.version();
         let body = u.body.as_ref().ok_or(UpdateError::NoBody)?;
+        if let (true, v1::update::Body::Snapshot(s)) = (first && u.version < applied, body) {
+            let view = ControlView::from_snapshot(s, &self.own)?;
+            return Ok(Offer::Reset { version: u.version, applied, view });
+        }
         if u.version <= applied {
             return Ok(Offer::Stale { version: u.version, applied });
         }
@@ -61,6 +76,11 @@ impl Tracker {
 
     pub fn commit(&mut self, version: u64, view: ControlView) {
         debug_assert!(version > self.version());
+        self.applied = Some((version, view));
+    }
+
+    /// Takes a lower version after [`Offer::Reset`].
+    pub fn reset(&mut self, version: u64, view: ControlView) {
         self.applied = Some((version, view));
     }
 }
@@ -130,6 +150,23 @@ mod tests {
         let remove = delta(4, 3, v1::ViewDelta { remove_peers: vec![a.0.to_vec()], ..Default::default() });
         assert!(matches!(apply(&mut t, &remove), Offer::Apply { version: 4, .. }));
         assert_eq!(t.view().unwrap().peers.keys().collect::<Vec<_>>(), vec![&b]);
+    }
+
+    #[test]
+    fn a_lower_snapshot_opening_a_stream_is_a_reset_anywhere_else_a_replay() {
+        let own = PrivateKey::generate().public_key();
+        let mut t = Tracker::new(own, None);
+        apply(&mut t, &snapshot(9, vec![]));
+        assert_eq!(t.offer_on_stream(&snapshot(9, vec![]), true).unwrap(), Offer::Stale { version: 9, applied: 9 });
+        assert_eq!(t.offer_on_stream(&snapshot(3, vec![]), false).unwrap(), Offer::Stale { version: 3, applied: 9 });
+        let lower_delta = delta(4, 3, v1::ViewDelta::default());
+        assert_eq!(t.offer_on_stream(&lower_delta, true).unwrap(), Offer::Stale { version: 4, applied: 9 });
+        match t.offer_on_stream(&snapshot(3, vec![]), true).unwrap() {
+            Offer::Reset { version: 3, applied: 9, view } => t.reset(3, view),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.version(), 3);
+        assert!(matches!(apply(&mut t, &delta(4, 3, v1::ViewDelta::default())), Offer::Apply { version: 4, .. }));
     }
 
     #[test]
