@@ -82,6 +82,8 @@ pub enum Error {
     // Serving.
     #[error("the control plane is shutting down")]
     ShuttingDown,
+    #[error("blocking task failed: {0}")]
+    Task(String),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -147,6 +149,7 @@ impl Error {
             Error::PoolExhausted(_) => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::Store(_)
+            | Error::Task(_)
             | Error::Io { .. }
             | Error::Bind { .. }
             | Error::Transport(_)

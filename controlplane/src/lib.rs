@@ -1,6 +1,6 @@
 //! wirefence-control: the reference control plane.
 //!
-//! - [`store`]: SQLite persistence (nodes, enrollment keys, policy, version counter, stats).
+//! - [`store`]: SQLite persistence (nodes, enrollment keys, policy, version counter, apply status).
 //! - [`policy`]: the policy file (parse with positions, compile selectors to prefixes,
 //!   evaluate `[[tests]]`).
 //! - [`state`]: immutable [`state::GlobalState`] snapshots (one per version) and the history

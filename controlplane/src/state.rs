@@ -1,9 +1,16 @@
 //! Immutable global states, one per version, shared as `Arc` by every stream, and the
 //! bounded history used to resume streams with a delta.
+//!
+//! Memory: the compiled policy (prefix sets and node indices per rule) is most of a
+//! state's size, and only recent states are asked for it (streams compute views of the
+//! newest state; only a resume looks further back). So the history drops the compiled
+//! data of all but the [`KEEP_COMPILED`] newest states; an older state recompiles it on
+//! demand from its nodes and policy, which it shares (`Arc`) with its neighbours.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, TryLockError};
 
+use crate::control::lock;
 use crate::model::NodeRec;
 use crate::policy::{compile, CompiledRule, Policy, PrefixSet};
 
@@ -57,18 +64,19 @@ pub struct GlobalState {
     /// Live nodes, ordered by id.
     pub nodes: Arc<Vec<Arc<NodeRec>>>,
     pub policy: Arc<Policy>,
-    compiled: OnceLock<Compiled>,
+    /// Computed on first use; dropped by the history once the state is old.
+    compiled: Mutex<Option<Arc<Compiled>>>,
 }
 
 impl GlobalState {
     pub fn new(version: u64, mut nodes: Vec<Arc<NodeRec>>, policy: Arc<Policy>) -> GlobalState {
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        GlobalState { version, nodes: Arc::new(nodes), policy, compiled: OnceLock::new() }
+        GlobalState { version, nodes: Arc::new(nodes), policy, compiled: Mutex::default() }
     }
 
     /// The same nodes under another policy.
     pub fn with_policy(&self, version: u64, policy: Arc<Policy>) -> GlobalState {
-        GlobalState { version, nodes: self.nodes.clone(), policy, compiled: OnceLock::new() }
+        GlobalState { version, nodes: self.nodes.clone(), policy, compiled: Mutex::default() }
     }
 
     /// The same policy with other nodes.
@@ -85,15 +93,32 @@ impl GlobalState {
         self.nodes.binary_search_by(|n| n.id.as_str().cmp(id)).ok()
     }
 
-    /// The policy compiled against the nodes (computed once, on first use).
-    pub fn compiled(&self) -> &Compiled {
-        self.compiled.get_or_init(|| Compiled::new(&self.policy, &self.nodes))
+    /// The policy compiled against the nodes (computed on first use, and again after
+    /// [`GlobalState::release`]). Computed under the lock, so concurrent streams wait for
+    /// one compilation instead of each doing their own.
+    pub fn compiled(&self) -> Arc<Compiled> {
+        lock(&self.compiled).get_or_insert_with(|| Arc::new(Compiled::new(&self.policy, &self.nodes))).clone()
     }
 
-    pub fn rules(&self) -> &[Arc<CompiledRule>] {
-        &self.compiled().rules
+    /// Drops the cached compilation (holders of it keep theirs). Skipped while someone
+    /// is compiling it, so a publish never waits for that; the next push retries.
+    fn release(&self) {
+        match self.compiled.try_lock() {
+            Ok(mut c) => drop(c.take()),
+            Err(TryLockError::Poisoned(e)) => drop(e.into_inner().take()),
+            Err(TryLockError::WouldBlock) => {}
+        }
+    }
+
+    pub fn is_compiled(&self) -> bool {
+        lock(&self.compiled).is_some()
     }
 }
+
+/// How many of the newest states keep their compiled policy in the history. More than
+/// one, so streams still working on the previous state when a new one is published do
+/// not recompile it.
+pub const KEEP_COMPILED: usize = 4;
 
 /// The last `cap` states, oldest first.
 #[derive(Debug)]
@@ -112,6 +137,12 @@ impl History {
             self.states.pop_front();
         }
         self.states.push_back(s);
+        // Old states rarely need it again (a resume from far back), so recompiling then
+        // is cheaper than keeping it for every version.
+        let old = self.states.len().saturating_sub(KEEP_COMPILED);
+        for s in self.states.range(..old) {
+            s.release();
+        }
     }
 
     pub fn get(&self, version: u64) -> Option<Arc<GlobalState>> {
@@ -133,5 +164,21 @@ mod tests {
         assert_eq!(h.get(3).unwrap().version, 3);
         assert_eq!(h.get(5).unwrap().version, 5);
         assert!(h.get(6).is_none());
+    }
+
+    #[test]
+    fn only_recent_states_keep_their_compilation() {
+        let policy =
+            Arc::new(crate::policy::parse("p", "[[rules]]\nid = \"r\"\nfrom = [\"*\"]\nto = [\"*\"]\n").unwrap());
+        let mut h = History::new(16);
+        for v in 1..=10 {
+            let s = Arc::new(GlobalState::new(v, vec![], policy.clone()));
+            s.compiled();
+            h.push(s);
+        }
+        let kept: Vec<u64> = (1..=10).filter(|v| h.get(*v).unwrap().is_compiled()).collect();
+        assert_eq!(kept, (11 - KEEP_COMPILED as u64..=10).collect::<Vec<_>>());
+        // An old state still answers, recompiling on demand.
+        assert_eq!(h.get(1).unwrap().compiled().rules.len(), h.get(10).unwrap().compiled().rules.len());
     }
 }

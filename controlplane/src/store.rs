@@ -57,15 +57,9 @@ CREATE TABLE IF NOT EXISTS policy (
     source TEXT NOT NULL,
     version INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS peer_stats (
-    node_id TEXT NOT NULL,
-    public_key BLOB NOT NULL,
-    last_handshake INTEGER NOT NULL,
-    rx_bytes INTEGER NOT NULL,
-    tx_bytes INTEGER NOT NULL,
-    endpoint TEXT,
-    PRIMARY KEY (node_id, public_key)
-);
+-- Peer statistics and last_seen are observations kept in memory now (control::observed);
+-- nodes.last_seen stays for old databases but is no longer written.
+DROP TABLE IF EXISTS peer_stats;
 ";
 
 /// Columns added after the first schema: (table, column, definition, statement run once
@@ -75,14 +69,13 @@ const MIGRATIONS: &[(&str, &str, &str, &str)] = &[
     ("enrollment_keys", "routes", "TEXT NOT NULL DEFAULT '[]'", ""),
 ];
 
-/// A node as stored (live or removed), with its reported status.
+/// A node as stored (live or removed), with its reported apply status.
 #[derive(Clone, Debug)]
 pub struct NodeRow {
     pub rec: NodeRec,
     pub removed: bool,
     pub applied_version: u64,
     pub last_error: String,
-    pub last_seen: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -96,15 +89,6 @@ pub struct KeyRow {
     pub tags: Vec<String>,
     /// Prefixes nodes enrolled with the key may advertise routes within.
     pub routes: Vec<IpNet>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerStatRow {
-    pub public_key: Vec<u8>,
-    pub last_handshake: i64,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub endpoint: Option<SocketAddr>,
 }
 
 pub struct Store {
@@ -168,7 +152,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, hostname, public_key, addresses, endpoints, routes, tags, removed, applied_version, \
-             last_error, last_seen FROM nodes ORDER BY id",
+             last_error FROM nodes ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -179,13 +163,11 @@ impl Store {
                 r.get::<_, bool>(7)?,
                 r.get::<_, i64>(8)?,
                 r.get::<_, String>(9)?,
-                r.get::<_, i64>(10)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, hostname, key, [addresses, endpoints, routes, tags], removed, applied, last_error, last_seen) =
-                row?;
+            let (id, hostname, key, [addresses, endpoints, routes, tags], removed, applied, last_error) = row?;
             let public_key = key.try_into().map_err(|_| StoreError::Corrupt { id: id.clone(), field: "public_key" })?;
             let rec = NodeRec {
                 addresses: list::<IpNet>(&id, "addresses", &addresses)?,
@@ -196,13 +178,7 @@ impl Store {
                 hostname,
                 public_key,
             };
-            out.push(NodeRow {
-                rec,
-                removed,
-                applied_version: u64::try_from(applied).unwrap_or(0),
-                last_error,
-                last_seen,
-            });
+            out.push(NodeRow { rec, removed, applied_version: u64::try_from(applied).unwrap_or(0), last_error });
         }
         Ok(out)
     }
@@ -275,63 +251,31 @@ impl Store {
             .optional()?)
     }
 
-    pub fn record_applied(&self, id: &str, version: u64, now: i64) -> Result<()> {
+    pub fn record_applied(&self, id: &str, version: u64) -> Result<()> {
         self.conn.execute(
-            "UPDATE nodes SET applied_version = ?2, last_error = '', last_seen = ?3 WHERE id = ?1",
-            params![id, to_i64(version), now],
+            "UPDATE nodes SET applied_version = ?2, last_error = '' WHERE id = ?1",
+            params![id, to_i64(version)],
         )?;
         Ok(())
     }
 
-    pub fn record_failed(&self, id: &str, reason: &str, now: i64) -> Result<()> {
-        self.conn
-            .execute("UPDATE nodes SET last_error = ?2, last_seen = ?3 WHERE id = ?1", params![id, reason, now])?;
+    pub fn record_failed(&self, id: &str, reason: &str) -> Result<()> {
+        self.conn.execute("UPDATE nodes SET last_error = ?2 WHERE id = ?1", params![id, reason])?;
         Ok(())
     }
 
-    pub fn touch(&self, id: &str, now: i64) -> Result<()> {
-        self.conn.execute("UPDATE nodes SET last_seen = ?2 WHERE id = ?1", params![id, now])?;
-        Ok(())
-    }
-
-    /// Replaces a node's last peer statistics.
-    pub fn set_peer_stats(&mut self, id: &str, stats: &[PeerStatRow], now: i64) -> Result<()> {
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM peer_stats WHERE node_id = ?1", [id])?;
-        for s in stats {
-            tx.execute(
-                "INSERT OR REPLACE INTO peer_stats (node_id, public_key, last_handshake, rx_bytes, tx_bytes, endpoint) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    id,
-                    s.public_key,
-                    s.last_handshake,
-                    to_i64(s.rx_bytes),
-                    to_i64(s.tx_bytes),
-                    s.endpoint.map(|e| e.to_string())
-                ],
-            )?;
-        }
-        tx.execute("UPDATE nodes SET last_seen = ?2 WHERE id = ?1", params![id, now])?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    pub fn peer_stats(&self, id: &str) -> Result<Vec<PeerStatRow>> {
-        let mut st = self.conn.prepare(
-            "SELECT public_key, last_handshake, rx_bytes, tx_bytes, endpoint FROM peer_stats WHERE node_id = ?1 \
-             ORDER BY public_key",
+    /// Records `version` as applied because the agent resumed its stream from it (its
+    /// Applied report may have been lost with the old session). Writes nothing when
+    /// already recorded, so reconnect storms cost no fsyncs; the error is cleared only
+    /// when the version advances (a node still on the version before a failed one keeps
+    /// showing the failure).
+    pub fn acknowledge(&self, id: &str, version: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE nodes SET last_error = CASE WHEN applied_version < ?2 THEN '' ELSE last_error END, \
+             applied_version = ?2 WHERE id = ?1 AND applied_version != ?2",
+            params![id, to_i64(version)],
         )?;
-        let rows = st.query_map([id], |r| {
-            Ok(PeerStatRow {
-                public_key: r.get(0)?,
-                last_handshake: r.get(1)?,
-                rx_bytes: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                tx_bytes: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
-                endpoint: r.get::<_, Option<String>>(4)?.and_then(|s| s.parse().ok()),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        Ok(())
     }
 }
 
@@ -384,7 +328,6 @@ pub fn update_node(tx: &Transaction, n: &NodeRec) -> Result<()> {
 
 pub fn mark_removed(tx: &Transaction, id: &str) -> Result<()> {
     tx.execute("UPDATE nodes SET removed = 1 WHERE id = ?1", [id])?;
-    tx.execute("DELETE FROM peer_stats WHERE node_id = ?1", [id])?;
     Ok(())
 }
 
@@ -435,16 +378,7 @@ mod tests {
             assert_eq!(v, 2);
             let ((), v) = s.change(true, |tx| set_policy(tx, "p.toml", "# empty")).unwrap();
             assert_eq!(v, 3);
-            s.record_applied("n1", 3, 100).unwrap();
-            let stat = PeerStatRow {
-                public_key: vec![9; 32],
-                last_handshake: 5,
-                rx_bytes: 10,
-                tx_bytes: 20,
-                endpoint: Some("[2001:db8::2]:1".parse().unwrap()),
-            };
-            s.set_peer_stats("n1", std::slice::from_ref(&stat), 101).unwrap();
-            assert_eq!(s.peer_stats("n1").unwrap(), vec![stat]);
+            s.record_applied("n1", 3).unwrap();
         }
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -453,7 +387,7 @@ mod tests {
         let rows = s.nodes().unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].rec, node("n1"));
-        assert_eq!((rows[0].applied_version, rows[0].last_seen), (3, 101));
+        assert_eq!(rows[0].applied_version, 3);
         assert_eq!(s.policy().unwrap(), Some(("p.toml".into(), "# empty".into(), 3)));
         assert_eq!(s.node_auth("n1").unwrap(), Some((vec![1; 32], false)));
         assert_eq!(s.node_auth("n2").unwrap(), None);

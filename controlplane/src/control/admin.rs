@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
 use super::register::check_route;
-use super::{lock, Control};
+use super::Control;
 use crate::auth::{self, Token};
 use crate::model::{now_unix, valid_name};
 use crate::policy;
@@ -87,16 +87,14 @@ impl Control {
 
     /// Live nodes, as the admin API shows them.
     pub fn list_nodes(&self) -> Result<Vec<v1::Node>, Error> {
-        let store = self.store();
-        let rows = store.nodes()?;
-        rows.into_iter().filter(|r| !r.removed).map(|r| self.node_info(&store, r)).collect()
+        let rows = self.store().nodes()?;
+        Ok(rows.into_iter().filter(|r| !r.removed).map(|r| self.node_info(r)).collect())
     }
 
     /// A live node by id or hostname.
     pub fn get_node(&self, sel: &str) -> Result<v1::Node, Error> {
-        let store = self.store();
-        let row = find(store.nodes()?, sel)?;
-        self.node_info(&store, row)
+        let row = find(self.store().nodes()?, sel)?;
+        Ok(self.node_info(row))
     }
 
     /// Removes a live node: its credential stops working, its streams end, and it leaves
@@ -109,6 +107,7 @@ impl Control {
         let state = self.current();
         let nodes = state.nodes.iter().filter(|n| n.id != id).cloned().collect();
         self.publish(state.with_nodes(version, nodes));
+        self.observed.forget(&id);
         tracing::info!(node = %id, version, "node removed");
         Ok(version)
     }
@@ -144,10 +143,11 @@ impl Control {
         Ok(NewKey { key_id: row.id, key: token.expose(), expires_unix })
     }
 
-    fn node_info(&self, store: &store::Store, r: NodeRow) -> Result<v1::Node, Error> {
-        let connected = lock(&self.connected).get(&r.rec.id).is_some_and(|c| *c > 0);
-        let peer_stats = store
-            .peer_stats(&r.rec.id)?
+    /// A node row with what is observed of it (kept in memory, see `observed`).
+    fn node_info(&self, r: NodeRow) -> v1::Node {
+        let observed = self.observed.get(&r.rec.id);
+        let peer_stats = observed
+            .peer_stats
             .into_iter()
             .map(|s| PeerStat {
                 public_key: s.public_key,
@@ -158,7 +158,7 @@ impl Control {
             })
             .collect();
         let n = r.rec;
-        Ok(v1::Node {
+        v1::Node {
             node_id: n.id,
             hostname: n.hostname,
             public_key: n.public_key.to_vec(),
@@ -168,10 +168,10 @@ impl Control {
             routes: n.routes.iter().map(|a| IpPrefix::from(*a)).collect(),
             applied_version: r.applied_version,
             last_error: r.last_error,
-            last_seen_unix: r.last_seen,
-            connected,
+            last_seen_unix: observed.last_seen,
+            connected: observed.connected > 0,
             peer_stats,
-        })
+        }
     }
 }
 

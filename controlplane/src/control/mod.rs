@@ -3,15 +3,20 @@
 //! publish the new [`GlobalState`] to the history and the watch channel, so states are
 //! published in version order.
 //!
+//! Methods that touch the store block (SQLite, fsync): async callers run them through
+//! [`off_worker`] so a slow disk never stalls the tokio workers driving the streams.
+//!
 //! - [`register`]: enrollment and re-registration.
 //! - [`admin`]: the administration operations.
-//! - [`report`]: agent reports and connection tracking.
+//! - [`report`]: agent reports and Watch acknowledgements.
+//! - [`observed`]: in-memory observations (connections, last contact, peer statistics).
 
 pub mod admin;
+pub mod observed;
 pub mod register;
 pub mod report;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,7 +58,7 @@ pub struct Control {
     overlay: Overlay,
     state: watch::Sender<Arc<GlobalState>>,
     history: Mutex<History>,
-    connected: Mutex<HashMap<String, usize>>,
+    observed: observed::Observations,
     /// Every overlay address ever allocated (removed nodes' included); changed only with
     /// the store lock held.
     allocated: Mutex<HashSet<IpAddr>>,
@@ -87,7 +92,7 @@ impl Control {
             overlay,
             state: watch::Sender::new(state),
             history: Mutex::new(hist),
-            connected: Mutex::new(HashMap::new()),
+            observed: observed::Observations::default(),
             allocated: Mutex::new(allocated),
             flows: Mutex::new(VecDeque::new()),
             shutdown: watch::Sender::new(false),
@@ -155,6 +160,11 @@ impl Control {
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
+}
+
+/// Runs blocking work (anything touching the store) on tokio's blocking pool.
+pub async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Task(e.to_string()))?
 }
 
 /// Resolves once `signal` (from [`Control::shutdown_signal`]) says shutting down.

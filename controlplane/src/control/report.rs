@@ -1,35 +1,19 @@
 //! Agent reports (applied versions, apply errors, peer statistics, flow records) and the
-//! connection count behind `Node.connected`.
+//! opening of Watch streams. Only the apply status is durable; the rest is observed in
+//! memory ([`super::observed`]).
+
+use std::sync::Arc;
 
 use wirefence_proto::v1::{agent_report, AgentReport, SocketAddress};
 
+use super::observed::{Connection, PeerStatRow};
 use super::{lock, Control, FLOW_LOG};
-use crate::model::now_unix;
-use crate::store::PeerStatRow;
 use crate::Error;
 
 /// At most this many peer statistics are kept per node.
 pub const MAX_PEER_STATS: usize = 4096;
 /// Apply errors are kept up to this many bytes.
 pub const MAX_REASON: usize = 1024;
-
-/// Decrements the node's connection count when dropped.
-pub struct Connection<'a> {
-    control: &'a Control,
-    node: String,
-}
-
-impl Drop for Connection<'_> {
-    fn drop(&mut self) {
-        let mut map = lock(&self.control.connected);
-        if let Some(c) = map.get_mut(&self.node) {
-            *c -= 1;
-            if *c == 0 {
-                map.remove(&self.node);
-            }
-        }
-    }
-}
 
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
@@ -39,13 +23,23 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A report body that has to be written to the store (see [`Control::record`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Durable {
+    Applied(u64),
+    Failed(String),
+}
+
 impl Control {
-    /// Counts a Watch stream of `node` until the guard drops; records it as seen.
-    pub fn connect(&self, node: &str) -> Result<Connection<'_>, Error> {
-        // Touch first: counting only once the guard exists means an error leaves no count.
-        self.store().touch(node, now_unix())?;
-        *lock(&self.connected).entry(node.to_owned()).or_default() += 1;
-        Ok(Connection { control: self, node: node.to_owned() })
+    /// Opens a Watch stream of `node`, counted until the guard drops. A `resume_from`
+    /// between 1 and the current version is what the agent runs, so it is recorded as
+    /// applied: its Applied report may have been lost with its previous session.
+    /// Blocks (store write); the count only starts once that succeeded.
+    pub fn connect(self: &Arc<Self>, node: &str, resume_from: u64) -> Result<Connection, Error> {
+        if resume_from > 0 && resume_from <= self.current().version {
+            self.store().acknowledge(node, resume_from)?;
+        }
+        Ok(Connection::new(self.clone(), node))
     }
 
     /// Whether `node` is a live node of the current state.
@@ -53,21 +47,24 @@ impl Control {
         self.current().node(node).is_some()
     }
 
-    /// Records one report message of `node`.
-    pub fn report(&self, node: &str, report: AgentReport) -> Result<(), Error> {
+    /// Records one report message of `node` in memory; returns what must still be
+    /// written to the store with [`Control::record`] (off the async workers).
+    pub fn report(&self, node: &str, report: AgentReport) -> Result<Option<Durable>, Error> {
         if !self.is_live(node) {
             return Err(Error::NodeRemoved(node.to_owned()));
         }
-        let now = now_unix();
+        let mut durable = None;
+        let mut stats = None;
         match report.body {
-            None => self.store().touch(node, now)?,
+            None => {}
             Some(agent_report::Body::Applied(a)) => {
                 tracing::debug!(node, version = a.version, "applied");
-                self.store().record_applied(node, a.version, now)?;
+                durable = Some(Durable::Applied(a.version));
             }
             Some(agent_report::Body::Failed(f)) => {
-                tracing::warn!(node, version = f.version, reason = %truncate(&f.reason, MAX_REASON), "apply failed");
-                self.store().record_failed(node, truncate(&f.reason, MAX_REASON), now)?;
+                let reason = truncate(&f.reason, MAX_REASON);
+                tracing::warn!(node, version = f.version, reason = %reason, "apply failed");
+                durable = Some(Durable::Failed(reason.to_owned()));
             }
             Some(agent_report::Body::Stats(s)) => {
                 let rows: Vec<PeerStatRow> = s
@@ -82,7 +79,7 @@ impl Control {
                         endpoint: p.endpoint.as_ref().and_then(|e: &SocketAddress| e.try_into().ok()),
                     })
                     .collect();
-                self.store().set_peer_stats(node, &rows, now)?;
+                stats = Some(rows);
             }
             Some(agent_report::Body::Flows(f)) => {
                 tracing::debug!(node, records = f.records.len(), "flow records");
@@ -93,9 +90,22 @@ impl Control {
                     }
                     log.push_back((node.to_owned(), r));
                 }
-                drop(log);
-                self.store().touch(node, now)?;
             }
+        }
+        self.observed.seen(node, |o| {
+            if let Some(mut rows) = stats {
+                rows.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+                o.peer_stats = rows;
+            }
+        });
+        Ok(durable)
+    }
+
+    /// Writes a node's apply status. Blocks.
+    pub fn record(&self, node: &str, d: &Durable) -> Result<(), Error> {
+        match d {
+            Durable::Applied(v) => self.store().record_applied(node, *v)?,
+            Durable::Failed(reason) => self.store().record_failed(node, reason)?,
         }
         Ok(())
     }
@@ -115,14 +125,15 @@ mod tests {
     fn a_failed_connect_leaves_no_connection_counted() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("control.db");
-        let control = Control::open(&db, Overlay::default(), DEFAULT_HISTORY).unwrap();
-        let guard = control.connect("n1").unwrap();
-        assert_eq!(lock(&control.connected).get("n1"), Some(&1));
+        let control = Arc::new(Control::open(&db, Overlay::default(), DEFAULT_HISTORY).unwrap());
+        let guard = control.connect("n1", 0).unwrap();
+        assert_eq!(control.observed.get("n1").connected, 1);
+        assert!(control.observed.get("n1").last_seen > 0);
         drop(guard);
-        assert!(lock(&control.connected).is_empty());
-        // Make the store fail underneath.
+        assert_eq!(control.observed.get("n1").connected, 0);
+        // Make the store fail underneath: acknowledging version 1 has to write.
         rusqlite::Connection::open(&db).unwrap().execute_batch("DROP TABLE nodes").unwrap();
-        assert!(control.connect("n1").is_err());
-        assert!(lock(&control.connected).is_empty(), "a failed connect must not count");
+        assert!(control.connect("n1", 1).is_err());
+        assert_eq!(control.observed.get("n1").connected, 0, "a failed connect must not count");
     }
 }

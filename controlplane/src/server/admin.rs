@@ -11,7 +11,7 @@ use wirefence_proto::v1::{
 };
 
 use crate::control::admin::KeySpec;
-use crate::control::Control;
+use crate::control::{off_worker, Control};
 use crate::Error;
 
 #[derive(Clone)]
@@ -26,9 +26,10 @@ fn count(n: usize) -> u32 {
 #[tonic::async_trait]
 impl AdminService for AdminSvc {
     async fn apply_policy(&self, request: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyReply>, Status> {
-        let r = request.get_ref();
-        let file = if r.file_name.is_empty() { "policy" } else { r.file_name.as_str() };
-        let applied = self.control.apply_policy(file, &r.source)?;
+        let r = request.into_inner();
+        let file = if r.file_name.is_empty() { "policy".to_owned() } else { r.file_name };
+        let control = self.control.clone();
+        let applied = off_worker(move || control.apply_policy(&file, &r.source)).await?;
         Ok(Response::new(ApplyPolicyReply {
             version: applied.version,
             rules: count(applied.rules),
@@ -37,20 +38,24 @@ impl AdminService for AdminSvc {
     }
 
     async fn get_policy(&self, _: Request<GetPolicyRequest>) -> Result<Response<GetPolicyReply>, Status> {
-        let p = self.control.policy_file()?;
+        let control = self.control.clone();
+        let p = off_worker(move || control.policy_file()).await?;
         Ok(Response::new(GetPolicyReply { file_name: p.file_name, source: p.source, version: p.version }))
     }
 
     async fn list_nodes(&self, _: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {
-        Ok(Response::new(ListNodesReply { nodes: self.control.list_nodes()? }))
+        let control = self.control.clone();
+        Ok(Response::new(ListNodesReply { nodes: off_worker(move || control.list_nodes()).await? }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
-        Ok(Response::new(self.control.get_node(&request.get_ref().node)?))
+        let (control, node) = (self.control.clone(), request.into_inner().node);
+        Ok(Response::new(off_worker(move || control.get_node(&node)).await?))
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeReply>, Status> {
-        let version = self.control.remove_node(&request.get_ref().node)?;
+        let (control, node) = (self.control.clone(), request.into_inner().node);
+        let version = off_worker(move || control.remove_node(&node)).await?;
         Ok(Response::new(RemoveNodeReply { version }))
     }
 
@@ -66,7 +71,8 @@ impl AdminService for AdminSvc {
             .map(|(i, p)| IpNet::try_from(p).map_err(Error::wire(format!("routes[{i}]"))))
             .collect::<Result<_, _>>()?;
         let spec = KeySpec { single_use: r.single_use, expires_in_secs: r.expires_in_secs, tags: r.tags, routes };
-        let k = self.control.create_enrollment_key(spec)?;
+        let control = self.control.clone();
+        let k = off_worker(move || control.create_enrollment_key(spec)).await?;
         Ok(Response::new(CreateEnrollmentKeyReply { key_id: k.key_id, key: k.key, expires_unix: k.expires_unix }))
     }
 }

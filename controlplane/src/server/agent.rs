@@ -8,7 +8,8 @@ use tonic::{Request, Response, Status, Streaming};
 use wirefence_proto::v1::agent_service_server::AgentService;
 use wirefence_proto::v1::{update, AgentReport, RegisterRequest, RegisterResponse, ReportReply, Update, WatchRequest};
 
-use crate::control::Control;
+use crate::control::observed::Connection;
+use crate::control::{off_worker, Control};
 use crate::state::GlobalState;
 use crate::view::{delta, node_view, View};
 use crate::Error;
@@ -58,19 +59,13 @@ struct Stream {
     view: View,
     sent: u64,
     tx: mpsc::Sender<Result<Update, Status>>,
+    /// Counts the stream as a connection while it runs.
+    _connection: Connection,
 }
 
 impl Stream {
     async fn run(mut self, first: Option<Update>) {
-        let control = self.control.clone();
-        let _connection = match control.connect(&self.node) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = self.tx.send(Err(e.into())).await;
-                return;
-            }
-        };
-        let mut shutdown = control.shutdown_signal();
+        let mut shutdown = self.control.shutdown_signal();
         if let Some(u) = first {
             if self.tx.send(Ok(u)).await.is_err() {
                 return;
@@ -119,36 +114,66 @@ impl Stream {
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let reply = self.control.register(request.metadata(), request.get_ref())?;
-        Ok(Response::new(reply))
+        let control = self.control.clone();
+        let (meta, _, req) = request.into_parts();
+        Ok(Response::new(off_worker(move || control.register(&meta, &req)).await?))
     }
 
     type WatchStream = ReceiverStream<Result<Update, Status>>;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let node = self.control.authenticate(request.metadata())?;
+        let control = self.control.clone();
         let resume_from = request.get_ref().resume_from;
+        let meta = request.into_parts().0;
+        let (node, connection) = off_worker(move || {
+            let node = control.authenticate(&meta)?;
+            let connection = control.connect(&node, resume_from)?;
+            Ok((node, connection))
+        })
+        .await?;
         let mut states = self.control.subscribe();
         let state = states.borrow_and_update().clone();
         let view = node_view(&state, &node).ok_or_else(|| Error::NodeRemoved(node.clone()))?;
         let first = first_update(&self.control, &state, &node, &view, resume_from);
         tracing::debug!(node = %node, resume_from, version = state.version, "watch");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let stream = Stream { control: self.control.clone(), node, states, view, sent: state.version, tx };
+        let stream = Stream {
+            control: self.control.clone(),
+            node,
+            states,
+            view,
+            sent: state.version,
+            tx,
+            _connection: connection,
+        };
         tokio::spawn(stream.run(first));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
-        let node = self.control.authenticate(request.metadata())?;
+        let control = self.control.clone();
+        let meta = request.metadata().clone();
+        let node = off_worker(move || control.authenticate(&meta)).await?;
         let mut reports = request.into_inner();
         let mut shutdown = self.control.shutdown_signal();
+        // Removal ends an idle report stream too, not only at its next message.
+        let mut states = self.control.subscribe();
         loop {
             tokio::select! {
                 msg = reports.message() => match msg? {
-                    Some(r) => self.control.report(&node, r)?,
+                    Some(r) => {
+                        if let Some(d) = self.control.report(&node, r)? {
+                            let (control, node) = (self.control.clone(), node.clone());
+                            off_worker(move || control.record(&node, &d)).await?;
+                        }
+                    }
                     None => break,
                 },
+                _ = states.changed() => {
+                    if !self.control.is_live(&node) {
+                        return Err(Error::NodeRemoved(node).into());
+                    }
+                }
                 _ = crate::control::stopped(&mut shutdown) => return Err(Error::ShuttingDown.into()),
             }
         }
