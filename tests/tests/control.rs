@@ -37,6 +37,12 @@ fn policy(web_from: &[&str]) -> String {
 
 /// A lab of `n` hosts enrolled with a running control plane, agents started.
 fn enrolled(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>) {
+    let (lab, cp, agents, _) = enrolled_with_key(n);
+    (lab, cp, agents)
+}
+
+/// As [`enrolled`], with the enrollment key file.
+fn enrolled_with_key(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>, std::path::PathBuf) {
     let lab = Lab::new(n);
     let cp = ControlPlane::start(&lab);
     let key = cp.enrollment_key_file(&["server"]);
@@ -50,7 +56,26 @@ fn enrolled(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>) {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v.as_array().is_some_and(|a| a.len() == n as usize)
     });
-    (lab, cp, agents)
+    (lab, cp, agents, key)
+}
+
+/// No secret of any host (private key, enrollment key, credential) in any log, at debug level.
+fn assert_no_secrets_logged(lab: &Lab, cp: &ControlPlane, agents: &[AgentProc], key_file: &std::path::Path) {
+    let mut secrets = vec![std::fs::read_to_string(key_file).unwrap().trim().to_owned()];
+    for h in &lab.hosts {
+        secrets.push(std::fs::read_to_string(h.dir.join("private.key")).unwrap().trim().to_owned());
+        let cred: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(h.dir.join("state/control/credential.json")).unwrap()).unwrap();
+        let cred = cred["credential"].as_str().unwrap().to_owned();
+        // The part after the node id is the secret.
+        secrets.push(cred.split_once('.').map_or(cred.clone(), |(_, s)| s.to_owned()));
+    }
+    let logs: Vec<String> = std::iter::once(cp.log()).chain(agents.iter().map(|a| a.log_text())).collect();
+    assert!(logs.iter().all(|l| !l.is_empty()), "every log has lines");
+    for s in &secrets {
+        assert!(s.len() >= 16, "a secret this short is not a secret: {s:?}");
+        assert!(logs.iter().all(|l| !l.contains(s.as_str())), "a secret appears in a log");
+    }
 }
 
 fn tcp_echoes(from: &Host, to: SocketAddr) -> bool {
@@ -59,7 +84,7 @@ fn tcp_echoes(from: &Host, to: SocketAddr) -> bool {
 
 #[test]
 fn enrollment_mesh_policy_pushes_and_node_removal() {
-    let (lab, cp, agents) = enrolled(3);
+    let (lab, cp, agents, key_file) = enrolled_with_key(3);
     let (h1, h2, h3) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
     for port in [80, 81] {
         echo_server(&h2.ns, sock("::", port));
@@ -103,6 +128,7 @@ fn enrollment_mesh_policy_pushes_and_node_removal() {
     assert!(!h3.ns.ping(&h2_v4), "a removed node is cut off");
     wait_until("the removed agent is refused", T, || agents[2].log_text().contains("PermissionDenied"));
     assert!(h1.ns.ping(&h2_v4), "the others keep talking");
+    assert_no_secrets_logged(&lab, &cp, &agents, &key_file);
 }
 
 #[test]
