@@ -63,6 +63,8 @@ fn step(t: &mut Tracker, u: &v1::Update) {
             assert!(v == u.version && v > version && applied == version && base == d.base_version);
             assert!(base != applied || view.is_none(), "delta on its base {base} was out of order");
         }
+        // Only a stream's first update may reset (`offer_on_stream`); `offer` never does.
+        Ok(Offer::Reset { version: v, .. }) => panic!("offer() reset to version {v}"),
         Err(e) => {
             let _ = e.to_string();
         }
