@@ -195,18 +195,9 @@ pub(crate) fn finish(entries: &mut Vec<PolicyEntry>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::{PortRange, RuleDirection, PROTO_TCP};
+    use crate::policy::model::{RuleDirection, PROTO_TCP};
 
-    fn rule(id: &str, from: &[&str], to: &[&str], proto: Option<u8>, ports: &[(u16, u16)]) -> Rule {
-        Rule {
-            id: id.into(),
-            from: from.iter().map(|s| s.parse().unwrap()).collect(),
-            to: to.iter().map(|s| s.parse().unwrap()).collect(),
-            proto,
-            ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
-            direction: RuleDirection::Both,
-        }
-    }
+    use crate::policy::model::test_rule as rule;
 
     #[test]
     fn small_policy_entries() {

@@ -223,18 +223,9 @@ impl Editable {
 mod tests {
     use super::*;
     use crate::policy::compile::compile;
-    use crate::policy::model::{PortRange, RuleDirection};
+    use crate::policy::model::RuleDirection;
 
-    fn rule(id: &str, from: &[&str], to: &[&str], proto: Option<u8>, ports: &[(u16, u16)]) -> Rule {
-        Rule {
-            id: id.into(),
-            from: from.iter().map(|s| s.parse().unwrap()).collect(),
-            to: to.iter().map(|s| s.parse().unwrap()).collect(),
-            proto,
-            ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
-            direction: RuleDirection::Both,
-        }
-    }
+    use crate::policy::model::test_rule as rule;
 
     fn base() -> Vec<Rule> {
         vec![

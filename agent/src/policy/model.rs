@@ -242,3 +242,16 @@ fn unsatisfiable_reason(r: &Rule) -> String {
         _ => format!("{base}: no source and destination of the same address family"),
     }
 }
+
+/// A rule in both directions from text prefixes, for tests.
+#[cfg(test)]
+pub(crate) fn test_rule(id: &str, from: &[&str], to: &[&str], proto: Option<u8>, ports: &[(u16, u16)]) -> Rule {
+    Rule {
+        id: id.into(),
+        from: from.iter().map(|s| s.parse().unwrap()).collect(),
+        to: to.iter().map(|s| s.parse().unwrap()).collect(),
+        proto,
+        ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
+        direction: RuleDirection::Both,
+    }
+}
