@@ -26,8 +26,11 @@ use crate::wg;
 
 /// Everything loaded from one version of the config file.
 pub struct Loaded {
+    /// The config the desired state was built from (in control mode with the view's part).
     pub config: Config,
     pub desired: Desired,
+    /// Control mode: the file as read, so a new view can be combined with it.
+    pub file: Option<Config>,
 }
 
 /// Loads the config file. In control mode the control plane's part comes from the last
@@ -74,9 +77,10 @@ pub fn load_effective(path: &Path) -> anyhow::Result<Config> {
 }
 
 fn build(file: Config, key: &PrivateKey, view: Option<&ControlView>) -> anyhow::Result<Loaded> {
+    let kept = file.control.is_some().then(|| file.clone());
     let config = control::effective_config(file, view);
     let desired = desired_state(&config, key)?;
-    Ok(Loaded { config, desired })
+    Ok(Loaded { config, desired, file: kept })
 }
 
 /// Settings that cannot change under a running agent without a restart.
@@ -106,8 +110,6 @@ pub struct Agent {
 
 struct Control {
     updates: mpsc::Receiver<ApplyRequest>,
-    /// The config file as loaded (without the view's peers, addresses and policy).
-    file: Config,
     /// The view the current desired state was built from.
     view: Option<ControlView>,
 }
@@ -116,7 +118,7 @@ impl Agent {
     /// Opens the state directory (taking its lock), picks the backend and removes links a
     /// previous run owned under another name or backend, and routes and rules of another
     /// protocol number.
-    pub async fn start(loaded: Loaded, config_file: &Path) -> anyhow::Result<Agent> {
+    pub async fn start(loaded: Loaded) -> anyhow::Result<Agent> {
         let c = &loaded.config;
         let state = StateDir::open(&c.agent.state_dir)?;
         let wake = Arc::new(Notify::new());
@@ -156,7 +158,7 @@ impl Agent {
         state.set_owned(&owned)?;
         let control = match &c.control {
             None => None,
-            Some(cc) => Some(start_client(cc, config_file, &loaded, backend)?),
+            Some(cc) => Some(start_client(cc, &loaded, backend)?),
         };
         Ok(Agent { loaded, state, reconciler, wake, control, config_cache: ConfigCache::default() })
     }
@@ -177,7 +179,6 @@ impl Agent {
     async fn reload(&mut self, path: &Path) -> anyhow::Result<Loaded> {
         let file = self.config_cache.load(path)?;
         let key = keys::load_or_generate(&file.interface.private_key_file)?;
-        let kept_file = self.control.as_ref().map(|_| file.clone());
         let new = build(file, &key, self.control.as_ref().and_then(|c| c.view.as_ref()))?;
         if fixed_settings(&new.config) != fixed_settings(&self.loaded.config) {
             anyhow::bail!(
@@ -185,11 +186,7 @@ impl Agent {
                  [control] change only with a restart"
             );
         }
-        let previous = self.switch_interface(new).await?;
-        if let (Some(c), Some(file)) = (&mut self.control, kept_file) {
-            c.file = file;
-        }
-        Ok(previous)
+        self.switch_interface(new).await
     }
 
     /// Makes `new` the desired state, first removing the link of a renamed interface;
@@ -303,7 +300,7 @@ impl Agent {
         if !converged || previous.desired.ifname != self.loaded.desired.ifname {
             return;
         }
-        let Loaded { config: old_config, desired: previous } = previous;
+        let Loaded { config: old_config, desired: previous, .. } = previous;
         match self.apply_change(previous).await {
             Ok(Some(change)) => tracing::info!(
                 operations = change.operations,
@@ -339,7 +336,7 @@ impl Agent {
     async fn apply_view(&mut self, view: ControlView, converged: bool) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let key = self.loaded.desired.device.private_key.clone();
-        let file = self.control.as_ref().context("not in control mode")?.file.clone();
+        let file = self.loaded.file.clone().context("not in control mode")?;
         let new = build(file, &key, Some(&view))?;
         let previous = std::mem::replace(&mut self.loaded, new);
         let result = if converged { self.apply_change(previous.desired.clone()).await } else { Ok(None) };
@@ -430,7 +427,6 @@ async fn next_view(control: &mut Option<Control>) -> Option<ApplyRequest> {
 /// Starts the control-plane client on the view the desired state was built from.
 fn start_client(
     cc: &ControlConfig,
-    config_file: &Path,
     loaded: &Loaded,
     backend: Arc<dyn crate::wg::WgBackend>,
 ) -> anyhow::Result<Control> {
@@ -457,5 +453,5 @@ fn start_client(
         sent_denies: Vec::new(),
     };
     tokio::spawn(client.run());
-    Ok(Control { updates, file: Config::load(config_file)?, view })
+    Ok(Control { updates, view })
 }

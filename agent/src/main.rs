@@ -117,7 +117,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Run { config, once } => {
             // The parsed peers are kept: a daemon's reload then costs what changed in the file.
             let mut cache = ConfigCache::default();
-            let agent = Agent::start(daemon::load_cached(&config, &mut cache)?, &config).await?;
+            let agent = Agent::start(daemon::load_cached(&config, &mut cache)?).await?;
             if once {
                 drop(cache); // nothing to reload: its memory is not held through the pass
                 let n = agent.reconcile_once().await?;
