@@ -47,7 +47,12 @@ pub const STATS: &str = "WF_STATS";
 pub const EVENTS: &str = "WF_EVENTS";
 pub const EVENT_BUDGET: &str = "WF_EVENT_BUDGET";
 
-/// Every map of the object (the agent pins each under the interface's pin directory).
+/// The programs' per-CPU flow cache (`ebpf/src/flow_cache.rs`): not pinned and never
+/// touched by the agent; each loaded object has its own. Tools may load a copy with 1 slot
+/// to measure the conntrack path.
+pub const FLOW_CACHE: &str = "WF_FLOW_CACHE";
+
+/// Every pinned map of the object (the agent pins each under the interface's pin directory).
 pub const MAPS: [&str; 11] =
     [STATE, SRC_V4, DST_V4, SRC_V6, DST_V6, POLICY, CONNTRACK, RULE_COUNTERS, STATS, EVENTS, EVENT_BUDGET];
 
@@ -198,8 +203,9 @@ pub struct ClassValue {
 
 /// A flow as seen in one packet. IPv4 addresses are IPv4-mapped into 16 bytes
 /// (::ffff:a.b.c.d). For ICMP echo, `sport` is the identifier in requests and `dport` the
-/// identifier in replies, so a reply's reversed tuple is its request's tuple.
-#[repr(C)]
+/// identifier in replies, so a reply's reversed tuple is its request's tuple. Aligned to 8
+/// (no padding: 40 bytes either way) so the programs can read it in words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],

@@ -14,7 +14,9 @@
 //!    conntrack entries), truncated or more than [`MAX_EXT_HEADERS`] IPv6 extension headers,
 //!    truncated TCP/UDP/UDP-Lite/SCTP/ICMP header, TCP data offset < 5 — drops the packet and
 //!    counts `STATS[MALFORMED]`: the entry points map `Err` to `TC_ACT_SHOT`, never to OK.
-//! 4. Established: the conntrack entry of the forward tuple, then of the reversed tuple.
+//! 4. Established: first the per-CPU flow cache ([`flow_cache`]: the verdict conntrack gave
+//!    this tuple under the live epoch, less than 250 jiffies ago), then the conntrack entry
+//!    of the forward tuple, then of the reversed tuple; a conntrack hit refills the cache.
 //!    Current epoch: pass (`ALLOWED_ESTABLISHED`, `last_seen_ns` refreshed if older than 1 s). Older epoch: the
 //!    entry's own tuple and direction (the flow's first packet) is judged under the live
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet
@@ -27,7 +29,7 @@
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
 //!
-//! Per packet this is at most: 1 array read, 2 conntrack lookups (of the packet's flow, or of
+//! Per packet this is at most: 1 array read, 1 flow-cache slot, 2 conntrack lookups (of the packet's flow, or of
 //! the flow an ICMP error quotes), 2 class lookups and 1 policy lookup (all three repeated
 //! once when an old-epoch entry is re-checked), a conntrack insert or delete, and
 //! counter/event-budget updates — a fixed number, whatever the rule count.
@@ -76,9 +78,11 @@
 // BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod flow_cache;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -259,9 +263,23 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     };
     let flags = if v6 { PARSE_V6 } else { 0 };
     let mut slot = core::mem::MaybeUninit::uninit();
-    let pkt = Pkt::init(&mut slot);
-    if !parse(ctx, WF_L3_OFFSET.load(), flags, dir, pkt) {
-        return Err(Malformed);
+    let frame = Frame::of(ctx);
+    let off = WF_L3_OFFSET.load();
+    let pkt = match parse_fast(&frame, off, v6, dir, &mut slot) {
+        Some(pkt) => pkt,
+        None => {
+            let pkt = Pkt::init(&mut slot);
+            // Inlined here (the hot path); the quoted packet of an ICMP error goes through
+            // `parse`.
+            parse_into(&frame, off, flags, dir, pkt)?;
+            pkt
+        }
+    };
+    let tick = flow_cache::jiffies();
+    if pkt.kind == KIND_TRACKED {
+        if let Some(rule) = flow_cache::lookup(&pkt.key, st.epoch, tick) {
+            return Ok(pass_established(rule, len));
+        }
     }
     // The coarse clock (jiffies resolution) is a plain load; the precise one reads the TSC.
     // Both users (conntrack age, event bucket) are fine with milliseconds.
@@ -280,13 +298,14 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     if pkt.kind == KIND_TRACKED {
         let rule = established(pkt, st.epoch, now);
         if rule != c::NO_RULE {
+            flow_cache::remember(&pkt.key, st.epoch, rule, tick);
             return Ok(pass_established(rule, len));
         }
     } else if pkt.kind == KIND_ICMP_ERROR {
         let mut slot = core::mem::MaybeUninit::uninit();
         let quoted = Pkt::init(&mut slot);
         // The quoted packet travelled the other way.
-        if parse(ctx, pkt.quoted, flags | PARSE_QUOTED, dir ^ 1, quoted) {
+        if parse(&frame, pkt.quoted, flags | PARSE_QUOTED, dir ^ 1, quoted) {
             let rule = established(quoted, st.epoch, now);
             if rule != c::NO_RULE {
                 return Ok(pass_established(rule, len));
@@ -300,8 +319,11 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     }
     if pkt.kind == KIND_TRACKED {
         let value = FlowValue { epoch: st.epoch, rule, last_seen_ns: now };
-        // An LRU insert only fails on allocation failure; the packet is allowed anyway.
-        let _ = CONNTRACK.insert(&pkt.key, &value, BPF_ANY as u64);
+        // An LRU insert only fails on allocation failure; the packet is allowed anyway (and
+        // the next one is judged as new again).
+        if CONNTRACK.insert(&pkt.key, &value, BPF_ANY as u64).is_ok() {
+            flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+        }
     }
     count(stat::ALLOWED_NEW, len);
     count_rule(rule, len);
@@ -342,42 +364,196 @@ fn deny(key: &FlowKey, len: u32, now: u64) -> i32 {
     DROP
 }
 
+/// The packet as the parser reads it: its context and `skb->len`, read once. (The linear
+/// area's bounds are re-read from the context at each access: kept in registers they spill
+/// to the stack across the parser's helper calls, which measured slower.)
+struct Frame<'a> {
+    ctx: &'a TcContext,
+    len: u32,
+}
+
+impl<'a> Frame<'a> {
+    #[inline(always)]
+    fn of(ctx: &'a TcContext) -> Frame<'a> {
+        Frame { ctx, len: ctx.len() }
+    }
+}
+
 /// Reads a `T` at `off`: straight from the linear part of the skb when it holds those bytes
 /// (a bounds-checked direct load, a few instructions), else through `bpf_skb_load_bytes`
 /// (paged GSO/GRO data), so both kinds of skb parse alike.
 #[inline(always)]
-fn load<T: Copy>(ctx: &TcContext, off: u32) -> Result<T, Malformed> {
+fn load<T: Copy>(f: &Frame, off: u32) -> Result<T, Malformed> {
     // The verifier needs the variable offset bounded before it is added to a packet pointer.
     if off < MAX_DIRECT_OFFSET {
-        let p = ctx.data() + off as usize;
-        if p + core::mem::size_of::<T>() <= ctx.data_end() {
+        let p = f.ctx.data() + off as usize;
+        if p + core::mem::size_of::<T>() <= f.ctx.data_end() {
             // SAFETY: [p, p + size_of::<T>()) is inside the packet's linear data (checked
             // above); `T` is a plain byte array or integer.
             return Ok(unsafe { core::ptr::read_unaligned(p as *const T) });
         }
     }
-    ctx.load::<T>(off as usize).map_err(|_| Malformed)
+    // Through an 8-byte aligned stack buffer: the object is built with misaligned access
+    // allowed (packet reads in words, see build.rs), and the verifier rejects misaligned
+    // stack access, which copying out of a byte-aligned `T` could produce.
+    #[repr(C, align(8))]
+    struct Aligned<T>(T);
+    let mut buf = core::mem::MaybeUninit::<Aligned<T>>::uninit();
+    // SAFETY: the helper writes exactly size_of::<T>() bytes into `buf` or fails.
+    let r = unsafe {
+        bpf_skb_load_bytes(f.ctx.skb.skb as *const _, off, buf.as_mut_ptr() as *mut _, core::mem::size_of::<T>() as u32)
+    };
+    if r != 0 {
+        return Err(Malformed);
+    }
+    // SAFETY: initialised by the helper (r == 0); `T` is a plain byte array or integer.
+    Ok(unsafe { buf.assume_init() }.0)
 }
 
+/// ::ffff:0:0/96 (IPv4-mapped), in the wire-order words of `byte`.
 #[inline(always)]
-fn is_v4_mapped(a: &[u8; 16]) -> bool {
-    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+fn is_v4_mapped(a: [u64; 2]) -> bool {
+    a[0] == 0 && a[1] as u32 == 0xffff_0000
 }
+
+// Header fields are read in words (the object allows misaligned access, see build.rs) and
+// taken apart here. A word holds wire bytes in memory order, so on this little-endian
+// target wire byte `i` of a word is bits `8 * i ..`.
+
+/// Wire byte `i` of `w`.
+#[inline(always)]
+fn byte(w: u64, i: u32) -> u8 {
+    (w >> (8 * i)) as u8
+}
+
+/// The big-endian 16-bit field at wire bytes `i`, `i + 1` of `w`.
+#[inline(always)]
+fn be16(w: u64, i: u32) -> u16 {
+    u16::from_be((w >> (8 * i)) as u16)
+}
+
+/// Bytes 8-15 of `::ffff:a` (`a` in wire order), as a word.
+#[inline(always)]
+fn v4_mapped_word(a: u32) -> u64 {
+    (0xffffu64 << 16) | (a as u64) << 32
+}
+
+/// `::ffff:s` and `::ffff:d` (`s`, `d` in wire order) into a zeroed key, in words.
+#[inline(always)]
+fn set_v4_addrs(k: &mut FlowKey, s: u32, d: u32) {
+    // SAFETY: words 1 of `src` and `dst` (bytes 8-15) of the 8-byte aligned key.
+    unsafe {
+        (k.src.as_mut_ptr().add(8) as *mut u64).write(v4_mapped_word(s));
+        (k.dst.as_mut_ptr().add(8) as *mut u64).write(v4_mapped_word(d));
+    }
+}
+
+/// IPv6 addresses (wire-order words) into the key, in words.
+#[inline(always)]
+fn set_v6_addrs(k: &mut FlowKey, s: [u64; 2], d: [u64; 2]) {
+    // SAFETY: 16 bytes each at offsets 0 and 16 of the 8-byte aligned key.
+    unsafe {
+        (k.src.as_mut_ptr() as *mut [u64; 2]).write(s);
+        (k.dst.as_mut_ptr() as *mut [u64; 2]).write(d);
+    }
+}
+
+/// The common case behind one bounds check: an IPv4 header without options or an IPv6
+/// header without extension headers, not a non-first fragment, carrying TCP or UDP, with a
+/// TCP header's worth of L4 bytes in the linear area. Then it writes the whole `Pkt` that
+/// [`parse_into`] would have produced (in words, no zeroing pass first); for anything else
+/// it returns `None` having written nothing, and `parse_into` decides, rejections included.
+#[inline(always)]
+fn parse_fast<'s>(
+    f: &Frame,
+    off: u32,
+    v6: bool,
+    dir: u8,
+    slot: &'s mut core::mem::MaybeUninit<Pkt>,
+) -> Option<&'s mut Pkt> {
+    if off >= MAX_DIRECT_OFFSET {
+        return None;
+    }
+    let p = f.ctx.data() + off as usize;
+    let end = f.ctx.data_end();
+    // SAFETY (every read): callers pass offsets inside the range checked before.
+    let rd = |at: usize| unsafe { core::ptr::read_unaligned((p + at) as *const u64) };
+    // Per family: the key's address words, the protocol, the first 8 L4 bytes and L4
+    // bytes 8-15 (TCP's data offset is byte 12).
+    let (addrs, proto, l4, l4_more) = if v6 {
+        if p + 40 + 20 > end {
+            return None;
+        }
+        let h = rd(0);
+        let (src, dst) = ([rd(8), rd(16)], [rd(24), rd(32)]);
+        if byte(h, 0) >> 4 != 6 || is_v4_mapped(src) || is_v4_mapped(dst) {
+            return None;
+        }
+        ([src[0], src[1], dst[0], dst[1]], byte(h, 6), rd(40), rd(48))
+    } else {
+        if p + 20 + 20 > end {
+            return None;
+        }
+        let (w0, w1) = (rd(0), rd(8));
+        let total = be16(w0, 2);
+        // Version 4, IHL 5; total length 0 (BIG TCP) or covering the header; fragment
+        // offset 0.
+        if byte(w0, 0) != 0x45 || (total != 0 && total < 20) || be16(w0, 6) & 0x1fff != 0 {
+            return None;
+        }
+        let (src, dst) = ((w1 >> 32) as u32, rd(16) as u32);
+        ([0, v4_mapped_word(src), 0, v4_mapped_word(dst)], byte(w1, 1), rd(20), rd(28))
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    // TCP with a data offset below 5 words is malformed: parse_into says so.
+    if proto == IPPROTO_TCP && byte(l4_more, 4) >> 4 < 5 {
+        return None;
+    }
+    let (sport, dport) = (be16(l4, 0) as u64, be16(l4, 2) as u64);
+    // The Pkt's words (layout checked below): key, then port = dport, reply_port = sport,
+    // kind KIND_TRACKED, v6; quoted 0.
+    let words: [u64; 7] = [
+        addrs[0],
+        addrs[1],
+        addrs[2],
+        addrs[3],
+        sport | dport << 16 | (proto as u64) << 32 | (dir as u64) << 40,
+        dport | sport << 16 | (KIND_TRACKED as u64) << 32 | (v6 as u64) << 40,
+        0,
+    ];
+    // SAFETY: Pkt is 7 words, 8-byte aligned, and every bit pattern of its fields is valid.
+    unsafe {
+        (slot.as_mut_ptr() as *mut [u64; 7]).write(words);
+        Some(slot.assume_init_mut())
+    }
+}
+
+// The word layout `parse_fast` writes.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<Pkt>() == 56 && core::mem::align_of::<Pkt>() == 8);
+    assert!(offset_of!(FlowKey, sport) == 32 && offset_of!(FlowKey, dport) == 34);
+    assert!(offset_of!(FlowKey, proto) == 36 && offset_of!(FlowKey, direction) == 37);
+    assert!(offset_of!(Pkt, port) == 40 && offset_of!(Pkt, reply_port) == 42);
+    assert!(offset_of!(Pkt, kind) == 44 && offset_of!(Pkt, v6) == 45 && offset_of!(Pkt, quoted) == 48);
+};
 
 /// Parses the packet whose IP header is at `off` into `out` (`flags`: [`PARSE_V6`],
 /// [`PARSE_QUOTED`]); `false` if it cannot be parsed (or, quoted, cannot be tracked).
 #[inline(never)]
-fn parse(ctx: &TcContext, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> bool {
-    parse_into(ctx, off, flags, dir, out).is_ok()
+fn parse(f: &Frame, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> bool {
+    parse_into(f, off, flags, dir, out).is_ok()
 }
 
 #[inline(always)]
-fn parse_into(ctx: &TcContext, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> Result<(), Malformed> {
+fn parse_into(f: &Frame, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> Result<(), Malformed> {
     let v6 = flags & PARSE_V6 != 0;
     let quoted = flags & PARSE_QUOTED != 0;
     out.v6 = v6 as u8;
     out.key.direction = dir;
-    let (l4, nonfirst) = if v6 { parse_v6(ctx, off, out)? } else { parse_v4(ctx, off, out)? };
+    let (l4, nonfirst) = if v6 { parse_v6(f, off, out)? } else { parse_v4(f, off, out)? };
     if nonfirst {
         if quoted {
             return Err(Malformed);
@@ -398,29 +574,29 @@ fn parse_into(ctx: &TcContext, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> 
         // Other protocols: tracked by addresses and protocol, ports 0.
         return Ok(());
     }
-    if l4 + need > ctx.len() {
+    if l4 + need > f.len {
         return Err(Malformed);
     }
-    let h: [u8; 8] = load(ctx, l4)?;
+    let h: u64 = load(f, l4)?;
     if proto != icmp {
         if proto == IPPROTO_TCP && !quoted {
             // Two bytes, not one: for a 1-byte direct read LLVM turns the bounds check into
             // `p < data_end`, which the verifier does not take as a range.
-            let doff: [u8; 2] = load(ctx, l4 + 12)?;
-            if doff[0] >> 4 < 5 {
+            let doff: u16 = load(f, l4 + 12)?;
+            if byte(doff as u64, 0) >> 4 < 5 {
                 return Err(Malformed);
             }
         }
-        let sport = u16::from_be_bytes([h[0], h[1]]);
-        let dport = u16::from_be_bytes([h[2], h[3]]);
+        let sport = be16(h, 0);
+        let dport = be16(h, 2);
         out.key.sport = sport;
         out.key.dport = dport;
         out.port = dport;
         out.reply_port = sport;
         return Ok(());
     }
-    let (ty, code) = (h[0], h[1]);
-    let id = u16::from_be_bytes([h[4], h[5]]);
+    let (ty, code) = (byte(h, 0), byte(h, 1));
+    let id = be16(h, 4);
     let port = (ty as u16) << 8 | code as u16;
     out.port = port;
     out.reply_port = port;
@@ -456,54 +632,48 @@ fn parse_into(ctx: &TcContext, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> 
 
 /// IPv4 header at `off` into `out.key`; returns (L4 offset, non-first fragment).
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, off: u32, out: &mut Pkt) -> Result<(u32, bool), Malformed> {
-    let h: [u8; 20] = load(ctx, off)?;
-    if h[0] >> 4 != 4 {
+fn parse_v4(f: &Frame, off: u32, out: &mut Pkt) -> Result<(u32, bool), Malformed> {
+    // Wire bytes 0-7, 8-15, 16-19 (see `byte`).
+    let w0: u64 = load(f, off)?;
+    let w1: u64 = load(f, off + 8)?;
+    let dst: u32 = load(f, off + 16)?;
+    if byte(w0, 0) >> 4 != 4 {
         return Err(Malformed);
     }
-    let hdr_len = ((h[0] & 0x0f) as u32) * 4;
+    let hdr_len = (byte(w0, 0) & 0x0f) as u32 * 4;
     if hdr_len < 20 {
         return Err(Malformed);
     }
     // Total length 0 is legal for BIG TCP GSO packets; otherwise it covers the header.
-    let total = u16::from_be_bytes([h[2], h[3]]) as u32;
+    let total = be16(w0, 2) as u32;
     if total != 0 && total < hdr_len {
         return Err(Malformed);
     }
     // Options, if any, must be present.
-    if off + hdr_len > ctx.len() {
+    if off + hdr_len > f.len {
         return Err(Malformed);
     }
-    let k = &mut out.key;
-    k.src[10] = 0xff;
-    k.src[11] = 0xff;
-    k.dst[10] = 0xff;
-    k.dst[11] = 0xff;
-    let mut i = 0;
-    while i < 4 {
-        k.src[12 + i] = h[12 + i];
-        k.dst[12 + i] = h[16 + i];
-        i += 1;
-    }
-    k.proto = h[9];
-    let frag = u16::from_be_bytes([h[6], h[7]]);
+    set_v4_addrs(&mut out.key, (w1 >> 32) as u32, dst);
+    out.key.proto = byte(w1, 1);
+    let frag = be16(w0, 6);
     Ok((off + hdr_len, frag & 0x1fff != 0))
 }
 
 /// IPv6 header and extension headers at `off` into `out.key`; returns (L4 offset, non-first
 /// fragment).
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, off: u32, out: &mut Pkt) -> Result<(u32, bool), Malformed> {
-    let h: [u8; 8] = load(ctx, off)?;
-    if h[0] >> 4 != 6 {
+fn parse_v6(f: &Frame, off: u32, out: &mut Pkt) -> Result<(u32, bool), Malformed> {
+    let h: u64 = load(f, off)?;
+    if byte(h, 0) >> 4 != 6 {
         return Err(Malformed);
     }
-    out.key.src = load(ctx, off + 8)?;
-    out.key.dst = load(ctx, off + 24)?;
-    if is_v4_mapped(&out.key.src) || is_v4_mapped(&out.key.dst) {
+    let src: [u64; 2] = load(f, off + 8)?;
+    let dst: [u64; 2] = load(f, off + 24)?;
+    if is_v4_mapped(src) || is_v4_mapped(dst) {
         return Err(Malformed);
     }
-    let (proto, l4, nonfirst) = walk_ext(ctx, h[6], off + 40)?;
+    set_v6_addrs(&mut out.key, src, dst);
+    let (proto, l4, nonfirst) = walk_ext(f, byte(h, 6), off + 40)?;
     out.key.proto = proto;
     Ok((l4, nonfirst))
 }
@@ -517,28 +687,28 @@ fn is_ext(nh: u8) -> bool {
 /// protocol, its offset and whether this is a non-first fragment (then the protocol is the
 /// fragment header's next header and the offset is meaningless).
 #[inline(always)]
-fn walk_ext(ctx: &TcContext, first: u8, off: u32) -> Result<(u8, u32, bool), Malformed> {
-    let len = ctx.len();
+fn walk_ext(f: &Frame, first: u8, off: u32) -> Result<(u8, u32, bool), Malformed> {
+    let len = f.len;
     let mut nh = first;
     let mut off = off;
     let mut i = 0;
     while i < MAX_EXT_HEADERS {
         match nh {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let e: [u8; 2] = load(ctx, off)?;
-                nh = e[0];
-                off += (e[1] as u32 + 1) * 8;
+                let e: u16 = load(f, off)?;
+                nh = byte(e as u64, 0);
+                off += (byte(e as u64, 1) as u32 + 1) * 8;
             }
             IPPROTO_AH => {
-                let e: [u8; 2] = load(ctx, off)?;
-                nh = e[0];
-                off += (e[1] as u32 + 2) * 4;
+                let e: u16 = load(f, off)?;
+                nh = byte(e as u64, 0);
+                off += (byte(e as u64, 1) as u32 + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
-                let e: [u8; 8] = load(ctx, off)?;
-                nh = e[0];
+                let e: u64 = load(f, off)?;
+                nh = byte(e, 0);
                 off += 8;
-                if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
+                if be16(e, 2) & 0xfff8 != 0 {
                     return Ok((nh, off, true));
                 }
             }
@@ -644,6 +814,8 @@ fn policy_rule(key: &FlowKey, v6: bool, port: u16, gen: u8, port_known: bool) ->
 // byte arrays directly makes LLVM call a byte-loop memset for their zero runs.
 const _: () = assert!(core::mem::size_of::<Key<ClassDataV4>>() == 12);
 const _: () = assert!(core::mem::size_of::<Key<ClassDataV6>>() == 24);
+#[cfg(not(target_endian = "little"))]
+compile_error!("the LPM keys are assembled as little-endian words");
 const _: () = assert!(core::mem::size_of::<Key<PolicyData>>() == 20);
 
 /// Four key bytes as the u32 that holds them in memory.
@@ -658,17 +830,17 @@ fn class_key_v4(gen: u8, a: &[u8; 16]) -> [u32; 3] {
     [8 + 32, word([gen, a[12], a[13], a[14]]), word([a[15], 0, 0, 0])]
 }
 
-/// `Key { 8 + 128, class_data_v6(gen, a) }`.
+/// `Key { 8 + 128, class_data_v6(gen, a) }`, as three little-endian words. `a` is read as
+/// two aligned words (it sits at offset 0 or 16 of a `Pkt`'s key): byte-shifted reads of it
+/// would be misaligned stack loads, which the verifier rejects.
 #[inline(always)]
-fn class_key_v6(gen: u8, a: &[u8; 16]) -> [u32; 6] {
-    [
-        8 + 128,
-        word([gen, a[0], a[1], a[2]]),
-        word([a[3], a[4], a[5], a[6]]),
-        word([a[7], a[8], a[9], a[10]]),
-        word([a[11], a[12], a[13], a[14]]),
-        word([a[15], 0, 0, 0]),
-    ]
+fn class_key_v6(gen: u8, a: &[u8; 16]) -> [u64; 3] {
+    // SAFETY: `a` is 8-byte aligned (see above) and 16 bytes long.
+    let (lo, hi) = unsafe {
+        let w = a.as_ptr() as *const u64;
+        (u64::from_le(w.read()), u64::from_le(w.add(1).read()))
+    };
+    [(8 + 128) | (gen as u64) << 32 | lo << 40, lo >> 24 | hi << 40, hi >> 24]
 }
 
 #[inline(always)]

@@ -358,7 +358,7 @@ fn mapped(a: IpAddr) -> [u8; 16] {
 fn loads_verifies_and_names_match_common() {
     for off in OFFSETS {
         let mut bed = Bed::uninitialized(off);
-        for name in common::MAPS {
+        for name in common::MAPS.iter().chain([&common::FLOW_CACHE]) {
             assert!(bed.p.ebpf.map(name).is_some(), "map {name} missing");
         }
         for dir in [DIR_INGRESS, DIR_EGRESS] {
@@ -978,5 +978,85 @@ fn events_report_flows_and_denials_within_budget() {
         let max = common::EVENT_BURST - 2 + (elapsed_ms + jiffy_ms) * common::EVENT_RATE_PER_SEC / 1000 + 1;
         assert!(sent <= max, "{sent} events sent, budget allows {max}");
         assert!(sent >= common::EVENT_BURST - 2, "the bucket's burst was available: {sent}");
+    }
+}
+
+/// Established packets are decided by the per-CPU flow cache in front of conntrack (see
+/// `ebpf/src/flow_cache.rs`): with more flows than the cache has slots (so slots are shared
+/// and overwritten), every packet of every flow, repeated, in both directions, passes as
+/// established under its own rule; a tuple next to a cached one (one field changed) is
+/// still judged as new; and after a flip a cached verdict the new policy revokes is gone.
+#[test]
+fn flow_cache_keeps_verdicts_exact() {
+    const FLOWS: u16 = 3000;
+    const REPEAT: u32 = 50;
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l) = (h.peer, h.local);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let rules = [
+                /* 0 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((1000, 1999))),
+                /* 1 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((2000, 2999))),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            let port = |i: u16| 1000 + i % 2000;
+            // (run_frame: the event budget makes EVENTS_LOST move during this burst.)
+            let new_before = bed.stats()[stat::ALLOWED_NEW as usize].packets;
+            for i in 0..FLOWS {
+                let syn = bed.frame(&Packet::tcp(p, l, 30000 + i, port(i)));
+                assert_eq!(bed.run_frame(DIR_INGRESS, &syn, 1), TC_ACT_OK, "{fam} SYN {i}");
+            }
+            assert_eq!(bed.stats()[stat::ALLOWED_NEW as usize].packets - new_before, FLOWS as u64);
+            let before = (bed.rule(0), bed.rule(1), bed.stats());
+            for round in 0..2 {
+                for i in 0..FLOWS {
+                    let fwd = bed.frame(&Packet::tcp_ack(p, l, 30000 + i, port(i)));
+                    let reply = bed.frame(&Packet::tcp_ack(l, p, port(i), 30000 + i));
+                    assert_eq!(bed.run_frame(DIR_INGRESS, &fwd, REPEAT), TC_ACT_OK, "{fam} round {round} flow {i}");
+                    assert_eq!(bed.run_frame(DIR_EGRESS, &reply, REPEAT), TC_ACT_OK, "{fam} round {round} reply {i}");
+                }
+            }
+            let after = (bed.rule(0), bed.rule(1), bed.stats());
+            let per_rule = |r: u16| (0..FLOWS).filter(|i| (port(*i) >= 2000) == (r == 1)).count() as u64;
+            let est = |s: &[Counter]| s[stat::ALLOWED_ESTABLISHED as usize].packets;
+            let each = 2 * 2 * REPEAT as u64;
+            assert_eq!(est(&after.2) - est(&before.2), FLOWS as u64 * each, "{fam} (l3 offset {off})");
+            assert_eq!(after.0.packets - before.0.packets, per_rule(0) * each, "{fam}: rule 0 counts its flows");
+            assert_eq!(after.1.packets - before.1.packets, per_rule(1) * each, "{fam}: rule 1 counts its flows");
+            assert_eq!(after.2[stat::DENIED as usize], before.2[stat::DENIED as usize]);
+
+            // Next to flow 7 (cached just now): other source port, other direction.
+            bed.expect(&format!("{fam} unseen sport"), DIR_INGRESS, &Packet::tcp_ack(p, l, 29999, port(7)), Pass, NEW);
+            bed.expect(&format!("{fam} egress copy"), DIR_EGRESS, &Packet::tcp_ack(p, l, 30007, port(7)), Drop, DENIED);
+            bed.expect(
+                &format!("{fam} other peer"),
+                DIR_INGRESS,
+                &Packet::tcp_ack(h.stranger, l, 30007, port(7)),
+                Drop,
+                DENIED,
+            );
+
+            // Generation 1 keeps rule 0's ports only: cached flows of rule 1 are cut.
+            fill(&mut bed.p, 1, &rules[..1]);
+            bed.p.set_state(PolicyState { epoch: 1, initialized: 1 }).unwrap();
+            for i in [7, 1007, 1500, 2999] {
+                let (v, stats) = if port(i) < 2000 { (Pass, EST) } else { (Drop, DENIED) };
+                bed.expect(
+                    &format!("{fam} flow {i} after the flip"),
+                    DIR_INGRESS,
+                    &Packet::tcp_ack(p, l, 30000 + i, port(i)),
+                    v,
+                    stats,
+                );
+                bed.expect(
+                    &format!("{fam} reply {i} after the flip"),
+                    DIR_EGRESS,
+                    &Packet::tcp_ack(l, p, port(i), 30000 + i),
+                    v,
+                    stats,
+                );
+            }
+        }
     }
 }

@@ -162,10 +162,23 @@ pub struct Shared {
     pub ebpf: aya::Ebpf,
 }
 
+/// Whether a [`Shared`] copy has the per-CPU flow cache in front of conntrack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FlowCache {
+    /// As the agent loads it.
+    On,
+    /// One slot (the programs' slot index is almost always beyond it): established packets
+    /// take the conntrack lookups, as the first packet of a flow on a CPU or after a flip.
+    Off,
+}
+
 impl Shared {
-    pub fn load(dir: &Path, l3_offset: u32) -> Result<Shared> {
+    pub fn load(dir: &Path, l3_offset: u32, cache: FlowCache) -> Result<Shared> {
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
+        if cache == FlowCache::Off {
+            loader.map_max_entries(common::FLOW_CACHE, 1);
+        }
         let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &paths {
             anyhow::ensure!(path.exists(), "{} is not pinned", path.display());

@@ -16,9 +16,13 @@
 //!   conntrack entry, so repeating one packet would measure an established flow): the
 //!   median over many. Includes the test runner's own timer overhead, shown by the no-op
 //!   measured the same way.
-//! - **established (fwd)**: an ACK of a flow in conntrack with the current epoch (the
-//!   forward tuple hits the first lookup); **established (reply)**: the reply direction on
-//!   `wf_egress` (the reversed tuple hits the second lookup).
+//! - **established (fwd)**: an ACK of a flow in conntrack with the current epoch;
+//!   **established (reply)**: the reply direction on `wf_egress`. Repeated, both hit the
+//!   per-CPU flow cache (the steady state of a flow on its CPU).
+//! - **established, no cache**: the same two packets through a second copy of the programs
+//!   loaded with a one-slot flow cache, so they take the conntrack path (the forward tuple
+//!   hits the first lookup; the reply's reversed tuple hits the second), as the first
+//!   packet of a flow on a CPU, or after a policy flip, does.
 //! - **no-op**: a two-instruction classifier (`r0 = TC_ACT_OK; exit`) on the same frame;
 //!   **not IP**: an ARP frame through `wf_ingress` (entry, protocol check, one counter).
 //!
@@ -39,7 +43,7 @@ use wirefence_agent::policy::compile;
 use wirefence_common::{self as common, stat};
 use wirefence_tests::packet::{arp_frame, Packet};
 
-use super::bpf::{self, Pins, Shared};
+use super::bpf::{self, FlowCache, Pins, Shared};
 use super::median;
 use super::rules::{self, DENIED_PORT};
 
@@ -59,8 +63,17 @@ pub struct Row {
     pub denied_new: f64,
     pub est_fwd: f64,
     pub est_reply: f64,
+    pub est_fwd_ct: f64,
+    pub est_reply_ct: f64,
     pub new_1shot: f64,
     pub noop_1shot: f64,
+}
+
+impl Row {
+    /// Established cost as the goal judges it: the slower direction.
+    pub fn est(&self) -> f64 {
+        self.est_fwd.max(self.est_reply)
+    }
 }
 
 pub struct Params {
@@ -75,8 +88,10 @@ struct Bed {
     _pins: Pins,
     enforcer: Enforcer,
     shared: Shared,
+    /// The same programs with a one-slot flow cache.
+    uncached: Shared,
     frames: Frames,
-    samples: [Vec<f64>; 5],
+    samples: [Vec<f64>; 7],
     row: Row,
 }
 
@@ -91,6 +106,8 @@ const NOT_IP: usize = 1;
 const DENIED: usize = 2;
 const EST_FWD: usize = 3;
 const EST_REPLY: usize = 4;
+const EST_FWD_CT: usize = 5;
+const EST_REPLY_CT: usize = 6;
 
 /// Sets up every (rule count, family) at once, each on an enforcer of its own, then runs
 /// `reps` measurement rounds over all of them (so a burst of load elsewhere hits one sample
@@ -110,12 +127,14 @@ pub fn run(root: &Path, state_dir: &Path, counts: &[u32], p: &Params) -> Result<
     }
     let mut rows = Vec::new();
     for bed in beds {
-        let Bed { mut row, samples, enforcer, shared, _pins, .. } = bed;
+        let Bed { mut row, samples, enforcer, shared, uncached, _pins, .. } = bed;
         row.noop = median(&samples[NOOP]);
         row.not_ip = median(&samples[NOT_IP]);
         row.denied_new = median(&samples[DENIED]);
         row.est_fwd = median(&samples[EST_FWD]);
         row.est_reply = median(&samples[EST_REPLY]);
+        row.est_fwd_ct = median(&samples[EST_FWD_CT]);
+        row.est_reply_ct = median(&samples[EST_REPLY_CT]);
         eprintln!(
             "bench-policy: per-packet {} {} rules: new(denied) {:.1} ns, est {:.1}/{:.1} ns, no-op {:.1} ns",
             fam(row.v6),
@@ -126,7 +145,7 @@ pub fn run(root: &Path, state_dir: &Path, counts: &[u32], p: &Params) -> Result<
             row.noop
         );
         rows.push(row);
-        drop(shared);
+        drop((shared, uncached));
         drop(enforcer);
     }
     Ok(rows)
@@ -136,7 +155,8 @@ fn setup(root: &Path, state_dir: &Path, i: usize, n: u32, v6: bool, noop: RawFd,
     let ifname: IfName = format!("wfbpp{}-{i}{}", std::process::id() % 100_000, if v6 { 6 } else { 4 }).parse()?;
     let pins = Pins { root: root.to_owned(), ifname: ifname.clone() };
     let mut enforcer = Enforcer::open(root, &ifname, L3_OFFSET, state_dir).context("Enforcer::open")?;
-    let shared = Shared::load(enforcer.dir(), L3_OFFSET)?;
+    let shared = Shared::load(enforcer.dir(), L3_OFFSET, FlowCache::On)?;
+    let uncached = Shared::load(enforcer.dir(), L3_OFFSET, FlowCache::Off)?;
     let t = Instant::now();
     let policy = rules::policy(rules::generate(n, v6))?;
     let compiled = compile(&policy).map_err(|e| anyhow::anyhow!("compile: {e}"))?;
@@ -157,6 +177,8 @@ fn setup(root: &Path, state_dir: &Path, i: usize, n: u32, v6: bool, noop: RawFd,
         denied_new: 0.0,
         est_fwd: 0.0,
         est_reply: 0.0,
+        est_fwd_ct: 0.0,
+        est_reply_ct: 0.0,
         new_1shot: 0.0,
         noop_1shot: 0.0,
     };
@@ -203,7 +225,7 @@ fn setup(root: &Path, state_dir: &Path, i: usize, n: u32, v6: bool, noop: RawFd,
         fwd: Packet::tcp_ack(f.src, f.dst, base_port, f.dport).frame(L3_OFFSET),
         reply: Packet::tcp_ack(f.dst, f.src, f.dport, base_port).frame(L3_OFFSET),
     };
-    Ok(Bed { _pins: pins, enforcer, shared, frames, samples: Default::default(), row })
+    Ok(Bed { _pins: pins, enforcer, shared, uncached, frames, samples: Default::default(), row })
 }
 
 pub fn fam(v6: bool) -> &'static str {
@@ -261,7 +283,9 @@ fn measure(bed: &mut Bed, noop: RawFd, p: &Params) -> Result<()> {
     let (s, fr) = (&bed.shared, &bed.frames);
     let ingress = s.prog_fd(common::PROG_INGRESS)?;
     let egress = s.prog_fd(common::PROG_EGRESS)?;
+    let u = &bed.uncached;
     let r = p.repeat;
+    let est = Some(stat::ALLOWED_ESTABLISHED);
     let runs = [
         (NOOP, timed(s, noop, &fr.denied, r, TC_ACT_OK, None, "no-op")?),
         (NOT_IP, timed(s, ingress, &arp_frame(), r, TC_ACT_OK, Some(stat::NOT_IP), &format!("{what}: ARP"))?),
@@ -286,7 +310,25 @@ fn measure(bed: &mut Bed, noop: RawFd, p: &Params) -> Result<()> {
             )?,
         ),
     ];
-    for (i, ns) in runs {
+    let ct = [
+        (
+            EST_FWD_CT,
+            timed(u, u.prog_fd(common::PROG_INGRESS)?, &fr.fwd, r, TC_ACT_OK, est, &format!("{what}: est, no cache"))?,
+        ),
+        (
+            EST_REPLY_CT,
+            timed(
+                u,
+                u.prog_fd(common::PROG_EGRESS)?,
+                &fr.reply,
+                r,
+                TC_ACT_OK,
+                est,
+                &format!("{what}: reply, no cache"),
+            )?,
+        ),
+    ];
+    for (i, ns) in runs.into_iter().chain(ct) {
         bed.samples[i].push(ns);
     }
     Ok(())
