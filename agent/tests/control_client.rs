@@ -257,3 +257,55 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     assert_eq!(status.connected_to.as_deref(), Some(addr.to_string().as_str()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Restarted while no control plane answers: `status` still names the node the saved
+/// credential belongs to, beside the connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_status_names_the_node_of_the_saved_credential() {
+    let own = PrivateKey::generate().public_key();
+    let dir = std::env::temp_dir().join(format!("wf-client-offline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = ControlFiles::new(&dir);
+    files
+        .set_credential(&wirefence_agent::control::persist::Credential {
+            node_id: "n7".into(),
+            credential: "n7.secret".into(),
+            public_key: own,
+        })
+        .unwrap();
+    let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap())];
+    let (tx, _rx) = mpsc::channel::<ApplyRequest>(1);
+    let client = ControlClient {
+        config: ControlConfig {
+            endpoints: endpoints.clone(),
+            transport: Transport::Insecure,
+            enrollment_key_file: None,
+            hostname: "n7".into(),
+            advertise_endpoints: vec![],
+            advertise_routes: vec![],
+        },
+        files: files.clone(),
+        own,
+        tracker: Tracker::new(own, None),
+        apply: tx,
+        connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
+        telemetry: wirefence_agent::control::client::Telemetry {
+            peer_stats: Box::new(Vec::new),
+            denies: Box::new(Vec::new),
+        },
+        sent_denies: Vec::new(),
+    };
+    let task = tokio::spawn(client.run());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = files.status().unwrap().filter(|s| s.last_error.is_some()) {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no status with the connection error within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    task.abort();
+    assert_eq!(status.node_id.as_deref(), Some("n7"), "{status:?}");
+    assert_eq!(status.connected_to, None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

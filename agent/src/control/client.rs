@@ -76,7 +76,15 @@ impl ControlClient {
     /// Runs until the daemon goes away: sessions separated by exponential backoff with jitter.
     pub async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
-        let mut status = ControlStatus { applied_version: self.tracker.version(), ..Default::default() };
+        // Known before the first connection (a restart while the control plane is down).
+        let node_id = match self.files.credential() {
+            Ok(c) => c.filter(|c| c.public_key == self.own).map(|c| c.node_id),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the saved control-plane credential");
+                None
+            }
+        };
+        let mut status = ControlStatus { applied_version: self.tracker.version(), node_id, ..Default::default() };
         loop {
             let started = tokio::time::Instant::now();
             let result = self.session(&mut status).await;

@@ -122,10 +122,7 @@ impl Enforcer {
             .load(crate::bpf::object())
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
         let slots_file = state_dir.join(format!("{ifname}.policy-slots.json"));
-        let slots: BTreeMap<String, u32> = match std::fs::read(&slots_file) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
-            Err(_) => BTreeMap::new(),
-        };
+        let slots = read_slots(&slots_file);
         let mut e = Enforcer {
             dir,
             ebpf,
@@ -264,7 +261,45 @@ pub fn attached_elsewhere(ifname: &IfName, index: u32) -> Result<bool, EnforceEr
     }
 }
 
+/// The saved rule-id -> counter-slot table. Missing: empty. Unreadable or not a table:
+/// empty too, with a warning naming the file; rules then get fresh slots (zeroed before
+/// use), so enforcement goes on and only the counters of the running rules restart.
+fn read_slots(path: &Path) -> BTreeMap<String, u32> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the rule counter slots; rule counters restart");
+            return BTreeMap::new();
+        }
+    };
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        tracing::warn!(path = %path.display(), error = %e, "rule counter slots file is not valid; rule counters restart");
+        BTreeMap::new()
+    })
+}
+
 /// Detaches and unpins everything under the interface's pin directory.
 pub fn remove(pin_root: &Path, ifname: &IfName) -> Result<(), EnforceError> {
     attach::remove(&pin_dir(pin_root, ifname), ifname)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_file_missing_or_broken_reads_as_empty() {
+        let dir = std::env::temp_dir().join(format!("wf-slots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("wg0.policy-slots.json");
+        assert!(read_slots(&path).is_empty(), "missing");
+        std::fs::write(&path, br#"{"web": 3, "ssh": 0}"#).unwrap();
+        assert_eq!(read_slots(&path), BTreeMap::from([("web".to_owned(), 3), ("ssh".to_owned(), 0)]));
+        for broken in [&b"{\"web\": 3"[..], b"[1, 2]", b"{\"web\": -1}", b""] {
+            std::fs::write(&path, broken).unwrap();
+            assert!(read_slots(&path).is_empty(), "{:?}", String::from_utf8_lossy(broken));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
