@@ -128,7 +128,15 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
                 }
             })?;
             let r = r.into_inner();
-            format!("applied at version {}: {} rules, {} tests passed\n", r.version, r.rules, r.tests_passed)
+            let mut out =
+                format!("applied at version {}: {} rules, {} tests passed\n", r.version, r.rules, r.tests_passed);
+            if !r.unmatched_selectors.is_empty() {
+                out += &format!(
+                    "note: no node matches {} yet (they apply once such a node enrolls)\n",
+                    r.unmatched_selectors.join(", ")
+                );
+            }
+            out
         }
         Command::Policy(PolicyCommand::Show { json }) => {
             let p = admin.get_policy(GetPolicyRequest {}).await.map_err(status)?.into_inner();

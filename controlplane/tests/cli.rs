@@ -70,6 +70,17 @@ async fn admin_commands_over_the_socket() {
     let out = cli(&sock, &["policy", "apply", good.to_str().unwrap()]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("1 rules, 1 tests passed"), "{}", text(&out.stdout));
+    assert!(!text(&out.stdout).contains("note:"), "every selector matches a node: {}", text(&out.stdout));
+    let ahead = dir.path().join("ahead.toml");
+    let rules = "[groups]\nlater = [\"tag:later\", \"node:laptop\"]\n\n[[rules]]\nid = \"a\"\nfrom = [\"node:future\", \"group:later\"]\n\
+                 to = [\"tag:web\", \"tag:later\"]\n";
+    std::fs::write(&ahead, rules).unwrap();
+    let out = cli(&sock, &["policy", "apply", ahead.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("note: no node matches node:future, tag:later yet"), "{}", text(&out.stdout));
+    std::fs::write(&good, POLICY).unwrap();
+    let out = cli(&sock, &["policy", "apply", good.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let out = cli(&sock, &["policy", "show"]).await;
     assert!(text(&out.stdout).contains("id = \"admin-ssh\""));
     let out = cli(&sock, &["policy", "show", "--json"]).await;

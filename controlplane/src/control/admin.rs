@@ -14,12 +14,14 @@ use crate::policy;
 use crate::store::{self, KeyRow, NodeRow};
 use crate::Error;
 
-/// An applied policy: the version it took effect at, its rule and passed test counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// An applied policy: the version it took effect at, its rule and passed test counts, and
+/// the `node:`/`tag:` selectors no node matches yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     pub version: u64,
     pub rules: usize,
     pub tests_passed: usize,
+    pub unmatched: Vec<String>,
 }
 
 /// The current policy file.
@@ -70,11 +72,12 @@ impl Control {
         let state = self.current();
         let rules = policy::compile(&policy, &state.nodes);
         let tests_passed = policy::run_tests(&policy, &rules, &state.nodes)?;
+        let unmatched = policy::unmatched_selectors(&policy, &state.nodes);
         let ((), version) = store.change(true, |tx| store::set_policy(tx, file_name, source))?;
         let rule_count = policy.rules.len();
         self.publish(state.with_policy(version, Arc::new(policy)));
-        tracing::info!(version, rules = rule_count, tests_passed, file = file_name, "policy applied");
-        Ok(Applied { version, rules: rule_count, tests_passed })
+        tracing::info!(version, rules = rule_count, tests_passed, file = file_name, ?unmatched, "policy applied");
+        Ok(Applied { version, rules: rule_count, tests_passed, unmatched })
     }
 
     pub fn policy_file(&self) -> Result<PolicyFile, Error> {

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-pub use compile::{compile, CompiledRule, PrefixSet};
+pub use compile::{compile, unmatched_selectors, CompiledRule, PrefixSet};
 pub use eval::{decide, run_tests, Verdict};
 pub use file::parse;
 

@@ -34,6 +34,7 @@ impl AdminService for AdminSvc {
             version: applied.version,
             rules: count(applied.rules),
             tests_passed: count(applied.tests_passed),
+            unmatched_selectors: applied.unmatched,
         }))
     }
 
