@@ -127,6 +127,35 @@ fn deny() -> wirefence_agent::enforce::DenyRecord {
     }
 }
 
+/// The client as the daemon builds it, over plaintext, with no peer statistics.
+fn plaintext_client(
+    own: PublicKey,
+    files: &ControlFiles,
+    endpoints: Vec<Endpoint>,
+    enrollment_key_file: Option<std::path::PathBuf>,
+    apply: mpsc::Sender<ApplyRequest>,
+    denies: Box<dyn Fn() -> Vec<wirefence_agent::enforce::DenyRecord> + Send + Sync>,
+) -> ControlClient {
+    let config = ControlConfig {
+        endpoints: endpoints.clone(),
+        transport: Transport::Insecure,
+        enrollment_key_file,
+        hostname: "n1".into(),
+        advertise_endpoints: vec![],
+        advertise_routes: vec![],
+    };
+    ControlClient {
+        config,
+        files: files.clone(),
+        own,
+        tracker: Tracker::new(own, None),
+        apply,
+        connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
+        telemetry: wirefence_agent::control::client::Telemetry { peer_stats: Box::new(Vec::new), denies },
+        sent_denies: Vec::new(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() {
     let own = PrivateKey::generate().public_key();
@@ -166,28 +195,8 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     let files = ControlFiles::new(&dir);
     // An unreachable endpoint first: the client must go on to the next one.
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap()), Endpoint::Addr(addr)];
-    let config = ControlConfig {
-        endpoints: endpoints.clone(),
-        transport: Transport::Insecure,
-        enrollment_key_file: Some(dir.join("enroll.key")),
-        hostname: "n1".into(),
-        advertise_endpoints: vec![],
-        advertise_routes: vec![],
-    };
     let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
-    let client = ControlClient {
-        config,
-        files: files.clone(),
-        own,
-        tracker: Tracker::new(own, None),
-        apply: tx,
-        connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
-        telemetry: wirefence_agent::control::client::Telemetry {
-            peer_stats: Box::new(Vec::new),
-            denies: Box::new(|| vec![deny()]),
-        },
-        sent_denies: Vec::new(),
-    };
+    let client = plaintext_client(own, &files, endpoints, Some(dir.join("enroll.key")), tx, Box::new(|| vec![deny()]));
     let task = tokio::spawn(client.run());
 
     let mut applied = Vec::new();
@@ -275,27 +284,7 @@ async fn offline_status_names_the_node_of_the_saved_credential() {
         .unwrap();
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap())];
     let (tx, _rx) = mpsc::channel::<ApplyRequest>(1);
-    let client = ControlClient {
-        config: ControlConfig {
-            endpoints: endpoints.clone(),
-            transport: Transport::Insecure,
-            enrollment_key_file: None,
-            hostname: "n7".into(),
-            advertise_endpoints: vec![],
-            advertise_routes: vec![],
-        },
-        files: files.clone(),
-        own,
-        tracker: Tracker::new(own, None),
-        apply: tx,
-        connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
-        telemetry: wirefence_agent::control::client::Telemetry {
-            peer_stats: Box::new(Vec::new),
-            denies: Box::new(Vec::new),
-        },
-        sent_denies: Vec::new(),
-    };
-    let task = tokio::spawn(client.run());
+    let task = tokio::spawn(plaintext_client(own, &files, endpoints, None, tx, Box::new(Vec::new)).run());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = files.status().unwrap().filter(|s| s.last_error.is_some()) {

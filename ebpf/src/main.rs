@@ -7,9 +7,12 @@
 //! 1. Not IPv4/IPv6 (by `skb->protocol`; ARP on Ethernet test devices): pass, `STATS[NOT_IP]`.
 //! 2. `STATE` is read once (one 8-byte load). Not initialised: drop, `STATS[UNINITIALIZED]`.
 //! 3. Parse. The IP header starts at the load-time global `WF_L3_OFFSET` (0 on L3 devices
-//!    such as WireGuard and tun, 14 on Ethernet). Header bytes in the skb's linear area are
-//!    read directly (bounds-checked); bytes beyond it through `bpf_skb_load_bytes`, so
-//!    non-linear (GSO/GRO) skbs parse like linear ones; byte counters use `skb->len`. Any parse failure — short or bad IPv4 header (version, IHL,
+//!    such as WireGuard and tun, 14 on Ethernet). Plain TCP/UDP (no IPv4 options, no IPv6
+//!    extension headers, not a non-first fragment, headers in the linear area) takes
+//!    `parse_fast`: one bounds check, word loads. Everything else: header bytes in the
+//!    linear area are read directly (bounds-checked), bytes beyond it through
+//!    `bpf_skb_load_bytes`, so non-linear (GSO/GRO) skbs parse like linear ones; byte
+//!    counters use `skb->len`. Any parse failure — short or bad IPv4 header (version, IHL,
 //!    total length), short IPv6 header, v4-mapped IPv6 addresses (they would alias IPv4
 //!    conntrack entries), truncated or more than [`MAX_EXT_HEADERS`] IPv6 extension headers,
 //!    truncated TCP/UDP/UDP-Lite/SCTP/ICMP header, TCP data offset < 5 — drops the packet and
@@ -29,8 +32,8 @@
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
 //!
-//! Per packet this is at most: 1 array read, 1 flow-cache slot, 2 conntrack lookups (of the packet's flow, or of
-//! the flow an ICMP error quotes), 2 class lookups and 1 policy lookup (all three repeated
+//! Per packet this is at most: 1 array read, 1 flow-cache slot, 2 conntrack lookups (of
+//! the packet's flow, or of the flow an ICMP error quotes), 2 class lookups and 1 policy lookup (all three repeated
 //! once when an old-epoch entry is re-checked), a conntrack insert or delete, and
 //! counter/event-budget updates — a fixed number, whatever the rule count.
 //!
@@ -269,8 +272,8 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         Some(pkt) => pkt,
         None => {
             let pkt = Pkt::init(&mut slot);
-            // Inlined here (the hot path); the quoted packet of an ICMP error goes through
-            // `parse`.
+            // The general parser, inlined here; the packet an ICMP error quotes goes
+            // through `parse`.
             parse_into(&frame, off, flags, dir, pkt)?;
             pkt
         }
