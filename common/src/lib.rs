@@ -4,9 +4,13 @@
 //!
 //! # The policy model in maps
 //!
-//! A packet's addresses map to *classes* through LPM tries (one per role and family): the
-//! class of an address is the set of rule prefixes (of that role) containing it, numbered by
-//! the compiler; class 0 means "no rule prefix contains it". One LPM lookup in [`POLICY`]
+//! A packet's addresses map to *classes* (one map per role and family): the class of an
+//! address is the set of rule prefixes (of that role) containing it, numbered by the
+//! compiler, and is stored under the longest of those prefixes; class 0 means "no rule
+//! prefix contains it". The class maps are hashes of masked prefixes, searched longest
+//! prefix length first among the lengths the generation uses ([`ClassLens`]): a probe per
+//! length present, however many prefixes (an LPM trie's walk grows with its size: 4,096
+//! /24s already cost ~45 ns more per lookup than ten). One LPM lookup in [`POLICY`]
 //! keyed by (generation, src class, dst class, protocol, port) then decides: the value names
 //! the deciding rule per direction ([`PolicyValue`]), [`NO_RULE`] for a direction it does
 //! not allow. Port ranges are expanded into masked port prefixes; a rule for any protocol
@@ -36,10 +40,11 @@
 
 /// Map names (as in the object file and under the bpffs pin directory).
 pub const STATE: &str = "WF_STATE";
-pub const SRC_V4: &str = "WF_SRC_V4";
-pub const DST_V4: &str = "WF_DST_V4";
-pub const SRC_V6: &str = "WF_SRC_V6";
-pub const DST_V6: &str = "WF_DST_V6";
+pub const SRC_V4: &str = "WF_SRC4";
+pub const DST_V4: &str = "WF_DST4";
+pub const SRC_V6: &str = "WF_SRC6";
+pub const DST_V6: &str = "WF_DST6";
+pub const CLASS_LENS: &str = "WF_CLASS_LENS";
 pub const POLICY: &str = "WF_POLICY";
 pub const CONNTRACK: &str = "WF_CONNTRACK";
 pub const RULE_COUNTERS: &str = "WF_RULE_COUNTERS";
@@ -53,8 +58,8 @@ pub const EVENT_BUDGET: &str = "WF_EVENT_BUDGET";
 pub const FLOW_CACHE: &str = "WF_FLOW_CACHE";
 
 /// Every pinned map of the object (the agent pins each under the interface's pin directory).
-pub const MAPS: [&str; 11] =
-    [STATE, SRC_V4, DST_V4, SRC_V6, DST_V6, POLICY, CONNTRACK, RULE_COUNTERS, STATS, EVENTS, EVENT_BUDGET];
+pub const MAPS: [&str; 12] =
+    [STATE, SRC_V4, DST_V4, SRC_V6, DST_V6, CLASS_LENS, POLICY, CONNTRACK, RULE_COUNTERS, STATS, EVENTS, EVENT_BUDGET];
 
 /// Program names (functions in the object file).
 pub const PROG_INGRESS: &str = "wf_ingress";
@@ -65,7 +70,9 @@ pub const PROG_EGRESS: &str = "wf_egress";
 pub const GLOBAL_L3_OFFSET: &str = "WF_L3_OFFSET";
 
 pub const MAX_RULES: u32 = 1 << 17; // 131072
-pub const MAX_CLASS_ENTRIES: u32 = 1 << 20;
+/// Per class map (both generations). The maps are hashes without preallocation, but their
+/// bucket arrays (16 bytes a bucket) are allocated at creation: 4 MiB each at 2^18.
+pub const MAX_CLASS_ENTRIES: u32 = 1 << 18;
 pub const MAX_POLICY_ENTRIES: u32 = 1 << 22;
 pub const MAX_CONNTRACK: u32 = 1 << 16;
 /// Rule index meaning "no rule" (verdicts reached without the policy map).
@@ -90,13 +97,38 @@ impl PolicyState {
     }
 }
 
-/// Data of an IPv4 class-trie LPM key (aya `lpm_trie::Key<ClassDataV4>`): [generation,
-/// 4 address bytes in network order, 3 zero bytes]; the key's prefix length is 8 + the
-/// address prefix length.
+/// Data of an IPv4 class-map key: [generation, 4 address bytes in network order, masked
+/// to the prefix, 3 zero bytes]. The key is laid out as aya's `lpm_trie::Key<ClassDataV4>`
+/// (a u32 prefix length, 8 + the address prefix length, then the data), in a hash map.
 pub type ClassDataV4 = [u8; 8];
-/// Data of an IPv6 class-trie LPM key: [generation, 16 address bytes, 3 zero bytes];
+/// Data of an IPv6 class-map key: [generation, 16 address bytes (masked), 3 zero bytes];
 /// prefix length 8 + the address prefix length.
 pub type ClassDataV6 = [u8; 20];
+
+/// `CLASS_LENS[class_lens_index(..)]`: the address prefix lengths (bit `n` = some prefix
+/// of length `n`, 0..=128) one generation's class map of one role and family holds, so a
+/// lookup probes only those, longest first. Written with the class entries, before the
+/// flip that makes the generation live.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassLens {
+    pub bits: [u64; 3],
+}
+
+impl ClassLens {
+    pub fn set(&mut self, len: u8) {
+        self.bits[(len / 64) as usize] |= 1 << (len % 64);
+    }
+}
+
+/// Entries of [`CLASS_LENS`]: generation × role × family.
+pub const CLASS_LENS_ENTRIES: u32 = 8;
+
+/// Index in [`CLASS_LENS`] of a generation's class map of one role (`dst`: the destination
+/// role) and family.
+pub const fn class_lens_index(generation: u8, dst: bool, v6: bool) -> u32 {
+    (generation as u32 & 1) * 4 + (dst as u32) * 2 + v6 as u32
+}
 
 pub fn class_data_v4(generation: u8, addr: [u8; 4]) -> ClassDataV4 {
     [generation, addr[0], addr[1], addr[2], addr[3], 0, 0, 0]
@@ -194,7 +226,7 @@ pub fn inherit_directions(rows: &mut [PolicyRow]) {
     }
 }
 
-/// Value of the class tries.
+/// Value of the class maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClassValue {
@@ -302,6 +334,7 @@ mod pod {
     unsafe impl aya::Pod for PolicyState {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for ClassValue {}
+    unsafe impl aya::Pod for ClassLens {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Counter {}

@@ -25,8 +25,8 @@
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet
 //!    passes; no longer allowed => the entry is deleted and the packet is judged as a new
 //!    flow (for a flow the policy no longer allows in either direction, that drops it).
-//! 5. New: class of the source (src trie) and destination (dst trie) of the family, class 0
-//!    on a miss, then one policy LPM lookup; the entry's rule for the packet's direction
+//! 5. New: class of the source and of the destination ([`classes`]: hash probes at the
+//!    prefix lengths present, longest first; class 0 on a miss), then one policy LPM lookup; the entry's rule for the packet's direction
 //!    decides. Allowed: conntrack entry, `ALLOWED_NEW`,
 //!    `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
@@ -81,6 +81,7 @@
 // BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod classes;
 mod flow_cache;
 
 use aya_ebpf::{
@@ -92,7 +93,7 @@ use aya_ebpf::{
     Global,
 };
 use wirefence_common::{
-    self as c, stat, ClassDataV4, ClassDataV6, ClassValue, Counter, Event, EventBudget, FlowKey, FlowValue, PolicyData,
+    self as c, stat, ClassDataV4, ClassDataV6, Counter, Event, EventBudget, FlowKey, FlowValue, PolicyData,
     PolicyState, PolicyValue,
 };
 
@@ -102,14 +103,6 @@ static WF_L3_OFFSET: Global<u32> = Global::new(0);
 
 #[map(name = "WF_STATE")]
 static STATE: Array<PolicyState> = Array::with_max_entries(1, 0);
-#[map(name = "WF_SRC_V4")]
-static SRC_V4: LpmTrie<ClassDataV4, ClassValue> = LpmTrie::with_max_entries(c::MAX_CLASS_ENTRIES, 0);
-#[map(name = "WF_DST_V4")]
-static DST_V4: LpmTrie<ClassDataV4, ClassValue> = LpmTrie::with_max_entries(c::MAX_CLASS_ENTRIES, 0);
-#[map(name = "WF_SRC_V6")]
-static SRC_V6: LpmTrie<ClassDataV6, ClassValue> = LpmTrie::with_max_entries(c::MAX_CLASS_ENTRIES, 0);
-#[map(name = "WF_DST_V6")]
-static DST_V6: LpmTrie<ClassDataV6, ClassValue> = LpmTrie::with_max_entries(c::MAX_CLASS_ENTRIES, 0);
 #[map(name = "WF_POLICY")]
 static POLICY: LpmTrie<PolicyData, PolicyValue> = LpmTrie::with_max_entries(c::MAX_POLICY_ENTRIES, 0);
 #[map(name = "WF_CONNTRACK")]
@@ -772,27 +765,8 @@ fn revalidate(v: *mut FlowValue, key: &FlowKey, v6: bool, port: u16, epoch: u32,
 /// or all ports.
 #[inline(never)]
 fn policy_rule(key: &FlowKey, v6: bool, port: u16, gen: u8, port_known: bool) -> u32 {
-    let (sc, dc) = if v6 {
-        let s = class_key_v6(gen, &key.src);
-        let d = class_key_v6(gen, &key.dst);
-        // SAFETY: same size and layout as the packed Key<ClassDataV6> (alignment 1).
-        unsafe {
-            (
-                class(SRC_V6.get(&*(s.as_ptr() as *const Key<ClassDataV6>))),
-                class(DST_V6.get(&*(d.as_ptr() as *const Key<ClassDataV6>))),
-            )
-        }
-    } else {
-        let s = class_key_v4(gen, &key.src);
-        let d = class_key_v4(gen, &key.dst);
-        // SAFETY: same size and layout as the packed Key<ClassDataV4> (alignment 1).
-        unsafe {
-            (
-                class(SRC_V4.get(&*(s.as_ptr() as *const Key<ClassDataV4>))),
-                class(DST_V4.get(&*(d.as_ptr() as *const Key<ClassDataV4>))),
-            )
-        }
-    };
+    let sc = classes::class_of(false, v6, gen, &key.src);
+    let dc = classes::class_of(true, v6, gen, &key.dst);
     let bits = if port_known { c::POLICY_BITS_ALL } else { c::POLICY_BITS_TO_PROTO };
     let port = if port_known { port } else { 0 };
     let (s, d, p) = (sc.to_be_bytes(), dc.to_be_bytes(), port.to_be_bytes());
@@ -812,46 +786,19 @@ fn policy_rule(key: &FlowKey, v6: bool, port: u16, gen: u8, port_known: bool) ->
     }
 }
 
-// LPM keys are built as u32 words (the prefix length, then the data bytes of common's
+// Map keys are built as words (the prefix length, then the data bytes of common's
 // `class_data_v4`/`class_data_v6`/`policy_data` layouts, in memory order): assembling the
 // byte arrays directly makes LLVM call a byte-loop memset for their zero runs.
 const _: () = assert!(core::mem::size_of::<Key<ClassDataV4>>() == 12);
 const _: () = assert!(core::mem::size_of::<Key<ClassDataV6>>() == 24);
 #[cfg(not(target_endian = "little"))]
-compile_error!("the LPM keys are assembled as little-endian words");
+compile_error!("map keys and header fields are assembled as little-endian words");
 const _: () = assert!(core::mem::size_of::<Key<PolicyData>>() == 20);
 
 /// Four key bytes as the u32 that holds them in memory.
 #[inline(always)]
 fn word(b: [u8; 4]) -> u32 {
     u32::from_ne_bytes(b)
-}
-
-/// `Key { 8 + 32, class_data_v4(gen, a) }` for a v4-mapped `a`.
-#[inline(always)]
-fn class_key_v4(gen: u8, a: &[u8; 16]) -> [u32; 3] {
-    [8 + 32, word([gen, a[12], a[13], a[14]]), word([a[15], 0, 0, 0])]
-}
-
-/// `Key { 8 + 128, class_data_v6(gen, a) }`, as three little-endian words. `a` is read as
-/// two aligned words (it sits at offset 0 or 16 of a `Pkt`'s key): byte-shifted reads of it
-/// would be misaligned stack loads, which the verifier rejects.
-#[inline(always)]
-fn class_key_v6(gen: u8, a: &[u8; 16]) -> [u64; 3] {
-    // SAFETY: `a` is 8-byte aligned (see above) and 16 bytes long.
-    let (lo, hi) = unsafe {
-        let w = a.as_ptr() as *const u64;
-        (u64::from_le(w.read()), u64::from_le(w.add(1).read()))
-    };
-    [(8 + 128) | (gen as u64) << 32 | lo << 40, lo >> 24 | hi << 40, hi >> 24]
-}
-
-#[inline(always)]
-fn class(v: Option<&ClassValue>) -> u32 {
-    match v {
-        Some(v) => v.class,
-        None => 0,
-    }
 }
 
 #[inline(always)]

@@ -112,7 +112,7 @@ fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
     out
 }
 
-/// Fills generation `gen` with `rules` (rule index = position): class tries for both roles
+/// Fills generation `gen` with `rules` (rule index = position): class maps (and their prefix lengths) for both roles
 /// (a class is the set of rule prefixes containing an address, numbered per role across
 /// families) and the policy entries.
 fn fill(p: &mut Programs, gen: u8, rules: &[Rule]) {
@@ -133,6 +133,15 @@ fn fill(p: &mut Programs, gen: u8, rules: &[Rule]) {
         };
         let mut ids: BTreeMap<Vec<(IpAddr, u8)>, u32> = BTreeMap::new();
         let mut class_of: Vec<u32> = Vec::new();
+        // The prefix lengths the programs probe, per family.
+        let mut lens = [common::ClassLens::default(); 2];
+        for &(a, len) in &prefixes {
+            lens[usize::from(a.is_ipv6())].set(len);
+        }
+        let mut lens_map = p.class_lens().unwrap();
+        for v6 in [false, true] {
+            lens_map.set(common::class_lens_index(gen, role == 1, v6), lens[usize::from(v6)], 0).unwrap();
+        }
         for &pfx in &prefixes {
             let set: Vec<_> = prefixes.iter().copied().filter(|q| contains(*q, pfx)).collect();
             let next = ids.len() as u32 + 1;
@@ -143,12 +152,12 @@ fn fill(p: &mut Programs, gen: u8, rules: &[Rule]) {
                 IpAddr::V4(a) => {
                     let key = Key::new(8 + pfx.1 as u32, common::class_data_v4(gen, a.octets()));
                     let mut t = if role == 0 { p.src_v4().unwrap() } else { p.dst_v4().unwrap() };
-                    t.insert(&key, value, 0).unwrap();
+                    t.insert(key, value, 0).unwrap();
                 }
                 IpAddr::V6(a) => {
                     let key = Key::new(8 + pfx.1 as u32, common::class_data_v6(gen, a.octets()));
                     let mut t = if role == 0 { p.src_v6().unwrap() } else { p.dst_v6().unwrap() };
-                    t.insert(&key, value, 0).unwrap();
+                    t.insert(key, value, 0).unwrap();
                 }
             }
         }

@@ -258,7 +258,7 @@ impl Report {
         );
         println!(
             "   new (denied): SYN on a port no rule allows, from the last rule's source to its destination: full path \
-             (2 conntrack misses, 2 class LPM + 1 policy LPM lookup), nothing inserted"
+             (2 conntrack misses, 2 class hash probes + 1 policy LPM lookup), nothing inserted"
         );
         println!(
             "   est fwd / est reply: ACK of a conntrack entry of the current epoch, repeated: the per-CPU flow cache hits; \

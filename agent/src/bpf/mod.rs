@@ -7,13 +7,13 @@
 //! with pinning, lives in `crate::enforce`; this module is what tests and tools use to
 //! exercise the programs directly (e.g. through `BPF_PROG_TEST_RUN`).
 
-use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use wirefence_common as common;
 use wirefence_common::{
-    ClassDataV4, ClassDataV6, ClassValue, Counter, EventBudget, FlowKey, FlowValue, PolicyData, PolicyState,
+    ClassDataV4, ClassDataV6, ClassLens, ClassValue, Counter, EventBudget, FlowKey, FlowValue, PolicyData, PolicyState,
     PolicyValue,
 };
 
@@ -98,20 +98,26 @@ impl Programs {
         self.state()?.set(0, state, 0).map_err(|e| BpfError::Map { name: common::STATE, source: Box::new(e) })
     }
 
-    pub fn src_v4(&mut self) -> Result<LpmTrie<&mut MapData, ClassDataV4, ClassValue>, BpfError> {
+    /// A class map (source or destination, IPv4): masked prefixes as `Key`s, in a hash.
+    pub fn src_v4(&mut self) -> Result<HashMap<&mut MapData, Key<ClassDataV4>, ClassValue>, BpfError> {
         self.typed(common::SRC_V4)
     }
 
-    pub fn dst_v4(&mut self) -> Result<LpmTrie<&mut MapData, ClassDataV4, ClassValue>, BpfError> {
+    pub fn dst_v4(&mut self) -> Result<HashMap<&mut MapData, Key<ClassDataV4>, ClassValue>, BpfError> {
         self.typed(common::DST_V4)
     }
 
-    pub fn src_v6(&mut self) -> Result<LpmTrie<&mut MapData, ClassDataV6, ClassValue>, BpfError> {
+    pub fn src_v6(&mut self) -> Result<HashMap<&mut MapData, Key<ClassDataV6>, ClassValue>, BpfError> {
         self.typed(common::SRC_V6)
     }
 
-    pub fn dst_v6(&mut self) -> Result<LpmTrie<&mut MapData, ClassDataV6, ClassValue>, BpfError> {
+    pub fn dst_v6(&mut self) -> Result<HashMap<&mut MapData, Key<ClassDataV6>, ClassValue>, BpfError> {
         self.typed(common::DST_V6)
+    }
+
+    /// The prefix lengths each class map holds, per generation ([`common::class_lens_index`]).
+    pub fn class_lens(&mut self) -> Result<Array<&mut MapData, ClassLens>, BpfError> {
+        self.typed(common::CLASS_LENS)
     }
 
     pub fn policy(&mut self) -> Result<LpmTrie<&mut MapData, PolicyData, PolicyValue>, BpfError> {

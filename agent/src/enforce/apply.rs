@@ -40,6 +40,7 @@ impl Enforcer {
         }
         self.write_diff(target, &d)?;
         self.gens[target as usize] = want;
+        self.write_lens_if(target, &d)?;
         self.persist_slots()?;
         let epoch = self.flip(state, target)?;
         self.behind[target as usize] = Some(BTreeSet::new());
@@ -90,6 +91,7 @@ impl Enforcer {
         self.settle()?;
         self.write_diff(target, &d)?;
         self.gens[target as usize].apply(&d);
+        self.write_lens_if(target, &d)?;
         let epoch = self.flip(state, target)?;
         self.behind[target as usize] = Some(BTreeSet::new());
         if let Some(b) = &mut self.behind[live as usize] {
@@ -120,6 +122,7 @@ impl Enforcer {
         self.settle()?;
         self.write_diff(standby, &d)?;
         self.gens[standby as usize].apply(&d);
+        self.write_lens_if(standby, &d)?;
         self.behind[standby as usize] = Some(BTreeSet::new());
         Ok(d.len())
     }
@@ -247,16 +250,16 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Class-trie insertions into generation `generation`: one batch per trie, then single
+    /// Class-map insertions into generation `generation`: one batch per map, then single
     /// inserts for anything a batch did not write.
     fn class_puts(&mut self, generation: u8, puts: &[((Role, IpNet), u32)]) -> Result<(), EnforceError> {
-        let tries = [
+        let maps = [
             (Role::Src, false, common::SRC_V4),
             (Role::Dst, false, common::DST_V4),
             (Role::Src, true, common::SRC_V6),
             (Role::Dst, true, common::DST_V6),
         ];
-        for (role, v6, name) in tries {
+        for (role, v6, name) in maps {
             let mine: Vec<(IpNet, u32)> = puts
                 .iter()
                 .filter(|((r, n), _)| *r == role && matches!(n, IpNet::V6(_)) == v6)
@@ -278,7 +281,7 @@ impl Enforcer {
                             IpNet::V6(_) => None,
                         })
                         .collect();
-                    let t = self.trie::<common::ClassDataV4>(name)?;
+                    let t = self.class_map::<common::ClassDataV4>(name)?;
                     writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
                 }
                 true => {
@@ -291,12 +294,40 @@ impl Enforcer {
                             IpNet::V4(_) => None,
                         })
                         .collect();
-                    let t = self.trie::<common::ClassDataV6>(name)?;
+                    let t = self.class_map::<common::ClassDataV6>(name)?;
                     writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
                 }
             };
             for (net, class) in &mine[done..] {
                 self.class_op(generation, role, *net, Some(*class))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After `d` was written into `generation` (and recorded in `self.gens`): its class maps'
+    /// prefix lengths, if `d` changed class entries.
+    fn write_lens_if(&mut self, generation: u8, d: &Diff) -> Result<(), EnforceError> {
+        if d.class_puts.is_empty() && d.class_removes.is_empty() {
+            return Ok(());
+        }
+        self.write_lens(generation)
+    }
+
+    /// Writes the prefix lengths `self.gens` records for `generation`'s four class maps
+    /// (`CLASS_LENS`, which the programs probe by). Before a flip makes the generation live.
+    pub(super) fn write_lens(&mut self, generation: u8) -> Result<(), EnforceError> {
+        let mut lens = [[common::ClassLens::default(); 2]; 2];
+        for (role, net) in self.gens[generation as usize].classes.keys() {
+            lens[usize::from(*role == Role::Dst)][usize::from(matches!(net, IpNet::V6(_)))].set(net.prefix_len());
+        }
+        let map = self.ebpf.map_mut(common::CLASS_LENS).ok_or(EnforceError::MissingMap { name: common::CLASS_LENS })?;
+        let mut arr: Array<&mut MapData, common::ClassLens> =
+            Array::try_from(map).map_err(map_err(common::CLASS_LENS))?;
+        for dst in [false, true] {
+            for v6 in [false, true] {
+                let i = common::class_lens_index(generation, dst, v6);
+                arr.set(i, lens[usize::from(dst)][usize::from(v6)], 0).map_err(map_err(common::CLASS_LENS))?;
             }
         }
         Ok(())
@@ -312,18 +343,18 @@ impl Enforcer {
         let plen = 8 + net.prefix_len() as u32;
         let result = match net {
             IpNet::V4(n) => {
-                let mut t = self.trie::<common::ClassDataV4>(name)?;
+                let mut t = self.class_map::<common::ClassDataV4>(name)?;
                 let key = Key::new(plen, common::class_data_v4(generation, n.network().octets()));
                 match class {
-                    Some(c) => t.insert(&key, common::ClassValue { class: c }, 0),
+                    Some(c) => t.insert(key, common::ClassValue { class: c }, 0),
                     None => t.remove(&key),
                 }
             }
             IpNet::V6(n) => {
-                let mut t = self.trie::<common::ClassDataV6>(name)?;
+                let mut t = self.class_map::<common::ClassDataV6>(name)?;
                 let key = Key::new(plen, common::class_data_v6(generation, n.network().octets()));
                 match class {
-                    Some(c) => t.insert(&key, common::ClassValue { class: c }, 0),
+                    Some(c) => t.insert(key, common::ClassValue { class: c }, 0),
                     None => t.remove(&key),
                 }
             }

@@ -14,8 +14,8 @@ pub mod writer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use ipnet::IpNet;
 use wirefence_common as common;
 
@@ -59,7 +59,7 @@ pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) ->
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApplyStats {
     pub epoch: u32,
-    /// Class-trie and policy-map operations, plus the flip.
+    /// Class-map and policy-map operations, plus the flip.
     pub map_writes: usize,
     /// Rule counters zeroed for rules new to their slot.
     pub counter_resets: usize,
@@ -135,6 +135,11 @@ impl Enforcer {
             zero_slots: vec![counters_new; common::MAX_RULES as usize],
         };
         e.gens = [e.read_generation(0)?, e.read_generation(1)?];
+        // The prefix lengths follow from the class maps: rewritten from what they hold
+        // (the same values, or what a map pinned before it had none lacked).
+        for generation in [0, 1] {
+            e.write_lens(generation)?;
+        }
         e.ids = Ids::recover(&e.gens, slots);
         Ok(e)
     }
@@ -143,12 +148,13 @@ impl Enforcer {
         &self.dir
     }
 
-    fn trie<K: aya::Pod>(
+    /// A class map: masked prefixes (as LPM-style keys) -> class, in a hash.
+    fn class_map<K: aya::Pod>(
         &mut self,
         name: &'static str,
-    ) -> Result<LpmTrie<&mut MapData, K, common::ClassValue>, EnforceError> {
+    ) -> Result<HashMap<&mut MapData, Key<K>, common::ClassValue>, EnforceError> {
         let map = self.ebpf.map_mut(name).ok_or(EnforceError::MissingMap { name })?;
-        LpmTrie::try_from(map).map_err(map_err(name))
+        HashMap::try_from(map).map_err(map_err(name))
     }
 
     fn policy_map(&mut self) -> Result<LpmTrie<&mut MapData, common::PolicyData, common::PolicyValue>, EnforceError> {
@@ -165,8 +171,8 @@ impl Enforcer {
     fn read_generation(&mut self, generation: u8) -> Result<Generation, EnforceError> {
         let mut g = Generation::default();
         for (name, role) in [(common::SRC_V4, Role::Src), (common::DST_V4, Role::Dst)] {
-            let trie = self.trie::<common::ClassDataV4>(name)?;
-            for item in trie.iter() {
+            let map = self.class_map::<common::ClassDataV4>(name)?;
+            for item in map.iter() {
                 let (k, v) = item.map_err(map_err(name))?;
                 let d = k.data();
                 if d[0] != generation {
@@ -178,8 +184,8 @@ impl Enforcer {
             }
         }
         for (name, role) in [(common::SRC_V6, Role::Src), (common::DST_V6, Role::Dst)] {
-            let trie = self.trie::<common::ClassDataV6>(name)?;
-            for item in trie.iter() {
+            let map = self.class_map::<common::ClassDataV6>(name)?;
+            for item in map.iter() {
                 let (k, v) = item.map_err(map_err(name))?;
                 let d = k.data();
                 if d[0] != generation {

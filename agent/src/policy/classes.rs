@@ -1,9 +1,9 @@
 //! Address classes: per role (source, destination) and family, the distinct rule prefixes
 //! and the class id of each.
 //!
-//! The class tries are LPM tries holding every distinct prefix of the role and family, each
-//! with its class id; a lookup returns the class of the longest prefix containing the
-//! address, or misses (class 0: no rule prefix contains it). Because the set of a role's
+//! The class maps hold every distinct prefix of the role and family, each with its class id;
+//! a lookup (hash probes at the lengths present, longest first) returns the class of the
+//! longest prefix containing the address, or misses (class 0: no rule prefix contains it). Because the set of a role's
 //! rule prefixes containing an address is exactly that longest prefix and its ancestors in
 //! the set, "one class per distinct prefix" is the `wirefence_common` model (class = set of
 //! containing rule prefixes) with the set named by its longest member.
@@ -59,7 +59,7 @@ impl Pfx {
     }
 }
 
-/// Which class trie a prefix belongs to.
+/// Which class map a prefix belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     Src,
@@ -208,7 +208,7 @@ impl Builder {
 
 impl Classes {
     /// Collects and numbers the prefixes and lists every rule's classes; each of the four
-    /// sets may hold at most `max_entries` prefixes (one class-trie entry each).
+    /// sets may hold at most `max_entries` prefixes (one class-map entry each).
     pub fn build(policy: &Policy, max_entries: u32) -> Result<(Classes, RuleClasses), PolicyError> {
         // Sets: src v4, src v6, dst v4, dst v6.
         let mut occurrences: [Vec<(Pfx, u32)>; 4] = Default::default();

@@ -1,4 +1,4 @@
-//! Policy -> plain map contents (class tries and policy-map entries), no map handles.
+//! Policy -> plain map contents (class maps and policy-map entries), no map handles.
 //!
 //! Entries: for each rule, each family it uses, each pair (src class, dst class) its
 //! prefixes match (see [`super::classes`]), and each of its protocol/port prefixes: any
@@ -28,7 +28,7 @@ use super::PolicyError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub rules: u32,
-    /// Per class trie (each of the four).
+    /// Per class map (each of the four).
     pub class_entries: u32,
     pub policy_entries: u32,
 }
@@ -52,7 +52,7 @@ pub struct PolicyEntry {
     pub v6: bool,
 }
 
-/// What the map writer stores. Class-trie keys are `class_data_v4/v6(generation, network)`
+/// What the map writer stores. Class-map keys are `class_data_v4/v6(generation, network)`
 /// with prefix length `8 + prefix length`; values are the class ids.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
@@ -75,7 +75,7 @@ pub(crate) struct Tail {
 }
 
 impl Compiled {
-    /// Every class-trie entry: (role, is IPv6, prefix, class id).
+    /// Every class-map entry: (role, is IPv6, prefix, class id).
     pub fn class_lists<'a>(&'a self) -> impl Iterator<Item = (Role, bool, IpNet, u32)> + 'a {
         let v4 = |role, list: &'a [(Ipv4Net, u32)]| list.iter().map(move |(n, c)| (role, false, IpNet::V4(*n), *c));
         let v6 = |role, list: &'a [(Ipv6Net, u32)]| list.iter().map(move |(n, c)| (role, true, IpNet::V6(*n), *c));

@@ -24,7 +24,7 @@ type ClassPair = (bool, (Pfx, u32), (Pfx, u32));
 /// What a replacement changed in [`Compiled::entries`] (compiler class ids, rule indices).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryChange {
-    /// These keys left, these entries were added or changed; class tries unchanged.
+    /// These keys left, these entries were added or changed; class maps unchanged.
     Entries { removed: Vec<(PolicyData, u32)>, put: Vec<PolicyEntry> },
     /// Recompiled in full (the class sets changed): write the whole [`Compiled`].
     Full,

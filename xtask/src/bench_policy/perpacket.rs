@@ -8,7 +8,7 @@
 //!
 //! - **new flow (denied)**: a TCP SYN from the last rule's source to its destination, on a
 //!   port no rule allows. It takes the whole new-flow path — 2 conntrack misses (forward and
-//!   reversed tuple), the src and dst class LPM lookups, the policy LPM lookup (which walks
+//!   reversed tuple), the src and dst class hash probes, the policy LPM lookup (which walks
 //!   the last rule's key down to the port) — and inserts nothing, so every one of the
 //!   repetitions is a new flow. This is the number the rule-count goal is judged on.
 //! - **new flow (allowed), 1-shot**: SYNs the last rule allows, each with a fresh source

@@ -409,7 +409,7 @@ pub(super) fn print(t: &Results, args: &BenchPolicyArgs, missed: &mut usize) {
     );
     println!(
         "   a linear chain costs per new flow: the UDP new-flow rate is that cost alone (each datagram walks ~10,000 \
-         rules in nft, takes a few LPM lookups in eBPF); a TCP connection adds the kernel's own handshake, accept and \
+         rules in nft, takes a few hash probes and one LPM lookup in eBPF); a TCP connection adds the kernel's own handshake, accept and \
          socket work (tens of us), which bounds its ratio whatever the filter: no filter / nft linear = {:.2}x",
         med(Case::None, metrics[2].1) / med(Case::NftLinear, metrics[2].1)
     );
