@@ -25,6 +25,13 @@ pub fn object() -> &'static [u8] {
     OBJECT
 }
 
+/// Names this build's object (FNV-1a of its bytes, hex): pins and attached programs left by
+/// an agent with another object are told apart by it.
+pub fn object_id() -> String {
+    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{hash:016x}")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error("this binary was built without its eBPF programs (AYA_BUILD_SKIP was set); rebuild without it")]

@@ -47,6 +47,12 @@ pub enum EnforceError {
     Bpffs { path: PathBuf, reason: String },
     #[error("policy state file {path}: {source}")]
     State { path: PathBuf, source: std::io::Error },
+    #[error(
+        "the programs and maps pinned for {ifname} come from another wirefence build ({found}; this build: {ours}, \
+         recorded in {file}): their maps may not be the ones this build writes, so it leaves them as they are \
+         (still enforcing the last policy they had); run `wirefence-agent down` and start again to replace them"
+    )]
+    OtherBuild { ifname: IfName, found: String, ours: String, file: PathBuf },
     #[error(transparent)]
     TooManyRules(#[from] writer::TooManyRules),
 }
@@ -117,10 +123,15 @@ impl Enforcer {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let build_file = state_dir.join(format!("{ifname}.ebpf-build"));
+        check_build(&dir, &build_file, ifname)?;
         let counters_new = !dir.join(common::RULE_COUNTERS).exists();
         let ebpf = loader
             .load(crate::bpf::object())
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
+        let ours = crate::bpf::object_id();
+        std::fs::write(&build_file, &ours)
+            .map_err(|source| EnforceError::State { path: build_file.clone(), source })?;
         let slots_file = state_dir.join(format!("{ifname}.policy-slots.json"));
         let slots = read_slots(&slots_file);
         let mut e = Enforcer {
@@ -265,6 +276,27 @@ pub fn attached_elsewhere(ifname: &IfName, index: u32) -> Result<bool, EnforceEr
         AttachMode::Tcx => attach::attached_tcx(ifname),
         AttachMode::Clsact => attach::attached_clsact(ifname, index),
     }
+}
+
+/// Pins in `dir` (maps, links) must come from this build's object, as recorded in `file`
+/// by the agent that made them; none at all is fine. Another build's programs read maps by
+/// its own names and layouts: adopting them would leave policy updates unseen.
+fn check_build(dir: &Path, file: &Path, ifname: &IfName) -> Result<(), EnforceError> {
+    let pinned =
+        std::fs::read_dir(dir).map_err(|source| EnforceError::Pin { path: dir.to_owned(), source })?.next().is_some();
+    if !pinned {
+        return Ok(());
+    }
+    let ours = crate::bpf::object_id();
+    let found = match std::fs::read_to_string(file) {
+        Ok(s) => s.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "not recorded".to_owned(),
+        Err(source) => return Err(EnforceError::State { path: file.to_owned(), source }),
+    };
+    if found == ours {
+        return Ok(());
+    }
+    Err(EnforceError::OtherBuild { ifname: ifname.clone(), found, ours, file: file.to_owned() })
 }
 
 /// The saved rule-id -> counter-slot table. Missing: empty. Unreadable or not a table:

@@ -1,0 +1,81 @@
+//! The enforcer's pins across agent builds: a restarted agent of the same build adopts them;
+//! pins another build left are refused with an error naming the way out (`down`), never
+//! adopted (that build's programs read maps by its own names and layouts). Needs root.
+
+use std::path::{Path, PathBuf};
+
+use wirefence_agent::enforce::{self, EnforceError, Enforcer};
+use wirefence_agent::model::IfName;
+
+/// A bpffs root and state directory of this test's own, removed (and unmounted) on drop.
+struct Dirs {
+    root: PathBuf,
+    state: PathBuf,
+    ifname: IfName,
+}
+
+impl Dirs {
+    fn new() -> Dirs {
+        // SAFETY: geteuid has no preconditions.
+        assert!(unsafe { libc::geteuid() } == 0, "privileged test: pinning eBPF maps needs root; CI runs it as root");
+        let tag = format!("{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000);
+        let root = PathBuf::from(format!("/run/wirefence-enf-{tag}"));
+        let state = std::env::temp_dir().join(format!("wirefence-enf-{tag}"));
+        std::fs::create_dir_all(&state).unwrap();
+        let ifname = format!("wfe{:x}", std::process::id() % 0xffff).parse().unwrap();
+        Dirs { root, state, ifname }
+    }
+
+    fn open(&self) -> Result<Enforcer, EnforceError> {
+        Enforcer::open(&self.root, &self.ifname, 0, &self.state)
+    }
+
+    fn build_file(&self) -> PathBuf {
+        self.state.join(format!("{}.ebpf-build", self.ifname))
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        if let Err(e) = enforce::remove(&self.root, &self.ifname) {
+            eprintln!("cleanup: removing pins under {}: {e}", self.root.display());
+        }
+        unmount(&self.root);
+        let _ = std::fs::remove_dir(&self.root);
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+fn unmount(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string; MNT_DETACH so open map fds do not keep it busy.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+#[test]
+fn pins_of_another_build_are_refused_not_adopted() {
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    drop(d.open().expect("the same build adopts its pins"));
+
+    std::fs::write(d.build_file(), "0123456789abcdef").unwrap();
+    match d.open() {
+        Err(e @ EnforceError::OtherBuild { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("0123456789abcdef") && msg.contains("wirefence-agent down"), "{msg}");
+        }
+        Err(e) => panic!("another build's pins: {e}"),
+        Ok(_) => panic!("another build's pins were adopted"),
+    }
+    // Pins from before builds were recorded: refused too.
+    std::fs::remove_file(d.build_file()).unwrap();
+    match d.open() {
+        Err(EnforceError::OtherBuild { found, .. }) => assert_eq!(found, "not recorded"),
+        Err(e) => panic!("unrecorded pins: {e}"),
+        Ok(_) => panic!("unrecorded pins were adopted"),
+    }
+    // `down` removes the pins: the next open starts afresh and records this build.
+    enforce::remove(&d.root, &d.ifname).unwrap();
+    drop(d.open().expect("open after down"));
+    assert_eq!(std::fs::read_to_string(d.build_file()).unwrap(), wirefence_agent::bpf::object_id());
+}
