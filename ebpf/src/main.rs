@@ -33,9 +33,10 @@
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
 //!
 //! Per packet this is at most: 1 array read, 1 flow-cache slot, 2 conntrack lookups (of
-//! the packet's flow, or of the flow an ICMP error quotes), 2 class lookups and 1 policy lookup (all three repeated
-//! once when an old-epoch entry is re-checked), a conntrack insert or delete, and
-//! counter/event-budget updates — a fixed number, whatever the rule count.
+//! the packet's flow, or of the flow an ICMP error quotes), 2 class lookups (a hash probe
+//! per prefix length the policy uses) and 1 policy lookup (all three repeated once when an
+//! old-epoch entry is re-checked), a conntrack insert or delete, and counter/event-budget
+//! updates: a number that does not grow with the rule count.
 //!
 //! # Ports and ICMP
 //!
