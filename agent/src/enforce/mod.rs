@@ -146,8 +146,9 @@ impl Enforcer {
             zero_slots: vec![counters_new; common::MAX_RULES as usize],
         };
         e.gens = [e.read_generation(0)?, e.read_generation(1)?];
-        // The prefix lengths follow from the class maps: rewritten from what they hold
-        // (the same values, or what a map pinned before it had none lacked).
+        // The prefix lengths follow from the class maps: rewritten from what they hold (the
+        // same values, unless an agent stopped between writing a standby generation's classes
+        // and its lengths).
         for generation in [0, 1] {
             e.write_lens(generation)?;
         }
