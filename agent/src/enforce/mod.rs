@@ -124,12 +124,12 @@ impl Enforcer {
             loader.map_pin_path(name, path.as_path());
         }
         let build_file = state_dir.join(format!("{ifname}.ebpf-build"));
-        check_build(&dir, &build_file, ifname)?;
+        let ours = crate::bpf::object_id();
+        check_build(&dir, &build_file, ifname, &ours)?;
         let counters_new = !dir.join(common::RULE_COUNTERS).exists();
         let ebpf = loader
             .load(crate::bpf::object())
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
-        let ours = crate::bpf::object_id();
         std::fs::write(&build_file, &ours)
             .map_err(|source| EnforceError::State { path: build_file.clone(), source })?;
         let slots_file = state_dir.join(format!("{ifname}.policy-slots.json"));
@@ -282,13 +282,12 @@ pub fn attached_elsewhere(ifname: &IfName, index: u32) -> Result<bool, EnforceEr
 /// Pins in `dir` (maps, links) must come from this build's object, as recorded in `file`
 /// by the agent that made them; none at all is fine. Another build's programs read maps by
 /// its own names and layouts: adopting them would leave policy updates unseen.
-fn check_build(dir: &Path, file: &Path, ifname: &IfName) -> Result<(), EnforceError> {
+fn check_build(dir: &Path, file: &Path, ifname: &IfName, ours: &str) -> Result<(), EnforceError> {
     let pinned =
         std::fs::read_dir(dir).map_err(|source| EnforceError::Pin { path: dir.to_owned(), source })?.next().is_some();
     if !pinned {
         return Ok(());
     }
-    let ours = crate::bpf::object_id();
     let found = match std::fs::read_to_string(file) {
         Ok(s) => s.trim().to_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "not recorded".to_owned(),
@@ -297,7 +296,7 @@ fn check_build(dir: &Path, file: &Path, ifname: &IfName) -> Result<(), EnforceEr
     if found == ours {
         return Ok(());
     }
-    Err(EnforceError::OtherBuild { ifname: ifname.clone(), found, ours, file: file.to_owned() })
+    Err(EnforceError::OtherBuild { ifname: ifname.clone(), found, ours: ours.to_owned(), file: file.to_owned() })
 }
 
 /// The saved rule-id -> counter-slot table. Missing: empty. Unreadable or not a table:
