@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::config::{BackendChoice, Config, ConfigCache};
 use crate::control::{self, ApplyRequest, ControlConfig, ControlFiles, ControlView};
 use crate::desired::desired_state;
+use crate::hot_loop::HotLoopGuard;
 use crate::keys;
 use crate::model::Desired;
 use crate::model::PrivateKey;
@@ -218,6 +219,8 @@ impl Agent {
         let mut denies: Option<tokio::task::JoinHandle<()>> = None;
         let mut backoff = Duration::from_millis(250);
         let mut next = Duration::ZERO;
+        let mut hot_loop = HotLoopGuard::default();
+        let mut not_before = tokio::time::Instant::now();
         // The last full pass converged without a failure: a config change may be planned
         // against the previous desired state instead of a fresh observation.
         let mut converged = false;
@@ -239,8 +242,15 @@ impl Agent {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
+            // Held apart while looping: the events that arrive meanwhile make one pass.
+            tokio::select! {
+                _ = tokio::time::sleep_until(not_before) => {}
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
             match self.reconciler.reconcile(&self.loaded.desired).await {
                 Ok(applied) => {
+                    not_before = tokio::time::Instant::now() + hot_loop.after_pass(&applied.ops);
                     // The first pass always says so: it tells a supervisor the agent is ready.
                     if !applied.ops.is_empty() || !converged {
                         tracing::info!(operations = applied.ops.len(), "converged");

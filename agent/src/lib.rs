@@ -7,6 +7,7 @@ pub mod control;
 pub mod daemon;
 pub mod desired;
 pub mod enforce;
+pub mod hot_loop;
 pub mod keys;
 pub mod model;
 pub mod netlink;

@@ -141,7 +141,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                     .flatten()
                     .collect();
             for p in protocols {
-                Reconciler::new(nl.clone(), backend.clone(), p).teardown(&owned.ifnames()).await?;
+                Reconciler::new(nl.clone(), backend.clone(), p)
+                    .with_policy_dirs(config.agent.state_dir.clone(), None)
+                    .teardown(&owned.ifnames())
+                    .await?;
             }
             for root in pin_roots {
                 let rec = Reconciler::new(nl.clone(), backend.clone(), config.routing.protocol)

@@ -268,7 +268,13 @@ pub struct DeviceState {
     pub listen_port: Option<u16>,
     pub fwmark: Option<u32>,
     pub peers: BTreeMap<PublicKey, PeerSpec>,
+    /// Peers with a current session (a handshake within the last [`SESSION_SECS`]): the
+    /// endpoint the device has for them is proven to work, wherever they roamed to.
+    pub live: BTreeSet<PublicKey>,
 }
+
+/// How long a WireGuard session stays usable after its handshake (REJECT_AFTER_TIME).
+pub const SESSION_SECS: u64 = 180;
 
 /// An owned route found in the kernel, with the link it points at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -289,6 +295,9 @@ pub struct Observed {
     /// Every rule carrying the agent's protocol number.
     pub rules: BTreeSet<Rule>,
     pub policy: PolicyObserved,
+    /// The endpoint this agent last wrote for each peer (its record in the state
+    /// directory). A live peer found elsewhere roamed there, and stays.
+    pub endpoints_set: BTreeMap<PublicKey, SocketAddr>,
 }
 
 #[cfg(test)]

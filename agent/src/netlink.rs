@@ -339,27 +339,123 @@ impl Netlink {
     }
 }
 
-fn parse_rule(msg: &RuleMessage) -> Option<Rule> {
+/// The kernel's "not set" value for the u32 rule attributes it always reports
+/// (`suppress_prefixlength` and `suppress_ifgroup` are -1 unless configured).
+const UNSET: u32 = u32::MAX;
+
+/// Reads an owned rule back as the agent's `Rule`, normalized to what the agent controls:
+/// attributes the kernel fills in with their "not set" value (6.x reports
+/// `suppress_prefixlength` as -1 on every rule) and a full fwmark mask are the same as
+/// absent. Anything that changes which packets match or what happens to them (addresses,
+/// interfaces, ports, uids, tos, another action or flag, a partial mask) is a shape the
+/// agent never creates: `None`, and the caller removes the rule.
+pub(crate) fn parse_rule(msg: &RuleMessage) -> Option<Rule> {
     let family = match msg.header.family {
         AddressFamily::Inet => Family::V4,
         AddressFamily::Inet6 => Family::V6,
         _ => return None,
     };
-    let (mut priority, mut table, mut fwmark, mut suppress) = (0, msg.header.table as u32, None, None);
+    let h = &msg.header;
+    if h.action != NlRuleAction::ToTable || h.dst_len != 0 || h.src_len != 0 || h.tos != 0 {
+        return None;
+    }
+    let invert = match h.flags {
+        f if f.is_empty() => false,
+        f if f == RuleFlags::Invert => true,
+        _ => return None,
+    };
+    let (mut priority, mut table, mut fwmark, mut mask, mut suppress) = (0, h.table as u32, None, None, None);
     for attr in &msg.attributes {
         match attr {
             RuleAttribute::Priority(p) => priority = *p,
             RuleAttribute::Table(t) => table = *t,
             RuleAttribute::FwMark(m) => fwmark = Some(*m),
+            RuleAttribute::FwMask(m) => mask = Some(*m),
+            RuleAttribute::SuppressPrefixLen(UNSET) | RuleAttribute::SuppressIfGroup(UNSET) => {}
             RuleAttribute::SuppressPrefixLen(s) => suppress = Some(*s),
-            _ => {}
+            RuleAttribute::Protocol(_) => {}
+            _ => return None,
         }
     }
-    let invert = msg.header.flags.contains(RuleFlags::Invert);
+    // A mark without a mask matches all of its bits, as does the full mask.
+    if fwmark.is_none() && mask.is_some() || mask.is_some_and(|m| m != u32::MAX) {
+        return None;
+    }
     let action = match (invert, fwmark, suppress) {
         (true, Some(fwmark), None) => RuleAction::NotFwmarkLookup { fwmark, table },
         (false, None, Some(0)) if table == crate::model::MAIN_TABLE => RuleAction::MainSuppressDefault,
         _ => return None,
     };
     Some(Rule { family, priority, action })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Vec<Rule> {
+        let mut out = Vec::new();
+        for family in [Family::V4, Family::V6] {
+            out.push(Rule { family, priority: 32764, action: RuleAction::MainSuppressDefault });
+            out.push(Rule {
+                family,
+                priority: 32765,
+                action: RuleAction::NotFwmarkLookup { fwmark: 51820, table: 51820 },
+            });
+            out.push(Rule { family, priority: 100, action: RuleAction::NotFwmarkLookup { fwmark: 7, table: 1000 } });
+        }
+        out
+    }
+
+    /// What a 6.x kernel reports for a rule the agent made: the request's attributes plus
+    /// the ones it always fills in.
+    fn as_reported(rule: &Rule) -> RuleMessage {
+        let mut msg = Netlink::rule_message(rule, 87);
+        if !msg.attributes.iter().any(|a| matches!(a, RuleAttribute::SuppressPrefixLen(_))) {
+            msg.attributes.push(RuleAttribute::SuppressPrefixLen(UNSET));
+        }
+        msg
+    }
+
+    #[test]
+    fn own_rules_read_back_as_made_with_kernel_filled_attributes() {
+        for rule in rules() {
+            assert_eq!(parse_rule(&Netlink::rule_message(&rule, 87)), Some(rule), "as sent: {rule}");
+            assert_eq!(parse_rule(&as_reported(&rule)), Some(rule), "as reported: {rule}");
+            let mut msg = as_reported(&rule);
+            msg.attributes.push(RuleAttribute::SuppressIfGroup(UNSET));
+            msg.attributes.retain(|a| !matches!(a, RuleAttribute::FwMask(_)));
+            assert_eq!(parse_rule(&msg), Some(rule), "without a mask, with suppress_ifgroup unset: {rule}");
+        }
+    }
+
+    #[test]
+    fn rules_of_other_shapes_are_unknown() {
+        let changes: Vec<(&str, Box<dyn Fn(&mut RuleMessage)>)> = vec![
+            ("a source prefix", Box::new(|m| m.header.src_len = 24)),
+            ("a tos", Box::new(|m| m.header.tos = 4)),
+            ("another action", Box::new(|m| m.header.action = NlRuleAction::Blackhole)),
+            ("an input interface", Box::new(|m| m.attributes.push(RuleAttribute::Iifname("eth0".into())))),
+            ("a partial mark mask", Box::new(|m| m.attributes.push(RuleAttribute::FwMask(0xff)))),
+            ("a suppressed group", Box::new(|m| m.attributes.push(RuleAttribute::SuppressIfGroup(3)))),
+            ("a goto", Box::new(|m| m.attributes.push(RuleAttribute::Goto(9)))),
+            ("a permanent flag", Box::new(|m| m.header.flags |= RuleFlags::Permanent)),
+            (
+                "a suppressed prefix of 8",
+                Box::new(|m| {
+                    m.attributes.retain(|a| !matches!(a, RuleAttribute::SuppressPrefixLen(_)));
+                    m.attributes.push(RuleAttribute::SuppressPrefixLen(8));
+                }),
+            ),
+        ];
+        for rule in rules() {
+            for (what, change) in &changes {
+                let mut msg = as_reported(&rule);
+                change(&mut msg);
+                // A partial mask on a rule without a mark, and suppress 8 on the fwmark
+                // rule, are unknown as well; every change must make the rule unknown.
+                assert_eq!(parse_rule(&msg), None, "{rule} with {what}");
+            }
+        }
+    }
 }

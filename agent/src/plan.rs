@@ -176,8 +176,15 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             },
             Some(have) => PeerUpdate {
                 key: *key,
-                // No configured endpoint: whatever the peer roamed to is right.
-                endpoint: spec.endpoint.filter(|e| have.endpoint != Some(*e)),
+                // No configured endpoint: whatever the peer roamed to is right. A configured
+                // one that this agent already wrote is the starting point only: a peer with a
+                // current session elsewhere roamed there (WireGuard follows the address
+                // authenticated packets come from), and writing it back would fight that.
+                endpoint: spec.endpoint.filter(|e| {
+                    let roamed =
+                        device.is_some_and(|d| d.live.contains(key)) && observed.endpoints_set.get(key) == Some(e);
+                    have.endpoint != Some(*e) && !roamed
+                }),
                 // Compared before copied: an unchanged peer costs no allocation.
                 allowed_ips: (spec.allowed_ips != have.allowed_ips).then(|| spec.allowed_ips.clone()),
                 persistent_keepalive: Some(keepalive).filter(|k| have.persistent_keepalive.unwrap_or(0) != *k),
@@ -243,6 +250,7 @@ pub(crate) mod sim {
                     obs.addresses.clear();
                     obs.device = Some(DeviceState::default());
                     obs.policy.attached = false;
+                    obs.endpoints_set.clear();
                 }
                 Op::ApplyPolicy => {
                     obs.policy.applied = desired.policy.as_ref().map(|p| p.digest);
@@ -257,7 +265,10 @@ pub(crate) mod sim {
                 Op::DelRoute(r) => assert!(obs.routes.remove(r), "deleted a missing route"),
                 Op::DelAddress(a) => assert!(obs.addresses.remove(a), "deleted a missing address"),
                 Op::RemovePeer(k) => {
-                    assert!(obs.device.as_mut().unwrap().peers.remove(k).is_some(), "removed a missing peer")
+                    let d = obs.device.as_mut().unwrap();
+                    assert!(d.peers.remove(k).is_some(), "removed a missing peer");
+                    d.live.remove(k);
+                    obs.endpoints_set.remove(k);
                 }
                 Op::ConfigureDevice { private_key, listen_port, fwmark } => {
                     let d = obs.device.as_mut().unwrap();
@@ -276,6 +287,7 @@ pub(crate) mod sim {
                     let p = d.peers.entry(u.key).or_default();
                     if let Some(e) = u.endpoint {
                         p.endpoint = Some(e);
+                        obs.endpoints_set.insert(u.key, e);
                     }
                     if let Some(a) = &u.allowed_ips {
                         p.allowed_ips = a.clone();
@@ -385,6 +397,8 @@ mod tests {
             peers in proptest::collection::vec((0usize..6, arb_peer()), 0..5),
             routes in proptest::collection::btree_set((arb_routes(), 1u32..5), 0..3),
             rules in proptest::collection::btree_set(arb_rule(), 0..3),
+            live in proptest::collection::btree_set(0usize..6, 0..4),
+            endpoints_set in proptest::collection::vec((0usize..6, 1u8..4, 1u16..4), 0..4),
         ) -> Observed {
             let link = link.map(|(index, mtu, up)| LinkState { index, mtu, up });
             Observed {
@@ -395,6 +409,7 @@ mod tests {
                     listen_port,
                     fwmark,
                     peers: peers.into_iter().map(|(i, p)| (k[i].public_key(), p)).collect(),
+                    live: live.into_iter().map(|i| k[i].public_key()).collect(),
                 }),
                 routes: routes
                     .into_iter()
@@ -402,6 +417,10 @@ mod tests {
                     .collect(),
                 rules,
                 policy: Default::default(),
+                endpoints_set: endpoints_set
+                    .into_iter()
+                    .map(|(i, h, p)| (k[i].public_key(), SocketAddr::from(([192, 0, 2, h], 51820 + p))))
+                    .collect(),
             }
         }
     }
@@ -431,8 +450,10 @@ mod tests {
             let have = &dev.peers[k];
             assert_eq!(have.allowed_ips, want.allowed_ips);
             assert_eq!(have.persistent_keepalive, want.persistent_keepalive);
-            if want.endpoint.is_some() {
-                assert_eq!(have.endpoint, want.endpoint);
+            if let Some(e) = want.endpoint {
+                // The configured endpoint, or one a live peer roamed to from it.
+                let roamed = dev.live.contains(k) && after.endpoints_set.get(k) == Some(&e);
+                assert!(have.endpoint == Some(e) || roamed, "{k}: {:?}, want {e}", have.endpoint);
             }
         }
     }
@@ -515,6 +536,32 @@ mod tests {
         observed.device.as_mut().unwrap().peers.get_mut(&key).unwrap().endpoint =
             Some("198.51.100.9:4000".parse().unwrap());
         assert!(plan(&desired, &observed).is_empty());
+    }
+
+    #[test]
+    fn live_peer_that_roamed_from_the_endpoint_set_stays_where_it_is() {
+        let (desired, mut observed) = sample();
+        let key = *desired.peers.keys().next().unwrap();
+        let configured = desired.peers[&key].endpoint.unwrap();
+        assert_eq!(observed.endpoints_set.get(&key), Some(&configured), "the sample wrote the endpoint");
+        let roamed: SocketAddr = "[2001:db8::9]:51820".parse().unwrap();
+        let device = observed.device.as_mut().unwrap();
+        device.peers.get_mut(&key).unwrap().endpoint = Some(roamed);
+        device.live.insert(key);
+        assert!(plan(&desired, &observed).is_empty(), "a live roamed peer is left where it is");
+
+        // Without a current session the roamed address is not proven: back to the configured one.
+        let mut stale = observed.clone();
+        stale.device.as_mut().unwrap().live.clear();
+        let set = |p: &Plan| matches!(&p.ops[..], [Op::UpsertPeer(u)] if u.endpoint == Some(configured));
+        assert!(set(&plan(&desired, &stale)), "{:?}", plan(&desired, &stale).ops);
+        // A configured endpoint this agent never wrote (changed since, or no record): written.
+        let mut unrecorded = observed.clone();
+        unrecorded.endpoints_set.clear();
+        assert!(set(&plan(&desired, &unrecorded)), "{:?}", plan(&desired, &unrecorded).ops);
+        let mut changed = observed.clone();
+        changed.endpoints_set.insert(key, "192.0.2.99:51820".parse().unwrap());
+        assert!(set(&plan(&desired, &changed)), "{:?}", plan(&desired, &changed).ops);
     }
 
     #[test]
@@ -603,8 +650,10 @@ mod tests {
                 },
                 Some(have) => PeerUpdate {
                     key: *key,
-                    // No configured endpoint: whatever the peer roamed to is right.
-                    endpoint: spec.endpoint.filter(|e| have.endpoint != Some(*e)),
+                    endpoint: spec.endpoint.filter(|e| {
+                        let live = device.is_some_and(|d| d.live.contains(key));
+                        have.endpoint != Some(*e) && !(live && observed.endpoints_set.get(key) == Some(e))
+                    }),
                     allowed_ips: Some(spec.allowed_ips.clone()).filter(|a| *a != have.allowed_ips),
                     persistent_keepalive: Some(spec.persistent_keepalive.unwrap_or(0))
                         .filter(|k| have.persistent_keepalive.unwrap_or(0) != *k),

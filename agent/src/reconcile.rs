@@ -9,6 +9,7 @@ use crate::enforce::{self, EnforceError, Enforcer};
 use crate::model::{Desired, IfName, Observed};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{plan, Op, Plan};
+use crate::state::EndpointRecord;
 use crate::wg::{device_state, device_update, DeviceInfo, WgBackend, WgError};
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,8 @@ pub enum ReconcileError {
     Wg(#[from] WgError),
     #[error(transparent)]
     Enforce(#[from] EnforceError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     #[error("{} of {total} operations failed (the next pass retries them): {}", failures.len(), failures.iter().map(|f| format!("{}: {}", f.op, f.error)).collect::<Vec<_>>().join("; "))]
     Apply { total: usize, failures: Vec<OpFailure> },
 }
@@ -44,8 +47,10 @@ pub struct Reconciler {
     enforcer: Arc<Mutex<Option<Enforcer>>>,
     /// Where pins may exist when the config has no policy (a previous run's pin root).
     known_pin_root: Option<PathBuf>,
-    /// Where the enforcer keeps its rule-slot table.
+    /// Where the enforcer keeps its rule-slot table, and the endpoint record lives.
     state_dir: PathBuf,
+    /// The endpoints written to the device's peers, loaded on first use.
+    endpoints: Mutex<Option<EndpointRecord>>,
 }
 
 /// What one pass did.
@@ -68,6 +73,7 @@ impl Reconciler {
             enforcer: Default::default(),
             known_pin_root: None,
             state_dir: std::env::temp_dir(),
+            endpoints: Mutex::new(None),
         }
     }
 
@@ -119,7 +125,17 @@ impl Reconciler {
         let routes = self.nl.owned_routes(self.protocol).await?;
         let (rules, _) = self.nl.owned_rules(self.protocol).await?;
         let policy = self.observe_policy(ifname, link.map(|l| l.index), pin_root)?;
-        Ok(Observed { link, addresses, device, routes, rules, policy })
+        let endpoints_set = self.with_endpoints(ifname, |r| r.endpoints().clone());
+        Ok(Observed { link, addresses, device, routes, rules, policy, endpoints_set })
+    }
+
+    /// Runs `f` on the endpoint record of `ifname` (loading it on first use).
+    fn with_endpoints<T>(&self, ifname: &IfName, f: impl FnOnce(&mut EndpointRecord) -> T) -> T {
+        let mut guard = self.endpoints.lock().expect("endpoint record lock");
+        if guard.as_ref().is_none_or(|r| r.ifname != *ifname) {
+            *guard = Some(EndpointRecord::load(&self.state_dir, ifname));
+        }
+        f(guard.as_mut().expect("just loaded"))
     }
 
     fn observe_policy(
@@ -141,16 +157,35 @@ impl Reconciler {
     }
 
     pub async fn plan(&self, desired: &Desired) -> Result<Plan, ReconcileError> {
+        self.adopt_policy(desired).await?;
         Ok(plan(desired, &self.observe_with(&desired.ifname, self.pin_root(Some(desired))).await?))
     }
 
-    /// Runs `f` on the enforcer of `ifname` (opening it, adopting pins, on first use).
+    /// A started agent finding pins: opens them and learns whether they already enforce the
+    /// desired policy, so an unchanged policy is not applied again (no epoch bump, no
+    /// re-check of every established flow). Another build's pins fail here, as at apply.
+    async fn adopt_policy(&self, desired: &Desired) -> Result<(), ReconcileError> {
+        let Some(p) = &desired.policy else { return Ok(()) };
+        if !enforce::pin_dir(&p.pin_root, &desired.ifname).exists() {
+            return Ok(());
+        }
+        if self.enforcer.lock().expect("enforcer lock").as_ref().is_some_and(|e| e.applied().is_some()) {
+            return Ok(());
+        }
+        let (compiled, digest) = (p.compiled.clone(), p.digest);
+        let held = self.with_enforcer(desired, move |e| e.holds(&compiled, digest)).await?;
+        tracing::debug!(held, "adopted the pinned policy maps");
+        Ok(())
+    }
+
+    /// Runs `f` on the enforcer of the desired policy's interface (opening it, adopting
+    /// pins, on first use). Only for a desired state with a policy.
     async fn with_enforcer<T: Send + 'static>(
         &self,
         desired: &Desired,
         f: impl FnOnce(&mut Enforcer) -> Result<T, EnforceError> + Send + 'static,
-    ) -> Result<T, String> {
-        let policy = desired.policy.as_ref().ok_or("no policy in the desired state")?;
+    ) -> Result<T, EnforceError> {
+        let policy = desired.policy.as_ref().expect("the enforcer serves a desired policy");
         let (cell, root, ifname, state_dir) =
             (self.enforcer.clone(), policy.pin_root.clone(), desired.ifname.clone(), self.state_dir.clone());
         blocking(move || {
@@ -161,18 +196,24 @@ impl Reconciler {
             f(guard.as_mut().expect("just opened"))
         })
         .await
-        .map_err(|e| e.to_string())
     }
 
     /// One pass: observe, plan, apply every operation (continuing past failures, which the
     /// next pass retries). Returns the operations applied.
     pub async fn reconcile(&self, desired: &Desired) -> Result<Applied, ReconcileError> {
+        // Rules with our protocol number that the agent never makes (owned rules are read
+        // back normalized, so its own never land here): removed, and counted as changes so
+        // that one coming back every pass shows as a hot loop.
+        let mut removed = Vec::new();
         for odd in self.nl.owned_rules(self.protocol).await?.1 {
-            tracing::info!(?odd, "deleting owned rule of unknown shape");
-            self.nl.del_rule_message(odd, "of unknown shape").await?;
+            tracing::warn!(?odd, "deleting owned rule of unknown shape");
+            self.nl.del_rule_message(odd.clone(), "of unknown shape").await?;
+            removed.push(format!("delete owned rule of unknown shape {:?}", odd.header));
         }
         let plan = self.plan(desired).await?;
-        self.apply(desired, &plan).await
+        let mut applied = self.apply(desired, &plan).await?;
+        applied.ops.extend(removed);
+        Ok(applied)
     }
 
     /// What the kernel holds if it is exactly `previous` (the last state this agent fully
@@ -189,6 +230,7 @@ impl Reconciler {
                 listen_port: previous.device.listen_port,
                 fwmark: previous.device.fwmark,
                 peers: previous.peers,
+                live: Default::default(),
             }),
             // In order, so the set is built without a search per route.
             routes: previous
@@ -199,6 +241,8 @@ impl Reconciler {
             addresses: previous.addresses,
             rules: previous.rules,
             policy,
+            // No peer is taken as live: only the configured endpoints are compared.
+            endpoints_set: Default::default(),
         }))
     }
 
@@ -229,7 +273,10 @@ impl Reconciler {
                 (None, Op::ApplyPolicy) => {
                     let p = desired.policy.as_ref().expect("planned with a policy");
                     let (compiled, digest) = (p.compiled.clone(), p.digest);
-                    let applied = self.with_enforcer(desired, move |e| e.apply(&compiled, digest)).await;
+                    let applied = self
+                        .with_enforcer(desired, move |e| e.apply(&compiled, digest))
+                        .await
+                        .map_err(|e| e.to_string());
                     if applied.is_ok() {
                         // Off the apply's path: the standby generation catches up, so the next
                         // change writes only itself (a later apply waits on the lock).
@@ -249,7 +296,10 @@ impl Reconciler {
                 (None, _) => {
                     let name = ifname.clone();
                     match index {
-                        Some(index) => self.with_enforcer(desired, move |e| e.attach(&name, index).map(|_| ())).await,
+                        Some(index) => self
+                            .with_enforcer(desired, move |e| e.attach(&name, index).map(|_| ()))
+                            .await
+                            .map_err(|e| e.to_string()),
                         None => Err(format!("link {ifname} does not exist")),
                     }
                 }
@@ -282,6 +332,13 @@ impl Reconciler {
             record(&mut applied, &mut failures, &[op], result);
         }
         if !wg_ops.is_empty() {
+            if wg_result.is_ok() {
+                let created = plan.ops.first() == Some(&Op::CreateDevice);
+                if let Err(e) = self.with_endpoints(ifname, |r| r.record(created, &wg_ops)) {
+                    // At worst a configured endpoint is written once more after a restart.
+                    tracing::warn!(error = %e, "cannot save the endpoint record");
+                }
+            }
             record(&mut applied, &mut failures, &wg_ops, wg_result);
         }
         for (op, result) in additions {
@@ -394,6 +451,7 @@ impl Reconciler {
             }
             let (backend, name) = (self.backend.clone(), ifname.clone());
             blocking(move || backend.cleanup(&name)).await?;
+            EndpointRecord::remove(&self.state_dir, ifname)?;
         }
         Ok(())
     }

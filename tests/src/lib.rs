@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod packet;
+pub mod steady;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -87,6 +88,9 @@ impl Netns {
         let name = format!("wft-{prefix}-{}", unique());
         ip(&["netns", "add", &name]);
         let ns = Netns { name };
+        // No duplicate address detection on links made or moved here: its late "address
+        // ready" events would be kernel noise to the steady-state tests (nothing collides).
+        run_ok(ns.cmd("sysctl").args(["-qw", "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]));
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -349,11 +353,19 @@ pub struct ConfigBuilder<'a> {
     extra: String,
     ifname: Option<String>,
     addresses: Option<Vec<String>>,
+    resync_secs: u64,
 }
 
 impl Host {
     pub fn config(&self) -> ConfigBuilder<'_> {
-        ConfigBuilder { host: self, peers: Vec::new(), extra: String::new(), ifname: None, addresses: None }
+        ConfigBuilder {
+            host: self,
+            peers: Vec::new(),
+            extra: String::new(),
+            ifname: None,
+            addresses: None,
+            resync_secs: 30,
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -420,14 +432,25 @@ impl ConfigBuilder<'_> {
         self
     }
 
-    pub fn peer_with(mut self, other: &Host, allowed_ips: &[&str]) -> Self {
+    pub fn peer_with(self, other: &Host, allowed_ips: &[&str]) -> Self {
+        let endpoint = format!("{}:51820", other.underlay_v4);
+        self.peer_at(other, &endpoint, allowed_ips)
+    }
+
+    /// A peer reached at `endpoint` (`ip:port`, `[ip6]:port`).
+    pub fn peer_at(mut self, other: &Host, endpoint: &str, allowed_ips: &[&str]) -> Self {
         let ips: Vec<String> = allowed_ips.iter().map(|a| format!("\"{a}\"")).collect();
         self.peers.push(format!(
-            "[[peers]]\npublic_key = \"{}\"\nendpoint = \"{}:51820\"\nallowed_ips = [{}]\n",
+            "[[peers]]\npublic_key = \"{}\"\nendpoint = \"{endpoint}\"\nallowed_ips = [{}]\n",
             other.public_key,
-            other.underlay_v4,
             ips.join(", ")
         ));
+        self
+    }
+
+    /// The periodic full pass, in seconds (30 unless set).
+    pub fn resync_secs(mut self, secs: u64) -> Self {
+        self.resync_secs = secs;
         self
     }
 
@@ -455,11 +478,12 @@ impl ConfigBuilder<'_> {
             .unwrap_or_else(|| vec![format!("{}/24", h.overlay_v4), format!("{}/64", h.overlay_v6)]);
         let addrs: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
         format!(
-            "[interface]\nname = \"{}\"\nbackend = \"userspace\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddresses = [{}]\n\n[agent]\nstate_dir = \"{}\"\nresync_interval_secs = 30\n\n{}\n{}",
+            "[interface]\nname = \"{}\"\nbackend = \"userspace\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\naddresses = [{}]\n\n[agent]\nstate_dir = \"{}\"\nresync_interval_secs = {}\n\n{}\n{}",
             self.ifname.as_deref().unwrap_or(&h.ifname),
             h.dir.join("private.key").display(),
             addrs.join(", "),
             h.dir.join("state").display(),
+            self.resync_secs,
             self.extra,
             self.peers.join("\n"),
         )

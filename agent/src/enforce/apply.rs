@@ -50,6 +50,27 @@ impl Enforcer {
         Ok(ApplyStats { epoch, map_writes: d.len() + 1, counter_resets: dirty.len() })
     }
 
+    /// Whether the live generation already holds exactly `compiled` (an agent restarted
+    /// on the policy the previous one applied). If so, adopts it as applied under `digest`
+    /// with its numbering, so a later change builds on it; changes nothing in the maps.
+    pub fn holds(&mut self, compiled: &Compiled, digest: u64) -> Result<bool, EnforceError> {
+        let state = self.state()?;
+        if state.initialized == 0 {
+            return Ok(false);
+        }
+        let live = &self.gens[state.generation() as usize];
+        // On a copy: a policy that differs must not leave slots assigned (their counters
+        // would skip the reset a real apply gives them).
+        let mut ids = self.ids.clone();
+        let (want, fresh) = ids.assign(compiled, live)?;
+        if !fresh.is_empty() || !diff(live, &want).is_empty() {
+            return Ok(false);
+        }
+        self.ids = ids;
+        self.applied = Some(digest);
+        Ok(true)
+    }
+
     /// Makes `ed`'s policy live after `change` (the result of [`Editable::replace`] on the
     /// editable whose compilation this enforcer last applied): writes only the changed keys
     /// and those the standby generation missed. Falls back to [`Enforcer::apply`] for a full

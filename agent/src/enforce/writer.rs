@@ -160,7 +160,7 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], va
 
 /// Stable numbering: a prefix keeps its class id, a rule id keeps its counter slot, for as
 /// long as either generation uses them.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Ids {
     classes: HashMap<(Role, IpNet), u32>,
     next_class: u32,
@@ -173,7 +173,7 @@ pub struct Ids {
 }
 
 /// Compiler ids -> stable ids of one compilation.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Mapping {
     /// Stable class id by [role][is IPv6][compiler class id].
     remap: [[Vec<Option<u32>>; 2]; 2],

@@ -84,7 +84,17 @@ pub fn for_cleanup(recorded: Option<&str>, config: &crate::config::Config) -> Ar
 }
 
 pub fn device_state(dev: &DeviceInfo) -> DeviceState {
+    let now = std::time::SystemTime::now();
+    let session = std::time::Duration::from_secs(crate::model::SESSION_SECS);
+    // A handshake "in the future" (the clock stepped back) counts as current.
+    let live = |t: std::time::SystemTime| now.duration_since(t).map_or(true, |age| age < session);
     DeviceState {
+        live: dev
+            .peers
+            .iter()
+            .filter(|p| p.stats.last_handshake_time.is_some_and(live))
+            .map(|p| PublicKey(p.config.public_key.0))
+            .collect(),
         public_key: dev.public_key.as_ref().map(|k| PublicKey(k.0)),
         listen_port: dev.listen_port,
         fwmark: dev.fwmark.filter(|m| *m != 0),
