@@ -431,7 +431,8 @@ mod tests {
 
     #[test]
     fn rules_of_other_shapes_are_unknown() {
-        let changes: Vec<(&str, Box<dyn Fn(&mut RuleMessage)>)> = vec![
+        type Change = Box<dyn Fn(&mut RuleMessage)>;
+        let changes: Vec<(&str, Change)> = vec![
             ("a source prefix", Box::new(|m| m.header.src_len = 24)),
             ("a tos", Box::new(|m| m.header.tos = 4)),
             ("another action", Box::new(|m| m.header.action = NlRuleAction::Blackhole)),

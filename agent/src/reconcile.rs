@@ -157,25 +157,27 @@ impl Reconciler {
     }
 
     pub async fn plan(&self, desired: &Desired) -> Result<Plan, ReconcileError> {
-        self.adopt_policy(desired).await?;
+        self.adopt_policy(desired).await;
         Ok(plan(desired, &self.observe_with(&desired.ifname, self.pin_root(Some(desired))).await?))
     }
 
     /// A started agent finding pins: opens them and learns whether they already enforce the
     /// desired policy, so an unchanged policy is not applied again (no epoch bump, no
-    /// re-check of every established flow). Another build's pins fail here, as at apply.
-    async fn adopt_policy(&self, desired: &Desired) -> Result<(), ReconcileError> {
-        let Some(p) = &desired.policy else { return Ok(()) };
+    /// re-check of every established flow). Pins it cannot open (another build's) are left
+    /// to the policy operations, which fail with that error while the rest is applied.
+    async fn adopt_policy(&self, desired: &Desired) {
+        let Some(p) = &desired.policy else { return };
         if !enforce::pin_dir(&p.pin_root, &desired.ifname).exists() {
-            return Ok(());
+            return;
         }
         if self.enforcer.lock().expect("enforcer lock").as_ref().is_some_and(|e| e.applied().is_some()) {
-            return Ok(());
+            return;
         }
         let (compiled, digest) = (p.compiled.clone(), p.digest);
-        let held = self.with_enforcer(desired, move |e| e.holds(&compiled, digest)).await?;
-        tracing::debug!(held, "adopted the pinned policy maps");
-        Ok(())
+        match self.with_enforcer(desired, move |e| e.holds(&compiled, digest)).await {
+            Ok(held) => tracing::debug!(held, "opened the pinned policy maps (held: they enforce the desired policy)"),
+            Err(error) => tracing::debug!(%error, "cannot adopt the pinned policy maps"),
+        }
     }
 
     /// Runs `f` on the enforcer of the desired policy's interface (opening it, adopting
