@@ -2,101 +2,26 @@
 //! of the config file (or SIGHUP), of the kernel's links/addresses/routes/rules, or the death
 //! of a userspace daemon triggers a pass; a periodic pass backs them up.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 use tokio::sync::Notify;
 
-use tokio::sync::mpsc;
-
-use crate::config::{BackendChoice, Config, ConfigCache};
-use crate::control::{self, ApplyRequest, ControlConfig, ControlFiles, ControlView};
-use crate::desired::desired_state;
+use crate::config::ConfigCache;
+use crate::control::{self, ApplyRequest, ControlConfig, ControlFiles, ControlView, ViewRejected};
 use crate::hot_loop::HotLoopGuard;
 use crate::keys;
+use crate::load::{self, Loaded};
 use crate::model::Desired;
-use crate::model::PrivateKey;
 use crate::netlink::Netlink;
-use crate::reconcile::Reconciler;
+use crate::reconcile::{ReconcileError, Reconciler};
 use crate::state::{Owned, StateDir};
 use crate::wg;
-
-/// Everything loaded from one version of the config file.
-pub struct Loaded {
-    /// The config the desired state was built from (in control mode with the view's part).
-    pub config: Config,
-    pub desired: Desired,
-    /// Control mode: the file as read, so a new view can be combined with it.
-    pub file: Option<Config>,
-}
-
-/// Loads the config file. In control mode the control plane's part comes from the last
-/// applied view saved in the state directory (none yet: no peers, and a policy that denies
-/// everything until the first view arrives).
-pub fn load(path: &Path) -> anyhow::Result<Loaded> {
-    load_cached(path, &mut ConfigCache::default())
-}
-
-/// As [`load`], reusing what `cache` holds of earlier versions of the file (a daemon's
-/// reloads: a 1% change of 10,000 peers parses 100 of them).
-pub fn load_cached(path: &Path, cache: &mut ConfigCache) -> anyhow::Result<Loaded> {
-    let file = cache.load(path)?;
-    let key = keys::load_or_generate(&file.interface.private_key_file)?;
-    let view = match &file.control {
-        None => None,
-        Some(_) => saved_view(&ControlFiles::new(&file.agent.state_dir), &key.public_key()),
-    };
-    build(file, &key, view.as_ref().map(|(_, v)| v))
-}
-
-/// The last applied view; one that cannot be read is set aside (the agent then starts
-/// denying everything and the control plane sends a full snapshot).
-fn saved_view(files: &ControlFiles, own: &crate::model::PublicKey) -> Option<(u64, ControlView)> {
-    match files.view(own) {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot use the saved control-plane view; starting without it");
-            files.set_aside_view();
-            None
-        }
-    }
-}
-
-/// The config as the running agent sees it, for commands that inspect or remove its state
-/// (`status`, `down`): never creates a key, and ignores a view it cannot read.
-pub fn load_effective(path: &Path) -> anyhow::Result<Config> {
-    let file = Config::load(path)?;
-    let view = match (&file.control, keys::load(&file.interface.private_key_file)) {
-        (Some(_), Ok(key)) => ControlFiles::new(&file.agent.state_dir).view(&key.public_key()).ok().flatten(),
-        _ => None,
-    };
-    Ok(control::effective_config(file, view.as_ref().map(|(_, v)| v)))
-}
-
-fn build(file: Config, key: &PrivateKey, view: Option<&ControlView>) -> anyhow::Result<Loaded> {
-    let kept = file.control.is_some().then(|| file.clone());
-    let config = control::effective_config(file, view);
-    let desired = desired_state(&config, key)?;
-    Ok(Loaded { config, desired, file: kept })
-}
-
-/// Settings that cannot change under a running agent without a restart.
-type FixedSettings<'a> = (BackendChoice, u8, PathBuf, &'a str, Option<&'a Path>, Option<&'a ControlConfig>);
-
-fn fixed_settings(c: &Config) -> FixedSettings<'_> {
-    (
-        c.interface.backend,
-        c.routing.protocol,
-        c.agent.state_dir.clone(),
-        c.interface.userspace_command.as_str(),
-        c.policy.as_ref().map(|p| p.pin_dir.as_path()),
-        c.control.as_ref(),
-    )
-}
 
 pub struct Agent {
     pub loaded: Loaded,
@@ -136,7 +61,7 @@ impl Agent {
                 new = c.routing.protocol,
                 "route protocol changed; removing routes and rules of the old one"
             );
-            Reconciler::new(nl.clone(), backend.clone(), old).remove_routes_and_rules().await?;
+            reconciler.remove_routes_and_rules(old).await?;
         }
         let current = loaded.desired.ifname.to_string();
         let mut stale: Vec<_> = before.ifnames().into_iter().filter(|n| n.as_str() != current).collect();
@@ -180,13 +105,8 @@ impl Agent {
     async fn reload(&mut self, path: &Path) -> anyhow::Result<Loaded> {
         let file = self.config_cache.load(path)?;
         let key = keys::load_or_generate(&file.interface.private_key_file)?;
-        let new = build(file, &key, self.control.as_ref().and_then(|c| c.view.as_ref()))?;
-        if fixed_settings(&new.config) != fixed_settings(&self.loaded.config) {
-            anyhow::bail!(
-                "backend, routing.protocol, agent.state_dir, interface.userspace_command, policy.pin_dir and \
-                 [control] change only with a restart"
-            );
-        }
+        let new = load::build(file, &key, self.control.as_ref().and_then(|c| c.view.as_ref()))?;
+        load::check_reload(&self.loaded.config, &new.config)?;
         self.switch_interface(new).await
     }
 
@@ -237,7 +157,7 @@ impl Agent {
                 _ = config_changed.notified() => self.reload_logged(config_path, converged).await,
                 Some(req) = next_view(&mut self.control) => {
                     let result = self.apply_view(req.view, converged).await;
-                    let _ = req.done.send(result.map_err(|e| format!("{e:#}")));
+                    let _ = req.done.send(result);
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -330,29 +250,33 @@ impl Agent {
     /// Applies the change from `previous` to the current desired state at once, planned
     /// against `previous` (moved in, not copied) when the kernel still matches it; `None`
     /// when it does not (the full pass that follows does the work).
-    async fn apply_change(&self, previous: Desired) -> anyhow::Result<Option<Change>> {
+    async fn apply_change(&self, previous: Desired) -> Result<Option<Change>, ReconcileError> {
         let planning = std::time::Instant::now();
         let desired = &self.loaded.desired;
         let Some(assumed) = self.reconciler.assume(previous).await? else { return Ok(None) };
         let plan = crate::plan::plan(desired, &assumed);
         let plan_ms = planning.elapsed().as_secs_f64() * 1e3;
-        let operations = self.reconciler.apply(desired, &plan).await?.ops.len();
+        let operations = self.reconciler.apply(desired, plan).await?.ops.len();
         Ok(Some(Change { operations, plan_ms }))
     }
 
     /// Applies a view from the control plane. Invalid (it does not build a desired state)
     /// or failing to apply: the previous desired state is restored, so the full pass that
     /// follows converges back to it, and the error goes back to the control plane.
-    async fn apply_view(&mut self, view: ControlView, converged: bool) -> anyhow::Result<()> {
+    async fn apply_view(&mut self, view: ControlView, converged: bool) -> Result<(), ViewRejected> {
         let started = std::time::Instant::now();
         let key = self.loaded.desired.device.private_key.clone();
-        let file = self.loaded.file.clone().context("not in control mode")?;
-        let new = build(file, &key, Some(&view))?;
+        let file = self.loaded.file.clone().expect("views come only in control mode, which keeps the file");
+        let new = match load::build(file, &key, Some(&view)) {
+            Ok(new) => new,
+            // Nothing changed: the previous state is in force.
+            Err(e) => return Err(ViewRejected { cause: e.into(), restored: Ok(()) }),
+        };
         let previous = std::mem::replace(&mut self.loaded, new);
         let result = if converged { self.apply_change(previous.desired.clone()).await } else { Ok(None) };
         let result = match result {
             Ok(Some(change)) => Ok(change.operations),
-            Ok(None) => self.reconciler.reconcile(&self.loaded.desired).await.map(|a| a.ops.len()).map_err(Into::into),
+            Ok(None) => self.reconciler.reconcile(&self.loaded.desired).await.map(|a| a.ops.len()),
             Err(e) => Err(e),
         };
         match result {
@@ -367,10 +291,8 @@ impl Agent {
                 // Put the previous state back before answering, so the report says whether
                 // the node is whole again (the loop's passes keep retrying if not).
                 self.loaded = previous;
-                match self.reconciler.reconcile(&self.loaded.desired).await {
-                    Ok(_) => Err(anyhow::anyhow!("{e:#}; the previous state is restored")),
-                    Err(r) => Err(anyhow::anyhow!("{e:#}; restoring the previous state failed too ({r}), retrying")),
-                }
+                let restored = self.reconciler.reconcile(&self.loaded.desired).await.map(|_| ());
+                Err(ViewRejected { cause: e.into(), restored })
             }
         }
     }
@@ -442,7 +364,7 @@ fn start_client(
 ) -> anyhow::Result<Control> {
     let own = loaded.desired.device.private_key.public_key();
     let files = ControlFiles::new(&loaded.config.agent.state_dir);
-    let saved = saved_view(&files, &own);
+    let saved = load::saved_view(&files, &own);
     let view = saved.as_ref().map(|(_, v)| v.clone());
     let (tx, updates) = mpsc::channel(1);
     let client = control::ControlClient {

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::plan::Op;
+
 /// Passes in a row that each change something before the guard holds passes apart. A
 /// config change or a new view takes one pass (two when a kernel event races it).
 pub const STREAK: u32 = 4;
@@ -23,7 +25,7 @@ pub struct HotLoopGuard {
 impl HotLoopGuard {
     /// Takes in the operations one pass applied; returns how long to wait before the next
     /// pass (zero unless the agent is looping).
-    pub fn after_pass(&mut self, ops: &[String]) -> Duration {
+    pub fn after_pass(&mut self, ops: &[Op]) -> Duration {
         if ops.is_empty() {
             *self = HotLoopGuard::default();
             return Duration::ZERO;
@@ -33,7 +35,7 @@ impl HotLoopGuard {
             return Duration::ZERO;
         }
         self.hold = if self.hold.is_zero() { FIRST_HOLD } else { (self.hold * 2).min(MAX_HOLD) };
-        let mut named: Vec<&str> = ops.iter().map(String::as_str).collect();
+        let mut named: Vec<String> = ops.iter().map(Op::to_string).collect();
         named.sort_unstable();
         named.dedup();
         let more = named.len().saturating_sub(NAMED);
@@ -56,7 +58,12 @@ mod tests {
     #[test]
     fn holds_passes_apart_only_while_every_pass_changes_something() {
         let mut g = HotLoopGuard::default();
-        let ops = vec!["add rule -4 prio 5 lookup main".to_owned()];
+        let rule = crate::model::Rule {
+            family: crate::model::Family::V4,
+            priority: 5,
+            action: crate::model::RuleAction::MainSuppressDefault,
+        };
+        let ops = vec![Op::AddRule(rule)];
         for _ in 1..STREAK {
             assert_eq!(g.after_pass(&ops), Duration::ZERO, "a few changing passes are normal");
         }

@@ -9,6 +9,7 @@ pub mod desired;
 pub mod enforce;
 pub mod hot_loop;
 pub mod keys;
+pub mod load;
 pub mod model;
 pub mod netlink;
 pub mod plan;

@@ -8,7 +8,8 @@ use tracing_subscriber::EnvFilter;
 
 use wirefence_agent::config::ConfigCache;
 use wirefence_agent::control::ControlFiles;
-use wirefence_agent::daemon::{self, Agent};
+use wirefence_agent::daemon::Agent;
+use wirefence_agent::load;
 use wirefence_agent::netlink::Netlink;
 use wirefence_agent::policy::{self, Direction};
 use wirefence_agent::reconcile::Reconciler;
@@ -117,7 +118,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Run { config, once } => {
             // The parsed peers are kept: a daemon's reload then costs what changed in the file.
             let mut cache = ConfigCache::default();
-            let agent = Agent::start(daemon::load_cached(&config, &mut cache)?).await?;
+            let agent = Agent::start(load::load_cached(&config, &mut cache)?).await?;
             if once {
                 drop(cache); // nothing to reload: its memory is not held through the pass
                 let n = agent.reconcile_once().await?;
@@ -127,7 +128,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             agent.with_config_cache(cache).run(&config).await
         }
         Cmd::Down { config } => {
-            let config = daemon::load_effective(&config)?;
+            let config = load::load_effective(&config)?;
             let state = StateDir::open(&config.agent.state_dir)?;
             let mut owned = state.owned()?;
             owned.interfaces.insert(config.interface.name.to_string());
@@ -140,12 +141,11 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                     .into_iter()
                     .flatten()
                     .collect();
-            for p in protocols {
-                Reconciler::new(nl.clone(), backend.clone(), p)
-                    .with_policy_dirs(config.agent.state_dir.clone(), None)
-                    .teardown(&owned.ifnames())
-                    .await?;
-            }
+            let protocols: Vec<u8> = protocols.into_iter().collect();
+            Reconciler::new(nl.clone(), backend.clone(), config.routing.protocol)
+                .with_policy_dirs(config.agent.state_dir.clone(), None)
+                .teardown(&owned.ifnames(), &protocols)
+                .await?;
             for root in pin_roots {
                 let rec = Reconciler::new(nl.clone(), backend.clone(), config.routing.protocol)
                     .with_policy_dirs(config.agent.state_dir.clone(), Some(root));
@@ -163,7 +163,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { config, json } => {
-            let config = daemon::load_effective(&config)?;
+            let config = load::load_effective(&config)?;
             let backend = wg::select(
                 config.interface.backend,
                 &config.interface.userspace_command,
@@ -190,7 +190,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Policy { cmd: PolicyCmd::Check { config, src, dst, proto, direction, fragment } } => {
-            let loaded = daemon::load_effective(&config)?;
+            let loaded = load::load_effective(&config)?;
             let (proto, port) = policy::check::parse_proto_port(&proto, fragment).map_err(anyhow::Error::msg)?;
             let direction = match direction {
                 CliDirection::Ingress => Direction::Ingress,
@@ -202,7 +202,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Check { config } => {
-            let loaded = daemon::load_effective(&config)?;
+            let loaded = load::load_effective(&config)?;
             let key = keys::load(&loaded.interface.private_key_file)
                 .context("check reads the private key but never creates it")?;
             let desired = wirefence_agent::desired::desired_state(&loaded, &key)?;

@@ -212,6 +212,23 @@ impl fmt::Display for Rule {
     }
 }
 
+/// A rule carrying the agent's protocol number in a shape the agent never makes, kept as
+/// the kernel reported it so that exactly this rule is deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownRule(pub netlink_packet_route::rule::RuleMessage);
+
+impl fmt::Display for UnknownRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use netlink_packet_route::rule::RuleAttribute;
+        let h = &self.0.header;
+        let prio = self.0.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        });
+        write!(f, "{:?} prio {} action {:?} table {}", h.family, prio.unwrap_or(0), h.action, h.table)
+    }
+}
+
 /// The access policy to enforce on the tunnel device, compiled to map entries.
 #[derive(Clone, Debug)]
 pub struct DesiredPolicy {
@@ -292,8 +309,10 @@ pub struct Observed {
     pub device: Option<DeviceState>,
     /// Every route carrying the agent's protocol number, on any link, in any table.
     pub routes: BTreeSet<OwnedRoute>,
-    /// Every rule carrying the agent's protocol number.
+    /// Every rule carrying the agent's protocol number, read back as the agent makes them.
     pub rules: BTreeSet<Rule>,
+    /// Rules carrying the agent's protocol number in a shape it never makes.
+    pub unknown_rules: Vec<UnknownRule>,
     pub policy: PolicyObserved,
     /// The endpoint this agent last wrote for each peer (its record in the state
     /// directory). A live peer found elsewhere roamed there, and stays.

@@ -12,7 +12,7 @@ use netlink_packet_route::rule::{RuleAction as NlRuleAction, RuleAttribute, Rule
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 
-use crate::model::{Family, IfName, LinkState, OwnedRoute, Route, Rule, RuleAction};
+use crate::model::{Family, IfName, LinkState, OwnedRoute, Route, Rule, RuleAction, UnknownRule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -296,11 +296,11 @@ impl Netlink {
         msg
     }
 
-    /// Every rule with our protocol number, both families. Rules of a shape the agent never
-    /// creates are still returned (as found), so a stale one is removed too.
-    pub async fn owned_rules(&self, protocol: u8) -> Result<(BTreeSet<Rule>, Vec<RuleMessage>), NetlinkError> {
+    /// Every rule with our protocol number, both families: those of the agent's shapes, and
+    /// the others as found (so a stale one is removed too).
+    pub async fn owned_rules(&self, protocol: u8) -> Result<(BTreeSet<Rule>, Vec<UnknownRule>), NetlinkError> {
         let mut rules = BTreeSet::new();
-        let mut odd = Vec::new();
+        let mut unknown = Vec::new();
         for version in [IpVersion::V4, IpVersion::V6] {
             let mut stream = self.handle.rule().get(version).execute();
             while let Some(msg) = stream.try_next().await.map_err(Self::req("list rules"))? {
@@ -311,11 +311,11 @@ impl Netlink {
                     Some(r) => {
                         rules.insert(r);
                     }
-                    None => odd.push(msg),
+                    None => unknown.push(UnknownRule(msg)),
                 }
             }
         }
-        Ok((rules, odd))
+        Ok((rules, unknown))
     }
 
     pub async fn add_rule(&self, rule: &Rule, protocol: u8) -> Result<(), NetlinkError> {
@@ -331,7 +331,11 @@ impl Netlink {
         self.del_rule_message(Self::rule_message(rule, protocol), &rule.to_string()).await
     }
 
-    pub async fn del_rule_message(&self, msg: RuleMessage, what: &str) -> Result<(), NetlinkError> {
+    pub async fn del_unknown_rule(&self, rule: &UnknownRule) -> Result<(), NetlinkError> {
+        self.del_rule_message(rule.0.clone(), &rule.to_string()).await
+    }
+
+    async fn del_rule_message(&self, msg: RuleMessage, what: &str) -> Result<(), NetlinkError> {
         match self.handle.rule().del(msg).execute().await {
             Err(e) if is_not_found(&e) => Ok(()),
             r => r.map_err(Self::req(format!("delete rule {what}"))),

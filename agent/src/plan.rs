@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Desired, Observed, OwnedRoute, PublicKey, Route, Rule};
+use crate::model::{Desired, Observed, OwnedRoute, PublicKey, Route, Rule, UnknownRule};
 
 /// Peer fields to set; `None` leaves the field as the device has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +32,8 @@ pub enum Op {
     /// Detach the classifiers and remove their pins (the config has no policy any more).
     RemovePolicy,
     DelRule(Rule),
+    /// A rule with the agent's protocol number of a shape the agent never makes.
+    DelUnknownRule(UnknownRule),
     DelRoute(OwnedRoute),
     DelAddress(IpNet),
     RemovePeer(PublicKey),
@@ -49,10 +51,36 @@ pub enum Op {
     AddRule(Rule),
 }
 
+/// When an operation runs within one apply. The variants are in the order of application;
+/// the planner emits operations in this order and the reconciler runs them phase by phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// One at a time, first: the device must exist (and its index be known) before anything
+    /// else, and the policy be in force on it before any peer is configured.
+    Prepare,
+    /// Removals, all at once: nothing stale shadows what is added.
+    Remove,
+    /// Link settings (MTU, up).
+    Link,
+    /// The WireGuard settings and peers, as one transaction of the backend; it runs
+    /// alongside the netlink phases (routes need the link up, not the peers).
+    WireGuard,
+    /// Additions, all at once: addresses, routes, rules.
+    Add,
+}
+
 impl Op {
-    /// True for operations carried by the WireGuard configuration interface (batched together).
-    pub fn is_wireguard(&self) -> bool {
-        matches!(self, Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_))
+    /// Exhaustive on purpose: a new operation does not compile until it has a phase.
+    pub fn phase(&self) -> Phase {
+        match self {
+            Op::CreateDevice | Op::ApplyPolicy | Op::AttachPolicy => Phase::Prepare,
+            Op::RemovePolicy | Op::DelRule(_) | Op::DelUnknownRule(_) | Op::DelRoute(_) | Op::DelAddress(_) => {
+                Phase::Remove
+            }
+            Op::SetMtu(_) | Op::SetUp => Phase::Link,
+            Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => Phase::WireGuard,
+            Op::AddAddress(_) | Op::AddRoute(_) | Op::AddRule(_) => Phase::Add,
+        }
     }
 }
 
@@ -64,6 +92,7 @@ impl fmt::Display for Op {
             Op::AttachPolicy => write!(f, "attach policy programs"),
             Op::RemovePolicy => write!(f, "remove policy programs and maps"),
             Op::DelRule(r) => write!(f, "delete rule {r}"),
+            Op::DelUnknownRule(r) => write!(f, "delete owned rule of unknown shape {r}"),
             Op::DelRoute(r) => write!(f, "delete route {} (ifindex {})", r.route, r.oif),
             Op::DelAddress(a) => write!(f, "delete address {a}"),
             Op::RemovePeer(k) => write!(f, "remove peer {k}"),
@@ -90,8 +119,7 @@ impl fmt::Display for Op {
     }
 }
 
-/// Operations in application order: create, then remove what is stale (so nothing stale
-/// shadows what is added), then WireGuard settings, then link, addresses, routes, rules.
+/// Operations in application order: sorted by [`Phase`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub ops: Vec<Op>,
@@ -128,6 +156,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     for rule in observed.rules.difference(&desired.rules) {
         ops.push(Op::DelRule(*rule));
     }
+    ops.extend(observed.unknown_rules.iter().cloned().map(Op::DelUnknownRule));
     // Owned routes are ordered by (route, oif), desired ones by route: one walk finds the kept
     // ones (ours, still desired; at most one per route, as only one oif is ours).
     let mut kept_routes = Vec::new();
@@ -143,6 +172,15 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let observed_addresses = if link.is_some() { observed.addresses.clone() } else { BTreeSet::new() };
     for addr in observed_addresses.difference(&desired.addresses) {
         ops.push(Op::DelAddress(*addr));
+    }
+
+    if let Some(mtu) = desired.mtu {
+        if link.map(|l| l.mtu) != Some(mtu) {
+            ops.push(Op::SetMtu(mtu));
+        }
+    }
+    if !link.is_some_and(|l| l.up) {
+        ops.push(Op::SetUp);
     }
 
     let empty = Default::default();
@@ -197,14 +235,6 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     }
 
-    if let Some(mtu) = desired.mtu {
-        if link.map(|l| l.mtu) != Some(mtu) {
-            ops.push(Op::SetMtu(mtu));
-        }
-    }
-    if !link.is_some_and(|l| l.up) {
-        ops.push(Op::SetUp);
-    }
     for addr in desired.addresses.difference(&observed_addresses) {
         ops.push(Op::AddAddress(*addr));
     }
@@ -262,6 +292,11 @@ pub(crate) mod sim {
                 }
                 Op::RemovePolicy => obs.policy = Default::default(),
                 Op::DelRule(r) => assert!(obs.rules.remove(r), "deleted a missing rule"),
+                Op::DelUnknownRule(r) => {
+                    let before = obs.unknown_rules.len();
+                    obs.unknown_rules.retain(|u| u != r);
+                    assert!(obs.unknown_rules.len() < before, "deleted a missing unknown rule");
+                }
                 Op::DelRoute(r) => assert!(obs.routes.remove(r), "deleted a missing route"),
                 Op::DelAddress(a) => assert!(obs.addresses.remove(a), "deleted a missing address"),
                 Op::RemovePeer(k) => {
@@ -398,6 +433,7 @@ mod tests {
             routes in proptest::collection::btree_set((arb_routes(), 1u32..5), 0..3),
             rules in proptest::collection::btree_set(arb_rule(), 0..3),
             live in proptest::collection::btree_set(0usize..6, 0..4),
+            unknown in proptest::collection::vec(0u32..4, 0..2),
             endpoints_set in proptest::collection::vec((0usize..6, 1u8..4, 1u16..4), 0..4),
         ) -> Observed {
             let link = link.map(|(index, mtu, up)| LinkState { index, mtu, up });
@@ -416,6 +452,7 @@ mod tests {
                     .flat_map(|(rs, oif)| rs.into_iter().map(move |route| OwnedRoute { route, oif }))
                     .collect(),
                 rules,
+                unknown_rules: unknown.into_iter().map(unknown_rule).collect(),
                 policy: Default::default(),
                 endpoints_set: endpoints_set
                     .into_iter()
@@ -425,9 +462,19 @@ mod tests {
         }
     }
 
+    /// An owned rule of a shape the agent never makes (a blackhole) at `priority`.
+    fn unknown_rule(priority: u32) -> UnknownRule {
+        use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+        let mut msg = RuleMessage::default();
+        msg.header.action = RuleAction::Blackhole;
+        msg.attributes.push(RuleAttribute::Priority(priority));
+        UnknownRule(msg)
+    }
+
     fn converges(desired: &Desired, observed: &Observed) {
         let first = plan(desired, observed);
         assert_eq!(first, reference_plan(desired, observed), "the ordered walks changed the plan");
+        assert!(first.ops.is_sorted_by_key(Op::phase), "not in phase order: {:?}", first.ops);
         let mut after = observed.clone();
         sim::apply(desired, &mut after, &first, 9);
         let second = plan(desired, &after);
@@ -440,6 +487,7 @@ mod tests {
         }
         assert_eq!(after.addresses, desired.addresses);
         assert_eq!(after.rules, desired.rules);
+        assert!(after.unknown_rules.is_empty());
         let routes: BTreeSet<Route> =
             after.routes.iter().inspect(|r| assert_eq!(r.oif, link.index)).map(|r| r.route).collect();
         assert_eq!(routes, desired.routes);
@@ -612,6 +660,9 @@ mod tests {
         for rule in observed.rules.difference(&desired.rules) {
             ops.push(Op::DelRule(*rule));
         }
+        for rule in &observed.unknown_rules {
+            ops.push(Op::DelUnknownRule(rule.clone()));
+        }
         let mut kept_routes = BTreeSet::new();
         for owned in &observed.routes {
             let ours = link.is_some_and(|l| l.index == owned.oif);
@@ -623,6 +674,14 @@ mod tests {
         let observed_addresses = if link.is_some() { observed.addresses.clone() } else { BTreeSet::new() };
         for addr in observed_addresses.difference(&desired.addresses) {
             ops.push(Op::DelAddress(*addr));
+        }
+        if let Some(mtu) = desired.mtu {
+            if link.map(|l| l.mtu) != Some(mtu) {
+                ops.push(Op::SetMtu(mtu));
+            }
+        }
+        if !link.is_some_and(|l| l.up) {
+            ops.push(Op::SetUp);
         }
 
         let empty = Default::default();
@@ -666,14 +725,6 @@ mod tests {
             }
         }
 
-        if let Some(mtu) = desired.mtu {
-            if link.map(|l| l.mtu) != Some(mtu) {
-                ops.push(Op::SetMtu(mtu));
-            }
-        }
-        if !link.is_some_and(|l| l.up) {
-            ops.push(Op::SetUp);
-        }
         for addr in desired.addresses.difference(&observed_addresses) {
             ops.push(Op::AddAddress(*addr));
         }

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use crate::enforce::{self, EnforceError, Enforcer};
 use crate::model::{Desired, IfName, Observed};
 use crate::netlink::{Netlink, NetlinkError};
-use crate::plan::{plan, Op, Plan};
+use crate::plan::{plan, Op, Phase, Plan};
 use crate::state::EndpointRecord;
 use crate::wg::{device_state, device_update, DeviceInfo, WgBackend, WgError};
 
@@ -26,11 +26,32 @@ pub enum ReconcileError {
     Apply { total: usize, failures: Vec<OpFailure> },
 }
 
+/// Why one operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Wg(#[from] WgError),
+    #[error(transparent)]
+    Enforce(#[from] EnforceError),
+    #[error("link {0} does not exist")]
+    NoLink(IfName),
+    #[error("link {0} did not appear after the device was created")]
+    LinkDidNotAppear(IfName),
+    #[error("injected fault: {0}")]
+    Injected(String),
+}
+
+/// An operation that failed. The WireGuard operations of a pass are one transaction and
+/// share its error.
 #[derive(Debug)]
 pub struct OpFailure {
-    pub op: String,
-    pub error: String,
+    pub op: Op,
+    pub error: Arc<ApplyError>,
 }
+
+type OpResult = Result<(), Arc<ApplyError>>;
 
 /// Netlink requests kept in flight at once by one apply.
 const IN_FLIGHT: usize = 256;
@@ -53,10 +74,10 @@ pub struct Reconciler {
     endpoints: Mutex<Option<EndpointRecord>>,
 }
 
-/// What one pass did.
+/// What one pass did: the operations applied, in plan order.
 #[derive(Debug, Default)]
 pub struct Applied {
-    pub ops: Vec<String>,
+    pub ops: Vec<Op>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -123,10 +144,10 @@ impl Reconciler {
             None => None,
         };
         let routes = self.nl.owned_routes(self.protocol).await?;
-        let (rules, _) = self.nl.owned_rules(self.protocol).await?;
+        let (rules, unknown_rules) = self.nl.owned_rules(self.protocol).await?;
         let policy = self.observe_policy(ifname, link.map(|l| l.index), pin_root)?;
         let endpoints_set = self.with_endpoints(ifname, |r| r.endpoints().clone());
-        Ok(Observed { link, addresses, device, routes, rules, policy, endpoints_set })
+        Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, endpoints_set })
     }
 
     /// Runs `f` on the endpoint record of `ifname` (loading it on first use).
@@ -203,19 +224,8 @@ impl Reconciler {
     /// One pass: observe, plan, apply every operation (continuing past failures, which the
     /// next pass retries). Returns the operations applied.
     pub async fn reconcile(&self, desired: &Desired) -> Result<Applied, ReconcileError> {
-        // Rules with our protocol number that the agent never makes (owned rules are read
-        // back normalized, so its own never land here): removed, and counted as changes so
-        // that one coming back every pass shows as a hot loop.
-        let mut removed = Vec::new();
-        for odd in self.nl.owned_rules(self.protocol).await?.1 {
-            tracing::warn!(?odd, "deleting owned rule of unknown shape");
-            self.nl.del_rule_message(odd.clone(), "of unknown shape").await?;
-            removed.push(format!("delete owned rule of unknown shape {:?}", odd.header));
-        }
         let plan = self.plan(desired).await?;
-        let mut applied = self.apply(desired, &plan).await?;
-        applied.ops.extend(removed);
-        Ok(applied)
+        self.apply(desired, plan).await
     }
 
     /// What the kernel holds if it is exactly `previous` (the last state this agent fully
@@ -242,109 +252,77 @@ impl Reconciler {
                 .collect(),
             addresses: previous.addresses,
             rules: previous.rules,
+            unknown_rules: Vec::new(),
             policy,
             // No peer is taken as live: only the configured endpoints are compared.
             endpoints_set: Default::default(),
         }))
     }
 
-    /// Applies a plan: every operation is attempted; failures are collected and reported
-    /// (the next pass retries them).
-    pub async fn apply(&self, desired: &Desired, plan: &Plan) -> Result<Applied, ReconcileError> {
-        let total = plan.ops.len();
-        let mut applied = Applied::default();
-        let mut failures = Vec::new();
+    /// Applies a plan, phase by phase: every operation is attempted; failures are collected
+    /// and reported (the next pass retries them).
+    pub async fn apply(&self, desired: &Desired, plan: Plan) -> Result<Applied, ReconcileError> {
+        let ops = plan.ops;
+        let total = ops.len();
         let ifname = &desired.ifname;
         let mut index = self.nl.tunnel_link(ifname).await?.map(|l| l.index);
+        let in_phase = |phase: Phase| ops.iter().enumerate().filter(move |(_, op)| op.phase() == phase);
+        // Each operation's result, by its position in the plan.
+        let mut results: Vec<Option<OpResult>> = vec![None; total];
 
-        let phase = |op: &Op| match op {
-            Op::CreateDevice | Op::ApplyPolicy | Op::AttachPolicy => 0,
-            Op::DelRule(_) | Op::DelRoute(_) | Op::DelAddress(_) | Op::RemovePolicy => 1,
-            Op::SetMtu(_) | Op::SetUp => 2,
-            Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => 3,
-            Op::AddAddress(_) | Op::AddRoute(_) | Op::AddRule(_) => 4,
-        };
-        let of = |n: u8| plan.ops.iter().filter(move |op| phase(op) == n).collect::<Vec<_>>();
-
-        // Sequential: the device must exist (and its index be known) before anything else,
-        // and the policy be in force on it before a peer is configured.
-        for op in of(0) {
-            let result = match (self.injected(op), op) {
-                (Some(fault), _) => Err(fault),
-                (None, Op::CreateDevice) => self.create_device(ifname, &mut index).await,
-                (None, Op::ApplyPolicy) => {
-                    let p = desired.policy.as_ref().expect("planned with a policy");
-                    let (compiled, digest) = (p.compiled.clone(), p.digest);
-                    let applied = self
-                        .with_enforcer(desired, move |e| e.apply(&compiled, digest))
-                        .await
-                        .map_err(|e| e.to_string());
-                    if applied.is_ok() {
-                        // Off the apply's path: the standby generation catches up, so the next
-                        // change writes only itself (a later apply waits on the lock).
-                        let cell = self.enforcer.clone();
-                        tokio::task::spawn_blocking(move || {
-                            if let Some(e) = cell.lock().expect("enforcer lock").as_mut() {
-                                if let Err(err) = e.sync_standby() {
-                                    tracing::warn!(%err, "standby policy generation not synced");
-                                }
-                            }
-                        });
-                    }
-                    applied.map(|stats| {
-                        tracing::info!(epoch = stats.epoch, map_writes = stats.map_writes, "policy applied");
-                    })
-                }
-                (None, _) => {
-                    let name = ifname.clone();
-                    match index {
-                        Some(index) => self
-                            .with_enforcer(desired, move |e| e.attach(&name, index).map(|_| ()))
-                            .await
-                            .map_err(|e| e.to_string()),
-                        None => Err(format!("link {ifname} does not exist")),
-                    }
-                }
-            };
-            record(&mut applied, &mut failures, &[op], result);
+        for (i, op) in in_phase(Phase::Prepare) {
+            results[i] = Some(self.prepare(desired, op, &mut index).await.map_err(Arc::new));
         }
-        // The WireGuard transaction runs alongside the netlink work: removals, link settings
-        // and additions do not depend on the peers (routes need the link up, not the peers).
-        let wg_ops = of(3);
+        let wg_ops: Vec<(usize, &Op)> = in_phase(Phase::WireGuard).collect();
         let wg = async {
             if wg_ops.is_empty() {
                 return Ok(());
             }
-            if let Some(fault) = wg_ops.iter().find_map(|op| self.injected(op)) {
+            if let Some(fault) = wg_ops.iter().find_map(|(_, op)| self.injected(op)) {
                 return Err(fault);
             }
-            let update = device_update(desired, &wg_ops);
+            let update = device_update(desired, wg_ops.iter().map(|(_, op)| *op));
             let (backend, name) = (self.backend.clone(), ifname.clone());
-            blocking(move || backend.apply(&name, update)).await.map_err(|e| e.to_string())
+            blocking(move || backend.apply(&name, update)).await.map_err(ApplyError::from)
         };
-        // Removals first (nothing stale shadows an addition), then link settings, then
-        // additions; each batch in flight together.
         let netlink = async {
-            let mut before = self.concurrently(desired, index, of(1)).await;
-            before.extend(self.concurrently(desired, index, of(2)).await);
-            (before, self.concurrently(desired, index, of(4)).await)
+            let mut done = self.concurrently(desired, index, in_phase(Phase::Remove)).await;
+            done.extend(self.concurrently(desired, index, in_phase(Phase::Link)).await);
+            done.extend(self.concurrently(desired, index, in_phase(Phase::Add)).await);
+            done
         };
-        let (wg_result, (before, additions)) = tokio::join!(wg, netlink);
-        for (op, result) in before {
-            record(&mut applied, &mut failures, &[op], result);
+        let (wg_result, netlink_results) = tokio::join!(wg, netlink);
+        for (i, result) in netlink_results {
+            results[i] = Some(result);
         }
         if !wg_ops.is_empty() {
             if wg_result.is_ok() {
-                let created = plan.ops.first() == Some(&Op::CreateDevice);
-                if let Err(e) = self.with_endpoints(ifname, |r| r.record(created, &wg_ops)) {
+                let created = ops.first() == Some(&Op::CreateDevice);
+                let written: Vec<&Op> = wg_ops.iter().map(|(_, op)| *op).collect();
+                if let Err(e) = self.with_endpoints(ifname, |r| r.record(created, &written)) {
                     // At worst a configured endpoint is written once more after a restart.
                     tracing::warn!(error = %e, "cannot save the endpoint record");
                 }
             }
-            record(&mut applied, &mut failures, &wg_ops, wg_result);
+            let result = wg_result.map_err(Arc::new);
+            for (i, _) in &wg_ops {
+                results[*i] = Some(result.clone());
+            }
         }
-        for (op, result) in additions {
-            record(&mut applied, &mut failures, &[op], result);
+
+        let mut applied = Applied::default();
+        let mut failures = Vec::new();
+        for (op, result) in ops.into_iter().zip(results) {
+            match result.expect("every phase ran") {
+                Ok(()) => {
+                    tracing::debug!(%op, "applied");
+                    applied.ops.push(op);
+                }
+                Err(error) => {
+                    tracing::warn!(%op, %error, "operation failed");
+                    failures.push(OpFailure { op, error });
+                }
+            }
         }
         if failures.is_empty() {
             Ok(applied)
@@ -353,89 +331,129 @@ impl Reconciler {
         }
     }
 
+    /// An operation of [`Phase::Prepare`]: the device, then the policy in force on it.
+    async fn prepare(&self, desired: &Desired, op: &Op, index: &mut Option<u32>) -> Result<(), ApplyError> {
+        if let Some(fault) = self.injected(op) {
+            return Err(fault);
+        }
+        let ifname = &desired.ifname;
+        match op {
+            Op::CreateDevice => self.create_device(ifname, index).await,
+            Op::ApplyPolicy => {
+                let p = desired.policy.as_ref().expect("planned with a policy");
+                let (compiled, digest) = (p.compiled.clone(), p.digest);
+                let stats = self.with_enforcer(desired, move |e| e.apply(&compiled, digest)).await?;
+                tracing::info!(epoch = stats.epoch, map_writes = stats.map_writes, "policy applied");
+                // Off the apply's path: the standby generation catches up, so the next change
+                // writes only itself (a later apply waits on the lock).
+                let cell = self.enforcer.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Some(e) = cell.lock().expect("enforcer lock").as_mut() {
+                        if let Err(err) = e.sync_standby() {
+                            tracing::warn!(%err, "standby policy generation not synced");
+                        }
+                    }
+                });
+                Ok(())
+            }
+            Op::AttachPolicy => {
+                let index = index.ok_or_else(|| ApplyError::NoLink(ifname.clone()))?;
+                let name = ifname.clone();
+                Ok(self.with_enforcer(desired, move |e| e.attach(&name, index).map(|_| ())).await?)
+            }
+            other => unreachable!("{other} is not of the prepare phase"),
+        }
+    }
+
     /// Runs independent netlink operations with many requests in flight (results in order).
     async fn concurrently<'a>(
         &self,
         desired: &Desired,
         index: Option<u32>,
-        ops: Vec<&'a Op>,
-    ) -> Vec<(&'a Op, Result<(), String>)> {
-        futures::stream::iter(ops.into_iter().map(|op| async move {
+        ops: impl Iterator<Item = (usize, &'a Op)>,
+    ) -> Vec<(usize, OpResult)> {
+        futures::stream::iter(ops.map(|(i, op)| async move {
             let result = match self.injected(op) {
                 Some(fault) => Err(fault),
                 None => self.apply_one(desired, op, index).await,
             };
-            (op, result)
+            (i, result.map_err(Arc::new))
         }))
         .buffered(IN_FLIGHT)
         .collect()
         .await
     }
 
-    async fn create_device(&self, ifname: &IfName, index: &mut Option<u32>) -> Result<(), String> {
+    async fn create_device(&self, ifname: &IfName, index: &mut Option<u32>) -> Result<(), ApplyError> {
         let (backend, name) = (self.backend.clone(), ifname.clone());
-        blocking(move || backend.ensure_device(&name)).await.map_err(|e| e.to_string())?;
-        *index = self.nl.tunnel_link(ifname).await.map_err(|e| e.to_string())?.map(|l| l.index);
-        index.map(|_| ()).ok_or_else(|| format!("link {ifname} did not appear"))
+        blocking(move || backend.ensure_device(&name)).await?;
+        *index = self.nl.tunnel_link(ifname).await?.map(|l| l.index);
+        index.map(|_| ()).ok_or_else(|| ApplyError::LinkDidNotAppear(ifname.clone()))
     }
 
-    fn injected(&self, op: &Op) -> Option<String> {
-        self.fault.as_ref().and_then(|f| f(op)).map(|m| format!("injected fault: {m}"))
+    fn injected(&self, op: &Op) -> Option<ApplyError> {
+        self.fault.as_ref().and_then(|f| f(op)).map(ApplyError::Injected)
     }
 
-    async fn apply_one(&self, desired: &Desired, op: &Op, index: Option<u32>) -> Result<(), String> {
+    /// An operation of the netlink phases ([`Phase::Remove`], [`Phase::Link`], [`Phase::Add`]).
+    async fn apply_one(&self, desired: &Desired, op: &Op, index: Option<u32>) -> Result<(), ApplyError> {
         let ifname = &desired.ifname;
-        let link = || index.ok_or_else(|| format!("link {ifname} does not exist"));
+        let link = || index.ok_or_else(|| ApplyError::NoLink(ifname.clone()));
         let p = self.protocol;
         match op {
-            Op::DelRule(rule) => self.nl.del_rule(rule, p).await,
-            Op::DelRoute(route) => self.nl.del_route(route, p).await,
-            Op::DelAddress(a) => self.nl.del_address(link()?, *a).await,
-            Op::SetMtu(m) => self.nl.set_mtu(link()?, *m).await,
-            Op::SetUp => self.nl.set_up(link()?).await,
-            Op::AddAddress(a) => self.nl.add_address(link()?, *a).await,
-            Op::AddRoute(route) => self.nl.add_route(route, link()?, p).await,
-            Op::AddRule(rule) => self.nl.add_rule(rule, p).await,
-            Op::RemovePolicy => return self.remove_policy(ifname).await.map_err(|e| e.to_string()),
+            Op::DelRule(rule) => self.nl.del_rule(rule, p).await?,
+            Op::DelUnknownRule(rule) => {
+                tracing::warn!(%rule, "deleting owned rule of unknown shape");
+                self.nl.del_unknown_rule(rule).await?
+            }
+            Op::DelRoute(route) => self.nl.del_route(route, p).await?,
+            Op::DelAddress(a) => self.nl.del_address(link()?, *a).await?,
+            Op::SetMtu(m) => self.nl.set_mtu(link()?, *m).await?,
+            Op::SetUp => self.nl.set_up(link()?).await?,
+            Op::AddAddress(a) => self.nl.add_address(link()?, *a).await?,
+            Op::AddRoute(route) => self.nl.add_route(route, link()?, p).await?,
+            Op::AddRule(rule) => self.nl.add_rule(rule, p).await?,
+            Op::RemovePolicy => self.remove_policy(ifname).await?,
             Op::CreateDevice
             | Op::ApplyPolicy
             | Op::AttachPolicy
             | Op::RemovePeer(_)
             | Op::ConfigureDevice { .. }
-            | Op::UpsertPeer(_) => {
-                unreachable!("applied on their own")
-            }
+            | Op::UpsertPeer(_) => unreachable!("{op} is applied in its own phase ({:?})", op.phase()),
         }
-        .map_err(|e| e.to_string())
+        Ok(())
     }
 
-    /// Removes everything the agent owns: its rules and routes (by protocol number, in every
-    /// table) and the tunnel link of each name given; then what the backend left behind.
-    pub async fn teardown(&self, ifnames: &[IfName]) -> Result<(), ReconcileError> {
+    /// Removes everything the agent owns: the policy of each interface, its rules and routes
+    /// (each protocol number given, in every table), the tunnel link of each name given, and
+    /// what the backend left behind.
+    pub async fn teardown(&self, ifnames: &[IfName], protocols: &[u8]) -> Result<(), ReconcileError> {
         for ifname in ifnames {
             self.remove_policy(ifname).await?;
         }
-        self.remove_routes_and_rules().await?;
+        for protocol in protocols {
+            self.remove_routes_and_rules(*protocol).await?;
+        }
         self.remove_links(ifnames).await
     }
 
-    /// Deletes every route and rule carrying the agent's protocol number.
-    pub async fn remove_routes_and_rules(&self) -> Result<(), ReconcileError> {
-        let (rules, odd) = self.nl.owned_rules(self.protocol).await?;
+    /// Deletes every route and rule carrying `protocol`.
+    pub async fn remove_routes_and_rules(&self, protocol: u8) -> Result<(), ReconcileError> {
+        let (rules, unknown) = self.nl.owned_rules(protocol).await?;
         for rule in &rules {
-            self.nl.del_rule(rule, self.protocol).await?;
+            self.nl.del_rule(rule, protocol).await?;
         }
-        for msg in odd {
-            self.nl.del_rule_message(msg, "of unknown shape").await?;
+        for rule in &unknown {
+            self.nl.del_unknown_rule(rule).await?;
         }
-        for route in self.nl.owned_routes(self.protocol).await? {
-            self.nl.del_route(&route, self.protocol).await?;
+        for route in self.nl.owned_routes(protocol).await? {
+            self.nl.del_route(&route, protocol).await?;
         }
         Ok(())
     }
 
     /// Detaches the policy programs and removes every pin of the interface.
-    pub async fn remove_policy(&self, ifname: &IfName) -> Result<(), ReconcileError> {
+    pub async fn remove_policy(&self, ifname: &IfName) -> Result<(), EnforceError> {
         self.enforcer.lock().expect("enforcer lock").take();
         if let Some(root) = self.known_pin_root.clone() {
             let name = ifname.clone();
@@ -456,22 +474,5 @@ impl Reconciler {
             EndpointRecord::remove(&self.state_dir, ifname)?;
         }
         Ok(())
-    }
-}
-
-fn record(applied: &mut Applied, failures: &mut Vec<OpFailure>, ops: &[&Op], result: Result<(), String>) {
-    match result {
-        Ok(()) => {
-            for op in ops {
-                tracing::debug!(%op, "applied");
-                applied.ops.push(op.to_string());
-            }
-        }
-        Err(error) => {
-            for op in ops {
-                tracing::warn!(%op, %error, "operation failed");
-                failures.push(OpFailure { op: op.to_string(), error: error.clone() });
-            }
-        }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use wirefence_agent::config::BackendChoice;
-use wirefence_agent::daemon;
+use wirefence_agent::load;
 use wirefence_agent::netlink::Netlink;
 use wirefence_agent::plan::Op;
 use wirefence_agent::reconcile::{ReconcileError, Reconciler};
@@ -25,7 +25,7 @@ fn failed_operations_mid_apply_converge_on_the_next_pass() {
     let remaining = in_netns(&a.ns, move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
-            let loaded = daemon::load(&config).unwrap();
+            let loaded = load::load(&config).unwrap();
             let backend = wg::select(BackendChoice::Userspace, "wireguard-go", state_dir, Default::default()).unwrap();
             let routes = Arc::new(AtomicUsize::new(0));
             let armed = Arc::new(AtomicUsize::new(1));
@@ -61,7 +61,7 @@ fn failed_operations_mid_apply_converge_on_the_next_pass() {
             rec.reconcile(&loaded.desired).await.expect("second pass converges");
             let after = rec.plan(&loaded.desired).await.unwrap();
             assert!(after.is_empty(), "{:?}", after.ops);
-            rec.teardown(std::slice::from_ref(&loaded.desired.ifname)).await.unwrap();
+            rec.teardown(std::slice::from_ref(&loaded.desired.ifname), &[PROTO]).await.unwrap();
             rec.plan(&loaded.desired).await.unwrap().ops.len()
         })
     });

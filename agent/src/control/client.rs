@@ -18,6 +18,7 @@ use super::tracker::{Offer, Tracker};
 use super::view::ControlView;
 use crate::enforce::DenyRecord;
 use crate::model::{IfName, PublicKey};
+use crate::reconcile::ReconcileError;
 use crate::wg::WgBackend;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -30,7 +31,28 @@ const REPORT_DRAIN: Duration = Duration::from_secs(2);
 pub struct ApplyRequest {
     pub version: u64,
     pub view: ControlView,
-    pub done: oneshot::Sender<Result<(), String>>,
+    pub done: oneshot::Sender<Result<(), ViewRejected>>,
+}
+
+/// Why the daemon did not apply a view. It first puts the previous state back; `restored`
+/// says whether that worked. Rendered as text only in the report to the control plane.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause}; {}", match restored {
+    Ok(()) => "the previous state is restored".to_owned(),
+    Err(e) => format!("restoring the previous state failed too ({e}), retrying"),
+})]
+pub struct ViewRejected {
+    pub cause: ViewError,
+    pub restored: Result<(), ReconcileError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ViewError {
+    /// The view does not make a valid desired state with the local config.
+    #[error(transparent)]
+    Invalid(#[from] crate::desired::DesiredError),
+    #[error(transparent)]
+    Apply(#[from] ReconcileError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +264,8 @@ impl ControlClient {
                         );
                         v1::agent_report::Body::Applied(v1::Applied { version })
                     }
-                    Err(reason) => {
+                    Err(rejected) => {
+                        let reason = rejected.to_string();
                         tracing::warn!(version, %reason, "control update failed to apply; keeping the previous state");
                         status.last_error = Some(reason.clone());
                         v1::agent_report::Body::Failed(v1::ApplyFailed { version, reason })
@@ -262,7 +285,7 @@ impl ControlClient {
         }
     }
 
-    async fn apply(&self, version: u64, view: ControlView) -> Result<Result<(), String>, SessionError> {
+    async fn apply(&self, version: u64, view: ControlView) -> Result<Result<(), ViewRejected>, SessionError> {
         let (done, result) = oneshot::channel();
         self.apply.send(ApplyRequest { version, view, done }).await.map_err(|_| SessionError::DaemonGone)?;
         result.await.map_err(|_| SessionError::DaemonGone)

@@ -9,7 +9,7 @@ pub mod persist;
 pub mod tracker;
 pub mod view;
 
-pub use client::{ApplyRequest, ControlClient};
+pub use client::{ApplyRequest, ControlClient, ViewError, ViewRejected};
 pub use config::ControlConfig;
 pub use persist::{ControlFiles, ControlStatus};
 pub use tracker::{Offer, Tracker};

@@ -122,7 +122,7 @@ pub fn device_state(dev: &DeviceInfo) -> DeviceState {
 
 /// Builds one device update from the WireGuard operations of a plan (others are ignored).
 #[must_use]
-pub fn device_update(desired: &Desired, ops: &[&Op]) -> DeviceUpdate {
+pub fn device_update<'a>(desired: &Desired, ops: impl IntoIterator<Item = &'a Op>) -> DeviceUpdate {
     let mut update = DeviceUpdate::new();
     for op in ops {
         match op {
