@@ -19,13 +19,15 @@ use crate::keys;
 use crate::load::{self, Loaded};
 use crate::model::Desired;
 use crate::netlink::Netlink;
+use crate::ownership::{Claim, Ownership};
 use crate::reconcile::{ReconcileError, Reconciler};
-use crate::state::{Owned, StateDir};
+use crate::state::StateDir;
 use crate::wg;
 
 pub struct Agent {
     pub loaded: Loaded,
-    pub state: StateDir,
+    /// The state directory's ownership record (and its lock).
+    ownership: Ownership,
     pub reconciler: Reconciler,
     pub wake: Arc<Notify>,
     /// Control mode: views to apply, from the control-plane client.
@@ -46,47 +48,41 @@ impl Agent {
     /// protocol number.
     pub async fn start(loaded: Loaded) -> anyhow::Result<Agent> {
         let c = &loaded.config;
-        let state = StateDir::open(&c.agent.state_dir)?;
         let wake = Arc::new(Notify::new());
         let backend =
             wg::select(c.interface.backend, &c.interface.userspace_command, c.agent.state_dir.clone(), wake.clone())?;
         let nl = Netlink::connect()?;
-        let before = state.owned()?;
-        let pin_root = c.policy.as_ref().map(|p| p.pin_dir.clone()).or(before.pin_root.clone());
-        let reconciler = Reconciler::new(nl.clone(), backend.clone(), c.routing.protocol)
+        let mut ownership = Ownership::open(StateDir::open(&c.agent.state_dir)?)?;
+        let pin_root = c.policy.as_ref().map(|p| p.pin_dir.clone()).or(ownership.record().pin_root.clone());
+        let reconciler = Reconciler::new(nl, backend.clone(), c.routing.protocol)
             .with_policy_dirs(c.agent.state_dir.clone(), pin_root.clone());
-        if let Some(old) = before.protocol.filter(|p| *p != c.routing.protocol) {
-            tracing::info!(
-                old,
-                new = c.routing.protocol,
-                "route protocol changed; removing routes and rules of the old one"
-            );
-            reconciler.remove_routes_and_rules(old).await?;
-        }
-        let current = loaded.desired.ifname.to_string();
-        let mut stale: Vec<_> = before.ifnames().into_iter().filter(|n| n.as_str() != current).collect();
-        if before.backend.is_some_and(|b| b != backend.name()) && before.interfaces.contains(&current) {
-            stale.push(loaded.desired.ifname.clone());
-        }
-        let mut owned = Owned {
-            interfaces: before.interfaces.clone(),
-            protocol: Some(c.routing.protocol),
-            backend: Some(backend.name().into()),
+        let claim = Claim {
+            ifname: loaded.desired.ifname.clone(),
+            backend: backend.kind(),
+            protocol: c.routing.protocol,
             pin_root,
         };
-        owned.interfaces.insert(current.clone());
-        state.set_owned(&owned)?;
-        if !stale.is_empty() {
-            // A link of another backend needs that backend's cleanup; deleting it is the same.
-            reconciler.remove_links(&stale).await?;
-        }
-        owned.interfaces = [current].into();
-        state.set_owned(&owned)?;
+        let (rec, protocol) = (&reconciler, claim.protocol);
+        ownership
+            .adopt(&claim, |left| async move {
+                if let Some(old) = left.protocol {
+                    tracing::info!(
+                        old,
+                        new = protocol,
+                        "route protocol changed; removing routes and rules of the old one"
+                    );
+                    rec.remove_routes_and_rules(old).await?;
+                }
+                // A link of another backend needs that backend's cleanup; deleting it is the same.
+                rec.remove_links(&left.links).await?;
+                Ok::<_, anyhow::Error>(())
+            })
+            .await?;
         let control = match &c.control {
             None => None,
             Some(cc) => Some(start_client(cc, &loaded, backend)?),
         };
-        Ok(Agent { loaded, state, reconciler, wake, control, config_cache: ConfigCache::default() })
+        Ok(Agent { loaded, ownership, reconciler, wake, control, config_cache: ConfigCache::default() })
     }
 
     /// Keeps the parsed peers of the config `loaded` came from (see [`load_cached`]).
@@ -115,12 +111,10 @@ impl Agent {
     async fn switch_interface(&mut self, new: Loaded) -> anyhow::Result<Loaded> {
         let old_name = self.loaded.desired.ifname.clone();
         if new.desired.ifname != old_name {
-            let mut owned = self.state.owned()?;
-            owned.interfaces.insert(new.desired.ifname.to_string());
-            self.state.set_owned(&owned)?;
-            self.reconciler.remove_links(std::slice::from_ref(&old_name)).await?;
-            owned.interfaces.remove(old_name.as_str());
-            self.state.set_owned(&owned)?;
+            let remove_old = self.reconciler.remove_links(std::slice::from_ref(&old_name));
+            self.ownership
+                .rename::<_, anyhow::Error>(&old_name, &new.desired.ifname, async { Ok(remove_old.await?) })
+                .await?;
         }
         Ok(std::mem::replace(&mut self.loaded, new))
     }

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod load;
 pub mod model;
 pub mod netlink;
+pub mod ownership;
 pub mod plan;
 pub mod policy;
 pub mod reconcile;

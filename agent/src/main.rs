@@ -1,3 +1,4 @@
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,9 @@ use wirefence_agent::config::ConfigCache;
 use wirefence_agent::control::ControlFiles;
 use wirefence_agent::daemon::Agent;
 use wirefence_agent::load;
+use wirefence_agent::model::IfName;
 use wirefence_agent::netlink::Netlink;
+use wirefence_agent::ownership::Ownership;
 use wirefence_agent::policy::{self, Direction};
 use wirefence_agent::reconcile::Reconciler;
 use wirefence_agent::state::StateDir;
@@ -129,33 +132,26 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Down { config } => {
             let config = load::load_effective(&config)?;
-            let state = StateDir::open(&config.agent.state_dir)?;
-            let mut owned = state.owned()?;
-            owned.interfaces.insert(config.interface.name.to_string());
-            let backend = wg::for_cleanup(owned.backend.as_deref(), &config);
-            let nl = Netlink::connect()?;
-            let protocols: std::collections::BTreeSet<u8> =
-                [Some(config.routing.protocol), owned.protocol].into_iter().flatten().collect();
-            let pin_roots: std::collections::BTreeSet<PathBuf> =
-                [config.policy.as_ref().map(|p| p.pin_dir.clone()), owned.pin_root.clone()]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-            let protocols: Vec<u8> = protocols.into_iter().collect();
-            Reconciler::new(nl.clone(), backend.clone(), config.routing.protocol)
-                .with_policy_dirs(config.agent.state_dir.clone(), None)
-                .teardown(&owned.ifnames(), &protocols)
+            let mut ownership = Ownership::open(StateDir::open(&config.agent.state_dir)?)?;
+            let backend = wg::for_cleanup(ownership.record().backend, &config);
+            let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol)
+                .with_policy_dirs(config.agent.state_dir.clone(), None);
+            let (rec, config) = (&rec, &config);
+            ownership
+                .release(&config.interface.name, |owned| async move {
+                    let protocols: BTreeSet<u8> =
+                        [Some(config.routing.protocol), owned.protocol].into_iter().flatten().collect();
+                    let pin_roots: BTreeSet<PathBuf> =
+                        [config.policy.as_ref().map(|p| p.pin_dir.clone()), owned.pin_root]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                    let ifnames: Vec<IfName> = owned.interfaces.into_iter().collect();
+                    let protocols: Vec<u8> = protocols.into_iter().collect();
+                    let pin_roots: Vec<PathBuf> = pin_roots.into_iter().collect();
+                    rec.teardown(&ifnames, &protocols, &pin_roots).await
+                })
                 .await?;
-            for root in pin_roots {
-                let rec = Reconciler::new(nl.clone(), backend.clone(), config.routing.protocol)
-                    .with_policy_dirs(config.agent.state_dir.clone(), Some(root));
-                for ifname in owned.ifnames() {
-                    rec.remove_policy(&ifname).await?;
-                }
-            }
-            owned.interfaces.clear();
-            owned.pin_root = None;
-            state.set_owned(&owned)?;
             println!(
                 "removed interface {}, its policy programs and maps, and every route and rule wirefence owned",
                 config.interface.name

@@ -43,6 +43,12 @@ impl FromStr for IfName {
     }
 }
 
+impl<'de> Deserialize<'de> for IfName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl IfName {
     pub fn as_str(&self) -> &str {
         &self.0

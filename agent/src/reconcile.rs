@@ -424,12 +424,21 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Removes everything the agent owns: the policy of each interface, its rules and routes
-    /// (each protocol number given, in every table), the tunnel link of each name given, and
-    /// what the backend left behind.
-    pub async fn teardown(&self, ifnames: &[IfName], protocols: &[u8]) -> Result<(), ReconcileError> {
-        for ifname in ifnames {
-            self.remove_policy(ifname).await?;
+    /// Removes everything the agent owns (`down`): the policy programs and pins of each
+    /// interface under each pin root, the rules and routes of each protocol number (in every
+    /// table), the tunnel link of each name, and what the backend left behind.
+    pub async fn teardown(
+        &self,
+        ifnames: &[IfName],
+        protocols: &[u8],
+        pin_roots: &[PathBuf],
+    ) -> Result<(), ReconcileError> {
+        self.enforcer.lock().expect("enforcer lock").take();
+        for root in pin_roots {
+            for ifname in ifnames {
+                let (root, name) = (root.clone(), ifname.clone());
+                blocking(move || enforce::remove(&root, &name)).await?;
+            }
         }
         for protocol in protocols {
             self.remove_routes_and_rules(*protocol).await?;

@@ -1,16 +1,15 @@
 //! What the agent remembers across restarts (which links it owns) and the lock that keeps
 //! one agent per state directory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::model::{IfName, PublicKey};
+use crate::ownership::Owned;
 use crate::plan::Op;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,26 +20,6 @@ pub enum StateError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("another wirefence agent holds {path} (stop it first)")]
     Locked { path: PathBuf },
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Owned {
-    pub interfaces: BTreeSet<String>,
-    /// rtnetlink protocol number the owned routes and rules carry.
-    #[serde(default)]
-    pub protocol: Option<u8>,
-    /// Backend that created the links ("kernel" or "userspace").
-    #[serde(default)]
-    pub backend: Option<String>,
-    /// bpffs directory holding the policy programs and maps of the links.
-    #[serde(default)]
-    pub pin_root: Option<std::path::PathBuf>,
-}
-
-impl Owned {
-    pub fn ifnames(&self) -> Vec<IfName> {
-        self.interfaces.iter().filter_map(|s| s.parse().ok()).collect()
-    }
 }
 
 pub struct StateDir {
@@ -70,7 +49,8 @@ impl StateDir {
         self.dir.join("owned.json")
     }
 
-    pub fn owned(&self) -> Result<Owned, StateError> {
+    /// The ownership record (see [`crate::ownership`], the one place that changes it).
+    pub(crate) fn owned(&self) -> Result<Owned, StateError> {
         let path = self.owned_path();
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source }),
@@ -80,7 +60,7 @@ impl StateDir {
     }
 
     /// Replaces the record atomically (write, fsync, rename).
-    pub fn set_owned(&self, owned: &Owned) -> Result<(), StateError> {
+    pub(crate) fn set_owned(&self, owned: &Owned) -> Result<(), StateError> {
         write_atomic(&self.owned_path(), &serde_json::to_vec_pretty(owned).expect("serializable"))
     }
 }
@@ -177,8 +157,9 @@ mod tests {
         let s = StateDir::open(&dir).unwrap();
         assert!(matches!(StateDir::open(&dir), Err(StateError::Locked { .. })));
         assert!(s.owned().unwrap().interfaces.is_empty());
-        s.set_owned(&Owned { interfaces: ["wf0".to_string()].into(), ..Default::default() }).unwrap();
-        assert_eq!(s.owned().unwrap().ifnames(), vec!["wf0".parse::<IfName>().unwrap()]);
+        let wf0: IfName = "wf0".parse().unwrap();
+        s.set_owned(&Owned { interfaces: [wf0.clone()].into(), ..Default::default() }).unwrap();
+        assert_eq!(s.owned().unwrap().interfaces, [wf0].into());
         drop(s);
         StateDir::open(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

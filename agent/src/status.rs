@@ -31,6 +31,9 @@ pub struct PolicyStatus {
     pub counters: crate::enforce::Counters,
     /// The latest denied packets the running agent saw (newest last).
     pub recent_denies: Vec<crate::enforce::DenyRecord>,
+    /// The pins come from another wirefence build (its id, or "not recorded").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_build: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -79,17 +82,21 @@ pub async fn collect(
             }
         })
         .collect();
-    let policy = match policy_dirs {
-        Some((root, state_dir)) if crate::enforce::pin_dir(root, ifname).exists() => {
-            let e = crate::enforce::Enforcer::open(root, ifname, 0, state_dir)?;
-            Some(PolicyStatus {
-                epoch: e.state()?.epoch,
-                attached: observed.link.map_or(Ok(false), |l| crate::enforce::attached_elsewhere(ifname, l.index))?,
-                counters: e.counters()?,
-                recent_denies: crate::enforce::denies::load(state_dir, ifname),
-            })
-        }
-        _ => None,
+    // Read only: the pinned maps by path, nothing loaded or written (a running agent may be
+    // filling a generation; the pins may be another build's).
+    let inspected = match policy_dirs {
+        Some((root, state_dir)) => crate::enforce::inspect::inspect(root, ifname, state_dir)?.map(|i| (i, state_dir)),
+        None => None,
+    };
+    let policy = match inspected {
+        Some((i, state_dir)) => Some(PolicyStatus {
+            epoch: i.state.epoch,
+            attached: observed.link.map_or(Ok(false), |l| crate::enforce::attached_elsewhere(ifname, l.index))?,
+            counters: i.counters,
+            recent_denies: crate::enforce::denies::load(state_dir, ifname),
+            other_build: i.other_build,
+        }),
+        None => None,
     };
     Ok(Status {
         control: None,
@@ -176,6 +183,14 @@ impl std::fmt::Display for Status {
                 p.epoch,
                 if p.attached { "attached" } else { "NOT attached" }
             )?;
+            if let Some(build) = &p.other_build {
+                writeln!(
+                    f,
+                    "  pinned by another wirefence build ({build}; this one: {}): this build's agent will not \
+                     adopt them; `down` removes them",
+                    crate::bpf::object_id()
+                )?;
+            }
             for (id, c) in &p.counters.rules {
                 writeln!(f, "  rule {id}: {} packets, {}", c.packets, bytes(c.bytes))?;
             }

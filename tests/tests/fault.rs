@@ -61,7 +61,7 @@ fn failed_operations_mid_apply_converge_on_the_next_pass() {
             rec.reconcile(&loaded.desired).await.expect("second pass converges");
             let after = rec.plan(&loaded.desired).await.unwrap();
             assert!(after.is_empty(), "{:?}", after.ops);
-            rec.teardown(std::slice::from_ref(&loaded.desired.ifname), &[PROTO]).await.unwrap();
+            rec.teardown(std::slice::from_ref(&loaded.desired.ifname), &[PROTO], &[]).await.unwrap();
             rec.plan(&loaded.desired).await.unwrap().ops.len()
         })
     });

@@ -175,3 +175,55 @@ fn icmp_packet_too_big_of_an_allowed_flow_passes() {
     let st = a.status_json();
     assert!(st["policy"]["counters"]["stats"]["allowed_established"]["packets"].as_u64().unwrap() > 0, "{st}");
 }
+
+/// What `status` must never change: the generation word, the prefix lengths of both
+/// generations, the pin directory's entries, and every state file (content and mtime).
+fn untouched_by_status(host: &Host) -> (String, String, Vec<String>, Vec<String>) {
+    use aya::maps::{Array, MapData};
+    use wirefence_common as common;
+    let dir = bpffs_root().join(&host.ifname);
+    let state: Array<MapData, common::PolicyState> =
+        Array::try_from(aya::maps::Map::from_map_data(MapData::from_pin(dir.join(common::STATE)).unwrap()).unwrap())
+            .unwrap();
+    let lens: Array<MapData, common::ClassLens> = Array::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(dir.join(common::CLASS_LENS)).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let lens: Vec<_> = (0..common::CLASS_LENS_ENTRIES).map(|i| lens.get(&i, 0).unwrap().bits).collect();
+    let mut pins: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    pins.sort();
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(host.dir.join("state")).unwrap().flatten() {
+        let meta = e.metadata().unwrap();
+        let content = if meta.is_file() { std::fs::read(e.path()).unwrap() } else { Vec::new() };
+        files.push(format!("{:?} {:?} {content:?}", e.file_name(), meta.modified().unwrap()));
+    }
+    files.sort();
+    (format!("{:?}", state.get(&0, 0).unwrap()), format!("{lens:?}"), pins, files)
+}
+
+#[test]
+fn status_reads_the_pins_without_writing_and_across_builds() {
+    let lab = lab_with_policy(&["80"]);
+    let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
+    a.run_once_ok();
+    b.run_once_ok();
+    wait_until("port 80 connects", T, || connect(&a.ns, sock(&b.overlay_v4, 80), SHORT).is_some());
+    let before = untouched_by_status(b);
+    let st = b.status_json();
+    assert!(st["policy"]["counters"]["rules"]["web"]["packets"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["policy"].get("other_build").is_none(), "this build's pins reported as another's: {st}");
+    assert_eq!(untouched_by_status(b), before, "status changed the pinned maps or the state directory");
+
+    // Pins recorded as another build's: status still reads them, and says so.
+    std::fs::write(b.dir.join(format!("state/{}.ebpf-build", b.ifname)), "0123456789abcdef\n").unwrap();
+    let before = untouched_by_status(b);
+    let st = b.status_json();
+    assert_eq!(st["policy"]["other_build"], "0123456789abcdef", "{st}");
+    assert!(st["policy"]["epoch"].is_u64() && st["policy"]["attached"] == true, "{st}");
+    assert!(st["policy"]["counters"]["rules"]["web"]["packets"].as_u64().unwrap() > 0, "{st}");
+    let text = run_ok(b.agent().args(["status", "--config"]).arg(b.config_path()));
+    assert!(text.contains("pinned by another wirefence build (0123456789abcdef"), "{text}");
+    assert_eq!(untouched_by_status(b), before, "status changed the pinned maps or the state directory");
+}

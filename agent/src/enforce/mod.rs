@@ -9,6 +9,7 @@
 mod apply;
 mod attach;
 pub mod denies;
+pub mod inspect;
 pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -123,7 +124,7 @@ impl Enforcer {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let build_file = state_dir.join(format!("{ifname}.ebpf-build"));
+        let build_file = build_file(state_dir, ifname);
         let ours = crate::bpf::object_id();
         check_build(&dir, &build_file, ifname, &ours)?;
         let counters_new = !dir.join(common::RULE_COUNTERS).exists();
@@ -132,7 +133,7 @@ impl Enforcer {
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
         std::fs::write(&build_file, &ours)
             .map_err(|source| EnforceError::State { path: build_file.clone(), source })?;
-        let slots_file = state_dir.join(format!("{ifname}.policy-slots.json"));
+        let slots_file = slots_file(state_dir, ifname);
         let slots = read_slots(&slots_file);
         let mut e = Enforcer {
             dir,
@@ -229,33 +230,10 @@ impl Enforcer {
 
     /// Per-rule counters by rule id, and the global statistics.
     pub fn counters(&self) -> Result<Counters, EnforceError> {
-        let sum = |v: &aya::maps::PerCpuValues<common::Counter>| {
-            v.iter().fold(Count::default(), |a, c| Count { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
-        };
-        let map =
-            self.ebpf.map(common::RULE_COUNTERS).ok_or(EnforceError::MissingMap { name: common::RULE_COUNTERS })?;
-        let rc: PerCpuArray<&MapData, common::Counter> =
-            PerCpuArray::try_from(map).map_err(map_err(common::RULE_COUNTERS))?;
-        let mut out = Counters::default();
-        for (id, slot) in &self.ids.slots {
-            out.rules.insert(id.clone(), sum(&rc.get(slot, 0).map_err(map_err(common::RULE_COUNTERS))?));
-        }
-        let map = self.ebpf.map(common::STATS).ok_or(EnforceError::MissingMap { name: common::STATS })?;
-        let st: PerCpuArray<&MapData, common::Counter> = PerCpuArray::try_from(map).map_err(map_err(common::STATS))?;
-        use common::stat::*;
-        for (name, i) in [
-            ("allowed_new", ALLOWED_NEW),
-            ("allowed_established", ALLOWED_ESTABLISHED),
-            ("denied", DENIED),
-            ("malformed", MALFORMED),
-            ("uninitialized", UNINITIALIZED),
-            ("events_lost", EVENTS_LOST),
-            ("fragments", FRAGMENTS),
-            ("not_ip", NOT_IP),
-        ] {
-            out.stats.insert(name, sum(&st.get(&i, 0).map_err(map_err(common::STATS))?));
-        }
-        Ok(out)
+        let map = |name| self.ebpf.map(name).ok_or(EnforceError::MissingMap { name });
+        let rules = PerCpuArray::try_from(map(common::RULE_COUNTERS)?).map_err(map_err(common::RULE_COUNTERS))?;
+        let stats = PerCpuArray::try_from(map(common::STATS)?).map_err(map_err(common::STATS))?;
+        read_counters(&rules, &stats, &self.ids.slots)
     }
 
     /// Whether both programs are attached to the interface (device `index`).
@@ -267,6 +245,35 @@ impl Enforcer {
     pub fn attach(&mut self, ifname: &IfName, _index: u32) -> Result<AttachMode, EnforceError> {
         attach::attach(&mut self.ebpf, &self.dir, ifname)
     }
+}
+
+/// Sums the per-CPU counters: each rule's (by the id -> slot table) and the global statistics.
+pub(crate) fn read_counters<T: std::borrow::Borrow<MapData>>(
+    rules: &PerCpuArray<T, common::Counter>,
+    stats: &PerCpuArray<T, common::Counter>,
+    slots: &BTreeMap<String, u32>,
+) -> Result<Counters, EnforceError> {
+    let sum = |v: &aya::maps::PerCpuValues<common::Counter>| {
+        v.iter().fold(Count::default(), |a, c| Count { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+    };
+    let mut out = Counters::default();
+    for (id, slot) in slots {
+        out.rules.insert(id.clone(), sum(&rules.get(slot, 0).map_err(map_err(common::RULE_COUNTERS))?));
+    }
+    use common::stat::*;
+    for (name, i) in [
+        ("allowed_new", ALLOWED_NEW),
+        ("allowed_established", ALLOWED_ESTABLISHED),
+        ("denied", DENIED),
+        ("malformed", MALFORMED),
+        ("uninitialized", UNINITIALIZED),
+        ("events_lost", EVENTS_LOST),
+        ("fragments", FRAGMENTS),
+        ("not_ip", NOT_IP),
+    ] {
+        out.stats.insert(name, sum(&stats.get(&i, 0).map_err(map_err(common::STATS))?));
+    }
+    Ok(out)
 }
 
 /// Whether the agent's programs (this one's or a previous agent's) are on the device, as the
@@ -288,15 +295,30 @@ fn check_build(dir: &Path, file: &Path, ifname: &IfName, ours: &str) -> Result<(
     if !pinned {
         return Ok(());
     }
-    let found = match std::fs::read_to_string(file) {
-        Ok(s) => s.trim().to_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "not recorded".to_owned(),
-        Err(source) => return Err(EnforceError::State { path: file.to_owned(), source }),
-    };
+    let found = recorded_build(file)?;
     if found == ours {
         return Ok(());
     }
     Err(EnforceError::OtherBuild { ifname: ifname.clone(), found, ours: ours.to_owned(), file: file.to_owned() })
+}
+
+/// The build recorded as the maker of an interface's pins (`state_dir/<if>.ebpf-build`).
+pub(crate) fn build_file(state_dir: &Path, ifname: &IfName) -> PathBuf {
+    state_dir.join(format!("{ifname}.ebpf-build"))
+}
+
+/// What `file` records ("not recorded" when it is missing).
+fn recorded_build(file: &Path) -> Result<String, EnforceError> {
+    match std::fs::read_to_string(file) {
+        Ok(s) => Ok(s.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("not recorded".to_owned()),
+        Err(source) => Err(EnforceError::State { path: file.to_owned(), source }),
+    }
+}
+
+/// Where the rule-id -> counter-slot table of an interface is saved.
+fn slots_file(state_dir: &Path, ifname: &IfName) -> PathBuf {
+    state_dir.join(format!("{ifname}.policy-slots.json"))
 }
 
 /// The saved rule-id -> counter-slot table. Missing: empty. Unreadable or not a table:

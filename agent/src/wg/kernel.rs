@@ -28,8 +28,8 @@ pub(super) fn wg_name(ifname: &IfName) -> InterfaceName {
 }
 
 impl WgBackend for KernelBackend {
-    fn name(&self) -> &'static str {
-        "kernel"
+    fn kind(&self) -> crate::ownership::BackendKind {
+        crate::ownership::BackendKind::Kernel
     }
 
     fn ensure_device(&self, ifname: &IfName) -> Result<(), WgError> {

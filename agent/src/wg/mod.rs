@@ -11,6 +11,7 @@ use wireguard_control::{AllowedIp, DeviceUpdate, PeerConfigBuilder};
 
 use crate::config::BackendChoice;
 use crate::model::{Desired, DeviceState, IfName, PeerSpec, PublicKey};
+use crate::ownership::BackendKind;
 use crate::plan::Op;
 
 pub use kernel::{kernel_wireguard_available, KernelBackend};
@@ -41,7 +42,10 @@ fn io_err<'a>(
 /// One WireGuard implementation. Calls block (they talk to a socket); the reconciler runs
 /// them off the async executor.
 pub trait WgBackend: Send + Sync {
-    fn name(&self) -> &'static str;
+    fn kind(&self) -> BackendKind;
+    fn name(&self) -> &'static str {
+        self.kind().as_str()
+    }
     /// Makes the device exist (kernel: the link; userspace: a running, answering daemon).
     fn ensure_device(&self, ifname: &IfName) -> Result<(), WgError>;
     /// The device, or `None` when there is none.
@@ -72,10 +76,10 @@ pub fn select(
 }
 
 /// A backend for `down`: only its cleanup runs, so nothing is probed or loaded.
-pub fn for_cleanup(recorded: Option<&str>, config: &crate::config::Config) -> Arc<dyn WgBackend> {
+pub fn for_cleanup(recorded: Option<BackendKind>, config: &crate::config::Config) -> Arc<dyn WgBackend> {
     match recorded {
-        Some("kernel") => Arc::new(KernelBackend),
-        _ => Arc::new(UserspaceBackend::new(
+        Some(BackendKind::Kernel) => Arc::new(KernelBackend),
+        Some(BackendKind::Userspace) | None => Arc::new(UserspaceBackend::new(
             config.interface.userspace_command.clone(),
             config.agent.state_dir.clone(),
             Default::default(),

@@ -71,8 +71,8 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 impl WgBackend for UserspaceBackend {
-    fn name(&self) -> &'static str {
-        "userspace"
+    fn kind(&self) -> crate::ownership::BackendKind {
+        crate::ownership::BackendKind::Userspace
     }
 
     fn ensure_device(&self, ifname: &IfName) -> Result<(), WgError> {

@@ -1,0 +1,48 @@
+//! Read-only inspection of an interface's pinned policy state, for `status`: the pinned
+//! maps it needs are opened by path; no object is loaded, no map, pin or state file is
+//! written, so it never races a running agent filling a generation. It works whatever
+//! build made the pins (the state and counter maps keep their layout across builds; a map
+//! that does not is an error naming it) and says when that build is another one.
+
+use std::path::Path;
+
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use wirefence_common as common;
+
+use super::{
+    build_file, map_err, pin_dir, read_counters, read_slots, recorded_build, slots_file, Counters, EnforceError,
+};
+use crate::model::IfName;
+
+/// What the pins of one interface hold.
+#[derive(Debug)]
+pub struct Inspection {
+    pub state: common::PolicyState,
+    pub counters: Counters,
+    /// The build that made the pins, when it is not this one ("not recorded" if unknown).
+    pub other_build: Option<String>,
+}
+
+fn pinned(dir: &Path, name: &'static str) -> Result<Map, EnforceError> {
+    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+/// The interface's pinned policy state; `None` when nothing is pinned for it.
+pub fn inspect(pin_root: &Path, ifname: &IfName, state_dir: &Path) -> Result<Option<Inspection>, EnforceError> {
+    let dir = pin_dir(pin_root, ifname);
+    if !dir.join(common::STATE).exists() {
+        return Ok(None);
+    }
+    let state: Array<MapData, common::PolicyState> =
+        Array::try_from(pinned(&dir, common::STATE)?).map_err(map_err(common::STATE))?;
+    let state = state.get(&0, 0).map_err(map_err(common::STATE))?;
+    let rules: PerCpuArray<MapData, common::Counter> =
+        PerCpuArray::try_from(pinned(&dir, common::RULE_COUNTERS)?).map_err(map_err(common::RULE_COUNTERS))?;
+    let stats: PerCpuArray<MapData, common::Counter> =
+        PerCpuArray::try_from(pinned(&dir, common::STATS)?).map_err(map_err(common::STATS))?;
+    let counters = read_counters(&rules, &stats, &read_slots(&slots_file(state_dir, ifname)))?;
+    let found = recorded_build(&build_file(state_dir, ifname))?;
+    let other_build = (found != crate::bpf::object_id()).then_some(found);
+    Ok(Some(Inspection { state, counters, other_build }))
+}
