@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod ownership;
 pub mod plan;
 pub mod policy;
+pub mod primitives;
 pub mod reconcile;
 pub mod state;
 pub mod status;

@@ -19,8 +19,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{parse_prefix, Endpoint};
 use crate::policy::resolve::ResolveError;
+use crate::primitives::{parse_prefix, Endpoint};
 
 /// A validated `[control]` section.
 #[derive(Clone, Debug, PartialEq, Eq)]

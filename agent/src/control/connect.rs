@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 use super::config::Transport;
-use crate::config::Endpoint;
+use crate::primitives::Endpoint;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -9,9 +9,9 @@ use ipnet::IpNet;
 use wirefence_proto::v1;
 use wirefence_proto::WireError;
 
-use crate::config::PeerConfig;
 use crate::model::PublicKey;
 use crate::policy::{Policy, PolicyError, PortRange, Rule, RuleDirection};
+use crate::primitives::PeerConfig;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControlPeer {
@@ -170,7 +170,7 @@ impl ControlView {
             return Err(UpdateError::OwnKey(*own));
         }
         let configs = self.peer_configs();
-        if let Some((a, b, net_a, net_b)) = crate::config::find_overlap(&configs) {
+        if let Some((a, b, net_a, net_b)) = crate::primitives::find_overlap(&configs) {
             return Err(UpdateError::Overlap { a: configs[a].public_key, net_a, b: configs[b].public_key, net_b });
         }
         Ok(())
@@ -184,7 +184,7 @@ impl ControlView {
             .map(|(k, p)| PeerConfig {
                 public_key: *k,
                 name: (!p.name.is_empty()).then(|| p.name.clone()),
-                endpoint: p.endpoint.map(crate::config::Endpoint::Addr),
+                endpoint: p.endpoint.map(crate::primitives::Endpoint::Addr),
                 allowed_ips: p.allowed_ips.clone(),
                 persistent_keepalive: p.persistent_keepalive,
                 line: 0,

@@ -15,8 +15,8 @@ use toml::Spanned;
 
 use super::model::{parse_proto, valid_id, Policy, PortRange, Rule, RuleDirection};
 use super::PolicyError;
-use crate::config::{parse_prefix, PeerConfig};
 use crate::model::PublicKey;
+use crate::primitives::{parse_prefix, PeerConfig};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/wirefence";
 
