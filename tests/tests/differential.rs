@@ -56,10 +56,10 @@ use wirefence_agent::policy::{
     self as pol, compile, evaluate, simulate, Compiled, Decision, Direction, Policy, PortRange, Rule, RuleDirection,
 };
 use wirefence_common::{self as common, Counter, FlowKey, FlowValue, PolicyData, PolicyValue};
+use wirefence_tests::bpf::{mapped, TC_ACT_OK, TC_ACT_SHOT};
 use wirefence_tests::packet as wire;
+use wirefence_tests::require_root_for;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 /// IP header offset in the test frames (Ethernet).
 const L3_OFFSET: u32 = 14;
 const MAX_MISMATCHES: usize = 10;
@@ -431,13 +431,6 @@ fn mutate(rng: &mut Rng, prev: &Policy) -> Policy {
 // ---------------------------------------------------------------------------------------
 // Packets.
 
-fn mapped(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
@@ -744,14 +737,6 @@ fn gen_case(rng: &mut Rng, view: &PolicyView) -> Case {
 
 // ---------------------------------------------------------------------------------------
 // The bed: a bpffs of its own, the real Enforcer, and the programs on its pinned maps.
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "privileged test: mounting bpffs and loading eBPF programs need root; CI runs it as root"
-    );
-}
 
 struct Bed {
     root: PathBuf,
@@ -1079,7 +1064,7 @@ struct Tally {
 
 #[test]
 fn ebpf_verdicts_match_the_reference_evaluator() {
-    require_root();
+    require_root_for("mounting bpffs and loading eBPF programs need root");
     let seed = env_u64("WIREFENCE_DIFF_SEED")
         .unwrap_or_else(|| std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() as u64 ^ u64::from(std::process::id()));
     let n_policies = env_u64("WIREFENCE_DIFF_POLICIES").unwrap_or(60) as usize;
