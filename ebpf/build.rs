@@ -6,8 +6,8 @@
 //! headers are at any alignment (the IP header is at offset 14 on Ethernet). The kernel
 //! allows unaligned packet access on the JITs that handle it (x86-64, arm64), and the
 //! verifier rejects the object at load time elsewhere: loudly, never silently wrong. Stack
-//! accesses must stay aligned for the verifier; `src/main.rs` keeps its stack data in
-//! aligned words (see `load` and `class_key_v6`).
+//! accesses must stay aligned for the verifier; the programs keep their stack data in
+//! aligned words (see `load` in `src/parse.rs` and the class keys in `src/classes.rs`).
 
 fn main() {
     println!("cargo:rustc-link-arg=--cpu-features=+allows-misaligned-mem-access");

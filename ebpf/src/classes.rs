@@ -8,13 +8,16 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap},
+    maps::{lpm_trie::Key, Array, HashMap},
 };
-use wirefence_common::{self as c, ClassLens, ClassValue};
+use wirefence_common::{self as c, ClassDataV4, ClassDataV6, ClassLens, ClassValue};
 
 // Keys as words, laid out as common's `Key<ClassDataV4>` (12 bytes) / `Key<ClassDataV6>`
 // (24 bytes): prefix length (8 + address bits), generation, masked address, zero padding.
+// (Assembling them as byte arrays makes LLVM call a byte-loop memset for the zero runs.)
 // Not preallocated: the maps are sized for the largest policy, and most stay small.
+const _: () = assert!(core::mem::size_of::<Key<ClassDataV4>>() == 12);
+const _: () = assert!(core::mem::size_of::<Key<ClassDataV6>>() == 24);
 #[map(name = "WF_SRC4")]
 static SRC_V4: HashMap<[u32; 3], ClassValue> = HashMap::with_max_entries(c::MAX_CLASS_ENTRIES, BPF_F_NO_PREALLOC);
 #[map(name = "WF_DST4")]

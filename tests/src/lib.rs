@@ -5,6 +5,7 @@
 //! parallel and never collide; the guards delete everything they created on drop. Tests
 //! panic on any failure, and fail loudly (never skip) when not run as root.
 
+pub mod bpf;
 pub mod control;
 pub mod packet;
 pub mod steady;
@@ -21,8 +22,15 @@ pub fn unique() -> String {
     format!("{:x}{}", std::process::id() % 0xffff, COUNTER.fetch_add(1, Ordering::SeqCst))
 }
 
+/// Fails the test unless it runs as root (privileged tests fail, never skip); `why` names
+/// what needs root.
+pub fn require_root_for(why: &str) {
+    assert!(nix_is_root(), "privileged test: {why}; CI runs it as root");
+}
+
+/// What the namespace tests need: root ([`require_root_for`]) and wireguard-go.
 pub fn require_root() {
-    assert!(nix_is_root(), "privileged test: must run as root (network namespaces, netlink); CI runs it as root");
+    require_root_for("must run as root (network namespaces, netlink)");
     assert!(
         Command::new("wireguard-go").arg("--version").output().is_ok(),
         "wireguard-go is missing: run scripts/install.sh (Debian package wireguard-go)"

@@ -21,16 +21,11 @@ use wirefence_agent::bpf::Programs;
 use wirefence_common::{
     self as common, stat, ClassValue, Counter, Event, FlowKey, PolicyState, PolicyValue, DIR_EGRESS, DIR_INGRESS,
 };
+use wirefence_tests::bpf::{mapped, TC_ACT_OK, TC_ACT_SHOT};
 use wirefence_tests::packet::*;
+use wirefence_tests::require_root_for;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 const OFFSETS: [u32; 2] = [14, 0];
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert!(unsafe { libc::geteuid() } == 0, "privileged test: loading eBPF programs needs root; CI runs it as root");
-}
 
 fn v4(a: u8, b: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(8, 0, a, b))
@@ -244,7 +239,7 @@ impl Bed {
     }
 
     fn uninitialized(off: u32) -> Bed {
-        require_root();
+        require_root_for("loading eBPF programs needs root");
         Bed { p: Programs::load(off).unwrap_or_else(|e| panic!("load (l3 offset {off}): {e:?}")), off }
     }
 
@@ -352,13 +347,6 @@ const NEW: &[u32] = &[stat::ALLOWED_NEW];
 const EST: &[u32] = &[stat::ALLOWED_ESTABLISHED];
 const DENIED: &[u32] = &[stat::DENIED];
 const MALFORMED: &[u32] = &[stat::MALFORMED];
-
-fn mapped(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Tests.

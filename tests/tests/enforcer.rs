@@ -16,8 +16,7 @@ struct Dirs {
 
 impl Dirs {
     fn new() -> Dirs {
-        // SAFETY: geteuid has no preconditions.
-        assert!(unsafe { libc::geteuid() } == 0, "privileged test: pinning eBPF maps needs root; CI runs it as root");
+        wirefence_tests::require_root_for("pinning eBPF maps needs root");
         let tag = format!("{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000);
         let root = PathBuf::from(format!("/run/wirefence-enf-{tag}"));
         let state = std::env::temp_dir().join(format!("wirefence-enf-{tag}"));

@@ -31,7 +31,6 @@
 //! its own enforcer; all are set up first, then measured in interleaved rounds.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -41,14 +40,13 @@ use wirefence_agent::enforce::Enforcer;
 use wirefence_agent::model::IfName;
 use wirefence_agent::policy::compile;
 use wirefence_common::{self as common, stat};
+use wirefence_tests::bpf::{mapped, TC_ACT_OK, TC_ACT_SHOT};
 use wirefence_tests::packet::{arp_frame, Packet};
 
 use super::bpf::{self, FlowCache, Pins, Shared};
 use super::median;
 use super::rules::{self, DENIED_PORT};
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 const L3_OFFSET: u32 = 14;
 
 /// One (rule count, family) row: medians in ns per packet.
@@ -240,13 +238,6 @@ fn read_slots(state_dir: &Path, ifname: &IfName) -> Result<BTreeMap<String, u32>
     let path = state_dir.join(format!("{ifname}.policy-slots.json"));
     let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
     Ok(serde_json::from_slice(&bytes)?)
-}
-
-fn mapped(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
 }
 
 /// One BPF_PROG_TEST_RUN of `repeat` repetitions: ns per repetition. Checks the verdict and
