@@ -19,4 +19,5 @@ pub mod primitives;
 pub mod reconcile;
 pub mod state;
 pub mod status;
+pub mod sys;
 pub mod wg;

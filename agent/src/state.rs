@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::model::{IfName, PublicKey};
@@ -38,8 +37,7 @@ impl StateDir {
         let _ = std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
         let lock_path = dir.join("agent.lock");
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !crate::sys::try_lock_exclusive(&lock) {
             return Err(StateError::Locked { path: lock_path });
         }
         Ok(StateDir { dir: dir.to_owned(), _lock: lock })

@@ -145,6 +145,32 @@ pub fn class_data_v6(generation: u8, addr: [u8; 16]) -> ClassDataV6 {
     d
 }
 
+/// The generation and address of an IPv4 class-map key's data ([`class_data_v4`]).
+pub fn class_data_v4_parts(d: &ClassDataV4) -> (u8, [u8; 4]) {
+    (d[0], [d[1], d[2], d[3], d[4]])
+}
+
+/// The generation and address of an IPv6 class-map key's data ([`class_data_v6`]).
+pub fn class_data_v6_parts(d: &ClassDataV6) -> (u8, [u8; 16]) {
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        a[i] = d[1 + i];
+        i += 1;
+    }
+    (d[0], a)
+}
+
+/// The address prefix length of a class-map key of prefix length `key_len` (which counts
+/// the generation byte too); `None` for a key no writer makes.
+pub const fn class_prefix_len(key_len: u32, v6: bool) -> Option<u8> {
+    let max = if v6 { 128 } else { 32 };
+    if key_len < 8 || key_len - 8 > max {
+        return None;
+    }
+    Some((key_len - 8) as u8)
+}
+
 /// Bits of [`PolicyData`] before the protocol: generation, src, dst class.
 pub const POLICY_BITS_TO_DST: u32 = 8 + 32 + 32;
 /// ... through the protocol.
@@ -166,6 +192,14 @@ pub fn policy_data(generation: u8, src: u32, dst: u32, proto: u8, port: u16) -> 
     let d = dst.to_be_bytes();
     let p = port.to_be_bytes();
     [generation, s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], proto, p[0], p[1], 0, 0, 0, 0]
+}
+
+/// The generation of a policy key's data ([`policy_data`]), and the data with generation 0
+/// (the same entry in either generation).
+pub fn policy_data_parts(d: &PolicyData) -> (u8, PolicyData) {
+    let mut rest = *d;
+    rest[0] = 0;
+    (d[0], rest)
 }
 
 /// Value of the policy map: the deciding rule's index per direction, [`NO_RULE`] where the
@@ -397,5 +431,24 @@ mod inherit_tests {
         inherit_directions(&mut rows);
         let got: [[u32; 2]; 5] = core::array::from_fn(|i| rows[i].rules);
         assert_eq!(got, [[n, 5], [3, 5], [3, 2], [1, 2], [3, 5]]);
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn key_decoders_invert_the_constructors() {
+        let a4 = [10, 77, 0, 0];
+        assert_eq!(class_data_v4_parts(&class_data_v4(1, a4)), (1, a4));
+        let a6 = core::array::from_fn(|i| i as u8 * 3);
+        assert_eq!(class_data_v6_parts(&class_data_v6(0, a6)), (0, a6));
+        assert_eq!(class_prefix_len(8 + 24, false), Some(24));
+        assert_eq!(class_prefix_len(8 + 33, false), None);
+        assert_eq!(class_prefix_len(8 + 128, true), Some(128));
+        assert_eq!(class_prefix_len(7, true), None);
+        let d = policy_data(1, 7, 9, 6, 443);
+        assert_eq!(policy_data_parts(&d), (1, policy_data(0, 7, 9, 6, 443)));
     }
 }

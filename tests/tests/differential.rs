@@ -625,8 +625,12 @@ fn self_check(bed: &mut Bed) {
     assert!(check(bed, &timestamp).is_ok_and(|d| d.allowed), "self-check: icmp must pass");
 
     let gen = (epoch & 1) as u8;
-    let live: Vec<(Key<PolicyData>, PolicyValue)> =
-        bed.policy_map.iter().map(|r| r.unwrap()).filter(|(k, _)| k.data()[0] == gen).collect();
+    let live: Vec<(Key<PolicyData>, PolicyValue)> = bed
+        .policy_map
+        .iter()
+        .map(|r| r.unwrap())
+        .filter(|(k, _)| common::policy_data_parts(&k.data()).0 == gen)
+        .collect();
     assert!(!live.is_empty(), "self-check: no live policy entries");
     let unused = (0..common::MAX_RULES).find(|s| !slots.values().any(|v| v == s)).unwrap();
     for (k, _) in &live {

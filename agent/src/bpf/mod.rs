@@ -42,10 +42,43 @@ pub enum BpfError {
     MissingProgram { name: &'static str },
     #[error("program {name}: {source}")]
     Program { name: &'static str, source: Box<ProgramError> },
+    #[error(transparent)]
+    Map(#[from] ObjectMapError),
+}
+
+/// A map of the object that could not be had or used: the one map error of the agent
+/// (the enforcer, inspection, tests and tools all report this one).
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectMapError {
     #[error("map {name} is missing from the eBPF object")]
-    MissingMap { name: &'static str },
+    Missing { name: &'static str },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: Box<MapError> },
+}
+
+impl ObjectMapError {
+    /// For `map_err`: an aya error on map `name`.
+    pub fn on(name: &'static str) -> impl FnOnce(MapError) -> ObjectMapError {
+        move |e| ObjectMapError::Map { name, source: Box::new(e) }
+    }
+}
+
+/// A typed handle (`HashMap`, `Array`, ...) on map `name` of `ebpf`, for writing.
+pub fn typed_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, ObjectMapError>
+where
+    M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.map_mut(name).ok_or(ObjectMapError::Missing { name })?;
+    M::try_from(map).map_err(ObjectMapError::on(name))
+}
+
+/// A typed handle on map `name` of `ebpf`, for reading.
+pub fn typed<'a, M>(ebpf: &'a Ebpf, name: &'static str) -> Result<M, ObjectMapError>
+where
+    M: TryFrom<&'a aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.map(name).ok_or(ObjectMapError::Missing { name })?;
+    M::try_from(map).map_err(ObjectMapError::on(name))
 }
 
 /// Loads the object with `WF_L3_OFFSET = l3_offset` (0 on L3 devices such as WireGuard, 14
@@ -93,8 +126,7 @@ impl Programs {
     where
         M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
-        let map = self.ebpf.map_mut(name).ok_or(BpfError::MissingMap { name })?;
-        M::try_from(map).map_err(|e| BpfError::Map { name, source: Box::new(e) })
+        Ok(typed_mut(&mut self.ebpf, name)?)
     }
 
     pub fn state(&mut self) -> Result<Array<&mut MapData, PolicyState>, BpfError> {
@@ -102,7 +134,7 @@ impl Programs {
     }
 
     pub fn set_state(&mut self, state: PolicyState) -> Result<(), BpfError> {
-        self.state()?.set(0, state, 0).map_err(|e| BpfError::Map { name: common::STATE, source: Box::new(e) })
+        Ok(self.state()?.set(0, state, 0).map_err(ObjectMapError::on(common::STATE))?)
     }
 
     /// A class map (source or destination, IPv4): masked prefixes as `Key`s, in a hash.
@@ -164,7 +196,7 @@ impl Programs {
 }
 
 fn per_cpu_sum(map: &PerCpuArray<&mut MapData, Counter>, index: u32, name: &'static str) -> Result<Counter, BpfError> {
-    let values = map.get(&index, 0).map_err(|e| BpfError::Map { name, source: Box::new(e) })?;
+    let values = map.get(&index, 0).map_err(ObjectMapError::on(name))?;
     Ok(values
         .iter()
         .fold(Counter::default(), |a, v| Counter { packets: a.packets + v.packets, bytes: a.bytes + v.bytes }))

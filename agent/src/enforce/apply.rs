@@ -10,18 +10,16 @@
 //! a packet half a policy. Hence [`Enforcer::settle`] before any write to it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::AsFd;
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, IterableMap, MapData, PerCpuArray};
+use aya::maps::{Array, MapData, PerCpuArray};
 use ipnet::IpNet;
 use wirefence_common as common;
 
 use super::writer::{self, diff, Diff};
 use super::{map_err, ApplyStats, EnforceError, Enforcer};
+use crate::bpf::typed_mut;
 use crate::policy::{Compiled, Editable, EntryChange, Role};
-
-const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
 
 impl Enforcer {
     /// Fills the inactive generation with `compiled`, then makes it live.
@@ -173,9 +171,7 @@ impl Enforcer {
         if !self.grace_due {
             return Ok(());
         }
-        // SAFETY: membarrier takes no pointers.
-        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-        if r != 0 {
+        if !crate::sys::membarrier_global() {
             // nohz_full kernels refuse it: a TC program runs for microseconds; 20 ms is a
             // wide margin, though not the kernel's guarantee.
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -190,14 +186,10 @@ impl Enforcer {
                 path: "/sys/devices/system/cpu/possible".into(),
                 source,
             })?;
-            let map = self
-                .ebpf
-                .map_mut(common::RULE_COUNTERS)
-                .ok_or(EnforceError::MissingMap { name: common::RULE_COUNTERS })?;
             let mut counters: PerCpuArray<&mut MapData, common::Counter> =
-                PerCpuArray::try_from(map).map_err(map_err(common::RULE_COUNTERS))?;
+                typed_mut(&mut self.ebpf, common::RULE_COUNTERS)?;
             let zeros = vec![common::Counter::default(); fresh.len() * ncpus];
-            let done = writer::update_batch(counters.map().fd().as_fd(), fresh, &zeros, ncpus);
+            let done = writer::update_batch(&counters, fresh, &zeros);
             for slot in &fresh[done..] {
                 let zero = aya::maps::PerCpuValues::try_from(vec![common::Counter::default(); ncpus])
                     .map_err(|e| EnforceError::State { path: "per-cpu values".into(), source: e })?;
@@ -223,8 +215,7 @@ impl Enforcer {
     fn flip(&mut self, state: common::PolicyState, target: u8) -> Result<u32, EnforceError> {
         let epoch = if state.initialized == 0 { target as u32 } else { state.epoch.wrapping_add(1) };
         debug_assert_eq!(epoch & 1, target as u32);
-        let map = self.ebpf.map_mut(common::STATE).ok_or(EnforceError::MissingMap { name: common::STATE })?;
-        let mut arr: Array<&mut MapData, common::PolicyState> = Array::try_from(map).map_err(map_err(common::STATE))?;
+        let mut arr: Array<&mut MapData, common::PolicyState> = typed_mut(&mut self.ebpf, common::STATE)?;
         arr.set(0, common::PolicyState { epoch, initialized: 1 }, 0).map_err(map_err(common::STATE))?;
         self.grace_due = true;
         Ok(epoch)
@@ -263,7 +254,7 @@ impl Enforcer {
             let values: Vec<common::PolicyValue> =
                 d.policy_puts.iter().map(|(_, rules)| common::PolicyValue { rules: *rules }).collect();
             let mut policy = self.policy_map()?;
-            let done = writer::update_batch(policy.map().fd().as_fd(), &keys, &values, 1);
+            let done = writer::update_batch(&policy, &keys, &values);
             for (k, v) in keys[done..].iter().zip(&values[done..]) {
                 policy.insert(k, v, 0).map_err(map_err(common::POLICY))?;
             }
@@ -303,7 +294,7 @@ impl Enforcer {
                         })
                         .collect();
                     let t = self.class_map::<common::ClassDataV4>(name)?;
-                    writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
+                    writer::update_batch(&t, &keys, &values)
                 }
                 true => {
                     let keys: Vec<Key<common::ClassDataV6>> = mine
@@ -316,7 +307,7 @@ impl Enforcer {
                         })
                         .collect();
                     let t = self.class_map::<common::ClassDataV6>(name)?;
-                    writer::update_batch(t.map().fd().as_fd(), &keys, &values, 1)
+                    writer::update_batch(&t, &keys, &values)
                 }
             };
             for (net, class) in &mine[done..] {
@@ -342,9 +333,7 @@ impl Enforcer {
         for (role, net) in self.gens[generation as usize].classes.keys() {
             lens[usize::from(*role == Role::Dst)][usize::from(matches!(net, IpNet::V6(_)))].set(net.prefix_len());
         }
-        let map = self.ebpf.map_mut(common::CLASS_LENS).ok_or(EnforceError::MissingMap { name: common::CLASS_LENS })?;
-        let mut arr: Array<&mut MapData, common::ClassLens> =
-            Array::try_from(map).map_err(map_err(common::CLASS_LENS))?;
+        let mut arr: Array<&mut MapData, common::ClassLens> = typed_mut(&mut self.ebpf, common::CLASS_LENS)?;
         for dst in [false, true] {
             for v6 in [false, true] {
                 let i = common::class_lens_index(generation, dst, v6);

@@ -152,7 +152,7 @@ pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<Attac
     }
     for (ty, name, link_file) in directions() {
         let prog: &mut SchedClassifier =
-            ebpf.program_mut(name).ok_or(EnforceError::MissingMap { name })?.try_into().map_err(prog_err(name))?;
+            ebpf.program_mut(name).ok_or(EnforceError::MissingProgram { name })?.try_into().map_err(prog_err(name))?;
         if prog.fd().is_err() {
             prog.load().map_err(prog_err(name))?;
         }

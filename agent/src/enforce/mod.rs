@@ -20,6 +20,7 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use ipnet::IpNet;
 use wirefence_common as common;
 
+use crate::bpf::{typed, typed_mut, ObjectMapError};
 use crate::model::IfName;
 use crate::policy::Role;
 pub use attach::AttachMode;
@@ -38,10 +39,10 @@ pub enum EnforceError {
     Query { ifname: IfName, source: std::io::Error },
     #[error("clsact qdisc on {ifname}: {source}")]
     Qdisc { ifname: IfName, source: Box<aya::programs::TcError> },
-    #[error("map {name}: {source}")]
-    Map { name: &'static str, source: Box<aya::maps::MapError> },
-    #[error("map {name} missing from the eBPF object")]
-    MissingMap { name: &'static str },
+    #[error(transparent)]
+    Map(#[from] ObjectMapError),
+    #[error("program {name} missing from the eBPF object")]
+    MissingProgram { name: &'static str },
     #[error("pin {path}: {source}")]
     Pin { path: PathBuf, source: std::io::Error },
     #[error("bpffs at {path}: {reason}")]
@@ -59,7 +60,7 @@ pub enum EnforceError {
 }
 
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforceError {
-    move |e| EnforceError::Map { name, source: Box::new(e) }
+    move |e| EnforceError::Map(ObjectMapError::on(name)(e))
 }
 
 /// What one policy apply did.
@@ -166,18 +167,15 @@ impl Enforcer {
         &mut self,
         name: &'static str,
     ) -> Result<HashMap<&mut MapData, Key<K>, common::ClassValue>, EnforceError> {
-        let map = self.ebpf.map_mut(name).ok_or(EnforceError::MissingMap { name })?;
-        HashMap::try_from(map).map_err(map_err(name))
+        Ok(typed_mut(&mut self.ebpf, name)?)
     }
 
     fn policy_map(&mut self) -> Result<LpmTrie<&mut MapData, common::PolicyData, common::PolicyValue>, EnforceError> {
-        let map = self.ebpf.map_mut(common::POLICY).ok_or(EnforceError::MissingMap { name: common::POLICY })?;
-        LpmTrie::try_from(map).map_err(map_err(common::POLICY))
+        Ok(typed_mut(&mut self.ebpf, common::POLICY)?)
     }
 
     pub fn state(&self) -> Result<common::PolicyState, EnforceError> {
-        let map = self.ebpf.map(common::STATE).ok_or(EnforceError::MissingMap { name: common::STATE })?;
-        let arr: Array<&MapData, common::PolicyState> = Array::try_from(map).map_err(map_err(common::STATE))?;
+        let arr: Array<&MapData, common::PolicyState> = typed(&self.ebpf, common::STATE)?;
         arr.get(&0, 0).map_err(map_err(common::STATE))
     }
 
@@ -187,12 +185,12 @@ impl Enforcer {
             let map = self.class_map::<common::ClassDataV4>(name)?;
             for item in map.iter() {
                 let (k, v) = item.map_err(map_err(name))?;
-                let d = k.data();
-                if d[0] != generation {
-                    continue;
-                }
-                if let Ok(net) = IpNet::new([d[1], d[2], d[3], d[4]].into(), (k.prefix_len() - 8) as u8) {
-                    g.classes.insert((role, net), v.class);
+                let (gen, addr) = common::class_data_v4_parts(&k.data());
+                let Some(len) = common::class_prefix_len(k.prefix_len(), false) else { continue };
+                if gen == generation {
+                    if let Ok(net) = IpNet::new(addr.into(), len) {
+                        g.classes.insert((role, net), v.class);
+                    }
                 }
             }
         }
@@ -200,26 +198,22 @@ impl Enforcer {
             let map = self.class_map::<common::ClassDataV6>(name)?;
             for item in map.iter() {
                 let (k, v) = item.map_err(map_err(name))?;
-                let d = k.data();
-                if d[0] != generation {
-                    continue;
-                }
-                let mut a = [0u8; 16];
-                a.copy_from_slice(&d[1..17]);
-                if let Ok(net) = IpNet::new(a.into(), (k.prefix_len() - 8) as u8) {
-                    g.classes.insert((role, net), v.class);
+                let (gen, addr) = common::class_data_v6_parts(&k.data());
+                let Some(len) = common::class_prefix_len(k.prefix_len(), true) else { continue };
+                if gen == generation {
+                    if let Ok(net) = IpNet::new(addr.into(), len) {
+                        g.classes.insert((role, net), v.class);
+                    }
                 }
             }
         }
         let policy = self.policy_map()?;
         for item in policy.iter() {
             let (k, v) = item.map_err(map_err(common::POLICY))?;
-            let mut d = k.data();
-            if d[0] != generation {
-                continue;
+            let (gen, data) = common::policy_data_parts(&k.data());
+            if gen == generation {
+                g.policy.insert((data, k.prefix_len()), v.rules);
             }
-            d[0] = 0;
-            g.policy.insert((d, k.prefix_len()), v.rules);
         }
         Ok(g)
     }
@@ -230,9 +224,8 @@ impl Enforcer {
 
     /// Per-rule counters by rule id, and the global statistics.
     pub fn counters(&self) -> Result<Counters, EnforceError> {
-        let map = |name| self.ebpf.map(name).ok_or(EnforceError::MissingMap { name });
-        let rules = PerCpuArray::try_from(map(common::RULE_COUNTERS)?).map_err(map_err(common::RULE_COUNTERS))?;
-        let stats = PerCpuArray::try_from(map(common::STATS)?).map_err(map_err(common::STATS))?;
+        let rules = typed(&self.ebpf, common::RULE_COUNTERS)?;
+        let stats = typed(&self.ebpf, common::STATS)?;
         read_counters(&rules, &stats, &self.ids.slots)
     }
 

@@ -3,7 +3,9 @@
 //! compiles so a one-rule change is a handful of map writes, not a rewrite.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
+
+use aya::maps::{IterableMap, MapData};
 
 use ipnet::IpNet;
 use wirefence_common as common;
@@ -102,60 +104,55 @@ fn merge<K: Ord, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>, mut f: impl Fn
     }
 }
 
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-/// Elements per `BPF_MAP_UPDATE_BATCH` call.
-const BATCH: usize = 8192;
-
-/// `union bpf_attr`, the part of the BPF_MAP_*_BATCH commands.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
+/// A typed aya map handle: aya checked that the map's key and value sizes are those of
+/// `K` and `V` when the handle was made, so a batch of them is what the kernel expects.
+pub trait TypedMap {
+    type K: aya::Pod;
+    type V: aya::Pod;
+    /// Values per key in a batch: 1, or the possible CPUs of a per-CPU map.
+    fn values_per_key(&self) -> usize {
+        1
+    }
+    fn data(&self) -> &MapData;
 }
 
-/// Writes `keys[i] -> values[i * per_key .. (i + 1) * per_key]` (flags 0, as
-/// `insert(.., 0)`) into the map `fd` with `BPF_MAP_UPDATE_BATCH`: one bpf(2) call per
-/// [`BATCH`] elements instead of one per element; the kernel still updates them one by one.
-/// `K` and `V` must be the map's key and value types (as a typed aya map handle has
-/// checked); `per_key` is 1, or the number of possible CPUs for a per-CPU map of an
-/// 8-byte-multiple `V`. Returns how many elements were written: all of them, or those
-/// before the first failure (an error, or a kernel without batch operations for the map
-/// type) — the caller writes the rest one by one, which reports any real error.
-pub fn update_batch<K: aya::Pod, V: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V], per_key: usize) -> usize {
-    assert_eq!(keys.len() * per_key, values.len());
-    let mut done = 0;
-    for (k, v) in keys.chunks(BATCH).zip(values.chunks(BATCH * per_key)) {
-        let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            values: v.as_ptr() as u64,
-            count: k.len() as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: `attr` is a valid bpf_attr prefix; the kernel reads `count` keys and values
-        // of the map's sizes (= size_of K, V) from the two slices, and writes `attr.count`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        if r < 0 {
-            // `count` now holds the elements written before the failure.
-            return done + (attr.count as usize).min(k.len());
-        }
-        done += k.len();
+impl<K: aya::Pod, V: aya::Pod> TypedMap for aya::maps::HashMap<&mut MapData, K, V> {
+    type K = K;
+    type V = V;
+    fn data(&self) -> &MapData {
+        self.map()
     }
-    done
+}
+
+impl<K: aya::Pod, V: aya::Pod> TypedMap for aya::maps::LpmTrie<&mut MapData, K, V> {
+    type K = aya::maps::lpm_trie::Key<K>;
+    type V = V;
+    fn data(&self) -> &MapData {
+        self.map()
+    }
+}
+
+impl TypedMap for aya::maps::PerCpuArray<&mut MapData, common::Counter> {
+    type K = u32;
+    type V = common::Counter;
+    fn values_per_key(&self) -> usize {
+        aya::util::nr_cpus().expect("possible CPUs")
+    }
+    fn data(&self) -> &MapData {
+        self.map()
+    }
+}
+
+/// Writes `keys[i] -> values[i * n .. (i + 1) * n]` (`n` values per key) into `map` with
+/// `BPF_MAP_UPDATE_BATCH` ([`crate::sys::map_update_batch`]). Returns how many elements
+/// were written (see there); the caller writes the rest one by one, which reports any real
+/// error.
+pub fn update_batch<M: TypedMap>(map: &M, keys: &[M::K], values: &[M::V]) -> usize {
+    let per_key = map.values_per_key();
+    // SAFETY: `M` is a typed aya handle whose key and value types are the map's; per-CPU
+    // values are handed over for every possible CPU, and `Counter` (two u64) is a multiple
+    // of 8 bytes as the kernel's per-CPU layout requires.
+    unsafe { crate::sys::map_update_batch(map.data().fd().as_fd(), keys, values, per_key) }
 }
 
 /// Stable numbering: a prefix keeps its class id, a rule id keeps its counter slot, for as

@@ -4,7 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -61,15 +61,6 @@ impl UserspaceBackend {
     }
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; a non-negative return is a new file descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 impl WgBackend for UserspaceBackend {
     fn kind(&self) -> crate::ownership::BackendKind {
         crate::ownership::BackendKind::Userspace
@@ -114,7 +105,7 @@ impl WgBackend for UserspaceBackend {
             });
         }
         let mut child = cmd.spawn().map_err(|e| self.start_err(ifname, e.to_string()))?;
-        let pidfd = pidfd_open(child.id()).map_err(io_err("userspace", "pidfd_open", ifname))?;
+        let pidfd = crate::sys::pidfd_open(child.id()).map_err(io_err("userspace", "pidfd_open", ifname))?;
         tracing::info!(%ifname, command = %self.command, pid = child.id(), "started userspace WireGuard daemon");
 
         let deadline = Instant::now() + START_TIMEOUT;

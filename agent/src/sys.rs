@@ -1,0 +1,96 @@
+//! The raw system calls the agent makes itself (where no crate it uses offers them), in one
+//! place: each says what the kernel reads or writes, and those whose arguments the kernel
+//! trusts for sizes are `unsafe fn` with the contract spelled out.
+
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// Elements per `BPF_MAP_UPDATE_BATCH` call.
+const BATCH: usize = 8192;
+
+/// `union bpf_attr`, the part of the BPF_MAP_*_BATCH commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `keys[i] -> values[i * per_key .. (i + 1) * per_key]` (flags 0, as
+/// `insert(.., 0)`) into the map `fd` with `BPF_MAP_UPDATE_BATCH`: one bpf(2) call per
+/// [`BATCH`] elements instead of one per element; the kernel still updates them one by one.
+/// Returns how many elements were written: all of them, or those before the first failure
+/// (an error, or a kernel without batch operations for the map type).
+///
+/// # Safety
+/// The kernel reads each key and value with the map's own sizes: `K` and `V` must be exactly
+/// the map's key and value types (as a typed aya map handle checks), and `per_key` must be
+/// 1, or the number of possible CPUs for a per-CPU map whose value size is a multiple of 8.
+pub unsafe fn map_update_batch<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    per_key: usize,
+) -> usize {
+    assert_eq!(keys.len() * per_key, values.len());
+    let mut done = 0;
+    for (k, v) in keys.chunks(BATCH).zip(values.chunks(BATCH * per_key)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix; the kernel reads `count` keys and values
+        // of the map's sizes (= size_of K, V) from the two slices, and writes `attr.count`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if r < 0 {
+            // `count` now holds the elements written before the failure.
+            return done + (attr.count as usize).min(k.len());
+        }
+        done += k.len();
+    }
+    done
+}
+
+const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)`: returns once every CPU has passed a point where it
+/// ran no RCU read-side section begun before the call (`synchronize_rcu`). False when the
+/// kernel refuses it (nohz_full).
+pub fn membarrier_global() -> bool {
+    // SAFETY: membarrier takes no pointers.
+    unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0 }
+}
+
+/// A descriptor for process `pid` that becomes readable when it exits.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall, no pointers.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a non-negative return is a new file descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Takes an exclusive `flock` on `file` without waiting; false if another holds it.
+pub fn try_lock_exclusive(file: &std::fs::File) -> bool {
+    // SAFETY: flock on a descriptor the `File` keeps open for the call.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
