@@ -8,7 +8,6 @@ use wirefence_common::{policy_data, NO_RULE, POLICY_BITS_ALL, POLICY_BITS_TO_PRO
 
 use super::compile::Compiled;
 use super::model::{addr_is_v6, proto_allows_family, Direction, Policy};
-use super::ports::prefix_bits_containing;
 
 /// A packet as the classifier sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,7 +65,7 @@ pub fn evaluate(policy: &Policy, pkt: &Packet) -> Decision {
             Some(_) => {
                 let Some(port) = pkt.port else { continue };
                 let Some(range) = rule.ports.iter().find(|r| r.contains(port)) else { continue };
-                8 + u32::from(prefix_bits_containing(*range, port))
+                8 + u32::from(range.prefix_bits_containing(port))
             }
         };
         if best.is_none_or(|(s, _)| specificity > s) {
@@ -128,7 +127,7 @@ mod tests {
             from: vec![from.parse().unwrap()],
             to: vec![to.parse().unwrap()],
             proto,
-            ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
+            ports: ports.iter().map(|&(first, last)| PortRange { first, last }).collect(),
             direction: RuleDirection::Both,
         }
     }

@@ -4,12 +4,13 @@ use std::fmt;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use wirefence_proto::policy::valid_name;
 use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
 use super::register::check_route;
 use super::Registry;
 use crate::auth::{self, Token};
-use crate::model::{now_unix, valid_name};
+use crate::model::now_unix;
 use crate::policy;
 use crate::store::{self, KeyRow, NodeRow};
 use crate::Error;
