@@ -1,6 +1,7 @@
 //! Policy-language vocabulary shared by the agent's `[policy]` section and the control
-//! plane's policy files (beside [`crate::iana`]'s protocol names), so both read a rule the
-//! same way: names and destination port ranges.
+//! plane's policy files (beside [`crate::iana`]'s protocol names), so both read a rule, and
+//! pick the rule that decides a packet, the same way: names, destination port ranges, and
+//! the specificity order among matching rules.
 
 use std::fmt;
 use std::str::FromStr;
@@ -117,8 +118,8 @@ impl fmt::Display for PortRange {
 }
 
 /// A rule's port list in normal form: sorted, overlapping or adjacent ranges merged, and a
-/// list covering 0-65535 made empty ("all ports"). The agent holds every rule's ports so.
-/// The ranges must not be inverted.
+/// list covering 0-65535 made empty ("all ports"). The agent holds every rule's ports so,
+/// and [`specificity`] ranks by it. The ranges must not be inverted.
 pub fn normalize_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
     ports.sort();
     let mut out: Vec<PortRange> = Vec::with_capacity(ports.len());
@@ -132,6 +133,30 @@ pub fn normalize_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
         out.clear();
     }
     out
+}
+
+/// How specifically a rule for `rule_proto` (`None`: any protocol) and `rule_ports`
+/// ([`normalize_ports`] form; empty = all ports) matches a packet of `proto` to `port`
+/// (`None`: no port, e.g. a non-first fragment); `None` when the rule's protocol or ports
+/// do not match it. Addresses are not considered here.
+///
+/// Among the rules that match a packet the one with the highest specificity decides, ties
+/// going to the first rule. This is the agent's order, the one its policy map implements
+/// (the value is the length of the map key's prefix past the two classes): any protocol
+/// (0) < a protocol with all ports (8) < a protocol with port ranges, by the length of the
+/// port prefix containing the port (8 + [`PortRange::prefix_bits_containing`], 9 to 24).
+/// A rule with ports never matches a packet without one.
+pub fn specificity(rule_proto: Option<u8>, rule_ports: &[PortRange], proto: u8, port: Option<u16>) -> Option<u32> {
+    match rule_proto {
+        None => Some(0),
+        Some(p) if p != proto => None,
+        Some(_) if rule_ports.is_empty() => Some(8),
+        Some(_) => {
+            let port = port?;
+            let range = rule_ports.iter().find(|r| r.contains(port))?;
+            Some(8 + u32::from(range.prefix_bits_containing(port)))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -194,5 +219,19 @@ mod tests {
         assert_eq!(r(0, 65535).prefix_bits_containing(1234), 0);
         assert_eq!(r(0, 65534).prefix_bits_containing(1000), 1);
         assert_eq!(r(1, 65534).prefix_bits_containing(32768), 2);
+    }
+
+    #[test]
+    fn specificity_order() {
+        let tcp = Some(crate::iana::PROTO_TCP);
+        assert_eq!(specificity(None, &[], 17, Some(53)), Some(0));
+        assert_eq!(specificity(tcp, &[], 17, Some(53)), None);
+        assert_eq!(specificity(tcp, &[], 6, None), Some(8));
+        assert_eq!(specificity(tcp, &[r(80, 80)], 6, None), None, "a fragment has no port");
+        assert_eq!(specificity(tcp, &[r(80, 80)], 6, Some(81)), None);
+        assert_eq!(specificity(tcp, &[r(80, 80)], 6, Some(80)), Some(24));
+        assert_eq!(specificity(tcp, &[r(1, 2), r(8000, 8080)], 6, Some(8001)), Some(18));
+        assert_eq!(specificity(tcp, &[r(8000, 8080)], 6, Some(8070)), Some(20));
+        assert_eq!(specificity(tcp, &[r(8000, 8080)], 6, Some(8080)), Some(24));
     }
 }

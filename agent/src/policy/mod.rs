@@ -7,8 +7,9 @@
 //! - [`compile`]: [`Policy`] -> [`Compiled`] (plain data for the map writer).
 //! - [`edit`]: [`Editable`], one-rule replacements that recompute only the class pairs
 //!   the rule touches (falls back to a full compile when the class sets would change).
-//! - [`ports`]: port ranges -> minimal masked port prefixes. [`PortRange`] itself and rule-id
-//!   validation are `wirefence_proto::policy`'s, shared with the control plane.
+//! - [`ports`]: port ranges -> minimal masked port prefixes. [`PortRange`] itself, rule-id
+//!   validation and the specificity order are `wirefence_proto::policy`'s, shared with the
+//!   control plane so its `[[tests]]` name the rule the agent's counters credit.
 //! - [`check`]: the `policy check` command's parsing and verdict line.
 //! - [`eval`]: [`evaluate`] walks the rules one by one; [`simulate`] runs the LPM lookups
 //!   on a [`Compiled`] in userspace. Property tests hold them equal.

@@ -8,7 +8,8 @@
 //!
 //! Semantics (the agent's): default deny; a packet is allowed when some rule matches
 //! (source in `from`, destination in `to`, protocol, destination port). ICMP rules match
-//! IPv4 only and ICMPv6 rules IPv6 only.
+//! IPv4 only and ICMPv6 rules IPv6 only. The deciding rule (named by a failed test) is the
+//! one the agent picks: `wirefence_proto::policy::specificity`, ties to the first rule.
 
 pub mod compile;
 pub mod eval;
