@@ -63,7 +63,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "fd77::/64")]
     pub overlay_v6: Ipv6Net,
     /// How many versions are kept for resuming agent streams with a delta.
-    #[arg(long, default_value_t = crate::control::DEFAULT_HISTORY)]
+    #[arg(long, default_value_t = crate::registry::DEFAULT_HISTORY)]
     pub history: usize,
 }
 

@@ -50,7 +50,7 @@ pub enum Error {
     RouteTaken { index: usize, route: IpNet, theirs: IpNet, node: String },
     #[error("{field}: at most {max} entries")]
     TooMany { field: &'static str, max: usize },
-    #[error("tags: {0:?} is not 1 to 64 of A-Z a-z 0-9 _ . -")]
+    #[error("tags: {0:?} is not {chars}", chars = wirefence_proto::policy::NAME_CHARS)]
     Tag(String),
 
     // Enrollment.

@@ -6,7 +6,7 @@
 //! - [`state`]: immutable [`state::GlobalState`] snapshots (one per version) and the history
 //!   kept for resuming streams.
 //! - [`view`]: one node's view of a global state (addresses, peers, policy) and deltas.
-//! - [`control`]: the registry that serializes every change: store, version, publication.
+//! - [`registry`]: the node registry, which serializes every change: store, version, publication.
 //! - [`server`]: the gRPC services and [`server::serve`] to run them in-process.
 //! - [`admin_client`]: connect to the admin service over its Unix socket.
 //! - [`auth`], [`alloc`], [`certs`]: credentials, overlay address allocation, test PKI.
@@ -17,11 +17,11 @@ pub mod alloc;
 pub mod auth;
 pub mod certs;
 pub mod cli;
-pub mod control;
 pub mod error;
 pub mod model;
 pub mod output;
 pub mod policy;
+pub mod registry;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -8,8 +8,8 @@ use tracing_subscriber::EnvFilter;
 use wirefence_control::cli::{
     CertsCommand, Cli, Command, KeysCommand, NodesCommand, PolicyCommand, ServeArgs, TlsMode,
 };
-use wirefence_control::control::Overlay;
 use wirefence_control::model::now_unix;
+use wirefence_control::registry::Overlay;
 use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
 use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
@@ -91,7 +91,7 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         println!("listening on {addr}");
     }
     println!("admin socket {}", handle.admin_socket.display());
-    let control = handle.control().clone();
+    let registry = handle.registry().clone();
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
@@ -105,7 +105,7 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
             _ = term.recv() => {}
         }
         tracing::info!("shutting down");
-        control.begin_shutdown();
+        registry.begin_shutdown();
     });
     handle.wait().await.context("serve")
 }

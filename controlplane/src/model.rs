@@ -36,11 +36,6 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// `[A-Za-z0-9_.-]{1,64}`: rule ids and tags.
-pub fn valid_name(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
 /// Hostnames: dot-separated DNS labels (1-63 of A-Z a-z 0-9 -, not starting or ending
 /// with `-`), at most 253 characters.
 pub fn valid_hostname(s: &str) -> bool {
@@ -59,16 +54,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hostnames_and_names() {
+    fn hostnames() {
         for ok in ["db1", "laptop-2", "a.b.c", "X"] {
             assert!(valid_hostname(ok), "{ok}");
         }
         for bad in ["", "-a", "a-", "a..b", "a b", "a_b", &"x".repeat(64)] {
             assert!(!valid_hostname(bad), "{bad}");
         }
-        assert!(valid_name("admin-ssh.v2_1"));
-        assert!(!valid_name(""));
-        assert!(!valid_name("a/b"));
-        assert!(!valid_name(&"x".repeat(65)));
     }
 }

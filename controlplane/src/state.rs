@@ -10,9 +10,9 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, TryLockError};
 
-use crate::control::lock;
 use crate::model::NodeRec;
 use crate::policy::{compile, CompiledRule, Policy, PrefixSet};
+use crate::registry::lock;
 
 /// The policy compiled against the nodes of a state, with who is on which side of each
 /// rule, so that a node's view costs its own rules and peers, not a scan of every node.

@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS policy (
     source TEXT NOT NULL,
     version INTEGER NOT NULL
 );
--- Peer statistics and last_seen are observations kept in memory now (control::observed);
+-- Peer statistics and last_seen are observations kept in memory now (registry::observed);
 -- nodes.last_seen stays for old databases but is no longer written.
 DROP TABLE IF EXISTS peer_stats;
 ";

@@ -50,12 +50,7 @@ impl NodeRule {
             from: prefixes(self.from()),
             to: prefixes(self.to()),
             protocol: self.rule.protocol.map(u32::from),
-            ports: self
-                .rule
-                .ports
-                .iter()
-                .map(|p| v1::PortRange { first: p.first.into(), last: p.last.into() })
-                .collect(),
+            ports: self.rule.ports.iter().map(|p| v1::PortRange::from(*p)).collect(),
         }
     }
 }

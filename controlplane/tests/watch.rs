@@ -30,7 +30,7 @@ async fn mesh(dir: &std::path::Path, history: usize) -> Mesh {
 async fn snapshots_contain_only_what_policy_allows() {
     let dir = tempfile::tempdir().unwrap();
     let m = mesh(dir.path(), 256).await;
-    let version = m.cp.handle.control().current().version;
+    let version = m.cp.handle.registry().current().version;
 
     let mut s = watch(&m.cp, &m.laptop.credential, 0).await.unwrap();
     let u = next(&mut s).await.unwrap();
@@ -177,7 +177,7 @@ async fn policy_changes_reach_only_affected_nodes_with_ordered_versions() {
 async fn resume_from_history_gets_a_delta_and_from_an_unknown_version_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let mut m = mesh(dir.path(), 4).await;
-    let v0 = m.cp.handle.control().current().version;
+    let v0 = m.cp.handle.registry().current().version;
     let v1 = m.cp.apply(POLICY_PG).await.unwrap();
 
     // db1 applied v0 and comes back: one delta v0 -> v1.
@@ -203,7 +203,7 @@ async fn resume_from_history_gets_a_delta_and_from_an_unknown_version_a_snapshot
     for i in 0..4 {
         m.cp.apply(&POLICY.replace("admin-ssh", &format!("admin-ssh-{i}"))).await.unwrap();
     }
-    let now = m.cp.handle.control().current().version;
+    let now = m.cp.handle.registry().current().version;
     let mut s = watch(&m.cp, &m.db1.credential, v0).await.unwrap();
     let u = next(&mut s).await.unwrap();
     assert_eq!(u.version, now);

@@ -596,7 +596,7 @@ fn self_check(bed: &mut Bed) {
         direction: RuleDirection::Both,
     };
     let policy = Policy::new(vec![
-        rule("self-check-tcp", Some(6), vec![PortRange { lo: 80, hi: 80 }]),
+        rule("self-check-tcp", Some(6), vec![PortRange { first: 80, last: 80 }]),
         rule("self-check-icmp", Some(1), vec![]),
     ])
     .unwrap();

@@ -96,13 +96,18 @@ fn policy(p: &v1::Policy) -> Result<Policy, UpdateError> {
                 Some(u8::try_from(v).map_err(|_| UpdateError::Protocol { index, id: r.id.clone(), value: v })?)
             }
         };
-        let mut ports = Vec::with_capacity(r.ports.len());
-        for pr in &r.ports {
-            match (u16::try_from(pr.first), u16::try_from(pr.last)) {
-                (Ok(lo), Ok(hi)) if lo <= hi => ports.push(PortRange { lo, hi }),
-                _ => return Err(UpdateError::Ports { index, id: r.id.clone(), first: pr.first, last: pr.last }),
-            }
-        }
+        let ports = r
+            .ports
+            .iter()
+            .map(|pr| {
+                PortRange::try_from(pr).map_err(|_| UpdateError::Ports {
+                    index,
+                    id: r.id.clone(),
+                    first: pr.first,
+                    last: pr.last,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         rules.push(Rule {
             id: r.id.clone(),
             from: prefixes(&format!("policy.rules[{index}].from"), &r.from)?.into_iter().collect(),
@@ -217,11 +222,7 @@ impl ControlView {
                         from: r.from.iter().map(|n| (*n).into()).collect(),
                         to: r.to.iter().map(|n| (*n).into()).collect(),
                         protocol: r.proto.map(u32::from),
-                        ports: r
-                            .ports
-                            .iter()
-                            .map(|p| v1::PortRange { first: p.lo.into(), last: p.hi.into() })
-                            .collect(),
+                        ports: r.ports.iter().map(|p| v1::PortRange::from(*p)).collect(),
                     })
                     .collect(),
             }),

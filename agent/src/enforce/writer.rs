@@ -422,7 +422,7 @@ mod tests {
             from: vec![from.parse().unwrap()],
             to: vec![to.parse().unwrap()],
             proto: Some(6),
-            ports: vec![PortRange { lo: port, hi: port }],
+            ports: vec![PortRange { first: port, last: port }],
             direction: RuleDirection::Both,
         }
     }
@@ -441,7 +441,7 @@ mod tests {
 
         // Same ids, a port edited: same classes and slots, nothing to persist.
         let mut p2 = p1.clone();
-        p2[0].ports = vec![PortRange { lo: 8080, hi: 8080 }];
+        p2[0].ports = vec![PortRange { first: 8080, last: 8080 }];
         let c2 = compile(&Policy::new(p2).unwrap()).unwrap();
         let (g2, fresh) = ids.assign(&c2, &g1).unwrap();
         assert!(fresh.is_empty() && !ids.dirty);

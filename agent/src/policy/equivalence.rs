@@ -41,8 +41,8 @@ fn port() -> impl Strategy<Value = u16> {
 
 fn port_range() -> impl Strategy<Value = PortRange> {
     prop_oneof![
-        4 => (0u16..40, 0u16..24).prop_map(|(lo, n)| PortRange { lo, hi: lo + n }),
-        1 => (port(), port()).prop_map(|(a, b)| PortRange { lo: a.min(b), hi: a.max(b) }),
+        4 => (0u16..40, 0u16..24).prop_map(|(first, n)| PortRange { first, last: first + n }),
+        1 => (port(), port()).prop_map(|(a, b)| PortRange { first: a.min(b), last: a.max(b) }),
     ]
 }
 
@@ -113,7 +113,7 @@ fn aimed(policy: &Policy, pick: &[(usize, bool, bool)], base: &Packet) -> Vec<Pa
             for d in r.to.iter().filter(|d| d.network().is_ipv6() == s.network().is_ipv6()) {
                 let proto = r.proto.unwrap_or(base.proto);
                 let port = match (r.ports.first(), base.port) {
-                    (Some(p), Some(_)) => Some(if first_src { p.lo } else { p.hi }),
+                    (Some(p), Some(_)) => Some(if first_src { p.first } else { p.last }),
                     _ => base.port,
                 };
                 out.push(Packet { src: edge(s, first_src), dst: edge(d, first_dst), proto, port, ..*base });

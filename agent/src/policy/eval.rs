@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use wirefence_common::{policy_data, NO_RULE, POLICY_BITS_ALL, POLICY_BITS_TO_PROTO};
+use wirefence_proto::policy::specificity;
 
 use super::compile::Compiled;
 use super::model::{addr_is_v6, proto_allows_family, Direction, Policy};
-use super::ports::prefix_bits_containing;
 
 /// A packet as the classifier sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +44,8 @@ impl Decision {
 /// matches no such rule). The deciding rule is the most specific match: any protocol <
 /// a protocol with all ports < a protocol with a port prefix, longer port prefixes more
 /// specific (the prefix of the rule's minimal cover containing the port); ties go to the
-/// lowest index.
+/// lowest index ([`wirefence_proto::policy::specificity`], which the control plane's
+/// evaluator of `[[tests]]` uses too).
 pub fn evaluate(policy: &Policy, pkt: &Packet) -> Decision {
     let v6 = addr_is_v6(&pkt.src);
     if v6 != addr_is_v6(&pkt.dst) {
@@ -59,16 +60,7 @@ pub fn evaluate(policy: &Policy, pkt: &Packet) -> Decision {
         {
             continue;
         }
-        let specificity = match rule.proto {
-            None => 0,
-            Some(p) if p != pkt.proto => continue,
-            Some(_) if rule.ports.is_empty() => 8,
-            Some(_) => {
-                let Some(port) = pkt.port else { continue };
-                let Some(range) = rule.ports.iter().find(|r| r.contains(port)) else { continue };
-                8 + u32::from(prefix_bits_containing(*range, port))
-            }
-        };
+        let Some(specificity) = specificity(rule.proto, &rule.ports, pkt.proto, pkt.port) else { continue };
         if best.is_none_or(|(s, _)| specificity > s) {
             best = Some((specificity, index as u32));
         }
@@ -128,7 +120,7 @@ mod tests {
             from: vec![from.parse().unwrap()],
             to: vec![to.parse().unwrap()],
             proto,
-            ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
+            ports: ports.iter().map(|&(first, last)| PortRange { first, last }).collect(),
             direction: RuleDirection::Both,
         }
     }

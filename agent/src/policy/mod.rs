@@ -7,7 +7,9 @@
 //! - [`compile`]: [`Policy`] -> [`Compiled`] (plain data for the map writer).
 //! - [`edit`]: [`Editable`], one-rule replacements that recompute only the class pairs
 //!   the rule touches (falls back to a full compile when the class sets would change).
-//! - [`ports`]: port ranges -> minimal masked port prefixes.
+//! - [`ports`]: port ranges -> minimal masked port prefixes. [`PortRange`] itself, rule-id
+//!   validation and the specificity order are `wirefence_proto::policy`'s, shared with the
+//!   control plane so its `[[tests]]` name the rule the agent's counters credit.
 //! - [`check`]: the `policy check` command's parsing and verdict line.
 //! - [`eval`]: [`evaluate`] walks the rules one by one; [`simulate`] runs the LPM lookups
 //!   on a [`Compiled`] in userspace. Property tests hold them equal.
@@ -43,7 +45,7 @@ use ipnet::IpNet;
 /// positions) are [`resolve::ResolveError`]s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("rules[{index}].id: {id:?} is not 1 to 64 of A-Z a-z 0-9 _ . -")]
+    #[error("rules[{index}].id: {id:?} is not {chars}", chars = wirefence_proto::policy::NAME_CHARS)]
     InvalidId { index: usize, id: String },
     #[error("rules[{index}].id: duplicate rule id {id:?} (first used by rules[{first}])")]
     DuplicateId { index: usize, id: String, first: usize },

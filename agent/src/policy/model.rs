@@ -1,7 +1,6 @@
 //! The validated access policy: rules with resolved prefixes, typed protocols and ports.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -12,35 +11,14 @@ pub use wirefence_proto::iana::{
     has_ports, proto_allows_family, proto_name, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     PROTO_UDPLITE,
 };
+pub use wirefence_proto::policy::PortRange;
+use wirefence_proto::policy::{normalize_ports, valid_name};
 
 /// A protocol name or number ([`wirefence_proto::iana::parse_proto`]); `None` = any.
 pub fn parse_proto(s: &str) -> Result<Option<u8>, String> {
     wirefence_proto::iana::parse_proto(s).ok_or_else(|| {
         format!("{s:?} is not a protocol (tcp, udp, icmp, icmpv6, sctp, udplite, any or a number 0-255)")
     })
-}
-
-/// An inclusive port range, `lo <= hi`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PortRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-impl PortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        self.lo <= port && port <= self.hi
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi {
-            write!(f, "{}", self.lo)
-        } else {
-            write!(f, "{}-{}", self.lo, self.hi)
-        }
-    }
 }
 
 /// The direction of a packet at the tunnel device.
@@ -137,10 +115,6 @@ pub struct Policy {
     rules: Vec<Rule>,
 }
 
-pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-}
-
 impl Policy {
     /// Validates and normalizes: ids valid and unique, ports only for port protocols and
     /// not inverted, every rule satisfiable, prefixes canonical. Prefix lists are sorted
@@ -149,7 +123,7 @@ impl Policy {
     pub fn new(mut rules: Vec<Rule>) -> Result<Policy, PolicyError> {
         let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
         for (index, r) in rules.iter().enumerate() {
-            if !valid_id(&r.id) {
+            if !valid_name(&r.id) {
                 return Err(PolicyError::InvalidId { index, id: r.id.clone() });
             }
             if let Some(first) = seen.insert(&r.id, index) {
@@ -193,9 +167,9 @@ fn normalize(index: usize, r: &mut Rule) -> Result<(), PolicyError> {
         let (index, id) = rule(r);
         return Err(PolicyError::HostBits { index, id, net: *n });
     }
-    if let Some(p) = r.ports.iter().find(|p| p.lo > p.hi) {
+    if let Some(p) = r.ports.iter().find(|p| p.first > p.last) {
         let (index, id) = rule(r);
-        return Err(PolicyError::InvertedPortRange { index, id, lo: p.lo, hi: p.hi });
+        return Err(PolicyError::InvertedPortRange { index, id, lo: p.first, hi: p.last });
     }
     if !r.ports.is_empty() && !r.proto.is_some_and(has_ports) {
         let (index, id) = rule(r);
@@ -205,27 +179,12 @@ fn normalize(index: usize, r: &mut Rule) -> Result<(), PolicyError> {
     r.from.dedup();
     r.to.sort_by_key(|n| (is_v6(n), n.network(), n.prefix_len()));
     r.to.dedup();
-    r.ports = merge_ports(std::mem::take(&mut r.ports));
+    r.ports = normalize_ports(std::mem::take(&mut r.ports));
     if !r.satisfiable() {
         let (index, id) = rule(r);
         return Err(PolicyError::Unsatisfiable { index, id, reason: unsatisfiable_reason(r) });
     }
     Ok(())
-}
-
-fn merge_ports(mut ports: Vec<PortRange>) -> Vec<PortRange> {
-    ports.sort();
-    let mut out: Vec<PortRange> = Vec::with_capacity(ports.len());
-    for p in ports {
-        match out.last_mut() {
-            Some(last) if u32::from(p.lo) <= u32::from(last.hi) + 1 => last.hi = last.hi.max(p.hi),
-            _ => out.push(p),
-        }
-    }
-    if out == [PortRange { lo: 0, hi: u16::MAX }] {
-        out.clear();
-    }
-    out
 }
 
 fn unsatisfiable_reason(r: &Rule) -> String {
@@ -251,7 +210,7 @@ pub(crate) fn test_rule(id: &str, from: &[&str], to: &[&str], proto: Option<u8>,
         from: from.iter().map(|s| s.parse().unwrap()).collect(),
         to: to.iter().map(|s| s.parse().unwrap()).collect(),
         proto,
-        ports: ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect(),
+        ports: ports.iter().map(|&(first, last)| PortRange { first, last }).collect(),
         direction: RuleDirection::Both,
     }
 }

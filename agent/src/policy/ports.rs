@@ -1,4 +1,7 @@
-//! Port ranges as masked port prefixes (what an LPM key can express).
+//! Port ranges as masked port prefixes (what an LPM key can express). The length of the
+//! prefix containing a given port, which ranks matching rules, is computed directly by
+//! [`PortRange::prefix_bits_containing`] (`wirefence_proto::policy`); the property test
+//! below holds it equal to [`expand`]'s.
 
 use super::model::PortRange;
 
@@ -23,7 +26,7 @@ impl PortPrefix {
 /// The minimal set of port prefixes covering exactly `range`, in ascending order: from
 /// the low end, each step takes the largest aligned block that starts there and fits.
 pub fn expand(range: PortRange) -> impl Iterator<Item = PortPrefix> {
-    let (mut lo, hi) = (u32::from(range.lo), u32::from(range.hi));
+    let (mut lo, hi) = (u32::from(range.first), u32::from(range.last));
     std::iter::from_fn(move || {
         if lo > hi {
             return None;
@@ -39,29 +42,13 @@ pub fn expand(range: PortRange) -> impl Iterator<Item = PortPrefix> {
     })
 }
 
-/// The length of the prefix of [`expand`]`(range)` containing `port` (which must be in the
-/// range), computed directly: the largest aligned block around `port` inside the range.
-/// The minimal cover consists of exactly these maximal blocks (aligned blocks nest), so
-/// this agrees with `expand` without enumerating it.
-pub fn prefix_bits_containing(range: PortRange, port: u16) -> u8 {
-    debug_assert!(range.contains(port));
-    let (lo, hi, port) = (u32::from(range.lo), u32::from(range.hi), u32::from(port));
-    (0..=16u32)
-        .find(|bits| {
-            let size = 1u32 << (16 - bits);
-            let first = port & !(size - 1);
-            first >= lo && first + size - 1 <= hi
-        })
-        .expect("a 16-bit prefix always fits") as u8
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn r(lo: u16, hi: u16) -> PortRange {
-        PortRange { lo, hi }
+    fn r(first: u16, last: u16) -> PortRange {
+        PortRange { first, last }
     }
 
     fn covered(prefixes: &[PortPrefix]) -> Vec<u16> {
@@ -75,7 +62,7 @@ mod tests {
         {
             let p: Vec<_> = expand(range).collect();
             assert_eq!(p.len(), count, "{range}: {p:?}");
-            assert_eq!(covered(&p), (range.lo..=range.hi).collect::<Vec<_>>(), "{range}");
+            assert_eq!(covered(&p), (range.first..=range.last).collect::<Vec<_>>(), "{range}");
         }
         assert_eq!(expand(r(0, 65535)).collect::<Vec<_>>(), [PortPrefix { port: 0, bits: 0 }]);
         assert_eq!(
@@ -97,8 +84,8 @@ mod tests {
             let range = r(a.min(b), a.max(b));
             let p: Vec<_> = expand(range).collect();
             // Exact, in order, disjoint.
-            prop_assert_eq!(p[0].first(), range.lo);
-            prop_assert_eq!(p.last().unwrap().last(), range.hi);
+            prop_assert_eq!(p[0].first(), range.first);
+            prop_assert_eq!(p.last().unwrap().last(), range.last);
             for w in p.windows(2) {
                 prop_assert_eq!(u32::from(w[0].last()) + 1, u32::from(w[1].first()));
             }
@@ -111,9 +98,9 @@ mod tests {
                 let merged = w[0].bits == w[1].bits && w[0].bits > 0 && (w[0].port >> (16 - w[0].bits)) & 1 == 0;
                 prop_assert!(!merged, "{:?} could merge", w);
             }
-            let port = range.lo + (u32::from(probe) % (u32::from(range.hi - range.lo) + 1)) as u16;
+            let port = range.first + (u32::from(probe) % (u32::from(range.last - range.first) + 1)) as u16;
             let containing = p.iter().find(|x| x.first() <= port && port <= x.last()).unwrap();
-            prop_assert_eq!(containing.bits, prefix_bits_containing(range, port));
+            prop_assert_eq!(containing.bits, range.prefix_bits_containing(port));
         }
     }
 }

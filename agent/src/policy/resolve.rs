@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
+use wirefence_proto::policy::{valid_name, PortRangeError, NAME_CHARS};
 
-use super::model::{parse_proto, valid_id, Policy, PortRange, Rule, RuleDirection};
+use super::model::{parse_proto, Policy, PortRange, Rule, RuleDirection};
 use super::PolicyError;
 use crate::model::PublicKey;
 use crate::primitives::{parse_prefix, PeerConfig};
@@ -152,20 +153,15 @@ impl Resolver<'_> {
 }
 
 fn parse_port(v: &toml::Value) -> Result<PortRange, String> {
-    let num = |s: &str| s.trim().parse::<u16>().ok();
-    let range = match v {
-        toml::Value::Integer(n) => u16::try_from(*n).ok().map(|p| (p, p)),
-        toml::Value::String(s) => match s.split_once('-') {
-            None => num(s).map(|p| (p, p)),
-            Some((a, b)) => num(a).zip(num(b)),
-        },
-        _ => None,
+    let parsed = match v {
+        toml::Value::Integer(n) => PortRange::try_from(*n),
+        toml::Value::String(s) => s.parse(),
+        _ => Err(PortRangeError::NotAPort),
     };
-    match range {
-        None => Err(format!("{v} is not a port (0-65535) or a range (\"low-high\")")),
-        Some((lo, hi)) if lo > hi => Err(format!("{lo}-{hi} is inverted (write low-high)")),
-        Some((lo, hi)) => Ok(PortRange { lo, hi }),
-    }
+    parsed.map_err(|e| match e {
+        PortRangeError::NotAPort => format!("{v} is not a port (0-65535) or a range (\"low-high\")"),
+        PortRangeError::Inverted { first, last } => format!("{first}-{last} is inverted (write low-high)"),
+    })
 }
 
 /// Resolves `[policy]` against the config's peers and interface addresses.
@@ -188,11 +184,8 @@ pub(crate) fn resolve(
     let mut r = Resolver { peers, self_addrs, groups: BTreeMap::new() };
     for (name, members) in &raw.groups {
         let field = format!("policy.groups.{}", name.get_ref());
-        if !valid_id(name.get_ref()) {
-            return Err(ResolveError {
-                span: name.span(),
-                message: format!("{field}: a group name is 1 to 64 of A-Z a-z 0-9 _ . -"),
-            });
+        if !valid_name(name.get_ref()) {
+            return Err(ResolveError { span: name.span(), message: format!("{field}: a group name is {NAME_CHARS}") });
         }
         let nets = r.select_all(members, &field, true)?;
         r.groups.insert(name.get_ref().clone(), nets);
@@ -316,7 +309,11 @@ mod tests {
         // Sorted and merged: 79 and 80 are adjacent.
         assert_eq!(
             r[0].ports,
-            [PortRange { lo: 79, hi: 80 }, PortRange { lo: 443, hi: 443 }, PortRange { lo: 8000, hi: 8080 }]
+            [
+                PortRange { first: 79, last: 80 },
+                PortRange { first: 443, last: 443 },
+                PortRange { first: 8000, last: 8080 }
+            ]
         );
         assert_eq!(r[0].direction, RuleDirection::Both);
         assert_eq!(r[1].from, nets(&["10.77.0.2/32", "10.88.0.0/24", "10.99.0.7/32", "fd77::2/128"]));

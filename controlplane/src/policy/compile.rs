@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use wirefence_proto::policy::normalize_ports;
 
 use super::{Policy, PortRange, RuleDef, Selector};
 use crate::model::NodeRec;
@@ -52,7 +53,11 @@ pub struct CompiledRule {
     pub from: Vec<IpNet>,
     pub to: Vec<IpNet>,
     pub protocol: Option<u8>,
+    /// As written (what is sent to the agents).
     pub ports: Vec<PortRange>,
+    /// `ports` in the form the agent holds them ([`normalize_ports`]: sorted, merged,
+    /// every port = empty), which ranks matching rules ([`super::decide`]).
+    pub normal_ports: Vec<PortRange>,
     pub from_set: PrefixSet,
     pub to_set: PrefixSet,
 }
@@ -132,5 +137,6 @@ fn compile_rule(r: &RuleDef, nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &No
         to,
         protocol: r.protocol,
         ports: r.ports.clone(),
+        normal_ports: normalize_ports(r.ports.clone()),
     })
 }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use wirefence_proto::policy::specificity;
 
 use super::{CompiledRule, Policy, PolicyError, Problem, TestDef, TestEnd};
 use crate::model::NodeRec;
@@ -25,8 +26,13 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// The deciding rule for a packet, `None` = denied. Among matching rules the most specific
-/// decides: a named protocol before any, then the narrowest port range, then the first.
+/// The deciding rule for a packet, `None` = denied. It is the rule the agents decide by
+/// (and credit in their rule counters): the most specific matching rule in the agent's
+/// order ([`specificity`]: any protocol < a protocol with all ports < port ranges, by the
+/// length of the agent's port prefix containing the port, ranges taken merged), ties to
+/// the first. A node receives the rules that concern it in the file's order, narrowed to
+/// its side without changing what they match on its tunnel, so its choice is this one.
+/// Source and destination of different families match nothing.
 pub fn decide(
     rules: &[Arc<CompiledRule>],
     src: IpAddr,
@@ -34,29 +40,17 @@ pub fn decide(
     protocol: u8,
     port: Option<u16>,
 ) -> Option<&CompiledRule> {
-    rules
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| {
-            r.protocol.is_none_or(|p| p == protocol)
-                && (r.ports.is_empty() || port.is_some_and(|x| r.ports.iter().any(|p| (p.first..=p.last).contains(&x))))
-                && r.from_set.contains(src)
-                && r.to_set.contains(dst)
-        })
-        .min_by_key(|(i, r)| {
-            let width = match port {
-                Some(x) if !r.ports.is_empty() => r
-                    .ports
-                    .iter()
-                    .filter(|p| (p.first..=p.last).contains(&x))
-                    .map(|p| u32::from(p.last - p.first))
-                    .min()
-                    .unwrap_or(u32::MAX),
-                _ => u32::MAX,
-            };
-            (r.protocol.is_none(), width, *i)
-        })
-        .map(|(_, r)| &**r)
+    if src.is_ipv4() != dst.is_ipv4() {
+        return None;
+    }
+    let mut best: Option<(u32, &CompiledRule)> = None;
+    for r in rules {
+        let Some(s) = specificity(r.protocol, &r.normal_ports, protocol, port) else { continue };
+        if best.is_none_or(|(b, _)| s > b) && r.from_set.contains(src) && r.to_set.contains(dst) {
+            best = Some((s, r));
+        }
+    }
+    best.map(|(_, r)| r)
 }
 
 /// Runs every test of `policy` against `rules` (compiled from it) and `nodes`; the number

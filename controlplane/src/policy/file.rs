@@ -10,12 +10,13 @@ use std::ops::Range;
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
+use wirefence_proto::policy::{valid_name, PortRangeError};
 
 use super::{
     has_ports, proto_name, Policy, PolicyError, PortRange, Pos, Problem, RuleDef, Selector, TestDef, TestEnd, Verdict,
     PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
 };
-use crate::model::{valid_hostname, valid_name};
+use crate::model::valid_hostname;
 
 type List = Spanned<Vec<Spanned<String>>>;
 
@@ -147,25 +148,18 @@ fn protocol(v: &NumOrText) -> Option<Option<u8>> {
 }
 
 fn port_range(loc: &Locator, p: &Spanned<NumOrText>, field: &str) -> Result<PortRange, PolicyError> {
-    let bad = || loc.err(p.span(), Problem::BadPort { field: field.to_owned(), text: p.get_ref().text() });
-    let one = |s: &str| s.trim().parse::<u16>().ok();
-    let (first, last) = match p.get_ref() {
-        NumOrText::Num(n) => {
-            let n = u16::try_from(*n).map_err(|_| bad())?;
-            (n, n)
-        }
-        NumOrText::Text(s) => match s.split_once('-') {
-            Some((a, b)) => (one(a).ok_or_else(bad)?, one(b).ok_or_else(bad)?),
-            None => {
-                let n = one(s).ok_or_else(bad)?;
-                (n, n)
-            }
-        },
+    let parsed = match p.get_ref() {
+        NumOrText::Num(n) => PortRange::try_from(*n),
+        NumOrText::Text(s) => s.parse(),
     };
-    if first > last {
-        return Err(loc.err(p.span(), Problem::InvertedRange { field: field.to_owned(), first, last }));
-    }
-    Ok(PortRange { first, last })
+    parsed.map_err(|e| {
+        let field = field.to_owned();
+        let problem = match e {
+            PortRangeError::NotAPort => Problem::BadPort { field, text: p.get_ref().text() },
+            PortRangeError::Inverted { first, last } => Problem::InvertedRange { field, first, last },
+        };
+        loc.err(p.span(), problem)
+    })
 }
 
 /// One selector as written; groups are returned by name for expansion.

@@ -8,7 +8,8 @@
 //!
 //! Semantics (the agent's): default deny; a packet is allowed when some rule matches
 //! (source in `from`, destination in `to`, protocol, destination port). ICMP rules match
-//! IPv4 only and ICMPv6 rules IPv6 only.
+//! IPv4 only and ICMPv6 rules IPv6 only. The deciding rule (named by a failed test) is the
+//! one the agent picks: `wirefence_proto::policy::specificity`, ties to the first rule.
 
 pub mod compile;
 pub mod eval;
@@ -26,6 +27,8 @@ pub use file::parse;
 pub use wirefence_proto::iana::{
     has_ports, proto_name, PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, PROTO_UDPLITE,
 };
+pub use wirefence_proto::policy::PortRange;
+use wirefence_proto::policy::NAME_CHARS;
 
 /// A line and column (both from 1) in the policy file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,7 +50,7 @@ pub struct PolicyError {
 pub enum Problem {
     #[error("{0}")]
     Syntax(String),
-    #[error("groups: {0:?} is not 1 to 64 of A-Z a-z 0-9 _ . -")]
+    #[error("groups: {0:?} is not {chars}", chars = NAME_CHARS)]
     BadGroupName(String),
     #[error("{field}: unknown group {name:?}")]
     UnknownGroup { field: String, name: String },
@@ -59,7 +62,7 @@ pub enum Problem {
     BadSelector { field: String, text: String },
     #[error("{field}: {net} has host bits set (did you mean {trunc}?)")]
     HostBits { field: String, net: IpNet, trunc: IpNet },
-    #[error("rules[{index}].id: {id:?} is not 1 to 64 of A-Z a-z 0-9 _ . -")]
+    #[error("rules[{index}].id: {id:?} is not {chars}", chars = NAME_CHARS)]
     BadRuleId { index: usize, id: String },
     #[error("rules[{index}].id: duplicate rule id {id:?} (first defined on line {first_line})")]
     DuplicateRuleId { index: usize, id: String, first_line: usize },
@@ -103,12 +106,6 @@ pub enum Selector {
     Node(String),
     Tag(String),
     Net(IpNet),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
 }
 
 /// A validated rule, selectors not yet resolved to prefixes.

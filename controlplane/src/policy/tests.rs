@@ -255,3 +255,37 @@ fn the_most_specific_rule_decides() {
     assert_eq!(decide(&rules, a, b, PROTO_UDP, Some(80)).unwrap().id, "r");
     assert!(decide(&rules, a, "10.99.0.1".parse().unwrap(), PROTO_TCP, Some(80)).is_none());
 }
+
+#[test]
+fn ties_are_broken_as_the_agent_breaks_them() {
+    // The agent ranks port rules by the aligned port block around the port in the rule's
+    // merged ranges, not by the width of a range: 8080 is a block of its own in 8000-8080,
+    // so "wide" and "exact" tie and the first decides; 0-3 and 4-7 merge into 0-7, where 4
+    // sits in a block of 8, wider than "mid"'s block 4-5; two halves are all ports.
+    let all = |id: &str, proto: &str, ports: &str| {
+        format!("[[rules]]\nid = \"{id}\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"{proto}\"\n{ports}\n")
+    };
+    let src = [
+        all("wide", "tcp", "ports = [\"8000-8080\"]"),
+        all("exact", "tcp", "ports = [\"8080\"]"),
+        all("split", "tcp", "ports = [\"0-3\", \"4-7\"]"),
+        all("mid", "tcp", "ports = [\"2-5\"]"),
+        all("udp", "udp", ""),
+        all("halves", "udp", "ports = [\"0-32767\", \"32768-65535\"]"),
+    ]
+    .concat();
+    let p = parse("p.toml", &src).unwrap();
+    let n = nodes();
+    let rules = compile(&p, &n);
+    let a = "10.77.0.1".parse().unwrap();
+    let b = "10.77.0.2".parse().unwrap();
+    let at = |proto, port| decide(&rules, a, b, proto, Some(port)).map(|r| r.id.as_str());
+    assert_eq!(at(PROTO_TCP, 8080), Some("wide"));
+    assert_eq!(at(PROTO_TCP, 4), Some("mid"));
+    assert_eq!(at(PROTO_TCP, 1), Some("split"));
+    assert_eq!(at(PROTO_UDP, 53), Some("udp"), "\"halves\" is every port as the agent holds it: a tie");
+    let failing = format!("{src}[[tests]]\nfrom = \"laptop\"\nto = \"db1\"\nport = 8080\nexpect = \"deny\"\n");
+    let p = parse("p.toml", &failing).unwrap();
+    let e = run_tests(&p, &compile(&p, &n), &n).unwrap_err();
+    assert!(e.to_string().ends_with("expected deny, got allow (allowed by rule \"wide\")"), "{e}");
+}

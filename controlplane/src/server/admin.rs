@@ -10,13 +10,13 @@ use wirefence_proto::v1::{
     GetPolicyReply, GetPolicyRequest, ListNodesReply, ListNodesRequest, Node, RemoveNodeReply, RemoveNodeRequest,
 };
 
-use crate::control::admin::KeySpec;
-use crate::control::{off_worker, Control};
+use crate::registry::admin::KeySpec;
+use crate::registry::{off_worker, Registry};
 use crate::Error;
 
 #[derive(Clone)]
 pub struct AdminSvc {
-    pub control: Arc<Control>,
+    pub registry: Arc<Registry>,
 }
 
 fn count(n: usize) -> u32 {
@@ -28,8 +28,8 @@ impl AdminService for AdminSvc {
     async fn apply_policy(&self, request: Request<ApplyPolicyRequest>) -> Result<Response<ApplyPolicyReply>, Status> {
         let r = request.into_inner();
         let file = if r.file_name.is_empty() { "policy".to_owned() } else { r.file_name };
-        let control = self.control.clone();
-        let applied = off_worker(move || control.apply_policy(&file, &r.source)).await?;
+        let registry = self.registry.clone();
+        let applied = off_worker(move || registry.apply_policy(&file, &r.source)).await?;
         Ok(Response::new(ApplyPolicyReply {
             version: applied.version,
             rules: count(applied.rules),
@@ -39,24 +39,24 @@ impl AdminService for AdminSvc {
     }
 
     async fn get_policy(&self, _: Request<GetPolicyRequest>) -> Result<Response<GetPolicyReply>, Status> {
-        let control = self.control.clone();
-        let p = off_worker(move || control.policy_file()).await?;
+        let registry = self.registry.clone();
+        let p = off_worker(move || registry.policy_file()).await?;
         Ok(Response::new(GetPolicyReply { file_name: p.file_name, source: p.source, version: p.version }))
     }
 
     async fn list_nodes(&self, _: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {
-        let control = self.control.clone();
-        Ok(Response::new(ListNodesReply { nodes: off_worker(move || control.list_nodes()).await? }))
+        let registry = self.registry.clone();
+        Ok(Response::new(ListNodesReply { nodes: off_worker(move || registry.list_nodes()).await? }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
-        let (control, node) = (self.control.clone(), request.into_inner().node);
-        Ok(Response::new(off_worker(move || control.get_node(&node)).await?))
+        let (registry, node) = (self.registry.clone(), request.into_inner().node);
+        Ok(Response::new(off_worker(move || registry.get_node(&node)).await?))
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeReply>, Status> {
-        let (control, node) = (self.control.clone(), request.into_inner().node);
-        let version = off_worker(move || control.remove_node(&node)).await?;
+        let (registry, node) = (self.registry.clone(), request.into_inner().node);
+        let version = off_worker(move || registry.remove_node(&node)).await?;
         Ok(Response::new(RemoveNodeReply { version }))
     }
 
@@ -72,8 +72,8 @@ impl AdminService for AdminSvc {
             .map(|(i, p)| IpNet::try_from(p).map_err(Error::wire(format!("routes[{i}]"))))
             .collect::<Result<_, _>>()?;
         let spec = KeySpec { single_use: r.single_use, expires_in_secs: r.expires_in_secs, tags: r.tags, routes };
-        let control = self.control.clone();
-        let k = off_worker(move || control.create_enrollment_key(spec)).await?;
+        let registry = self.registry.clone();
+        let k = off_worker(move || registry.create_enrollment_key(spec)).await?;
         Ok(Response::new(CreateEnrollmentKeyReply { key_id: k.key_id, key: k.key, expires_unix: k.expires_unix }))
     }
 }

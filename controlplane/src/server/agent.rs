@@ -8,8 +8,8 @@ use tonic::{Request, Response, Status, Streaming};
 use wirefence_proto::v1::agent_service_server::AgentService;
 use wirefence_proto::v1::{update, AgentReport, RegisterRequest, RegisterResponse, ReportReply, Update, WatchRequest};
 
-use crate::control::observed::Connection;
-use crate::control::{off_worker, Control};
+use crate::registry::observed::Connection;
+use crate::registry::{off_worker, Registry};
 use crate::state::GlobalState;
 use crate::view::{delta, node_view, View};
 use crate::Error;
@@ -20,7 +20,7 @@ const STREAM_BUFFER: usize = 8;
 
 #[derive(Clone)]
 pub struct AgentSvc {
-    pub control: Arc<Control>,
+    pub registry: Arc<Registry>,
 }
 
 fn snapshot(state: &GlobalState, view: &View) -> Update {
@@ -30,7 +30,7 @@ fn snapshot(state: &GlobalState, view: &View) -> Update {
 /// What a new stream starts with: a snapshot (fresh, unknown or future version), nothing
 /// (already current) or one delta from a version still in the history.
 pub fn first_update(
-    control: &Control,
+    registry: &Registry,
     state: &GlobalState,
     node: &str,
     view: &View,
@@ -42,7 +42,7 @@ pub fn first_update(
     if resume_from == 0 || resume_from > state.version {
         return Some(snapshot(state, view));
     }
-    match control.at_version(resume_from).and_then(|old| node_view(&old, node)) {
+    match registry.at_version(resume_from).and_then(|old| node_view(&old, node)) {
         Some(old) => {
             let d = delta(&old, view, resume_from)
                 .unwrap_or(wirefence_proto::v1::ViewDelta { base_version: resume_from, ..Default::default() });
@@ -53,7 +53,7 @@ pub fn first_update(
 }
 
 struct Stream {
-    control: Arc<Control>,
+    registry: Arc<Registry>,
     node: String,
     states: watch::Receiver<Arc<GlobalState>>,
     view: View,
@@ -65,7 +65,7 @@ struct Stream {
 
 impl Stream {
     async fn run(mut self, first: Option<Update>) {
-        let mut shutdown = self.control.shutdown_signal();
+        let mut shutdown = self.registry.shutdown_signal();
         if let Some(u) = first {
             if self.tx.send(Ok(u)).await.is_err() {
                 return;
@@ -74,7 +74,7 @@ impl Stream {
         loop {
             tokio::select! {
                 _ = self.tx.closed() => break,
-                _ = crate::control::stopped(&mut shutdown) => {
+                _ = crate::registry::stopped(&mut shutdown) => {
                     let _ = self.tx.send(Err(Error::ShuttingDown.into())).await;
                     break;
                 }
@@ -114,31 +114,31 @@ impl Stream {
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let control = self.control.clone();
+        let registry = self.registry.clone();
         let (meta, _, req) = request.into_parts();
-        Ok(Response::new(off_worker(move || control.register(&meta, &req)).await?))
+        Ok(Response::new(off_worker(move || registry.register(&meta, &req)).await?))
     }
 
     type WatchStream = ReceiverStream<Result<Update, Status>>;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let control = self.control.clone();
+        let registry = self.registry.clone();
         let resume_from = request.get_ref().resume_from;
         let meta = request.into_parts().0;
         let (node, connection) = off_worker(move || {
-            let node = control.authenticate(&meta)?;
-            let connection = control.connect(&node, resume_from)?;
+            let node = registry.authenticate(&meta)?;
+            let connection = registry.connect(&node, resume_from)?;
             Ok((node, connection))
         })
         .await?;
-        let mut states = self.control.subscribe();
+        let mut states = self.registry.subscribe();
         let state = states.borrow_and_update().clone();
         let view = node_view(&state, &node).ok_or_else(|| Error::NodeRemoved(node.clone()))?;
-        let first = first_update(&self.control, &state, &node, &view, resume_from);
+        let first = first_update(&self.registry, &state, &node, &view, resume_from);
         tracing::debug!(node = %node, resume_from, version = state.version, "watch");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = Stream {
-            control: self.control.clone(),
+            registry: self.registry.clone(),
             node,
             states,
             view,
@@ -151,30 +151,30 @@ impl AgentService for AgentSvc {
     }
 
     async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
-        let control = self.control.clone();
+        let registry = self.registry.clone();
         let meta = request.metadata().clone();
-        let node = off_worker(move || control.authenticate(&meta)).await?;
+        let node = off_worker(move || registry.authenticate(&meta)).await?;
         let mut reports = request.into_inner();
-        let mut shutdown = self.control.shutdown_signal();
+        let mut shutdown = self.registry.shutdown_signal();
         // Removal ends an idle report stream too, not only at its next message.
-        let mut states = self.control.subscribe();
+        let mut states = self.registry.subscribe();
         loop {
             tokio::select! {
                 msg = reports.message() => match msg? {
                     Some(r) => {
-                        if let Some(d) = self.control.report(&node, r)? {
-                            let (control, node) = (self.control.clone(), node.clone());
-                            off_worker(move || control.record(&node, &d)).await?;
+                        if let Some(d) = self.registry.report(&node, r)? {
+                            let (registry, node) = (self.registry.clone(), node.clone());
+                            off_worker(move || registry.record(&node, &d)).await?;
                         }
                     }
                     None => break,
                 },
                 _ = states.changed() => {
-                    if !self.control.is_live(&node) {
+                    if !self.registry.is_live(&node) {
                         return Err(Error::NodeRemoved(node).into());
                     }
                 }
-                _ = crate::control::stopped(&mut shutdown) => return Err(Error::ShuttingDown.into()),
+                _ = crate::registry::stopped(&mut shutdown) => return Err(Error::ShuttingDown.into()),
             }
         }
         Ok(Response::new(ReportReply {}))

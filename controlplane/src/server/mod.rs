@@ -22,7 +22,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use wirefence_proto::v1::admin_service_server::AdminServiceServer;
 use wirefence_proto::v1::agent_service_server::AgentServiceServer;
 
-use crate::control::{Control, Overlay, DEFAULT_HISTORY};
+use crate::registry::{Overlay, Registry, DEFAULT_HISTORY};
 use crate::Error;
 
 pub use admin::AdminSvc;
@@ -82,7 +82,7 @@ pub struct ServerHandle {
     /// The bound agent addresses, in `listen` order (real ports when 0 was asked).
     pub agent_addrs: Vec<SocketAddr>,
     pub admin_socket: PathBuf,
-    control: Arc<Control>,
+    registry: Arc<Registry>,
     tasks: JoinSet<Result<(), tonic::transport::Error>>,
 }
 
@@ -90,13 +90,13 @@ pub struct ServerHandle {
 const DRAIN: Duration = Duration::from_secs(5);
 
 impl ServerHandle {
-    pub fn control(&self) -> &Arc<Control> {
-        &self.control
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// Ends every stream (`Unavailable`), stops the listeners and removes the admin socket.
     pub async fn shutdown(mut self) -> Result<(), Error> {
-        self.control.begin_shutdown();
+        self.registry.begin_shutdown();
         let mut first_err = None;
         let drained = tokio::time::timeout(DRAIN, async {
             while let Some(r) = self.tasks.join_next().await {
@@ -113,16 +113,16 @@ impl ServerHandle {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Runs until a listener fails or [`Control::begin_shutdown`] is called, then shuts
+    /// Runs until a listener fails or [`Registry::begin_shutdown`] is called, then shuts
     /// down.
     pub async fn wait(mut self) -> Result<(), Error> {
-        let mut signal = self.control.shutdown_signal();
+        let mut signal = self.registry.shutdown_signal();
         let failed = tokio::select! {
             Some(r) = self.tasks.join_next() => match r {
                 Ok(Err(e)) => Some(Error::Transport(e)),
                 _ => None,
             },
-            _ = crate::control::stopped(&mut signal) => None,
+            _ = crate::registry::stopped(&mut signal) => None,
         };
         let shut = self.shutdown().await;
         match failed {
@@ -194,8 +194,8 @@ fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
 
 /// Opens the store and starts serving; returns once every listener is bound.
 pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
-    let control = Arc::new(Control::open(&cfg.db, cfg.overlay, cfg.history)?);
-    let agent = AgentServiceServer::new(AgentSvc { control: control.clone() });
+    let registry = Arc::new(Registry::open(&cfg.db, cfg.overlay, cfg.history)?);
+    let agent = AgentServiceServer::new(AgentSvc { registry: registry.clone() });
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServiceServer<AgentSvc>>().await;
     // Reflection describes what this listener serves (the admin service is only on the
@@ -222,11 +222,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
         }
         let router = builder.add_service(health.clone()).add_service(reflection.clone()).add_service(agent.clone());
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let mut signal = control.shutdown_signal();
+        let mut signal = registry.shutdown_signal();
         tasks.spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, async move {
-                    crate::control::stopped(&mut signal).await;
+                    crate::registry::stopped(&mut signal).await;
                 })
                 .await
         });
@@ -235,16 +235,16 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
     }
 
     let admin_listener = bind_admin(&cfg.admin_socket)?;
-    let admin = AdminServiceServer::new(AdminSvc { control: control.clone() });
-    let mut signal = control.shutdown_signal();
+    let admin = AdminServiceServer::new(AdminSvc { registry: registry.clone() });
+    let mut signal = registry.shutdown_signal();
     tasks.spawn(async move {
         Server::builder()
             .add_service(admin)
             .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
-                crate::control::stopped(&mut signal).await;
+                crate::registry::stopped(&mut signal).await;
             })
             .await
     });
-    tracing::info!(socket = %cfg.admin_socket.display(), version = control.current().version, "admin socket ready");
-    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, control, tasks })
+    tracing::info!(socket = %cfg.admin_socket.display(), version = registry.current().version, "admin socket ready");
+    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tasks })
 }

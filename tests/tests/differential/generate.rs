@@ -226,15 +226,15 @@ fn gen_ports(rng: &mut Rng) -> Vec<PortRange> {
         .map(|_| match rng.below(100) {
             0..40 => {
                 let p = gen_port(rng);
-                PortRange { lo: p, hi: p }
+                PortRange { first: p, last: p }
             }
             40..85 => {
                 let (a, b) = (gen_port(rng), gen_port(rng));
-                PortRange { lo: a.min(b), hi: a.max(b) }
+                PortRange { first: a.min(b), last: a.max(b) }
             }
-            85..90 => PortRange { lo: 0, hi: 65535 },
-            90..95 => PortRange { lo: gen_port(rng), hi: 65535 },
-            _ => PortRange { lo: 0, hi: gen_port(rng) },
+            85..90 => PortRange { first: 0, last: 65535 },
+            90..95 => PortRange { first: gen_port(rng), last: 65535 },
+            _ => PortRange { first: 0, last: gen_port(rng) },
         })
         .collect()
 }
@@ -493,11 +493,11 @@ fn gen_dport(rng: &mut Rng, focus: &[PortRange], all: &[PortRange]) -> u16 {
     };
     let p = ranges[rng.below(ranges.len() as u64) as usize];
     match rng.below(6) {
-        0 => p.lo,
-        1 => p.hi,
-        2 => p.lo.wrapping_sub(1),
-        3 => p.hi.wrapping_add(1),
-        _ => p.lo + (rng.below(u64::from(p.hi - p.lo) + 1) as u16),
+        0 => p.first,
+        1 => p.last,
+        2 => p.first.wrapping_sub(1),
+        3 => p.last.wrapping_add(1),
+        _ => p.first + (rng.below(u64::from(p.last - p.first) + 1) as u16),
     }
 }
 

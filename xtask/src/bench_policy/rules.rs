@@ -51,14 +51,14 @@ pub fn dst_of(i: u32, v6: bool) -> IpNet {
 }
 
 pub fn ports_of(i: u32) -> Vec<PortRange> {
-    let one = |p: u16| vec![PortRange { lo: p, hi: p }];
+    let one = |p: u16| vec![PortRange::single(p)];
     match i % 10 {
         0..=6 => one(WELL_KNOWN[(i / 10 % 10) as usize]),
-        7 => vec![PortRange { lo: 8000, hi: 8099 }],
-        8 => vec![PortRange { lo: 30000, hi: 32767 }],
+        7 => vec![PortRange { first: 8000, last: 8099 }],
+        8 => vec![PortRange { first: 30000, last: 32767 }],
         _ => {
             let lo = 9000 + (i / 10 % 50) as u16 * 10;
-            vec![PortRange { lo, hi: lo + 9 }]
+            vec![PortRange { first: lo, last: lo + 9 }]
         }
     }
 }
@@ -90,14 +90,14 @@ pub fn flow_of(i: u32, v6: bool) -> Flow {
         IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) + 10)),
         IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 0x10)),
     };
-    Flow { src: src_of(i, v6).addr(), dst: host(dst_of(i, v6)), dport: ports_of(i)[0].lo }
+    Flow { src: src_of(i, v6).addr(), dst: host(dst_of(i, v6)), dport: ports_of(i)[0].first }
 }
 
 /// The rule with a changed port set (a one-rule edit: same id, same addresses).
 pub fn edited(rule: &Rule, generation: u16) -> Rule {
     let mut r = rule.clone();
     let lo = 40000 + generation * 16;
-    r.ports = vec![PortRange { lo, hi: lo + 3 }];
+    r.ports = vec![PortRange { first: lo, last: lo + 3 }];
     r
 }
 

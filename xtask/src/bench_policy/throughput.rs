@@ -106,7 +106,7 @@ fn rule_set(n: u32) -> Vec<Rule> {
             from: vec![net("10.200.0.1/32")],
             to: vec![net("10.200.0.0/24")],
             proto: Some(proto),
-            ports: vec![PortRange { lo, hi }],
+            ports: vec![PortRange { first: lo, last: hi }],
             direction: RuleDirection::Both,
         })
     };
@@ -119,7 +119,7 @@ fn rule_set(n: u32) -> Vec<Rule> {
 fn nft_match(r: &Rule) -> (String, String, &'static str, String) {
     let host = |n: &IpNet| if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() };
     let p = r.ports[0];
-    let port = if p.lo == p.hi { p.lo.to_string() } else { format!("{}-{}", p.lo, p.hi) };
+    let port = p.to_string();
     let proto = if r.proto == Some(rules::UDP) { "udp" } else { "tcp" };
     (host(&r.from[0]), host(&r.to[0]), proto, port)
 }

@@ -53,7 +53,7 @@ pub const DEFAULT_HISTORY: usize = 256;
 /// How many flow records are kept in memory.
 pub const FLOW_LOG: usize = 512;
 
-pub struct Control {
+pub struct Registry {
     store: Mutex<Store>,
     overlay: Overlay,
     state: watch::Sender<Arc<GlobalState>>,
@@ -72,9 +72,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Control {
+impl Registry {
     /// Opens the store and rebuilds the current state from it.
-    pub fn open(db: &Path, overlay: Overlay, history: usize) -> Result<Control, Error> {
+    pub fn open(db: &Path, overlay: Overlay, history: usize) -> Result<Registry, Error> {
         let store = Store::open(db)?;
         let version = store.version()?;
         let policy = match store.policy()? {
@@ -87,7 +87,7 @@ impl Control {
         let state = Arc::new(GlobalState::new(version, live, Arc::new(policy)));
         let mut hist = History::new(history);
         hist.push(state.clone());
-        Ok(Control {
+        Ok(Registry {
             store: Mutex::new(store),
             overlay,
             state: watch::Sender::new(state),
@@ -151,7 +151,7 @@ fn check_credential(store: &Store, token: &auth::Token) -> Result<(), Error> {
     Ok(())
 }
 
-impl Control {
+impl Registry {
     /// Ends every stream (they return `Unavailable`); used when the server stops.
     pub fn begin_shutdown(&self) {
         self.shutdown.send_replace(true);
@@ -167,7 +167,7 @@ pub async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> 
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Task(e.to_string()))?
 }
 
-/// Resolves once `signal` (from [`Control::shutdown_signal`]) says shutting down.
+/// Resolves once `signal` (from [`Registry::shutdown_signal`]) says shutting down.
 pub async fn stopped(signal: &mut watch::Receiver<bool>) {
     let _ = signal.wait_for(|s| *s).await;
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use wirefence_proto::v1::{agent_report, AgentReport, SocketAddress};
 
 use super::observed::{Connection, PeerStatRow};
-use super::{lock, Control, FLOW_LOG};
+use super::{lock, Registry, FLOW_LOG};
 use crate::Error;
 
 /// At most this many peer statistics are kept per node.
@@ -23,14 +23,14 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// A report body that has to be written to the store (see [`Control::record`]).
+/// A report body that has to be written to the store (see [`Registry::record`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Durable {
     Applied(u64),
     Failed(String),
 }
 
-impl Control {
+impl Registry {
     /// Opens a Watch stream of `node`, counted until the guard drops. A `resume_from`
     /// between 1 and the current version is what the agent runs, so it is recorded as
     /// applied: its Applied report may have been lost with its previous session.
@@ -48,7 +48,7 @@ impl Control {
     }
 
     /// Records one report message of `node` in memory; returns what must still be
-    /// written to the store with [`Control::record`] (off the async workers).
+    /// written to the store with [`Registry::record`] (off the async workers).
     pub fn report(&self, node: &str, report: AgentReport) -> Result<Option<Durable>, Error> {
         if !self.is_live(node) {
             return Err(Error::NodeRemoved(node.to_owned()));
@@ -119,21 +119,21 @@ impl Control {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{Overlay, DEFAULT_HISTORY};
+    use crate::registry::{Overlay, DEFAULT_HISTORY};
 
     #[test]
     fn a_failed_connect_leaves_no_connection_counted() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("control.db");
-        let control = Arc::new(Control::open(&db, Overlay::default(), DEFAULT_HISTORY).unwrap());
-        let guard = control.connect("n1", 0).unwrap();
-        assert_eq!(control.observed.get("n1").connected, 1);
-        assert!(control.observed.get("n1").last_seen > 0);
+        let registry = Arc::new(Registry::open(&db, Overlay::default(), DEFAULT_HISTORY).unwrap());
+        let guard = registry.connect("n1", 0).unwrap();
+        assert_eq!(registry.observed.get("n1").connected, 1);
+        assert!(registry.observed.get("n1").last_seen > 0);
         drop(guard);
-        assert_eq!(control.observed.get("n1").connected, 0);
+        assert_eq!(registry.observed.get("n1").connected, 0);
         // Make the store fail underneath: acknowledging version 1 has to write.
         rusqlite::Connection::open(&db).unwrap().execute_batch("DROP TABLE nodes").unwrap();
-        assert!(control.connect("n1", 1).is_err());
-        assert_eq!(control.observed.get("n1").connected, 0, "a failed connect must not count");
+        assert!(registry.connect("n1", 1).is_err());
+        assert_eq!(registry.observed.get("n1").connected, 0, "a failed connect must not count");
     }
 }

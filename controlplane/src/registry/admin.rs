@@ -4,12 +4,13 @@ use std::fmt;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use wirefence_proto::policy::valid_name;
 use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
 use super::register::check_route;
-use super::Control;
+use super::Registry;
 use crate::auth::{self, Token};
-use crate::model::{now_unix, valid_name};
+use crate::model::now_unix;
 use crate::policy;
 use crate::store::{self, KeyRow, NodeRow};
 use crate::Error;
@@ -63,7 +64,7 @@ pub struct KeySpec {
     pub routes: Vec<IpNet>,
 }
 
-impl Control {
+impl Registry {
     /// Validates `source` (syntax, references, satisfiability, then the tests against the
     /// current nodes) and, only if all pass, makes it the policy of every node.
     pub fn apply_policy(&self, file_name: &str, source: &str) -> Result<Applied, Error> {

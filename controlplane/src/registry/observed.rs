@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use super::{lock, Control};
+use super::{lock, Registry};
 use crate::model::now_unix;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,19 +59,19 @@ impl Observations {
 
 /// Counts one Watch stream of a node until dropped.
 pub struct Connection {
-    control: Arc<Control>,
+    registry: Arc<Registry>,
     node: String,
 }
 
 impl Connection {
-    pub(super) fn new(control: Arc<Control>, node: &str) -> Connection {
-        control.observed.seen(node, |o| o.connected += 1);
-        Connection { control, node: node.to_owned() }
+    pub(super) fn new(registry: Arc<Registry>, node: &str) -> Connection {
+        registry.observed.seen(node, |o| o.connected += 1);
+        Connection { registry, node: node.to_owned() }
     }
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.control.observed.disconnect(&self.node);
+        self.registry.observed.disconnect(&self.node);
     }
 }

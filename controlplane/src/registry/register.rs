@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
 
-use super::{lock, Control, Overlay};
+use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
 use crate::auth::{self, Token};
 use crate::model::{now_unix, valid_hostname, NodeRec, PublicKey};
@@ -106,7 +106,7 @@ fn response(node: &NodeRec, credential: String) -> RegisterResponse {
     }
 }
 
-impl Control {
+impl Registry {
     /// Handles a Register call; `meta` may carry a node credential.
     pub fn register(
         &self,
