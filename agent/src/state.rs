@@ -112,11 +112,9 @@ impl EndpointRecord {
     /// Takes in what one applied WireGuard transaction wrote; saves when that changed the
     /// record. `new_device`: the device was created, so nothing older holds.
     pub fn record(&mut self, new_device: bool, ops: &[&Op]) -> Result<(), StateError> {
-        let before = (new_device && !self.endpoints.is_empty()).then(|| self.endpoints.clone());
-        let mut changed = before.is_some();
-        if new_device {
-            self.endpoints.clear();
-        }
+        // A new device starts from nothing: what was recorded moves out (no copy).
+        let before = new_device.then(|| std::mem::take(&mut self.endpoints));
+        let mut changed = before.as_ref().is_some_and(|b| !b.is_empty());
         for op in ops {
             match op {
                 Op::UpsertPeer(u) => {
