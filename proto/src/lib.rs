@@ -13,6 +13,7 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("wirefence_descriptor");
 
 mod convert;
+pub mod endpoint;
 pub mod iana;
 pub mod policy;
 mod redact;
