@@ -43,4 +43,11 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "install.sh: installing cargo-fuzz"
     cargo install cargo-fuzz --locked
 fi
+# `cargo xtask test` checks the dependency policy (deny.toml) first; pinned, as deny.toml's
+# format follows cargo-deny's releases (keep in step with xtask/src/deny.rs).
+deny_version=0.20.2
+if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $deny_version" ]; then
+    echo "install.sh: installing cargo-deny $deny_version (a few minutes, once)"
+    cargo install --locked "cargo-deny@$deny_version"
+fi
 echo "install.sh: ready"

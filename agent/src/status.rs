@@ -3,6 +3,7 @@
 use std::time::SystemTime;
 
 use serde::Serialize;
+use wirefence_proto::Escaped;
 
 use crate::model::{IfName, LinkState, OwnedRoute, PublicKey, Rule};
 use crate::reconcile::Reconciler;
@@ -150,7 +151,11 @@ impl std::fmt::Display for Status {
         }
         writeln!(f, "  addresses: {}", self.addresses.join(", "))?;
         for p in &self.peers {
-            writeln!(f, "\npeer {}{}", p.public_key, p.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default())?;
+            // Names are free text (a config file, later a control plane): shown escaped.
+            match &p.name {
+                Some(name) => writeln!(f, "\npeer {} ({})", p.public_key, Escaped(name))?,
+                None => writeln!(f, "\npeer {}", p.public_key)?,
+            }
             writeln!(f, "  endpoint: {}", p.endpoint.as_deref().unwrap_or("(none)"))?;
             writeln!(f, "  allowed ips: {}", p.allowed_ips.join(", "))?;
             match p.handshake_age_secs {
@@ -205,7 +210,7 @@ impl std::fmt::Display for Status {
         }
         if let Some(c) = &self.control {
             writeln!(f, "\ncontrol plane: {}", c.connected_to.as_deref().unwrap_or("not connected"))?;
-            writeln!(f, "  node: {}", c.node_id.as_deref().unwrap_or("(not registered)"))?;
+            writeln!(f, "  node: {}", Escaped(c.node_id.as_deref().unwrap_or("(not registered)")))?;
             writeln!(f, "  applied version: {}", c.applied_version)?;
             let now =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
@@ -215,9 +220,55 @@ impl std::fmt::Display for Status {
                 }
             }
             if let Some(e) = &c.last_error {
-                writeln!(f, "  last error: {e}")?;
+                // May quote what the control plane answered.
+                writeln!(f, "  last error: {}", Escaped(e))?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_names_and_control_errors_are_shown_escaped() {
+        let peer = |name: &str| PeerStatus {
+            public_key: PublicKey([7; 32]),
+            name: Some(name.into()),
+            endpoint: None,
+            allowed_ips: vec![],
+            handshake_age_secs: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            persistent_keepalive: None,
+        };
+        let st = Status {
+            interface: "wf0".parse().unwrap(),
+            backend: "userspace",
+            link: Some(LinkState { index: 3, mtu: 1420, up: true }),
+            public_key: None,
+            listen_port: None,
+            addresses: vec![],
+            peers: vec![peer("gw\x1b[2J\x1b[H"), peer("db\n  endpoint: 203.0.113.9:51820"), peer("ab\u{202e}cd")],
+            routes: vec![],
+            rules: vec![],
+            policy: None,
+            control: Some(crate::control::ControlStatus {
+                last_error: Some("refused: \x1b]0;pwned\x07".into()),
+                ..Default::default()
+            }),
+        };
+        let text = st.to_string();
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n' || c == '\u{202e}'), "{text:?}");
+        assert!(text.contains(r"(gw\u{1b}[2J\u{1b}[H)"), "{text}");
+        assert!(text.contains(r"(db\n  endpoint: 203.0.113.9:51820)"), "{text}");
+        assert!(
+            text.contains(r"(ab\u{202e}cd)") && text.contains(r"last error: refused: \u{1b}]0;pwned\u{7}"),
+            "{text}"
+        );
+        // The forged line is not a line of its own.
+        assert_eq!(text.lines().filter(|l| l.trim_start().starts_with("endpoint:")).count(), 3, "{text}");
     }
 }

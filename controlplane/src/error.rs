@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use ipnet::IpNet;
 use tonic::{Code, Status};
-use wirefence_proto::WireError;
+use wirefence_proto::{Escaped, WireError};
 
 use crate::policy::PolicyError;
 use crate::store::StoreError;
@@ -168,7 +168,7 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = e.code();
         if code == Code::Internal {
-            tracing::error!(error = %e, "internal error");
+            tracing::error!(error = %Escaped(&e.to_string()), "internal error");
             return Status::internal("internal error (see the control plane's log)");
         }
         Status::new(code, e.to_string())

@@ -7,6 +7,7 @@ use base64::Engine;
 use ipnet::IpNet;
 use serde_json::{json, Value};
 use wirefence_proto::v1::{GetPolicyReply, IpPrefix, Node, SocketAddress};
+use wirefence_proto::Escaped;
 
 fn prefixes(v: &[IpPrefix]) -> Vec<String> {
     v.iter().map(|p| IpNet::try_from(p).map_or_else(|e| format!("<{e}>"), |n| n.to_string())).collect()
@@ -14,6 +15,17 @@ fn prefixes(v: &[IpPrefix]) -> Vec<String> {
 
 fn sockets(v: &[SocketAddress]) -> Vec<String> {
     v.iter().map(|s| std::net::SocketAddr::try_from(s).map_or_else(|e| format!("<{e}>"), |a| a.to_string())).collect()
+}
+
+/// Text an agent supplied (an apply error, a hostname stored by an older build), made safe
+/// for a terminal. The JSON renderings carry values as they are, for programs to read.
+fn shown(s: &str) -> String {
+    Escaped(s).to_string()
+}
+
+/// Values joined for a text rendering, each escaped.
+fn joined(v: &[String], sep: &str) -> String {
+    v.iter().map(|s| shown(s)).collect::<Vec<_>>().join(sep)
 }
 
 fn key(k: &[u8]) -> String {
@@ -69,10 +81,10 @@ pub fn nodes_table(nodes: &[Node], now: i64) -> String {
     ]];
     for n in nodes {
         rows.push([
-            n.node_id.clone(),
-            n.hostname.clone(),
+            shown(&n.node_id),
+            shown(&n.hostname),
             prefixes(&n.addresses).join(","),
-            n.tags.join(","),
+            joined(&n.tags, ","),
             if n.connected { "yes" } else { "no" }.into(),
             if n.last_error.is_empty() {
                 n.applied_version.to_string()
@@ -93,17 +105,17 @@ pub fn nodes_table(nodes: &[Node], now: i64) -> String {
 
 pub fn node_text(n: &Node, now: i64) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "node:            {}", n.node_id);
-    let _ = writeln!(out, "hostname:        {}", n.hostname);
+    let _ = writeln!(out, "node:            {}", Escaped(&n.node_id));
+    let _ = writeln!(out, "hostname:        {}", Escaped(&n.hostname));
     let _ = writeln!(out, "public key:      {}", key(&n.public_key));
     let _ = writeln!(out, "addresses:       {}", prefixes(&n.addresses).join(", "));
     let _ = writeln!(out, "endpoints:       {}", sockets(&n.endpoints).join(", "));
     let _ = writeln!(out, "routes:          {}", prefixes(&n.routes).join(", "));
-    let _ = writeln!(out, "tags:            {}", n.tags.join(", "));
+    let _ = writeln!(out, "tags:            {}", joined(&n.tags, ", "));
     let _ = writeln!(out, "connected:       {}", if n.connected { "yes" } else { "no" });
     let _ = writeln!(out, "applied version: {}", n.applied_version);
     if !n.last_error.is_empty() {
-        let _ = writeln!(out, "last error:      {}", n.last_error);
+        let _ = writeln!(out, "last error:      {}", Escaped(&n.last_error));
     }
     let _ = writeln!(out, "last seen:       {}", ago(n.last_seen_unix, now));
     for s in &n.peer_stats {
@@ -146,5 +158,23 @@ mod tests {
         assert_eq!(j["addresses"][0], "10.77.0.1/32");
         assert_eq!(j["public_key"], "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
         assert!(node_text(&n, 100).contains("hostname:        db1"));
+    }
+
+    #[test]
+    fn text_from_agents_is_escaped() {
+        let n = Node {
+            node_id: "n1".into(),
+            hostname: "db1\x1b[31m\u{202e}".into(),
+            tags: vec!["web\nFAKE".into()],
+            last_error: "boom\r\nn2  db2  10.77.0.2/32\x1b]0;owned\x07".into(),
+            ..Default::default()
+        };
+        for text in [nodes_table(std::slice::from_ref(&n), 100), node_text(&n, 100)] {
+            assert!(!text.chars().any(|c| c == '\x1b' || c == '\r' || c == '\x07' || c == '\u{202e}'), "{text:?}");
+            assert!(text.contains(r"db1\u{1b}[31m\u{202e}") && text.contains(r"web\nFAKE"), "{text}");
+        }
+        let table = nodes_table(std::slice::from_ref(&n), 100);
+        assert_eq!(table.lines().count(), 2, "one header and one row: {table}");
+        assert!(node_text(&n, 100).contains(r"last error:      boom\r\nn2  db2  10.77.0.2/32\u{1b}]0;owned\u{7}"));
     }
 }

@@ -2,7 +2,8 @@
 //! `wirefence/v1/wirefence.proto`, plus the conversions between wire addresses (bytes +
 //! length) and `ipnet`/`std::net` types that both ends need, and the policy-language
 //! vocabulary both ends read rules with ([`iana`] protocol names, [`policy`] names, port
-//! ranges and the order among matching rules).
+//! ranges and the order among matching rules), and [`Escaped`] for showing text from a
+//! peer in logs and on terminals.
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
@@ -13,8 +14,10 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("wirefence_descriptor");
 
 mod convert;
+pub mod display;
 pub mod endpoint;
 pub mod iana;
 pub mod policy;
 mod redact;
 pub use convert::{ip_from_bytes, ip_to_bytes, WireError};
+pub use display::Escaped;

@@ -6,6 +6,7 @@ mod bench_control;
 mod bench_policy;
 mod build_ebpf;
 mod demo;
+mod deny;
 mod fuzz;
 mod netns;
 mod test;
@@ -42,6 +43,9 @@ enum Cmd {
     /// Fuzz the control-plane update decoder (cargo-fuzz target `update_decoder` in fuzz/)
     /// for a fixed time; `test` runs it briefly. Needs cargo-fuzz (scripts/install.sh).
     Fuzz(fuzz::FuzzArgs),
+    /// Check the dependency policy (deny.toml: licenses, bans, sources) with cargo-deny;
+    /// `test` runs it first. Needs cargo-deny (scripts/install.sh).
+    Deny,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchPolicy(args) => bench_policy::run(args),
         Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::BenchControl(args) => bench_control::run(args),
+        Cmd::Deny => deny::check(&workspace::Workspace::locate()?),
     }
 }

@@ -45,11 +45,17 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the test suite creates network namespaces and needs root: run it as root (CI does)");
     }
-    // The integration tests run the agent and control-plane binaries, so build them first.
     let ws = Workspace::locate()?;
+    let mut tally = Tally::default();
+    // Seconds, before minutes of building: a dependency that breaks the policy fails fast.
+    if let Err(e) = crate::deny::check(&ws) {
+        println!("xtask test: 0 passed, 1 failed");
+        return Err(e.context("the dependency policy"));
+    }
+    tally.passed += 1;
+    // The integration tests run the agent and control-plane binaries, so build them first.
     ws.build_bins(false).context("building the agent and the control plane")?;
 
-    let mut tally = Tally::default();
     let mut child =
         ws.cargo_cmd().args(["test", "--workspace"]).stdout(Stdio::piped()).spawn().context("cargo test")?;
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
+use wirefence_proto::Escaped;
 
 use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
@@ -191,7 +192,7 @@ impl Registry {
             Ok(())
         })?;
         lock(&self.allocated).extend(node.addresses.iter().map(|a| a.addr()));
-        tracing::info!(node = %node.id, hostname = %node.hostname, key = %key.id, version, "node enrolled");
+        tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), key = %key.id, version, "node enrolled");
         let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
         self.publish(state.with_nodes(version, nodes));
         Ok(response(&node, credential.expose()))

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use wirefence_proto::v1::{agent_report, AgentReport, SocketAddress};
+use wirefence_proto::Escaped;
 
 use super::observed::{Connection, PeerStatRow};
 use super::{lock, Registry, FLOW_LOG};
@@ -63,7 +64,7 @@ impl Registry {
             }
             Some(agent_report::Body::Failed(f)) => {
                 let reason = truncate(&f.reason, MAX_REASON);
-                tracing::warn!(node, version = f.version, reason = %reason, "apply failed");
+                tracing::warn!(node, version = f.version, reason = %Escaped(reason), "apply failed");
                 durable = Some(Durable::Failed(reason.to_owned()));
             }
             Some(agent_report::Body::Stats(s)) => {
