@@ -22,6 +22,19 @@ pub struct Status {
     pub policy: Option<PolicyStatus>,
     /// Control mode: the control-plane connection as the running agent last recorded it.
     pub control: Option<crate::control::ControlStatus>,
+    /// Control mode: the enrollment key file, when the node has a credential and the file
+    /// is still there (it is never read again, so it can be removed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removable_enrollment_key: Option<std::path::PathBuf>,
+}
+
+/// The enrollment key file if it still exists although the node has a credential.
+pub fn removable_enrollment_key(
+    files: &crate::control::persist::ControlFiles,
+    key_file: Option<&std::path::Path>,
+) -> Option<std::path::PathBuf> {
+    let key_file = key_file?;
+    (files.credential().ok().flatten().is_some() && key_file.exists()).then(|| key_file.to_owned())
 }
 
 #[derive(Debug, Serialize)]
@@ -100,6 +113,7 @@ pub async fn collect(
     };
     Ok(Status {
         control: None,
+        removable_enrollment_key: None,
         policy,
         interface: ifname.clone(),
         backend: rec.backend().name(),
@@ -216,6 +230,9 @@ impl std::fmt::Display for Status {
             }
             if let Some(e) = &c.last_error {
                 writeln!(f, "  last error: {e}")?;
+            }
+            if let Some(k) = &self.removable_enrollment_key {
+                writeln!(f, "  enrollment key {} is no longer needed and can be removed", k.display())?;
             }
         }
         Ok(())

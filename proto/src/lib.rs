@@ -16,5 +16,6 @@ mod convert;
 pub mod endpoint;
 pub mod iana;
 pub mod policy;
+pub mod possession;
 mod redact;
 pub use convert::{ip_from_bytes, ip_to_bytes, WireError};
