@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".wirefence.v1.RegisterRequest",
             ".wirefence.v1.RegisterResponse",
             ".wirefence.v1.CreateEnrollmentKeyReply",
+            ".wirefence.v1.RotateCredentialReply",
         ])
         .compile_fds(fds)?;
     Ok(())

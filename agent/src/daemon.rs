@@ -365,6 +365,7 @@ fn start_client(
         config: cc.clone(),
         files,
         own,
+        private_key: loaded.desired.device.private_key.clone(),
         tracker: control::Tracker::new(own, saved),
         apply: tx,
         connector: control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?,

@@ -170,8 +170,11 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let names = config.peers.iter().filter_map(|p| Some((p.public_key, p.name.clone()?))).collect();
             let dirs = config.policy.as_ref().map(|p| (p.pin_dir.as_path(), config.agent.state_dir.as_path()));
             let mut st = status::collect(&rec, &config.interface.name, &names, dirs).await?;
-            if config.control.is_some() {
-                st.control = Some(ControlFiles::new(&config.agent.state_dir).status()?.unwrap_or_default());
+            if let Some(cc) = &config.control {
+                let files = ControlFiles::new(&config.agent.state_dir);
+                st.control = Some(files.status()?.unwrap_or_default());
+                st.removable_enrollment_key =
+                    status::removable_enrollment_key(&files, cc.enrollment_key_file.as_deref());
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);

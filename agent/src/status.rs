@@ -23,6 +23,19 @@ pub struct Status {
     pub policy: Option<PolicyStatus>,
     /// Control mode: the control-plane connection as the running agent last recorded it.
     pub control: Option<crate::control::ControlStatus>,
+    /// Control mode: the enrollment key file, when the node has a credential and the file
+    /// is still there (it is never read again, so it can be removed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removable_enrollment_key: Option<std::path::PathBuf>,
+}
+
+/// The enrollment key file if it still exists although the node has a credential.
+pub fn removable_enrollment_key(
+    files: &crate::control::persist::ControlFiles,
+    key_file: Option<&std::path::Path>,
+) -> Option<std::path::PathBuf> {
+    let key_file = key_file?;
+    (files.credential().ok().flatten().is_some() && key_file.exists()).then(|| key_file.to_owned())
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +114,7 @@ pub async fn collect(
     };
     Ok(Status {
         control: None,
+        removable_enrollment_key: None,
         policy,
         interface: ifname.clone(),
         backend: rec.backend().name(),
@@ -223,6 +237,9 @@ impl std::fmt::Display for Status {
                 // May quote what the control plane answered.
                 writeln!(f, "  last error: {}", Escaped(e))?;
             }
+            if let Some(k) = &self.removable_enrollment_key {
+                writeln!(f, "  enrollment key {} is no longer needed and can be removed", k.display())?;
+            }
         }
         Ok(())
     }
@@ -259,6 +276,7 @@ mod tests {
                 last_error: Some("refused: \x1b]0;pwned\x07".into()),
                 ..Default::default()
             }),
+            removable_enrollment_key: None,
         };
         let text = st.to_string();
         assert!(!text.chars().any(|c| c.is_control() && c != '\n' || c == '\u{202e}'), "{text:?}");

@@ -18,6 +18,9 @@ use wirefence_proto::v1;
 use wirefence_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 
 const CREDENTIAL: &str = "n1.s3cret";
+/// The fake control plane's challenge key (one for every challenge: only the node's
+/// answer is under test here).
+const CHALLENGE_SECRET: [u8; 32] = [5; 32];
 
 #[derive(Default)]
 struct Seen {
@@ -47,13 +50,37 @@ impl AgentService for Faulty {
             if key != "enroll-me" {
                 return Err(Status::unauthenticated("bad enrollment key"));
             }
+            let req = r.get_ref();
+            let public_key: [u8; 32] = req.public_key.as_slice().try_into().expect("32-byte key");
+            let server = wirefence_proto::possession::StaticSecret::from(CHALLENGE_SECRET);
+            wirefence_proto::possession::verify(&server, &public_key, &req.challenge_id, &req.hostname, &req.proof)
+                .map_err(|e| Status::unauthenticated(e.to_string()))?;
             self.seen.lock().unwrap().enrollment_keys.push(key);
         }
         Ok(Response::new(v1::RegisterResponse {
             node_id: "n1".into(),
             credential: CREDENTIAL.into(),
             addresses: vec![],
+            rotate_credential: false,
         }))
+    }
+
+    async fn enroll_challenge(
+        &self,
+        _: Request<v1::EnrollChallengeRequest>,
+    ) -> Result<Response<v1::EnrollChallengeReply>, Status> {
+        Ok(Response::new(v1::EnrollChallengeReply {
+            challenge_id: "c1".into(),
+            server_public_key: wirefence_proto::possession::public_key(&CHALLENGE_SECRET).to_vec(),
+            expires_in_secs: 60,
+        }))
+    }
+
+    async fn rotate_credential(
+        &self,
+        _: Request<v1::RotateCredentialRequest>,
+    ) -> Result<Response<v1::RotateCredentialReply>, Status> {
+        Err(Status::unimplemented("not asked for"))
     }
 
     type WatchStream = ReceiverStream<Result<v1::Update, Status>>;
@@ -129,7 +156,7 @@ fn deny() -> wirefence_agent::enforce::DenyRecord {
 
 /// The client as the daemon builds it, over plaintext, with no peer statistics.
 fn plaintext_client(
-    own: PublicKey,
+    key: &PrivateKey,
     files: &ControlFiles,
     endpoints: Vec<Endpoint>,
     enrollment_key_file: Option<std::path::PathBuf>,
@@ -144,10 +171,12 @@ fn plaintext_client(
         advertise_endpoints: vec![],
         advertise_routes: vec![],
     };
+    let own = key.public_key();
     ControlClient {
         config,
         files: files.clone(),
         own,
+        private_key: key.clone(),
         tracker: Tracker::new(own, None),
         apply,
         connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
@@ -158,7 +187,8 @@ fn plaintext_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() {
-    let own = PrivateKey::generate().public_key();
+    let key = PrivateKey::generate();
+    let own = key.public_key();
     let (a, b) = (PrivateKey::generate().public_key(), PrivateKey::generate().public_key());
     let upsert = |p| v1::ViewDelta { upsert_peers: vec![p], ..Default::default() };
     let c = PrivateKey::generate().public_key();
@@ -196,7 +226,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     // An unreachable endpoint first: the client must go on to the next one.
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap()), Endpoint::Addr(addr)];
     let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
-    let client = plaintext_client(own, &files, endpoints, Some(dir.join("enroll.key")), tx, Box::new(|| vec![deny()]));
+    let client = plaintext_client(&key, &files, endpoints, Some(dir.join("enroll.key")), tx, Box::new(|| vec![deny()]));
     let task = tokio::spawn(client.run());
 
     let mut applied = Vec::new();
@@ -271,7 +301,8 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
 /// credential belongs to, beside the connection error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_status_names_the_node_of_the_saved_credential() {
-    let own = PrivateKey::generate().public_key();
+    let key = PrivateKey::generate();
+    let own = key.public_key();
     let dir = std::env::temp_dir().join(format!("wf-client-offline-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let files = ControlFiles::new(&dir);
@@ -284,7 +315,7 @@ async fn offline_status_names_the_node_of_the_saved_credential() {
         .unwrap();
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap())];
     let (tx, _rx) = mpsc::channel::<ApplyRequest>(1);
-    let task = tokio::spawn(plaintext_client(own, &files, endpoints, None, tx, Box::new(Vec::new)).run());
+    let task = tokio::spawn(plaintext_client(&key, &files, endpoints, None, tx, Box::new(Vec::new)).run());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = files.status().unwrap().filter(|s| s.last_error.is_some()) {

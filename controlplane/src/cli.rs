@@ -65,6 +65,21 @@ pub struct ServeArgs {
     /// How many versions are kept for resuming agent streams with a delta.
     #[arg(long, default_value_t = crate::registry::DEFAULT_HISTORY)]
     pub history: usize,
+    /// Enrollment attempts allowed in a burst, per source address and per enrollment key.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub enroll_burst: u32,
+    /// One more enrollment attempt is allowed per source address and per key every this
+    /// long (seconds, or a number with s, m, h or d).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub enroll_refill: u64,
+}
+
+impl ServeArgs {
+    pub fn enroll_limits(&self) -> crate::enroll::EnrollLimits {
+        let rate =
+            crate::enroll::Rate { burst: self.enroll_burst, every: std::time::Duration::from_secs(self.enroll_refill) };
+        crate::enroll::EnrollLimits { per_source: rate, per_key: rate }
+    }
 }
 
 /// How the agent listener is secured.
@@ -121,22 +136,56 @@ pub enum NodesCommand {
         json: bool,
     },
     /// Remove a node: its credential stops working and it leaves every other node's view.
+    /// A name it owned stays reserved (see `nodes release`).
     Remove {
+        /// Node id or hostname.
+        node: String,
+    },
+    /// Let a node enrolled with an unbound key own its hostname, so `node:<hostname>`
+    /// selectors match it.
+    Approve {
+        /// Node id (unapproved nodes may share a hostname).
+        node: String,
+    },
+    /// Free the hostname a removed node still reserves, so another node may own it.
+    Release { hostname: String },
+    /// Ask a node to rotate its credential (done at its next registration with the control plane).
+    RotateCredential {
         /// Node id or hostname.
         node: String,
     },
 }
 
+/// A key's lifetime as given on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiresIn {
+    Secs(u64),
+    Never,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Create an enrollment key (printed once; only its hash is stored).
+    /// Create an enrollment key (printed once; only its hash is stored). By default it
+    /// enrolls one node and expires in 1 hour.
     Create {
-        /// The key enrolls one node only.
-        #[arg(long)]
+        /// The key enrolls one node (the default; kept for scripts).
+        #[arg(long, conflicts_with_all = ["reusable", "max_uses"])]
         single_use: bool,
-        /// Lifetime: seconds, or a number with s, m, h or d (e.g. 30m, 7d). Default: never expires.
-        #[arg(long, value_parser = parse_duration)]
-        expires_in: Option<u64>,
+        /// The key enrolls any number of nodes.
+        #[arg(long, conflicts_with = "max_uses")]
+        reusable: bool,
+        /// The key enrolls at most N nodes.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        max_uses: Option<u32>,
+        /// Lifetime: seconds, or a number with s, m, h or d (e.g. 30m, 7d), or `never`.
+        /// Default: 1h. Zero is refused.
+        #[arg(long, value_parser = parse_expires_in)]
+        expires_in: Option<ExpiresIn>,
+        /// Bind the key to this hostname: the node enrolled with it owns the name, so
+        /// `node:<hostname>` selectors match it. Without it, the enrolled node's hostname
+        /// is a label until `nodes approve`. A bound key enrolls one node.
+        #[arg(long, conflicts_with_all = ["reusable", "max_uses"])]
+        hostname: Option<String>,
         /// Tag given to nodes enrolled with the key (policy selector tag:<name>); repeatable.
         #[arg(long = "tag")]
         tags: Vec<String>,
@@ -147,6 +196,17 @@ pub enum KeysCommand {
         /// Output JSON ({"key_id", "key", "expires_unix"}).
         #[arg(long)]
         json: bool,
+    },
+    /// List enrollment keys (id, hostname, tags, routes, uses left, expiry, created; never the secret).
+    List {
+        /// Output JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an enrollment key: it enrolls no more nodes (enrolled nodes stay).
+    Revoke {
+        /// The key id (the part before the dot).
+        key_id: String,
     },
 }
 
@@ -161,6 +221,17 @@ pub enum CertsCommand {
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
     },
+}
+
+/// [`parse_duration`], or `never`; zero is refused (it would never mean "forever").
+pub fn parse_expires_in(s: &str) -> Result<ExpiresIn, String> {
+    if s.trim() == "never" {
+        return Ok(ExpiresIn::Never);
+    }
+    match parse_duration(s)? {
+        0 => Err(format!("{s:?}: a key that expires at once is useless (for no expiry say `never`)")),
+        n => Ok(ExpiresIn::Secs(n)),
+    }
 }
 
 /// `3600`, `45s`, `30m`, `1h`, `7d` -> seconds.
@@ -198,6 +269,25 @@ mod tests {
     }
 
     #[test]
+    fn zero_lifetimes_are_refused_never_is_explicit() {
+        for zero in ["0", "0s", "0d", "0m"] {
+            assert!(parse_expires_in(zero).is_err(), "{zero}");
+        }
+        assert_eq!(parse_expires_in("never"), Ok(ExpiresIn::Never));
+        assert_eq!(parse_expires_in("2h"), Ok(ExpiresIn::Secs(7200)));
+        let create = |args: &[&str]| {
+            let mut v = vec!["wirefence-control", "keys", "create"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v)
+        };
+        assert!(create(&["--expires-in", "0"]).is_err());
+        assert!(create(&["--reusable", "--max-uses", "3"]).is_err());
+        assert!(create(&["--hostname", "db1", "--reusable"]).is_err());
+        assert!(create(&["--max-uses", "0"]).is_err());
+        assert!(create(&["--hostname", "db1", "--expires-in", "7d"]).is_ok());
+    }
+
+    #[test]
     fn serve_needs_exactly_one_of_tls_or_insecure() {
         let parse = |args: &[&str]| {
             let mut v = vec!["wirefence-control", "serve", "--listen", "127.0.0.1:7443"];
@@ -223,5 +313,6 @@ mod tests {
         assert_eq!(s.db, PathBuf::from(DEFAULT_DB));
         assert_eq!(s.overlay_v4.to_string(), "10.77.0.0/16");
         assert_eq!(s.overlay_v6.to_string(), "fd77::/64");
+        assert_eq!(s.enroll_limits(), crate::enroll::EnrollLimits::default());
     }
 }

@@ -58,10 +58,30 @@ pub enum Error {
     EnrollmentKeyMissing,
     #[error("unknown enrollment key")]
     EnrollmentKeyUnknown,
-    #[error("enrollment key {0} was already used (single-use)")]
-    EnrollmentKeyUsed(String),
+    #[error("enrollment key {id} has no uses left (used {uses} of {max_uses})")]
+    EnrollmentKeyExhausted { id: String, uses: u32, max_uses: u32 },
     #[error("enrollment key {0} has expired")]
     EnrollmentKeyExpired(String),
+    #[error("enrollment key {0} was revoked")]
+    EnrollmentKeyRevoked(String),
+    #[error("too many enrollment attempts from this address; retry later")]
+    EnrollRateSource,
+    #[error("too many enrollments with enrollment key {0}; retry later")]
+    EnrollRateKey(String),
+    #[error("too many open enrollment challenges; retry later")]
+    ChallengesBusy,
+    #[error("challenge_id: enrollment needs a challenge (call EnrollChallenge) and its proof")]
+    ChallengeMissing,
+    #[error("challenge_id: unknown, used or expired challenge (get a new one)")]
+    ChallengeUnknown,
+    #[error("proof: {0}")]
+    Proof(#[from] wirefence_proto::possession::PossessionError),
+    #[error("endpoints[{index}]: {addr}: {problem}")]
+    Endpoint { index: usize, addr: SocketAddr, problem: wirefence_proto::endpoint::EndpointProblem },
+    #[error("hostname: {name:?} is bound to enrollment key {key}; {wanted:?} cannot enroll with it")]
+    HostnameNotBound { name: String, key: String, wanted: String },
+    #[error("hostname: {name:?} belongs to node {node}{}", if *.removed { " (removed; `nodes release` frees the name)" } else { "" })]
+    HostnameOwned { name: String, node: String, removed: bool },
 
     // Node authentication.
     #[error("missing credential (metadata `authorization: Bearer <credential>`)")]
@@ -78,6 +98,16 @@ pub enum Error {
     UnknownNode(String),
     #[error("the overlay {0} has no free address left")]
     PoolExhausted(IpNet),
+    #[error("no enrollment key {0:?}")]
+    UnknownKey(String),
+    #[error("expires_in: 0 would expire at once; give a lifetime, or never_expires (--expires-in never)")]
+    ExpiresInZero,
+    #[error("{0} and {1} cannot be combined")]
+    KeyOptionsConflict(&'static str, &'static str),
+    #[error("hostname: a key bound to a hostname enrolls one node (no max_uses or reusable)")]
+    BoundKeyReusable,
+    #[error("no removed node reserves the name {0:?}")]
+    NameNotReserved(String),
 
     // Serving.
     #[error("the control plane is shutting down")]
@@ -132,21 +162,35 @@ impl Error {
             | Error::RouteOverlapsOverlay { .. }
             | Error::RouteTooBroad { .. }
             | Error::TooMany { .. }
-            | Error::Tag(_) => Code::InvalidArgument,
-            Error::PublicKeyEnrolled | Error::HostnameTaken(_) | Error::RouteTaken { .. } => Code::AlreadyExists,
+            | Error::Tag(_)
+            | Error::ChallengeMissing
+            | Error::Endpoint { .. }
+            | Error::ExpiresInZero
+            | Error::KeyOptionsConflict(..)
+            | Error::BoundKeyReusable => Code::InvalidArgument,
+            Error::PublicKeyEnrolled
+            | Error::HostnameTaken(_)
+            | Error::HostnameOwned { .. }
+            | Error::RouteTaken { .. } => Code::AlreadyExists,
             Error::EnrollmentKeyMissing
             | Error::EnrollmentKeyUnknown
             | Error::CredentialMissing
             | Error::CredentialMalformed
-            | Error::CredentialInvalid => Code::Unauthenticated,
-            Error::EnrollmentKeyUsed(_)
+            | Error::CredentialInvalid
+            | Error::ChallengeUnknown
+            | Error::Proof(_) => Code::Unauthenticated,
+            Error::EnrollmentKeyExhausted { .. }
+            | Error::EnrollmentKeyRevoked(_)
+            | Error::HostnameNotBound { .. }
             | Error::EnrollmentKeyExpired(_)
             | Error::NodeRemoved(_)
             | Error::PublicKeyRemoved(_)
             | Error::Immutable(_)
             | Error::RouteNotGranted { .. } => Code::PermissionDenied,
-            Error::UnknownNode(_) => Code::NotFound,
-            Error::PoolExhausted(_) => Code::ResourceExhausted,
+            Error::UnknownNode(_) | Error::UnknownKey(_) | Error::NameNotReserved(_) => Code::NotFound,
+            Error::PoolExhausted(_) | Error::EnrollRateSource | Error::EnrollRateKey(_) | Error::ChallengesBusy => {
+                Code::ResourceExhausted
+            }
             Error::ShuttingDown => Code::Unavailable,
             Error::Store(_)
             | Error::Task(_)

@@ -17,6 +17,7 @@ pub mod alloc;
 pub mod auth;
 pub mod certs;
 pub mod cli;
+pub mod enroll;
 pub mod error;
 pub mod model;
 pub mod output;

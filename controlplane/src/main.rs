@@ -6,15 +6,16 @@ use clap::Parser;
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 use wirefence_control::cli::{
-    CertsCommand, Cli, Command, KeysCommand, NodesCommand, PolicyCommand, ServeArgs, TlsMode,
+    CertsCommand, Cli, Command, ExpiresIn, KeysCommand, NodesCommand, PolicyCommand, ServeArgs, TlsMode,
 };
 use wirefence_control::model::now_unix;
 use wirefence_control::registry::Overlay;
 use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
 use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
-    ApplyPolicyRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix, ListNodesRequest,
-    RemoveNodeRequest,
+    ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix,
+    ListEnrollmentKeysRequest, ListNodesRequest, ReleaseNameRequest, RemoveNodeRequest,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest,
 };
 
 fn main() -> ExitCode {
@@ -77,6 +78,7 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
             None
         }
     };
+    let enroll_limits = args.enroll_limits();
     let cfg = ServeConfig {
         db: args.db.clone(),
         listen: args.listen,
@@ -84,6 +86,7 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         admin_socket,
         overlay: Overlay { v4: IpNet::V4(args.overlay_v4), v6: IpNet::V6(args.overlay_v6) },
         history: args.history,
+        enroll_limits,
     };
     let handle =
         serve(cfg).await.with_context(|| format!("start the control plane (database {})", args.db.display()))?;
@@ -168,9 +171,55 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
             let r = admin.remove_node(RemoveNodeRequest { node: node.clone() }).await.map_err(status)?.into_inner();
             format!("removed {node} (version {})\n", r.version)
         }
-        Command::Keys(KeysCommand::Create { single_use, expires_in, tags, routes, json }) => {
+        Command::Nodes(NodesCommand::Approve { node }) => {
+            let r = admin.approve_node(ApproveNodeRequest { node: node.clone() }).await.map_err(status)?.into_inner();
+            format!("{node} owns its hostname now (version {})\n", r.version)
+        }
+        Command::Nodes(NodesCommand::Release { hostname }) => {
+            admin.release_name(ReleaseNameRequest { hostname: hostname.clone() }).await.map_err(status)?;
+            format!("released the name {hostname}\n")
+        }
+        Command::Nodes(NodesCommand::RotateCredential { node }) => {
+            let req = RequestCredentialRotationRequest { node: node.clone() };
+            admin.request_credential_rotation(req).await.map_err(status)?;
+            format!("{node} rotates its credential at its next registration\n")
+        }
+        Command::Keys(KeysCommand::List { json }) => {
+            let keys =
+                admin.list_enrollment_keys(ListEnrollmentKeysRequest {}).await.map_err(status)?.into_inner().keys;
+            if json {
+                format!("{:#}\n", serde_json::Value::Array(keys.iter().map(output::key_json).collect()))
+            } else {
+                output::keys_table(&keys, now)
+            }
+        }
+        Command::Keys(KeysCommand::Revoke { key_id }) => {
+            admin.revoke_enrollment_key(RevokeEnrollmentKeyRequest { key_id: key_id.clone() }).await.map_err(status)?;
+            format!("revoked {key_id}\n")
+        }
+        Command::Keys(KeysCommand::Create {
+            single_use: _,
+            reusable,
+            max_uses,
+            expires_in,
+            hostname,
+            tags,
+            routes,
+            json,
+        }) => {
             let routes = routes.into_iter().map(IpPrefix::from).collect();
-            let req = CreateEnrollmentKeyRequest { single_use, expires_in_secs: expires_in.unwrap_or(0), tags, routes };
+            let req = CreateEnrollmentKeyRequest {
+                expires_in_secs: match expires_in {
+                    Some(ExpiresIn::Secs(s)) => Some(s),
+                    _ => None,
+                },
+                never_expires: expires_in == Some(ExpiresIn::Never),
+                reusable,
+                max_uses: max_uses.unwrap_or(0),
+                hostname: hostname.unwrap_or_default(),
+                tags,
+                routes,
+            };
             let k = admin.create_enrollment_key(req).await.map_err(status)?.into_inner();
             if json {
                 let v = serde_json::json!({ "key_id": k.key_id, "key": k.key, "expires_unix": k.expires_unix });

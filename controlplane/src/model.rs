@@ -12,6 +12,9 @@ pub type PublicKey = [u8; 32];
 pub struct NodeRec {
     pub id: String,
     pub hostname: String,
+    /// The node owns `hostname` (bound enrollment key or admin approval), so `node:`
+    /// selectors and policy tests may name it. Otherwise the hostname is a label only.
+    pub bound: bool,
     pub public_key: PublicKey,
     /// Overlay host prefixes: one IPv4 /32 and one IPv6 /128.
     pub addresses: Vec<IpNet>,
@@ -25,6 +28,16 @@ impl NodeRec {
     /// Overlay addresses and advertised routes: everything routed to this node.
     pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
         self.addresses.iter().chain(self.routes.iter())
+    }
+
+    /// The name other nodes see: the hostname it owns, else its id (a label chosen by the
+    /// node itself must not pass for another node's name).
+    pub fn peer_name(&self) -> String {
+        if self.bound {
+            self.hostname.clone()
+        } else {
+            self.id.clone()
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ipnet::IpNet;
 use serde_json::{json, Value};
-use wirefence_proto::v1::{GetPolicyReply, IpPrefix, Node, SocketAddress};
+use wirefence_proto::v1::{EnrollmentKey, GetPolicyReply, IpPrefix, Node, SocketAddress};
 use wirefence_proto::Escaped;
 
 fn prefixes(v: &[IpPrefix]) -> Vec<String> {
@@ -49,6 +49,7 @@ pub fn node_json(n: &Node) -> Value {
     json!({
         "node_id": n.node_id,
         "hostname": n.hostname,
+        "name_bound": n.name_bound,
         "public_key": key(&n.public_key),
         "addresses": prefixes(&n.addresses),
         "endpoints": sockets(&n.endpoints),
@@ -82,7 +83,7 @@ pub fn nodes_table(nodes: &[Node], now: i64) -> String {
     for n in nodes {
         rows.push([
             shown(&n.node_id),
-            shown(&n.hostname),
+            hostname(n),
             prefixes(&n.addresses).join(","),
             joined(&n.tags, ","),
             if n.connected { "yes" } else { "no" }.into(),
@@ -94,19 +95,87 @@ pub fn nodes_table(nodes: &[Node], now: i64) -> String {
             ago(n.last_seen_unix, now),
         ]);
     }
-    let widths: Vec<usize> = (0..7).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    table(&rows)
+}
+
+/// Rows padded to columns.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out
 }
 
+/// The hostname, marked when it is only a label the node chose (not matched by `node:`).
+fn hostname(n: &Node) -> String {
+    if n.name_bound {
+        shown(&n.hostname)
+    } else {
+        format!("{} (label)", Escaped(&n.hostname))
+    }
+}
+
+fn uses_left(k: &EnrollmentKey) -> String {
+    match k.max_uses {
+        0 => "unlimited".into(),
+        max => max.saturating_sub(k.uses).to_string(),
+    }
+}
+
+fn until(unix: i64, now: i64) -> String {
+    match unix {
+        0 => "never".into(),
+        t if t <= now => "expired".into(),
+        t => format!("in {}", ago(now, t).trim_end_matches(" ago")),
+    }
+}
+
+pub fn key_json(k: &EnrollmentKey) -> Value {
+    json!({
+        "key_id": k.key_id,
+        "hostname": k.hostname,
+        "tags": k.tags,
+        "routes": prefixes(&k.routes),
+        "max_uses": k.max_uses,
+        "uses": k.uses,
+        "expires_unix": k.expires_unix,
+        "created_unix": k.created_unix,
+        "revoked": k.revoked,
+    })
+}
+
+/// One line per enrollment key (never a secret: the server does not have them).
+pub fn keys_table(keys: &[EnrollmentKey], now: i64) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "HOSTNAME".into(),
+        "TAGS".into(),
+        "ROUTES".into(),
+        "USES LEFT".into(),
+        "EXPIRES".into(),
+        "CREATED".into(),
+    ]];
+    for k in keys {
+        rows.push([
+            shown(&k.key_id),
+            shown(&k.hostname),
+            joined(&k.tags, ","),
+            prefixes(&k.routes).join(","),
+            if k.revoked { "revoked".into() } else { uses_left(k) },
+            until(k.expires_unix, now),
+            ago(k.created_unix, now),
+        ]);
+    }
+    table(&rows)
+}
+
 pub fn node_text(n: &Node, now: i64) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "node:            {}", Escaped(&n.node_id));
-    let _ = writeln!(out, "hostname:        {}", Escaped(&n.hostname));
+    let _ = writeln!(out, "hostname:        {}", hostname(n));
     let _ = writeln!(out, "public key:      {}", key(&n.public_key));
     let _ = writeln!(out, "addresses:       {}", prefixes(&n.addresses).join(", "));
     let _ = writeln!(out, "endpoints:       {}", sockets(&n.endpoints).join(", "));
@@ -149,6 +218,7 @@ mod tests {
             addresses: vec![IpPrefix::from("10.77.0.1/32".parse::<IpNet>().unwrap())],
             connected: true,
             last_seen_unix: 90,
+            name_bound: true,
             ..Default::default()
         };
         let table = nodes_table(std::slice::from_ref(&n), 100);
@@ -157,7 +227,29 @@ mod tests {
         let j = node_json(&n);
         assert_eq!(j["addresses"][0], "10.77.0.1/32");
         assert_eq!(j["public_key"], "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=");
-        assert!(node_text(&n, 100).contains("hostname:        db1"));
+        assert!(node_text(&n, 100).contains("hostname:        db1\n"));
+        let label = Node { name_bound: false, ..n };
+        assert!(node_text(&label, 100).contains("hostname:        db1 (label)"));
+    }
+
+    #[test]
+    fn renders_keys_without_secrets() {
+        let k = EnrollmentKey {
+            key_id: "k1".into(),
+            hostname: "db1".into(),
+            max_uses: 3,
+            uses: 1,
+            expires_unix: 7300,
+            created_unix: 90,
+            ..Default::default()
+        };
+        let t = keys_table(std::slice::from_ref(&k), 100);
+        let line = t.lines().nth(1).unwrap();
+        assert!(line.starts_with("k1  db1") && line.contains("  2  ") && line.contains("in 2h"), "{t}");
+        let revoked = EnrollmentKey { revoked: true, expires_unix: 0, ..k };
+        let t = keys_table(std::slice::from_ref(&revoked), 100);
+        assert!(t.contains("revoked") && t.contains("never"), "{t}");
+        assert_eq!(key_json(&revoked)["max_uses"], 3);
     }
 
     #[test]

@@ -67,7 +67,25 @@ DROP TABLE IF EXISTS peer_stats;
 const MIGRATIONS: &[(&str, &str, &str, &str)] = &[
     ("nodes", "granted_routes", "TEXT NOT NULL DEFAULT '[]'", "UPDATE nodes SET granted_routes = routes"),
     ("enrollment_keys", "routes", "TEXT NOT NULL DEFAULT '[]'", ""),
+    // Use counts replace the single-use flag; old single-use keys allow one use.
+    ("enrollment_keys", "uses", "INTEGER NOT NULL DEFAULT 0", "UPDATE enrollment_keys SET uses = used"),
+    (
+        "enrollment_keys",
+        "max_uses",
+        "INTEGER NOT NULL DEFAULT 0",
+        "UPDATE enrollment_keys SET max_uses = 1 WHERE single_use = 1",
+    ),
+    ("enrollment_keys", "revoked", "INTEGER NOT NULL DEFAULT 0", ""),
+    ("enrollment_keys", "hostname", "TEXT NOT NULL DEFAULT ''", ""),
+    ("enrollment_keys", "created", "INTEGER NOT NULL DEFAULT 0", ""),
+    // Live nodes enrolled before names were bound keep the names the policy knows them by.
+    ("nodes", "bound", "INTEGER NOT NULL DEFAULT 0", "UPDATE nodes SET bound = 1 WHERE removed = 0"),
+    ("nodes", "pending_credential_hash", "BLOB", ""),
+    ("nodes", "rotate_requested", "INTEGER NOT NULL DEFAULT 0", ""),
 ];
+
+/// After the migrations: a bound name belongs to one node (live or removed) at a time.
+const INDEXES: &str = "CREATE UNIQUE INDEX IF NOT EXISTS bound_names ON nodes (hostname) WHERE bound = 1;";
 
 /// A node as stored (live or removed), with its reported apply status.
 #[derive(Clone, Debug)]
@@ -82,13 +100,43 @@ pub struct NodeRow {
 pub struct KeyRow {
     pub id: String,
     pub hash: Vec<u8>,
-    pub single_use: bool,
-    pub used: bool,
+    /// How many nodes the key may enroll; 0 = unlimited.
+    pub max_uses: u32,
+    pub uses: u32,
+    pub revoked: bool,
     /// Unix seconds; 0 = never.
     pub expires: i64,
+    pub created: i64,
     pub tags: Vec<String>,
     /// Prefixes nodes enrolled with the key may advertise routes within.
     pub routes: Vec<IpNet>,
+    /// The hostname the enrolled node owns; `None`: its hostname is a label only.
+    pub hostname: Option<String>,
+}
+
+const KEY_COLUMNS: &str = "id, hash, max_uses, uses, revoked, expires, created, tags, routes, hostname";
+
+fn key_row(r: &rusqlite::Row) -> rusqlite::Result<(KeyRow, [String; 2])> {
+    let hostname: String = r.get(9)?;
+    let row = KeyRow {
+        id: r.get(0)?,
+        hash: r.get(1)?,
+        max_uses: r.get(2)?,
+        uses: r.get(3)?,
+        revoked: r.get(4)?,
+        expires: r.get(5)?,
+        created: r.get(6)?,
+        tags: vec![],
+        routes: vec![],
+        hostname: Some(hostname).filter(|h| !h.is_empty()),
+    };
+    Ok((row, [r.get(7)?, r.get(8)?]))
+}
+
+fn with_lists((mut row, [tags, routes]): (KeyRow, [String; 2])) -> Result<KeyRow> {
+    row.tags = list::<String>(&row.id, "tags", &tags)?;
+    row.routes = list::<IpNet>(&row.id, "routes", &routes)?;
+    Ok(row)
 }
 
 pub struct Store {
@@ -127,6 +175,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
+        conn.execute_batch(INDEXES)?;
         Ok(Store { conn })
     }
 
@@ -152,7 +201,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, hostname, public_key, addresses, endpoints, routes, tags, removed, applied_version, \
-             last_error FROM nodes ORDER BY id",
+             last_error, bound FROM nodes ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -163,11 +212,12 @@ impl Store {
                 r.get::<_, bool>(7)?,
                 r.get::<_, i64>(8)?,
                 r.get::<_, String>(9)?,
+                r.get::<_, bool>(10)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, hostname, key, [addresses, endpoints, routes, tags], removed, applied, last_error) = row?;
+            let (id, hostname, key, [addresses, endpoints, routes, tags], removed, applied, last_error, bound) = row?;
             let public_key = key.try_into().map_err(|_| StoreError::Corrupt { id: id.clone(), field: "public_key" })?;
             let rec = NodeRec {
                 addresses: list::<IpNet>(&id, "addresses", &addresses)?,
@@ -176,6 +226,7 @@ impl Store {
                 tags: list::<String>(&id, "tags", &tags)?,
                 id,
                 hostname,
+                bound,
                 public_key,
             };
             out.push(NodeRow { rec, removed, applied_version: u64::try_from(applied).unwrap_or(0), last_error });
@@ -207,38 +258,68 @@ impl Store {
     }
 
     pub fn key(&self, id: &str) -> Result<Option<KeyRow>> {
-        let row = self
-            .conn
-            .query_row(
-                "SELECT id, hash, single_use, used, expires, tags, routes FROM enrollment_keys WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Vec<u8>>(1)?,
-                        r.get::<_, bool>(2)?,
-                        r.get::<_, bool>(3)?,
-                        r.get::<_, i64>(4)?,
-                        [r.get::<_, String>(5)?, r.get::<_, String>(6)?],
-                    ))
-                },
-            )
-            .optional()?;
-        row.map(|(id, hash, single_use, used, expires, [tags, routes])| {
-            let tags = list::<String>(&id, "tags", &tags)?;
-            let routes = list::<IpNet>(&id, "routes", &routes)?;
-            Ok(KeyRow { id, hash, single_use, used, expires, tags, routes })
-        })
-        .transpose()
+        let sql = format!("SELECT {KEY_COLUMNS} FROM enrollment_keys WHERE id = ?1");
+        self.conn.query_row(&sql, [id], key_row).optional()?.map(with_lists).transpose()
+    }
+
+    /// Every enrollment key, oldest first.
+    pub fn keys(&self) -> Result<Vec<KeyRow>> {
+        let mut st = self.conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM enrollment_keys ORDER BY created, id"))?;
+        let rows = st.query_map([], key_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(with_lists).collect()
     }
 
     pub fn insert_key(&self, k: &KeyRow) -> Result<()> {
+        // single_use/used stay filled for databases read by older builds.
         self.conn.execute(
-            "INSERT INTO enrollment_keys (id, hash, single_use, used, expires, tags, routes) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![k.id, k.hash, k.single_use, k.used, k.expires, json(&k.tags), strings(&k.routes)],
+            "INSERT INTO enrollment_keys (id, hash, single_use, used, expires, tags, routes, max_uses, uses, \
+             revoked, hostname, created) VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, 0, 0, ?8, ?9)",
+            params![
+                k.id,
+                k.hash,
+                k.max_uses == 1,
+                k.expires,
+                json(&k.tags),
+                strings(&k.routes),
+                k.max_uses,
+                k.hostname.as_deref().unwrap_or(""),
+                k.created
+            ],
         )?;
         Ok(())
+    }
+
+    /// Revokes a key; false if there is no such key.
+    pub fn revoke_key(&self, id: &str) -> Result<bool> {
+        Ok(self.conn.execute("UPDATE enrollment_keys SET revoked = 1 WHERE id = ?1", [id])? > 0)
+    }
+
+    /// The node (live or removed) that owns `hostname`, and whether it was removed.
+    pub fn name_owner(&self, hostname: &str) -> Result<Option<(String, bool)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT id, removed FROM nodes WHERE hostname = ?1 AND bound = 1", [hostname], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    /// A rotated credential the node has not used yet.
+    pub fn pending_credential(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT pending_credential_hash FROM nodes WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
+
+    /// Whether an admin asked the node to rotate its credential.
+    pub fn rotate_requested(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT rotate_requested FROM nodes WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .unwrap_or(false))
     }
 
     /// The current policy file (name, source, version it was applied at), if any.
@@ -301,7 +382,7 @@ fn migrate(conn: &Connection) -> Result<()> {
 pub fn insert_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8], granted_routes: &[IpNet]) -> Result<()> {
     tx.execute(
         "INSERT INTO nodes (id, hostname, public_key, addresses, endpoints, routes, tags, credential_hash, \
-         granted_routes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+         granted_routes, bound) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             n.id,
             n.hostname,
@@ -311,7 +392,8 @@ pub fn insert_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8], grante
             strings(&n.routes),
             json(&n.tags),
             credential_hash,
-            strings(granted_routes)
+            strings(granted_routes),
+            n.bound
         ],
     )?;
     Ok(())
@@ -331,8 +413,45 @@ pub fn mark_removed(tx: &Transaction, id: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn mark_key_used(tx: &Transaction, id: &str) -> Result<()> {
-    tx.execute("UPDATE enrollment_keys SET used = 1 WHERE id = ?1", [id])?;
+/// Counts one enrollment against the key.
+pub fn use_key(tx: &Transaction, id: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE enrollment_keys SET uses = uses + 1, \
+         used = CASE WHEN max_uses != 0 AND uses + 1 >= max_uses THEN 1 ELSE used END WHERE id = ?1",
+        [id],
+    )?;
+    Ok(())
+}
+
+/// The node owns its hostname from now on (the unique index refuses a second owner).
+pub fn bind_name(tx: &Transaction, id: &str) -> Result<()> {
+    tx.execute("UPDATE nodes SET bound = 1 WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// Frees a name a removed node reserves; the number of rows changed (0 or 1).
+pub fn release_name(tx: &Transaction, hostname: &str) -> Result<usize> {
+    Ok(tx.execute("UPDATE nodes SET bound = 0 WHERE hostname = ?1 AND bound = 1 AND removed = 1", [hostname])?)
+}
+
+/// Stores a new credential beside the current one (both valid until [`promote_credential`]).
+pub fn set_pending_credential(tx: &Transaction, id: &str, hash: &[u8]) -> Result<()> {
+    tx.execute("UPDATE nodes SET pending_credential_hash = ?2, rotate_requested = 0 WHERE id = ?1", params![id, hash])?;
+    Ok(())
+}
+
+/// The pending credential becomes the only one.
+pub fn promote_credential(tx: &Transaction, id: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE nodes SET credential_hash = pending_credential_hash, pending_credential_hash = NULL \
+         WHERE id = ?1 AND pending_credential_hash IS NOT NULL",
+        [id],
+    )?;
+    Ok(())
+}
+
+pub fn request_rotation(tx: &Transaction, id: &str) -> Result<()> {
+    tx.execute("UPDATE nodes SET rotate_requested = 1 WHERE id = ?1", [id])?;
     Ok(())
 }
 
@@ -357,6 +476,7 @@ mod tests {
         NodeRec {
             id: id.into(),
             hostname: format!("h-{id}"),
+            bound: true,
             public_key: [7; 32],
             addresses: vec!["10.77.0.1/32".parse().unwrap(), "fd77::1/128".parse().unwrap()],
             endpoints: vec!["192.0.2.1:51820".parse().unwrap(), "[2001:db8::1]:51820".parse().unwrap()],
@@ -418,7 +538,11 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.granted_routes("n1").unwrap(), vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
-        assert!(s.key("k1").unwrap().unwrap().routes.is_empty());
+        let k1 = s.key("k1").unwrap().unwrap();
+        assert!(k1.routes.is_empty());
+        assert_eq!((k1.max_uses, k1.uses, k1.revoked, k1.hostname), (0, 0, false, None));
+        // Live nodes of old databases keep their names.
+        assert!(s.nodes().unwrap()[0].rec.bound);
         drop(s);
         Store::open(&path).unwrap();
     }

@@ -129,7 +129,7 @@ fn prefixes<'a>(v: impl IntoIterator<Item = &'a IpNet>) -> Vec<IpPrefix> {
 pub fn peer(n: &NodeRec) -> v1::Peer {
     v1::Peer {
         public_key: n.public_key.to_vec(),
-        name: n.hostname.clone(),
+        name: n.peer_name(),
         endpoint: n.endpoints.first().map(|e| SocketAddress::from(*e)),
         allowed_ips: prefixes(n.prefixes()),
         persistent_keepalive: PERSISTENT_KEEPALIVE,
@@ -140,6 +140,7 @@ pub fn peer(n: &NodeRec) -> v1::Peer {
 fn same_peer(a: &NodeRec, b: &NodeRec) -> bool {
     a.public_key == b.public_key
         && a.hostname == b.hostname
+        && a.bound == b.bound
         && a.endpoints.first() == b.endpoints.first()
         && a.addresses == b.addresses
         && a.routes == b.routes

@@ -53,6 +53,7 @@ fn nodes() -> impl Strategy<Value = Vec<Arc<NodeRec>>> {
                 Arc::new(NodeRec {
                     id: format!("n{n}"),
                     hostname: format!("h{n}"),
+                    bound: true,
                     public_key: [n; 32],
                     addresses: vec![net(&format!("10.77.0.{n}/32")), net(&format!("fd77::{n}/128"))],
                     endpoints: vec![format!("192.0.2.{n}:51820").parse().unwrap()],

@@ -39,8 +39,19 @@ async fn admin_commands_over_the_socket() {
     let mut cp = start(dir.path()).await;
     let sock = cp.handle.admin_socket.clone();
 
-    let args =
-        ["keys", "create", "--json", "--single-use", "--expires-in", "1h", "--tag", "web", "--route", "10.88.0.0/16"];
+    let args = [
+        "keys",
+        "create",
+        "--json",
+        "--hostname",
+        "db1",
+        "--expires-in",
+        "1h",
+        "--tag",
+        "web",
+        "--route",
+        "10.88.0.0/16",
+    ];
     let out = cli(&sock, &args).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -51,7 +62,33 @@ async fn admin_commands_over_the_socket() {
     let mut agent = cp.agent().await;
     let mut req = register_req("db1", 2, &key);
     req.routes = vec![prefix("10.88.5.0/24")];
-    agent.register(req).await.unwrap();
+    agent.register(cp.prove(req, 2).await).await.unwrap();
+
+    // Listed without the secret; used up; revocable.
+    let out = cli(&sock, &["keys", "list", "--json"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!text(&out.stdout).contains(key.split_once('.').unwrap().1), "no secret in the list");
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (keys[0]["hostname"].as_str(), keys[0]["uses"].as_u64(), keys[0]["max_uses"].as_u64()),
+        (Some("db1"), Some(1), Some(1))
+    );
+    let out = cli(&sock, &["keys", "list"]).await;
+    let table = text(&out.stdout);
+    assert!(table.starts_with("ID") && table.contains("db1") && table.contains(" 0 "), "{table}");
+    let out = cli(&sock, &["keys", "create", "--expires-in", "0s"]).await;
+    assert!(!out.status.success() && text(&out.stderr).contains("never"), "{}", text(&out.stderr));
+    let out = cli(&sock, &["keys", "create", "--json"]).await;
+    let spare: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expires = spare["expires_unix"].as_i64().unwrap() - wirefence_control::model::now_unix();
+    assert!((3590..=3600).contains(&expires), "the default lifetime is 1 h: {expires}");
+    let spare_id = spare["key_id"].as_str().unwrap();
+    let out = cli(&sock, &["keys", "revoke", spare_id]).await;
+    assert!(out.status.success() && text(&out.stdout).contains(spare_id), "{}", text(&out.stderr));
+    let r = agent.register(cp.enroll_req("x", 7, spare["key"].as_str().unwrap()).await).await;
+    assert_code(r, tonic::Code::PermissionDenied, "revoked");
+    let out = cli(&sock, &["keys", "revoke", "knothing"]).await;
+    assert!(!out.status.success() && text(&out.stderr).contains("no enrollment key"), "{}", text(&out.stderr));
     let out = cli(&sock, &["keys", "create", "--route", "0.0.0.0/0"]).await;
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("routes[0]: 0.0.0.0/0 is broader than /8"), "{}", text(&out.stderr));

@@ -19,29 +19,33 @@ async fn single_use_unknown_missing_and_expired_enrollment_keys() {
     let mut agent = cp.agent().await;
 
     let once = cp.key(true, 0, &["web"]).await;
-    let r = agent.register(register_req("web1", 1, &once)).await.unwrap().into_inner();
+    let r = agent.register(cp.enroll_req("web1", 1, &once).await).await.unwrap().into_inner();
     assert_eq!(r.addresses, vec![prefix("10.77.0.1/32"), prefix("fd77::1/128")]);
     assert!(r.credential.starts_with(&format!("{}.", r.node_id)));
-    assert_code(agent.register(register_req("web2", 2, &once)).await, Code::PermissionDenied, "already used");
+    assert_code(
+        agent.register(cp.enroll_req("web2", 2, &once).await).await,
+        Code::PermissionDenied,
+        "no uses left (used 1 of 1)",
+    );
 
     let key_id = once.split('.').next().unwrap();
     let forged = format!("{key_id}.{}", "A".repeat(43));
     assert_code(
-        agent.register(register_req("web2", 2, &forged)).await,
+        agent.register(cp.enroll_req("web2", 2, &forged).await).await,
         Code::Unauthenticated,
         "unknown enrollment key",
     );
-    assert_code(agent.register(register_req("web2", 2, "garbage")).await, Code::Unauthenticated, "unknown");
+    assert_code(agent.register(cp.enroll_req("web2", 2, "garbage").await).await, Code::Unauthenticated, "unknown");
     assert_code(agent.register(register_req("web2", 2, "")).await, Code::Unauthenticated, "enrollment key is required");
 
     let short = cp.key(false, 1, &[]).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_code(agent.register(register_req("web2", 2, &short)).await, Code::PermissionDenied, "expired");
+    assert_code(agent.register(cp.enroll_req("web2", 2, &short).await).await, Code::PermissionDenied, "expired");
 
     // A good multi-use key enrolls several nodes; addresses are allocated in order.
     let multi = cp.key(false, 3600, &[]).await;
-    let r2 = agent.register(register_req("web2", 2, &multi)).await.unwrap().into_inner();
-    let r3 = agent.register(register_req("web3", 3, &multi)).await.unwrap().into_inner();
+    let r2 = agent.register(cp.enroll_req("web2", 2, &multi).await).await.unwrap().into_inner();
+    let r3 = agent.register(cp.enroll_req("web3", 3, &multi).await).await.unwrap().into_inner();
     assert_eq!(r2.addresses, vec![prefix("10.77.0.2/32"), prefix("fd77::2/128")]);
     assert_eq!(r3.addresses, vec![prefix("10.77.0.3/32"), prefix("fd77::3/128")]);
     let node = cp.admin.get_node(GetNodeRequest { node: "web1".into() }).await.unwrap().into_inner();
@@ -54,13 +58,13 @@ async fn an_enrolled_public_key_cannot_be_taken_over_with_an_enrollment_key() {
     let mut cp = start(dir.path()).await;
     let mut agent = cp.agent().await;
     let key = cp.route_key(&["10.88.0.0/16"]).await.unwrap();
-    let first = agent.register(register_req("db1", 1, &key)).await.unwrap().into_inner();
+    let first = agent.register(cp.enroll_req("db1", 1, &key).await).await.unwrap().into_inner();
 
     // Public keys are not secret: enrolling db1's key again (any hostname) gets no
     // credential, and db1's credential keeps working.
     for host in ["db1", "evil"] {
         assert_code(
-            agent.register(register_req(host, 1, &key)).await,
+            agent.register(cp.enroll_req(host, 1, &key).await).await,
             Code::AlreadyExists,
             "re-register with the node's credential",
         );
@@ -76,9 +80,6 @@ async fn an_enrolled_public_key_cannot_be_taken_over_with_an_enrollment_key() {
     let node = cp.admin.get_node(GetNodeRequest { node: first.node_id.clone() }).await.unwrap().into_inner();
     assert_eq!(node.routes, vec![prefix("10.88.0.0/24")]);
     assert_eq!(node.endpoints[0].ip.len(), 16);
-
-    // Another node cannot take the hostname.
-    assert_code(agent.register(register_req("db1", 2, &key)).await, Code::AlreadyExists, "hostname");
 }
 
 #[tokio::test]
@@ -94,7 +95,7 @@ async fn reregistration_cannot_change_hostname_or_public_key() {
     let r = agent.register(authed(register_req("web1", 9, ""), &me.credential)).await;
     assert_code(r, Code::PermissionDenied, "public_key");
     let node = cp.admin.get_node(GetNodeRequest { node: me.node_id.clone() }).await.unwrap().into_inner();
-    assert_eq!((node.hostname.as_str(), node.public_key), ("web1", vec![1u8; 32]));
+    assert_eq!((node.hostname.as_str(), node.public_key), ("web1", pubkey(1)));
     // Unchanged identity: accepted.
     agent.register(authed(register_req("web1", 1, ""), &me.credential)).await.unwrap();
 }
@@ -109,11 +110,11 @@ async fn removed_nodes_cannot_enroll_again() {
     let mut agent = cp.agent().await;
     let fresh = cp.key(true, 0, &[]).await;
     for host in ["laptop", "laptop2"] {
-        let r = agent.register(register_req(host, 1, &fresh)).await;
+        let r = agent.register(cp.enroll_req(host, 1, &fresh).await).await;
         assert_code(r, Code::PermissionDenied, &format!("node {} was removed", gone.node_id));
     }
     // The refusals did not use the single-use key; a new key pair enrolls fine.
-    let r = agent.register(register_req("laptop", 2, &fresh)).await.unwrap().into_inner();
+    let r = agent.register(cp.enroll_req("laptop", 2, &fresh).await).await.unwrap().into_inner();
     assert_ne!(r.node_id, gone.node_id);
 }
 
@@ -130,23 +131,26 @@ async fn routes_must_be_granted_by_the_enrollment_key() {
 
     // A key without routes grants none.
     let plain = cp.key(false, 0, &[]).await;
-    let r = agent.register(with_routes("a", 1, &plain, &["10.88.1.0/24"])).await;
+    let r = agent.register(cp.prove(with_routes("a", 1, &plain, &["10.88.1.0/24"]), 1).await).await;
     assert_code(r, Code::PermissionDenied, "routes[0]: 10.88.1.0/24 is not within the routes granted");
 
     let key = cp.route_key(&["10.88.0.0/16", "fd88::/48"]).await.unwrap();
-    let r = agent.register(with_routes("a", 1, &key, &["10.88.1.0/24", "10.89.0.0/24"])).await;
+    let r = agent.register(cp.prove(with_routes("a", 1, &key, &["10.88.1.0/24", "10.89.0.0/24"]), 1).await).await;
     assert_code(r, Code::PermissionDenied, "routes[1]: 10.89.0.0/24");
-    let a = agent.register(with_routes("a", 1, &key, &["10.88.1.0/24", "fd88:0:0:1::/64"])).await.unwrap();
+    let a = agent
+        .register(cp.prove(with_routes("a", 1, &key, &["10.88.1.0/24", "fd88:0:0:1::/64"]), 1).await)
+        .await
+        .unwrap();
     let a = a.into_inner();
 
     // Another node may not route (part of) the same subnet.
-    let r = agent.register(with_routes("b", 2, &key, &["10.88.1.128/25"])).await;
+    let r = agent.register(cp.prove(with_routes("b", 2, &key, &["10.88.1.128/25"]), 2).await).await;
     assert_code(
         r,
         Code::AlreadyExists,
         &format!("routes[0]: 10.88.1.128/25 overlaps route 10.88.1.0/24 of node {}", a.node_id),
     );
-    let b = agent.register(with_routes("b", 2, &key, &["10.88.2.0/24"])).await.unwrap().into_inner();
+    let b = agent.register(cp.prove(with_routes("b", 2, &key, &["10.88.2.0/24"]), 2).await).await.unwrap().into_inner();
 
     // Re-registration is held to the node's grant and to the other nodes' routes too.
     let r = agent.register(authed(with_routes("a", 1, "", &["10.90.0.0/24"]), &a.credential)).await;
@@ -167,7 +171,7 @@ async fn routes_must_be_granted_by_the_enrollment_key() {
     ] {
         assert_code(cp.route_key(&[bad]).await, Code::InvalidArgument, msg);
     }
-    let r = agent.register(with_routes("c", 3, &key, &["0.0.0.0/1"])).await;
+    let r = agent.register(cp.prove(with_routes("c", 3, &key, &["0.0.0.0/1"]), 3).await).await;
     assert_code(r, Code::InvalidArgument, "routes[0]: 0.0.0.0/1 is broader than /8");
 }
 

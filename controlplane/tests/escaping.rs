@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{authed, register_req};
+use common::{authed, prove, register_req};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 use wirefence_proto::v1::agent_service_client::AgentServiceClient;
@@ -66,19 +66,21 @@ async fn hostile_agent_text_is_escaped_in_logs_and_cli_output() {
     }
     let addr = addr.expect("the server prints its address");
     let mut agent = AgentServiceClient::connect(format!("http://{addr}")).await.unwrap();
-    let out = cli(&socket, &["keys", "create", "--json"]).await;
+    let out = cli(&socket, &["keys", "create", "--max-uses", "2", "--json"]).await;
     let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let key = key["key"].as_str().unwrap();
 
     // A hostname with controls is refused; the refusal quotes it escaped.
     let hostile = format!("db1\x1b[31m\n{FAKE_LINE} hostname=\u{202e}toor");
-    let refused = agent.register(register_req(&hostile, 1, key)).await.expect_err("refused");
+    let req = prove(&mut agent, register_req(&hostile, 1, key), &[1; 32]).await;
+    let refused = agent.register(req).await.expect_err("refused");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().starts_with("hostname: ") && refused.message().contains(r"\u{1b}[31m\n2026"));
     assert!(raw_controls(refused.message()).is_empty() && !refused.message().contains('\n'), "{refused:?}");
 
     // An apply error is free text: it is kept as sent, and shown escaped.
-    let me = agent.register(register_req("db1", 1, key)).await.unwrap().into_inner();
+    let req = prove(&mut agent, register_req("db1", 1, key), &[1; 32]).await;
+    let me = agent.register(req).await.unwrap().into_inner();
     let reason = format!("wg0 busy\x1b[2J\x1b]0;owned\x07\r\n{FAKE_LINE} hostname=\u{202e}toor \u{9b}31m");
     let failed = AgentReport { body: Some(agent_report::Body::Failed(ApplyFailed { version: 1, reason })) };
     agent.report(authed(tokio_stream::iter(vec![failed]), &me.credential)).await.unwrap();

@@ -19,7 +19,7 @@ async fn a_restarted_control_plane_keeps_nodes_policy_and_versions() {
     let laptop = cp.enroll("laptop", 1, &[]).await;
     let db1 = cp.enroll("db1", 2, &[]).await;
     let v_policy = cp.apply(POLICY).await.unwrap();
-    let key = cp.key(true, 0, &["web"]).await;
+    let key = cp.bound_key("web1", &["web"]).await;
     let before = cp.admin.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
     let mut stream = watch(&cp, &laptop.credential, 0).await.unwrap();
     let v_before = next(&mut stream).await.unwrap().version;
@@ -52,9 +52,13 @@ async fn a_restarted_control_plane_keeps_nodes_policy_and_versions() {
     let v_next = cp.apply(POLICY_PG).await.unwrap();
     assert!(v_next > v_before);
     let mut agent = cp.agent().await;
-    let web = agent.register(register_req("web1", 3, &key)).await.unwrap().into_inner();
+    let web = agent.register(cp.enroll_req("web1", 3, &key).await).await.unwrap().into_inner();
     assert_eq!(web.addresses[0].addr, vec![10, 77, 0, 3]);
-    assert_code(agent.register(register_req("web9", 9, &key)).await, tonic::Code::PermissionDenied, "already used");
+    assert_code(
+        agent.register(cp.enroll_req("web9", 9, &key).await).await,
+        tonic::Code::PermissionDenied,
+        "no uses left",
+    );
     // The "pg" rule had no source until web1 (tag web) joined: db1 now peers with it.
     let u = next(&mut s).await.unwrap();
     assert!(u.version > v_next);
@@ -97,7 +101,8 @@ async fn tls_with_certs_init_output_health_and_reflection() {
             .unwrap();
         let mut agent = AgentServiceClient::new(channel.clone());
         let n = u8::try_from(i + 1).unwrap();
-        let r = agent.register(register_req(&format!("tls{n}"), n, &key)).await.unwrap().into_inner();
+        let req = prove(&mut agent, register_req(&format!("tls{n}"), n, &key), &[n; 32]).await;
+        let r = agent.register(req).await.unwrap().into_inner();
         assert_eq!(r.addresses.len(), 2);
         check_health(channel).await;
     }

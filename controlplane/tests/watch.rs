@@ -41,7 +41,7 @@ async fn snapshots_contain_only_what_policy_allows() {
     let rules = &v.policy.as_ref().unwrap().rules;
     assert_eq!(rules.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["admin-ssh"]);
     let db1 = v.peers.iter().find(|p| p.name == "db1").unwrap();
-    assert_eq!(db1.public_key, vec![2; 32]);
+    assert_eq!(db1.public_key, pubkey(2));
     assert_eq!(db1.allowed_ips, m.db1.addresses);
     assert_eq!(db1.persistent_keepalive, 25);
     assert!(db1.endpoint.is_some());
@@ -163,7 +163,7 @@ async fn policy_changes_reach_only_affected_nodes_with_ordered_versions() {
     let u = next(&mut db1).await.unwrap();
     let d = delta(&u);
     assert_eq!((u.version, d.base_version), (v2, v1));
-    assert_eq!(d.remove_peers, vec![vec![3u8; 32]]);
+    assert_eq!(d.remove_peers, vec![pubkey(3)]);
     // The laptop stream skipped v1 (no change for it): its next delta builds on v0.
     let v3 = m.cp.apply(&POLICY.replace("[\"22\"]", "[\"22\", \"2222\"]")).await.unwrap();
     let u = next(&mut laptop).await.unwrap();
@@ -232,7 +232,7 @@ async fn removal_ends_the_stream_and_leaves_every_view() {
     let u = next(&mut laptop).await.unwrap();
     let d = delta(&u);
     assert_eq!((u.version, d.base_version), (v1, v0));
-    assert_eq!(d.remove_peers, vec![vec![2u8; 32]]);
+    assert_eq!(d.remove_peers, vec![pubkey(2)]);
     // The rule no longer lists db1's addresses.
     let to = &d.policy.as_ref().unwrap().rules[0].to;
     assert!(!to.iter().any(|p| m.db1.addresses.contains(p)));
@@ -268,8 +268,11 @@ async fn one_change_reaches_hundreds_of_watchers() {
     for i in 0..N {
         let n = channels.len();
         let agent = &mut channels[i % n];
+        let mut private = [7u8; 32];
+        private[1..9].copy_from_slice(&(i as u64).to_le_bytes());
         let mut req = register_req(&format!("sim{i}"), 7, &key);
-        req.public_key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        req.public_key = wirefence_proto::possession::public_key(&private).to_vec();
+        let req = prove(agent, req, &private).await;
         let r = agent.register(req).await.unwrap().into_inner();
         let watch = authed(wirefence_proto::v1::WatchRequest { resume_from: 0 }, &r.credential);
         let mut s = agent.watch(watch).await.unwrap().into_inner();

@@ -18,6 +18,7 @@ pub mod display;
 pub mod endpoint;
 pub mod iana;
 pub mod policy;
+pub mod possession;
 mod redact;
 pub use convert::{ip_from_bytes, ip_to_bytes, WireError};
 pub use display::Escaped;

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::v1::{CreateEnrollmentKeyReply, RegisterRequest, RegisterResponse};
+use crate::v1::{CreateEnrollmentKeyReply, RegisterRequest, RegisterResponse, RotateCredentialReply};
 
 struct Redacted<'a>(&'a str);
 
@@ -21,6 +21,8 @@ impl fmt::Debug for RegisterRequest {
             .field("endpoints", &self.endpoints)
             .field("enrollment_key", &Redacted(&self.enrollment_key))
             .field("routes", &self.routes)
+            .field("challenge_id", &self.challenge_id)
+            .field("proof", &self.proof)
             .finish()
     }
 }
@@ -31,6 +33,7 @@ impl fmt::Debug for RegisterResponse {
             .field("node_id", &self.node_id)
             .field("credential", &Redacted(&self.credential))
             .field("addresses", &self.addresses)
+            .field("rotate_credential", &self.rotate_credential)
             .finish()
     }
 }
@@ -42,5 +45,11 @@ impl fmt::Debug for CreateEnrollmentKeyReply {
             .field("key", &Redacted(&self.key))
             .field("expires_unix", &self.expires_unix)
             .finish()
+    }
+}
+
+impl fmt::Debug for RotateCredentialReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateCredentialReply").field("credential", &Redacted(&self.credential)).finish()
     }
 }

@@ -108,9 +108,20 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// A reusable enrollment key, written to a file for agents.
+    /// A reusable enrollment key (nodes enrolled with it own no name), written to a file.
     pub fn enrollment_key_file(&self, tags: &[&str]) -> PathBuf {
+        self.key_file(&["--reusable"], tags)
+    }
+
+    /// A single-use key bound to `hostname` (the node enrolled with it owns the name, so
+    /// `node:<hostname>` selectors match it), written to a file.
+    pub fn bound_key_file(&self, hostname: &str, tags: &[&str]) -> PathBuf {
+        self.key_file(&["--hostname", hostname], tags)
+    }
+
+    fn key_file(&self, options: &[&str], tags: &[&str]) -> PathBuf {
         let mut args = vec!["keys", "create", "--json"];
+        args.extend_from_slice(options);
         for t in tags {
             args.extend(["--tag", t]);
         }
@@ -152,6 +163,19 @@ impl Drop for ControlPlane {
 }
 
 impl Host {
+    /// The hostname [`Host::write_control_config`] gives the agent.
+    pub fn control_hostname(&self) -> String {
+        format!("h{}", self.index)
+    }
+
+    /// [`Host::write_control_config`] with a fresh key bound to this host's name; returns
+    /// the key file.
+    pub fn write_bound_control_config(&self, cp: &ControlPlane, tags: &[&str]) -> PathBuf {
+        let key = cp.bound_key_file(&self.control_hostname(), tags);
+        self.write_control_config(cp, &key);
+        key
+    }
+
     /// An agent config in control mode: no peers, no rules, no addresses of its own. Both
     /// control-plane addresses are listed; odd hosts try IPv4 first, even hosts IPv6.
     pub fn write_control_config(&self, cp: &ControlPlane, enrollment_key: &std::path::Path) {

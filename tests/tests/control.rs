@@ -37,18 +37,18 @@ fn policy(web_from: &[&str]) -> String {
 
 /// A lab of `n` hosts enrolled with a running control plane, agents started.
 fn enrolled(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>) {
-    let (lab, cp, agents, _) = enrolled_with_key(n);
+    let (lab, cp, agents, _) = enrolled_with_keys(n);
     (lab, cp, agents)
 }
 
-/// As [`enrolled`], with the enrollment key file.
-fn enrolled_with_key(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>, std::path::PathBuf) {
+/// As [`enrolled`], with the enrollment key files (one per host, bound to its name).
+fn enrolled_with_keys(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>, Vec<std::path::PathBuf>) {
     let lab = Lab::new(n);
     let cp = ControlPlane::start(&lab);
-    let key = cp.enrollment_key_file(&["server"]);
     let mut agents = Vec::new();
+    let mut keys = Vec::new();
     for h in &lab.hosts {
-        h.write_control_config(&cp, &key);
+        keys.push(h.write_bound_control_config(&cp, &["server"]));
         agents.push(h.spawn_agent());
     }
     wait_until("every node enrolled", T, || {
@@ -56,12 +56,13 @@ fn enrolled_with_key(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>, std::path::Pa
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v.as_array().is_some_and(|a| a.len() == n as usize)
     });
-    (lab, cp, agents, key)
+    (lab, cp, agents, keys)
 }
 
 /// No secret of any host (private key, enrollment key, credential) in any log, at debug level.
-fn assert_no_secrets_logged(lab: &Lab, cp: &ControlPlane, agents: &[AgentProc], key_file: &std::path::Path) {
-    let mut secrets = vec![std::fs::read_to_string(key_file).unwrap().trim().to_owned()];
+fn assert_no_secrets_logged(lab: &Lab, cp: &ControlPlane, agents: &[AgentProc], key_files: &[std::path::PathBuf]) {
+    let mut secrets: Vec<String> =
+        key_files.iter().map(|k| std::fs::read_to_string(k).unwrap().trim().to_owned()).collect();
     for h in &lab.hosts {
         secrets.push(std::fs::read_to_string(h.dir.join("private.key")).unwrap().trim().to_owned());
         let cred: serde_json::Value =
@@ -84,7 +85,7 @@ fn tcp_echoes(from: &Host, to: SocketAddr) -> bool {
 
 #[test]
 fn enrollment_mesh_policy_pushes_and_node_removal() {
-    let (lab, cp, agents, key_file) = enrolled_with_key(3);
+    let (lab, cp, agents, key_files) = enrolled_with_keys(3);
     let (h1, h2, h3) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
     for port in [80, 81] {
         echo_server(&h2.ns, sock("::", port));
@@ -128,7 +129,7 @@ fn enrollment_mesh_policy_pushes_and_node_removal() {
     assert!(!h3.ns.ping(&h2_v4), "a removed node is cut off");
     wait_until("the removed agent is refused", T, || agents[2].log_text().contains("PermissionDenied"));
     assert!(h1.ns.ping(&h2_v4), "the others keep talking");
-    assert_no_secrets_logged(&lab, &cp, &agents, &key_file);
+    assert_no_secrets_logged(&lab, &cp, &agents, &key_files);
 }
 
 #[test]

@@ -173,6 +173,8 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
         .arg("--db")
         .arg(dir.0.join("control.db"))
         .args(["--listen", &addr.to_string(), "--insecure", "--overlay-v4", "10.64.0.0/16"])
+        // Every simulated agent enrolls from 127.0.0.1 with one key.
+        .args(["--enroll-burst", "1000000"])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -197,7 +199,11 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
     };
     admin.apply_policy(apply(1)).await?;
     let key = admin
-        .create_enrollment_key(v1::CreateEnrollmentKeyRequest { tags: vec!["sim".into()], ..Default::default() })
+        .create_enrollment_key(v1::CreateEnrollmentKeyRequest {
+            tags: vec!["sim".into()],
+            reusable: true,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .key;
@@ -274,15 +280,16 @@ async fn watching(addr: std::net::SocketAddr, i: usize, key: String) -> Result<t
     use v1::agent_service_client::AgentServiceClient;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
-    let reg = client
-        .register(v1::RegisterRequest {
-            public_key: rand::random::<[u8; 32]>().to_vec(),
-            hostname: format!("sim{i}"),
-            enrollment_key: key,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let private: [u8; 32] = rand::random();
+    let mut req = v1::RegisterRequest {
+        public_key: wirefence_proto::possession::public_key(&private).to_vec(),
+        hostname: format!("sim{i}"),
+        enrollment_key: key,
+        ..Default::default()
+    };
+    let challenge = client.enroll_challenge(v1::EnrollChallengeRequest {}).await?.into_inner();
+    wirefence_proto::possession::answer(&mut req, &private, &challenge)?;
+    let reg = client.register(req).await?.into_inner();
     let mut req = tonic::Request::new(v1::WatchRequest { resume_from: 0 });
     req.metadata_mut().insert("authorization", format!("Bearer {}", reg.credential).parse()?);
     let mut stream = client.watch(req).await?.into_inner();

@@ -56,11 +56,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     step("the control plane (wirefence-control serve: TLS, SQLite) on the bridge, IPv4 and IPv6");
     let cp = ControlPlane::start(&lab);
     println!("  listening on {CP_V4}:{CP_PORT} and [{CP_V6}]:{CP_PORT}; admin socket {}", cp.admin_socket().display());
-    step("an enrollment key; each host gets a control-mode agent config (no peers, no rules) and starts");
-    let key = cp.enrollment_key_file(&["demo"]);
+    step("an enrollment key per host, bound to its name; each host gets a control-mode agent config (no peers, no rules) and starts");
     let mut agents = Vec::new();
     for h in &lab.hosts {
-        h.write_control_config(&cp, &key);
+        h.write_bound_control_config(&cp, &["demo"]);
         agents.push(h.spawn_agent());
     }
     wait_until("three nodes enrolled", secs(20), || {

@@ -63,6 +63,13 @@ enum SessionError {
     Rpc(#[from] Status),
     #[error("control.enrollment_key_file is needed to enroll this node (it has no credential yet)")]
     NoEnrollmentKey,
+    #[error(
+        "the control plane does not accept this node's credential ({0}); the enrollment key is not used again: \
+         to enroll anew, remove {1} and give a fresh enrollment key"
+    )]
+    CredentialRefused(String, std::path::PathBuf),
+    #[error("the control plane's challenge: {0}")]
+    Challenge(#[from] wirefence_proto::possession::PossessionError),
     #[error("control.enrollment_key_file {path}: {source}")]
     EnrollmentKey { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -77,6 +84,8 @@ pub struct ControlClient {
     pub config: ControlConfig,
     pub files: ControlFiles,
     pub own: PublicKey,
+    /// Answers the enrollment challenge (proof of possession); never leaves the process.
+    pub private_key: crate::model::PrivateKey,
     pub tracker: Tracker,
     pub apply: mpsc::Sender<ApplyRequest>,
     pub connector: Connector,
@@ -158,46 +167,80 @@ impl ControlClient {
         result
     }
 
-    /// Enrolls with the key when there is no credential for this public key, otherwise
-    /// re-registers with the credential (so the control plane learns new endpoints).
+    /// Enrolls with the key (answering the control plane's challenge with the private key)
+    /// when there is no credential for this public key, otherwise re-registers with the
+    /// credential (so the control plane learns new endpoints). Once a credential is saved
+    /// the enrollment key is never read again. Rotates the credential when asked to.
     async fn register(
         &self,
         client: &mut AgentServiceClient<tonic::transport::Channel>,
     ) -> Result<Credential, SessionError> {
-        let c = &self.config;
-        let mut req = v1::RegisterRequest {
-            public_key: self.own.0.to_vec(),
-            hostname: c.hostname.clone(),
-            endpoints: c.advertise_endpoints.iter().map(|e| (*e).into()).collect(),
-            enrollment_key: String::new(),
-            routes: c.advertise_routes.iter().map(|r| (*r).into()).collect(),
-        };
+        let req = self.register_request();
         let saved = self.files.credential()?.filter(|s| s.public_key == self.own);
         let reply = match &saved {
-            Some(cred) => match client.register(authed(cred, req)).await {
+            Some(cred) => match client.register(authed(cred, req.clone())).await {
                 Ok(r) => r.into_inner(),
-                // Unknown to this control plane (its database was recreated): enroll anew
-                // next time, if there is a key. A removed node gets PermissionDenied instead.
+                // Unknown to this control plane (say its database was recreated). Enrolling
+                // again is an admin's decision, not something a refusal may trigger.
                 Err(e) if e.code() == tonic::Code::Unauthenticated => {
-                    self.files.forget_credential()?;
-                    return Err(e.into());
+                    return Err(SessionError::CredentialRefused(e.message().to_owned(), self.files.credential_path()));
                 }
                 Err(e) => return Err(e.into()),
             },
-            None => {
-                let path = c.enrollment_key_file.as_ref().ok_or(SessionError::NoEnrollmentKey)?;
-                let key = std::fs::read_to_string(path)
-                    .map_err(|source| SessionError::EnrollmentKey { path: path.clone(), source })?;
-                req.enrollment_key = key.trim().to_owned();
-                client.register(Request::new(req)).await?.into_inner()
-            }
+            None => self.enroll(client, req.clone()).await?,
         };
+        let rotate = reply.rotate_credential;
         let cred = Credential { node_id: reply.node_id, credential: reply.credential, public_key: self.own };
         if saved.as_ref() != Some(&cred) {
             self.files.set_credential(&cred)?;
             tracing::info!(node = %cred.node_id, "registered with the control plane");
         }
+        if rotate {
+            return self.rotate(client, cred, req).await;
+        }
         Ok(cred)
+    }
+
+    fn register_request(&self) -> v1::RegisterRequest {
+        let c = &self.config;
+        v1::RegisterRequest {
+            public_key: self.own.0.to_vec(),
+            hostname: c.hostname.clone(),
+            endpoints: c.advertise_endpoints.iter().map(|e| (*e).into()).collect(),
+            routes: c.advertise_routes.iter().map(|r| (*r).into()).collect(),
+            ..Default::default()
+        }
+    }
+
+    async fn enroll(
+        &self,
+        client: &mut AgentServiceClient<tonic::transport::Channel>,
+        mut req: v1::RegisterRequest,
+    ) -> Result<v1::RegisterResponse, SessionError> {
+        let path = self.config.enrollment_key_file.as_ref().ok_or(SessionError::NoEnrollmentKey)?;
+        let key = std::fs::read_to_string(path)
+            .map_err(|source| SessionError::EnrollmentKey { path: path.clone(), source })?;
+        req.enrollment_key = key.trim().to_owned();
+        let challenge = client.enroll_challenge(v1::EnrollChallengeRequest {}).await?.into_inner();
+        wirefence_proto::possession::answer(&mut req, &self.private_key.as_wg().0, &challenge)?;
+        Ok(client.register(Request::new(req)).await?.into_inner())
+    }
+
+    /// Gets a new credential, saves it (atomically) and registers with it, which ends the
+    /// old one at the control plane. A crash anywhere in between leaves a working one: the
+    /// old is valid until the new is used, and the new is saved before it is used.
+    async fn rotate(
+        &self,
+        client: &mut AgentServiceClient<tonic::transport::Channel>,
+        old: Credential,
+        req: v1::RegisterRequest,
+    ) -> Result<Credential, SessionError> {
+        let reply = client.rotate_credential(authed(&old, v1::RotateCredentialRequest {})).await?.into_inner();
+        let new = Credential { credential: reply.credential, ..old };
+        self.files.set_credential(&new)?;
+        client.register(authed(&new, req)).await?;
+        tracing::info!(node = %new.node_id, "credential rotated");
+        Ok(new)
     }
 
     async fn watch(

@@ -94,11 +94,22 @@ impl RawControl {
             }
             None => system_hostname(),
         };
+        // The control plane checks the same; failing here names the line instead.
+        let control_plane: Vec<std::net::IpAddr> = endpoints
+            .iter()
+            .filter_map(|e| match e {
+                Endpoint::Addr(a) => Some(a.ip()),
+                Endpoint::Host { .. } => None,
+            })
+            .collect();
         let mut advertise_endpoints = Vec::new();
         for e in &self.advertise_endpoints {
-            advertise_endpoints.push(e.get_ref().parse::<SocketAddr>().map_err(|_| {
+            let addr = e.get_ref().parse::<SocketAddr>().map_err(|_| {
                 err(e.span(), format!("control.advertise_endpoints: {:?} is not ip:port ([v6]:port)", e.get_ref()))
-            })?);
+            })?;
+            wirefence_proto::endpoint::check(addr, &[], &control_plane)
+                .map_err(|p| err(e.span(), format!("control.advertise_endpoints: {addr}: {p}")))?;
+            advertise_endpoints.push(addr);
         }
         let mut advertise_routes = Vec::new();
         for r in &self.advertise_routes {
@@ -175,6 +186,20 @@ mod tests {
         let e =
             parse("endpoints = [\"cp:1\"]\ninsecure = true\nadvertise_routes = [\"10.0.0.1/8\"]\n", "").unwrap_err();
         assert!(e.contains("control.advertise_routes"), "{e}");
+        for (bad, why) in [
+            ("127.0.0.1:51820", "loopback"),
+            ("0.0.0.0:51820", "unspecified"),
+            ("[ff02::1]:51820", "multicast"),
+            ("192.0.2.9:0", "port 0"),
+            ("192.0.2.7:51820", "control plane's own address"),
+        ] {
+            let e = parse(
+                &format!("endpoints = [\"192.0.2.7:7443\"]\ninsecure = true\nadvertise_endpoints = [\"{bad}\"]\n"),
+                "",
+            )
+            .unwrap_err();
+            assert!(e.contains("control.advertise_endpoints") && e.contains(why), "{bad}: {e}");
+        }
         let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nsecret = 1\n", "").unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
     }

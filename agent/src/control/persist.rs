@@ -91,13 +91,9 @@ impl ControlFiles {
             .map_err(|e| PersistError::Corrupt { path: self.path("credential.json"), reason: e.to_string() })
     }
 
-    /// Drops a credential the control plane no longer recognizes.
-    pub fn forget_credential(&self) -> Result<(), PersistError> {
-        let path = self.path("credential.json");
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PersistError::Io { path, source: e }),
-            _ => Ok(()),
-        }
+    /// Where the credential is kept (removing it is how an admin makes the node enroll anew).
+    pub fn credential_path(&self) -> PathBuf {
+        self.path("credential.json")
     }
 
     pub fn set_credential(&self, c: &Credential) -> Result<(), PersistError> {

@@ -74,9 +74,11 @@ impl PartialEq for CompiledRule {
 
 impl Eq for CompiledRule {}
 
-/// Resolves every rule of `policy` against `nodes` (the live nodes).
+/// Resolves every rule of `policy` against `nodes` (the live nodes). `node:<name>` matches
+/// only the node that owns the name ([`NodeRec::bound`]); another node's label never does.
 pub fn compile(policy: &Policy, nodes: &[Arc<NodeRec>]) -> Vec<Arc<CompiledRule>> {
-    let by_host: HashMap<&str, &NodeRec> = nodes.iter().map(|n| (n.hostname.as_str(), &**n)).collect();
+    let by_host: HashMap<&str, &NodeRec> =
+        nodes.iter().filter(|n| n.bound).map(|n| (n.hostname.as_str(), &**n)).collect();
     policy.rules.iter().filter_map(|r| compile_rule(r, nodes, &by_host)).map(Arc::new).collect()
 }
 
@@ -87,7 +89,7 @@ pub fn unmatched_selectors(policy: &Policy, nodes: &[Arc<NodeRec>]) -> Vec<Strin
     let mut out = BTreeSet::new();
     for s in policy.rules.iter().flat_map(|r| r.from.iter().chain(&r.to)) {
         match s {
-            Selector::Node(h) if !nodes.iter().any(|n| &n.hostname == h) => out.insert(format!("node:{h}")),
+            Selector::Node(h) if !nodes.iter().any(|n| n.bound && &n.hostname == h) => out.insert(format!("node:{h}")),
             Selector::Tag(t) if !nodes.iter().any(|n| n.tags.contains(t)) => out.insert(format!("tag:{t}")),
             _ => false,
         };

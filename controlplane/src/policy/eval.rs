@@ -74,7 +74,7 @@ fn addresses(
         TestEnd::Ip(ip) => Ok(vec![*ip]),
         TestEnd::Node(h) => nodes
             .iter()
-            .find(|n| &n.hostname == h)
+            .find(|n| n.bound && &n.hostname == h)
             .map(|n| n.addresses.iter().map(|a| a.addr()).collect())
             .ok_or_else(|| policy.error(pos, Problem::UnknownTestNode { index, field, name: h.clone() })),
     }

@@ -9,6 +9,7 @@ pub(crate) fn node(id: &str, hostname: &str, n: u8, tags: &[&str]) -> Arc<NodeRe
     Arc::new(NodeRec {
         id: id.into(),
         hostname: hostname.into(),
+        bound: true,
         public_key: [n; 32],
         addresses: vec![format!("10.77.0.{n}/32").parse().unwrap(), format!("fd77::{n}/128").parse().unwrap()],
         endpoints: vec![format!("192.0.2.{n}:51820").parse().unwrap()],

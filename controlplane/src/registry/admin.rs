@@ -3,16 +3,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use ipnet::IpNet;
-use wirefence_proto::policy::valid_name;
 use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
-use super::register::check_route;
 use super::Registry;
-use crate::auth::{self, Token};
-use crate::model::now_unix;
 use crate::policy;
-use crate::store::{self, KeyRow, NodeRow};
+use crate::store::{self, NodeRow};
 use crate::Error;
 
 /// An applied policy: the version it took effect at, its rule and passed test counts, and
@@ -51,17 +46,6 @@ impl fmt::Debug for NewKey {
             .field("expires_unix", &self.expires_unix)
             .finish()
     }
-}
-
-/// What an enrollment key gives the nodes enrolled with it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct KeySpec {
-    pub single_use: bool,
-    /// 0 = never expires.
-    pub expires_in_secs: u64,
-    pub tags: Vec<String>,
-    /// The prefixes such nodes may advertise routes within.
-    pub routes: Vec<IpNet>,
 }
 
 impl Registry {
@@ -116,37 +100,6 @@ impl Registry {
         Ok(version)
     }
 
-    pub fn create_enrollment_key(&self, spec: KeySpec) -> Result<NewKey, Error> {
-        let KeySpec { single_use, expires_in_secs, mut tags, mut routes } = spec;
-        if let Some(bad) = tags.iter().find(|t| !valid_name(t)) {
-            return Err(Error::Tag(bad.clone()));
-        }
-        tags.sort();
-        tags.dedup();
-        for (index, route) in routes.iter().enumerate() {
-            check_route(index, *route, &self.overlay)?;
-        }
-        routes.sort();
-        routes.dedup();
-        let expires_unix = match expires_in_secs {
-            0 => 0,
-            s => now_unix().saturating_add(i64::try_from(s).unwrap_or(i64::MAX)),
-        };
-        let token = Token::generate(auth::new_id('k'));
-        let row = KeyRow {
-            id: token.id.clone(),
-            hash: token.hash().to_vec(),
-            single_use,
-            used: false,
-            expires: expires_unix,
-            tags,
-            routes,
-        };
-        self.store().insert_key(&row)?;
-        tracing::info!(key = %row.id, single_use, expires_unix, routes = ?row.routes, "enrollment key created");
-        Ok(NewKey { key_id: row.id, key: token.expose(), expires_unix })
-    }
-
     /// A node row with what is observed of it (kept in memory, see `observed`).
     fn node_info(&self, r: NodeRow) -> v1::Node {
         let observed = self.observed.get(&r.rec.id);
@@ -175,14 +128,17 @@ impl Registry {
             last_seen_unix: observed.last_seen,
             connected: observed.connected > 0,
             peer_stats,
+            name_bound: n.bound,
         }
     }
 }
 
-/// A live node by id, else by hostname.
-fn find(rows: Vec<NodeRow>, sel: &str) -> Result<NodeRow, Error> {
+/// A live node by id, else the live node that owns the hostname, else a live node with
+/// that label.
+pub(super) fn find(rows: Vec<NodeRow>, sel: &str) -> Result<NodeRow, Error> {
     let mut live = rows.into_iter().filter(|r| !r.removed);
-    let (by_id, rest): (Vec<_>, Vec<_>) = live.by_ref().partition(|r| r.rec.id == sel);
+    let (by_id, mut rest): (Vec<_>, Vec<_>) = live.by_ref().partition(|r| r.rec.id == sel);
+    rest.sort_by_key(|r| !r.rec.bound);
     by_id
         .into_iter()
         .next()

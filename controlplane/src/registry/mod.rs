@@ -12,6 +12,8 @@
 //! - [`observed`]: in-memory observations (connections, last contact, peer statistics).
 
 pub mod admin;
+pub mod identity;
+pub mod keys;
 pub mod observed;
 pub mod register;
 pub mod report;
@@ -64,6 +66,8 @@ pub struct Registry {
     allocated: Mutex<HashSet<IpAddr>>,
     flows: Mutex<VecDeque<(String, FlowRecord)>>,
     shutdown: watch::Sender<bool>,
+    /// Challenges, enrollment rate limits, addresses no endpoint may have.
+    pub gate: crate::enroll::Gate,
 }
 
 /// Locks a mutex, recovering the data if a holder panicked (every critical section leaves
@@ -96,7 +100,13 @@ impl Registry {
             allocated: Mutex::new(allocated),
             flows: Mutex::new(VecDeque::new()),
             shutdown: watch::Sender::new(false),
+            gate: crate::enroll::Gate::new(crate::enroll::EnrollLimits::default()),
         })
+    }
+
+    pub fn with_enroll_limits(mut self, limits: crate::enroll::EnrollLimits) -> Registry {
+        self.gate = crate::enroll::Gate::new(limits);
+        self
     }
 
     pub fn overlay(&self) -> Overlay {
@@ -142,7 +152,9 @@ impl Registry {
 /// Checks a node credential against the store (which the caller has locked).
 fn check_credential(store: &Store, token: &auth::Token) -> Result<(), Error> {
     let (hash, removed) = store.node_auth(&token.id)?.ok_or(Error::CredentialInvalid)?;
-    if !token.matches(&hash) {
+    // A rotated credential is valid beside the old one until the node registers with it
+    // (register::promote), so a crash while the agent saves it never locks the node out.
+    if !token.matches(&hash) && !store.pending_credential(&token.id)?.is_some_and(|p| token.matches(&p)) {
         return Err(Error::CredentialInvalid);
     }
     if removed {

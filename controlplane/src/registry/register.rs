@@ -1,9 +1,15 @@
 //! Register: enrollment of a new node with an enrollment key, and re-registration with a
 //! node credential. Public keys are not secret, so a key pair that is already enrolled
 //! (or was removed) never enrolls again: only the node's credential speaks for it.
+//!
+//! Enrollment also needs the answer to a challenge (proof that the node holds the private
+//! key, [`wirefence_proto::possession`]) and passes the rate limits per source address and
+//! per key. A node owns its hostname only when its key was bound to that name; otherwise
+//! the name is a label `node:` selectors never match (until `nodes approve`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ipnet::IpNet;
 use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
@@ -28,8 +34,9 @@ pub struct Registration {
     pub routes: Vec<IpNet>,
 }
 
-/// Validates the request's fields; errors name the field.
-pub fn validate(req: &RegisterRequest, overlay: &Overlay) -> Result<Registration, Error> {
+/// Validates the request's fields; errors name the field. Endpoints must be unicast,
+/// outside the overlay and not one of `control_plane`'s addresses.
+pub fn validate(req: &RegisterRequest, overlay: &Overlay, control_plane: &[IpAddr]) -> Result<Registration, Error> {
     let public_key: PublicKey =
         req.public_key.as_slice().try_into().map_err(|_| Error::PublicKeyLength(req.public_key.len()))?;
     if public_key == [0; 32] {
@@ -48,8 +55,13 @@ pub fn validate(req: &RegisterRequest, overlay: &Overlay) -> Result<Registration
         .endpoints
         .iter()
         .enumerate()
-        .map(|(i, e)| SocketAddr::try_from(e).map_err(Error::wire(format!("endpoints[{i}]"))))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|(index, e)| {
+            let addr = SocketAddr::try_from(e).map_err(Error::wire(format!("endpoints[{index}]")))?;
+            wirefence_proto::endpoint::check(addr, &[overlay.v4, overlay.v6], control_plane)
+                .map_err(|problem| Error::Endpoint { index, addr, problem })?;
+            Ok(addr)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     let mut routes = Vec::with_capacity(req.routes.len());
     for (index, r) in req.routes.iter().enumerate() {
         let route = IpNet::try_from(r).map_err(Error::wire(format!("routes[{index}]")))?;
@@ -99,26 +111,71 @@ fn check_routes(routes: &[IpNet], granted: &[IpNet], nodes: &[Arc<NodeRec>], me:
     Ok(())
 }
 
-fn response(node: &NodeRec, credential: String) -> RegisterResponse {
+fn response(node: &NodeRec, credential: String, rotate_credential: bool) -> RegisterResponse {
     RegisterResponse {
         node_id: node.id.clone(),
         credential,
         addresses: node.addresses.iter().map(|a| IpPrefix::from(*a)).collect(),
+        rotate_credential,
     }
 }
 
+/// A fresh proof-of-possession challenge (counted against the source's enrollment rate).
+pub struct Challenge {
+    pub id: String,
+    pub server_public_key: [u8; 32],
+}
+
 impl Registry {
-    /// Handles a Register call; `meta` may carry a node credential.
+    /// Handles a Register call; `meta` may carry a node credential. Enrollment attempts
+    /// are limited per source address through the challenges they need.
     pub fn register(
         &self,
         meta: &tonic::metadata::MetadataMap,
         req: &RegisterRequest,
     ) -> Result<RegisterResponse, Error> {
-        let reg = validate(req, &self.overlay)?;
+        let reg = validate(req, &self.overlay, &self.gate.control_plane())?;
         match auth::bearer(meta)? {
             Some(token) => self.reregister(token, reg),
-            None => self.enroll(&req.enrollment_key, reg),
+            None => {
+                if req.enrollment_key.trim().is_empty() {
+                    return Err(Error::EnrollmentKeyMissing);
+                }
+                // Taken first: a challenge is good for one attempt, whatever its outcome.
+                let challenge = match req.challenge_id.as_str() {
+                    "" => return Err(Error::ChallengeMissing),
+                    id => (id, self.gate.challenges.take(id, Instant::now()).ok_or(Error::ChallengeUnknown)?),
+                };
+                self.enroll(&req.enrollment_key, reg, challenge, &req.proof)
+            }
         }
+    }
+
+    fn limit_source(&self, source: Option<IpAddr>) -> Result<(), Error> {
+        match source {
+            Some(ip) if !self.gate.per_source.take(&ip, Instant::now()) => Err(Error::EnrollRateSource),
+            _ => Ok(()),
+        }
+    }
+
+    /// A challenge for EnrollChallenge, counted against `source`'s enrollment rate (an
+    /// enrollment needs one, so this limits enrollment attempts per address).
+    pub fn challenge(&self, source: Option<IpAddr>) -> Result<Challenge, Error> {
+        self.limit_source(source)?;
+        let c = self.gate.challenges.issue(Instant::now()).ok_or(Error::ChallengesBusy)?;
+        Ok(Challenge { id: c.id, server_public_key: c.server_public_key })
+    }
+
+    /// Issues a new credential for the node behind `meta`'s credential; the old one stays
+    /// valid until the node registers with the new one.
+    pub fn rotate_credential(&self, meta: &tonic::metadata::MetadataMap) -> Result<String, Error> {
+        let token = auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
+        let mut store = self.store();
+        super::check_credential(&store, &token)?;
+        let new = Token::generate(token.id.clone());
+        store.change(false, |tx| store::set_pending_credential(tx, &token.id, &new.hash()))?;
+        tracing::info!(node = %token.id, "credential rotation started");
+        Ok(new.expose())
     }
 
     /// Re-registration may update endpoints and routes (within the grant); the hostname
@@ -126,6 +183,11 @@ impl Registry {
     fn reregister(&self, token: Token, reg: Registration) -> Result<RegisterResponse, Error> {
         let mut store = self.store();
         super::check_credential(&store, &token)?;
+        // Registering with the rotated credential completes the rotation: the old one ends.
+        if store.pending_credential(&token.id)?.is_some_and(|p| token.matches(&p)) {
+            store.change(false, |tx| store::promote_credential(tx, &token.id))?;
+            tracing::info!(node = %token.id, "credential rotated");
+        }
         let state = self.current();
         let old = state.node(&token.id).ok_or_else(|| Error::NodeRemoved(token.id.clone()))?.clone();
         if reg.hostname != old.hostname {
@@ -142,10 +204,16 @@ impl Registry {
             let nodes = replace(&state.nodes, Arc::new(new.clone()));
             self.publish(state.with_nodes(version, nodes));
         }
-        Ok(response(&new, token.expose()))
+        Ok(response(&new, token.expose(), store.rotate_requested(&token.id)?))
     }
 
-    fn enroll(&self, key: &str, reg: Registration) -> Result<RegisterResponse, Error> {
+    fn enroll(
+        &self,
+        key: &str,
+        reg: Registration,
+        (challenge_id, challenge): (&str, x25519_dalek::StaticSecret),
+        proof: &[u8],
+    ) -> Result<RegisterResponse, Error> {
         if key.trim().is_empty() {
             return Err(Error::EnrollmentKeyMissing);
         }
@@ -156,16 +224,31 @@ impl Registry {
             return Err(Error::EnrollmentKeyUnknown);
         }
         check_key(&key)?;
+        if !self.gate.per_key.take(&key.id, Instant::now()) {
+            return Err(Error::EnrollRateKey(key.id));
+        }
+        wirefence_proto::possession::verify(&challenge, &reg.public_key, challenge_id, &reg.hostname, proof)?;
         // Only after the key checks out, so key pairs cannot be probed without one.
         if let Some(id) = store.removed_with_key(&reg.public_key)? {
             return Err(Error::PublicKeyRemoved(id));
         }
+        let bound = match &key.hostname {
+            Some(name) if *name != reg.hostname => {
+                return Err(Error::HostnameNotBound { name: name.clone(), key: key.id, wanted: reg.hostname });
+            }
+            Some(name) => match store.name_owner(name)? {
+                Some((node, removed)) => return Err(Error::HostnameOwned { name: name.clone(), node, removed }),
+                None => true,
+            },
+            None => false,
+        };
         let state = self.current();
         for n in state.nodes.iter() {
             if n.public_key == reg.public_key {
                 return Err(Error::PublicKeyEnrolled);
             }
-            if n.hostname == reg.hostname {
+            // A label may not copy a live owner's name (a bound key wins over labels).
+            if n.hostname == reg.hostname && n.bound && !bound {
                 return Err(Error::HostnameTaken(reg.hostname.clone()));
             }
         }
@@ -177,6 +260,7 @@ impl Registry {
         let node = NodeRec {
             id: auth::new_id('n'),
             hostname: reg.hostname,
+            bound,
             public_key: reg.public_key,
             addresses: vec![host(v4), host(v6)],
             endpoints: reg.endpoints,
@@ -186,22 +270,23 @@ impl Registry {
         let credential = Token::generate(node.id.clone());
         let ((), version) = store.change(true, |tx| {
             store::insert_node(tx, &node, &credential.hash(), &key.routes)?;
-            if key.single_use {
-                store::mark_key_used(tx, &key.id)?;
-            }
+            store::use_key(tx, &key.id)?;
             Ok(())
         })?;
         lock(&self.allocated).extend(node.addresses.iter().map(|a| a.addr()));
-        tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), key = %key.id, version, "node enrolled");
+        tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), bound, key = %key.id, version, "node enrolled");
         let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
         self.publish(state.with_nodes(version, nodes));
-        Ok(response(&node, credential.expose()))
+        Ok(response(&node, credential.expose(), false))
     }
 }
 
 fn check_key(key: &KeyRow) -> Result<(), Error> {
-    if key.single_use && key.used {
-        return Err(Error::EnrollmentKeyUsed(key.id.clone()));
+    if key.revoked {
+        return Err(Error::EnrollmentKeyRevoked(key.id.clone()));
+    }
+    if key.max_uses != 0 && key.uses >= key.max_uses {
+        return Err(Error::EnrollmentKeyExhausted { id: key.id.clone(), uses: key.uses, max_uses: key.max_uses });
     }
     if key.expires != 0 && now_unix() >= key.expires {
         return Err(Error::EnrollmentKeyExpired(key.id.clone()));
@@ -225,8 +310,11 @@ mod tests {
             enrollment_key: "kabc.enrollment-s3cr3t".into(),
             ..Default::default()
         };
-        let resp =
-            RegisterResponse { node_id: "nabc".into(), credential: "nabc.credential-s3cr3t".into(), addresses: vec![] };
+        let resp = RegisterResponse {
+            node_id: "nabc".into(),
+            credential: "nabc.credential-s3cr3t".into(),
+            ..Default::default()
+        };
         for shown in [format!("{req:?}"), format!("{req:#?}"), format!("{resp:?}"), format!("{resp:#?}")] {
             assert!(!shown.contains("s3cr3t"), "{shown}");
             assert!(shown.contains("<redacted>") && (shown.contains("db1") || shown.contains("nabc")), "{shown}");

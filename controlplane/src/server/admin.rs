@@ -2,17 +2,18 @@
 
 use std::sync::Arc;
 
-use ipnet::IpNet;
 use tonic::{Request, Response, Status};
 use wirefence_proto::v1::admin_service_server::AdminService;
 use wirefence_proto::v1::{
-    ApplyPolicyReply, ApplyPolicyRequest, CreateEnrollmentKeyReply, CreateEnrollmentKeyRequest, GetNodeRequest,
-    GetPolicyReply, GetPolicyRequest, ListNodesReply, ListNodesRequest, Node, RemoveNodeReply, RemoveNodeRequest,
+    ApplyPolicyReply, ApplyPolicyRequest, ApproveNodeReply, ApproveNodeRequest, CreateEnrollmentKeyReply,
+    CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyReply, GetPolicyRequest, ListEnrollmentKeysReply,
+    ListEnrollmentKeysRequest, ListNodesReply, ListNodesRequest, Node, ReleaseNameReply, ReleaseNameRequest,
+    RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply, RequestCredentialRotationRequest,
+    RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest,
 };
 
-use crate::registry::admin::KeySpec;
+use crate::registry::keys::KeySpec;
 use crate::registry::{off_worker, Registry};
-use crate::Error;
 
 #[derive(Clone)]
 pub struct AdminSvc {
@@ -64,16 +65,47 @@ impl AdminService for AdminSvc {
         &self,
         request: Request<CreateEnrollmentKeyRequest>,
     ) -> Result<Response<CreateEnrollmentKeyReply>, Status> {
-        let r = request.into_inner();
-        let routes = r
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, p)| IpNet::try_from(p).map_err(Error::wire(format!("routes[{i}]"))))
-            .collect::<Result<_, _>>()?;
-        let spec = KeySpec { single_use: r.single_use, expires_in_secs: r.expires_in_secs, tags: r.tags, routes };
+        let spec = KeySpec::from_request(request.into_inner())?;
         let registry = self.registry.clone();
         let k = off_worker(move || registry.create_enrollment_key(spec)).await?;
         Ok(Response::new(CreateEnrollmentKeyReply { key_id: k.key_id, key: k.key, expires_unix: k.expires_unix }))
+    }
+
+    async fn list_enrollment_keys(
+        &self,
+        _: Request<ListEnrollmentKeysRequest>,
+    ) -> Result<Response<ListEnrollmentKeysReply>, Status> {
+        let registry = self.registry.clone();
+        Ok(Response::new(ListEnrollmentKeysReply { keys: off_worker(move || registry.list_enrollment_keys()).await? }))
+    }
+
+    async fn revoke_enrollment_key(
+        &self,
+        request: Request<RevokeEnrollmentKeyRequest>,
+    ) -> Result<Response<RevokeEnrollmentKeyReply>, Status> {
+        let (registry, id) = (self.registry.clone(), request.into_inner().key_id);
+        off_worker(move || registry.revoke_enrollment_key(&id)).await?;
+        Ok(Response::new(RevokeEnrollmentKeyReply {}))
+    }
+
+    async fn approve_node(&self, request: Request<ApproveNodeRequest>) -> Result<Response<ApproveNodeReply>, Status> {
+        let (registry, node) = (self.registry.clone(), request.into_inner().node);
+        let version = off_worker(move || registry.approve_node(&node)).await?;
+        Ok(Response::new(ApproveNodeReply { version }))
+    }
+
+    async fn release_name(&self, request: Request<ReleaseNameRequest>) -> Result<Response<ReleaseNameReply>, Status> {
+        let (registry, name) = (self.registry.clone(), request.into_inner().hostname);
+        off_worker(move || registry.release_name(&name)).await?;
+        Ok(Response::new(ReleaseNameReply {}))
+    }
+
+    async fn request_credential_rotation(
+        &self,
+        request: Request<RequestCredentialRotationRequest>,
+    ) -> Result<Response<RequestCredentialRotationReply>, Status> {
+        let (registry, node) = (self.registry.clone(), request.into_inner().node);
+        off_worker(move || registry.request_rotation(&node)).await?;
+        Ok(Response::new(RequestCredentialRotationReply {}))
     }
 }

@@ -6,7 +6,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use wirefence_proto::v1::agent_service_server::AgentService;
-use wirefence_proto::v1::{update, AgentReport, RegisterRequest, RegisterResponse, ReportReply, Update, WatchRequest};
+use wirefence_proto::v1::{
+    update, AgentReport, EnrollChallengeReply, EnrollChallengeRequest, RegisterRequest, RegisterResponse, ReportReply,
+    RotateCredentialReply, RotateCredentialRequest, Update, WatchRequest,
+};
 
 use crate::registry::observed::Connection;
 use crate::registry::{off_worker, Registry};
@@ -113,10 +116,32 @@ impl Stream {
 
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
+    async fn enroll_challenge(
+        &self,
+        request: Request<EnrollChallengeRequest>,
+    ) -> Result<Response<EnrollChallengeReply>, Status> {
+        let c = self.registry.challenge(request.remote_addr().map(|a| a.ip()))?;
+        Ok(Response::new(EnrollChallengeReply {
+            challenge_id: c.id,
+            server_public_key: c.server_public_key.to_vec(),
+            expires_in_secs: crate::enroll::challenge::TTL.as_secs() as u32,
+        }))
+    }
+
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let registry = self.registry.clone();
         let (meta, _, req) = request.into_parts();
         Ok(Response::new(off_worker(move || registry.register(&meta, &req)).await?))
+    }
+
+    async fn rotate_credential(
+        &self,
+        request: Request<RotateCredentialRequest>,
+    ) -> Result<Response<RotateCredentialReply>, Status> {
+        let registry = self.registry.clone();
+        let meta = request.into_parts().0;
+        let credential = off_worker(move || registry.rotate_credential(&meta)).await?;
+        Ok(Response::new(RotateCredentialReply { credential }))
     }
 
     type WatchStream = ReceiverStream<Result<Update, Status>>;

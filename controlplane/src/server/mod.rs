@@ -61,6 +61,8 @@ pub struct ServeConfig {
     pub overlay: Overlay,
     /// Global states kept for resuming streams.
     pub history: usize,
+    /// Enrollment rate limits per source address and per key.
+    pub enroll_limits: crate::enroll::EnrollLimits,
 }
 
 impl ServeConfig {
@@ -73,6 +75,7 @@ impl ServeConfig {
             admin_socket: admin_socket.into(),
             overlay: Overlay::default(),
             history: DEFAULT_HISTORY,
+            enroll_limits: crate::enroll::EnrollLimits::default(),
         }
     }
 }
@@ -194,7 +197,7 @@ fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
 
 /// Opens the store and starts serving; returns once every listener is bound.
 pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
-    let registry = Arc::new(Registry::open(&cfg.db, cfg.overlay, cfg.history)?);
+    let registry = Arc::new(Registry::open(&cfg.db, cfg.overlay, cfg.history)?.with_enroll_limits(cfg.enroll_limits));
     let agent = AgentServiceServer::new(AgentSvc { registry: registry.clone() });
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServiceServer<AgentSvc>>().await;
@@ -234,6 +237,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
         agent_addrs.push(local);
     }
 
+    // No node may advertise the control plane's own address as its endpoint.
+    registry.gate.set_listen(&agent_addrs);
     let admin_listener = bind_admin(&cfg.admin_socket)?;
     let admin = AdminServiceServer::new(AdminSvc { registry: registry.clone() });
     let mut signal = registry.shutdown_signal();

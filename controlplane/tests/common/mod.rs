@@ -9,11 +9,12 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 use wirefence_control::admin_client::{self, AdminClient};
+use wirefence_control::enroll::{EnrollLimits, Rate};
 use wirefence_control::server::{serve, ServeConfig, ServerHandle};
 use wirefence_proto::v1::agent_service_client::AgentServiceClient;
 use wirefence_proto::v1::{
-    update, ApplyPolicyRequest, CreateEnrollmentKeyRequest, IpPrefix, NodeView, RegisterRequest, RegisterResponse,
-    SocketAddress, Update, ViewDelta, WatchRequest,
+    update, ApplyPolicyRequest, CreateEnrollmentKeyRequest, EnrollChallengeRequest, IpPrefix, NodeView,
+    RegisterRequest, RegisterResponse, SocketAddress, Update, ViewDelta, WatchRequest,
 };
 
 pub type Agent = AgentServiceClient<Channel>;
@@ -33,21 +34,47 @@ impl Cp {
         AgentServiceClient::connect(format!("http://{}", self.addr())).await.expect("connect to the agent service")
     }
 
+    /// An unbound key: single-use or reusable; `expires_in_secs` 0 = never expires.
     pub async fn key(&mut self, single_use: bool, expires_in_secs: u64, tags: &[&str]) -> String {
         let req = CreateEnrollmentKeyRequest {
-            single_use,
-            expires_in_secs,
+            reusable: !single_use,
+            expires_in_secs: (expires_in_secs != 0).then_some(expires_in_secs),
+            never_expires: expires_in_secs == 0,
             tags: tags.iter().map(|t| t.to_string()).collect(),
-            routes: vec![],
+            ..Default::default()
         };
         self.admin.create_enrollment_key(req).await.expect("create key").into_inner().key
     }
 
-    /// A multi-use key granting `routes` (CIDRs).
+    /// A single-use key bound to `hostname` (the enrolled node owns the name).
+    pub async fn bound_key(&mut self, hostname: &str, tags: &[&str]) -> String {
+        let req = CreateEnrollmentKeyRequest {
+            hostname: hostname.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        };
+        self.admin.create_enrollment_key(req).await.expect("create key").into_inner().key
+    }
+
+    /// A reusable key granting `routes` (CIDRs).
     pub async fn route_key(&mut self, routes: &[&str]) -> Result<String, Status> {
-        let req =
-            CreateEnrollmentKeyRequest { routes: routes.iter().map(|r| prefix(r)).collect(), ..Default::default() };
+        let req = CreateEnrollmentKeyRequest {
+            routes: routes.iter().map(|r| prefix(r)).collect(),
+            reusable: true,
+            never_expires: true,
+            ..Default::default()
+        };
         Ok(self.admin.create_enrollment_key(req).await?.into_inner().key)
+    }
+
+    /// `register_req` with a fresh challenge answered with private key `[n; 32]`.
+    pub async fn enroll_req(&self, hostname: &str, n: u8, key: &str) -> RegisterRequest {
+        self.prove(register_req(hostname, n, key), n).await
+    }
+
+    /// `req` with a fresh challenge answered with private key `[n; 32]`.
+    pub async fn prove(&self, req: RegisterRequest, n: u8) -> RegisterRequest {
+        prove(&mut self.agent().await, req, &[n; 32]).await
     }
 
     /// Applies a policy; returns its version.
@@ -56,11 +83,12 @@ impl Cp {
         Ok(self.admin.apply_policy(req).await?.into_inner().version)
     }
 
-    /// Enrolls `hostname` with public key `[n; 32]` using a fresh multi-use key with `tags`.
+    /// Enrolls `hostname` (owning the name) with private key `[n; 32]` using a fresh key
+    /// bound to it, with `tags`.
     pub async fn enroll(&mut self, hostname: &str, n: u8, tags: &[&str]) -> RegisterResponse {
-        let key = self.key(false, 0, tags).await;
-        let mut agent = self.agent().await;
-        agent.register(register_req(hostname, n, &key)).await.expect("register").into_inner()
+        let key = self.bound_key(hostname, tags).await;
+        let req = self.enroll_req(hostname, n, &key).await;
+        self.agent().await.register(req).await.expect("register").into_inner()
     }
 }
 
@@ -72,21 +100,40 @@ pub async fn start_with(dir: &Path, f: impl FnOnce(&mut ServeConfig)) -> Cp {
     Cp { handle, admin, dir: dir.to_owned() }
 }
 
+/// Enrollment rate limits out of the way (tests of the limits set their own).
 pub async fn start(dir: &Path) -> Cp {
-    start_with(dir, |_| {}).await
+    start_with(dir, |c| {
+        let rate = Rate { burst: 100_000, every: Duration::from_millis(1) };
+        c.enroll_limits = EnrollLimits { per_source: rate, per_key: rate };
+    })
+    .await
+}
+
+/// The public key of private key `[n; 32]`.
+pub fn pubkey(n: u8) -> Vec<u8> {
+    wirefence_proto::possession::public_key(&[n; 32]).to_vec()
+}
+
+/// Answers a fresh challenge for `req` with `private_key`.
+pub async fn prove(agent: &mut Agent, mut req: RegisterRequest, private_key: &[u8; 32]) -> RegisterRequest {
+    let c = agent.enroll_challenge(EnrollChallengeRequest {}).await.expect("challenge").into_inner();
+    wirefence_proto::possession::answer(&mut req, private_key, &c).expect("answer the challenge");
+    req
 }
 
 pub fn prefix(s: &str) -> IpPrefix {
     IpPrefix::from(s.parse::<ipnet::IpNet>().expect("a CIDR"))
 }
 
+/// A Register request for the key pair of private key `[n; 32]` (without a challenge
+/// answer: enough for re-registration; enrollment needs [`prove`]).
 pub fn register_req(hostname: &str, n: u8, key: &str) -> RegisterRequest {
     RegisterRequest {
-        public_key: vec![n; 32],
+        public_key: pubkey(n),
         hostname: hostname.into(),
         endpoints: vec![SocketAddress::from(std::net::SocketAddr::from(([192, 0, 2, n], 51820)))],
         enrollment_key: key.into(),
-        routes: vec![],
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,60 @@
+//! Who owns a name, and the credential a node speaks with: approving a node binds its
+//! hostname to it (one owner at a time; a removed owner keeps the name reserved until an
+//! admin releases it), and an admin may ask a node to rotate its credential.
+
+use super::admin::find;
+use super::Registry;
+use crate::store;
+use crate::Error;
+
+impl Registry {
+    /// Binds the node's hostname to it, so `node:<hostname>` selectors match it; returns
+    /// the version (the policy may now resolve differently).
+    pub fn approve_node(&self, sel: &str) -> Result<u64, Error> {
+        let mut store = self.store();
+        let row = find(store.nodes()?, sel)?;
+        if row.rec.bound {
+            return Ok(self.current().version);
+        }
+        if let Some((node, removed)) = store.name_owner(&row.rec.hostname)? {
+            return Err(Error::HostnameOwned { name: row.rec.hostname, node, removed });
+        }
+        let id = row.rec.id.clone();
+        let ((), version) = store.change(true, |tx| store::bind_name(tx, &id))?;
+        let state = self.current();
+        let nodes = state
+            .nodes
+            .iter()
+            .map(|n| {
+                if n.id == id {
+                    std::sync::Arc::new(crate::model::NodeRec { bound: true, ..(**n).clone() })
+                } else {
+                    n.clone()
+                }
+            })
+            .collect();
+        self.publish(state.with_nodes(version, nodes));
+        tracing::info!(node = %id, hostname = %row.rec.hostname, version, "node approved: owns its hostname");
+        Ok(version)
+    }
+
+    /// Frees a name a removed node still reserves.
+    pub fn release_name(&self, hostname: &str) -> Result<(), Error> {
+        let mut store = self.store();
+        let (changed, _) = store.change(false, |tx| store::release_name(tx, hostname))?;
+        if changed == 0 {
+            return Err(Error::NameNotReserved(hostname.to_owned()));
+        }
+        tracing::info!(%hostname, "name released");
+        Ok(())
+    }
+
+    /// The node is told to rotate its credential at its next registration.
+    pub fn request_rotation(&self, sel: &str) -> Result<(), Error> {
+        let mut store = self.store();
+        let id = find(store.nodes()?, sel)?.rec.id;
+        store.change(false, |tx| store::request_rotation(tx, &id))?;
+        tracing::info!(node = %id, "credential rotation requested");
+        Ok(())
+    }
+}

@@ -1,0 +1,252 @@
+//! Trust at enrollment: a name is owned, not chosen; a public key is proven; keys are
+//! limited; endpoints are checked; credentials rotate. Real control plane, real TCP.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use wirefence_control::enroll::{EnrollLimits, Rate};
+use wirefence_proto::v1::{
+    ApproveNodeRequest, GetNodeRequest, NodeView, ReleaseNameRequest, RemoveNodeRequest,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, RotateCredentialRequest, SocketAddress,
+};
+
+const SSH_TO_DB1: &str = r#"
+[[rules]]
+id = "ssh-db1"
+from = ["node:laptop"]
+to = ["node:db1"]
+proto = "tcp"
+ports = ["22"]
+"#;
+
+/// Whether `view` has a rule naming `node`'s addresses, or `node` as a peer (under any
+/// name), or `node` under the peer name `name`.
+fn names(view: &NodeView, node: &wirefence_proto::v1::RegisterResponse, name: &str) -> bool {
+    let rules = view.policy.as_ref().map(|p| p.rules.as_slice()).unwrap_or_default();
+    let peer = |p: &wirefence_proto::v1::Peer| p.allowed_ips.iter().any(|a| node.addresses.contains(a));
+    rules.iter().any(|r| r.to.iter().chain(&r.from).any(|p| node.addresses.contains(p)))
+        || view.peers.iter().any(|p| peer(p) || (p.name == name && peer(p)))
+}
+
+async fn laptop_view(cp: &Cp, laptop: &str) -> NodeView {
+    let mut s = watch(cp, laptop, 0).await.unwrap();
+    snapshot(&next(&mut s).await.unwrap()).clone()
+}
+
+#[tokio::test]
+async fn a_hostname_chosen_with_an_unbound_key_never_takes_a_nodes_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let laptop = cp.enroll("laptop", 1, &[]).await;
+    cp.apply(SSH_TO_DB1).await.unwrap();
+    let mut agent = cp.agent().await;
+    let unbound = cp.key(false, 3600, &[]).await;
+
+    // Before db1 exists: a key holder calls itself db1.
+    let squatter = agent.register(cp.enroll_req("db1", 6, &unbound).await).await.unwrap().into_inner();
+    let v = laptop_view(&cp, &laptop.credential).await;
+    assert!(!names(&v, &squatter, "db1"), "a label matched node:db1: {v:?}");
+    let mut s = watch(&cp, &squatter.credential, 0).await.unwrap();
+    let own = snapshot(&next(&mut s).await.unwrap()).clone();
+    assert!(own.policy.unwrap().rules.is_empty() && own.peers.is_empty(), "the squatter got db1's rule");
+    let shown = cp.admin.get_node(GetNodeRequest { node: squatter.node_id.clone() }).await.unwrap().into_inner();
+    assert!(!shown.name_bound);
+
+    // The real db1 (key bound to the name) owns it despite the label.
+    let db1 = cp.enroll("db1", 2, &[]).await;
+    let v = laptop_view(&cp, &laptop.credential).await;
+    assert!(names(&v, &db1, "db1") && !names(&v, &squatter, "db1"), "{v:?}");
+    assert_eq!(peer_names(&v), ["db1"]);
+
+    // After db1's removal its name stays reserved: labels do not match, a bound key for
+    // it is refused until an admin releases the name.
+    cp.admin.remove_node(RemoveNodeRequest { node: db1.node_id.clone() }).await.unwrap();
+    let late = agent.register(cp.enroll_req("db1", 7, &unbound).await).await.unwrap().into_inner();
+    let v = laptop_view(&cp, &laptop.credential).await;
+    assert!(!names(&v, &late, "db1") && !names(&v, &squatter, "db1"), "{v:?}");
+    assert!(v.policy.unwrap().rules.is_empty());
+    let again = cp.bound_key("db1", &[]).await;
+    let r = agent.register(cp.enroll_req("db1", 8, &again).await).await;
+    assert_code(r, Code::AlreadyExists, &format!("belongs to node {} (removed", db1.node_id));
+    // Approving a label is refused while the name is reserved too.
+    let r = cp.admin.approve_node(ApproveNodeRequest { node: late.node_id.clone() }).await;
+    assert_code(r, Code::AlreadyExists, "nodes release");
+
+    // A bound key enrolls only its own name.
+    let r = agent.register(cp.enroll_req("laptop2", 8, &again).await).await;
+    assert_code(r, Code::PermissionDenied, "bound to enrollment key");
+
+    cp.admin.release_name(ReleaseNameRequest { hostname: "db1".into() }).await.unwrap();
+    assert_code(
+        cp.admin.release_name(ReleaseNameRequest { hostname: "db1".into() }).await,
+        Code::NotFound,
+        "no removed node reserves",
+    );
+    // An admin's approval is what makes a label a name.
+    cp.admin.approve_node(ApproveNodeRequest { node: late.node_id.clone() }).await.unwrap();
+    let v = laptop_view(&cp, &laptop.credential).await;
+    assert!(names(&v, &late, "db1") && !names(&v, &squatter, "db1"), "{v:?}");
+    let r = agent.register(cp.enroll_req("db1", 8, &again).await).await;
+    assert_code(r, Code::AlreadyExists, &late.node_id);
+}
+
+#[tokio::test]
+async fn enrolling_a_public_key_needs_its_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let mut agent = cp.agent().await;
+    let key = cp.key(true, 3600, &[]).await;
+
+    // Node 5's public key, answered with another private key: refused.
+    let forged = prove(&mut agent, register_req("victim", 5, &key), &[6; 32]).await;
+    assert_code(agent.register(forged.clone()).await, Code::Unauthenticated, "proof");
+    // The challenge was used by that attempt (no replay), and one is required.
+    assert_code(agent.register(forged).await, Code::Unauthenticated, "unknown, used or expired challenge");
+    assert_code(agent.register(register_req("victim", 5, &key)).await, Code::InvalidArgument, "challenge");
+    // A proof for another hostname does not carry over.
+    let mut moved = cp.enroll_req("victim", 5, &key).await;
+    moved.hostname = "other".into();
+    assert_code(agent.register(moved).await, Code::Unauthenticated, "proof");
+    // A low-order point has no private key at all.
+    let mut low = cp.enroll_req("victim", 5, &key).await;
+    low.public_key = vec![0; 32];
+    low.public_key[0] = 1;
+    assert_code(agent.register(low).await, Code::Unauthenticated, "low-order");
+
+    // The real node still enrolls, with the single-use key the refusals did not use.
+    let r = agent.register(cp.enroll_req("victim", 5, &key).await).await.unwrap().into_inner();
+    let node = cp.admin.get_node(GetNodeRequest { node: r.node_id }).await.unwrap().into_inner();
+    assert_eq!(node.public_key, pubkey(5));
+}
+
+#[tokio::test]
+async fn enrollment_is_rate_limited_per_source_and_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = Rate { burst: 2, every: Duration::from_secs(3600) };
+    let fast = Rate { burst: 1000, every: Duration::from_millis(1) };
+    let mut cp = start_with(dir.path(), |c| c.enroll_limits = EnrollLimits { per_source: fast, per_key: slow }).await;
+    let mut agent = cp.agent().await;
+    let key = cp.key(false, 3600, &[]).await;
+    for n in 1..=2 {
+        agent.register(cp.enroll_req(&format!("n{n}"), n, &key).await).await.unwrap();
+    }
+    let r = agent.register(cp.enroll_req("n3", 3, &key).await).await;
+    assert_code(r, Code::ResourceExhausted, "too many enrollments with enrollment key");
+    // Another key is not held back by this one.
+    let other = cp.key(false, 3600, &[]).await;
+    agent.register(cp.enroll_req("n3", 3, &other).await).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start_with(dir.path(), |c| c.enroll_limits = EnrollLimits { per_source: slow, per_key: fast }).await;
+    let mut agent = cp.agent().await;
+    for _ in 0..2 {
+        agent.enroll_challenge(wirefence_proto::v1::EnrollChallengeRequest {}).await.unwrap();
+    }
+    let r = agent.enroll_challenge(wirefence_proto::v1::EnrollChallengeRequest {}).await;
+    assert_code(r, Code::ResourceExhausted, "too many enrollment attempts from this address");
+}
+
+#[tokio::test]
+async fn keys_revoked_or_used_up_are_refused_with_a_status_that_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let mut agent = cp.agent().await;
+    let req = wirefence_proto::v1::CreateEnrollmentKeyRequest { max_uses: 2, ..Default::default() };
+    let two = cp.admin.create_enrollment_key(req).await.unwrap().into_inner();
+    for n in 1..=2 {
+        agent.register(cp.enroll_req(&format!("n{n}"), n, &two.key).await).await.unwrap();
+    }
+    let r = agent.register(cp.enroll_req("n3", 3, &two.key).await).await;
+    assert_code(r, Code::PermissionDenied, "no uses left (used 2 of 2)");
+
+    let multi = cp.key(false, 3600, &[]).await;
+    let id = multi.split_once('.').unwrap().0.to_owned();
+    cp.admin.revoke_enrollment_key(RevokeEnrollmentKeyRequest { key_id: id.clone() }).await.unwrap();
+    let r = agent.register(cp.enroll_req("n3", 3, &multi).await).await;
+    assert_code(r, Code::PermissionDenied, &format!("enrollment key {id} was revoked"));
+    let zero = wirefence_proto::v1::CreateEnrollmentKeyRequest { expires_in_secs: Some(0), ..Default::default() };
+    assert_code(cp.admin.create_enrollment_key(zero).await, Code::InvalidArgument, "expire at once");
+}
+
+/// A non-loopback address of this host (the control plane listens on the wildcard).
+fn local_unicast() -> std::net::IpAddr {
+    nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .filter_map(|i| i.address?.as_sockaddr_in().map(|a| std::net::IpAddr::V4(a.ip())))
+        .find(|ip| !ip.is_loopback())
+        .expect("this test needs a non-loopback IPv4 address on the host")
+}
+
+#[tokio::test]
+async fn advertised_endpoints_must_be_unicast_outside_the_overlay_and_not_the_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start_with(dir.path(), |c| {
+        let rate = Rate { burst: 1000, every: Duration::from_millis(1) };
+        c.enroll_limits = EnrollLimits { per_source: rate, per_key: rate };
+        c.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], 0))];
+    })
+    .await;
+    let mut agent = wirefence_proto::v1::agent_service_client::AgentServiceClient::connect(format!(
+        "http://127.0.0.1:{}",
+        cp.addr().port()
+    ))
+    .await
+    .unwrap();
+    let key = cp.key(false, 3600, &[]).await;
+    let own = local_unicast();
+    for (ep, why) in [
+        ("127.0.0.1:51820".to_string(), "loopback"),
+        ("0.0.0.0:51820".to_string(), "unspecified"),
+        ("224.0.0.9:51820".to_string(), "multicast"),
+        ("10.77.3.4:51820".to_string(), "inside the overlay"),
+        ("[fd77::9]:51820".to_string(), "inside the overlay"),
+        (format!("{own}:51820"), "the control plane's own address"),
+    ] {
+        let mut req = register_req("n1", 1, &key);
+        req.endpoints = vec![SocketAddress::from(ep.parse::<std::net::SocketAddr>().unwrap())];
+        let req = prove(&mut agent, req, &[1; 32]).await;
+        let e = agent.register(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().starts_with(&format!("endpoints[0]: {ep}: ")) && e.message().contains(why), "{e:?}");
+    }
+    // Re-registration is held to the same rules.
+    let req = prove(&mut agent, register_req("n1", 1, &key), &[1; 32]).await;
+    let ok = agent.register(req).await.unwrap();
+    let mut req = register_req("n1", 1, "");
+    req.endpoints = vec![SocketAddress::from(std::net::SocketAddr::new(own, 51820))];
+    let r = agent.register(authed(req, &ok.into_inner().credential)).await;
+    assert_code(r, Code::InvalidArgument, "control plane's own address");
+}
+
+#[tokio::test]
+async fn credentials_rotate_without_reenrollment_and_the_old_one_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let me = cp.enroll("laptop", 1, &[]).await;
+    let mut agent = cp.agent().await;
+    let rereg = |cred: &str| authed(register_req("laptop", 1, ""), cred);
+
+    assert!(!agent.register(rereg(&me.credential)).await.unwrap().into_inner().rotate_credential);
+    cp.admin.request_credential_rotation(RequestCredentialRotationRequest { node: "laptop".into() }).await.unwrap();
+    assert!(agent.register(rereg(&me.credential)).await.unwrap().into_inner().rotate_credential);
+
+    assert_code(agent.rotate_credential(RotateCredentialRequest {}).await, Code::Unauthenticated, "missing credential");
+    let new = agent.rotate_credential(authed(RotateCredentialRequest {}, &me.credential)).await.unwrap();
+    let new = new.into_inner().credential;
+    assert_ne!(new, me.credential);
+    assert!(new.starts_with(&format!("{}.", me.node_id)));
+    // Until the new one is used both work (a crash before the agent saved it loses nothing).
+    assert!(watch(&cp, &me.credential, 0).await.is_ok());
+    assert!(watch(&cp, &new, 0).await.is_ok());
+    let r = agent.register(rereg(&new)).await.unwrap().into_inner();
+    assert_eq!(
+        (r.node_id.as_str(), r.credential.as_str(), r.rotate_credential),
+        (me.node_id.as_str(), new.as_str(), false)
+    );
+    assert_code(watch(&cp, &me.credential, 0).await, Code::Unauthenticated, "invalid credential");
+    assert_code(agent.register(rereg(&me.credential)).await, Code::Unauthenticated, "invalid credential");
+    assert!(watch(&cp, &new, 0).await.is_ok());
+}
