@@ -53,6 +53,7 @@ impl AgentService for Faulty {
             node_id: "n1".into(),
             credential: CREDENTIAL.into(),
             addresses: vec![],
+            overlay: vec![prefix("10.77.0.0/24")],
         }))
     }
 
@@ -143,6 +144,7 @@ fn plaintext_client(
         hostname: "n1".into(),
         advertise_endpoints: vec![],
         advertise_routes: vec![],
+        guard: Default::default(),
     };
     ControlClient {
         config,
@@ -151,6 +153,7 @@ fn plaintext_client(
         tracker: Tracker::new(own, None),
         apply,
         connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
+        tunnel: "wf-client0".parse().unwrap(),
         telemetry: wirefence_agent::control::client::Telemetry { peer_stats: Box::new(Vec::new), denies },
         sent_denies: Vec::new(),
     }
@@ -280,6 +283,7 @@ async fn offline_status_names_the_node_of_the_saved_credential() {
             node_id: "n7".into(),
             credential: "n7.secret".into(),
             public_key: own,
+            overlay: vec![],
         })
         .unwrap();
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap())];

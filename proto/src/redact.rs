@@ -31,6 +31,7 @@ impl fmt::Debug for RegisterResponse {
             .field("node_id", &self.node_id)
             .field("credential", &Redacted(&self.credential))
             .field("addresses", &self.addresses)
+            .field("overlay", &self.overlay)
             .finish()
     }
 }

@@ -98,11 +98,13 @@ fn check_routes(routes: &[IpNet], granted: &[IpNet], nodes: &[Arc<NodeRec>], me:
     Ok(())
 }
 
-fn response(node: &NodeRec, credential: String) -> RegisterResponse {
+fn response(node: &NodeRec, credential: String, overlay: &Overlay) -> RegisterResponse {
     RegisterResponse {
         node_id: node.id.clone(),
         credential,
         addresses: node.addresses.iter().map(|a| IpPrefix::from(*a)).collect(),
+        // Agents without configured ranges pin these at enrollment (their local guard).
+        overlay: [overlay.v4, overlay.v6].into_iter().map(IpPrefix::from).collect(),
     }
 }
 
@@ -141,7 +143,7 @@ impl Registry {
             let nodes = replace(&state.nodes, Arc::new(new.clone()));
             self.publish(state.with_nodes(version, nodes));
         }
-        Ok(response(&new, token.expose()))
+        Ok(response(&new, token.expose(), &self.overlay))
     }
 
     fn enroll(&self, key: &str, reg: Registration) -> Result<RegisterResponse, Error> {
@@ -194,7 +196,7 @@ impl Registry {
         tracing::info!(node = %node.id, hostname = %node.hostname, key = %key.id, version, "node enrolled");
         let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
         self.publish(state.with_nodes(version, nodes));
-        Ok(response(&node, credential.expose()))
+        Ok(response(&node, credential.expose(), &self.overlay))
     }
 }
 
@@ -224,8 +226,11 @@ mod tests {
             enrollment_key: "kabc.enrollment-s3cr3t".into(),
             ..Default::default()
         };
-        let resp =
-            RegisterResponse { node_id: "nabc".into(), credential: "nabc.credential-s3cr3t".into(), addresses: vec![] };
+        let resp = RegisterResponse {
+            node_id: "nabc".into(),
+            credential: "nabc.credential-s3cr3t".into(),
+            ..Default::default()
+        };
         for shown in [format!("{req:?}"), format!("{req:#?}"), format!("{resp:?}"), format!("{resp:#?}")] {
             assert!(!shown.contains("s3cr3t"), "{shown}");
             assert!(shown.contains("<redacted>") && (shown.contains("db1") || shown.contains("nabc")), "{shown}");
