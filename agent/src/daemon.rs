@@ -358,7 +358,7 @@ fn start_client(
 ) -> anyhow::Result<Control> {
     let own = loaded.desired.device.private_key.public_key();
     let files = ControlFiles::new(&loaded.config.agent.state_dir);
-    let saved = load::saved_view(&files, &own);
+    let saved = load::saved_view(&files, &own, cc, &loaded.desired.ifname);
     let view = saved.as_ref().map(|(_, v)| v.clone());
     let (tx, updates) = mpsc::channel(1);
     let client = control::ControlClient {
@@ -369,6 +369,7 @@ fn start_client(
         tracker: control::Tracker::new(own, saved),
         apply: tx,
         connector: control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?,
+        tunnel: loaded.desired.ifname.clone(),
         telemetry: {
             let (ifname, state_dir) = (loaded.desired.ifname.clone(), loaded.config.agent.state_dir.clone());
             let denies_if = ifname.clone();

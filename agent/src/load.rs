@@ -8,7 +8,7 @@ use crate::config::{BackendChoice, Config, ConfigCache};
 use crate::control::{self, ControlConfig, ControlFiles, ControlView};
 use crate::desired::{desired_state, DesiredError};
 use crate::keys;
-use crate::model::{Desired, PrivateKey, PublicKey};
+use crate::model::{Desired, IfName, PrivateKey, PublicKey};
 
 /// Everything loaded from one version of the config file.
 pub struct Loaded {
@@ -33,19 +33,33 @@ pub fn load_cached(path: &Path, cache: &mut ConfigCache) -> anyhow::Result<Loade
     let key = keys::load_or_generate(&file.interface.private_key_file)?;
     let view = match &file.control {
         None => None,
-        Some(_) => saved_view(&ControlFiles::new(&file.agent.state_dir), &key.public_key()),
+        Some(cc) => saved_view(&ControlFiles::new(&file.agent.state_dir), &key.public_key(), cc, &file.interface.name),
     };
     Ok(build(file, &key, view.as_ref().map(|(_, v)| v))?)
 }
 
 /// The last applied view; one that cannot be read is set aside (the agent then starts
-/// denying everything and the control plane sends a full snapshot).
-pub fn saved_view(files: &ControlFiles, own: &PublicKey) -> Option<(u64, ControlView)> {
-    match files.view(own) {
-        Ok(v) => v,
+/// denying everything and the control plane sends a full snapshot). One the local guard
+/// refuses today is not used either (but kept: nothing else is lost).
+pub fn saved_view(
+    files: &ControlFiles,
+    own: &PublicKey,
+    control: &ControlConfig,
+    tunnel: &IfName,
+) -> Option<(u64, ControlView)> {
+    let saved = match files.view(own) {
+        Ok(v) => v?,
         Err(e) => {
             tracing::error!(error = %e, "cannot use the saved control-plane view; starting without it");
             files.set_aside_view();
+            return None;
+        }
+    };
+    let pinned = files.credential().ok().flatten().filter(|c| c.public_key == *own).map(|c| c.overlay);
+    match control::guard::check_saved(&saved.1, control, &pinned.unwrap_or_default(), tunnel) {
+        Ok(()) => Some(saved),
+        Err(e) => {
+            tracing::error!(error = %e, "the saved control-plane view breaks the local guard; starting without it");
             None
         }
     }

@@ -33,6 +33,8 @@ struct Faulty {
     /// The updates of each successive Watch call, and whether the server then ends it.
     script: Mutex<Vec<(Vec<v1::Update>, bool)>>,
     seen: Arc<Mutex<Seen>>,
+    /// The overlay ranges Register announces.
+    overlay: Vec<v1::IpPrefix>,
 }
 
 fn authorized<T>(r: &Request<T>) -> Result<(), Status> {
@@ -62,6 +64,7 @@ impl AgentService for Faulty {
             credential: CREDENTIAL.into(),
             addresses: vec![],
             rotate_credential: false,
+            overlay: self.overlay.clone(),
         }))
     }
 
@@ -170,6 +173,7 @@ fn plaintext_client(
         hostname: "n1".into(),
         advertise_endpoints: vec![],
         advertise_routes: vec![],
+        guard: Default::default(),
     };
     let own = key.public_key();
     ControlClient {
@@ -180,6 +184,7 @@ fn plaintext_client(
         tracker: Tracker::new(own, None),
         apply,
         connector: Connector::new(endpoints, &Transport::Insecure).unwrap(),
+        tunnel: "wf-client0".parse().unwrap(),
         telemetry: wirefence_agent::control::client::Telemetry { peer_stats: Box::new(Vec::new), denies },
         sent_denies: Vec::new(),
     }
@@ -210,7 +215,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
         (vec![snapshot(2, vec![peer(&c, "10.77.0.4/32")]), snapshot(1, vec![])], false),
     ];
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let server = Faulty { script: Mutex::new(script), seen: seen.clone() };
+    let server = Faulty { script: Mutex::new(script), seen: seen.clone(), overlay: vec![prefix("10.77.0.0/24")] };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -291,6 +296,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     assert_eq!(view.peers.keys().copied().collect::<Vec<_>>(), vec![c]);
     let cred = files.credential().unwrap().expect("persisted credential");
     assert_eq!(cred.node_id, "n1");
+    assert_eq!(cred.overlay, vec!["10.77.0.0/24".parse::<ipnet::IpNet>().unwrap()], "the announced overlay is pinned");
     let status = files.status().unwrap().expect("status");
     assert_eq!(status.applied_version, 2);
     assert_eq!(status.connected_to.as_deref(), Some(addr.to_string().as_str()));
@@ -311,6 +317,7 @@ async fn offline_status_names_the_node_of_the_saved_credential() {
             node_id: "n7".into(),
             credential: "n7.secret".into(),
             public_key: own,
+            overlay: vec![],
         })
         .unwrap();
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap())];
@@ -327,5 +334,110 @@ async fn offline_status_names_the_node_of_the_saved_credential() {
     task.abort();
     assert_eq!(status.node_id.as_deref(), Some("n7"), "{status:?}");
     assert_eq!(status.connected_to, None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Serves `server` on a loopback port; returns its address.
+async fn serve(server: Faulty) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(server))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+/// The pinned overlay holds against a control plane that later announces a wider one: a
+/// view with an address outside the pinned ranges is refused by the guard and not saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_overlay_is_not_widened_by_a_later_announcement() {
+    let key = PrivateKey::generate();
+    let own = key.public_key();
+    let dir = std::env::temp_dir().join(format!("wf-client-pinned-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = ControlFiles::new(&dir);
+    let pinned: ipnet::IpNet = "10.77.0.0/24".parse().unwrap();
+    files
+        .set_credential(&wirefence_agent::control::persist::Credential {
+            node_id: "n1".into(),
+            credential: CREDENTIAL.into(),
+            public_key: own,
+            overlay: vec![pinned],
+        })
+        .unwrap();
+    let mut wide = snapshot(2, vec![]);
+    if let Some(v1::update::Body::Snapshot(v)) = &mut wide.body {
+        v.addresses = vec![prefix("10.78.0.1/32")];
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let script = vec![(vec![snapshot(1, vec![]), wide], false)];
+    let addr =
+        serve(Faulty { script: Mutex::new(script), seen: seen.clone(), overlay: vec![prefix("10.0.0.0/8")] }).await;
+    let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
+    let task =
+        tokio::spawn(plaintext_client(&key, &files, vec![Endpoint::Addr(addr)], None, tx, Box::new(Vec::new)).run());
+    let req = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an update").unwrap();
+    assert_eq!(req.version, 1);
+    req.done.send(Ok(())).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let failed = seen.lock().unwrap().reports.iter().find_map(|r| match r {
+            v1::agent_report::Body::Failed(f) if f.version == 2 => Some(f.reason.clone()),
+            _ => None,
+        });
+        if let Some(r) = failed {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no report on version 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(rx.try_recv().is_err(), "the refused view never reaches the daemon");
+    task.abort();
+    assert!(reason.contains("10.78.0.1/32 is outside the overlay ranges [10.77.0.0/24]"), "{reason}");
+    assert_eq!(files.view(&own).unwrap().unwrap().0, 1, "only the accepted view is saved");
+    assert_eq!(files.credential().unwrap().unwrap().overlay, vec![pinned], "the pin stays");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An enrollment that announces an overlay taking in every address keeps the credential
+/// (no second enrollment) but pins nothing and takes no view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announced_catch_all_overlay_is_not_pinned() {
+    let key = PrivateKey::generate();
+    let dir = std::env::temp_dir().join(format!("wf-client-catchall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
+    let files = ControlFiles::new(&dir);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let script = vec![(vec![snapshot(1, vec![])], false)];
+    let addr =
+        serve(Faulty { script: Mutex::new(script), seen: seen.clone(), overlay: vec![prefix("0.0.0.0/0")] }).await;
+    let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
+    let client = plaintext_client(
+        &key,
+        &files,
+        vec![Endpoint::Addr(addr)],
+        Some(dir.join("enroll.key")),
+        tx,
+        Box::new(Vec::new),
+    );
+    let task = tokio::spawn(client.run());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = files.status().unwrap().filter(|s| s.last_error.is_some()) {
+            break s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no status with the error within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(rx.try_recv().is_err(), "no view is taken");
+    task.abort();
+    let e = status.last_error.unwrap();
+    assert!(e.contains("overlay range 0.0.0.0/0 announced by the control plane: it takes in every address"), "{e}");
+    let cred = files.credential().unwrap().expect("the credential is kept");
+    assert!(cred.overlay.is_empty(), "{:?}", cred.overlay);
+    assert_eq!(seen.lock().unwrap().enrollment_keys.len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }

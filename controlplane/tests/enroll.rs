@@ -96,8 +96,11 @@ async fn reregistration_cannot_change_hostname_or_public_key() {
     assert_code(r, Code::PermissionDenied, "public_key");
     let node = cp.admin.get_node(GetNodeRequest { node: me.node_id.clone() }).await.unwrap().into_inner();
     assert_eq!((node.hostname.as_str(), node.public_key), ("web1", pubkey(1)));
-    // Unchanged identity: accepted.
-    agent.register(authed(register_req("web1", 1, ""), &me.credential)).await.unwrap();
+    // Unchanged identity: accepted. Both replies announce the overlay ranges (agents pin them).
+    let again = agent.register(authed(register_req("web1", 1, ""), &me.credential)).await.unwrap().into_inner();
+    for reply in [&me, &again] {
+        assert_eq!(reply.overlay, vec![prefix("10.77.0.0/16"), prefix("fd77::/64")]);
+    }
 }
 
 #[tokio::test]

@@ -34,6 +34,7 @@ impl fmt::Debug for RegisterResponse {
             .field("credential", &Redacted(&self.credential))
             .field("addresses", &self.addresses)
             .field("rotate_credential", &self.rotate_credential)
+            .field("overlay", &self.overlay)
             .finish()
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod bpf;
 pub mod control;
+pub mod hostile;
 pub mod packet;
 pub mod steady;
 

@@ -13,6 +13,7 @@ use wirefence_proto::v1::agent_service_client::AgentServiceClient;
 
 use super::config::ControlConfig;
 use super::connect::{Connected, Connector};
+use super::guard::{self, GuardConfig, GuardError, Surroundings};
 use super::persist::{ControlFiles, ControlStatus, Credential};
 use super::tracker::{Offer, Tracker};
 use super::view::ControlView;
@@ -78,6 +79,10 @@ enum SessionError {
     OutOfOrder { applied: u64, base: u64 },
     #[error("the daemon stopped")]
     DaemonGone,
+    #[error("the overlay ranges the control plane announced: {0}")]
+    AnnouncedOverlay(wirefence_proto::WireError),
+    #[error("the local guard: {0}")]
+    Guard(#[from] GuardError),
 }
 
 pub struct ControlClient {
@@ -89,6 +94,8 @@ pub struct ControlClient {
     pub tracker: Tracker,
     pub apply: mpsc::Sender<ApplyRequest>,
     pub connector: Connector,
+    /// The tunnel device: its own networks are not the host's networks the guard protects.
+    pub tunnel: IfName,
     /// Reads what reports carry besides versions (read only).
     pub telemetry: Telemetry,
     /// Deny events already sent as flow records (start empty), so a new session does not
@@ -190,10 +197,40 @@ impl ControlClient {
             None => self.enroll(client, req.clone()).await?,
         };
         let rotate = reply.rotate_credential;
-        let cred = Credential { node_id: reply.node_id, credential: reply.credential, public_key: self.own };
+        let announced = reply
+            .overlay
+            .iter()
+            .map(ipnet::IpNet::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SessionError::AnnouncedOverlay)?;
+        let pinned = saved.as_ref().map(|s| s.overlay.clone()).unwrap_or_default();
+        // Pinned once: a control plane cannot widen the overlay later. Checked first, and
+        // only needed without `control.overlay`.
+        let (overlay, refused) = match (pinned.is_empty(), &self.config.guard.overlay) {
+            (false, _) => {
+                if !announced.is_empty() && announced != pinned {
+                    tracing::warn!(
+                        ?announced,
+                        ?pinned,
+                        "the control plane announces other overlay ranges; keeping the pinned ones"
+                    );
+                }
+                (pinned, None)
+            }
+            (true, Some(_)) => (Vec::new(), None),
+            (true, None) => match self.surroundings(&[]).and_then(|s| GuardConfig::check_announced(&announced, &s)) {
+                Ok(()) => (announced, None),
+                Err(e) => (Vec::new(), Some(e)),
+            },
+        };
+        let cred = Credential { node_id: reply.node_id, credential: reply.credential, public_key: self.own, overlay };
         if saved.as_ref() != Some(&cred) {
             self.files.set_credential(&cred)?;
-            tracing::info!(node = %cred.node_id, "registered with the control plane");
+            tracing::info!(node = %cred.node_id, overlay = ?cred.overlay, "registered with the control plane");
+        }
+        // The credential is kept (no second enrollment), but no view is taken on such ranges.
+        if let Some(e) = refused {
+            return Err(e.into());
         }
         if rotate {
             return self.rotate(client, cred, req).await;
@@ -243,6 +280,15 @@ impl ControlClient {
         Ok(new)
     }
 
+    /// What the guard judges a view against, read now.
+    fn surroundings(&self, pinned: &[ipnet::IpNet]) -> Result<Surroundings, GuardError> {
+        Ok(Surroundings {
+            overlay: self.config.guard.overlay(pinned).to_vec(),
+            control_plane: self.connector.addresses(),
+            host_networks: guard::host_networks(&self.tunnel)?,
+        })
+    }
+
     async fn watch(
         &mut self,
         client: &mut AgentServiceClient<tonic::transport::Channel>,
@@ -275,6 +321,18 @@ impl ControlClient {
                 }
             };
             let offer = self.tracker.offer_on_stream(&update, std::mem::take(&mut first));
+            // The one place a view is judged before it is applied or saved.
+            if let Ok(Offer::Apply { version, view } | Offer::Reset { version, view, .. }) = &offer {
+                if let Err(e) = self.surroundings(&cred.overlay).and_then(|s| self.config.guard.check(view, &s)) {
+                    let reason = format!("refused by the local guard: {e}");
+                    tracing::warn!(version, %reason, "control update refused; keeping the previous state");
+                    status.last_error = Some(reason.clone());
+                    self.save_status(status);
+                    let body = v1::agent_report::Body::Failed(v1::ApplyFailed { version: *version, reason });
+                    let _ = report.send(v1::AgentReport { body: Some(body) }).await;
+                    continue;
+                }
+            }
             let offer = match offer {
                 Ok(Offer::Reset { version, applied, view }) => {
                     tracing::warn!(

@@ -9,6 +9,10 @@
 //! hostname = "gw1"                           # default: the machine's host name
 //! advertise_endpoints = ["192.0.2.1:51820"]  # where other nodes reach this one
 //! advertise_routes = ["10.88.0.0/24"]        # subnets this node routes for the mesh
+//! # The local guard (see `guard`): what this node accepts from the control plane.
+//! overlay = ["100.64.0.0/10", "fd7a::/48"]   # default: the ranges announced at enrollment
+//! accept_routes = ["10.88.0.0/16"]           # peer routes beyond the overlay; default none
+//! accept_default_route = false               # true: accept 0.0.0.0/0, ::/0 (exit node)
 //! ```
 
 use std::net::SocketAddr;
@@ -19,6 +23,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::guard::GuardConfig;
 use crate::policy::resolve::ResolveError;
 use crate::primitives::{parse_prefix, Endpoint};
 
@@ -31,6 +36,7 @@ pub struct ControlConfig {
     pub hostname: String,
     pub advertise_endpoints: Vec<SocketAddr>,
     pub advertise_routes: Vec<IpNet>,
+    pub guard: GuardConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +60,24 @@ pub(crate) struct RawControl {
     advertise_endpoints: Vec<Spanned<String>>,
     #[serde(default)]
     advertise_routes: Vec<Spanned<String>>,
+    overlay: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    accept_routes: Vec<Spanned<String>>,
+    #[serde(default)]
+    accept_default_route: bool,
+}
+
+/// Parses a list of prefixes named `field`; a `/0` is refused where `no_default` says why.
+fn prefix_list(field: &str, list: &[Spanned<String>], no_default: Option<&str>) -> Result<Vec<IpNet>, ResolveError> {
+    let mut out = Vec::new();
+    for r in list {
+        let net = parse_prefix(r.get_ref()).map_err(|m| err(r.span(), format!("control.{field}: {m}")))?;
+        if let (0, Some(why)) = (net.prefix_len(), no_default) {
+            return Err(err(r.span(), format!("control.{field}: {net} takes in every address; {why}")));
+        }
+        out.push(net);
+    }
+    Ok(out)
 }
 
 fn err(span: Range<usize>, message: String) -> ResolveError {
@@ -111,11 +135,20 @@ impl RawControl {
                 .map_err(|p| err(e.span(), format!("control.advertise_endpoints: {addr}: {p}")))?;
             advertise_endpoints.push(addr);
         }
-        let mut advertise_routes = Vec::new();
-        for r in &self.advertise_routes {
-            advertise_routes
-                .push(parse_prefix(r.get_ref()).map_err(|m| err(r.span(), format!("control.advertise_routes: {m}")))?);
-        }
+        let advertise_routes = prefix_list("advertise_routes", &self.advertise_routes, None)?;
+        let overlay = match &self.overlay {
+            None => None,
+            Some(list) if list.get_ref().is_empty() => {
+                return Err(err(list.span(), "control.overlay: leave it out to use the announced ranges".into()))
+            }
+            Some(list) => Some(prefix_list("overlay", list.get_ref(), Some("the overlay is a range of the mesh"))?),
+        };
+        let accept_routes = prefix_list(
+            "accept_routes",
+            &self.accept_routes,
+            Some("a default route is accepted only with accept_default_route = true"),
+        )?;
+        let guard = GuardConfig { overlay, accept_routes, accept_default_route: self.accept_default_route };
         Ok(ControlConfig {
             endpoints,
             transport,
@@ -123,6 +156,7 @@ impl RawControl {
             hostname,
             advertise_endpoints,
             advertise_routes,
+            guard,
         })
     }
 }
@@ -169,6 +203,27 @@ mod tests {
         assert_eq!(c.transport, Transport::Tls { ca_file: "/ca.pem".into() });
         assert_eq!(c.hostname, "gw1");
         assert_eq!(c.advertise_routes, vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.guard, GuardConfig::default(), "overlay pinned at enrollment, no routes beyond it, no default");
+    }
+
+    #[test]
+    fn guard_keys_parse_and_refuse_catch_alls() {
+        let c = parse(
+            "endpoints = [\"cp:1\"]\ninsecure = true\noverlay = [\"100.64.0.0/10\", \"fd7a::/48\"]\n\
+             accept_routes = [\"10.88.0.0/16\"]\naccept_default_route = true\n",
+            "",
+        )
+        .unwrap();
+        let g = c.control.unwrap().guard;
+        assert_eq!(g.overlay.unwrap().len(), 2);
+        assert_eq!(g.accept_routes, vec!["10.88.0.0/16".parse::<IpNet>().unwrap()]);
+        assert!(g.accept_default_route);
+        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\naccept_routes = [\"0.0.0.0/0\"]\n", "").unwrap_err();
+        assert!(e.starts_with("a.toml:8:") && e.contains("accept_default_route = true"), "{e}");
+        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\noverlay = [\"::/0\"]\n", "").unwrap_err();
+        assert!(e.contains("control.overlay: ::/0 takes in every address"), "{e}");
+        let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\noverlay = []\n", "").unwrap_err();
+        assert!(e.contains("control.overlay"), "{e}");
     }
 
     #[test]

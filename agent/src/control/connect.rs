@@ -2,7 +2,8 @@
 //! resolves to (IPv4 and IPv6), in order, until one answers; TLS with rustls against the
 //! configured CA only. The caller retries with backoff, so this never loops itself.
 
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +42,8 @@ pub struct Connected {
 pub struct Connector {
     endpoints: Vec<Endpoint>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Every address the endpoints resolved to so far: the guard keeps routes off them.
+    resolved: Mutex<BTreeSet<IpAddr>>,
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -52,7 +55,7 @@ impl Connector {
             Transport::Insecure => None,
             Transport::Tls { ca_file } => Some(Arc::new(client_config(ca_file)?)),
         };
-        Ok(Connector { endpoints, tls })
+        Ok(Connector { endpoints, tls, resolved: Mutex::default() })
     }
 
     /// Connects to the first endpoint address that completes TCP (and TLS), and returns a
@@ -70,6 +73,7 @@ impl Connector {
                     }
                 },
             };
+            self.resolved.lock().expect("not poisoned").extend(addrs.iter().map(SocketAddr::ip));
             for addr in addrs {
                 match self.connect_addr(&host, addr).await {
                     Ok(ok) => return Ok(ok),
@@ -78,6 +82,16 @@ impl Connector {
             }
         }
         Err(ConnectError::Unreachable(failures.join("; ")))
+    }
+
+    /// The control plane's addresses: literal endpoints and what host names resolved to.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let mut all = self.resolved.lock().expect("not poisoned").clone();
+        all.extend(self.endpoints.iter().filter_map(|e| match e {
+            Endpoint::Addr(a) => Some(a.ip()),
+            Endpoint::Host { .. } => None,
+        }));
+        all.into_iter().collect()
     }
 
     async fn connect_addr(&self, host: &str, addr: SocketAddr) -> Result<(Channel, Connected), String> {

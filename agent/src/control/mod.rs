@@ -5,12 +5,14 @@
 pub mod client;
 pub mod config;
 pub mod connect;
+pub mod guard;
 pub mod persist;
 pub mod tracker;
 pub mod view;
 
 pub use client::{ApplyRequest, ControlClient, ViewError, ViewRejected};
 pub use config::ControlConfig;
+pub use guard::{GuardConfig, GuardError};
 pub use persist::{ControlFiles, ControlStatus};
 pub use tracker::{Offer, Tracker};
 pub use view::{ControlView, UpdateError};

@@ -29,6 +29,10 @@ pub struct Credential {
     pub credential: String,
     /// The public key it was issued for: a new private key needs a new registration.
     pub public_key: PublicKey,
+    /// The overlay ranges the control plane announced when this node enrolled, pinned:
+    /// the guard refuses tunnel addresses outside them (unless `control.overlay` is set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for Credential {
@@ -158,7 +162,12 @@ mod tests {
         let view = ControlView { addresses: ["10.77.0.1/32".parse().unwrap()].into(), ..Default::default() };
         files.set_view(7, &view).unwrap();
         assert_eq!(files.view(&own).unwrap(), Some((7, view)));
-        let c = Credential { node_id: "n1".into(), credential: "n1.secret".into(), public_key: own };
+        let c = Credential {
+            node_id: "n1".into(),
+            credential: "n1.secret".into(),
+            public_key: own,
+            overlay: vec!["10.77.0.0/24".parse().unwrap()],
+        };
         files.set_credential(&c).unwrap();
         assert_eq!(files.credential().unwrap(), Some(c.clone()));
         assert!(!format!("{c:?}").contains("secret"));

@@ -111,12 +111,14 @@ fn check_routes(routes: &[IpNet], granted: &[IpNet], nodes: &[Arc<NodeRec>], me:
     Ok(())
 }
 
-fn response(node: &NodeRec, credential: String, rotate_credential: bool) -> RegisterResponse {
+fn response(node: &NodeRec, credential: String, rotate_credential: bool, overlay: &Overlay) -> RegisterResponse {
     RegisterResponse {
         node_id: node.id.clone(),
         credential,
         addresses: node.addresses.iter().map(|a| IpPrefix::from(*a)).collect(),
         rotate_credential,
+        // Agents without configured ranges pin these at enrollment (their local guard).
+        overlay: [overlay.v4, overlay.v6].into_iter().map(IpPrefix::from).collect(),
     }
 }
 
@@ -204,7 +206,7 @@ impl Registry {
             let nodes = replace(&state.nodes, Arc::new(new.clone()));
             self.publish(state.with_nodes(version, nodes));
         }
-        Ok(response(&new, token.expose(), store.rotate_requested(&token.id)?))
+        Ok(response(&new, token.expose(), store.rotate_requested(&token.id)?, &self.overlay))
     }
 
     fn enroll(
@@ -277,7 +279,7 @@ impl Registry {
         tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), bound, key = %key.id, version, "node enrolled");
         let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
         self.publish(state.with_nodes(version, nodes));
-        Ok(response(&node, credential.expose(), false))
+        Ok(response(&node, credential.expose(), false, &self.overlay))
     }
 }
 
