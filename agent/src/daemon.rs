@@ -359,7 +359,7 @@ fn start_client(
     let own = loaded.desired.device.private_key.public_key();
     let files = ControlFiles::new(&loaded.config.agent.state_dir);
     let saved = load::saved_view(&files, &own);
-    let view = saved.as_ref().map(|(_, v)| v.clone());
+    let view = saved.as_ref().map(|a| a.view.clone());
     let (tx, updates) = mpsc::channel(1);
     let client = control::ControlClient {
         config: cc.clone(),

@@ -35,12 +35,12 @@ pub fn load_cached(path: &Path, cache: &mut ConfigCache) -> anyhow::Result<Loade
         None => None,
         Some(_) => saved_view(&ControlFiles::new(&file.agent.state_dir), &key.public_key()),
     };
-    Ok(build(file, &key, view.as_ref().map(|(_, v)| v))?)
+    Ok(build(file, &key, view.as_ref().map(|a| &a.view))?)
 }
 
 /// The last applied view; one that cannot be read is set aside (the agent then starts
 /// denying everything and the control plane sends a full snapshot).
-pub fn saved_view(files: &ControlFiles, own: &PublicKey) -> Option<(u64, ControlView)> {
+pub fn saved_view(files: &ControlFiles, own: &PublicKey) -> Option<control::Applied> {
     match files.view(own) {
         Ok(v) => v,
         Err(e) => {
@@ -59,7 +59,7 @@ pub fn load_effective(path: &Path) -> anyhow::Result<Config> {
         (Some(_), Ok(key)) => ControlFiles::new(&file.agent.state_dir).view(&key.public_key()).ok().flatten(),
         _ => None,
     };
-    Ok(control::effective_config(file, view.as_ref().map(|(_, v)| v)))
+    Ok(control::effective_config(file, view.as_ref().map(|a| &a.view)))
 }
 
 /// The desired state of `file` combined with `view` (control mode).

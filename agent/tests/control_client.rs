@@ -106,11 +106,15 @@ fn peer(k: &PublicKey, ip: &str) -> v1::Peer {
 
 fn snapshot(version: u64, peers: Vec<v1::Peer>) -> v1::Update {
     let view = v1::NodeView { addresses: vec![prefix("10.77.0.1/32")], peers, policy: Some(v1::Policy::default()) };
-    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)) }
+    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), ..Default::default() }
 }
 
 fn delta(version: u64, base: u64, d: v1::ViewDelta) -> v1::Update {
-    v1::Update { version, body: Some(v1::update::Body::Delta(v1::ViewDelta { base_version: base, ..d })) }
+    v1::Update {
+        version,
+        body: Some(v1::update::Body::Delta(v1::ViewDelta { base_version: base, ..d })),
+        ..Default::default()
+    }
 }
 
 /// A deny event as the enforcer's reader records it.
@@ -256,9 +260,9 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
         (v1::Verdict::Deny, v1::Direction::Ingress, 1_700_000_000_000)
     );
 
-    let (version, view) = files.view(&own).unwrap().expect("persisted view");
-    assert_eq!(version, 2);
-    assert_eq!(view.peers.keys().copied().collect::<Vec<_>>(), vec![c]);
+    let saved = files.view(&own).unwrap().expect("persisted view");
+    assert_eq!(saved.version, 2);
+    assert_eq!(saved.view.peers.keys().copied().collect::<Vec<_>>(), vec![c]);
     let cred = files.credential().unwrap().expect("persisted credential");
     assert_eq!(cred.node_id, "n1");
     let status = files.status().unwrap().expect("status");

@@ -109,6 +109,8 @@ pub enum Error {
     AdminSocketDir { path: PathBuf, why: String },
     #[error("{0}: refusing to overwrite an existing file")]
     Exists(PathBuf),
+    #[error("database {db} is in use by another control plane ({}lock {lock}); run one `serve` per database", match pid { Some(p) => format!("pid {p} holds "), None => String::new() })]
+    DatabaseInUse { db: PathBuf, lock: PathBuf, pid: Option<u32> },
 }
 
 impl Error {
@@ -157,7 +159,8 @@ impl Error {
             | Error::Reflection(_)
             | Error::AdminSocketInUse(_)
             | Error::AdminSocketDir { .. }
-            | Error::Exists(_) => Code::Internal,
+            | Error::Exists(_)
+            | Error::DatabaseInUse { .. } => Code::Internal,
         }
     }
 }

@@ -271,7 +271,7 @@ async fn one_change_reaches_hundreds_of_watchers() {
         let mut req = register_req(&format!("sim{i}"), 7, &key);
         req.public_key[..8].copy_from_slice(&(i as u64).to_le_bytes());
         let r = agent.register(req).await.unwrap().into_inner();
-        let watch = authed(wirefence_proto::v1::WatchRequest { resume_from: 0 }, &r.credential);
+        let watch = authed(wirefence_proto::v1::WatchRequest { resume_from: 0, ..Default::default() }, &r.credential);
         let mut s = agent.watch(watch).await.unwrap().into_inner();
         let u = next(&mut s).await.unwrap();
         assert_eq!(snapshot(&u).policy.as_ref().unwrap().rules.len(), 1);

@@ -283,7 +283,7 @@ async fn watching(addr: std::net::SocketAddr, i: usize, key: String) -> Result<t
         })
         .await?
         .into_inner();
-    let mut req = tonic::Request::new(v1::WatchRequest { resume_from: 0 });
+    let mut req = tonic::Request::new(v1::WatchRequest { resume_from: 0, ..Default::default() });
     req.metadata_mut().insert("authorization", format!("Bearer {}", reg.credential).parse()?);
     let mut stream = client.watch(req).await?.into_inner();
     let first = stream.message().await?.context("no snapshot")?;

@@ -14,7 +14,7 @@ use wirefence_proto::v1::agent_service_client::AgentServiceClient;
 use super::config::ControlConfig;
 use super::connect::{Connected, Connector};
 use super::persist::{ControlFiles, ControlStatus, Credential};
-use super::tracker::{Offer, Tracker};
+use super::tracker::{Applied, Offer, Tracker};
 use super::view::ControlView;
 use crate::enforce::DenyRecord;
 use crate::model::{IfName, PublicKey};
@@ -207,7 +207,11 @@ impl ControlClient {
         report: &mpsc::Sender<v1::AgentReport>,
         status: &mut ControlStatus,
     ) -> Result<(), SessionError> {
-        let req = authed(cred, v1::WatchRequest { resume_from: self.tracker.version() });
+        let resume = v1::WatchRequest {
+            resume_from: self.tracker.version(),
+            incarnation: self.tracker.incarnation().to_owned(),
+        };
+        let req = authed(cred, resume);
         let mut stream = client.watch(req).await?.into_inner();
         let mut stats = tokio::time::interval(STATS_EVERY);
         let mut first = true;
@@ -237,7 +241,8 @@ impl ControlClient {
                     tracing::warn!(
                         version,
                         applied,
-                        "the control plane's versions went back (database restored?); taking its snapshot"
+                        incarnation = %update.incarnation,
+                        "the control plane's versions went back or its database was recreated; taking its snapshot"
                     );
                     Ok(Offer::Apply { version, view })
                 }
@@ -252,8 +257,9 @@ impl ControlClient {
                 Ok(Offer::Reset { .. }) => unreachable!("turned into Apply above"),
                 Ok(Offer::Apply { version, view }) => match self.apply(version, view.clone()).await? {
                     Ok(()) => {
-                        self.tracker.reset(version, view.clone());
-                        self.files.set_view(version, &view)?;
+                        let applied = Applied { version, incarnation: update.incarnation.clone(), view: view.clone() };
+                        self.files.set_view(&applied)?;
+                        self.tracker.reset(applied);
                         status.applied_version = version;
                         status.last_error = None;
                         tracing::info!(

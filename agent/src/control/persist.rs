@@ -10,6 +10,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use wirefence_proto::v1;
 
+use super::tracker::Applied;
 use super::view::{ControlView, UpdateError};
 use crate::model::PublicKey;
 
@@ -104,8 +105,8 @@ impl ControlFiles {
         self.write("credential.json", &serde_json::to_vec(c).expect("serializable"))
     }
 
-    /// The last applied view and its version, validated again as it is read back.
-    pub fn view(&self, own: &PublicKey) -> Result<Option<(u64, ControlView)>, PersistError> {
+    /// The last applied view, its version and incarnation, validated again as it is read back.
+    pub fn view(&self, own: &PublicKey) -> Result<Option<Applied>, PersistError> {
         let Some(bytes) = self.read("view.pb")? else { return Ok(None) };
         let corrupt = |reason: String| PersistError::Corrupt { path: self.path("view.pb"), reason };
         let u = v1::Update::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
@@ -113,7 +114,7 @@ impl ControlFiles {
             return Err(corrupt("not a snapshot".into()));
         };
         let view = ControlView::from_snapshot(s, own).map_err(|e: UpdateError| corrupt(e.to_string()))?;
-        Ok(Some((u.version, view)))
+        Ok(Some(Applied { version: u.version, incarnation: u.incarnation, view }))
     }
 
     /// Renames an unreadable view file to `view.pb.bad` (kept for inspection).
@@ -121,8 +122,12 @@ impl ControlFiles {
         let _ = std::fs::rename(self.path("view.pb"), self.path("view.pb.bad"));
     }
 
-    pub fn set_view(&self, version: u64, view: &ControlView) -> Result<(), PersistError> {
-        let u = v1::Update { version, body: Some(v1::update::Body::Snapshot(view.to_snapshot())) };
+    pub fn set_view(&self, a: &Applied) -> Result<(), PersistError> {
+        let u = v1::Update {
+            version: a.version,
+            body: Some(v1::update::Body::Snapshot(a.view.to_snapshot())),
+            incarnation: a.incarnation.clone(),
+        };
         self.write("view.pb", &u.encode_to_vec())
     }
 
@@ -160,8 +165,9 @@ mod tests {
         let own = crate::model::PrivateKey::generate().public_key();
         assert!(files.view(&own).unwrap().is_none());
         let view = ControlView { addresses: ["10.77.0.1/32".parse().unwrap()].into(), ..Default::default() };
-        files.set_view(7, &view).unwrap();
-        assert_eq!(files.view(&own).unwrap(), Some((7, view)));
+        let applied = Applied { version: 7, incarnation: "x".into(), view };
+        files.set_view(&applied).unwrap();
+        assert_eq!(files.view(&own).unwrap(), Some(applied));
         let c = Credential { node_id: "n1".into(), credential: "n1.secret".into(), public_key: own };
         files.set_credential(&c).unwrap();
         assert_eq!(files.credential().unwrap(), Some(c.clone()));

@@ -55,6 +55,8 @@ pub const FLOW_LOG: usize = 512;
 
 pub struct Registry {
     store: Mutex<Store>,
+    /// The database's incarnation: versions are only comparable within one.
+    incarnation: String,
     overlay: Overlay,
     state: watch::Sender<Arc<GlobalState>>,
     history: Mutex<History>,
@@ -77,6 +79,7 @@ impl Registry {
     pub fn open(db: &Path, overlay: Overlay, history: usize) -> Result<Registry, Error> {
         let store = Store::open(db)?;
         let version = store.version()?;
+        let incarnation = store.incarnation()?;
         let policy = match store.policy()? {
             Some((file, source, _)) => policy::parse(&file, &source)?,
             None => Policy::default(),
@@ -89,6 +92,7 @@ impl Registry {
         hist.push(state.clone());
         Ok(Registry {
             store: Mutex::new(store),
+            incarnation,
             overlay,
             state: watch::Sender::new(state),
             history: Mutex::new(hist),
@@ -97,6 +101,10 @@ impl Registry {
             flows: Mutex::new(VecDeque::new()),
             shutdown: watch::Sender::new(false),
         })
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     pub fn overlay(&self) -> Overlay {

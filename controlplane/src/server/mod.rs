@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod lock;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -84,6 +85,9 @@ pub struct ServerHandle {
     pub admin_socket: PathBuf,
     registry: Arc<Registry>,
     tasks: JoinSet<Result<(), tonic::transport::Error>>,
+    /// Held until the handle is dropped (after shutdown), so no second server opens the
+    /// database meanwhile.
+    _db_lock: lock::DbLock,
 }
 
 /// How long in-flight calls get to finish once shutdown begins.
@@ -194,6 +198,7 @@ fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
 
 /// Opens the store and starts serving; returns once every listener is bound.
 pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
+    let db_lock = lock::DbLock::acquire(&cfg.db)?;
     let registry = Arc::new(Registry::open(&cfg.db, cfg.overlay, cfg.history)?);
     let agent = AgentServiceServer::new(AgentSvc { registry: registry.clone() });
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -246,5 +251,5 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
             .await
     });
     tracing::info!(socket = %cfg.admin_socket.display(), version = registry.current().version, "admin socket ready");
-    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tasks })
+    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tasks, _db_lock: db_lock })
 }
