@@ -30,6 +30,10 @@ pub fn generate(path: &Path) -> Result<PrivateKey, KeyError> {
         },
     )?;
     writeln!(file, "{}", key.to_base64()).and_then(|_| file.sync_all()).map_err(io)?;
+    // The new directory entry must reach the disk too, or a power loss loses the key that
+    // the control plane already knows by its public half.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    crate::durable::sync_dir(dir).map_err(io)?;
     Ok(key)
 }
 

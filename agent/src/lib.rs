@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod desired;
+pub mod durable;
 pub mod enforce;
 pub mod hot_loop;
 pub mod keys;

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -57,22 +56,14 @@ impl StateDir {
         }
     }
 
-    /// Replaces the record atomically (write, fsync, rename).
+    /// Replaces the record atomically and durably ([`crate::durable`]).
     pub(crate) fn set_owned(&self, owned: &Owned) -> Result<(), StateError> {
         write_atomic(&self.owned_path(), &serde_json::to_vec_pretty(owned).expect("serializable"))
     }
 }
 
-/// Replaces `path` atomically: a temporary file beside it, fsync, rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io = |source| StateError::Io { path: tmp.clone(), source };
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|source| StateError::Io { path: path.to_owned(), source })
+    crate::durable::write_atomic(path, bytes, 0o600).map_err(|source| StateError::Io { path: path.to_owned(), source })
 }
 
 /// The endpoint this agent last wrote for each peer of one interface

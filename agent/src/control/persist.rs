@@ -2,8 +2,7 @@
 //! the node credential, the last applied view (so a restart with the control plane down
 //! comes up in the last known good state) and a status record for `wirefence-agent status`.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -69,11 +68,7 @@ impl ControlFiles {
         let path = self.path(name);
         let io = |source| PersistError::Io { path: path.clone(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io)?;
-        let tmp = self.path(&format!(".{name}.tmp"));
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-        f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        crate::durable::write_atomic(&path, bytes, 0o600).map_err(io)
     }
 
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>, PersistError> {
@@ -119,7 +114,7 @@ impl ControlFiles {
 
     /// Renames an unreadable view file to `view.pb.bad` (kept for inspection).
     pub fn set_aside_view(&self) {
-        let _ = std::fs::rename(self.path("view.pb"), self.path("view.pb.bad"));
+        let _ = crate::durable::rename(&self.path("view.pb"), &self.path("view.pb.bad"));
     }
 
     pub fn set_view(&self, a: &Applied) -> Result<(), PersistError> {

@@ -132,7 +132,7 @@ impl Enforcer {
         let ebpf = loader
             .load(crate::bpf::object())
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
-        std::fs::write(&build_file, &ours)
+        crate::durable::write_atomic(&build_file, ours.as_bytes(), 0o600)
             .map_err(|source| EnforceError::State { path: build_file.clone(), source })?;
         let slots_file = slots_file(state_dir, ifname);
         let slots = read_slots(&slots_file);
