@@ -14,6 +14,7 @@ pub mod load;
 pub mod model;
 pub mod netlink;
 pub mod ownership;
+pub mod perms;
 pub mod plan;
 pub mod policy;
 pub mod primitives;

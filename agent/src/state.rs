@@ -18,6 +18,8 @@ pub enum StateError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("another wirefence agent holds {path} (stop it first)")]
     Locked { path: PathBuf },
+    #[error("state directory: {0}")]
+    Unsafe(#[from] crate::perms::UnsafePath),
 }
 
 pub struct StateDir {
@@ -26,14 +28,14 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Creates the directory (0700) and takes its exclusive lock.
+    /// Creates the directory (0700), or checks that an existing one is the agent's and
+    /// closed to others, and takes its exclusive lock.
     pub fn open(dir: &Path) -> Result<StateDir, StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let _ = std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        crate::perms::private_dir(dir)?;
         let lock_path = dir.join("agent.lock");
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
         if !crate::sys::try_lock_exclusive(&lock) {

@@ -196,6 +196,8 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     let dir = std::env::temp_dir().join(format!("wf-client-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
+    // The agent refuses a key file others can read.
+    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let files = ControlFiles::new(&dir);
     // An unreachable endpoint first: the client must go on to the next one.
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap()), Endpoint::Addr(addr)];

@@ -65,6 +65,8 @@ enum SessionError {
     NoEnrollmentKey,
     #[error("control.enrollment_key_file {path}: {source}")]
     EnrollmentKey { path: std::path::PathBuf, source: std::io::Error },
+    #[error("control.enrollment_key_file: {0}")]
+    EnrollmentKeyUnsafe(#[from] crate::perms::UnsafePath),
     #[error(transparent)]
     Persist(#[from] super::persist::PersistError),
     #[error("the stream skipped from version {applied} to a delta on {base}; resuming")]
@@ -186,6 +188,7 @@ impl ControlClient {
             },
             None => {
                 let path = c.enrollment_key_file.as_ref().ok_or(SessionError::NoEnrollmentKey)?;
+                crate::perms::check(path, crate::perms::Private::Secret)?;
                 let key = std::fs::read_to_string(path)
                     .map_err(|source| SessionError::EnrollmentKey { path: path.clone(), source })?;
                 req.enrollment_key = key.trim().to_owned();

@@ -80,6 +80,15 @@ impl ControlFiles {
         }
     }
 
+    /// The directory and what the agent trusts from it (the credential, a bearer secret,
+    /// and the view it would enforce) must be the agent's alone.
+    pub fn check_private(&self) -> Result<(), crate::perms::UnsafePath> {
+        use crate::perms::{check_if_exists, Private};
+        check_if_exists(&self.dir, Private::Dir)?;
+        check_if_exists(&self.path("credential.json"), Private::Secret)?;
+        check_if_exists(&self.path("view.pb"), Private::Secret)
+    }
+
     pub fn credential(&self) -> Result<Option<Credential>, PersistError> {
         let Some(bytes) = self.read("credential.json")? else { return Ok(None) };
         serde_json::from_slice(&bytes)
