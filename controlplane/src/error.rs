@@ -111,6 +111,9 @@ pub enum Error {
     Exists(PathBuf),
     #[error("database {db} is in use by another control plane ({}lock {lock}); run one `serve` per database", match pid { Some(p) => format!("pid {p} holds "), None => String::new() })]
     DatabaseInUse { db: PathBuf, lock: PathBuf, pid: Option<u32> },
+    /// A database directory or TLS key another user owns or can write (a key: read).
+    #[error("{path}: {why}; refusing to use it")]
+    NotPrivate { path: PathBuf, why: String },
 }
 
 impl Error {
@@ -160,7 +163,8 @@ impl Error {
             | Error::AdminSocketInUse(_)
             | Error::AdminSocketDir { .. }
             | Error::Exists(_)
-            | Error::DatabaseInUse { .. } => Code::Internal,
+            | Error::DatabaseInUse { .. }
+            | Error::NotPrivate { .. } => Code::Internal,
         }
     }
 }

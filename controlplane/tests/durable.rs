@@ -101,3 +101,26 @@ async fn an_agent_of_a_recreated_database_gets_a_snapshot_even_at_the_same_versi
     let mut s = watch_of(&cp, &laptop.credential, v, &new).await.unwrap();
     silent(&mut s, 200).await;
 }
+
+#[tokio::test]
+async fn a_database_directory_or_tls_key_open_to_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let chmod = |p: &std::path::Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chmod(&data, 0o777);
+    let err =
+        serve(ServeConfig::new(data.join("control.db"), dir.path().join("admin.sock"))).await.err().expect("refused");
+    let text = err.to_string();
+    assert!(text.contains(data.to_str().unwrap()) && text.contains("0777"), "{text}");
+    assert!(!data.join("control.db").exists(), "nothing created in it");
+
+    let tls = dir.path().join("tls");
+    let files = wirefence_control::certs::init(&tls, &["127.0.0.1".to_owned()]).unwrap();
+    wirefence_control::server::TlsIdentity::from_files(&files.server_cert, &files.server_key)
+        .expect("certs init output");
+    chmod(&files.server_key, 0o644);
+    let err = wirefence_control::server::TlsIdentity::from_files(&files.server_cert, &files.server_key).unwrap_err();
+    assert!(err.to_string().contains("0644"), "{err}");
+}
