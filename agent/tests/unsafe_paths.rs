@@ -17,8 +17,7 @@ impl Case {
         assert!(nix::unistd::geteuid().is_root(), "these tests chown files and need root");
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let key = wirefence_agent::keys::generate(&d.join("private.key")).unwrap();
-        drop(key);
+        wirefence_agent::keys::generate(&d.join("private.key")).unwrap();
         std::fs::create_dir(d.join("state")).unwrap();
         std::fs::write(d.join("enroll.key"), "k").unwrap();
         chmod(&d.join("enroll.key"), 0o600);
