@@ -358,8 +358,12 @@ fn start_client(
 ) -> anyhow::Result<Control> {
     let own = loaded.desired.device.private_key.public_key();
     let files = ControlFiles::new(&loaded.config.agent.state_dir);
+    files.check_private().context("control-plane state")?;
+    if let Some(key) = &cc.enrollment_key_file {
+        crate::perms::check_if_exists(key, crate::perms::Private::Secret).context("control.enrollment_key_file")?;
+    }
     let saved = load::saved_view(&files, &own, cc, &loaded.desired.ifname);
-    let view = saved.as_ref().map(|(_, v)| v.clone());
+    let view = saved.as_ref().map(|a| a.view.clone());
     let (tx, updates) = mpsc::channel(1);
     let client = control::ControlClient {
         config: cc.clone(),

@@ -1,7 +1,7 @@
 //! The node's private key on disk: created here with mode 0600, read back, never logged.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::model::{InvalidKey, PrivateKey};
@@ -14,6 +14,8 @@ pub enum KeyError {
     Invalid { path: PathBuf, source: InvalidKey },
     #[error("private key file {path} exists already; refusing to overwrite a key")]
     Exists { path: PathBuf },
+    #[error("private key file: {0}")]
+    Unsafe(#[from] crate::perms::UnsafePath),
 }
 
 /// Writes a new key to `path` (which must not exist), readable by the owner only.
@@ -30,16 +32,19 @@ pub fn generate(path: &Path) -> Result<PrivateKey, KeyError> {
         },
     )?;
     writeln!(file, "{}", key.to_base64()).and_then(|_| file.sync_all()).map_err(io)?;
+    // The new directory entry must reach the disk too, or a power loss loses the key that
+    // the control plane already knows by its public half.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    crate::durable::sync_dir(dir).map_err(io)?;
     Ok(key)
 }
 
 pub fn load(path: &Path) -> Result<PrivateKey, KeyError> {
     let io = |source| KeyError::Io { path: path.to_owned(), source };
+    // Checked before reading: a key others can read is no secret, one they can write or
+    // own is not ours.
+    crate::perms::check(path, crate::perms::Private::Secret)?;
     let text = std::fs::read_to_string(path).map_err(io)?;
-    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "private key file is readable by others; chmod 600 it");
-    }
     PrivateKey::from_base64(&text).map_err(|source| KeyError::Invalid { path: path.to_owned(), source })
 }
 
@@ -58,6 +63,7 @@ pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn generated_key_is_0600_and_loads_back() {
@@ -69,6 +75,11 @@ mod tests {
         assert_eq!(load(&path).unwrap(), key);
         assert!(matches!(generate(&path), Err(KeyError::Exists { .. })));
         assert_eq!(load_or_generate(&path).unwrap(), key);
+        // Readable by others: no longer a secret, refused (not merely warned about).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains(path.to_str().unwrap()) && e.contains("0644"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "garbage").unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains(path.to_str().unwrap()) && !e.contains("garbage"), "{e}");

@@ -35,7 +35,7 @@ pub fn load_cached(path: &Path, cache: &mut ConfigCache) -> anyhow::Result<Loade
         None => None,
         Some(cc) => saved_view(&ControlFiles::new(&file.agent.state_dir), &key.public_key(), cc, &file.interface.name),
     };
-    Ok(build(file, &key, view.as_ref().map(|(_, v)| v))?)
+    Ok(build(file, &key, view.as_ref().map(|a| &a.view))?)
 }
 
 /// The last applied view; one that cannot be read is set aside (the agent then starts
@@ -46,7 +46,7 @@ pub fn saved_view(
     own: &PublicKey,
     control: &ControlConfig,
     tunnel: &IfName,
-) -> Option<(u64, ControlView)> {
+) -> Option<control::Applied> {
     let saved = match files.view(own) {
         Ok(v) => v?,
         Err(e) => {
@@ -56,7 +56,7 @@ pub fn saved_view(
         }
     };
     let pinned = files.credential().ok().flatten().filter(|c| c.public_key == *own).map(|c| c.overlay);
-    match control::guard::check_saved(&saved.1, control, &pinned.unwrap_or_default(), tunnel) {
+    match control::guard::check_saved(&saved.view, control, &pinned.unwrap_or_default(), tunnel) {
         Ok(()) => Some(saved),
         Err(e) => {
             tracing::error!(error = %e, "the saved control-plane view breaks the local guard; starting without it");
@@ -73,7 +73,7 @@ pub fn load_effective(path: &Path) -> anyhow::Result<Config> {
         (Some(_), Ok(key)) => ControlFiles::new(&file.agent.state_dir).view(&key.public_key()).ok().flatten(),
         _ => None,
     };
-    Ok(control::effective_config(file, view.as_ref().map(|(_, v)| v)))
+    Ok(control::effective_config(file, view.as_ref().map(|a| &a.view)))
 }
 
 /// The desired state of `file` combined with `view` (control mode).

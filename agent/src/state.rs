@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +18,8 @@ pub enum StateError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("another wirefence agent holds {path} (stop it first)")]
     Locked { path: PathBuf },
+    #[error("state directory: {0}")]
+    Unsafe(#[from] crate::perms::UnsafePath),
 }
 
 pub struct StateDir {
@@ -27,14 +28,14 @@ pub struct StateDir {
 }
 
 impl StateDir {
-    /// Creates the directory (0700) and takes its exclusive lock.
+    /// Creates the directory (0700), or checks that an existing one is the agent's and
+    /// closed to others, and takes its exclusive lock.
     pub fn open(dir: &Path) -> Result<StateDir, StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let _ = std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        crate::perms::private_dir(dir)?;
         let lock_path = dir.join("agent.lock");
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
         if !crate::sys::try_lock_exclusive(&lock) {
@@ -57,22 +58,14 @@ impl StateDir {
         }
     }
 
-    /// Replaces the record atomically (write, fsync, rename).
+    /// Replaces the record atomically and durably ([`crate::durable`]).
     pub(crate) fn set_owned(&self, owned: &Owned) -> Result<(), StateError> {
         write_atomic(&self.owned_path(), &serde_json::to_vec_pretty(owned).expect("serializable"))
     }
 }
 
-/// Replaces `path` atomically: a temporary file beside it, fsync, rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io = |source| StateError::Io { path: tmp.clone(), source };
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|source| StateError::Io { path: path.to_owned(), source })
+    crate::durable::write_atomic(path, bytes, 0o600).map_err(|source| StateError::Io { path: path.to_owned(), source })
 }
 
 /// The endpoint this agent last wrote for each peer of one interface

@@ -136,11 +136,15 @@ fn peer(k: &PublicKey, ip: &str) -> v1::Peer {
 
 fn snapshot(version: u64, peers: Vec<v1::Peer>) -> v1::Update {
     let view = v1::NodeView { addresses: vec![prefix("10.77.0.1/32")], peers, policy: Some(v1::Policy::default()) };
-    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)) }
+    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), ..Default::default() }
 }
 
 fn delta(version: u64, base: u64, d: v1::ViewDelta) -> v1::Update {
-    v1::Update { version, body: Some(v1::update::Body::Delta(v1::ViewDelta { base_version: base, ..d })) }
+    v1::Update {
+        version,
+        body: Some(v1::update::Body::Delta(v1::ViewDelta { base_version: base, ..d })),
+        ..Default::default()
+    }
 }
 
 /// A deny event as the enforcer's reader records it.
@@ -227,6 +231,8 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     let dir = std::env::temp_dir().join(format!("wf-client-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
+    // The agent refuses a key file others can read.
+    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let files = ControlFiles::new(&dir);
     // An unreachable endpoint first: the client must go on to the next one.
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap()), Endpoint::Addr(addr)];
@@ -291,9 +297,9 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
         (v1::Verdict::Deny, v1::Direction::Ingress, 1_700_000_000_000)
     );
 
-    let (version, view) = files.view(&own).unwrap().expect("persisted view");
-    assert_eq!(version, 2);
-    assert_eq!(view.peers.keys().copied().collect::<Vec<_>>(), vec![c]);
+    let saved = files.view(&own).unwrap().expect("persisted view");
+    assert_eq!(saved.version, 2);
+    assert_eq!(saved.view.peers.keys().copied().collect::<Vec<_>>(), vec![c]);
     let cred = files.credential().unwrap().expect("persisted credential");
     assert_eq!(cred.node_id, "n1");
     assert_eq!(cred.overlay, vec!["10.77.0.0/24".parse::<ipnet::IpNet>().unwrap()], "the announced overlay is pinned");
@@ -396,7 +402,7 @@ async fn a_pinned_overlay_is_not_widened_by_a_later_announcement() {
     assert!(rx.try_recv().is_err(), "the refused view never reaches the daemon");
     task.abort();
     assert!(reason.contains("10.78.0.1/32 is outside the overlay ranges [10.77.0.0/24]"), "{reason}");
-    assert_eq!(files.view(&own).unwrap().unwrap().0, 1, "only the accepted view is saved");
+    assert_eq!(files.view(&own).unwrap().unwrap().version, 1, "only the accepted view is saved");
     assert_eq!(files.credential().unwrap().unwrap().overlay, vec![pinned], "the pin stays");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -409,6 +415,7 @@ async fn an_announced_catch_all_overlay_is_not_pinned() {
     let dir = std::env::temp_dir().join(format!("wf-client-catchall-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
+    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let files = ControlFiles::new(&dir);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let script = vec![(vec![snapshot(1, vec![])], false)];

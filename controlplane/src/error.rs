@@ -139,6 +139,11 @@ pub enum Error {
     AdminSocketDir { path: PathBuf, why: String },
     #[error("{0}: refusing to overwrite an existing file")]
     Exists(PathBuf),
+    #[error("database {db} is in use by another control plane ({}lock {lock}); run one `serve` per database", match pid { Some(p) => format!("pid {p} holds "), None => String::new() })]
+    DatabaseInUse { db: PathBuf, lock: PathBuf, pid: Option<u32> },
+    /// A database directory or TLS key another user owns or can write (a key: read).
+    #[error("{path}: {why}; refusing to use it")]
+    NotPrivate { path: PathBuf, why: String },
 }
 
 impl Error {
@@ -201,7 +206,9 @@ impl Error {
             | Error::Reflection(_)
             | Error::AdminSocketInUse(_)
             | Error::AdminSocketDir { .. }
-            | Error::Exists(_) => Code::Internal,
+            | Error::Exists(_)
+            | Error::DatabaseInUse { .. }
+            | Error::NotPrivate { .. } => Code::Internal,
         }
     }
 }

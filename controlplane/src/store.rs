@@ -1,6 +1,13 @@
 //! SQLite persistence. Every versioned change runs in one transaction that also bumps the
 //! persisted version counter, so versions stay monotonic across restarts. The database
-//! file is created 0600 (SQLite gives its WAL files the same mode).
+//! file is created 0600 (SQLite gives its WAL files the same mode). Commits are
+//! `synchronous=FULL`: changes are rare, and a committed change (a removed node, a new
+//! policy) must survive a power loss, not only a crash of the process.
+//!
+//! Each database has an incarnation: a random id made when the database is created (or
+//! first opened by a version that knows it). Versions count within one incarnation only; a
+//! recreated or restored database starts a new one, so agents can tell their version
+//! belongs to another history.
 
 use std::fs::{self, OpenOptions, Permissions};
 use std::net::SocketAddr;
@@ -51,6 +58,7 @@ CREATE TABLE IF NOT EXISTS enrollment_keys (
     tags TEXT NOT NULL,
     routes TEXT NOT NULL DEFAULT '[]'
 );
+CREATE TABLE IF NOT EXISTS incarnation (id INTEGER PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS policy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     file_name TEXT NOT NULL,
@@ -172,11 +180,18 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         conn.execute_batch(INDEXES)?;
+        // A new database, or one made before incarnations, gets its id here (once).
+        conn.execute("INSERT OR IGNORE INTO incarnation (id, value) VALUES (1, ?1)", [new_incarnation()])?;
         Ok(Store { conn })
+    }
+
+    /// This database's incarnation id (see the module docs).
+    pub fn incarnation(&self) -> Result<String> {
+        Ok(self.conn.query_row("SELECT value FROM incarnation WHERE id = 1", [], |r| r.get(0))?)
     }
 
     pub fn version(&self) -> Result<u64> {
@@ -360,6 +375,12 @@ impl Store {
     }
 }
 
+/// 128 random bits, hex: unique across recreations and restores of a database.
+fn new_incarnation() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
+
 fn migrate(conn: &Connection) -> Result<()> {
     for (table, column, definition, then) in MIGRATIONS {
         let present: bool = conn.query_row(
@@ -503,6 +524,8 @@ mod tests {
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let s = Store::open(&path).unwrap();
+        let sync: i64 = s.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
         assert_eq!(s.version().unwrap(), 3);
         let rows = s.nodes().unwrap();
         assert_eq!(rows.len(), 1);
@@ -543,7 +566,23 @@ mod tests {
         assert_eq!((k1.max_uses, k1.uses, k1.revoked, k1.hostname), (0, 0, false, None));
         // Live nodes of old databases keep their names.
         assert!(s.nodes().unwrap()[0].rec.bound);
+        let incarnation = s.incarnation().unwrap();
+        assert_eq!(incarnation.len(), 32);
         drop(s);
-        Store::open(&path).unwrap();
+        assert_eq!(Store::open(&path).unwrap().incarnation().unwrap(), incarnation, "kept across opens");
+    }
+
+    #[test]
+    fn a_recreated_database_is_a_new_incarnation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.db");
+        let first = Store::open(&path).unwrap().incarnation().unwrap();
+        assert_eq!(Store::open(&path).unwrap().incarnation().unwrap(), first);
+        for f in ["control.db", "control.db-wal", "control.db-shm"] {
+            let _ = fs::remove_file(dir.path().join(f));
+        }
+        let second = Store::open(&path).unwrap();
+        assert_eq!(second.version().unwrap(), 1);
+        assert_ne!(second.incarnation().unwrap(), first);
     }
 }

@@ -224,9 +224,13 @@ async fn unauthenticated_tampered_and_removed_nodes_are_refused() {
     let me = cp.enroll("laptop", 1, &[]).await;
     let mut agent = cp.agent().await;
 
-    assert_code(agent.watch(WatchRequest { resume_from: 0 }).await, Code::Unauthenticated, "missing credential");
+    assert_code(
+        agent.watch(WatchRequest { resume_from: 0, ..Default::default() }).await,
+        Code::Unauthenticated,
+        "missing credential",
+    );
     assert_code(watch(&cp, "not-a-credential", 0).await, Code::Unauthenticated, "malformed");
-    let mut bad = tonic::Request::new(WatchRequest { resume_from: 0 });
+    let mut bad = tonic::Request::new(WatchRequest { resume_from: 0, ..Default::default() });
     bad.metadata_mut().insert("authorization", format!("Basic {}", me.credential).parse().unwrap());
     assert_code(agent.watch(bad).await, Code::Unauthenticated, "malformed");
 

@@ -274,7 +274,7 @@ async fn one_change_reaches_hundreds_of_watchers() {
         req.public_key = wirefence_proto::possession::public_key(&private).to_vec();
         let req = prove(agent, req, &private).await;
         let r = agent.register(req).await.unwrap().into_inner();
-        let watch = authed(wirefence_proto::v1::WatchRequest { resume_from: 0 }, &r.credential);
+        let watch = authed(wirefence_proto::v1::WatchRequest { resume_from: 0, ..Default::default() }, &r.credential);
         let mut s = agent.watch(watch).await.unwrap().into_inner();
         let u = next(&mut s).await.unwrap();
         assert_eq!(snapshot(&u).policy.as_ref().unwrap().rules.len(), 1);

@@ -50,7 +50,7 @@ fn step(t: &mut Tracker, u: &v1::Update) {
             assert!(v > version && v == u.version, "applied version {v} for update {} at {version}", u.version);
             let wire = v1::NodeView::decode(next.to_snapshot().encode_to_vec().as_slice()).expect("own encoding");
             assert_eq!(ControlView::from_snapshot(&wire, &OWN), Ok(next.clone()), "view does not roundtrip");
-            t.commit(v, next.clone());
+            t.commit(u, next.clone());
             assert_eq!((t.version(), t.view()), (v, Some(&next)), "commit did not store the view");
             assert_eq!(t.offer(u), Ok(Offer::Stale { version: v, applied: v }), "replay is not stale");
             return;
@@ -63,7 +63,8 @@ fn step(t: &mut Tracker, u: &v1::Update) {
             assert!(v == u.version && v > version && applied == version && base == d.base_version);
             assert!(base != applied || view.is_none(), "delta on its base {base} was out of order");
         }
-        // Only a stream's first update may reset (`offer_on_stream`); `offer` never does.
+        // Only a stream's first update may reset (`offer_on_stream`), or an update of another
+        // incarnation, which these never are: `offer` never does here.
         Ok(Offer::Reset { version: v, .. }) => panic!("offer() reset to version {v}"),
         Err(e) => {
             let _ = e.to_string();
@@ -107,11 +108,11 @@ fn snapshot(version: u64) -> v1::Update {
             ],
         }),
     };
-    v1::Update { version, body: Some(Body::Snapshot(view)) }
+    v1::Update { version, body: Some(Body::Snapshot(view)), ..Default::default() }
 }
 
 fn delta(version: u64, base_version: u64, d: v1::ViewDelta) -> v1::Update {
-    v1::Update { version, body: Some(Body::Delta(v1::ViewDelta { base_version, ..d })) }
+    v1::Update { version, body: Some(Body::Delta(v1::ViewDelta { base_version, ..d })), ..Default::default() }
 }
 
 fn encode(updates: &[v1::Update]) -> Vec<u8> {

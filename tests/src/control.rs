@@ -129,6 +129,8 @@ impl ControlPlane {
         let key = out["key"].as_str().expect("key in keys create --json");
         let path = self.dir.0.join(format!("enroll-{}.key", crate::unique()));
         std::fs::write(&path, key).unwrap();
+        // Secret: the agent refuses a key file others can read.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         path
     }
 

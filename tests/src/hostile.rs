@@ -168,6 +168,8 @@ impl Host {
     pub fn write_hostile_config(&self, guard: &str) {
         let enroll = self.dir.join("enroll.key");
         std::fs::write(&enroll, "hostile-enrollment\n").unwrap();
+        // The agent refuses a key file others may read.
+        std::fs::set_permissions(&enroll, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let text = format!(
             "[interface]\nname = \"{ifname}\"\nbackend = \"userspace\"\nprivate_key_file = \"{key}\"\nlisten_port = 51820\n\n\
              [agent]\nstate_dir = \"{state}\"\n\n[policy]\npin_dir = \"{pins}\"\n\n\

@@ -171,3 +171,49 @@ fn outages_and_restarts_keep_the_data_plane_and_resync() {
         assert_eq!(connected.starts_with('['), family == "ipv6", "h{}: {st}", h.index);
     }
 }
+
+/// One pinging rule per id.
+fn rules(ids: &[&str]) -> String {
+    ids.iter()
+        .map(|id| format!("[[rules]]\nid = \"{id}\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"icmp\"\n\n"))
+        .collect()
+}
+
+/// The rule ids the agent counts for, from `status --json` (those of the enforced policy,
+/// plus for a while those of the one before); none while the agent is still pinning its maps
+/// (`status` fails then).
+fn enforced_rules(h: &Host) -> Vec<String> {
+    let out = run(h.agent().args(["status", "--json", "--config"]).arg(h.config_path()));
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    st["policy"]["counters"]["rules"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+}
+
+#[test]
+fn a_recreated_database_is_taken_whole_even_when_its_versions_meet_the_agents() {
+    let (lab, mut cp, mut agents, key_files) = enrolled_with_keys(1);
+    let h1 = &lab.hosts[0];
+    // Enrollment was version 2; two policies make it 4.
+    assert!(cp.apply_policy(&rules(&["old-a"])).status.success());
+    assert!(cp.apply_policy(&rules(&["old-b"])).status.success());
+    wait_until("h1 applies version 4 (old-b)", T, || {
+        enforced_rules(h1).contains(&"old-b".into()) && h1.control_status()["applied_version"] == 4
+    });
+
+    // The database is recreated while the agent is down. The new one reaches version 3 with
+    // its own policies; the agent's enrollment into it makes 4, the version the agent holds.
+    agents.pop().unwrap().kill9();
+    cp.kill();
+    for f in ["control.db", "control.db-wal", "control.db-shm"] {
+        let _ = std::fs::remove_file(cp.dir.0.join(f));
+    }
+    cp.restart();
+    assert!(cp.apply_policy(&rules(&["new-a"])).status.success());
+    assert!(cp.apply_policy(&rules(&["new-b"])).status.success());
+    // The old credential is unknown now. Enrolling anew is the operator's decision: remove
+    // the credential and hand the agent a key of the new database (bound to its name).
+    std::fs::remove_file(h1.dir.join("state/control/credential.json")).unwrap();
+    std::fs::copy(cp.bound_key_file(&h1.control_hostname(), &["server"]), &key_files[0]).unwrap();
+    agents.push(h1.spawn_agent());
+    wait_until("h1 takes the new database's policy", T, || enforced_rules(h1).contains(&"new-b".into()));
+    assert_eq!(h1.control_status()["applied_version"], 4, "the versions met, as the test intends");
+}

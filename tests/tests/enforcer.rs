@@ -78,3 +78,42 @@ fn pins_of_another_build_are_refused_not_adopted() {
     drop(d.open().expect("open after down"));
     assert_eq!(std::fs::read_to_string(d.build_file()).unwrap(), wirefence_agent::bpf::object_id());
 }
+
+fn mode(p: &Path) -> u32 {
+    std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(p).unwrap()) & 0o7777
+}
+
+#[test]
+fn a_bpffs_the_agent_mounts_and_its_pin_directories_are_0700() {
+    let d = Dirs::new();
+    drop(d.open().expect("open pins the maps"));
+    // The kernel adds the sticky bit to a bpffs root whatever the mode option.
+    assert_eq!(mode(&d.root) & 0o777, 0o700, "bpffs root {}", d.root.display());
+    assert_eq!(mode(&enforce::pin_dir(&d.root, &d.ifname)), 0o700);
+}
+
+#[test]
+fn pin_directories_others_own_or_can_write_are_refused_and_nothing_is_loaded_from_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    let pins = enforce::pin_dir(&d.root, &d.ifname);
+    let refused = |why: &str| match d.open() {
+        Err(e @ EnforceError::UnsafePins(_)) => {
+            let msg = e.to_string();
+            assert!(msg.contains(pins.to_str().unwrap()) && msg.contains(why), "{msg}");
+        }
+        Err(e) => panic!("{why}: another error: {e}"),
+        Ok(_) => panic!("{why}: the pins were loaded"),
+    };
+    // Another user's directory (as if a local user had made it, pins and all, first).
+    std::os::unix::fs::chown(&pins, Some(65534), None).unwrap();
+    refused("owned by uid 65534");
+    std::os::unix::fs::chown(&pins, Some(0), None).unwrap();
+    // Ours, but anyone could plant or unlink pins in it.
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o777)).unwrap();
+    refused("0777");
+    // Closed again: adopted as before.
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o700)).unwrap();
+    drop(d.open().expect("a private pin directory is adopted"));
+}

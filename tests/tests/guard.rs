@@ -13,6 +13,8 @@ use wirefence_tests::hostile::HostileControlPlane;
 use wirefence_tests::*;
 
 const T: Duration = Duration::from_secs(20);
+/// The one database incarnation the hostile control plane claims.
+const HOSTILE_INCARNATION: &str = "hostile";
 const PEER_ENDPOINT: &str = "172.31.255.200:51820";
 /// Site routes the operator accepts beyond the overlay (wide on purpose: the host's LAN,
 /// its second network and the control plane's address lie inside, and must still be refused).
@@ -39,7 +41,7 @@ fn snapshot(version: u64, addresses: &[&str], peers: Vec<v1::Peer>) -> v1::Updat
         peers,
         policy: Some(v1::Policy::default()),
     };
-    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)) }
+    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), incarnation: HOSTILE_INCARNATION.into() }
 }
 
 fn applied_version(h: &Host) -> u64 {
@@ -109,6 +111,7 @@ fn a_hostile_control_plane_cannot_take_the_host() {
         (
             v1::Update {
                 version: 10,
+                incarnation: HOSTILE_INCARNATION.into(),
                 body: Some(v1::update::Body::Delta(v1::ViewDelta {
                     base_version: 1,
                     upsert_peers: vec![peer(

@@ -290,7 +290,7 @@ async fn watching(addr: std::net::SocketAddr, i: usize, key: String) -> Result<t
     let challenge = client.enroll_challenge(v1::EnrollChallengeRequest {}).await?.into_inner();
     wirefence_proto::possession::answer(&mut req, &private, &challenge)?;
     let reg = client.register(req).await?.into_inner();
-    let mut req = tonic::Request::new(v1::WatchRequest { resume_from: 0 });
+    let mut req = tonic::Request::new(v1::WatchRequest { resume_from: 0, ..Default::default() });
     req.metadata_mut().insert("authorization", format!("Bearer {}", reg.credential).parse()?);
     let mut stream = client.watch(req).await?.into_inner();
     let first = stream.message().await?.context("no snapshot")?;

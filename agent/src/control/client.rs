@@ -15,7 +15,7 @@ use super::config::ControlConfig;
 use super::connect::{Connected, Connector};
 use super::guard::{self, GuardConfig, GuardError, Surroundings};
 use super::persist::{ControlFiles, ControlStatus, Credential};
-use super::tracker::{Offer, Tracker};
+use super::tracker::{Applied, Offer, Tracker};
 use super::view::ControlView;
 use crate::enforce::DenyRecord;
 use crate::model::{IfName, PublicKey};
@@ -73,6 +73,8 @@ enum SessionError {
     Challenge(#[from] wirefence_proto::possession::PossessionError),
     #[error("control.enrollment_key_file {path}: {source}")]
     EnrollmentKey { path: std::path::PathBuf, source: std::io::Error },
+    #[error("control.enrollment_key_file: {0}")]
+    EnrollmentKeyUnsafe(#[from] crate::perms::UnsafePath),
     #[error(transparent)]
     Persist(#[from] super::persist::PersistError),
     #[error("the stream skipped from version {applied} to a delta on {base}; resuming")]
@@ -255,6 +257,7 @@ impl ControlClient {
         mut req: v1::RegisterRequest,
     ) -> Result<v1::RegisterResponse, SessionError> {
         let path = self.config.enrollment_key_file.as_ref().ok_or(SessionError::NoEnrollmentKey)?;
+        crate::perms::check(path, crate::perms::Private::Secret)?;
         let key = std::fs::read_to_string(path)
             .map_err(|source| SessionError::EnrollmentKey { path: path.clone(), source })?;
         req.enrollment_key = key.trim().to_owned();
@@ -296,7 +299,11 @@ impl ControlClient {
         report: &mpsc::Sender<v1::AgentReport>,
         status: &mut ControlStatus,
     ) -> Result<(), SessionError> {
-        let req = authed(cred, v1::WatchRequest { resume_from: self.tracker.version() });
+        let resume = v1::WatchRequest {
+            resume_from: self.tracker.version(),
+            incarnation: self.tracker.incarnation().to_owned(),
+        };
+        let req = authed(cred, resume);
         let mut stream = client.watch(req).await?.into_inner();
         let mut stats = tokio::time::interval(STATS_EVERY);
         let mut first = true;
@@ -338,7 +345,8 @@ impl ControlClient {
                     tracing::warn!(
                         version,
                         applied,
-                        "the control plane's versions went back (database restored?); taking its snapshot"
+                        incarnation = %update.incarnation,
+                        "the control plane's versions went back or its database was recreated; taking its snapshot"
                     );
                     Ok(Offer::Apply { version, view })
                 }
@@ -353,8 +361,9 @@ impl ControlClient {
                 Ok(Offer::Reset { .. }) => unreachable!("turned into Apply above"),
                 Ok(Offer::Apply { version, view }) => match self.apply(version, view.clone()).await? {
                     Ok(()) => {
-                        self.tracker.reset(version, view.clone());
-                        self.files.set_view(version, &view)?;
+                        let applied = Applied { version, incarnation: update.incarnation.clone(), view: view.clone() };
+                        self.files.set_view(&applied)?;
+                        self.tracker.reset(applied);
                         status.applied_version = version;
                         status.last_error = None;
                         tracing::info!(

@@ -14,7 +14,7 @@ pub use client::{ApplyRequest, ControlClient, ViewError, ViewRejected};
 pub use config::ControlConfig;
 pub use guard::{GuardConfig, GuardError};
 pub use persist::{ControlFiles, ControlStatus};
-pub use tracker::{Offer, Tracker};
+pub use tracker::{Applied, Offer, Tracker};
 pub use view::{ControlView, UpdateError};
 
 use crate::config::Config;

@@ -2,14 +2,14 @@
 //! the node credential, the last applied view (so a restart with the control plane down
 //! comes up in the last known good state) and a status record for `wirefence-agent status`.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use wirefence_proto::v1;
 
+use super::tracker::Applied;
 use super::view::{ControlView, UpdateError};
 use crate::model::PublicKey;
 
@@ -72,11 +72,7 @@ impl ControlFiles {
         let path = self.path(name);
         let io = |source| PersistError::Io { path: path.clone(), source };
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io)?;
-        let tmp = self.path(&format!(".{name}.tmp"));
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
-        f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        crate::durable::write_atomic(&path, bytes, 0o600).map_err(io)
     }
 
     fn read(&self, name: &str) -> Result<Option<Vec<u8>>, PersistError> {
@@ -86,6 +82,15 @@ impl ControlFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(PersistError::Io { path, source }),
         }
+    }
+
+    /// The directory and what the agent trusts from it (the credential, a bearer secret,
+    /// and the view it would enforce) must be the agent's alone.
+    pub fn check_private(&self) -> Result<(), crate::perms::UnsafePath> {
+        use crate::perms::{check_if_exists, Private};
+        check_if_exists(&self.dir, Private::Dir)?;
+        check_if_exists(&self.path("credential.json"), Private::Secret)?;
+        check_if_exists(&self.path("view.pb"), Private::Secret)
     }
 
     pub fn credential(&self) -> Result<Option<Credential>, PersistError> {
@@ -104,8 +109,8 @@ impl ControlFiles {
         self.write("credential.json", &serde_json::to_vec(c).expect("serializable"))
     }
 
-    /// The last applied view and its version, validated again as it is read back.
-    pub fn view(&self, own: &PublicKey) -> Result<Option<(u64, ControlView)>, PersistError> {
+    /// The last applied view, its version and incarnation, validated again as it is read back.
+    pub fn view(&self, own: &PublicKey) -> Result<Option<Applied>, PersistError> {
         let Some(bytes) = self.read("view.pb")? else { return Ok(None) };
         let corrupt = |reason: String| PersistError::Corrupt { path: self.path("view.pb"), reason };
         let u = v1::Update::decode(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
@@ -113,16 +118,20 @@ impl ControlFiles {
             return Err(corrupt("not a snapshot".into()));
         };
         let view = ControlView::from_snapshot(s, own).map_err(|e: UpdateError| corrupt(e.to_string()))?;
-        Ok(Some((u.version, view)))
+        Ok(Some(Applied { version: u.version, incarnation: u.incarnation, view }))
     }
 
     /// Renames an unreadable view file to `view.pb.bad` (kept for inspection).
     pub fn set_aside_view(&self) {
-        let _ = std::fs::rename(self.path("view.pb"), self.path("view.pb.bad"));
+        let _ = crate::durable::rename(&self.path("view.pb"), &self.path("view.pb.bad"));
     }
 
-    pub fn set_view(&self, version: u64, view: &ControlView) -> Result<(), PersistError> {
-        let u = v1::Update { version, body: Some(v1::update::Body::Snapshot(view.to_snapshot())) };
+    pub fn set_view(&self, a: &Applied) -> Result<(), PersistError> {
+        let u = v1::Update {
+            version: a.version,
+            body: Some(v1::update::Body::Snapshot(a.view.to_snapshot())),
+            incarnation: a.incarnation.clone(),
+        };
         self.write("view.pb", &u.encode_to_vec())
     }
 
@@ -160,8 +169,9 @@ mod tests {
         let own = crate::model::PrivateKey::generate().public_key();
         assert!(files.view(&own).unwrap().is_none());
         let view = ControlView { addresses: ["10.77.0.1/32".parse().unwrap()].into(), ..Default::default() };
-        files.set_view(7, &view).unwrap();
-        assert_eq!(files.view(&own).unwrap(), Some((7, view)));
+        let applied = Applied { version: 7, incarnation: "x".into(), view };
+        files.set_view(&applied).unwrap();
+        assert_eq!(files.view(&own).unwrap(), Some(applied));
         let c = Credential {
             node_id: "n1".into(),
             credential: "n1.secret".into(),

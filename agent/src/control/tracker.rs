@@ -1,17 +1,27 @@
 //! Which updates to apply: versions only go up, a delta applies on top of exactly the
 //! version it names, and a duplicate, stale or out-of-order update is ignored (never an
-//! error: streams resume and repeat).
+//! error: streams resume and repeat). Versions count within one incarnation of the control
+//! plane's database; a snapshot of another incarnation is taken whatever its version.
 
 use wirefence_proto::v1;
 
 use super::view::{ControlView, UpdateError};
 use crate::model::PublicKey;
 
+/// What the agent last applied: the view, its version and the incarnation of the control
+/// plane's database that version counts in ("" = unknown: an old control plane or view file).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub version: u64,
+    pub incarnation: String,
+    pub view: ControlView,
+}
+
 /// The last applied version and its view.
 #[derive(Clone, Debug)]
 pub struct Tracker {
     own: PublicKey,
-    applied: Option<(u64, ControlView)>,
+    applied: Option<Applied>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -20,26 +30,32 @@ pub enum Offer {
     Apply { version: u64, view: ControlView },
     /// At or below the applied version: a duplicate or a stale replay.
     Stale { version: u64, applied: u64 },
-    /// A delta for another base than the applied version: the stream lost its place and
-    /// must be resumed.
+    /// A delta for another base than the applied version (or of another incarnation): the
+    /// stream lost its place and must be resumed.
     OutOfOrder { version: u64, base: u64, applied: u64 },
-    /// The control plane's versions went back (see [`Tracker::offer_on_stream`]): apply this
-    /// view, then [`Tracker::reset`] to it.
+    /// The control plane's versions went back, or belong to another incarnation of its
+    /// database (see [`Tracker::offer_on_stream`]): apply this view, then [`Tracker::reset`]
+    /// to it.
     Reset { version: u64, applied: u64, view: ControlView },
 }
 
 impl Tracker {
-    pub fn new(own: PublicKey, applied: Option<(u64, ControlView)>) -> Tracker {
+    pub fn new(own: PublicKey, applied: Option<Applied>) -> Tracker {
         Tracker { own, applied }
     }
 
     /// The applied version; 0 before the first.
     pub fn version(&self) -> u64 {
-        self.applied.as_ref().map_or(0, |(v, _)| *v)
+        self.applied.as_ref().map_or(0, |a| a.version)
+    }
+
+    /// The incarnation the applied version belongs to; "" before the first.
+    pub fn incarnation(&self) -> &str {
+        self.applied.as_ref().map_or("", |a| a.incarnation.as_str())
     }
 
     pub fn view(&self) -> Option<&ControlView> {
-        self.applied.as_ref().map(|(_, v)| v)
+        self.applied.as_ref().map(|a| &a.view)
     }
 
     /// Decides what `u` means against the applied state, validating whatever would be applied.
@@ -51,12 +67,24 @@ impl Tracker {
     /// A control plane answers such a resume with a snapshot *below* that version only when
     /// its own versions went back (a database restored or recreated): that snapshot is its
     /// whole truth and is taken. Anywhere else an older version is a replay and ignored.
+    /// An update naming another incarnation than the applied one (both known) is from
+    /// another history: its snapshot is taken whatever its version, its delta cannot apply.
     pub fn offer_on_stream(&self, u: &v1::Update, first: bool) -> Result<Offer, UpdateError> {
         if u.version == 0 {
             return Err(UpdateError::ZeroVersion);
         }
         let applied = self.version();
         let body = u.body.as_ref().ok_or(UpdateError::NoBody)?;
+        let foreign =
+            self.applied.as_ref().is_some_and(|a| !u.incarnation.is_empty() && u.incarnation != a.incarnation);
+        if foreign {
+            return Ok(match body {
+                v1::update::Body::Snapshot(s) => {
+                    Offer::Reset { version: u.version, applied, view: ControlView::from_snapshot(s, &self.own)? }
+                }
+                v1::update::Body::Delta(d) => Offer::OutOfOrder { version: u.version, base: d.base_version, applied },
+            });
+        }
         if let (true, v1::update::Body::Snapshot(s)) = (first && u.version < applied, body) {
             let view = ControlView::from_snapshot(s, &self.own)?;
             return Ok(Offer::Reset { version: u.version, applied, view });
@@ -67,21 +95,27 @@ impl Tracker {
         let view = match body {
             v1::update::Body::Snapshot(s) => ControlView::from_snapshot(s, &self.own)?,
             v1::update::Body::Delta(d) => match &self.applied {
-                Some((v, base)) if *v == d.base_version => base.with_delta(d, &self.own)?,
+                Some(a) if a.version == d.base_version => a.view.with_delta(d, &self.own)?,
                 _ => return Ok(Offer::OutOfOrder { version: u.version, base: d.base_version, applied }),
             },
         };
         Ok(Offer::Apply { version: u.version, view })
     }
 
-    pub fn commit(&mut self, version: u64, view: ControlView) {
-        debug_assert!(version > self.version());
-        self.applied = Some((version, view));
+    /// Records an applied [`Offer::Apply`] of `u` (the incarnation stays `u`'s).
+    pub fn commit(&mut self, u: &v1::Update, view: ControlView) {
+        debug_assert!(u.version > self.version());
+        self.reset(Applied { version: u.version, incarnation: u.incarnation.clone(), view });
     }
 
-    /// Takes a lower version after [`Offer::Reset`].
-    pub fn reset(&mut self, version: u64, view: ControlView) {
-        self.applied = Some((version, view));
+    /// Takes what was applied, also a lower version or another incarnation after
+    /// [`Offer::Reset`].
+    pub fn reset(&mut self, applied: Applied) {
+        self.applied = Some(applied);
+    }
+
+    pub fn applied(&self) -> Option<&Applied> {
+        self.applied.as_ref()
     }
 }
 
@@ -113,17 +147,21 @@ mod tests {
                 }],
             }),
         };
-        v1::Update { version, body: Some(Body::Snapshot(view)) }
+        v1::Update { version, body: Some(Body::Snapshot(view)), incarnation: String::new() }
     }
 
     fn delta(version: u64, base: u64, d: v1::ViewDelta) -> v1::Update {
-        v1::Update { version, body: Some(Body::Delta(v1::ViewDelta { base_version: base, ..d })) }
+        v1::Update {
+            version,
+            body: Some(Body::Delta(v1::ViewDelta { base_version: base, ..d })),
+            incarnation: String::new(),
+        }
     }
 
     fn apply(t: &mut Tracker, u: &v1::Update) -> Offer {
         let o = t.offer(u).unwrap();
-        if let Offer::Apply { version, view } = &o {
-            t.commit(*version, view.clone());
+        if let Offer::Apply { view, .. } = &o {
+            t.commit(u, view.clone());
         }
         o
     }
@@ -162,11 +200,43 @@ mod tests {
         let lower_delta = delta(4, 3, v1::ViewDelta::default());
         assert_eq!(t.offer_on_stream(&lower_delta, true).unwrap(), Offer::Stale { version: 4, applied: 9 });
         match t.offer_on_stream(&snapshot(3, vec![]), true).unwrap() {
-            Offer::Reset { version: 3, applied: 9, view } => t.reset(3, view),
+            Offer::Reset { version: 3, applied: 9, view } => {
+                t.reset(Applied { version: 3, incarnation: String::new(), view })
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(t.version(), 3);
         assert!(matches!(apply(&mut t, &delta(4, 3, v1::ViewDelta::default())), Offer::Apply { version: 4, .. }));
+    }
+
+    fn of(incarnation: &str, u: v1::Update) -> v1::Update {
+        v1::Update { incarnation: incarnation.into(), ..u }
+    }
+
+    #[test]
+    fn another_incarnation_is_a_reset_at_any_version_and_its_deltas_do_not_apply() {
+        let own = PrivateKey::generate().public_key();
+        let a = PrivateKey::generate().public_key();
+        let mut t = Tracker::new(own, None);
+        apply(&mut t, &of("x", snapshot(5, vec![])));
+        assert_eq!(t.incarnation(), "x");
+        // Same incarnation: the usual rules.
+        assert_eq!(t.offer(&of("x", snapshot(5, vec![]))).unwrap(), Offer::Stale { version: 5, applied: 5 });
+        // A recreated database at the same, a higher and a lower version: its snapshot wins.
+        for v in [5, 6, 2] {
+            match t.offer(&of("y", snapshot(v, vec![peer(&a, "10.77.0.2/32")]))).unwrap() {
+                Offer::Reset { version, applied: 5, view } => assert_eq!((version, view.peers.len()), (v, 1)),
+                other => panic!("version {v}: {other:?}"),
+            }
+        }
+        // Its delta, even on our version number, is not on our base.
+        let d = of("y", delta(6, 5, v1::ViewDelta::default()));
+        assert_eq!(t.offer(&d).unwrap(), Offer::OutOfOrder { version: 6, base: 5, applied: 5 });
+        // An update without an incarnation (an older control plane) follows the version rules.
+        assert_eq!(t.offer(&snapshot(5, vec![])).unwrap(), Offer::Stale { version: 5, applied: 5 });
+        let Offer::Reset { version, view, .. } = t.offer(&of("y", snapshot(5, vec![]))).unwrap() else { panic!() };
+        t.reset(Applied { version, incarnation: "y".into(), view });
+        assert_eq!((t.version(), t.incarnation()), (5, "y"));
     }
 
     #[test]
@@ -219,9 +289,10 @@ mod tests {
         );
         assert!(bad(v1::ViewDelta { policy: Some(rule(Some(6), 9, 2)), ..Default::default() }).contains("9-2"));
         assert!(bad(v1::ViewDelta { policy: Some(rule(Some(1), 1, 2)), ..Default::default() }).contains("no ports"));
-        let no_policy = v1::Update { version: 5, body: Some(Body::Snapshot(v1::NodeView::default())) };
+        let no_policy =
+            v1::Update { version: 5, body: Some(Body::Snapshot(v1::NodeView::default())), ..Default::default() };
         assert_eq!(t.offer(&no_policy).unwrap_err(), UpdateError::MissingPolicy);
-        assert_eq!(t.offer(&v1::Update { version: 5, body: None }).unwrap_err(), UpdateError::NoBody);
+        assert_eq!(t.offer(&v1::Update { version: 5, ..Default::default() }).unwrap_err(), UpdateError::NoBody);
         assert_eq!(t.view().cloned(), before);
     }
 

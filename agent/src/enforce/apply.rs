@@ -204,7 +204,7 @@ impl Enforcer {
     fn persist_slots(&mut self) -> Result<(), EnforceError> {
         if self.ids.dirty {
             let json = serde_json::to_vec(&self.ids.slots).expect("serializable");
-            std::fs::write(&self.slots_file, json)
+            crate::durable::write_atomic(&self.slots_file, &json, 0o600)
                 .map_err(|source| EnforceError::State { path: self.slots_file.clone(), source })?;
             self.ids.dirty = false;
         }

@@ -41,7 +41,9 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 /// Makes sure `root` lies on a bpffs, mounting one (at /sys/fs/bpf for paths below it, at
-/// `root` otherwise) when it does not.
+/// `root` otherwise, mode 0700) when it does not. `root` is created 0700; an existing one
+/// must be the agent's and either closed to other writers or sticky (a bpffs root is 1777
+/// unless mounted with a mode), so nobody else can unlink or replace the pin directories.
 pub fn ensure_bpffs(root: &Path) -> Result<(), EnforceError> {
     let err = |reason: String| EnforceError::Bpffs { path: root.to_owned(), reason };
     let mut existing = root.to_path_buf();
@@ -51,14 +53,29 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), EnforceError> {
         }
     }
     if is_bpffs(&existing) {
-        return std::fs::create_dir_all(root).map_err(|e| err(e.to_string()));
+        return pin_root(root);
     }
     let target: PathBuf = if root.starts_with("/sys/fs/bpf") { "/sys/fs/bpf".into() } else { root.to_owned() };
     std::fs::create_dir_all(&target).map_err(|e| err(e.to_string()))?;
-    nix::mount::mount(Some("bpf"), &target, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| err(format!("mount -t bpf at {}: {e}", target.display())))?;
+    nix::mount::mount(Some("bpf"), &target, Some("bpf"), nix::mount::MsFlags::empty(), Some(BPFFS_MODE))
+        .map_err(|e| err(format!("mount -t bpf -o {BPFFS_MODE} at {}: {e}", target.display())))?;
     tracing::info!(path = %target.display(), "mounted bpffs");
-    std::fs::create_dir_all(root).map_err(|e| err(e.to_string()))
+    pin_root(root)
+}
+
+/// Mount option: only root may create, open or unlink pins in a bpffs the agent mounts.
+const BPFFS_MODE: &str = "mode=0700";
+
+fn pin_root(root: &Path) -> Result<(), EnforceError> {
+    if root.exists() {
+        return Ok(crate::perms::check(root, crate::perms::Private::StickyDir)?);
+    }
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .map_err(|e| EnforceError::Bpffs { path: root.to_owned(), reason: e.to_string() })
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EnforceError {

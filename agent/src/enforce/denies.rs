@@ -117,9 +117,7 @@ pub async fn follow(pin_dir: PathBuf, state_dir: PathBuf, ifname: IfName) -> any
         }
         if dirty && last_write.elapsed() >= Duration::from_secs(1) {
             let path = file(&state_dir, &ifname);
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&recent)?)?;
-            std::fs::rename(&tmp, &path)?;
+            crate::durable::write_atomic(&path, &serde_json::to_vec(&recent)?, 0o600)?;
             last_write = Instant::now();
             dirty = false;
         }

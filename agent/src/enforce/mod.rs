@@ -47,6 +47,10 @@ pub enum EnforceError {
     Pin { path: PathBuf, source: std::io::Error },
     #[error("bpffs at {path}: {reason}")]
     Bpffs { path: PathBuf, reason: String },
+    /// A pin directory another user owns or can write in: pins there could be planted or
+    /// unlinked, so none is loaded from it.
+    #[error("pin directory: {0}")]
+    UnsafePins(#[from] crate::perms::UnsafePath),
     #[error("policy state file {path}: {source}")]
     State { path: PathBuf, source: std::io::Error },
     #[error(
@@ -118,7 +122,7 @@ impl Enforcer {
     pub fn open(pin_root: &Path, ifname: &IfName, l3_offset: u32, state_dir: &Path) -> Result<Enforcer, EnforceError> {
         attach::ensure_bpffs(pin_root)?;
         let dir = pin_dir(pin_root, ifname);
-        std::fs::create_dir_all(&dir).map_err(|source| EnforceError::Pin { path: dir.clone(), source })?;
+        crate::perms::private_dir(&dir)?;
         let paths: Vec<(&'static str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
@@ -132,7 +136,7 @@ impl Enforcer {
         let ebpf = loader
             .load(crate::bpf::object())
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
-        std::fs::write(&build_file, &ours)
+        crate::durable::write_atomic(&build_file, ours.as_bytes(), 0o600)
             .map_err(|source| EnforceError::State { path: build_file.clone(), source })?;
         let slots_file = slots_file(state_dir, ifname);
         let slots = read_slots(&slots_file);

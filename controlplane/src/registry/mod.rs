@@ -57,6 +57,8 @@ pub const FLOW_LOG: usize = 512;
 
 pub struct Registry {
     store: Mutex<Store>,
+    /// The database's incarnation: versions are only comparable within one.
+    incarnation: String,
     overlay: Overlay,
     state: watch::Sender<Arc<GlobalState>>,
     history: Mutex<History>,
@@ -81,6 +83,7 @@ impl Registry {
     pub fn open(db: &Path, overlay: Overlay, history: usize) -> Result<Registry, Error> {
         let store = Store::open(db)?;
         let version = store.version()?;
+        let incarnation = store.incarnation()?;
         let policy = match store.policy()? {
             Some((file, source, _)) => policy::parse(&file, &source)?,
             None => Policy::default(),
@@ -93,6 +96,7 @@ impl Registry {
         hist.push(state.clone());
         Ok(Registry {
             store: Mutex::new(store),
+            incarnation,
             overlay,
             state: watch::Sender::new(state),
             history: Mutex::new(hist),
@@ -107,6 +111,10 @@ impl Registry {
     pub fn with_enroll_limits(mut self, limits: crate::enroll::EnrollLimits) -> Registry {
         self.gate = crate::enroll::Gate::new(limits);
         self
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     pub fn overlay(&self) -> Overlay {

@@ -26,32 +26,44 @@ pub struct AgentSvc {
     pub registry: Arc<Registry>,
 }
 
-fn snapshot(state: &GlobalState, view: &View) -> Update {
-    Update { version: state.version, body: Some(update::Body::Snapshot(view.snapshot())) }
+fn snapshot(registry: &Registry, state: &GlobalState, view: &View) -> Update {
+    stamped(registry, state, update::Body::Snapshot(view.snapshot()))
 }
 
-/// What a new stream starts with: a snapshot (fresh, unknown or future version), nothing
-/// (already current) or one delta from a version still in the history.
+/// Every update names the database incarnation its version counts in.
+fn stamped(registry: &Registry, state: &GlobalState, body: update::Body) -> Update {
+    Update { version: state.version, body: Some(body), incarnation: registry.incarnation().to_owned() }
+}
+
+/// What a new stream starts with: a snapshot (fresh, unknown or future version, or a
+/// version of another incarnation of the database), nothing (already current) or one delta
+/// from a version still in the history.
 pub fn first_update(
     registry: &Registry,
     state: &GlobalState,
     node: &str,
     view: &View,
-    resume_from: u64,
+    resume: &WatchRequest,
 ) -> Option<Update> {
+    let resume_from = resume.resume_from;
+    // The agent's version counts in another history (restored or recreated database):
+    // comparing numbers would skip changes or send a delta on the wrong base.
+    if resume.incarnation != registry.incarnation() {
+        return Some(snapshot(registry, state, view));
+    }
     if resume_from == state.version {
         return None;
     }
     if resume_from == 0 || resume_from > state.version {
-        return Some(snapshot(state, view));
+        return Some(snapshot(registry, state, view));
     }
     match registry.at_version(resume_from).and_then(|old| node_view(&old, node)) {
         Some(old) => {
             let d = delta(&old, view, resume_from)
                 .unwrap_or(wirefence_proto::v1::ViewDelta { base_version: resume_from, ..Default::default() });
-            Some(Update { version: state.version, body: Some(update::Body::Delta(d)) })
+            Some(stamped(registry, state, update::Body::Delta(d)))
         }
-        None => Some(snapshot(state, view)),
+        None => Some(snapshot(registry, state, view)),
     }
 }
 
@@ -103,7 +115,7 @@ impl Stream {
             return false;
         };
         if let Some(d) = delta(&self.view, &new, self.sent) {
-            let update = Update { version: state.version, body: Some(update::Body::Delta(d)) };
+            let update = stamped(&self.registry, state, update::Body::Delta(d));
             if self.tx.send(Ok(update)).await.is_err() {
                 return false;
             }
@@ -148,18 +160,21 @@ impl AgentService for AgentSvc {
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let registry = self.registry.clone();
-        let resume_from = request.get_ref().resume_from;
+        let resume = request.get_ref().clone();
+        let (resume_from, incarnation) = (resume.resume_from, resume.incarnation.clone());
         let meta = request.into_parts().0;
         let (node, connection) = off_worker(move || {
             let node = registry.authenticate(&meta)?;
-            let connection = registry.connect(&node, resume_from)?;
+            // A version of another incarnation says nothing about what the node runs here.
+            let ours = incarnation == registry.incarnation();
+            let connection = registry.connect(&node, if ours { resume_from } else { 0 })?;
             Ok((node, connection))
         })
         .await?;
         let mut states = self.registry.subscribe();
         let state = states.borrow_and_update().clone();
         let view = node_view(&state, &node).ok_or_else(|| Error::NodeRemoved(node.clone()))?;
-        let first = first_update(&self.registry, &state, &node, &view, resume_from);
+        let first = first_update(&self.registry, &state, &node, &view, &resume);
         tracing::debug!(node = %node, resume_from, version = state.version, "watch");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = Stream {

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod lock;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -36,7 +37,9 @@ pub struct TlsIdentity {
 }
 
 impl TlsIdentity {
+    /// The key must be ours and closed to group and others.
     pub fn from_files(cert: &Path, key: &Path) -> Result<TlsIdentity, Error> {
+        check_private(key, 0o077)?;
         Ok(TlsIdentity {
             cert_pem: std::fs::read(cert).map_err(Error::io("read TLS certificate", cert))?,
             key_pem: std::fs::read(key).map_err(Error::io("read TLS key", key))?,
@@ -87,6 +90,9 @@ pub struct ServerHandle {
     pub admin_socket: PathBuf,
     registry: Arc<Registry>,
     tasks: JoinSet<Result<(), tonic::transport::Error>>,
+    /// Held until the handle is dropped (after shutdown), so no second server opens the
+    /// database meanwhile.
+    _db_lock: lock::DbLock,
 }
 
 /// How long in-flight calls get to finish once shutdown begins.
@@ -150,6 +156,22 @@ fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::from_std(socket.into()).map_err(bind_err)
 }
 
+/// `path` must be owned by us (or root) and have none of the `forbidden` mode bits: others
+/// able to write a database directory could swap the database; to read a key, steal it.
+fn check_private(path: &Path, forbidden: u32) -> Result<(), Error> {
+    let meta = std::fs::metadata(path).map_err(Error::io("inspect", path))?;
+    let refuse = |why: String| Err(Error::NotPrivate { path: path.to_owned(), why });
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & forbidden != 0 {
+        return refuse(format!("mode {mode:04o} opens it to group or others (chmod go-rwx it)"));
+    }
+    let uid = meta.uid();
+    if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
+        return refuse(format!("owned by uid {uid}"));
+    }
+    Ok(())
+}
+
 /// The admin socket's directory must be writable by its owner only (and owned by us or
 /// root): whoever else can write it could swap the socket for their own.
 fn check_admin_dir(dir: &Path) -> Result<(), Error> {
@@ -197,6 +219,11 @@ fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
 
 /// Opens the store and starts serving; returns once every listener is bound.
 pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
+    let db_dir = cfg.db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if db_dir.exists() {
+        check_private(db_dir, 0o022)?;
+    }
+    let db_lock = lock::DbLock::acquire(&cfg.db)?;
     let registry = Arc::new(Registry::open(&cfg.db, cfg.overlay, cfg.history)?.with_enroll_limits(cfg.enroll_limits));
     let agent = AgentServiceServer::new(AgentSvc { registry: registry.clone() });
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -251,5 +278,5 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
             .await
     });
     tracing::info!(socket = %cfg.admin_socket.display(), version = registry.current().version, "admin socket ready");
-    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tasks })
+    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tasks, _db_lock: db_lock })
 }

@@ -145,9 +145,21 @@ pub fn authed<T>(msg: T, credential: &str) -> Request<T> {
     r
 }
 
+/// A Watch resuming from `resume_from` of this control plane's database incarnation.
 pub async fn watch(cp: &Cp, credential: &str, resume_from: u64) -> Result<Streaming<Update>, Status> {
+    watch_of(cp, credential, resume_from, cp.handle.registry().incarnation()).await
+}
+
+/// A Watch resuming from `resume_from` of `incarnation`.
+pub async fn watch_of(
+    cp: &Cp,
+    credential: &str,
+    resume_from: u64,
+    incarnation: &str,
+) -> Result<Streaming<Update>, Status> {
     let mut agent = cp.agent().await;
-    Ok(agent.watch(authed(WatchRequest { resume_from }, credential)).await?.into_inner())
+    let req = WatchRequest { resume_from, incarnation: incarnation.to_owned() };
+    Ok(agent.watch(authed(req, credential)).await?.into_inner())
 }
 
 /// The next message of a stream (5 s at most).
