@@ -6,10 +6,12 @@ use std::fs::{self, OpenOptions, Permissions};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use crate::credentials::{CredentialIndex, Entry};
 use crate::model::NodeRec;
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,8 @@ pub struct KeyRow {
 
 pub struct Store {
     conn: Connection,
+    /// Follows every committed change (see [`Store::change`]).
+    credentials: Arc<CredentialIndex>,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -127,7 +131,14 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        Ok(Store { conn })
+        let credentials = Arc::new(CredentialIndex::default());
+        credentials.replace(credential_rows(&conn)?);
+        Ok(Store { conn, credentials })
+    }
+
+    /// The in-memory credential index, kept current by this store.
+    pub fn credentials(&self) -> Arc<CredentialIndex> {
+        self.credentials.clone()
     }
 
     pub fn version(&self) -> Result<u64> {
@@ -145,6 +156,16 @@ impl Store {
         }
         let v: i64 = tx.query_row("SELECT version FROM counter WHERE id = 1", [], |r| r.get(0))?;
         tx.commit()?;
+        // Every committed change, whatever it touched: the index must never lag a removal
+        // or a credential change. If reading back fails, fail closed (no node
+        // authenticates) until the next change reloads it, rather than keep stale entries.
+        match credential_rows(&self.conn) {
+            Ok(rows) => self.credentials.replace(rows),
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the credential index failed; refusing all node credentials");
+                self.credentials.replace(Default::default());
+            }
+        }
         Ok((out, u64::try_from(v).unwrap_or(0)))
     }
 
@@ -277,6 +298,13 @@ impl Store {
         )?;
         Ok(())
     }
+}
+
+/// Every node's credential hash and removed flag, for the [`CredentialIndex`].
+fn credential_rows(conn: &Connection) -> Result<std::collections::HashMap<String, Entry>> {
+    let mut st = conn.prepare_cached("SELECT id, credential_hash, removed FROM nodes")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, Entry { hash: r.get(1)?, removed: r.get(2)? })))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 fn migrate(conn: &Connection) -> Result<()> {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
 
+use super::throttle::{Admit, Change};
 use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
 use crate::auth::{self, Token};
@@ -122,9 +123,10 @@ impl Registry {
 
     /// Re-registration may update endpoints and routes (within the grant); the hostname
     /// and public key are what policy and peers know the node by, so they stay fixed.
+    /// A change comes into effect at once, or, when the node changed something less than
+    /// an interval ago, once that interval is over ([`super::throttle::Coalescer`]).
     fn reregister(&self, token: Token, reg: Registration) -> Result<RegisterResponse, Error> {
-        let mut store = self.store();
-        super::check_credential(&store, &token)?;
+        self.check_credential(&token)?;
         let state = self.current();
         let old = state.node(&token.id).ok_or_else(|| Error::NodeRemoved(token.id.clone()))?.clone();
         if reg.hostname != old.hostname {
@@ -133,15 +135,30 @@ impl Registry {
         if reg.public_key != old.public_key {
             return Err(Error::Immutable("public_key"));
         }
-        check_routes(&reg.routes, &store.granted_routes(&old.id)?, &state.nodes, &old.id)?;
-        let new = NodeRec { endpoints: reg.endpoints, routes: reg.routes, ..(*old).clone() };
-        if new != *old {
+        check_routes(&reg.routes, &self.store().granted_routes(&old.id)?, &state.nodes, &old.id)?;
+        let change = Change { endpoints: reg.endpoints, routes: reg.routes };
+        let changed = (change.endpoints != old.endpoints || change.routes != old.routes).then_some(change.clone());
+        if self.reregistrations.offer(&old.id, changed) == Admit::Now {
+            self.apply_reregistration(&old.id, change)?;
+        }
+        Ok(response(&old, token.expose()))
+    }
+
+    /// Writes and publishes a node's new endpoints and routes, checked again against the
+    /// state at this moment (it may be applied an interval after it was asked for).
+    pub(super) fn apply_reregistration(&self, id: &str, change: Change) -> Result<(), Error> {
+        let mut store = self.store();
+        let state = self.current();
+        let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
+        check_routes(&change.routes, &store.granted_routes(id)?, &state.nodes, id)?;
+        let new = NodeRec { endpoints: change.endpoints, routes: change.routes, ..(**old).clone() };
+        if new != **old {
             let ((), version) = store.change(true, |tx| store::update_node(tx, &new))?;
             tracing::info!(node = %new.id, version, "node re-registered with changes");
-            let nodes = replace(&state.nodes, Arc::new(new.clone()));
+            let nodes = replace(&state.nodes, Arc::new(new));
             self.publish(state.with_nodes(version, nodes));
         }
-        Ok(response(&new, token.expose()))
+        Ok(())
     }
 
     fn enroll(&self, key: &str, reg: Registration) -> Result<RegisterResponse, Error> {

@@ -1,5 +1,6 @@
 //! The agent-facing service: Register, Watch, Report.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -111,12 +112,23 @@ impl Stream {
     }
 }
 
+impl AgentSvc {
+    /// Bounds a unary part of a call by the request timeout (the blocking work itself
+    /// finishes in the background; its caller stops waiting).
+    async fn in_time<T>(&self, what: &'static str, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        tokio::time::timeout(self.registry.limits().request_timeout, work)
+            .await
+            .map_err(|_| Error::RequestTimeout(what))?
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let registry = self.registry.clone();
         let (meta, _, req) = request.into_parts();
-        Ok(Response::new(off_worker(move || registry.register(&meta, &req)).await?))
+        let work = off_worker(move || registry.register(&meta, &req));
+        Ok(Response::new(self.in_time("Register", work).await?))
     }
 
     type WatchStream = ReceiverStream<Result<Update, Status>>;
@@ -125,12 +137,12 @@ impl AgentService for AgentSvc {
         let registry = self.registry.clone();
         let resume_from = request.get_ref().resume_from;
         let meta = request.into_parts().0;
-        let (node, connection) = off_worker(move || {
-            let node = registry.authenticate(&meta)?;
-            let connection = registry.connect(&node, resume_from)?;
-            Ok((node, connection))
-        })
-        .await?;
+        // Authentication reads memory only; a bad credential is refused before any task or
+        // store access.
+        let node = registry.authenticate(&meta)?;
+        let id = node.clone();
+        let work = off_worker(move || registry.connect(&id, resume_from));
+        let connection = self.in_time("Watch", work).await?;
         let mut states = self.registry.subscribe();
         let state = states.borrow_and_update().clone();
         let view = node_view(&state, &node).ok_or_else(|| Error::NodeRemoved(node.clone()))?;
@@ -151,9 +163,7 @@ impl AgentService for AgentSvc {
     }
 
     async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
-        let registry = self.registry.clone();
-        let meta = request.metadata().clone();
-        let node = off_worker(move || registry.authenticate(&meta)).await?;
+        let node = self.registry.authenticate(request.metadata())?;
         let mut reports = request.into_inner();
         let mut shutdown = self.registry.shutdown_signal();
         // Removal ends an idle report stream too, not only at its next message.
@@ -162,6 +172,7 @@ impl AgentService for AgentSvc {
             tokio::select! {
                 msg = reports.message() => match msg? {
                     Some(r) => {
+                        self.registry.admit_report(&node)?;
                         if let Some(d) = self.registry.report(&node, r)? {
                             let (registry, node) = (self.registry.clone(), node.clone());
                             off_worker(move || registry.record(&node, &d)).await?;
