@@ -58,7 +58,7 @@ pub struct ServeArgs {
     pub insecure: bool,
     /// With --insecure: also serve plaintext on non-loopback addresses (credentials cross
     /// the network in the clear; labs only).
-    #[arg(long, requires = "insecure")]
+    #[arg(long, requires = "insecure", conflicts_with_all = ["tls_cert", "tls_key"])]
     pub insecure_allow_remote: bool,
     /// Open agent connections allowed per source (IPv4 address or IPv6 /64); raise it for
     /// many agents behind one NAT.

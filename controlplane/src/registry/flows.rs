@@ -78,16 +78,22 @@ mod tests {
         for p in 100..1100 {
             log.push("loud", rec(p));
         }
-        let of = |node: &str| log.iter().filter(|(n, _)| n == node).map(|(_, r)| r.dst_port).collect::<Vec<_>>();
-        assert_eq!(of("quiet"), vec![0, 1, 2], "the flood must not evict another node's records");
-        assert_eq!(of("loud"), vec![1096, 1097, 1098, 1099], "the flooding node keeps its newest, up to its quota");
+        fn of(log: &FlowLog, node: &str) -> Vec<u32> {
+            log.iter().filter(|(n, _)| n == node).map(|(_, r)| r.dst_port).collect()
+        }
+        assert_eq!(of(&log, "quiet"), vec![0, 1, 2], "the flood must not evict another node's records");
+        assert_eq!(
+            of(&log, "loud"),
+            vec![1096, 1097, 1098, 1099],
+            "the flooding node keeps its newest, up to its quota"
+        );
         for p in 0..3 {
             log.push(&format!("n{p}"), rec(p));
         }
         assert_eq!(log.iter().count(), 10);
         log.push("late", rec(7));
         assert_eq!(log.iter().count(), 10, "a full log drops its oldest record");
-        assert_eq!(of("quiet"), vec![1, 2]);
+        assert_eq!(of(&log, "quiet"), vec![1, 2]);
         assert_eq!(log.counts.values().sum::<usize>(), 10);
     }
 }
