@@ -275,3 +275,43 @@ async fn plaintext_is_refused_on_a_non_loopback_address_without_the_second_flag(
     let handle = serve(cfg).await.expect("allowed with the second flag");
     handle.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_rapid_reset_client_loses_its_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(dir.path()).await;
+    let tcp = TcpStream::connect(cp.addr()).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    let conn = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // Open streams and cancel them at once (CVE-2023-44487), far beyond the limit.
+    let mut refused = None;
+    for _ in 0..2000 {
+        let req = http::Request::post(format!("http://{}/wirefence.v1.AgentService/Watch", cp.addr()))
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        match client.send_request(req, false) {
+            Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+        if let Err(e) = client.clone().ready().await {
+            refused = Some(e);
+            break;
+        }
+        client = client.ready().await.unwrap();
+    }
+    let err = match refused {
+        Some(e) => e,
+        None => tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("the connection was kept")
+            .unwrap()
+            .expect_err("the connection ended without an error"),
+    };
+    // A GOAWAY, or the connection closed under the client's writes right after it.
+    assert!(err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(), "{err:?}");
+}
