@@ -39,6 +39,9 @@ pub struct BenchControlArgs {
     /// Skip the fan-out part.
     #[arg(long)]
     no_fanout: bool,
+    /// Use debug builds (quicker to build; the numbers are not the release goals').
+    #[arg(long)]
+    debug: bool,
 }
 
 pub fn run(args: BenchControlArgs) -> Result<()> {
@@ -47,7 +50,7 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
         bail!("bench-control creates network namespaces and needs root");
     }
     raise_fd_limit();
-    let bins = crate::workspace::Workspace::locate()?.build_bins(true)?;
+    let bins = crate::workspace::Workspace::locate()?.build_bins(!args.debug)?;
     std::env::set_var("WIREFENCE_AGENT_BIN", &bins.agent);
     std::env::set_var("WIREFENCE_CONTROL_BIN", &bins.control);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
