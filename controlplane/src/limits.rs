@@ -28,8 +28,9 @@ pub const MAX_PENDING_RESET_STREAMS: usize = 20;
 /// GOAWAY (hyper's "MadeYouReset" limit).
 pub const MAX_LOCAL_ERROR_RESETS: usize = 64;
 /// A unary call (Register) or the opening of a stream (authentication, first snapshot)
-/// must finish within this time.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// must finish within this time. Generous: under a burst of enrollments, calls queue for
+/// the store, and a refused one is retried by its agent.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest message accepted from an agent. The largest legitimate one is a statistics
 /// report of 4,096 peers (about 300 KiB).
 pub const MAX_MESSAGE: usize = 1 << 20;

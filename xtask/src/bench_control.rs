@@ -225,14 +225,16 @@ fn flooded(
     pid: u32,
 ) -> Result<Vec<Row>> {
     let flooder = &lab.hosts[3];
-    let mut sources = Vec::new();
-    for i in 0..FLOOD_SOURCES {
+    let mut sources: Vec<std::net::IpAddr> = Vec::new();
+    for i in 0..FLOOD_SOURCES + 2 {
         let ip = format!("172.31.255.{}", 100 + i);
         flooder.ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         sources.push(ip.parse()?);
     }
+    let watch_sources = sources.split_off(usize::from(FLOOD_SOURCES));
     let plan = crate::bench_flood::Plan {
         sources,
+        watch_sources,
         // Past the per-source cap (64), so refusals are part of the load too.
         idle_per_source: 48,
         half_open_per_source: 32,
@@ -242,11 +244,12 @@ fn flooded(
         domain: wirefence_tests::control::CP_V4.into(),
     };
     eprintln!(
-        "bench-control: flooding from {} sources: {} idle + {} half-open TLS connections each, {} bad-credential Watch loops",
+        "bench-control: flooding from {} sources: {} idle + {} half-open TLS connections each, {} bad-credential Watch loops from {} more",
         plan.sources.len(),
         plan.idle_per_source,
         plan.half_open_per_source,
-        plan.watch_loops
+        plan.watch_loops,
+        plan.watch_sources.len()
     );
     let flood = crate::bench_flood::Flood::start(&flooder.ns.name, plan)?;
     // Let the flood fill the listener's slots before timing.

@@ -16,8 +16,11 @@ use wirefence_proto::v1;
 /// How hard to flood.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// Source addresses the flood comes from (already on the namespace's interface).
+    /// Source addresses of the connection flood (already on the namespace's interface).
     pub sources: Vec<IpAddr>,
+    /// Source addresses of the bad-credential Watch calls (their own, so the connection
+    /// flood's refusals do not stop them).
+    pub watch_sources: Vec<IpAddr>,
     /// Idle TCP connections kept open per source.
     pub idle_per_source: usize,
     /// Half-open TLS handshakes kept open per source.
@@ -89,7 +92,7 @@ async fn run(plan: Plan, stop: Arc<AtomicBool>, counts: Arc<Counts>) {
             .domain_name(plan.domain.clone())
     });
     for i in 0..plan.watch_loops {
-        let source = plan.sources[i % plan.sources.len()];
+        let source = plan.watch_sources[i % plan.watch_sources.len()];
         let (stop, counts, target, tls) = (stop.clone(), counts.clone(), plan.target, tls.clone());
         tasks.spawn(async move { bad_watches(source, target, tls, &stop, &counts).await });
     }
