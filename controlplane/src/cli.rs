@@ -53,9 +53,17 @@ pub struct ServeArgs {
     /// PEM private key of the agent listener.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Serve agents over plaintext HTTP/2 (testing only).
+    /// Serve agents over plaintext HTTP/2 (testing only; loopback addresses only).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     pub insecure: bool,
+    /// With --insecure: also serve plaintext on non-loopback addresses (credentials cross
+    /// the network in the clear; labs only).
+    #[arg(long, requires = "insecure", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure_allow_remote: bool,
+    /// Open agent connections allowed per source (IPv4 address or IPv6 /64); raise it for
+    /// many agents behind one NAT.
+    #[arg(long, default_value_t = crate::limits::MAX_CONNECTIONS_PER_SOURCE)]
+    pub max_connections_per_source: usize,
     /// IPv4 overlay range node addresses are allocated from.
     #[arg(long, default_value = "10.77.0.0/16")]
     pub overlay_v4: Ipv4Net,
@@ -306,6 +314,8 @@ mod tests {
         assert_eq!(mode(&[]), Err(TlsChoiceError));
         assert!(parse(&["--tls-cert", "c.pem"]).is_err());
         assert!(parse(&["--insecure", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_err());
+        assert!(parse(&["--insecure-allow-remote", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_err());
+        assert!(parse(&["--insecure", "--insecure-allow-remote"]).is_ok());
         let Command::Serve(s) = parse(&["--insecure", "--listen", "[::1]:7443"]).unwrap().command else {
             unreachable!("serve")
         };

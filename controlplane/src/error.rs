@@ -93,6 +93,14 @@ pub enum Error {
     #[error("node {0} has been removed")]
     NodeRemoved(String),
 
+    // Abuse limits (see crate::limits).
+    #[error("node {node} already has {max} open Watch streams")]
+    TooManyWatches { node: String, max: usize },
+    #[error("node {node} sends more than {per_sec} report messages a second (burst {burst})")]
+    ReportRate { node: String, per_sec: u32, burst: u32 },
+    #[error("{0} took longer than the request timeout")]
+    RequestTimeout(&'static str),
+
     // Administration.
     #[error("no node {0:?} (give a node id or a hostname)")]
     UnknownNode(String),
@@ -127,6 +135,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "refusing plaintext (--insecure) on {0}, which is not a loopback address; use TLS, or add \
+         --insecure-allow-remote to send credentials in the clear on purpose"
+    )]
+    InsecureRemote(SocketAddr),
+    #[error("TLS {what}: {source}")]
+    TlsPem {
+        what: &'static str,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("TLS: no {0} in the PEM file")]
+    TlsMissing(&'static str),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("certificate generation: {0}")]
@@ -193,15 +216,23 @@ impl Error {
             | Error::Immutable(_)
             | Error::RouteNotGranted { .. } => Code::PermissionDenied,
             Error::UnknownNode(_) | Error::UnknownKey(_) | Error::NameNotReserved(_) => Code::NotFound,
-            Error::PoolExhausted(_) | Error::EnrollRateSource | Error::EnrollRateKey(_) | Error::ChallengesBusy => {
-                Code::ResourceExhausted
-            }
+            Error::PoolExhausted(_)
+            | Error::EnrollRateSource
+            | Error::EnrollRateKey(_)
+            | Error::ChallengesBusy
+            | Error::TooManyWatches { .. }
+            | Error::ReportRate { .. } => Code::ResourceExhausted,
+            Error::RequestTimeout(_) => Code::DeadlineExceeded,
             Error::ShuttingDown => Code::Unavailable,
             Error::Store(_)
             | Error::Task(_)
             | Error::Io { .. }
             | Error::Bind { .. }
             | Error::Transport(_)
+            | Error::InsecureRemote(_)
+            | Error::TlsPem { .. }
+            | Error::TlsMissing(_)
+            | Error::Tls(_)
             | Error::Cert(_)
             | Error::Reflection(_)
             | Error::AdminSocketInUse(_)

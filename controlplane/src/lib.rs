@@ -9,7 +9,9 @@
 //! - [`registry`]: the node registry, which serializes every change: store, version, publication.
 //! - [`server`]: the gRPC services and [`server::serve`] to run them in-process.
 //! - [`admin_client`]: connect to the admin service over its Unix socket.
+//! - [`credentials`]: the in-memory credential index authentication reads.
 //! - [`auth`], [`alloc`], [`certs`]: credentials, overlay address allocation, test PKI.
+//! - [`limits`]: what one client may cost (connections, handshakes, streams, rates).
 //! - [`cli`], [`output`]: the command line and its renderings.
 
 pub mod admin_client;
@@ -17,8 +19,10 @@ pub mod alloc;
 pub mod auth;
 pub mod certs;
 pub mod cli;
+pub mod credentials;
 pub mod enroll;
 pub mod error;
+pub mod limits;
 pub mod model;
 pub mod output;
 pub mod policy;

@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 use wirefence_control::cli::{
     CertsCommand, Cli, Command, ExpiresIn, KeysCommand, NodesCommand, PolicyCommand, ServeArgs, TlsMode,
 };
+use wirefence_control::limits::Limits;
 use wirefence_control::model::now_unix;
 use wirefence_control::registry::Overlay;
 use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
@@ -79,14 +80,17 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         }
     };
     let enroll_limits = args.enroll_limits();
+    let limits = Limits { max_connections_per_source: args.max_connections_per_source, ..Limits::default() };
     let cfg = ServeConfig {
         db: args.db.clone(),
         listen: args.listen,
         tls,
+        insecure_remote: args.insecure_allow_remote,
         admin_socket,
         overlay: Overlay { v4: IpNet::V4(args.overlay_v4), v6: IpNet::V6(args.overlay_v6) },
         history: args.history,
         enroll_limits,
+        limits,
     };
     let handle =
         serve(cfg).await.with_context(|| format!("start the control plane (database {})", args.db.display()))?;

@@ -13,10 +13,12 @@ use std::fs::{self, OpenOptions, Permissions};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use crate::credentials::{CredentialIndex, Entry};
 use crate::model::NodeRec;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +151,8 @@ fn with_lists((mut row, [tags, routes]): (KeyRow, [String; 2])) -> Result<KeyRow
 
 pub struct Store {
     conn: Connection,
+    /// Follows every committed change (see [`Store::change`]).
+    credentials: Arc<CredentialIndex>,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -186,7 +190,14 @@ impl Store {
         conn.execute_batch(INDEXES)?;
         // A new database, or one made before incarnations, gets its id here (once).
         conn.execute("INSERT OR IGNORE INTO incarnation (id, value) VALUES (1, ?1)", [new_incarnation()])?;
-        Ok(Store { conn })
+        let credentials = Arc::new(CredentialIndex::default());
+        credentials.replace(credential_rows(&conn)?);
+        Ok(Store { conn, credentials })
+    }
+
+    /// The in-memory credential index, kept current by this store.
+    pub fn credentials(&self) -> Arc<CredentialIndex> {
+        self.credentials.clone()
     }
 
     /// This database's incarnation id (see the module docs).
@@ -209,6 +220,16 @@ impl Store {
         }
         let v: i64 = tx.query_row("SELECT version FROM counter WHERE id = 1", [], |r| r.get(0))?;
         tx.commit()?;
+        // Every committed change, whatever it touched: the index must never lag a removal
+        // or a credential change. If reading back fails, fail closed (no node
+        // authenticates) until the next change reloads it, rather than keep stale entries.
+        match credential_rows(&self.conn) {
+            Ok(rows) => self.credentials.replace(rows),
+            Err(e) => {
+                tracing::error!(error = %e, "reloading the credential index failed; refusing all node credentials");
+                self.credentials.replace(Default::default());
+            }
+        }
         Ok((out, u64::try_from(v).unwrap_or(0)))
     }
 
@@ -379,6 +400,15 @@ impl Store {
 fn new_incarnation() -> String {
     let bits: u128 = rand::random();
     format!("{bits:032x}")
+}
+
+/// Every node's credential hashes and removed flag, for the [`CredentialIndex`].
+fn credential_rows(conn: &Connection) -> Result<std::collections::HashMap<String, Entry>> {
+    let mut st = conn.prepare_cached("SELECT id, credential_hash, pending_credential_hash, removed FROM nodes")?;
+    let rows = st.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, Entry { hash: r.get(1)?, pending: r.get(2)?, removed: r.get(3)? }))
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 fn migrate(conn: &Connection) -> Result<()> {

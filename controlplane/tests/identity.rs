@@ -187,6 +187,8 @@ async fn advertised_endpoints_must_be_unicast_outside_the_overlay_and_not_the_co
         let rate = Rate { burst: 1000, every: Duration::from_millis(1) };
         c.enroll_limits = EnrollLimits { per_source: rate, per_key: rate };
         c.listen = vec![std::net::SocketAddr::from(([0, 0, 0, 0], 0))];
+        // Plaintext on the wildcard address: this test needs the "every local address" case.
+        c.insecure_remote = true;
     })
     .await;
     let mut agent = wirefence_proto::v1::agent_service_client::AgentServiceClient::connect(format!(

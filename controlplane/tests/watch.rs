@@ -259,9 +259,11 @@ async fn one_change_reaches_hundreds_of_watchers() {
     .await
     .unwrap();
     let key = cp.key(false, 0, &["sim"]).await;
-    // A few HTTP/2 connections, many streams each (like agents behind one NAT, cheaper here).
+    // A few HTTP/2 connections, many streams each (cheaper here than one per agent), within
+    // the listener's streams per connection.
     let mut channels = Vec::new();
-    for _ in 0..4 {
+    let per_connection = wirefence_control::limits::MAX_STREAMS_PER_CONNECTION as usize;
+    for _ in 0..N.div_ceil(per_connection) {
         channels.push(cp.agent().await);
     }
     let mut streams = Vec::with_capacity(N);

@@ -47,6 +47,11 @@ impl ControlPlane {
         cp
     }
 
+    /// The server's process id (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn admin_socket(&self) -> PathBuf {
         self.dir.0.join("admin.sock")
     }

@@ -4,7 +4,10 @@
 //!    namespaces; 100 policy applies, each changing every node's policy. Timed from the
 //!    admin call to the moment all three agents' programs run the new policy, seen in the
 //!    kernel: the bench polls each device's pinned policy-state map (its epoch flips when a
-//!    new generation goes live). Goal: p99 < 50 ms.
+//!    new generation goes live). Goal: p99 < 50 ms. Then the same again while a 4th
+//!    namespace floods the listener (idle TCP connections, half-open TLS handshakes,
+//!    bad-credential Watch calls from 16 source addresses): goal flooded p99 <= 2x the
+//!    unflooded p99; the control plane's peak RSS before and after the flood is reported.
 //! 2. Fan-out: 1,000 simulated agents (one HTTP/2 connection, Register and Watch each) on
 //!    one control plane over loopback; one policy change, timed until every watcher has
 //!    received its update. Goal: < 1 s. The control plane's peak RSS is reported.
@@ -29,9 +32,16 @@ pub struct BenchControlArgs {
     /// Skip the push-latency part.
     #[arg(long)]
     no_push: bool,
+    /// Skip the flooded push-latency run (idle TCP, half-open TLS and bad-credential Watch
+    /// calls from another namespace).
+    #[arg(long)]
+    no_flood: bool,
     /// Skip the fan-out part.
     #[arg(long)]
     no_fanout: bool,
+    /// Use debug builds (quicker to build; the numbers are not the release goals').
+    #[arg(long)]
+    debug: bool,
 }
 
 pub fn run(args: BenchControlArgs) -> Result<()> {
@@ -40,7 +50,7 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
         bail!("bench-control creates network namespaces and needs root");
     }
     raise_fd_limit();
-    let bins = crate::workspace::Workspace::locate()?.build_bins(true)?;
+    let bins = crate::workspace::Workspace::locate()?.build_bins(!args.debug)?;
     std::env::set_var("WIREFENCE_AGENT_BIN", &bins.agent);
     std::env::set_var("WIREFENCE_CONTROL_BIN", &bins.control);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -52,7 +62,7 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
         }
     };
     if !args.no_push {
-        rows.extend(push_latency(&rt, args.changes)?);
+        rows.extend(push_latency(&rt, args.changes, !args.no_flood)?);
         print(&rows);
     }
     if !args.no_fanout {
@@ -87,63 +97,100 @@ fn epochs(maps: &[Array<MapData, wirefence_common::PolicyState>]) -> Result<Vec<
     maps.iter().map(|m| Ok(m.get(&0, 0)?.epoch)).collect()
 }
 
-fn push_latency(rt: &tokio::runtime::Runtime, changes: usize) -> Result<Vec<Row>> {
+/// Timed policy changes: each from the admin call until all agents enforce it.
+struct Pusher<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    admin: wirefence_control::admin_client::AdminClient,
+    maps: Vec<Array<MapData, wirefence_common::PolicyState>>,
+    before: Vec<u32>,
+    port: u16,
+}
+
+impl Pusher<'_> {
+    fn apply(&mut self) -> Result<u64> {
+        self.port += 1;
+        let req = v1::ApplyPolicyRequest { file_name: "bench.toml".into(), source: policy(self.port) };
+        Ok(self.rt.block_on(self.admin.apply_policy(req))?.into_inner().version)
+    }
+
+    /// `changes` latencies, sorted.
+    fn measure(&mut self, changes: usize) -> Result<Vec<Duration>> {
+        let mut latencies = Vec::with_capacity(changes);
+        for i in 0..changes {
+            let t0 = Instant::now();
+            self.apply()?;
+            loop {
+                let now = epochs(&self.maps)?;
+                if now.iter().zip(&self.before).all(|(n, b)| n != b) {
+                    latencies.push(t0.elapsed());
+                    self.before = now;
+                    break;
+                }
+                if t0.elapsed() > Duration::from_secs(10) {
+                    bail!("change {i}: not enforced on all agents within 10 s (epochs {:?} -> {now:?})", self.before);
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        latencies.sort();
+        Ok(latencies)
+    }
+}
+
+fn pct(latencies: &[Duration], p: f64) -> Duration {
+    latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Peak and current RSS of a process, KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = |field: &str| -> u64 {
+        status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
+    };
+    Ok((kib("VmHWM:"), kib("VmRSS:")))
+}
+
+/// Source addresses of the flood (on the flooding host's underlay).
+const FLOOD_SOURCES: u8 = 16;
+
+fn push_latency(rt: &tokio::runtime::Runtime, changes: usize, flood: bool) -> Result<Vec<Row>> {
     eprintln!("bench-control: push latency, control plane + 3 agents in namespaces, {changes} changes");
-    let lab = Lab::new(3);
+    // The 4th host runs no agent: it is where the flood comes from.
+    let lab = Lab::new(4);
     let cp = ControlPlane::start(&lab);
+    let pid = cp.pid().context("control plane pid")?;
     let key = cp.enrollment_key_file(&[]);
+    let agent_hosts = &lab.hosts[..3];
     let mut agents = Vec::new();
-    for h in &lab.hosts {
+    for h in agent_hosts {
         h.write_control_config(&cp, &key);
         agents.push(h.spawn_agent());
     }
     let mut admin = rt.block_on(wirefence_control::admin_client::connect(&cp.admin_socket()))?;
-    let apply = |admin: &mut wirefence_control::admin_client::AdminClient, port: u16| -> Result<u64> {
-        let req = v1::ApplyPolicyRequest { file_name: "bench.toml".into(), source: policy(port) };
-        Ok(rt.block_on(admin.apply_policy(req))?.into_inner().version)
-    };
     wait_until("3 nodes enrolled", Duration::from_secs(30), || {
         rt.block_on(admin.list_nodes(v1::ListNodesRequest {})).is_ok_and(|r| r.into_inner().nodes.len() == 3)
     });
-    apply(&mut admin, 1000)?;
+    let mut pusher = Pusher { rt, admin, maps: Vec::new(), before: Vec::new(), port: 999 };
+    pusher.apply()?;
     let root = wirefence_tests::bpffs_root();
-    let mut maps = Vec::new();
-    for h in &lab.hosts {
+    for h in agent_hosts {
         let ifname = h.ifname.clone();
         wait_until("policy pinned", Duration::from_secs(30), || epoch_map(&root, &ifname).is_ok());
-        maps.push(epoch_map(&root, &ifname)?);
+        pusher.maps.push(epoch_map(&root, &ifname)?);
     }
-    let mut before = epochs(&maps)?;
+    pusher.before = epochs(&pusher.maps)?;
     // Let the first policy settle everywhere (agents' first passes).
     std::thread::sleep(Duration::from_secs(2));
-    before = epochs(&maps).unwrap_or(before);
+    pusher.before = epochs(&pusher.maps).unwrap_or(pusher.before.clone());
 
-    let mut latencies = Vec::with_capacity(changes);
-    for i in 0..changes {
-        let t0 = Instant::now();
-        apply(&mut admin, 1001 + i as u16)?;
-        loop {
-            let now = epochs(&maps)?;
-            if now.iter().zip(&before).all(|(n, b)| n != b) {
-                latencies.push(t0.elapsed());
-                before = now;
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!("change {i}: not enforced on all agents within 10 s (epochs {before:?} -> {now:?})");
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        }
-    }
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1];
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let (p50, p99) = (pct(0.50), pct(0.99));
-    drop(agents);
-    for h in &lab.hosts {
-        h.down();
-    }
-    Ok(vec![
+    let calm = pusher.measure(changes)?;
+    let (calm_hwm, _) = rss_kib(pid)?;
+    let (p50, p99) = (pct(&calm, 0.50), pct(&calm, 0.99));
+    let mut rows = vec![
         row(
             format!("push latency p50, {changes} changes, 3 agents"),
             format!("{:.1} ms", ms(p50)),
@@ -155,6 +202,94 @@ fn push_latency(rt: &tokio::runtime::Runtime, changes: usize) -> Result<Vec<Row>
             format!("{:.1} ms", ms(p99)),
             ms(p99) / 50.0,
             "< 50 ms",
+        ),
+    ];
+    if flood {
+        rows.extend(flooded(&lab, &cp, &mut pusher, changes, p99, calm_hwm, pid)?);
+    }
+    drop(agents);
+    for h in agent_hosts {
+        h.down();
+    }
+    Ok(rows)
+}
+
+/// The same pushes again while `lab.hosts[3]` floods the listener.
+fn flooded(
+    lab: &Lab,
+    cp: &ControlPlane,
+    pusher: &mut Pusher<'_>,
+    changes: usize,
+    calm_p99: Duration,
+    calm_hwm: u64,
+    pid: u32,
+) -> Result<Vec<Row>> {
+    let flooder = &lab.hosts[3];
+    let mut sources: Vec<std::net::IpAddr> = Vec::new();
+    for i in 0..FLOOD_SOURCES + 2 {
+        let ip = format!("172.31.255.{}", 100 + i);
+        flooder.ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        sources.push(ip.parse()?);
+    }
+    let watch_sources = sources.split_off(usize::from(FLOOD_SOURCES));
+    let plan = crate::bench_flood::Plan {
+        sources,
+        watch_sources,
+        // Past the per-source cap (64), so refusals are part of the load too.
+        idle_per_source: 48,
+        half_open_per_source: 32,
+        watch_loops: 8,
+        target: format!("{}:{}", wirefence_tests::control::CP_V4, wirefence_tests::control::CP_PORT).parse()?,
+        ca_file: cp.ca_file(),
+        domain: wirefence_tests::control::CP_V4.into(),
+    };
+    eprintln!(
+        "bench-control: flooding from {} sources: {} idle + {} half-open TLS connections each, {} bad-credential Watch loops from {} more",
+        plan.sources.len(),
+        plan.idle_per_source,
+        plan.half_open_per_source,
+        plan.watch_loops,
+        plan.watch_sources.len()
+    );
+    let flood = crate::bench_flood::Flood::start(&flooder.ns.name, plan)?;
+    // Let the flood fill the listener's slots before timing.
+    std::thread::sleep(Duration::from_secs(3));
+    let measured = pusher.measure(changes);
+    let (hwm, rss) = rss_kib(pid)?;
+    let counts = flood.stop();
+    let hot = measured?;
+    let p99 = pct(&hot, 0.99);
+    let ratio = ms(p99) / ms(calm_p99).max(0.001);
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    anyhow::ensure!(
+        n(&counts.unexpected) == 0,
+        "{} bad-credential Watch calls were not refused",
+        n(&counts.unexpected)
+    );
+    Ok(vec![
+        row(
+            format!("push latency p99 under flood, {changes} changes"),
+            format!("{:.1} ms", ms(p99)),
+            ms(p99) / 50.0,
+            "< 50 ms",
+        ),
+        row("flooded p99 / unflooded p99".into(), format!("{ratio:.2}x"), ratio / 2.0, "<= 2x"),
+        (
+            format!(
+                "flood: {} connections ({} closed by the server), {} bad Watch calls refused",
+                n(&counts.connections),
+                n(&counts.closed_by_server),
+                n(&counts.bad_watches)
+            ),
+            String::new(),
+            String::new(),
+            "reported".into(),
+        ),
+        (
+            "control plane peak RSS, unflooded -> flooded".into(),
+            format!("{} MiB", calm_hwm / 1024),
+            format!("{} MiB", hwm / 1024),
+            format!("reported (RSS now {} MiB)", rss / 1024),
         ),
     ])
 }
@@ -173,8 +308,9 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
         .arg("--db")
         .arg(dir.0.join("control.db"))
         .args(["--listen", &addr.to_string(), "--insecure", "--overlay-v4", "10.64.0.0/16"])
-        // Every simulated agent enrolls from 127.0.0.1 with one key.
+        // Every simulated agent comes from 127.0.0.1 and enrolls with one key.
         .args(["--enroll-burst", "1000000"])
+        .args(["--max-connections-per-source", &(n + 16).to_string()])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -234,11 +370,7 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
         anyhow::ensure!(got == version, "a watcher got version {got}, not the change's {version}");
         last = last.max(received.saturating_duration_since(t0));
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |field: &str| -> u64 {
-        status.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok()).unwrap_or(0)
-    };
-    let (hwm, rss) = (kib("VmHWM:"), kib("VmRSS:"));
+    let (hwm, rss) = rss_kib(pid)?;
     child.kill().await?;
     Ok(vec![
         row(

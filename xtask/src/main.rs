@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_control;
+mod bench_flood;
 mod bench_policy;
 mod build_ebpf;
 mod demo;

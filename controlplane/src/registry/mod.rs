@@ -10,15 +10,19 @@
 //! - [`admin`]: the administration operations.
 //! - [`report`]: agent reports and Watch acknowledgements.
 //! - [`observed`]: in-memory observations (connections, last contact, peer statistics).
+//! - [`throttle`]: per-node rates (reports, coalesced re-registrations).
+//! - [`flows`]: the in-memory flow-record log with a per-node quota.
 
 pub mod admin;
+pub mod flows;
 pub mod identity;
 pub mod keys;
 pub mod observed;
 pub mod register;
 pub mod report;
+pub mod throttle;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,9 +30,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ipnet::IpNet;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
-use wirefence_proto::v1::FlowRecord;
 
 use crate::auth;
+use crate::credentials::CredentialIndex;
+use crate::limits::Limits;
 use crate::policy::{self, Policy};
 use crate::state::{GlobalState, History};
 use crate::store::Store;
@@ -59,6 +64,9 @@ pub struct Registry {
     store: Mutex<Store>,
     /// The database's incarnation: versions are only comparable within one.
     incarnation: String,
+    /// Read by authentication instead of the store (kept current by the store).
+    credentials: Arc<CredentialIndex>,
+    limits: Limits,
     overlay: Overlay,
     state: watch::Sender<Arc<GlobalState>>,
     history: Mutex<History>,
@@ -66,7 +74,9 @@ pub struct Registry {
     /// Every overlay address ever allocated (removed nodes' included); changed only with
     /// the store lock held.
     allocated: Mutex<HashSet<IpAddr>>,
-    flows: Mutex<VecDeque<(String, FlowRecord)>>,
+    flows: Mutex<flows::FlowLog>,
+    reports: throttle::Rates,
+    reregistrations: throttle::Coalescer,
     shutdown: watch::Sender<bool>,
     /// Challenges, enrollment rate limits, addresses no endpoint may have.
     pub gate: crate::enroll::Gate,
@@ -79,8 +89,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// Opens the store and rebuilds the current state from it.
+    /// Opens the store and rebuilds the current state from it, with the default limits.
     pub fn open(db: &Path, overlay: Overlay, history: usize) -> Result<Registry, Error> {
+        Registry::open_with(db, overlay, history, Limits::default())
+    }
+
+    /// [`Registry::open`] with the given limits.
+    pub fn open_with(db: &Path, overlay: Overlay, history: usize, limits: Limits) -> Result<Registry, Error> {
         let store = Store::open(db)?;
         let version = store.version()?;
         let incarnation = store.incarnation()?;
@@ -95,14 +110,18 @@ impl Registry {
         let mut hist = History::new(history);
         hist.push(state.clone());
         Ok(Registry {
+            credentials: store.credentials(),
             store: Mutex::new(store),
             incarnation,
+            limits,
             overlay,
             state: watch::Sender::new(state),
             history: Mutex::new(hist),
             observed: observed::Observations::default(),
             allocated: Mutex::new(allocated),
-            flows: Mutex::new(VecDeque::new()),
+            flows: Mutex::new(flows::FlowLog::new(FLOW_LOG, limits.flows_per_node)),
+            reports: throttle::Rates::new(limits.reports_per_sec, limits.report_burst),
+            reregistrations: throttle::Coalescer::new(limits.reregister_interval),
             shutdown: watch::Sender::new(false),
             gate: crate::enroll::Gate::new(crate::enroll::EnrollLimits::default()),
         })
@@ -119,6 +138,10 @@ impl Registry {
 
     pub fn overlay(&self) -> Overlay {
         self.overlay
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn current(&self) -> Arc<GlobalState> {
@@ -148,27 +171,26 @@ impl Registry {
         lock(&self.store)
     }
 
+    /// Holds the store lock, as a long write would: lets tests prove that authentication
+    /// does not wait for it.
+    #[doc(hidden)]
+    pub fn hold_store_lock(&self) -> MutexGuard<'_, impl Sized> {
+        self.store()
+    }
+
     /// The node id behind the request's bearer credential: refused when missing,
     /// malformed, unknown or tampered (`Unauthenticated`) or removed (`PermissionDenied`).
+    /// Never blocks: it reads the in-memory index, not the store.
     pub fn authenticate(&self, meta: &MetadataMap) -> Result<String, Error> {
         let token = auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
-        check_credential(&self.store(), &token)?;
+        self.check_credential(&token)?;
         Ok(token.id)
     }
-}
 
-/// Checks a node credential against the store (which the caller has locked).
-fn check_credential(store: &Store, token: &auth::Token) -> Result<(), Error> {
-    let (hash, removed) = store.node_auth(&token.id)?.ok_or(Error::CredentialInvalid)?;
-    // A rotated credential is valid beside the old one until the node registers with it
-    // (register::promote), so a crash while the agent saves it never locks the node out.
-    if !token.matches(&hash) && !store.pending_credential(&token.id)?.is_some_and(|p| token.matches(&p)) {
-        return Err(Error::CredentialInvalid);
+    /// Checks a node credential against the in-memory index.
+    fn check_credential(&self, token: &auth::Token) -> Result<(), Error> {
+        self.credentials.check(token)
     }
-    if removed {
-        return Err(Error::NodeRemoved(token.id.clone()));
-    }
-    Ok(())
 }
 
 impl Registry {

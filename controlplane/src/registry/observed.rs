@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{lock, Registry};
 use crate::model::now_unix;
+use crate::Error;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerStatRow {
@@ -64,9 +65,19 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub(super) fn new(registry: Arc<Registry>, node: &str) -> Connection {
-        registry.observed.seen(node, |o| o.connected += 1);
-        Connection { registry, node: node.to_owned() }
+    /// Counts a new stream of `node`, unless it already has `max`.
+    pub(super) fn open(registry: Arc<Registry>, node: &str, max: usize) -> Result<Connection, Error> {
+        let mut full = false;
+        registry.observed.seen(node, |o| {
+            full = o.connected >= max;
+            if !full {
+                o.connected += 1;
+            }
+        });
+        if full {
+            return Err(Error::TooManyWatches { node: node.to_owned(), max });
+        }
+        Ok(Connection { registry, node: node.to_owned() })
     }
 }
 

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
 use wirefence_proto::Escaped;
 
+use super::throttle::{Admit, Change};
 use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
 use crate::auth::{self, Token};
@@ -172,22 +173,22 @@ impl Registry {
     /// valid until the node registers with the new one.
     pub fn rotate_credential(&self, meta: &tonic::metadata::MetadataMap) -> Result<String, Error> {
         let token = auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
-        let mut store = self.store();
-        super::check_credential(&store, &token)?;
+        self.check_credential(&token)?;
         let new = Token::generate(token.id.clone());
-        store.change(false, |tx| store::set_pending_credential(tx, &token.id, &new.hash()))?;
+        self.store().change(false, |tx| store::set_pending_credential(tx, &token.id, &new.hash()))?;
         tracing::info!(node = %token.id, "credential rotation started");
         Ok(new.expose())
     }
 
     /// Re-registration may update endpoints and routes (within the grant); the hostname
     /// and public key are what policy and peers know the node by, so they stay fixed.
+    /// A change comes into effect at once, or, when the node changed something less than
+    /// an interval ago, once that interval is over ([`super::throttle::Coalescer`]).
     fn reregister(&self, token: Token, reg: Registration) -> Result<RegisterResponse, Error> {
-        let mut store = self.store();
-        super::check_credential(&store, &token)?;
+        self.check_credential(&token)?;
         // Registering with the rotated credential completes the rotation: the old one ends.
-        if store.pending_credential(&token.id)?.is_some_and(|p| token.matches(&p)) {
-            store.change(false, |tx| store::promote_credential(tx, &token.id))?;
+        if self.credentials.is_pending(&token) {
+            self.store().change(false, |tx| store::promote_credential(tx, &token.id))?;
             tracing::info!(node = %token.id, "credential rotated");
         }
         let state = self.current();
@@ -198,15 +199,31 @@ impl Registry {
         if reg.public_key != old.public_key {
             return Err(Error::Immutable("public_key"));
         }
-        check_routes(&reg.routes, &store.granted_routes(&old.id)?, &state.nodes, &old.id)?;
-        let new = NodeRec { endpoints: reg.endpoints, routes: reg.routes, ..(*old).clone() };
-        if new != *old {
+        check_routes(&reg.routes, &self.store().granted_routes(&old.id)?, &state.nodes, &old.id)?;
+        let change = Change { endpoints: reg.endpoints, routes: reg.routes };
+        let changed = (change.endpoints != old.endpoints || change.routes != old.routes).then_some(change.clone());
+        if self.reregistrations.offer(&old.id, changed) == Admit::Now {
+            self.apply_reregistration(&old.id, change)?;
+        }
+        let rotate = self.store().rotate_requested(&token.id)?;
+        Ok(response(&old, token.expose(), rotate, &self.overlay))
+    }
+
+    /// Writes and publishes a node's new endpoints and routes, checked again against the
+    /// state at this moment (it may be applied an interval after it was asked for).
+    pub(super) fn apply_reregistration(&self, id: &str, change: Change) -> Result<(), Error> {
+        let mut store = self.store();
+        let state = self.current();
+        let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
+        check_routes(&change.routes, &store.granted_routes(id)?, &state.nodes, id)?;
+        let new = NodeRec { endpoints: change.endpoints, routes: change.routes, ..(**old).clone() };
+        if new != **old {
             let ((), version) = store.change(true, |tx| store::update_node(tx, &new))?;
             tracing::info!(node = %new.id, version, "node re-registered with changes");
-            let nodes = replace(&state.nodes, Arc::new(new.clone()));
+            let nodes = replace(&state.nodes, Arc::new(new));
             self.publish(state.with_nodes(version, nodes));
         }
-        Ok(response(&new, token.expose(), store.rotate_requested(&token.id)?, &self.overlay))
+        Ok(())
     }
 
     fn enroll(

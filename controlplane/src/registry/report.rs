@@ -8,7 +8,7 @@ use wirefence_proto::v1::{agent_report, AgentReport, SocketAddress};
 use wirefence_proto::Escaped;
 
 use super::observed::{Connection, PeerStatRow};
-use super::{lock, Registry, FLOW_LOG};
+use super::{lock, Registry};
 use crate::Error;
 
 /// At most this many peer statistics are kept per node.
@@ -36,11 +36,13 @@ impl Registry {
     /// between 1 and the current version is what the agent runs, so it is recorded as
     /// applied: its Applied report may have been lost with its previous session.
     /// Blocks (store write); the count only starts once that succeeded.
+    /// At most `limits.max_watches_per_node` streams per node (`TooManyWatches`).
     pub fn connect(self: &Arc<Self>, node: &str, resume_from: u64) -> Result<Connection, Error> {
+        let connection = Connection::open(self.clone(), node, self.limits.max_watches_per_node)?;
         if resume_from > 0 && resume_from <= self.current().version {
             self.store().acknowledge(node, resume_from)?;
         }
-        Ok(Connection::new(self.clone(), node))
+        Ok(connection)
     }
 
     /// Whether `node` is a live node of the current state.
@@ -86,10 +88,7 @@ impl Registry {
                 tracing::debug!(node, records = f.records.len(), "flow records");
                 let mut log = lock(&self.flows);
                 for r in f.records {
-                    if log.len() == FLOW_LOG {
-                        log.pop_front();
-                    }
-                    log.push_back((node.to_owned(), r));
+                    log.push(node, r);
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! The agent-facing service: Register, Watch, Report.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -126,6 +127,16 @@ impl Stream {
     }
 }
 
+impl AgentSvc {
+    /// Bounds a unary part of a call by the request timeout (the blocking work itself
+    /// finishes in the background; its caller stops waiting).
+    async fn in_time<T>(&self, what: &'static str, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        tokio::time::timeout(self.registry.limits().request_timeout, work)
+            .await
+            .map_err(|_| Error::RequestTimeout(what))?
+    }
+}
+
 #[tonic::async_trait]
 impl AgentService for AgentSvc {
     async fn enroll_challenge(
@@ -143,7 +154,8 @@ impl AgentService for AgentSvc {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let registry = self.registry.clone();
         let (meta, _, req) = request.into_parts();
-        Ok(Response::new(off_worker(move || registry.register(&meta, &req)).await?))
+        let work = off_worker(move || registry.register(&meta, &req));
+        Ok(Response::new(self.in_time("Register", work).await?))
     }
 
     async fn rotate_credential(
@@ -163,14 +175,14 @@ impl AgentService for AgentSvc {
         let resume = request.get_ref().clone();
         let (resume_from, incarnation) = (resume.resume_from, resume.incarnation.clone());
         let meta = request.into_parts().0;
-        let (node, connection) = off_worker(move || {
-            let node = registry.authenticate(&meta)?;
-            // A version of another incarnation says nothing about what the node runs here.
-            let ours = incarnation == registry.incarnation();
-            let connection = registry.connect(&node, if ours { resume_from } else { 0 })?;
-            Ok((node, connection))
-        })
-        .await?;
+        // Authentication reads memory only; a bad credential is refused before any task or
+        // store access.
+        let node = registry.authenticate(&meta)?;
+        let id = node.clone();
+        // A version of another incarnation says nothing about what the node runs here.
+        let ours = incarnation == registry.incarnation();
+        let work = off_worker(move || registry.connect(&id, if ours { resume_from } else { 0 }));
+        let connection = self.in_time("Watch", work).await?;
         let mut states = self.registry.subscribe();
         let state = states.borrow_and_update().clone();
         let view = node_view(&state, &node).ok_or_else(|| Error::NodeRemoved(node.clone()))?;
@@ -191,9 +203,7 @@ impl AgentService for AgentSvc {
     }
 
     async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
-        let registry = self.registry.clone();
-        let meta = request.metadata().clone();
-        let node = off_worker(move || registry.authenticate(&meta)).await?;
+        let node = self.registry.authenticate(request.metadata())?;
         let mut reports = request.into_inner();
         let mut shutdown = self.registry.shutdown_signal();
         // Removal ends an idle report stream too, not only at its next message.
@@ -202,6 +212,7 @@ impl AgentService for AgentSvc {
             tokio::select! {
                 msg = reports.message() => match msg? {
                     Some(r) => {
+                        self.registry.admit_report(&node)?;
                         if let Some(d) = self.registry.report(&node, r)? {
                             let (registry, node) = (self.registry.clone(), node.clone());
                             off_worker(move || registry.record(&node, &d)).await?;

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod listener;
 pub mod lock;
 
 use std::net::SocketAddr;
@@ -18,11 +19,11 @@ use nix::sys::stat::{umask, Mode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use wirefence_proto::v1::admin_service_server::AdminServiceServer;
 use wirefence_proto::v1::agent_service_server::AgentServiceServer;
 
+use crate::limits::Limits;
 use crate::registry::{Overlay, Registry, DEFAULT_HISTORY};
 use crate::Error;
 
@@ -58,14 +59,19 @@ pub struct ServeConfig {
     pub db: PathBuf,
     /// Agent listen addresses (port 0 = any free port).
     pub listen: Vec<SocketAddr>,
-    /// `None` = plaintext (the CLI requires `--insecure` for that).
+    /// `None` = plaintext (the CLI requires `--insecure` for that), on loopback addresses
+    /// only unless `insecure_remote`.
     pub tls: Option<TlsIdentity>,
+    /// Allow plaintext on non-loopback addresses (`--insecure-allow-remote`).
+    pub insecure_remote: bool,
     pub admin_socket: PathBuf,
     pub overlay: Overlay,
     /// Global states kept for resuming streams.
     pub history: usize,
     /// Enrollment rate limits per source address and per key.
     pub enroll_limits: crate::enroll::EnrollLimits,
+    /// What one client may cost (connections, handshakes, streams, messages, rates).
+    pub limits: Limits,
 }
 
 impl ServeConfig {
@@ -75,10 +81,12 @@ impl ServeConfig {
             db: db.into(),
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             tls: None,
+            insecure_remote: false,
             admin_socket: admin_socket.into(),
             overlay: Overlay::default(),
             history: DEFAULT_HISTORY,
             enroll_limits: crate::enroll::EnrollLimits::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -217,15 +225,39 @@ fn bind_admin(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
+/// Plaintext is for labs on one machine: refused on a non-loopback address unless the
+/// operator said so explicitly.
+fn check_insecure(cfg: &ServeConfig) -> Result<(), Error> {
+    if cfg.tls.is_some() {
+        return Ok(());
+    }
+    match cfg.listen.iter().find(|a| !a.ip().is_loopback()) {
+        Some(addr) if !cfg.insecure_remote => Err(Error::InsecureRemote(*addr)),
+        Some(addr) => {
+            tracing::warn!(
+                "SERVING AGENTS WITHOUT TLS ON {addr} (--insecure-allow-remote): credentials and \
+                 views cross the network in the clear"
+            );
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
 /// Opens the store and starts serving; returns once every listener is bound.
 pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
+    check_insecure(&cfg)?;
     let db_dir = cfg.db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if db_dir.exists() {
         check_private(db_dir, 0o022)?;
     }
     let db_lock = lock::DbLock::acquire(&cfg.db)?;
-    let registry = Arc::new(Registry::open(&cfg.db, cfg.overlay, cfg.history)?.with_enroll_limits(cfg.enroll_limits));
-    let agent = AgentServiceServer::new(AgentSvc { registry: registry.clone() });
+    let tls = cfg.tls.as_ref().map(listener::acceptor).transpose()?;
+    let limits = cfg.limits;
+    let registry =
+        Arc::new(Registry::open_with(&cfg.db, cfg.overlay, cfg.history, limits)?.with_enroll_limits(cfg.enroll_limits));
+    let agent =
+        AgentServiceServer::new(AgentSvc { registry: registry.clone() }).max_decoding_message_size(limits.max_message);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServiceServer<AgentSvc>>().await;
     // Reflection describes what this listener serves (the admin service is only on the
@@ -239,19 +271,28 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
         .build_v1()?;
 
     let mut tasks = JoinSet::new();
+    let coalescer = registry.clone();
+    tasks.spawn(async move {
+        coalescer.run_coalescer().await;
+        Ok(())
+    });
     let mut agent_addrs = Vec::new();
     for addr in &cfg.listen {
         let listener = bind_tcp(*addr)?;
         let local = listener.local_addr().map_err(|source| Error::Bind { addr: *addr, source })?;
-        let mut builder = Server::builder()
+        // No server-wide `timeout`: Report is a long-lived client stream; the handlers time
+        // their unary parts themselves (limits.request_timeout).
+        let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-        if let Some(tls) = &cfg.tls {
-            let identity = Identity::from_pem(&tls.cert_pem, &tls.key_pem);
-            builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
-        }
-        let router = builder.add_service(health.clone()).add_service(reflection.clone()).add_service(agent.clone());
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
+            .http2_max_local_error_reset_streams(Some(limits.max_local_error_resets))
+            .http2_max_header_list_size(limits.max_header_list)
+            .add_service(health.clone())
+            .add_service(reflection.clone())
+            .add_service(agent.clone());
+        let incoming = listener::incoming(listener, tls.clone(), &limits);
         let mut signal = registry.shutdown_signal();
         tasks.spawn(async move {
             router
@@ -260,7 +301,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
                 })
                 .await
         });
-        tracing::info!(tls = cfg.tls.is_some(), "listening on {local}");
+        tracing::info!(tls = tls.is_some(), "listening on {local}");
         agent_addrs.push(local);
     }
 
