@@ -103,6 +103,7 @@ use aya_ebpf::{
 use wirefence_common::{self as c, stat, FlowKey, FlowValue};
 
 use events::{count, count_rule, event};
+use conntrack::{TCP_FIN, TCP_RST, TCP_SYN};
 use parse::{Frame, Malformed, Pkt, KIND_FRAGMENT, KIND_ICMP_ERROR, KIND_TRACKED, PARSE_QUOTED, PARSE_V6};
 use policy::{policy_rule, read_state};
 
@@ -154,7 +155,9 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         ETH_P_IPV6 => true,
         _ => {
             count(stat::NOT_IP, len);
-            return Ok(PASS);
+            // WireGuard carries only IP: on an L3 device anything else is dropped. (Ethernet
+            // test devices need ARP.)
+            return Ok(if WF_L3_OFFSET.load() == 0 { DROP } else { PASS });
         }
     };
     let Some(st) = read_state() else {
@@ -176,7 +179,8 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         }
     };
     let tick = flow_cache::jiffies();
-    if pkt.kind == KIND_TRACKED {
+    // SYN, FIN and RST change a flow's state: they always go through conntrack.
+    if pkt.kind == KIND_TRACKED && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
         if let Some(rule) = flow_cache::lookup(&pkt.key, st.epoch, tick) {
             return Ok(pass_established(rule, len));
         }
@@ -196,17 +200,26 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         return Ok(PASS);
     }
     if pkt.kind == KIND_TRACKED {
-        let rule = conntrack::established(pkt, st.epoch, now);
+        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flow_cache::forget_flow(&pkt.key);
+        }
+        let found = conntrack::established(pkt, st.epoch, now, false);
+        let rule = found as u32;
         if rule != c::NO_RULE {
-            flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+            if found & conntrack::CACHEABLE != 0 {
+                flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+            }
             return Ok(pass_established(rule, len));
         }
     } else if pkt.kind == KIND_ICMP_ERROR {
         let mut slot = core::mem::MaybeUninit::uninit();
         let quoted = Pkt::init(&mut slot);
-        // The quoted packet travelled the other way.
-        if parse::parse(&frame, pkt.quoted, flags | PARSE_QUOTED, dir ^ 1, quoted) {
-            let rule = conntrack::established(quoted, st.epoch, now);
+        // The quoted packet travelled the other way, from the host the error goes back to:
+        // an error addressed anywhere else is not about that packet.
+        if parse::parse(&frame, pkt.quoted, flags | PARSE_QUOTED, dir ^ 1, quoted)
+            && same_addr(&pkt.key.dst, &quoted.key.src)
+        {
+            let rule = conntrack::established(quoted, st.epoch, now, true) as u32;
             if rule != c::NO_RULE {
                 return Ok(pass_established(rule, len));
             }
@@ -217,18 +230,29 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     if rule == c::NO_RULE {
         return Ok(deny(&pkt.key, len, now));
     }
-    if pkt.kind == KIND_TRACKED {
-        let value = FlowValue { epoch: st.epoch, rule, last_seen_ns: now };
-        // An LRU insert only fails on allocation failure; the packet is allowed anyway (and
-        // the next one is judged as new again).
-        if conntrack::insert(&pkt.key, &value) {
-            flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+    // A TCP packet other than a SYN opens no entry: allowed by the policy in its own
+    // direction it passes, but its answers are judged by the policy too.
+    if pkt.kind == KIND_TRACKED && conntrack::may_start(pkt) {
+        let mut value = FlowValue { epoch: st.epoch, rule, last_seen_ns: now, state: 0, flags: 0 };
+        // An allowed flow that cannot be tracked (its source is over quota, the table is
+        // full) is refused: its answers could not pass, and the source gains nothing.
+        if !conntrack::insert(&pkt.key, &mut value) {
+            count(stat::CT_REFUSED, len);
+            return Ok(DROP);
         }
     }
     count(stat::ALLOWED_NEW, len);
     count_rule(rule, len);
     event(c::EVENT_NEW_FLOW, rule, &pkt.key, len, now);
     Ok(PASS)
+}
+
+/// Two addresses of flow keys, compared as words.
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    // SAFETY: addresses inside 8-byte aligned keys (FlowKey is align(8), `src`/`dst` at 0/16).
+    let (a, b) = unsafe { (&*(a as *const [u8; 16] as *const [u64; 2]), &*(b as *const [u8; 16] as *const [u64; 2])) };
+    a[0] == b[0] && a[1] == b[1]
 }
 
 #[inline(always)]

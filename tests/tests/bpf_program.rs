@@ -339,8 +339,17 @@ impl Bed {
 }
 
 fn stat_name(i: u32) -> &'static str {
-    ["ALLOWED_NEW", "ALLOWED_ESTABLISHED", "DENIED", "MALFORMED", "UNINITIALIZED", "EVENTS_LOST", "FRAGMENTS", "NOT_IP"]
-        [i as usize]
+    [
+        "ALLOWED_NEW",
+        "ALLOWED_ESTABLISHED",
+        "DENIED",
+        "MALFORMED",
+        "UNINITIALIZED",
+        "EVENTS_LOST",
+        "FRAGMENTS",
+        "NOT_IP",
+        "CT_REFUSED",
+    ][i as usize]
 }
 
 const NEW: &[u32] = &[stat::ALLOWED_NEW];

@@ -263,6 +263,7 @@ pub(crate) fn read_counters<T: std::borrow::Borrow<MapData>>(
         ("events_lost", EVENTS_LOST),
         ("fragments", FRAGMENTS),
         ("not_ip", NOT_IP),
+        ("ct_refused", CT_REFUSED),
     ] {
         out.stats.insert(name, sum(&stats.get(&i, 0).map_err(map_err(common::STATS))?));
     }
