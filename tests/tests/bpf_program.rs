@@ -1281,3 +1281,39 @@ fn non_ip_is_dropped_on_l3_devices() {
         }
     }
 }
+
+/// The agent's sweep (`enforce::sweep`) deletes the entries whose lifetime ran out on the
+/// programs' clock, keeps the live ones, and recounts the quota counters from what stays
+/// (a drifted count is corrected, a source without entries forgotten).
+#[test]
+fn sweep_deletes_expired_entries_and_recounts_quotas() {
+    let short = std::time::Duration::from_millis(150);
+    for is_v6 in [false, true] {
+        let h = hosts(is_v6);
+        let (p, l, t) = (h.peer, h.local, if is_v6 { v6(2, 1) } else { h.trusted });
+        let fam = if is_v6 { "v6" } else { "v4" };
+        let rules = [rule(DIR_INGRESS, &[p, t], &[l], Some(IPPROTO_UDP), None)];
+        let mut bed = Bed::new(14, &rules);
+        bed.p.set_ct_config(short_lifetimes(100, 0)).unwrap();
+        for port in 1..=3 {
+            bed.expect(&format!("{fam} peer flow {port}"), DIR_INGRESS, &Packet::udp(p, l, port, 9), Pass, NEW);
+        }
+        bed.expect(&format!("{fam} other flow"), DIR_INGRESS, &Packet::udp(t, l, 1, 9), Pass, NEW);
+        // Answered: 60 s.
+        bed.expect(&format!("{fam} answer"), DIR_EGRESS, &Packet::udp(l, p, 9, 3), Pass, EST);
+        let (qp, qt) = (common::quota_key(&mapped(p)), common::quota_key(&mapped(t)));
+        bed.p.ct_quota().unwrap().insert(qp, 40, 0).unwrap();
+        let stats = bed.p.sweep_conntrack().unwrap();
+        assert_eq!((stats.expired, stats.live), (0, 4), "{fam}: nothing expired yet");
+        assert_eq!(bed.p.ct_quota().unwrap().get(&qp, 0).unwrap(), 3, "{fam}: drifted count corrected");
+        std::thread::sleep(short);
+        let stats = bed.p.sweep_conntrack().unwrap();
+        assert_eq!((stats.expired, stats.live), (3, 1), "{fam}: the unanswered flows are swept");
+        let ct = bed.conntrack();
+        assert_eq!(ct.len(), 1);
+        assert_eq!(ct[0].0.sport, 3, "{fam}: the answered flow stays");
+        let quota = bed.p.ct_quota().unwrap();
+        assert_eq!(quota.get(&qp, 0).unwrap(), 1, "{fam}: peer count");
+        assert!(quota.get(&qt, 0).is_err(), "{fam}: a source without entries is forgotten");
+    }
+}

@@ -173,6 +173,12 @@ impl Programs {
         self.typed(common::CT_QUOTA)
     }
 
+    /// Deletes expired conntrack entries and recounts the quotas (what the agent does
+    /// periodically, see `crate::enforce::sweep`).
+    pub fn sweep_conntrack(&mut self) -> Result<crate::enforce::sweep::SweepStats, crate::enforce::sweep::SweepError> {
+        crate::enforce::sweep::sweep_object(&mut self.ebpf)
+    }
+
     /// Conntrack lifetimes and quota (a zero field means its default).
     pub fn set_ct_config(&mut self, config: CtConfig) -> Result<(), BpfError> {
         let mut map: Array<&mut MapData, CtConfig> = self.typed(common::CT_CONFIG)?;

@@ -10,6 +10,7 @@ mod apply;
 mod attach;
 pub mod denies;
 pub mod inspect;
+pub mod sweep;
 pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -57,6 +58,8 @@ pub enum EnforceError {
     OtherBuild { ifname: IfName, found: String, ours: String, file: PathBuf },
     #[error(transparent)]
     TooManyRules(#[from] writer::TooManyRules),
+    #[error(transparent)]
+    Sweep(#[from] sweep::SweepError),
 }
 
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforceError {
@@ -160,6 +163,12 @@ impl Enforcer {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Deletes the conntrack entries whose lifetime ran out and recounts the per-source
+    /// quotas ([`sweep`]); the configured lifetimes are the programs' (`CT_CONFIG`).
+    pub fn sweep_conntrack(&mut self) -> Result<sweep::SweepStats, EnforceError> {
+        Ok(sweep::sweep_object(&mut self.ebpf)?)
     }
 
     /// A class map: masked prefixes (as LPM-style keys) -> class, in a hash.
