@@ -1,6 +1,6 @@
 //! One peer cannot push another peer's flows out of conntrack: through real WireGuard
 //! tunnels (wireguard-go) and the classifiers on the tunnel device, peer `a` sends 200,000
-//! distinct allowed UDP tuples to `b` while peer `c` holds a TCP connection to `b`; the
+//! distinct allowed UDP tuples (two packets each) to `b` while peer `c` holds a TCP connection to `b`; the
 //! connection still carries data both ways afterwards, including data `b` sends first
 //! (which only an intact conntrack entry lets out: `b` may not open flows to `c`).
 
@@ -78,9 +78,12 @@ fn a_flood_of_new_flows_leaves_another_peers_connection_working() {
         for port in 0..PORTS {
             let dst: SocketAddr = format!("{target}:{}", 9000 + port).parse().unwrap();
             for s in &sockets {
-                // A full queue (ENOBUFS) is retried: every tuple is sent once.
-                while s.send_to(b"flood", dst).is_err() {
-                    std::thread::sleep(Duration::from_micros(200));
+                // Twice: a second packet makes an LRU treat the entry as in use, as a live
+                // connection's. A full queue (ENOBUFS) is retried.
+                for _ in 0..2 {
+                    while s.send_to(b"flood", dst).is_err() {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
                 }
                 sent += 1;
                 // Paced, so the userspace tunnel carries the tuples rather than dropping them.
