@@ -396,7 +396,8 @@ pub struct CtConfig {
     /// Idle lifetime per [`ct_timeout_index`], in ms.
     pub timeouts_ms: [u32; CT_TIMEOUTS],
     /// Live entries created by ingress packets of one source ([`quota_key`]); a new flow
-    /// over it is dropped and counted in `STATS[CT_REFUSED]`.
+    /// over it passes untracked (its answers are judged by the policy), counted in
+    /// `STATS[CT_UNTRACKED]`.
     pub quota: u32,
     pub _pad: u32,
 }
@@ -464,9 +465,10 @@ pub mod stat {
     /// Not IPv4 or IPv6: passed on an Ethernet test device (ARP), dropped on an L3 device
     /// (WireGuard carries only IP, so anything else there is forged or broken).
     pub const NOT_IP: u32 = 7;
-    /// Dropped: an allowed new flow could not be tracked (its source is over its quota,
-    /// or the table is full).
-    pub const CT_REFUSED: u32 = 8;
+    /// Passed untracked: an allowed new flow got no conntrack entry (its source is over
+    /// its quota, or the table is full), so its answers are judged by the policy. Also
+    /// counted in `ALLOWED_NEW`.
+    pub const CT_UNTRACKED: u32 = 8;
     pub const COUNT: u32 = 9;
 }
 

@@ -161,7 +161,7 @@ pub fn may_start(pkt: &Pkt) -> bool {
 }
 
 /// Records the allowed new flow `key` (an ingress flow against its source's quota);
-/// `false` if it is refused (over quota, table full). (The caller builds `value`: built in
+/// `false` if it cannot be tracked (over quota, table full). (The caller builds `value`: built in
 /// here, it moves the caller's stack slots.)
 #[inline(never)]
 pub fn insert(key: &FlowKey, value: &mut FlowValue) -> bool {

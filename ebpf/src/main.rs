@@ -235,10 +235,10 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     if pkt.kind == KIND_TRACKED && conntrack::may_start(pkt) {
         let mut value = FlowValue { epoch: st.epoch, rule, last_seen_ns: now, state: 0, flags: 0 };
         // An allowed flow that cannot be tracked (its source is over quota, the table is
-        // full) is refused: its answers could not pass, and the source gains nothing.
+        // full) still passes, as the policy says, but untracked: its answers are judged by
+        // the policy, and it takes no entry another flow could have had.
         if !conntrack::insert(&pkt.key, &mut value) {
-            count(stat::CT_REFUSED, len);
-            return Ok(DROP);
+            count(stat::CT_UNTRACKED, len);
         }
     }
     count(stat::ALLOWED_NEW, len);

@@ -348,7 +348,7 @@ fn stat_name(i: u32) -> &'static str {
         "EVENTS_LOST",
         "FRAGMENTS",
         "NOT_IP",
-        "CT_REFUSED",
+        "CT_UNTRACKED",
     ][i as usize]
 }
 
@@ -1181,7 +1181,8 @@ fn conntrack_entries_expire_by_state() {
 }
 
 /// Entries made by a source's ingress packets count against its quota: over it, a new flow
-/// is refused (dropped, `CT_REFUSED`) while other sources and the local host's own flows
+/// passes untracked (`CT_UNTRACKED`: no entry, so its answers are judged by the policy)
+/// while other sources and the local host's own flows
 /// still get entries; an entry that expires gives its place back.
 #[test]
 fn per_source_quota_refuses_new_flows_over_it() {
@@ -1207,8 +1208,8 @@ fn per_source_quota_refuses_new_flows_over_it() {
                     NEW,
                 );
             }
-            let refused = &[stat::CT_REFUSED][..];
-            bed.expect(&format!("{fam} flow 4 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 4, 9), Drop, refused);
+            let untracked = &[stat::ALLOWED_NEW, stat::CT_UNTRACKED][..];
+            bed.expect(&format!("{fam} flow 4 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 4, 9), Pass, untracked);
             bed.expect(&format!("{fam} another source"), DIR_INGRESS, &Packet::udp(t, l, 4, 9), Pass, NEW);
             for port in 1..=5 {
                 bed.expect(&format!("{fam} local flow {port}"), DIR_EGRESS, &Packet::udp(l, p, port, 9), Pass, NEW);
@@ -1222,11 +1223,13 @@ fn per_source_quota_refuses_new_flows_over_it() {
             );
             let qk = common::quota_key(&mapped(p));
             assert_eq!(bed.p.ct_quota().unwrap().get(&qk, 0).unwrap(), 3, "{fam}: the peer's count");
+            let from_peer = bed.conntrack().iter().filter(|(k, _)| k.src == mapped(p)).count();
+            assert_eq!(from_peer, 3, "{fam}: the untracked flow has no entry");
             std::thread::sleep(short);
             // The answer finds flow 1 expired: deleted, the place is free again.
             bed.expect(&format!("{fam} late answer"), DIR_EGRESS, &Packet::udp(l, p, 9, 1), Pass, NEW);
             bed.expect(&format!("{fam} flow 5 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 5, 9), Pass, NEW);
-            bed.expect(&format!("{fam} flow 6 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 6, 9), Drop, refused);
+            bed.expect(&format!("{fam} flow 6 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 6, 9), Pass, untracked);
         }
     }
 }

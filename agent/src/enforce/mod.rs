@@ -171,6 +171,13 @@ impl Enforcer {
         Ok(sweep::sweep_object(&mut self.ebpf)?)
     }
 
+    /// Sets the conntrack lifetimes and per-source quota the programs use (zero fields:
+    /// the defaults of `wirefence-common`).
+    pub fn set_ct_config(&mut self, config: common::CtConfig) -> Result<(), EnforceError> {
+        let mut map: Array<&mut MapData, common::CtConfig> = typed_mut(&mut self.ebpf, common::CT_CONFIG)?;
+        map.set(0, config, 0).map_err(map_err(common::CT_CONFIG))
+    }
+
     /// A class map: masked prefixes (as LPM-style keys) -> class, in a hash.
     fn class_map<K: aya::Pod>(
         &mut self,
@@ -272,7 +279,7 @@ pub(crate) fn read_counters<T: std::borrow::Borrow<MapData>>(
         ("events_lost", EVENTS_LOST),
         ("fragments", FRAGMENTS),
         ("not_ip", NOT_IP),
-        ("ct_refused", CT_REFUSED),
+        ("ct_untracked", CT_UNTRACKED),
     ] {
         out.stats.insert(name, sum(&stats.get(&i, 0).map_err(map_err(common::STATS))?));
     }
