@@ -31,8 +31,11 @@
 //!
 //! # Connection tracking
 //!
-//! An allowed new flow is recorded in [`CONNTRACK`] (an LRU hash) under its forward tuple,
-//! with the policy epoch that allowed it. A packet whose tuple, or reversed tuple, is in the
+//! An allowed new flow is recorded in [`CONNTRACK`] (a preallocated hash: entries leave by
+//! expiry or policy, never by eviction) under its forward tuple, with the policy epoch that
+//! allowed it, its [`CtState`] and when it was last seen; past its state's lifetime
+//! ([`CtConfig`]) an entry is ignored and deleted. Ingress-made entries count against their
+//! source's quota ([`CT_QUOTA`]). A packet whose tuple, or reversed tuple, is in the
 //! table is established: if the entry's epoch is the current one it passes at once; if not,
 //! the flow's original direction is re-evaluated under the current policy and the entry is
 //! refreshed (still allowed) or deleted and the packet dropped (no longer allowed).

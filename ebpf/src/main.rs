@@ -7,7 +7,8 @@
 //!
 //! # Per packet
 //!
-//! 1. Not IPv4/IPv6 (by `skb->protocol`; ARP on Ethernet test devices): pass, `STATS[NOT_IP]`.
+//! 1. Not IPv4/IPv6 (by `skb->protocol`): `STATS[NOT_IP]`; dropped on an L3 device
+//!    (`WF_L3_OFFSET` 0: WireGuard carries only IP), passed on Ethernet test devices (ARP).
 //! 2. `STATE` is read once (one 8-byte load). Not initialised: drop, `STATS[UNINITIALIZED]`.
 //! 3. Parse. The IP header starts at the load-time global `WF_L3_OFFSET` (0 on L3 devices
 //!    such as WireGuard and tun, 14 on Ethernet). Plain TCP/UDP (no IPv4 options, no IPv6
@@ -22,8 +23,12 @@
 //!    packet and counts `STATS[MALFORMED]`: the entry points map `Err` to `TC_ACT_SHOT`,
 //!    never to OK.
 //! 4. Established: first the per-CPU flow cache ([`flow_cache`]: the verdict conntrack gave
-//!    this tuple under the live epoch, less than 250 jiffies ago), then the conntrack entry
-//!    of the forward tuple, then of the reversed tuple; a conntrack hit refills the cache.
+//!    this tuple under the live epoch, less than 250 jiffies ago; never for a TCP SYN, FIN
+//!    or RST, which change the flow's state), then the conntrack entry of the forward
+//!    tuple, then of the reversed tuple. An entry past its state's lifetime ([`conntrack`])
+//!    is deleted and the packet judged as new. A hit advances the TCP/answered state and
+//!    refills the cache if the flow is not closing and lives long enough (a FIN or RST
+//!    clears this CPU's slots of the flow).
 //!    Current epoch: pass (`ALLOWED_ESTABLISHED`, `last_seen_ns` refreshed if older than 1 s). Older epoch: the
 //!    entry's own tuple and direction (the flow's first packet) is judged under the live
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet
@@ -31,8 +36,9 @@
 //!    flow (for a flow the policy no longer allows in either direction, that drops it).
 //! 5. New: class of the source and of the destination ([`classes`]: hash probes at the
 //!    prefix lengths present, longest first; class 0 on a miss), then one policy LPM lookup; the entry's rule for the packet's direction
-//!    decides. Allowed: conntrack entry, `ALLOWED_NEW`,
-//!    `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
+//!    decides. Allowed: conntrack entry (TCP: only from a SYN; an ingress flow counts
+//!    against its source's quota; over it, or with the table full, the packet passes
+//!    untracked, `CT_UNTRACKED`), `ALLOWED_NEW`, `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
 //!
@@ -56,7 +62,9 @@
 //! parameter problem) quote the offending packet: its IP header and first 8 bytes of L4 are
 //! parsed, and the error passes as established (`ALLOWED_ESTABLISHED`) when that quoted
 //! flow — which travelled in the direction opposite to the error — is in conntrack in
-//! either orientation. Otherwise (unknown flow, or the quote cannot be parsed) the error is
+//! either orientation and the error goes back to the quoted packet's source (its outer
+//! destination is the quoted source address). The quote neither advances nor refreshes
+//! the entry. Otherwise (unknown flow, or the quote cannot be parsed) the error is
 //! judged like any other ICMP message by its type and code.
 //!
 //! # Fragments (the choice)
