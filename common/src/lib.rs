@@ -527,7 +527,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PolicyState>(), 8);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 32);
+        assert_eq!(size_of::<FlowValue>(), 24);
         assert_eq!(size_of::<CtConfig>(), 40);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<Event>(), 56);
