@@ -171,6 +171,14 @@ impl Agent {
                     }
                     converged = true;
                     self.follow_events(&mut denies);
+                    // Each resync pass also sweeps expired conntrack entries.
+                    match self.reconciler.sweep_conntrack().await {
+                        Ok(Some(s)) if s.expired > 0 => {
+                            tracing::debug!(expired = s.expired, live = s.live, "conntrack swept")
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(%error, "conntrack sweep failed"),
+                    }
                     backoff = Duration::from_millis(250);
                     next = resync;
                 }

@@ -221,6 +221,14 @@ impl Reconciler {
         .await
     }
 
+    /// Deletes the expired conntrack entries of the enforced policy (nothing without an open
+    /// enforcer). Not a change of the kernel's configuration: the programs ignore those
+    /// entries already.
+    pub async fn sweep_conntrack(&self) -> Result<Option<enforce::sweep::SweepStats>, EnforceError> {
+        let cell = self.enforcer.clone();
+        blocking(move || cell.lock().expect("enforcer lock").as_mut().map(|e| e.sweep_conntrack()).transpose()).await
+    }
+
     /// One pass: observe, plan, apply every operation (continuing past failures, which the
     /// next pass retries). Returns the operations applied.
     pub async fn reconcile(&self, desired: &Desired) -> Result<Applied, ReconcileError> {

@@ -31,8 +31,11 @@
 //!
 //! # Connection tracking
 //!
-//! An allowed new flow is recorded in [`CONNTRACK`] (an LRU hash) under its forward tuple,
-//! with the policy epoch that allowed it. A packet whose tuple, or reversed tuple, is in the
+//! An allowed new flow is recorded in [`CONNTRACK`] (a preallocated hash: entries leave by
+//! expiry or policy, never by eviction) under its forward tuple, with the policy epoch that
+//! allowed it, its [`CtState`] and when it was last seen; past its state's lifetime
+//! ([`CtConfig`]) an entry is ignored and deleted. Ingress-made entries count against their
+//! source's quota ([`CT_QUOTA`]). A packet whose tuple, or reversed tuple, is in the
 //! table is established: if the entry's epoch is the current one it passes at once; if not,
 //! the flow's original direction is re-evaluated under the current policy and the entry is
 //! refreshed (still allowed) or deleted and the packet dropped (no longer allowed).
@@ -51,6 +54,10 @@ pub const RULE_COUNTERS: &str = "WF_RULE_COUNTERS";
 pub const STATS: &str = "WF_STATS";
 pub const EVENTS: &str = "WF_EVENTS";
 pub const EVENT_BUDGET: &str = "WF_EVENT_BUDGET";
+/// Conntrack lifetimes and the per-source quota ([`CtConfig`], one entry), written by the agent.
+pub const CT_CONFIG: &str = "WF_CT_CONFIG";
+/// Live conntrack entries per remote source ([`quota_key`] -> u64 count).
+pub const CT_QUOTA: &str = "WF_CT_QUOTA";
 
 /// The programs' per-CPU flow cache (`ebpf/src/flow_cache.rs`): not pinned and never
 /// touched by the agent; each loaded object has its own. Tools may load a copy with 1 slot
@@ -58,8 +65,22 @@ pub const EVENT_BUDGET: &str = "WF_EVENT_BUDGET";
 pub const FLOW_CACHE: &str = "WF_FLOW_CACHE";
 
 /// Every pinned map of the object (the agent pins each under the interface's pin directory).
-pub const MAPS: [&str; 12] =
-    [STATE, SRC_V4, DST_V4, SRC_V6, DST_V6, CLASS_LENS, POLICY, CONNTRACK, RULE_COUNTERS, STATS, EVENTS, EVENT_BUDGET];
+pub const MAPS: [&str; 14] = [
+    STATE,
+    SRC_V4,
+    DST_V4,
+    SRC_V6,
+    DST_V6,
+    CLASS_LENS,
+    POLICY,
+    CONNTRACK,
+    RULE_COUNTERS,
+    STATS,
+    EVENTS,
+    EVENT_BUDGET,
+    CT_CONFIG,
+    CT_QUOTA,
+];
 
 /// Program names (functions in the object file).
 pub const PROG_INGRESS: &str = "wf_ingress";
@@ -74,7 +95,11 @@ pub const MAX_RULES: u32 = 1 << 17; // 131072
 /// bucket arrays (16 bytes a bucket) are allocated at creation: 4 MiB each at 2^18.
 pub const MAX_CLASS_ENTRIES: u32 = 1 << 18;
 pub const MAX_POLICY_ENTRIES: u32 = 1 << 22;
-pub const MAX_CONNTRACK: u32 = 1 << 16;
+/// Conntrack entries (a preallocated hash: entries leave by expiry or policy, never by
+/// eviction, so no flood can push out another flow).
+pub const MAX_CONNTRACK: u32 = 1 << 17;
+/// Sources with a quota counter (an LRU: a source with no live entries is forgotten).
+pub const MAX_CT_QUOTA_SOURCES: u32 = 1 << 16;
 /// Rule index meaning "no rule" (verdicts reached without the policy map).
 pub const NO_RULE: u32 = u32::MAX;
 
@@ -305,8 +330,117 @@ pub struct FlowValue {
     /// Policy epoch under which the flow was last found allowed.
     pub epoch: u32,
     pub rule: u32,
-    /// bpf_ktime_get_coarse_ns() of the flow's last packet, refreshed at most once a second.
+    /// bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC) of the flow's last packet, refreshed when
+    /// older than a sixteenth of its lifetime (at most once a second).
     pub last_seen_ns: u64,
+    /// [`CtState`] as a u32 (see [`CtState::from_u32`]).
+    pub state: u32,
+    /// [`FLOW_QUOTA_COUNTED`]: the entry counts against its source's quota.
+    pub flags: u32,
+}
+
+/// `FlowValue::flags`: the entry was counted in [`CT_QUOTA`] under the packet source of the
+/// flow's first (ingress) packet, so whoever deletes it takes one off that count.
+pub const FLOW_QUOTA_COUNTED: u32 = 1;
+
+/// Where a tracked flow is in its life; each state has its own idle timeout ([`CtConfig`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CtState {
+    /// Only the first direction has been seen (TCP: a SYN; UDP: no answer yet).
+    New = 0,
+    /// The other side answered.
+    Established = 1,
+    /// TCP: a FIN was seen.
+    Closing = 2,
+    /// TCP: a RST was seen.
+    Closed = 3,
+}
+
+impl CtState {
+    pub const fn from_u32(v: u32) -> Option<CtState> {
+        match v {
+            0 => Some(CtState::New),
+            1 => Some(CtState::Established),
+            2 => Some(CtState::Closing),
+            3 => Some(CtState::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// Index in [`CtConfig::timeouts_ms`] of the lifetime of a flow of protocol `proto` in
+/// `state`: TCP by state, UDP-like (UDP, UDP-Lite, SCTP) and everything else (ICMP echo,
+/// other protocols) by whether the flow was answered.
+pub const fn ct_timeout_index(proto: u8, state: u32) -> usize {
+    match proto {
+        6 => (state & 3) as usize,
+        17 | 136 | 132 => 4 + (state != 0) as usize,
+        _ => 6 + (state != 0) as usize,
+    }
+}
+
+pub const CT_TIMEOUTS: usize = 8;
+
+/// Default idle lifetimes in ms, in the spirit of nftables' conntrack: TCP unanswered SYN
+/// 120 s, established 5 days, after FIN 120 s, after RST 10 s; UDP-like 30 s unanswered,
+/// 120 s answered; ICMP echo and other protocols 30 s unanswered, 600 s answered.
+pub const CT_DEFAULT_TIMEOUTS_MS: [u32; CT_TIMEOUTS] =
+    [120_000, 432_000_000, 120_000, 10_000, 30_000, 120_000, 30_000, 600_000];
+
+/// Default [`CtConfig::quota`]: live entries one remote source may create (1/16 of the table).
+pub const CT_DEFAULT_QUOTA: u32 = MAX_CONNTRACK / 16;
+
+/// `CT_CONFIG[0]`. A zero field means its default (so an object the agent has not
+/// configured yet still tracks with the defaults).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtConfig {
+    /// Idle lifetime per [`ct_timeout_index`], in ms.
+    pub timeouts_ms: [u32; CT_TIMEOUTS],
+    /// Live entries created by ingress packets of one source ([`quota_key`]); a new flow
+    /// over it passes untracked (its answers are judged by the policy), counted in
+    /// `STATS[CT_UNTRACKED]`.
+    pub quota: u32,
+    pub _pad: u32,
+}
+
+impl Default for CtConfig {
+    fn default() -> Self {
+        CtConfig { timeouts_ms: CT_DEFAULT_TIMEOUTS_MS, quota: CT_DEFAULT_QUOTA, _pad: 0 }
+    }
+}
+
+impl CtConfig {
+    /// The lifetime in ns of a flow of `proto` in `state` (defaults for zero fields).
+    pub fn timeout_ns(&self, proto: u8, state: u32) -> u64 {
+        let i = ct_timeout_index(proto, state);
+        let ms = if self.timeouts_ms[i] == 0 { CT_DEFAULT_TIMEOUTS_MS[i] } else { self.timeouts_ms[i] };
+        ms as u64 * 1_000_000
+    }
+
+    pub fn quota(&self) -> u32 {
+        if self.quota == 0 {
+            CT_DEFAULT_QUOTA
+        } else {
+            self.quota
+        }
+    }
+}
+
+/// The quota counter key of a remote source address (16 bytes as in [`FlowKey`]): IPv4
+/// addresses whole, IPv6 addresses by their /64 (one host can use a whole /64).
+pub fn quota_key(src: &[u8; 16]) -> [u8; 16] {
+    let mut k = *src;
+    let v4 = k[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    if !v4 {
+        let mut i = 8;
+        while i < 16 {
+            k[i] = 0;
+            i += 1;
+        }
+    }
+    k
 }
 
 /// Per-CPU, per-rule counter (index = rule index).
@@ -331,8 +465,14 @@ pub mod stat {
     /// Non-first fragments seen (decided without ports, see `ebpf/`).
     pub const FRAGMENTS: u32 = 6;
     /// Passed: not IPv4 or IPv6 (ARP on Ethernet test devices); WireGuard carries only IP.
+    /// Not IPv4 or IPv6: passed on an Ethernet test device (ARP), dropped on an L3 device
+    /// (WireGuard carries only IP, so anything else there is forged or broken).
     pub const NOT_IP: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Passed untracked: an allowed new flow got no conntrack entry (its source is over
+    /// its quota, or the table is full), so its answers are judged by the policy. Also
+    /// counted in `ALLOWED_NEW`.
+    pub const CT_UNTRACKED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 pub const EVENT_DENY: u32 = 1;
@@ -371,6 +511,7 @@ mod pod {
     unsafe impl aya::Pod for ClassLens {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for CtConfig {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for EventBudget {}
@@ -386,7 +527,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PolicyState>(), 8);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 24);
+        assert_eq!(size_of::<CtConfig>(), 40);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<Event>(), 56);
         assert_eq!(size_of::<EventBudget>(), 16);

@@ -103,3 +103,21 @@ pub fn remember(key: &FlowKey, epoch: u32, rule: u32, now: u32) {
     s.filled = now;
     s.valid = 1;
 }
+
+/// Drops this CPU's slots of the flow `key` in both directions (a FIN or RST ends it, and its
+/// closing state is left to conntrack). Other CPUs' slots of it expire within
+/// [`REFRESH_JIFFIES`].
+#[inline(never)]
+pub fn forget_flow(key: &FlowKey) {
+    forget(key);
+    let rev = key.reversed();
+    forget(&rev);
+}
+
+#[inline(always)]
+fn forget(key: &FlowKey) {
+    if let Some(s) = FLOW_CACHE.get_ptr_mut(slot_of(key)) {
+        // SAFETY: this CPU's slot; nothing else reads or writes it while this program runs.
+        unsafe { (*s).valid = 0 };
+    }
+}

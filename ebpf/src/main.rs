@@ -7,7 +7,8 @@
 //!
 //! # Per packet
 //!
-//! 1. Not IPv4/IPv6 (by `skb->protocol`; ARP on Ethernet test devices): pass, `STATS[NOT_IP]`.
+//! 1. Not IPv4/IPv6 (by `skb->protocol`): `STATS[NOT_IP]`; dropped on an L3 device
+//!    (`WF_L3_OFFSET` 0: WireGuard carries only IP), passed on Ethernet test devices (ARP).
 //! 2. `STATE` is read once (one 8-byte load). Not initialised: drop, `STATS[UNINITIALIZED]`.
 //! 3. Parse. The IP header starts at the load-time global `WF_L3_OFFSET` (0 on L3 devices
 //!    such as WireGuard and tun, 14 on Ethernet). Plain TCP/UDP (no IPv4 options, no IPv6
@@ -22,8 +23,12 @@
 //!    packet and counts `STATS[MALFORMED]`: the entry points map `Err` to `TC_ACT_SHOT`,
 //!    never to OK.
 //! 4. Established: first the per-CPU flow cache ([`flow_cache`]: the verdict conntrack gave
-//!    this tuple under the live epoch, less than 250 jiffies ago), then the conntrack entry
-//!    of the forward tuple, then of the reversed tuple; a conntrack hit refills the cache.
+//!    this tuple under the live epoch, less than 250 jiffies ago; never for a TCP SYN, FIN
+//!    or RST, which change the flow's state), then the conntrack entry of the forward
+//!    tuple, then of the reversed tuple. An entry past its state's lifetime ([`conntrack`])
+//!    is deleted and the packet judged as new. A hit advances the TCP/answered state and
+//!    refills the cache if the flow is not closing and lives long enough (a FIN or RST
+//!    clears this CPU's slots of the flow).
 //!    Current epoch: pass (`ALLOWED_ESTABLISHED`, `last_seen_ns` refreshed if older than 1 s). Older epoch: the
 //!    entry's own tuple and direction (the flow's first packet) is judged under the live
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet
@@ -31,8 +36,9 @@
 //!    flow (for a flow the policy no longer allows in either direction, that drops it).
 //! 5. New: class of the source and of the destination ([`classes`]: hash probes at the
 //!    prefix lengths present, longest first; class 0 on a miss), then one policy LPM lookup; the entry's rule for the packet's direction
-//!    decides. Allowed: conntrack entry, `ALLOWED_NEW`,
-//!    `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
+//!    decides. Allowed: conntrack entry (TCP: only from a SYN; an ingress flow counts
+//!    against its source's quota; over it, or with the table full, the packet passes
+//!    untracked, `CT_UNTRACKED`), `ALLOWED_NEW`, `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
 //!
@@ -56,7 +62,9 @@
 //! parameter problem) quote the offending packet: its IP header and first 8 bytes of L4 are
 //! parsed, and the error passes as established (`ALLOWED_ESTABLISHED`) when that quoted
 //! flow — which travelled in the direction opposite to the error — is in conntrack in
-//! either orientation. Otherwise (unknown flow, or the quote cannot be parsed) the error is
+//! either orientation and the error goes back to the quoted packet's source (its outer
+//! destination is the quoted source address). The quote neither advances nor refreshes
+//! the entry. Otherwise (unknown flow, or the quote cannot be parsed) the error is
 //! judged like any other ICMP message by its type and code.
 //!
 //! # Fragments (the choice)
@@ -103,6 +111,7 @@ use aya_ebpf::{
 use wirefence_common::{self as c, stat, FlowKey, FlowValue};
 
 use events::{count, count_rule, event};
+use conntrack::{TCP_FIN, TCP_RST, TCP_SYN};
 use parse::{Frame, Malformed, Pkt, KIND_FRAGMENT, KIND_ICMP_ERROR, KIND_TRACKED, PARSE_QUOTED, PARSE_V6};
 use policy::{policy_rule, read_state};
 
@@ -154,7 +163,9 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         ETH_P_IPV6 => true,
         _ => {
             count(stat::NOT_IP, len);
-            return Ok(PASS);
+            // WireGuard carries only IP: on an L3 device anything else is dropped. (Ethernet
+            // test devices need ARP.)
+            return Ok(if WF_L3_OFFSET.load() == 0 { DROP } else { PASS });
         }
     };
     let Some(st) = read_state() else {
@@ -176,7 +187,8 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         }
     };
     let tick = flow_cache::jiffies();
-    if pkt.kind == KIND_TRACKED {
+    // SYN, FIN and RST change a flow's state: they always go through conntrack.
+    if pkt.kind == KIND_TRACKED && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
         if let Some(rule) = flow_cache::lookup(&pkt.key, st.epoch, tick) {
             return Ok(pass_established(rule, len));
         }
@@ -196,17 +208,26 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         return Ok(PASS);
     }
     if pkt.kind == KIND_TRACKED {
-        let rule = conntrack::established(pkt, st.epoch, now);
+        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flow_cache::forget_flow(&pkt.key);
+        }
+        let found = conntrack::established(pkt, st.epoch, now, false);
+        let rule = found as u32;
         if rule != c::NO_RULE {
-            flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+            if found & conntrack::CACHEABLE != 0 {
+                flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+            }
             return Ok(pass_established(rule, len));
         }
     } else if pkt.kind == KIND_ICMP_ERROR {
         let mut slot = core::mem::MaybeUninit::uninit();
         let quoted = Pkt::init(&mut slot);
-        // The quoted packet travelled the other way.
-        if parse::parse(&frame, pkt.quoted, flags | PARSE_QUOTED, dir ^ 1, quoted) {
-            let rule = conntrack::established(quoted, st.epoch, now);
+        // The quoted packet travelled the other way, from the host the error goes back to:
+        // an error addressed anywhere else is not about that packet.
+        if parse::parse(&frame, pkt.quoted, flags | PARSE_QUOTED, dir ^ 1, quoted)
+            && same_addr(&pkt.key.dst, &quoted.key.src)
+        {
+            let rule = conntrack::established(quoted, st.epoch, now, true) as u32;
             if rule != c::NO_RULE {
                 return Ok(pass_established(rule, len));
             }
@@ -217,18 +238,29 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     if rule == c::NO_RULE {
         return Ok(deny(&pkt.key, len, now));
     }
-    if pkt.kind == KIND_TRACKED {
-        let value = FlowValue { epoch: st.epoch, rule, last_seen_ns: now };
-        // An LRU insert only fails on allocation failure; the packet is allowed anyway (and
-        // the next one is judged as new again).
-        if conntrack::insert(&pkt.key, &value) {
-            flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+    // A TCP packet other than a SYN opens no entry: allowed by the policy in its own
+    // direction it passes, but its answers are judged by the policy too.
+    if pkt.kind == KIND_TRACKED && conntrack::may_start(pkt) {
+        let mut value = FlowValue { epoch: st.epoch, rule, last_seen_ns: now, state: 0, flags: 0 };
+        // An allowed flow that cannot be tracked (its source is over quota, the table is
+        // full) still passes, as the policy says, but untracked: its answers are judged by
+        // the policy, and it takes no entry another flow could have had.
+        if !conntrack::insert(&pkt.key, &mut value) {
+            count(stat::CT_UNTRACKED, len);
         }
     }
     count(stat::ALLOWED_NEW, len);
     count_rule(rule, len);
     event(c::EVENT_NEW_FLOW, rule, &pkt.key, len, now);
     Ok(PASS)
+}
+
+/// Two addresses of flow keys, compared as words.
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    // SAFETY: addresses inside 8-byte aligned keys (FlowKey is align(8), `src`/`dst` at 0/16).
+    let (a, b) = unsafe { (&*(a as *const [u8; 16] as *const [u64; 2]), &*(b as *const [u8; 16] as *const [u64; 2])) };
+    a[0] == b[0] && a[1] == b[1]
 }
 
 #[inline(always)]

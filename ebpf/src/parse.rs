@@ -53,7 +53,9 @@ pub struct Pkt {
     pub reply_port: u16,
     pub kind: u8,
     pub v6: u8,
-    _pad: [u8; 2],
+    /// TCP flags (FIN, SYN, RST, ACK ... as on the wire); 0 for other protocols and quotes.
+    pub tcp_flags: u8,
+    _pad: u8,
     /// [`KIND_ICMP_ERROR`]: offset of the quoted packet.
     pub quoted: u32,
 }
@@ -240,15 +242,16 @@ pub fn parse_fast<'s>(
         return None;
     }
     let (sport, dport) = (be16(l4, 0) as u64, be16(l4, 2) as u64);
+    let tcp_flags = if proto == IPPROTO_TCP { byte(l4_more, 5) as u64 } else { 0 };
     // The Pkt's words (layout checked below): key, then port = dport, reply_port = sport,
-    // kind KIND_TRACKED, v6; quoted 0.
+    // kind KIND_TRACKED, v6, tcp_flags; quoted 0.
     let words: [u64; 7] = [
         addrs[0],
         addrs[1],
         addrs[2],
         addrs[3],
         sport | dport << 16 | (proto as u64) << 32 | (dir as u64) << 40,
-        dport | sport << 16 | (KIND_TRACKED as u64) << 32 | (v6 as u64) << 40,
+        dport | sport << 16 | (KIND_TRACKED as u64) << 32 | (v6 as u64) << 40 | tcp_flags << 48,
         0,
     ];
     // SAFETY: Pkt is 7 words, 8-byte aligned, and every bit pattern of its fields is valid.
@@ -266,6 +269,7 @@ const _: () = {
     assert!(offset_of!(FlowKey, proto) == 36 && offset_of!(FlowKey, direction) == 37);
     assert!(offset_of!(Pkt, port) == 40 && offset_of!(Pkt, reply_port) == 42);
     assert!(offset_of!(Pkt, kind) == 44 && offset_of!(Pkt, v6) == 45 && offset_of!(Pkt, quoted) == 48);
+    assert!(offset_of!(Pkt, tcp_flags) == 46);
 };
 
 /// Parses the packet whose IP header is at `off` into `out` (`flags`: [`PARSE_V6`],
@@ -314,6 +318,7 @@ pub fn parse_into(f: &Frame, off: u32, flags: u32, dir: u8, out: &mut Pkt) -> Re
             if byte(doff as u64, 0) >> 4 < 5 {
                 return Err(Malformed);
             }
+            out.tcp_flags = byte(doff as u64, 1);
         }
         let sport = be16(h, 0);
         let dport = be16(h, 2);

@@ -339,8 +339,17 @@ impl Bed {
 }
 
 fn stat_name(i: u32) -> &'static str {
-    ["ALLOWED_NEW", "ALLOWED_ESTABLISHED", "DENIED", "MALFORMED", "UNINITIALIZED", "EVENTS_LOST", "FRAGMENTS", "NOT_IP"]
-        [i as usize]
+    [
+        "ALLOWED_NEW",
+        "ALLOWED_ESTABLISHED",
+        "DENIED",
+        "MALFORMED",
+        "UNINITIALIZED",
+        "EVENTS_LOST",
+        "FRAGMENTS",
+        "NOT_IP",
+        "CT_UNTRACKED",
+    ][i as usize]
 }
 
 const NEW: &[u32] = &[stat::ALLOWED_NEW];
@@ -1055,5 +1064,259 @@ fn flow_cache_keeps_verdicts_exact() {
                 );
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Conntrack lifetimes, quotas and what may claim to be established.
+
+/// Keeps this test thread on one CPU: the flow cache is per CPU, and a test that checks
+/// what the cache must not keep needs its packets to meet the same slots.
+fn pin_to_one_cpu() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "sched_setaffinity");
+    }
+}
+
+/// Short lifetimes for the unanswered and closing states (`short` ms), long ones (60 s,
+/// past the flow cache's minimum) for answered flows.
+fn short_lifetimes(short: u32, quota: u32) -> common::CtConfig {
+    common::CtConfig { timeouts_ms: [short, 60_000, short, short, short, 60_000, short, 60_000], quota, _pad: 0 }
+}
+
+fn ct_state(bed: &mut Bed, key: &FlowKey) -> Option<common::CtState> {
+    bed.conntrack().iter().find(|(k, _)| k == key).map(|(_, v)| common::CtState::from_u32(v.state).unwrap())
+}
+
+fn tcp_flags(mut pkt: Packet, flags: u8) -> Packet {
+    pkt.l4[13] = flags;
+    pkt
+}
+
+const FIN_ACK: u8 = 0x11;
+const SYN_ACK: u8 = 0x12;
+const RST: u8 = 0x04;
+
+/// Entries expire per protocol and state (a thread on one CPU, short lifetimes set through
+/// `CT_CONFIG`): only a SYN opens a TCP entry; an unanswered SYN or UDP query expires
+/// quickly, an answered flow lives on; a FIN or RST shortens the life, a fresh SYN reopens
+/// a closed tuple. An expired entry is deleted by the lookup that finds it, and the per-CPU
+/// flow cache keeps no closing flow alive.
+#[test]
+fn conntrack_entries_expire_by_state() {
+    pin_to_one_cpu();
+    let short = std::time::Duration::from_millis(150);
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l) = (h.peer, h.local);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let rules = [
+                /* 0 */ rule(DIR_EGRESS, &[l], &[p], Some(IPPROTO_TCP), Some((443, 443))),
+                /* 1 */ rule(DIR_EGRESS, &[l], &[p], Some(IPPROTO_UDP), Some((53, 53))),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            bed.p.set_ct_config(short_lifetimes(100, 0)).unwrap();
+            let key = |sport: u16| FlowKey {
+                src: mapped(l),
+                dst: mapped(p),
+                sport,
+                dport: 443,
+                proto: IPPROTO_TCP,
+                direction: DIR_EGRESS,
+                _pad: [0; 2],
+            };
+            let out = |sport: u16, flags: u8| tcp_flags(Packet::tcp(l, p, sport, 443), flags);
+            let back = |sport: u16, flags: u8| tcp_flags(Packet::tcp(p, l, 443, sport), flags);
+            let w = |s: &str| format!("{fam} {s}");
+
+            bed.expect(&w("ACK without an entry (policy allows)"), DIR_EGRESS, &out(40000, 0x10), Pass, NEW);
+            assert!(bed.conntrack().is_empty(), "{fam}: a non-SYN opened an entry");
+            bed.expect(&w("its answer"), DIR_INGRESS, &back(40000, 0x10), Drop, DENIED);
+
+            bed.expect(&w("SYN"), DIR_EGRESS, &out(40000, 0x02), Pass, NEW);
+            assert_eq!(ct_state(&mut bed, &key(40000)), Some(common::CtState::New));
+            std::thread::sleep(short);
+            bed.expect(&w("SYN-ACK after the SYN expired"), DIR_INGRESS, &back(40000, SYN_ACK), Drop, DENIED);
+            assert!(bed.conntrack().is_empty(), "{fam}: the expired entry was not deleted");
+
+            bed.expect(&w("SYN again"), DIR_EGRESS, &out(40000, 0x02), Pass, NEW);
+            bed.expect(&w("SYN-ACK"), DIR_INGRESS, &back(40000, SYN_ACK), Pass, EST);
+            assert_eq!(ct_state(&mut bed, &key(40000)), Some(common::CtState::Established));
+            bed.expect(&w("ACK"), DIR_EGRESS, &out(40000, 0x10), Pass, EST);
+            bed.expect(&w("data back (cached)"), DIR_INGRESS, &back(40000, 0x10), Pass, EST);
+            std::thread::sleep(short);
+            bed.expect(&w("established outlives the short states"), DIR_EGRESS, &out(40000, 0x10), Pass, EST);
+            bed.expect(&w("data back"), DIR_INGRESS, &back(40000, 0x10), Pass, EST);
+            bed.expect(&w("FIN"), DIR_EGRESS, &out(40000, FIN_ACK), Pass, EST);
+            assert_eq!(ct_state(&mut bed, &key(40000)), Some(common::CtState::Closing));
+            std::thread::sleep(short);
+            // Within the cache's trust window of the slots the ACKs filled: a slot kept
+            // would pass this.
+            bed.expect(&w("data back after FIN + lifetime"), DIR_INGRESS, &back(40000, 0x10), Drop, DENIED);
+
+            bed.expect(&w("SYN 2"), DIR_EGRESS, &out(40001, 0x02), Pass, NEW);
+            bed.expect(&w("SYN-ACK 2"), DIR_INGRESS, &back(40001, SYN_ACK), Pass, EST);
+            bed.expect(&w("data back 2"), DIR_INGRESS, &back(40001, 0x10), Pass, EST);
+            bed.expect(&w("RST"), DIR_INGRESS, &back(40001, RST), Pass, EST);
+            assert_eq!(ct_state(&mut bed, &key(40001)), Some(common::CtState::Closed));
+            bed.expect(&w("SYN reopens the closed tuple"), DIR_EGRESS, &out(40001, 0x02), Pass, EST);
+            assert_eq!(ct_state(&mut bed, &key(40001)), Some(common::CtState::New));
+            bed.expect(&w("RST again"), DIR_INGRESS, &back(40001, RST), Pass, EST);
+            std::thread::sleep(short);
+            bed.expect(&w("data back after RST + lifetime"), DIR_INGRESS, &back(40001, 0x10), Drop, DENIED);
+
+            bed.expect(&w("udp query"), DIR_EGRESS, &Packet::udp(l, p, 5353, 53), Pass, NEW);
+            std::thread::sleep(short);
+            bed.expect(&w("late answer"), DIR_INGRESS, &Packet::udp(p, l, 53, 5353), Drop, DENIED);
+            bed.expect(&w("udp query 2"), DIR_EGRESS, &Packet::udp(l, p, 5353, 53), Pass, NEW);
+            bed.expect(&w("answer"), DIR_INGRESS, &Packet::udp(p, l, 53, 5353), Pass, EST);
+            std::thread::sleep(short);
+            bed.expect(&w("answered flow lives on"), DIR_INGRESS, &Packet::udp(p, l, 53, 5353), Pass, EST);
+        }
+    }
+}
+
+/// Entries made by a source's ingress packets count against its quota: over it, a new flow
+/// passes untracked (`CT_UNTRACKED`: no entry, so its answers are judged by the policy)
+/// while other sources and the local host's own flows
+/// still get entries; an entry that expires gives its place back.
+#[test]
+fn per_source_quota_refuses_new_flows_over_it() {
+    let short = std::time::Duration::from_millis(150);
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            // Another source: for IPv6 in another /64 (a /64 is one quota source).
+            let (p, l, t) = (h.peer, h.local, if is_v6 { v6(2, 1) } else { h.trusted });
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let rules = [
+                /* 0 */ rule(DIR_INGRESS, &[p, t], &[l], Some(IPPROTO_UDP), None),
+                /* 1 */ rule(DIR_EGRESS, &[l], &[p], Some(IPPROTO_UDP), None),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            bed.p.set_ct_config(short_lifetimes(100, 3)).unwrap();
+            for port in 1..=3 {
+                bed.expect(
+                    &format!("{fam} flow {port} of the peer"),
+                    DIR_INGRESS,
+                    &Packet::udp(p, l, port, 9),
+                    Pass,
+                    NEW,
+                );
+            }
+            let untracked = &[stat::ALLOWED_NEW, stat::CT_UNTRACKED][..];
+            bed.expect(&format!("{fam} flow 4 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 4, 9), Pass, untracked);
+            bed.expect(&format!("{fam} another source"), DIR_INGRESS, &Packet::udp(t, l, 4, 9), Pass, NEW);
+            for port in 1..=5 {
+                bed.expect(&format!("{fam} local flow {port}"), DIR_EGRESS, &Packet::udp(l, p, port, 9), Pass, NEW);
+            }
+            bed.expect(
+                &format!("{fam} an established flow of the peer"),
+                DIR_EGRESS,
+                &Packet::udp(l, p, 9, 2),
+                Pass,
+                EST,
+            );
+            let qk = common::quota_key(&mapped(p));
+            assert_eq!(bed.p.ct_quota().unwrap().get(&qk, 0).unwrap(), 3, "{fam}: the peer's count");
+            let from_peer = bed.conntrack().iter().filter(|(k, _)| k.src == mapped(p)).count();
+            assert_eq!(from_peer, 3, "{fam}: the untracked flow has no entry");
+            std::thread::sleep(short);
+            // The answer finds flow 1 expired: deleted, the place is free again.
+            bed.expect(&format!("{fam} late answer"), DIR_EGRESS, &Packet::udp(l, p, 9, 1), Pass, NEW);
+            bed.expect(&format!("{fam} flow 5 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 5, 9), Pass, NEW);
+            bed.expect(&format!("{fam} flow 6 of the peer"), DIR_INGRESS, &Packet::udp(p, l, 6, 9), Pass, untracked);
+        }
+    }
+}
+
+/// An ICMP error passes as established only when it goes back to the host that sent the
+/// packet it quotes; addressed elsewhere it is judged by the policy like any ICMP message.
+#[test]
+fn icmp_errors_must_return_to_the_quoted_sender() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l, r, s) = (h.peer, h.local, h.router, h.stranger);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let icmp = key_icmp(is_v6);
+            let (ty, code, rest) = if is_v6 { (1, 4, [0; 4]) } else { (3, 3, [0; 4]) };
+            let rules = [
+                /* 0 */ rule(DIR_EGRESS, &[l], &[p], Some(IPPROTO_TCP), Some((443, 443))),
+                /* 1 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((22, 22))),
+                /* 2 */ rule(DIR_INGRESS, &[r], &[h.trusted], Some(icmp), None),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            let syn = Packet::tcp(l, p, 40000, 443);
+            bed.expect(&format!("{fam} SYN"), DIR_EGRESS, &syn, Pass, NEW);
+            bed.expect(&format!("{fam} ssh SYN"), DIR_INGRESS, &Packet::tcp(p, l, 50000, 22), Pass, NEW);
+            let err = |src, dst, quoted: &Packet| Packet::icmp_error(src, dst, ty, code, rest, quoted);
+            bed.expect(&format!("{fam} error back to the sender"), DIR_INGRESS, &err(r, l, &syn), Pass, EST);
+            bed.expect(&format!("{fam} error to another host"), DIR_INGRESS, &err(r, s, &syn), Drop, DENIED);
+            bed.expect(
+                &format!("{fam} error to a host the policy allows"),
+                DIR_INGRESS,
+                &err(r, h.trusted, &syn),
+                Pass,
+                NEW,
+            );
+            let inbound = Packet::tcp(p, l, 50000, 22);
+            bed.expect(&format!("{fam} outbound error to the sender"), DIR_EGRESS, &err(l, p, &inbound), Pass, EST);
+            bed.expect(&format!("{fam} outbound error elsewhere"), DIR_EGRESS, &err(l, s, &inbound), Drop, DENIED);
+        }
+    }
+}
+
+/// WireGuard carries only IP: on the L3 device (offset 0) anything else is dropped; on
+/// Ethernet test devices ARP passes. Counted in `NOT_IP` either way.
+#[test]
+fn non_ip_is_dropped_on_l3_devices() {
+    for off in OFFSETS {
+        let h = hosts(false);
+        let mut bed = Bed::new(off, &[rule(DIR_INGRESS, &[h.peer], &[h.local], None, None)]);
+        let v = if off == 0 { Drop } else { Pass };
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            bed.expect_frame(&format!("arp (l3 offset {off})"), dir, &arp_frame(), v, &[stat::NOT_IP]);
+        }
+    }
+}
+
+/// The agent's sweep (`enforce::sweep`) deletes the entries whose lifetime ran out on the
+/// programs' clock, keeps the live ones, and recounts the quota counters from what stays
+/// (a drifted count is corrected, a source without entries forgotten).
+#[test]
+fn sweep_deletes_expired_entries_and_recounts_quotas() {
+    let short = std::time::Duration::from_millis(150);
+    for is_v6 in [false, true] {
+        let h = hosts(is_v6);
+        let (p, l, t) = (h.peer, h.local, if is_v6 { v6(2, 1) } else { h.trusted });
+        let fam = if is_v6 { "v6" } else { "v4" };
+        let rules = [rule(DIR_INGRESS, &[p, t], &[l], Some(IPPROTO_UDP), None)];
+        let mut bed = Bed::new(14, &rules);
+        bed.p.set_ct_config(short_lifetimes(100, 0)).unwrap();
+        for port in 1..=3 {
+            bed.expect(&format!("{fam} peer flow {port}"), DIR_INGRESS, &Packet::udp(p, l, port, 9), Pass, NEW);
+        }
+        bed.expect(&format!("{fam} other flow"), DIR_INGRESS, &Packet::udp(t, l, 1, 9), Pass, NEW);
+        // Answered: 60 s.
+        bed.expect(&format!("{fam} answer"), DIR_EGRESS, &Packet::udp(l, p, 9, 3), Pass, EST);
+        let (qp, qt) = (common::quota_key(&mapped(p)), common::quota_key(&mapped(t)));
+        bed.p.ct_quota().unwrap().insert(qp, 40, 0).unwrap();
+        let stats = bed.p.sweep_conntrack().unwrap();
+        assert_eq!((stats.expired, stats.live), (0, 4), "{fam}: nothing expired yet");
+        assert_eq!(bed.p.ct_quota().unwrap().get(&qp, 0).unwrap(), 3, "{fam}: drifted count corrected");
+        std::thread::sleep(short);
+        let stats = bed.p.sweep_conntrack().unwrap();
+        assert_eq!((stats.expired, stats.live), (3, 1), "{fam}: the unanswered flows are swept");
+        let ct = bed.conntrack();
+        assert_eq!(ct.len(), 1);
+        assert_eq!(ct[0].0.sport, 3, "{fam}: the answered flow stays");
+        let quota = bed.p.ct_quota().unwrap();
+        assert_eq!(quota.get(&qp, 0).unwrap(), 1, "{fam}: peer count");
+        assert!(quota.get(&qt, 0).is_err(), "{fam}: a source without entries is forgotten");
     }
 }

@@ -13,8 +13,8 @@ use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use wirefence_common as common;
 use wirefence_common::{
-    ClassDataV4, ClassDataV6, ClassLens, ClassValue, Counter, EventBudget, FlowKey, FlowValue, PolicyData, PolicyState,
-    PolicyValue,
+    ClassDataV4, ClassDataV6, ClassLens, ClassValue, Counter, CtConfig, EventBudget, FlowKey, FlowValue, PolicyData,
+    PolicyState, PolicyValue,
 };
 
 /// The object file as built (`wirefence-ebpf`, for bpfel-unknown-none).
@@ -163,9 +163,26 @@ impl Programs {
         self.typed(common::POLICY)
     }
 
-    /// The conntrack LRU hash.
+    /// The conntrack hash.
     pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowValue>, BpfError> {
         self.typed(common::CONNTRACK)
+    }
+
+    /// Live conntrack entries per remote source ([`common::quota_key`]).
+    pub fn ct_quota(&mut self) -> Result<HashMap<&mut MapData, [u8; 16], u64>, BpfError> {
+        self.typed(common::CT_QUOTA)
+    }
+
+    /// Deletes expired conntrack entries and recounts the quotas (what the agent does
+    /// periodically, see `crate::enforce::sweep`).
+    pub fn sweep_conntrack(&mut self) -> Result<crate::enforce::sweep::SweepStats, crate::enforce::sweep::SweepError> {
+        crate::enforce::sweep::sweep_object(&mut self.ebpf)
+    }
+
+    /// Conntrack lifetimes and quota (a zero field means its default).
+    pub fn set_ct_config(&mut self, config: CtConfig) -> Result<(), BpfError> {
+        let mut map: Array<&mut MapData, CtConfig> = self.typed(common::CT_CONFIG)?;
+        Ok(map.set(0, config, 0).map_err(ObjectMapError::on(common::CT_CONFIG))?)
     }
 
     pub fn rule_counters(&mut self) -> Result<PerCpuArray<&mut MapData, Counter>, BpfError> {

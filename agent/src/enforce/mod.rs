@@ -10,6 +10,7 @@ mod apply;
 mod attach;
 pub mod denies;
 pub mod inspect;
+pub mod sweep;
 pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +62,8 @@ pub enum EnforceError {
     OtherBuild { ifname: IfName, found: String, ours: String, file: PathBuf },
     #[error(transparent)]
     TooManyRules(#[from] writer::TooManyRules),
+    #[error(transparent)]
+    Sweep(#[from] sweep::SweepError),
 }
 
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EnforceError {
@@ -166,6 +169,19 @@ impl Enforcer {
         &self.dir
     }
 
+    /// Deletes the conntrack entries whose lifetime ran out and recounts the per-source
+    /// quotas ([`sweep`]); the configured lifetimes are the programs' (`CT_CONFIG`).
+    pub fn sweep_conntrack(&mut self) -> Result<sweep::SweepStats, EnforceError> {
+        Ok(sweep::sweep_object(&mut self.ebpf)?)
+    }
+
+    /// Sets the conntrack lifetimes and per-source quota the programs use (zero fields:
+    /// the defaults of `wirefence-common`).
+    pub fn set_ct_config(&mut self, config: common::CtConfig) -> Result<(), EnforceError> {
+        let mut map: Array<&mut MapData, common::CtConfig> = typed_mut(&mut self.ebpf, common::CT_CONFIG)?;
+        map.set(0, config, 0).map_err(map_err(common::CT_CONFIG))
+    }
+
     /// A class map: masked prefixes (as LPM-style keys) -> class, in a hash.
     fn class_map<K: aya::Pod>(
         &mut self,
@@ -267,6 +283,7 @@ pub(crate) fn read_counters<T: std::borrow::Borrow<MapData>>(
         ("events_lost", EVENTS_LOST),
         ("fragments", FRAGMENTS),
         ("not_ip", NOT_IP),
+        ("ct_untracked", CT_UNTRACKED),
     ] {
         out.stats.insert(name, sum(&stats.get(&i, 0).map_err(map_err(common::STATS))?));
     }
