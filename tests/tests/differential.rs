@@ -11,24 +11,33 @@
 //!   pins as a restarted agent does), so every apply fills the inactive generation by
 //!   difference with what it held two policies ago and flips the epoch; rule ids are reused
 //!   across policies (stable counter slots, stable class ids).
-//! - Packets are the first packets of flows, both directions, IPv4 and IPv6: TCP, UDP,
-//!   UDP-Lite, SCTP, ICMP/ICMPv6 echo, informational and error messages (errors quote a
-//!   packet), other protocols, non-first fragments (decided without ports), first
-//!   fragments, IPv4 options and IPv6 extension headers.
-//! - Conntrack: an allowed tracked packet inserts an entry under its tuple, and a later packet
-//!   with that tuple or its reverse (or an ICMP error quoting it) would pass as established
-//!   whatever the policy says. The test mirrors every entry the program must have created
-//!   and never sends a packet whose conntrack lookups could hit one (it draws another); at
-//!   the end of each policy the kernel's table must equal the mirror, and it is flushed.
+//! - Packets are first packets of flows, both directions, IPv4 and IPv6: TCP (mostly SYN,
+//!   sometimes other flags), UDP, UDP-Lite, SCTP, ICMP/ICMPv6 echo, informational and error
+//!   messages (errors quote a packet), other protocols, non-first fragments (decided without
+//!   ports), first fragments, IPv4 options and IPv6 extension headers; and about a third are
+//!   more packets of recent flows (answers or the same direction again, TCP with random flags:
+//!   SYN, SYN-ACK, ACK, FIN, RST and odd mixes). Virtual time advances between packets.
+//! - Conntrack (`differential/conntrack.rs`): the reference keeps every entry the program must
+//!   hold, with its rule, state and stamp on a virtual clock, under lifetimes the test writes
+//!   to `WF_CT_CONFIG` per policy (read back through `CtConfig::timeout_ns` of common): an
+//!   entry past its state's lifetime is deleted by the lookup and the packet judged as new;
+//!   a live one passes the packet as established and advances the TCP / answered state; only
+//!   a SYN opens a TCP entry. The real side is aged by rewriting the stamps of the entries a
+//!   packet can meet just before it runs (see that module for why this is exact). ICMP
+//!   errors that quote a tracked flow are not modelled: such draws are redone. At the end of
+//!   each policy the kernel's table must equal the model (keys, rules, states, quota flags),
+//!   and it is flushed.
 //! - Checks per case: the verdict (TC_ACT_OK = allow, TC_ACT_SHOT = deny); for every allowed
-//!   case the deciding rule — the conntrack entry's rule (tracked packets) or the rule
-//!   counter that went up (fragments, ICMP informational and error messages) — must be the
-//!   counter slot of `Decision.rule`'s id. Per policy: STATS deltas (nothing established,
-//!   nothing malformed) and per-rule counter deltas.
+//!   case the deciding rule (the rule counter that went up must be the counter slot of the
+//!   reference's rule: the policy's, or the tracked entry's for an established packet); for
+//!   tracked packets the entries of the tuple and of the reversed tuple (present or not,
+//!   rule, epoch, state) and whether the entry met had its stamp refreshed. Per policy:
+//!   STATS deltas (new, established, nothing malformed) and per-rule counter deltas.
 //!
 //! On mismatch the test collects up to 10 reports (seed, policy, packet, frame, both verdicts
 //! and `simulate` on the compiled maps, which tells compiler from writer/program), shrinks
-//! the first one to a minimal policy and fails. When all agree, a self-check corrupts the live
+//! the first one to a minimal sequence of packets (with their virtual times) and a minimal
+//! policy, and fails. When all agree, a self-check corrupts the live
 //! policy entries and asserts that the same comparisons report it.
 //!
 //! The frames carry an Ethernet header and the programs run with the Ethernet offset 14: the
@@ -51,21 +60,26 @@ use ipnet::IpNet;
 use wirefence_agent::enforce::{self, Enforcer};
 use wirefence_agent::model::IfName;
 use wirefence_agent::policy::{
-    self as pol, compile, evaluate, simulate, Compiled, Decision, Direction, Policy, PortRange, Rule, RuleDirection,
+    self as pol, compile, evaluate, simulate, Compiled, Direction, Policy, PortRange, Rule, RuleDirection,
 };
 use wirefence_common::{self as common, Counter, FlowKey, FlowValue, PolicyData, PolicyValue};
-use wirefence_tests::bpf::{TC_ACT_OK, TC_ACT_SHOT};
 use wirefence_tests::packet as wire;
 use wirefence_tests::require_root_for;
 
 // The crate root is this file, so the modules beside it are named by path.
+#[path = "differential/check.rs"]
+mod check;
+#[path = "differential/conntrack.rs"]
+mod conntrack;
 #[path = "differential/generate.rs"]
 mod generate;
 #[path = "differential/shrink.rs"]
 mod shrink;
 
+use check::{check_case, Outcome};
+use conntrack::{gen_advance, gen_config, gen_follow_up, Lookup, Mirror};
 use generate::{gen_case, gen_policy, mutate, tracked_key, Case, Kind, PolicyView, Rng};
-use shrink::shrink;
+use shrink::{describe_steps, shrink, Step};
 
 /// IP header offset in the test frames (Ethernet).
 const L3_OFFSET: u32 = 14;
@@ -87,6 +101,8 @@ struct Bed {
     counters: PerCpuArray<MapData, Counter>,
     /// For the self-check only (the writer owns the policy maps).
     policy_map: LpmTrie<MapData, PolicyData, PolicyValue>,
+    /// The `WF_CT_CONFIG` written last.
+    ct_config: common::CtConfig,
 }
 
 impl Bed {
@@ -100,7 +116,8 @@ impl Bed {
         let enforcer = Enforcer::open(&root, &ifname, L3_OFFSET, &state_dir)
             .unwrap_or_else(|e| panic!("Enforcer::open({}): {e}", root.display()));
         let (programs, conntrack, counters, policy_map) = load_programs(enforcer.dir());
-        Bed { root, ifname, state_dir, enforcer, programs, conntrack, counters, policy_map }
+        let ct_config = common::CtConfig::default();
+        Bed { root, ifname, state_dir, enforcer, programs, conntrack, counters, policy_map, ct_config }
     }
 
     /// A new Enforcer adopting the pins, as a restarted agent opens them.
@@ -131,6 +148,25 @@ impl Bed {
         v.iter().fold(Counter::default(), |a, c| Counter { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
     }
 
+    fn set_ct_config(&mut self, cfg: common::CtConfig) {
+        self.enforcer.set_ct_config(cfg).unwrap_or_else(|e| panic!("set_ct_config: {e}"));
+        self.ct_config = cfg;
+    }
+
+    /// Sets the entry `key`'s stamp so the program sees it `age_ms` old (see `conntrack.rs`):
+    /// (the stamp written, the coarse clock it was computed from).
+    fn restamp(&mut self, key: &FlowKey, age_ms: u64) -> Result<(u64, u64), String> {
+        let mut v = match self.conntrack.get(key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Err(format!("conntrack entry {key:?} is missing before the packet")),
+            Err(e) => panic!("conntrack lookup: {e}"),
+        };
+        let now = coarse_now_ns();
+        v.last_seen_ns = now - age_ms * 1_000_000;
+        self.conntrack.insert(key, v, 0).unwrap_or_else(|e| panic!("conntrack update: {e}"));
+        Ok((v.last_seen_ns, now))
+    }
+
     fn conntrack_entries(&self) -> HashMap<FlowKey, FlowValue> {
         self.conntrack.iter().map(|r| r.unwrap()).collect()
     }
@@ -152,6 +188,15 @@ impl Bed {
         let c = self.enforcer.counters().unwrap();
         c.stats.iter().map(|(k, v)| (*k, (v.packets, v.bytes))).collect()
     }
+}
+
+/// CLOCK_MONOTONIC_COARSE, the clock of `bpf_ktime_get_coarse_ns`.
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    assert_eq!(r, 0, "clock_gettime");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 type Loaded = (
@@ -238,68 +283,6 @@ impl Ctx<'_> {
     }
 }
 
-/// Runs one case and compares; `Err` describes a mismatch.
-fn check_case(bed: &mut Bed, ctx: &Ctx, case: &Case, frame: &[u8]) -> Result<Decision, String> {
-    let want = evaluate(ctx.policy, &case.eval);
-    // The rule counter is read around the run when it is the only witness of the rule.
-    let counter_slot = match (want.rule, case.kind) {
-        (Some(rule), kind) if kind != Kind::Tracked => Some(ctx.slot_of(rule)),
-        _ => None,
-    };
-    let before = counter_slot.map(|s| bed.rule_counter(s));
-    let ret = bed.run(case.dir(), frame);
-    let allowed = match ret {
-        TC_ACT_OK => true,
-        TC_ACT_SHOT => false,
-        other => return Err(format!("program returned {other} (neither TC_ACT_OK nor TC_ACT_SHOT)")),
-    };
-    let entry = case.track.map(|k| (k, bed.conntrack.get(&k, 0)));
-    if allowed != want.allowed {
-        // Keep the conntrack table equal to the mirror.
-        if let Some((k, Ok(_))) = &entry {
-            let _ = bed.conntrack.remove(k);
-        }
-        let prog = if allowed { "ALLOW" } else { "DENY" };
-        return Err(format!("verdict: program {prog}, evaluator {want:?}"));
-    }
-    let Some(rule) = want.rule else { return Ok(want) };
-    let slot = ctx.slot_of(rule);
-    let rule_text = |got: u32| {
-        format!(
-            "deciding rule: program slot {got} ({}), evaluator rule {rule} ({:?}, slot {slot})",
-            ctx.id_of_slot(got),
-            ctx.policy.rules()[rule as usize].id
-        )
-    };
-    match entry {
-        Some((_, Ok(v))) => {
-            if v.rule != slot {
-                return Err(rule_text(v.rule));
-            }
-            if v.epoch != ctx.epoch {
-                return Err(format!("conntrack entry epoch {} (live epoch {})", v.epoch, ctx.epoch));
-            }
-        }
-        Some((_, Err(MapError::KeyNotFound))) => {
-            return Err("allowed tracked packet left no conntrack entry (or another key than modelled)".into())
-        }
-        Some((_, Err(e))) => panic!("conntrack lookup: {e}"),
-        None => {
-            let (s, before) = (counter_slot.unwrap(), before.unwrap());
-            let after = bed.rule_counter(s);
-            let want = (1, frame.len() as u64);
-            let got = (after.packets - before.packets, after.bytes - before.bytes);
-            if got != want {
-                return Err(format!(
-                    "deciding rule: counter of rule {rule} ({:?}, slot {s}) changed by {got:?}, expected {want:?}",
-                    ctx.policy.rules()[rule as usize].id
-                ));
-            }
-        }
-    }
-    Ok(want)
-}
-
 fn report(
     seed: u64,
     index: usize,
@@ -338,6 +321,11 @@ struct Tally {
     /// Allowed cases that more than one rule matches (specificity and ties decide).
     contested: u64,
     redrawn: u64,
+    /// Cases passed as established (by the reference conntrack).
+    established: u64,
+    /// Conntrack lookups that found an expired entry; established packets by the state after.
+    expired: u64,
+    hit_states: [u64; 4],
     entries: u64,
     rules: u64,
 }
@@ -359,7 +347,7 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
     let mut bed = Bed::new();
     let mut tally = Tally::default();
     let mut mismatches: Vec<String> = Vec::new();
-    let mut first: Option<(Policy, Case, usize)> = None;
+    let mut first: Option<(Policy, common::CtConfig, Vec<Step>, usize)> = None;
     let mut prev: Option<Policy> = None;
 
     'policies: for index in 0..n_policies {
@@ -375,34 +363,48 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
         }
         let (epoch, slots) = bed.apply(&compiled, index as u64);
         let ctx = Ctx { policy: &policy, slots: &slots, epoch };
+        bed.set_ct_config(gen_config(&mut rng));
+        let mut mirror = Mirror::new(bed.ct_config);
+        // Tracked cases of this policy that later packets continue, and every case so far
+        // with its virtual time (for the shrinker).
+        let mut recent: Vec<Case> = Vec::new();
+        let mut history: Vec<(u64, Case)> = Vec::new();
         let stats_before = bed.stats();
         let counters_before: BTreeMap<u32, Counter> =
             policy.rules().iter().map(|r| (slots[&r.id], bed.rule_counter(slots[&r.id]))).collect();
         let view = PolicyView::new(&policy);
-        let mut mirror: HashMap<FlowKey, u32> = HashMap::new();
         let mut want_stats: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
         let mut want_counters: BTreeMap<u32, Counter> = BTreeMap::new();
         let mut clean = true;
         let mut policy_mismatches = 0;
 
         for _ in 0..n_packets {
-            let case = loop {
-                let c = gen_case(&mut rng, &view);
-                // A packet that could meet a live conntrack entry is not a first packet.
-                if c.probes.iter().all(|k| !mirror.contains_key(k)) {
-                    break c;
+            mirror.now_ms += gen_advance(&mut rng);
+            let case = if !recent.is_empty() && rng.pct(35) {
+                // Mostly one of the last few flows (young enough to be alive).
+                let n = recent.len() as u64;
+                let i = if rng.pct(75) { n - 1 - rng.below(n.min(6)) } else { rng.below(n) } as usize;
+                gen_follow_up(&mut rng, &recent[i])
+            } else {
+                loop {
+                    let c = gen_case(&mut rng, &view);
+                    // ICMP errors that quote a tracked flow are not modelled.
+                    if c.kind != Kind::IcmpError || c.probes.iter().all(|k| !mirror.entries.contains_key(k)) {
+                        break c;
+                    }
+                    tally.redrawn += 1;
                 }
-                tally.redrawn += 1;
             };
+            history.push((mirror.now_ms, case.clone()));
             let frame = case.wire.frame(L3_OFFSET);
             let len = frame.len() as u64;
             tally.cases += 1;
-            match check_case(&mut bed, &ctx, &case, &frame) {
+            match check_case(&mut bed, &ctx, &mut mirror, &case, &frame) {
                 Err(why) => {
                     clean = false;
                     mismatches.push(report(seed, index, &policy, &compiled, &case, &frame, &why));
                     if first.is_none() {
-                        first = Some((policy.clone(), case.clone(), index));
+                        first = Some((policy.clone(), bed.ct_config, history.clone(), index));
                     }
                     if mismatches.len() >= MAX_MISMATCHES {
                         break 'policies;
@@ -412,7 +414,19 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
                         break;
                     }
                 }
-                Ok(d) => {
+                Ok(Outcome { decision: d, established, lookup }) => {
+                    // Later packets continue allowed flows (and now and then a denied one).
+                    if case.kind == Kind::Tracked && (d.allowed || rng.pct(10)) {
+                        if recent.len() >= 48 {
+                            recent.remove(0);
+                        }
+                        recent.push(case.clone());
+                    }
+                    match lookup {
+                        Lookup::Expired { .. } => tally.expired += 1,
+                        Lookup::Hit { key, .. } => tally.hit_states[mirror.entries[&key].state as usize] += 1,
+                        Lookup::Miss => {}
+                    }
                     let e = tally.by_kind.entry((case.kind, d.allowed)).or_default();
                     e.0 += 1;
                     e.1 += u64::from(case.eval.src.is_ipv6());
@@ -428,7 +442,10 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
                         add("denied");
                         continue;
                     };
-                    if case.kind != Kind::Fragment {
+                    if established {
+                        add("allowed_established");
+                        tally.established += 1;
+                    } else if case.kind != Kind::Fragment {
                         add("allowed_new");
                     }
                     tally.allowed += 1;
@@ -444,9 +461,6 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
                     let c = want_counters.entry(slot).or_default();
                     c.packets += 1;
                     c.bytes += len;
-                    if let Some(k) = case.track {
-                        mirror.insert(k, slot);
-                    }
                 }
             }
         }
@@ -477,16 +491,19 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
                 }
             }
             let table = bed.conntrack_entries();
-            let extra: Vec<_> = table.keys().filter(|k| !mirror.contains_key(k)).collect();
-            let missing = mirror.keys().filter(|k| !table.contains_key(k)).count();
-            let wrong = table.iter().filter(|(k, v)| mirror.get(k).is_some_and(|s| *s != v.rule)).count();
-            // Every case is a flow's first packet: each entry is unanswered (state new), and
-            // counts against its source's quota exactly when an ingress packet made it.
+            let extra: Vec<_> = table.keys().filter(|k| !mirror.entries.contains_key(k)).collect();
+            let missing = mirror.entries.keys().filter(|k| !table.contains_key(k)).count();
+            let wrong = table
+                .iter()
+                .filter(|(k, v)| mirror.entries.get(k).is_some_and(|m| ctx.slot_of(m.rule) != v.rule))
+                .count();
+            // Each entry is in the modelled state, and counts against its source's quota
+            // exactly when an ingress packet made it.
             let life = table
                 .iter()
                 .filter(|(k, v)| {
-                    v.state != common::CtState::New as u32
-                        || (v.flags == common::FLOW_QUOTA_COUNTED) != (k.direction == common::DIR_INGRESS)
+                    mirror.entries.get(k).is_some_and(|m| m.state as u32 != v.state)
+                        || (v.flags == common::FLOW_QUOTA_COUNTED) != conntrack::counted(k)
                 })
                 .count();
             if !extra.is_empty() || missing > 0 || wrong > 0 || life > 0 {
@@ -521,7 +538,8 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
     eprintln!(
         "differential: {} cases under {} policies ({} rules, {} policy entries) in {:.1?}: {} allowed \
          (deciding rule: any-protocol {}, all-ports {}, port-prefix {}; {} matched by several rules), {} denied; \
-         deciding rule checked for {} allowed cases; {} draws redone to keep flows fresh\n  {}",
+         deciding rule checked for {} allowed cases ({} established, leaving new/established/closing/closed \
+         {:?}; {} lookups met an expired entry); {} ICMP error draws redone (quoting a tracked flow)\n  {}",
         tally.cases,
         n_policies,
         tally.rules,
@@ -534,6 +552,9 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
         tally.contested,
         tally.cases - tally.allowed,
         tally.rule_checks,
+        tally.established,
+        tally.hit_states,
+        tally.expired,
         tally.redrawn,
         kinds.join("\n  ")
     );
@@ -553,15 +574,15 @@ fn ebpf_verdicts_match_the_reference_evaluator() {
         return;
     }
     let mut text = mismatches.join("\n");
-    if let Some((policy, case, index)) = first {
+    if let Some((policy, cfg, history, index)) = first {
         let mut digest = 1 << 32;
-        match shrink(&mut bed, &policy, &case, &mut digest) {
-            Some((small, why)) => {
+        match shrink(&mut bed, &policy, cfg, &history, &mut digest) {
+            Some((small, steps, why)) => {
                 text += &format!(
-                    "\nMINIMAL REPRODUCTION of the first mismatch (policy #{index} shrunk, applied alone after the run): \
-                     {why}\n  packet: {:?}\n  wire: {}\npolicy:\n{}",
-                    case.eval,
-                    case.what,
+                    "\nMINIMAL REPRODUCTION of the first mismatch (policy #{index} and its packets shrunk, replayed \
+                     alone after the run): {why}\n  lifetimes (ms, WF_CT_CONFIG): {:?}\n{}policy:\n{}",
+                    cfg.timeouts_ms,
+                    describe_steps(&steps),
                     describe_policy(&small)
                 );
             }
@@ -633,9 +654,10 @@ fn self_check(bed: &mut Bed) {
         track: None,
         probes: Vec::new(),
     };
-    let check = |bed: &mut Bed, case: &Case| check_case(bed, &ctx, case, &case.wire.frame(L3_OFFSET));
-    assert!(check(bed, &tcp(1000)).is_ok_and(|d| d.allowed), "self-check: tcp to 80 must pass");
-    assert!(check(bed, &timestamp).is_ok_and(|d| d.allowed), "self-check: icmp must pass");
+    let mut mirror = Mirror::new(bed.ct_config);
+    let mut check = |bed: &mut Bed, case: &Case| check_case(bed, &ctx, &mut mirror, case, &case.wire.frame(L3_OFFSET));
+    assert!(check(bed, &tcp(1000)).is_ok_and(|d| d.decision.allowed), "self-check: tcp to 80 must pass");
+    assert!(check(bed, &timestamp).is_ok_and(|d| d.decision.allowed), "self-check: icmp must pass");
 
     let gen = (epoch & 1) as u8;
     let live: Vec<(Key<PolicyData>, PolicyValue)> = bed

@@ -26,7 +26,7 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 
@@ -34,7 +34,7 @@ impl Rng {
         self.below(100) < p
     }
 
-    fn pick<T: Copy>(&mut self, s: &[T]) -> T {
+    pub fn pick<T: Copy>(&mut self, s: &[T]) -> T {
         s[self.below(s.len() as u64) as usize]
     }
 
@@ -430,7 +430,7 @@ pub enum Kind {
     Tracked,
     /// ICMP informational other than echo.
     Untracked,
-    /// ICMP error (quoting a packet that is never in conntrack).
+    /// ICMP error (quoting a packet that is never in conntrack: the test redraws those).
     IcmpError,
     /// Non-first fragment.
     Fragment,
@@ -589,13 +589,19 @@ pub fn gen_case(rng: &mut Rng, view: &PolicyView) -> Case {
     } else if has_ports(proto) {
         let sport = if rng.pct(80) { rng.u16() } else { gen_port(rng) };
         let dport = gen_dport(rng, focus_ports, &view.ports);
-        let p = match proto {
+        let mut p = match proto {
             wire::IPPROTO_TCP => wire::Packet::tcp(src, dst, sport, dport),
             wire::IPPROTO_UDP => wire::Packet::udp(src, dst, sport, dport),
             wire::IPPROTO_SCTP => wire::Packet::sctp(src, dst, sport, dport),
             _ => wire::Packet::udplite(src, dst, sport, dport),
         };
-        (p, Some(dport), Kind::Tracked, format!("proto {proto} {sport}->{dport}"))
+        let mut what = format!("proto {proto} {sport}->{dport}");
+        // Mostly a SYN (it opens an entry); sometimes other flags (they open none).
+        if proto == wire::IPPROTO_TCP && rng.pct(20) {
+            p.l4[13] = super::conntrack::gen_flags(rng);
+            what += &format!(" flags {:#04x}", p.l4[13]);
+        }
+        (p, Some(dport), Kind::Tracked, what)
     } else if proto == icmp {
         let (req, rep) = echo_types(v6);
         let errors: &[u8] = if v6 { &[1, 2, 3, 4] } else { &[3, 11, 12] };
