@@ -270,14 +270,6 @@ impl Store {
         Ok(out)
     }
 
-    /// A node's credential hash and removed flag.
-    pub fn node_auth(&self, id: &str) -> Result<Option<(Vec<u8>, bool)>> {
-        Ok(self
-            .conn
-            .query_row("SELECT credential_hash, removed FROM nodes WHERE id = ?1", [id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?)
-    }
-
     /// The routes a live node may advertise (granted by its enrollment key).
     pub fn granted_routes(&self, id: &str) -> Result<Vec<IpNet>> {
         let text: String = self.conn.query_row("SELECT granted_routes FROM nodes WHERE id = ?1", [id], |r| r.get(0))?;
@@ -338,15 +330,6 @@ impl Store {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .optional()?)
-    }
-
-    /// A rotated credential the node has not used yet.
-    pub fn pending_credential(&self, id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .conn
-            .query_row("SELECT pending_credential_hash FROM nodes WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?
-            .flatten())
     }
 
     /// Whether an admin asked the node to rotate its credential.
@@ -562,8 +545,9 @@ mod tests {
         assert_eq!(rows[0].rec, node("n1"));
         assert_eq!(rows[0].applied_version, 3);
         assert_eq!(s.policy().unwrap(), Some(("p.toml".into(), "# empty".into(), 3)));
-        assert_eq!(s.node_auth("n1").unwrap(), Some((vec![1; 32], false)));
-        assert_eq!(s.node_auth("n2").unwrap(), None);
+        let credentials = credential_rows(&s.conn).unwrap();
+        assert_eq!(credentials.get("n1"), Some(&Entry { hash: vec![1; 32], pending: None, removed: false }));
+        assert_eq!(credentials.get("n2"), None);
         assert_eq!(s.granted_routes("n1").unwrap(), vec!["10.88.0.0/16".parse::<IpNet>().unwrap()]);
         assert_eq!(s.removed_with_key(&[7; 32]).unwrap(), None);
     }
