@@ -91,6 +91,16 @@ impl Packet {
         Packet::new(src, dst, IPPROTO_SCTP, h)
     }
 
+    /// A packet of a protocol with ports: TCP (a SYN), UDP, SCTP, and UDP-Lite for any other.
+    pub fn ported(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) -> Packet {
+        match proto {
+            IPPROTO_TCP => Packet::tcp(src, dst, sport, dport),
+            IPPROTO_UDP => Packet::udp(src, dst, sport, dport),
+            IPPROTO_SCTP => Packet::sctp(src, dst, sport, dport),
+            _ => Packet::udplite(src, dst, sport, dport),
+        }
+    }
+
     /// ICMP (IPv4) or ICMPv6 (IPv6) message: type, code, the 4 bytes after the checksum,
     /// then `body`.
     pub fn icmp(src: IpAddr, dst: IpAddr, ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Packet {

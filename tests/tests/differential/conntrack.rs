@@ -208,12 +208,7 @@ pub fn gen_follow_up(rng: &mut Rng, first: &Case) -> Case {
     };
     let proto = e.proto;
     let (p, port, what) = if has_ports(proto) {
-        let mut p = match proto {
-            wire::IPPROTO_TCP => wire::Packet::tcp(src, dst, sport, dport),
-            wire::IPPROTO_UDP => wire::Packet::udp(src, dst, sport, dport),
-            wire::IPPROTO_SCTP => wire::Packet::sctp(src, dst, sport, dport),
-            _ => wire::Packet::udplite(src, dst, sport, dport),
-        };
+        let mut p = wire::Packet::ported(src, dst, proto, sport, dport);
         let mut what = format!("proto {proto} {sport}->{dport}");
         if proto == IPPROTO_TCP {
             p.l4[13] = gen_flags(rng);

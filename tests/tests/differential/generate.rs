@@ -589,12 +589,7 @@ pub fn gen_case(rng: &mut Rng, view: &PolicyView) -> Case {
     } else if has_ports(proto) {
         let sport = if rng.pct(80) { rng.u16() } else { gen_port(rng) };
         let dport = gen_dport(rng, focus_ports, &view.ports);
-        let mut p = match proto {
-            wire::IPPROTO_TCP => wire::Packet::tcp(src, dst, sport, dport),
-            wire::IPPROTO_UDP => wire::Packet::udp(src, dst, sport, dport),
-            wire::IPPROTO_SCTP => wire::Packet::sctp(src, dst, sport, dport),
-            _ => wire::Packet::udplite(src, dst, sport, dport),
-        };
+        let mut p = wire::Packet::ported(src, dst, proto, sport, dport);
         let mut what = format!("proto {proto} {sport}->{dport}");
         // Mostly a SYN (it opens an entry); sometimes other flags (they open none).
         if proto == wire::IPPROTO_TCP && rng.pct(20) {
