@@ -24,6 +24,9 @@ use crate::reconcile::{ReconcileError, Reconciler};
 use crate::state::StateDir;
 use crate::wg;
 
+/// The least time between two conntrack sweeps (each walks the whole table).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 pub struct Agent {
     pub loaded: Loaded,
     /// The state directory's ownership record (and its lock).
@@ -135,6 +138,7 @@ impl Agent {
         let mut next = Duration::ZERO;
         let mut hot_loop = HotLoopGuard::default();
         let mut not_before = tokio::time::Instant::now();
+        let mut swept_at: Option<tokio::time::Instant> = None;
         // The last full pass converged without a failure: a config change may be planned
         // against the previous desired state instead of a fresh observation.
         let mut converged = false;
@@ -171,13 +175,18 @@ impl Agent {
                     }
                     converged = true;
                     self.follow_events(&mut denies);
-                    // Each resync pass also sweeps expired conntrack entries.
-                    match self.reconciler.sweep_conntrack().await {
-                        Ok(Some(s)) if s.expired > 0 => {
-                            tracing::debug!(expired = s.expired, live = s.live, "conntrack swept")
+                    // A good pass also sweeps expired conntrack entries: at most once per
+                    // SWEEP_INTERVAL, as a sweep walks the whole table and event-driven passes
+                    // can come in bursts.
+                    if swept_at.is_none_or(|t| t.elapsed() >= SWEEP_INTERVAL) {
+                        swept_at = Some(tokio::time::Instant::now());
+                        match self.reconciler.sweep_conntrack().await {
+                            Ok(Some(s)) if s.expired > 0 => {
+                                tracing::debug!(expired = s.expired, live = s.live, "conntrack swept")
+                            }
+                            Ok(_) => {}
+                            Err(error) => tracing::warn!(%error, "conntrack sweep failed"),
                         }
-                        Ok(_) => {}
-                        Err(error) => tracing::warn!(%error, "conntrack sweep failed"),
                     }
                     backoff = Duration::from_millis(250);
                     next = resync;
