@@ -32,7 +32,9 @@
 //! # Connection tracking
 //!
 //! An allowed new flow is recorded in [`CONNTRACK`] (a preallocated hash: entries leave by
-//! expiry or policy, never by eviction) under its forward tuple, with the policy epoch that
+//! expiry or policy, never by eviction) under its canonical tuple ([`FlowKey::canonical`]:
+//! the same for a packet and its reply, so one lookup finds the flow from either side; the
+//! entry's [`FLOW_SWAPPED`] says which way its first packet went), with the policy epoch that
 //! allowed it, its [`CtState`] and when it was last seen; past its state's lifetime
 //! ([`CtConfig`]) an entry is ignored and deleted. Ingress-made entries count against their
 //! source's quota ([`CT_QUOTA`]). A packet whose tuple, or reversed tuple, is in the
@@ -63,6 +65,11 @@ pub const CT_QUOTA: &str = "WF_CT_QUOTA";
 /// touched by the agent; each loaded object has its own. Tools may load a copy with 1 slot
 /// to measure the conntrack path.
 pub const FLOW_CACHE: &str = "WF_FLOW_CACHE";
+/// The programs' per-CPU cache of policy decisions (`ebpf/src/verdict_cache.rs`): not
+/// pinned, never touched by the agent. It relies on the agent never writing the live
+/// generation's maps (write the other generation, then flip the epoch). Loaded with 1 entry
+/// it never hits (tools measure the policy lookup so).
+pub const VERDICT_CACHE: &str = "WF_VERDICT_CACHE";
 
 /// Every pinned map of the object (the agent pins each under the interface's pin directory).
 pub const MAPS: [&str; 14] = [
@@ -322,6 +329,63 @@ impl FlowKey {
             _pad: [0; 2],
         }
     }
+
+    /// The key conntrack files this tuple's flow under, and whether it is [`reversed`]:
+    /// of the tuple and its reversal, the one whose (source address, source port) orders
+    /// first ([`tuple_swaps`]). A packet and its reply give the same key.
+    ///
+    /// [`reversed`]: FlowKey::reversed
+    pub fn canonical(&self) -> (FlowKey, bool) {
+        let swap = tuple_swaps(words(&self.src), words(&self.dst), self.sport, self.dport, self.direction);
+        (self.oriented(swap as u64), swap)
+    }
+
+    /// This tuple, [`reversed`] if `swap` is 1 (0: as it is), without a branch (the
+    /// programs' verifier would walk what follows once per orientation).
+    ///
+    /// [`reversed`]: FlowKey::reversed
+    #[inline(always)]
+    pub fn oriented(&self, swap: u64) -> FlowKey {
+        let (s, d) = (words(&self.src), words(&self.dst));
+        let (sp, dp) = (self.sport as u64, self.dport as u64);
+        let m = (swap & 1).wrapping_neg();
+        let pick = |a: u64, b: u64| a & !m | b & m;
+        FlowKey {
+            src: unwords([pick(s[0], d[0]), pick(s[1], d[1])]),
+            dst: unwords([pick(d[0], s[0]), pick(d[1], s[1])]),
+            sport: pick(sp, dp) as u16,
+            dport: pick(dp, sp) as u16,
+            proto: self.proto,
+            direction: self.direction ^ (swap & 1) as u8,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Whether a flow's canonical key is the reversal of the tuple (source `s`, port `sport`;
+/// destination `d`, port `dport`; addresses as native-endian words of their bytes;
+/// `direction`): the source orders after the destination, or, for a tuple whose two ends
+/// are the same (a host talking to itself), the direction is egress, so that such a
+/// packet and its answer share a key too. The order is arbitrary but fixed (the programs
+/// and the agent both use this function).
+#[inline(always)]
+pub fn tuple_swaps(s: [u64; 2], d: [u64; 2], sport: u16, dport: u16, direction: u8) -> bool {
+    (s[0], s[1], sport, direction & 1) > (d[0], d[1], dport, (direction & 1) ^ 1)
+}
+
+/// Two words back into a 16-byte address (memory order).
+#[inline(always)]
+fn unwords(w: [u64; 2]) -> [u8; 16] {
+    // SAFETY: 16 plain bytes either way.
+    unsafe { core::mem::transmute(w) }
+}
+
+/// A 16-byte address of a key as two native-endian words.
+#[inline(always)]
+pub fn words(a: &[u8; 16]) -> [u64; 2] {
+    // SAFETY: FlowKey is align(8) and its addresses sit at offsets 0 and 16, so both are
+    // 8-byte aligned wherever a key lives.
+    unsafe { *(a.as_ptr() as *const [u64; 2]) }
 }
 
 #[repr(C)]
@@ -342,6 +406,20 @@ pub struct FlowValue {
 /// `FlowValue::flags`: the entry was counted in [`CT_QUOTA`] under the packet source of the
 /// flow's first (ingress) packet, so whoever deletes it takes one off that count.
 pub const FLOW_QUOTA_COUNTED: u32 = 1;
+/// `FlowValue::flags`: the entry's key is the reversal of its flow's first packet
+/// ([`FlowKey::canonical`] swapped it).
+pub const FLOW_SWAPPED: u32 = 2;
+
+impl FlowValue {
+    /// The tuple of the first packet of the flow filed under `key` (the canonical key).
+    pub fn first_packet(&self, key: &FlowKey) -> FlowKey {
+        if self.flags & FLOW_SWAPPED != 0 {
+            key.reversed()
+        } else {
+            *key
+        }
+    }
+}
 
 /// Where a tracked flow is in its life; each state has its own idle timeout ([`CtConfig`]).
 #[repr(u32)]
@@ -579,6 +657,39 @@ mod inherit_tests {
 #[cfg(test)]
 mod key_tests {
     use super::*;
+
+    fn key(src: u8, sport: u16, dst: u8, dport: u16, direction: u8) -> FlowKey {
+        let addr = |b: u8| core::array::from_fn(|i| if i == 15 { b } else { 0xfd });
+        FlowKey { src: addr(src), dst: addr(dst), sport, dport, proto: 17, direction, _pad: [0; 2] }
+    }
+
+    #[test]
+    fn a_tuple_and_its_reply_share_one_canonical_key() {
+        for k in [key(1, 5000, 2, 53, 0), key(2, 53, 1, 5000, 1), key(9, 1, 9, 2, 0), key(9, 2, 9, 1, 1)] {
+            let (c, swapped) = k.canonical();
+            let (r, rswapped) = k.reversed().canonical();
+            assert_eq!(c, r, "{k:?}");
+            assert_ne!(swapped, rswapped, "{k:?}: exactly one of the two orientations is swapped");
+            let value = FlowValue { flags: if swapped { FLOW_SWAPPED } else { 0 }, ..Default::default() };
+            assert_eq!(value.first_packet(&c), k);
+        }
+        // The direction is part of the flow: the same tuple the other way in is another flow.
+        assert_ne!(key(1, 5000, 2, 53, 0).canonical().0, key(1, 5000, 2, 53, 1).canonical().0);
+        // A packet to itself (same address and port) and its answer: the ingress one is
+        // the canonical key.
+        assert_eq!(key(3, 7, 3, 7, 0).canonical(), (key(3, 7, 3, 7, 0), false));
+        assert_eq!(key(3, 7, 3, 7, 1).canonical(), (key(3, 7, 3, 7, 0), true));
+    }
+
+    #[test]
+    fn the_source_decides_then_the_source_port() {
+        let (lo, hi) = (key(1, 9, 2, 1, 0), key(2, 1, 1, 9, 0));
+        assert!(!lo.canonical().1 && hi.canonical().1);
+        let (lo, hi) = (key(5, 1, 5, 9, 0), key(5, 9, 5, 1, 0));
+        assert!(!lo.canonical().1 && hi.canonical().1);
+        assert_eq!(hi.oriented(0), hi);
+        assert_eq!(hi.oriented(1), hi.reversed());
+    }
 
     #[test]
     fn key_decoders_invert_the_constructors() {

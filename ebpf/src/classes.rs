@@ -29,15 +29,12 @@ static DST_V6: HashMap<[u64; 3], ClassValue> = HashMap::with_max_entries(c::MAX_
 #[map(name = "WF_CLASS_LENS")]
 static CLASS_LENS: Array<ClassLens> = Array::with_max_entries(c::CLASS_LENS_ENTRIES, 0);
 
-/// The class of address `a` (IPv4-mapped unless `v6`; 8-byte aligned, as in a `Pkt`'s key)
-/// in the source (`dst == false`) or destination map of generation `gen`.
+/// The class of address `a` (IPv4-mapped unless `v6`; its 16 bytes as two words in memory
+/// order) in the source (`dst == false`) or destination map of generation `gen`.
 #[inline(always)]
-pub fn class_of(dst: bool, v6: bool, gen: u8, a: &[u8; 16]) -> u32 {
-    // SAFETY: `a` is 8-byte aligned and 16 bytes long. Wire order -> numbers.
-    let (hi, lo) = unsafe {
-        let w = a.as_ptr() as *const u64;
-        (u64::from_be(w.read()), u64::from_be(w.add(1).read()))
-    };
+pub fn class_of(dst: bool, v6: bool, gen: u8, a: &[u64; 2]) -> u32 {
+    // Wire order -> numbers.
+    let (hi, lo) = (u64::from_be(a[0]), u64::from_be(a[1]));
     wf_class_of(dst as u32, v6 as u32, gen as u32, hi, lo)
 }
 

@@ -1,7 +1,9 @@
-//! Connection tracking: a hash of the flows the policy allowed, keyed by the tuple of each
-//! flow's first packet and holding the rule and policy epoch that allowed it, its state and
-//! when it was last seen. A packet whose tuple or reversed tuple is there, not expired, is
-//! established; an entry from an older epoch is judged again under the live policy first.
+//! Connection tracking: a hash of the flows the policy allowed, keyed by each flow's
+//! canonical tuple (`FlowKey::canonical`: a packet and its reply share it, so one lookup
+//! serves both directions; `FLOW_SWAPPED` records which way the first packet went) and
+//! holding the rule and policy epoch that allowed it, its state and when it was last seen.
+//! A packet whose flow is there, not expired, is established; an entry from an older epoch
+//! is judged again under the live policy first.
 //!
 //! Lifetimes: each state has an idle timeout (`CT_CONFIG`, defaults in common). An expired
 //! entry is deleted by the lookup that finds it (the agent's sweeper deletes the others), so
@@ -20,7 +22,7 @@ use aya_ebpf::{
 use wirefence_common::{self as c, CtConfig, CtState, FlowKey, FlowValue};
 
 use crate::parse::Pkt;
-use crate::policy::policy_rule;
+use crate::policy::{self, policy_rule};
 
 #[map(name = "WF_CONNTRACK")]
 static CONNTRACK: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(c::MAX_CONNTRACK, 0);
@@ -65,28 +67,44 @@ fn config() -> Option<&'static CtConfig> {
     CT_CONFIG.get(0)
 }
 
-/// The rule of the established flow `pkt` belongs to (forward or reversed tuple), after
-/// re-checking an entry of an older epoch, with [`CACHEABLE`] set when the flow cache may
-/// keep it; `NO_RULE` if there is none (any more). `quoted`: `pkt` is the packet an ICMP
-/// error quotes, which neither advances nor refreshes the entry.
+/// The rule of the established flow `pkt` belongs to (either way: one lookup of the
+/// canonical tuple), after re-checking an entry of an older epoch, with [`CACHEABLE`] set
+/// when the flow cache may keep it; `NO_RULE` if there is none (any more). `quoted`: `pkt`
+/// is the packet an ICMP error quotes, which neither advances nor refreshes the entry.
 #[inline(never)]
 pub fn established(pkt: &Pkt, epoch: u32, now: u64, quoted: bool) -> u64 {
-    if let Some(v) = CONNTRACK.get_ptr_mut(&pkt.key) {
-        return track(v, &pkt.key, pkt, false, quoted, epoch, now);
-    }
-    let rev = pkt.key.reversed();
-    if let Some(v) = CONNTRACK.get_ptr_mut(&rev) {
-        return track(v, &rev, pkt, true, quoted, epoch, now);
-    }
-    c::NO_RULE as u64
+    let swap = swaps(&pkt.key);
+    let key = pkt.key.oriented(swap);
+    let Some(v) = CONNTRACK.get_ptr_mut(&key) else { return c::NO_RULE as u64 };
+    track(v, &key, pkt, swap, quoted, epoch, now)
 }
 
-/// `key` is the entry's key (the flow's first packet); `reply`: `pkt` goes the other way.
+/// 1 if `key`'s canonical form is its reversal (`FlowKey::canonical`), else 0.
+#[inline(always)]
+fn swaps(key: &FlowKey) -> u64 {
+    let (s, d) = (c::words(&key.src), c::words(&key.dst));
+    let rest = key.sport as u64 | (key.dport as u64) << 16 | (key.direction as u64) << 32;
+    wf_flow_swaps(s[0], s[1], d[0], d[1], rest)
+}
+
+/// `wirefence_common::tuple_swaps` as 0 or 1 (`rest`: source port | destination port << 16
+/// | direction << 32).
+/// A global function: its result is opaque to the verifier, which so walks the rest of
+/// the conntrack path once, not once per orientation of the tuple.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn wf_flow_swaps(s0: u64, s1: u64, d0: u64, d1: u64, rest: u64) -> u64 {
+    c::tuple_swaps([s0, s1], [d0, d1], rest as u16, (rest >> 16) as u16, (rest >> 32) as u8) as u64
+}
+
+/// `key` is the entry's (canonical) key; `swap`: 1 if `pkt`'s tuple is its reversal.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn track(v: *mut FlowValue, key: &FlowKey, pkt: &Pkt, reply: bool, quoted: bool, epoch: u32, now: u64) -> u64 {
+fn track(v: *mut FlowValue, key: &FlowKey, pkt: &Pkt, swap: u64, quoted: bool, epoch: u32, now: u64) -> u64 {
     // SAFETY: a conntrack value pointer from a lookup, valid for this program run.
     let v = unsafe { &mut *v };
+    // `pkt` goes the other way from the flow's first packet.
+    let reply = swap != (v.flags & c::FLOW_SWAPPED) as u64 >> 1;
     let cfg = config();
     let lifetime = timeout_ns(cfg, key.proto, v.state);
     // Signed: another CPU may have stamped the entry after this packet read the clock.
@@ -96,8 +114,16 @@ fn track(v: *mut FlowValue, key: &FlowKey, pkt: &Pkt, reply: bool, quoted: bool,
         return c::NO_RULE as u64;
     }
     if v.epoch != epoch {
+        // The flow's first packet is judged again: its tuple and its policy port.
         let port = if reply { pkt.reply_port } else { pkt.port };
-        let rule = policy_rule(key, pkt.v6 != 0, port, (epoch & 1) as u8, true);
+        let mut flags = policy::PORT_KNOWN;
+        if pkt.v6 != 0 {
+            flags |= policy::V6;
+        }
+        if v.flags & c::FLOW_SWAPPED != 0 {
+            flags |= policy::REVERSED;
+        }
+        let rule = policy_rule(key, port, epoch, flags);
         if rule == c::NO_RULE {
             remove(key, v.flags);
             return c::NO_RULE as u64;
@@ -145,11 +171,12 @@ fn track(v: *mut FlowValue, key: &FlowKey, pkt: &Pkt, reply: bool, quoted: bool,
     v.rule as u64 | if cacheable { CACHEABLE } else { 0 }
 }
 
-/// Deletes the entry `key`, releasing its quota count if this call deleted it.
+/// Deletes the entry `key` (canonical), releasing its quota count if this call deleted it.
 #[inline(always)]
 fn remove(key: &FlowKey, flags: u32) {
     if CONNTRACK.remove(key).is_ok() && flags & c::FLOW_QUOTA_COUNTED != 0 {
-        quota_release(&key.src);
+        // The count is the first packet's source's.
+        quota_release(if flags & c::FLOW_SWAPPED != 0 { &key.dst } else { &key.src });
     }
 }
 
@@ -172,7 +199,10 @@ pub fn insert(key: &FlowKey, value: &mut FlowValue) -> bool {
         }
         value.flags = c::FLOW_QUOTA_COUNTED;
     }
-    match CONNTRACK.insert(key, value, BPF_NOEXIST as u64) {
+    let swap = swaps(key);
+    let canonical = key.oriented(swap);
+    value.flags |= (swap as u32 & 1) * c::FLOW_SWAPPED;
+    match CONNTRACK.insert(&canonical, value, BPF_NOEXIST as u64) {
         Ok(()) => true,
         Err(e) => {
             if counted {

@@ -2,8 +2,9 @@
 //! parser and one decision function. Map names, layouts and semantics are the contract in
 //! `wirefence-common` (common/src/lib.rs); this crate implements it. This file holds the
 //! entry points and the decision; the parser ([`parse`]), conntrack ([`conntrack`]), the
-//! policy lookup ([`policy`]), counters and events ([`events`]), the class probes
-//! ([`classes`]) and the flow cache ([`flow_cache`]) are modules of their own.
+//! policy lookup ([`policy`]) and its cache ([`verdict_cache`]), counters and events
+//! ([`events`]), the class probes ([`classes`]) and the flow cache ([`flow_cache`]) are
+//! modules of their own.
 //!
 //! # Per packet
 //!
@@ -24,8 +25,9 @@
 //!    never to OK.
 //! 4. Established: first the per-CPU flow cache ([`flow_cache`]: the verdict conntrack gave
 //!    this tuple under the live epoch, less than 250 jiffies ago; never for a TCP SYN, FIN
-//!    or RST, which change the flow's state), then the conntrack entry of the forward
-//!    tuple, then of the reversed tuple. An entry past its state's lifetime ([`conntrack`])
+//!    or RST, which change the flow's state), then the conntrack entry of the flow: one
+//!    lookup of the canonical tuple, which a packet and its reply share. An entry past its
+//!    state's lifetime ([`conntrack`])
 //!    is deleted and the packet judged as new. A hit advances the TCP/answered state and
 //!    refills the cache if the flow is not closing and lives long enough (a FIN or RST
 //!    clears this CPU's slots of the flow).
@@ -34,18 +36,19 @@
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet
 //!    passes; no longer allowed => the entry is deleted and the packet is judged as a new
 //!    flow (for a flow the policy no longer allows in either direction, that drops it).
-//! 5. New: class of the source and of the destination ([`classes`]: hash probes at the
-//!    prefix lengths present, longest first; class 0 on a miss), then one policy LPM lookup; the entry's rule for the packet's direction
-//!    decides. Allowed: conntrack entry (TCP: only from a SYN; an ingress flow counts
+//! 5. New: this CPU's [`verdict_cache`] of recent policy decisions under the live epoch;
+//!    on a miss, class of the source and of the destination ([`classes`]: hash probes at
+//!    the prefix lengths present, longest first; class 0 on a miss), then one policy LPM
+//!    lookup; the entry's rule for the packet's direction decides. Allowed: conntrack entry (TCP: only from a SYN; an ingress flow counts
 //!    against its source's quota; over it, or with the table full, the packet passes
 //!    untracked, `CT_UNTRACKED`), `ALLOWED_NEW`, `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
 //!
-//! Per packet this is at most: 1 array read, 1 flow-cache slot, 2 conntrack lookups (of
-//! the packet's flow, or of the flow an ICMP error quotes), 2 class lookups (a hash probe
-//! per prefix length the policy uses) and 1 policy lookup (all three repeated once when an
-//! old-epoch entry is re-checked), a conntrack insert or delete, and counter/event-budget
+//! Per packet this is at most: 1 array read, 1 flow-cache slot, 1 conntrack lookup (of
+//! the packet's flow, or of the flow an ICMP error quotes), 1 verdict-cache slot, 2 class
+//! lookups (a hash probe per prefix length the policy uses) and 1 policy lookup (the last
+//! four repeated once when an old-epoch entry is re-checked), a conntrack insert or delete, and counter/event-budget
 //! updates: a number that does not grow with the rule count.
 //!
 //! # Ports and ICMP
@@ -100,6 +103,7 @@ mod events;
 mod flow_cache;
 mod parse;
 mod policy;
+mod verdict_cache;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -173,6 +177,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         return Ok(DROP);
     };
     let flags = if v6 { PARSE_V6 } else { 0 };
+    let family = if v6 { policy::V6 } else { 0 };
     let mut slot = core::mem::MaybeUninit::uninit();
     let frame = Frame::of(ctx);
     let off = WF_L3_OFFSET.load();
@@ -196,11 +201,10 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     // The coarse clock (jiffies resolution) is a plain load; the precise one reads the TSC.
     // Both users (conntrack age, event bucket) are fine with milliseconds.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let gen = st.generation();
 
     if pkt.kind == KIND_FRAGMENT {
         count(stat::FRAGMENTS, len);
-        let rule = policy_rule(&pkt.key, v6, 0, gen, false);
+        let rule = policy_rule(&pkt.key, 0, st.epoch, family);
         if rule == c::NO_RULE {
             return Ok(deny(&pkt.key, len, now));
         }
@@ -234,7 +238,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         }
     }
 
-    let rule = policy_rule(&pkt.key, v6, pkt.port, gen, true);
+    let rule = policy_rule(&pkt.key, pkt.port, st.epoch, family | policy::PORT_KNOWN);
     if rule == c::NO_RULE {
         return Ok(deny(&pkt.key, len, now));
     }

@@ -1,6 +1,7 @@
 //! The policy of the live generation: the state word (epoch, initialised) read once per
 //! packet, and the one policy LPM lookup keyed by (generation, source class, destination
-//! class, protocol, port) that yields the deciding rule per direction.
+//! class, protocol, port) that yields the deciding rule per direction, behind the per-CPU
+//! [`verdict_cache`].
 
 use aya_ebpf::{
     macros::map,
@@ -8,7 +9,7 @@ use aya_ebpf::{
 };
 use wirefence_common::{self as c, FlowKey, PolicyData, PolicyState, PolicyValue};
 
-use crate::classes;
+use crate::{classes, verdict_cache};
 
 #[map(name = "WF_STATE")]
 static STATE: Array<PolicyState> = Array::with_max_entries(1, 0);
@@ -34,28 +35,81 @@ pub fn read_state() -> Option<PolicyState> {
     Some(st)
 }
 
-/// The deciding rule for the flow `key` (its addresses, protocol and direction) with policy
-/// port `port` under generation `gen`; `NO_RULE` if none matches (so a policy value holding
-/// `NO_RULE` denies, too). `port_known == false` limits the match to rules for any protocol
-/// or all ports.
+/// [`policy_rule`]'s `flags`: the addresses are IPv6.
+pub const V6: u32 = 1;
+/// [`policy_rule`]'s `flags`: the port is known (not a non-first fragment).
+pub const PORT_KNOWN: u32 = 2;
+/// [`policy_rule`]'s `flags`: judge the reversal of `key` (the other way, the other
+/// direction), as for an entry filed under its flow's reversed tuple.
+pub const REVERSED: u32 = 4;
+
+/// The deciding rule for the flow `key` (its addresses, protocol and direction; reversed
+/// with [`REVERSED`]) with policy port `port` under the live `epoch` (its generation);
+/// `NO_RULE` if none matches (so a policy value holding `NO_RULE` denies, too). Without
+/// [`PORT_KNOWN`] the match is limited to rules for any protocol or all ports.
+#[inline(always)]
+pub fn policy_rule(key: &FlowKey, port: u16, epoch: u32, flags: u32) -> u32 {
+    let rev = flags & REVERSED != 0;
+    let (src, dst) = if rev { (&key.dst, &key.src) } else { (&key.src, &key.dst) };
+    let (s, d) = (words(src), words(dst));
+    let known = flags & PORT_KNOWN != 0;
+    let port = if known { port } else { 0 };
+    let meta = port as u64
+        | (key.proto as u64) << 16
+        | ((key.direction ^ rev as u8) as u64 & 1) << 24
+        | ((flags & V6 != 0) as u64) << 25
+        | (known as u64) << 26
+        | 1 << 27
+        | (epoch as u64) << 32;
+    wf_policy_rule(s[0], s[1], d[0], d[1], meta)
+}
+
+/// A 16-byte address of a key as two words in memory order.
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u64; 2] {
+    // SAFETY: addresses of 8-byte aligned keys (FlowKey is align(8), `src`/`dst` at 0/16).
+    unsafe { *(a.as_ptr() as *const [u64; 2]) }
+}
+
+/// [`policy_rule`] on the addresses as memory-order words and `meta`: port (bits 0-15),
+/// protocol (16-23), direction (24), IPv6 (25), port known (26), always 1 (27: no `meta`
+/// is 0, the tag of an empty cache slot), epoch (32-63). Answered
+/// from this CPU's [`verdict_cache`] when it holds the decision. A global function (scalar
+/// arguments), so the verifier checks it once, not again in every calling context.
+#[no_mangle]
 #[inline(never)]
-pub fn policy_rule(key: &FlowKey, v6: bool, port: u16, gen: u8, port_known: bool) -> u32 {
-    let sc = classes::class_of(false, v6, gen, &key.src);
-    let dc = classes::class_of(true, v6, gen, &key.dst);
-    let bits = if port_known { c::POLICY_BITS_ALL } else { c::POLICY_BITS_TO_PROTO };
-    let port = if port_known { port } else { 0 };
+pub extern "C" fn wf_policy_rule(s0: u64, s1: u64, d0: u64, d1: u64, meta: u64) -> u32 {
+    let (src, dst) = ([s0, s1], [d0, d1]);
+    if let Some(rule) = verdict_cache::lookup(&src, &dst, meta) {
+        return rule;
+    }
+    let rule = lookup(&src, &dst, meta);
+    verdict_cache::remember(&src, &dst, meta, rule);
+    rule
+}
+
+/// [`wf_policy_rule`] without the cache: the class probes and the policy LPM lookup.
+#[inline(always)]
+fn lookup(src: &[u64; 2], dst: &[u64; 2], meta: u64) -> u32 {
+    let gen = (meta >> 32) as u8 & 1;
+    let v6 = meta >> 25 & 1 != 0;
+    let known = meta >> 26 & 1 != 0;
+    let (proto, port) = ((meta >> 16) as u8, meta as u16);
+    let sc = classes::class_of(false, v6, gen, src);
+    let dc = classes::class_of(true, v6, gen, dst);
+    let bits = if known { c::POLICY_BITS_ALL } else { c::POLICY_BITS_TO_PROTO };
     let (s, d, p) = (sc.to_be_bytes(), dc.to_be_bytes(), port.to_be_bytes());
     let k = [
         bits,
         word([gen, s[0], s[1], s[2]]),
         word([s[3], d[0], d[1], d[2]]),
-        word([d[3], key.proto, p[0], p[1]]),
+        word([d[3], proto, p[0], p[1]]),
         0,
     ];
     // SAFETY: same size and layout as the packed Key<PolicyData> (alignment 1).
     match POLICY.get(unsafe { &*(k.as_ptr() as *const Key<PolicyData>) }) {
         // The entry names a rule per direction (the key has none).
-        Some(v) if key.direction == c::DIR_INGRESS => v.rules[0],
+        Some(v) if (meta >> 24) as u8 & 1 == c::DIR_INGRESS => v.rules[0],
         Some(v) => v.rules[1],
         None => c::NO_RULE,
     }

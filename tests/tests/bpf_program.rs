@@ -333,8 +333,10 @@ impl Bed {
         out
     }
 
+    /// The table, each entry under its flow's first-packet tuple (it is filed under the
+    /// canonical one).
     fn conntrack(&mut self) -> Vec<(FlowKey, common::FlowValue)> {
-        self.p.conntrack().unwrap().iter().map(|r| r.unwrap()).collect()
+        self.p.conntrack().unwrap().iter().map(|r| r.unwrap()).map(|(k, v)| (v.first_packet(&k), v)).collect()
     }
 }
 
@@ -1318,5 +1320,131 @@ fn sweep_deletes_expired_entries_and_recounts_quotas() {
         let quota = bed.p.ct_quota().unwrap();
         assert_eq!(quota.get(&qp, 0).unwrap(), 1, "{fam}: peer count");
         assert!(quota.get(&qt, 0).is_err(), "{fam}: a source without entries is forgotten");
+    }
+}
+
+/// Conntrack files a flow once, under its canonical tuple (`FlowKey::canonical`), whichever
+/// of its two endpoints orders first: for a peer whose flows are stored as sent and one
+/// whose flows are stored reversed, the answer is established, the table holds one entry
+/// per flow, the quota (also after a sweep's recount) is the first packet's source's, and
+/// after a flip the entry is judged again as its first packet (still allowed: stays; no
+/// longer: removed, its quota count released).
+#[test]
+fn conntrack_files_each_flow_once_whichever_side_orders_first() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let l = h.local;
+            let key = |x: IpAddr| FlowKey {
+                src: mapped(x),
+                dst: mapped(l),
+                sport: 5000,
+                dport: 53,
+                proto: IPPROTO_UDP,
+                direction: DIR_INGRESS,
+                _pad: [0; 2],
+            };
+            let peers = [h.peer, h.stranger, h.trusted, h.router];
+            let kept = *peers.iter().find(|x| !key(**x).canonical().1).expect("a peer stored as sent");
+            let moved = *peers.iter().find(|x| key(**x).canonical().1).expect("a peer stored reversed");
+            let to_l = |x| rule(DIR_INGRESS, &[x], &[l], Some(IPPROTO_UDP), None);
+            let mut bed = Bed::new(off, &[to_l(kept), to_l(moved)]);
+            for x in [kept, moved] {
+                let what = format!("{fam} {x}");
+                bed.expect(&format!("{what} query"), DIR_INGRESS, &Packet::udp(x, l, 5000, 53), Pass, NEW);
+                bed.expect(&format!("{what} answer"), DIR_EGRESS, &Packet::udp(l, x, 53, 5000), Pass, EST);
+                bed.expect(&format!("{what} next query"), DIR_INGRESS, &Packet::udp(x, l, 5000, 53), Pass, EST);
+            }
+            let raw: Vec<(FlowKey, common::FlowValue)> = bed.p.conntrack().unwrap().iter().map(|r| r.unwrap()).collect();
+            assert_eq!(raw.len(), 2, "{fam}: one entry per flow");
+            for x in [kept, moved] {
+                let (canonical, swapped) = key(x).canonical();
+                let (_, v) = raw.iter().find(|(k, _)| *k == canonical).expect("entry under the canonical key");
+                assert_eq!(v.flags & common::FLOW_SWAPPED != 0, swapped, "{fam} {x}: orientation recorded");
+                assert_eq!(v.first_packet(&canonical), key(x));
+            }
+            let count = |bed: &mut Bed, x: IpAddr| bed.p.ct_quota().unwrap().get(&common::quota_key(&mapped(x)), 0).ok();
+            for x in [kept, moved] {
+                assert_eq!(count(&mut bed, x), Some(1), "{fam} {x}: counted against the first packet's source");
+            }
+            assert_eq!(count(&mut bed, l), None, "{fam}: nothing counted against the local end");
+            bed.p.sweep_conntrack().unwrap();
+            for x in [kept, moved] {
+                assert_eq!(count(&mut bed, x), Some(1), "{fam} {x}: the sweep recounts the first packet's source");
+            }
+            assert_eq!(count(&mut bed, l), None, "{fam}: the sweep counts nothing for the local end");
+
+            // Generation 1 keeps one of the two rules: each entry is judged as its first packet.
+            for (stays, goes) in [(kept, moved), (moved, kept)] {
+                let mut bed = Bed::new(off, &[to_l(kept), to_l(moved)]);
+                for x in [kept, moved] {
+                    bed.expect(&format!("{fam} {x} query"), DIR_INGRESS, &Packet::udp(x, l, 5000, 53), Pass, NEW);
+                }
+                fill(&mut bed.p, 1, &[to_l(stays)]);
+                bed.p.set_state(PolicyState { epoch: 1, initialized: 1 }).unwrap();
+                let what = format!("{fam} after the flip");
+                bed.expect(&format!("{what}: answer to {stays}"), DIR_EGRESS, &Packet::udp(l, stays, 53, 5000), Pass, EST);
+                bed.expect(
+                    &format!("{what}: answer to {goes}"),
+                    DIR_EGRESS,
+                    &Packet::udp(l, goes, 53, 5000),
+                    Drop,
+                    DENIED,
+                );
+                assert_eq!(bed.conntrack().len(), 1, "{what}: the revoked flow's entry is gone");
+                assert_eq!(count(&mut bed, stays), Some(1), "{what}: {stays} still counted");
+                assert_eq!(count(&mut bed, goes), Some(0), "{what}: {goes}'s count released");
+            }
+        }
+    }
+}
+
+/// New flows are judged through the per-CPU verdict cache (`ebpf/src/verdict_cache.rs`),
+/// which must answer exactly as the policy: flows that differ only in source port share a
+/// decision, a neighbour that differs in anything the policy reads (destination port,
+/// protocol, direction, either address, family) gets its own, and after a flip no decision
+/// of the old epoch answers.
+#[test]
+fn verdict_cache_answers_exactly_as_the_policy() {
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l) = (h.peer, h.local);
+            let fam = if is_v6 { "v6" } else { "v4" };
+            let rules = [
+                /* 0 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((443, 443))),
+                /* 1 */ rule(DIR_INGRESS, &[h.trusted], &[l], Some(IPPROTO_UDP), Some((53, 53))),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            for sport in 40000..40040 {
+                bed.expect(&format!("{fam} SYN from {sport}"), DIR_INGRESS, &Packet::tcp(p, l, sport, 443), Pass, NEW);
+            }
+            // Each differs from the cached decision in one input the policy reads.
+            let neighbours = [
+                ("other port", DIR_INGRESS, Packet::tcp(p, l, 40000, 444)),
+                ("other protocol", DIR_INGRESS, Packet::udp(p, l, 40001, 443)),
+                ("other direction", DIR_EGRESS, Packet::tcp(p, l, 40002, 443)),
+                ("other source", DIR_INGRESS, Packet::tcp(h.stranger, l, 40003, 443)),
+                ("other destination", DIR_INGRESS, Packet::tcp(p, h.trusted, 40004, 443)),
+                ("reversed", DIR_INGRESS, Packet::tcp(l, p, 40005, 443)),
+            ];
+            for round in 0..2 {
+                for (what, dir, pkt) in &neighbours {
+                    bed.expect(&format!("{fam} {what}"), *dir, pkt, Drop, DENIED);
+                }
+                let dns = Packet::udp(h.trusted, l, 5353 + round, 53);
+                bed.expect(&format!("{fam} dns"), DIR_INGRESS, &dns, Pass, NEW);
+            }
+            // The other family's packet with the same addresses cannot exist (IPv4 is
+            // IPv4-mapped, and a mapped IPv6 packet is malformed), so the family is covered
+            // by the key; the epoch next.
+            fill(&mut bed.p, 1, &rules[1..]);
+            bed.p.set_state(PolicyState { epoch: 1, initialized: 1 }).unwrap();
+            bed.expect(&format!("{fam} SYN after the flip"), DIR_INGRESS, &Packet::tcp(p, l, 40040, 443), Drop, DENIED);
+            fill(&mut bed.p, 0, &rules);
+            bed.p.set_state(PolicyState { epoch: 2, initialized: 1 }).unwrap();
+            bed.expect(&format!("{fam} SYN after the flip back"), DIR_INGRESS, &Packet::tcp(p, l, 40041, 443), Pass, NEW);
+        }
     }
 }

@@ -69,6 +69,10 @@ pub struct BenchPolicyArgs {
     #[arg(long, default_value_t = 1.5)]
     flow_seconds: f64,
 
+    /// Throughput part: measure only UDP new flows/s (no iperf3 stream, no TCP connections).
+    #[arg(long)]
+    udp_only: bool,
+
     /// Rounds of the throughput cases (interleaved); the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
@@ -187,6 +191,7 @@ pub fn run(args: BenchPolicyArgs) -> Result<()> {
                 seconds: args.iperf_seconds,
                 rounds: args.rounds,
                 flow_seconds: args.flow_seconds,
+                udp_only: args.udp_only,
             };
             report.throughput = Some(throughput::run(&root, &work, &p)?);
         }
@@ -259,8 +264,10 @@ impl Report {
             args.reps, args.repeat
         );
         println!(
-            "   new (denied): SYN on a port no rule allows, from the last rule's source to its destination: full path \
-             (2 conntrack misses, 2 class hash probes + 1 policy LPM lookup), nothing inserted"
+            "   new (denied): SYN on a port no rule allows, from the last rule's source to its destination, through a copy \
+             without the per-CPU caches: full path (2 conntrack misses, 2 class hash probes + 1 policy LPM lookup), \
+             nothing inserted; cached: the same through the programs as loaded, where the verdict cache answers the \
+             policy lookup (as for a run of new flows differing only in source port)"
         );
         println!(
             "   est fwd / est reply: ACK of a conntrack entry of the current epoch, repeated: the per-CPU flow cache hits; \
@@ -278,7 +285,7 @@ impl Report {
         );
         println!();
         println!(
-            "{:<6} {:>7} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>8} {:>8} {:>11} {:>14} {:>9} {:>9}",
+            "{:<6} {:>7} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>11} {:>14} {:>9} {:>9}",
             "family",
             "rules",
             "entries",
@@ -286,6 +293,7 @@ impl Report {
             "apply",
             "no-op",
             "not-IP",
+            "new",
             "new",
             "est fwd",
             "est",
@@ -295,7 +303,7 @@ impl Report {
             "est"
         );
         println!(
-            "{:<6} {:>7} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>8} {:>8} {:>11} {:>14} {:>9} {:>9}",
+            "{:<6} {:>7} {:>8} {:>9} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>11} {:>14} {:>9} {:>9}",
             "",
             "",
             "",
@@ -304,6 +312,7 @@ impl Report {
             "ns",
             "ns",
             "denied",
+            "cached",
             "ns",
             "reply ns",
             "fwd/rep ns",
@@ -321,7 +330,7 @@ impl Report {
                 .map(|b| b.denied_new)
                 .unwrap_or(f64::NAN);
             println!(
-                "{:<6} {:>7} {:>8} {:>9.1} {:>9.1} {:>6.1} {:>7.1} {:>7.1} {:>8.1} {:>8.1} {:>11} {:>7.0} ({:>4.0}) {:>8.2}x {:>8.2}x",
+                "{:<6} {:>7} {:>8} {:>9.1} {:>9.1} {:>6.1} {:>7.1} {:>7.1} {:>7.1} {:>8.1} {:>8.1} {:>11} {:>7.0} ({:>4.0}) {:>8.2}x {:>8.2}x",
                 perpacket::fam(r.v6),
                 r.rules,
                 r.entries,
@@ -330,6 +339,7 @@ impl Report {
                 r.noop,
                 r.not_ip,
                 r.denied_new,
+                r.denied_cached,
                 r.est_fwd,
                 r.est_reply,
                 format!("{:.0}/{:.0}", r.est_fwd_ct, r.est_reply_ct),

@@ -92,7 +92,8 @@ where
         }
         stats.live += 1;
         if value.flags & common::FLOW_QUOTA_COUNTED != 0 {
-            *counts.entry(common::quota_key(&key.src)).or_default() += 1;
+            let source = value.first_packet(&key).src;
+            *counts.entry(common::quota_key(&source)).or_default() += 1;
         }
     }
     let sources: Vec<[u8; 16]> = quota.keys().collect::<Result<_, _>>().map_err(on(common::CT_QUOTA))?;

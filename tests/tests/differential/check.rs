@@ -2,7 +2,6 @@
 //! reference conntrack first for tracked packets, then `evaluate`), the run, and the
 //! comparisons of verdict, deciding rule and the conntrack entries the packet can meet.
 
-use aya::maps::MapError;
 use wirefence_agent::policy::{evaluate, Decision};
 use wirefence_common::{self as common, Counter, FlowKey};
 use wirefence_tests::bpf::{TC_ACT_OK, TC_ACT_SHOT};
@@ -57,7 +56,7 @@ pub fn check_case(bed: &mut Bed, ctx: &Ctx, mirror: &mut Mirror, case: &Case, fr
     if result.is_err() {
         // Keep the table equal to the mirror for the cases that follow.
         for k in tracked.map(|k| vec![k, k.reversed()]).unwrap_or_default() {
-            let _ = bed.conntrack.remove(&k);
+            bed.ct_remove(&k);
             mirror.entries.remove(&k);
         }
     }
@@ -101,11 +100,7 @@ fn compare(
     }
     let Some(key) = (if case.kind == Kind::Tracked { case.track } else { None }) else { return Ok(()) };
     for k in [key, key.reversed()] {
-        let real = match bed.conntrack.get(&k, 0) {
-            Ok(v) => Some(v),
-            Err(MapError::KeyNotFound) => None,
-            Err(e) => panic!("conntrack lookup: {e}"),
-        };
+        let real = bed.ct_get(&k);
         let model = mirror.entries.get(&k);
         match (real, model) {
             (None, None) => {}

@@ -162,22 +162,25 @@ pub struct Shared {
     pub ebpf: aya::Ebpf,
 }
 
-/// Whether a [`Shared`] copy has the per-CPU flow cache in front of conntrack.
+/// Whether a [`Shared`] copy has its per-CPU caches (flow cache in front of conntrack,
+/// verdict cache in front of the policy lookup).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum FlowCache {
+pub enum Caches {
     /// As the agent loads it.
     On,
-    /// One slot (the programs' slot index is almost always beyond it): established packets
-    /// take the conntrack lookups, as the first packet of a flow on a CPU or after a flip.
+    /// Flow cache of one slot (the programs' slot index is almost always beyond it), verdict
+    /// cache of one (never used): established packets take the conntrack lookups, as the
+    /// first packet of a flow on a CPU or after a flip does, and new flows the policy lookup.
     Off,
 }
 
 impl Shared {
-    pub fn load(dir: &Path, l3_offset: u32, cache: FlowCache) -> Result<Shared> {
+    pub fn load(dir: &Path, l3_offset: u32, cache: Caches) -> Result<Shared> {
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
-        if cache == FlowCache::Off {
+        if cache == Caches::Off {
             loader.map_max_entries(common::FLOW_CACHE, 1);
+            loader.map_max_entries(common::VERDICT_CACHE, 1);
         }
         let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &paths {
@@ -206,13 +209,15 @@ impl Shared {
         Ok(arr.get(&index, 0)?.iter().map(|c| c.packets).sum())
     }
 
-    /// The conntrack entry of `key`, if any.
+    /// The conntrack entry of the flow whose first packet had tuple `key`, if any.
     pub fn conntrack(&self, key: &common::FlowKey) -> Result<Option<common::FlowValue>> {
         let map = self.ebpf.map(common::CONNTRACK).context("no CONNTRACK map")?;
         let h: aya::maps::HashMap<&aya::maps::MapData, common::FlowKey, common::FlowValue> =
             aya::maps::HashMap::try_from(map)?;
-        match h.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
+        let canonical = key.canonical().0;
+        match h.get(&canonical, 0) {
+            Ok(v) if v.first_packet(&canonical) == *key => Ok(Some(v)),
+            Ok(_) => Ok(None),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -43,7 +43,7 @@ use wirefence_common::{self as common, stat};
 use wirefence_tests::bpf::{mapped, TC_ACT_OK, TC_ACT_SHOT};
 use wirefence_tests::packet::{arp_frame, Packet};
 
-use super::bpf::{self, FlowCache, Pins, Shared};
+use super::bpf::{self, Caches, Pins, Shared};
 use super::median;
 use super::rules::{self, DENIED_PORT};
 
@@ -59,6 +59,7 @@ pub struct Row {
     pub noop: f64,
     pub not_ip: f64,
     pub denied_new: f64,
+    pub denied_cached: f64,
     pub est_fwd: f64,
     pub est_reply: f64,
     pub est_fwd_ct: f64,
@@ -86,10 +87,10 @@ struct Bed {
     _pins: Pins,
     enforcer: Enforcer,
     shared: Shared,
-    /// The same programs with a one-slot flow cache.
+    /// The same programs without their caches ([`Caches::Off`]).
     uncached: Shared,
     frames: Frames,
-    samples: [Vec<f64>; 7],
+    samples: [Vec<f64>; 8],
     row: Row,
 }
 
@@ -106,6 +107,7 @@ const EST_FWD: usize = 3;
 const EST_REPLY: usize = 4;
 const EST_FWD_CT: usize = 5;
 const EST_REPLY_CT: usize = 6;
+const DENIED_CACHED: usize = 7;
 
 /// Sets up every (rule count, family) at once, each on an enforcer of its own, then runs
 /// `reps` measurement rounds over all of them (so a burst of load elsewhere hits one sample
@@ -129,15 +131,18 @@ pub fn run(root: &Path, state_dir: &Path, counts: &[u32], p: &Params) -> Result<
         row.noop = median(&samples[NOOP]);
         row.not_ip = median(&samples[NOT_IP]);
         row.denied_new = median(&samples[DENIED]);
+        row.denied_cached = median(&samples[DENIED_CACHED]);
         row.est_fwd = median(&samples[EST_FWD]);
         row.est_reply = median(&samples[EST_REPLY]);
         row.est_fwd_ct = median(&samples[EST_FWD_CT]);
         row.est_reply_ct = median(&samples[EST_REPLY_CT]);
         eprintln!(
-            "bench-policy: per-packet {} {} rules: new(denied) {:.1} ns, est {:.1}/{:.1} ns, no-op {:.1} ns",
+            "bench-policy: per-packet {} {} rules: new(denied) {:.1} ns (verdict cached {:.1}), est {:.1}/{:.1} ns, \
+             no-op {:.1} ns",
             fam(row.v6),
             row.rules,
             row.denied_new,
+            row.denied_cached,
             row.est_fwd,
             row.est_reply,
             row.noop
@@ -153,8 +158,8 @@ fn setup(root: &Path, state_dir: &Path, i: usize, n: u32, v6: bool, noop: RawFd,
     let ifname: IfName = format!("wfbpp{}-{i}{}", std::process::id() % 100_000, if v6 { 6 } else { 4 }).parse()?;
     let pins = Pins { root: root.to_owned(), ifname: ifname.clone() };
     let mut enforcer = Enforcer::open(root, &ifname, L3_OFFSET, state_dir).context("Enforcer::open")?;
-    let shared = Shared::load(enforcer.dir(), L3_OFFSET, FlowCache::On)?;
-    let uncached = Shared::load(enforcer.dir(), L3_OFFSET, FlowCache::Off)?;
+    let shared = Shared::load(enforcer.dir(), L3_OFFSET, Caches::On)?;
+    let uncached = Shared::load(enforcer.dir(), L3_OFFSET, Caches::Off)?;
     let t = Instant::now();
     let policy = rules::policy(rules::generate(n, v6))?;
     let compiled = compile(&policy).map_err(|e| anyhow::anyhow!("compile: {e}"))?;
@@ -173,6 +178,7 @@ fn setup(root: &Path, state_dir: &Path, i: usize, n: u32, v6: bool, noop: RawFd,
         noop: 0.0,
         not_ip: 0.0,
         denied_new: 0.0,
+        denied_cached: 0.0,
         est_fwd: 0.0,
         est_reply: 0.0,
         est_fwd_ct: 0.0,
@@ -281,8 +287,8 @@ fn measure(bed: &mut Bed, noop: RawFd, p: &Params) -> Result<()> {
         (NOOP, timed(s, noop, &fr.denied, r, TC_ACT_OK, None, "no-op")?),
         (NOT_IP, timed(s, ingress, &arp_frame(), r, TC_ACT_OK, Some(stat::NOT_IP), &format!("{what}: ARP"))?),
         (
-            DENIED,
-            timed(s, ingress, &fr.denied, r, TC_ACT_SHOT, Some(stat::DENIED), &format!("{what}: new flow, denied"))?,
+            DENIED_CACHED,
+            timed(s, ingress, &fr.denied, r, TC_ACT_SHOT, Some(stat::DENIED), &format!("{what}: denied, cached"))?,
         ),
         (
             EST_FWD,
@@ -302,6 +308,18 @@ fn measure(bed: &mut Bed, noop: RawFd, p: &Params) -> Result<()> {
         ),
     ];
     let ct = [
+        (
+            DENIED,
+            timed(
+                u,
+                u.prog_fd(common::PROG_INGRESS)?,
+                &fr.denied,
+                r,
+                TC_ACT_SHOT,
+                Some(stat::DENIED),
+                &format!("{what}: new flow, denied"),
+            )?,
+        ),
         (
             EST_FWD_CT,
             timed(u, u.prog_fd(common::PROG_INGRESS)?, &fr.fwd, r, TC_ACT_OK, est, &format!("{what}: est, no cache"))?,

@@ -78,6 +78,8 @@ pub struct Sample {
     pub tunnel_gbps: f64,
     pub conns_per_s: f64,
     pub udp_flows_per_s: f64,
+    /// `--udp-only`, eBPF: kernel-timed ns per `wf_ingress` run during the UDP run.
+    pub ingress_ns: Option<f64>,
 }
 
 pub struct Results {
@@ -94,6 +96,8 @@ pub struct Params {
     pub rounds: u32,
     /// Seconds per connection-rate and UDP new-flow run.
     pub flow_seconds: f64,
+    /// Only UDP new flows/s (and, for eBPF, the program's in-place cost per packet).
+    pub udp_only: bool,
 }
 
 /// `n - 2` generated rules, then `udp` (the UDP new-flow test's ports) and, last, `iperf`
@@ -191,7 +195,19 @@ fn iperf(snd: &Netns, seconds: u32) -> Result<Sample> {
     }
     let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no end.sum_received")?;
     let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    Ok(Sample { gbps: bps / 1e9, retransmits, tunnel_gbps: 0.0, conns_per_s: 0.0, udp_flows_per_s: 0.0 })
+    Ok(Sample { gbps: bps / 1e9, retransmits, tunnel_gbps: 0.0, conns_per_s: 0.0, udp_flows_per_s: 0.0, ingress_ns: None })
+}
+
+/// (run time, run count) of the newest loaded `wf_ingress` (the bench's own).
+fn ingress_run_stats() -> Result<(Duration, u64)> {
+    let mut newest = None;
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("list loaded programs")?;
+        if info.name_as_str() == Some("wf_ingress") && newest.as_ref().is_none_or(|(id, _)| *id < info.id()) {
+            newest = Some((info.id(), (info.run_time(), info.run_count())));
+        }
+    }
+    Ok(newest.context("no wf_ingress program loaded")?.1)
 }
 
 /// The two namespaces and their veth ends.
@@ -205,7 +221,22 @@ struct Bed<'a> {
 /// Every measurement of one case (the filter in place): the GSO stream, the stream at the
 /// tunnel MTU without offloads, connections/s and UDP new flows/s (`run` numbers the UDP
 /// runs so none reuses a tuple).
-fn measure(b: &Bed, p: &Params, run: u32) -> Result<Sample> {
+fn measure(b: &Bed, p: &Params, run: u32, ebpf: bool) -> Result<Sample> {
+    if p.udp_only {
+        let mut s =
+            Sample { gbps: 0.0, retransmits: 0, tunnel_gbps: 0.0, conns_per_s: 0.0, udp_flows_per_s: 0.0, ingress_ns: None };
+        // Run time statistics cost two clock reads per program run: only in this diagnostic mode.
+        let stats = if ebpf { Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?) } else { None };
+        let before = if ebpf { Some(ingress_run_stats()?) } else { None };
+        s.udp_flows_per_s = flows::udp_new_flow_rate(b.snd, b.rcv, SND_ADDR, RCV_ADDR, run, p.flow_seconds)?;
+        if let Some((t0, n0)) = before {
+            let (t1, n1) = ingress_run_stats()?;
+            ensure!(n1 > n0, "wf_ingress did not run during the UDP run");
+            s.ingress_ns = Some((t1 - t0).as_nanos() as f64 / (n1 - n0) as f64);
+        }
+        drop(stats);
+        return Ok(s);
+    }
     let mut s = iperf(b.snd, p.seconds)?;
     let tunnel = (|| {
         flows::set_tunnel_like(b.snd, b.sdev, true)?;
@@ -282,7 +313,7 @@ pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
             let sample = match case {
                 Case::None => {
                     ensure!(closed_port_refused(&snd)?, "no filter: the closed port did not refuse");
-                    measure(&bed, p, run)?
+                    measure(&bed, p, run, false)?
                 }
                 Case::Ebpf => {
                     let _pins = Pins { root: root.to_owned(), ifname: ifname.clone() };
@@ -301,12 +332,12 @@ pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
                     })??;
                     ensure!(attached, "eBPF: programs not attached to {ifname} after Enforcer::attach");
                     ensure!(!closed_port_refused(&snd)?, "eBPF: the closed port answered (not filtered)");
-                    let s = measure(&bed, p, run)?;
+                    let s = measure(&bed, p, run, true)?;
                     let c = enforcer.counters()?;
                     let deep = c.rules.get("iperf").map(|c| c.packets).unwrap_or(0);
                     let est = c.stats.get("allowed_established").map(|c| c.packets).unwrap_or(0);
                     ensure!(
-                        deep > 0 && est > 0,
+                        p.udp_only || deep > 0 && est > 0,
                         "eBPF: the flow did not go through the program (iperf rule {deep} packets, established {est})"
                     );
                     drop(enforcer);
@@ -326,12 +357,15 @@ pub fn run(root: &Path, state_dir: &Path, p: &Params) -> Result<Results> {
                             "{}: the closed port answered (not filtered)",
                             case.label()
                         );
-                        measure(&bed, p, run)
+                        measure(&bed, p, run, false)
                     })();
                     output(rcv.command("nft").args(["delete", "table", "ip", "wfbench"]))?;
                     result?
                 }
             };
+            if let Some(ns) = sample.ingress_ns {
+                eprintln!("bench-policy: round {round} {:<22} wf_ingress in place: {ns:.0} ns/packet", case.label());
+            }
             eprintln!(
                 "bench-policy: round {round} {:<22} {:6.2} Gbit/s ({} retransmits), tunnel MTU {:5.2} Gbit/s, \
                  {:6.0} conn/s, {:7.0} UDP flows/s",
