@@ -114,8 +114,8 @@ use aya_ebpf::{
 };
 use wirefence_common::{self as c, stat, FlowKey, FlowValue};
 
-use events::{count, count_rule, event};
 use conntrack::{TCP_FIN, TCP_RST, TCP_SYN};
+use events::{count, count_rule, event};
 use parse::{Frame, Malformed, Pkt, KIND_FRAGMENT, KIND_ICMP_ERROR, KIND_TRACKED, PARSE_QUOTED, PARSE_V6};
 use policy::{policy_rule, read_state};
 

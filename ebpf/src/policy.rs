@@ -99,13 +99,7 @@ fn lookup(src: &[u64; 2], dst: &[u64; 2], meta: u64) -> u32 {
     let dc = classes::class_of(true, v6, gen, dst);
     let bits = if known { c::POLICY_BITS_ALL } else { c::POLICY_BITS_TO_PROTO };
     let (s, d, p) = (sc.to_be_bytes(), dc.to_be_bytes(), port.to_be_bytes());
-    let k = [
-        bits,
-        word([gen, s[0], s[1], s[2]]),
-        word([s[3], d[0], d[1], d[2]]),
-        word([d[3], proto, p[0], p[1]]),
-        0,
-    ];
+    let k = [bits, word([gen, s[0], s[1], s[2]]), word([s[3], d[0], d[1], d[2]]), word([d[3], proto, p[0], p[1]]), 0];
     // SAFETY: same size and layout as the packed Key<PolicyData> (alignment 1).
     match POLICY.get(unsafe { &*(k.as_ptr() as *const Key<PolicyData>) }) {
         // The entry names a rule per direction (the key has none).

@@ -1356,7 +1356,8 @@ fn conntrack_files_each_flow_once_whichever_side_orders_first() {
                 bed.expect(&format!("{what} answer"), DIR_EGRESS, &Packet::udp(l, x, 53, 5000), Pass, EST);
                 bed.expect(&format!("{what} next query"), DIR_INGRESS, &Packet::udp(x, l, 5000, 53), Pass, EST);
             }
-            let raw: Vec<(FlowKey, common::FlowValue)> = bed.p.conntrack().unwrap().iter().map(|r| r.unwrap()).collect();
+            let raw: Vec<(FlowKey, common::FlowValue)> =
+                bed.p.conntrack().unwrap().iter().map(|r| r.unwrap()).collect();
             assert_eq!(raw.len(), 2, "{fam}: one entry per flow");
             for x in [kept, moved] {
                 let (canonical, swapped) = key(x).canonical();
@@ -1364,7 +1365,8 @@ fn conntrack_files_each_flow_once_whichever_side_orders_first() {
                 assert_eq!(v.flags & common::FLOW_SWAPPED != 0, swapped, "{fam} {x}: orientation recorded");
                 assert_eq!(v.first_packet(&canonical), key(x));
             }
-            let count = |bed: &mut Bed, x: IpAddr| bed.p.ct_quota().unwrap().get(&common::quota_key(&mapped(x)), 0).ok();
+            let count =
+                |bed: &mut Bed, x: IpAddr| bed.p.ct_quota().unwrap().get(&common::quota_key(&mapped(x)), 0).ok();
             for x in [kept, moved] {
                 assert_eq!(count(&mut bed, x), Some(1), "{fam} {x}: counted against the first packet's source");
             }
@@ -1384,7 +1386,13 @@ fn conntrack_files_each_flow_once_whichever_side_orders_first() {
                 fill(&mut bed.p, 1, &[to_l(stays)]);
                 bed.p.set_state(PolicyState { epoch: 1, initialized: 1 }).unwrap();
                 let what = format!("{fam} after the flip");
-                bed.expect(&format!("{what}: answer to {stays}"), DIR_EGRESS, &Packet::udp(l, stays, 53, 5000), Pass, EST);
+                bed.expect(
+                    &format!("{what}: answer to {stays}"),
+                    DIR_EGRESS,
+                    &Packet::udp(l, stays, 53, 5000),
+                    Pass,
+                    EST,
+                );
                 bed.expect(
                     &format!("{what}: answer to {goes}"),
                     DIR_EGRESS,
@@ -1444,7 +1452,13 @@ fn verdict_cache_answers_exactly_as_the_policy() {
             bed.expect(&format!("{fam} SYN after the flip"), DIR_INGRESS, &Packet::tcp(p, l, 40040, 443), Drop, DENIED);
             fill(&mut bed.p, 0, &rules);
             bed.p.set_state(PolicyState { epoch: 2, initialized: 1 }).unwrap();
-            bed.expect(&format!("{fam} SYN after the flip back"), DIR_INGRESS, &Packet::tcp(p, l, 40041, 443), Pass, NEW);
+            bed.expect(
+                &format!("{fam} SYN after the flip back"),
+                DIR_INGRESS,
+                &Packet::tcp(p, l, 40041, 443),
+                Pass,
+                NEW,
+            );
         }
     }
 }

@@ -185,11 +185,7 @@ impl Bed {
 
     /// The table by each flow's first-packet tuple.
     fn conntrack_entries(&self) -> HashMap<FlowKey, FlowValue> {
-        self.conntrack
-            .iter()
-            .map(|r| r.unwrap())
-            .map(|(k, v)| (v.first_packet(&k), v))
-            .collect()
+        self.conntrack.iter().map(|r| r.unwrap()).map(|(k, v)| (v.first_packet(&k), v)).collect()
     }
 
     fn flush_conntrack(&mut self) {

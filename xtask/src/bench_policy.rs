@@ -265,14 +265,14 @@ impl Report {
         );
         println!(
             "   new (denied): SYN on a port no rule allows, from the last rule's source to its destination, through a copy \
-             without the per-CPU caches: full path (2 conntrack misses, 2 class hash probes + 1 policy LPM lookup), \
+             without the per-CPU caches: full path (1 conntrack miss, 2 class hash probes + 1 policy LPM lookup), \
              nothing inserted; cached: the same through the programs as loaded, where the verdict cache answers the \
              policy lookup (as for a run of new flows differing only in source port)"
         );
         println!(
             "   est fwd / est reply: ACK of a conntrack entry of the current epoch, repeated: the per-CPU flow cache hits; \
-             no cache: the same through a copy with a one-slot flow cache (the conntrack path: 1st lookup hits / reversed \
-             tuple, 2nd lookup hits); no-op: r0 = TC_ACT_OK; exit; not-IP: ARP through wf_ingress"
+             no cache: the same through the copy without caches (the conntrack path: one lookup of the canonical tuple); \
+             no-op: r0 = TC_ACT_OK; exit; not-IP: ARP through wf_ingress"
         );
         println!(
             "   new allowed 1-shot: SYNs the last rule allows, fresh source port each (inserts the conntrack entry), one \

@@ -7,10 +7,13 @@
 //! as on veth). Measured, in kernel-reported ns per repetition:
 //!
 //! - **new flow (denied)**: a TCP SYN from the last rule's source to its destination, on a
-//!   port no rule allows. It takes the whole new-flow path — 2 conntrack misses (forward and
-//!   reversed tuple), the src and dst class hash probes, the policy LPM lookup (which walks
-//!   the last rule's key down to the port) — and inserts nothing, so every one of the
-//!   repetitions is a new flow. This is the number the rule-count goal is judged on.
+//!   port no rule allows, through the copy without caches ([`Caches::Off`]). It takes the
+//!   whole new-flow path — a conntrack miss (the canonical tuple), the src and dst class
+//!   hash probes, the policy LPM lookup (which walks the last rule's key down to the port) —
+//!   and inserts nothing, so every one of the repetitions is a new flow. This is the number
+//!   the rule-count goal is judged on. **cached**: the same packet through the programs as
+//!   loaded, where the verdict cache answers the policy lookup after the first repetition
+//!   (as for new flows that differ only in source port).
 //! - **new flow (allowed), 1-shot**: SYNs the last rule allows, each with a fresh source
 //!   port, one BPF_PROG_TEST_RUN of one repetition each (an allowed new flow inserts its
 //!   conntrack entry, so repeating one packet would measure an established flow): the
@@ -19,10 +22,9 @@
 //! - **established (fwd)**: an ACK of a flow in conntrack with the current epoch;
 //!   **established (reply)**: the reply direction on `wf_egress`. Repeated, both hit the
 //!   per-CPU flow cache (the steady state of a flow on its CPU).
-//! - **established, no cache**: the same two packets through a second copy of the programs
-//!   loaded with a one-slot flow cache, so they take the conntrack path (the forward tuple
-//!   hits the first lookup; the reply's reversed tuple hits the second), as the first
-//!   packet of a flow on a CPU, or after a policy flip, does.
+//! - **established, no cache**: the same two packets through the copy without caches, so
+//!   they take the conntrack path (one lookup of the canonical tuple, either way), as the
+//!   first packet of a flow on a CPU, or after a policy flip, does.
 //! - **no-op**: a two-instruction classifier (`r0 = TC_ACT_OK; exit`) on the same frame;
 //!   **not IP**: an ARP frame through `wf_ingress` (entry, protocol check, one counter).
 //!

@@ -195,7 +195,14 @@ fn iperf(snd: &Netns, seconds: u32) -> Result<Sample> {
     }
     let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3: no end.sum_received")?;
     let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
-    Ok(Sample { gbps: bps / 1e9, retransmits, tunnel_gbps: 0.0, conns_per_s: 0.0, udp_flows_per_s: 0.0, ingress_ns: None })
+    Ok(Sample {
+        gbps: bps / 1e9,
+        retransmits,
+        tunnel_gbps: 0.0,
+        conns_per_s: 0.0,
+        udp_flows_per_s: 0.0,
+        ingress_ns: None,
+    })
 }
 
 /// (run time, run count) of the newest loaded `wf_ingress` (the bench's own).
@@ -223,10 +230,20 @@ struct Bed<'a> {
 /// runs so none reuses a tuple).
 fn measure(b: &Bed, p: &Params, run: u32, ebpf: bool) -> Result<Sample> {
     if p.udp_only {
-        let mut s =
-            Sample { gbps: 0.0, retransmits: 0, tunnel_gbps: 0.0, conns_per_s: 0.0, udp_flows_per_s: 0.0, ingress_ns: None };
+        let mut s = Sample {
+            gbps: 0.0,
+            retransmits: 0,
+            tunnel_gbps: 0.0,
+            conns_per_s: 0.0,
+            udp_flows_per_s: 0.0,
+            ingress_ns: None,
+        };
         // Run time statistics cost two clock reads per program run: only in this diagnostic mode.
-        let stats = if ebpf { Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?) } else { None };
+        let stats = if ebpf {
+            Some(aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?)
+        } else {
+            None
+        };
         let before = if ebpf { Some(ingress_run_stats()?) } else { None };
         s.udp_flows_per_s = flows::udp_new_flow_rate(b.snd, b.rcv, SND_ADDR, RCV_ADDR, run, p.flow_seconds)?;
         if let Some((t0, n0)) = before {
@@ -469,6 +486,24 @@ pub(super) fn print(t: &Results, args: &BenchPolicyArgs, missed: &mut usize) {
         "   goal: eBPF >= {GOAL_NEW_FLOWS_VS_SET}x nft concatenated set, per new flow (UDP new flows/s): {set:.2}x  {}",
         verdict(set >= GOAL_NEW_FLOWS_VS_SET, missed)
     );
+    // What a filter adds per new flow, over the stack's own cost (send, veth, receive), which
+    // no filter removes and which bounds every ratio of rates: no filter / nft set.
+    let per_flow_ns = |c: Case| 1e9 / med(c, metrics[3].1) - 1e9 / med(Case::None, metrics[3].1);
+    let (ebpf_ns, set_ns) = (per_flow_ns(Case::Ebpf), per_flow_ns(Case::NftSet));
+    println!(
+        "   beside it: the ceiling here, no filter / nft set = {:.2}x (a filter costing nothing); cost per new flow over \
+         no filter: eBPF {ebpf_ns:.0} ns, nft set {set_ns:.0} ns = {:.1}x",
+        med(Case::None, metrics[3].1) / med(Case::NftSet, metrics[3].1),
+        set_ns / ebpf_ns
+    );
+    let in_place: Vec<f64> =
+        t.samples.iter().filter_map(|(c, s)| (*c == Case::Ebpf).then_some(s.ingress_ns).flatten()).collect();
+    if !in_place.is_empty() {
+        println!(
+            "   wf_ingress in place during the UDP runs (kernel run-time statistics): {:.0} ns/packet",
+            median(&in_place)
+        );
+    }
     println!(
         "   beside it, not judged: TCP conn/s {:.2}x, tunnel-MTU stream {:.2}x, GSO stream {:.2}x (established traffic: \
          nft's `ct established` shortcut makes its rule count invisible there)",
