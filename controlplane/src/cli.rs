@@ -53,6 +53,11 @@ pub struct ServeArgs {
     /// PEM private key of the agent listener.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// How often the certificate and key files are checked; when they changed (`certs
+    /// renew`, another tool) new connections get the new pair, open ones keep theirs.
+    /// SIGHUP reloads at once. A pair that does not load is refused and the current kept.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_nonzero)]
+    pub tls_reload_interval: u64,
     /// Serve agents over plaintext HTTP/2 (testing only; loopback addresses only).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     pub insecure: bool,
@@ -229,6 +234,18 @@ pub enum CertsCommand {
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
     },
+    /// Replace server.pem and server.key in a directory with a new key and a certificate
+    /// (one year) from the CA there; a running `serve` using them picks them up (within
+    /// --tls-reload-interval, or at once on SIGHUP). Agents need nothing: the CA is the same.
+    Renew {
+        /// The directory `certs init` wrote.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Subject alternative names of the new certificate (repeatable); default: those
+        /// of the current one.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
 }
 
 /// [`parse_duration`], or `never`; zero is refused (it would never mean "forever").
@@ -239,6 +256,14 @@ pub fn parse_expires_in(s: &str) -> Result<ExpiresIn, String> {
     match parse_duration(s)? {
         0 => Err(format!("{s:?}: a key that expires at once is useless (for no expiry say `never`)")),
         n => Ok(ExpiresIn::Secs(n)),
+    }
+}
+
+/// [`parse_duration`], not zero.
+fn parse_duration_nonzero(s: &str) -> Result<u64, String> {
+    match parse_duration(s)? {
+        0 => Err(format!("{s:?}: must be at least 1s")),
+        n => Ok(n),
     }
 }
 

@@ -162,6 +162,8 @@ pub enum Error {
     AdminSocketDir { path: PathBuf, why: String },
     #[error("{0}: refusing to overwrite an existing file")]
     Exists(PathBuf),
+    #[error("certificate {path}: {why}")]
+    CertFile { path: PathBuf, why: String },
     #[error("database {db} is in use by another control plane ({}lock {lock}); run one `serve` per database", match pid { Some(p) => format!("pid {p} holds "), None => String::new() })]
     DatabaseInUse { db: PathBuf, lock: PathBuf, pid: Option<u32> },
     /// A database directory or TLS key another user owns or can write (a key: read).
@@ -238,6 +240,7 @@ impl Error {
             | Error::AdminSocketInUse(_)
             | Error::AdminSocketDir { .. }
             | Error::Exists(_)
+            | Error::CertFile { .. }
             | Error::DatabaseInUse { .. }
             | Error::NotPrivate { .. } => Code::Internal,
         }

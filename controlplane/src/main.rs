@@ -60,6 +60,12 @@ async fn run(cli: Cli) -> Result<()> {
             println!("wrote {} (0600)", files.server_key.display());
             Ok(())
         }
+        Command::Certs(CertsCommand::Renew { dir, sans }) => {
+            let files = certs::renew(&dir, &sans).with_context(|| format!("certs renew in {}", dir.display()))?;
+            println!("replaced {} (0600)", files.server_key.display());
+            println!("replaced {}", files.server_cert.display());
+            Ok(())
+        }
         command => {
             let mut admin = admin_client::connect(&socket)
                 .await
@@ -85,6 +91,7 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         db: args.db.clone(),
         listen: args.listen,
         tls,
+        tls_poll: std::time::Duration::from_secs(args.tls_reload_interval),
         insecure_remote: args.insecure_allow_remote,
         admin_socket,
         overlay: Overlay { v4: IpNet::V4(args.overlay_v4), v6: IpNet::V6(args.overlay_v6) },
@@ -98,6 +105,7 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         println!("listening on {addr}");
     }
     println!("admin socket {}", handle.admin_socket.display());
+    tokio::spawn(reload_on_sighup(handle.tls().cloned()));
     let registry = handle.registry().clone();
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -115,6 +123,32 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         registry.begin_shutdown();
     });
     handle.wait().await.context("serve")
+}
+
+/// SIGHUP: load the certificate files again now (they are also polled). Handled without
+/// TLS too, so a reload (`systemctl reload`) never stops a plaintext lab server.
+async fn reload_on_sighup(tls: Option<std::sync::Arc<wirefence_control::server::ServerTls>>) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGHUP");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let Some(tls) = &tls else {
+            tracing::info!("SIGHUP: serving without TLS, no certificate to reload");
+            continue;
+        };
+        match tls.reload() {
+            Ok(()) => tracing::info!(cert = %tls.describe(), "SIGHUP: TLS certificate reloaded for new connections"),
+            Err(e) => tracing::warn!(
+                cert = %tls.describe(),
+                error = %e,
+                "SIGHUP: TLS certificate files do not load; new connections keep the current certificate"
+            ),
+        }
+    }
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {

@@ -13,8 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -25,31 +23,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::limits::Limits;
 use crate::registry::lock;
-use crate::Error;
 
-use super::TlsIdentity;
-
-/// Builds the rustls acceptor (HTTP/2 only) for the agent listener.
-pub fn acceptor(tls: &TlsIdentity) -> Result<TlsAcceptor, Error> {
-    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| Error::TlsPem { what: "certificate", source })?;
-    if certs.is_empty() {
-        return Err(Error::TlsMissing("certificate"));
-    }
-    let key = match PrivateKeyDer::from_pem_slice(&tls.key_pem) {
-        Ok(key) => key,
-        Err(rustls::pki_types::pem::Error::NoItemsFound) => return Err(Error::TlsMissing("private key")),
-        Err(source) => return Err(Error::TlsPem { what: "private key", source }),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
+use super::ServerTls;
 
 /// The unit a source is counted by: an IPv4 address, or an IPv6 /64 (one host usually
 /// owns a whole /64, so counting its addresses singly would cap nothing).
@@ -207,7 +182,7 @@ async fn handshake(tcp: TcpStream, tls: Option<TlsAcceptor>, timeout: Duration) 
 /// Accepts on `listener` until the returned stream is dropped (tonic stopped serving).
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerTls>>,
     limits: &Limits,
 ) -> ReceiverStream<io::Result<Accepted>> {
     let caps = Caps::new(limits.max_connections_per_source, limits.max_connections);
@@ -235,7 +210,8 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, tls) = (tx.clone(), tls.clone());
+            // The certificate current at accept time (a reload changes it for later ones).
+            let (tx, tls) = (tx.clone(), tls.as_ref().map(|t| t.acceptor()));
             tokio::spawn(async move {
                 match handshake(tcp, tls, timeout).await {
                     Ok(io) => {

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod agent;
 pub mod listener;
 pub mod lock;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -29,30 +30,7 @@ use crate::Error;
 
 pub use admin::AdminSvc;
 pub use agent::AgentSvc;
-
-/// PEM certificate chain and private key of the agent listener.
-#[derive(Clone)]
-pub struct TlsIdentity {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-}
-
-impl TlsIdentity {
-    /// The key must be ours and closed to group and others.
-    pub fn from_files(cert: &Path, key: &Path) -> Result<TlsIdentity, Error> {
-        check_private(key, 0o077)?;
-        Ok(TlsIdentity {
-            cert_pem: std::fs::read(cert).map_err(Error::io("read TLS certificate", cert))?,
-            key_pem: std::fs::read(key).map_err(Error::io("read TLS key", key))?,
-        })
-    }
-}
-
-impl std::fmt::Debug for TlsIdentity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TlsIdentity { .. }")
-    }
-}
+pub use tls::{ServerTls, TlsIdentity};
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -62,6 +40,8 @@ pub struct ServeConfig {
     /// `None` = plaintext (the CLI requires `--insecure` for that), on loopback addresses
     /// only unless `insecure_remote`.
     pub tls: Option<TlsIdentity>,
+    /// How often the certificate files are checked for a change (reloaded when changed).
+    pub tls_poll: Duration,
     /// Allow plaintext on non-loopback addresses (`--insecure-allow-remote`).
     pub insecure_remote: bool,
     pub admin_socket: PathBuf,
@@ -81,6 +61,7 @@ impl ServeConfig {
             db: db.into(),
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
             tls: None,
+            tls_poll: DEFAULT_TLS_POLL,
             insecure_remote: false,
             admin_socket: admin_socket.into(),
             overlay: Overlay::default(),
@@ -97,11 +78,15 @@ pub struct ServerHandle {
     pub agent_addrs: Vec<SocketAddr>,
     pub admin_socket: PathBuf,
     registry: Arc<Registry>,
+    tls: Option<Arc<ServerTls>>,
     tasks: JoinSet<Result<(), tonic::transport::Error>>,
     /// Held until the handle is dropped (after shutdown), so no second server opens the
     /// database meanwhile.
     _db_lock: lock::DbLock,
 }
+
+/// How often `serve` checks the certificate files by default.
+pub const DEFAULT_TLS_POLL: Duration = Duration::from_secs(5);
 
 /// How long in-flight calls get to finish once shutdown begins.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -109,6 +94,11 @@ const DRAIN: Duration = Duration::from_secs(5);
 impl ServerHandle {
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The agent listener's certificate (`None`: plaintext).
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
     }
 
     /// Ends every stream (`Unavailable`), stops the listeners and removes the admin socket.
@@ -252,7 +242,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
         check_private(db_dir, 0o022)?;
     }
     let db_lock = lock::DbLock::acquire(&cfg.db)?;
-    let tls = cfg.tls.as_ref().map(listener::acceptor).transpose()?;
+    let tls = cfg.tls.as_ref().map(ServerTls::new).transpose()?.map(Arc::new);
     let limits = cfg.limits;
     let registry =
         Arc::new(Registry::open_with(&cfg.db, cfg.overlay, cfg.history, limits)?.with_enroll_limits(cfg.enroll_limits));
@@ -318,6 +308,14 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
             })
             .await
     });
+    if let Some(tls) = &tls {
+        let (tls, mut signal) = (tls.clone(), registry.shutdown_signal());
+        let stopped = async move { crate::registry::stopped(&mut signal).await };
+        tasks.spawn(async move {
+            tls::watch(tls, cfg.tls_poll, stopped).await;
+            Ok(())
+        });
+    }
     tracing::info!(socket = %cfg.admin_socket.display(), version = registry.current().version, "admin socket ready");
-    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tasks, _db_lock: db_lock })
+    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tls, tasks, _db_lock: db_lock })
 }
