@@ -330,13 +330,27 @@ impl FlowKey {
         }
     }
 
+    /// The source address as two native-endian words (one load each).
+    #[inline(always)]
+    pub fn src_words(&self) -> [u64; 2] {
+        // SAFETY: FlowKey is align(8) and `src` sits at offset 0: 16 aligned bytes.
+        unsafe { *(self.src.as_ptr() as *const [u64; 2]) }
+    }
+
+    /// The destination address as two native-endian words (one load each).
+    #[inline(always)]
+    pub fn dst_words(&self) -> [u64; 2] {
+        // SAFETY: FlowKey is align(8) and `dst` sits at offset 16: 16 aligned bytes.
+        unsafe { *(self.dst.as_ptr() as *const [u64; 2]) }
+    }
+
     /// The key conntrack files this tuple's flow under, and whether it is [`reversed`]:
     /// of the tuple and its reversal, the one whose (source address, source port) orders
     /// first ([`tuple_swaps`]). A packet and its reply give the same key.
     ///
     /// [`reversed`]: FlowKey::reversed
     pub fn canonical(&self) -> (FlowKey, bool) {
-        let swap = tuple_swaps(words(&self.src), words(&self.dst), self.sport, self.dport, self.direction);
+        let swap = tuple_swaps(self.src_words(), self.dst_words(), self.sport, self.dport, self.direction);
         (self.oriented(swap as u64), swap)
     }
 
@@ -346,7 +360,7 @@ impl FlowKey {
     /// [`reversed`]: FlowKey::reversed
     #[inline(always)]
     pub fn oriented(&self, swap: u64) -> FlowKey {
-        let (s, d) = (words(&self.src), words(&self.dst));
+        let (s, d) = (self.src_words(), self.dst_words());
         let (sp, dp) = (self.sport as u64, self.dport as u64);
         let m = (swap & 1).wrapping_neg();
         let pick = |a: u64, b: u64| a & !m | b & m;
@@ -378,14 +392,6 @@ pub fn tuple_swaps(s: [u64; 2], d: [u64; 2], sport: u16, dport: u16, direction: 
 fn unwords(w: [u64; 2]) -> [u8; 16] {
     // SAFETY: 16 plain bytes either way.
     unsafe { core::mem::transmute(w) }
-}
-
-/// A 16-byte address of a key as two native-endian words.
-#[inline(always)]
-pub fn words(a: &[u8; 16]) -> [u64; 2] {
-    // SAFETY: FlowKey is align(8) and its addresses sit at offsets 0 and 16, so both are
-    // 8-byte aligned wherever a key lives.
-    unsafe { *(a.as_ptr() as *const [u64; 2]) }
 }
 
 #[repr(C)]

@@ -82,7 +82,7 @@ pub fn established(pkt: &Pkt, epoch: u32, now: u64, quoted: bool) -> u64 {
 /// 1 if `key`'s canonical form is its reversal (`FlowKey::canonical`), else 0.
 #[inline(always)]
 fn swaps(key: &FlowKey) -> u64 {
-    let (s, d) = (c::words(&key.src), c::words(&key.dst));
+    let (s, d) = (key.src_words(), key.dst_words());
     let rest = key.sport as u64 | (key.dport as u64) << 16 | (key.direction as u64) << 32;
     wf_flow_swaps(s[0], s[1], d[0], d[1], rest)
 }

@@ -50,8 +50,7 @@ pub const REVERSED: u32 = 4;
 #[inline(always)]
 pub fn policy_rule(key: &FlowKey, port: u16, epoch: u32, flags: u32) -> u32 {
     let rev = flags & REVERSED != 0;
-    let (src, dst) = if rev { (&key.dst, &key.src) } else { (&key.src, &key.dst) };
-    let (s, d) = (words(src), words(dst));
+    let (s, d) = if rev { (key.dst_words(), key.src_words()) } else { (key.src_words(), key.dst_words()) };
     let known = flags & PORT_KNOWN != 0;
     let port = if known { port } else { 0 };
     let meta = port as u64
@@ -62,13 +61,6 @@ pub fn policy_rule(key: &FlowKey, port: u16, epoch: u32, flags: u32) -> u32 {
         | 1 << 27
         | (epoch as u64) << 32;
     wf_policy_rule(s[0], s[1], d[0], d[1], meta)
-}
-
-/// A 16-byte address of a key as two words in memory order.
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u64; 2] {
-    // SAFETY: addresses of 8-byte aligned keys (FlowKey is align(8), `src`/`dst` at 0/16).
-    unsafe { *(a.as_ptr() as *const [u64; 2]) }
 }
 
 /// [`policy_rule`] on the addresses as memory-order words and `meta`: port (bits 0-15),
