@@ -13,6 +13,7 @@ packages=(
     iproute2 iputils-ping procps kmod          # namespaces, veth, ping, pgrep, modprobe
     wireguard-go wireguard-tools               # userspace WireGuard for host tests, `wg`
     iperf3 nftables ethtool                    # demo throughput, benchmark baselines (offloads off)
+    prometheus                                 # promtool: the metrics endpoints' output is checked
     qemu-system-x86 busybox-static binutils    # VM test of the kernel backend (strip)
     llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev   # bpf-linker (eBPF programs)
 )

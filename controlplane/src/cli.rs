@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// Serve agents over plaintext HTTP/2 (testing only; loopback addresses only).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     pub insecure: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (nodes by state, streams, versions,
+    /// enrollments by outcome, push latency, the certificate's expiry). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// With --insecure: also serve plaintext on non-loopback addresses (credentials cross
     /// the network in the clear; labs only).
     #[arg(long, requires = "insecure", conflicts_with_all = ["tls_cert", "tls_key"])]

@@ -23,6 +23,7 @@ pub mod credentials;
 pub mod enroll;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod policy;

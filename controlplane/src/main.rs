@@ -98,11 +98,15 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         history: args.history,
         enroll_limits,
         limits,
+        metrics_listen: args.metrics_listen,
     };
     let handle =
         serve(cfg).await.with_context(|| format!("start the control plane (database {})", args.db.display()))?;
     for addr in &handle.agent_addrs {
         println!("listening on {addr}");
+    }
+    if let Some(addr) = handle.metrics_addr {
+        println!("metrics on http://{addr}/metrics");
     }
     println!("admin socket {}", handle.admin_socket.display());
     tokio::spawn(reload_on_sighup(handle.tls().cloned()));

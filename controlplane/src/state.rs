@@ -66,17 +66,32 @@ pub struct GlobalState {
     pub policy: Arc<Policy>,
     /// Computed on first use; dropped by the history once the state is old.
     compiled: Mutex<Option<Arc<Compiled>>>,
+    /// When this state was made (just before it was committed and published): push
+    /// latency is measured from here.
+    pub created: std::time::Instant,
 }
 
 impl GlobalState {
     pub fn new(version: u64, mut nodes: Vec<Arc<NodeRec>>, policy: Arc<Policy>) -> GlobalState {
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        GlobalState { version, nodes: Arc::new(nodes), policy, compiled: Mutex::default() }
+        GlobalState {
+            version,
+            nodes: Arc::new(nodes),
+            policy,
+            compiled: Mutex::default(),
+            created: std::time::Instant::now(),
+        }
     }
 
     /// The same nodes under another policy.
     pub fn with_policy(&self, version: u64, policy: Arc<Policy>) -> GlobalState {
-        GlobalState { version, nodes: self.nodes.clone(), policy, compiled: Mutex::default() }
+        GlobalState {
+            version,
+            nodes: self.nodes.clone(),
+            policy,
+            compiled: Mutex::default(),
+            created: std::time::Instant::now(),
+        }
     }
 
     /// The same policy with other nodes.

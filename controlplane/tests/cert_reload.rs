@@ -52,6 +52,13 @@ async fn served_cert(addr: SocketAddr, ca: &Path) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().expect("a server certificate")[0].to_vec()
 }
 
+/// The expiry (Unix seconds) of the certificate file at `path`.
+fn not_after(path: &Path) -> i64 {
+    let pem = std::fs::read(path).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    pem.parse_x509().unwrap().validity().not_after.timestamp()
+}
+
 fn file_cert(path: &Path) -> Vec<u8> {
     CertificateDer::from_pem_file(path).expect("read a certificate").to_vec()
 }
@@ -74,8 +81,13 @@ async fn a_renewed_certificate_reaches_new_connections_while_streams_go_on() {
     let mut cp = start_with(dir.path(), |c| {
         c.tls = Some(tls);
         c.tls_poll = Duration::from_millis(100);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
+    let metrics = cp.handle.metrics_addr.unwrap();
+    let expiry = |m: &str| sample(m, "wirefence_control_certificate_expiry_timestamp_seconds") as i64;
+    let first_expiry = not_after(&files.server_cert);
+    assert_eq!(expiry(&scrape(metrics).await), first_expiry);
     let addr = cp.addr();
     let first = file_cert(&files.server_cert);
     assert_eq!(served_cert(addr, &files.ca_cert).await, first);
@@ -98,10 +110,15 @@ async fn a_renewed_certificate_reaches_new_connections_while_streams_go_on() {
     let v0 = next(&mut stream).await.unwrap().version;
 
     // Renewed (same names, from the same CA): new connections get it; the stream goes on.
+    // A second later, so the new certificate's expiry differs from the first's.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let renewed = certs::renew(&pki, &[]).unwrap();
     let second = file_cert(&renewed.server_cert);
     assert_ne!(second, first, "renew wrote a new certificate");
     until_served(addr, &files.ca_cert, &second, "after certs renew").await;
+    let new_expiry = not_after(&files.server_cert);
+    assert!(new_expiry > first_expiry);
+    assert_eq!(expiry(&scrape(metrics).await), new_expiry, "the metric follows the reload");
     let v1 = cp.apply(LAPTOP_SSH).await.unwrap();
     assert!(v1 > v0);
     assert_eq!(next(&mut stream).await.unwrap().version, v1, "the open stream got the next update");

@@ -80,6 +80,8 @@ pub struct Registry {
     shutdown: watch::Sender<bool>,
     /// Challenges, enrollment rate limits, addresses no endpoint may have.
     pub gate: crate::enroll::Gate,
+    /// Prometheus metrics (`serve --metrics-listen`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Locks a mutex, recovering the data if a holder panicked (every critical section leaves
@@ -124,6 +126,7 @@ impl Registry {
             reregistrations: throttle::Coalescer::new(limits.reregister_interval),
             shutdown: watch::Sender::new(false),
             gate: crate::enroll::Gate::new(crate::enroll::EnrollLimits::default()),
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 

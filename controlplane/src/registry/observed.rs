@@ -58,6 +58,43 @@ impl Observations {
     }
 }
 
+/// Nodes by state and streams, for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounts {
+    /// Live nodes with at least one Watch stream open.
+    pub connected: usize,
+    /// Live nodes without one.
+    pub disconnected: usize,
+    /// Removed nodes (kept, their names reserved).
+    pub removed: usize,
+    /// Open Watch streams.
+    pub streams: usize,
+    /// Version at which the current policy was applied (0: none).
+    pub policy_version: u64,
+}
+
+impl Registry {
+    /// Counts the nodes: live ones from the current state and the observations, removed
+    /// ones from the store.
+    pub fn node_counts(&self) -> Result<NodeCounts, Error> {
+        let state = self.current();
+        let mut c = NodeCounts::default();
+        for n in state.nodes.iter() {
+            let streams = self.observed.get(&n.id).connected;
+            c.streams += streams;
+            if streams > 0 {
+                c.connected += 1;
+            } else {
+                c.disconnected += 1;
+            }
+        }
+        let store = self.store();
+        c.removed = store.nodes()?.iter().filter(|r| r.removed).count();
+        c.policy_version = store.policy()?.map_or(0, |(_, _, v)| v);
+        Ok(c)
+    }
+}
+
 /// Counts one Watch stream of a node until dropped.
 pub struct Connection {
     registry: Arc<Registry>,

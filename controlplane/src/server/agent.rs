@@ -120,6 +120,7 @@ impl Stream {
             if self.tx.send(Ok(update)).await.is_err() {
                 return false;
             }
+            self.registry.metrics.pushed(state.created.elapsed());
             self.sent = state.version;
         }
         self.view = new;
@@ -154,8 +155,13 @@ impl AgentService for AgentSvc {
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let registry = self.registry.clone();
         let (meta, _, req) = request.into_parts();
+        let enrollment = !req.enrollment_key.is_empty();
         let work = off_worker(move || registry.register(&meta, &req));
-        Ok(Response::new(self.in_time("Register", work).await?))
+        let result = self.in_time("Register", work).await.map_err(Status::from);
+        if enrollment {
+            self.registry.metrics.enrollment(result.as_ref().map(|_| ()).map_err(|s| s.code()));
+        }
+        Ok(Response::new(result?))
     }
 
     async fn rotate_credential(

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub enroll_limits: crate::enroll::EnrollLimits,
     /// What one client may cost (connections, handshakes, streams, messages, rates).
     pub limits: Limits,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeConfig {
@@ -68,6 +70,7 @@ impl ServeConfig {
             history: DEFAULT_HISTORY,
             enroll_limits: crate::enroll::EnrollLimits::default(),
             limits: Limits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -76,6 +79,8 @@ impl ServeConfig {
 pub struct ServerHandle {
     /// The bound agent addresses, in `listen` order (real ports when 0 was asked).
     pub agent_addrs: Vec<SocketAddr>,
+    /// The bound metrics address, if any.
+    pub metrics_addr: Option<SocketAddr>,
     pub admin_socket: PathBuf,
     registry: Arc<Registry>,
     tls: Option<Arc<ServerTls>>,
@@ -308,6 +313,21 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
             })
             .await
     });
+    let mut metrics_addr = None;
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = crate::metrics::bind(addr).await?;
+        let local = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
+        let (registry, tls, mut signal) = (registry.clone(), tls.clone(), registry.shutdown_signal());
+        let stopped = async move { crate::registry::stopped(&mut signal).await };
+        tasks.spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, registry, tls, stopped).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+            Ok(())
+        });
+        tracing::info!("metrics on http://{local}/metrics");
+        metrics_addr = Some(local);
+    }
     if let Some(tls) = &tls {
         let (tls, mut signal) = (tls.clone(), registry.shutdown_signal());
         let stopped = async move { crate::registry::stopped(&mut signal).await };
@@ -317,5 +337,13 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
         });
     }
     tracing::info!(socket = %cfg.admin_socket.display(), version = registry.current().version, "admin socket ready");
-    Ok(ServerHandle { agent_addrs, admin_socket: cfg.admin_socket, registry, tls, tasks, _db_lock: db_lock })
+    Ok(ServerHandle {
+        agent_addrs,
+        metrics_addr,
+        admin_socket: cfg.admin_socket,
+        registry,
+        tls,
+        tasks,
+        _db_lock: db_lock,
+    })
 }

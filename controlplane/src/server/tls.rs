@@ -75,6 +75,12 @@ fn acceptor(tls: &TlsIdentity) -> Result<TlsAcceptor, Error> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Expiry of the first certificate of a PEM chain.
+fn not_after(pem: &[u8]) -> Option<i64> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    Some(pem.parse_x509().ok()?.validity().not_after.timestamp())
+}
+
 /// What identifies a version of a file: inode (a rename brings a new one), size, mtime.
 type Stamp = Option<(u64, u64, i64, i64)>;
 
@@ -85,6 +91,8 @@ fn stamp(path: &Path) -> Stamp {
 /// The listener's current certificate.
 pub struct ServerTls {
     current: RwLock<TlsAcceptor>,
+    /// Expiry (Unix seconds) of the certificate in `current`, if it parses as X.509.
+    not_after: Mutex<Option<i64>>,
     files: TlsFiles,
     /// The files' stamps at the last load attempt (a failed one too: a broken pair is
     /// reported once, and tried again when either file changes).
@@ -94,7 +102,12 @@ pub struct ServerTls {
 impl ServerTls {
     pub fn new(id: &TlsIdentity) -> Result<ServerTls, Error> {
         let seen = [stamp(&id.files.cert), stamp(&id.files.key)];
-        Ok(ServerTls { current: RwLock::new(acceptor(id)?), files: id.files.clone(), seen: Mutex::new(seen) })
+        Ok(ServerTls {
+            current: RwLock::new(acceptor(id)?),
+            not_after: Mutex::new(not_after(&id.cert_pem)),
+            files: id.files.clone(),
+            seen: Mutex::new(seen),
+        })
     }
 
     /// The acceptor for a new connection.
@@ -107,9 +120,16 @@ impl ServerTls {
     pub fn reload(&self) -> Result<(), Error> {
         let files = &self.files;
         *lock(&self.seen) = [stamp(&files.cert), stamp(&files.key)];
-        let next = acceptor(&TlsIdentity::from_files(&files.cert, &files.key)?)?;
+        let id = TlsIdentity::from_files(&files.cert, &files.key)?;
+        let next = acceptor(&id)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        *lock(&self.not_after) = not_after(&id.cert_pem);
         Ok(())
+    }
+
+    /// Expiry (Unix seconds) of the certificate new connections get.
+    pub fn not_after(&self) -> Option<i64> {
+        *lock(&self.not_after)
     }
 
     /// [`ServerTls::reload`] if either file changed since the last attempt.

@@ -1,0 +1,167 @@
+//! Prometheus metrics of the control plane (`serve --metrics-listen`), in the Prometheus
+//! text format at `GET /metrics`. Events (enrollments, pushes) are counted where they
+//! happen; states (nodes, streams, versions, the certificate's expiry) are read from the
+//! registry at each scrape, so they can never drift from what the admin API shows.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use tokio::net::TcpListener;
+
+use crate::registry::{off_worker, Registry};
+use crate::server::ServerTls;
+use crate::Error;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// Every metric of the control plane, registered once.
+pub struct Metrics {
+    prom: prometheus_client::registry::Registry,
+    nodes: Family<StateLabel, Gauge>,
+    connected_agents: Gauge,
+    open_streams: Gauge,
+    state_version: Gauge,
+    policy_version: Gauge,
+    enrollments: Family<OutcomeLabel, Counter>,
+    push_seconds: Histogram,
+    certificate_expiry: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut prom = prometheus_client::registry::Registry::with_prefix("wirefence_control");
+        let m = Metrics {
+            nodes: Family::default(),
+            connected_agents: Gauge::default(),
+            open_streams: Gauge::default(),
+            state_version: Gauge::default(),
+            policy_version: Gauge::default(),
+            enrollments: Family::default(),
+            // 100 us .. ~6.5 s.
+            push_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 9)),
+            certificate_expiry: Gauge::default(),
+            prom: prometheus_client::registry::Registry::default(),
+        };
+        prom.register(
+            "nodes",
+            "Nodes by state: connected (a Watch stream open), disconnected, removed (kept)",
+            m.nodes.clone(),
+        );
+        prom.register("connected_agents", "Nodes with at least one open Watch stream", m.connected_agents.clone());
+        prom.register("open_streams", "Open Watch streams", m.open_streams.clone());
+        prom.register("state_version", "Version of the current global state", m.state_version.clone());
+        prom.register(
+            "policy_version",
+            "Version at which the current policy was applied (0: none)",
+            m.policy_version.clone(),
+        );
+        prom.register(
+            "enrollments",
+            "Enrollment attempts (Register with an enrollment key) by outcome",
+            m.enrollments.clone(),
+        );
+        prom.register(
+            "push_seconds",
+            "From a change's commit to its delta queued on an affected node's stream",
+            m.push_seconds.clone(),
+        );
+        prom.register(
+            "certificate_expiry_timestamp_seconds",
+            "Expiry (Unix time) of the agent listener's certificate being served (0: plaintext)",
+            m.certificate_expiry.clone(),
+        );
+        Metrics { prom, ..m }
+    }
+}
+
+impl Metrics {
+    /// An enrollment ended: `Ok`, or refused with `code`.
+    pub fn enrollment(&self, result: Result<(), tonic::Code>) {
+        let outcome = match result {
+            Ok(()) => "enrolled",
+            // Revoked, used up or expired key; a name the key may not take.
+            Err(tonic::Code::PermissionDenied) => "refused",
+            // Unknown key, failed proof of possession.
+            Err(tonic::Code::Unauthenticated) => "unauthenticated",
+            Err(tonic::Code::ResourceExhausted) => "rate_limited",
+            Err(tonic::Code::InvalidArgument) => "invalid",
+            Err(tonic::Code::AlreadyExists) => "conflict",
+            Err(_) => "error",
+        };
+        self.enrollments.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// A delta of a change committed `since` ago was queued on a stream.
+    pub fn pushed(&self, since: Duration) {
+        self.push_seconds.observe(since.as_secs_f64());
+    }
+
+    /// The text exposition, with the states read now.
+    fn render(&self, registry: &Registry, tls: Option<&ServerTls>) -> Result<String, Error> {
+        let counts = registry.node_counts()?;
+        self.nodes.clear();
+        for (state, n) in
+            [("connected", counts.connected), ("disconnected", counts.disconnected), ("removed", counts.removed)]
+        {
+            self.nodes.get_or_create(&StateLabel { state }).set(n as i64);
+        }
+        self.connected_agents.set(counts.connected as i64);
+        self.open_streams.set(counts.streams as i64);
+        self.state_version.set(registry.current().version as i64);
+        self.policy_version.set(counts.policy_version as i64);
+        self.certificate_expiry.set(tls.and_then(ServerTls::not_after).unwrap_or(0));
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.prom)
+            .map_err(|_| Error::Task("encoding metrics".into()))?;
+        Ok(out)
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stopped` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    tls: Option<Arc<ServerTls>>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+
+    let handler = move || {
+        let (registry, tls) = (registry.clone(), tls.clone());
+        async move {
+            let rendered = off_worker(move || registry.metrics.render(&registry, tls.as_deref())).await;
+            match rendered {
+                Ok(text) => {
+                    ([(header::CONTENT_TYPE, prometheus_client::encoding::prometheus_text::CONTENT_TYPE)], text)
+                        .into_response()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics scrape failed");
+                    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                }
+            }
+        }
+    };
+    let app = axum::Router::new().route("/metrics", axum::routing::get(handler));
+    axum::serve(listener, app).with_graceful_shutdown(stopped).await
+}
+
+/// Binds the metrics listener (`serve --metrics-listen`).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+}
