@@ -30,8 +30,9 @@ pub const DEFAULT_RULE_PRIORITY: u32 = 5180;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The I/O error is part of the message, not a `source` (shown once, in logs too).
+    #[error("cannot read config {path}: {reason}")]
+    Read { path: PathBuf, reason: std::io::Error },
     #[error("{path}:{line}:{column}: {message}")]
     Invalid { path: PathBuf, line: usize, column: usize, message: String },
 }
@@ -162,7 +163,7 @@ struct RawAgent {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            std::fs::read_to_string(path).map_err(|reason| ConfigError::Read { path: path.to_owned(), reason })?;
         Config::parse(path, &text)
     }
 

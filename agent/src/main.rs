@@ -19,6 +19,9 @@ use wirefence_agent::reconcile::Reconciler;
 use wirefence_agent::state::StateDir;
 use wirefence_agent::{keys, status, wg};
 
+/// Where every subcommand reads its config when `--config` is not given.
+const DEFAULT_CONFIG: &str = "/etc/wirefence/agent.toml";
+
 /// wirefence node agent: WireGuard mesh data plane, reconciled through netlink.
 #[derive(Parser)]
 #[command(version)]
@@ -32,7 +35,7 @@ enum Cmd {
     /// Bring the machine to the state the config describes and keep it there.
     Run {
         /// Agent config (TOML).
-        #[arg(short, long)]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Converge once and exit (non-zero if anything failed).
         #[arg(long)]
@@ -40,12 +43,14 @@ enum Cmd {
     },
     /// Remove everything the agent owns: interface, routes, rules.
     Down {
-        #[arg(short, long)]
+        /// Agent config (TOML).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Show the interface, peers (handshake age, transfer, endpoint) and owned routes.
     Status {
-        #[arg(short, long)]
+        /// Agent config (TOML).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -59,7 +64,8 @@ enum Cmd {
     },
     /// Validate a config and print what it would do, without touching the kernel.
     Check {
-        #[arg(short, long)]
+        /// Agent config (TOML).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Access policy tools.
@@ -75,7 +81,7 @@ enum PolicyCmd {
     /// deny alike; non-zero only for bad input).
     Check {
         /// Agent config (TOML).
-        #[arg(short, long)]
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Source address.
         src: IpAddr,

@@ -39,7 +39,7 @@ struct Entry {
 impl ConfigCache {
     pub fn load(&mut self, path: &Path) -> Result<Config, ConfigError> {
         let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            std::fs::read_to_string(path).map_err(|reason| ConfigError::Read { path: path.to_owned(), reason })?;
         self.parse(path, &text)
     }
 
