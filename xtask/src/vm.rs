@@ -2,14 +2,15 @@
 //!
 //! The build host has no WireGuard module, so the agent's kernel backend runs in a guest:
 //!
-//! 1. kernel: a Debian kernel image (default: whatever `linux-image-cloud-amd64` currently
-//!    depends on), fetched with `apt-get download` and unpacked with `dpkg-deb -x` into
+//! 1. kernel: a Debian 12 kernel image (`--kernel 6.1`: whatever `linux-image-cloud-amd64`
+//!    currently depends on; `6.12`: `linux-image-6.12-cloud-amd64`; `all`: both in turn),
+//!    fetched with `apt-get download` and unpacked with `dpkg-deb -x` into
 //!    `<workspace>/.cache/vm/kernels/` — never installed on the host;
 //! 2. initramfs: busybox-static, iproute2's `ip` and `tc`, the agent and its shared libraries,
 //!    wireguard.ko and the other modules with their dependencies in load order, and the
 //!    scripts of `xtask/vm/` (`init.sh` becomes /init);
 //! 3. qemu under TCG, serial console streamed to the terminal and to
-//!    `.cache/vm/console.log`; the run passes only if /init prints
+//!    `.cache/vm/console-<release>.log`; the run passes only if /init prints
 //!    `WIREFENCE-VM-RESULT: PASS`.
 //!
 //! Every step is idempotent: the kernel is fetched once per package version, the
@@ -48,10 +49,15 @@ pub struct VmTestArgs {
     #[arg(long)]
     release: bool,
 
-    /// Debian kernel package: a metapackage (resolved to the image it depends on) or a
-    /// concrete linux-image-<release> package.
-    #[arg(long, value_name = "PACKAGE", env = "WIREFENCE_VM_KERNEL", default_value = "linux-image-cloud-amd64")]
-    kernel_package: String,
+    /// Which Debian 12 kernel(s) to boot: 6.1 (its own cloud kernel; the clsact attach path),
+    /// 6.12 (its backported cloud kernel; tcx) or all of them, one after the other.
+    #[arg(long, value_enum, default_value = "6.1", conflicts_with = "kernel_package")]
+    kernel: KernelChoice,
+
+    /// A Debian kernel package instead of --kernel: a metapackage (resolved to the image it
+    /// depends on) or a concrete linux-image-<release> package.
+    #[arg(long, value_name = "PACKAGE", env = "WIREFENCE_VM_KERNEL")]
+    kernel_package: Option<String>,
 
     /// Another module to load in the guest (with its dependencies). Repeatable.
     #[arg(long = "module", value_name = "NAME")]
@@ -80,6 +86,29 @@ pub struct VmTestArgs {
     /// Extra kernel command line.
     #[arg(long, value_name = "ARGS", default_value = "")]
     append: String,
+}
+
+/// The kernels CI boots: both attach paths of the policy (clsact before 6.6, tcx after).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KernelChoice {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+    All,
+}
+
+impl KernelChoice {
+    /// The Debian 12 metapackages that follow each kernel's security updates.
+    fn packages(self) -> &'static [&'static str] {
+        const V6_1: &str = "linux-image-cloud-amd64";
+        const V6_12: &str = "linux-image-6.12-cloud-amd64";
+        match self {
+            KernelChoice::V6_1 => &[V6_1],
+            KernelChoice::V6_12 => &[V6_12],
+            KernelChoice::All => &[V6_1, V6_12],
+        }
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -112,7 +141,37 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         binaries.push((path.clone(), name.to_string_lossy().into_owned()));
     }
 
-    let kernel = kernel::prepare(&cache, &args.kernel_package)?;
+    let packages: Vec<String> = match &args.kernel_package {
+        Some(package) => vec![package.clone()],
+        None => args.kernel.packages().iter().map(|p| p.to_string()).collect(),
+    };
+    // Every kernel is booted even when one fails, so one run reports them all.
+    let mut failed = Vec::new();
+    for package in &packages {
+        if let Err(e) = boot_one(&args, &cache, package, &scripts_dir, &script, &binaries) {
+            eprintln!("{e:#}");
+            failed.push(package.as_str());
+        }
+    }
+    eprintln!("vm-test: {} kernel(s) in {:.1}s", packages.len(), started.elapsed().as_secs_f64());
+    if !failed.is_empty() {
+        bail!("vm-test failed on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Boots one kernel package with the initramfs and runs `script`; its console goes to
+/// `<cache>/console-<release>.log`.
+fn boot_one(
+    args: &VmTestArgs,
+    cache: &std::path::Path,
+    package: &str,
+    scripts_dir: &std::path::Path,
+    script: &str,
+    binaries: &[(PathBuf, String)],
+) -> Result<()> {
+    let started = Instant::now();
+    let kernel = kernel::prepare(cache, package)?;
     eprintln!("vm-test: kernel {} {} ({})", kernel.package, kernel.version, kernel.release);
 
     let mut module_names: Vec<String> = DEFAULT_MODULES.iter().map(|m| m.to_string()).collect();
@@ -120,15 +179,8 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     let modules = kernel::module_load_order(&kernel, &module_names)?;
 
     let initrd = initramfs::build(
-        &cache,
-        &initramfs::Spec {
-            kernel: &kernel,
-            modules: &modules,
-            binaries: &binaries,
-            scripts_dir: &scripts_dir,
-            test: &script,
-            env: &args.env,
-        },
+        cache,
+        &initramfs::Spec { kernel: &kernel, modules: &modules, binaries, scripts_dir, test: script, env: &args.env },
     )?;
     eprintln!(
         "vm-test: initramfs {} ({} MiB), running {script}",
@@ -143,12 +195,12 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         memory_mib: args.memory,
         cpus: args.cpus,
         timeout: Duration::from_secs(args.timeout),
-        log: cache.join("console.log"),
+        log: cache.join(format!("console-{}.log", kernel.release)),
     })?;
     let took = started.elapsed().as_secs_f64();
     match outcome {
         qemu::Outcome::Pass => {
-            eprintln!("vm-test: PASS ({script} on {}, {took:.1}s in total)", kernel.release);
+            eprintln!("vm-test: PASS ({script} on {}, {took:.1}s)", kernel.release);
             Ok(())
         }
         qemu::Outcome::Fail(reason) => {

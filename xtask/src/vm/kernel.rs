@@ -132,9 +132,14 @@ fn resolve(wanted: &str) -> Result<(String, String)> {
     Ok((concrete, version))
 }
 
-/// `linux-image-6.1.0-56-cloud-amd64` is concrete, `linux-image-cloud-amd64` is not.
+/// `linux-image-6.1.0-56-cloud-amd64` and `linux-image-6.12.118+deb12-cloud-amd64` are
+/// concrete (a full release: major.minor.patch); the metapackages `linux-image-cloud-amd64`
+/// and `linux-image-6.12-cloud-amd64` (which follows the 6.12 series) are not.
 fn is_concrete(package: &str) -> bool {
-    package.strip_prefix("linux-image-").and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_digit())
+    let Some(release) = package.strip_prefix("linux-image-").and_then(|rest| rest.split('-').next()) else {
+        return false;
+    };
+    release.starts_with(|c: char| c.is_ascii_digit()) && release.matches('.').count() >= 2
 }
 
 fn unpack(kernels: &Path, package: &str, version: &str, root: &Path) -> Result<()> {
@@ -191,4 +196,19 @@ fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     // /proc/self belongs to the effective user of the process looking at it.
     fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_concrete;
+
+    #[test]
+    fn metapackages_are_told_from_images() {
+        for concrete in ["linux-image-6.1.0-56-cloud-amd64", "linux-image-6.12.118+deb12-cloud-amd64"] {
+            assert!(is_concrete(concrete), "{concrete}");
+        }
+        for meta in ["linux-image-cloud-amd64", "linux-image-6.12-cloud-amd64", "linux-image-amd64", "bash"] {
+            assert!(!is_concrete(meta), "{meta}");
+        }
+    }
 }
