@@ -171,7 +171,7 @@ impl Reconciler {
         let applied = guard.as_ref().and_then(|e| e.applied());
         let attached = match (index, guard.as_ref()) {
             (Some(index), Some(e)) => e.attached(ifname, index)?,
-            (Some(index), None) if pinned => enforce::attached_elsewhere(ifname, index)?,
+            (Some(index), None) if pinned => enforce::attached_elsewhere(root, ifname, index)?,
             _ => false,
         };
         Ok(crate::model::PolicyObserved { attached, applied, pinned })

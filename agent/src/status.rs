@@ -99,13 +99,15 @@ pub async fn collect(
     // Read only: the pinned maps by path, nothing loaded or written (a running agent may be
     // filling a generation; the pins may be another build's).
     let inspected = match policy_dirs {
-        Some((root, state_dir)) => crate::enforce::inspect::inspect(root, ifname, state_dir)?.map(|i| (i, state_dir)),
+        Some((root, state_dir)) => {
+            crate::enforce::inspect::inspect(root, ifname, state_dir)?.map(|i| (i, root, state_dir))
+        }
         None => None,
     };
     let policy = match inspected {
-        Some((i, state_dir)) => Some(PolicyStatus {
+        Some((i, root, state_dir)) => Some(PolicyStatus {
             epoch: i.state.epoch,
-            attached: observed.link.map_or(Ok(false), |l| crate::enforce::attached_elsewhere(ifname, l.index))?,
+            attached: observed.link.map_or(Ok(false), |l| crate::enforce::attached_elsewhere(root, ifname, l.index))?,
             counters: i.counters,
             recent_denies: crate::enforce::denies::load(state_dir, ifname),
             other_build: i.other_build,

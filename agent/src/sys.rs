@@ -68,6 +68,64 @@ pub unsafe fn map_update_batch<K: aya::Pod, V: aya::Pod>(
     done
 }
 
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_TCX_EGRESS: u32 = 47;
+
+/// `union bpf_attr`, the part of the BPF_PROG_QUERY command.
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    count: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// The ids of the tcx links on device `ifindex` in one direction (`BPF_PROG_QUERY`), in
+/// the device's order. Asking by id needs only CAP_NET_ADMIN; aya's query opens every
+/// program by id to name it, which needs CAP_SYS_ADMIN, a capability the agent does not
+/// hold.
+pub fn tcx_link_ids(ifindex: u32, ingress: bool) -> std::io::Result<Vec<u32>> {
+    let mut capacity = 16usize;
+    loop {
+        let mut progs = vec![0u32; capacity];
+        let mut links = vec![0u32; capacity];
+        let mut attr = QueryAttr {
+            target_ifindex: ifindex,
+            attach_type: if ingress { BPF_TCX_INGRESS } else { BPF_TCX_EGRESS },
+            prog_ids: progs.as_mut_ptr() as u64,
+            link_ids: links.as_mut_ptr() as u64,
+            count: capacity as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid bpf_attr prefix for BPF_PROG_QUERY; the kernel writes at
+        // most `count` ids into each of the two buffers (both that long) and sets `count`.
+        let r = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut attr as *mut QueryAttr, size_of::<QueryAttr>() as u32)
+        };
+        let n = attr.count as usize;
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            // ENOSPC: more attachments than room; `count` says how many there are.
+            if err.raw_os_error() == Some(libc::ENOSPC) && n > capacity {
+                capacity = n;
+                continue;
+            }
+            return Err(err);
+        }
+        links.truncate(n);
+        return Ok(links);
+    }
+}
+
 const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
 
 /// `membarrier(MEMBARRIER_CMD_GLOBAL)`: returns once every CPU has passed a point where it

@@ -82,15 +82,26 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
     move |e| EnforceError::Program { name, source: Box::new(e) }
 }
 
-/// Both programs are on the device (tcx: asked of the kernel).
-pub fn attached_tcx(ifname: &IfName) -> Result<bool, EnforceError> {
-    for (ty, name, _) in directions() {
-        let (_, progs) = SchedClassifier::query_tcx(ifname.as_str(), ty).map_err(prog_err(name))?;
-        if !progs.iter().any(|p| p.name_as_str() == Some(name)) {
+/// Both programs are on the device through the links pinned in `dir` (tcx): each pinned
+/// link's id is among the device's, as the kernel lists them. A pinned link whose device is
+/// gone is defunct and not among them; a tcx link nobody pins or holds is detached by the
+/// kernel, so no copy of ours can be on the device without its pin.
+pub fn attached_tcx(dir: &Path, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
+    for (ty, _, link_file) in directions() {
+        let Some(id) = pinned_link_id(&dir.join(link_file)) else { return Ok(false) };
+        let on_device = crate::sys::tcx_link_ids(index, ty == TcAttachType::Ingress)
+            .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?;
+        if !on_device.contains(&id) {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// The id of the link pinned at `path`, if one is.
+fn pinned_link_id(path: &Path) -> Option<u32> {
+    let link: FdLink = PinnedLink::from_pin(path).ok()?.into();
+    link.info().ok().map(|info| info.id())
 }
 
 /// Both filters are on the device (clsact: asked of the kernel, as with tcx, so a restarted
@@ -158,7 +169,7 @@ fn clsact_filter_present(index: u32, ty: TcAttachType) -> std::io::Result<bool> 
     }
 }
 
-pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<AttachMode, EnforceError> {
+pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName, index: u32) -> Result<AttachMode, EnforceError> {
     let mode = mode();
     if mode == AttachMode::Clsact {
         match aya::programs::tc::qdisc_add_clsact(ifname.as_str()) {
@@ -175,12 +186,15 @@ pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<Attac
         }
         match mode {
             AttachMode::Tcx => {
-                let (_, progs) = SchedClassifier::query_tcx(ifname.as_str(), ty).map_err(prog_err(name))?;
-                if progs.iter().any(|p| p.name_as_str() == Some(name)) {
-                    continue; // a previous agent's program is there: adopt, never a second copy
+                let path = dir.join(link_file);
+                if let Some(id) = pinned_link_id(&path) {
+                    let on_device = crate::sys::tcx_link_ids(index, ty == TcAttachType::Ingress)
+                        .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?;
+                    if on_device.contains(&id) {
+                        continue; // a previous agent's link is there: adopt, never a second copy
+                    }
                 }
                 // A pinned link left from a device that is gone is defunct: drop its pin.
-                let path = dir.join(link_file);
                 if let Ok(old) = PinnedLink::from_pin(&path) {
                     let _ = old.unpin();
                 }

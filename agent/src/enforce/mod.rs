@@ -251,12 +251,15 @@ impl Enforcer {
 
     /// Whether both programs are attached to the interface (device `index`).
     pub fn attached(&self, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
-        attached_elsewhere(ifname, index)
+        match attach::mode() {
+            AttachMode::Tcx => attach::attached_tcx(&self.dir, ifname, index),
+            AttachMode::Clsact => attach::attached_clsact(ifname, index),
+        }
     }
 
     /// Attaches both programs (replacing a defunct attachment), pinning tcx links.
-    pub fn attach(&mut self, ifname: &IfName, _index: u32) -> Result<AttachMode, EnforceError> {
-        attach::attach(&mut self.ebpf, &self.dir, ifname)
+    pub fn attach(&mut self, ifname: &IfName, index: u32) -> Result<AttachMode, EnforceError> {
+        attach::attach(&mut self.ebpf, &self.dir, ifname, index)
     }
 }
 
@@ -291,11 +294,11 @@ pub(crate) fn read_counters<T: std::borrow::Borrow<MapData>>(
 }
 
 /// Whether the agent's programs (this one's or a previous agent's) are on the device, as the
-/// kernel lists them: tcx programs by name, or the cls_bpf filters at the agent's priority
-/// and handle.
-pub fn attached_elsewhere(ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
+/// kernel lists them: the tcx links pinned under `pin_root`, or the cls_bpf filters at the
+/// agent's priority and handle.
+pub fn attached_elsewhere(pin_root: &Path, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
     match attach::mode() {
-        AttachMode::Tcx => attach::attached_tcx(ifname),
+        AttachMode::Tcx => attach::attached_tcx(&pin_dir(pin_root, ifname), ifname, index),
         AttachMode::Clsact => attach::attached_clsact(ifname, index),
     }
 }
