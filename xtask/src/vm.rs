@@ -27,9 +27,10 @@ use crate::workspace::Workspace;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Modules every guest loads: WireGuard, veth for the namespaces' underlay, and the
-/// clsact qdisc plus cls_bpf for the eBPF attach path of 6.1 kernels (no tcx there).
-const DEFAULT_MODULES: &[&str] = &["wireguard", "veth", "sch_ingress", "cls_bpf"];
+/// Modules every guest loads: WireGuard, veth and bridge for the namespaces' underlay (the
+/// lab's machines share one), and the clsact qdisc plus cls_bpf for the eBPF attach path of
+/// 6.1 kernels (no tcx there).
+const DEFAULT_MODULES: &[&str] = &["wireguard", "veth", "bridge", "sch_ingress", "cls_bpf"];
 
 #[derive(clap::Args)]
 pub struct VmTestArgs {

@@ -1,0 +1,1 @@
+../../vagrant/lab.sh
