@@ -142,7 +142,8 @@ fn single(reg: &mut Registry, name: &str, help: &str, v: u64) {
 fn conntrack_entries(dir: &std::path::Path) -> Result<usize, aya::maps::MapError> {
     let data = MapData::from_pin(dir.join(common::CONNTRACK))?;
     let map: BpfHashMap<MapData, FlowKey, FlowValue> = BpfHashMap::try_from(Map::from_map_data(data)?)?;
-    // A key deleted under the walk (a sweep, a program) ends in an error for that key only.
+    // A key deleted under the walk (a sweep, a program) makes the kernel restart it from the
+    // first key: the count may then be high for one scrape, and the cap keeps it finite.
     Ok(map.keys().filter(Result::is_ok).take(common::MAX_CONNTRACK as usize).count())
 }
 
