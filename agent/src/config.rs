@@ -3,6 +3,7 @@
 //! A config that fails here never reaches the reconciler, so the running state stays as it is.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +28,9 @@ pub const DEFAULT_ROUTE_PROTOCOL: u8 = 87;
 pub const DEFAULT_POLICY_TABLE: u32 = 51820;
 /// Priority of the first of the two policy rules; the second takes the next number.
 pub const DEFAULT_RULE_PRIORITY: u32 = 5180;
+/// Where the Prometheus metrics are served unless `[metrics] listen` says otherwise.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9587));
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -88,6 +92,19 @@ pub struct AgentConfig {
     pub resync_interval_secs: u64,
 }
 
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// `None`: no endpoint (`listen = ""`).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: Some(DEFAULT_METRICS_LISTEN) }
+    }
+}
+
 /// A validated config.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -100,6 +117,7 @@ pub struct Config {
     pub policy: Option<PolicyConfig>,
     /// `[control]`: peers, addresses and policy come from a control plane.
     pub control: Option<ControlConfig>,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +134,14 @@ struct RawConfig {
     policy: Option<RawPolicy>,
     #[serde(default)]
     control: Option<Spanned<RawControl>>,
+    #[serde(default)]
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -337,7 +363,25 @@ impl Config {
             }
         };
 
-        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy, control })
+        let metrics = match raw.metrics.and_then(|m| m.listen) {
+            None => MetricsConfig::default(),
+            Some(l) if l.get_ref().is_empty() => MetricsConfig { listen: None },
+            Some(l) => match l.get_ref().parse::<SocketAddr>() {
+                Ok(addr) if addr.port() != 0 => MetricsConfig { listen: Some(addr) },
+                Ok(_) => return Err(at(l.span(), "metrics.listen: port 0 is not a port scrapers can find".into())),
+                Err(_) => {
+                    return Err(at(
+                        l.span(),
+                        format!(
+                            "metrics.listen: {:?} is not ip:port (e.g. 127.0.0.1:9587 or [::1]:9587; \"\" turns metrics off)",
+                            l.get_ref()
+                        ),
+                    ))
+                }
+            },
+        };
+
+        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy, control, metrics })
     }
 }
 
@@ -522,5 +566,20 @@ mod tests {
         assert!(e.starts_with("agent.toml:6:") && e.contains("routing.table"), "{e}");
         let e = err(&format!("{}[routing]\nprotocol = 2\n", base()));
         assert!(e.contains("routing.protocol"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listen_default_off_and_errors() {
+        assert_eq!(parse(&base()).unwrap().metrics.listen, Some(DEFAULT_METRICS_LISTEN));
+        assert_eq!(DEFAULT_METRICS_LISTEN.to_string(), "127.0.0.1:9587");
+        let c = parse(&format!("{}[metrics]\nlisten = \"[::1]:9100\"\n", base())).unwrap();
+        assert_eq!(c.metrics.listen, Some("[::1]:9100".parse().unwrap()));
+        assert_eq!(parse(&format!("{}[metrics]\nlisten = \"\"\n", base())).unwrap().metrics.listen, None);
+        let e = err(&format!("{}[metrics]\nlisten = \"localhost:9587\"\n", base()));
+        assert!(e.starts_with("agent.toml:6:10: metrics.listen: \"localhost:9587\" is not ip:port"), "{e}");
+        let e = err(&format!("{}[metrics]\nlisten = \"127.0.0.1:0\"\n", base()));
+        assert!(e.starts_with("agent.toml:6:") && e.contains("port 0"), "{e}");
+        let e = err(&format!("{}[metrics]\nport = 1\n", base()));
+        assert!(e.contains("unknown field") && e.contains("port"), "{e}");
     }
 }

@@ -17,10 +17,11 @@ use crate::control::{self, ApplyRequest, ControlConfig, ControlFiles, ControlVie
 use crate::hot_loop::HotLoopGuard;
 use crate::keys;
 use crate::load::{self, Loaded};
+use crate::metrics::{self, Metrics};
 use crate::model::Desired;
 use crate::netlink::Netlink;
 use crate::ownership::{Claim, Ownership};
-use crate::reconcile::{ReconcileError, Reconciler};
+use crate::reconcile::{Applied, ReconcileError, Reconciler};
 use crate::state::StateDir;
 use crate::wg;
 
@@ -37,6 +38,8 @@ pub struct Agent {
     control: Option<Control>,
     /// The peers of the config file as last read, for fast reloads.
     config_cache: ConfigCache,
+    /// Served by `run` at `[metrics] listen`; fed here, read at each scrape.
+    metrics: Arc<Metrics>,
 }
 
 struct Control {
@@ -81,11 +84,13 @@ impl Agent {
                 Ok::<_, anyhow::Error>(())
             })
             .await?;
-        let control = match &c.control {
-            None => None,
-            Some(cc) => Some(start_client(cc, &loaded, backend)?),
+        let health = c.control.as_ref().map(|_| Arc::new(control::ControlHealth::default()));
+        let metrics = Arc::new(Metrics::new(backend.clone(), health.clone(), metrics_target(&loaded)));
+        let control = match (&c.control, health) {
+            (Some(cc), Some(health)) => Some(start_client(cc, &loaded, backend, health)?),
+            _ => None,
         };
-        Ok(Agent { loaded, ownership, reconciler, wake, control, config_cache: ConfigCache::default() })
+        Ok(Agent { loaded, ownership, reconciler, wake, control, config_cache: ConfigCache::default(), metrics })
     }
 
     /// Keeps the parsed peers of the config `loaded` came from (see [`load_cached`]).
@@ -95,8 +100,20 @@ impl Agent {
     }
 
     pub async fn reconcile_once(&self) -> anyhow::Result<usize> {
-        let applied = self.reconciler.reconcile(&self.loaded.desired).await?;
-        Ok(applied.ops.len())
+        Ok(self.pass().await?.ops.len())
+    }
+
+    /// One full reconcile pass of the desired state, timed and counted for the metrics.
+    async fn pass(&self) -> Result<Applied, ReconcileError> {
+        let started = std::time::Instant::now();
+        let result = self.reconciler.reconcile(&self.loaded.desired).await;
+        self.metrics.pass(started.elapsed(), &result);
+        result
+    }
+
+    /// The desired state changed: the metrics read the new interface, pins and peer names.
+    fn loaded_changed(&self) {
+        self.metrics.set_target(metrics_target(&self.loaded));
     }
 
     /// Applies a new config: rejected whole (the running state stays) when it does not load
@@ -106,7 +123,9 @@ impl Agent {
         let key = keys::load_or_generate(&file.interface.private_key_file)?;
         let new = load::build(file, &key, self.control.as_ref().and_then(|c| c.view.as_ref()))?;
         load::check_reload(&self.loaded.config, &new.config)?;
-        self.switch_interface(new).await
+        let previous = self.switch_interface(new).await;
+        self.loaded_changed();
+        previous
     }
 
     /// Makes `new` the desired state, first removing the link of a renamed interface;
@@ -124,6 +143,15 @@ impl Agent {
 
     /// The daemon loop. Returns on SIGTERM or SIGINT, leaving the kernel state in place.
     pub async fn run(mut self, config_path: &Path) -> anyhow::Result<()> {
+        // Bound before anything else: a taken address fails the start, not a scrape later.
+        let _metrics = match self.loaded.config.metrics.listen {
+            None => None,
+            Some(addr) => {
+                let listener = metrics::bind(addr).await?;
+                tracing::info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
+                Some(AbortOnDrop(tokio::spawn(metrics::serve(listener, self.metrics.clone()))))
+            }
+        };
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -166,7 +194,7 @@ impl Agent {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
-            match self.reconciler.reconcile(&self.loaded.desired).await {
+            match self.pass().await {
                 Ok(applied) => {
                     not_before = tokio::time::Instant::now() + hot_loop.after_pass(&applied.ops);
                     // The first pass always says so: it tells a supervisor the agent is ready.
@@ -267,7 +295,9 @@ impl Agent {
         let Some(assumed) = self.reconciler.assume(previous).await? else { return Ok(None) };
         let plan = crate::plan::plan(desired, &assumed);
         let plan_ms = planning.elapsed().as_secs_f64() * 1e3;
-        let operations = self.reconciler.apply(desired, plan).await?.ops.len();
+        let applied = self.reconciler.apply(desired, plan).await;
+        self.metrics.pass(planning.elapsed(), &applied);
+        let operations = applied?.ops.len();
         Ok(Some(Change { operations, plan_ms }))
     }
 
@@ -284,10 +314,11 @@ impl Agent {
             Err(e) => return Err(ViewRejected { cause: e.into(), restored: Ok(()) }),
         };
         let previous = std::mem::replace(&mut self.loaded, new);
+        self.loaded_changed();
         let result = if converged { self.apply_change(previous.desired.clone()).await } else { Ok(None) };
         let result = match result {
             Ok(Some(change)) => Ok(change.operations),
-            Ok(None) => self.reconciler.reconcile(&self.loaded.desired).await.map(|a| a.ops.len()),
+            Ok(None) => self.pass().await.map(|a| a.ops.len()),
             Err(e) => Err(e),
         };
         match result {
@@ -302,7 +333,8 @@ impl Agent {
                 // Put the previous state back before answering, so the report says whether
                 // the node is whole again (the loop's passes keep retrying if not).
                 self.loaded = previous;
-                let restored = self.reconciler.reconcile(&self.loaded.desired).await.map(|_| ());
+                self.loaded_changed();
+                let restored = self.pass().await.map(|_| ());
                 Err(ViewRejected { cause: e.into(), restored })
             }
         }
@@ -367,11 +399,30 @@ async fn next_view(control: &mut Option<Control>) -> Option<ApplyRequest> {
     }
 }
 
+/// What the metrics read for this desired state.
+fn metrics_target(loaded: &Loaded) -> metrics::Target {
+    metrics::Target {
+        ifname: loaded.desired.ifname.clone(),
+        policy: loaded.desired.policy.as_ref().map(|p| (p.pin_root.clone(), loaded.config.agent.state_dir.clone())),
+        peer_names: loaded.config.peers.iter().filter_map(|p| Some((p.public_key, p.name.clone()?))).collect(),
+    }
+}
+
+/// Aborts a task when dropped (the metrics server ends with the daemon loop).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Starts the control-plane client on the view the desired state was built from.
 fn start_client(
     cc: &ControlConfig,
     loaded: &Loaded,
     backend: Arc<dyn crate::wg::WgBackend>,
+    health: Arc<control::ControlHealth>,
 ) -> anyhow::Result<Control> {
     let own = loaded.desired.device.private_key.public_key();
     let files = ControlFiles::new(&loaded.config.agent.state_dir);
@@ -389,7 +440,8 @@ fn start_client(
         private_key: loaded.desired.device.private_key.clone(),
         tracker: control::Tracker::new(own, saved),
         apply: tx,
-        connector: control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?,
+        connector: Arc::new(control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?),
+        health: health.clone(),
         tunnel: loaded.desired.ifname.clone(),
         telemetry: {
             let (ifname, state_dir) = (loaded.desired.ifname.clone(), loaded.config.agent.state_dir.clone());

@@ -11,6 +11,7 @@ pub mod enforce;
 pub mod hot_loop;
 pub mod keys;
 pub mod load;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod ownership;

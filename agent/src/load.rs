@@ -93,6 +93,8 @@ pub struct RestartSettings<'a> {
     pub userspace_command: &'a str,
     pub pin_dir: Option<&'a Path>,
     pub control: Option<&'a ControlConfig>,
+    /// Bound once at start: a reload that could fail to bind would leave the config half applied.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl<'a> RestartSettings<'a> {
@@ -104,6 +106,7 @@ impl<'a> RestartSettings<'a> {
             userspace_command: &c.interface.userspace_command,
             pin_dir: c.policy.as_ref().map(|p| p.pin_dir.as_path()),
             control: c.control.as_ref(),
+            metrics_listen: c.metrics.listen,
         }
     }
 
@@ -121,6 +124,7 @@ impl<'a> RestartSettings<'a> {
         check(self.userspace_command != new.userspace_command, "interface.userspace_command");
         check(self.pin_dir != new.pin_dir, "policy.pin_dir");
         check(self.control != new.control, "[control]");
+        check(self.metrics_listen != new.metrics_listen, "metrics.listen");
         out
     }
 }
@@ -162,5 +166,7 @@ mod tests {
         let e = check_reload(&running, &config("backend = \"userspace\"\n[agent]\nstate_dir = \"/elsewhere\"\n"))
             .unwrap_err();
         assert_eq!(e.changed, vec!["agent.state_dir"]);
+        let e = check_reload(&running, &config("backend = \"userspace\"\n[metrics]\nlisten = \"\"\n")).unwrap_err();
+        assert_eq!(e.changed, vec!["metrics.listen"]);
     }
 }

@@ -70,6 +70,28 @@ pub enum Phase {
 }
 
 impl Op {
+    /// The operation's kind, without its arguments (a metric label: a bounded set).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::CreateDevice => "create_device",
+            Op::ApplyPolicy => "apply_policy",
+            Op::AttachPolicy => "attach_policy",
+            Op::RemovePolicy => "remove_policy",
+            Op::DelRule(_) => "del_rule",
+            Op::DelUnknownRule(_) => "del_unknown_rule",
+            Op::DelRoute(_) => "del_route",
+            Op::DelAddress(_) => "del_address",
+            Op::RemovePeer(_) => "remove_peer",
+            Op::ConfigureDevice { .. } => "configure_device",
+            Op::UpsertPeer(_) => "upsert_peer",
+            Op::SetMtu(_) => "set_mtu",
+            Op::SetUp => "set_up",
+            Op::AddAddress(_) => "add_address",
+            Op::AddRoute(_) => "add_route",
+            Op::AddRule(_) => "add_rule",
+        }
+    }
+
     /// Exhaustive on purpose: a new operation does not compile until it has a phase.
     pub fn phase(&self) -> Phase {
         match self {

@@ -24,6 +24,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyLabel {
+    family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
 }
@@ -39,6 +44,7 @@ pub struct Metrics {
     enrollments: Family<OutcomeLabel, Counter>,
     push_seconds: Histogram,
     certificate_expiry: Gauge,
+    reported_expiry: Family<FamilyLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -56,6 +62,7 @@ impl Default for Metrics {
             // 100 us .. ~6.5 s.
             push_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 9)),
             certificate_expiry: Gauge::default(),
+            reported_expiry: Family::default(),
         };
         prom.register(
             "nodes",
@@ -84,6 +91,12 @@ impl Default for Metrics {
             "certificate_expiry_timestamp_seconds",
             "Expiry (Unix time) of the agent listener's certificate being served (0: plaintext)",
             m.certificate_expiry.clone(),
+        );
+        prom.register(
+            "agent_reported_certificate_expiry_timestamp_seconds",
+            "Earliest expiry (Unix time) of the control plane's certificate any live agent reports, \
+             per address family of the addresses the agents probed",
+            m.reported_expiry.clone(),
         );
         Metrics { prom, ..m }
     }
@@ -125,6 +138,14 @@ impl Metrics {
         self.state_version.set(registry.current().version as i64);
         self.policy_version.set(counts.policy_version as i64);
         self.certificate_expiry.set(tls.and_then(ServerTls::not_after).unwrap_or(0));
+        // Only families some agent reported: a missing series is "unknown", not an expiry.
+        self.reported_expiry.clear();
+        let reported = counts.reported_cert_expiry;
+        for (family, expiry) in [("ipv4", reported.ipv4), ("ipv6", reported.ipv6)] {
+            if let Some(t) = expiry {
+                self.reported_expiry.get_or_create(&FamilyLabel { family }).set(t);
+            }
+        }
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.prom)
             .expect("writing to a String cannot fail");

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use wirefence_proto::v1::{RemoveNodeRequest, WatchRequest};
+use wirefence_proto::v1::{agent_report, AgentReport, CertificateExpiry, RemoveNodeRequest, WatchRequest};
 
 #[tokio::test]
 async fn metrics_count_nodes_streams_enrollments_and_pushes() {
@@ -65,4 +65,54 @@ async fn metrics_count_nodes_streams_enrollments_and_pushes() {
         assert!(std::time::Instant::now() < deadline, "closed streams still counted after 3 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+fn expiry(ipv4: i64, ipv6: i64) -> AgentReport {
+    AgentReport {
+        body: Some(agent_report::Body::CertExpiry(CertificateExpiry {
+            ipv4_not_after_unix: ipv4,
+            ipv6_not_after_unix: ipv6,
+        })),
+    }
+}
+
+/// The earliest certificate expiry any live agent reports, per family; reports are
+/// untrusted: values that are no certificate time are dropped, a removed node's go with it.
+#[tokio::test]
+async fn earliest_reported_certificate_expiry_per_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start_with(dir.path(), |c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let addr = cp.handle.metrics_addr.expect("a bound metrics address");
+    let v4 = "wirefence_control_agent_reported_certificate_expiry_timestamp_seconds{family=\"ipv4\"}";
+    let v6 = "wirefence_control_agent_reported_certificate_expiry_timestamp_seconds{family=\"ipv6\"}";
+    let m = scrape(addr).await;
+    assert!(!m.contains(v4) && !m.contains(v6), "nothing reported yet:\n{m}");
+
+    let a = cp.enroll("a", 1, &[]).await;
+    let b = cp.enroll("b", 2, &[]).await;
+    let mut agent = cp.agent().await;
+    let report = |cred: &str, msgs: Vec<AgentReport>| authed(tokio_stream::iter(msgs), cred);
+    // a: both families; b: an earlier IPv4 expiry, IPv6 unknown.
+    agent.report(report(&a.credential, vec![expiry(2_000_000_000, 2_100_000_000)])).await.unwrap();
+    agent.report(report(&b.credential, vec![expiry(1_900_000_000, 0)])).await.unwrap();
+    let m = scrape(addr).await;
+    promtool_check(&m);
+    assert_eq!(sample(&m, v4), 1_900_000_000.0, "b's IPv4 expiry is the earliest");
+    assert_eq!(sample(&m, v6), 2_100_000_000.0, "only a knows IPv6");
+
+    // Nonsense from b (negative, before 2000, past X.509's last second) is dropped, and the
+    // report replaces b's earlier one: a's values remain.
+    agent.report(report(&b.credential, vec![expiry(-5, 253_402_300_800)])).await.unwrap();
+    let m = scrape(addr).await;
+    assert_eq!(sample(&m, v4), 2_000_000_000.0);
+    assert_eq!(sample(&m, v6), 2_100_000_000.0);
+    agent.report(report(&b.credential, vec![expiry(1_800_000_000, 1_800_000_001)])).await.unwrap();
+    assert_eq!(sample(&scrape(addr).await, v6), 1_800_000_001.0);
+
+    // A removed node's reports no longer count.
+    cp.admin.remove_node(RemoveNodeRequest { node: "b".into() }).await.unwrap();
+    let m = scrape(addr).await;
+    promtool_check(&m);
+    assert_eq!(sample(&m, v4), 2_000_000_000.0);
+    assert_eq!(sample(&m, v6), 2_100_000_000.0);
 }

@@ -23,10 +23,19 @@ pub fn control_bin() -> PathBuf {
     bin
 }
 
+/// Where a lab's control planes serve metrics, in the switch namespace (the first; a
+/// replica the next port).
+pub const CP_METRICS_PORT: u16 = 9590;
+
 pub struct ControlPlane {
     pub dir: TempDir,
     switch: String,
     child: Option<Child>,
+    /// Agent listener addresses.
+    listen: Vec<String>,
+    /// Holds server.pem and server.key (and ca.pem, ca.key from `certs init`).
+    tls: PathBuf,
+    metrics: std::net::SocketAddr,
 }
 
 impl ControlPlane {
@@ -42,9 +51,48 @@ impl ControlPlane {
                 .arg(dir.0.join("tls"))
                 .args(["--san", CP_V4, "--san", CP_V6]),
         );
-        let mut cp = ControlPlane { dir, switch: lab.switch.name.clone(), child: None };
+        let tls = dir.0.join("tls");
+        let mut cp = ControlPlane {
+            dir,
+            switch: lab.switch.name.clone(),
+            child: None,
+            listen: vec![format!("{CP_V4}:{CP_PORT}"), format!("[{CP_V6}]:{CP_PORT}")],
+            tls,
+            metrics: std::net::SocketAddr::from(([127, 0, 0, 1], CP_METRICS_PORT)),
+        };
         cp.restart();
         cp
+    }
+
+    /// Serves agents only at `listen` from the next restart on.
+    pub fn set_listen(&mut self, listen: &[String]) {
+        self.listen = listen.to_vec();
+    }
+
+    /// Another `serve` in the switch namespace with a database of its own, at `listen`,
+    /// with the certificate and key in `tls` (say a replica whose certificate was not
+    /// renewed); its metrics on the next port.
+    pub fn replica(&self, listen: &str, tls: PathBuf) -> ControlPlane {
+        let mut cp = ControlPlane {
+            dir: TempDir::new(),
+            switch: self.switch.clone(),
+            child: None,
+            listen: vec![listen.to_owned()],
+            tls,
+            metrics: std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics.port() + 1)),
+        };
+        cp.restart();
+        cp
+    }
+
+    /// Where `--metrics-listen` serves, in the switch namespace.
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.metrics
+    }
+
+    /// The directory with ca.pem, ca.key, server.pem, server.key.
+    pub fn tls_dir(&self) -> &std::path::Path {
+        &self.tls
     }
 
     /// The server's process id (`ip netns exec` execs it in place).
@@ -57,7 +105,7 @@ impl ControlPlane {
     }
 
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.0.join("tls/ca.pem")
+        self.tls.join("ca.pem")
     }
 
     pub fn log(&self) -> String {
@@ -69,7 +117,8 @@ impl ControlPlane {
         self.kill();
         let _ = std::fs::remove_file(self.admin_socket());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join("control.log")).unwrap();
-        let tls = self.dir.0.join("tls");
+        let tls = &self.tls;
+        let listen: Vec<&str> = self.listen.iter().flat_map(|l| ["--listen", l.as_str()]).collect();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.switch])
             .arg(control_bin())
@@ -78,7 +127,9 @@ impl ControlPlane {
             .arg("serve")
             .arg("--db")
             .arg(self.dir.0.join("control.db"))
-            .args(["--listen", &format!("{CP_V4}:{CP_PORT}"), "--listen", &format!("[{CP_V6}]:{CP_PORT}")])
+            .args(listen)
+            .arg("--metrics-listen")
+            .arg(self.metrics.to_string())
             .arg("--tls-cert")
             .arg(tls.join("server.pem"))
             .arg("--tls-key")

@@ -8,6 +8,7 @@
 pub mod bpf;
 pub mod control;
 pub mod hostile;
+pub mod metrics;
 pub mod packet;
 pub mod steady;
 
@@ -511,6 +512,11 @@ pub struct AgentProc {
 impl AgentProc {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: no clean-up code of the agent runs.

@@ -95,7 +95,10 @@ pub struct ControlClient {
     pub private_key: crate::model::PrivateKey,
     pub tracker: Tracker,
     pub apply: mpsc::Sender<ApplyRequest>,
-    pub connector: Connector,
+    /// Shared with the certificate probe, which runs beside the sessions.
+    pub connector: std::sync::Arc<Connector>,
+    /// What the metrics show of the connection (written here, read there).
+    pub health: std::sync::Arc<super::ControlHealth>,
     /// The tunnel device: its own networks are not the host's networks the guard protects.
     pub tunnel: IfName,
     /// Reads what reports carry besides versions (read only).
@@ -114,7 +117,13 @@ pub struct Telemetry {
 
 impl ControlClient {
     /// Runs until the daemon goes away: sessions separated by exponential backoff with jitter.
-    pub async fn run(mut self) {
+    pub async fn run(self) {
+        let probe = tokio::spawn(super::health::probe_loop(self.connector.clone(), self.health.clone()));
+        self.sessions().await;
+        probe.abort();
+    }
+
+    async fn sessions(mut self) {
         let mut backoff = BACKOFF_MIN;
         // Known before the first connection (a restart while the control plane is down).
         let node_id = match self.files.credential() {
@@ -125,6 +134,7 @@ impl ControlClient {
             }
         };
         let mut status = ControlStatus { applied_version: self.tracker.version(), node_id, ..Default::default() };
+        self.health.set_connection(false, status.applied_version);
         loop {
             let started = tokio::time::Instant::now();
             let result = self.session(&mut status).await;
@@ -147,6 +157,7 @@ impl ControlClient {
     }
 
     fn save_status(&self, status: &ControlStatus) {
+        self.health.set_connection(status.connected_to.is_some(), status.applied_version);
         if let Err(e) = self.files.set_status(status) {
             tracing::warn!(error = %e, "cannot write the control status file");
         }
@@ -316,6 +327,10 @@ impl ControlClient {
                 _ = stats.tick() => {
                     let stats = v1::PeerStats { peers: (self.telemetry.peer_stats)() };
                     let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::Stats(stats)) });
+                    if let Some(probe) = self.health.certificates() {
+                        let expiry = v1::agent_report::Body::CertExpiry(probe.report());
+                        let _ = report.try_send(v1::AgentReport { body: Some(expiry) });
+                    }
                     let denies = (self.telemetry.denies)();
                     let records: Vec<v1::FlowRecord> =
                         denies.iter().filter(|d| !self.sent_denies.contains(d)).filter_map(flow_record).collect();

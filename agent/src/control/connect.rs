@@ -1,6 +1,8 @@
 //! One connection to the control plane: every configured endpoint, every address it
 //! resolves to (IPv4 and IPv6), in order, until one answers; TLS with rustls against the
-//! configured CA only. The caller retries with backoff, so this never loops itself.
+//! configured CA only. The caller retries with backoff, so this never loops itself. The
+//! certificate probe shakes hands the same way with every address, one family after an
+//! outage taught that one family's certificate says nothing about the other's.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -16,12 +18,16 @@ use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 use super::config::Transport;
+use super::health::CertProbe;
 use crate::primitives::Endpoint;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Addresses one certificate probe shakes hands with, at most (a host name could resolve to
+/// hundreds).
+pub const MAX_PROBED: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -61,24 +67,11 @@ impl Connector {
     /// Connects to the first endpoint address that completes TCP (and TLS), and returns a
     /// channel bound to that one connection: when it breaks, the caller reconnects.
     pub async fn connect(&self) -> Result<(Channel, Connected), ConnectError> {
-        let mut failures = Vec::new();
-        for e in &self.endpoints {
-            let (host, addrs) = match e {
-                Endpoint::Addr(a) => (a.ip().to_string(), vec![*a]),
-                Endpoint::Host { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(a) => (host.clone(), a.collect()),
-                    Err(err) => {
-                        failures.push(format!("{host}:{port}: {err}"));
-                        continue;
-                    }
-                },
-            };
-            self.resolved.lock().expect("not poisoned").extend(addrs.iter().map(SocketAddr::ip));
-            for addr in addrs {
-                match self.connect_addr(&host, addr).await {
-                    Ok(ok) => return Ok(ok),
-                    Err(err) => failures.push(format!("{addr}: {err}")),
-                }
+        let (addrs, mut failures) = self.resolve().await;
+        for (host, addr) in addrs {
+            match self.connect_addr(&host, addr).await {
+                Ok(ok) => return Ok(ok),
+                Err(err) => failures.push(format!("{addr}: {err}")),
             }
         }
         Err(ConnectError::Unreachable(failures.join("; ")))
@@ -94,24 +87,65 @@ impl Connector {
         all.into_iter().collect()
     }
 
+    /// Every address each endpoint resolves to (host name, address), recorded for
+    /// [`Connector::addresses`]; the failures to resolve as text.
+    async fn resolve(&self) -> (Vec<(String, SocketAddr)>, Vec<String>) {
+        let (mut out, mut failures) = (Vec::new(), Vec::new());
+        for e in &self.endpoints {
+            let (host, addrs) = match e {
+                Endpoint::Addr(a) => (a.ip().to_string(), vec![*a]),
+                Endpoint::Host { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(a) => (host.clone(), a.collect()),
+                    Err(err) => {
+                        failures.push(format!("{host}:{port}: {err}"));
+                        continue;
+                    }
+                },
+            };
+            self.resolved.lock().expect("not poisoned").extend(addrs.iter().map(SocketAddr::ip));
+            out.extend(addrs.into_iter().map(|a| (host.clone(), a)));
+        }
+        (out, failures)
+    }
+
+    /// Shakes hands with every address the endpoints resolve to (at most
+    /// [`MAX_PROBED`], at once), with the verifier the connections use, and keeps each
+    /// leaf certificate's expiry by address family. `None` in plaintext mode.
+    pub async fn probe_certificates(&self) -> Option<CertProbe> {
+        let cfg = self.tls.clone()?;
+        let (addrs, failures) = self.resolve().await;
+        for f in &failures {
+            tracing::warn!(error = %f, "certificate probe: cannot resolve a control-plane endpoint");
+        }
+        let probes = addrs.into_iter().take(MAX_PROBED).map(|(host, addr)| {
+            let cfg = cfg.clone();
+            async move {
+                let result = async {
+                    let tls = handshake(&cfg, &host, tcp_connect(addr).await?).await?;
+                    leaf_not_after(&tls).ok_or_else(|| "the certificate has no readable expiry".to_string())
+                }
+                .await;
+                (addr, result)
+            }
+        });
+        let mut probe = CertProbe::default();
+        for (addr, result) in futures::future::join_all(probes).await {
+            if let Err(e) = &result {
+                tracing::warn!(%addr, error = %e, "certificate probe failed");
+            }
+            probe.family_mut(addr.ip()).record(result.ok());
+        }
+        Some(probe)
+    }
+
     async fn connect_addr(&self, host: &str, addr: SocketAddr) -> Result<(Channel, Connected), String> {
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+        let tcp = tcp_connect(addr).await?;
         let _ = tcp.set_nodelay(true);
         let (io, cert_not_after): (Box<dyn Io>, _) = match &self.tls {
             None => (Box::new(tcp), None),
             Some(cfg) => {
-                let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host:?}: {e}"))?;
-                let tls = tokio::time::timeout(
-                    HANDSHAKE_TIMEOUT,
-                    tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp),
-                )
-                .await
-                .map_err(|_| "TLS handshake timed out".to_string())?
-                .map_err(|e| format!("TLS: {e}"))?;
-                let expiry = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(not_after);
+                let tls = handshake(cfg, host, tcp).await?;
+                let expiry = leaf_not_after(&tls);
                 (Box::new(tls), expiry)
             }
         };
@@ -133,6 +167,32 @@ impl Connector {
             .map_err(|e| format!("HTTP/2: {e}"))?;
         Ok((channel, Connected { addr, cert_not_after }))
     }
+}
+
+async fn tcp_connect(addr: SocketAddr) -> Result<TcpStream, String> {
+    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// The TLS handshake of every connection and probe: the configured CA only, `host` (a DNS
+/// name, or the literal address) as the name the certificate must carry.
+async fn handshake(
+    cfg: &Arc<rustls::ClientConfig>,
+    host: &str,
+    tcp: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host:?}: {e}"))?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+/// Unix seconds the server's leaf certificate expires.
+fn leaf_not_after(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Option<i64> {
+    tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(not_after)
 }
 
 fn client_config(ca_file: &Path) -> Result<rustls::ClientConfig, ConnectError> {

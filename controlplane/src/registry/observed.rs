@@ -28,6 +28,27 @@ pub struct Observed {
     /// Unix seconds of the last stream opened or report message; 0 = not since start.
     pub last_seen: i64,
     pub peer_stats: Vec<PeerStatRow>,
+    /// The control plane's certificate expiry per address family, as the node last reported
+    /// it (checked to be a plausible certificate time).
+    pub cert_expiry: CertExpiry,
+}
+
+/// Unix seconds a certificate expires, per address family; `None`: not reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CertExpiry {
+    pub ipv4: Option<i64>,
+    pub ipv6: Option<i64>,
+}
+
+impl CertExpiry {
+    /// The earlier of each family.
+    pub fn earliest(self, other: CertExpiry) -> CertExpiry {
+        let min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        CertExpiry { ipv4: min(self.ipv4, other.ipv4), ipv6: min(self.ipv6, other.ipv6) }
+    }
 }
 
 /// Observations of every node seen since start, by node id.
@@ -71,6 +92,8 @@ pub struct NodeCounts {
     pub streams: usize,
     /// Version at which the current policy was applied (0: none).
     pub policy_version: u64,
+    /// The earliest certificate expiry per family any live node reports.
+    pub reported_cert_expiry: CertExpiry,
 }
 
 impl Registry {
@@ -80,7 +103,9 @@ impl Registry {
         let state = self.current();
         let mut c = NodeCounts::default();
         for n in state.nodes.iter() {
-            let streams = self.observed.get(&n.id).connected;
+            let observed = self.observed.get(&n.id);
+            c.reported_cert_expiry = c.reported_cert_expiry.earliest(observed.cert_expiry);
+            let streams = observed.connected;
             c.streams += streams;
             if streams > 0 {
                 c.connected += 1;

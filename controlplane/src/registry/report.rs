@@ -7,7 +7,7 @@ use std::sync::Arc;
 use wirefence_proto::v1::{agent_report, AgentReport, SocketAddress};
 use wirefence_proto::Escaped;
 
-use super::observed::{Connection, PeerStatRow};
+use super::observed::{CertExpiry, Connection, PeerStatRow};
 use super::{lock, Registry};
 use crate::Error;
 
@@ -15,6 +15,21 @@ use crate::Error;
 pub const MAX_PEER_STATS: usize = 4096;
 /// Apply errors are kept up to this many bytes.
 pub const MAX_REASON: usize = 1024;
+/// Reported certificate expiries outside these Unix seconds (2000-01-01, the last second
+/// X.509 can express: 9999-12-31T23:59:59Z) are not certificate times and are dropped.
+pub const CERT_EXPIRY_RANGE: std::ops::RangeInclusive<i64> = 946_684_800..=253_402_300_799;
+
+/// A reported expiry as kept: 0 means "not known"; anything else must be a certificate time.
+fn reported_expiry(node: &str, family: &str, unix: i64) -> Option<i64> {
+    match unix {
+        0 => None,
+        t if CERT_EXPIRY_RANGE.contains(&t) => Some(t),
+        t => {
+            tracing::warn!(node, family, value = t, "reported certificate expiry is not a certificate time; ignored");
+            None
+        }
+    }
+}
 
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
@@ -58,6 +73,7 @@ impl Registry {
         }
         let mut durable = None;
         let mut stats = None;
+        let mut cert_expiry = None;
         match report.body {
             None => {}
             Some(agent_report::Body::Applied(a)) => {
@@ -84,6 +100,12 @@ impl Registry {
                     .collect();
                 stats = Some(rows);
             }
+            Some(agent_report::Body::CertExpiry(e)) => {
+                cert_expiry = Some(CertExpiry {
+                    ipv4: reported_expiry(node, "ipv4", e.ipv4_not_after_unix),
+                    ipv6: reported_expiry(node, "ipv6", e.ipv6_not_after_unix),
+                });
+            }
             Some(agent_report::Body::Flows(f)) => {
                 tracing::debug!(node, records = f.records.len(), "flow records");
                 let mut log = lock(&self.flows);
@@ -96,6 +118,9 @@ impl Registry {
             if let Some(mut rows) = stats {
                 rows.sort_by(|a, b| a.public_key.cmp(&b.public_key));
                 o.peer_stats = rows;
+            }
+            if let Some(e) = cert_expiry {
+                o.cert_expiry = e;
             }
         });
         Ok(durable)
@@ -120,6 +145,15 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::registry::{Overlay, DEFAULT_HISTORY};
+
+    #[test]
+    fn reported_expiries_outside_certificate_times_are_dropped() {
+        assert_eq!(reported_expiry("n", "ipv4", 0), None, "not known");
+        assert_eq!(reported_expiry("n", "ipv4", 1_900_000_000), Some(1_900_000_000));
+        for bad in [-1, 1, 946_684_799, 253_402_300_800, i64::MAX, i64::MIN] {
+            assert_eq!(reported_expiry("n", "ipv6", bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn a_failed_connect_leaves_no_connection_counted() {
