@@ -84,7 +84,7 @@ fn first_packet() -> FlowKey {
 }
 
 fn flow_value(flags: u32) -> FlowValue {
-    FlowValue { epoch: 7, rule: 3, last_seen_ns: 1234, state: 1, flags, ..Default::default() }
+    FlowValue { epoch: 7, rule: 3, last_seen_ns: 1234, state: 1, flags }
 }
 
 fn staged_pins(d: &Dirs) -> Vec<String> {
