@@ -102,9 +102,20 @@ fn install(from: &Path, installed: &Path) {
     std::fs::rename(&tmp, installed).unwrap();
 }
 
-/// The ids of the programs attached to b's tunnel device (tcx, both directions), as the
-/// kernel lists them.
-fn attached_programs(b: &Host) -> Vec<u32> {
+/// The ids of the programs attached to b's tunnel device (both directions), as the kernel
+/// lists them: tcx programs, or (`clsact`) the programs of its cls_bpf filters.
+fn attached_programs(b: &Host, clsact: bool) -> Vec<u32> {
+    if clsact {
+        let mut ids = Vec::new();
+        for dir in ["ingress", "egress"] {
+            let out = run_ok(b.ns.cmd("tc").args(["filter", "show", "dev", &b.ifname, dir]));
+            for line in out.lines().filter(|l| l.contains(" bpf ") && l.contains(" handle ")) {
+                let id = line.split(" id ").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok());
+                ids.push(id.unwrap_or_else(|| panic!("no program id in: {line}")));
+            }
+        }
+        return ids;
+    }
     let ifname = b.ifname.clone();
     in_netns(&b.ns, move || {
         let mut ids = Vec::new();
@@ -131,16 +142,25 @@ fn recorded_conntrack_version(b: &Host) -> u64 {
 
 /// Stops b's agent, installs `next` and starts it: the data plane must not change, nothing
 /// may be applied, and the new build must have taken over (conntrack in layout `version`).
-fn swap(b: &Host, agent: AgentProc, installed: &Path, next: &Path, version: u64) -> AgentProc {
+/// `launcher` is what runs the agent (the binary, or a script running it), `installed` the
+/// binary file replaced.
+fn swap(
+    b: &Host,
+    agent: AgentProc,
+    (launcher, installed): (&Path, &Path),
+    next: &Path,
+    version: u64,
+    clsact: bool,
+) -> AgentProc {
     let monitor = Monitor::start(&b.ns);
     let wg_before = wg_state(b);
-    let programs_before = attached_programs(b);
+    let programs_before = attached_programs(b, clsact);
     assert_eq!(programs_before.len(), 2, "one program per direction before the swap");
-    let epoch_before = status(b, installed)["policy"]["epoch"].clone();
+    let epoch_before = status(b, launcher)["policy"]["epoch"].clone();
     agent.kill9();
     let offset = std::fs::read_to_string(b.dir.join("agent.log")).unwrap_or_default().len();
     install(next, installed);
-    let agent = b.spawn_agent_at(installed);
+    let agent = b.spawn_agent_at(launcher);
     wait_until("the new build converges", T, || {
         agent.log_text().get(offset..).is_some_and(|l| l.contains("converged"))
     });
@@ -154,7 +174,7 @@ fn swap(b: &Host, agent: AgentProc, installed: &Path, next: &Path, version: u64)
     assert!(ops.is_empty(), "the restarted agent applied operations:\n{}", ops.join("\n"));
     assert_eq!(wg_state(b), wg_before, "the upgrade changed the WireGuard peers");
     assert!(since.contains("took over the pins of another build"), "no takeover logged:\n{since}");
-    let programs = attached_programs(b);
+    let programs = attached_programs(b, clsact);
     assert_eq!(programs.len(), 2, "one program per direction after the swap: {programs:?}");
     assert!(
         programs.iter().all(|p| !programs_before.contains(p)),
@@ -162,7 +182,7 @@ fn swap(b: &Host, agent: AgentProc, installed: &Path, next: &Path, version: u64)
     );
     assert!(!since.contains("policy applied"), "the unchanged policy was applied again:\n{since}");
     assert_eq!(recorded_conntrack_version(b), version, "build record after the takeover");
-    let st = status(b, installed);
+    let st = status(b, launcher);
     assert!(st["policy"].get("other_build").is_none(), "status after the takeover: {st}");
     assert_eq!(st["policy"]["epoch"], epoch_before, "the live policy was not kept: {st}");
     assert_eq!(st["policy"]["attached"], true, "{st}");
@@ -176,11 +196,37 @@ fn swap(b: &Host, agent: AgentProc, installed: &Path, next: &Path, version: u64)
 
 #[test]
 fn an_upgrade_and_a_downgrade_keep_connections_policy_and_data_plane() {
+    upgrade_and_downgrade(false);
+}
+
+/// The same on the clsact path (the kernels before 6.6 have only that), forced on this
+/// kernel: the cls_bpf filter is changed in place.
+#[test]
+fn an_upgrade_and_a_downgrade_on_the_clsact_path() {
+    upgrade_and_downgrade(true);
+}
+
+/// One upgrade test at a time: the stall they measure is their own, not the other's load.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn upgrade_and_downgrade(clsact: bool) {
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let first = agent_bin();
     let second = agent_next_layout_bin();
     let lab = Lab::new(2);
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
-    let installed: PathBuf = b.dir.join("wirefence-agent");
+    // What b runs: the agent itself, or (clsact) a script running it with the clsact path
+    // forced; either way the file swapped is the agent binary.
+    let (launcher, installed): (PathBuf, PathBuf) = if clsact {
+        let bin = b.dir.join("wirefence-agent.bin");
+        let script = b.dir.join("wirefence-agent");
+        std::fs::write(&script, format!("#!/bin/sh\nWIREFENCE_TC_ATTACH=clsact exec {} \"$@\"\n", bin.display()))
+            .unwrap();
+        run_ok(std::process::Command::new("chmod").arg("755").arg(&script));
+        (script, bin)
+    } else {
+        (b.dir.join("wirefence-agent"), b.dir.join("wirefence-agent"))
+    };
     install(&first, &installed);
     a.config().peer(b).write();
     let rules = format!(
@@ -194,7 +240,7 @@ fn an_upgrade_and_a_downgrade_keep_connections_policy_and_data_plane() {
         echo_server(&b.ns, sock("0.0.0.0", port));
     }
     let _pa = a.spawn_agent();
-    let pb = b.spawn_agent_at(&installed);
+    let pb = b.spawn_agent_at(&launcher);
     let (allowed, denied) = (sock(&b.overlay_v4, STREAM_PORT), sock(&b.overlay_v4, DENIED_PORT));
     wait_until("the allowed port connects", T, || connect(&a.ns, allowed, Duration::from_millis(500)).is_some());
     assert!(connect(&a.ns, denied, Duration::from_millis(500)).is_none(), "the denied port answered before");
@@ -206,7 +252,7 @@ fn an_upgrade_and_a_downgrade_keep_connections_policy_and_data_plane() {
     let a_ns = std::mem::ManuallyDrop::new(Netns { name: a.ns.name.clone() });
     let probes =
         Loop::start(Duration::from_millis(50), move || connect(&a_ns, denied, Duration::from_millis(300)).is_some());
-    let (status_bin, config) = (installed.clone(), b.config_path());
+    let (status_bin, config) = (launcher.clone(), b.config_path());
     let b_ns = b.ns.name.clone();
     let statuses = Loop::start(Duration::from_millis(100), move || {
         let out = run(std::process::Command::new("ip")
@@ -220,16 +266,17 @@ fn an_upgrade_and_a_downgrade_keep_connections_policy_and_data_plane() {
     });
     std::thread::sleep(Duration::from_secs(1));
 
-    let pb = swap(b, pb, &installed, &second, 3);
+    let pb = swap(b, pb, (&launcher, &installed), &second, 3, clsact);
     std::thread::sleep(Duration::from_secs(1));
-    let pb = swap(b, pb, &installed, &first, 2);
+    let pb = swap(b, pb, (&launcher, &installed), &first, 2, clsact);
     std::thread::sleep(Duration::from_secs(1));
 
     let (stall, rounds) = stream.finish();
     let answered = probes.finish();
     let failed: Vec<String> = statuses.finish().into_iter().flatten().collect();
     eprintln!(
-        "upgrade and downgrade: longest stall of the stream {stall:?} over {rounds} round trips; {} probes of the denied port",
+        "upgrade and downgrade ({}): longest stall of the stream {stall:?} over {rounds} round trips; {} probes of the denied port",
+        if clsact { "clsact" } else { "tcx" },
         answered.len()
     );
     assert!(stall < Duration::from_secs(1), "the stream stalled {stall:?} across the upgrade");

@@ -21,7 +21,13 @@ pub enum AttachMode {
     Clsact,
 }
 
+/// tcx from kernel 6.6 on, clsact before. `WIREFENCE_TC_ATTACH=clsact` in the environment
+/// takes the clsact path on any kernel (the tests run it so on a tcx kernel too; every
+/// agent process touching the device must then have it).
 pub fn mode() -> AttachMode {
+    if std::env::var_os("WIREFENCE_TC_ATTACH").is_some_and(|v| v == "clsact") {
+        return AttachMode::Clsact;
+    }
     match aya::util::KernelVersion::current() {
         Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => AttachMode::Tcx,
         _ => AttachMode::Clsact,
