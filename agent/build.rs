@@ -53,7 +53,9 @@ fn build() -> Result<(), String> {
     // real diagnostics (compiler messages come through its JSON output regardless).
     env::set_var("CARGO_TERM_QUIET", "true");
     let root_dir = ebpf_dir.to_str().ok_or("non-UTF-8 path")?;
-    let package = aya_build::Package { name: "wirefence-ebpf", root_dir, ..Default::default() };
+    // The agent's `next-layout` feature builds the object with the same feature.
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_NEXT_LAYOUT").is_some() { &["next-layout"] } else { &[] };
+    let package = aya_build::Package { name: "wirefence-ebpf", root_dir, features, ..Default::default() };
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
         .map_err(|e| format!("{e:#}\n  (toolchain {toolchain}; if a tool is missing: {INSTALL})"))?;
     if !object.exists() {

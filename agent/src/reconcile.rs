@@ -184,8 +184,9 @@ impl Reconciler {
 
     /// A started agent finding pins: opens them and learns whether they already enforce the
     /// desired policy, so an unchanged policy is not applied again (no epoch bump, no
-    /// re-check of every established flow). Pins it cannot open (another build's) are left
-    /// to the policy operations, which fail with that error while the rest is applied.
+    /// re-check of every established flow). Another build's pins are taken over here
+    /// (`enforce::takeover`); pins it cannot open (a layout it cannot migrate) are left to
+    /// the policy operations, which fail with that error while the rest is applied.
     async fn adopt_policy(&self, desired: &Desired) {
         let Some(p) = &desired.policy else { return };
         if !enforce::pin_dir(&p.pin_root, &desired.ifname).exists() {

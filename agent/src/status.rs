@@ -207,8 +207,8 @@ impl std::fmt::Display for Status {
             if let Some(build) = &p.other_build {
                 writeln!(
                     f,
-                    "  pinned by another wirefence build ({build}; this one: {}): this build's agent will not \
-                     adopt them; `down` removes them",
+                    "  pinned by another wirefence build ({build}; this one: {}): this build's agent takes them \
+                     over when it starts (programs replaced in place, maps kept or migrated)",
                     crate::bpf::object_id()
                 )?;
             }

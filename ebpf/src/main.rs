@@ -245,7 +245,15 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     // A TCP packet other than a SYN opens no entry: allowed by the policy in its own
     // direction it passes, but its answers are judged by the policy too.
     if pkt.kind == KIND_TRACKED && conntrack::may_start(pkt) {
-        let mut value = FlowValue { epoch: st.epoch, rule, last_seen_ns: now, state: 0, flags: 0 };
+        let mut value = FlowValue {
+            epoch: st.epoch,
+            rule,
+            last_seen_ns: now,
+            state: 0,
+            flags: 0,
+            #[cfg(feature = "next-layout")]
+            next: 0,
+        };
         // An allowed flow that cannot be tracked (its source is over quota, the table is
         // full) still passes, as the policy says, but untracked: its answers are judged by
         // the policy, and it takes no entry another flow could have had.

@@ -56,6 +56,18 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// The agent built with `--features next-layout` (another eBPF object, its conntrack map in
+/// another layout), for the upgrade tests: `cargo xtask test` and `cargo xtask
+/// build-next-agent` build it as `wirefence-agent-next-layout` beside [`agent_bin`].
+pub fn agent_next_layout_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("WIREFENCE_AGENT_NEXT_LAYOUT_BIN") {
+        return bin.into();
+    }
+    let bin = agent_bin().with_file_name("wirefence-agent-next-layout");
+    assert!(bin.exists(), "{} is missing: build it first (`cargo xtask build-next-agent`)", bin.display());
+    bin
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     out
@@ -258,8 +270,24 @@ pub fn bpffs_root() -> PathBuf {
         if String::from_utf8_lossy(&mounted.stdout).trim() != "bpf_fs" {
             run_ok(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&root));
         }
+        make_shared(&root);
     });
     root
+}
+
+/// Mounts a bpffs of a test's own at `path` (created if missing), in the host's mount
+/// namespace as the agent requires, closed to others (`mode=0700`); the test unmounts it.
+pub fn mount_bpffs(path: &Path) {
+    std::fs::create_dir_all(path).expect("create bpffs mount point");
+    run_ok(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf"]).arg(path));
+    make_shared(path);
+}
+
+/// Marks a mount shared, as systemd makes every mount of a host: where the agent cannot
+/// compare its bpffs with PID 1's view (no ptrace access to PID 1, as in some CI sandboxes),
+/// it accepts one whose mount propagates, and `ip netns exec` then sees it as `master:`.
+fn make_shared(path: &Path) {
+    run_ok(Command::new("mount").arg("--make-shared").arg(path));
 }
 
 /// Runs `f` on a thread inside the namespace (sockets it creates belong to the namespace
@@ -390,7 +418,12 @@ impl Host {
     }
 
     pub fn agent(&self) -> Command {
-        let mut c = self.ns.cmd(agent_bin().to_str().unwrap());
+        self.agent_at(&agent_bin())
+    }
+
+    /// The agent binary at `bin`, run in the host's namespace.
+    pub fn agent_at(&self, bin: &Path) -> Command {
+        let mut c = self.ns.cmd(bin.to_str().unwrap());
         c.env("WIREFENCE_LOG", "debug");
         c
     }
@@ -418,10 +451,15 @@ impl Host {
 
     /// Starts the daemon; it is killed (SIGKILL) when the handle drops.
     pub fn spawn_agent(&self) -> AgentProc {
+        self.spawn_agent_at(&agent_bin())
+    }
+
+    /// Starts the daemon from the binary at `bin` (its log appended to the same file).
+    pub fn spawn_agent_at(&self, bin: &Path) -> AgentProc {
         let log = self.dir.join("agent.log");
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = self
-            .agent()
+            .agent_at(bin)
             .args(["run", "--config"])
             .arg(self.config_path())
             .stdout(Stdio::null())

@@ -108,8 +108,9 @@ struct Bed {
 impl Bed {
     fn new() -> Bed {
         let tag = format!("{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000);
-        // Not under /sys/fs/bpf: `Enforcer::open` mounts a bpffs of its own at this root.
+        // A bpffs of the test's own (the agent mounts none), unmounted on drop.
         let root = PathBuf::from(format!("/run/wirefence-diff-{tag}"));
+        wirefence_tests::mount_bpffs(&root);
         let state_dir = PathBuf::from(format!("/tmp/wirefence-diff-{tag}"));
         std::fs::create_dir_all(&state_dir).unwrap();
         let ifname: IfName = format!("wfd{:x}", std::process::id() % 0xffff).parse().unwrap();

@@ -1,14 +1,21 @@
 //! The enforcer's pins across agent builds: a restarted agent of the same build adopts them;
-//! pins another build left are refused with an error naming the way out (`down`), never
-//! adopted (that build's programs read maps by its own names and layouts). Needs root.
+//! another build's are taken over in place, maps reused or migrated (conntrack entries of
+//! the first layout re-keyed canonically), the build record written last; a layout no
+//! migration is known for, or pins no build recorded, are refused with an error naming the
+//! map and versions, and nothing is touched. The pin root must be the host's bpffs: one
+//! that is no bpffs is refused, never mounted over. Needs root.
 
 use std::path::{Path, PathBuf};
 
+use aya::maps::{HashMap, MapData};
 use wirefence_agent::enforce::{self, EnforceError, Enforcer};
 use wirefence_agent::model::IfName;
+use wirefence_common::{self as common, FlowKey, FlowValue};
 
-/// A bpffs root and state directory of this test's own, removed (and unmounted) on drop.
+/// A bpffs of this test's own (mounted here, in the host's mount namespace, 0700) with the
+/// pin root below it, and a state directory; removed (and unmounted) on drop.
 struct Dirs {
+    mount: PathBuf,
     root: PathBuf,
     state: PathBuf,
     ifname: IfName,
@@ -18,11 +25,12 @@ impl Dirs {
     fn new() -> Dirs {
         wirefence_tests::require_root_for("pinning eBPF maps needs root");
         let tag = format!("{}-{}", std::process::id(), std::time::UNIX_EPOCH.elapsed().unwrap().as_nanos() % 1_000_000);
-        let root = PathBuf::from(format!("/run/wirefence-enf-{tag}"));
+        let mount = PathBuf::from(format!("/run/wirefence-enf-{tag}"));
+        wirefence_tests::mount_bpffs(&mount);
         let state = std::env::temp_dir().join(format!("wirefence-enf-{tag}"));
         std::fs::create_dir_all(&state).unwrap();
         let ifname = format!("wfe{:x}", std::process::id() % 0xffff).parse().unwrap();
-        Dirs { root, state, ifname }
+        Dirs { root: mount.join("pins"), mount, state, ifname }
     }
 
     fn open(&self) -> Result<Enforcer, EnforceError> {
@@ -32,6 +40,24 @@ impl Dirs {
     fn build_file(&self) -> PathBuf {
         self.state.join(format!("{}.ebpf-build", self.ifname))
     }
+
+    fn pins(&self) -> PathBuf {
+        enforce::pin_dir(&self.root, &self.ifname)
+    }
+
+    fn conntrack(&self) -> HashMap<MapData, FlowKey, FlowValue> {
+        let data = MapData::from_pin(self.pins().join(common::CONNTRACK)).unwrap();
+        HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+    }
+
+    /// Records the pins as made by build `object` with this build's layouts but conntrack's
+    /// at `conntrack_version`.
+    fn record_other_build(&self, object: &str, conntrack_version: u32) {
+        let mut record = enforce::record::BuildRecord::ours();
+        record.object = object.to_owned();
+        record.maps.get_mut(common::CONNTRACK).unwrap().version = conntrack_version;
+        enforce::record::write(&self.build_file(), &record).unwrap();
+    }
 }
 
 impl Drop for Dirs {
@@ -39,8 +65,8 @@ impl Drop for Dirs {
         if let Err(e) = enforce::remove(&self.root, &self.ifname) {
             eprintln!("cleanup: removing pins under {}: {e}", self.root.display());
         }
-        unmount(&self.root);
-        let _ = std::fs::remove_dir(&self.root);
+        unmount(&self.mount);
+        let _ = std::fs::remove_dir(&self.mount);
         let _ = std::fs::remove_dir_all(&self.state);
     }
 }
@@ -51,32 +77,133 @@ fn unmount(path: &Path) {
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
+/// A flow as its first packet saw it: not the canonical key (the source orders last).
+fn first_packet() -> FlowKey {
+    let addr = |b: u8| std::array::from_fn(|i| if i == 15 { b } else { 0xfd });
+    FlowKey { src: addr(9), dst: addr(1), sport: 40000, dport: 443, proto: 6, direction: 0, _pad: [0; 2] }
+}
+
+fn flow_value(flags: u32) -> FlowValue {
+    FlowValue { epoch: 7, rule: 3, last_seen_ns: 1234, state: 1, flags }
+}
+
+fn staged_pins(d: &Dirs) -> Vec<String> {
+    std::fs::read_dir(d.pins())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains('@'))
+        .collect()
+}
+
 #[test]
-fn pins_of_another_build_are_refused_not_adopted() {
+fn another_builds_pins_with_the_same_layouts_are_taken_over_and_kept() {
     let d = Dirs::new();
     drop(d.open().expect("first open pins the maps"));
     drop(d.open().expect("the same build adopts its pins"));
+    let (canon, _) = first_packet().canonical();
+    let mut ct: HashMap<MapData, FlowKey, FlowValue> = d.conntrack();
+    ct.insert(canon, flow_value(0), 0).unwrap();
 
-    std::fs::write(d.build_file(), "0123456789abcdef").unwrap();
+    d.record_other_build("0123456789abcdef", common::layout::of(common::CONNTRACK).unwrap().version);
+    drop(d.open().expect("another build's pins in the same layouts are taken over"));
+    assert_eq!(d.conntrack().get(&canon, 0).unwrap(), flow_value(0), "the conntrack map was not reused");
+    let record = enforce::record::read(&d.build_file()).unwrap().unwrap();
+    assert_eq!(record, enforce::record::BuildRecord::ours(), "this build is recorded last");
+    assert!(staged_pins(&d).is_empty());
+}
+
+#[test]
+fn a_legacy_record_migrates_conntrack_to_canonical_keys() {
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    let key = first_packet();
+    let mut ct = d.conntrack();
+    ct.insert(key, flow_value(common::FLOW_QUOTA_COUNTED), 0).unwrap();
+    // What builds before layout records wrote: the object's digest alone.
+    std::fs::write(d.build_file(), "0123456789abcdef\n").unwrap();
+    drop(d.open().expect("a legacy record is taken over"));
+    let ct = d.conntrack();
+    let (canon, swapped) = key.canonical();
+    assert!(swapped, "the test's key must not be canonical already");
+    assert_eq!(ct.get(&canon, 0).unwrap(), flow_value(common::FLOW_QUOTA_COUNTED | common::FLOW_SWAPPED));
+    assert!(ct.get(&key, 0).is_err(), "the first-packet key was carried over as it was");
+    assert!(staged_pins(&d).is_empty(), "the moved pin is unlinked once this build is recorded");
+    assert_eq!(enforce::record::read(&d.build_file()).unwrap().unwrap(), enforce::record::BuildRecord::ours());
+}
+
+#[test]
+fn maps_an_interrupted_takeover_moved_aside_are_moved_back_by_their_build() {
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    let (canon, _) = first_packet().canonical();
+    d.conntrack().insert(canon, flow_value(0), 0).unwrap();
+    // Another build moved our conntrack aside and pinned its own (another shape) in its
+    // place, then stopped before recording itself.
+    let ours = common::layout::of(common::CONNTRACK).unwrap().version;
+    let pins = d.pins();
+    std::fs::rename(pins.join(common::CONNTRACK), pins.join(format!("{}@v{ours}", common::CONNTRACK))).unwrap();
+    let other = MapData::from_pin(pins.join(common::STATS)).unwrap();
+    other.pin(pins.join(common::CONNTRACK)).unwrap();
+    drop(other);
+    drop(d.open().expect("this build moves its maps back"));
+    assert_eq!(d.conntrack().get(&canon, 0).unwrap(), flow_value(0), "our conntrack map is not back");
+    assert!(staged_pins(&d).is_empty());
+}
+
+#[test]
+fn an_unknown_layout_or_unrecorded_pins_are_refused_and_left_alone() {
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    let (canon, _) = first_packet().canonical();
+    d.conntrack().insert(canon, flow_value(0), 0).unwrap();
+    d.record_other_build("0123456789abcdef", 99);
+    let before = std::fs::read(d.build_file()).unwrap();
     match d.open() {
-        Err(e @ EnforceError::OtherBuild { .. }) => {
+        Err(e @ EnforceError::UnknownLayout { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("0123456789abcdef") && msg.contains("wirefence-agent down"), "{msg}");
+            let ours = common::layout::of(common::CONNTRACK).unwrap().version;
+            for want in ["WF_CONNTRACK", "0123456789abcdef", "version 99", &format!("version {ours}")] {
+                assert!(msg.contains(want), "{want:?} missing from: {msg}");
+            }
         }
-        Err(e) => panic!("another build's pins: {e}"),
-        Ok(_) => panic!("another build's pins were adopted"),
+        Err(e) => panic!("an unknown layout: {e}"),
+        Ok(_) => panic!("an unknown layout was taken over"),
     }
-    // Pins from before builds were recorded: refused too.
+    assert_eq!(d.conntrack().get(&canon, 0).unwrap(), flow_value(0), "the refused pins were touched");
+    assert_eq!(std::fs::read(d.build_file()).unwrap(), before, "the record was rewritten");
+    assert!(staged_pins(&d).is_empty(), "a pin was moved before the refusal");
+
     std::fs::remove_file(d.build_file()).unwrap();
     match d.open() {
-        Err(EnforceError::OtherBuild { found, .. }) => assert_eq!(found, "not recorded"),
+        Err(e @ EnforceError::NotRecorded { .. }) => assert!(e.to_string().contains("wirefence-agent down"), "{e}"),
         Err(e) => panic!("unrecorded pins: {e}"),
         Ok(_) => panic!("unrecorded pins were adopted"),
     }
     // `down` removes the pins: the next open starts afresh and records this build.
     enforce::remove(&d.root, &d.ifname).unwrap();
     drop(d.open().expect("open after down"));
-    assert_eq!(std::fs::read_to_string(d.build_file()).unwrap(), wirefence_agent::bpf::object_id());
+    assert_eq!(enforce::record::read(&d.build_file()).unwrap().unwrap(), enforce::record::BuildRecord::ours());
+}
+
+#[test]
+fn a_pin_root_on_no_bpffs_is_refused_and_nothing_is_mounted() {
+    wirefence_tests::require_root_for("the agent's bpffs check");
+    let dir = std::env::temp_dir().join(format!("wirefence-nobpf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ifname: IfName = "wfnobpf".parse().unwrap();
+    let root = dir.join("pins");
+    match Enforcer::open(&root, &ifname, 0, &dir) {
+        Err(e @ EnforceError::NoBpffs { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(root.to_str().unwrap()) && msg.contains("does not mount"), "{msg}");
+        }
+        Err(e) => panic!("a pin root on no bpffs: {e}"),
+        Ok(_) => panic!("a pin root on no bpffs was used"),
+    }
+    let out = wirefence_tests::run_ok(std::process::Command::new("stat").args(["-f", "-c", "%T"]).arg(&dir));
+    assert_ne!(out.trim(), "bpf_fs", "the agent mounted a bpffs");
+    assert!(!root.exists(), "the pin root was created off bpffs");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn mode(p: &Path) -> u32 {
@@ -84,11 +211,10 @@ fn mode(p: &Path) -> u32 {
 }
 
 #[test]
-fn a_bpffs_the_agent_mounts_and_its_pin_directories_are_0700() {
+fn the_pin_root_and_pin_directories_the_agent_creates_are_0700() {
     let d = Dirs::new();
     drop(d.open().expect("open pins the maps"));
-    // The kernel adds the sticky bit to a bpffs root whatever the mode option.
-    assert_eq!(mode(&d.root) & 0o777, 0o700, "bpffs root {}", d.root.display());
+    assert_eq!(mode(&d.root), 0o700, "pin root {}", d.root.display());
     assert_eq!(mode(&enforce::pin_dir(&d.root, &d.ifname)), 0o700);
 }
 

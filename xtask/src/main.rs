@@ -47,6 +47,10 @@ enum Cmd {
     /// Check the dependency policy (deny.toml: licenses, bans, sources) with cargo-deny;
     /// `test` runs it first. Needs cargo-deny (scripts/install.sh).
     Deny,
+    /// Build the agent a second time with `--features next-layout` (another eBPF object and
+    /// conntrack layout) as target/debug/wirefence-agent-next-layout, then the plain build
+    /// again: what the upgrade tests (tests/tests/upgrade.rs) swap between.
+    BuildNextAgent,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,5 +64,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::BenchControl(args) => bench_control::run(args),
         Cmd::Deny => deny::check(&workspace::Workspace::locate()?),
+        Cmd::BuildNextAgent => {
+            let ws = workspace::Workspace::locate()?;
+            let next = ws.build_next_layout_agent()?;
+            ws.build_bins(false)?;
+            eprintln!("xtask: {} built", next.display());
+            Ok(())
+        }
     }
 }

@@ -53,7 +53,9 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         return Err(e.context("the dependency policy"));
     }
     tally.passed += 1;
-    // The integration tests run the agent and control-plane binaries, so build them first.
+    // The integration tests run the agent and control-plane binaries, so build them first
+    // (the upgrade tests' second agent build before: the plain build's binary is the last one).
+    ws.build_next_layout_agent().context("building the agent's next-layout build")?;
     ws.build_bins(false).context("building the agent and the control plane")?;
 
     let mut child =

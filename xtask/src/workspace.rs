@@ -59,6 +59,31 @@ impl Workspace {
         Ok(bins)
     }
 
+    /// The agent built with `--features next-layout` (another eBPF object, conntrack in its
+    /// next layout) for the upgrade tests, copied to `target/debug/wirefence-agent-next-layout`.
+    /// Built with the same packages as [`Workspace::build_bins`] so every dependency is shared
+    /// (only the agent and `wirefence-common` build again); run `build_bins` after it, since
+    /// this build leaves its binary at `target/debug/wirefence-agent` too.
+    pub fn build_next_layout_agent(&self) -> Result<PathBuf> {
+        let mut cmd = Command::new(&self.cargo);
+        cmd.current_dir(&self.root).args([
+            "build",
+            "-p",
+            "wirefence-agent",
+            "-p",
+            "wirefence-control",
+            "--bins",
+            "--features",
+            "wirefence-agent/next-layout",
+        ]);
+        eprintln!("xtask: building the agent's next-layout build for the upgrade tests: {cmd:?}");
+        tools::status(&mut cmd)?;
+        let dir = self.target_dir.join("debug");
+        let out = dir.join("wirefence-agent-next-layout");
+        std::fs::copy(dir.join("wirefence-agent"), &out).with_context(|| format!("copying to {}", out.display()))?;
+        Ok(out)
+    }
+
     /// A cargo command run in the workspace root (the cargo that runs xtask).
     pub fn cargo_cmd(&self) -> Command {
         let mut cmd = Command::new(&self.cargo);

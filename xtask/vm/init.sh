@@ -26,7 +26,8 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs tmpfs /tmp
-# No bpffs at /sys/fs/bpf: the agent mounts it when a policy needs it (and the test checks).
+# No bpffs at /sys/fs/bpf yet: kernel-backend.sh checks that the agent refuses to run its
+# policy without one (it mounts none), then mounts it as systemd would at boot.
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 hostname wirefence-vm
 ip link set lo up

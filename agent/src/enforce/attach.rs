@@ -1,7 +1,7 @@
 //! Attaching the classifiers: tcx links (kernel 6.6+) pinned in bpffs, or clsact + cls_bpf
 //! filters (older kernels, as Debian 12's 6.1) at a fixed priority and handle.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
@@ -14,7 +14,6 @@ use crate::model::IfName;
 /// cls_bpf filter priority and handle the agent owns on clsact kernels.
 const NL_PRIORITY: u16 = 0x5746; // "WF"
 const NL_HANDLE: u16 = 1;
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum AttachMode {
@@ -22,7 +21,13 @@ pub enum AttachMode {
     Clsact,
 }
 
+/// tcx from kernel 6.6 on, clsact before. `WIREFENCE_TC_ATTACH=clsact` in the environment
+/// takes the clsact path on any kernel (the tests run it so on a tcx kernel too; every
+/// agent process touching the device must then have it).
 pub fn mode() -> AttachMode {
+    if std::env::var_os("WIREFENCE_TC_ATTACH").is_some_and(|v| v == "clsact") {
+        return AttachMode::Clsact;
+    }
     match aya::util::KernelVersion::current() {
         Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => AttachMode::Tcx,
         _ => AttachMode::Clsact,
@@ -34,48 +39,6 @@ fn directions() -> [(TcAttachType, &'static str, &'static str); 2] {
         (TcAttachType::Ingress, common::PROG_INGRESS, "link_ingress"),
         (TcAttachType::Egress, common::PROG_EGRESS, "link_egress"),
     ]
-}
-
-fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
-}
-
-/// Makes sure `root` lies on a bpffs, mounting one (at /sys/fs/bpf for paths below it, at
-/// `root` otherwise, mode 0700) when it does not. `root` is created 0700; an existing one
-/// must be the agent's and either closed to other writers or sticky (a bpffs root is 1777
-/// unless mounted with a mode), so nobody else can unlink or replace the pin directories.
-pub fn ensure_bpffs(root: &Path) -> Result<(), EnforceError> {
-    let err = |reason: String| EnforceError::Bpffs { path: root.to_owned(), reason };
-    let mut existing = root.to_path_buf();
-    while !existing.exists() {
-        if !existing.pop() {
-            break;
-        }
-    }
-    if is_bpffs(&existing) {
-        return pin_root(root);
-    }
-    let target: PathBuf = if root.starts_with("/sys/fs/bpf") { "/sys/fs/bpf".into() } else { root.to_owned() };
-    std::fs::create_dir_all(&target).map_err(|e| err(e.to_string()))?;
-    nix::mount::mount(Some("bpf"), &target, Some("bpf"), nix::mount::MsFlags::empty(), Some(BPFFS_MODE))
-        .map_err(|e| err(format!("mount -t bpf -o {BPFFS_MODE} at {}: {e}", target.display())))?;
-    tracing::info!(path = %target.display(), "mounted bpffs");
-    pin_root(root)
-}
-
-/// Mount option: only root may create, open or unlink pins in a bpffs the agent mounts.
-const BPFFS_MODE: &str = "mode=0700";
-
-fn pin_root(root: &Path) -> Result<(), EnforceError> {
-    if root.exists() {
-        return Ok(crate::perms::check(root, crate::perms::Private::StickyDir)?);
-    }
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(root)
-        .map_err(|e| EnforceError::Bpffs { path: root.to_owned(), reason: e.to_string() })
 }
 
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EnforceError {
@@ -225,6 +188,71 @@ pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName, index: u32) -> 
         }
     }
     Ok(mode)
+}
+
+/// Puts this object's programs in place of the agent's programs attached to the device
+/// (another build's, taken over), atomically: tcx: the pinned link is updated to the new
+/// program (`BPF_LINK_UPDATE`); clsact: our cls_bpf filter is changed in place (a netlink
+/// change of the existing priority and handle, which cls_bpf carries out by swapping the
+/// filter in its list under RCU). Either way a packet meets the old program or the new one,
+/// never none, and the agent's attachment stays the one `attached` and `remove` know (one
+/// pinned link; one filter at its priority and handle). Where nothing is attached, nothing
+/// is done: the reconciler's attach comes later. Returns how many programs were replaced.
+pub fn replace(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<usize, EnforceError> {
+    let mode = mode();
+    let mut replaced = 0;
+    for (ty, name, link_file) in directions() {
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(name).ok_or(EnforceError::MissingProgram { name })?.try_into().map_err(prog_err(name))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(prog_err(name))?;
+        }
+        let link: SchedClassifierLink = match mode {
+            AttachMode::Tcx => {
+                let path = dir.join(link_file);
+                let pinned = match PinnedLink::from_pin(&path) {
+                    Ok(p) => p,
+                    Err(aya::programs::links::LinkError::SyscallError(e))
+                        if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(EnforceError::Link { name, source: Box::new(e) }),
+                };
+                FdLink::from(pinned).try_into().map_err(|e| EnforceError::Link { name, source: Box::new(e) })?
+            }
+            AttachMode::Clsact => {
+                let Ok(index) = nix::net::if_::if_nametoindex(ifname.as_str()) else { continue };
+                let present = clsact_filter_present(index, ty)
+                    .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?;
+                if !present {
+                    continue;
+                }
+                SchedClassifierLink::attached(ifname.as_str(), ty, NL_PRIORITY, TcHandle::new(0, NL_HANDLE), None)
+                    .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?
+            }
+        };
+        match prog.attach_to_link(link) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(prog_err(name))?;
+                match mode {
+                    // The pin holds the link: closing our descriptor detaches nothing.
+                    AttachMode::Tcx => {
+                        drop(FdLink::try_from(link).map_err(|e| EnforceError::Link { name, source: Box::new(e) })?)
+                    }
+                    // The filter lives in the kernel: forget the handle without detaching.
+                    AttachMode::Clsact => std::mem::forget(link),
+                }
+                replaced += 1;
+            }
+            // A tcx link whose device is gone (ENOLINK): drop its pin; attaching comes later.
+            Err(aya::programs::ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOLINK) => {
+                let _ = std::fs::remove_file(dir.join(link_file));
+            }
+            Err(e) => return Err(prog_err(name)(e)),
+        }
+    }
+    Ok(replaced)
 }
 
 /// EEXIST, told by the errno: the kernel's extended ack text varies ("Exclusivity flag on,

@@ -4,13 +4,18 @@
 //! A (re)started agent loads the object with every map pinned by name: existing pins are
 //! reused (the live policy, conntrack and counters stay), missing ones are created and
 //! pinned. Attachment is checked on the device itself; an agent finding its programs there
-//! attaches nothing (no second copy).
+//! attaches nothing (no second copy). Pins another build left are taken over in place
+//! ([`takeover`]): maps reused or migrated, the programs on the device replaced atomically.
 
 mod apply;
 mod attach;
+pub mod bpffs;
 pub mod denies;
 pub mod inspect;
+mod migrate;
+pub mod record;
 pub mod sweep;
+pub mod takeover;
 pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +31,7 @@ use crate::model::IfName;
 use crate::policy::Role;
 pub use attach::AttachMode;
 pub use denies::DenyRecord;
+pub(crate) use record::{build_file, recorded_build};
 use writer::{Generation, Ids};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +61,36 @@ pub enum EnforceError {
     #[error("policy state file {path}: {source}")]
     State { path: PathBuf, source: std::io::Error },
     #[error(
-        "the programs and maps pinned for {ifname} come from another wirefence build ({found}; this build: {ours}, \
-         recorded in {file}): their maps may not be the ones this build writes, so it leaves them as they are \
-         (still enforcing the last policy they had); run `wirefence-agent down` and start again to replace them"
+        "{path} is not on a bpffs; the agent does not mount one (a bpffs it mounted could be private to its \
+         mount namespace, and its pins would vanish with it): mount the host's (systemd mounts /sys/fs/bpf \
+         at boot; by hand: `mount -t bpf bpf /sys/fs/bpf`) and point policy.pin_dir into it"
     )]
-    OtherBuild { ifname: IfName, found: String, ours: String, file: PathBuf },
+    NoBpffs { path: PathBuf },
+    #[error(
+        "the bpffs at {path} is not the host's: {why}. Pins made there would vanish with this mount \
+         namespace while the programs they hold kept enforcing, and the next agent would load a second copy; \
+         run the agent in the host's mount namespace, or bind the host's /sys/fs/bpf into its own (systemd: \
+         BindPaths=/sys/fs/bpf or ReadWritePaths=/sys/fs/bpf, with no bpffs mounted over it)"
+    )]
+    NotHostBpffs { path: PathBuf, why: String },
+    #[error(
+        "programs and maps are pinned for {ifname} but no build recorded them ({file} is missing): their \
+         layouts are unknown, so nothing is taken over (the attached programs keep enforcing their last \
+         policy); run `wirefence-agent down` and start again to replace them"
+    )]
+    NotRecorded { ifname: IfName, file: PathBuf },
+    #[error(
+        "map {map} pinned for {ifname} by build {build} has layout {found}; this build's is {ours} and it \
+         knows no migration between them, so nothing is taken over (the attached programs keep enforcing \
+         their last policy); start a build that knows that layout, or run `wirefence-agent down` to start \
+         afresh (dropping the pinned state)"
+    )]
+    UnknownLayout { ifname: IfName, map: &'static str, build: String, found: String, ours: String },
+    #[error(
+        "the map pinned at {path} has keys of {} and values of {} bytes, not the {} and {} its build \
+         record says: not adopted", found.0, found.1, ours.0, ours.1
+    )]
+    PinnedShape { path: PathBuf, found: (u32, u32), ours: (u32, u32) },
     #[error(transparent)]
     TooManyRules(#[from] writer::TooManyRules),
     #[error(transparent)]
@@ -123,24 +154,34 @@ impl Enforcer {
     /// (adopting existing pins) and reads back what the policy maps hold. Attaches nothing.
     /// `state_dir` keeps the rule-id -> counter-slot table.
     pub fn open(pin_root: &Path, ifname: &IfName, l3_offset: u32, state_dir: &Path) -> Result<Enforcer, EnforceError> {
-        attach::ensure_bpffs(pin_root)?;
+        bpffs::check_host_bpffs(pin_root)?;
         let dir = pin_dir(pin_root, ifname);
         crate::perms::private_dir(&dir)?;
-        let paths: Vec<(&'static str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let build_file = record::build_file(state_dir, ifname);
+        let previous = record::read(&build_file)?;
+        let plan = takeover::plan(&dir, previous.as_ref(), &build_file, ifname)?;
+        takeover::stage(&dir, &plan)?;
+        let counters_new = !dir.join(common::RULE_COUNTERS).exists();
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
+        let paths: Vec<(&'static str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let build_file = build_file(state_dir, ifname);
-        let ours = crate::bpf::object_id();
-        check_build(&dir, &build_file, ifname, &ours)?;
-        let counters_new = !dir.join(common::RULE_COUNTERS).exists();
-        let ebpf = loader
+        let mut ebpf = loader
             .load(crate::bpf::object())
             .map_err(|e| EnforceError::Load { ifname: ifname.clone(), source: Box::new(e) })?;
-        crate::durable::write_atomic(&build_file, ours.as_bytes(), 0o600)
-            .map_err(|source| EnforceError::State { path: build_file.clone(), source })?;
+        let mut migrated = takeover::migrate(&mut ebpf, &dir, &plan)?;
+        if let Some(previous) = &plan.previous {
+            let replaced = attach::replace(&mut ebpf, &dir, ifname)?;
+            // Flows the old programs recorded between the copy and the swap.
+            migrated += takeover::migrate(&mut ebpf, &dir, &plan)?;
+            tracing::info!(%ifname, previous, this = crate::bpf::object_id(), replaced, migrated,
+                "took over the pins of another build: programs replaced in place, maps kept or migrated");
+        }
+        // Last: until here the previous build stays recorded, so a crash retries the takeover.
+        record::write(&build_file, &record::BuildRecord::ours())?;
+        takeover::finish(&dir)?;
         let slots_file = slots_file(state_dir, ifname);
         let slots = read_slots(&slots_file);
         let mut e = Enforcer {
@@ -300,36 +341,6 @@ pub fn attached_elsewhere(pin_root: &Path, ifname: &IfName, index: u32) -> Resul
     match attach::mode() {
         AttachMode::Tcx => attach::attached_tcx(&pin_dir(pin_root, ifname), ifname, index),
         AttachMode::Clsact => attach::attached_clsact(ifname, index),
-    }
-}
-
-/// Pins in `dir` (maps, links) must come from this build's object, as recorded in `file`
-/// by the agent that made them; none at all is fine. Another build's programs read maps by
-/// its own names and layouts: adopting them would leave policy updates unseen.
-fn check_build(dir: &Path, file: &Path, ifname: &IfName, ours: &str) -> Result<(), EnforceError> {
-    let pinned =
-        std::fs::read_dir(dir).map_err(|source| EnforceError::Pin { path: dir.to_owned(), source })?.next().is_some();
-    if !pinned {
-        return Ok(());
-    }
-    let found = recorded_build(file)?;
-    if found == ours {
-        return Ok(());
-    }
-    Err(EnforceError::OtherBuild { ifname: ifname.clone(), found, ours: ours.to_owned(), file: file.to_owned() })
-}
-
-/// The build recorded as the maker of an interface's pins (`state_dir/<if>.ebpf-build`).
-pub(crate) fn build_file(state_dir: &Path, ifname: &IfName) -> PathBuf {
-    state_dir.join(format!("{ifname}.ebpf-build"))
-}
-
-/// What `file` records ("not recorded" when it is missing).
-fn recorded_build(file: &Path) -> Result<String, EnforceError> {
-    match std::fs::read_to_string(file) {
-        Ok(s) => Ok(s.trim().to_owned()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("not recorded".to_owned()),
-        Err(source) => Err(EnforceError::State { path: file.to_owned(), source }),
     }
 }
 

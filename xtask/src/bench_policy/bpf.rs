@@ -125,9 +125,13 @@ impl Bpffs {
         if is_bpffs(root) {
             return Ok(Bpffs { root: root.to_owned(), mounted: false });
         }
-        let out = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(root).output()?;
-        if !out.status.success() {
-            bail!("mount -t bpf at {}: {}", root.display(), String::from_utf8_lossy(&out.stderr).trim());
+        // Shared, as systemd makes every mount on a host: the agent accepts a bpffs whose
+        // mount propagates when it cannot compare it with PID 1's view.
+        for args in [&["-t", "bpf", "bpf"][..], &["--make-shared"][..]] {
+            let out = std::process::Command::new("mount").args(args).arg(root).output()?;
+            if !out.status.success() {
+                bail!("mount {args:?} {}: {}", root.display(), String::from_utf8_lossy(&out.stderr).trim());
+            }
         }
         Ok(Bpffs { root: root.to_owned(), mounted: true })
     }
