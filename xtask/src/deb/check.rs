@@ -45,6 +45,7 @@ fn unpack(deb: &Deb, dir: &Path) -> Result<Unpacked> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
     }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let (root, control) = (dir.join("root"), dir.join("control"));
     tools::output(Command::new("dpkg-deb").arg("-x").arg(&deb.path).arg(&root))?;
     tools::output(Command::new("dpkg-deb").arg("-e").arg(&deb.path).arg(&control))?;
