@@ -15,6 +15,7 @@ packages=(
     iperf3 nftables ethtool                    # demo throughput, benchmark baselines (offloads off)
     prometheus                                 # promtool: the metrics endpoints' output is checked
     qemu-system-x86 busybox-static binutils    # VM test of the kernel backend (strip)
+    dpkg-dev lintian systemd                   # cargo xtask deb: shlibdeps, lintian, systemd-analyze verify
     llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev   # bpf-linker (eBPF programs)
 )
 missing=()
@@ -50,5 +51,12 @@ deny_version=0.20.2
 if [ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $deny_version" ]; then
     echo "install.sh: installing cargo-deny $deny_version (a few minutes, once)"
     cargo install --locked "cargo-deny@$deny_version"
+fi
+# `cargo xtask deb` builds the Debian packages with it; pinned, as the packaging metadata
+# follows its releases (keep in step with xtask/src/deb.rs).
+cargo_deb_version=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $cargo_deb_version" ]; then
+    echo "install.sh: installing cargo-deb $cargo_deb_version (a few minutes, once)"
+    cargo install --locked "cargo-deb@$cargo_deb_version"
 fi
 echo "install.sh: ready"

@@ -23,6 +23,7 @@ use crate::netlink::Netlink;
 use crate::ownership::{Claim, Ownership};
 use crate::reconcile::{Applied, ReconcileError, Reconciler};
 use crate::state::StateDir;
+use crate::supervisor::Supervisor;
 use crate::wg;
 
 /// The least time between two conntrack sweeps (each walks the whole table).
@@ -170,6 +171,8 @@ impl Agent {
         // The last full pass converged without a failure: a config change may be planned
         // against the previous desired state instead of a fresh observation.
         let mut converged = false;
+        // READY=1 to systemd after the first converged pass (the unit is Type=notify).
+        let mut supervisor = Supervisor::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
@@ -178,9 +181,17 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 _ = self.wake.notified() => {}
-                _ = hup.recv() => self.reload_logged(config_path, converged).await,
+                _ = hup.recv() => {
+                    supervisor.reloading();
+                    self.reload_logged(config_path, converged).await;
+                    supervisor.reloaded();
+                }
                 // inotify reports a finished write (close) or a rename over the file: no wait.
-                _ = config_changed.notified() => self.reload_logged(config_path, converged).await,
+                _ = config_changed.notified() => {
+                    supervisor.reloading();
+                    self.reload_logged(config_path, converged).await;
+                    supervisor.reloaded();
+                }
                 Some(req) = next_view(&mut self.control) => {
                     let result = self.apply_view(req.view, converged).await;
                     let _ = req.done.send(result);
@@ -202,6 +213,7 @@ impl Agent {
                         tracing::info!(operations = applied.ops.len(), "converged");
                     }
                     converged = true;
+                    supervisor.converged();
                     self.follow_events(&mut denies);
                     // A good pass also sweeps expired conntrack entries: at most once per
                     // SWEEP_INTERVAL, as a sweep walks the whole table and event-driven passes
@@ -227,6 +239,7 @@ impl Agent {
                 }
             }
         }
+        supervisor.stopping();
         tracing::info!("stopping; the tunnel, routes and rules stay as they are (`down` removes them)");
         Ok(())
     }

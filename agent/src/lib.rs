@@ -22,5 +22,6 @@ pub mod primitives;
 pub mod reconcile;
 pub mod state;
 pub mod status;
+pub mod supervisor;
 pub mod sys;
 pub mod wg;

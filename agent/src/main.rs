@@ -106,6 +106,10 @@ enum CliDirection {
 }
 
 fn main() -> ExitCode {
+    // `generate-docs --out DIR` (packaging): man pages and completions of this CLI.
+    if let Some(code) = wirefence_docgen::main_hook(<Cli as clap::CommandFactory>::command) {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("WIREFENCE_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-pub const DEFAULT_DB: &str = "/var/lib/wirefence/control.db";
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wirefence/control.sock";
+/// The Debian unit's StateDirectory (packaging/control/); the agent has /var/lib/wirefence.
+pub const DEFAULT_DB: &str = "/var/lib/wirefence-control/control.db";
+/// The Debian unit's RuntimeDirectory: the admin commands find the packaged server there.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/wirefence-control/control.sock";
 
 /// wirefence reference control plane: enrolls nodes, compiles the access policy and
 /// streams each node its peers and policy.

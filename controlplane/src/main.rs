@@ -20,6 +20,10 @@ use wirefence_proto::v1::{
 };
 
 fn main() -> ExitCode {
+    // `generate-docs --out DIR` (packaging): man pages and completions of this CLI.
+    if let Some(code) = wirefence_docgen::main_hook(<Cli as clap::CommandFactory>::command) {
+        return code;
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(log_filter())

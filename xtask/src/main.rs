@@ -6,6 +6,7 @@ mod bench_control;
 mod bench_flood;
 mod bench_policy;
 mod build_ebpf;
+mod deb;
 mod demo;
 mod deny;
 mod fuzz;
@@ -26,9 +27,12 @@ enum Cmd {
     /// Build the eBPF programs (ebpf/) as the agent's build does; copies the object to
     /// target/bpf/wirefence-ebpf.o. Needs bpf-linker and rust-src (scripts/install.sh).
     BuildEbpf(build_ebpf::BuildEbpfArgs),
+    /// Build the Debian packages wirefence-agent and wirefence-control (release) into
+    /// target/debian/ and print their paths. Needs cargo-deb (scripts/install.sh).
+    Deb(deb::DebArgs),
     /// Boot a Debian kernel in qemu and run the kernel-WireGuard tests inside it.
     VmTest(vm::VmTestArgs),
-    /// Run the whole test suite as CI does (unit, namespace and VM tests). Needs root.
+    /// Run the whole test suite as CI does (unit, namespace, packages and VM tests). Needs root.
     Test(test::TestArgs),
     /// The main job: a mesh of three agents in namespaces with traffic crossing the tunnel.
     Demo(demo::DemoArgs),
@@ -56,6 +60,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::BuildEbpf(args) => build_ebpf::run(args),
+        Cmd::Deb(args) => deb::run(args),
         Cmd::VmTest(args) => vm::run(args),
         Cmd::Test(args) => test::run(args),
         Cmd::Demo(args) => demo::run(args),

@@ -77,6 +77,17 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         false => tally.failed += 1,
     }
 
+    // The Debian packages (release build, ~8 minutes more on 2 cores) and their checks:
+    // lintian, systemd-analyze verify, contents. One test.
+    let packages = crate::deb::build(&ws).and_then(|debs| crate::deb::check::check_all(&ws, &debs));
+    if let Err(e) = &packages {
+        eprintln!("xtask test: the Debian packages failed: {e:#}");
+    }
+    match packages.is_ok() {
+        true => tally.passed += 1,
+        false => tally.failed += 1,
+    }
+
     let vm_ok = if args.no_vm {
         eprintln!("xtask test: VM test skipped (--no-vm); the full suite includes it");
         true
@@ -96,6 +107,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     println!("xtask test: {} passed, {} failed", tally.passed, tally.failed);
     anyhow::ensure!(tests_ok, "cargo test failed");
     fuzz.context("fuzzing the update decoder")?;
+    packages.context("the Debian packages")?;
     anyhow::ensure!(vm_ok, "kernel backend VM test failed");
     Ok(())
 }
