@@ -16,6 +16,7 @@ packages=(
     prometheus                                 # promtool: the metrics endpoints' output is checked
     qemu-system-x86 busybox-static binutils    # VM test of the kernel backend (strip)
     dpkg-dev lintian systemd                   # cargo xtask deb: shlibdeps, lintian, systemd-analyze verify
+    vagrant                                    # vagrant validate of the lab (vagrant/)
     llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev   # bpf-linker (eBPF programs)
 )
 missing=()

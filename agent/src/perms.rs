@@ -1,6 +1,7 @@
 //! Local users must not be able to steer the agent through its files: the state directory,
 //! the private key, the control-plane credential and enrollment key, and the bpffs pin
-//! directories must belong to the agent's user and be closed to group and others. A path
+//! directories must belong to the agent's user (for root also the packaged service user) and
+//! be closed to group and others. A path
 //! that is not is refused (never silently fixed: someone else may already have written
 //! into it), with an error naming the path, its owner and its mode.
 
@@ -33,7 +34,7 @@ pub enum Private {
 pub fn check(path: &Path, what: Private) -> Result<(), UnsafePath> {
     let meta = std::fs::metadata(path).map_err(|source| UnsafePath::Io { path: path.to_owned(), source })?;
     let uid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != uid {
+    if meta.uid() != uid && !(uid == 0 && Some(meta.uid()) == service_uid()) {
         return Err(UnsafePath::Owner { path: path.to_owned(), owner: meta.uid(), uid });
     }
     let mode = meta.mode() & 0o7777;
@@ -46,6 +47,15 @@ pub fn check(path: &Path, what: Private) -> Result<(), UnsafePath> {
         return Err(UnsafePath::Mode { path: path.to_owned(), mode, access, fix });
     }
     Ok(())
+}
+
+/// The packaged unit runs the agent as this system user; root (an operator's `status`,
+/// `down`) may use its files too: nobody but root can act as that account, and it could
+/// reprogram the data plane with its capabilities anyway.
+pub const SERVICE_USER: &str = "wirefence";
+
+fn service_uid() -> Option<u32> {
+    nix::unistd::User::from_name(SERVICE_USER).ok().flatten().map(|u| u.uid.as_raw())
 }
 
 /// As [`check`]; a missing path is fine (nothing to trust or distrust yet).

@@ -16,13 +16,32 @@ use std::time::Duration;
 
 use wirefence_tests::*;
 
-/// What the unit grants: keep in step with packaging/wirefence-agent.service
+/// What the unit grants: keep in step with packaging/agent/wirefence-agent.service
 /// (`AmbientCapabilities=`), which the test reads to make sure.
 const CAPS: &[&str] = &["net_admin", "bpf", "perfmon"];
 
-/// nobody:nogroup, present on every Debian system.
-const UID: u32 = 65534;
-const GID: u32 = 65534;
+/// The packaged unit's user (`User=wirefence`), created here as the package's sysusers
+/// file does: a system account with no login.
+fn service_user() -> (u32, u32) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if run(Command::new("id").arg("wirefence")).status.success() {
+            return;
+        }
+        run_ok(Command::new("useradd").args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "wirefence",
+        ]));
+    });
+    let id = |flag: &str| run_ok(Command::new("id").args([flag, "wirefence"])).trim().parse::<u32>().unwrap();
+    (id("-u"), id("-g"))
+}
 
 const T: Duration = Duration::from_secs(20);
 const SHORT: Duration = Duration::from_millis(700);
@@ -31,14 +50,15 @@ fn sock(addr: &str, port: u16) -> std::net::SocketAddr {
     format!("{}:{port}", if addr.contains(':') { format!("[{addr}]") } else { addr.to_owned() }).parse().unwrap()
 }
 
-/// `setpriv` arguments: become nobody with exactly `caps` (bounding, inheritable, ambient:
+/// `setpriv` arguments: become the service user with exactly `caps` (bounding, inheritable, ambient:
 /// execve then makes them the agent's permitted and effective set) and no new privileges.
 fn setpriv(caps: &[&str]) -> Vec<String> {
     let list: String = caps.iter().map(|c| format!(",+{c}")).collect();
+    let (uid, gid) = service_user();
     vec![
         "setpriv".into(),
-        format!("--reuid={UID}"),
-        format!("--regid={GID}"),
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
         "--clear-groups".into(),
         format!("--inh-caps=-all{list}"),
         format!("--ambient-caps=-all{list}"),
@@ -49,7 +69,8 @@ fn setpriv(caps: &[&str]) -> Vec<String> {
 }
 
 fn chown(path: &Path) {
-    std::os::unix::fs::chown(path, Some(UID), Some(GID)).unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    let (uid, gid) = service_user();
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
 }
 
 /// The host's files made the agent user's, and a pin root below a root-owned directory
@@ -82,7 +103,7 @@ impl Drop for Unprivileged {
     }
 }
 
-/// The agent daemon in `host`'s namespace as nobody with `caps`, with its own directory on
+/// The agent daemon in `host`'s namespace as the service user with `caps`, with its own directory on
 /// /run/wireguard (`ip netns exec` has already given it a mount namespace of its own).
 fn spawn(host: &Host, caps: &[&str]) -> (Child, PathBuf) {
     let log = host.dir.join(format!("agent-{}.log", unique()));
@@ -113,11 +134,12 @@ fn spawn(host: &Host, caps: &[&str]) -> (Child, PathBuf) {
 
 /// `status --json` as the agent's user with its capabilities, in its mount and network
 /// namespaces (where its wireguard-go socket is).
-fn status(host: &Host, pid: u32, caps: &[&str]) -> serde_json::Value {
+/// `caps: None`: as root, as an operator runs `sudo wirefence-agent status`.
+fn status(host: &Host, pid: u32, caps: Option<&[&str]>) -> serde_json::Value {
     let out = run_ok(
         Command::new("nsenter")
             .args(["-t", &pid.to_string(), "--mount", "--net"])
-            .args(setpriv(caps))
+            .args(caps.map(setpriv).unwrap_or_default())
             .arg(agent_bin())
             .args(["status", "--json", "--config"])
             .arg(host.config_path()),
@@ -155,7 +177,7 @@ impl Drop for Killed {
 
 #[test]
 fn unit_grants_the_capabilities_this_test_proves() {
-    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/wirefence-agent.service");
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent/wirefence-agent.service");
     let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| panic!("{}: {e}", unit.display()));
     for key in ["AmbientCapabilities=", "CapabilityBoundingSet="] {
         let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} missing in the unit"));
@@ -169,7 +191,7 @@ fn unit_grants_the_capabilities_this_test_proves() {
 }
 
 #[test]
-fn agent_converges_with_policy_as_nobody_with_only_its_capabilities() {
+fn agent_converges_with_policy_as_its_user_with_only_its_capabilities() {
     let (lab, _pins) = lab(Unprivileged::new);
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
     let _pa = a.spawn_agent();
@@ -181,9 +203,12 @@ fn agent_converges_with_policy_as_nobody_with_only_its_capabilities() {
     wait_until("allowed port 80 connects", T, || connect(&a.ns, sock(&b.overlay_v4, 80), SHORT).is_some());
     assert!(connect(&a.ns, sock(&b.overlay_v4, 81), SHORT).is_none(), "denied port 81 connected");
 
-    let st = status(b, pid, CAPS);
-    assert_eq!(st["policy"]["attached"], true, "{st}");
-    assert!(st["policy"]["counters"]["rules"]["web"]["packets"].as_u64().unwrap() > 0, "{st}");
+    for caps in [Some(CAPS), None] {
+        let st = status(b, pid, caps);
+        assert_eq!(st["policy"]["attached"], true, "{st}");
+        assert!(st["policy"]["counters"]["rules"]["web"]["packets"].as_u64().unwrap() > 0, "{st}");
+        assert!(st["peers"].as_array().is_some_and(|p| p.len() == 1), "{st}");
+    }
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("ERROR") && !text.contains("WARN"), "the agent complained:\n{text}");
 

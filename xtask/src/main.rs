@@ -10,6 +10,7 @@ mod deb;
 mod demo;
 mod deny;
 mod fuzz;
+mod lab;
 mod netns;
 mod test;
 mod vm;

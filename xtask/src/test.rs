@@ -79,7 +79,11 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
 
     // The Debian packages (release build, ~8 minutes more on 2 cores) and their checks:
     // lintian, systemd-analyze verify, contents. One test.
-    let packages = crate::deb::build(&ws).and_then(|debs| crate::deb::check::check_all(&ws, &debs));
+    let debs = crate::deb::build(&ws);
+    let packages = match &debs {
+        Ok(debs) => crate::deb::check::check_all(&ws, debs),
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
     if let Err(e) = &packages {
         eprintln!("xtask test: the Debian packages failed: {e:#}");
     }
@@ -88,14 +92,35 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         false => tally.failed += 1,
     }
 
+    // The Vagrant lab's definition (provider options are checked only where a provider runs).
+    let lab_ok = crate::lab::validate(&ws);
+    if let Err(e) = &lab_ok {
+        eprintln!("xtask test: vagrant validate failed: {e:#}");
+    }
+    match lab_ok.is_ok() {
+        true => tally.passed += 1,
+        false => tally.failed += 1,
+    }
+
     let vm_ok = if args.no_vm {
-        eprintln!("xtask test: VM test skipped (--no-vm); the full suite includes it");
+        eprintln!("xtask test: VM tests skipped (--no-vm); the full suite includes them");
         true
+    } else if debs.is_err() {
+        // The guests run what the packages ship: without packages there is nothing to test.
+        eprintln!("xtask test: VM tests not run: the Debian packages did not build");
+        tally.failed += 3;
+        false
     } else {
-        // Both attach paths of the policy: clsact (6.1) and tcx (6.12), one test each.
+        // The packaged binaries: the kernel backend and policy on both attach paths, clsact
+        // (6.1) and tcx (6.12), and the Vagrant lab's scenario on Debian 12's own kernel.
+        let debs_dir = ws.target_dir.join("debian");
         let mut all_ok = true;
-        for kernel in ["6.1", "6.12"] {
-            let ok = Command::new(std::env::current_exe()?).args(["vm-test", "--kernel", kernel]).status()?.success();
+        for (kernel, script) in [("6.1", "kernel-backend.sh"), ("6.12", "kernel-backend.sh"), ("6.1", "lab-vm.sh")] {
+            let ok = Command::new(std::env::current_exe()?)
+                .args(["vm-test", "--kernel", kernel, "--script", script, "--debs"])
+                .arg(&debs_dir)
+                .status()?
+                .success();
             match ok {
                 true => tally.passed += 1,
                 false => tally.failed += 1,
@@ -108,6 +133,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     anyhow::ensure!(tests_ok, "cargo test failed");
     fuzz.context("fuzzing the update decoder")?;
     packages.context("the Debian packages")?;
-    anyhow::ensure!(vm_ok, "kernel backend VM test failed");
+    lab_ok.context("the Vagrant lab")?;
+    anyhow::ensure!(vm_ok, "a VM test failed");
     Ok(())
 }

@@ -43,8 +43,14 @@ pub struct VmTestArgs {
     smoke: bool,
 
     /// Agent binary to test instead of building one with `cargo build -p wirefence-agent`.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "debs")]
     agent: Option<PathBuf>,
+
+    /// Test the binaries of the Debian packages in DIR (`cargo xtask deb` writes them to
+    /// target/debian): wirefence-agent_*.deb and wirefence-control_*.deb, unpacked with
+    /// dpkg-deb; the control plane joins the guest's binaries.
+    #[arg(long, value_name = "DIR", conflicts_with = "smoke")]
+    debs: Option<PathBuf>,
 
     /// Build the agent in release mode.
     #[arg(long)]
@@ -129,7 +135,12 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         bail!("--script {script}: no such file in {}", scripts_dir.display());
     }
     let mut binaries = Vec::new();
-    if !args.smoke {
+    if let Some(dir) = &args.debs {
+        for package in ["wirefence-agent", "wirefence-control"] {
+            let bin = unpack_deb(&cache, dir, package)?;
+            binaries.push((bin, package.to_owned()));
+        }
+    } else if !args.smoke {
         let agent = match &args.agent {
             Some(path) => path.canonicalize().with_context(|| format!("no agent at {}", path.display()))?,
             None => ws.build_agent(args.release)?,
@@ -159,6 +170,36 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         bail!("vm-test failed on {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// Unpacks the one `<package>_*.deb` in `dir` (as `dpkg -i` would lay it out) under
+/// `<cache>/debs/<package>/` and returns its `/usr/bin/<package>`.
+fn unpack_deb(cache: &std::path::Path, dir: &std::path::Path, package: &str) -> Result<PathBuf> {
+    let prefix = format!("{package}_");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--debs {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".deb")
+        })
+        .collect();
+    let deb = match found.len() {
+        1 => found.remove(0),
+        0 => bail!("--debs {}: no {prefix}*.deb (run `cargo xtask deb`)", dir.display()),
+        _ => bail!("--debs {}: more than one {prefix}*.deb: {found:?}", dir.display()),
+    };
+    let root = cache.join("debs").join(package);
+    if root.exists() {
+        std::fs::remove_dir_all(&root).with_context(|| format!("cannot remove {}", root.display()))?;
+    }
+    std::fs::create_dir_all(&root)?;
+    let dpkg_deb = tools::require(tools::DPKG_DEB)?;
+    tools::output(std::process::Command::new(dpkg_deb).arg("-x").arg(&deb).arg(&root))?;
+    let bin = root.join("usr/bin").join(package);
+    anyhow::ensure!(bin.is_file(), "{} has no /usr/bin/{package}", deb.display());
+    eprintln!("vm-test: {package} from {}", deb.display());
+    Ok(bin)
 }
 
 /// Boots one kernel package with the initramfs and runs `script`; its console goes to
