@@ -59,11 +59,18 @@ wait_for() {
     done
 }
 
-admin_socket() {
-    if [ "$LAB_SERVICE" = direct ]; then echo "$LAB_ETC/admin.sock"; else echo /run/wirefence-control/admin.sock; fi
-}
+# Where each mode keeps things: the packages' paths under systemd, LAB_ETC otherwise.
+if [ "$LAB_SERVICE" = systemd ]; then
+    ADMIN_SOCKET=/run/wirefence-control/control.sock
+    TLS_DIR=/var/lib/wirefence-control/tls
+    AGENT_KEY=/var/lib/wirefence/private.key
+else
+    ADMIN_SOCKET=$LAB_ETC/admin.sock
+    TLS_DIR=$LAB_ETC/tls
+    AGENT_KEY=$LAB_ETC/private.key
+fi
 
-control() { wirefence-control --admin-socket "$(admin_socket)" "$@"; }
+control() { wirefence-control --admin-socket "$ADMIN_SOCKET" "$@"; }
 
 # start NAME COMMAND...: a daemon, as the packages run it or directly.
 start() {
@@ -79,20 +86,20 @@ start() {
 
 provision_control() {
     mkdir -p "$LAB_SHARED" "$LAB_ETC"
-    if [ ! -e "$LAB_ETC/tls/server.pem" ]; then
-        wirefence-control certs init --dir "$LAB_ETC/tls" --san "$CONTROL_IP"
-    fi
+    _opts="--listen $CONTROL_IP:$CP_PORT --tls-cert $TLS_DIR/server.pem --tls-key $TLS_DIR/server.key --overlay-v4 $OVERLAY_V4 --overlay-v6 $OVERLAY_V6"
     if [ "$LAB_SERVICE" = systemd ]; then
+        # The service's user reads the key: it makes them (as the README's Deploy says).
+        [ -e "$TLS_DIR/server.pem" ] ||
+            runuser -u wirefence-control -- wirefence-control certs init --dir "$TLS_DIR" --san "$CONTROL_IP"
         cat >/etc/default/wirefence-control <<EOF
 # Written by the wirefence lab (vagrant/lab.sh).
-WIREFENCE_CONTROL_ARGS="--listen $CONTROL_IP:$CP_PORT --tls-cert $LAB_ETC/tls/server.pem --tls-key $LAB_ETC/tls/server.key --overlay-v4 $OVERLAY_V4 --overlay-v6 $OVERLAY_V6"
+WIREFENCE_CONTROL_OPTS="$_opts"
 EOF
         start wirefence-control
     else
-        start wirefence-control wirefence-control --admin-socket "$(admin_socket)" serve \
-            --db "$LAB_ETC/control.db" --listen "$CONTROL_IP:$CP_PORT" \
-            --tls-cert "$LAB_ETC/tls/server.pem" --tls-key "$LAB_ETC/tls/server.key" \
-            --overlay-v4 "$OVERLAY_V4" --overlay-v6 "$OVERLAY_V6"
+        [ -e "$TLS_DIR/server.pem" ] || wirefence-control certs init --dir "$TLS_DIR" --san "$CONTROL_IP"
+        # shellcheck disable=SC2086 # _opts is a list of options
+        start wirefence-control wirefence-control --admin-socket "$ADMIN_SOCKET" serve --db "$LAB_ETC/control.db" $_opts
     fi
     wait_for 30 "the control plane's admin socket" control nodes list
 
@@ -126,7 +133,7 @@ EOF
         [ -s "$LAB_SHARED/$gw.key.tmp" ] || die "keys create printed no key for $gw"
         mv "$LAB_SHARED/$gw.key.tmp" "$LAB_SHARED/$gw.key"
     done
-    cp "$LAB_ETC/tls/ca.pem" "$LAB_SHARED/ca.pem"
+    cp "$TLS_DIR/ca.pem" "$LAB_SHARED/ca.pem"
     say "control plane up at $CONTROL_IP:$CP_PORT"
 }
 
@@ -136,7 +143,6 @@ provision_gateway() {
     wait_for 120 "the control plane's CA and $_gw's key in $LAB_SHARED" test -s "$LAB_SHARED/$_gw.key" -a -s "$LAB_SHARED/ca.pem"
     cp "$LAB_SHARED/ca.pem" "$LAB_ETC/ca.pem"
     (umask 077 && cp "$LAB_SHARED/$_gw.key" "$LAB_ETC/enroll.key")
-    [ -e "$LAB_ETC/private.key" ] || wirefence-agent keygen --out "$LAB_ETC/private.key" >/dev/null
     if [ "$_gw" = gw1 ]; then
         _ip=$GW1_IP
         _site="advertise_routes = [\"$LAN_NET\"]"
@@ -157,7 +163,7 @@ state_dir = \"$LAB_ETC/state\"
 [interface]
 name = "wf-$_gw"
 backend = "$LAB_BACKEND"
-private_key_file = "$LAB_ETC/private.key"
+private_key_file = "$AGENT_KEY"   # made by the agent on its first start
 listen_port = 51820
 
 $_dirs
@@ -173,8 +179,8 @@ advertise_endpoints = ["$_ip:51820"]
 $_site
 EOF
     if [ "$LAB_SERVICE" = systemd ]; then
-        # The unit runs the agent as its own user: it must own what it reads.
-        chown wirefence:wirefence "$LAB_ETC/private.key" "$LAB_ETC/enroll.key"
+        # The unit runs the agent as its own user: it must own its secrets.
+        chown wirefence:wirefence "$LAB_ETC/enroll.key"
     fi
     start wirefence-agent wirefence-agent run --config "$LAB_ETC/agent.toml"
     say "$_gw: agent started"
