@@ -110,6 +110,8 @@ fn spawn(host: &Host, caps: &[&str]) -> (Child, PathBuf) {
     let f = std::fs::File::create(&log).unwrap();
     // /dev/net/tun is 0666 on Debian (the device checks CAP_NET_ADMIN); this sandbox's is
     // 0600, so the namespace gets a Debian-like node of the same device.
+    // /proc as the unit's ProtectProc=invisible shows it: other users' processes, PID 1
+    // among them, are not there (the host-bpffs check must not depend on seeing PID 1).
     // The socket directory outlives each agent (the unit's preserved RuntimeDirectory), so
     // a restarted agent finds the wireguard-go its predecessor started.
     let sockets = host.dir.join("run-wireguard");
@@ -119,7 +121,8 @@ fn spawn(host: &Host, caps: &[&str]) -> (Child, PathBuf) {
     }
     let script = format!(
         "mkdir -p /run/wireguard && mount --bind {} /run/wireguard \
-         && mount -t tmpfs -o mode=0755 wf-devnet /dev/net && mknod -m 0666 /dev/net/tun c 10 200 && exec \"$@\"",
+         && mount -t tmpfs -o mode=0755 wf-devnet /dev/net && mknod -m 0666 /dev/net/tun c 10 200 \
+         && mount -t proc -o hidepid=invisible wf-proc /proc && exec \"$@\"",
         sockets.display()
     );
     let mut cmd = host.ns.cmd("sh");

@@ -11,7 +11,8 @@
 //! an anonymous device number of its own, unique in the kernel, so a bpffs mounted in our
 //! namespace never matches, whatever the paths; one bound in from the host always does.
 //! Reading `/proc/1/root` needs ptrace access to PID 1 (root has it; an agent run with
-//! only its capabilities may not): then the mount's propagation decides instead, from
+//! only its capabilities may not, and under the unit's `ProtectProc=invisible` PID 1 is not
+//! even listed): then the mount's propagation decides instead, from
 //! `/proc/self/mountinfo`: a mount peered with (`shared:`) or receiving from (`master:`)
 //! another namespace's is the host's bound in; a private one is ours alone.
 
@@ -57,10 +58,12 @@ fn host_sees_the_same(path: &Path) -> Result<(), String> {
             "PID 1 sees another file system at {} (this one is mounted in the agent's own mount namespace)",
             path.display()
         )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // PID 1 is there to look at, but has nothing at this path.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::fs::metadata("/proc/1/root").is_ok() => {
             Err(format!("{} does not exist in PID 1's mount namespace", path.display()))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+        // No ptrace access to PID 1, or PID 1 hidden (systemd's ProtectProc=invisible).
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound) => {
             let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
                 .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
             match mount_of(&mountinfo, path) {
