@@ -15,10 +15,16 @@ pub fn try_scrape(ns: &Netns, addr: SocketAddr) -> Option<String> {
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n").unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read the metrics response");
+    Some(metrics_body(&raw))
+}
+
+/// The body of a raw HTTP response to `GET /metrics`, which must be a 200 in the
+/// Prometheus text format.
+pub fn metrics_body(raw: &str) -> String {
     let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    Some(body.to_owned())
+    body.to_owned()
 }
 
 /// [`try_scrape`] that must succeed.

@@ -256,38 +256,9 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n").await.unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.to_lowercase().contains("content-type: text/plain; version=0.0.4"), "{head}");
-    body.to_owned()
+    wirefence_tests::metrics::metrics_body(&raw)
 }
 
-/// The value of the sample `name` (with its labels exactly as exposed, e.g.
-/// `wirefence_control_nodes{state="removed"}`) in a scrape.
-pub fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.rsplit_once(' ').filter(|(n, _)| *n == name).map(|(_, v)| v.parse().unwrap()))
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-}
-
-/// `promtool check metrics` on a scrape: the exposition is valid (Debian's prometheus
-/// package, installed by scripts/install.sh).
-pub fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool (scripts/install.sh installs Debian's prometheus package)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+// Not every test binary uses both (each compiles this module).
+#[allow(unused_imports)]
+pub use wirefence_tests::metrics::{promtool_check, sample};
