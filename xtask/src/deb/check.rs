@@ -202,8 +202,8 @@ fn control_files(u: &Unpacked) -> Result<()> {
 }
 
 /// `systemd-analyze verify` of the package's unit, in a root of its own (`--root`): the
-/// unit and binaries as packaged, plus what the unit refers to from the host (systemd's
-/// targets, `/bin/kill`), so a missing binary or a typo in a key fails. Man pages are not
+/// unit and binaries as packaged, plus what the units refer to from the host (systemd's
+/// targets, `kill`, `chmod`, `install`), so a missing binary or a typo in a key fails. Man pages are not
 /// looked up (`--man=no`): the contents check reads them.
 fn verify_units(u: &Unpacked, dir: &Path) -> Result<()> {
     let name = u.package.name();
@@ -218,7 +218,10 @@ fn verify_units(u: &Unpacked, dir: &Path) -> Result<()> {
         std::fs::copy(from, to).with_context(|| format!("copy {} to {}", from.display(), to.display())).map(|_| ())
     };
     copy(&u.root.join(format!("usr/bin/{name}")), &bins.join(name))?;
-    copy(Path::new("/usr/bin/kill"), &bins.join("kill"))?;
+    // The host's tools the units run: ExecReload's kill, the agent's ExecStartPre.
+    for tool in ["kill", "chmod", "install"] {
+        copy(&Path::new("/usr/bin").join(tool), &bins.join(tool))?;
+    }
     let host_units = Path::new(HOST_UNITS);
     for entry in std::fs::read_dir(host_units).with_context(|| format!("read {HOST_UNITS}"))? {
         let path = entry?.path();
