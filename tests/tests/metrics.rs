@@ -274,4 +274,10 @@ fn control_mode_metrics_and_certificate_expiry_per_address_family() {
     assert_eq!(sample(&c, &reported("ipv4")), v4_expiry as f64);
     assert_eq!(sample(&c, &reported("ipv6")), v6_expiry as f64);
     assert_eq!(sample(&c, "wirefence_control_certificate_expiry_timestamp_seconds"), v6_expiry as f64);
+
+    // `status` shows both families' certificates, not only the one its session uses.
+    wait_until("status shows the probe's expiry per family", T, || {
+        let st = h.control_status();
+        st["cert_expiry_ipv4"].as_i64() == Some(v4_expiry) && st["cert_expiry_ipv6"].as_i64() == Some(v6_expiry)
+    });
 }

@@ -330,6 +330,9 @@ impl ControlClient {
                     if let Some(probe) = self.health.certificates() {
                         let expiry = v1::agent_report::Body::CertExpiry(probe.report());
                         let _ = report.try_send(v1::AgentReport { body: Some(expiry) });
+                        if record_probe(status, &probe) {
+                            self.save_status(status);
+                        }
                     }
                     let denies = (self.telemetry.denies)();
                     let records: Vec<v1::FlowRecord> =
@@ -442,6 +445,21 @@ fn record_connection(status: &mut ControlStatus, c: &Connected) {
         std::net::SocketAddr::V4(_) => status.cert_expiry_ipv4 = c.cert_not_after,
         std::net::SocketAddr::V6(_) => status.cert_expiry_ipv6 = c.cert_not_after,
     }
+}
+
+/// `status` shows the probe's expiry for every family it verified (the earliest among that
+/// family's addresses), not only the one the session happens to use. True if it changed.
+fn record_probe(status: &mut ControlStatus, probe: &super::health::CertProbe) -> bool {
+    let mut changed = false;
+    for (shown, found) in
+        [(&mut status.cert_expiry_ipv4, probe.ipv4.earliest), (&mut status.cert_expiry_ipv6, probe.ipv6.earliest)]
+    {
+        if found.is_some() && *shown != found {
+            *shown = found;
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// A request carrying the node credential.
