@@ -147,6 +147,17 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         };
         binaries.push((agent, "wirefence-agent".to_owned()));
     }
+    // The kernel-backend script's upgrade step needs a second build with another eBPF
+    // object (the upgrade tests' next-layout build).
+    if script == "kernel-backend.sh" {
+        let next = ws.target_dir.join("debug/wirefence-agent-next-layout");
+        anyhow::ensure!(
+            next.is_file(),
+            "{} is missing: run `cargo xtask build-next-agent` (kernel-backend.sh tests an upgrade)",
+            next.display()
+        );
+        binaries.push((next, "wirefence-agent-next-layout".to_owned()));
+    }
     for bin in &args.binaries {
         let path = bin.canonicalize().with_context(|| format!("no binary at {}", bin.display()))?;
         let name = path.file_name().context("binary path without a file name")?;

@@ -24,7 +24,11 @@
 #     attaches again what was detached by hand (`tc filter del`; tcx: the link's pin removed);
 #   - once converged, the daemon writes nothing for a window (ip monitor, wg dump, its log),
 #     though A keeps B's peer entry roamed from the configured IPv6 endpoint to IPv4;
-#   - another `run --once` finds the filters and does nothing at all; `down` removes the pins.
+#   - another `run --once` finds the filters and does nothing at all;
+#   - the next-layout build (another eBPF object and conntrack layout) takes the pins over in
+#     place, then the packaged build takes them back: the build record changes, the data
+#     plane does not (no operation, nothing in ip monitor), the policy still allows tcp/80
+#     and drops tcp/81, `status` works; `down` removes the pins.
 # The agent runs with only the network namespace entered (nsenter --net), as it would on a
 # host: it shares the guest's mounts, so its bpffs and pins outlive it.
 set -eu
@@ -38,7 +42,7 @@ agent() { # agent NS ARGS...: the agent in namespace NS with its config
     # that). As on a host, the agent shares the guest's mounts.
     # Logs go through a file: on the console (a tty) they would be coloured for the CI log.
     _rc=0
-    nsenter --net="/run/netns/$_ns" wirefence-agent "$@" --config "/tmp/$_ns/agent.toml" \
+    nsenter --net="/run/netns/$_ns" "${AGENT_BIN:-wirefence-agent}" "$@" --config "/tmp/$_ns/agent.toml" \
         2>"/tmp/$_ns/agent.log" || _rc=$?
     sed "s/^/[$_ns] /" "/tmp/$_ns/agent.log"
     return "$_rc"
@@ -430,6 +434,35 @@ if grep -q 'applied op=attach policy programs' /tmp/B/agent.log; then
 fi
 check_attached
 fetch http://10.77.0.2/ || fail "A cannot fetch http://10.77.0.2/ after the second run --once"
+
+# Upgrades: a build whose eBPF object and conntrack layout differ (the next-layout test
+# build, which vm-test puts in the guest) takes over B's pins in place, then the packaged
+# build takes them back: programs replaced on this kernel's attach path, the policy kept,
+# nothing changed in the data plane.
+upgrade_to() { # upgrade_to BINARY WHAT
+    step "upgrade: $2 takes over B's pins in place"
+    _record=$(cat /tmp/B/state/wf0.ebpf-build) || fail "no build record for B's pins"
+    /sbin/ip -n B monitor link address route rule >/tmp/B/upgrade-monitor.log 2>&1 &
+    _monitor=$!
+    sleep 1
+    export WIREFENCE_LOG=debug
+    AGENT_BIN=$1 agent B run --once >/dev/null || fail "run --once of $2 in B exited with status $?"
+    unset WIREFENCE_LOG
+    sleep 1
+    kill "$_monitor"
+    [ "$(cat /tmp/B/state/wf0.ebpf-build)" != "$_record" ] || fail "$2 did not take the pins over (build record unchanged)"
+    grep -q 'operations=0' /tmp/B/agent.log || fail "$2 changed B's data plane or policy on takeover: $(cat /tmp/B/agent.log)"
+    [ ! -s /tmp/B/upgrade-monitor.log ] || fail "$2's takeover changed links, addresses, routes or rules: $(cat /tmp/B/upgrade-monitor.log)"
+    check_attached
+    fetch http://10.77.0.2/ || fail "A cannot fetch http://10.77.0.2/ after $2 took over"
+    denied http://10.77.0.2:81/
+    AGENT_BIN=$1 agent B status --json >/tmp/B/upgrade-status.json || fail "status of $2 in B failed"
+    grep -q '"attached": true' /tmp/B/upgrade-status.json || fail "status of $2: policy not attached"
+}
+command -v wirefence-agent-next-layout >/dev/null ||
+    fail "no wirefence-agent-next-layout in the guest (cargo xtask build-next-agent; vm-test adds it)"
+upgrade_to wirefence-agent-next-layout "the next-layout build"
+upgrade_to wirefence-agent "the packaged build again (downgrade)"
 
 step "policy: down in B removes wf0 with its programs, and the pins"
 agent B down || fail "down in B exited with status $?"
