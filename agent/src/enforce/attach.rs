@@ -51,14 +51,19 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
 /// kernel, so no copy of ours can be on the device without its pin.
 pub fn attached_tcx(dir: &Path, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
     for (ty, _, link_file) in directions() {
-        let Some(id) = pinned_link_id(&dir.join(link_file)) else { return Ok(false) };
-        let on_device = crate::sys::tcx_link_ids(index, ty == TcAttachType::Ingress)
-            .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?;
-        if !on_device.contains(&id) {
+        if !pinned_link_on_device(&dir.join(link_file), ifname, index, ty)? {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Whether a link is pinned at `path` and is among the device's tcx links in direction `ty`.
+fn pinned_link_on_device(path: &Path, ifname: &IfName, index: u32, ty: TcAttachType) -> Result<bool, EnforceError> {
+    let Some(id) = pinned_link_id(path) else { return Ok(false) };
+    let on_device = crate::sys::tcx_link_ids(index, ty == TcAttachType::Ingress)
+        .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?;
+    Ok(on_device.contains(&id))
 }
 
 /// The id of the link pinned at `path`, if one is.
@@ -150,12 +155,8 @@ pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName, index: u32) -> 
         match mode {
             AttachMode::Tcx => {
                 let path = dir.join(link_file);
-                if let Some(id) = pinned_link_id(&path) {
-                    let on_device = crate::sys::tcx_link_ids(index, ty == TcAttachType::Ingress)
-                        .map_err(|source| EnforceError::Query { ifname: ifname.clone(), source })?;
-                    if on_device.contains(&id) {
-                        continue; // a previous agent's link is there: adopt, never a second copy
-                    }
+                if pinned_link_on_device(&path, ifname, index, ty)? {
+                    continue; // a previous agent's link is there: adopt, never a second copy
                 }
                 // A pinned link left from a device that is gone is defunct: drop its pin.
                 if let Ok(old) = PinnedLink::from_pin(&path) {

@@ -292,10 +292,7 @@ impl Enforcer {
 
     /// Whether both programs are attached to the interface (device `index`).
     pub fn attached(&self, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
-        match attach::mode() {
-            AttachMode::Tcx => attach::attached_tcx(&self.dir, ifname, index),
-            AttachMode::Clsact => attach::attached_clsact(ifname, index),
-        }
+        attached_at(&self.dir, ifname, index)
     }
 
     /// Attaches both programs (replacing a defunct attachment), pinning tcx links.
@@ -338,8 +335,13 @@ pub(crate) fn read_counters<T: std::borrow::Borrow<MapData>>(
 /// kernel lists them: the tcx links pinned under `pin_root`, or the cls_bpf filters at the
 /// agent's priority and handle.
 pub fn attached_elsewhere(pin_root: &Path, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
+    attached_at(&pin_dir(pin_root, ifname), ifname, index)
+}
+
+/// [`attached_elsewhere`] for the interface's pin directory `dir`.
+fn attached_at(dir: &Path, ifname: &IfName, index: u32) -> Result<bool, EnforceError> {
     match attach::mode() {
-        AttachMode::Tcx => attach::attached_tcx(&pin_dir(pin_root, ifname), ifname, index),
+        AttachMode::Tcx => attach::attached_tcx(dir, ifname, index),
         AttachMode::Clsact => attach::attached_clsact(ifname, index),
     }
 }
