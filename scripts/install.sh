@@ -15,6 +15,7 @@ packages=(
     iperf3 nftables ethtool                    # demo throughput, benchmark baselines (offloads off)
     prometheus                                 # promtool: the metrics endpoints' output is checked
     qemu-system-x86 busybox-static binutils    # VM test of the kernel backend (strip)
+    mmdebstrap e2fsprogs                       # vm-test --systemd: a Debian 12 root disk for the lab
     dpkg-dev lintian systemd                   # cargo xtask deb: shlibdeps, lintian, systemd-analyze verify
     vagrant                                    # vagrant validate of the lab (vagrant/)
     llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev   # bpf-linker (eBPF programs)

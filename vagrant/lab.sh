@@ -3,8 +3,9 @@
 # Vagrant user runs:
 #   - the Vagrant machines (vagrant/Vagrantfile): packages installed with dpkg, daemons run
 #     by their systemd units;
-#   - the qemu VM test (`cargo xtask vm-test --script lab-vm.sh`): one network namespace per
-#     machine, the binaries unpacked from the same packages, daemons started directly.
+#   - the qemu VM test (`cargo xtask vm-test --systemd --script lab-vm.sh`): one Debian 12
+#     machine with the same packages, the control plane and gw1 run by their units (this
+#     script's systemd path), gw2 and lan1 network namespaces, gw2's agent started directly.
 #
 # Machines: a control plane, two gateways, and a LAN host behind gw1 that gw2 reaches
 # through the route gw1 advertises; the policy lets gw2 ping the LAN and open tcp/80 there,

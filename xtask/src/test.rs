@@ -112,13 +112,21 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         false
     } else {
         // The packaged binaries: the kernel backend and policy on both attach paths, clsact
-        // (6.1) and tcx (6.12), and the Vagrant lab's scenario on Debian 12's own kernel.
+        // (6.1) and tcx (6.12), and the Vagrant lab's scenario on a Debian 12 machine with
+        // its own kernel, the packages installed with dpkg and run by systemd.
         let debs_dir = ws.target_dir.join("debian");
         let mut all_ok = true;
-        for (kernel, script) in [("6.1", "kernel-backend.sh"), ("6.12", "kernel-backend.sh"), ("6.1", "lab-vm.sh")] {
+        let runs: [(&str, &str, &[&str]); 3] = [
+            ("6.1", "kernel-backend.sh", &[]),
+            ("6.12", "kernel-backend.sh", &[]),
+            // A whole Debian boot and four daemons under TCG: some 3 minutes here.
+            ("6.1", "lab-vm.sh", &["--systemd", "--timeout", "600"]),
+        ];
+        for (kernel, script, extra) in runs {
             let ok = Command::new(std::env::current_exe()?)
                 .args(["vm-test", "--kernel", kernel, "--script", script, "--debs"])
                 .arg(&debs_dir)
+                .args(extra)
                 .status()?
                 .success();
             match ok {

@@ -19,6 +19,7 @@
 mod initramfs;
 mod kernel;
 mod qemu;
+mod rootfs;
 pub(crate) mod tools;
 
 use anyhow::{bail, Context, Result};
@@ -51,6 +52,12 @@ pub struct VmTestArgs {
     /// dpkg-deb; the control plane joins the guest's binaries.
     #[arg(long, value_name = "DIR", conflicts_with = "smoke")]
     debs: Option<PathBuf>,
+
+    /// Boot a Debian 12 machine with systemd as PID 1 (see xtask/src/vm/rootfs.rs) instead of
+    /// the initramfs' busybox userland; the packages of --debs wait in /root/debs for the test
+    /// to install. Needs root and, the first time, the Debian mirror.
+    #[arg(long, requires = "debs")]
+    systemd: bool,
 
     /// Build the agent in release mode.
     #[arg(long)]
@@ -158,6 +165,13 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         );
         binaries.push((next, "wirefence-agent-next-layout".to_owned()));
     }
+    let mut debs = Vec::new();
+    if args.systemd {
+        let dir = args.debs.as_deref().context("--systemd needs --debs")?;
+        for package in ["wirefence-agent", "wirefence-control"] {
+            debs.push(find_deb(dir, package)?);
+        }
+    }
     for bin in &args.binaries {
         let path = bin.canonicalize().with_context(|| format!("no binary at {}", bin.display()))?;
         let name = path.file_name().context("binary path without a file name")?;
@@ -171,7 +185,7 @@ pub fn run(args: VmTestArgs) -> Result<()> {
     // Every kernel is booted even when one fails, so one run reports them all.
     let mut failed = Vec::new();
     for package in &packages {
-        if let Err(e) = boot_one(&args, &cache, package, &scripts_dir, &script, &binaries) {
+        if let Err(e) = boot_one(&args, &cache, package, &scripts_dir, &script, &binaries, &debs) {
             eprintln!("{e:#}");
             failed.push(package.as_str());
         }
@@ -186,6 +200,22 @@ pub fn run(args: VmTestArgs) -> Result<()> {
 /// Unpacks the one `<package>_*.deb` in `dir` (as `dpkg -i` would lay it out) under
 /// `<cache>/debs/<package>/` and returns its `/usr/bin/<package>`.
 fn unpack_deb(cache: &std::path::Path, dir: &std::path::Path, package: &str) -> Result<PathBuf> {
+    let deb = find_deb(dir, package)?;
+    let root = cache.join("debs").join(package);
+    if root.exists() {
+        std::fs::remove_dir_all(&root).with_context(|| format!("cannot remove {}", root.display()))?;
+    }
+    std::fs::create_dir_all(&root)?;
+    let dpkg_deb = tools::require(tools::DPKG_DEB)?;
+    tools::output(std::process::Command::new(dpkg_deb).arg("-x").arg(&deb).arg(&root))?;
+    let bin = root.join("usr/bin").join(package);
+    anyhow::ensure!(bin.is_file(), "{} has no /usr/bin/{package}", deb.display());
+    eprintln!("vm-test: {package} from {}", deb.display());
+    Ok(bin)
+}
+
+/// The one `<package>_*.deb` in `dir`.
+fn find_deb(dir: &std::path::Path, package: &str) -> Result<PathBuf> {
     let prefix = format!("{package}_");
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("--debs {}", dir.display()))?
@@ -200,17 +230,7 @@ fn unpack_deb(cache: &std::path::Path, dir: &std::path::Path, package: &str) -> 
         0 => bail!("--debs {}: no {prefix}*.deb (run `cargo xtask deb`)", dir.display()),
         _ => bail!("--debs {}: more than one {prefix}*.deb: {found:?}", dir.display()),
     };
-    let root = cache.join("debs").join(package);
-    if root.exists() {
-        std::fs::remove_dir_all(&root).with_context(|| format!("cannot remove {}", root.display()))?;
-    }
-    std::fs::create_dir_all(&root)?;
-    let dpkg_deb = tools::require(tools::DPKG_DEB)?;
-    tools::output(std::process::Command::new(dpkg_deb).arg("-x").arg(&deb).arg(&root))?;
-    let bin = root.join("usr/bin").join(package);
-    anyhow::ensure!(bin.is_file(), "{} has no /usr/bin/{package}", deb.display());
-    eprintln!("vm-test: {package} from {}", deb.display());
-    Ok(bin)
+    Ok(deb)
 }
 
 /// Boots one kernel package with the initramfs and runs `script`; its console goes to
@@ -222,6 +242,7 @@ fn boot_one(
     scripts_dir: &std::path::Path,
     script: &str,
     binaries: &[(PathBuf, String)],
+    debs: &[PathBuf],
 ) -> Result<()> {
     let started = Instant::now();
     let kernel = kernel::prepare(cache, package)?;
@@ -229,12 +250,26 @@ fn boot_one(
 
     let mut module_names: Vec<String> = DEFAULT_MODULES.iter().map(|m| m.to_string()).collect();
     module_names.extend(args.modules.iter().cloned());
+    let mut env = args.env.clone();
+    if args.systemd {
+        module_names.extend(rootfs::ROOT_MODULES.iter().map(|m| m.to_string()));
+        env.push(("WF_VM_ROOT".to_owned(), rootfs::ROOT_DEVICE.to_owned()));
+    }
     let modules = kernel::module_load_order(&kernel, &module_names)?;
+    let env = initramfs::env_file(script, &kernel, &env)?;
 
     let initrd = initramfs::build(
         cache,
-        &initramfs::Spec { kernel: &kernel, modules: &modules, binaries, scripts_dir, test: script, env: &args.env },
+        &initramfs::Spec { kernel: &kernel, modules: &modules, binaries, scripts_dir, test: script, env: &env },
     )?;
+    let disk = match args.systemd {
+        true => {
+            let image = rootfs::build(cache, &rootfs::Spec { kernel: &kernel, scripts_dir, env: &env, debs })?;
+            eprintln!("vm-test: Debian root filesystem {}", image.display());
+            Some(image)
+        }
+        false => None,
+    };
     eprintln!(
         "vm-test: initramfs {} ({} MiB), running {script}",
         initrd.display(),
@@ -244,6 +279,7 @@ fn boot_one(
     let outcome = qemu::run(&qemu::Boot {
         kernel: kernel.vmlinuz.clone(),
         initrd,
+        disk,
         append: format!("console=ttyS0 panic=-1 quiet {}", args.append).trim().to_owned(),
         memory_mib: args.memory,
         cpus: args.cpus,

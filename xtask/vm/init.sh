@@ -5,9 +5,12 @@
 # serial console as the last line, which the host waits for:
 #   WIREFENCE-VM-RESULT: PASS
 #   WIREFENCE-VM-RESULT: FAIL <reason>
+#
+# With WF_VM_ROOT set (`vm-test --systemd`) it only loads the modules, mounts that disk (a
+# Debian 12 root filesystem) and hands over to systemd; there the unit wirefence-vm-test
+# runs `init.sh under-systemd`, which runs the test and reports the same way.
 export PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
-export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 # The console is a tty, but it ends up in CI logs: no colours.
 export NO_COLOR=1 WG_COLOR_MODE=never
 
@@ -19,9 +22,52 @@ finish() {
     sleep 10
 }
 
+run_test() {
+    echo "wirefence-vm: kernel $WF_VM_KERNEL, $(nproc) CPUs, up for $(cut -d' ' -f1 /proc/uptime)s; running $WF_VM_TEST"
+    cd /tmp || finish "FAIL no /tmp"
+    sh "$WF_VM_TEST" </dev/null
+    rc=$?
+    echo "wirefence-vm: $WF_VM_TEST exited with status $rc at $(cut -d' ' -f1 /proc/uptime)s uptime"
+    if [ "$rc" -eq 0 ]; then
+        finish PASS
+    else
+        finish "FAIL $(basename "$WF_VM_TEST") exited with status $rc"
+    fi
+}
+
+set -a
+. /wirefence-vm/env
+set +a
+
+if [ "${1:-}" = under-systemd ]; then
+    run_test
+    exit 1
+fi
+
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
+grep -q ' /dev ' /proc/mounts 2>/dev/null || mount -t devtmpfs devtmpfs /dev
+while read -r module; do
+    [ -n "$module" ] || continue
+    insmod "$module" || finish "FAIL cannot load $module"
+done </wirefence-vm/modules
+
+if [ -n "${WF_VM_ROOT:-}" ]; then
+    mount -t proc proc /proc
+    i=0
+    until [ -b "$WF_VM_ROOT" ]; do
+        i=$((i + 1))
+        [ "$i" -lt 100 ] || finish "FAIL no root disk $WF_VM_ROOT"
+        sleep 0.1
+    done
+    mkdir -p /newroot
+    mount -t ext4 "$WF_VM_ROOT" /newroot || finish "FAIL cannot mount $WF_VM_ROOT"
+    mount --move /dev /newroot/dev
+    umount /proc
+    exec switch_root /newroot /sbin/init
+fi
+
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755 tmpfs /run
@@ -32,22 +78,4 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 hostname wirefence-vm
 ip link set lo up
 
-set -a
-. /wirefence-vm/env
-set +a
-
-while read -r module; do
-    [ -n "$module" ] || continue
-    insmod "$module" || finish "FAIL cannot load $module"
-done </wirefence-vm/modules
-
-echo "wirefence-vm: kernel $WF_VM_KERNEL, $(nproc) CPUs, booted in $(cut -d' ' -f1 /proc/uptime)s; running $WF_VM_TEST"
-cd /tmp
-sh "$WF_VM_TEST" </dev/null
-rc=$?
-echo "wirefence-vm: $WF_VM_TEST exited with status $rc at $(cut -d' ' -f1 /proc/uptime)s uptime"
-if [ "$rc" -eq 0 ]; then
-    finish PASS
-else
-    finish "FAIL $(basename "$WF_VM_TEST") exited with status $rc"
-fi
+run_test

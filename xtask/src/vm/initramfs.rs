@@ -30,8 +30,8 @@ pub struct Spec<'a> {
     pub scripts_dir: &'a Path,
     /// File name (inside `scripts_dir`) of the test the guest runs.
     pub test: &'a str,
-    /// Extra environment for the test script.
-    pub env: &'a [(String, String)],
+    /// The guest's environment file (`env_file`).
+    pub env: &'a str,
 }
 
 /// Builds `<cache>/initramfs.cpio` from a fresh staging tree and returns its path.
@@ -122,15 +122,7 @@ pub fn build(cache: &Path, spec: &Spec) -> Result<PathBuf> {
         bail!("test script {} is not in {}", spec.test, spec.scripts_dir.display());
     }
 
-    let mut env = format!("WF_VM_TEST=/{GUEST_DIR}/{}\n", spec.test);
-    env.push_str(&format!("WF_VM_KERNEL={}\n", spec.kernel.release));
-    for (key, value) in spec.env {
-        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            bail!("invalid environment variable name {key:?}");
-        }
-        env.push_str(&format!("{key}='{}'\n", value.replace('\'', r"'\''")));
-    }
-    fs::write(stage.join(GUEST_DIR).join("env"), env)?;
+    fs::write(stage.join(GUEST_DIR).join("env"), spec.env)?;
 
     fs::write(stage.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     fs::write(stage.join("etc/group"), "root:x:0:\n")?;
@@ -142,6 +134,20 @@ pub fn build(cache: &Path, spec: &Spec) -> Result<PathBuf> {
     write_cpio(&stage, &tmp)?;
     fs::rename(&tmp, &archive)?;
     Ok(archive)
+}
+
+/// The guest's /wirefence-vm/env, sourced by init.sh: the test to run, the kernel release
+/// and the `--env` variables.
+pub fn env_file(test: &str, kernel: &Kernel, extra: &[(String, String)]) -> Result<String> {
+    let mut env = format!("WF_VM_TEST=/{GUEST_DIR}/{}\n", test);
+    env.push_str(&format!("WF_VM_KERNEL={}\n", kernel.release));
+    for (key, value) in extra {
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("invalid environment variable name {key:?}");
+        }
+        env.push_str(&format!("{key}='{}'\n", value.replace('\'', r"'\''")));
+    }
+    Ok(env)
 }
 
 /// busybox-static as /bin/busybox plus a symlink per applet (except the names of real

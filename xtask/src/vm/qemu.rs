@@ -18,6 +18,8 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(20);
 pub struct Boot {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// A raw disk image attached as the guest's virtio disk (`/dev/vda`).
+    pub disk: Option<PathBuf>,
     pub append: String,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -43,10 +45,13 @@ pub fn run(boot: &Boot) -> Result<Outcome> {
         .arg(&boot.kernel)
         .arg("-initrd")
         .arg(&boot.initrd)
-        .args(["-append", &boot.append])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .args(["-append", &boot.append]);
+    if let Some(disk) = &boot.disk {
+        // cache=unsafe: the image is thrown away after the run, so the guest's flushes need
+        // not reach the host's disk.
+        cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw,cache=unsafe", disk.display()));
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     eprintln!("vm-test: {cmd:?}");
 
     let started = Instant::now();

@@ -15,6 +15,9 @@ pub const IP: (&str, &str) = ("ip", "iproute2");
 pub const TC: (&str, &str) = ("tc", "iproute2");
 pub const LDD: (&str, &str) = ("ldd", "libc-bin");
 pub const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
+/// `vm-test --systemd`: the Debian root filesystem and its disk image.
+pub const MMDEBSTRAP: (&str, &str) = ("mmdebstrap", "mmdebstrap");
+pub const MKFS_EXT4: (&str, &str) = ("mkfs.ext4", "e2fsprogs");
 /// Optional: the agent binary is copied unstripped when `strip` is missing.
 pub const STRIP: (&str, &str) = ("strip", "binutils");
 /// Optional: `wg` lets the in-VM scripts cross-check the kernel's WireGuard state.
