@@ -82,6 +82,10 @@ pub struct RoutingConfig {
     pub protocol: u8,
     pub rule_priority: u32,
     pub policy_table: u32,
+    /// Prefixes that must never leave in clear: each gets an unreachable route below the
+    /// tunnel's routes (`[routing] mesh_prefixes`; in control mode the control plane's list
+    /// is added, see `control::effective_config`).
+    pub mesh_prefixes: BTreeSet<IpNet>,
 }
 
 #[derive(Clone, Debug)]
@@ -177,6 +181,8 @@ struct RawRouting {
     protocol: Option<Spanned<u8>>,
     rule_priority: Option<u32>,
     policy_table: Option<Spanned<u32>>,
+    #[serde(default)]
+    mesh_prefixes: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -292,6 +298,7 @@ impl Config {
                 protocol: DEFAULT_ROUTE_PROTOCOL,
                 rule_priority: DEFAULT_RULE_PRIORITY,
                 policy_table: DEFAULT_POLICY_TABLE,
+                mesh_prefixes: BTreeSet::new(),
             },
             Some(r) => {
                 let table = match &r.table {
@@ -316,11 +323,26 @@ impl Config {
                     }
                     Some(t) => *t.get_ref(),
                 };
+                let mut mesh_prefixes = BTreeSet::new();
+                for p in &r.mesh_prefixes {
+                    let net = crate::primitives::parse_prefix(p.get_ref())
+                        .map_err(|m| at(p.span(), format!("routing.mesh_prefixes: {m}")))?;
+                    if net.prefix_len() == 0 {
+                        return Err(at(
+                            p.span(),
+                            format!("routing.mesh_prefixes: {net} takes in every address; it would cut this host off"),
+                        ));
+                    }
+                    if !mesh_prefixes.insert(net) {
+                        return Err(at(p.span(), format!("routing.mesh_prefixes: {net} is listed twice")));
+                    }
+                }
                 RoutingConfig {
                     table,
                     protocol,
                     rule_priority: r.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY),
                     policy_table,
+                    mesh_prefixes,
                 }
             }
         };
@@ -556,6 +578,18 @@ mod tests {
         assert!(Endpoint::parse("gw.example").is_err());
         assert!(Endpoint::parse("fd00::1:51820").is_err());
         assert!(Endpoint::parse("h:99999").is_err());
+    }
+
+    #[test]
+    fn mesh_prefixes_are_parsed_and_checked() {
+        let c = parse(&format!("{}[routing]\nmesh_prefixes = [\"10.20.0.0/16\", \"fd20::/48\"]\n", base())).unwrap();
+        assert_eq!(c.routing.mesh_prefixes.len(), 2);
+        let e = err(&format!("{}[routing]\nmesh_prefixes = [\"0.0.0.0/0\"]\n", base()));
+        assert!(e.contains("routing.mesh_prefixes: 0.0.0.0/0 takes in every address"), "{e}");
+        let e = err(&format!("{}[routing]\nmesh_prefixes = [\"10.20.0.1/16\"]\n", base()));
+        assert!(e.starts_with("agent.toml:") && e.contains("routing.mesh_prefixes"), "{e}");
+        let e = err(&format!("{}[routing]\nmesh_prefixes = [\"10.20.0.0/16\", \"10.20.0.0/16\"]\n", base()));
+        assert!(e.contains("listed twice"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, TableChoice};
 use crate::model::{
-    Desired, DesiredPolicy, DeviceSpec, Family, PeerSpec, PrivateKey, Route, Rule, RuleAction, MAIN_TABLE,
+    Desired, DesiredPolicy, DeviceSpec, Family, PeerSpec, PrivateKey, Route, RouteKind, Rule, RuleAction, MAIN_TABLE,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +63,21 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
     let routes = match table {
         None => BTreeSet::new(),
         Some(table) => {
-            let mut routes: Vec<Route> =
-                peers.values().flat_map(|p| p.allowed_ips.iter()).map(|dst| Route { dst: *dst, table }).collect();
+            let tunnel = peers.values().flat_map(|p| p.allowed_ips.iter()).map(|dst| Route {
+                dst: *dst,
+                table,
+                kind: RouteKind::Tunnel,
+            });
+            // In the same table as the tunnel routes: there they sit below them, and a policy
+            // table's default route cannot take what they refuse.
+            let unreachable =
+                r.mesh_prefixes.iter().map(|dst| Route { dst: *dst, table, kind: RouteKind::Unreachable });
+            let mut routes: Vec<Route> = tunnel.chain(unreachable).collect();
             // Sorted on plain integers first (the order of `Route`'s `Ord`), so building the
             // set finds them in order: 20,000 routes, one cheap sort.
             routes.sort_unstable_by_key(|r| match r.dst {
-                IpNet::V4(n) => (0u8, u32::from(n.addr()) as u128, n.prefix_len()),
-                IpNet::V6(n) => (1u8, u128::from(n.addr()), n.prefix_len()),
+                IpNet::V4(n) => (0u8, u32::from(n.addr()) as u128, n.prefix_len(), r.kind),
+                IpNet::V6(n) => (1u8, u128::from(n.addr()), n.prefix_len(), r.kind),
             });
             routes.into_iter().collect()
         }

@@ -47,7 +47,7 @@ pub fn saved_view(
     control: &ControlConfig,
     tunnel: &IfName,
 ) -> Option<control::Applied> {
-    let saved = match files.view(own) {
+    let mut saved = match files.view(own) {
         Ok(v) => v?,
         Err(e) => {
             tracing::error!(error = %e, "cannot use the saved control-plane view; starting without it");
@@ -56,7 +56,7 @@ pub fn saved_view(
         }
     };
     let pinned = files.credential().ok().flatten().filter(|c| c.public_key == *own).map(|c| c.overlay);
-    match control::guard::check_saved(&saved.view, control, &pinned.unwrap_or_default(), tunnel) {
+    match control::guard::admit_saved(&mut saved.view, control, &pinned.unwrap_or_default(), tunnel) {
         Ok(()) => Some(saved),
         Err(e) => {
             tracing::error!(error = %e, "the saved control-plane view breaks the local guard; starting without it");

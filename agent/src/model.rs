@@ -157,16 +157,37 @@ pub struct DeviceSpec {
     pub fwmark: Option<u32>,
 }
 
-/// A route the agent owns: `dst dev <our link> table <table> proto <ours>`.
+/// A route the agent owns, in table `table` with its protocol number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Route {
     pub dst: IpNet,
     pub table: u32,
+    pub kind: RouteKind,
 }
+
+/// What an owned route does with the packets it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum RouteKind {
+    /// `dev <our link>`: into the tunnel, to the peer whose allowed-ips take it.
+    Tunnel,
+    /// `unreachable ... metric FALLBACK_METRIC`: a mesh prefix no peer carries is refused
+    /// (an ICMP error to the sender) instead of following a less specific route, such as
+    /// the default route out of the WAN, in clear. Below every tunnel route of the same
+    /// prefix (a higher metric), so it only takes what no peer carries; it needs no link,
+    /// so it outlives the tunnel device and the agent.
+    Unreachable,
+}
+
+/// The metric of the unreachable routes: the lowest preference short of the maximum, so
+/// any other route of the same prefix (the tunnel's: 0 for IPv4, 1024 for IPv6) wins.
+pub const FALLBACK_METRIC: u32 = 0xffff_fff0;
 
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} table {}", self.dst, self.table)
+        match self.kind {
+            RouteKind::Tunnel => write!(f, "{} table {}", self.dst, self.table),
+            RouteKind::Unreachable => write!(f, "unreachable {} table {}", self.dst, self.table),
+        }
     }
 }
 
@@ -299,7 +320,7 @@ pub struct DeviceState {
 /// How long a WireGuard session stays usable after its handshake (REJECT_AFTER_TIME).
 pub const SESSION_SECS: u64 = 180;
 
-/// An owned route found in the kernel, with the link it points at.
+/// An owned route found in the kernel, with the link it points at (0 for an unreachable one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct OwnedRoute {
     pub route: Route,

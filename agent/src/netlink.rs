@@ -12,7 +12,9 @@ use netlink_packet_route::rule::{RuleAction as NlRuleAction, RuleAttribute, Rule
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 
-use crate::model::{Family, IfName, LinkState, OwnedRoute, Route, Rule, RuleAction, UnknownRule};
+use crate::model::{
+    Family, IfName, LinkState, OwnedRoute, Route, RouteKind, Rule, RuleAction, UnknownRule, FALLBACK_METRIC,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -196,8 +198,6 @@ impl Netlink {
             }
         };
         msg.header.protocol = RouteProtocol::from(protocol);
-        msg.header.scope = RouteScope::Link;
-        msg.header.kind = RouteType::Unicast;
         msg.header.table = if route.table < 256 {
             route.table as u8
         } else {
@@ -205,7 +205,20 @@ impl Netlink {
         };
         msg.attributes.retain(|a| !matches!(a, RouteAttribute::Table(_) | RouteAttribute::Oif(_)));
         msg.attributes.push(RouteAttribute::Table(route.table));
-        msg.attributes.push(RouteAttribute::Oif(oif));
+        match route.kind {
+            RouteKind::Tunnel => {
+                msg.header.scope = RouteScope::Link;
+                msg.header.kind = RouteType::Unicast;
+                msg.attributes.push(RouteAttribute::Oif(oif));
+            }
+            RouteKind::Unreachable => {
+                msg.header.scope = RouteScope::Universe;
+                msg.header.kind = RouteType::Unreachable;
+                // Also in a delete: with the type (IPv4) and the metric (IPv6) the kernel
+                // matches this route, never the tunnel route of the same prefix.
+                msg.attributes.push(RouteAttribute::Priority(FALLBACK_METRIC));
+            }
+        }
         msg
     }
 
@@ -244,8 +257,16 @@ impl Netlink {
                     (None, AddressFamily::Inet6) => IpAddr::V6(0.into()),
                     _ => continue,
                 };
+                let kind = match msg.header.kind {
+                    RouteType::Unreachable => {
+                        // IPv6 reports the loopback device for it; it points at no link.
+                        oif = 0;
+                        RouteKind::Unreachable
+                    }
+                    _ => RouteKind::Tunnel,
+                };
                 if let Ok(dst) = IpNet::new(dst, msg.header.destination_prefix_length) {
-                    out.insert(OwnedRoute { route: Route { dst, table }, oif });
+                    out.insert(OwnedRoute { route: Route { dst, table, kind }, oif });
                 }
             }
         }

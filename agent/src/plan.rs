@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Desired, Observed, OwnedRoute, PublicKey, Route, Rule, UnknownRule};
+use crate::model::{Desired, Observed, OwnedRoute, PublicKey, Route, RouteKind, Rule, UnknownRule};
 
 /// Peer fields to set; `None` leaves the field as the device has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,12 +180,17 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
     ops.extend(observed.unknown_rules.iter().cloned().map(Op::DelUnknownRule));
     // Owned routes are ordered by (route, oif), desired ones by route: one walk finds the kept
-    // ones (ours, still desired; at most one per route, as only one oif is ours).
+    // ones (ours, still desired; at most one per route, as only one oif is ours; an
+    // unreachable route points at no link and outlives any).
     let mut kept_routes = Vec::new();
     let mut wanted = desired.routes.iter().peekable();
     for owned in &observed.routes {
         let still_desired = wanted.seek(|r| (*r).cmp(&owned.route));
-        if link.is_some_and(|l| l.index == owned.oif) && still_desired {
+        let on_our_link = match owned.route.kind {
+            RouteKind::Tunnel => link.is_some_and(|l| l.index == owned.oif),
+            RouteKind::Unreachable => true,
+        };
+        if on_our_link && still_desired {
             kept_routes.push(owned.route);
             continue;
         }
@@ -357,7 +362,10 @@ pub(crate) mod sim {
                 Op::SetUp => obs.link.as_mut().unwrap().up = true,
                 Op::AddAddress(a) => assert!(obs.addresses.insert(*a), "added an existing address"),
                 Op::AddRoute(r) => {
-                    let oif = obs.link.unwrap().index;
+                    let oif = match r.kind {
+                        RouteKind::Tunnel => obs.link.unwrap().index,
+                        RouteKind::Unreachable => 0,
+                    };
                     assert!(obs.routes.insert(OwnedRoute { route: *r, oif }), "added an existing route")
                 }
                 Op::AddRule(r) => assert!(obs.rules.insert(*r), "added an existing rule"),
@@ -414,7 +422,13 @@ mod tests {
 
     fn arb_routes() -> impl Strategy<Value = BTreeSet<Route>> {
         proptest::collection::btree_set(
-            (arb_net(), prop_oneof![Just(254u32), Just(51820u32)]).prop_map(|(dst, table)| Route { dst, table }),
+            (arb_net(), prop_oneof![Just(254u32), Just(51820u32)], any::<bool>()).prop_map(
+                |(dst, table, unreachable)| Route {
+                    dst,
+                    table,
+                    kind: if unreachable { RouteKind::Unreachable } else { RouteKind::Tunnel },
+                },
+            ),
             0..5,
         )
     }
@@ -471,7 +485,11 @@ mod tests {
                 }),
                 routes: routes
                     .into_iter()
-                    .flat_map(|(rs, oif)| rs.into_iter().map(move |route| OwnedRoute { route, oif }))
+                    .flat_map(|(rs, oif)| rs.into_iter().map(move |route| OwnedRoute {
+                        route,
+                        // The kernel reports an unreachable route with no link.
+                        oif: if route.kind == RouteKind::Unreachable { 0 } else { oif },
+                    }))
                     .collect(),
                 rules,
                 unknown_rules: unknown.into_iter().map(unknown_rule).collect(),
@@ -510,8 +528,15 @@ mod tests {
         assert_eq!(after.addresses, desired.addresses);
         assert_eq!(after.rules, desired.rules);
         assert!(after.unknown_rules.is_empty());
-        let routes: BTreeSet<Route> =
-            after.routes.iter().inspect(|r| assert_eq!(r.oif, link.index)).map(|r| r.route).collect();
+        let routes: BTreeSet<Route> = after
+            .routes
+            .iter()
+            .inspect(|r| match r.route.kind {
+                RouteKind::Tunnel => assert_eq!(r.oif, link.index),
+                RouteKind::Unreachable => assert_eq!(r.oif, 0),
+            })
+            .map(|r| r.route)
+            .collect();
         assert_eq!(routes, desired.routes);
         let dev = after.device.unwrap();
         assert_eq!(dev.public_key, Some(desired.device.private_key.public_key()));
@@ -551,7 +576,7 @@ mod tests {
             device: DeviceSpec { private_key: k[0].clone(), listen_port: Some(51820), fwmark: None },
             addresses: ["10.77.0.1/24".parse().unwrap()].into(),
             peers: [(k[1].public_key(), peer)].into(),
-            routes: [Route { dst: "10.77.0.2/32".parse().unwrap(), table: MAIN_TABLE }].into(),
+            routes: [Route { dst: "10.77.0.2/32".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel }].into(),
             rules: BTreeSet::new(),
             policy: None,
         };
@@ -637,9 +662,45 @@ mod tests {
     #[test]
     fn foreign_link_routes_with_our_protocol_are_removed_but_ours_kept() {
         let (desired, mut observed) = sample();
-        let stale = OwnedRoute { route: Route { dst: "10.99.0.0/24".parse().unwrap(), table: MAIN_TABLE }, oif: 3 };
+        let stale = OwnedRoute {
+            route: Route { dst: "10.99.0.0/24".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel },
+            oif: 3,
+        };
         observed.routes.insert(stale);
         assert_eq!(plan(&desired, &observed).ops, vec![Op::DelRoute(stale)]);
+    }
+
+    #[test]
+    fn unreachable_routes_stay_when_their_peer_goes_and_outlive_the_link() {
+        let (mut desired, _) = sample();
+        let net: IpNet = "10.77.0.0/24".parse().unwrap();
+        let fallback = Route { dst: net, table: MAIN_TABLE, kind: RouteKind::Unreachable };
+        desired.routes.insert(fallback);
+        let mut observed = Observed::default();
+        sim::apply(&desired, &mut observed, &plan(&desired, &Observed::default()), 7);
+        assert!(observed.routes.contains(&OwnedRoute { route: fallback, oif: 0 }));
+
+        // The peer goes: its tunnel route is deleted, the unreachable one is not touched.
+        let mut gone = desired.clone();
+        gone.peers.clear();
+        gone.routes.retain(|r| r.kind == RouteKind::Unreachable);
+        let p = plan(&gone, &observed);
+        assert!(p.ops.iter().all(|op| !matches!(op, Op::DelRoute(r) if r.route == fallback)), "{:?}", p.ops);
+        assert!(p.ops.iter().any(|op| matches!(op, Op::DelRoute(r) if r.route.kind == RouteKind::Tunnel)));
+
+        // The link is gone (recreated): the unreachable route, on no link, is kept.
+        let mut no_link = observed.clone();
+        no_link.link = None;
+        no_link.device = None;
+        no_link.routes.retain(|r| r.route.kind == RouteKind::Unreachable);
+        let p = plan(&desired, &no_link);
+        assert!(
+            p.ops
+                .iter()
+                .all(|op| !matches!(op, Op::DelRoute(_) | Op::AddRoute(Route { kind: RouteKind::Unreachable, .. }))),
+            "{:?}",
+            p.ops
+        );
     }
 
     #[test]
@@ -648,13 +709,17 @@ mod tests {
         let key = *desired.peers.keys().next().unwrap();
         let new: BTreeSet<IpNet> = ["10.77.0.2/32".parse().unwrap(), "fd77::2/128".parse().unwrap()].into();
         desired.peers.get_mut(&key).unwrap().allowed_ips = new.clone();
-        desired.routes.insert(Route { dst: "fd77::2/128".parse().unwrap(), table: MAIN_TABLE });
+        desired.routes.insert(Route {
+            dst: "fd77::2/128".parse().unwrap(),
+            table: MAIN_TABLE,
+            kind: RouteKind::Tunnel,
+        });
         let p = plan(&desired, &observed);
         assert_eq!(
             p.ops,
             vec![
                 Op::UpsertPeer(PeerUpdate { key, endpoint: None, allowed_ips: Some(new), persistent_keepalive: None }),
-                Op::AddRoute(Route { dst: "fd77::2/128".parse().unwrap(), table: MAIN_TABLE }),
+                Op::AddRoute(Route { dst: "fd77::2/128".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel }),
             ]
         );
     }
@@ -687,7 +752,10 @@ mod tests {
         }
         let mut kept_routes = BTreeSet::new();
         for owned in &observed.routes {
-            let ours = link.is_some_and(|l| l.index == owned.oif);
+            let ours = match owned.route.kind {
+                RouteKind::Tunnel => link.is_some_and(|l| l.index == owned.oif),
+                RouteKind::Unreachable => true,
+            };
             if ours && desired.routes.contains(&owned.route) && kept_routes.insert(owned.route) {
                 continue;
             }

@@ -135,7 +135,12 @@ fn peer(k: &PublicKey, ip: &str) -> v1::Peer {
 }
 
 fn snapshot(version: u64, peers: Vec<v1::Peer>) -> v1::Update {
-    let view = v1::NodeView { addresses: vec![prefix("10.77.0.1/32")], peers, policy: Some(v1::Policy::default()) };
+    let view = v1::NodeView {
+        addresses: vec![prefix("10.77.0.1/32")],
+        peers,
+        policy: Some(v1::Policy::default()),
+        mesh_prefixes: vec![],
+    };
     v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), ..Default::default() }
 }
 

@@ -7,12 +7,13 @@
 //! data of all but the [`KEEP_COMPILED`] newest states; an older state recompiles it on
 //! demand from its nodes and policy, which it shares (`Arc`) with its neighbours.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use crate::model::NodeRec;
 use crate::policy::{compile, CompiledRule, Policy, PrefixSet};
-use crate::registry::lock;
+use crate::registry::{lock, Overlay};
+use ipnet::IpNet;
 
 /// The policy compiled against the nodes of a state, with who is on which side of each
 /// rule, so that a node's view costs its own rules and peers, not a scan of every node.
@@ -64,6 +65,10 @@ pub struct GlobalState {
     /// Live nodes, ordered by id.
     pub nodes: Arc<Vec<Arc<NodeRec>>>,
     pub policy: Arc<Policy>,
+    /// The overlay ranges and every live node's routes: what the mesh routes, which a
+    /// node must never send out in clear (each view carries it, minus the node's own routes).
+    pub mesh_prefixes: Arc<BTreeSet<IpNet>>,
+    overlay: Overlay,
     /// Computed on first use; dropped by the history once the state is old.
     compiled: Mutex<Option<Arc<Compiled>>>,
     /// When this state was made (just before it was committed and published): push
@@ -72,12 +77,16 @@ pub struct GlobalState {
 }
 
 impl GlobalState {
-    pub fn new(version: u64, mut nodes: Vec<Arc<NodeRec>>, policy: Arc<Policy>) -> GlobalState {
+    pub fn new(version: u64, mut nodes: Vec<Arc<NodeRec>>, policy: Arc<Policy>, overlay: Overlay) -> GlobalState {
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut mesh_prefixes: BTreeSet<IpNet> = [overlay.v4, overlay.v6].into();
+        mesh_prefixes.extend(nodes.iter().flat_map(|n| n.routes.iter().copied()));
         GlobalState {
             version,
             nodes: Arc::new(nodes),
             policy,
+            mesh_prefixes: Arc::new(mesh_prefixes),
+            overlay,
             compiled: Mutex::default(),
             created: std::time::Instant::now(),
         }
@@ -89,6 +98,8 @@ impl GlobalState {
             version,
             nodes: self.nodes.clone(),
             policy,
+            mesh_prefixes: self.mesh_prefixes.clone(),
+            overlay: self.overlay,
             compiled: Mutex::default(),
             created: std::time::Instant::now(),
         }
@@ -96,7 +107,7 @@ impl GlobalState {
 
     /// The same policy with other nodes.
     pub fn with_nodes(&self, version: u64, nodes: Vec<Arc<NodeRec>>) -> GlobalState {
-        GlobalState::new(version, nodes, self.policy.clone())
+        GlobalState::new(version, nodes, self.policy.clone(), self.overlay)
     }
 
     pub fn node(&self, id: &str) -> Option<&Arc<NodeRec>> {
@@ -173,7 +184,7 @@ mod tests {
     fn history_keeps_the_last_states() {
         let mut h = History::new(3);
         for v in 1..=5 {
-            h.push(Arc::new(GlobalState::new(v, vec![], Arc::new(Policy::default()))));
+            h.push(Arc::new(GlobalState::new(v, vec![], Arc::new(Policy::default()), Overlay::default())));
         }
         assert!(h.get(2).is_none());
         assert_eq!(h.get(3).unwrap().version, 3);
@@ -187,7 +198,7 @@ mod tests {
             Arc::new(crate::policy::parse("p", "[[rules]]\nid = \"r\"\nfrom = [\"*\"]\nto = [\"*\"]\n").unwrap());
         let mut h = History::new(16);
         for v in 1..=10 {
-            let s = Arc::new(GlobalState::new(v, vec![], policy.clone()));
+            let s = Arc::new(GlobalState::new(v, vec![], policy.clone(), Overlay::default()));
             s.compiled();
             h.push(s);
         }

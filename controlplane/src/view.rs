@@ -73,6 +73,8 @@ pub struct View {
     pub addresses: Vec<IpNet>,
     pub peers: BTreeMap<PublicKey, Arc<NodeRec>>,
     pub rules: Vec<NodeRule>,
+    /// What the mesh routes but this node does not: it never sends these out in clear.
+    pub mesh_prefixes: Vec<IpNet>,
 }
 
 /// The part of a rule side (`side`, indexed as `set`) inside the node's prefixes.
@@ -118,7 +120,8 @@ pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
             }
         }
     }
-    Some(View { addresses: me.addresses.clone(), peers, rules })
+    let mesh_prefixes = state.mesh_prefixes.iter().filter(|p| !me.routes.contains(p)).copied().collect();
+    Some(View { addresses: me.addresses.clone(), peers, rules, mesh_prefixes })
 }
 
 fn prefixes<'a>(v: impl IntoIterator<Item = &'a IpNet>) -> Vec<IpPrefix> {
@@ -156,6 +159,7 @@ impl View {
             addresses: prefixes(&self.addresses),
             peers: self.peers.values().map(|n| peer(n)).collect(),
             policy: Some(policy(&self.rules)),
+            mesh_prefixes: prefixes(&self.mesh_prefixes),
         }
     }
 }
@@ -173,10 +177,17 @@ pub fn delta(old: &View, new: &View, base_version: u64) -> Option<ViewDelta> {
         old.peers.keys().filter(|k| !new.peers.contains_key(*k)).map(|k| k.to_vec()).collect();
     let addresses = (old.addresses != new.addresses).then(|| AddressList { prefixes: prefixes(&new.addresses) });
     let policy = (old.rules != new.rules).then(|| policy(&new.rules));
-    if upsert_peers.is_empty() && remove_peers.is_empty() && addresses.is_none() && policy.is_none() {
+    let mesh_prefixes =
+        (old.mesh_prefixes != new.mesh_prefixes).then(|| AddressList { prefixes: prefixes(&new.mesh_prefixes) });
+    if upsert_peers.is_empty()
+        && remove_peers.is_empty()
+        && addresses.is_none()
+        && policy.is_none()
+        && mesh_prefixes.is_none()
+    {
         return None;
     }
-    Some(ViewDelta { base_version, upsert_peers, remove_peers, addresses, policy })
+    Some(ViewDelta { base_version, upsert_peers, remove_peers, addresses, policy, mesh_prefixes })
 }
 
 #[cfg(test)]
@@ -184,6 +195,7 @@ mod tests {
     use super::*;
     use crate::policy::parse;
     use crate::policy::tests::node;
+    use crate::registry::Overlay;
 
     const POLICY: &str = r#"
 [groups]
@@ -197,7 +209,7 @@ ports = ["22"]
 "#;
 
     fn state(version: u64, nodes: Vec<Arc<NodeRec>>, src: &str) -> GlobalState {
-        GlobalState::new(version, nodes, Arc::new(parse("p.toml", src).unwrap()))
+        GlobalState::new(version, nodes, Arc::new(parse("p.toml", src).unwrap()), Overlay::default())
     }
 
     fn four() -> Vec<Arc<NodeRec>> {
@@ -267,6 +279,29 @@ ports = ["22"]
         assert_eq!(router.rules[0].id(), "lan");
         assert_eq!(router.rules[0].to(), ["10.88.0.5/32".parse::<IpNet>().unwrap()]);
         assert!(node_view(&s, "n2").unwrap().rules.is_empty());
+    }
+
+    #[test]
+    fn every_node_learns_the_mesh_prefixes_but_its_own_routes() {
+        let mut router = (*node("n5", "router", 5, &[])).clone();
+        router.routes = vec!["10.88.0.0/24".parse().unwrap()];
+        let mut nodes = four();
+        nodes.push(Arc::new(router));
+        let s1 = state(1, nodes.clone(), POLICY);
+        let overlay = Overlay::default();
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        // Not a peer of the router (no rule), and still told its subnet is the mesh's.
+        assert_eq!(node_view(&s1, "n2").unwrap().mesh_prefixes, [overlay.v4, net("10.88.0.0/24"), overlay.v6]);
+        assert_eq!(node_view(&s1, "n5").unwrap().mesh_prefixes, [overlay.v4, overlay.v6]);
+        let snap = node_view(&s1, "n2").unwrap().snapshot();
+        assert_eq!(snap.mesh_prefixes.len(), 3);
+
+        // The router leaves: its subnet stops being the mesh's, in a delta of its own.
+        nodes.pop();
+        let s2 = s1.with_nodes(2, nodes);
+        let d = delta(&node_view(&s1, "n2").unwrap(), &node_view(&s2, "n2").unwrap(), 1).unwrap();
+        assert!(d.upsert_peers.is_empty() && d.remove_peers.is_empty() && d.policy.is_none());
+        assert_eq!(d.mesh_prefixes.unwrap().prefixes, prefixes(&[overlay.v4, overlay.v6]));
     }
 
     #[test]

@@ -229,7 +229,7 @@ proptest! {
         draws in prop::collection::vec(draw(), 64),
     ) {
         let cases: Vec<Case> = draws.into_iter().map(|d| aim(&policy, d)).collect();
-        let state = GlobalState::new(1, nodes.clone(), Arc::new(policy));
+        let state = GlobalState::new(1, nodes.clone(), Arc::new(policy), Default::default());
         let compiled = state.compiled();
         let whole = agent_policy(&compiled.rules);
         // Each node's policy as its agent holds it after the wire.

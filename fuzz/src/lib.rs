@@ -107,6 +107,7 @@ fn snapshot(version: u64) -> v1::Update {
                 rule("v6-any", v6(0, 64), v6(1, 128), None, &[]),
             ],
         }),
+        mesh_prefixes: vec![prefix(&[10, 77, 0, 0], 16), v6(0, 64), prefix(&[10, 88, 0, 0], 16)],
     };
     v1::Update { version, body: Some(Body::Snapshot(view)), ..Default::default() }
 }

@@ -175,6 +175,16 @@ impl ControlPlane {
         self.key_file(&["--hostname", hostname], tags)
     }
 
+    /// A single-use key bound to `hostname` that grants the node `routes` (site subnets it
+    /// may advertise).
+    pub fn routed_key_file(&self, hostname: &str, routes: &[&str]) -> PathBuf {
+        let mut options = vec!["--hostname", hostname];
+        for r in routes {
+            options.extend(["--route", r]);
+        }
+        self.key_file(&options, &[])
+    }
+
     fn key_file(&self, options: &[&str], tags: &[&str]) -> PathBuf {
         let mut args = vec!["keys", "create", "--json"];
         args.extend_from_slice(options);

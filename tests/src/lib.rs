@@ -131,7 +131,8 @@ impl Netns {
         run(self.cmd("ping").args(["-c", "1", "-W", "1", "-n", "-q", addr])).status.success()
     }
 
-    /// Routes carrying the agent's protocol number, as `dst table` strings, sorted.
+    /// Routes carrying the agent's protocol number, as `dst table dev` strings (`unreachable`
+    /// for the device of an unreachable route), sorted.
     pub fn owned_routes(&self, protocol: u8) -> Vec<String> {
         let mut out = Vec::new();
         for fam in ["-4", "-6"] {
@@ -146,7 +147,11 @@ impl Netns {
                     format!("{dst}/32")
                 };
                 let table = r["table"].as_str().unwrap_or("main").to_owned();
-                out.push(format!("{dst} {table} {}", r["dev"].as_str().unwrap_or("?")));
+                let target = match r["type"].as_str() {
+                    Some("unreachable") => "unreachable",
+                    _ => r["dev"].as_str().unwrap_or("?"),
+                };
+                out.push(format!("{dst} {table} {target}"));
             }
         }
         out.sort();

@@ -36,10 +36,15 @@ fn peer(k: &PublicKey, endpoint: &str, allowed: &[&str]) -> v1::Peer {
 }
 
 fn snapshot(version: u64, addresses: &[&str], peers: Vec<v1::Peer>) -> v1::Update {
+    with_mesh(version, addresses, peers, &[])
+}
+
+fn with_mesh(version: u64, addresses: &[&str], peers: Vec<v1::Peer>, mesh: &[&str]) -> v1::Update {
     let view = v1::NodeView {
         addresses: addresses.iter().map(|a| prefix(a)).collect(),
         peers,
         policy: Some(v1::Policy::default()),
+        mesh_prefixes: mesh.iter().map(|m| prefix(m)).collect(),
     };
     v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), incarnation: HOSTILE_INCARNATION.into() }
 }
@@ -48,11 +53,11 @@ fn applied_version(h: &Host) -> u64 {
     h.control_status()["applied_version"].as_u64().unwrap_or(0)
 }
 
-#[test]
-fn a_hostile_control_plane_cannot_take_the_host() {
+/// One host with a second network (lan0, 192.168.77.0/24) beside the one its control plane
+/// is on, in control mode against a hostile control plane; and its agent.
+fn hostile_lab() -> (Lab, HostileControlPlane, AgentProc) {
     let lab = Lab::new(1);
     let h = &lab.hosts[0];
-    // A second network of the host, apart from the LAN the control plane is on.
     h.ns.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "lan0p"]);
     h.ns.ip(&["addr", "add", "192.168.77.1/24", "dev", "lan0"]);
     h.ns.ip(&["link", "set", "lan0", "up"]);
@@ -67,7 +72,53 @@ fn a_hostile_control_plane_cannot_take_the_host() {
         },
     );
     h.write_hostile_config(ACCEPT);
-    let mut agent = h.spawn_agent();
+    let agent = h.spawn_agent();
+    (lab, cp, agent)
+}
+
+/// Mesh prefixes become unreachable routes: a control plane could use them to cut the host
+/// off its LAN, its control channel or its peers. Those are left out; the rest is applied.
+#[test]
+fn hostile_mesh_prefixes_cannot_cut_the_host_off() {
+    let (lab, cp, _agent) = hostile_lab();
+    let h = &lab.hosts[0];
+    let k = PrivateKey::generate().public_key();
+    let own = ["10.77.0.1/32", "fd77::1/128"];
+    let good = ["10.77.0.2/32", "fd77::2/128"];
+    let mesh = [
+        "10.77.0.0/24",      // the overlay
+        "fd77::/64",         // the overlay
+        "10.99.0.0/16",      // a site route inside accept_routes
+        "172.16.0.0/12",     // covers the control plane and the host's own network
+        "192.168.77.0/25",   // inside the host's LAN
+        "172.31.255.200/32", // the peer's endpoint
+        "10.50.0.0/16",      // a site this host does not accept
+    ];
+    cp.push(with_mesh(1, &own, vec![peer(&k, PEER_ENDPOINT, &good)], &mesh));
+    assert_eq!(cp.outcome(1, T), Ok(()), "the view is applied, its harmful mesh prefixes left out");
+    let unreachable =
+        || -> Vec<String> { h.ns.owned_routes(PROTO).into_iter().filter(|r| r.ends_with(" unreachable")).collect() };
+    wait_until("the unreachable routes are in the kernel", T, || unreachable().len() == 3);
+    assert_eq!(
+        unreachable(),
+        ["10.77.0.0/24 main unreachable", "10.99.0.0/16 main unreachable", "fd77::/64 main unreachable"]
+    );
+    // The control channel still works: the next view arrives and is applied.
+    cp.push(with_mesh(2, &own, vec![peer(&k, PEER_ENDPOINT, &good)], &mesh[..2]));
+    assert_eq!(cp.outcome(2, T), Ok(()));
+    wait_until("a withdrawn mesh prefix loses its route", T, || unreachable().len() == 2);
+
+    // A prefix that takes in every address is refused whole.
+    cp.push(with_mesh(3, &own, vec![peer(&k, PEER_ENDPOINT, &good)], &["0.0.0.0/0"]));
+    let reason = cp.outcome(3, T).expect_err("a default mesh prefix is refused");
+    assert!(reason.contains("mesh_prefixes: 0.0.0.0/0 takes in every address"), "{reason}");
+    assert_eq!(unreachable().len(), 2, "the previous routes stay");
+}
+
+#[test]
+fn a_hostile_control_plane_cannot_take_the_host() {
+    let (lab, cp, mut agent) = hostile_lab();
+    let h = &lab.hosts[0];
 
     let k = PrivateKey::generate().public_key();
     let own = ["10.77.0.1/32", "fd77::1/128"];

@@ -345,10 +345,11 @@ impl ControlClient {
                     continue;
                 }
             };
-            let offer = self.tracker.offer_on_stream(&update, std::mem::take(&mut first));
-            // The one place a view is judged before it is applied or saved.
-            if let Ok(Offer::Apply { version, view } | Offer::Reset { version, view, .. }) = &offer {
-                if let Err(e) = self.surroundings(&cred.overlay).and_then(|s| self.config.guard.check(view, &s)) {
+            let mut offer = self.tracker.offer_on_stream(&update, std::mem::take(&mut first));
+            // The one place a view is judged (and its mesh prefixes narrowed) before it is
+            // applied or saved.
+            if let Ok(Offer::Apply { version, view } | Offer::Reset { version, view, .. }) = &mut offer {
+                if let Err(e) = self.surroundings(&cred.overlay).and_then(|s| self.config.guard.admit(view, &s)) {
                     let reason = format!("refused by the local guard: {e}");
                     tracing::warn!(version, %reason, "control update refused; keeping the previous state");
                     status.last_error = Some(reason.clone());

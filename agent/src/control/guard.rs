@@ -140,6 +140,24 @@ impl GuardConfig {
         Ok(())
     }
 
+    /// Judges a whole view ([`GuardConfig::check`]), then narrows its mesh prefixes to those
+    /// this host may refuse traffic for: inside the overlay or `control.accept_routes`,
+    /// clear of the control plane's address and the peers' endpoints (an unreachable route
+    /// over them would cut the host off), and overlapping none of the host's networks (there
+    /// the host's own LAN is the way when no peer carries the prefix, not the WAN). The rest
+    /// is left out, not refused: every node hears of every site's subnets, and routes only
+    /// those it accepts.
+    pub fn admit(&self, view: &mut ControlView, s: &Surroundings) -> Result<(), GuardError> {
+        self.check(view, s)?;
+        let endpoints: Vec<IpAddr> = view.peers.values().filter_map(|p| p.endpoint.map(|e| e.ip())).collect();
+        view.mesh_prefixes.retain(|p| {
+            s.overlay.iter().chain(&self.accept_routes).any(|o| o.contains(p))
+                && !s.control_plane.iter().chain(&endpoints).any(|a| p.contains(a))
+                && !s.host_networks.iter().any(|(_, n)| p.contains(n) || n.contains(p))
+        });
+        Ok(())
+    }
+
     /// Checks ranges a control plane announced before they are pinned: a range that takes
     /// in everything, the control plane itself or the host's own networks is no overlay.
     pub fn check_announced(announced: &[IpNet], s: &Surroundings) -> Result<(), GuardError> {
@@ -176,10 +194,10 @@ fn clear_of_host(
     Ok(())
 }
 
-/// Judges a view saved by an earlier run against today's config and host (the config may
+/// Admits a view saved by an earlier run against today's config and host (the config may
 /// have tightened). Control-plane host names are not resolved here, only literal addresses.
-pub fn check_saved(
-    view: &ControlView,
+pub fn admit_saved(
+    view: &mut ControlView,
     config: &super::ControlConfig,
     pinned: &[IpNet],
     tunnel: &IfName,
@@ -197,7 +215,7 @@ pub fn check_saved(
         control_plane,
         host_networks: host_networks(tunnel)?,
     };
-    config.guard.check(view, &s)
+    config.guard.admit(view, &s)
 }
 
 /// The networks of every interface address but the tunnel's, as the kernel reports them now
@@ -268,6 +286,29 @@ mod tests {
         let (v, _) =
             view(&["100.64.0.1/32", "fd7a::1/128"], &["100.64.0.2/32", "10.88.1.0/24"], Some("192.0.2.7:51820"));
         g.check(&v, &surroundings()).unwrap();
+    }
+
+    #[test]
+    fn mesh_prefixes_are_narrowed_to_what_this_host_may_refuse() {
+        let g = GuardConfig { accept_routes: vec![net("10.88.0.0/16")], ..Default::default() };
+        let (mut v, _) = view(&["100.64.0.1/32"], &["100.64.0.2/32"], Some("203.0.113.7:51820"));
+        let kept = ["100.64.0.0/24", "fd7a::/64", "10.88.1.0/24"];
+        let dropped = [
+            "10.99.0.0/24",   // another site's subnet this node does not accept
+            "192.168.1.0/25", // inside the host's LAN: the LAN is the way there
+            "10.88.0.0/16",   // accepted, but takes in the host's LAN below
+        ];
+        v.mesh_prefixes = kept.iter().chain(&dropped).map(|p| net(p)).collect();
+        let mut s = surroundings();
+        s.host_networks.push(("eth1".into(), net("10.88.200.0/24")));
+        g.admit(&mut v, &s).unwrap();
+        assert_eq!(v.mesh_prefixes, kept.iter().map(|p| net(p)).collect());
+
+        // Over the control plane or a peer's endpoint: left out, the host stays reachable.
+        let wide = GuardConfig { accept_routes: vec![net("192.0.2.0/24"), net("203.0.113.0/24")], ..g };
+        v.mesh_prefixes = [net("192.0.2.0/25"), net("203.0.113.0/28"), net("203.0.113.128/25")].into();
+        wide.admit(&mut v, &surroundings()).unwrap();
+        assert_eq!(v.mesh_prefixes, [net("203.0.113.128/25")].into());
     }
 
     #[test]

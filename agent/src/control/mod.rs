@@ -24,7 +24,7 @@ use crate::policy::resolve::DEFAULT_PIN_DIR;
 use crate::policy::PolicyConfig;
 
 /// The config the desired state is built from: in control mode the view's peers, its
-/// addresses (beside any configured ones) and its policy, which is always enforced; without
+/// addresses and mesh prefixes (beside any configured ones) and its policy, which is always enforced; without
 /// a view yet, no peers and a policy that denies everything. A static config as it is.
 pub fn effective_config(mut config: Config, view: Option<&ControlView>) -> Config {
     if config.control.is_none() {
@@ -34,6 +34,7 @@ pub fn effective_config(mut config: Config, view: Option<&ControlView>) -> Confi
     let view = view.unwrap_or(&empty);
     config.peers = view.peer_configs();
     config.interface.addresses.extend(view.addresses.iter().copied());
+    config.routing.mesh_prefixes.extend(view.mesh_prefixes.iter().copied());
     let pin_dir = config.policy.as_ref().map_or_else(|| DEFAULT_PIN_DIR.into(), |p| p.pin_dir.clone());
     config.policy = Some(PolicyConfig { pin_dir, policy: view.policy.clone() });
     config

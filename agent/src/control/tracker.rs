@@ -146,6 +146,7 @@ mod tests {
                     ports: vec![v1::PortRange { first: 80, last: 80 }],
                 }],
             }),
+            mesh_prefixes: vec![prefix("10.77.0.0/24")],
         };
         v1::Update { version, body: Some(Body::Snapshot(view)), incarnation: String::new() }
     }

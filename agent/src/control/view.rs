@@ -26,6 +26,9 @@ pub struct ControlView {
     pub addresses: BTreeSet<IpNet>,
     pub peers: BTreeMap<PublicKey, ControlPeer>,
     pub policy: Policy,
+    /// What the mesh routes and this node must not send out in clear (each becomes an
+    /// unreachable route); the local guard keeps only those this node accepts.
+    pub mesh_prefixes: BTreeSet<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +59,8 @@ pub enum UpdateError {
     Ports { index: usize, id: String, first: u32, last: u32 },
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
+    #[error("mesh_prefixes: {0} takes in every address")]
+    MeshDefault(IpNet),
 }
 
 fn prefixes<'a>(field: &str, list: impl IntoIterator<Item = &'a v1::IpPrefix>) -> Result<BTreeSet<IpNet>, UpdateError> {
@@ -134,6 +139,7 @@ impl ControlView {
             addresses: prefixes("addresses", &s.addresses)?,
             peers,
             policy: policy(s.policy.as_ref().ok_or(UpdateError::MissingPolicy)?)?,
+            mesh_prefixes: prefixes("mesh_prefixes", &s.mesh_prefixes)?,
         };
         view.check(own)?;
         Ok(view)
@@ -166,6 +172,9 @@ impl ControlView {
         if let Some(p) = &d.policy {
             next.policy = policy(p)?;
         }
+        if let Some(m) = &d.mesh_prefixes {
+            next.mesh_prefixes = prefixes("mesh_prefixes", &m.prefixes)?;
+        }
         next.check(own)?;
         Ok(next)
     }
@@ -173,6 +182,9 @@ impl ControlView {
     fn check(&self, own: &PublicKey) -> Result<(), UpdateError> {
         if self.peers.contains_key(own) {
             return Err(UpdateError::OwnKey(*own));
+        }
+        if let Some(p) = self.mesh_prefixes.iter().find(|p| p.prefix_len() == 0) {
+            return Err(UpdateError::MeshDefault(*p));
         }
         let configs = self.peer_configs();
         if let Some((a, b, net_a, net_b)) = crate::primitives::find_overlap(&configs) {
@@ -226,6 +238,7 @@ impl ControlView {
                     })
                     .collect(),
             }),
+            mesh_prefixes: self.mesh_prefixes.iter().map(|n| (*n).into()).collect(),
         }
     }
 }

@@ -108,7 +108,7 @@ impl Registry {
         let rows = store.nodes()?;
         let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
         let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
-        let state = Arc::new(GlobalState::new(version, live, Arc::new(policy)));
+        let state = Arc::new(GlobalState::new(version, live, Arc::new(policy), overlay));
         let mut hist = History::new(history);
         hist.push(state.clone());
         Ok(Registry {
