@@ -239,6 +239,9 @@ impl std::fmt::Display for Status {
                 // May quote what the control plane answered.
                 writeln!(f, "  last error: {}", Escaped(e))?;
             }
+            for r in &c.refused_routes {
+                writeln!(f, "  route refused by the control plane: {}", Escaped(r))?;
+            }
             if let Some(k) = &self.removable_enrollment_key {
                 writeln!(f, "  enrollment key {} is no longer needed and can be removed", k.display())?;
             }

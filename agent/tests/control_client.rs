@@ -65,6 +65,7 @@ impl AgentService for Faulty {
             addresses: vec![],
             rotate_credential: false,
             overlay: self.overlay.clone(),
+            refused_routes: vec![],
         }))
     }
 

@@ -42,12 +42,6 @@ pub enum Error {
     RouteOverlapsOverlay { index: usize, route: IpNet, overlay: IpNet },
     #[error("routes[{index}]: {route} is broader than /{min} (refused as a route)")]
     RouteTooBroad { index: usize, route: IpNet, min: u8 },
-    #[error(
-        "routes[{index}]: {route} is not within the routes granted by the node's enrollment key (keys create --route)"
-    )]
-    RouteNotGranted { index: usize, route: IpNet },
-    #[error("routes[{index}]: {route} overlaps route {theirs} of node {node}")]
-    RouteTaken { index: usize, route: IpNet, theirs: IpNet, node: String },
     #[error("{field}: at most {max} entries")]
     TooMany { field: &'static str, max: usize },
     #[error("tags: {0:?} is not {chars}", chars = wirefence_proto::policy::NAME_CHARS)]
@@ -198,10 +192,7 @@ impl Error {
             | Error::ExpiresInZero
             | Error::KeyOptionsConflict(..)
             | Error::BoundKeyReusable => Code::InvalidArgument,
-            Error::PublicKeyEnrolled
-            | Error::HostnameTaken(_)
-            | Error::HostnameOwned { .. }
-            | Error::RouteTaken { .. } => Code::AlreadyExists,
+            Error::PublicKeyEnrolled | Error::HostnameTaken(_) | Error::HostnameOwned { .. } => Code::AlreadyExists,
             Error::EnrollmentKeyMissing
             | Error::EnrollmentKeyUnknown
             | Error::CredentialMissing
@@ -215,8 +206,7 @@ impl Error {
             | Error::EnrollmentKeyExpired(_)
             | Error::NodeRemoved(_)
             | Error::PublicKeyRemoved(_)
-            | Error::Immutable(_)
-            | Error::RouteNotGranted { .. } => Code::PermissionDenied,
+            | Error::Immutable(_) => Code::PermissionDenied,
             Error::UnknownNode(_) | Error::UnknownKey(_) | Error::NameNotReserved(_) => Code::NotFound,
             Error::PoolExhausted(_)
             | Error::EnrollRateSource

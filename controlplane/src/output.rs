@@ -54,6 +54,10 @@ pub fn node_json(n: &Node) -> Value {
         "addresses": prefixes(&n.addresses),
         "endpoints": sockets(&n.endpoints),
         "routes": prefixes(&n.routes),
+        "refused_routes": n.refused_routes.iter().map(|r| json!({
+            "route": r.route.as_ref().map(|p| prefixes(std::slice::from_ref(p)).remove(0)),
+            "reason": r.reason,
+        })).collect::<Vec<_>>(),
         "tags": n.tags,
         "applied_version": n.applied_version,
         "last_error": n.last_error,
@@ -180,6 +184,9 @@ pub fn node_text(n: &Node, now: i64) -> String {
     let _ = writeln!(out, "addresses:       {}", prefixes(&n.addresses).join(", "));
     let _ = writeln!(out, "endpoints:       {}", sockets(&n.endpoints).join(", "));
     let _ = writeln!(out, "routes:          {}", prefixes(&n.routes).join(", "));
+    for r in &n.refused_routes {
+        let _ = writeln!(out, "refused route:   {}", Escaped(&r.reason));
+    }
     let _ = writeln!(out, "tags:            {}", joined(&n.tags, ", "));
     let _ = writeln!(out, "connected:       {}", if n.connected { "yes" } else { "no" });
     let _ = writeln!(out, "applied version: {}", n.applied_version);

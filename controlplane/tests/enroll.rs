@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::*;
 use tonic::Code;
 use wirefence_proto::v1::{
-    agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, PeerStat, PeerStats, RemoveNodeRequest,
-    SocketAddress, WatchRequest,
+    agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, PeerStat, PeerStats, RegisterResponse,
+    RemoveNodeRequest, SocketAddress, WatchRequest,
 };
 
 #[tokio::test]
@@ -122,7 +122,7 @@ async fn removed_nodes_cannot_enroll_again() {
 }
 
 #[tokio::test]
-async fn routes_must_be_granted_by_the_enrollment_key() {
+async fn routes_outside_the_grant_are_refused_never_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let mut cp = start(dir.path()).await;
     let mut agent = cp.agent().await;
@@ -132,37 +132,59 @@ async fn routes_must_be_granted_by_the_enrollment_key() {
         r
     };
 
-    // A key without routes grants none.
+    let reasons = |r: &RegisterResponse| -> Vec<String> { r.refused_routes.iter().map(|r| r.reason.clone()).collect() };
+
+    // A key without routes grants none: the node enrolls, without the route, and is told.
     let plain = cp.key(false, 0, &[]).await;
-    let r = agent.register(cp.prove(with_routes("a", 1, &plain, &["10.88.1.0/24"]), 1).await).await;
-    assert_code(r, Code::PermissionDenied, "routes[0]: 10.88.1.0/24 is not within the routes granted");
+    let r = agent.register(cp.prove(with_routes("a0", 4, &plain, &["10.88.1.0/24"]), 4).await).await.unwrap();
+    let r = r.into_inner();
+    assert_eq!(reasons(&r), ["10.88.1.0/24 is not within the routes granted to this node (none; keys create --route)"]);
+    let node = cp.admin.get_node(GetNodeRequest { node: r.node_id.clone() }).await.unwrap().into_inner();
+    assert!(node.routes.is_empty());
+    assert_eq!(node.refused_routes.len(), 1, "nodes show names the refusal");
 
+    // Part of a request outside the grant: the rest is taken.
     let key = cp.route_key(&["10.88.0.0/16", "fd88::/48"]).await.unwrap();
-    let r = agent.register(cp.prove(with_routes("a", 1, &key, &["10.88.1.0/24", "10.89.0.0/24"]), 1).await).await;
-    assert_code(r, Code::PermissionDenied, "routes[1]: 10.89.0.0/24");
     let a = agent
-        .register(cp.prove(with_routes("a", 1, &key, &["10.88.1.0/24", "fd88:0:0:1::/64"]), 1).await)
+        .register(cp.prove(with_routes("a", 1, &key, &["10.88.1.0/24", "10.89.0.0/24", "fd88:0:0:1::/64"]), 1).await)
         .await
-        .unwrap();
-    let a = a.into_inner();
-
-    // Another node may not route (part of) the same subnet.
-    let r = agent.register(cp.prove(with_routes("b", 2, &key, &["10.88.1.128/25"]), 2).await).await;
-    assert_code(
-        r,
-        Code::AlreadyExists,
-        &format!("routes[0]: 10.88.1.128/25 overlaps route 10.88.1.0/24 of node {}", a.node_id),
-    );
-    let b = agent.register(cp.prove(with_routes("b", 2, &key, &["10.88.2.0/24"]), 2).await).await.unwrap().into_inner();
-
-    // Re-registration is held to the node's grant and to the other nodes' routes too.
-    let r = agent.register(authed(with_routes("a", 1, "", &["10.90.0.0/24"]), &a.credential)).await;
-    assert_code(r, Code::PermissionDenied, "10.90.0.0/24 is not within the routes granted");
-    let r = agent.register(authed(with_routes("a", 1, "", &["10.88.2.0/24"]), &a.credential)).await;
-    assert_code(r, Code::AlreadyExists, &b.node_id);
-    agent.register(authed(with_routes("a", 1, "", &["10.88.3.0/24"]), &a.credential)).await.unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(reasons(&a).len(), 1);
+    assert!(reasons(&a)[0]
+        .starts_with("10.89.0.0/24 is not within the routes granted to this node (10.88.0.0/16, fd88::/48"));
     let node = cp.admin.get_node(GetNodeRequest { node: "a".into() }).await.unwrap().into_inner();
+    assert_eq!(node.routes, vec![prefix("10.88.1.0/24"), prefix("fd88:0:0:1::/64")]);
+
+    // Another node may not route (part of) the same subnet; it enrolls with the rest.
+    let b = agent
+        .register(cp.prove(with_routes("b", 2, &key, &["10.88.1.128/25", "10.88.2.0/24"]), 2).await)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reasons(&b), [format!("10.88.1.128/25 overlaps route 10.88.1.0/24 of node {}", a.node_id)]);
+    let node = cp.admin.get_node(GetNodeRequest { node: "b".into() }).await.unwrap().into_inner();
+    assert_eq!(node.routes, vec![prefix("10.88.2.0/24")]);
+
+    // Re-registration is held to the node's grant and to the other nodes' routes too, and
+    // keeps the node registered: a gateway whose routes changed never loses its control plane.
+    let r = agent.register(authed(with_routes("a", 1, "", &["10.90.0.0/24"]), &a.credential)).await.unwrap();
+    assert!(reasons(&r.into_inner())[0].contains("10.90.0.0/24 is not within the routes granted"));
+    let r = agent.register(authed(with_routes("a", 1, "", &["10.88.2.0/24"]), &a.credential)).await.unwrap();
+    assert!(reasons(&r.into_inner())[0].contains(&b.node_id));
+    let r = agent.register(authed(with_routes("a", 1, "", &["10.88.3.0/24"]), &a.credential)).await.unwrap();
+    assert!(r.into_inner().refused_routes.is_empty());
+    // Two changes within the re-registration interval: the second comes into effect at its end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let node = loop {
+        let node = cp.admin.get_node(GetNodeRequest { node: "a".into() }).await.unwrap().into_inner();
+        if node.routes == vec![prefix("10.88.3.0/24")] || std::time::Instant::now() > deadline {
+            break node;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(node.routes, vec![prefix("10.88.3.0/24")]);
+    assert!(node.refused_routes.is_empty(), "a clean registration clears the refusals");
 
     // Grants and routes broader than /8 (IPv4) or /16 (IPv6), or touching the overlay, are refused.
     for (bad, msg) in [

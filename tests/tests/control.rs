@@ -217,3 +217,56 @@ fn a_recreated_database_is_taken_whole_even_when_its_versions_meet_the_agents() 
     wait_until("h1 takes the new database's policy", T, || enforced_rules(h1).contains(&"new-b".into()));
     assert_eq!(h1.control_status()["applied_version"], 4, "the versions met, as the test intends");
 }
+
+/// A gateway advertising a route its grant does not cover keeps its control plane and its
+/// granted routes, before and after a restart; both sides say what was refused and why.
+#[test]
+fn a_route_outside_the_grant_is_refused_not_the_gateway() {
+    let lab = Lab::new(2);
+    let cp = ControlPlane::start(&lab);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    assert!(cp
+        .apply_policy(
+            "[[rules]]\nid = \"lan\"\nfrom = [\"node:h2\"]\nto = [\"10.20.2.0/24\", \"10.30.0.0/24\"]\nproto = \"icmp\"\n"
+        )
+        .status
+        .success());
+    let key = cp.routed_key_file("h1", &["10.20.2.0/24"]);
+    h1.write_control_config(&cp, &key);
+    let text = std::fs::read_to_string(h1.config_path()).unwrap();
+    h1.write_config(&format!("{text}advertise_routes = [\"10.20.2.0/24\", \"10.30.0.0/24\"]\n"));
+    h2.write_bound_control_config(&cp, &[]);
+    std::fs::write(
+        h2.config_path(),
+        format!("{}accept_routes = [\"10.0.0.0/8\"]\n", std::fs::read_to_string(h2.config_path()).unwrap()),
+    )
+    .unwrap();
+    let _a2 = h2.spawn_agent();
+    let a1 = h1.spawn_agent();
+
+    let granted =
+        || h2.ns.owned_routes(PROTO).iter().any(|r| r.starts_with("10.20.2.0/24 ") && !r.ends_with("unreachable"));
+    wait_until("h2 routes h1's granted subnet to it", T, granted);
+    assert!(
+        !h2.ns.owned_routes(PROTO).iter().any(|r| r.starts_with("10.30.0.0/24 ") && !r.ends_with("unreachable")),
+        "h2 routes the refused subnet: {:?}",
+        h2.ns.owned_routes(PROTO)
+    );
+    let refused = |h: &Host| h.control_status()["refused_routes"].clone();
+    wait_until("h1's status names the refused route", T, || refused(h1).to_string().contains("10.30.0.0/24"));
+    assert!(refused(h1)[0].as_str().unwrap().contains("is not within the routes granted to this node (10.20.2.0/24"));
+    let text = run_ok(h1.agent().args(["status", "--config"]).arg(h1.config_path()));
+    assert!(text.contains("route refused by the control plane: 10.30.0.0/24"), "{text}");
+    let show = cp.admin_ok(&["nodes", "show", "h1"]);
+    assert!(show.contains("routes:          10.20.2.0/24") && show.contains("refused route:   10.30.0.0/24"), "{show}");
+
+    // A restart registers again with the same routes: still connected, same outcome (the
+    // log holds both runs).
+    a1.kill9();
+    let a1 = h1.spawn_agent();
+    wait_until("h1 registers again after its restart", T, || {
+        a1.log_text().matches("connected to the control plane").count() >= 2
+    });
+    assert!(h1.control_status()["connected_to"].is_string(), "{}", h1.control_status());
+    assert!(granted(), "the granted route survived the restart");
+}

@@ -69,6 +69,7 @@ fn hostile_lab() -> (Lab, HostileControlPlane, AgentProc) {
             addresses: vec![prefix("10.77.0.1/32")],
             overlay: vec![prefix("10.77.0.0/24"), prefix("fd77::/64")],
             rotate_credential: false,
+            refused_routes: vec![],
         },
     );
     h.write_hostile_config(ACCEPT);

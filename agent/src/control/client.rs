@@ -166,10 +166,11 @@ impl ControlClient {
     async fn session(&mut self, status: &mut ControlStatus) -> Result<(), SessionError> {
         let (channel, connected) = self.connector.connect().await?;
         let mut client = AgentServiceClient::new(channel);
-        let cred = self.register(&mut client).await?;
+        let (cred, refused_routes) = self.register(&mut client).await?;
         record_connection(status, &connected);
         status.node_id = Some(cred.node_id.clone());
         status.last_error = None;
+        status.refused_routes = refused_routes;
         self.save_status(status);
         tracing::info!(addr = %connected.addr, node = %cred.node_id, version = self.tracker.version(), "connected to the control plane");
 
@@ -191,10 +192,12 @@ impl ControlClient {
     /// when there is no credential for this public key, otherwise re-registers with the
     /// credential (so the control plane learns new endpoints). Once a credential is saved
     /// the enrollment key is never read again. Rotates the credential when asked to.
+    /// Returns the credential and the advertised routes the control plane refused, as
+    /// "route: reason" (the registration stands with the others).
     async fn register(
         &self,
         client: &mut AgentServiceClient<tonic::transport::Channel>,
-    ) -> Result<Credential, SessionError> {
+    ) -> Result<(Credential, Vec<String>), SessionError> {
         let req = self.register_request();
         let saved = self.files.credential()?.filter(|s| s.public_key == self.own);
         let reply = match &saved {
@@ -210,6 +213,11 @@ impl ControlClient {
             None => self.enroll(client, req.clone()).await?,
         };
         let rotate = reply.rotate_credential;
+        let refused_routes: Vec<String> = reply.refused_routes.iter().map(|r| r.reason.clone()).collect();
+        for reason in &refused_routes {
+            // The operator's to act on: a grant (`keys create --route`), or the other node.
+            tracing::warn!(reason = %wirefence_proto::Escaped(reason), "the control plane refused an advertised route");
+        }
         let announced = reply
             .overlay
             .iter()
@@ -246,9 +254,9 @@ impl ControlClient {
             return Err(e.into());
         }
         if rotate {
-            return self.rotate(client, cred, req).await;
+            return Ok((self.rotate(client, cred, req).await?, refused_routes));
         }
-        Ok(cred)
+        Ok((cred, refused_routes))
     }
 
     fn register_request(&self) -> v1::RegisterRequest {

@@ -52,6 +52,9 @@ pub struct ControlStatus {
     /// connection used.
     pub cert_expiry_ipv4: Option<i64>,
     pub cert_expiry_ipv6: Option<i64>,
+    /// Advertised routes the control plane refused at the last registration, with why.
+    #[serde(default)]
+    pub refused_routes: Vec<String>,
 }
 
 #[derive(Clone, Debug)]

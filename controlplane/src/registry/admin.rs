@@ -129,6 +129,7 @@ impl Registry {
             connected: observed.connected > 0,
             peer_stats,
             name_bound: n.bound,
+            refused_routes: observed.refused_routes.iter().map(|r| r.to_wire()).collect(),
         }
     }
 }

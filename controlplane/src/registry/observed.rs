@@ -31,6 +31,8 @@ pub struct Observed {
     /// The control plane's certificate expiry per address family, as the node last reported
     /// it (checked to be a plausible certificate time).
     pub cert_expiry: CertExpiry,
+    /// Routes its last registration advertised and did not get.
+    pub refused_routes: Vec<super::register::RefusedRoute>,
 }
 
 /// Unix seconds a certificate expires, per address family; `None`: not reported.
@@ -66,6 +68,11 @@ impl Observations {
 
     pub fn get(&self, node: &str) -> Observed {
         lock(&self.0).get(node).cloned().unwrap_or_default()
+    }
+
+    /// Replaces what `node`'s registrations were refused (not a sign of life: no `seen`).
+    pub fn set_refused_routes(&self, node: &str, refused: Vec<super::register::RefusedRoute>) {
+        lock(&self.0).entry(node.to_owned()).or_default().refused_routes = refused;
     }
 
     pub fn forget(&self, node: &str) {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
+use wirefence_proto::v1::{self, IpPrefix, RegisterRequest, RegisterResponse};
 use wirefence_proto::Escaped;
 
 use super::throttle::{Admit, Change};
@@ -96,23 +96,70 @@ pub fn check_route(index: usize, route: IpNet, overlay: &Overlay) -> Result<(), 
     Ok(())
 }
 
-/// Advertised routes must lie inside the node's granted routes and not overlap a route of
-/// another live node than `me` (two nodes routing one subnet would split its traffic).
-fn check_routes(routes: &[IpNet], granted: &[IpNet], nodes: &[Arc<NodeRec>], me: &str) -> Result<(), Error> {
-    for (index, route) in routes.iter().enumerate() {
-        if !granted.iter().any(|g| g.contains(route)) {
-            return Err(Error::RouteNotGranted { index, route: *route });
-        }
-        for n in nodes.iter().filter(|n| n.id != me) {
-            if let Some(theirs) = n.routes.iter().find(|t| t.contains(route) || route.contains(*t)) {
-                return Err(Error::RouteTaken { index, route: *route, theirs: *theirs, node: n.id.clone() });
-            }
-        }
-    }
-    Ok(())
+/// An advertised route the control plane did not take, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RefusedRoute {
+    #[error("{route} is not within the routes granted to this node ({}; keys create --route)", list(.granted))]
+    NotGranted { route: IpNet, granted: Vec<IpNet> },
+    #[error("{route} overlaps route {theirs} of node {node}")]
+    Taken { route: IpNet, theirs: IpNet, node: String },
 }
 
-fn response(node: &NodeRec, credential: String, rotate_credential: bool, overlay: &Overlay) -> RegisterResponse {
+impl RefusedRoute {
+    pub fn route(&self) -> IpNet {
+        match self {
+            RefusedRoute::NotGranted { route, .. } | RefusedRoute::Taken { route, .. } => *route,
+        }
+    }
+
+    pub fn to_wire(&self) -> v1::RefusedRoute {
+        v1::RefusedRoute { route: Some(IpPrefix::from(self.route())), reason: self.to_string() }
+    }
+}
+
+fn list(nets: &[IpNet]) -> String {
+    match nets {
+        [] => "none".to_owned(),
+        _ => nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// Splits advertised routes into those the node gets (inside its granted routes, overlapping
+/// no route of another live node than `me`: two nodes routing one subnet would split its
+/// traffic) and those refused. A refused route never refuses the registration: a gateway
+/// whose grant changed keeps its control plane and the rest of its routes.
+fn split_routes(
+    routes: &[IpNet],
+    granted: &[IpNet],
+    nodes: &[Arc<NodeRec>],
+    me: &str,
+) -> (Vec<IpNet>, Vec<RefusedRoute>) {
+    let mut taken = Vec::new();
+    let mut refused = Vec::new();
+    for route in routes {
+        if !granted.iter().any(|g| g.contains(route)) {
+            refused.push(RefusedRoute::NotGranted { route: *route, granted: granted.to_vec() });
+            continue;
+        }
+        let other = nodes
+            .iter()
+            .filter(|n| n.id != me)
+            .find_map(|n| n.routes.iter().find(|t| t.contains(route) || route.contains(*t)).map(|t| (n, *t)));
+        match other {
+            Some((n, theirs)) => refused.push(RefusedRoute::Taken { route: *route, theirs, node: n.id.clone() }),
+            None => taken.push(*route),
+        }
+    }
+    (taken, refused)
+}
+
+fn response(
+    node: &NodeRec,
+    credential: String,
+    rotate_credential: bool,
+    overlay: &Overlay,
+    refused: &[RefusedRoute],
+) -> RegisterResponse {
     RegisterResponse {
         node_id: node.id.clone(),
         credential,
@@ -120,6 +167,7 @@ fn response(node: &NodeRec, credential: String, rotate_credential: bool, overlay
         rotate_credential,
         // Agents without configured ranges pin these at enrollment (their local guard).
         overlay: [overlay.v4, overlay.v6].into_iter().map(IpPrefix::from).collect(),
+        refused_routes: refused.iter().map(RefusedRoute::to_wire).collect(),
     }
 }
 
@@ -199,14 +247,16 @@ impl Registry {
         if reg.public_key != old.public_key {
             return Err(Error::Immutable("public_key"));
         }
-        check_routes(&reg.routes, &self.store().granted_routes(&old.id)?, &state.nodes, &old.id)?;
-        let change = Change { endpoints: reg.endpoints, routes: reg.routes };
+        let (routes, refused) =
+            split_routes(&reg.routes, &self.store().granted_routes(&old.id)?, &state.nodes, &old.id);
+        self.refused_routes(&old.id, &refused);
+        let change = Change { endpoints: reg.endpoints, routes };
         let changed = (change.endpoints != old.endpoints || change.routes != old.routes).then_some(change.clone());
         if self.reregistrations.offer(&old.id, changed) == Admit::Now {
             self.apply_reregistration(&old.id, change)?;
         }
         let rotate = self.store().rotate_requested(&token.id)?;
-        Ok(response(&old, token.expose(), rotate, &self.overlay))
+        Ok(response(&old, token.expose(), rotate, &self.overlay, &refused))
     }
 
     /// Writes and publishes a node's new endpoints and routes, checked again against the
@@ -215,8 +265,12 @@ impl Registry {
         let mut store = self.store();
         let state = self.current();
         let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
-        check_routes(&change.routes, &store.granted_routes(id)?, &state.nodes, id)?;
-        let new = NodeRec { endpoints: change.endpoints, routes: change.routes, ..(**old).clone() };
+        // Checked again: another node may have taken a route since it was asked for.
+        let (routes, refused) = split_routes(&change.routes, &store.granted_routes(id)?, &state.nodes, id);
+        if !refused.is_empty() {
+            self.refused_routes(id, &refused);
+        }
+        let new = NodeRec { endpoints: change.endpoints, routes, ..(**old).clone() };
         if new != **old {
             let ((), version) = store.change(true, |tx| store::update_node(tx, &new))?;
             tracing::info!(node = %new.id, version, "node re-registered with changes");
@@ -224,6 +278,15 @@ impl Registry {
             self.publish(state.with_nodes(version, nodes));
         }
         Ok(())
+    }
+
+    /// Records what a node's registration was refused, for `nodes show`, and says it once
+    /// at info: the operator acts on it (a grant, or the other node's route).
+    fn refused_routes(&self, id: &str, refused: &[RefusedRoute]) {
+        for r in refused {
+            tracing::info!(node = %id, reason = %r, "advertised route refused; the node keeps its other routes");
+        }
+        self.observed.set_refused_routes(id, refused.to_vec());
     }
 
     fn enroll(
@@ -271,7 +334,7 @@ impl Registry {
                 return Err(Error::HostnameTaken(reg.hostname.clone()));
             }
         }
-        check_routes(&reg.routes, &key.routes, &state.nodes, "")?;
+        let (routes, refused) = split_routes(&reg.routes, &key.routes, &state.nodes, "");
         let used = lock(&self.allocated);
         let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
         let v6 = allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?;
@@ -283,7 +346,7 @@ impl Registry {
             public_key: reg.public_key,
             addresses: vec![host(v4), host(v6)],
             endpoints: reg.endpoints,
-            routes: reg.routes,
+            routes,
             tags: key.tags.clone(),
         };
         let credential = Token::generate(node.id.clone());
@@ -296,7 +359,8 @@ impl Registry {
         tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), bound, key = %key.id, version, "node enrolled");
         let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
         self.publish(state.with_nodes(version, nodes));
-        Ok(response(&node, credential.expose(), false, &self.overlay))
+        self.refused_routes(&node.id, &refused);
+        Ok(response(&node, credential.expose(), false, &self.overlay, &refused))
     }
 }
 
