@@ -47,6 +47,8 @@ struct Control {
     updates: mpsc::Receiver<ApplyRequest>,
     /// The view the current desired state was built from.
     view: Option<ControlView>,
+    /// What the client advertises; a reload that changes it makes the client register again.
+    advertised: tokio::sync::watch::Sender<control::Advertised>,
 }
 
 impl Agent {
@@ -124,6 +126,10 @@ impl Agent {
         let key = keys::load_or_generate(&file.interface.private_key_file)?;
         let new = load::build(file, &key, self.control.as_ref().and_then(|c| c.view.as_ref()))?;
         load::check_reload(&self.loaded.config, &new.config)?;
+        if let (Some(c), Some(cc)) = (&self.control, &new.config.control) {
+            let advertised = cc.advertised();
+            c.advertised.send_if_modified(|a| std::mem::replace(a, advertised.clone()) != advertised);
+        }
         let previous = self.switch_interface(new).await;
         self.loaded_changed();
         previous
@@ -446,8 +452,10 @@ fn start_client(
     let saved = load::saved_view(&files, &own, cc, &loaded.desired.ifname);
     let view = saved.as_ref().map(|a| a.view.clone());
     let (tx, updates) = mpsc::channel(1);
+    let (advertised, advertised_rx) = tokio::sync::watch::channel(cc.advertised());
     let client = control::ControlClient {
         config: cc.clone(),
+        advertised: advertised_rx,
         files,
         own,
         private_key: loaded.desired.device.private_key.clone(),
@@ -467,5 +475,5 @@ fn start_client(
         sent_denies: Vec::new(),
     };
     tokio::spawn(client.run());
-    Ok(Control { updates, view })
+    Ok(Control { updates, view, advertised })
 }

@@ -92,7 +92,8 @@ pub struct RestartSettings<'a> {
     pub state_dir: &'a Path,
     pub userspace_command: &'a str,
     pub pin_dir: Option<&'a Path>,
-    pub control: Option<&'a ControlConfig>,
+    /// Without the advertised endpoints and routes, which a reload may change.
+    pub control: Option<ControlConfig>,
     /// Bound once at start: a reload that could fail to bind would leave the config half applied.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -105,7 +106,7 @@ impl<'a> RestartSettings<'a> {
             state_dir: &c.agent.state_dir,
             userspace_command: &c.interface.userspace_command,
             pin_dir: c.policy.as_ref().map(|p| p.pin_dir.as_path()),
-            control: c.control.as_ref(),
+            control: c.control.as_ref().map(ControlConfig::restart_settings),
             metrics_listen: c.metrics.listen,
         }
     }
@@ -168,5 +169,21 @@ mod tests {
         assert_eq!(e.changed, vec!["agent.state_dir"]);
         let e = check_reload(&running, &config("backend = \"userspace\"\n[metrics]\nlisten = \"\"\n")).unwrap_err();
         assert_eq!(e.changed, vec!["metrics.listen"]);
+    }
+
+    #[test]
+    fn a_reload_may_change_what_the_node_advertises_but_not_where_it_connects() {
+        let control = |extra: &str| {
+            config(&format!(
+                "backend = \"userspace\"\n[control]\nendpoints = [\"192.0.2.10:7443\"]\ninsecure = true\n\
+                 advertise_endpoints = [\"192.0.2.1:51820\"]\n{extra}"
+            ))
+        };
+        let running = control("advertise_routes = [\"10.20.2.0/24\"]\n");
+        assert!(check_reload(&running, &control("advertise_routes = [\"10.20.2.0/24\", \"10.30.0.0/24\"]\n")).is_ok());
+        assert!(check_reload(&running, &control("")).is_ok());
+        let e = check_reload(&running, &control("advertise_routes = [\"10.20.2.0/24\"]\nhostname = \"other\"\n"))
+            .unwrap_err();
+        assert_eq!(e.changed, vec!["[control]"]);
     }
 }

@@ -141,6 +141,7 @@ fn snapshot(version: u64, peers: Vec<v1::Peer>) -> v1::Update {
         peers,
         policy: Some(v1::Policy::default()),
         mesh_prefixes: vec![],
+        refused_routes: vec![],
     };
     v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), ..Default::default() }
 }
@@ -187,6 +188,8 @@ fn plaintext_client(
     };
     let own = key.public_key();
     ControlClient {
+        // No reloads here: the sender goes at once.
+        advertised: tokio::sync::watch::channel(config.advertised()).1,
         config,
         files: files.clone(),
         own,

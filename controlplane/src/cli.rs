@@ -173,6 +173,20 @@ pub enum NodesCommand {
         /// Node id or hostname.
         node: String,
     },
+    /// Widen or narrow the subnets a node may route for the mesh (its grant, from its
+    /// enrollment key). What it advertises inside the new grant comes into effect, and what
+    /// falls outside goes, at once: the node need not register or restart.
+    #[command(arg_required_else_help = true)]
+    Routes {
+        /// Node id or hostname.
+        node: String,
+        /// Add a prefix to the grant (at least /8 for IPv4, /16 for IPv6); repeatable.
+        #[arg(long, value_name = "PREFIX")]
+        grant: Vec<IpNet>,
+        /// Take a granted prefix out of the grant; repeatable.
+        #[arg(long, value_name = "PREFIX")]
+        revoke: Vec<IpNet>,
+    },
 }
 
 /// A key's lifetime as given on the command line.

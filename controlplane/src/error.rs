@@ -42,6 +42,8 @@ pub enum Error {
     RouteOverlapsOverlay { index: usize, route: IpNet, overlay: IpNet },
     #[error("routes[{index}]: {route} is broader than /{min} (refused as a route)")]
     RouteTooBroad { index: usize, route: IpNet, min: u8 },
+    #[error("revoke: {route} is not granted to node {node} (granted: {})", crate::model::prefix_list(.granted))]
+    NotGranted { route: IpNet, node: String, granted: Vec<IpNet> },
     #[error("{field}: at most {max} entries")]
     TooMany { field: &'static str, max: usize },
     #[error("tags: {0:?} is not {chars}", chars = wirefence_proto::policy::NAME_CHARS)]
@@ -191,7 +193,8 @@ impl Error {
             | Error::Endpoint { .. }
             | Error::ExpiresInZero
             | Error::KeyOptionsConflict(..)
-            | Error::BoundKeyReusable => Code::InvalidArgument,
+            | Error::BoundKeyReusable
+            | Error::NotGranted { .. } => Code::InvalidArgument,
             Error::PublicKeyEnrolled | Error::HostnameTaken(_) | Error::HostnameOwned { .. } => Code::AlreadyExists,
             Error::EnrollmentKeyMissing
             | Error::EnrollmentKeyUnknown

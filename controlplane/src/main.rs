@@ -16,7 +16,7 @@ use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
     ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix,
     ListEnrollmentKeysRequest, ListNodesRequest, ReleaseNameRequest, RemoveNodeRequest,
-    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, SetNodeRoutesRequest,
 };
 
 fn main() -> ExitCode {
@@ -229,6 +229,19 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
             let req = RequestCredentialRotationRequest { node: node.clone() };
             admin.request_credential_rotation(req).await.map_err(status)?;
             format!("{node} rotates its credential at its next registration\n")
+        }
+        Command::Nodes(NodesCommand::Routes { node, grant, revoke }) => {
+            if grant.is_empty() && revoke.is_empty() {
+                anyhow::bail!("nodes routes {node}: nothing to change (give --grant or --revoke)");
+            }
+            let req = SetNodeRoutesRequest {
+                node,
+                grant: grant.iter().map(|p| IpPrefix::from(*p)).collect(),
+                revoke: revoke.iter().map(|p| IpPrefix::from(*p)).collect(),
+            };
+            let r = admin.set_node_routes(req).await.map_err(status)?.into_inner();
+            let n = r.node.context("the control plane answered without the node")?;
+            format!("version {}\n{}", r.version, output::node_text(&n, now))
         }
         Command::Keys(KeysCommand::List { json }) => {
             let keys =

@@ -22,6 +22,10 @@ pub struct NodeRec {
     /// Subnets this node routes for the mesh.
     pub routes: Vec<IpNet>,
     pub tags: Vec<String>,
+    /// Routes it advertised and did not get, with why (in memory: the node's next
+    /// registration after a restart of the control plane says them again). Its own view
+    /// carries them, so the agent's status stays true when an admin changes the grant.
+    pub refused_routes: Vec<RefusedRoute>,
 }
 
 impl NodeRec {
@@ -74,5 +78,37 @@ mod tests {
         for bad in ["", "-a", "a-", "a..b", "a b", "a_b", &"x".repeat(64)] {
             assert!(!valid_hostname(bad), "{bad}");
         }
+    }
+}
+
+/// An advertised route the control plane did not take, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RefusedRoute {
+    #[error("{route} is not within the routes granted to this node ({}; keys create --route)", prefix_list(.granted))]
+    NotGranted { route: IpNet, granted: Vec<IpNet> },
+    #[error("{route} overlaps route {theirs} of node {node}")]
+    Taken { route: IpNet, theirs: IpNet, node: String },
+}
+
+impl RefusedRoute {
+    pub fn route(&self) -> IpNet {
+        match self {
+            RefusedRoute::NotGranted { route, .. } | RefusedRoute::Taken { route, .. } => *route,
+        }
+    }
+
+    pub fn to_wire(&self) -> wirefence_proto::v1::RefusedRoute {
+        wirefence_proto::v1::RefusedRoute {
+            route: Some(wirefence_proto::v1::IpPrefix::from(self.route())),
+            reason: self.to_string(),
+        }
+    }
+}
+
+/// Prefixes for a message: "a, b", or "none".
+pub fn prefix_list(nets: &[IpNet]) -> String {
+    match nets {
+        [] => "none".to_owned(),
+        _ => nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
     }
 }

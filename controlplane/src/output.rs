@@ -54,6 +54,7 @@ pub fn node_json(n: &Node) -> Value {
         "addresses": prefixes(&n.addresses),
         "endpoints": sockets(&n.endpoints),
         "routes": prefixes(&n.routes),
+        "granted_routes": prefixes(&n.granted_routes),
         "refused_routes": n.refused_routes.iter().map(|r| json!({
             "route": r.route.as_ref().map(|p| prefixes(std::slice::from_ref(p)).remove(0)),
             "reason": r.reason,
@@ -184,6 +185,7 @@ pub fn node_text(n: &Node, now: i64) -> String {
     let _ = writeln!(out, "addresses:       {}", prefixes(&n.addresses).join(", "));
     let _ = writeln!(out, "endpoints:       {}", sockets(&n.endpoints).join(", "));
     let _ = writeln!(out, "routes:          {}", prefixes(&n.routes).join(", "));
+    let _ = writeln!(out, "granted routes:  {}", prefixes(&n.granted_routes).join(", "));
     for r in &n.refused_routes {
         let _ = writeln!(out, "refused route:   {}", Escaped(&r.reason));
     }

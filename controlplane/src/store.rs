@@ -104,6 +104,8 @@ pub struct NodeRow {
     pub removed: bool,
     pub applied_version: u64,
     pub last_error: String,
+    /// The prefixes its routes must lie in.
+    pub granted_routes: Vec<IpNet>,
 }
 
 #[derive(Clone, Debug)]
@@ -237,7 +239,7 @@ impl Store {
     pub fn nodes(&self) -> Result<Vec<NodeRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, hostname, public_key, addresses, endpoints, routes, tags, removed, applied_version, \
-             last_error, bound FROM nodes ORDER BY id",
+             last_error, bound, granted_routes FROM nodes ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -249,11 +251,14 @@ impl Store {
                 r.get::<_, i64>(8)?,
                 r.get::<_, String>(9)?,
                 r.get::<_, bool>(10)?,
+                r.get::<_, String>(11)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, hostname, key, [addresses, endpoints, routes, tags], removed, applied, last_error, bound) = row?;
+            let (id, hostname, key, [addresses, endpoints, routes, tags], removed, applied, last_error, bound, granted) =
+                row?;
+            let granted_routes = list::<IpNet>(&id, "granted_routes", &granted)?;
             let public_key = key.try_into().map_err(|_| StoreError::Corrupt { id: id.clone(), field: "public_key" })?;
             let rec = NodeRec {
                 addresses: list::<IpNet>(&id, "addresses", &addresses)?,
@@ -264,8 +269,15 @@ impl Store {
                 hostname,
                 bound,
                 public_key,
+                refused_routes: vec![],
             };
-            out.push(NodeRow { rec, removed, applied_version: u64::try_from(applied).unwrap_or(0), last_error });
+            out.push(NodeRow {
+                rec,
+                removed,
+                applied_version: u64::try_from(applied).unwrap_or(0),
+                last_error,
+                granted_routes,
+            });
         }
         Ok(out)
     }
@@ -442,6 +454,12 @@ pub fn update_node(tx: &Transaction, n: &NodeRec) -> Result<()> {
     Ok(())
 }
 
+/// Replaces the routes a node may advertise.
+pub fn set_granted_routes(tx: &Transaction, id: &str, granted: &[IpNet]) -> Result<()> {
+    tx.execute("UPDATE nodes SET granted_routes = ?2 WHERE id = ?1", params![id, strings(granted)])?;
+    Ok(())
+}
+
 pub fn mark_removed(tx: &Transaction, id: &str) -> Result<()> {
     tx.execute("UPDATE nodes SET removed = 1 WHERE id = ?1", [id])?;
     Ok(())
@@ -516,6 +534,7 @@ mod tests {
             endpoints: vec!["192.0.2.1:51820".parse().unwrap(), "[2001:db8::1]:51820".parse().unwrap()],
             routes: vec!["10.88.0.0/24".parse().unwrap()],
             tags: vec!["web".into()],
+            refused_routes: vec![],
         }
     }
 

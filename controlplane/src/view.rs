@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use wirefence_proto::v1::{self, AddressList, IpPrefix, NodeView, SocketAddress, ViewDelta};
+use wirefence_proto::v1::{self, AddressList, IpPrefix, NodeView, RefusedRouteList, SocketAddress, ViewDelta};
 
-use crate::model::{NodeRec, PublicKey};
+use crate::model::{NodeRec, PublicKey, RefusedRoute};
 use crate::policy::{CompiledRule, PrefixSet};
 use crate::state::GlobalState;
 
@@ -75,6 +75,8 @@ pub struct View {
     pub rules: Vec<NodeRule>,
     /// What the mesh routes but this node does not: it never sends these out in clear.
     pub mesh_prefixes: Vec<IpNet>,
+    /// The routes it advertised and did not get.
+    pub refused_routes: Vec<RefusedRoute>,
 }
 
 /// The part of a rule side (`side`, indexed as `set`) inside the node's prefixes.
@@ -121,7 +123,13 @@ pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
         }
     }
     let mesh_prefixes = state.mesh_prefixes.iter().filter(|p| !me.routes.contains(p)).copied().collect();
-    Some(View { addresses: me.addresses.clone(), peers, rules, mesh_prefixes })
+    Some(View {
+        addresses: me.addresses.clone(),
+        peers,
+        rules,
+        mesh_prefixes,
+        refused_routes: me.refused_routes.clone(),
+    })
 }
 
 fn prefixes<'a>(v: impl IntoIterator<Item = &'a IpNet>) -> Vec<IpPrefix> {
@@ -160,6 +168,7 @@ impl View {
             peers: self.peers.values().map(|n| peer(n)).collect(),
             policy: Some(policy(&self.rules)),
             mesh_prefixes: prefixes(&self.mesh_prefixes),
+            refused_routes: self.refused_routes.iter().map(RefusedRoute::to_wire).collect(),
         }
     }
 }
@@ -179,15 +188,18 @@ pub fn delta(old: &View, new: &View, base_version: u64) -> Option<ViewDelta> {
     let policy = (old.rules != new.rules).then(|| policy(&new.rules));
     let mesh_prefixes =
         (old.mesh_prefixes != new.mesh_prefixes).then(|| AddressList { prefixes: prefixes(&new.mesh_prefixes) });
+    let refused_routes = (old.refused_routes != new.refused_routes)
+        .then(|| RefusedRouteList { routes: new.refused_routes.iter().map(RefusedRoute::to_wire).collect() });
     if upsert_peers.is_empty()
         && remove_peers.is_empty()
         && addresses.is_none()
         && policy.is_none()
         && mesh_prefixes.is_none()
+        && refused_routes.is_none()
     {
         return None;
     }
-    Some(ViewDelta { base_version, upsert_peers, remove_peers, addresses, policy, mesh_prefixes })
+    Some(ViewDelta { base_version, upsert_peers, remove_peers, addresses, policy, mesh_prefixes, refused_routes })
 }
 
 #[cfg(test)]

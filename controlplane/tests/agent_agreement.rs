@@ -59,6 +59,7 @@ fn nodes() -> impl Strategy<Value = Vec<Arc<NodeRec>>> {
                     endpoints: vec![format!("192.0.2.{n}:51820").parse().unwrap()],
                     routes: r,
                     tags: TAGS.iter().zip(tags).filter(|(_, on)| *on).map(|(t, _)| t.to_string()).collect(),
+                    refused_routes: vec![],
                 })
             })
             .collect()

@@ -9,7 +9,7 @@ use common::*;
 use tonic::Code;
 use wirefence_proto::v1::{
     agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, PeerStat, PeerStats, RegisterResponse,
-    RemoveNodeRequest, SocketAddress, WatchRequest,
+    RemoveNodeRequest, SetNodeRoutesRequest, SocketAddress, WatchRequest,
 };
 
 #[tokio::test]
@@ -316,4 +316,54 @@ async fn reports_are_recorded() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let n = cp.admin.get_node(GetNodeRequest { node: "laptop".into() }).await.unwrap().into_inner();
     assert_eq!((n.applied_version, n.last_error.as_str(), n.connected), (9, "", true));
+}
+
+#[tokio::test]
+async fn an_admin_grant_brings_a_refused_route_into_effect_and_a_revoke_takes_it_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let mut agent = cp.agent().await;
+    let key = cp.route_key(&["10.88.0.0/16"]).await.unwrap();
+    let mut req = register_req("a", 1, &key);
+    req.routes = vec![prefix("10.88.1.0/24"), prefix("10.99.0.0/24")];
+    let a = agent.register(cp.prove(req, 1).await).await.unwrap().into_inner();
+    assert_eq!(a.refused_routes.len(), 1);
+    let set = |grant: &[&str], revoke: &[&str]| SetNodeRoutesRequest {
+        node: "a".into(),
+        grant: grant.iter().map(|p| prefix(p)).collect(),
+        revoke: revoke.iter().map(|p| prefix(p)).collect(),
+    };
+    let before = cp.admin.get_node(GetNodeRequest { node: "a".into() }).await.unwrap().into_inner();
+    assert_eq!(before.granted_routes, vec![prefix("10.88.0.0/16")]);
+
+    // Granted: what the node advertised comes into effect, without it registering again.
+    let r = cp.admin.set_node_routes(set(&["10.99.0.0/16"], &[])).await.unwrap().into_inner();
+    let node = r.node.unwrap();
+    assert_eq!(node.routes, vec![prefix("10.88.1.0/24"), prefix("10.99.0.0/24")]);
+    assert_eq!(node.granted_routes, vec![prefix("10.88.0.0/16"), prefix("10.99.0.0/16")]);
+    assert!(node.refused_routes.is_empty());
+    assert!(r.version > 0);
+
+    // Revoked: the route it covered goes, and is named refused.
+    let node = cp.admin.set_node_routes(set(&[], &["10.88.0.0/16"])).await.unwrap().into_inner().node.unwrap();
+    assert_eq!(node.routes, vec![prefix("10.99.0.0/24")]);
+    assert_eq!(node.refused_routes.len(), 1);
+    assert!(node.refused_routes[0].reason.starts_with("10.88.1.0/24 is not within the routes granted"));
+    // The grant is kept with the node: a re-registration is held to it.
+    let mut again = register_req("a", 1, "");
+    again.routes = vec![prefix("10.88.1.0/24"), prefix("10.99.0.0/24")];
+    let r = agent.register(authed(again, &a.credential)).await.unwrap().into_inner();
+    assert_eq!(r.refused_routes.len(), 1, "10.88.1.0/24 stays refused");
+
+    // Bad requests name the problem and change nothing.
+    let e = cp.admin.set_node_routes(set(&[], &["10.1.0.0/16"])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("revoke: 10.1.0.0/16 is not granted to node"), "{}", e.message());
+    assert_code(cp.admin.set_node_routes(set(&["10.0.0.0/7"], &[])).await, Code::InvalidArgument, "broader than /8");
+    assert_code(cp.admin.set_node_routes(set(&["10.77.0.0/24"], &[])).await, Code::InvalidArgument, "overlay");
+    let e =
+        cp.admin.set_node_routes(SetNodeRoutesRequest { node: "nobody".into(), ..set(&["10.5.0.0/16"], &[]) }).await;
+    assert_eq!(e.unwrap_err().code(), Code::NotFound);
+    let after = cp.admin.get_node(GetNodeRequest { node: "a".into() }).await.unwrap().into_inner();
+    assert_eq!(after.granted_routes, vec![prefix("10.99.0.0/16")]);
 }

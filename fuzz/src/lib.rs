@@ -108,6 +108,10 @@ fn snapshot(version: u64) -> v1::Update {
             ],
         }),
         mesh_prefixes: vec![prefix(&[10, 77, 0, 0], 16), v6(0, 64), prefix(&[10, 88, 0, 0], 16)],
+        refused_routes: vec![v1::RefusedRoute {
+            route: Some(prefix(&[10, 99, 0, 0], 24)),
+            reason: "10.99.0.0/24 is not within the routes granted to this node (none)".into(),
+        }],
     };
     v1::Update { version, body: Some(Body::Snapshot(view)), ..Default::default() }
 }

@@ -219,7 +219,8 @@ fn a_recreated_database_is_taken_whole_even_when_its_versions_meet_the_agents() 
 }
 
 /// A gateway advertising a route its grant does not cover keeps its control plane and its
-/// granted routes, before and after a restart; both sides say what was refused and why.
+/// granted routes, before and after a restart; both sides say what was refused and why; an
+/// admin's grant brings the route into effect, and a revoke takes it away, with no restart.
 #[test]
 fn a_route_outside_the_grant_is_refused_not_the_gateway() {
     let lab = Lab::new(2);
@@ -269,4 +270,40 @@ fn a_route_outside_the_grant_is_refused_not_the_gateway() {
     });
     assert!(h1.control_status()["connected_to"].is_string(), "{}", h1.control_status());
     assert!(granted(), "the granted route survived the restart");
+
+    // The operator grants the subnet: it comes into effect without h1 registering or
+    // restarting, and h1's status stops naming it (its view says so).
+    let pid = a1.pid();
+    let out = cp.admin_ok(&["nodes", "routes", "h1", "--grant", "10.30.0.0/16"]);
+    assert!(out.contains("routes:          10.20.2.0/24, 10.30.0.0/24"), "{out}");
+    wait_until("h2 routes the newly granted subnet to h1", T, || {
+        h2.ns.owned_routes(PROTO).iter().any(|r| r.starts_with("10.30.0.0/24 ") && !r.ends_with("unreachable"))
+    });
+    wait_until("h1's status no longer names a refused route", T, || {
+        refused(h1).as_array().is_some_and(|a| a.is_empty())
+    });
+    // Revoked: the subnet goes from h2's routes, and h1's status names it again.
+    cp.admin_ok(&["nodes", "routes", "h1", "--revoke", "10.30.0.0/16"]);
+    wait_until("h2 stops routing the revoked subnet", T, || {
+        !h2.ns.owned_routes(PROTO).iter().any(|r| r.starts_with("10.30.0.0/24 ") && !r.ends_with("unreachable"))
+    });
+    wait_until("h1's status names the refused route again", T, || refused(h1).to_string().contains("10.30.0.0/24"));
+    assert_eq!(a1.pid(), pid, "the agent kept running");
+    let e = cp.admin(&["nodes", "routes", "h1", "--revoke", "10.30.0.0/16"]);
+    assert!(!e.status.success() && String::from_utf8_lossy(&e.stderr).contains("is not granted to node"));
+
+    // The operator stops advertising the refused subnet: a reload, no restart, and both
+    // sides stop naming it.
+    let text = std::fs::read_to_string(h1.config_path()).unwrap();
+    h1.write_config(
+        &text.replace(
+            "advertise_routes = [\"10.20.2.0/24\", \"10.30.0.0/24\"]",
+            "advertise_routes = [\"10.20.2.0/24\"]",
+        ),
+    );
+    wait_until("h1's reload clears the refusal", T, || refused(h1).as_array().is_some_and(|a| a.is_empty()));
+    assert!(!cp.admin_ok(&["nodes", "show", "h1"]).contains("refused route"));
+    assert_eq!(a1.pid(), pid, "a reload, not a restart");
+    assert!(a1.log_text().contains("registered again with the reloaded endpoints and routes"));
+    assert!(granted());
 }

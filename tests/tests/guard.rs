@@ -45,6 +45,7 @@ fn with_mesh(version: u64, addresses: &[&str], peers: Vec<v1::Peer>, mesh: &[&st
         peers,
         policy: Some(v1::Policy::default()),
         mesh_prefixes: mesh.iter().map(|m| prefix(m)).collect(),
+        refused_routes: vec![],
     };
     v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), incarnation: HOSTILE_INCARNATION.into() }
 }

@@ -89,6 +89,8 @@ enum SessionError {
 
 pub struct ControlClient {
     pub config: ControlConfig,
+    /// What registrations advertise: `config`'s at start, then each reload's.
+    pub advertised: tokio::sync::watch::Receiver<super::Advertised>,
     pub files: ControlFiles,
     pub own: PublicKey,
     /// Answers the enrollment challenge (proof of possession); never leaves the process.
@@ -260,12 +262,12 @@ impl ControlClient {
     }
 
     fn register_request(&self) -> v1::RegisterRequest {
-        let c = &self.config;
+        let advertised = self.advertised.borrow().clone();
         v1::RegisterRequest {
             public_key: self.own.0.to_vec(),
-            hostname: c.hostname.clone(),
-            endpoints: c.advertise_endpoints.iter().map(|e| (*e).into()).collect(),
-            routes: c.advertise_routes.iter().map(|r| (*r).into()).collect(),
+            hostname: self.config.hostname.clone(),
+            endpoints: advertised.endpoints.iter().map(|e| (*e).into()).collect(),
+            routes: advertised.routes.iter().map(|r| (*r).into()).collect(),
             ..Default::default()
         }
     }
@@ -324,6 +326,7 @@ impl ControlClient {
         };
         let req = authed(cred, resume);
         let mut stream = client.watch(req).await?.into_inner();
+        let mut advertised_open = true;
         let mut stats = tokio::time::interval(STATS_EVERY);
         let mut first = true;
         loop {
@@ -332,6 +335,19 @@ impl ControlClient {
                     None => return Ok(()),
                     Some(u) => u?,
                 },
+                changed = self.advertised.changed(), if advertised_open => {
+                    if changed.is_err() {
+                        advertised_open = false; // nothing can change it any more
+                        continue;
+                    }
+                    // A reload changed what this node advertises: registering again on this
+                    // connection tells the control plane, whose next view brings the result.
+                    let (_, refused) = self.register(client).await?;
+                    tracing::info!(refused = refused.len(), "registered again with the reloaded endpoints and routes");
+                    status.refused_routes = refused;
+                    self.save_status(status);
+                    continue;
+                }
                 _ = stats.tick() => {
                     let stats = v1::PeerStats { peers: (self.telemetry.peer_stats)() };
                     let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::Stats(stats)) });
@@ -393,6 +409,7 @@ impl ControlClient {
                         self.tracker.reset(applied);
                         status.applied_version = version;
                         status.last_error = None;
+                        status.refused_routes = view.refused_routes.iter().map(|(_, reason)| reason.clone()).collect();
                         tracing::info!(
                             version,
                             peers = view.peers.len(),

@@ -39,6 +39,25 @@ pub struct ControlConfig {
     pub guard: GuardConfig,
 }
 
+/// What this node tells the control plane about itself at each registration: a reload may
+/// change it, and the client registers again on the open connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Advertised {
+    pub endpoints: Vec<SocketAddr>,
+    pub routes: Vec<IpNet>,
+}
+
+impl ControlConfig {
+    pub fn advertised(&self) -> Advertised {
+        Advertised { endpoints: self.advertise_endpoints.clone(), routes: self.advertise_routes.clone() }
+    }
+
+    /// The settings only a restart may change: all but the advertised ones.
+    pub fn restart_settings(&self) -> ControlConfig {
+        ControlConfig { advertise_endpoints: Vec::new(), advertise_routes: Vec::new(), ..self.clone() }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transport {
     /// TLS, trusting only the CA certificates in this PEM file.

@@ -12,7 +12,7 @@ pub mod tracker;
 pub mod view;
 
 pub use client::{ApplyRequest, ControlClient, ViewError, ViewRejected};
-pub use config::ControlConfig;
+pub use config::{Advertised, ControlConfig};
 pub use guard::{GuardConfig, GuardError};
 pub use health::ControlHealth;
 pub use persist::{ControlFiles, ControlStatus};

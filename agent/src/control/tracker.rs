@@ -147,6 +147,7 @@ mod tests {
                 }],
             }),
             mesh_prefixes: vec![prefix("10.77.0.0/24")],
+            refused_routes: vec![],
         };
         v1::Update { version, body: Some(Body::Snapshot(view)), incarnation: String::new() }
     }

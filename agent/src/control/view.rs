@@ -29,7 +29,14 @@ pub struct ControlView {
     /// What the mesh routes and this node must not send out in clear (each becomes an
     /// unreachable route); the local guard keeps only those this node accepts.
     pub mesh_prefixes: BTreeSet<IpNet>,
+    /// Routes this node advertised and the control plane refused: (route, reason).
+    pub refused_routes: Vec<(IpNet, String)>,
 }
+
+/// At most this many refused routes (a registration advertises at most 256), each reason at
+/// most this long: they end up in the status file.
+const MAX_REFUSED: usize = 256;
+const MAX_REASON: usize = 512;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpdateError {
@@ -61,6 +68,25 @@ pub enum UpdateError {
     Policy(#[from] PolicyError),
     #[error("mesh_prefixes: {0} takes in every address")]
     MeshDefault(IpNet),
+    #[error("refused_routes: more than {MAX_REFUSED} entries, or a reason over {MAX_REASON} bytes")]
+    RefusedTooLarge,
+    #[error("refused_routes[{0}]: no route")]
+    RefusedNoRoute(usize),
+}
+
+fn refused(list: &[v1::RefusedRoute]) -> Result<Vec<(IpNet, String)>, UpdateError> {
+    if list.len() > MAX_REFUSED || list.iter().any(|r| r.reason.len() > MAX_REASON) {
+        return Err(UpdateError::RefusedTooLarge);
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let p = r.route.as_ref().ok_or(UpdateError::RefusedNoRoute(i))?;
+            let net = IpNet::try_from(p)
+                .map_err(|source| UpdateError::Wire { field: format!("refused_routes[{i}]"), source })?;
+            Ok((net, r.reason.clone()))
+        })
+        .collect()
 }
 
 fn prefixes<'a>(field: &str, list: impl IntoIterator<Item = &'a v1::IpPrefix>) -> Result<BTreeSet<IpNet>, UpdateError> {
@@ -140,6 +166,7 @@ impl ControlView {
             peers,
             policy: policy(s.policy.as_ref().ok_or(UpdateError::MissingPolicy)?)?,
             mesh_prefixes: prefixes("mesh_prefixes", &s.mesh_prefixes)?,
+            refused_routes: refused(&s.refused_routes)?,
         };
         view.check(own)?;
         Ok(view)
@@ -174,6 +201,9 @@ impl ControlView {
         }
         if let Some(m) = &d.mesh_prefixes {
             next.mesh_prefixes = prefixes("mesh_prefixes", &m.prefixes)?;
+        }
+        if let Some(r) = &d.refused_routes {
+            next.refused_routes = refused(&r.routes)?;
         }
         next.check(own)?;
         Ok(next)
@@ -239,6 +269,11 @@ impl ControlView {
                     .collect(),
             }),
             mesh_prefixes: self.mesh_prefixes.iter().map(|n| (*n).into()).collect(),
+            refused_routes: self
+                .refused_routes
+                .iter()
+                .map(|(net, reason)| v1::RefusedRoute { route: Some((*net).into()), reason: reason.clone() })
+                .collect(),
         }
     }
 }

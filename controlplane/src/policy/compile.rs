@@ -82,14 +82,17 @@ pub fn compile(policy: &Policy, nodes: &[Arc<NodeRec>]) -> Vec<Arc<CompiledRule>
     policy.rules.iter().filter_map(|r| compile_rule(r, nodes, &by_host)).map(Arc::new).collect()
 }
 
-/// The `node:` and `tag:` selectors of `policy`'s rules (groups expanded) that match none
-/// of `nodes`, as written, sorted, each once. Not an error (they take effect when such a
+/// The `node:`, `route:` and `tag:` selectors of `policy`'s rules (groups expanded) that
+/// match none of `nodes` (a `route:` one: no routes), as written, sorted, each once. Not an error (they take effect when such a
 /// node enrolls), but worth telling whoever applies the policy: it may be a typo.
 pub fn unmatched_selectors(policy: &Policy, nodes: &[Arc<NodeRec>]) -> Vec<String> {
     let mut out = BTreeSet::new();
     for s in policy.rules.iter().flat_map(|r| r.from.iter().chain(&r.to)) {
         match s {
             Selector::Node(h) if !nodes.iter().any(|n| n.bound && &n.hostname == h) => out.insert(format!("node:{h}")),
+            Selector::Routes(h) if !nodes.iter().any(|n| n.bound && &n.hostname == h && !n.routes.is_empty()) => {
+                out.insert(format!("route:{h}"))
+            }
             Selector::Tag(t) if !nodes.iter().any(|n| n.tags.contains(t)) => out.insert(format!("tag:{t}")),
             _ => false,
         };
@@ -105,6 +108,11 @@ fn resolve(side: &[Selector], nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &N
             Selector::Node(h) => {
                 if let Some(n) = by_host.get(h.as_str()) {
                     out.extend(n.addresses.iter().copied());
+                }
+            }
+            Selector::Routes(h) => {
+                if let Some(n) = by_host.get(h.as_str()) {
+                    out.extend(n.routes.iter().copied());
                 }
             }
             Selector::Tag(t) => out.extend(

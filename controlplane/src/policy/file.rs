@@ -177,9 +177,10 @@ fn written(loc: &Locator, s: &Spanned<String>, field: &str) -> Result<Written, P
     if let Some((kind, name)) = text.split_once(':') {
         match kind {
             "node" if valid_hostname(name) => return Ok(Written::Sel(Selector::Node(name.to_owned()))),
+            "route" if valid_hostname(name) => return Ok(Written::Sel(Selector::Routes(name.to_owned()))),
             "tag" if valid_name(name) => return Ok(Written::Sel(Selector::Tag(name.to_owned()))),
             "group" if valid_name(name) => return Ok(Written::Group(name.to_owned())),
-            "node" | "tag" | "group" => return Err(bad()),
+            "node" | "route" | "tag" | "group" => return Err(bad()),
             _ => {} // perhaps an IPv6 address
         }
     }

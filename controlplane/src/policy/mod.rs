@@ -104,6 +104,9 @@ pub enum Selector {
     /// `*`: every node.
     All,
     Node(String),
+    /// `route:<hostname>`: the subnets the node owning that hostname routes (as granted;
+    /// they follow its grant and advertisements).
+    Routes(String),
     Tag(String),
     Net(IpNet),
 }

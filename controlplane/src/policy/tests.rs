@@ -15,6 +15,7 @@ pub(crate) fn node(id: &str, hostname: &str, n: u8, tags: &[&str]) -> Arc<NodeRe
         endpoints: vec![format!("192.0.2.{n}:51820").parse().unwrap()],
         routes: vec![],
         tags: tags.iter().map(|t| t.to_string()).collect(),
+        refused_routes: vec![],
     })
 }
 
@@ -123,6 +124,26 @@ fn compile_drops_families_and_rules_that_cannot_match() {
     assert_eq!(rules[0].from, vec!["10.77.0.1/32".parse::<ipnet::IpNet>().unwrap()]);
     // With no nodes at all, nothing compiles.
     assert!(compile(&p, &[]).is_empty());
+}
+
+#[test]
+fn route_selectors_name_a_nodes_subnets() {
+    let mut router = (*node("n5", "router", 5, &[])).clone();
+    router.routes = vec!["10.88.0.0/24".parse().unwrap(), "fd88::/64".parse().unwrap()];
+    let mut all = nodes();
+    all.push(Arc::new(router));
+    let src = rule("from = [\"node:laptop\"]\nto = [\"route:router\"]");
+    let p = parse("p.toml", &src).unwrap();
+    let rules = compile(&p, &all);
+    let s = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(s(&rules[0].to), ["10.88.0.0/24", "fd88::/64"], "the subnets, not the router's own addresses");
+    assert!(unmatched_selectors(&p, &all).is_empty());
+    // A node without routes, or none of that name: nothing to reach, and said so.
+    let none = parse("p.toml", &rule("from = [\"*\"]\nto = [\"route:laptop\", \"route:ghost\"]")).unwrap();
+    assert!(compile(&none, &all).is_empty());
+    assert_eq!(unmatched_selectors(&none, &all), ["route:ghost", "route:laptop"]);
+    let (_, _, p, _) = err(&rule("from = [\"*\"]\nto = [\"route:\"]"));
+    assert!(matches!(p, Problem::BadSelector { .. }));
 }
 
 #[test]

@@ -114,6 +114,8 @@ impl Registry {
                 endpoint: s.endpoint.map(SocketAddress::from),
             })
             .collect();
+        // Kept in the live record only (see NodeRec::refused_routes).
+        let refused = self.current().node(&r.rec.id).map(|n| n.refused_routes.clone()).unwrap_or_default();
         let n = r.rec;
         v1::Node {
             node_id: n.id,
@@ -129,7 +131,8 @@ impl Registry {
             connected: observed.connected > 0,
             peer_stats,
             name_bound: n.bound,
-            refused_routes: observed.refused_routes.iter().map(|r| r.to_wire()).collect(),
+            refused_routes: refused.iter().map(|r| r.to_wire()).collect(),
+            granted_routes: r.granted_routes.iter().map(|a| IpPrefix::from(*a)).collect(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod observed;
 pub mod register;
 pub mod report;
+pub mod routes;
 pub mod throttle;
 
 use std::collections::HashSet;

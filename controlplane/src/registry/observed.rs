@@ -31,8 +31,8 @@ pub struct Observed {
     /// The control plane's certificate expiry per address family, as the node last reported
     /// it (checked to be a plausible certificate time).
     pub cert_expiry: CertExpiry,
-    /// Routes its last registration advertised and did not get.
-    pub refused_routes: Vec<super::register::RefusedRoute>,
+    /// Routes its last registration advertised (`None`: none since start).
+    pub requested_routes: Option<Vec<ipnet::IpNet>>,
 }
 
 /// Unix seconds a certificate expires, per address family; `None`: not reported.
@@ -70,9 +70,9 @@ impl Observations {
         lock(&self.0).get(node).cloned().unwrap_or_default()
     }
 
-    /// Replaces what `node`'s registrations were refused (not a sign of life: no `seen`).
-    pub fn set_refused_routes(&self, node: &str, refused: Vec<super::register::RefusedRoute>) {
-        lock(&self.0).entry(node.to_owned()).or_default().refused_routes = refused;
+    /// Applies `f` to `node`'s observations without counting it as a sign of life.
+    pub fn update(&self, node: &str, f: impl FnOnce(&mut Observed)) {
+        f(lock(&self.0).entry(node.to_owned()).or_default());
     }
 
     pub fn forget(&self, node: &str) {

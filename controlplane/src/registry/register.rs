@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::IpNet;
-use wirefence_proto::v1::{self, IpPrefix, RegisterRequest, RegisterResponse};
+use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
 use wirefence_proto::Escaped;
 
+use super::routes::split_routes;
 use super::throttle::{Admit, Change};
 use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
 use crate::auth::{self, Token};
-use crate::model::{now_unix, valid_hostname, NodeRec, PublicKey};
+use crate::model::{now_unix, valid_hostname, NodeRec, PublicKey, RefusedRoute};
 use crate::store::{self, KeyRow};
 use crate::Error;
 
@@ -94,63 +95,6 @@ pub fn check_route(index: usize, route: IpNet, overlay: &Overlay) -> Result<(), 
         }
     }
     Ok(())
-}
-
-/// An advertised route the control plane did not take, and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RefusedRoute {
-    #[error("{route} is not within the routes granted to this node ({}; keys create --route)", list(.granted))]
-    NotGranted { route: IpNet, granted: Vec<IpNet> },
-    #[error("{route} overlaps route {theirs} of node {node}")]
-    Taken { route: IpNet, theirs: IpNet, node: String },
-}
-
-impl RefusedRoute {
-    pub fn route(&self) -> IpNet {
-        match self {
-            RefusedRoute::NotGranted { route, .. } | RefusedRoute::Taken { route, .. } => *route,
-        }
-    }
-
-    pub fn to_wire(&self) -> v1::RefusedRoute {
-        v1::RefusedRoute { route: Some(IpPrefix::from(self.route())), reason: self.to_string() }
-    }
-}
-
-fn list(nets: &[IpNet]) -> String {
-    match nets {
-        [] => "none".to_owned(),
-        _ => nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
-    }
-}
-
-/// Splits advertised routes into those the node gets (inside its granted routes, overlapping
-/// no route of another live node than `me`: two nodes routing one subnet would split its
-/// traffic) and those refused. A refused route never refuses the registration: a gateway
-/// whose grant changed keeps its control plane and the rest of its routes.
-fn split_routes(
-    routes: &[IpNet],
-    granted: &[IpNet],
-    nodes: &[Arc<NodeRec>],
-    me: &str,
-) -> (Vec<IpNet>, Vec<RefusedRoute>) {
-    let mut taken = Vec::new();
-    let mut refused = Vec::new();
-    for route in routes {
-        if !granted.iter().any(|g| g.contains(route)) {
-            refused.push(RefusedRoute::NotGranted { route: *route, granted: granted.to_vec() });
-            continue;
-        }
-        let other = nodes
-            .iter()
-            .filter(|n| n.id != me)
-            .find_map(|n| n.routes.iter().find(|t| t.contains(route) || route.contains(*t)).map(|t| (n, *t)));
-        match other {
-            Some((n, theirs)) => refused.push(RefusedRoute::Taken { route: *route, theirs, node: n.id.clone() }),
-            None => taken.push(*route),
-        }
-    }
-    (taken, refused)
 }
 
 fn response(
@@ -249,9 +193,12 @@ impl Registry {
         }
         let (routes, refused) =
             split_routes(&reg.routes, &self.store().granted_routes(&old.id)?, &state.nodes, &old.id);
-        self.refused_routes(&old.id, &refused);
-        let change = Change { endpoints: reg.endpoints, routes };
-        let changed = (change.endpoints != old.endpoints || change.routes != old.routes).then_some(change.clone());
+        self.advertised(&old.id, &reg.routes, &refused);
+        let change = Change { endpoints: reg.endpoints, routes, refused_routes: refused.clone() };
+        let changed = (change.endpoints != old.endpoints
+            || change.routes != old.routes
+            || change.refused_routes != old.refused_routes)
+            .then_some(change.clone());
         if self.reregistrations.offer(&old.id, changed) == Admit::Now {
             self.apply_reregistration(&old.id, change)?;
         }
@@ -266,11 +213,11 @@ impl Registry {
         let state = self.current();
         let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
         // Checked again: another node may have taken a route since it was asked for.
-        let (routes, refused) = split_routes(&change.routes, &store.granted_routes(id)?, &state.nodes, id);
-        if !refused.is_empty() {
-            self.refused_routes(id, &refused);
-        }
-        let new = NodeRec { endpoints: change.endpoints, routes, ..(**old).clone() };
+        let (routes, later) = split_routes(&change.routes, &store.granted_routes(id)?, &state.nodes, id);
+        self.log_refused(id, &later);
+        let mut refused_routes = change.refused_routes;
+        refused_routes.extend(later);
+        let new = NodeRec { endpoints: change.endpoints, routes, refused_routes, ..(**old).clone() };
         if new != **old {
             let ((), version) = store.change(true, |tx| store::update_node(tx, &new))?;
             tracing::info!(node = %new.id, version, "node re-registered with changes");
@@ -278,15 +225,6 @@ impl Registry {
             self.publish(state.with_nodes(version, nodes));
         }
         Ok(())
-    }
-
-    /// Records what a node's registration was refused, for `nodes show`, and says it once
-    /// at info: the operator acts on it (a grant, or the other node's route).
-    fn refused_routes(&self, id: &str, refused: &[RefusedRoute]) {
-        for r in refused {
-            tracing::info!(node = %id, reason = %r, "advertised route refused; the node keeps its other routes");
-        }
-        self.observed.set_refused_routes(id, refused.to_vec());
     }
 
     fn enroll(
@@ -334,6 +272,7 @@ impl Registry {
                 return Err(Error::HostnameTaken(reg.hostname.clone()));
             }
         }
+        let requested = reg.routes.clone();
         let (routes, refused) = split_routes(&reg.routes, &key.routes, &state.nodes, "");
         let used = lock(&self.allocated);
         let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
@@ -348,6 +287,7 @@ impl Registry {
             endpoints: reg.endpoints,
             routes,
             tags: key.tags.clone(),
+            refused_routes: refused.clone(),
         };
         let credential = Token::generate(node.id.clone());
         let ((), version) = store.change(true, |tx| {
@@ -359,7 +299,7 @@ impl Registry {
         tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), bound, key = %key.id, version, "node enrolled");
         let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
         self.publish(state.with_nodes(version, nodes));
-        self.refused_routes(&node.id, &refused);
+        self.advertised(&node.id, &requested, &refused);
         Ok(response(&node, credential.expose(), false, &self.overlay, &refused))
     }
 }
@@ -378,7 +318,7 @@ fn check_key(key: &KeyRow) -> Result<(), Error> {
 }
 
 /// `nodes` with the node of `new.id` replaced by `new`.
-fn replace(nodes: &[Arc<NodeRec>], new: Arc<NodeRec>) -> Vec<Arc<NodeRec>> {
+pub(super) fn replace(nodes: &[Arc<NodeRec>], new: Arc<NodeRec>) -> Vec<Arc<NodeRec>> {
     nodes.iter().map(|n| if n.id == new.id { new.clone() } else { n.clone() }).collect()
 }
 

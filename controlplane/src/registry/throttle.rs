@@ -53,6 +53,7 @@ impl Rates {
 pub struct Change {
     pub endpoints: Vec<SocketAddr>,
     pub routes: Vec<IpNet>,
+    pub refused_routes: Vec<crate::model::RefusedRoute>,
 }
 
 /// What to do with a re-registration.
@@ -179,7 +180,11 @@ mod tests {
     use super::*;
 
     fn change(port: u16) -> Option<Change> {
-        Some(Change { endpoints: vec![SocketAddr::from(([192, 0, 2, 1], port))], routes: vec![] })
+        Some(Change {
+            endpoints: vec![SocketAddr::from(([192, 0, 2, 1], port))],
+            routes: vec![],
+            refused_routes: vec![],
+        })
     }
 
     #[test]

@@ -9,10 +9,11 @@ use wirefence_proto::v1::{
     CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyReply, GetPolicyRequest, ListEnrollmentKeysReply,
     ListEnrollmentKeysRequest, ListNodesReply, ListNodesRequest, Node, ReleaseNameReply, ReleaseNameRequest,
     RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply, RequestCredentialRotationRequest,
-    RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest,
+    RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
 };
 
 use crate::registry::keys::KeySpec;
+use crate::registry::routes::wire_prefixes;
 use crate::registry::{off_worker, Registry};
 
 #[derive(Clone)]
@@ -107,5 +108,17 @@ impl AdminService for AdminSvc {
         let (registry, node) = (self.registry.clone(), request.into_inner().node);
         off_worker(move || registry.request_rotation(&node)).await?;
         Ok(Response::new(RequestCredentialRotationReply {}))
+    }
+
+    async fn set_node_routes(
+        &self,
+        request: Request<SetNodeRoutesRequest>,
+    ) -> Result<Response<SetNodeRoutesReply>, Status> {
+        let r = request.into_inner();
+        let grant = wire_prefixes("grant", &r.grant)?;
+        let revoke = wire_prefixes("revoke", &r.revoke)?;
+        let registry = self.registry.clone();
+        let (version, node) = off_worker(move || registry.set_node_routes(&r.node, &grant, &revoke)).await?;
+        Ok(Response::new(SetNodeRoutesReply { version, node: Some(node) }))
     }
 }

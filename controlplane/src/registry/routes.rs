@@ -1,0 +1,104 @@
+//! A node's routes: what it advertises, what its grant lets it have, and what another node
+//! already routes. A route outside the grant or taken is refused with its reason, never the
+//! node; an admin widens or narrows the grant (`nodes routes`), and what the node advertises
+//! inside the new grant comes into effect without it registering again.
+
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use wirefence_proto::v1::{self, IpPrefix};
+
+use super::admin::find;
+use super::register::{check_route, replace};
+use super::Registry;
+use crate::model::{NodeRec, RefusedRoute};
+use crate::store;
+use crate::Error;
+
+/// Splits advertised routes into those the node gets (inside its granted routes, overlapping
+/// no route of another live node than `me`: two nodes routing one subnet would split its
+/// traffic) and those refused. A refused route never refuses the registration: a gateway
+/// whose grant changed keeps its control plane and the rest of its routes.
+pub(super) fn split_routes(
+    routes: &[IpNet],
+    granted: &[IpNet],
+    nodes: &[Arc<NodeRec>],
+    me: &str,
+) -> (Vec<IpNet>, Vec<RefusedRoute>) {
+    let mut taken = Vec::new();
+    let mut refused = Vec::new();
+    for route in routes {
+        if !granted.iter().any(|g| g.contains(route)) {
+            refused.push(RefusedRoute::NotGranted { route: *route, granted: granted.to_vec() });
+            continue;
+        }
+        let other = nodes
+            .iter()
+            .filter(|n| n.id != me)
+            .find_map(|n| n.routes.iter().find(|t| t.contains(route) || route.contains(*t)).map(|t| (n, *t)));
+        match other {
+            Some((n, theirs)) => refused.push(RefusedRoute::Taken { route: *route, theirs, node: n.id.clone() }),
+            None => taken.push(*route),
+        }
+    }
+    (taken, refused)
+}
+
+/// The prefixes of a SetNodeRoutes field, each error naming `field[i]`.
+pub fn wire_prefixes(field: &str, list: &[IpPrefix]) -> Result<Vec<IpNet>, Error> {
+    list.iter().enumerate().map(|(i, p)| IpNet::try_from(p).map_err(Error::wire(format!("{field}[{i}]")))).collect()
+}
+
+impl Registry {
+    /// Records what a node's registration advertised, for a later change of its grant, and
+    /// logs each refusal once at info: the operator acts on it (a grant, or the other
+    /// node's route). The refusals themselves go into the node's record (and view).
+    pub(super) fn advertised(&self, id: &str, requested: &[IpNet], refused: &[RefusedRoute]) {
+        self.log_refused(id, refused);
+        self.observed.update(id, |o| o.requested_routes = Some(requested.to_vec()));
+    }
+
+    pub(super) fn log_refused(&self, id: &str, refused: &[RefusedRoute]) {
+        for r in refused {
+            tracing::info!(node = %id, reason = %r, "advertised route refused; the node keeps its other routes");
+        }
+    }
+
+    /// Adds `grant` to and takes `revoke` out of node `sel`'s granted routes, then gives it
+    /// what it advertised (at its last registration since start; else the routes it has)
+    /// within the new grant, in one version.
+    pub fn set_node_routes(&self, sel: &str, grant: &[IpNet], revoke: &[IpNet]) -> Result<(u64, v1::Node), Error> {
+        for (index, route) in grant.iter().enumerate() {
+            check_route(index, *route, &self.overlay)?;
+        }
+        let mut store = self.store();
+        let row = find(store.nodes()?, sel)?;
+        let id = row.rec.id.clone();
+        let mut granted = store.granted_routes(&id)?;
+        for r in revoke {
+            let Some(at) = granted.iter().position(|g| g == r) else {
+                return Err(Error::NotGranted { route: *r, node: id, granted });
+            };
+            granted.remove(at);
+        }
+        for g in grant {
+            if !granted.contains(g) {
+                granted.push(*g);
+            }
+        }
+        granted.sort();
+        let state = self.current();
+        let old = state.node(&id).ok_or_else(|| Error::NodeRemoved(id.clone()))?.clone();
+        let requested = self.observed.get(&id).requested_routes.unwrap_or_else(|| old.routes.clone());
+        let (routes, refused) = split_routes(&requested, &granted, &state.nodes, &id);
+        let new = NodeRec { routes, refused_routes: refused, ..(*old).clone() };
+        let ((), version) = store.change(true, |tx| {
+            store::set_granted_routes(tx, &id, &granted)?;
+            store::update_node(tx, &new)
+        })?;
+        tracing::info!(node = %id, version, granted = ?granted, routes = ?new.routes, "node's granted routes changed");
+        self.publish(state.with_nodes(version, replace(&state.nodes, Arc::new(new))));
+        drop(store);
+        Ok((version, self.get_node(&id)?))
+    }
+}
