@@ -215,7 +215,7 @@ impl ControlClient {
             None => self.enroll(client, req.clone()).await?,
         };
         let rotate = reply.rotate_credential;
-        let refused_routes: Vec<String> = reply.refused_routes.iter().map(|r| r.reason.clone()).collect();
+        let refused_routes = super::view::refused_reasons(&reply.refused_routes);
         for reason in &refused_routes {
             // The operator's to act on: a grant (`keys create --route`), or the other node.
             tracing::warn!(reason = %wirefence_proto::Escaped(reason), "the control plane refused an advertised route");

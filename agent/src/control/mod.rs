@@ -24,8 +24,9 @@ use crate::policy::resolve::DEFAULT_PIN_DIR;
 use crate::policy::PolicyConfig;
 
 /// The config the desired state is built from: in control mode the view's peers, its
-/// addresses and mesh prefixes (beside any configured ones) and its policy, which is always enforced; without
-/// a view yet, no peers and a policy that denies everything. A static config as it is.
+/// addresses and mesh prefixes (beside any configured ones) and its policy, which is always
+/// enforced; without a view yet, no peers and a policy that denies everything. A static
+/// config as it is.
 pub fn effective_config(mut config: Config, view: Option<&ControlView>) -> Config {
     if config.control.is_none() {
         return config;

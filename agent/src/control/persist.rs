@@ -52,7 +52,8 @@ pub struct ControlStatus {
     /// connection used.
     pub cert_expiry_ipv4: Option<i64>,
     pub cert_expiry_ipv6: Option<i64>,
-    /// Advertised routes the control plane refused at the last registration, with why.
+    /// Advertised routes the control plane refused, with why, as it last said (in a
+    /// registration reply, then in each applied view).
     #[serde(default)]
     pub refused_routes: Vec<String>,
 }

@@ -74,6 +74,21 @@ pub enum UpdateError {
     RefusedNoRoute(usize),
 }
 
+/// The reasons of a registration reply's refused routes, capped as a view's are (a reply
+/// is not refused for it: the registration itself stands).
+pub(crate) fn refused_reasons(list: &[v1::RefusedRoute]) -> Vec<String> {
+    list.iter()
+        .take(MAX_REFUSED)
+        .map(|r| {
+            let mut end = r.reason.len().min(MAX_REASON);
+            while !r.reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            r.reason[..end].to_owned()
+        })
+        .collect()
+}
+
 fn refused(list: &[v1::RefusedRoute]) -> Result<Vec<(IpNet, String)>, UpdateError> {
     if list.len() > MAX_REFUSED || list.iter().any(|r| r.reason.len() > MAX_REASON) {
         return Err(UpdateError::RefusedTooLarge);
@@ -275,5 +290,30 @@ impl ControlView {
                 .map(|(net, reason)| v1::RefusedRoute { route: Some((*net).into()), reason: reason.clone() })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_route(reason: &str) -> v1::RefusedRoute {
+        v1::RefusedRoute { route: Some("10.30.0.0/24".parse::<IpNet>().unwrap().into()), reason: reason.into() }
+    }
+
+    #[test]
+    fn refused_routes_are_bounded_in_views_and_capped_in_replies() {
+        let huge = "é".repeat(MAX_REASON); // two bytes each: a cut inside a character is avoided
+        let list = vec![refused_route(&huge); MAX_REFUSED + 1];
+        let capped = refused_reasons(&list);
+        assert_eq!(capped.len(), MAX_REFUSED);
+        assert!(capped[0].len() <= MAX_REASON && capped[0].chars().all(|c| c == 'é'));
+        assert_eq!(refused(&list[..1]), Err(UpdateError::RefusedTooLarge));
+        assert_eq!(
+            refused(&[v1::RefusedRoute { route: None, reason: "x".into() }]),
+            Err(UpdateError::RefusedNoRoute(0))
+        );
+        let ok = refused(&[refused_route("10.30.0.0/24 is not within the routes granted")]).unwrap();
+        assert_eq!(ok[0].0.to_string(), "10.30.0.0/24");
     }
 }
