@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use wirefence_proto::Escaped;
 
-use crate::model::{IfName, LinkState, OwnedRoute, PublicKey, Rule};
+use crate::model::{IfName, LinkState, OwnedRoute, PublicKey, RouteKind, Rule};
 use crate::reconcile::Reconciler;
 
 #[derive(Debug, Serialize)]
@@ -186,9 +186,15 @@ impl std::fmt::Display for Status {
         writeln!(f, "\nowned routes:")?;
         let ours = self.link.map(|l| l.index);
         for r in &self.routes {
-            match ours == Some(r.oif) {
-                true => writeln!(f, "  {} dev {} table {}", r.route.dst, self.interface, r.route.table)?,
-                false => writeln!(f, "  {} ifindex {} table {} (stale)", r.route.dst, r.oif, r.route.table)?,
+            match (r.route.kind, ours == Some(r.oif)) {
+                // A mesh prefix: refused while no peer carries it, never sent out in clear.
+                (RouteKind::Unreachable, _) => writeln!(f, "  unreachable {} table {}", r.route.dst, r.route.table)?,
+                (RouteKind::Tunnel, true) => {
+                    writeln!(f, "  {} dev {} table {}", r.route.dst, self.interface, r.route.table)?
+                }
+                (RouteKind::Tunnel, false) => {
+                    writeln!(f, "  {} ifindex {} table {} (stale)", r.route.dst, r.oif, r.route.table)?
+                }
             }
         }
         if !self.rules.is_empty() {
@@ -253,9 +259,10 @@ impl std::fmt::Display for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Route;
 
     #[test]
-    fn peer_names_and_control_errors_are_shown_escaped() {
+    fn status_text_escapes_what_others_wrote_and_names_route_kinds() {
         let peer = |name: &str| PeerStatus {
             public_key: PublicKey([7; 32]),
             name: Some(name.into()),
@@ -274,11 +281,21 @@ mod tests {
             listen_port: None,
             addresses: vec![],
             peers: vec![peer("gw\x1b[2J\x1b[H"), peer("db\n  endpoint: 203.0.113.9:51820"), peer("ab\u{202e}cd")],
-            routes: vec![],
+            routes: vec![
+                OwnedRoute {
+                    route: Route { dst: "10.20.0.0/16".parse().unwrap(), table: 254, kind: RouteKind::Unreachable },
+                    oif: 0,
+                },
+                OwnedRoute {
+                    route: Route { dst: "10.20.2.0/24".parse().unwrap(), table: 254, kind: RouteKind::Tunnel },
+                    oif: 3,
+                },
+            ],
             rules: vec![],
             policy: None,
             control: Some(crate::control::ControlStatus {
                 last_error: Some("refused: \x1b]0;pwned\x07".into()),
+                refused_routes: vec!["10.30.0.0/24 is not within the routes granted\x1b[2J".into()],
                 ..Default::default()
             }),
             removable_enrollment_key: None,
@@ -289,6 +306,14 @@ mod tests {
         assert!(text.contains(r"(db\n  endpoint: 203.0.113.9:51820)"), "{text}");
         assert!(
             text.contains(r"(ab\u{202e}cd)") && text.contains(r"last error: refused: \u{1b}]0;pwned\u{7}"),
+            "{text}"
+        );
+        assert!(text.contains("  unreachable 10.20.0.0/16 table 254\n"), "{text}");
+        assert!(text.contains("  10.20.2.0/24 dev wf0 table 254\n") && !text.contains("stale"), "{text}");
+        assert!(
+            text.contains(
+                r"route refused by the control plane: 10.30.0.0/24 is not within the routes granted\u{1b}[2J"
+            ),
             "{text}"
         );
         // The forged line is not a line of its own.
