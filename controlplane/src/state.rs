@@ -10,10 +10,11 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, TryLockError};
 
+use ipnet::IpNet;
+
 use crate::model::NodeRec;
 use crate::policy::{compile, CompiledRule, Policy, PrefixSet};
 use crate::registry::{lock, Overlay};
-use ipnet::IpNet;
 
 /// The policy compiled against the nodes of a state, with who is on which side of each
 /// rule, so that a node's view costs its own rules and peers, not a scan of every node.

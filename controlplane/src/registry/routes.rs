@@ -74,7 +74,7 @@ impl Registry {
         let mut store = self.store();
         let row = find(store.nodes()?, sel)?;
         let id = row.rec.id.clone();
-        let mut granted = store.granted_routes(&id)?;
+        let mut granted = row.granted_routes;
         for r in revoke {
             let Some(at) = granted.iter().position(|g| g == r) else {
                 return Err(Error::NotGranted { route: *r, node: id, granted });
