@@ -142,10 +142,16 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         bail!("--script {script}: no such file in {}", scripts_dir.display());
     }
     let mut binaries = Vec::new();
+    let mut debs = Vec::new();
     if let Some(dir) = &args.debs {
         for package in ["wirefence-agent", "wirefence-control"] {
-            let bin = unpack_deb(&cache, dir, package)?;
-            binaries.push((bin, package.to_owned()));
+            if args.systemd {
+                // Installed by the test with dpkg -i; the initramfs only hands over to systemd.
+                debs.push(find_deb(dir, package)?);
+            } else {
+                let bin = unpack_deb(&cache, dir, package)?;
+                binaries.push((bin, package.to_owned()));
+            }
         }
     } else if !args.smoke {
         let agent = match &args.agent {
@@ -165,17 +171,18 @@ pub fn run(args: VmTestArgs) -> Result<()> {
         );
         binaries.push((next, "wirefence-agent-next-layout".to_owned()));
     }
-    let mut debs = Vec::new();
-    if args.systemd {
-        let dir = args.debs.as_deref().context("--systemd needs --debs")?;
-        for package in ["wirefence-agent", "wirefence-control"] {
-            debs.push(find_deb(dir, package)?);
-        }
-    }
     for bin in &args.binaries {
         let path = bin.canonicalize().with_context(|| format!("no binary at {}", bin.display()))?;
         let name = path.file_name().context("binary path without a file name")?;
         binaries.push((path.clone(), name.to_string_lossy().into_owned()));
+    }
+    if args.systemd && !binaries.is_empty() {
+        let names: Vec<&str> = binaries.iter().map(|(_, name)| name.as_str()).collect();
+        bail!(
+            "--systemd: the guest runs what the packages install; {} would stay in the initramfs \
+             systemd leaves behind (use the initramfs guest, without --systemd)",
+            names.join(", ")
+        );
     }
 
     let packages: Vec<String> = match &args.kernel_package {

@@ -84,6 +84,10 @@ pub struct Spec<'a> {
 
 /// Builds `<cache>/rootfs.img` for this run and returns its path.
 pub fn build(cache: &Path, spec: &Spec) -> Result<PathBuf> {
+    // Unpacked by anyone else, the files would be that user's and the image a broken system.
+    if !is_root()? {
+        bail!("vm-test --systemd lays out a Debian root filesystem with its owners: run it as root");
+    }
     let base = base_tarball(cache)?;
     let stage = cache.join("rootfs.d");
     if stage.exists() {
@@ -150,9 +154,6 @@ fn base_tarball(cache: &Path) -> Result<PathBuf> {
     let wanted = PACKAGES.join(",");
     if tarball.is_file() && fs::read_to_string(&recorded).is_ok_and(|r| r.trim() == wanted) {
         return Ok(tarball);
-    }
-    if !is_root()? {
-        bail!("vm-test --systemd builds a Debian root filesystem with its owners: run it as root");
     }
     let mmdebstrap = tools::require(tools::MMDEBSTRAP)?;
     eprintln!("vm-test: building the Debian {SUITE} root filesystem ({wanted})");
