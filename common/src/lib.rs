@@ -94,6 +94,9 @@ pub const MAPS: [&str; 14] = [
 /// Program names (functions in the object file).
 pub const PROG_INGRESS: &str = "wf_ingress";
 pub const PROG_EGRESS: &str = "wf_egress";
+/// MSS clamping alone (`CT_CONFIG[0].mss_clamp`), for a device without a policy; the two
+/// policy programs clamp too. Returns `TC_ACT_UNSPEC` (next program or filter, else pass).
+pub const PROG_MSS: &str = "wf_mss";
 
 /// Load-time global (aya `EbpfLoader::set_global`): offset of the IP header in the frame,
 /// 0 on L3 devices (WireGuard, tun), 14 on Ethernet (veth), for tests and benchmarks.
@@ -481,8 +484,9 @@ pub const CT_DEFAULT_TIMEOUTS_MS: [u32; CT_TIMEOUTS] =
 /// Default [`CtConfig::quota`]: live entries one remote source may create (1/16 of the table).
 pub const CT_DEFAULT_QUOTA: u32 = MAX_CONNTRACK / 16;
 
-/// `CT_CONFIG[0]`. A zero field means its default (so an object the agent has not
-/// configured yet still tracks with the defaults).
+/// `CT_CONFIG[0]`: the programs' settings. A zero conntrack field means its default (so an
+/// object the agent has not configured yet still tracks with the defaults); a zero
+/// `mss_clamp` clamps nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtConfig {
@@ -492,12 +496,38 @@ pub struct CtConfig {
     /// over it passes untracked (its answers are judged by the policy), counted in
     /// `STATS[CT_UNTRACKED]`.
     pub quota: u32,
-    pub _pad: u32,
+    /// Largest TCP MSS a SYN or SYN-ACK crossing the device may announce ([`MssClamp`]).
+    /// Was padding in layout version 1, so always 0 (no clamping) where no agent set it.
+    pub mss_clamp: MssClamp,
+}
+
+/// The MSS limits of [`CtConfig::mss_clamp`], per family; 0 leaves that family alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MssClamp {
+    pub v4: u16,
+    pub v6: u16,
+}
+
+impl MssClamp {
+    pub const OFF: MssClamp = MssClamp { v4: 0, v6: 0 };
+
+    /// What a tunnel MTU allows: MTU less the IPv4 (20) or IPv6 (40) header and TCP's (20).
+    pub const fn for_mtu(mtu: u32) -> MssClamp {
+        const fn fit(v: u32) -> u16 {
+            if v > u16::MAX as u32 {
+                u16::MAX
+            } else {
+                v as u16
+            }
+        }
+        MssClamp { v4: fit(mtu.saturating_sub(40)), v6: fit(mtu.saturating_sub(60)) }
+    }
 }
 
 impl Default for CtConfig {
     fn default() -> Self {
-        CtConfig { timeouts_ms: CT_DEFAULT_TIMEOUTS_MS, quota: CT_DEFAULT_QUOTA, _pad: 0 }
+        CtConfig { timeouts_ms: CT_DEFAULT_TIMEOUTS_MS, quota: CT_DEFAULT_QUOTA, mss_clamp: MssClamp::OFF }
     }
 }
 
@@ -602,6 +632,7 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for CtConfig {}
+    unsafe impl aya::Pod for MssClamp {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for EventBudget {}

@@ -62,8 +62,9 @@ fn timeout_ns(cfg: Option<&CtConfig>, proto: u8, state: u32) -> u64 {
     ms as u64 * 1_000_000
 }
 
+/// `CT_CONFIG[0]`: conntrack lifetimes and quota, and the MSS clamp (`mss`).
 #[inline(always)]
-fn config() -> Option<&'static CtConfig> {
+pub fn settings() -> Option<&'static CtConfig> {
     CT_CONFIG.get(0)
 }
 
@@ -105,7 +106,7 @@ fn track(v: *mut FlowValue, key: &FlowKey, pkt: &Pkt, swap: u64, quoted: bool, e
     let v = unsafe { &mut *v };
     // `pkt` goes the other way from the flow's first packet.
     let reply = swap != (v.flags & c::FLOW_SWAPPED) as u64 >> 1;
-    let cfg = config();
+    let cfg = settings();
     let lifetime = timeout_ns(cfg, key.proto, v.state);
     // Signed: another CPU may have stamped the entry after this packet read the clock.
     let age = now as i64 - v.last_seen_ns as i64;
@@ -222,7 +223,7 @@ pub fn insert(key: &FlowKey, value: &mut FlowValue) -> bool {
 #[inline(always)]
 fn quota_take(src: &[u8; 16]) -> bool {
     let k = c::quota_key(src);
-    let limit = match config() {
+    let limit = match settings() {
         Some(cfg) => cfg.quota(),
         None => c::CT_DEFAULT_QUOTA,
     };

@@ -3,8 +3,8 @@
 //! `wirefence-common` (common/src/lib.rs); this crate implements it. This file holds the
 //! entry points and the decision; the parser ([`parse`]), conntrack ([`conntrack`]), the
 //! policy lookup ([`policy`]) and its cache ([`verdict_cache`]), counters and events
-//! ([`events`]), the class probes ([`classes`]) and the flow cache ([`flow_cache`]) are
-//! modules of their own.
+//! ([`events`]), the class probes ([`classes`]), the flow cache ([`flow_cache`]) and MSS
+//! clamping ([`mss`], also alone as a third classifier, `wf_mss`) are modules of their own.
 //!
 //! # Per packet
 //!
@@ -44,6 +44,9 @@
 //!    untracked, `CT_UNTRACKED`), `ALLOWED_NEW`, `NEW_FLOW` event. Denied: drop, `DENIED`, `DENY` event (rule `NO_RULE`).
 //!    Per-rule counters (`RULE_COUNTERS[rule]`, packets and `skb->len` bytes) count every
 //!    packet passed under a rule: new, established (under the entry's rule), fragments.
+//!
+//! 6. A TCP SYN or SYN-ACK that passes (new or established) has its MSS option clamped to
+//!    the tunnel's limit ([`mss`]); `wf_mss` does only that, on a device without a policy.
 //!
 //! Per packet this is at most: 1 array read, 1 flow-cache slot, 1 conntrack lookup (of
 //! the packet's flow, or of the flow an ICMP error quotes), 1 verdict-cache slot, 2 class
@@ -101,12 +104,13 @@ mod classes;
 mod conntrack;
 mod events;
 mod flow_cache;
+mod mss;
 mod parse;
 mod policy;
 mod verdict_cache;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_coarse_ns,
     macros::classifier,
     programs::TcContext,
@@ -131,6 +135,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const PASS: i32 = TC_ACT_OK as i32;
 #[allow(clippy::unnecessary_cast)]
 const DROP: i32 = TC_ACT_SHOT as i32;
+const NEXT: i32 = TC_ACT_UNSPEC;
 
 #[classifier]
 pub fn wf_ingress(ctx: TcContext) -> i32 {
@@ -140,6 +145,21 @@ pub fn wf_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn wf_egress(ctx: TcContext) -> i32 {
     run(&ctx, c::DIR_EGRESS)
+}
+
+/// MSS clamping alone, for a tunnel device without a policy: it never judges a packet, and
+/// hands every one on (`TC_ACT_UNSPEC`: the next tcx program or cls_bpf filter, else pass).
+#[classifier]
+pub fn wf_mss(ctx: TcContext) -> i32 {
+    let v6 = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => false,
+        ETH_P_IPV6 => true,
+        _ => return NEXT,
+    };
+    if let Some(limits) = mss::limits() {
+        mss::clamp(&ctx, WF_L3_OFFSET.load(), v6, &limits);
+    }
+    NEXT
 }
 
 #[inline(always)]
@@ -221,6 +241,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
             if found & conntrack::CACHEABLE != 0 {
                 flow_cache::remember(&pkt.key, st.epoch, rule, tick);
             }
+            clamp_syn(ctx, pkt, off, v6);
             return Ok(pass_established(rule, len));
         }
     } else if pkt.kind == KIND_ICMP_ERROR {
@@ -264,7 +285,19 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     count(stat::ALLOWED_NEW, len);
     count_rule(rule, len);
     event(c::EVENT_NEW_FLOW, rule, &pkt.key, len, now);
+    clamp_syn(ctx, pkt, off, v6);
     Ok(PASS)
+}
+
+/// A TCP SYN or SYN-ACK that passes has its MSS clamped ([`mss`]). Other packets (their
+/// flags are 0 unless TCP) cost one test.
+#[inline(always)]
+fn clamp_syn(ctx: &TcContext, pkt: &Pkt, off: u32, v6: bool) {
+    if pkt.tcp_flags & TCP_SYN != 0 {
+        if let Some(limits) = mss::limits() {
+            mss::clamp(ctx, off, v6, &limits);
+        }
+    }
 }
 
 /// Two addresses of flow keys, compared as words.

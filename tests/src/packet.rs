@@ -3,7 +3,8 @@
 //! options, IPv6 extension-header chains, and deliberately broken headers.
 //!
 //! Checksums: the IPv4 header checksum is computed; L4 checksums are left zero (the
-//! classifiers do not check them).
+//! classifiers do not check them) unless asked for ([`Packet::with_tcp_checksum`], for the
+//! MSS clamp, which updates it).
 
 use std::net::IpAddr;
 
@@ -168,6 +169,39 @@ impl Packet {
         self
     }
 
+    /// A TCP packet's options replaced by `options` (a multiple of 4 bytes, as given: no
+    /// padding is added, so malformed lists stay malformed), its data offset set to match.
+    pub fn tcp_options(mut self, options: &[u8]) -> Packet {
+        assert_eq!(self.proto, IPPROTO_TCP);
+        assert!(options.len() % 4 == 0 && options.len() <= 40, "TCP options of {} bytes", options.len());
+        let payload = self.l4.split_off(self.tcp_header_len());
+        self.l4.truncate(20);
+        self.l4.extend_from_slice(options);
+        self.l4[12] = (((20 + options.len()) / 4) as u8) << 4;
+        self.l4.extend_from_slice(&payload);
+        self
+    }
+
+    /// TCP flags set to `flags` (SYN 0x02, ACK 0x10, ...).
+    pub fn tcp_flags(mut self, flags: u8) -> Packet {
+        assert_eq!(self.proto, IPPROTO_TCP);
+        self.l4[13] = flags;
+        self
+    }
+
+    /// The TCP checksum filled in (over the pseudo-header, as the stack does).
+    pub fn with_tcp_checksum(mut self) -> Packet {
+        assert_eq!(self.proto, IPPROTO_TCP);
+        self.l4[16..18].fill(0);
+        let sum = checksum(&pseudo_header(self.src, self.dst, &self.l4));
+        self.l4[16..18].copy_from_slice(&sum.to_be_bytes());
+        self
+    }
+
+    fn tcp_header_len(&self) -> usize {
+        (self.l4[12] >> 4) as usize * 4
+    }
+
     pub fn truncate(mut self, ip_len: usize) -> Packet {
         self.truncate = Some(ip_len);
         self
@@ -293,6 +327,78 @@ pub fn fragment_header(offset: u16, more: bool) -> Vec<u8> {
     let field = (offset << 3) | more as u16;
     let f = field.to_be_bytes();
     vec![0, 0, f[0], f[1], 0, 0, 0x42, 0x42]
+}
+
+/// The TCP segment of an IP packet (IPv4 with any header length, IPv6 without extension
+/// headers) with its addresses, or `None` if it is not one.
+pub fn tcp_segment(ip: &[u8]) -> Option<(IpAddr, IpAddr, &[u8])> {
+    match ip.first()? >> 4 {
+        4 if ip.get(9) == Some(&IPPROTO_TCP) => {
+            let hl = (ip[0] & 0x0f) as usize * 4;
+            let src: [u8; 4] = ip[12..16].try_into().ok()?;
+            let dst: [u8; 4] = ip[16..20].try_into().ok()?;
+            Some((IpAddr::from(src), IpAddr::from(dst), ip.get(hl..)?))
+        }
+        6 if ip.get(6) == Some(&IPPROTO_TCP) => {
+            let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            Some((IpAddr::from(src), IpAddr::from(dst), ip.get(40..)?))
+        }
+        _ => None,
+    }
+}
+
+/// Whether the TCP checksum of the segment in `ip` verifies.
+pub fn tcp_checksum_ok(ip: &[u8]) -> bool {
+    let (src, dst, seg) = tcp_segment(ip).expect("a TCP packet");
+    checksum(&pseudo_header(src, dst, seg)) == 0
+}
+
+/// The value of the first MSS option of the TCP segment in `ip`, walking the options as a
+/// receiver would; `None` without one.
+pub fn tcp_mss(ip: &[u8]) -> Option<u16> {
+    let (_, _, seg) = tcp_segment(ip)?;
+    let opts = seg.get(20..(seg[12] >> 4) as usize * 4)?;
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = *opts.get(i + 1)? as usize;
+                if len < 2 || i + len > opts.len() {
+                    return None;
+                }
+                if kind == 2 && len == 4 {
+                    return Some(u16::from_be_bytes([opts[i + 2], opts[i + 3]]));
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
+/// The TCP/UDP pseudo-header followed by `l4`.
+fn pseudo_header(src: IpAddr, dst: IpAddr, l4: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+            out.extend_from_slice(&[0, IPPROTO_TCP]);
+            out.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+            out.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, IPPROTO_TCP]);
+        }
+        _ => unreachable!("mixed address families"),
+    }
+    out.extend_from_slice(l4);
+    out
 }
 
 fn checksum(data: &[u8]) -> u16 {

@@ -1086,7 +1086,7 @@ fn pin_to_one_cpu() {
 /// Short lifetimes for the unanswered and closing states (`short` ms), long ones (60 s,
 /// past the flow cache's minimum) for answered flows.
 fn short_lifetimes(short: u32, quota: u32) -> common::CtConfig {
-    common::CtConfig { timeouts_ms: [short, 60_000, short, short, short, 60_000, short, 60_000], quota, _pad: 0 }
+    common::CtConfig { timeouts_ms: [short, 60_000, short, short, short, 60_000, short, 60_000], quota, mss_clamp: common::MssClamp::OFF }
 }
 
 fn ct_state(bed: &mut Bed, key: &FlowKey) -> Option<common::CtState> {
@@ -1459,6 +1459,47 @@ fn verdict_cache_answers_exactly_as_the_policy() {
                 Pass,
                 NEW,
             );
+        }
+    }
+}
+
+#[test]
+fn passed_syns_and_syn_acks_have_their_mss_clamped() {
+    // The clamp's own cases (option orders, malformed options ...) are in mss_clamp.rs;
+    // here: the policy programs clamp what they pass, in both directions, and only that.
+    let limits = common::MssClamp::for_mtu(1420);
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let limit = if is_v6 { limits.v6 } else { limits.v4 };
+            let rules = [rule(DIR_INGRESS, &[h.peer], &[h.local], Some(IPPROTO_TCP), Some((443, 443)))];
+            let mut bed = Bed::new(off, &rules);
+            bed.p.set_ct_config(common::CtConfig { mss_clamp: limits, ..Default::default() }).unwrap();
+            let mss_1460 = [2, 4, 0x05, 0xb4];
+            let run = |bed: &Bed, dir: u8, pkt: Packet| -> (u32, Vec<u8>) {
+                let frame = bed.frame(&pkt.with_tcp_checksum());
+                let mut out = vec![0u8; frame.len() + 64];
+                let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() };
+                let r = bed.p.program(dir).unwrap().test_run(opts).unwrap();
+                out.truncate(r.data_size_out as usize);
+                (r.return_value, out.split_off(off as usize))
+            };
+            let what = if is_v6 { "IPv6" } else { "IPv4" };
+            let syn = Packet::tcp(h.peer, h.local, 40000, 443).tcp_options(&mss_1460);
+            let (verdict, out) = run(&bed, DIR_INGRESS, syn);
+            assert_eq!((verdict, tcp_mss(&out)), (TC_ACT_OK, Some(limit)), "{what}: allowed SYN (offset {off})");
+            assert!(tcp_checksum_ok(&out), "{what}: checksum of the clamped SYN");
+            // The answer is established: clamped on its way out too.
+            let syn_ack = Packet::tcp(h.local, h.peer, 443, 40000).tcp_options(&mss_1460).tcp_flags(0x12);
+            let (verdict, out) = run(&bed, DIR_EGRESS, syn_ack);
+            assert_eq!((verdict, tcp_mss(&out)), (TC_ACT_OK, Some(limit)), "{what}: SYN-ACK (offset {off})");
+            assert!(tcp_checksum_ok(&out), "{what}: checksum of the clamped SYN-ACK");
+            // A denied SYN is dropped (whatever it says), an ACK is not rewritten.
+            let denied = Packet::tcp(h.peer, h.local, 40001, 80).tcp_options(&mss_1460);
+            assert_eq!(run(&bed, DIR_INGRESS, denied).0, TC_ACT_SHOT, "{what}: denied SYN");
+            let ack = Packet::tcp(h.peer, h.local, 40000, 443).tcp_options(&mss_1460).tcp_flags(0x10);
+            let (verdict, out) = run(&bed, DIR_INGRESS, ack);
+            assert_eq!((verdict, tcp_mss(&out)), (TC_ACT_OK, Some(1460)), "{what}: ACK left alone");
         }
     }
 }

@@ -82,7 +82,7 @@ where
 }
 
 /// Loads the object with `WF_L3_OFFSET = l3_offset` (0 on L3 devices such as WireGuard, 14
-/// on Ethernet) and loads both classifiers into the kernel. Maps are created, not pinned.
+/// on Ethernet) and loads the classifiers into the kernel. Maps are created, not pinned.
 pub fn load(l3_offset: u32) -> Result<Ebpf, BpfError> {
     if OBJECT.is_empty() {
         return Err(BpfError::NotBuilt);
@@ -91,7 +91,7 @@ pub fn load(l3_offset: u32) -> Result<Ebpf, BpfError> {
         .override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true)
         .load(OBJECT)
         .map_err(|e| BpfError::Object(Box::new(e)))?;
-    for name in [common::PROG_INGRESS, common::PROG_EGRESS] {
+    for name in [common::PROG_INGRESS, common::PROG_EGRESS, common::PROG_MSS] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .ok_or(BpfError::MissingProgram { name })?
@@ -115,6 +115,16 @@ impl Programs {
     /// `wf_ingress` or `wf_egress`, by [`common::DIR_INGRESS`] / [`common::DIR_EGRESS`].
     pub fn program(&self, direction: u8) -> Result<&SchedClassifier, BpfError> {
         let name = if direction == common::DIR_INGRESS { common::PROG_INGRESS } else { common::PROG_EGRESS };
+        self.ebpf
+            .program(name)
+            .ok_or(BpfError::MissingProgram { name })?
+            .try_into()
+            .map_err(|e| BpfError::Program { name, source: Box::new(e) })
+    }
+
+    /// `wf_mss`, the clamp alone.
+    pub fn mss(&self) -> Result<&SchedClassifier, BpfError> {
+        let name = common::PROG_MSS;
         self.ebpf
             .program(name)
             .ok_or(BpfError::MissingProgram { name })?

@@ -52,7 +52,7 @@ pub fn gen_config(rng: &mut Rng) -> CtConfig {
     for t in &mut timeouts_ms {
         *t = rng.pick(LIFETIMES_MS);
     }
-    CtConfig { timeouts_ms, quota: 0, _pad: 0 }
+    CtConfig { timeouts_ms, quota: 0, mss_clamp: wirefence_common::MssClamp::OFF }
 }
 
 /// Virtual time before a packet: mostly none, sometimes up to 3 s.
