@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::control::config::{ControlConfig, RawControl};
-use crate::model::{IfName, PublicKey, MAIN_TABLE};
+use crate::model::{IfName, MssSetting, PublicKey, MAIN_TABLE};
 use crate::policy::resolve::{resolve, RawPolicy};
 use crate::policy::PolicyConfig;
 use crate::primitives::{find_overlap, parse_prefix};
@@ -71,6 +71,8 @@ pub struct InterfaceConfig {
     pub listen_port: Option<u16>,
     pub addresses: BTreeSet<IpNet>,
     pub mtu: Option<u32>,
+    /// `mss_clamp`: "auto" (default: what the MTU allows), an MSS, or "off".
+    pub mss_clamp: MssSetting,
     pub fwmark: Option<u32>,
     /// Program serving the UAPI for the userspace backend (wireguard-go compatible).
     pub userspace_command: String,
@@ -159,6 +161,7 @@ struct RawInterface {
     #[serde(default)]
     addresses: Vec<Spanned<String>>,
     mtu: Option<Spanned<u32>>,
+    mss_clamp: Option<Spanned<toml::Value>>,
     fwmark: Option<u32>,
     userspace_command: Option<String>,
 }
@@ -190,6 +193,21 @@ struct RawRouting {
 struct RawAgent {
     state_dir: Option<PathBuf>,
     resync_interval_secs: Option<Spanned<u64>>,
+}
+
+/// Smallest MSS `mss_clamp` accepts: IPv4's minimum (576-byte datagrams).
+const MIN_MSS: i64 = 536;
+/// Largest: a 65535-byte IPv4 datagram less the headers.
+const MAX_MSS: i64 = 65495;
+
+fn parse_mss_clamp(v: &toml::Value) -> Result<MssSetting, String> {
+    match v {
+        toml::Value::String(s) if s == "auto" => Ok(MssSetting::Auto),
+        toml::Value::String(s) if s == "off" => Ok(MssSetting::Off),
+        toml::Value::Integer(n) if (MIN_MSS..=MAX_MSS).contains(n) => Ok(MssSetting::Fixed(*n as u16)),
+        toml::Value::Integer(n) => Err(format!("{n} is outside {MIN_MSS}..={MAX_MSS}")),
+        other => Err(format!("expected \"auto\", \"off\" or an MSS ({MIN_MSS}..={MAX_MSS}), found {other}")),
+    }
 }
 
 impl Config {
@@ -245,7 +263,12 @@ impl Config {
                 return Err(at(mtu.span(), format!("interface.mtu: {} is outside 576..=65535", mtu.get_ref())));
             }
         }
+        let mss_clamp = match &iface.mss_clamp {
+            None => MssSetting::Auto,
+            Some(v) => parse_mss_clamp(v.get_ref()).map_err(|m| at(v.span(), format!("interface.mss_clamp: {m}")))?,
+        };
         let interface = InterfaceConfig {
+            mss_clamp,
             name,
             backend: iface.backend,
             private_key_file: iface.private_key_file,
@@ -561,6 +584,31 @@ mod tests {
             base()
         ))
         .unwrap();
+    }
+
+    #[test]
+    fn mss_clamp_is_auto_a_number_or_off() {
+        let with = |v: &str| format!("[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\nmss_clamp = {v}\n");
+        assert_eq!(
+            parse("[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\n").unwrap().interface.mss_clamp,
+            MssSetting::Auto
+        );
+        assert_eq!(parse(&with("\"auto\"")).unwrap().interface.mss_clamp, MssSetting::Auto);
+        assert_eq!(parse(&with("\"off\"")).unwrap().interface.mss_clamp, MssSetting::Off);
+        assert_eq!(parse(&with("1360")).unwrap().interface.mss_clamp, MssSetting::Fixed(1360));
+        for (v, says) in [
+            ("100", "100 is outside 536..=65495"),
+            ("70000", "outside"),
+            ("\"on\"", "expected \"auto\", \"off\" or an MSS"),
+            ("true", "expected"),
+            ("-1", "outside"),
+        ] {
+            let e = err(&with(v));
+            assert!(
+                e.starts_with("agent.toml:4:") && e.contains("interface.mss_clamp") && e.contains(says),
+                "{v}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
         policy,
         ifname: config.interface.name.clone(),
         mtu: config.interface.mtu,
+        mss: config.interface.mss_clamp,
         device: DeviceSpec { private_key: private_key.clone(), listen_port: config.interface.listen_port, fwmark },
         addresses: config.interface.addresses.clone(),
         peers,

@@ -281,6 +281,46 @@ pub struct PolicyObserved {
     pub attached: bool,
     pub applied: Option<u64>,
     pub pinned: bool,
+    /// The MSS limits in the maps of the policy this agent has open (`None`: none open).
+    pub mss: Option<MssClamp>,
+}
+
+pub use wirefence_common::MssClamp;
+
+/// WireGuard's MTU for a device created without one (the kernel's and wireguard-go's).
+pub const WIREGUARD_DEFAULT_MTU: u32 = 1420;
+
+/// `[interface] mss_clamp`: what TCP SYNs and SYN-ACKs crossing the tunnel may announce.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MssSetting {
+    /// What the tunnel's MTU allows: MTU - 40 (IPv4), MTU - 60 (IPv6).
+    #[default]
+    Auto,
+    /// This MSS for both families.
+    Fixed(u16),
+    Off,
+}
+
+impl MssSetting {
+    /// The limits on a tunnel of `mtu` bytes.
+    pub fn limits(self, mtu: u32) -> MssClamp {
+        match self {
+            MssSetting::Auto => MssClamp::for_mtu(mtu),
+            MssSetting::Fixed(mss) => MssClamp { v4: mss, v6: mss },
+            MssSetting::Off => MssClamp::OFF,
+        }
+    }
+}
+
+/// The clamp alone (`wf_mss` as a cls_bpf filter on both hooks, for a device without a
+/// policy), as found on the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClampObserved {
+    /// The limits, when both hooks carry exactly one filter of the clamp, with the same ones.
+    pub limits: Option<MssClamp>,
+    /// Any filter of the clamp on either hook.
+    pub present: bool,
 }
 
 /// Everything the agent wants the kernel to have.
@@ -295,6 +335,16 @@ pub struct Desired {
     pub rules: BTreeSet<Rule>,
     /// `None`: no eBPF enforcement (and none left behind).
     pub policy: Option<DesiredPolicy>,
+    /// MSS clamping: in the policy programs, or by the clamp alone without a policy.
+    pub mss: MssSetting,
+}
+
+impl Desired {
+    /// The MSS limits for a tunnel whose link is `link` (its MTU, unless one is configured).
+    pub fn mss_limits(&self, link: Option<&LinkState>) -> MssClamp {
+        let mtu = self.mtu.or(link.map(|l| l.mtu)).unwrap_or(WIREGUARD_DEFAULT_MTU);
+        self.mss.limits(mtu)
+    }
 }
 
 /// The tunnel link as the kernel reports it.
@@ -341,6 +391,7 @@ pub struct Observed {
     /// Rules carrying the agent's protocol number in a shape it never makes.
     pub unknown_rules: Vec<UnknownRule>,
     pub policy: PolicyObserved,
+    pub clamp: ClampObserved,
     /// The endpoint this agent last wrote for each peer (its record in the state
     /// directory). A live peer found elsewhere roamed there, and stays.
     pub endpoints_set: BTreeMap<PublicKey, SocketAddr>,

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
-use crate::model::{Desired, Observed, OwnedRoute, PublicKey, Route, RouteKind, Rule, UnknownRule};
+use crate::model::{
+    Desired, LinkState, MssClamp, Observed, OwnedRoute, PublicKey, Route, RouteKind, Rule, UnknownRule,
+};
 
 /// Peer fields to set; `None` leaves the field as the device has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +33,13 @@ pub enum Op {
     AttachPolicy,
     /// Detach the classifiers and remove their pins (the config has no policy any more).
     RemovePolicy,
+    /// Set the MSS limits in the policy's maps (before the programs are attached).
+    SetMss(MssClamp),
+    /// Put the clamp alone on both hooks with these limits, in place of any other limits
+    /// (a device without a policy).
+    AttachClamp(MssClamp),
+    /// Take the clamp alone off the device (clamping off, or the policy programs clamp).
+    RemoveClamp,
     DelRule(Rule),
     /// A rule with the agent's protocol number of a shape the agent never makes.
     DelUnknownRule(UnknownRule),
@@ -77,6 +86,9 @@ impl Op {
             Op::ApplyPolicy => "apply_policy",
             Op::AttachPolicy => "attach_policy",
             Op::RemovePolicy => "remove_policy",
+            Op::SetMss(_) => "set_mss",
+            Op::AttachClamp(_) => "attach_clamp",
+            Op::RemoveClamp => "remove_clamp",
             Op::DelRule(_) => "del_rule",
             Op::DelUnknownRule(_) => "del_unknown_rule",
             Op::DelRoute(_) => "del_route",
@@ -95,10 +107,15 @@ impl Op {
     /// Exhaustive on purpose: a new operation does not compile until it has a phase.
     pub fn phase(&self) -> Phase {
         match self {
-            Op::CreateDevice | Op::ApplyPolicy | Op::AttachPolicy => Phase::Prepare,
-            Op::RemovePolicy | Op::DelRule(_) | Op::DelUnknownRule(_) | Op::DelRoute(_) | Op::DelAddress(_) => {
-                Phase::Remove
+            Op::CreateDevice | Op::ApplyPolicy | Op::SetMss(_) | Op::AttachPolicy | Op::AttachClamp(_) => {
+                Phase::Prepare
             }
+            Op::RemovePolicy
+            | Op::RemoveClamp
+            | Op::DelRule(_)
+            | Op::DelUnknownRule(_)
+            | Op::DelRoute(_)
+            | Op::DelAddress(_) => Phase::Remove,
             Op::SetMtu(_) | Op::SetUp => Phase::Link,
             Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => Phase::WireGuard,
             Op::AddAddress(_) | Op::AddRoute(_) | Op::AddRule(_) => Phase::Add,
@@ -113,6 +130,9 @@ impl fmt::Display for Op {
             Op::ApplyPolicy => write!(f, "apply policy"),
             Op::AttachPolicy => write!(f, "attach policy programs"),
             Op::RemovePolicy => write!(f, "remove policy programs and maps"),
+            Op::SetMss(m) => write!(f, "set MSS clamp to {} (IPv4) / {} (IPv6)", m.v4, m.v6),
+            Op::AttachClamp(m) => write!(f, "attach MSS clamp {} (IPv4) / {} (IPv6)", m.v4, m.v6),
+            Op::RemoveClamp => write!(f, "remove MSS clamp"),
             Op::DelRule(r) => write!(f, "delete rule {r}"),
             Op::DelUnknownRule(r) => write!(f, "delete owned rule of unknown shape {r}"),
             Op::DelRoute(r) => write!(f, "delete route {} (ifindex {})", r.route, r.oif),
@@ -153,6 +173,39 @@ impl Plan {
     }
 }
 
+/// The eBPF programs on the device: the policy (which clamps MSS too), else the clamp alone
+/// (unless clamping is off). Prepare operations first, then the removals.
+fn plan_ebpf(desired: &Desired, observed: &Observed, link: Option<LinkState>, ops: &mut Vec<Op>) {
+    let mss = desired.mss_limits(link.as_ref());
+    match &desired.policy {
+        Some(p) => {
+            if observed.policy.applied != Some(p.digest) {
+                ops.push(Op::ApplyPolicy);
+            }
+            // Maps not open yet are new (zero limits) or are opened by the apply before it:
+            // a difference found then is set on the next pass.
+            if observed.policy.mss.unwrap_or(MssClamp::OFF) != mss {
+                ops.push(Op::SetMss(mss));
+            }
+            if link.is_none() || !observed.policy.attached {
+                ops.push(Op::AttachPolicy);
+            }
+        }
+        None => {
+            if mss != MssClamp::OFF && (link.is_none() || observed.clamp.limits != Some(mss)) {
+                ops.push(Op::AttachClamp(mss));
+            }
+            if observed.policy.pinned {
+                ops.push(Op::RemovePolicy);
+            }
+        }
+    }
+    let clamp_alone = desired.policy.is_none() && mss != MssClamp::OFF;
+    if !clamp_alone && link.is_some() && observed.clamp.present {
+        ops.push(Op::RemoveClamp);
+    }
+}
+
 /// Linear in the size of both states, with one ordered walk per collection (no search per
 /// item, no copy of an unchanged peer): a 1% change of 10,000 peers plans in well under a
 /// millisecond per thousand peers.
@@ -162,18 +215,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     if link.is_none() {
         ops.push(Op::CreateDevice);
     }
-    match &desired.policy {
-        Some(p) => {
-            if observed.policy.applied != Some(p.digest) {
-                ops.push(Op::ApplyPolicy);
-            }
-            if link.is_none() || !observed.policy.attached {
-                ops.push(Op::AttachPolicy);
-            }
-        }
-        None if observed.policy.pinned => ops.push(Op::RemovePolicy),
-        None => {}
-    }
+    plan_ebpf(desired, observed, link, &mut ops);
 
     for rule in observed.rules.difference(&desired.rules) {
         ops.push(Op::DelRule(*rule));
@@ -296,7 +338,7 @@ impl<I: Iterator> Seek for std::iter::Peekable<I> {
 pub(crate) mod sim {
     //! A model of the kernel, applying operations to an `Observed`, for planner tests.
     use super::*;
-    use crate::model::{DeviceState, LinkState};
+    use crate::model::{ClampObserved, DeviceState, LinkState};
 
     pub fn apply(desired: &Desired, obs: &mut Observed, plan: &Plan, next_index: u32) {
         for op in &plan.ops {
@@ -307,6 +349,7 @@ pub(crate) mod sim {
                     obs.addresses.clear();
                     obs.device = Some(DeviceState::default());
                     obs.policy.attached = false;
+                    obs.clamp = ClampObserved::default();
                     obs.endpoints_set.clear();
                 }
                 Op::ApplyPolicy => {
@@ -318,6 +361,9 @@ pub(crate) mod sim {
                     obs.policy.pinned = true;
                 }
                 Op::RemovePolicy => obs.policy = Default::default(),
+                Op::SetMss(m) => obs.policy.mss = Some(*m),
+                Op::AttachClamp(m) => obs.clamp = ClampObserved { limits: Some(*m), present: true },
+                Op::RemoveClamp => obs.clamp = ClampObserved::default(),
                 Op::DelRule(r) => assert!(obs.rules.remove(r), "deleted a missing rule"),
                 Op::DelUnknownRule(r) => {
                     let before = obs.unknown_rules.len();
@@ -443,10 +489,12 @@ mod tests {
             peers in proptest::collection::vec((0usize..6, arb_peer()), 0..5),
             routes in arb_routes(),
             rules in proptest::collection::btree_set(arb_rule(), 0..3),
+            mss in prop_oneof![Just(MssSetting::Auto), Just(MssSetting::Off), Just(MssSetting::Fixed(1300))],
         ) -> Desired {
             Desired {
                 ifname: "wf0".parse().unwrap(),
                 mtu,
+                mss,
                 device: DeviceSpec { private_key: k[which].clone(), listen_port, fwmark },
                 addresses,
                 peers: peers.into_iter().map(|(i, p)| (k[i].public_key(), p)).collect::<BTreeMap<_, _>>(),
@@ -471,6 +519,7 @@ mod tests {
             live in proptest::collection::btree_set(0usize..6, 0..4),
             unknown in proptest::collection::vec(0u32..4, 0..2),
             endpoints_set in proptest::collection::vec((0usize..6, 1u8..4, 1u16..4), 0..4),
+            clamp in proptest::option::of((proptest::option::of(1300u16..1302), 1379u16..1382)),
         ) -> Observed {
             let link = link.map(|(index, mtu, up)| LinkState { index, mtu, up });
             Observed {
@@ -494,6 +543,14 @@ mod tests {
                 rules,
                 unknown_rules: unknown.into_iter().map(unknown_rule).collect(),
                 policy: Default::default(),
+                // A clamp on the device: one with these limits on both hooks, or a mix.
+                clamp: match clamp {
+                    Some((v4, v6)) if link.is_some() => ClampObserved {
+                        limits: v4.map(|v4| MssClamp { v4, v6 }),
+                        present: true,
+                    },
+                    _ => ClampObserved::default(),
+                },
                 endpoints_set: endpoints_set
                     .into_iter()
                     .map(|(i, h, p)| (k[i].public_key(), SocketAddr::from(([192, 0, 2, h], 51820 + p))))
@@ -579,6 +636,7 @@ mod tests {
             routes: [Route { dst: "10.77.0.2/32".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel }].into(),
             rules: BTreeSet::new(),
             policy: None,
+            mss: MssSetting::Off,
         };
         let mut observed = Observed::default();
         sim::apply(&desired, &mut observed, &plan(&desired, &Observed::default()), 7);
@@ -592,6 +650,38 @@ mod tests {
             compiled: std::sync::Arc::new(crate::policy::compile(&policy).unwrap()),
             digest,
         });
+    }
+
+    #[test]
+    fn mss_is_clamped_by_the_policy_programs_or_by_the_clamp_alone() {
+        let (mut desired, observed) = sample();
+        let auto = MssClamp { v4: 1380, v6: 1360 };
+        // No policy: the clamp alone, with what the link's MTU allows.
+        desired.mss = MssSetting::Auto;
+        let p = plan(&desired, &observed);
+        assert_eq!(p.ops, vec![Op::AttachClamp(auto)]);
+        let mut after = observed.clone();
+        sim::apply(&desired, &mut after, &p, 9);
+        // A configured MTU changes the limits: a new clamp in place of the old.
+        desired.mtu = Some(1280);
+        let limits = MssClamp { v4: 1240, v6: 1220 };
+        assert_eq!(plan(&desired, &after).ops, vec![Op::AttachClamp(limits), Op::SetMtu(1280)]);
+        desired.mtu = None;
+        // A policy: its programs clamp (limits in its maps before they are attached), and
+        // the clamp alone goes, after them.
+        with_policy(&mut desired, 7);
+        let p = plan(&desired, &after);
+        assert_eq!(p.ops, vec![Op::ApplyPolicy, Op::SetMss(auto), Op::AttachPolicy, Op::RemoveClamp]);
+        sim::apply(&desired, &mut after, &p, 9);
+        desired.mss = MssSetting::Fixed(1200);
+        assert_eq!(plan(&desired, &after).ops, vec![Op::SetMss(MssClamp { v4: 1200, v6: 1200 })]);
+        // Off with a policy: zero limits in its maps.
+        desired.mss = MssSetting::Off;
+        assert_eq!(plan(&desired, &after).ops, vec![Op::SetMss(MssClamp::OFF)]);
+        // Off without one: nothing attached, a clamp found is taken off.
+        desired.policy = None;
+        let observed_clamp = Observed { clamp: ClampObserved { limits: None, present: true }, ..observed };
+        assert_eq!(plan(&desired, &observed_clamp).ops, vec![Op::RemoveClamp]);
     }
 
     #[test]
@@ -731,18 +821,7 @@ mod tests {
         if link.is_none() {
             ops.push(Op::CreateDevice);
         }
-        match &desired.policy {
-            Some(p) => {
-                if observed.policy.applied != Some(p.digest) {
-                    ops.push(Op::ApplyPolicy);
-                }
-                if link.is_none() || !observed.policy.attached {
-                    ops.push(Op::AttachPolicy);
-                }
-            }
-            None if observed.policy.pinned => ops.push(Op::RemovePolicy),
-            None => {}
-        }
+        plan_ebpf(desired, observed, link, &mut ops);
 
         for rule in observed.rules.difference(&desired.rules) {
             ops.push(Op::DelRule(*rule));

@@ -146,8 +146,9 @@ impl Reconciler {
         let routes = self.nl.owned_routes(self.protocol).await?;
         let (rules, unknown_rules) = self.nl.owned_rules(self.protocol).await?;
         let policy = self.observe_policy(ifname, link.map(|l| l.index), pin_root)?;
+        let clamp = observe_clamp(ifname, link.map(|l| l.index))?;
         let endpoints_set = self.with_endpoints(ifname, |r| r.endpoints().clone());
-        Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, endpoints_set })
+        Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, clamp, endpoints_set })
     }
 
     /// Runs `f` on the endpoint record of `ifname` (loading it on first use).
@@ -174,7 +175,8 @@ impl Reconciler {
             (Some(index), None) if pinned => enforce::attached_elsewhere(root, ifname, index)?,
             _ => false,
         };
-        Ok(crate::model::PolicyObserved { attached, applied, pinned })
+        let mss = guard.as_ref().map(|e| e.mss()).transpose()?;
+        Ok(crate::model::PolicyObserved { attached, applied, pinned, mss })
     }
 
     pub async fn plan(&self, desired: &Desired) -> Result<Plan, ReconcileError> {
@@ -244,6 +246,7 @@ impl Reconciler {
     pub async fn assume(&self, previous: Desired) -> Result<Option<Observed>, ReconcileError> {
         let Some(link) = self.nl.tunnel_link(&previous.ifname).await? else { return Ok(None) };
         let policy = self.observe_policy(&previous.ifname, Some(link.index), self.pin_root(Some(&previous)))?;
+        let clamp = observe_clamp(&previous.ifname, Some(link.index))?;
         Ok(Some(Observed {
             link: Some(link),
             device: Some(crate::model::DeviceState {
@@ -263,6 +266,7 @@ impl Reconciler {
             rules: previous.rules,
             unknown_rules: Vec::new(),
             policy,
+            clamp,
             // No peer is taken as live: only the configured endpoints are compared.
             endpoints_set: Default::default(),
         }))
@@ -370,6 +374,15 @@ impl Reconciler {
                 let name = ifname.clone();
                 Ok(self.with_enforcer(desired, move |e| e.attach(&name, index).map(|_| ())).await?)
             }
+            Op::SetMss(mss) => {
+                let mss = *mss;
+                Ok(self.with_enforcer(desired, move |e| e.set_mss(mss)).await?)
+            }
+            Op::AttachClamp(mss) => {
+                let (index, name, mss) =
+                    (index.ok_or_else(|| ApplyError::NoLink(ifname.clone()))?, ifname.clone(), *mss);
+                Ok(blocking(move || enforce::clamp::attach(&name, index, mss)).await?)
+            }
             other => unreachable!("{other} is not of the prepare phase"),
         }
     }
@@ -423,9 +436,15 @@ impl Reconciler {
             Op::AddRoute(route) => self.nl.add_route(route, link()?, p).await?,
             Op::AddRule(rule) => self.nl.add_rule(rule, p).await?,
             Op::RemovePolicy => self.remove_policy(ifname).await?,
+            Op::RemoveClamp => {
+                let (index, name) = (link()?, ifname.clone());
+                blocking(move || enforce::clamp::remove(&name, index)).await?
+            }
             Op::CreateDevice
             | Op::ApplyPolicy
+            | Op::SetMss(_)
             | Op::AttachPolicy
+            | Op::AttachClamp(_)
             | Op::RemovePeer(_)
             | Op::ConfigureDevice { .. }
             | Op::UpsertPeer(_) => unreachable!("{op} is applied in its own phase ({:?})", op.phase()),
@@ -492,5 +511,13 @@ impl Reconciler {
             EndpointRecord::remove(&self.state_dir, ifname)?;
         }
         Ok(())
+    }
+}
+
+/// The MSS clamp alone on the device, if there is a device.
+fn observe_clamp(ifname: &IfName, index: Option<u32>) -> Result<crate::model::ClampObserved, EnforceError> {
+    match index {
+        Some(index) => enforce::clamp::observe(ifname, index),
+        None => Ok(Default::default()),
     }
 }

@@ -21,6 +21,8 @@ pub struct Status {
     pub rules: Vec<Rule>,
     /// `None`: no policy is enforced on the interface.
     pub policy: Option<PolicyStatus>,
+    /// `None`: TCP MSS is not clamped on the interface.
+    pub mss_clamp: Option<MssStatus>,
     /// Control mode: the control-plane connection as the running agent last recorded it.
     pub control: Option<crate::control::ControlStatus>,
     /// Control mode: the enrollment key file, when the node has a credential and the file
@@ -48,6 +50,21 @@ pub struct PolicyStatus {
     /// The pins come from another wirefence build (its id, or "not recorded").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub other_build: Option<String>,
+}
+
+/// The MSS limits on the tunnel, and which programs clamp.
+#[derive(Debug, Serialize)]
+pub struct MssStatus {
+    pub ipv4: u16,
+    pub ipv6: u16,
+    /// "policy programs" or "clamp alone".
+    pub by: &'static str,
+}
+
+impl MssStatus {
+    fn of(m: crate::model::MssClamp, by: &'static str) -> Option<MssStatus> {
+        (m != crate::model::MssClamp::OFF).then_some(MssStatus { ipv4: m.v4, ipv6: m.v6, by })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +121,10 @@ pub async fn collect(
         }
         None => None,
     };
+    let mss_clamp = match &inspected {
+        Some((i, _, _)) if observed.clamp.limits.is_none() => MssStatus::of(i.mss, "policy programs"),
+        _ => observed.clamp.limits.and_then(|m| MssStatus::of(m, "clamp alone")),
+    };
     let policy = match inspected {
         Some((i, root, state_dir)) => Some(PolicyStatus {
             epoch: i.state.epoch,
@@ -118,6 +139,7 @@ pub async fn collect(
         control: None,
         removable_enrollment_key: None,
         policy,
+        mss_clamp,
         interface: ifname.clone(),
         backend: rec.backend().name(),
         link: observed.link,
@@ -202,6 +224,10 @@ impl std::fmt::Display for Status {
             for r in &self.rules {
                 writeln!(f, "  {r}")?;
             }
+        }
+        match &self.mss_clamp {
+            Some(m) => writeln!(f, "MSS clamp: {} (IPv4), {} (IPv6), by the {}", m.ipv4, m.ipv6, m.by)?,
+            None => writeln!(f, "MSS clamp: off")?,
         }
         if let Some(p) = &self.policy {
             writeln!(
@@ -293,6 +319,7 @@ mod tests {
             ],
             rules: vec![],
             policy: None,
+            mss_clamp: None,
             control: Some(crate::control::ControlStatus {
                 last_error: Some("refused: \x1b]0;pwned\x07".into()),
                 refused_routes: vec!["10.30.0.0/24 is not within the routes granted\x1b[2J".into()],

@@ -156,8 +156,12 @@ pub fn wf_mss(ctx: TcContext) -> i32 {
         ETH_P_IPV6 => true,
         _ => return NEXT,
     };
+    let l3 = WF_L3_OFFSET.load();
+    if !mss::maybe_syn(&ctx, l3, v6) {
+        return NEXT;
+    }
     if let Some(limits) = mss::limits() {
-        mss::clamp(&ctx, WF_L3_OFFSET.load(), v6, &limits);
+        mss::clamp(&ctx, l3, v6, &limits);
     }
     NEXT
 }

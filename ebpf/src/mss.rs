@@ -107,6 +107,42 @@ pub fn clamp(ctx: &TcContext, l3: u32, v6: bool, limits: &MssClamp) {
 #[repr(C, align(8))]
 struct Aligned16([u8; 16]);
 
+/// Whether the packet may be a TCP SYN: `false` only when the linear data shows it is not
+/// (direct loads, no helper call), so the clamp alone costs little on every other packet.
+#[inline(always)]
+pub fn maybe_syn(ctx: &TcContext, l3: u32, v6: bool) -> bool {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // Bounded so the verifier can add it to a packet pointer.
+    if l3 > 64 {
+        return true;
+    }
+    let ip = data + l3 as usize;
+    let byte = |p: usize| -> Option<u8> {
+        if p + 1 > end {
+            return None;
+        }
+        // SAFETY: within the linear data, checked against `data_end` just above.
+        Some(unsafe { *(p as *const u8) })
+    };
+    let l4 = if v6 {
+        match byte(ip + 6) {
+            Some(IPPROTO_TCP) => ip + 40,
+            Some(_) => return false, // not TCP, or behind extension headers: left alone anyway
+            None => return true,
+        }
+    } else {
+        let (Some(ver_ihl), Some(proto)) = (byte(ip), byte(ip + 9)) else { return true };
+        if proto != IPPROTO_TCP {
+            return false;
+        }
+        ip + (ver_ihl & 0x0f) as usize * 4
+    };
+    match byte(l4 + 13) {
+        Some(flags) => flags & TCP_SYN != 0,
+        None => true,
+    }
+}
+
 /// Offset of the TCP header of an unfragmented (or first-fragment) TCP packet.
 #[inline(always)]
 fn tcp_offset(ctx: &TcContext, l3: usize, v6: bool) -> Option<usize> {

@@ -173,7 +173,7 @@ impl Packet {
     /// padding is added, so malformed lists stay malformed), its data offset set to match.
     pub fn tcp_options(mut self, options: &[u8]) -> Packet {
         assert_eq!(self.proto, IPPROTO_TCP);
-        assert!(options.len() % 4 == 0 && options.len() <= 40, "TCP options of {} bytes", options.len());
+        assert!(options.len().is_multiple_of(4) && options.len() <= 40, "TCP options of {} bytes", options.len());
         let payload = self.l4.split_off(self.tcp_header_len());
         self.l4.truncate(20);
         self.l4.extend_from_slice(options);

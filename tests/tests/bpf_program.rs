@@ -1086,7 +1086,11 @@ fn pin_to_one_cpu() {
 /// Short lifetimes for the unanswered and closing states (`short` ms), long ones (60 s,
 /// past the flow cache's minimum) for answered flows.
 fn short_lifetimes(short: u32, quota: u32) -> common::CtConfig {
-    common::CtConfig { timeouts_ms: [short, 60_000, short, short, short, 60_000, short, 60_000], quota, mss_clamp: common::MssClamp::OFF }
+    common::CtConfig {
+        timeouts_ms: [short, 60_000, short, short, short, 60_000, short, 60_000],
+        quota,
+        mss_clamp: common::MssClamp::OFF,
+    }
 }
 
 fn ct_state(bed: &mut Bed, key: &FlowKey) -> Option<common::CtState> {

@@ -153,7 +153,10 @@ fn malformed_options_are_left_alone_and_passed_on() {
         let clamp = Clamp::new(off, LIMITS);
         for v6 in [false, true] {
             for (what, opts) in &malformed {
-                clamp.expect_untouched(&format!("{what}, {}", if v6 { "IPv6" } else { "IPv4" }), &syn(v6).tcp_options(opts));
+                clamp.expect_untouched(
+                    &format!("{what}, {}", if v6 { "IPv6" } else { "IPv4" }),
+                    &syn(v6).tcp_options(opts),
+                );
             }
             // A data offset claiming more options than the packet holds.
             let mut pkt = syn(v6).tcp_options(&mss(1460));

@@ -8,6 +8,7 @@
 //!    by the eBPF programs, by nftables as a linear chain and by an nftables set, and with
 //!    no filter ([`throughput`]).
 //! 3. Policy swap time for 100,000 rules and for a one-rule change on top ([`swap`]).
+//! 4. MSS clamping's cost per packet, off against on ([`mss`]).
 //!
 //! Rules are generated ([`rules`]), compiled by the agent's compiler and written by its
 //! `Enforcer` into maps pinned under a bpffs the bench mounts (`/run/wirefence-bench-bpf`)
@@ -16,6 +17,7 @@
 
 mod bpf;
 mod flows;
+mod mss;
 mod net;
 mod perpacket;
 mod rules;
@@ -89,7 +91,7 @@ pub struct BenchPolicyArgs {
     #[arg(long, default_value_t = 5)]
     steady_changes: u32,
 
-    /// Run only these parts (per-packet, throughput, swap; comma-separated).
+    /// Run only these parts (per-packet, throughput, swap, mss; comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 
@@ -155,6 +157,7 @@ struct Parts {
     per_packet: bool,
     throughput: bool,
     swap: bool,
+    mss: bool,
 }
 
 pub fn run(args: BenchPolicyArgs) -> Result<()> {
@@ -163,9 +166,10 @@ pub fn run(args: BenchPolicyArgs) -> Result<()> {
     }
     let started = Instant::now();
     let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
-    let parts = Parts { per_packet: want("per-packet"), throughput: want("throughput"), swap: want("swap") };
+    let parts =
+        Parts { per_packet: want("per-packet"), throughput: want("throughput"), swap: want("swap"), mss: want("mss") };
     for o in &args.only {
-        ensure!(["per-packet", "throughput", "swap"].contains(&o.as_str()), "--only: unknown part {o:?}");
+        ensure!(["per-packet", "throughput", "swap", "mss"].contains(&o.as_str()), "--only: unknown part {o:?}");
     }
     ensure!(args.rules.iter().all(|&n| n >= 1), "--rules: counts must be positive");
     ensure!(args.iperf_rules >= 2 && args.swap_rules >= 2, "--iperf-rules and --swap-rules need at least 2");
@@ -198,6 +202,9 @@ pub fn run(args: BenchPolicyArgs) -> Result<()> {
         if parts.swap {
             report.swap = Some(swap::run(&root, &work, args.swap_rules, args.swap_runs, args.steady_changes)?);
         }
+        if parts.mss {
+            report.mss = Some(mss::run(&root, &work, args.repeat, args.reps, args.one_shots)?);
+        }
         let _ = std::fs::remove_dir(&root);
         drop(fs);
         Ok(report)
@@ -216,6 +223,7 @@ struct Report {
     per_packet: Vec<perpacket::Row>,
     throughput: Option<throughput::Results>,
     swap: Option<swap::Swap>,
+    mss: Option<mss::Results>,
 }
 
 fn verdict(ok: bool, missed: &mut usize) -> &'static str {
@@ -246,6 +254,9 @@ impl Report {
         }
         if let Some(s) = &self.swap {
             self.print_swap(s, &mut missed);
+        }
+        if let Some(m) = &self.mss {
+            mss::print(m, args.reps, args.repeat, args.one_shots);
         }
         println!();
         println!(

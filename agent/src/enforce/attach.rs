@@ -86,8 +86,14 @@ pub fn attached_clsact(ifname: &IfName, index: u32) -> Result<bool, EnforceError
 }
 
 /// Whether the agent's cls_bpf filter (priority [`NL_PRIORITY`], handle [`NL_HANDLE`]) is on
-/// the clsact hook `ty` of device `index`: one filter dump over a blocking netlink socket.
+/// the clsact hook `ty` of device `index`.
 fn clsact_filter_present(index: u32, ty: TcAttachType) -> std::io::Result<bool> {
+    Ok(bpf_filters(index, ty)?.contains(&(NL_PRIORITY, u32::from(NL_HANDLE))))
+}
+
+/// The cls_bpf filters (priority, handle) on the clsact hook `ty` of device `index`: one
+/// filter dump over a blocking netlink socket.
+pub(super) fn bpf_filters(index: u32, ty: TcAttachType) -> std::io::Result<Vec<(u16, u32)>> {
     use rtnetlink::packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
     use rtnetlink::packet_route::tc::{TcAttribute, TcHandle as NlHandle, TcMessage};
     use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -111,7 +117,7 @@ fn clsact_filter_present(index: u32, ty: TcAttachType) -> std::io::Result<bool> 
     req.serialize(&mut buf);
     socket.send(&buf, 0)?;
 
-    let mut found = false;
+    let mut found = Vec::new();
     loop {
         let (data, _) = socket.recv_from_full()?;
         let mut offset = 0;
@@ -127,9 +133,12 @@ fn clsact_filter_present(index: u32, ty: TcAttachType) -> std::io::Result<bool> 
                 NetlinkPayload::Done(_) => return Ok(found),
                 NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
-                    found |= m.header.info >> 16 == u32::from(NL_PRIORITY)
-                        && u32::from(m.header.handle) == u32::from(NL_HANDLE)
-                        && m.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
+                    // Handle 0 names no filter.
+                    let bpf = m.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"));
+                    let handle = u32::from(m.header.handle);
+                    if bpf && handle != 0 {
+                        found.push(((m.header.info >> 16) as u16, handle));
+                    }
                 }
                 _ => {}
             }
@@ -258,7 +267,7 @@ pub fn replace(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<usiz
 
 /// EEXIST, told by the errno: the kernel's extended ack text varies ("Exclusivity flag on,
 /// cannot modify" for a qdisc on 6.1, "Filter already exists" for a filter).
-fn tc_exists(e: &aya::programs::TcError) -> bool {
+pub(super) fn tc_exists(e: &aya::programs::TcError) -> bool {
     match e {
         aya::programs::TcError::AlreadyAttached => true,
         aya::programs::TcError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),
@@ -266,7 +275,7 @@ fn tc_exists(e: &aya::programs::TcError) -> bool {
     }
 }
 
-fn is_exists(e: &aya::programs::ProgramError) -> bool {
+pub(super) fn is_exists(e: &aya::programs::ProgramError) -> bool {
     match e {
         aya::programs::ProgramError::TcError(e) => tc_exists(e),
         aya::programs::ProgramError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),

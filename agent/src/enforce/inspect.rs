@@ -19,6 +19,8 @@ use crate::model::IfName;
 pub struct Inspection {
     pub state: common::PolicyState,
     pub counters: Counters,
+    /// The MSS limits the programs clamp to (`CT_CONFIG`).
+    pub mss: common::MssClamp,
     /// The build that made the pins, when it is not this one ("not recorded" if unknown).
     pub other_build: Option<String>,
 }
@@ -42,7 +44,10 @@ pub fn inspect(pin_root: &Path, ifname: &IfName, state_dir: &Path) -> Result<Opt
     let stats: PerCpuArray<MapData, common::Counter> =
         PerCpuArray::try_from(pinned(&dir, common::STATS)?).map_err(map_err(common::STATS))?;
     let counters = read_counters(&rules, &stats, &read_slots(&slots_file(state_dir, ifname)))?;
+    let config: Array<MapData, common::CtConfig> =
+        Array::try_from(pinned(&dir, common::CT_CONFIG)?).map_err(map_err(common::CT_CONFIG))?;
+    let mss = config.get(&0, 0).map_err(map_err(common::CT_CONFIG))?.mss_clamp;
     let found = recorded_build(&build_file(state_dir, ifname))?;
     let other_build = (found != crate::bpf::object_id()).then_some(found);
-    Ok(Some(Inspection { state, counters, other_build }))
+    Ok(Some(Inspection { state, counters, mss, other_build }))
 }

@@ -10,6 +10,7 @@
 mod apply;
 mod attach;
 pub mod bpffs;
+pub mod clamp;
 pub mod denies;
 pub mod inspect;
 mod migrate;
@@ -221,6 +222,19 @@ impl Enforcer {
     pub fn set_ct_config(&mut self, config: common::CtConfig) -> Result<(), EnforceError> {
         let mut map: Array<&mut MapData, common::CtConfig> = typed_mut(&mut self.ebpf, common::CT_CONFIG)?;
         map.set(0, config, 0).map_err(map_err(common::CT_CONFIG))
+    }
+
+    /// The MSS limits the programs clamp to (`CT_CONFIG`).
+    pub fn mss(&self) -> Result<common::MssClamp, EnforceError> {
+        let map: Array<&MapData, common::CtConfig> = crate::bpf::typed(&self.ebpf, common::CT_CONFIG)?;
+        Ok(map.get(&0, 0).map_err(map_err(common::CT_CONFIG))?.mss_clamp)
+    }
+
+    /// Sets the MSS limits, keeping the rest of `CT_CONFIG`.
+    pub fn set_mss(&mut self, mss: common::MssClamp) -> Result<(), EnforceError> {
+        let mut map: Array<&mut MapData, common::CtConfig> = typed_mut(&mut self.ebpf, common::CT_CONFIG)?;
+        let config = map.get(&0, 0).map_err(map_err(common::CT_CONFIG))?;
+        map.set(0, common::CtConfig { mss_clamp: mss, ..config }, 0).map_err(map_err(common::CT_CONFIG))
     }
 
     /// A class map: masked prefixes (as LPM-style keys) -> class, in a hash.

@@ -192,7 +192,7 @@ impl Shared {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(wirefence_agent::bpf::object()).context("load the eBPF object over the pins")?;
-        for name in [common::PROG_INGRESS, common::PROG_EGRESS] {
+        for name in [common::PROG_INGRESS, common::PROG_EGRESS, common::PROG_MSS] {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
             prog.load().with_context(|| format!("load {name}"))?;

@@ -49,7 +49,7 @@ use super::bpf::{self, Caches, Pins, Shared};
 use super::median;
 use super::rules::{self, DENIED_PORT};
 
-const L3_OFFSET: u32 = 14;
+pub const L3_OFFSET: u32 = 14;
 
 /// One (rule count, family) row: medians in ns per packet.
 pub struct Row {
