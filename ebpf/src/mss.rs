@@ -8,9 +8,10 @@
 //! computation). The options are read whole (at most 40 bytes) and walked kind by kind:
 //! EOL ends them, NOP is one byte, anything else carries its length. An option that is
 //! truncated or has a length below 2 ends the walk with nothing changed: clamping never
-//! drops or judges a packet (the policy does), it only leaves odd packets alone. Fragments,
-//! IPv4 options are handled (the header length is read); IPv6 packets whose TCP header
-//! follows extension headers are left alone (SYNs carry none in practice).
+//! drops or judges a packet (the policy does), it only leaves odd packets alone. IPv4
+//! options are skipped (the header length is read); non-first IPv4 fragments carry no TCP
+//! header and IPv6 packets whose TCP header follows extension headers (fragment header
+//! included) are left alone (SYNs carry none in practice).
 
 use aya_ebpf::{
     helpers::{bpf_loop, bpf_skb_load_bytes},
