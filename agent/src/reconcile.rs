@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 
 use crate::enforce::{self, EnforceError, Enforcer};
-use crate::model::{Desired, IfName, Observed};
+use crate::gateway::{forward, nat, GatewayError, ObservedGateway};
+use crate::model::{Desired, Family, IfName, Observed};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{plan, Op, Phase, Plan};
 use crate::state::EndpointRecord;
@@ -22,6 +23,8 @@ pub enum ReconcileError {
     Enforce(#[from] EnforceError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
     #[error("{} of {total} operations failed (the next pass retries them): {}", failures.len(), failures.iter().map(|f| format!("{}: {}", f.op, f.error)).collect::<Vec<_>>().join("; "))]
     Apply { total: usize, failures: Vec<OpFailure> },
 }
@@ -35,6 +38,8 @@ pub enum ApplyError {
     Wg(#[from] WgError),
     #[error(transparent)]
     Enforce(#[from] EnforceError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
     #[error("link {0} does not exist")]
     NoLink(IfName),
     #[error("link {0} did not appear after the device was created")]
@@ -130,10 +135,43 @@ impl Reconciler {
     }
 
     pub async fn observe(&self, ifname: &IfName) -> Result<Observed, ReconcileError> {
-        self.observe_with(ifname, self.pin_root(None)).await
+        self.observe_with(ifname, self.pin_root(None), false).await
     }
 
-    async fn observe_with(&self, ifname: &IfName, pin_root: Option<&Path>) -> Result<Observed, ReconcileError> {
+    /// The gateway part of the kernel: forwarding, its records, our nftables table, and
+    /// (`host_addresses`: for `own_traffic = "lan"`) the addresses of the other links.
+    pub async fn observe_gateway(
+        &self,
+        tunnel: Option<u32>,
+        host_addresses: bool,
+    ) -> Result<ObservedGateway, ReconcileError> {
+        let state_dir = self.state_dir.clone();
+        let mut g = blocking(move || -> Result<ObservedGateway, GatewayError> {
+            let mut g = ObservedGateway::default();
+            for family in [Family::V4, Family::V6] {
+                if let Some(on) = forward::read(family)? {
+                    g.forwarding.insert(family, on);
+                }
+                if let Some(value) = forward::recorded(&state_dir, family)? {
+                    g.recorded.insert(family, value);
+                }
+            }
+            g.nat = nat::observe()?;
+            Ok(g)
+        })
+        .await?;
+        if host_addresses {
+            g.host_addresses = self.nl.host_addresses(tunnel).await?;
+        }
+        Ok(g)
+    }
+
+    async fn observe_with(
+        &self,
+        ifname: &IfName,
+        pin_root: Option<&Path>,
+        host_addresses: bool,
+    ) -> Result<Observed, ReconcileError> {
         let link = self.nl.tunnel_link(ifname).await?;
         let addresses = match link {
             Some(l) => self.nl.addresses(l.index).await?,
@@ -147,7 +185,8 @@ impl Reconciler {
         let (rules, unknown_rules) = self.nl.owned_rules(self.protocol).await?;
         let policy = self.observe_policy(ifname, link.map(|l| l.index), pin_root)?;
         let endpoints_set = self.with_endpoints(ifname, |r| r.endpoints().clone());
-        Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, endpoints_set })
+        let gateway = self.observe_gateway(link.map(|l| l.index), host_addresses).await?;
+        Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, endpoints_set, gateway })
     }
 
     /// Runs `f` on the endpoint record of `ifname` (loading it on first use).
@@ -179,7 +218,8 @@ impl Reconciler {
 
     pub async fn plan(&self, desired: &Desired) -> Result<Plan, ReconcileError> {
         self.adopt_policy(desired).await;
-        Ok(plan(desired, &self.observe_with(&desired.ifname, self.pin_root(Some(desired))).await?))
+        let lan = desired.gateway.lan_source.is_some();
+        Ok(plan(desired, &self.observe_with(&desired.ifname, self.pin_root(Some(desired)), lan).await?))
     }
 
     /// A started agent finding pins: opens them and learns whether they already enforce the
@@ -244,6 +284,15 @@ impl Reconciler {
     pub async fn assume(&self, previous: Desired) -> Result<Option<Observed>, ReconcileError> {
         let Some(link) = self.nl.tunnel_link(&previous.ifname).await? else { return Ok(None) };
         let policy = self.observe_policy(&previous.ifname, Some(link.index), self.pin_root(Some(&previous)))?;
+        // Read, not assumed: a few small files and our table (and with a LAN source the host's
+        // addresses, which the routes' sources were resolved against).
+        let gateway = self.observe_gateway(Some(link.index), previous.gateway.lan_source.is_some()).await?;
+        let routes = crate::gateway::source::with_source(
+            &previous.routes,
+            previous.gateway.lan_source.as_ref(),
+            &gateway.host_addresses,
+        )
+        .into_owned();
         Ok(Some(Observed {
             link: Some(link),
             device: Some(crate::model::DeviceState {
@@ -254,17 +303,14 @@ impl Reconciler {
                 live: Default::default(),
             }),
             // In order, so the set is built without a search per route.
-            routes: previous
-                .routes
-                .into_iter()
-                .map(|route| crate::model::OwnedRoute { route, oif: link.index })
-                .collect(),
+            routes: routes.into_iter().map(|route| crate::model::OwnedRoute { route, oif: link.index }).collect(),
             addresses: previous.addresses,
             rules: previous.rules,
             unknown_rules: Vec::new(),
             policy,
             // No peer is taken as live: only the configured endpoints are compared.
             endpoints_set: Default::default(),
+            gateway,
         }))
     }
 
@@ -423,6 +469,19 @@ impl Reconciler {
             Op::AddRoute(route) => self.nl.add_route(route, link()?, p).await?,
             Op::AddRule(rule) => self.nl.add_rule(rule, p).await?,
             Op::RemovePolicy => self.remove_policy(ifname).await?,
+            Op::SetForwarding(family) => {
+                let (dir, family) = (self.state_dir.clone(), *family);
+                blocking(move || forward::enable(&dir, family)).await?
+            }
+            Op::RestoreForwarding(family) => {
+                let (dir, family) = (self.state_dir.clone(), *family);
+                blocking(move || forward::restore(&dir, family)).await?
+            }
+            Op::ApplyNat => {
+                let rules = desired.gateway.masquerade.clone();
+                blocking(move || nat::apply(&rules)).await?
+            }
+            Op::RemoveNat => blocking(|| nat::apply(&Default::default())).await?,
             Op::CreateDevice
             | Op::ApplyPolicy
             | Op::AttachPolicy
@@ -449,10 +508,29 @@ impl Reconciler {
                 blocking(move || enforce::remove(&root, &name)).await?;
             }
         }
+        self.remove_gateway().await?;
         for protocol in protocols {
             self.remove_routes_and_rules(*protocol).await?;
         }
         self.remove_links(ifnames).await
+    }
+
+    /// `down`'s part of the gateway: our nftables table goes, and each family's forwarding
+    /// gets back the value recorded before the agent first turned it on (none recorded: the
+    /// agent never changed it, and leaves it).
+    pub async fn remove_gateway(&self) -> Result<(), ReconcileError> {
+        let state_dir = self.state_dir.clone();
+        blocking(move || -> Result<(), GatewayError> {
+            if nat::observe()? != nat::NatState::Absent {
+                nat::apply(&Default::default())?;
+            }
+            for family in [Family::V4, Family::V6] {
+                forward::restore(&state_dir, family)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// Deletes every route and rule carrying `protocol`.
