@@ -1,6 +1,7 @@
 //! Masquerade in the agent's own nftables table, `inet wirefence`: one `postrouting` chain of
 //! type nat at the srcnat priority, one rule per masqueraded prefix (`oifname <tunnel>
-//! ip[6] saddr <prefix> masquerade`). Nothing outside this table is read or written: the
+//! ip[6] saddr <prefix> fib saddr type != local masquerade`: forwarded LAN traffic only; the
+//! gateway's own address in the prefix keeps its source, see `own_traffic`). Nothing outside this table is read or written: the
 //! operator's, Docker's and ufw's tables keep their rules and order (another table's NAT
 //! chains at the same hook see the packets as before; the first NAT verdict of a
 //! connection wins, and the masqueraded prefixes are the gateway's LAN, not theirs).
@@ -14,7 +15,9 @@
 use std::collections::BTreeSet;
 
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::expr::{
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
+};
 use nftables::helper::NftablesError;
 use nftables::schema::{Chain, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, Operator, Statement};
@@ -27,6 +30,8 @@ pub const TABLE: &str = "wirefence";
 pub const CHAIN: &str = "postrouting";
 /// `srcnat`, where `iptables -t nat -A POSTROUTING` (Docker's MASQUERADE) sits too.
 const SRCNAT: i32 = 100;
+/// Statements in each of our rules (oifname, saddr, fib, masquerade).
+const RULE_LEN: usize = 4;
 
 /// Our table as found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,6 +81,14 @@ fn rule(m: &Masquerade) -> Rule<'static> {
                 len: m.src.prefix_len() as u32,
             })),
             op: Operator::EQ,
+        }),
+        Statement::Match(Match {
+            left: Expression::Named(NamedExpression::Fib(Fib {
+                result: FibResult::Type,
+                flags: [FibFlag::Saddr].into(),
+            })),
+            right: Expression::String("local".into()),
+            op: Operator::NEQ,
         }),
         Statement::Masquerade(None),
     ];
@@ -167,7 +180,7 @@ fn state_of(doc: &Nftables) -> NatState {
                 chain_ok = true;
             }
             NfListObject::Rule(r) => match r.comment.as_deref().and_then(parse_comment) {
-                Some(m) if r.chain == CHAIN && r.expr.len() == 3 && rules.insert(m.clone()) => {}
+                Some(m) if r.chain == CHAIN && r.expr.len() == RULE_LEN && rules.insert(m.clone()) => {}
                 _ => return NatState::Other,
             },
             _ => return NatState::Other,
