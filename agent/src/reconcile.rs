@@ -135,17 +135,22 @@ impl Reconciler {
     }
 
     pub async fn observe(&self, ifname: &IfName) -> Result<Observed, ReconcileError> {
-        self.observe_with(ifname, self.pin_root(None), false).await
+        self.observe_with(ifname, self.pin_root(None), None).await
     }
 
     /// The gateway part of the kernel: forwarding, its records, our nftables table, and
     /// (`host_addresses`: for `own_traffic = "lan"`) the addresses of the other links.
+    /// Without masquerade in `desired`, a table that cannot be listed (no `nft`, no
+    /// nf_tables in the kernel) is taken as absent: a node that is no gateway never fails
+    /// for want of nftables.
     pub async fn observe_gateway(
         &self,
         tunnel: Option<u32>,
-        host_addresses: bool,
+        desired: Option<&crate::gateway::DesiredGateway>,
     ) -> Result<ObservedGateway, ReconcileError> {
         let state_dir = self.state_dir.clone();
+        let host_addresses = desired.is_some_and(|g| g.lan_source.is_some());
+        let nat_required = desired.is_some_and(|g| !g.masquerade.is_empty());
         let mut g = blocking(move || -> Result<ObservedGateway, GatewayError> {
             let mut g = ObservedGateway::default();
             for family in [Family::V4, Family::V6] {
@@ -156,7 +161,14 @@ impl Reconciler {
                     g.recorded.insert(family, value);
                 }
             }
-            g.nat = nat::observe()?;
+            g.nat = match nat::observe() {
+                Ok(state) => state,
+                Err(e) if !nat_required => {
+                    tracing::debug!(error = %e, "cannot list table inet wirefence; taken as absent");
+                    nat::NatState::Absent
+                }
+                Err(e) => return Err(e),
+            };
             Ok(g)
         })
         .await?;
@@ -170,7 +182,7 @@ impl Reconciler {
         &self,
         ifname: &IfName,
         pin_root: Option<&Path>,
-        host_addresses: bool,
+        gateway: Option<&crate::gateway::DesiredGateway>,
     ) -> Result<Observed, ReconcileError> {
         let link = self.nl.tunnel_link(ifname).await?;
         let addresses = match link {
@@ -185,7 +197,7 @@ impl Reconciler {
         let (rules, unknown_rules) = self.nl.owned_rules(self.protocol).await?;
         let policy = self.observe_policy(ifname, link.map(|l| l.index), pin_root)?;
         let endpoints_set = self.with_endpoints(ifname, |r| r.endpoints().clone());
-        let gateway = self.observe_gateway(link.map(|l| l.index), host_addresses).await?;
+        let gateway = self.observe_gateway(link.map(|l| l.index), gateway).await?;
         Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, endpoints_set, gateway })
     }
 
@@ -218,8 +230,8 @@ impl Reconciler {
 
     pub async fn plan(&self, desired: &Desired) -> Result<Plan, ReconcileError> {
         self.adopt_policy(desired).await;
-        let lan = desired.gateway.lan_source.is_some();
-        Ok(plan(desired, &self.observe_with(&desired.ifname, self.pin_root(Some(desired)), lan).await?))
+        let observed = self.observe_with(&desired.ifname, self.pin_root(Some(desired)), Some(&desired.gateway)).await?;
+        Ok(plan(desired, &observed))
     }
 
     /// A started agent finding pins: opens them and learns whether they already enforce the
@@ -286,7 +298,7 @@ impl Reconciler {
         let policy = self.observe_policy(&previous.ifname, Some(link.index), self.pin_root(Some(&previous)))?;
         // Read, not assumed: a few small files and our table (and with a LAN source the host's
         // addresses, which the routes' sources were resolved against).
-        let gateway = self.observe_gateway(Some(link.index), previous.gateway.lan_source.is_some()).await?;
+        let gateway = self.observe_gateway(Some(link.index), Some(&previous.gateway)).await?;
         let routes = crate::gateway::source::with_source(
             &previous.routes,
             previous.gateway.lan_source.as_ref(),
@@ -521,8 +533,12 @@ impl Reconciler {
     pub async fn remove_gateway(&self) -> Result<(), ReconcileError> {
         let state_dir = self.state_dir.clone();
         blocking(move || -> Result<(), GatewayError> {
-            if nat::observe()? != nat::NatState::Absent {
-                nat::apply(&Default::default())?;
+            match nat::observe() {
+                Ok(nat::NatState::Absent) => {}
+                Ok(_) => nat::apply(&Default::default())?,
+                // No nft (or no nf_tables): no table of ours can exist.
+                Err(GatewayError::NftMissing { .. }) => {}
+                Err(e) => return Err(e),
             }
             for family in [Family::V4, Family::V6] {
                 forward::restore(&state_dir, family)?;
