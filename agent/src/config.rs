@@ -18,7 +18,9 @@ use crate::policy::PolicyConfig;
 use crate::primitives::{find_overlap, parse_prefix};
 pub use crate::primitives::{Endpoint, PeerConfig};
 
+mod gateway;
 mod incremental;
+pub use gateway::{Forward, GatewayConfig};
 pub use incremental::ConfigCache;
 
 /// Default rtnetlink protocol number stamped on every route and rule the agent owns.
@@ -124,6 +126,8 @@ pub struct Config {
     /// `[control]`: peers, addresses and policy come from a control plane.
     pub control: Option<ControlConfig>,
     pub metrics: MetricsConfig,
+    /// `[gateway]`: forwarding, masquerade, the source of the node's own traffic.
+    pub gateway: GatewayConfig,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +146,8 @@ struct RawConfig {
     control: Option<Spanned<RawControl>>,
     #[serde(default)]
     metrics: Option<RawMetrics>,
+    #[serde(default)]
+    gateway: Option<Spanned<gateway::RawGateway>>,
 }
 
 #[derive(Deserialize)]
@@ -426,7 +432,22 @@ impl Config {
             },
         };
 
-        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy, control, metrics })
+        let gateway = match raw.gateway {
+            None => GatewayConfig::default(),
+            Some(g) => {
+                let span = g.span();
+                let cx = gateway::Context {
+                    span,
+                    address_families: control
+                        .is_none()
+                        .then(|| interface.addresses.iter().map(crate::model::Family::of).collect()),
+                    advertise_routes: control.as_ref().map(|c| c.advertise_routes.as_slice()),
+                };
+                g.into_inner().resolve(cx).map_err(|(span, m)| at(span, m))?
+            }
+        };
+
+        Ok(Config { path: path.to_owned(), interface, peers, routing, agent, policy, control, metrics, gateway })
     }
 }
 

@@ -7,7 +7,8 @@ use ipnet::IpNet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::config::{Config, TableChoice};
+use crate::config::{Config, Forward, TableChoice};
+use crate::gateway::{DesiredGateway, LanSource, Masquerade, OwnTraffic};
 use crate::model::{
     Desired, DesiredPolicy, DeviceSpec, Family, PeerSpec, PrivateKey, Route, RouteKind, Rule, RuleAction, MAIN_TABLE,
 };
@@ -67,11 +68,12 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
                 dst: *dst,
                 table,
                 kind: RouteKind::Tunnel,
+                src: None,
             });
             // In the same table as the tunnel routes: there they sit below them, and a policy
             // table's default route cannot take what they refuse.
             let unreachable =
-                r.mesh_prefixes.iter().map(|dst| Route { dst: *dst, table, kind: RouteKind::Unreachable });
+                r.mesh_prefixes.iter().map(|dst| Route { dst: *dst, table, kind: RouteKind::Unreachable, src: None });
             let mut routes: Vec<Route> = tunnel.chain(unreachable).collect();
             // Sorted on plain integers first (the order of `Route`'s `Ord`), so building the
             // set finds them in order: 20,000 routes, one cheap sort.
@@ -109,7 +111,9 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
         }
     };
 
+    let gateway = gateway(config, &routes);
     Ok(Desired {
+        gateway,
         policy,
         ifname: config.interface.name.clone(),
         mtu: config.interface.mtu,
@@ -120,6 +124,38 @@ pub fn desired_state(config: &Config, private_key: &PrivateKey) -> Result<Desire
         routes,
         rules,
     })
+}
+
+/// The gateway part: forwarding for the families in use (tunnel addresses and routes),
+/// masquerade on the tunnel device, the LAN source for remote routes.
+fn gateway(config: &Config, routes: &BTreeSet<Route>) -> DesiredGateway {
+    let g = &config.gateway;
+    let forward = match &g.forward {
+        Forward::Off => BTreeSet::new(),
+        Forward::Families(families) => families.clone(),
+        Forward::InUse => {
+            config.interface.addresses.iter().chain(routes.iter().map(|r| &r.dst)).map(Family::of).collect()
+        }
+    };
+    let oif = &config.interface.name;
+    let masquerade = g.masquerade.iter().map(|src| Masquerade { src: *src, oif: oif.clone() }).collect();
+    let lan_source = (g.own_traffic == OwnTraffic::Lan).then(|| {
+        let site = match &g.site_prefixes {
+            Some(s) => s.clone(),
+            None => config.control.iter().flat_map(|c| c.advertise_routes.iter().copied()).collect(),
+        };
+        // The overlay: the networks of the tunnel addresses, and in control mode the ranges
+        // the local guard holds them to.
+        let overlay = config
+            .interface
+            .addresses
+            .iter()
+            .map(IpNet::trunc)
+            .chain(config.control.iter().flat_map(|c| c.guard.overlay.iter().flatten().copied()))
+            .collect();
+        LanSource { site, overlay }
+    });
+    DesiredGateway { forward, masquerade, lan_source }
 }
 
 /// Half of each map's capacity: during a swap the map holds the live generation and the
@@ -184,6 +220,30 @@ mod tests {
         // [routing] after [interface] but before [[peers]] is valid TOML.
         let d = d.unwrap();
         assert!(d.routes.is_empty() && d.rules.is_empty());
+    }
+
+    #[test]
+    fn gateway_forwards_the_families_in_use_and_masquerades_on_the_tunnel() {
+        let c = config(
+            "addresses = [\"10.77.0.1/24\"]\n[gateway]\nforward = true\nmasquerade = [\"192.168.10.0/24\"]\n\
+             own_traffic = \"lan\"\nsite_prefixes = [\"192.168.10.0/24\"]\n",
+            r#"["10.77.0.2/32", "10.20.2.0/24"]"#,
+        );
+        let d = desired_state(&c, &PrivateKey::generate()).unwrap();
+        assert_eq!(d.gateway.forward, [Family::V4].into());
+        let m: Vec<_> = d.gateway.masquerade.iter().map(|m| (m.src.to_string(), m.oif.to_string())).collect();
+        assert_eq!(m, [("192.168.10.0/24".to_owned(), "wf0".to_owned())]);
+        let lan = d.gateway.lan_source.unwrap();
+        assert_eq!(lan.overlay, ["10.77.0.0/24".parse().unwrap()].into());
+        // An IPv6 route puts IPv6 in use too; no [gateway] section manages nothing.
+        let d = desired_state(
+            &config("addresses = [\"10.77.0.1/24\"]\n[gateway]\nforward = true\n", r#"["fd00::2/128"]"#),
+            &PrivateKey::generate(),
+        )
+        .unwrap();
+        assert_eq!(d.gateway.forward, [Family::V4, Family::V6].into());
+        let d = desired_state(&config("", r#"["10.0.0.2/32"]"#), &PrivateKey::generate()).unwrap();
+        assert_eq!(d.gateway, DesiredGateway::default());
     }
 
     #[test]

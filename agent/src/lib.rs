@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod desired;
 pub mod durable;
 pub mod enforce;
+pub mod gateway;
 pub mod hot_loop;
 pub mod keys;
 pub mod load;

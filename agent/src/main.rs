@@ -41,7 +41,8 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
-    /// Remove everything the agent owns: interface, routes, rules.
+    /// Remove everything the agent owns: interface, routes, rules, nftables table; forwarding
+    /// gets back the values it had before the agent changed it.
     Down {
         /// Agent config (TOML).
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -163,7 +164,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 })
                 .await?;
             println!(
-                "removed interface {}, its policy programs and maps, and every route and rule wirefence owned",
+                "removed interface {}, its policy programs and maps, every route and rule wirefence owned, \
+                 its nftables table, and restored the forwarding it changed",
                 config.interface.name
             );
             Ok(())
@@ -176,7 +178,9 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 config.agent.state_dir.clone(),
                 Default::default(),
             )?;
-            let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol);
+            // The state directory: where the forwarding records are.
+            let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol)
+                .with_policy_dirs(config.agent.state_dir.clone(), None);
             let names = config.peers.iter().filter_map(|p| Some((p.public_key, p.name.clone()?))).collect();
             let dirs = config.policy.as_ref().map(|p| (p.pin_dir.as_path(), config.agent.state_dir.as_path()));
             let mut st = status::collect(&rec, &config.interface.name, &names, dirs).await?;

@@ -163,6 +163,10 @@ pub struct Route {
     pub dst: IpNet,
     pub table: u32,
     pub kind: RouteKind,
+    /// Preferred source of the host's own packets on this route (`src` in `ip route`):
+    /// only a gateway's `own_traffic = "lan"` sets one (see [`crate::gateway::source`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src: Option<std::net::IpAddr>,
 }
 
 /// What an owned route does with the packets it takes.
@@ -185,8 +189,12 @@ pub const FALLBACK_METRIC: u32 = 0xffff_fff0;
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
-            RouteKind::Tunnel => write!(f, "{} table {}", self.dst, self.table),
-            RouteKind::Unreachable => write!(f, "unreachable {} table {}", self.dst, self.table),
+            RouteKind::Tunnel => write!(f, "{} table {}", self.dst, self.table)?,
+            RouteKind::Unreachable => write!(f, "unreachable {} table {}", self.dst, self.table)?,
+        }
+        match self.src {
+            Some(src) => write!(f, " src {src}"),
+            None => Ok(()),
         }
     }
 }
@@ -202,6 +210,21 @@ impl Family {
         match net {
             IpNet::V4(_) => Family::V4,
             IpNet::V6(_) => Family::V6,
+        }
+    }
+
+    pub fn of_addr(addr: &std::net::IpAddr) -> Family {
+        match addr {
+            std::net::IpAddr::V4(_) => Family::V4,
+            std::net::IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// "ipv4" / "ipv6", as in sysctl paths and `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
         }
     }
 }
@@ -335,6 +358,8 @@ pub struct Desired {
     pub rules: BTreeSet<Rule>,
     /// `None`: no eBPF enforcement (and none left behind).
     pub policy: Option<DesiredPolicy>,
+    /// `[gateway]`: forwarding, masquerade and the source of the host's own traffic.
+    pub gateway: crate::gateway::DesiredGateway,
     /// MSS clamping: in the policy programs, or by the clamp alone without a policy.
     pub mss: MssSetting,
 }
@@ -395,6 +420,9 @@ pub struct Observed {
     /// The endpoint this agent last wrote for each peer (its record in the state
     /// directory). A live peer found elsewhere roamed there, and stays.
     pub endpoints_set: BTreeMap<PublicKey, SocketAddr>,
+    /// Forwarding sysctls, the records of their previous values, our nftables table and the
+    /// host's addresses (for `own_traffic = "lan"`).
+    pub gateway: crate::gateway::ObservedGateway,
 }
 
 #[cfg(test)]

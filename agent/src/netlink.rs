@@ -135,10 +135,29 @@ impl Netlink {
 
     /// Addresses on a link, without IPv6 link-local ones (the kernel's, not the agent's).
     pub async fn addresses(&self, index: u32) -> Result<BTreeSet<IpNet>, NetlinkError> {
+        self.addresses_where(Some(index)).await
+    }
+
+    /// The addresses of every link but `except` (IPv6 link-local ones excluded): where a
+    /// gateway finds its LAN address (`own_traffic = "lan"`).
+    pub async fn host_addresses(&self, except: Option<u32>) -> Result<BTreeSet<IpNet>, NetlinkError> {
+        let mut all = self.addresses_where(None).await?;
+        if let Some(index) = except {
+            let tunnel = self.addresses_where(Some(index)).await?;
+            all.retain(|a| !tunnel.contains(a));
+        }
+        Ok(all)
+    }
+
+    async fn addresses_where(&self, index: Option<u32>) -> Result<BTreeSet<IpNet>, NetlinkError> {
         let mut out = BTreeSet::new();
-        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut request = self.handle.address().get();
+        if let Some(index) = index {
+            request = request.set_link_index_filter(index);
+        }
+        let mut stream = request.execute();
         while let Some(msg) = stream.try_next().await.map_err(Self::req("list addresses"))? {
-            if msg.header.index != index {
+            if index.is_some_and(|i| msg.header.index != i) {
                 continue;
             }
             // For point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours.
@@ -205,6 +224,11 @@ impl Netlink {
         };
         msg.attributes.retain(|a| !matches!(a, RouteAttribute::Table(_) | RouteAttribute::Oif(_)));
         msg.attributes.push(RouteAttribute::Table(route.table));
+        match route.src {
+            Some(IpAddr::V4(a)) => msg.attributes.push(RouteAttribute::PrefSource(RouteAddress::Inet(a))),
+            Some(IpAddr::V6(a)) => msg.attributes.push(RouteAttribute::PrefSource(RouteAddress::Inet6(a))),
+            None => {}
+        }
         match route.kind {
             RouteKind::Tunnel => {
                 msg.header.scope = RouteScope::Link;
@@ -242,9 +266,12 @@ impl Netlink {
                 let mut table = msg.header.table as u32;
                 let mut oif = 0;
                 let mut dst = None;
+                let mut src = None;
                 for attr in &msg.attributes {
                     match attr {
                         RouteAttribute::Table(t) => table = *t,
+                        RouteAttribute::PrefSource(RouteAddress::Inet(a)) => src = Some(IpAddr::V4(*a)),
+                        RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => src = Some(IpAddr::V6(*a)),
                         RouteAttribute::Oif(o) => oif = *o,
                         RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(IpAddr::V4(*a)),
                         RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = Some(IpAddr::V6(*a)),
@@ -266,7 +293,7 @@ impl Netlink {
                     _ => RouteKind::Tunnel,
                 };
                 if let Ok(dst) = IpNet::new(dst, msg.header.destination_prefix_length) {
-                    out.insert(OwnedRoute { route: Route { dst, table, kind }, oif });
+                    out.insert(OwnedRoute { route: Route { dst, table, kind, src }, oif });
                 }
             }
         }

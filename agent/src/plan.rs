@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
+use crate::gateway::nat::NatState;
 use crate::model::{
-    Desired, LinkState, MssClamp, Observed, OwnedRoute, PublicKey, Route, RouteKind, Rule, UnknownRule,
+    Desired, Family, LinkState, MssClamp, Observed, OwnedRoute, PublicKey, Route, RouteKind, Rule, UnknownRule,
 };
 
 /// Peer fields to set; `None` leaves the field as the device has it.
@@ -58,6 +59,14 @@ pub enum Op {
     AddAddress(IpNet),
     AddRoute(Route),
     AddRule(Rule),
+    /// Turn the family's forwarding on, recording the value found first (see `gateway::forward`).
+    SetForwarding(Family),
+    /// Write back the value found before the agent turned forwarding on, and drop the record.
+    RestoreForwarding(Family),
+    /// Replace the content of the agent's nftables table with the desired masquerade rules.
+    ApplyNat,
+    /// Delete the agent's nftables table.
+    RemoveNat,
 }
 
 /// When an operation runs within one apply. The variants are in the order of application;
@@ -101,6 +110,10 @@ impl Op {
             Op::AddAddress(_) => "add_address",
             Op::AddRoute(_) => "add_route",
             Op::AddRule(_) => "add_rule",
+            Op::SetForwarding(_) => "set_forwarding",
+            Op::RestoreForwarding(_) => "restore_forwarding",
+            Op::ApplyNat => "apply_nat",
+            Op::RemoveNat => "remove_nat",
         }
     }
 
@@ -115,10 +128,13 @@ impl Op {
             | Op::DelRule(_)
             | Op::DelUnknownRule(_)
             | Op::DelRoute(_)
-            | Op::DelAddress(_) => Phase::Remove,
+            | Op::DelAddress(_)
+            | Op::RemoveNat
+            | Op::RestoreForwarding(_) => Phase::Remove,
             Op::SetMtu(_) | Op::SetUp => Phase::Link,
             Op::RemovePeer(_) | Op::ConfigureDevice { .. } | Op::UpsertPeer(_) => Phase::WireGuard,
-            Op::AddAddress(_) | Op::AddRoute(_) | Op::AddRule(_) => Phase::Add,
+            // Forwarding and masquerade once the routes into the tunnel are there.
+            Op::AddAddress(_) | Op::AddRoute(_) | Op::AddRule(_) | Op::SetForwarding(_) | Op::ApplyNat => Phase::Add,
         }
     }
 }
@@ -157,6 +173,10 @@ impl fmt::Display for Op {
             Op::AddAddress(a) => write!(f, "add address {a}"),
             Op::AddRoute(r) => write!(f, "add route {r}"),
             Op::AddRule(r) => write!(f, "add rule {r}"),
+            Op::SetForwarding(fam) => write!(f, "turn {} forwarding on", fam.name()),
+            Op::RestoreForwarding(fam) => write!(f, "restore {} forwarding to its previous value", fam.name()),
+            Op::ApplyNat => write!(f, "replace masquerade rules in table inet wirefence"),
+            Op::RemoveNat => write!(f, "delete table inet wirefence"),
         }
     }
 }
@@ -220,12 +240,19 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     for rule in observed.rules.difference(&desired.rules) {
         ops.push(Op::DelRule(*rule));
     }
+    // `own_traffic = "lan"`: remote routes carry the LAN address found on the host now.
+    let desired_routes = crate::gateway::source::with_source(
+        &desired.routes,
+        desired.gateway.lan_source.as_ref(),
+        &observed.gateway.host_addresses,
+    );
+    let desired_routes = desired_routes.as_ref();
     ops.extend(observed.unknown_rules.iter().cloned().map(Op::DelUnknownRule));
     // Owned routes are ordered by (route, oif), desired ones by route: one walk finds the kept
     // ones (ours, still desired; at most one per route, as only one oif is ours; an
     // unreachable route points at no link and outlives any).
     let mut kept_routes = Vec::new();
-    let mut wanted = desired.routes.iter().peekable();
+    let mut wanted = desired_routes.iter().peekable();
     for owned in &observed.routes {
         let still_desired = wanted.seek(|r| (*r).cmp(&owned.route));
         let on_our_link = match owned.route.kind {
@@ -309,7 +336,7 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     }
     // Both ordered by route: a merge, not a search per route.
     let mut kept = kept_routes.iter().peekable();
-    for route in &desired.routes {
+    for route in desired_routes {
         if !kept.seek(|k| (*k).cmp(route)) {
             ops.push(Op::AddRoute(*route));
         }
@@ -317,7 +344,30 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     for rule in desired.rules.difference(&observed.rules) {
         ops.push(Op::AddRule(*rule));
     }
+    plan_gateway(desired, observed, &mut ops);
+    ops.sort_by_key(Op::phase);
     Plan { ops }
+}
+
+/// Forwarding and masquerade: an operation only where the kernel differs.
+fn plan_gateway(desired: &Desired, observed: &Observed, ops: &mut Vec<Op>) {
+    let (want, have) = (&desired.gateway, &observed.gateway);
+    for family in [Family::V4, Family::V6] {
+        if want.forward.contains(&family) {
+            if have.forwarding.get(&family) != Some(&true) {
+                ops.push(Op::SetForwarding(family));
+            }
+        } else if have.recorded.contains_key(&family) {
+            ops.push(Op::RestoreForwarding(family));
+        }
+    }
+    match &have.nat {
+        // An empty table (never ours) goes like any other.
+        NatState::Present(rules) if *rules == want.masquerade && !rules.is_empty() => {}
+        NatState::Absent if want.masquerade.is_empty() => {}
+        _ if want.masquerade.is_empty() => ops.push(Op::RemoveNat),
+        _ => ops.push(Op::ApplyNat),
+    }
 }
 
 /// Membership in an ordered sequence, walked along with ordered queries.
@@ -415,6 +465,19 @@ pub(crate) mod sim {
                     assert!(obs.routes.insert(OwnedRoute { route: *r, oif }), "added an existing route")
                 }
                 Op::AddRule(r) => assert!(obs.rules.insert(*r), "added an existing rule"),
+                Op::SetForwarding(f) => {
+                    let g = &mut obs.gateway;
+                    let found = g.forwarding.get(f).copied().unwrap_or(false);
+                    g.recorded.entry(*f).or_insert(found);
+                    g.forwarding.insert(*f, true);
+                }
+                Op::RestoreForwarding(f) => {
+                    let g = &mut obs.gateway;
+                    let value = g.recorded.remove(f).expect("restored without a record");
+                    g.forwarding.insert(*f, value);
+                }
+                Op::ApplyNat => obs.gateway.nat = NatState::Present(desired.gateway.masquerade.clone()),
+                Op::RemoveNat => obs.gateway.nat = NatState::Absent,
             }
         }
     }
@@ -473,6 +536,7 @@ mod tests {
                     dst,
                     table,
                     kind: if unreachable { RouteKind::Unreachable } else { RouteKind::Tunnel },
+                    src: None,
                 },
             ),
             0..5,
@@ -490,6 +554,7 @@ mod tests {
             routes in arb_routes(),
             rules in proptest::collection::btree_set(arb_rule(), 0..3),
             mss in prop_oneof![Just(MssSetting::Auto), Just(MssSetting::Off), Just(MssSetting::Fixed(1300))],
+            gateway in arb_desired_gateway(),
         ) -> Desired {
             Desired {
                 ifname: "wf0".parse().unwrap(),
@@ -501,8 +566,53 @@ mod tests {
                 routes,
                 rules,
                 policy: None,
+                gateway,
             }
         }
+    }
+
+    fn arb_families() -> impl Strategy<Value = BTreeSet<Family>> {
+        proptest::collection::btree_set(prop_oneof![Just(Family::V4), Just(Family::V6)], 0..=2)
+    }
+
+    fn arb_masquerade() -> impl Strategy<Value = BTreeSet<crate::gateway::Masquerade>> {
+        proptest::collection::btree_set(
+            (arb_net(), prop_oneof![Just("wf0"), Just("wf1")])
+                .prop_map(|(src, oif)| crate::gateway::Masquerade { src, oif: oif.parse().unwrap() }),
+            0..3,
+        )
+    }
+
+    fn arb_desired_gateway() -> impl Strategy<Value = crate::gateway::DesiredGateway> {
+        (arb_families(), arb_masquerade(), any::<bool>()).prop_map(|(forward, masquerade, lan)| {
+            crate::gateway::DesiredGateway {
+                forward,
+                masquerade,
+                lan_source: lan.then(|| crate::gateway::LanSource {
+                    site: ["10.3.0.0/16".parse().unwrap(), "fd00:3::/32".parse().unwrap()].into(),
+                    overlay: ["10.0.0.0/16".parse().unwrap()].into(),
+                }),
+            }
+        })
+    }
+
+    fn arb_observed_gateway() -> impl Strategy<Value = crate::gateway::ObservedGateway> {
+        (
+            proptest::collection::btree_map(prop_oneof![Just(Family::V4), Just(Family::V6)], any::<bool>(), 0..=2),
+            proptest::collection::btree_map(prop_oneof![Just(Family::V4), Just(Family::V6)], any::<bool>(), 0..=2),
+            prop_oneof![Just(NatState::Absent), Just(NatState::Other), arb_masquerade().prop_map(NatState::Present)],
+            proptest::collection::btree_set(
+                prop_oneof![Just("10.3.1.1/24"), Just("192.0.2.1/24"), Just("fd00:3::1/64")]
+                    .prop_map(|a| a.parse::<IpNet>().unwrap()),
+                0..3,
+            ),
+        )
+            .prop_map(|(forwarding, recorded, nat, host_addresses)| crate::gateway::ObservedGateway {
+                forwarding,
+                recorded,
+                nat,
+                host_addresses,
+            })
     }
 
     prop_compose! {
@@ -520,6 +630,7 @@ mod tests {
             unknown in proptest::collection::vec(0u32..4, 0..2),
             endpoints_set in proptest::collection::vec((0usize..6, 1u8..4, 1u16..4), 0..4),
             clamp in proptest::option::of((proptest::option::of(1300u16..1302), 1379u16..1382)),
+            gateway in arb_observed_gateway(),
         ) -> Observed {
             let link = link.map(|(index, mtu, up)| LinkState { index, mtu, up });
             Observed {
@@ -555,6 +666,7 @@ mod tests {
                     .into_iter()
                     .map(|(i, h, p)| (k[i].public_key(), SocketAddr::from(([192, 0, 2, h], 51820 + p))))
                     .collect(),
+                gateway,
             }
         }
     }
@@ -594,7 +706,26 @@ mod tests {
             })
             .map(|r| r.route)
             .collect();
-        assert_eq!(routes, desired.routes);
+        let sourced = crate::gateway::source::with_source(
+            &desired.routes,
+            desired.gateway.lan_source.as_ref(),
+            &after.gateway.host_addresses,
+        );
+        assert_eq!(&routes, sourced.as_ref());
+        // Forwarding on where desired; elsewhere as found before the agent changed it.
+        for family in [Family::V4, Family::V6] {
+            if desired.gateway.forward.contains(&family) {
+                assert_eq!(after.gateway.forwarding.get(&family), Some(&true));
+            } else {
+                assert!(!after.gateway.recorded.contains_key(&family));
+            }
+        }
+        let nat = if desired.gateway.masquerade.is_empty() {
+            crate::gateway::nat::NatState::Absent
+        } else {
+            crate::gateway::nat::NatState::Present(desired.gateway.masquerade.clone())
+        };
+        assert_eq!(after.gateway.nat, nat);
         let dev = after.device.unwrap();
         assert_eq!(dev.public_key, Some(desired.device.private_key.public_key()));
         assert_eq!(dev.peers.keys().collect::<Vec<_>>(), desired.peers.keys().collect::<Vec<_>>());
@@ -633,14 +764,68 @@ mod tests {
             device: DeviceSpec { private_key: k[0].clone(), listen_port: Some(51820), fwmark: None },
             addresses: ["10.77.0.1/24".parse().unwrap()].into(),
             peers: [(k[1].public_key(), peer)].into(),
-            routes: [Route { dst: "10.77.0.2/32".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel }].into(),
+            routes: [Route {
+                dst: "10.77.0.2/32".parse().unwrap(),
+                table: MAIN_TABLE,
+                kind: RouteKind::Tunnel,
+                src: None,
+            }]
+            .into(),
             rules: BTreeSet::new(),
             policy: None,
             mss: MssSetting::Off,
+            gateway: Default::default(),
         };
         let mut observed = Observed::default();
         sim::apply(&desired, &mut observed, &plan(&desired, &Observed::default()), 7);
         (desired, observed)
+    }
+
+    #[test]
+    fn gateway_ops_only_where_the_kernel_differs() {
+        use crate::gateway::{Masquerade, ObservedGateway};
+        let (mut desired, mut observed) = sample();
+        observed.gateway.forwarding = [(Family::V4, false), (Family::V6, true)].into();
+        desired.gateway.forward = [Family::V4, Family::V6].into();
+        let m = Masquerade { src: "192.168.10.0/24".parse().unwrap(), oif: "wf0".parse().unwrap() };
+        desired.gateway.masquerade = [m.clone()].into();
+        // IPv6 forwarding is on already (the operator's): nothing to do there, nothing recorded.
+        assert_eq!(plan(&desired, &observed).ops, [Op::SetForwarding(Family::V4), Op::ApplyNat]);
+        let first = plan(&desired, &observed);
+        sim::apply(&desired, &mut observed, &first, 7);
+        assert_eq!(observed.gateway.recorded, [(Family::V4, false)].into());
+        assert!(plan(&desired, &observed).is_empty());
+
+        // Forwarding no longer asked for: the recorded value goes back; the table goes.
+        desired.gateway = Default::default();
+        assert_eq!(plan(&desired, &observed).ops, [Op::RestoreForwarding(Family::V4), Op::RemoveNat]);
+        // A table holding something else is replaced (or removed).
+        observed.gateway = ObservedGateway { nat: NatState::Other, ..Default::default() };
+        assert_eq!(plan(&desired, &observed).ops, [Op::RemoveNat]);
+        desired.gateway.masquerade = [m].into();
+        assert_eq!(plan(&desired, &observed).ops, [Op::ApplyNat]);
+    }
+
+    #[test]
+    fn a_lan_source_moves_remote_routes_and_only_them() {
+        let (mut desired, mut observed) = sample();
+        let remote =
+            Route { dst: "10.20.2.0/24".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel, src: None };
+        desired.routes.insert(remote);
+        let first = plan(&desired, &observed);
+        sim::apply(&desired, &mut observed, &first, 7);
+        desired.gateway.lan_source = Some(crate::gateway::LanSource {
+            site: ["192.168.10.0/24".parse().unwrap()].into(),
+            overlay: ["10.77.0.0/24".parse().unwrap()].into(),
+        });
+        // No LAN address on the host yet: the routes stay.
+        assert!(plan(&desired, &observed).is_empty());
+        observed.gateway.host_addresses = ["192.168.10.1/24".parse().unwrap()].into();
+        let sourced = Route { src: Some("192.168.10.1".parse().unwrap()), ..remote };
+        let p = plan(&desired, &observed);
+        assert_eq!(p.ops, [Op::DelRoute(OwnedRoute { route: remote, oif: 7 }), Op::AddRoute(sourced)]);
+        sim::apply(&desired, &mut observed, &p, 7);
+        assert!(plan(&desired, &observed).is_empty());
     }
 
     fn with_policy(desired: &mut Desired, digest: u64) {
@@ -753,7 +938,12 @@ mod tests {
     fn foreign_link_routes_with_our_protocol_are_removed_but_ours_kept() {
         let (desired, mut observed) = sample();
         let stale = OwnedRoute {
-            route: Route { dst: "10.99.0.0/24".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel },
+            route: Route {
+                dst: "10.99.0.0/24".parse().unwrap(),
+                table: MAIN_TABLE,
+                kind: RouteKind::Tunnel,
+                src: None,
+            },
             oif: 3,
         };
         observed.routes.insert(stale);
@@ -764,7 +954,7 @@ mod tests {
     fn unreachable_routes_stay_when_their_peer_goes_and_outlive_the_link() {
         let (mut desired, _) = sample();
         let net: IpNet = "10.77.0.0/24".parse().unwrap();
-        let fallback = Route { dst: net, table: MAIN_TABLE, kind: RouteKind::Unreachable };
+        let fallback = Route { dst: net, table: MAIN_TABLE, kind: RouteKind::Unreachable, src: None };
         desired.routes.insert(fallback);
         let mut observed = Observed::default();
         sim::apply(&desired, &mut observed, &plan(&desired, &Observed::default()), 7);
@@ -803,13 +993,19 @@ mod tests {
             dst: "fd77::2/128".parse().unwrap(),
             table: MAIN_TABLE,
             kind: RouteKind::Tunnel,
+            src: None,
         });
         let p = plan(&desired, &observed);
         assert_eq!(
             p.ops,
             vec![
                 Op::UpsertPeer(PeerUpdate { key, endpoint: None, allowed_ips: Some(new), persistent_keepalive: None }),
-                Op::AddRoute(Route { dst: "fd77::2/128".parse().unwrap(), table: MAIN_TABLE, kind: RouteKind::Tunnel }),
+                Op::AddRoute(Route {
+                    dst: "fd77::2/128".parse().unwrap(),
+                    table: MAIN_TABLE,
+                    kind: RouteKind::Tunnel,
+                    src: None
+                }),
             ]
         );
     }
@@ -829,13 +1025,18 @@ mod tests {
         for rule in &observed.unknown_rules {
             ops.push(Op::DelUnknownRule(rule.clone()));
         }
+        let desired_routes = crate::gateway::source::with_source(
+            &desired.routes,
+            desired.gateway.lan_source.as_ref(),
+            &observed.gateway.host_addresses,
+        );
         let mut kept_routes = BTreeSet::new();
         for owned in &observed.routes {
             let ours = match owned.route.kind {
                 RouteKind::Tunnel => link.is_some_and(|l| l.index == owned.oif),
                 RouteKind::Unreachable => true,
             };
-            if ours && desired.routes.contains(&owned.route) && kept_routes.insert(owned.route) {
+            if ours && desired_routes.contains(&owned.route) && kept_routes.insert(owned.route) {
                 continue;
             }
             ops.push(Op::DelRoute(*owned));
@@ -897,12 +1098,30 @@ mod tests {
         for addr in desired.addresses.difference(&observed_addresses) {
             ops.push(Op::AddAddress(*addr));
         }
-        for route in desired.routes.difference(&kept_routes) {
+        for route in desired_routes.difference(&kept_routes) {
             ops.push(Op::AddRoute(*route));
         }
         for rule in desired.rules.difference(&observed.rules) {
             ops.push(Op::AddRule(*rule));
         }
+        // Gateway: forwarding per family, then the table, each where the kernel differs.
+        for family in [Family::V4, Family::V6] {
+            let on = observed.gateway.forwarding.get(&family) == Some(&true);
+            match (desired.gateway.forward.contains(&family), observed.gateway.recorded.contains_key(&family)) {
+                (true, _) if !on => ops.push(Op::SetForwarding(family)),
+                (false, true) => ops.push(Op::RestoreForwarding(family)),
+                _ => {}
+            }
+        }
+        let nat_matches = match &observed.gateway.nat {
+            NatState::Absent => desired.gateway.masquerade.is_empty(),
+            NatState::Present(rules) => *rules == desired.gateway.masquerade && !rules.is_empty(),
+            NatState::Other => false,
+        };
+        if !nat_matches {
+            ops.push(if desired.gateway.masquerade.is_empty() { Op::RemoveNat } else { Op::ApplyNat });
+        }
+        ops.sort_by_key(Op::phase);
         Plan { ops }
     }
 }

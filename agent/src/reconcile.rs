@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 
 use crate::enforce::{self, EnforceError, Enforcer};
-use crate::model::{Desired, IfName, Observed};
+use crate::gateway::{forward, nat, GatewayError, ObservedGateway};
+use crate::model::{Desired, Family, IfName, Observed};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{plan, Op, Phase, Plan};
 use crate::state::EndpointRecord;
@@ -22,6 +23,8 @@ pub enum ReconcileError {
     Enforce(#[from] EnforceError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
     #[error("{} of {total} operations failed (the next pass retries them): {}", failures.len(), failures.iter().map(|f| format!("{}: {}", f.op, f.error)).collect::<Vec<_>>().join("; "))]
     Apply { total: usize, failures: Vec<OpFailure> },
 }
@@ -35,6 +38,8 @@ pub enum ApplyError {
     Wg(#[from] WgError),
     #[error(transparent)]
     Enforce(#[from] EnforceError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
     #[error("link {0} does not exist")]
     NoLink(IfName),
     #[error("link {0} did not appear after the device was created")]
@@ -130,10 +135,55 @@ impl Reconciler {
     }
 
     pub async fn observe(&self, ifname: &IfName) -> Result<Observed, ReconcileError> {
-        self.observe_with(ifname, self.pin_root(None)).await
+        self.observe_with(ifname, self.pin_root(None), None).await
     }
 
-    async fn observe_with(&self, ifname: &IfName, pin_root: Option<&Path>) -> Result<Observed, ReconcileError> {
+    /// The gateway part of the kernel: forwarding, its records, our nftables table, and
+    /// (`host_addresses`: for `own_traffic = "lan"`) the addresses of the other links.
+    /// Without masquerade in `desired`, a table that cannot be listed (no `nft`, no
+    /// nf_tables in the kernel) is taken as absent: a node that is no gateway never fails
+    /// for want of nftables.
+    pub async fn observe_gateway(
+        &self,
+        tunnel: Option<u32>,
+        desired: Option<&crate::gateway::DesiredGateway>,
+    ) -> Result<ObservedGateway, ReconcileError> {
+        let state_dir = self.state_dir.clone();
+        let host_addresses = desired.is_some_and(|g| g.lan_source.is_some());
+        let nat_required = desired.is_some_and(|g| !g.masquerade.is_empty());
+        let mut g = blocking(move || -> Result<ObservedGateway, GatewayError> {
+            let mut g = ObservedGateway::default();
+            for family in [Family::V4, Family::V6] {
+                if let Some(on) = forward::read(family)? {
+                    g.forwarding.insert(family, on);
+                }
+                if let Some(value) = forward::recorded(&state_dir, family)? {
+                    g.recorded.insert(family, value);
+                }
+            }
+            g.nat = match nat::observe() {
+                Ok(state) => state,
+                Err(e) if !nat_required => {
+                    tracing::debug!(error = %e, "cannot list table inet wirefence; taken as absent");
+                    nat::NatState::Absent
+                }
+                Err(e) => return Err(e),
+            };
+            Ok(g)
+        })
+        .await?;
+        if host_addresses {
+            g.host_addresses = self.nl.host_addresses(tunnel).await?;
+        }
+        Ok(g)
+    }
+
+    async fn observe_with(
+        &self,
+        ifname: &IfName,
+        pin_root: Option<&Path>,
+        gateway: Option<&crate::gateway::DesiredGateway>,
+    ) -> Result<Observed, ReconcileError> {
         let link = self.nl.tunnel_link(ifname).await?;
         let addresses = match link {
             Some(l) => self.nl.addresses(l.index).await?,
@@ -148,7 +198,8 @@ impl Reconciler {
         let policy = self.observe_policy(ifname, link.map(|l| l.index), pin_root)?;
         let clamp = observe_clamp(ifname, link.map(|l| l.index))?;
         let endpoints_set = self.with_endpoints(ifname, |r| r.endpoints().clone());
-        Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, clamp, endpoints_set })
+        let gateway = self.observe_gateway(link.map(|l| l.index), gateway).await?;
+        Ok(Observed { link, addresses, device, routes, rules, unknown_rules, policy, clamp, endpoints_set, gateway })
     }
 
     /// Runs `f` on the endpoint record of `ifname` (loading it on first use).
@@ -181,7 +232,8 @@ impl Reconciler {
 
     pub async fn plan(&self, desired: &Desired) -> Result<Plan, ReconcileError> {
         self.adopt_policy(desired).await;
-        Ok(plan(desired, &self.observe_with(&desired.ifname, self.pin_root(Some(desired))).await?))
+        let observed = self.observe_with(&desired.ifname, self.pin_root(Some(desired)), Some(&desired.gateway)).await?;
+        Ok(plan(desired, &observed))
     }
 
     /// A started agent finding pins: opens them and learns whether they already enforce the
@@ -247,6 +299,15 @@ impl Reconciler {
         let Some(link) = self.nl.tunnel_link(&previous.ifname).await? else { return Ok(None) };
         let policy = self.observe_policy(&previous.ifname, Some(link.index), self.pin_root(Some(&previous)))?;
         let clamp = observe_clamp(&previous.ifname, Some(link.index))?;
+        // Read, not assumed: a few small files and our table (and with a LAN source the host's
+        // addresses, which the routes' sources were resolved against).
+        let gateway = self.observe_gateway(Some(link.index), Some(&previous.gateway)).await?;
+        let routes = crate::gateway::source::with_source(
+            &previous.routes,
+            previous.gateway.lan_source.as_ref(),
+            &gateway.host_addresses,
+        )
+        .into_owned();
         Ok(Some(Observed {
             link: Some(link),
             device: Some(crate::model::DeviceState {
@@ -257,11 +318,7 @@ impl Reconciler {
                 live: Default::default(),
             }),
             // In order, so the set is built without a search per route.
-            routes: previous
-                .routes
-                .into_iter()
-                .map(|route| crate::model::OwnedRoute { route, oif: link.index })
-                .collect(),
+            routes: routes.into_iter().map(|route| crate::model::OwnedRoute { route, oif: link.index }).collect(),
             addresses: previous.addresses,
             rules: previous.rules,
             unknown_rules: Vec::new(),
@@ -269,6 +326,7 @@ impl Reconciler {
             clamp,
             // No peer is taken as live: only the configured endpoints are compared.
             endpoints_set: Default::default(),
+            gateway,
         }))
     }
 
@@ -440,6 +498,19 @@ impl Reconciler {
                 let (index, name) = (link()?, ifname.clone());
                 blocking(move || enforce::clamp::remove(&name, index)).await?
             }
+            Op::SetForwarding(family) => {
+                let (dir, family) = (self.state_dir.clone(), *family);
+                blocking(move || forward::enable(&dir, family)).await?
+            }
+            Op::RestoreForwarding(family) => {
+                let (dir, family) = (self.state_dir.clone(), *family);
+                blocking(move || forward::restore(&dir, family)).await?
+            }
+            Op::ApplyNat => {
+                let rules = desired.gateway.masquerade.clone();
+                blocking(move || nat::apply(&rules)).await?
+            }
+            Op::RemoveNat => blocking(|| nat::apply(&Default::default())).await?,
             Op::CreateDevice
             | Op::ApplyPolicy
             | Op::SetMss(_)
@@ -468,10 +539,33 @@ impl Reconciler {
                 blocking(move || enforce::remove(&root, &name)).await?;
             }
         }
+        self.remove_gateway().await?;
         for protocol in protocols {
             self.remove_routes_and_rules(*protocol).await?;
         }
         self.remove_links(ifnames).await
+    }
+
+    /// `down`'s part of the gateway: our nftables table goes, and each family's forwarding
+    /// gets back the value recorded before the agent first turned it on (none recorded: the
+    /// agent never changed it, and leaves it).
+    pub async fn remove_gateway(&self) -> Result<(), ReconcileError> {
+        let state_dir = self.state_dir.clone();
+        blocking(move || -> Result<(), GatewayError> {
+            match nat::observe() {
+                Ok(nat::NatState::Absent) => {}
+                Ok(_) => nat::apply(&Default::default())?,
+                // No nft (or no nf_tables): no table of ours can exist.
+                Err(GatewayError::NftMissing { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            for family in [Family::V4, Family::V6] {
+                forward::restore(&state_dir, family)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// Deletes every route and rule carrying `protocol`.

@@ -23,6 +23,8 @@ pub struct Status {
     pub policy: Option<PolicyStatus>,
     /// `None`: TCP MSS is not clamped on the interface.
     pub mss_clamp: Option<MssStatus>,
+    /// Forwarding per family and the masquerade rules in the agent's nftables table.
+    pub gateway: GatewayStatus,
     /// Control mode: the control-plane connection as the running agent last recorded it.
     pub control: Option<crate::control::ControlStatus>,
     /// Control mode: the enrollment key file, when the node has a credential and the file
@@ -64,6 +66,41 @@ pub struct MssStatus {
 impl MssStatus {
     fn of(m: crate::model::MssClamp, by: &'static str) -> Option<MssStatus> {
         (m != crate::model::MssClamp::OFF).then_some(MssStatus { ipv4: m.v4, ipv6: m.v6, by })
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GatewayStatus {
+    /// Per family ("ipv4", "ipv6"; a family off in the kernel is left out).
+    pub forwarding: std::collections::BTreeMap<&'static str, ForwardingStatus>,
+    /// "absent", "present" or "other" (the table holds what the agent does not make; the
+    /// running agent replaces it).
+    pub nat_table: &'static str,
+    pub masquerade: Vec<crate::gateway::Masquerade>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ForwardingStatus {
+    pub enabled: bool,
+    /// The value found before the agent turned forwarding on (`down` writes it back);
+    /// `None`: the agent has not changed it.
+    pub previous: Option<bool>,
+}
+
+impl GatewayStatus {
+    fn of(g: crate::gateway::ObservedGateway) -> GatewayStatus {
+        use crate::gateway::nat::NatState;
+        let forwarding = g
+            .forwarding
+            .iter()
+            .map(|(f, on)| (f.name(), ForwardingStatus { enabled: *on, previous: g.recorded.get(f).copied() }))
+            .collect();
+        let (nat_table, masquerade) = match g.nat {
+            NatState::Absent => ("absent", Vec::new()),
+            NatState::Present(rules) => ("present", rules.into_iter().collect()),
+            NatState::Other => ("other", Vec::new()),
+        };
+        GatewayStatus { forwarding, nat_table, masquerade }
     }
 }
 
@@ -149,6 +186,7 @@ pub async fn collect(
         peers,
         routes: observed.routes.into_iter().collect(),
         rules: observed.rules.into_iter().collect(),
+        gateway: GatewayStatus::of(observed.gateway),
     })
 }
 
@@ -212,7 +250,11 @@ impl std::fmt::Display for Status {
                 // A mesh prefix: refused while no peer carries it, never sent out in clear.
                 (RouteKind::Unreachable, _) => writeln!(f, "  unreachable {} table {}", r.route.dst, r.route.table)?,
                 (RouteKind::Tunnel, true) => {
-                    writeln!(f, "  {} dev {} table {}", r.route.dst, self.interface, r.route.table)?
+                    write!(f, "  {} dev {} table {}", r.route.dst, self.interface, r.route.table)?;
+                    match r.route.src {
+                        Some(src) => writeln!(f, " src {src}")?,
+                        None => writeln!(f)?,
+                    }
                 }
                 (RouteKind::Tunnel, false) => {
                     writeln!(f, "  {} ifindex {} table {} (stale)", r.route.dst, r.oif, r.route.table)?
@@ -228,6 +270,29 @@ impl std::fmt::Display for Status {
         match &self.mss_clamp {
             Some(m) => writeln!(f, "MSS clamp: {} (IPv4), {} (IPv6), by the {}", m.ipv4, m.ipv6, m.by)?,
             None => writeln!(f, "MSS clamp: off")?,
+        }
+        let g = &self.gateway;
+        let forwarding: Vec<String> = g
+            .forwarding
+            .iter()
+            .map(|(family, s)| match s.previous {
+                Some(p) => format!(
+                    "{family} {} (down restores {})",
+                    if s.enabled { "on" } else { "off" },
+                    if p { "on" } else { "off" }
+                ),
+                None => format!("{family} {}", if s.enabled { "on" } else { "off" }),
+            })
+            .collect();
+        writeln!(f, "\ngateway: forwarding {}", forwarding.join(", "))?;
+        match g.nat_table {
+            "absent" => writeln!(f, "  masquerade: none")?,
+            "present" => {
+                for m in &g.masquerade {
+                    writeln!(f, "  masquerade {} out of {} (table inet wirefence)", m.src, m.oif)?;
+                }
+            }
+            _ => writeln!(f, "  table inet wirefence holds rules wirefence does not make (the agent replaces them)")?,
         }
         if let Some(p) = &self.policy {
             writeln!(
@@ -309,17 +374,35 @@ mod tests {
             peers: vec![peer("gw\x1b[2J\x1b[H"), peer("db\n  endpoint: 203.0.113.9:51820"), peer("ab\u{202e}cd")],
             routes: vec![
                 OwnedRoute {
-                    route: Route { dst: "10.20.0.0/16".parse().unwrap(), table: 254, kind: RouteKind::Unreachable },
+                    route: Route {
+                        dst: "10.20.0.0/16".parse().unwrap(),
+                        table: 254,
+                        kind: RouteKind::Unreachable,
+                        src: None,
+                    },
                     oif: 0,
                 },
                 OwnedRoute {
-                    route: Route { dst: "10.20.2.0/24".parse().unwrap(), table: 254, kind: RouteKind::Tunnel },
+                    route: Route {
+                        dst: "10.20.2.0/24".parse().unwrap(),
+                        table: 254,
+                        kind: RouteKind::Tunnel,
+                        src: Some("192.168.10.1".parse().unwrap()),
+                    },
                     oif: 3,
                 },
             ],
             rules: vec![],
             policy: None,
             mss_clamp: None,
+            gateway: GatewayStatus {
+                forwarding: [("ipv4", ForwardingStatus { enabled: true, previous: Some(false) })].into(),
+                nat_table: "present",
+                masquerade: vec![crate::gateway::Masquerade {
+                    src: "192.168.10.0/24".parse().unwrap(),
+                    oif: "wf0".parse().unwrap(),
+                }],
+            },
             control: Some(crate::control::ControlStatus {
                 last_error: Some("refused: \x1b]0;pwned\x07".into()),
                 refused_routes: vec!["10.30.0.0/24 is not within the routes granted\x1b[2J".into()],
@@ -336,7 +419,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("  unreachable 10.20.0.0/16 table 254\n"), "{text}");
-        assert!(text.contains("  10.20.2.0/24 dev wf0 table 254\n") && !text.contains("stale"), "{text}");
+        assert!(
+            text.contains("  10.20.2.0/24 dev wf0 table 254 src 192.168.10.1\n") && !text.contains("stale"),
+            "{text}"
+        );
+        assert!(text.contains("gateway: forwarding ipv4 on (down restores off)\n"), "{text}");
+        assert!(text.contains("  masquerade 192.168.10.0/24 out of wf0 (table inet wirefence)\n"), "{text}");
         assert!(
             text.contains(
                 r"route refused by the control plane: 10.30.0.0/24 is not within the routes granted\u{1b}[2J"

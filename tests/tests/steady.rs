@@ -216,6 +216,34 @@ fn policy_routing_with_a_custom_table_and_priority_is_silent() {
     full_tunnel(&["0.0.0.0/0", "::/0"], &[OUTSIDE_V4, OUTSIDE_V6], extra);
 }
 
+/// A gateway with every `[gateway]` key: forwarding, masquerade (its nftables table must not
+/// be replaced: the rules keep their handles) and a LAN source on the route to the far site.
+#[test]
+fn gateway_is_silent() {
+    let lab = Lab::new(2);
+    let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
+    a.ns.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "lan1"]);
+    a.ns.ip(&["addr", "add", "192.168.10.1/24", "dev", "lan0"]);
+    a.ns.ip(&["link", "set", "lan0", "up"]);
+    let gateway = "[gateway]\nforward = true\nmasquerade = [\"192.168.10.0/24\"]\nown_traffic = \"lan\"\n\
+                   site_prefixes = [\"192.168.10.0/24\"]\n";
+    let far = [format!("{}/32", b.overlay_v4), "10.20.2.0/24".to_owned()];
+    a.config().peer_with(b, &[&far[0], &far[1]]).extra(gateway).resync_secs(1).write();
+    b.config().peer_with(a, &[&format!("{}/32", a.overlay_v4), "192.168.10.0/24"]).resync_secs(1).write();
+    let (pa, pb) = (a.spawn_agent(), b.spawn_agent());
+    ping_ok(a, &b.overlay_v4);
+    let table = || run_ok(a.ns.cmd("nft").args(["-a", "list", "table", "inet", "wirefence"]));
+    wait_until("the LAN source on the far route", T, || {
+        a.ns.ip(&["route", "show", "10.20.2.0/24"]).contains("src 192.168.10.1")
+    });
+    let before = table();
+    assert_silent(&[(a, &pa), (b, &pb)], || ());
+    assert_eq!(table(), before, "the masquerade table was rewritten after convergence");
+    assert_second_run_does_nothing(a, pa);
+    assert_eq!(table(), before, "run --once rewrote the masquerade table");
+    drop(pb);
+}
+
 #[test]
 fn control_mode_is_silent() {
     let lab = Lab::new(2);

@@ -101,6 +101,11 @@ pub fn contents(u: &Unpacked) -> Result<()> {
     let depends = field(&control, "Depends").context("control has no Depends")?;
     ensure!(depends.contains("libc6"), "Depends lacks libc6 (shlibdeps did not run?): {depends}");
     ensure!(depends.contains("systemd"), "Depends lacks systemd (systemd-sysusers): {depends}");
+    if u.package == Package::Agent {
+        // A gateway's masquerade runs `nft`; the agent names the package when it is missing.
+        let recommends = field(&control, "Recommends").unwrap_or_default();
+        ensure!(recommends.contains("nftables"), "Recommends lacks nftables (`nft` for masquerade): {recommends}");
+    }
 
     let overrides = read(&u.root.join(format!("usr/share/lintian/overrides/{name}")))?;
     unexplained_overrides(&overrides)?;
@@ -122,6 +127,19 @@ pub fn contents(u: &Unpacked) -> Result<()> {
         "postinst starts {name}.service on installation:\n{postinst}"
     );
     let unit = read(&u.root.join(format!("{UNITS}/{name}.service")))?;
+    if u.package == Package::Agent {
+        // /proc/sys stays read-only but for exactly the forwarding switches the agent writes.
+        let writable: Vec<&str> = unit
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("ReadWritePaths="))
+            .flat_map(str::split_whitespace)
+            .filter(|p| p.trim_start_matches('-').starts_with("/proc/"))
+            .collect();
+        ensure!(
+            writable == ["/proc/sys/net/ipv4/ip_forward", "-/proc/sys/net/ipv6/conf/all/forwarding"],
+            "the agent's unit makes other /proc paths writable than the two forwarding switches: {writable:?}"
+        );
+    }
     let config = match u.package {
         Package::Agent => "/etc/wirefence/agent.toml",
         Package::Control => "/etc/default/wirefence-control",
