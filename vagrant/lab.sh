@@ -147,10 +147,14 @@ provision_gateway() {
     if [ "$_gw" = gw1 ]; then
         _ip=$GW1_IP
         _site="advertise_routes = [\"$LAN_NET\"]"
-        sysctl -qw net.ipv4.ip_forward=1
+        # The agent turns forwarding on (and `down` gives back what was there).
+        _gateway="[gateway]
+forward = true
+"
     else
         _ip=$GW2_IP
         _site="accept_routes = [\"$LAN_NET\"]"
+        _gateway=""
     fi
     if [ "$LAB_SERVICE" = direct ]; then
         _dirs="[agent]
@@ -168,6 +172,7 @@ private_key_file = "$AGENT_KEY"   # made by the agent on its first start
 listen_port = 51820
 
 $_dirs
+$_gateway
 [policy]
 pin_dir = "/sys/fs/bpf/wirefence"
 

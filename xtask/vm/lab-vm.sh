@@ -135,6 +135,14 @@ done
 journalctl -u wirefence-agent -o cat | grep -q converged || fail "the journal has no 'converged' from the agent"
 ip route show proto wirefence | grep -q "$GW1_IF" || fail "ip route shows no 'proto wirefence' route on $GW1_IF"
 wirefence-agent status >/dev/null || fail "'wirefence-agent status' as root (default config path) failed"
+# gw1's [gateway] forward = true: the sandboxed agent turned IPv4 forwarding on (the boot's
+# value was 0; the lab's check above crossed gw1), and status says what `down` gives back.
+[ "$(cat /proc/sys/net/ipv4/ip_forward)" = 1 ] || fail "IPv4 forwarding is off on gw1"
+wirefence-agent status | grep -q 'gateway: forwarding ipv4 on (down restores off)' ||
+    fail "status does not show forwarding turned on by the agent: $(wirefence-agent status)"
+# TCP MSS: clamped by the policy programs (their maps hold the limits of gw1's tunnel).
+wirefence-agent status | grep -q 'MSS clamp: .* by the policy programs' ||
+    fail "status does not show the MSS clamped by the policy programs: $(wirefence-agent status)"
 before=$(attachments)
 [ -n "$before" ] || fail "gw1 has no eBPF attachment on $GW1_IF"
 
