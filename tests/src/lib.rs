@@ -389,6 +389,26 @@ impl Lab {
     }
 }
 
+/// A LAN behind gateway `gw`: a namespace of its own joined to `gw` by a veth (`lan0` on the
+/// gateway with `gw_addr`/24, `eth0` in the LAN with `host_addr`/24, both 1500 bytes), its
+/// default route through the gateway. The gateway forwards only if the test turns it on.
+pub fn lan_behind(gw: &Host, gw_addr: &str, host_addr: &str) -> Netns {
+    let lan = Netns::new("lan");
+    let tag = unique();
+    let (a, b) = (format!("la{tag}"), format!("lb{tag}"));
+    ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    ip(&["link", "set", &a, "netns", &gw.ns.name]);
+    ip(&["link", "set", &b, "netns", &lan.name]);
+    gw.ns.ip(&["link", "set", &a, "name", "lan0"]);
+    gw.ns.ip(&["addr", "add", &format!("{gw_addr}/24"), "dev", "lan0"]);
+    gw.ns.ip(&["link", "set", "lan0", "mtu", "1500", "up"]);
+    lan.ip(&["link", "set", &b, "name", "eth0"]);
+    lan.ip(&["addr", "add", &format!("{host_addr}/24"), "dev", "eth0"]);
+    lan.ip(&["link", "set", "eth0", "mtu", "1500", "up"]);
+    lan.ip(&["route", "add", "default", "via", gw_addr]);
+    lan
+}
+
 /// Config builder for one host.
 pub struct ConfigBuilder<'a> {
     host: &'a Host,

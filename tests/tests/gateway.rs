@@ -62,20 +62,7 @@ const V6: &str = "net.ipv6.conf.all.forwarding";
 
 /// The gateway's LAN: a host in its own namespace behind a veth, routed by h1.
 fn lan_host(h1: &Host) -> Netns {
-    let lan = Netns::new("lan");
-    let tag = unique();
-    let (a, b) = (format!("la{tag}"), format!("lb{tag}"));
-    ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
-    ip(&["link", "set", &a, "netns", &h1.ns.name]);
-    ip(&["link", "set", &b, "netns", &lan.name]);
-    h1.ns.ip(&["link", "set", &a, "name", "lan0"]);
-    h1.ns.ip(&["addr", "add", &format!("{LAN_GW}/24"), "dev", "lan0"]);
-    h1.ns.ip(&["link", "set", "lan0", "up"]);
-    lan.ip(&["link", "set", &b, "name", "eth0"]);
-    lan.ip(&["addr", "add", &format!("{LAN_HOST}/24"), "dev", "eth0"]);
-    lan.ip(&["link", "set", "eth0", "up"]);
-    lan.ip(&["route", "add", "default", "via", LAN_GW]);
-    lan
+    lan_behind(h1, LAN_GW, LAN_HOST)
 }
 
 /// The far side: h2 with its LAN address, knowing h1 and h1's LAN, and the source server

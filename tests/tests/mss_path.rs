@@ -61,17 +61,7 @@ fn syns_from_a_1500_byte_lan_cross_the_tunnel_clamped() {
     let lab = Lab::new(2);
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     // The LAN behind h1: a namespace with a 1500-byte veth, routed through h1.
-    let lan = Netns::new("lan");
-    let tag = unique();
-    let (a, b) = (format!("la{tag}"), format!("lb{tag}"));
-    ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
-    ip(&["link", "set", &a, "netns", &h1.ns.name]);
-    ip(&["link", "set", &b, "netns", &lan.name]);
-    h1.ns.ip(&["addr", "add", &format!("{LAN_GW}/24"), "dev", &a]);
-    h1.ns.ip(&["link", "set", &a, "mtu", "1500", "up"]);
-    lan.ip(&["addr", "add", &format!("{LAN_HOST}/24"), "dev", &b]);
-    lan.ip(&["link", "set", &b, "mtu", "1500", "up"]);
-    lan.ip(&["route", "add", "default", "via", LAN_GW]);
+    let lan = lan_behind(h1, LAN_GW, LAN_HOST);
     run_ok(h1.ns.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
     echo_server(&h2.ns, format!("0.0.0.0:{PORT}").parse().unwrap());
 
