@@ -118,7 +118,7 @@ pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
         for &ni in far.flatten() {
             if ni != me_ix {
                 let n = &state.nodes[ni];
-                peers.entry(n.public_key).or_insert_with(|| n.clone());
+                peers.entry(n.public_key).or_insert_with(|| state.as_peer(n, me));
             }
         }
     }

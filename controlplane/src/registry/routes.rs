@@ -15,10 +15,15 @@ use crate::model::{NodeRec, RefusedRoute};
 use crate::store;
 use crate::Error;
 
-/// Splits advertised routes into those the node gets (inside its granted routes, overlapping
-/// no route of another live node than `me`: two nodes routing one subnet would split its
-/// traffic) and those refused. A refused route never refuses the registration: a gateway
-/// whose grant changed keeps its control plane and the rest of its routes.
+/// Nodes that may route one prefix together (a route group, see [`crate::election`]).
+pub const MAX_GROUP_MEMBERS: usize = 8;
+
+/// Splits advertised routes into those the node gets (inside its granted routes, and
+/// either overlapping no route of another live node than `me` or exactly the prefix of
+/// such routes: a route group, of which one member at a time gets the traffic) and those
+/// refused. A *different* overlapping prefix is refused: two nodes routing parts of one
+/// subnet would split its traffic. A refused route never refuses the registration: a
+/// gateway whose grant changed keeps its control plane and the rest of its routes.
 pub(super) fn split_routes(
     routes: &[IpNet],
     granted: &[IpNet],
@@ -32,11 +37,13 @@ pub(super) fn split_routes(
             refused.push(RefusedRoute::NotGranted { route: *route, granted: granted.to_vec() });
             continue;
         }
-        let other = nodes
-            .iter()
-            .filter(|n| n.id != me)
-            .find_map(|n| n.routes.iter().find(|t| t.contains(route) || route.contains(*t)).map(|t| (n, *t)));
-        match other {
+        let others = || nodes.iter().filter(|n| n.id != me);
+        let overlapping = others().find_map(|n| {
+            n.routes.iter().find(|t| *t != route && (t.contains(route) || route.contains(*t))).map(|t| (n, *t))
+        });
+        let mut members = others().filter(|n| n.routes.contains(route));
+        let full = members.clone().nth(MAX_GROUP_MEMBERS - 1).is_some();
+        match overlapping.or_else(|| if full { members.next().map(|n| (n, *route)) } else { None }) {
             Some((n, theirs)) => refused.push(RefusedRoute::Taken { route: *route, theirs, node: n.id.clone() }),
             None => taken.push(*route),
         }
