@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use wirefence_proto::v1::{agent_report, update, AgentReport, PrefixHealth, RouteHealth, Update};
+use wirefence_proto::v1::{agent_report, update, AgentReport, GetNodeRequest, PrefixHealth, RouteHealth, Update};
 
 const NET4: &str = "10.88.1.0/24";
 const NET6: &str = "fd88:0:0:1::/64";
@@ -91,6 +91,8 @@ async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
         assert!(r.refused_routes.is_empty(), "{name}: the same prefix is a group, not taken: {:?}", r.refused_routes);
         gw.push(r);
     }
+    // Ids are random: gw[0] is the one with the lower id (the first choice without reports).
+    gw.sort_by(|a, b| a.node_id.cmp(&b.node_id));
     // A different overlapping prefix is still refused.
     let mut r = register_req("gw3", 3, &key);
     r.routes = vec![prefix("10.88.1.0/25")];
@@ -170,4 +172,12 @@ async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
     let groups = cp.handle.registry().route_groups();
     assert_eq!(groups.len(), 2);
     assert_eq!(groups[0].primary.as_deref(), Some(id1.as_str()));
+    // `nodes show` names the groups, their primary and each member's health.
+    let node = cp.admin.get_node(GetNodeRequest { node: id2.clone() }).await.unwrap().into_inner();
+    assert_eq!(node.route_groups.len(), 2);
+    let g = &node.route_groups[0];
+    assert_eq!((g.primary.as_str(), g.members.len()), (id1.as_str(), 2));
+    assert!(g.members.iter().all(|m| m.checked));
+    let text = wirefence_control::output::node_text(&node, 0);
+    assert!(text.contains(&format!("route group:     {NET4} primary {id1}: *{id1} (priority 100, healthy)")), "{text}");
 }
