@@ -109,3 +109,37 @@ impl Registry {
         Ok((version, self.get_node(&id)?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(id: &str, n: u8, routes: &[&str]) -> Arc<NodeRec> {
+        let mut r = (*crate::policy::tests::node(id, id, n, &[])).clone();
+        r.routes = routes.iter().map(|r| r.parse().unwrap()).collect();
+        Arc::new(r)
+    }
+
+    #[test]
+    fn the_same_prefix_joins_a_group_and_an_overlapping_one_is_taken() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let grant = [net("10.88.0.0/16"), net("fd88::/48")];
+        let nodes = vec![router("a", 1, &["10.88.1.0/24", "fd88:0:0:1::/64"])];
+        let asked = [net("10.88.1.0/24"), net("fd88:0:0:1::/64"), net("10.88.2.0/25")];
+        let (got, refused) = split_routes(&asked, &grant, &nodes, "b");
+        assert_eq!(got, asked, "both families join the group");
+        assert!(refused.is_empty());
+        let (got, refused) = split_routes(&[net("10.88.1.0/25"), net("10.88.0.0/23")], &grant, &nodes, "b");
+        assert!(got.is_empty());
+        assert_eq!(refused.len(), 2);
+        // A group is bounded: a ninth member is refused.
+        let full: Vec<_> =
+            (0..MAX_GROUP_MEMBERS as u8).map(|i| router(&format!("n{i}"), i + 1, &["10.88.1.0/24"])).collect();
+        let (got, refused) = split_routes(&[net("10.88.1.0/24")], &grant, &full, "x");
+        assert!(got.is_empty());
+        assert!(matches!(&refused[0], RefusedRoute::Taken { node, .. } if node == "n0"));
+        // Outside its own grant it is refused whatever the others have.
+        let (_, refused) = split_routes(&[net("10.88.1.0/24")], &[net("10.99.0.0/16")], &nodes, "b");
+        assert!(matches!(refused[0], RefusedRoute::NotGranted { .. }));
+    }
+}
