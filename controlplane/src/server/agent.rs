@@ -211,7 +211,7 @@ impl AgentService for AgentSvc {
     async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
         let node = self.registry.authenticate(request.metadata())?;
         let mut reports = request.into_inner();
-        // Its route group memberships count as failed once this stream ends, however.
+        // Once this stream ends (however it ends), the node counts as failed in its route groups.
         let _stream = self.registry.report_stream(&node);
         let mut shutdown = self.registry.shutdown_signal();
         // Removal ends an idle report stream too, not only at its next message.
