@@ -184,6 +184,7 @@ fn plaintext_client(
         hostname: "n1".into(),
         advertise_endpoints: vec![],
         advertise_routes: vec![],
+        route_checks: vec![],
         guard: Default::default(),
     };
     let own = key.public_key();

@@ -91,6 +91,11 @@ pub struct ServeArgs {
     /// long (seconds, or a number with s, m, h or d).
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub enroll_refill: u64,
+    /// How long a recovered route group member of higher priority must stay healthy before
+    /// it takes its prefix back from the current primary (seconds, or a number with s, m,
+    /// h or d): a member whose link flaps never moves the traffic back and forth.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub route_hold_down: u64,
 }
 
 impl ServeArgs {

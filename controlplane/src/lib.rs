@@ -20,6 +20,7 @@ pub mod auth;
 pub mod certs;
 pub mod cli;
 pub mod credentials;
+pub mod election;
 pub mod enroll;
 pub mod error;
 pub mod limits;

@@ -59,6 +59,16 @@ pub fn node_json(n: &Node) -> Value {
             "route": r.route.as_ref().map(|p| prefixes(std::slice::from_ref(p)).remove(0)),
             "reason": r.reason,
         })).collect::<Vec<_>>(),
+        "route_groups": n.route_groups.iter().map(|g| json!({
+            "prefix": g.prefix.as_ref().map(|p| prefixes(std::slice::from_ref(p)).remove(0)),
+            "primary": g.primary,
+            "members": g.members.iter().map(|m| json!({
+                "node_id": m.node_id,
+                "priority": m.priority,
+                "healthy": m.healthy,
+                "checked": m.checked,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "tags": n.tags,
         "applied_version": n.applied_version,
         "last_error": n.last_error,
@@ -188,6 +198,23 @@ pub fn node_text(n: &Node, now: i64) -> String {
     let _ = writeln!(out, "granted routes:  {}", prefixes(&n.granted_routes).join(", "));
     for r in &n.refused_routes {
         let _ = writeln!(out, "refused route:   {}", Escaped(&r.reason));
+    }
+    for g in &n.route_groups {
+        let prefix = g.prefix.as_ref().map(|p| prefixes(std::slice::from_ref(p)).remove(0)).unwrap_or_default();
+        let members: Vec<String> = g
+            .members
+            .iter()
+            .map(|m| {
+                let health = match (m.healthy, m.checked) {
+                    (true, true) => "healthy",
+                    (true, false) => "connected, no check",
+                    (false, _) => "unhealthy",
+                };
+                let mark = if m.node_id == g.primary { "*" } else { "" };
+                format!("{mark}{} (priority {}, {health})", Escaped(&m.node_id), m.priority)
+            })
+            .collect();
+        let _ = writeln!(out, "route group:     {prefix} primary {}: {}", Escaped(&g.primary), members.join(", "));
     }
     let _ = writeln!(out, "tags:            {}", joined(&n.tags, ", "));
     let _ = writeln!(out, "connected:       {}", if n.connected { "yes" } else { "no" });

@@ -7,7 +7,7 @@
 //! data of all but the [`KEEP_COMPILED`] newest states; an older state recompiles it on
 //! demand from its nodes and policy, which it shares (`Arc`) with its neighbours.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use ipnet::IpNet;
@@ -69,6 +69,11 @@ pub struct GlobalState {
     /// The overlay ranges and every live node's routes: what the mesh routes, which a
     /// node must never send out in clear (each view carries it, minus the node's own routes).
     pub mesh_prefixes: Arc<BTreeSet<IpNet>>,
+    /// Route groups: prefixes routed by several live nodes, with their node ids.
+    pub groups: Arc<BTreeMap<IpNet, BTreeSet<String>>>,
+    /// Each group's primary, the one node other nodes route the prefix to (set by the
+    /// registry's election when the state is published).
+    pub primaries: Arc<BTreeMap<IpNet, String>>,
     overlay: Overlay,
     /// Computed on first use; dropped by the history once the state is old.
     compiled: Mutex<Option<Arc<Compiled>>>,
@@ -82,11 +87,20 @@ impl GlobalState {
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         let mut mesh_prefixes: BTreeSet<IpNet> = [overlay.v4, overlay.v6].into();
         mesh_prefixes.extend(nodes.iter().flat_map(|n| n.routes.iter().copied()));
+        let mut routers: BTreeMap<IpNet, BTreeSet<String>> = BTreeMap::new();
+        for n in &nodes {
+            for r in &n.routes {
+                routers.entry(*r).or_default().insert(n.id.clone());
+            }
+        }
+        routers.retain(|_, ids| ids.len() > 1);
         GlobalState {
             version,
             nodes: Arc::new(nodes),
             policy,
             mesh_prefixes: Arc::new(mesh_prefixes),
+            groups: Arc::new(routers),
+            primaries: Arc::default(),
             overlay,
             compiled: Mutex::default(),
             created: std::time::Instant::now(),
@@ -100,10 +114,41 @@ impl GlobalState {
             nodes: self.nodes.clone(),
             policy,
             mesh_prefixes: self.mesh_prefixes.clone(),
+            groups: self.groups.clone(),
+            primaries: self.primaries.clone(),
             overlay: self.overlay,
             compiled: Mutex::default(),
             created: std::time::Instant::now(),
         }
+    }
+
+    /// The same nodes and policy with other route group primaries. The compiled policy
+    /// does not depend on them, so it is shared: a failover costs no recompilation.
+    pub fn with_primaries(&self, version: u64, primaries: BTreeMap<IpNet, String>) -> GlobalState {
+        GlobalState {
+            version,
+            nodes: self.nodes.clone(),
+            policy: self.policy.clone(),
+            mesh_prefixes: self.mesh_prefixes.clone(),
+            groups: self.groups.clone(),
+            primaries: Arc::new(primaries),
+            overlay: self.overlay,
+            compiled: Mutex::new(lock(&self.compiled).clone()),
+            created: std::time::Instant::now(),
+        }
+    }
+
+    /// Node `n` as a peer of node `me`: without the group prefixes it is not the primary
+    /// of, nor those `me` routes itself (a member reaches its LAN directly, and WireGuard
+    /// takes a prefix from one peer only).
+    pub fn as_peer(&self, n: &Arc<NodeRec>, me: &NodeRec) -> Arc<NodeRec> {
+        let keep = |r: &IpNet| {
+            !self.groups.contains_key(r) || (self.primaries.get(r) == Some(&n.id) && !me.routes.contains(r))
+        };
+        if self.groups.is_empty() || n.routes.iter().all(keep) {
+            return n.clone();
+        }
+        Arc::new(NodeRec { routes: n.routes.iter().copied().filter(keep).collect(), ..(**n).clone() })
     }
 
     /// The same policy with other nodes.

@@ -118,7 +118,7 @@ pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
         for &ni in far.flatten() {
             if ni != me_ix {
                 let n = &state.nodes[ni];
-                peers.entry(n.public_key).or_insert_with(|| n.clone());
+                peers.entry(n.public_key).or_insert_with(|| state.as_peer(n, me));
             }
         }
     }
@@ -314,6 +314,39 @@ ports = ["22"]
         let d = delta(&node_view(&s1, "n2").unwrap(), &node_view(&s2, "n2").unwrap(), 1).unwrap();
         assert!(d.upsert_peers.is_empty() && d.remove_peers.is_empty() && d.policy.is_none());
         assert_eq!(d.mesh_prefixes.unwrap().prefixes, prefixes(&[overlay.v4, overlay.v6]));
+    }
+
+    #[test]
+    fn a_route_group_prefix_goes_to_the_primary_peer_only() {
+        let net: IpNet = "10.88.0.0/24".parse().unwrap();
+        let router = |id: &str, name: &str, n: u8| {
+            let mut r = (*node(id, name, n, &[])).clone();
+            r.routes = vec![net];
+            Arc::new(r)
+        };
+        let mut nodes = four();
+        nodes.push(router("n5", "gw1", 5));
+        nodes.push(router("n6", "gw2", 6));
+        let src = "[[rules]]\nid = \"lan\"\nfrom = [\"node:laptop\"]\nto = [\"10.88.0.5\"]\n";
+        let s = state(1, nodes, src);
+        assert_eq!(s.groups[&net].len(), 2);
+        let routed = |s: &GlobalState, id: &str| -> Vec<String> {
+            let v = node_view(s, id).unwrap();
+            v.peers.values().filter(|p| p.routes.contains(&net)).map(|p| p.hostname.clone()).collect()
+        };
+        let s1 = s.with_primaries(2, [(net, "n6".to_string())].into());
+        let laptop = node_view(&s1, "n1").unwrap();
+        assert_eq!(names(&laptop), ["gw1", "gw2"], "both members stay peers (the rule covers both)");
+        assert_eq!(routed(&s1, "n1"), ["gw2"]);
+        // A member routes its own LAN: no peer gets the prefix in its view.
+        assert!(routed(&s1, "n5").is_empty());
+        // Failover: one delta upserts both gateways' peers, nothing else.
+        let s2 = s1.with_primaries(3, [(net, "n5".to_string())].into());
+        assert_eq!(routed(&s2, "n1"), ["gw1"]);
+        let d = delta(&node_view(&s1, "n1").unwrap(), &node_view(&s2, "n1").unwrap(), 2).unwrap();
+        assert_eq!(d.upsert_peers.len(), 2);
+        assert!(d.policy.is_none() && d.mesh_prefixes.is_none() && d.remove_peers.is_empty());
+        assert!(s2.is_compiled(), "the compiled policy is shared across an election");
     }
 
     #[test]

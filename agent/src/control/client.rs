@@ -180,7 +180,12 @@ impl ControlClient {
         let mut report_client = client.clone();
         let report_req = authed(&cred, tokio_stream::wrappers::ReceiverStream::new(report_rx));
         let report_task = tokio::spawn(async move { report_client.report(report_req).await });
+        // Route health rides this session's Report stream; it stops with the session so
+        // its sender does not hold the stream open.
+        let checks = tokio::spawn(super::checks::run(self.advertised.clone(), report_tx.clone()));
         let result = self.watch(&mut client, &cred, &report_tx, status).await;
+        checks.abort();
+        let _ = checks.await;
         // Closing the queue ends the Report stream once what is queued (often the outcome
         // of the update that ended the session) has gone out; a dead connection gets a moment.
         drop(report_tx);

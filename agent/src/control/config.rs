@@ -9,6 +9,15 @@
 //! hostname = "gw1"                           # default: the machine's host name
 //! advertise_endpoints = ["192.0.2.1:51820"]  # where other nodes reach this one
 //! advertise_routes = ["10.88.0.0/24"]        # subnets this node routes for the mesh
+//! # A subnet several gateways route (a route group): the control plane sends its traffic to
+//! # one healthy member at a time, the highest priority first (see `checks`).
+//! [[control.advertise]]
+//! prefix = "10.88.1.0/24"
+//! priority = 200                             # default 100
+//! check = "tcp:10.88.1.5:22"                 # or "none" (default): healthy while connected
+//! interval_ms = 500                          # 100..=5000
+//! fail_after = 2                             # failed checks in a row before unhealthy
+//! recover_after = 3                          # passed checks in a row before healthy again
 //! # The local guard (see `guard`): what this node accepts from the control plane.
 //! overlay = ["100.64.0.0/10", "fd7a::/48"]   # default: the ranges announced at enrollment
 //! accept_routes = ["10.88.0.0/16"]           # peer routes beyond the overlay; default none
@@ -18,6 +27,7 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -36,7 +46,66 @@ pub struct ControlConfig {
     pub hostname: String,
     pub advertise_endpoints: Vec<SocketAddr>,
     pub advertise_routes: Vec<IpNet>,
+    /// Every advertised route with its group settings (`advertise_routes` entries with the
+    /// defaults), in `advertise_routes` order.
+    pub route_checks: Vec<RouteCheck>,
     pub guard: GuardConfig,
+}
+
+/// How this node takes part in a route group for one advertised prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteCheck {
+    pub prefix: IpNet,
+    /// Higher is preferred as the group's primary.
+    pub priority: u32,
+    pub check: Check,
+    pub interval: Duration,
+    pub fail_after: u32,
+    pub recover_after: u32,
+}
+
+pub const DEFAULT_PRIORITY: u32 = 100;
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+/// The control plane clamps to the same range.
+pub const INTERVAL_MS: std::ops::RangeInclusive<u64> = 100..=5000;
+pub const DEFAULT_FAIL_AFTER: u32 = 2;
+pub const DEFAULT_RECOVER_AFTER: u32 = 3;
+/// Upper bound of `fail_after`/`recover_after`: more would make failover slower than its budget.
+pub const MAX_STREAK: u32 = 20;
+
+impl RouteCheck {
+    fn plain(prefix: IpNet) -> RouteCheck {
+        RouteCheck {
+            prefix,
+            priority: DEFAULT_PRIORITY,
+            check: Check::None,
+            interval: DEFAULT_INTERVAL,
+            fail_after: DEFAULT_FAIL_AFTER,
+            recover_after: DEFAULT_RECOVER_AFTER,
+        }
+    }
+}
+
+/// What proves a route healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Nothing: healthy while the agent is connected.
+    None,
+    /// A TCP connection to this LAN address completes within the interval.
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for Check {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Check, String> {
+        if s == "none" {
+            return Ok(Check::None);
+        }
+        match s.strip_prefix("tcp:").map(str::parse::<SocketAddr>) {
+            Some(Ok(a)) if a.port() != 0 && !a.ip().is_unspecified() => Ok(Check::Tcp(a)),
+            _ => Err(format!("{s:?} is not \"none\" or \"tcp:ip:port\" (\"tcp:[v6]:port\")")),
+        }
+    }
 }
 
 /// What this node tells the control plane about itself at each registration: a reload may
@@ -45,16 +114,74 @@ pub struct ControlConfig {
 pub struct Advertised {
     pub endpoints: Vec<SocketAddr>,
     pub routes: Vec<IpNet>,
+    /// The routes' group settings, which the checks run on (see `checks`).
+    pub checks: Vec<RouteCheck>,
 }
 
 impl ControlConfig {
     pub fn advertised(&self) -> Advertised {
-        Advertised { endpoints: self.advertise_endpoints.clone(), routes: self.advertise_routes.clone() }
+        Advertised {
+            endpoints: self.advertise_endpoints.clone(),
+            routes: self.advertise_routes.clone(),
+            checks: self.route_checks.clone(),
+        }
     }
 
     /// The settings only a restart may change: all but the advertised ones.
     pub fn restart_settings(&self) -> ControlConfig {
-        ControlConfig { advertise_endpoints: Vec::new(), advertise_routes: Vec::new(), ..self.clone() }
+        ControlConfig {
+            advertise_endpoints: Vec::new(),
+            advertise_routes: Vec::new(),
+            route_checks: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdvertise {
+    prefix: Spanned<String>,
+    priority: Option<Spanned<u32>>,
+    check: Option<Spanned<String>>,
+    interval_ms: Option<Spanned<u64>>,
+    fail_after: Option<Spanned<u32>>,
+    recover_after: Option<Spanned<u32>>,
+}
+
+impl RawAdvertise {
+    fn resolve(self) -> Result<RouteCheck, ResolveError> {
+        let field = |name: &str, m: String| format!("control.advertise.{name}: {m}");
+        let prefix = parse_prefix(self.prefix.get_ref()).map_err(|m| err(self.prefix.span(), field("prefix", m)))?;
+        let mut c = RouteCheck::plain(prefix);
+        if let Some(p) = self.priority {
+            c.priority = match *p.get_ref() {
+                0 => return Err(err(p.span(), field("priority", "must be at least 1".into()))),
+                v => v,
+            };
+        }
+        if let Some(k) = self.check {
+            c.check = k.get_ref().parse().map_err(|m| err(k.span(), field("check", m)))?;
+        }
+        if let Some(i) = self.interval_ms {
+            if !INTERVAL_MS.contains(i.get_ref()) {
+                let m = format!("{} is outside {}..={}", i.get_ref(), INTERVAL_MS.start(), INTERVAL_MS.end());
+                return Err(err(i.span(), field("interval_ms", m)));
+            }
+            c.interval = Duration::from_millis(*i.get_ref());
+        }
+        for (name, raw, out) in [
+            ("fail_after", self.fail_after, &mut c.fail_after),
+            ("recover_after", self.recover_after, &mut c.recover_after),
+        ] {
+            if let Some(v) = raw {
+                if !(1..=MAX_STREAK).contains(v.get_ref()) {
+                    return Err(err(v.span(), field(name, format!("{} is outside 1..={MAX_STREAK}", v.get_ref()))));
+                }
+                *out = *v.get_ref();
+            }
+        }
+        Ok(c)
     }
 }
 
@@ -79,6 +206,8 @@ pub(crate) struct RawControl {
     advertise_endpoints: Vec<Spanned<String>>,
     #[serde(default)]
     advertise_routes: Vec<Spanned<String>>,
+    #[serde(default)]
+    advertise: Vec<Spanned<RawAdvertise>>,
     overlay: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     accept_routes: Vec<Spanned<String>>,
@@ -154,7 +283,18 @@ impl RawControl {
                 .map_err(|p| err(e.span(), format!("control.advertise_endpoints: {addr}: {p}")))?;
             advertise_endpoints.push(addr);
         }
-        let advertise_routes = prefix_list("advertise_routes", &self.advertise_routes, None)?;
+        let mut route_checks: Vec<RouteCheck> =
+            prefix_list("advertise_routes", &self.advertise_routes, None)?.into_iter().map(RouteCheck::plain).collect();
+        for a in self.advertise {
+            let span = a.span();
+            let c = a.into_inner().resolve()?;
+            if route_checks.iter().any(|o| o.prefix == c.prefix) {
+                let m = format!("control.advertise.prefix: {} is advertised twice", c.prefix);
+                return Err(err(span, m));
+            }
+            route_checks.push(c);
+        }
+        let advertise_routes = route_checks.iter().map(|c| c.prefix).collect();
         let overlay = match &self.overlay {
             None => None,
             Some(list) if list.get_ref().is_empty() => {
@@ -175,6 +315,7 @@ impl RawControl {
             hostname,
             advertise_endpoints,
             advertise_routes,
+            route_checks,
             guard,
         })
     }
@@ -275,6 +416,43 @@ mod tests {
             assert!(e.contains("control.advertise_endpoints") && e.contains(why), "{bad}: {e}");
         }
         let e = parse("endpoints = [\"cp:1\"]\ninsecure = true\nsecret = 1\n", "").unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn advertise_tables_parse_with_defaults_and_name_bad_fields() {
+        let base = "endpoints = [\"cp:1\"]\ninsecure = true\nadvertise_routes = [\"10.88.0.0/24\"]\n";
+        let c = parse(
+            &format!(
+                "{base}[[control.advertise]]\nprefix = \"10.88.1.0/24\"\npriority = 200\ncheck = \"tcp:10.88.1.5:22\"\n\
+                 interval_ms = 250\nfail_after = 1\n[[control.advertise]]\nprefix = \"fd88::/64\"\n"
+            ),
+            "",
+        )
+        .unwrap()
+        .control
+        .unwrap();
+        assert_eq!(c.advertise_routes.len(), 3);
+        assert_eq!(c.route_checks[0], RouteCheck::plain("10.88.0.0/24".parse().unwrap()));
+        let g = &c.route_checks[1];
+        assert_eq!((g.priority, g.interval, g.fail_after, g.recover_after), (200, Duration::from_millis(250), 1, 3));
+        assert_eq!(g.check, Check::Tcp("10.88.1.5:22".parse().unwrap()));
+        assert_eq!(c.route_checks[2].check, Check::None);
+        for (bad, line, what) in [
+            ("prefix = \"10.88.1.1/24\"", 10, "control.advertise.prefix"),
+            ("prefix = \"10.88.0.0/24\"", 9, "advertised twice"),
+            ("prefix = \"10.88.1.0/24\"\ncheck = \"icmp:10.88.1.5\"", 11, "control.advertise.check"),
+            ("prefix = \"10.88.1.0/24\"\ncheck = \"tcp:10.88.1.5:0\"", 11, "control.advertise.check"),
+            ("prefix = \"10.88.1.0/24\"\ninterval_ms = 60000", 11, "control.advertise.interval_ms"),
+            ("prefix = \"10.88.1.0/24\"\nfail_after = 0", 11, "control.advertise.fail_after"),
+            ("prefix = \"10.88.1.0/24\"\nrecover_after = 99", 11, "control.advertise.recover_after"),
+            ("prefix = \"10.88.1.0/24\"\npriority = 0", 11, "control.advertise.priority"),
+        ] {
+            let e = parse(&format!("{base}[[control.advertise]]\n{bad}\n"), "").unwrap_err();
+            assert!(e.starts_with(&format!("a.toml:{line}:")) && e.contains(what), "{bad}: {e}");
+        }
+        let e =
+            parse(&format!("{base}[[control.advertise]]\nprefix = \"10.88.1.0/24\"\nweight = 1\n"), "").unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
     }
 

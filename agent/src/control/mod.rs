@@ -2,6 +2,7 @@
 //! gRPC (`wirefence.v1`). The client produces desired state only; the daemon applies it
 //! through the reconciler and the client acknowledges what was applied.
 
+pub mod checks;
 pub mod client;
 pub mod config;
 pub mod connect;

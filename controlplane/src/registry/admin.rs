@@ -116,6 +116,25 @@ impl Registry {
             .collect();
         // Kept in the live record only (see NodeRec::refused_routes).
         let refused = self.current().node(&r.rec.id).map(|n| n.refused_routes.clone()).unwrap_or_default();
+        let route_groups = self
+            .route_groups()
+            .into_iter()
+            .filter(|g| g.members.iter().any(|m| m.node == r.rec.id))
+            .map(|g| v1::RouteGroup {
+                prefix: Some(g.prefix.into()),
+                primary: g.primary.unwrap_or_default(),
+                members: g
+                    .members
+                    .into_iter()
+                    .map(|m| v1::RouteGroupMember {
+                        node_id: m.node,
+                        priority: m.priority,
+                        healthy: m.healthy,
+                        checked: m.checked,
+                    })
+                    .collect(),
+            })
+            .collect();
         let n = r.rec;
         v1::Node {
             node_id: n.id,
@@ -133,6 +152,7 @@ impl Registry {
             name_bound: n.bound,
             refused_routes: refused.iter().map(|r| r.to_wire()).collect(),
             granted_routes: r.granted_routes.iter().map(|a| IpPrefix::from(*a)).collect(),
+            route_groups,
         }
     }
 }

@@ -12,9 +12,11 @@
 //! - [`observed`]: in-memory observations (connections, last contact, peer statistics).
 //! - [`throttle`]: per-node rates (reports, coalesced re-registrations).
 //! - [`flows`]: the in-memory flow-record log with a per-node quota.
+//! - [`groups`]: route groups: members' health in, the elected primaries out.
 
 pub mod admin;
 pub mod flows;
+pub mod groups;
 pub mod identity;
 pub mod keys;
 pub mod observed;
@@ -76,6 +78,10 @@ pub struct Registry {
     /// the store lock held.
     allocated: Mutex<HashSet<IpAddr>>,
     flows: Mutex<flows::FlowLog>,
+    /// Route groups' members and primaries ([`groups`]).
+    election: Mutex<crate::election::Election>,
+    /// Woken when a member's health may have changed (report, stream end).
+    elect: tokio::sync::Notify,
     reports: throttle::Rates,
     reregistrations: throttle::Coalescer,
     shutdown: watch::Sender<bool>,
@@ -109,7 +115,11 @@ impl Registry {
         let rows = store.nodes()?;
         let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
         let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
-        let state = Arc::new(GlobalState::new(version, live, Arc::new(policy), overlay));
+        let mut state = GlobalState::new(version, live, Arc::new(policy), overlay);
+        let mut election = crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN);
+        election.set_groups(&state.groups);
+        state.primaries = Arc::new(election.evaluate(std::time::Instant::now()));
+        let state = Arc::new(state);
         let mut hist = History::new(history);
         hist.push(state.clone());
         Ok(Registry {
@@ -123,6 +133,8 @@ impl Registry {
             observed: observed::Observations::default(),
             allocated: Mutex::new(allocated),
             flows: Mutex::new(flows::FlowLog::new(FLOW_LOG, limits.flows_per_node)),
+            election: Mutex::new(election),
+            elect: tokio::sync::Notify::new(),
             reports: throttle::Rates::new(limits.reports_per_sec, limits.report_burst),
             reregistrations: throttle::Coalescer::new(limits.reregister_interval),
             shutdown: watch::Sender::new(false),
@@ -162,7 +174,9 @@ impl Registry {
     }
 
     /// Call with the store lock held, right after committing `state.version`.
-    fn publish(&self, state: GlobalState) -> u64 {
+    fn publish(&self, mut state: GlobalState) -> u64 {
+        // Membership may have changed with the nodes; the primaries go with the state.
+        state.primaries = Arc::new(self.elected(&state.groups));
         let version = state.version;
         let state = Arc::new(state);
         lock(&self.history).push(state.clone());

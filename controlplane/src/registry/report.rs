@@ -106,6 +106,7 @@ impl Registry {
                     ipv6: reported_expiry(node, "ipv6", e.ipv6_not_after_unix),
                 });
             }
+            Some(agent_report::Body::RouteHealth(h)) => self.route_health(node, h),
             Some(agent_report::Body::Flows(f)) => {
                 tracing::debug!(node, records = f.records.len(), "flow records");
                 let mut log = lock(&self.flows);

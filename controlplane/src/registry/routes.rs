@@ -15,10 +15,15 @@ use crate::model::{NodeRec, RefusedRoute};
 use crate::store;
 use crate::Error;
 
-/// Splits advertised routes into those the node gets (inside its granted routes, overlapping
-/// no route of another live node than `me`: two nodes routing one subnet would split its
-/// traffic) and those refused. A refused route never refuses the registration: a gateway
-/// whose grant changed keeps its control plane and the rest of its routes.
+/// Nodes that may route one prefix together (a route group, see [`crate::election`]).
+pub const MAX_GROUP_MEMBERS: usize = 8;
+
+/// Splits advertised routes into those the node gets (inside its granted routes, and
+/// either overlapping no route of another live node than `me` or exactly the prefix of
+/// such routes: a route group, of which one member at a time gets the traffic) and those
+/// refused. A *different* overlapping prefix is refused: two nodes routing parts of one
+/// subnet would split its traffic. A refused route never refuses the registration: a
+/// gateway whose grant changed keeps its control plane and the rest of its routes.
 pub(super) fn split_routes(
     routes: &[IpNet],
     granted: &[IpNet],
@@ -32,11 +37,13 @@ pub(super) fn split_routes(
             refused.push(RefusedRoute::NotGranted { route: *route, granted: granted.to_vec() });
             continue;
         }
-        let other = nodes
-            .iter()
-            .filter(|n| n.id != me)
-            .find_map(|n| n.routes.iter().find(|t| t.contains(route) || route.contains(*t)).map(|t| (n, *t)));
-        match other {
+        let others = || nodes.iter().filter(|n| n.id != me);
+        let overlapping = others().find_map(|n| {
+            n.routes.iter().find(|t| *t != route && (t.contains(route) || route.contains(*t))).map(|t| (n, *t))
+        });
+        let mut members = others().filter(|n| n.routes.contains(route));
+        let full = members.clone().nth(MAX_GROUP_MEMBERS - 1).is_some();
+        match overlapping.or_else(|| if full { members.next().map(|n| (n, *route)) } else { None }) {
             Some((n, theirs)) => refused.push(RefusedRoute::Taken { route: *route, theirs, node: n.id.clone() }),
             None => taken.push(*route),
         }
@@ -100,5 +107,39 @@ impl Registry {
         self.publish(state.with_nodes(version, replace(&state.nodes, Arc::new(new))));
         drop(store);
         Ok((version, self.get_node(&id)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(id: &str, n: u8, routes: &[&str]) -> Arc<NodeRec> {
+        let mut r = (*crate::policy::tests::node(id, id, n, &[])).clone();
+        r.routes = routes.iter().map(|r| r.parse().unwrap()).collect();
+        Arc::new(r)
+    }
+
+    #[test]
+    fn the_same_prefix_joins_a_group_and_an_overlapping_one_is_taken() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let grant = [net("10.88.0.0/16"), net("fd88::/48")];
+        let nodes = vec![router("a", 1, &["10.88.1.0/24", "fd88:0:0:1::/64"])];
+        let asked = [net("10.88.1.0/24"), net("fd88:0:0:1::/64"), net("10.88.2.0/25")];
+        let (got, refused) = split_routes(&asked, &grant, &nodes, "b");
+        assert_eq!(got, asked, "both families join the group");
+        assert!(refused.is_empty());
+        let (got, refused) = split_routes(&[net("10.88.1.0/25"), net("10.88.0.0/23")], &grant, &nodes, "b");
+        assert!(got.is_empty());
+        assert_eq!(refused.len(), 2);
+        // A group is bounded: a ninth member is refused.
+        let full: Vec<_> =
+            (0..MAX_GROUP_MEMBERS as u8).map(|i| router(&format!("n{i}"), i + 1, &["10.88.1.0/24"])).collect();
+        let (got, refused) = split_routes(&[net("10.88.1.0/24")], &grant, &full, "x");
+        assert!(got.is_empty());
+        assert!(matches!(&refused[0], RefusedRoute::Taken { node, .. } if node == "n0"));
+        // Outside its own grant it is refused whatever the others have.
+        let (_, refused) = split_routes(&[net("10.88.1.0/24")], &[net("10.99.0.0/16")], &nodes, "b");
+        assert!(matches!(refused[0], RefusedRoute::NotGranted { .. }));
     }
 }

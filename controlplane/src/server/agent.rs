@@ -211,6 +211,8 @@ impl AgentService for AgentSvc {
     async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
         let node = self.registry.authenticate(request.metadata())?;
         let mut reports = request.into_inner();
+        // Once this stream ends (however it ends), the node counts as failed in its route groups.
+        let _stream = self.registry.report_stream(&node);
         let mut shutdown = self.registry.shutdown_signal();
         // Removal ends an idle report stream too, not only at its next message.
         let mut states = self.registry.subscribe();

@@ -54,6 +54,9 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long a recovered route group member of higher priority must stay healthy
+    /// before it takes the prefix back from the current primary (`--route-hold-down`).
+    pub route_hold_down: Duration,
 }
 
 impl ServeConfig {
@@ -71,6 +74,7 @@ impl ServeConfig {
             enroll_limits: crate::enroll::EnrollLimits::default(),
             limits: Limits::default(),
             metrics_listen: None,
+            route_hold_down: crate::election::DEFAULT_HOLD_DOWN,
         }
     }
 }
@@ -249,8 +253,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
     let db_lock = lock::DbLock::acquire(&cfg.db)?;
     let tls = cfg.tls.as_ref().map(ServerTls::new).transpose()?.map(Arc::new);
     let limits = cfg.limits;
-    let registry =
-        Arc::new(Registry::open_with(&cfg.db, cfg.overlay, cfg.history, limits)?.with_enroll_limits(cfg.enroll_limits));
+    let registry = Arc::new(
+        Registry::open_with(&cfg.db, cfg.overlay, cfg.history, limits)?
+            .with_enroll_limits(cfg.enroll_limits)
+            .with_hold_down(cfg.route_hold_down),
+    );
     let agent =
         AgentServiceServer::new(AgentSvc { registry: registry.clone() }).max_decoding_message_size(limits.max_message);
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -269,6 +276,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
     let coalescer = registry.clone();
     tasks.spawn(async move {
         coalescer.run_coalescer().await;
+        Ok(())
+    });
+    let election = registry.clone();
+    tasks.spawn(async move {
+        election.run_election().await;
         Ok(())
     });
     let mut agent_addrs = Vec::new();
