@@ -36,12 +36,19 @@ pub struct ControlPlane {
     /// Holds server.pem and server.key (and ca.pem, ca.key from `certs init`).
     tls: PathBuf,
     metrics: std::net::SocketAddr,
+    /// More `serve` arguments (say `--route-hold-down 1s`).
+    serve_args: Vec<String>,
 }
 
 impl ControlPlane {
     /// Gives the lab's bridge the control plane's addresses, makes a CA and server
     /// certificate for them, and starts serving.
     pub fn start(lab: &Lab) -> ControlPlane {
+        ControlPlane::start_with(lab, &[])
+    }
+
+    /// [`ControlPlane::start`] with more `serve` arguments.
+    pub fn start_with(lab: &Lab, serve_args: &[&str]) -> ControlPlane {
         lab.switch.ip(&["addr", "add", &format!("{CP_V4}/24"), "dev", "br0"]);
         lab.switch.ip(&["addr", "add", &format!("{CP_V6}/64"), "dev", "br0", "nodad"]);
         let dir = TempDir::new();
@@ -59,6 +66,7 @@ impl ControlPlane {
             listen: vec![format!("{CP_V4}:{CP_PORT}"), format!("[{CP_V6}]:{CP_PORT}")],
             tls,
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], CP_METRICS_PORT)),
+            serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
         };
         cp.restart();
         cp
@@ -80,6 +88,7 @@ impl ControlPlane {
             listen: vec![listen.to_owned()],
             tls,
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics.port() + 1)),
+            serve_args: self.serve_args.clone(),
         };
         cp.restart();
         cp
@@ -135,6 +144,7 @@ impl ControlPlane {
             .arg("--tls-key")
             .arg(tls.join("server.key"))
             .args(["--overlay-v4", "10.77.0.0/24", "--overlay-v6", "fd77::/64"])
+            .args(&self.serve_args)
             .env("WIREFENCE_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)

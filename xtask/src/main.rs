@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_control;
+mod bench_failover;
 mod bench_flood;
 mod bench_policy;
 mod build_ebpf;
@@ -46,6 +47,9 @@ enum Cmd {
     /// The control plane against the goals: push latency (policy apply -> enforced
     /// in the kernel on 3 agents, p50/p99) and fan-out to 1,000 simulated agents. Needs root.
     BenchControl(bench_control::BenchControlArgs),
+    /// HA subnet routers: time 20 failovers of a route group (primary's LAN link down ->
+    /// traffic from a remote site resumes through the standby), p50/p99 against 3 s. Needs root.
+    BenchFailover(bench_failover::BenchFailoverArgs),
     /// Fuzz the control-plane update decoder (cargo-fuzz target `update_decoder` in fuzz/)
     /// for a fixed time; `test` runs it briefly. Needs cargo-fuzz (scripts/install.sh).
     Fuzz(fuzz::FuzzArgs),
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BenchPolicy(args) => bench_policy::run(args),
         Cmd::Fuzz(args) => fuzz::run(args),
         Cmd::BenchControl(args) => bench_control::run(args),
+        Cmd::BenchFailover(args) => bench_failover::run(args),
         Cmd::Deny => deny::check(&workspace::Workspace::locate()?),
         Cmd::BuildNextAgent => {
             let ws = workspace::Workspace::locate()?;

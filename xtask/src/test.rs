@@ -77,6 +77,21 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         false => tally.failed += 1,
     }
 
+    // HA subnet routers: 20 failovers of a route group timed against the 3 s (the
+    // benchmark, run here with its goal enforced; about a minute). One test.
+    let failover = Command::new(std::env::current_exe()?)
+        .args(["bench-failover", "--failovers", "20", "--enforce-goal"])
+        .status()
+        .map_err(anyhow::Error::from)
+        .and_then(|s| if s.success() { Ok(()) } else { Err(anyhow::anyhow!("bench-failover: {s}")) });
+    if let Err(e) = &failover {
+        eprintln!("xtask test: the failover benchmark failed: {e:#}");
+    }
+    match failover.is_ok() {
+        true => tally.passed += 1,
+        false => tally.failed += 1,
+    }
+
     // The Debian packages (release build, ~8 minutes more on 2 cores) and their checks:
     // lintian, systemd-analyze verify, contents. One test.
     let debs = crate::deb::build(&ws);
@@ -140,6 +155,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     println!("xtask test: {} passed, {} failed", tally.passed, tally.failed);
     anyhow::ensure!(tests_ok, "cargo test failed");
     fuzz.context("fuzzing the update decoder")?;
+    failover.context("the failover benchmark")?;
     packages.context("the Debian packages")?;
     lab_ok.context("the Vagrant lab")?;
     anyhow::ensure!(vm_ok, "a VM test failed");

@@ -1,0 +1,135 @@
+//! A route group in namespaces, for the HA test and the failover bench: h2 and h3 advertise
+//! the same subnet, h2 with the higher priority, both on one LAN (a bridge in the LAN host's
+//! namespace; each gateway masquerades into it, so replies go back through whichever one
+//! forwarded), each checking a TCP service on the LAN host. h1, a remote site, accepts the
+//! subnet; its policy lets it ping the LAN host and reach that service.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::control::{ControlPlane, CP_V4, CP_V6};
+use crate::*;
+
+pub const SUBNET: &str = "10.20.2.0/24";
+pub const LAN_HOST: &str = "10.20.2.100";
+/// The LAN host's echo service: the gateways' health check, and h1's TCP probe.
+pub const SERVICE_PORT: u16 = 7;
+/// The gateways' check interval.
+pub const CHECK_INTERVAL_MS: u32 = 300;
+
+const POLICY: &str = r#"
+[[rules]]
+id = "site"
+from = ["node:h1"]
+to = ["10.20.2.0/24", "node:h2", "node:h3"]
+proto = "icmp"
+
+[[rules]]
+id = "service"
+from = ["node:h1"]
+to = ["10.20.2.0/24"]
+proto = "tcp"
+ports = ["7"]
+"#;
+
+pub struct GroupLab {
+    // Dropped in this order: agents, control plane, LAN, then the lab's namespaces.
+    pub agents: [Option<AgentProc>; 3],
+    pub cp: ControlPlane,
+    pub lan: Netns,
+    pub lab: Lab,
+}
+
+fn control_config(h: &Host, cp: &ControlPlane, key: &Path, extra: &str) {
+    h.write_control_config(cp, key);
+    let text = std::fs::read_to_string(h.config_path()).unwrap();
+    h.write_config(&format!("{text}{extra}\n"));
+}
+
+/// The LAN: a bridge in the LAN host's namespace, the host's address on it, the service.
+fn lan() -> Netns {
+    let ns = Netns::new("lan");
+    ns.ip(&["link", "add", "brlan", "type", "bridge"]);
+    ns.ip(&["addr", "add", &format!("{LAN_HOST}/24"), "dev", "brlan"]);
+    ns.ip(&["link", "set", "brlan", "up"]);
+    echo_server(&ns, format!("{LAN_HOST}:{SERVICE_PORT}").parse().unwrap());
+    ns
+}
+
+/// `h` as a gateway of the subnet: lan0 on the LAN (10.20.2.<index>), forwarding and
+/// masquerading into it, a check of the LAN host's service.
+fn gateway(h: &Host, lan: &Netns, cp: &ControlPlane, priority: u32) {
+    let port = format!("lp{}", h.index);
+    h.ns.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", &port, "netns", &lan.name]);
+    lan.ip(&["link", "set", &port, "master", "brlan", "up"]);
+    h.ns.ip(&["addr", "add", &format!("10.20.2.{}/24", h.index), "dev", "lan0"]);
+    h.ns.ip(&["link", "set", "lan0", "up"]);
+    run_ok(h.ns.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+    let rules = "table ip wft_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  \
+                 oifname \"lan0\" masquerade\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("wft-nat-{}.nft", unique()));
+    std::fs::write(&path, rules).unwrap();
+    run_ok(h.ns.cmd("nft").arg("-f").arg(&path));
+    std::fs::remove_file(&path).ok();
+    let advertise = format!(
+        "\n[[control.advertise]]\nprefix = \"{SUBNET}\"\npriority = {priority}\n\
+         check = \"tcp:{LAN_HOST}:{SERVICE_PORT}\"\ninterval_ms = {CHECK_INTERVAL_MS}\nfail_after = 2\n"
+    );
+    control_config(h, cp, &cp.routed_key_file(&format!("h{}", h.index), &[SUBNET]), &advertise);
+}
+
+impl GroupLab {
+    /// The lab, its control plane started with `serve_args` (say a short
+    /// `--route-hold-down`), all three agents running, h2 primary and the LAN reachable.
+    pub fn start(serve_args: &[&str]) -> GroupLab {
+        let lab = Lab::new(3);
+        let cp = ControlPlane::start_with(&lab, serve_args);
+        assert!(cp.apply_policy(POLICY).status.success());
+        let lan = lan();
+        let (h1, h2, h3) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
+        gateway(h2, &lan, &cp, 200);
+        gateway(h3, &lan, &cp, 100);
+        h1.ns.ip(&["route", "add", "default", "via", CP_V4]);
+        h1.ns.ip(&["-6", "route", "add", "default", "via", CP_V6]);
+        control_config(h1, &cp, &cp.bound_key_file("h1", &[]), "accept_routes = [\"10.20.0.0/16\"]");
+        let agents = [Some(h1.spawn_agent()), Some(h2.spawn_agent()), Some(h3.spawn_agent())];
+        let g = GroupLab { agents, cp, lan, lab };
+        wait_until("h1 routes the subnet to h2", Duration::from_secs(30), || g.routed_to(2));
+        g.until_reachable(Duration::from_secs(30));
+        g
+    }
+
+    pub fn host(&self, i: usize) -> &Host {
+        &self.lab.hosts[i - 1]
+    }
+
+    /// Whether h1's WireGuard routes the subnet to host `i`'s peer.
+    pub fn routed_to(&self, i: usize) -> bool {
+        let h1 = self.host(1);
+        let out = run(h1.ns.cmd("wg").args(["show", &h1.ifname, "allowed-ips"]));
+        let key = &self.host(i).public_key;
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with(key.as_str()) && l.contains(SUBNET))
+    }
+
+    /// One TCP exchange from h1 with the LAN host's service, within `timeout`.
+    pub fn probe(&self, timeout: Duration) -> bool {
+        let addr: SocketAddr = format!("{LAN_HOST}:{SERVICE_PORT}").parse().unwrap();
+        connect(&self.host(1).ns, addr, timeout).is_some_and(|mut s| echoes(&mut s, timeout))
+    }
+
+    /// Probes every 100 ms until an exchange succeeds; how long that took (panics after
+    /// `limit`).
+    pub fn until_reachable(&self, limit: Duration) -> Duration {
+        let start = Instant::now();
+        while !self.probe(Duration::from_millis(100)) {
+            assert!(start.elapsed() < limit, "{LAN_HOST}:{SERVICE_PORT} unreachable from h1 for {limit:?}");
+        }
+        start.elapsed()
+    }
+
+    /// Host `i`'s link to the LAN, down or up.
+    pub fn lan_link(&self, i: usize, up: bool) {
+        self.host(i).ns.ip(&["link", "set", "lan0", if up { "up" } else { "down" }]);
+    }
+}
