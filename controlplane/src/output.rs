@@ -6,7 +6,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ipnet::IpNet;
 use serde_json::{json, Value};
-use wirefence_proto::v1::{EnrollmentKey, GetPolicyReply, IpPrefix, Node, SocketAddress};
+use wirefence_proto::v1::{EnrollmentKey, GetPolicyReply, IpPrefix, Node, RouteGroupMember, SocketAddress};
 use wirefence_proto::Escaped;
 
 fn prefixes(v: &[IpPrefix]) -> Vec<String> {
@@ -64,6 +64,7 @@ pub fn node_json(n: &Node) -> Value {
             "primary": g.primary,
             "members": g.members.iter().map(|m| json!({
                 "node_id": m.node_id,
+                "hostname": m.hostname,
                 "priority": m.priority,
                 "healthy": m.healthy,
                 "checked": m.checked,
@@ -211,10 +212,15 @@ pub fn node_text(n: &Node, now: i64) -> String {
                     (false, _) => "unhealthy",
                 };
                 let mark = if m.node_id == g.primary { "*" } else { "" };
-                format!("{mark}{} (priority {}, {health})", Escaped(&m.node_id), m.priority)
+                format!("{mark}{} (priority {}, {health})", member_name(m), m.priority)
             })
             .collect();
-        let _ = writeln!(out, "route group:     {prefix} primary {}: {}", Escaped(&g.primary), members.join(", "));
+        let primary = g
+            .members
+            .iter()
+            .find(|m| m.node_id == g.primary)
+            .map_or_else(|| Escaped(&g.primary).to_string(), member_name);
+        let _ = writeln!(out, "route group:     {prefix} primary {primary}: {}", members.join(", "));
     }
     let _ = writeln!(out, "tags:            {}", joined(&n.tags, ", "));
     let _ = writeln!(out, "connected:       {}", if n.connected { "yes" } else { "no" });
@@ -304,5 +310,14 @@ mod tests {
         let table = nodes_table(std::slice::from_ref(&n), 100);
         assert_eq!(table.lines().count(), 2, "one header and one row: {table}");
         assert!(node_text(&n, 100).contains(r"last error:      boom\r\nn2  db2  10.77.0.2/32\u{1b}]0;owned\u{7}"));
+    }
+}
+
+/// A route group member by hostname and node id, or by node id alone.
+fn member_name(m: &RouteGroupMember) -> String {
+    if m.hostname.is_empty() {
+        Escaped(&m.node_id).to_string()
+    } else {
+        format!("{} ({})", Escaped(&m.hostname), Escaped(&m.node_id))
     }
 }

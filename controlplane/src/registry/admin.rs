@@ -116,6 +116,9 @@ impl Registry {
             .collect();
         // Kept in the live record only (see NodeRec::refused_routes).
         let refused = self.current().node(&r.rec.id).map(|n| n.refused_routes.clone()).unwrap_or_default();
+        let current = self.current();
+        // Only a name the node owns: an unbound hostname is a label the agent chose itself.
+        let hostname = |id: &str| current.node(id).filter(|n| n.bound).map(|n| n.hostname.clone()).unwrap_or_default();
         let route_groups = self
             .route_groups()
             .into_iter()
@@ -127,6 +130,7 @@ impl Registry {
                     .members
                     .into_iter()
                     .map(|m| v1::RouteGroupMember {
+                        hostname: hostname(&m.node),
                         node_id: m.node,
                         priority: m.priority,
                         healthy: m.healthy,
