@@ -247,6 +247,15 @@ pub fn policy_json(p: &GetPolicyReply) -> Value {
     json!({ "file_name": p.file_name, "version": p.version, "source": p.source })
 }
 
+/// A route group member by hostname and node id, or by node id alone.
+fn member_name(m: &RouteGroupMember) -> String {
+    if m.hostname.is_empty() {
+        Escaped(&m.node_id).to_string()
+    } else {
+        format!("{} ({})", Escaped(&m.hostname), Escaped(&m.node_id))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,14 +319,5 @@ mod tests {
         let table = nodes_table(std::slice::from_ref(&n), 100);
         assert_eq!(table.lines().count(), 2, "one header and one row: {table}");
         assert!(node_text(&n, 100).contains(r"last error:      boom\r\nn2  db2  10.77.0.2/32\u{1b}]0;owned\u{7}"));
-    }
-}
-
-/// A route group member by hostname and node id, or by node id alone.
-fn member_name(m: &RouteGroupMember) -> String {
-    if m.hostname.is_empty() {
-        Escaped(&m.node_id).to_string()
-    } else {
-        format!("{} ({})", Escaped(&m.hostname), Escaped(&m.node_id))
     }
 }
