@@ -276,6 +276,14 @@ impl Host {
         self.write_config(&text);
     }
 
+    /// [`Host::write_control_config`] with `extra` lines appended (to its `[control]`
+    /// section, the last one, unless they open another).
+    pub fn write_control_config_with(&self, cp: &ControlPlane, enrollment_key: &std::path::Path, extra: &str) {
+        self.write_control_config(cp, enrollment_key);
+        let text = std::fs::read_to_string(self.config_path()).unwrap();
+        self.write_config(&format!("{text}{extra}\n"));
+    }
+
     /// The control-plane status the running agent records (`status --json`'s `control`).
     pub fn control_status(&self) -> serde_json::Value {
         self.status_json()["control"].clone()

@@ -128,6 +128,21 @@ impl Netns {
         run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// Loads an nftables ruleset (`nft -f`) into the namespace.
+    pub fn nft_load(&self, rules: &str) {
+        let path = std::env::temp_dir().join(format!("wft-{}.nft", unique()));
+        std::fs::write(&path, rules).unwrap();
+        let out = run(self.cmd("nft").arg("-f").arg(&path));
+        std::fs::remove_file(&path).ok();
+        assert!(out.status.success(), "nft -f: {}\n{rules}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The packets each `counter` of table `inet <table>` counted, in rule order.
+    pub fn nft_counters(&self, table: &str) -> Vec<u64> {
+        let out = run_ok(self.cmd("nft").args(["list", "table", "inet", table]));
+        out.split("counter packets ").skip(1).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect()
+    }
+
     pub fn ping(&self, addr: &str) -> bool {
         run(self.cmd("ping").args(["-c", "1", "-W", "1", "-n", "-q", addr])).status.success()
     }

@@ -5,7 +5,6 @@
 //! subnet; its policy lets it ping the LAN host and reach that service.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::control::{ControlPlane, CP_V4, CP_V6};
@@ -41,12 +40,6 @@ pub struct GroupLab {
     pub lab: Lab,
 }
 
-fn control_config(h: &Host, cp: &ControlPlane, key: &Path, extra: &str) {
-    h.write_control_config(cp, key);
-    let text = std::fs::read_to_string(h.config_path()).unwrap();
-    h.write_config(&format!("{text}{extra}\n"));
-}
-
 /// The LAN: a bridge in the LAN host's namespace, the host's address on it, the service.
 fn lan() -> Netns {
     let ns = Netns::new("lan");
@@ -57,26 +50,31 @@ fn lan() -> Netns {
     ns
 }
 
-/// `h` as a gateway of the subnet: lan0 on the LAN (10.20.2.<index>), forwarding and
-/// masquerading into it, a check of the LAN host's service.
+/// Joins gateway `gw` to a LAN that is bridge `bridge` in namespace `lan`: `lan0` with
+/// `addr`/24 on it, and the gateway masquerading into it, so a LAN host's answers go back
+/// through whichever of several gateways forwarded (the LAN has no route of its own).
+pub fn join_lan(gw: &Host, lan: &Netns, bridge: &str, addr: &str) {
+    let port = format!("lp{}", gw.index);
+    gw.ns.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", &port, "netns", &lan.name]);
+    lan.ip(&["link", "set", &port, "master", bridge, "up"]);
+    gw.ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "lan0"]);
+    gw.ns.ip(&["link", "set", "lan0", "up"]);
+    gw.ns.nft_load(
+        "table ip wft_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  \
+         oifname \"lan0\" masquerade\n }\n}\n",
+    );
+}
+
+/// `h` as a gateway of the subnet: on the LAN as 10.20.2.<index>, forwarding into it, a
+/// check of the LAN host's service.
 fn gateway(h: &Host, lan: &Netns, cp: &ControlPlane, priority: u32) {
-    let port = format!("lp{}", h.index);
-    h.ns.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", &port, "netns", &lan.name]);
-    lan.ip(&["link", "set", &port, "master", "brlan", "up"]);
-    h.ns.ip(&["addr", "add", &format!("10.20.2.{}/24", h.index), "dev", "lan0"]);
-    h.ns.ip(&["link", "set", "lan0", "up"]);
+    join_lan(h, lan, "brlan", &format!("10.20.2.{}", h.index));
     run_ok(h.ns.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
-    let rules = "table ip wft_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  \
-                 oifname \"lan0\" masquerade\n }\n}\n";
-    let path = std::env::temp_dir().join(format!("wft-nat-{}.nft", unique()));
-    std::fs::write(&path, rules).unwrap();
-    run_ok(h.ns.cmd("nft").arg("-f").arg(&path));
-    std::fs::remove_file(&path).ok();
     let advertise = format!(
         "\n[[control.advertise]]\nprefix = \"{SUBNET}\"\npriority = {priority}\n\
          check = \"tcp:{LAN_HOST}:{SERVICE_PORT}\"\ninterval_ms = {CHECK_INTERVAL_MS}\nfail_after = 2\n"
     );
-    control_config(h, cp, &cp.routed_key_file(&format!("h{}", h.index), &[SUBNET]), &advertise);
+    h.write_control_config_with(cp, &cp.routed_key_file(&format!("h{}", h.index), &[SUBNET]), &advertise);
 }
 
 impl GroupLab {
@@ -92,7 +90,7 @@ impl GroupLab {
         gateway(h3, &lan, &cp, 100);
         h1.ns.ip(&["route", "add", "default", "via", CP_V4]);
         h1.ns.ip(&["-6", "route", "add", "default", "via", CP_V6]);
-        control_config(h1, &cp, &cp.bound_key_file("h1", &[]), "accept_routes = [\"10.20.0.0/16\"]");
+        h1.write_control_config_with(&cp, &cp.bound_key_file("h1", &[]), "accept_routes = [\"10.20.0.0/16\"]");
         let agents = [Some(h1.spawn_agent()), Some(h2.spawn_agent()), Some(h3.spawn_agent())];
         let g = GroupLab { agents, cp, lan, lab };
         wait_until("h1 routes the subnet to h2", Duration::from_secs(30), || g.routed_to(2));

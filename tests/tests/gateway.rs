@@ -122,10 +122,7 @@ table ip filter {
 "#;
 
 fn load_foreign(ns: &Netns) {
-    let path = std::env::temp_dir().join(format!("wft-foreign-{}.nft", unique()));
-    std::fs::write(&path, FOREIGN).unwrap();
-    run_ok(ns.cmd("nft").arg("-f").arg(&path));
-    std::fs::remove_file(&path).ok();
+    ns.nft_load(FOREIGN);
 }
 
 /// `nft list ruleset` without counters (traffic moves them) and without our table.

@@ -25,18 +25,13 @@ fn count_syns(h2: &Host) {
          iifname \"{tun}\" tcp flags & (syn | ack) == syn tcp option maxseg size > 1380 counter\n }}\n}}\n",
         tun = h2.ifname
     );
-    let path = std::env::temp_dir().join(format!("wft-mss-{}.nft", unique()));
-    std::fs::write(&path, rules).unwrap();
-    run_ok(h2.ns.cmd("nft").arg("-f").arg(&path));
-    std::fs::remove_file(&path).ok();
+    h2.ns.nft_load(&rules);
 }
 
 /// (SYNs, SYNs over 1380) counted on h2 so far.
 fn syn_totals(h2: &Host) -> (u64, u64) {
-    let out = run_ok(h2.ns.cmd("nft").args(["list", "table", "inet", TABLE]));
-    let counts: Vec<u64> =
-        out.split("counter packets ").skip(1).filter_map(|s| s.split_whitespace().next()?.parse().ok()).collect();
-    assert_eq!(counts.len(), 2, "counters of {TABLE}: {out}");
+    let counts = h2.ns.nft_counters(TABLE);
+    assert_eq!(counts.len(), 2, "counters of {TABLE}: {counts:?}");
     (counts[0], counts[1])
 }
 

@@ -39,22 +39,11 @@ fn count_mesh_packets_on_the_wan(lab: &Lab) {
         "table inet {TABLE} {{\n chain pre {{\n  type filter hook prerouting priority 0; policy accept;\n  \
          ip daddr {{ {SUBNET}, {OVERLAY_V4} }} counter\n  ip6 daddr {OVERLAY_V6} counter\n }}\n}}\n"
     );
-    let path = std::env::temp_dir().join(format!("wft-wan-{}.nft", unique()));
-    std::fs::write(&path, rules).unwrap();
-    run_ok(lab.switch.cmd("nft").arg("-f").arg(&path));
-    std::fs::remove_file(&path).ok();
+    lab.switch.nft_load(&rules);
 }
 
 fn wan_packets(lab: &Lab) -> u64 {
-    let out = run_ok(lab.switch.cmd("nft").args(["list", "table", "inet", TABLE]));
-    out.split("counter packets ").skip(1).filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok()).sum()
-}
-
-/// A control-mode config for `h` with `extra` lines in its `[control]` section (the last one).
-fn control_config(h: &Host, cp: &ControlPlane, key: &std::path::Path, extra: &str) {
-    h.write_control_config(cp, key);
-    let text = std::fs::read_to_string(h.config_path()).unwrap();
-    h.write_config(&format!("{text}{extra}\n"));
+    lab.switch.nft_counters(TABLE).iter().sum()
 }
 
 fn pings_through(h1: &Host) -> bool {
@@ -81,11 +70,15 @@ fn mesh_prefixes_never_leave_by_the_wan_in_clear() {
     h2.ns.ip(&["addr", "add", &format!("{SUBNET_HOST}/24"), "dev", "lan0"]);
     h2.ns.ip(&["link", "set", "lan0", "up"]);
     h2.ns.ip(&["link", "set", "lan1", "up"]);
-    control_config(h2, &cp, &cp.routed_key_file("h2", &[SUBNET]), &format!("advertise_routes = [\"{SUBNET}\"]"));
+    h2.write_control_config_with(
+        &cp,
+        &cp.routed_key_file("h2", &[SUBNET]),
+        &format!("advertise_routes = [\"{SUBNET}\"]"),
+    );
     // h1: the other site, its default route to the WAN.
     h1.ns.ip(&["route", "add", "default", "via", CP_V4]);
     h1.ns.ip(&["-6", "route", "add", "default", "via", CP_V6]);
-    control_config(h1, &cp, &cp.bound_key_file("h1", &[]), "accept_routes = [\"10.20.0.0/16\"]");
+    h1.write_control_config_with(&cp, &cp.bound_key_file("h1", &[]), "accept_routes = [\"10.20.0.0/16\"]");
     let _a2 = h2.spawn_agent();
     let a1 = h1.spawn_agent();
     wait_until("h1 reaches h2's subnet through the tunnel", T, || pings_through(h1));

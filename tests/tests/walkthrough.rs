@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use wirefence_tests::control::ControlPlane;
+use wirefence_tests::route_group::join_lan;
 use wirefence_tests::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -63,19 +64,8 @@ fn three_sites_with_an_ha_pair_as_the_readme_walks_through() {
     lan_b.ip(&["link", "add", "br0", "type", "bridge"]);
     lan_b.ip(&["addr", "add", "10.10.2.10/24", "dev", "br0"]);
     lan_b.ip(&["link", "set", "br0", "up"]);
-    for (gw, addr) in [(gw_b1, "10.10.2.1"), (gw_b2, "10.10.2.2")] {
-        let port = format!("lb{}", gw.index);
-        gw.ns.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", &port, "netns", &lan_b.name]);
-        lan_b.ip(&["link", "set", &port, "master", "br0", "up"]);
-        gw.ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "lan0"]);
-        gw.ns.ip(&["link", "set", "lan0", "up"]);
-        let nat = "table ip lan_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  \
-                   oifname \"lan0\" masquerade\n }\n}\n";
-        let path = std::env::temp_dir().join(format!("wft-walk-{}.nft", unique()));
-        std::fs::write(&path, nat).unwrap();
-        run_ok(gw.ns.cmd("nft").arg("-f").arg(&path));
-        std::fs::remove_file(&path).ok();
-    }
+    join_lan(gw_b1, &lan_b, "br0", "10.10.2.1");
+    join_lan(gw_b2, &lan_b, "br0", "10.10.2.2");
     for port in [80, 8080] {
         echo_server(&lan_b, sock("10.10.2.10", port));
     }
