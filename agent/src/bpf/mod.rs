@@ -114,17 +114,15 @@ impl Programs {
 
     /// `wf_ingress` or `wf_egress`, by [`common::DIR_INGRESS`] / [`common::DIR_EGRESS`].
     pub fn program(&self, direction: u8) -> Result<&SchedClassifier, BpfError> {
-        let name = if direction == common::DIR_INGRESS { common::PROG_INGRESS } else { common::PROG_EGRESS };
-        self.ebpf
-            .program(name)
-            .ok_or(BpfError::MissingProgram { name })?
-            .try_into()
-            .map_err(|e| BpfError::Program { name, source: Box::new(e) })
+        self.classifier(if direction == common::DIR_INGRESS { common::PROG_INGRESS } else { common::PROG_EGRESS })
     }
 
     /// `wf_mss`, the clamp alone.
     pub fn mss(&self) -> Result<&SchedClassifier, BpfError> {
-        let name = common::PROG_MSS;
+        self.classifier(common::PROG_MSS)
+    }
+
+    fn classifier(&self, name: &'static str) -> Result<&SchedClassifier, BpfError> {
         self.ebpf
             .program(name)
             .ok_or(BpfError::MissingProgram { name })?
