@@ -96,6 +96,12 @@ pub struct ServeArgs {
     /// h or d): a member whose link flaps never moves the traffic back and forth.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub route_hold_down: u64,
+    /// Every peer's persistent keepalive (seconds, or a number with s, m or h; 1s to 65535s).
+    /// Besides keeping NAT mappings open it bounds how long a dead tunnel goes unnoticed:
+    /// a route group member whose peers receive nothing from it for three of these is
+    /// failed over.
+    #[arg(long, default_value = "25s", value_parser = parse_keepalive)]
+    pub persistent_keepalive: u16,
 }
 
 impl ServeArgs {
@@ -292,6 +298,13 @@ fn parse_duration_nonzero(s: &str) -> Result<u64, String> {
     }
 }
 
+fn parse_keepalive(s: &str) -> Result<u16, String> {
+    match parse_duration(s)? {
+        0 => Err(format!("{s:?}: must be at least 1s")),
+        n => u16::try_from(n).map_err(|_| format!("{s:?}: WireGuard's keepalive is at most 65535s")),
+    }
+}
+
 /// `3600`, `45s`, `30m`, `1h`, `7d` -> seconds.
 pub fn parse_duration(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -324,6 +337,14 @@ mod tests {
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn keepalives_are_between_one_second_and_what_wireguard_takes() {
+        assert_eq!(parse_keepalive("25s"), Ok(25));
+        assert_eq!(parse_keepalive("1"), Ok(1));
+        assert_eq!(parse_keepalive("19h"), Err("\"19h\": WireGuard's keepalive is at most 65535s".into()));
+        assert_eq!(parse_keepalive("0s"), Err("\"0s\": must be at least 1s".into()));
     }
 
     #[test]

@@ -98,7 +98,11 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         tls_poll: std::time::Duration::from_secs(args.tls_reload_interval),
         insecure_remote: args.insecure_allow_remote,
         admin_socket,
-        overlay: Overlay { v4: IpNet::V4(args.overlay_v4), v6: IpNet::V6(args.overlay_v6) },
+        overlay: Overlay {
+            v4: IpNet::V4(args.overlay_v4),
+            v6: IpNet::V6(args.overlay_v6),
+            keepalive: args.persistent_keepalive,
+        },
         history: args.history,
         enroll_limits,
         limits,

@@ -68,6 +68,7 @@ pub fn node_json(n: &Node) -> Value {
                 "priority": m.priority,
                 "healthy": m.healthy,
                 "checked": m.checked,
+                "tunnel_dead": m.tunnel_dead,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "tags": n.tags,
@@ -206,10 +207,11 @@ pub fn node_text(n: &Node, now: i64) -> String {
             .members
             .iter()
             .map(|m| {
-                let health = match (m.healthy, m.checked) {
-                    (true, true) => "healthy",
-                    (true, false) => "connected, no check",
-                    (false, _) => "unhealthy",
+                let health = match (m.healthy, m.checked, m.tunnel_dead) {
+                    (true, true, _) => "healthy",
+                    (true, false, _) => "connected, no check",
+                    (false, _, true) => "unhealthy: its peers receive nothing from it",
+                    (false, _, false) => "unhealthy",
                 };
                 let mark = if m.node_id == g.primary { "*" } else { "" };
                 format!("{mark}{} (priority {}, {health})", member_name(m), m.priority)

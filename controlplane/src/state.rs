@@ -156,6 +156,11 @@ impl GlobalState {
         GlobalState::new(version, nodes, self.policy.clone(), self.overlay)
     }
 
+    /// The overlay network this state was made for.
+    pub fn overlay(&self) -> Overlay {
+        self.overlay
+    }
+
     pub fn node(&self, id: &str) -> Option<&Arc<NodeRec>> {
         self.index(id).map(|i| &self.nodes[i])
     }

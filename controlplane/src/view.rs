@@ -20,8 +20,6 @@ use crate::model::{NodeRec, PublicKey, RefusedRoute};
 use crate::policy::{CompiledRule, PrefixSet};
 use crate::state::GlobalState;
 
-pub const PERSISTENT_KEEPALIVE: u32 = 25;
-
 /// A rule as one node enforces it.
 #[derive(Clone, Debug)]
 pub struct NodeRule {
@@ -77,6 +75,8 @@ pub struct View {
     pub mesh_prefixes: Vec<IpNet>,
     /// The routes it advertised and did not get.
     pub refused_routes: Vec<RefusedRoute>,
+    /// Every peer's persistent keepalive (seconds): the mesh's, fixed while it runs.
+    pub keepalive: u16,
 }
 
 /// The part of a rule side (`side`, indexed as `set`) inside the node's prefixes.
@@ -129,6 +129,7 @@ pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
         rules,
         mesh_prefixes,
         refused_routes: me.refused_routes.clone(),
+        keepalive: state.overlay().keepalive,
     })
 }
 
@@ -137,13 +138,13 @@ fn prefixes<'a>(v: impl IntoIterator<Item = &'a IpNet>) -> Vec<IpPrefix> {
 }
 
 /// A node as a peer on the wire.
-pub fn peer(n: &NodeRec) -> v1::Peer {
+pub fn peer(n: &NodeRec, keepalive: u16) -> v1::Peer {
     v1::Peer {
         public_key: n.public_key.to_vec(),
         name: n.peer_name(),
         endpoint: n.endpoints.first().map(|e| SocketAddress::from(*e)),
         allowed_ips: prefixes(n.prefixes()),
-        persistent_keepalive: PERSISTENT_KEEPALIVE,
+        persistent_keepalive: keepalive.into(),
     }
 }
 
@@ -165,7 +166,7 @@ impl View {
     pub fn snapshot(&self) -> NodeView {
         NodeView {
             addresses: prefixes(&self.addresses),
-            peers: self.peers.values().map(|n| peer(n)).collect(),
+            peers: self.peers.values().map(|n| peer(n, self.keepalive)).collect(),
             policy: Some(policy(&self.rules)),
             mesh_prefixes: prefixes(&self.mesh_prefixes),
             refused_routes: self.refused_routes.iter().map(RefusedRoute::to_wire).collect(),
@@ -179,8 +180,10 @@ pub fn delta(old: &View, new: &View, base_version: u64) -> Option<ViewDelta> {
     let upsert_peers: Vec<v1::Peer> = new
         .peers
         .iter()
-        .filter(|(k, n)| old.peers.get(*k).is_none_or(|o| !(Arc::ptr_eq(o, n) || same_peer(o, n))))
-        .map(|(_, n)| peer(n))
+        .filter(|(k, n)| {
+            old.keepalive != new.keepalive || old.peers.get(*k).is_none_or(|o| !(Arc::ptr_eq(o, n) || same_peer(o, n)))
+        })
+        .map(|(_, n)| peer(n, new.keepalive))
         .collect();
     let remove_peers: Vec<Vec<u8>> =
         old.peers.keys().filter(|k| !new.peers.contains_key(*k)).map(|k| k.to_vec()).collect();

@@ -126,6 +126,21 @@ impl GroupLab {
         start.elapsed()
     }
 
+    /// Drops (or stops dropping) every UDP datagram host `i` sends or receives on its
+    /// underlay: its tunnels die while its TCP connection to the control plane lives.
+    pub fn block_tunnels(&self, i: usize, blocked: bool) {
+        let ns = &self.host(i).ns;
+        if blocked {
+            ns.nft_load(
+                "table inet wft_block {\n chain in {\n  type filter hook input priority 0;\n  \
+                 iifname \"eth0\" meta l4proto udp drop\n }\n chain out {\n  \
+                 type filter hook output priority 0;\n  oifname \"eth0\" meta l4proto udp drop\n }\n}\n",
+            );
+        } else {
+            run_ok(ns.cmd("nft").args(["delete", "table", "inet", "wft_block"]));
+        }
+    }
+
     /// Host `i`'s link to the LAN, down or up.
     pub fn lan_link(&self, i: usize, up: bool) {
         self.host(i).ns.ip(&["link", "set", "lan0", if up { "up" } else { "down" }]);

@@ -2,6 +2,8 @@
 //! the same subnet, h2 by priority. When h2's LAN link goes down, its agent is killed, or
 //! its underlay goes away, h1's TCP exchanges with the LAN host resume through h3 within the
 //! failover budget; h2 takes the subnet back only after the control plane's hold-down, once.
+//! When only h2's tunnels die (its checks pass, its control connection lives), h1's stale
+//! counters for it fail it over.
 
 use std::time::{Duration, Instant};
 
@@ -55,4 +57,27 @@ fn traffic_fails_over_to_the_standby_and_back_after_the_hold_down() {
     let took = gone.elapsed();
     assert!(took <= FAILOVER, "underlay gone: traffic resumed after {took:?}");
     eprintln!("failover on underlay loss: {took:?}");
+}
+
+#[test]
+fn a_primary_whose_tunnels_die_is_failed_over_though_its_checks_pass() {
+    // Keepalives every second: a tunnel is dead after 3 s without a byte, which the control
+    // plane sees at the agents' 10 s statistics.
+    let g = GroupLab::start(&["--persistent-keepalive", "1s"]);
+    let blocked = Instant::now();
+    g.block_tunnels(2, true);
+    wait_until("h1 routes the subnet to h3", Duration::from_secs(45), || g.routed_to(3));
+    g.until_reachable(T);
+    eprintln!("failover on dead tunnels: {:?}", blocked.elapsed());
+    let shown = g.cp.admin_ok(&["nodes", "show", "h2"]);
+    assert!(shown.contains("*h3") && shown.contains("its peers receive nothing from it"), "{shown}");
+    // h2's agent stayed connected (and its check passing): only the tunnels said it.
+    assert!(shown.contains("connected:       yes"), "{shown}");
+
+    // The tunnels carry traffic again: back after the hold-down.
+    g.block_tunnels(2, false);
+    wait_until("h2 takes the subnet back", Duration::from_secs(45), || g.routed_to(2));
+    g.until_reachable(T);
+    let shown = g.cp.admin_ok(&["nodes", "show", "h2"]);
+    assert!(!shown.contains("receive nothing"), "{shown}");
 }

@@ -135,6 +135,7 @@ impl Registry {
                         priority: m.priority,
                         healthy: m.healthy,
                         checked: m.checked,
+                        tunnel_dead: m.tunnel_dead,
                     })
                     .collect(),
             })

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use wirefence_proto::v1::RouteHealth;
 
+use super::observed::PeerStatRow;
 use super::{lock, off_worker, Registry};
-use crate::election::{GroupStatus, Report};
+use crate::election::{GroupStatus, Report, Sample};
 use crate::Error;
 
 /// Prefixes read from one health report; a node has at most this many routes anyway.
@@ -59,6 +60,26 @@ impl Registry {
             };
             let interval = Duration::from_millis(h.interval_ms.into());
             election.report(node, prefix, Report::new(h.healthy, h.priority, interval, now));
+        }
+        drop(election);
+        self.elect.notify_one();
+    }
+
+    /// Takes a node's WireGuard counters for those of its peers that are route group
+    /// members (what it says about itself does not count).
+    pub(super) fn tunnel_stats(&self, node: &str, rows: &[PeerStatRow]) {
+        let state = self.current();
+        if state.groups.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let members: BTreeSet<&String> = state.groups.values().flatten().filter(|id| *id != node).collect();
+        let mut election = lock(&self.election);
+        for id in members {
+            let Some(key) = state.node(id).map(|n| n.public_key) else { continue };
+            if let Some(r) = rows.iter().find(|r| r.public_key == key) {
+                election.tunnel(node, id, Sample { rx_bytes: r.rx_bytes, last_handshake: r.last_handshake }, now);
+            }
         }
         drop(election);
         self.elect.notify_one();

@@ -42,18 +42,26 @@ use crate::state::{GlobalState, History};
 use crate::store::Store;
 use crate::Error;
 
-/// The overlay ranges addresses are allocated from.
+/// The overlay network: the ranges addresses are allocated from, and how its tunnels are
+/// kept alive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Overlay {
     pub v4: IpNet,
     pub v6: IpNet,
+    /// Every peer's persistent keepalive in the views (seconds, at least 1): it keeps NAT
+    /// mappings open, and it is what lets route group elections see a dead tunnel.
+    pub keepalive: u16,
 }
+
+/// The default [`Overlay::keepalive`]: under the UDP timeouts of common NATs.
+pub const DEFAULT_KEEPALIVE: u16 = 25;
 
 impl Default for Overlay {
     fn default() -> Overlay {
         Overlay {
             v4: IpNet::V4("10.77.0.0/16".parse().expect("valid literal")),
             v6: IpNet::V6("fd77::/64".parse().expect("valid literal")),
+            keepalive: DEFAULT_KEEPALIVE,
         }
     }
 }
@@ -116,7 +124,8 @@ impl Registry {
         let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
         let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
         let mut state = GlobalState::new(version, live, Arc::new(policy), overlay);
-        let mut election = crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN);
+        let keepalive = std::time::Duration::from_secs(overlay.keepalive.into());
+        let mut election = crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN, keepalive);
         election.set_groups(&state.groups);
         state.primaries = Arc::new(election.evaluate(std::time::Instant::now()));
         let state = Arc::new(state);

@@ -98,6 +98,7 @@ impl Registry {
                         endpoint: p.endpoint.as_ref().and_then(|e: &SocketAddress| e.try_into().ok()),
                     })
                     .collect();
+                self.tunnel_stats(node, &rows);
                 stats = Some(rows);
             }
             Some(agent_report::Body::CertExpiry(e)) => {

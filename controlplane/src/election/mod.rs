@@ -9,11 +9,19 @@
 //! healthy without interruption for the hold-down (so a member that flaps never takes the
 //! prefix back and forth). With no healthy member the current primary stays: there is
 //! nowhere better to send the traffic.
+//!
+//! A member is healthy while its report stream is open, its agent's checks pass (when it
+//! runs any) with a heartbeat at least every three intervals, and the tunnels to it carry
+//! traffic as the nodes that peer with it see them ([`tunnel`]).
+
+mod tunnel;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+pub use tunnel::Sample;
+use tunnel::Tunnels;
 
 /// Priority of a member that did not say (plain `advertise_routes`).
 pub const DEFAULT_PRIORITY: u32 = 100;
@@ -50,6 +58,9 @@ struct Member {
     report: Option<Report>,
     /// Since when it has been healthy without interruption (as of the last evaluation).
     healthy_since: Option<Instant>,
+    /// Whether the nodes that peer with it said its tunnels were dead (as of the last
+    /// evaluation).
+    tunnel_dead: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -66,6 +77,8 @@ pub struct MemberStatus {
     pub healthy: bool,
     /// Whether the agent runs a check for the prefix (else: healthy while connected).
     pub checked: bool,
+    /// Whether the nodes that peer with it receive nothing from it (its data path is dead).
+    pub tunnel_dead: bool,
 }
 
 /// A group as shown to an operator.
@@ -82,11 +95,14 @@ pub struct Election {
     groups: BTreeMap<IpNet, Group>,
     /// Open report streams per node.
     streams: HashMap<String, usize>,
+    tunnels: Tunnels,
 }
 
 impl Election {
-    pub fn new(hold_down: Duration) -> Election {
-        Election { hold_down, groups: BTreeMap::new(), streams: HashMap::new() }
+    /// An election with `hold_down`, for a mesh whose peers send a keepalive every
+    /// `keepalive` (how long a silent tunnel may be).
+    pub fn new(hold_down: Duration, keepalive: Duration) -> Election {
+        Election { hold_down, groups: BTreeMap::new(), streams: HashMap::new(), tunnels: Tunnels::new(keepalive) }
     }
 
     pub fn set_hold_down(&mut self, hold_down: Duration) {
@@ -118,6 +134,14 @@ impl Election {
         }
     }
 
+    /// Records what `reporter`'s WireGuard says about its peer `member` (a statistics
+    /// report received `now`); ignored unless `member` is in a group.
+    pub fn tunnel(&mut self, reporter: &str, member: &str, sample: Sample, now: Instant) {
+        if self.groups.values().any(|g| g.members.contains_key(member)) {
+            self.tunnels.record(reporter, member, sample, now);
+        }
+    }
+
     /// A report stream of `node` opened (`true`) or ended.
     pub fn stream(&mut self, node: &str, open: bool) {
         let n = self.streams.entry(node.to_owned()).or_default();
@@ -132,7 +156,7 @@ impl Election {
     }
 
     fn healthy(&self, node: &str, m: &Member, now: Instant) -> bool {
-        if !self.streams.contains_key(node) {
+        if !self.streams.contains_key(node) || self.tunnels.dead(node, now) {
             return false;
         }
         match m.report {
@@ -144,14 +168,16 @@ impl Election {
     /// Brings every member's health up to `now` and returns each group's primary (groups
     /// without one are left out).
     pub fn evaluate(&mut self, now: Instant) -> BTreeMap<IpNet, String> {
-        let mut health: Vec<(IpNet, String, bool)> = Vec::new();
+        self.tunnels.retain(&self.groups.values().flat_map(|g| g.members.keys()).collect(), now);
+        let mut health: Vec<(IpNet, String, bool, bool)> = Vec::new();
         for (prefix, g) in &self.groups {
             for (id, m) in &g.members {
-                health.push((*prefix, id.clone(), self.healthy(id, m, now)));
+                health.push((*prefix, id.clone(), self.healthy(id, m, now), self.tunnels.dead(id, now)));
             }
         }
-        for (prefix, id, ok) in health {
+        for (prefix, id, ok, tunnel_dead) in health {
             let m = self.groups.get_mut(&prefix).and_then(|g| g.members.get_mut(&id)).expect("collected above");
+            m.tunnel_dead = tunnel_dead;
             m.healthy_since = match (ok, m.healthy_since) {
                 (true, Some(since)) => Some(since),
                 (true, None) => Some(now),
@@ -211,6 +237,7 @@ impl Election {
                         priority: m.report.map_or(DEFAULT_PRIORITY, |r| r.priority),
                         healthy: m.healthy_since.is_some(),
                         checked: m.report.is_some(),
+                        tunnel_dead: m.tunnel_dead,
                     })
                     .collect(),
             })
@@ -224,6 +251,7 @@ mod tests {
 
     const HOLD: Duration = Duration::from_secs(10);
     const TICK: Duration = Duration::from_millis(500);
+    const KEEPALIVE: Duration = Duration::from_secs(1);
 
     fn net() -> IpNet {
         "10.10.1.0/24".parse().unwrap()
@@ -231,7 +259,7 @@ mod tests {
 
     /// A group of `members` with their report streams open.
     fn group(members: &[&str]) -> Election {
-        let mut e = Election::new(HOLD);
+        let mut e = Election::new(HOLD, KEEPALIVE);
         let ids = members.iter().map(|s| s.to_string()).collect();
         e.set_groups(&[(net(), ids)].into());
         for m in members {
@@ -341,7 +369,7 @@ mod tests {
         e.stream("a", false);
         e.stream("b", false);
         assert_eq!(primary(&mut e, t), "a");
-        let mut fresh = Election::new(HOLD);
+        let mut fresh = Election::new(HOLD, KEEPALIVE);
         fresh.set_groups(&[(net(), ["x".to_string(), "y".to_string()].into())].into());
         assert_eq!(primary(&mut fresh, t), "x", "a new group starts with its preferred member");
     }
@@ -362,6 +390,34 @@ mod tests {
         e.report("b", "10.99.0.0/24".parse().unwrap(), Report::new(false, 1, TICK, late));
         assert_eq!(primary(&mut e, late), "b");
         assert_eq!(e.status()[0].members.len(), 2);
+    }
+
+    #[test]
+    fn fails_over_when_its_peers_receive_nothing_from_it() {
+        let t = Instant::now();
+        let every = Duration::from_secs(10);
+        let mut e = group(&["a", "b"]);
+        let sample = |rx| Sample { rx_bytes: rx, last_handshake: 1 };
+        // Both pass their checks throughout; x peers with both, and its counter for a
+        // stops after the first report.
+        let step = |e: &mut Election, now, a_rx, b_rx| {
+            say(e, "a", true, 200, now);
+            say(e, "b", true, 100, now);
+            e.tunnel("x", "a", sample(a_rx), now);
+            e.tunnel("x", "b", sample(b_rx), now);
+            // A node that is no member is not tracked.
+            e.tunnel("x", "c", sample(0), now);
+            primary(e, now)
+        };
+        assert_eq!(step(&mut e, t, 10, 0), "a");
+        assert_eq!(step(&mut e, t + every, 10, 1), "b", "10 s without a byte is over 3 keepalives");
+        let a = e.status()[0].members.iter().find(|m| m.node == "a").unwrap().clone();
+        assert!(!a.healthy && a.tunnel_dead, "{a:?}");
+        // a's tunnels carry traffic again: healthy, back only after the hold-down.
+        let back = t + every * 2;
+        assert_eq!(step(&mut e, back, 11, 2), "b");
+        assert!(!e.status()[0].members[0].tunnel_dead);
+        assert_eq!(step(&mut e, back + HOLD, 12, 3), "a");
     }
 
     #[test]
