@@ -128,6 +128,15 @@ impl Netns {
         run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// A bridge `name`, up, with a MAC of its own. Unset, a bridge takes its lowest port's
+    /// MAC, so a port leaving (a host crashing) can change it; with an address on the
+    /// bridge, every neighbour's entry for that address would be stale until it expires
+    /// (seconds of lost traffic nothing in the test caused).
+    pub fn add_bridge(&self, name: &str) {
+        self.ip(&["link", "add", name, "address", "02:77:00:00:00:fe", "type", "bridge"]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+
     /// Loads an nftables ruleset (`nft -f`) into the namespace.
     pub fn nft_load(&self, rules: &str) {
         let path = std::env::temp_dir().join(format!("wft-{}.nft", unique()));
@@ -224,6 +233,8 @@ impl Drop for Netns {
 /// tunnel interface name, a config file and a state directory of its own.
 pub struct Host {
     pub ns: Netns,
+    /// Its veth's other end, on the switch's bridge.
+    pub switch_port: String,
     pub index: u8,
     pub ifname: String,
     pub dir: PathBuf,
@@ -367,23 +378,10 @@ impl Lab {
         require_root();
         let dir = TempDir::new();
         let switch = Netns::new("sw");
-        switch.ip(&["link", "add", "br0", "type", "bridge"]);
-        switch.ip(&["link", "set", "br0", "up"]);
+        switch.add_bridge("br0");
         let mut hosts = Vec::new();
         for i in 1..=n {
-            let ns = Netns::new(&format!("h{i}"));
-            let tag = unique();
-            let (a, b) = (format!("va{tag}"), format!("vb{tag}"));
-            ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
-            ip(&["link", "set", &a, "netns", &switch.name]);
-            ip(&["link", "set", &b, "netns", &ns.name]);
-            switch.ip(&["link", "set", &a, "master", "br0", "up"]);
-            ns.ip(&["link", "set", &b, "name", "eth0"]);
-            let underlay_v4 = format!("172.31.255.{i}");
-            let underlay_v6 = format!("fdaa::{i}");
-            ns.ip(&["addr", "add", &format!("{underlay_v4}/24"), "dev", "eth0"]);
-            ns.ip(&["addr", "add", &format!("{underlay_v6}/64"), "dev", "eth0", "nodad"]);
-            ns.ip(&["link", "set", "eth0", "up"]);
+            let (ns, switch_port) = plug(&switch, i);
             let hdir = dir.0.join(format!("h{i}"));
             std::fs::create_dir_all(&hdir).unwrap();
             let public_key = run_ok(Command::new(agent_bin()).args(["keygen", "--out"]).arg(hdir.join("private.key")))
@@ -391,18 +389,57 @@ impl Lab {
                 .to_owned();
             hosts.push(Host {
                 ns,
+                switch_port,
                 index: i,
                 ifname: format!("wf{}", unique()),
                 dir: hdir,
                 public_key,
-                underlay_v4,
-                underlay_v6,
+                underlay_v4: underlay_v4(i),
+                underlay_v6: underlay_v6(i),
                 overlay_v4: format!("10.77.0.{i}"),
                 overlay_v6: format!("fd77::{i}"),
             });
         }
         Lab { hosts, switch, _dir: dir }
     }
+
+    /// Host `i` (1-based) as if its machine died and booted again: its port on the switch
+    /// goes first (nothing it sends afterwards, a FIN included, leaves), then its namespace
+    /// with every process and link in it; a new namespace is plugged in with the same
+    /// underlay addresses. Its key, config and state directory are kept; nothing is started.
+    pub fn reboot_host(&mut self, i: usize) {
+        let h = &mut self.hosts[i - 1];
+        self.switch.ip(&["link", "del", &h.switch_port]);
+        let (ns, switch_port) = plug(&self.switch, h.index);
+        // The old namespace is killed and deleted as it drops.
+        h.ns = ns;
+        h.switch_port = switch_port;
+    }
+}
+
+fn underlay_v4(i: u8) -> String {
+    format!("172.31.255.{i}")
+}
+
+fn underlay_v6(i: u8) -> String {
+    format!("fdaa::{i}")
+}
+
+/// A new namespace for host `i`, its `eth0` on the switch's bridge with the host's underlay
+/// addresses; returns it and the switch side's port name.
+fn plug(switch: &Netns, i: u8) -> (Netns, String) {
+    let ns = Netns::new(&format!("h{i}"));
+    let tag = unique();
+    let (a, b) = (format!("va{tag}"), format!("vb{tag}"));
+    ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    ip(&["link", "set", &a, "netns", &switch.name]);
+    ip(&["link", "set", &b, "netns", &ns.name]);
+    switch.ip(&["link", "set", &a, "master", "br0", "up"]);
+    ns.ip(&["link", "set", &b, "name", "eth0"]);
+    ns.ip(&["addr", "add", &format!("{}/24", underlay_v4(i)), "dev", "eth0"]);
+    ns.ip(&["addr", "add", &format!("{}/64", underlay_v6(i)), "dev", "eth0", "nodad"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    (ns, a)
 }
 
 /// A LAN behind gateway `gw`: a namespace of its own joined to `gw` by a veth (`lan0` on the

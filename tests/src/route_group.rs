@@ -43,9 +43,8 @@ pub struct GroupLab {
 /// The LAN: a bridge in the LAN host's namespace, the host's address on it, the service.
 fn lan() -> Netns {
     let ns = Netns::new("lan");
-    ns.ip(&["link", "add", "brlan", "type", "bridge"]);
+    ns.add_bridge("brlan");
     ns.ip(&["addr", "add", &format!("{LAN_HOST}/24"), "dev", "brlan"]);
-    ns.ip(&["link", "set", "brlan", "up"]);
     echo_server(&ns, format!("{LAN_HOST}:{SERVICE_PORT}").parse().unwrap());
     ns
 }
@@ -65,16 +64,36 @@ pub fn join_lan(gw: &Host, lan: &Netns, bridge: &str, addr: &str) {
     );
 }
 
-/// `h` as a gateway of the subnet: on the LAN as 10.20.2.<index>, forwarding into it, a
-/// check of the LAN host's service.
-fn gateway(h: &Host, lan: &Netns, cp: &ControlPlane, priority: u32) {
+/// `h` on the LAN as 10.20.2.<index>, forwarding into it.
+fn wire_gateway(h: &Host, lan: &Netns) {
     join_lan(h, lan, "brlan", &format!("10.20.2.{}", h.index));
     run_ok(h.ns.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+}
+
+/// `h` as a gateway of the subnet: wired to the LAN, a check of the LAN host's service.
+fn gateway(h: &Host, lan: &Netns, cp: &ControlPlane, priority: u32) {
+    wire_gateway(h, lan);
     let advertise = format!(
         "\n[[control.advertise]]\nprefix = \"{SUBNET}\"\npriority = {priority}\n\
          check = \"tcp:{LAN_HOST}:{SERVICE_PORT}\"\ninterval_ms = {CHECK_INTERVAL_MS}\nfail_after = 2\n"
     );
     h.write_control_config_with(cp, &cp.routed_key_file(&format!("h{}", h.index), &[SUBNET]), &advertise);
+}
+
+impl Drop for GroupLab {
+    fn drop(&mut self) {
+        // A failed failover is a story told by the control plane's elections.
+        if std::thread::panicking() {
+            let log = self.cp.log();
+
+            let story: Vec<&str> = log.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+            eprintln!("control plane log (without DEBUG):\n{}", story.join("\n"));
+            for h in &self.lab.hosts {
+                let wg = run(h.ns.cmd("wg").args(["show", &h.ifname]));
+                eprintln!("h{} wg show:\n{}", h.index, String::from_utf8_lossy(&wg.stdout));
+            }
+        }
+    }
 }
 
 impl GroupLab {
@@ -93,6 +112,13 @@ impl GroupLab {
         h1.write_control_config_with(&cp, &cp.bound_key_file("h1", &[]), "accept_routes = [\"10.20.0.0/16\"]");
         let agents = [Some(h1.spawn_agent()), Some(h2.spawn_agent()), Some(h3.spawn_agent())];
         let g = GroupLab { agents, cp, lan, lab };
+        // h2 may be primary for a moment before any member is healthy (the first pick), and
+        // lose it to h3 if h3 connects first: only a healthy primary stays.
+        wait_until("h2 is primary with both members healthy", Duration::from_secs(30), || {
+            // Not found until h2 has enrolled.
+            let shown = String::from_utf8_lossy(&g.cp.admin(&["nodes", "show", "h2"]).stdout).into_owned();
+            shown.contains("primary h2 ") && shown.matches(", healthy)").count() == 2
+        });
         wait_until("h1 routes the subnet to h2", Duration::from_secs(30), || g.routed_to(2));
         g.until_reachable(Duration::from_secs(30));
         g
@@ -139,6 +165,24 @@ impl GroupLab {
         } else {
             run_ok(ns.cmd("nft").args(["delete", "table", "inet", "wft_block"]));
         }
+    }
+
+    /// Gateway `i`'s machine dies without a word ([`Lab::reboot_host`]: its namespace goes
+    /// with its agent, its tunnel and its LAN port) and boots to a bare namespace.
+    pub fn crash(&mut self, i: usize) {
+        // Its LAN port explicitly: a deleted namespace's links go only as the kernel gets
+        // to it, and a rebooted gateway joins the LAN under the same port name.
+        self.lan.ip(&["link", "del", &format!("lp{}", self.host(i).index)]);
+        self.lab.reboot_host(i);
+        // Killed with the namespace already; this only reaps it.
+        drop(self.agents[i - 1].take());
+    }
+
+    /// Gateway `i` after [`GroupLab::crash`]: back on the LAN and its agent started on its
+    /// kept state directory (the same node, no enrollment).
+    pub fn boot(&mut self, i: usize) {
+        wire_gateway(self.host(i), &self.lan);
+        self.agents[i - 1] = Some(self.host(i).spawn_agent());
     }
 
     /// Host `i`'s link to the LAN, down or up.

@@ -1,7 +1,8 @@
 //! HA subnet routers end to end (the lab: `wirefence_tests::route_group`): h2 and h3 route
 //! the same subnet, h2 by priority. When h2's LAN link goes down, its agent is killed, or
-//! its underlay goes away, h1's TCP exchanges with the LAN host resume through h3 within the
-//! failover budget; h2 takes the subnet back only after the control plane's hold-down, once.
+//! its whole namespace goes, h1's TCP exchanges with the LAN host resume through h3 within
+//! the failover budget; h2 takes the subnet back only after the control plane's hold-down,
+//! once.
 //! When only h2's tunnels die (its checks pass, its control connection lives), h1's stale
 //! counters for it fail it over.
 
@@ -46,17 +47,29 @@ fn traffic_fails_over_to_the_standby_and_back_after_the_hold_down() {
     assert!(took <= FAILOVER, "agent killed: traffic resumed after {took:?}");
     eprintln!("failover on agent kill: {took:?}");
 
-    // h2 back; then its whole underlay goes away (no FIN reaches the control plane).
+    // h2 back; then its machine dies: the namespace with everything in it, no FIN.
     g.agents[1] = Some(g.host(2).spawn_agent());
     wait_until("h2 takes the subnet back after the hold-down", T, || g.routed_to(2));
     g.until_reachable(T);
     let gone = Instant::now();
-    g.host(2).ns.ip(&["link", "set", "eth0", "down"]);
+    g.crash(2);
     wait_until("h3 has the subnet", T, || g.routed_to(3));
     g.until_reachable(T);
     let took = gone.elapsed();
-    assert!(took <= FAILOVER, "underlay gone: traffic resumed after {took:?}");
-    eprintln!("failover on underlay loss: {took:?}");
+    assert!(took <= FAILOVER, "namespace gone: traffic resumed after {took:?}");
+    eprintln!("failover on namespace loss: {took:?}");
+
+    // It boots again on its kept state: the same node, back after the hold-down, once.
+    g.boot(2);
+    let up = Instant::now();
+    while up.elapsed() < Duration::from_secs(8) {
+        assert!(g.routed_to(3), "h2 took the subnet back {:?} after it booted", up.elapsed());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_until("h2 takes the subnet back after the hold-down", T, || g.routed_to(2));
+    g.until_reachable(T);
+    let groups = g.cp.admin_ok(&["nodes", "list"]);
+    assert_eq!(groups.matches("h2").count(), 1, "one node h2, not a second enrollment:\n{groups}");
 }
 
 #[test]

@@ -61,9 +61,8 @@ fn three_sites_with_an_ha_pair_as_the_readme_walks_through() {
     let lan_a = lan_behind(gw_a, "10.10.1.1", "10.10.1.10");
     let lan_c = lan_behind(gw_c, "10.10.3.1", "10.10.3.10");
     let lan_b = Netns::new("lanb");
-    lan_b.ip(&["link", "add", "br0", "type", "bridge"]);
+    lan_b.add_bridge("br0");
     lan_b.ip(&["addr", "add", "10.10.2.10/24", "dev", "br0"]);
-    lan_b.ip(&["link", "set", "br0", "up"]);
     join_lan(gw_b1, &lan_b, "br0", "10.10.2.1");
     join_lan(gw_b2, &lan_b, "br0", "10.10.2.2");
     for port in [80, 8080] {

@@ -178,6 +178,9 @@ impl Election {
         for (prefix, id, ok, tunnel_dead) in health {
             let m = self.groups.get_mut(&prefix).and_then(|g| g.members.get_mut(&id)).expect("collected above");
             m.tunnel_dead = tunnel_dead;
+            if ok != m.healthy_since.is_some() {
+                tracing::info!(prefix = %prefix, node = %id, healthy = ok, tunnel_dead, "route group member health changed");
+            }
             m.healthy_since = match (ok, m.healthy_since) {
                 (true, Some(since)) => Some(since),
                 (true, None) => Some(now),
