@@ -18,6 +18,7 @@ use crate::policy::PolicyConfig;
 use crate::primitives::{find_overlap, parse_prefix};
 pub use crate::primitives::{Endpoint, PeerConfig};
 
+mod document;
 mod gateway;
 mod incremental;
 pub use gateway::{Forward, GatewayConfig};
@@ -224,10 +225,7 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = line_col(text, e.span().unwrap_or(0..0).start);
-            ConfigError::Invalid { path: path.to_owned(), line, column, message: e.message().trim_end().to_owned() }
-        })?;
+        let raw: RawConfig = document::deserialize(path, text)?;
         Config::validate(path, text, raw, None)
     }
 
