@@ -583,6 +583,12 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_without_a_port_names_the_field() {
+        let e = err(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\nendpoint = \"[fd00::1]\"\n", base()));
+        assert!(e.starts_with("agent.toml:7:12: peers[0].endpoint: endpoint \"[fd00::1]\" has no port"), "{e}");
+    }
+
+    #[test]
     fn overlapping_allowed_ips_between_peers_rejected() {
         let e = err(&format!(
             "{}[[peers]]\npublic_key = \"{KEY_A}\"\nallowed_ips = [\"10.88.0.0/16\"]\n\
