@@ -305,6 +305,22 @@ impl Config {
                 peers
             }
         };
+        // `peer:<name>` in a policy must mean one peer, whether or not a rule uses it yet.
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        for (b, peer) in peers.iter().enumerate() {
+            let Some(name) = peer.name.as_deref() else { continue };
+            if let Some(a) = names.insert(name, b) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line: peer.line,
+                    column: 1,
+                    message: format!(
+                        "peers[{b}].name: {name:?} is already the name of peers[{a}] (line {}); peer names must be unique",
+                        peers[a].line
+                    ),
+                });
+            }
+        }
         if let Some((a, b, net_a, net_b)) = find_overlap(&peers) {
             let (pa, pb) = (&peers[a], &peers[b]);
             return Err(ConfigError::Invalid {
@@ -580,6 +596,18 @@ mod tests {
         let e = err(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\n[[peers]]\npublic_key = \"{KEY_A}\"\n", base()));
         assert!(e.starts_with("agent.toml:8:"), "{e}");
         assert!(e.contains("duplicate peer") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_peer_name_is_rejected() {
+        let peer = |key: &str, name: &str| format!("[[peers]]\npublic_key = \"{key}\"\nname = \"{name}\"\n");
+        let e = err(&format!("{}{}{}", base(), peer(KEY_A, "db"), peer(KEY_B, "db")));
+        assert!(e.starts_with("agent.toml:8:1: peers[1].name: \"db\" is already the name of peers[0] (line 5)"), "{e}");
+        // The incremental parser falls back to the full parse, so it says the same.
+        let text = format!("{}{}{}", base(), peer(KEY_A, "db"), peer(KEY_B, "db"));
+        let e = ConfigCache::default().parse(Path::new("agent.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("is already the name of peers[0]"), "{e}");
+        parse(&format!("{}{}{}", base(), peer(KEY_A, "db"), peer(KEY_B, "web"))).unwrap();
     }
 
     #[test]
