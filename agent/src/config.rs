@@ -248,6 +248,23 @@ impl Config {
         let line_of = |span: Range<usize>| starts.partition_point(|&s| s <= span.start);
 
         let iface = raw.interface;
+        // In control mode these come from the control plane; refused before anything
+        // resolves them (a group may name peers, which this file has none of).
+        if raw.control.is_some() {
+            if let Some(a) = iface.addresses.first() {
+                return Err(at(
+                    a.span(),
+                    "interface.addresses: in control mode ([control]) the control plane sends the addresses".into(),
+                ));
+            }
+            if let Some(span) = raw.policy.as_ref().and_then(RawPolicy::first_group) {
+                return Err(at(
+                    span,
+                    "policy.groups: in control mode ([control]) the control plane sends the groups; keep only [policy] pin_dir"
+                        .into(),
+                ));
+            }
+        }
         let name: IfName =
             iface.name.get_ref().parse().map_err(|e| at(iface.name.span(), format!("interface.name: {e}")))?;
         let mut addresses = BTreeSet::new();

@@ -47,6 +47,13 @@ pub(crate) struct RawPolicy {
     rules: Vec<Spanned<RawRule>>,
 }
 
+impl RawPolicy {
+    /// Where the first `[policy.groups]` entry is written, if there is one.
+    pub(crate) fn first_group(&self) -> Option<Range<usize>> {
+        self.groups.keys().map(|k| k.span()).min_by_key(|s| s.start)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
