@@ -18,6 +18,7 @@ use crate::policy::PolicyConfig;
 use crate::primitives::{find_overlap, parse_prefix};
 pub use crate::primitives::{Endpoint, PeerConfig};
 
+mod document;
 mod gateway;
 mod incremental;
 pub use gateway::{Forward, GatewayConfig};
@@ -224,10 +225,7 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, column) = line_col(text, e.span().unwrap_or(0..0).start);
-            ConfigError::Invalid { path: path.to_owned(), line, column, message: e.message().trim_end().to_owned() }
-        })?;
+        let raw: RawConfig = document::deserialize(path, text)?;
         Config::validate(path, text, raw, None)
     }
 
@@ -250,6 +248,23 @@ impl Config {
         let line_of = |span: Range<usize>| starts.partition_point(|&s| s <= span.start);
 
         let iface = raw.interface;
+        // In control mode these come from the control plane; refused before anything
+        // resolves them (a group may name peers, which this file has none of).
+        if raw.control.is_some() {
+            if let Some(a) = iface.addresses.first() {
+                return Err(at(
+                    a.span(),
+                    "interface.addresses: in control mode ([control]) the control plane sends the addresses".into(),
+                ));
+            }
+            if let Some(span) = raw.policy.as_ref().and_then(RawPolicy::first_group) {
+                return Err(at(
+                    span,
+                    "policy.groups: in control mode ([control]) the control plane sends the groups; keep only [policy] pin_dir"
+                        .into(),
+                ));
+            }
+        }
         let name: IfName =
             iface.name.get_ref().parse().map_err(|e| at(iface.name.span(), format!("interface.name: {e}")))?;
         let mut addresses = BTreeSet::new();
@@ -307,6 +322,22 @@ impl Config {
                 peers
             }
         };
+        // `peer:<name>` in a policy must mean one peer, whether or not a rule uses it yet.
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        for (b, peer) in peers.iter().enumerate() {
+            let Some(name) = peer.name.as_deref() else { continue };
+            if let Some(a) = names.insert(name, b) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line: peer.line,
+                    column: 1,
+                    message: format!(
+                        "peers[{b}].name: {name:?} is already the name of peers[{a}] (line {}); peer names must be unique",
+                        peers[a].line
+                    ),
+                });
+            }
+        }
         if let Some((a, b, net_a, net_b)) = find_overlap(&peers) {
             let (pa, pb) = (&peers[a], &peers[b]);
             return Err(ConfigError::Invalid {
@@ -582,6 +613,24 @@ mod tests {
         let e = err(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\n[[peers]]\npublic_key = \"{KEY_A}\"\n", base()));
         assert!(e.starts_with("agent.toml:8:"), "{e}");
         assert!(e.contains("duplicate peer") && e.contains("line 5"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_peer_name_is_rejected() {
+        let peer = |key: &str, name: &str| format!("[[peers]]\npublic_key = \"{key}\"\nname = \"{name}\"\n");
+        let e = err(&format!("{}{}{}", base(), peer(KEY_A, "db"), peer(KEY_B, "db")));
+        assert!(e.starts_with("agent.toml:8:1: peers[1].name: \"db\" is already the name of peers[0] (line 5)"), "{e}");
+        // The incremental parser falls back to the full parse, so it says the same.
+        let text = format!("{}{}{}", base(), peer(KEY_A, "db"), peer(KEY_B, "db"));
+        let e = ConfigCache::default().parse(Path::new("agent.toml"), &text).unwrap_err().to_string();
+        assert!(e.contains("is already the name of peers[0]"), "{e}");
+        parse(&format!("{}{}{}", base(), peer(KEY_A, "db"), peer(KEY_B, "web"))).unwrap();
+    }
+
+    #[test]
+    fn an_endpoint_without_a_port_names_the_field() {
+        let e = err(&format!("{}[[peers]]\npublic_key = \"{KEY_A}\"\nendpoint = \"[fd00::1]\"\n", base()));
+        assert!(e.starts_with("agent.toml:7:12: peers[0].endpoint: endpoint \"[fd00::1]\" has no port"), "{e}");
     }
 
     #[test]

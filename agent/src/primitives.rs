@@ -15,18 +15,55 @@ pub enum Endpoint {
     Host { host: String, port: u16 },
 }
 
+/// Why an endpoint is not `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// An address or host name alone: the most common slip, so it is said as such.
+    #[error("endpoint {endpoint:?} has no port (write {example})")]
+    MissingPort { endpoint: String, example: String },
+    #[error("endpoint {endpoint:?}: port {port:?} is not a number from 0 to 65535")]
+    BadPort { endpoint: String, port: String },
+    #[error("endpoint {0:?} needs host:port (IPv6 as [addr]:port)")]
+    Malformed(String),
+}
+
 impl Endpoint {
-    pub(crate) fn parse(s: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(s: &str) -> Result<Endpoint, EndpointError> {
         if let Ok(addr) = s.parse::<SocketAddr>() {
             return Ok(Endpoint::Addr(addr));
         }
-        let (host, port) =
-            s.rsplit_once(':').ok_or_else(|| format!("endpoint {s:?} needs host:port (IPv6 as [addr]:port)"))?;
-        let port: u16 =
-            port.parse().map_err(|_| format!("endpoint {s:?}: port {port:?} is not a number from 0 to 65535"))?;
-        if host.is_empty() || host.contains(':') || host.contains('[') {
-            return Err(format!("endpoint {s:?} needs host:port (IPv6 as [addr]:port)"));
+        let missing =
+            |host: &str| EndpointError::MissingPort { endpoint: s.to_owned(), example: format!("{host}:PORT") };
+        // An address alone, IPv6 with or without its brackets.
+        let unbracketed = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
+        match unbracketed.parse::<IpAddr>() {
+            Ok(IpAddr::V6(a)) => return Err(missing(&format!("[{a}]"))),
+            Ok(IpAddr::V4(a)) => return Err(missing(&a.to_string())),
+            Err(_) => {}
         }
+        if let Some((ip, port)) = s.strip_prefix('[').and_then(|r| r.split_once("]:")) {
+            if ip.parse::<std::net::Ipv6Addr>().is_ok() {
+                return Err(match port {
+                    "" => missing(&format!("[{ip}]")),
+                    _ => EndpointError::BadPort { endpoint: s.to_owned(), port: port.to_owned() },
+                });
+            }
+        }
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(if s.is_empty() || s.contains('[') {
+                EndpointError::Malformed(s.to_owned())
+            } else {
+                missing(s)
+            });
+        };
+        if host.is_empty() || host.contains(':') || host.contains('[') {
+            return Err(EndpointError::Malformed(s.to_owned()));
+        }
+        if port.is_empty() {
+            return Err(missing(host));
+        }
+        let port: u16 =
+            port.parse().map_err(|_| EndpointError::BadPort { endpoint: s.to_owned(), port: port.to_owned() })?;
         Ok(Endpoint::Host { host: host.to_owned(), port })
     }
 
@@ -95,4 +132,35 @@ pub(crate) fn find_overlap(peers: &[PeerConfig]) -> Option<(usize, usize, IpNet,
         open.push((net, owner));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn missing(s: &str) -> String {
+        match Endpoint::parse(s) {
+            Err(e @ EndpointError::MissingPort { .. }) => e.to_string(),
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_endpoint_without_a_port_says_so() {
+        assert_eq!(missing("[fd00::1]"), "endpoint \"[fd00::1]\" has no port (write [fd00::1]:PORT)");
+        assert_eq!(missing("fd00::1"), "endpoint \"fd00::1\" has no port (write [fd00::1]:PORT)");
+        assert_eq!(missing("[fd00::1]:"), "endpoint \"[fd00::1]:\" has no port (write [fd00::1]:PORT)");
+        assert_eq!(missing("1.2.3.4"), "endpoint \"1.2.3.4\" has no port (write 1.2.3.4:PORT)");
+        assert_eq!(missing("1.2.3.4:"), "endpoint \"1.2.3.4:\" has no port (write 1.2.3.4:PORT)");
+        assert_eq!(missing("gw.example"), "endpoint \"gw.example\" has no port (write gw.example:PORT)");
+    }
+
+    #[test]
+    fn other_endpoint_errors() {
+        let bad_port = |s: &str| matches!(Endpoint::parse(s), Err(EndpointError::BadPort { .. }));
+        assert!(bad_port("h:99999") && bad_port("[fd00::1]:x") && bad_port("1.2.3.4:http"));
+        assert_eq!(Endpoint::parse("fd00::1:51820"), Err(EndpointError::Malformed("fd00::1:51820".into())));
+        assert_eq!(Endpoint::parse(""), Err(EndpointError::Malformed(String::new())));
+        assert_eq!(Endpoint::parse("[fd00::1]:443"), Ok(Endpoint::Addr("[fd00::1]:443".parse().unwrap())));
+    }
 }

@@ -165,6 +165,7 @@ fn deny() -> wirefence_agent::enforce::DenyRecord {
         sport: 40000,
         dport: 22,
         len: 60,
+        port: Some(22),
     }
 }
 

@@ -21,6 +21,8 @@ impl Case {
         std::fs::create_dir(d.join("state")).unwrap();
         std::fs::write(d.join("enroll.key"), "k").unwrap();
         chmod(&d.join("enroll.key"), 0o600);
+        // Control mode: the control plane sends the addresses.
+        let addresses = if control { "" } else { "addresses = [\"10.99.0.1/24\"]\n" };
         let control = match control {
             true => format!(
                 "[control]\nendpoints = [\"127.0.0.1:9\"]\ninsecure = true\nhostname = \"perm\"\nenrollment_key_file = \"{}\"\n",
@@ -31,7 +33,7 @@ impl Case {
         let ifname = format!("wfp{:x}", std::process::id() % 0xffff);
         let config = format!(
             "[interface]\nname = \"{ifname}\"\nbackend = \"userspace\"\nprivate_key_file = \"{}\"\nlisten_port = 51820\n\
-             addresses = [\"10.99.0.1/24\"]\n\n[agent]\nstate_dir = \"{}\"\n\n{control}",
+             {addresses}\n[agent]\nstate_dir = \"{}\"\n\n{control}",
             d.join("private.key").display(),
             d.join("state").display(),
         );

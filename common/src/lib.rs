@@ -597,6 +597,8 @@ pub mod stat {
 
 pub const EVENT_DENY: u32 = 1;
 pub const EVENT_NEW_FLOW: u32 = 2;
+/// Set in [`Event::port`] when it holds the packet's policy port.
+pub const EVENT_PORT: u32 = 1 << 16;
 
 /// A ring buffer record: a denied packet or a newly allowed flow.
 #[repr(C)]
@@ -606,7 +608,10 @@ pub struct Event {
     pub rule: u32,
     pub flow: FlowKey,
     pub len: u32,
-    pub _pad: u32,
+    /// The policy port the packet was judged by (destination port, or ICMP/ICMPv6
+    /// `type << 8 | code`, which `flow` does not hold) with [`EVENT_PORT`] set; 0 for a
+    /// fragment without ports and from programs built before it was recorded.
+    pub port: u32,
 }
 
 /// Per-CPU token bucket limiting events: `tokens` refill at [`EVENT_RATE_PER_SEC`] up to

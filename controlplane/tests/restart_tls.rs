@@ -123,6 +123,34 @@ async fn tls_with_certs_init_output_health_and_reflection() {
     assert!(untrusted.is_err());
 }
 
+#[tokio::test]
+async fn reflection_answers_v1alpha_for_older_clients() {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(dir.path()).await;
+    let channel = Endpoint::from_shared(format!("http://{}", cp.addr())).unwrap().connect().await.unwrap();
+    let mut refl = ServerReflectionClient::new(channel);
+    let ask = |m: MessageRequest| ServerReflectionRequest { host: String::new(), message_request: Some(m) };
+    let requests = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol("wirefence.v1.AgentService".into())),
+    ];
+    let mut replies = refl.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("{reply:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"wirefence.v1.AgentService".to_string()), "{names:?}");
+    assert!(names.contains(&"grpc.reflection.v1alpha.ServerReflection".to_string()), "{names:?}");
+    assert!(!names.contains(&"wirefence.v1.AdminService".to_string()), "admin is never on the agent listener");
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else { panic!("{reply:?}") };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
+
 async fn check_health(channel: Channel) {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};

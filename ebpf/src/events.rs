@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use wirefence_common::{self as c, stat, Counter, Event, EventBudget, FlowKey};
+use wirefence_common::{self as c, stat, Counter, Event, EventBudget};
+
+use crate::parse::{Pkt, KIND_FRAGMENT};
 
 #[map(name = "WF_RULE_COUNTERS")]
 static RULE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(c::MAX_RULES, 0);
@@ -41,7 +43,7 @@ pub fn count_rule(rule: u32, len: u32) {
 
 /// Sends an event if this CPU's token bucket allows; counts `EVENTS_LOST` otherwise.
 #[inline(never)]
-pub fn event(kind: u32, rule: u32, flow: &FlowKey, len: u32, now: u64) {
+pub fn event(kind: u32, rule: u32, pkt: &Pkt, len: u32, now: u64) {
     if !take_event_token(now) {
         count(stat::EVENTS_LOST, len);
         return;
@@ -54,9 +56,11 @@ pub fn event(kind: u32, rule: u32, flow: &FlowKey, len: u32, now: u64) {
             unsafe {
                 core::ptr::addr_of_mut!((*p).kind).write(kind);
                 core::ptr::addr_of_mut!((*p).rule).write(rule);
-                core::ptr::addr_of_mut!((*p).flow).write(*flow);
+                core::ptr::addr_of_mut!((*p).flow).write(pkt.key);
                 core::ptr::addr_of_mut!((*p).len).write(len);
-                core::ptr::addr_of_mut!((*p)._pad).write(0);
+                // A fragment without its first part has no ports: judged by port 0, unknown.
+                let port = if pkt.kind == KIND_FRAGMENT { 0 } else { pkt.port as u32 | c::EVENT_PORT };
+                core::ptr::addr_of_mut!((*p).port).write(port);
             }
             e.submit(0);
         }

@@ -116,7 +116,7 @@ use aya_ebpf::{
     programs::TcContext,
     Global,
 };
-use wirefence_common::{self as c, stat, FlowKey, FlowValue};
+use wirefence_common::{self as c, stat, FlowValue};
 
 use conntrack::{TCP_FIN, TCP_RST, TCP_SYN};
 use events::{count, count_rule, event};
@@ -230,7 +230,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         count(stat::FRAGMENTS, len);
         let rule = policy_rule(&pkt.key, 0, st.epoch, family);
         if rule == c::NO_RULE {
-            return Ok(deny(&pkt.key, len, now));
+            return Ok(deny(pkt, len, now));
         }
         count_rule(rule, len);
         return Ok(PASS);
@@ -265,7 +265,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
 
     let rule = policy_rule(&pkt.key, pkt.port, st.epoch, family | policy::PORT_KNOWN);
     if rule == c::NO_RULE {
-        return Ok(deny(&pkt.key, len, now));
+        return Ok(deny(pkt, len, now));
     }
     // A TCP packet other than a SYN opens no entry: allowed by the policy in its own
     // direction it passes, but its answers are judged by the policy too.
@@ -288,7 +288,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     }
     count(stat::ALLOWED_NEW, len);
     count_rule(rule, len);
-    event(c::EVENT_NEW_FLOW, rule, &pkt.key, len, now);
+    event(c::EVENT_NEW_FLOW, rule, pkt, len, now);
     clamp_syn(ctx, pkt, off, v6);
     Ok(PASS)
 }
@@ -320,9 +320,9 @@ fn pass_established(rule: u32, len: u32) -> i32 {
 }
 
 #[inline(always)]
-fn deny(key: &FlowKey, len: u32, now: u64) -> i32 {
+fn deny(pkt: &Pkt, len: u32, now: u64) -> i32 {
     count(stat::DENIED, len);
-    event(c::EVENT_DENY, c::NO_RULE, key, len, now);
+    event(c::EVENT_DENY, c::NO_RULE, pkt, len, now);
     DROP
 }
 

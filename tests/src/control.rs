@@ -38,6 +38,8 @@ pub struct ControlPlane {
     metrics: std::net::SocketAddr,
     /// More `serve` arguments (say `--route-hold-down 1s`).
     serve_args: Vec<String>,
+    /// Serve without TLS (`--insecure --insecure-allow-remote`); `tls` still holds a CA.
+    plaintext: bool,
 }
 
 impl ControlPlane {
@@ -47,8 +49,17 @@ impl ControlPlane {
         ControlPlane::start_with(lab, &[])
     }
 
+    /// [`ControlPlane::start`], serving plaintext HTTP/2 (`serve --insecure`).
+    pub fn start_plaintext(lab: &Lab) -> ControlPlane {
+        ControlPlane::start_as(lab, &[], true)
+    }
+
     /// [`ControlPlane::start`] with more `serve` arguments.
     pub fn start_with(lab: &Lab, serve_args: &[&str]) -> ControlPlane {
+        ControlPlane::start_as(lab, serve_args, false)
+    }
+
+    fn start_as(lab: &Lab, serve_args: &[&str], plaintext: bool) -> ControlPlane {
         lab.switch.ip(&["addr", "add", &format!("{CP_V4}/24"), "dev", "br0"]);
         lab.switch.ip(&["addr", "add", &format!("{CP_V6}/64"), "dev", "br0", "nodad"]);
         let dir = TempDir::new();
@@ -67,6 +78,7 @@ impl ControlPlane {
             tls,
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], CP_METRICS_PORT)),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
+            plaintext,
         };
         cp.restart();
         cp
@@ -89,6 +101,7 @@ impl ControlPlane {
             tls,
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics.port() + 1)),
             serve_args: self.serve_args.clone(),
+            plaintext: self.plaintext,
         };
         cp.restart();
         cp
@@ -127,6 +140,11 @@ impl ControlPlane {
         let _ = std::fs::remove_file(self.admin_socket());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join("control.log")).unwrap();
         let tls = &self.tls;
+        let transport: Vec<std::ffi::OsString> = if self.plaintext {
+            vec!["--insecure".into(), "--insecure-allow-remote".into()]
+        } else {
+            vec!["--tls-cert".into(), tls.join("server.pem").into(), "--tls-key".into(), tls.join("server.key").into()]
+        };
         let listen: Vec<&str> = self.listen.iter().flat_map(|l| ["--listen", l.as_str()]).collect();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.switch])
@@ -139,10 +157,7 @@ impl ControlPlane {
             .args(listen)
             .arg("--metrics-listen")
             .arg(self.metrics.to_string())
-            .arg("--tls-cert")
-            .arg(tls.join("server.pem"))
-            .arg("--tls-key")
-            .arg(tls.join("server.key"))
+            .args(&transport)
             .args(["--overlay-v4", "10.77.0.0/24", "--overlay-v6", "fd77::/64"])
             .args(&self.serve_args)
             .env("WIREFENCE_LOG", "debug")

@@ -936,6 +936,27 @@ fn generation_flip_rechecks_old_flows() {
     }
 }
 
+/// ICMP's flow key holds an echo's identifier where ports go (and another message's type
+/// and code in `dport`), so only the event's policy port tells what was denied.
+#[test]
+fn deny_events_carry_the_icmp_type_and_code() {
+    for is_v6 in [false, true] {
+        let h = hosts(is_v6);
+        let (p, l) = (h.peer, h.local);
+        let mut bed = Bed::new(0, &[rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((22, 22)))]);
+        let (request, reply) = if is_v6 { (128u32, 129u32) } else { (8, 0) };
+        // A reply whose identifier reads as type 3 code 4.
+        bed.expect("echo request", DIR_INGRESS, &Packet::echo(p, l, true, 0x0304), Drop, DENIED);
+        bed.expect("echo reply", DIR_INGRESS, &Packet::echo(p, l, false, 0x0304), Drop, DENIED);
+        bed.expect("type 200 code 1", DIR_INGRESS, &Packet::icmp(p, l, 200, 1, [0; 4], b"x"), Drop, DENIED);
+        let events = bed.events();
+        let ports: Vec<u32> = events.iter().map(|e| e.port).collect();
+        let ep = common::EVENT_PORT;
+        assert_eq!(ports, [ep | request << 8, ep | reply << 8, ep | 200 << 8 | 1], "v6 {is_v6}: {events:?}");
+        assert_eq!((events[0].flow.sport, events[1].flow.dport), (0x0304, 0x0304));
+    }
+}
+
 #[test]
 fn events_report_flows_and_denials_within_budget() {
     for off in OFFSETS {
@@ -966,6 +987,7 @@ fn events_report_flows_and_denials_within_budget() {
         assert_eq!(events[1].kind, common::EVENT_DENY);
         assert_eq!(events[1].rule, common::NO_RULE);
         assert_eq!((events[1].flow.proto, events[1].flow.dport), (IPPROTO_UDP, 53));
+        assert_eq!((events[0].port, events[1].port), (common::EVENT_PORT | 22, common::EVENT_PORT | 53));
 
         // A burst of denials: at most the bucket (EVENT_BURST, minus the 2 above, plus
         // what refills while the burst runs) gets through; the rest is counted as lost.

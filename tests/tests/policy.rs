@@ -71,6 +71,7 @@ fn allowed_port_connects_denied_port_does_not_and_replies_pass() {
     // Not allowed: the other direction (b -> a is no rule's business, and a has no policy,
     // but b's egress filter denies b's new flows).
     assert!(!b.ns.ping(&a.overlay_v4), "b's new flow to a passed b's egress filter");
+    assert!(!b.ns.ping(&a.overlay_v6), "b's new flow to a passed b's egress filter");
 
     let st = b.status_json();
     let web = &st["policy"]["counters"]["rules"]["web"];
@@ -79,6 +80,19 @@ fn allowed_port_connects_denied_port_does_not_and_replies_pass() {
     wait_until("the denied connection in status", T, || {
         b.status_json()["policy"]["recent_denies"].as_array().is_some_and(|d| d.iter().any(|r| r["dport"] == 81))
     });
+    // As text: an IPv6 address before a port in brackets, ICMP by its type (the echo's
+    // identifier, which the flow keeps as a port, is not shown as one).
+    let v6_port = format!("-> [{}]:81 tcp", b.overlay_v6);
+    let pings = [format!("-> {} icmp echo-request", a.overlay_v4), format!("-> {} icmpv6 echo-request", a.overlay_v6)];
+    wait_until("the denies as status shows them", T, || {
+        let text = run_ok(b.agent().args(["status", "--config"]).arg(b.config_path()));
+        text.contains(&v6_port) && pings.iter().all(|p| text.contains(p.as_str()))
+    });
+    // The program sent the type and code it judged an echo request by (8 << 8, 128 << 8).
+    let denies = b.status_json()["policy"]["recent_denies"].clone();
+    let judged =
+        |proto: u8, port: u16| denies.as_array().unwrap().iter().any(|r| r["proto"] == proto && r["port"] == port);
+    assert!(judged(1, 8 << 8) && judged(58, 128 << 8) && judged(6, 81), "{denies}");
     let out = run_ok(b.agent().args(["policy", "check", "--config"]).arg(b.config_path()).args([
         &a.overlay_v4,
         &b.overlay_v4,

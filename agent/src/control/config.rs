@@ -470,4 +470,26 @@ mod tests {
         assert!(e.contains("the control plane sends the policy"), "{e}");
         assert!(parse("endpoints = [\"cp:1\"]\ninsecure = true\n", "[policy]\npin_dir = \"/sys/fs/bpf/x\"\n").is_ok());
     }
+
+    #[test]
+    fn control_mode_refuses_static_groups_and_addresses() {
+        let control = "endpoints = [\"cp:1\"]\ninsecure = true\n";
+        // A group naming a peer this file cannot have: refused for control mode, not for the name.
+        let e = parse(control, "[policy.groups]\ndb = [\"peer:db1\", \"10.1.0.0/16\"]\n").unwrap_err();
+        assert!(
+            e.starts_with("a.toml:5:1: policy.groups: in control mode ([control]) the control plane sends the groups"),
+            "{e}"
+        );
+        let e = parse(control, "addresses = [\"10.77.0.1/24\"]\n").unwrap_err();
+        assert!(
+            e.starts_with(
+                "a.toml:4:14: interface.addresses: in control mode ([control]) the control plane sends the addresses"
+            ),
+            "{e}"
+        );
+        // Without [control] both are what a static config is made of.
+        let text = "[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\naddresses = [\"10.77.0.1/24\"]\n\
+                    [policy.groups]\ndb = [\"10.1.0.0/16\"]\n";
+        Config::parse(Path::new("a.toml"), text).unwrap();
+    }
 }

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 use super::config::Transport;
 use super::health::CertProbe;
+use super::sniff::{FirstAnswer, Sniff};
 use crate::primitives::Endpoint;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -35,6 +36,39 @@ pub enum ConnectError {
     Ca { path: PathBuf, reason: String },
     #[error("no control-plane endpoint answered: {0}")]
     Unreachable(String),
+    /// Said on its own, not among the other addresses' failures: it is what to fix.
+    #[error("the control plane at {addr} {mismatch}")]
+    Mismatch { addr: SocketAddr, mismatch: Mismatch },
+}
+
+/// The two ends disagree about TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    #[error(
+        "answered with TLS but this agent is configured for plaintext (control.insecure = true, http://); \
+         set control.ca_file to the control plane's CA instead"
+    )]
+    TlsAnswered,
+    #[error(
+        "answered in plaintext (HTTP/2 without TLS) but this agent is configured for TLS (control.ca_file, \
+         https://); the control plane runs with --insecure"
+    )]
+    PlaintextAnswered,
+}
+
+/// Why one address did not give a connection (or a certificate probe).
+#[derive(Debug, thiserror::Error)]
+enum AddrError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Mismatch(Mismatch),
+}
+
+impl From<String> for AddrError {
+    fn from(reason: String) -> AddrError {
+        AddrError::Failed(reason)
+    }
 }
 
 /// Where the connection went and what certificate the server showed.
@@ -68,13 +102,17 @@ impl Connector {
     /// channel bound to that one connection: when it breaks, the caller reconnects.
     pub async fn connect(&self) -> Result<(Channel, Connected), ConnectError> {
         let (addrs, mut failures) = self.resolve().await;
+        let mut mismatch = None;
         for (host, addr) in addrs {
             match self.connect_addr(&host, addr).await {
                 Ok(ok) => return Ok(ok),
+                Err(AddrError::Mismatch(m)) => {
+                    mismatch.get_or_insert(ConnectError::Mismatch { addr, mismatch: m });
+                }
                 Err(err) => failures.push(format!("{addr}: {err}")),
             }
         }
-        Err(ConnectError::Unreachable(failures.join("; ")))
+        Err(mismatch.unwrap_or_else(|| ConnectError::Unreachable(failures.join("; "))))
     }
 
     /// The control plane's addresses: literal endpoints and what host names resolved to.
@@ -121,7 +159,7 @@ impl Connector {
             let cfg = cfg.clone();
             async move {
                 let result = async {
-                    let tls = handshake(&cfg, &host, tcp_connect(addr).await?).await?;
+                    let tls = handshake(&cfg, &host, tcp_connect(addr).await?).await.map_err(|e| e.to_string())?;
                     leaf_not_after(&tls).ok_or_else(|| "the certificate has no readable expiry".to_string())
                 }
                 .await;
@@ -138,15 +176,18 @@ impl Connector {
         Some(probe)
     }
 
-    async fn connect_addr(&self, host: &str, addr: SocketAddr) -> Result<(Channel, Connected), String> {
+    async fn connect_addr(&self, host: &str, addr: SocketAddr) -> Result<(Channel, Connected), AddrError> {
         let tcp = tcp_connect(addr).await?;
         let _ = tcp.set_nodelay(true);
-        let (io, cert_not_after): (Box<dyn Io>, _) = match &self.tls {
-            None => (Box::new(tcp), None),
+        let (io, cert_not_after, first): (Box<dyn Io>, _, _) = match &self.tls {
+            None => {
+                let (sniff, first) = Sniff::new(tcp);
+                (Box::new(sniff), None, Some(first))
+            }
             Some(cfg) => {
                 let tls = handshake(cfg, host, tcp).await?;
                 let expiry = leaf_not_after(&tls);
-                (Box::new(tls), expiry)
+                (Box::new(tls), expiry, None)
             }
         };
         // The channel gets exactly this stream; a second connect attempt by tonic fails and
@@ -165,6 +206,17 @@ impl Connector {
             .connect_with_connector(connector)
             .await
             .map_err(|e| format!("HTTP/2: {e}"))?;
+        // Plaintext: the server's first bytes (its SETTINGS) show it speaks HTTP/2 at all.
+        if let Some(first) = first {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, first).await {
+                Ok(Ok(FirstAnswer::Tls)) => return Err(AddrError::Mismatch(Mismatch::TlsAnswered)),
+                Ok(Ok(FirstAnswer::Closed)) => {
+                    return Err(AddrError::Failed("closed the connection before answering HTTP/2".into()))
+                }
+                Ok(Ok(FirstAnswer::Other)) => {}
+                Ok(Err(_)) | Err(_) => return Err(AddrError::Failed("no answer to the HTTP/2 preface".into())),
+            }
+        }
         Ok((channel, Connected { addr, cert_not_after }))
     }
 }
@@ -182,12 +234,21 @@ async fn handshake(
     cfg: &Arc<rustls::ClientConfig>,
     host: &str,
     tcp: TcpStream,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, AddrError> {
     let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host:?}: {e}"))?;
     tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp))
         .await
         .map_err(|_| "TLS handshake timed out".to_string())?
-        .map_err(|e| format!("TLS: {e}"))
+        .map_err(|e| {
+            let rustls = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+            // The answer is no TLS record: an HTTP/2 server opens with its SETTINGS frame.
+            match rustls {
+                Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+                    AddrError::Mismatch(Mismatch::PlaintextAnswered)
+                }
+                _ => AddrError::Failed(format!("TLS: {e}")),
+            }
+        })
 }
 
 /// Unix seconds the server's leaf certificate expires.

@@ -9,6 +9,7 @@ pub mod connect;
 pub mod guard;
 pub mod health;
 pub mod persist;
+mod sniff;
 pub mod tracker;
 pub mod view;
 

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,23 +27,79 @@ pub struct DenyRecord {
     pub sport: u16,
     pub dport: u16,
     pub len: u32,
+    /// The policy port the packet was judged by: for ICMP/ICMPv6 `type << 8 | code`, which
+    /// the ports do not hold (an echo's identifier is there). `None` in records of older
+    /// programs and for fragments without ports.
+    #[serde(default)]
+    pub port: Option<u16>,
 }
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
 
 impl fmt::Display for DenyRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        write!(
-            f,
-            "{}s ago {} {}:{} -> {}:{} proto {} ({} bytes)",
-            now.saturating_sub(self.at),
-            self.direction,
-            self.src,
-            self.sport,
-            self.dst,
-            self.dport,
-            self.proto,
-            self.len
-        )
+        write!(f, "{}s ago {} ", now.saturating_sub(self.at), self.direction)?;
+        match self.proto {
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                write!(f, "{} -> {} {}", self.src, self.dst, Icmp(self))?;
+            }
+            // The protocols whose ports the programs read.
+            6 | 17 | 132 | 136 => write!(
+                f,
+                "{} -> {} {}",
+                with_port(&self.src, self.sport),
+                with_port(&self.dst, self.dport),
+                proto_name(self.proto)
+            )?,
+            other => write!(f, "{} -> {} proto {other}", self.src, self.dst)?,
+        }
+        write!(f, " ({} bytes)", self.len)
+    }
+}
+
+/// `addr:port`, an IPv6 address in brackets; a text that is no address as it is.
+fn with_port(addr: &str, port: u16) -> String {
+    match addr.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{addr}:{port}"),
+    }
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        6 => "tcp",
+        17 => "udp",
+        132 => "sctp",
+        _ => "udplite",
+    }
+}
+
+/// An ICMP or ICMPv6 message by its type and code (`icmp echo-request`, `icmpv6 type 1 code 3`).
+struct Icmp<'a>(&'a DenyRecord);
+
+impl fmt::Display for Icmp<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        let v6 = d.proto == IPPROTO_ICMPV6;
+        f.write_str(if v6 { "icmpv6" } else { "icmp" })?;
+        let (ty, code) = match d.port {
+            Some(port) => ((port >> 8) as u8, port as u8),
+            // An older program's record: only an echo request is certain (its identifier
+            // is the source port); a reply's identifier and another type share `dport`.
+            None if d.sport != 0 && d.dport == 0 => (if v6 { 128 } else { 8 }, 0),
+            None => return Ok(()),
+        };
+        let name = match (v6, ty, code) {
+            (false, 8, 0) | (true, 128, 0) => Some("echo-request"),
+            (false, 0, 0) | (true, 129, 0) => Some("echo-reply"),
+            _ => None,
+        };
+        match name {
+            Some(name) => write!(f, " {name}"),
+            None => write!(f, " type {ty} code {code}"),
+        }
     }
 }
 
@@ -75,6 +131,7 @@ fn record(e: &common::Event) -> DenyRecord {
         sport: e.flow.sport,
         dport: e.flow.dport,
         len: e.len,
+        port: (e.port & common::EVENT_PORT != 0).then_some(e.port as u16),
     }
 }
 
@@ -121,5 +178,78 @@ pub async fn follow(pin_dir: PathBuf, state_dir: PathBuf, ifname: IfName) -> any
             last_write = Instant::now();
             dirty = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deny(src: &str, dst: &str, proto: u8, sport: u16, dport: u16, port: Option<u16>) -> String {
+        let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let d = DenyRecord {
+            at,
+            direction: "in".into(),
+            src: src.into(),
+            dst: dst.into(),
+            proto,
+            sport,
+            dport,
+            len: 60,
+            port,
+        };
+        // Without the age, which may tick between the record and its text.
+        d.to_string().split_once("s ago ").unwrap().1.to_owned()
+    }
+
+    #[test]
+    fn ports_follow_addresses_ipv6_in_brackets() {
+        assert_eq!(
+            deny("fd00::2", "fd00::1", 6, 40000, 443, Some(443)),
+            "in [fd00::2]:40000 -> [fd00::1]:443 tcp (60 bytes)"
+        );
+        assert_eq!(
+            deny("10.0.0.2", "10.0.0.1", 17, 5353, 53, Some(53)),
+            "in 10.0.0.2:5353 -> 10.0.0.1:53 udp (60 bytes)"
+        );
+        assert_eq!(deny("10.0.0.2", "10.0.0.1", 47, 0, 0, None), "in 10.0.0.2 -> 10.0.0.1 proto 47 (60 bytes)");
+    }
+
+    #[test]
+    fn icmp_shows_type_and_code_not_ports() {
+        // An echo request: the identifier is in `sport`, type 8 code 0 in the policy port.
+        assert_eq!(
+            deny("10.0.0.2", "10.0.0.1", 1, 0x1234, 0, Some(8 << 8)),
+            "in 10.0.0.2 -> 10.0.0.1 icmp echo-request (60 bytes)"
+        );
+        assert_eq!(
+            deny("fd00::2", "fd00::1", 58, 0, 0x0100, Some(129 << 8)),
+            "in fd00::2 -> fd00::1 icmpv6 echo-reply (60 bytes)"
+        );
+        assert_eq!(
+            deny("fd00::2", "fd00::1", 58, 0, 0x0103, Some(0x0103)),
+            "in fd00::2 -> fd00::1 icmpv6 type 1 code 3 (60 bytes)"
+        );
+        assert_eq!(
+            deny("10.0.0.2", "10.0.0.1", 1, 0, 0x0304, Some(0x0304)),
+            "in 10.0.0.2 -> 10.0.0.1 icmp type 3 code 4 (60 bytes)"
+        );
+        // Records of programs that did not send the policy port.
+        assert_eq!(deny("10.0.0.2", "10.0.0.1", 1, 7, 0, None), "in 10.0.0.2 -> 10.0.0.1 icmp echo-request (60 bytes)");
+        assert_eq!(deny("10.0.0.2", "10.0.0.1", 1, 0, 7, None), "in 10.0.0.2 -> 10.0.0.1 icmp (60 bytes)");
+    }
+
+    #[test]
+    fn the_policy_port_is_taken_only_when_the_program_marked_it() {
+        let mut e = common::Event { kind: common::EVENT_DENY, ..Default::default() };
+        e.flow.proto = 1;
+        assert_eq!(record(&e).port, None);
+        e.port = common::EVENT_PORT | 8 << 8;
+        assert_eq!(record(&e).port, Some(8 << 8));
+        // Saved records of an older agent have no `port` and still load.
+        let old =
+            r#"[{"at":1,"direction":"in","src":"10.0.0.2","dst":"10.0.0.1","proto":6,"sport":1,"dport":2,"len":3}]"#;
+        let records: Vec<DenyRecord> = serde_json::from_str(old).unwrap();
+        assert_eq!(records[0].port, None);
     }
 }

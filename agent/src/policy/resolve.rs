@@ -47,6 +47,13 @@ pub(crate) struct RawPolicy {
     rules: Vec<Spanned<RawRule>>,
 }
 
+impl RawPolicy {
+    /// Where the first `[policy.groups]` entry is written, if there is one.
+    pub(crate) fn first_group(&self) -> Option<Range<usize>> {
+        self.groups.keys().map(|k| k.span()).min_by_key(|s| s.start)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
@@ -415,6 +422,7 @@ mod tests {
         }
     }
 
+    /// Refused where the second name is, before the policy: the peers are checked first.
     #[test]
     fn ambiguous_peer_name_is_an_error() {
         let text = format!(
@@ -422,6 +430,6 @@ mod tests {
              [[peers]]\npublic_key = \"{KEY_B}\"\nname = \"x\"\n[[policy.rules]]\nid = \"r\"\nfrom = [\"peer:x\"]\nto = [\"any\"]\n"
         );
         let e = Config::parse(Path::new("agent.toml"), &text).unwrap_err().to_string();
-        assert!(e.starts_with("agent.toml:12:") && e.contains("ambiguous"), "{e}");
+        assert!(e.starts_with("agent.toml:7:1: peers[1].name: \"x\" is already the name of peers[0]"), "{e}");
     }
 }

@@ -243,6 +243,18 @@ fn check_insecure(cfg: &ServeConfig) -> Result<(), Error> {
     }
 }
 
+/// The reflection service's contents (the admin service is only on the Unix socket, so it
+/// is not advertised on the agent listeners).
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(wirefence_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(<AgentServiceServer<AgentSvc> as tonic::server::NamedService>::NAME)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+}
+
 /// Opens the store and starts serving; returns once every listener is bound.
 pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
     check_insecure(&cfg)?;
@@ -262,15 +274,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
         AgentServiceServer::new(AgentSvc { registry: registry.clone() }).max_decoding_message_size(limits.max_message);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServiceServer<AgentSvc>>().await;
-    // Reflection describes what this listener serves (the admin service is only on the
-    // Unix socket, so it is not advertised here).
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(wirefence_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name(<AgentServiceServer<AgentSvc> as tonic::server::NamedService>::NAME)
-        .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .build_v1()?;
+    // Reflection describes what this listener serves, in both versions of the protocol
+    // (older grpcurl releases ask v1alpha only).
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
     let mut tasks = JoinSet::new();
     let coalescer = registry.clone();
@@ -298,6 +305,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
             .http2_max_header_list_size(limits.max_header_list)
             .add_service(health.clone())
             .add_service(reflection.clone())
+            .add_service(reflection_v1alpha.clone())
             .add_service(agent.clone());
         let incoming = listener::incoming(listener, tls.clone(), &limits);
         let mut signal = registry.shutdown_signal();
