@@ -185,6 +185,18 @@ impl GroupLab {
         self.agents[i - 1] = Some(self.host(i).spawn_agent());
     }
 
+    /// Just after h2 recovered (`what`): h3 keeps the subnet through most of the hold-down
+    /// (10 s), then h2 takes it back and the LAN host answers.
+    pub fn h2_back_after_the_hold_down(&self, what: &str) {
+        let up = Instant::now();
+        while up.elapsed() < Duration::from_secs(8) {
+            assert!(self.routed_to(3), "h2 took the subnet back {:?} after it {what}", up.elapsed());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        wait_until("h2 takes the subnet back after the hold-down", Duration::from_secs(30), || self.routed_to(2));
+        self.until_reachable(Duration::from_secs(30));
+    }
+
     /// Host `i`'s link to the LAN, down or up.
     pub fn lan_link(&self, i: usize, up: bool) {
         self.host(i).ns.ip(&["link", "set", "lan0", if up { "up" } else { "down" }]);

@@ -30,13 +30,7 @@ fn traffic_fails_over_to_the_standby_and_back_after_the_hold_down() {
 
     // h2 recovers: no move back before the hold-down (10 s), then one move.
     g.lan_link(2, true);
-    let up = Instant::now();
-    while up.elapsed() < Duration::from_secs(8) {
-        assert!(g.routed_to(3), "h2 took the subnet back {:?} after it recovered", up.elapsed());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    wait_until("h2 takes the subnet back after the hold-down", T, || g.routed_to(2));
-    g.until_reachable(T);
+    g.h2_back_after_the_hold_down("recovered");
 
     // 2. h2's agent dies: its report stream ends with its connection.
     let killed = Instant::now();
@@ -61,13 +55,7 @@ fn traffic_fails_over_to_the_standby_and_back_after_the_hold_down() {
 
     // It boots again on its kept state: the same node, back after the hold-down, once.
     g.boot(2);
-    let up = Instant::now();
-    while up.elapsed() < Duration::from_secs(8) {
-        assert!(g.routed_to(3), "h2 took the subnet back {:?} after it booted", up.elapsed());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    wait_until("h2 takes the subnet back after the hold-down", T, || g.routed_to(2));
-    g.until_reachable(T);
+    g.h2_back_after_the_hold_down("booted");
     let groups = g.cp.admin_ok(&["nodes", "list"]);
     assert_eq!(groups.matches("h2").count(), 1, "one node h2, not a second enrollment:\n{groups}");
 }
