@@ -151,13 +151,17 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
-    /// List the nodes.
+    /// List the nodes: whether each runs its current view (APPLIED: the version, "in sync"
+    /// or how many updates it lacks).
     List {
+        /// Also removed nodes (kept for the names and addresses they reserve), marked.
+        #[arg(long)]
+        all: bool,
         /// Output JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Show one node.
+    /// Show one node (a removed one too: by id, or by the hostname it had).
     Show {
         /// Node id or hostname.
         node: String,

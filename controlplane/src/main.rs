@@ -202,8 +202,9 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
                 format!("# {} (applied at version {})\n{}", p.file_name, p.version, p.source)
             }
         }
-        Command::Nodes(NodesCommand::List { json }) => {
-            let nodes = admin.list_nodes(ListNodesRequest {}).await.map_err(status)?.into_inner().nodes;
+        Command::Nodes(NodesCommand::List { json, all }) => {
+            let request = ListNodesRequest { include_removed: all };
+            let nodes = admin.list_nodes(request).await.map_err(status)?.into_inner().nodes;
             if json {
                 format!("{:#}\n", serde_json::Value::Array(nodes.iter().map(output::node_json).collect()))
             } else {

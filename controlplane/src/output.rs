@@ -6,7 +6,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ipnet::IpNet;
 use serde_json::{json, Value};
-use wirefence_proto::v1::{EnrollmentKey, GetPolicyReply, IpPrefix, Node, RouteGroupMember, SocketAddress};
+use wirefence_proto::v1::{EnrollmentKey, GetPolicyReply, IpPrefix, Node, RouteGroupMember, SocketAddress, ViewSync};
 use wirefence_proto::Escaped;
 
 fn prefixes(v: &[IpPrefix]) -> Vec<String> {
@@ -73,11 +73,21 @@ pub fn node_json(n: &Node) -> Value {
         })).collect::<Vec<_>>(),
         "tags": n.tags,
         "applied_version": n.applied_version,
+        "sync": match ViewSync::try_from(n.sync).unwrap_or(ViewSync::Unknown) {
+            ViewSync::InSync => "in_sync",
+            ViewSync::Behind => "behind",
+            ViewSync::Unknown => "unknown",
+        },
+        "updates_behind": n.updates_behind,
+        "removed": n.removed,
         "last_error": n.last_error,
+        "last_refusal": n.last_refusal,
+        "last_refusal_unix": n.last_refusal_unix,
         "last_seen_unix": n.last_seen_unix,
         "connected": n.connected,
         "peer_stats": n.peer_stats.iter().map(|s| json!({
             "public_key": key(&s.public_key),
+            "name": s.name,
             "last_handshake_unix": s.last_handshake_unix,
             "rx_bytes": s.rx_bytes,
             "tx_bytes": s.tx_bytes,
@@ -104,15 +114,28 @@ pub fn nodes_table(nodes: &[Node], now: i64) -> String {
             prefixes(&n.addresses).join(","),
             joined(&n.tags, ","),
             if n.connected { "yes" } else { "no" }.into(),
-            if n.last_error.is_empty() {
-                n.applied_version.to_string()
-            } else {
-                format!("{} (error)", n.applied_version)
-            },
+            applied(n),
             ago(n.last_seen_unix, now),
         ]);
     }
     table(&rows)
+}
+
+/// The applied version and whether it is the node's current view: `12 in sync`, `9 behind
+/// 2` (updates), `9 behind` (not connected; how many unknown), `removed`, or the bare
+/// version when not known; `(error)` when its last apply failed.
+fn applied(n: &Node) -> String {
+    let mut s = match (n.removed, ViewSync::try_from(n.sync).unwrap_or(ViewSync::Unknown), n.updates_behind) {
+        (true, ..) => "removed".to_string(),
+        (false, ViewSync::InSync, _) => format!("{} in sync", n.applied_version),
+        (false, ViewSync::Behind, 0) => format!("{} behind", n.applied_version),
+        (false, ViewSync::Behind, b) => format!("{} behind {b}", n.applied_version),
+        (false, ViewSync::Unknown, _) => n.applied_version.to_string(),
+    };
+    if !n.last_error.is_empty() {
+        s.push_str(" (error)");
+    }
+    s
 }
 
 /// Rows padded to columns.
@@ -226,17 +249,26 @@ pub fn node_text(n: &Node, now: i64) -> String {
     }
     let _ = writeln!(out, "tags:            {}", joined(&n.tags, ", "));
     let _ = writeln!(out, "connected:       {}", if n.connected { "yes" } else { "no" });
-    let _ = writeln!(out, "applied version: {}", n.applied_version);
+    if n.removed {
+        let _ = writeln!(out, "removed:         yes (in no view; its name and addresses stay reserved)");
+    }
+    let _ = writeln!(out, "applied version: {}", applied(n));
+    if !n.last_refusal.is_empty() {
+        let _ = writeln!(out, "last refusal:    {}: {}", ago(n.last_refusal_unix, now), Escaped(&n.last_refusal));
+    }
     if !n.last_error.is_empty() {
         let _ = writeln!(out, "last error:      {}", Escaped(&n.last_error));
     }
     let _ = writeln!(out, "last seen:       {}", ago(n.last_seen_unix, now));
     for s in &n.peer_stats {
         let ep = s.endpoint.as_ref().map(|e| sockets(std::slice::from_ref(e)).remove(0)).unwrap_or_default();
+        let who = match s.name.as_str() {
+            "" => key(&s.public_key),
+            name => format!("{} ({})", Escaped(name), key(&s.public_key)),
+        };
         let _ = writeln!(
             out,
-            "peer {}  handshake {}  rx {}  tx {}  {ep}",
-            key(&s.public_key),
+            "peer {who}  handshake {}  rx {}  tx {}  {ep}",
             ago(s.last_handshake_unix, now),
             s.rx_bytes,
             s.tx_bytes

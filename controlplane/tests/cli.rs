@@ -140,9 +140,17 @@ async fn admin_commands_over_the_socket() {
     assert!(text(&out.stdout).contains("hostname:        db1"));
     let out = cli(&sock, &["nodes", "remove", "db1"]).await;
     assert!(out.status.success() && text(&out.stdout).starts_with("removed db1"));
+    // Kept, and shown as removed: by name, and in `nodes list --all` only.
     let out = cli(&sock, &["nodes", "show", "db1"]).await;
+    assert!(text(&out.stdout).contains("removed:         yes"), "{}", text(&out.stdout));
+    let out = cli(&sock, &["nodes", "list"]).await;
+    assert!(!text(&out.stdout).contains("db1"), "{}", text(&out.stdout));
+    let out = cli(&sock, &["nodes", "list", "--all"]).await;
+    let row = text(&out.stdout).lines().find(|l| l.contains("db1")).map(str::to_owned);
+    assert!(row.as_deref().is_some_and(|r| r.contains("removed")), "{}", text(&out.stdout));
+    let out = cli(&sock, &["nodes", "show", "db2"]).await;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("no node \"db1\""), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no node \"db2\""), "{}", text(&out.stderr));
 
     let pki = dir.path().join("pki");
     let out =

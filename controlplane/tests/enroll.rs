@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::*;
 use tonic::Code;
 use wirefence_proto::v1::{
-    agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, PeerStat, PeerStats, RegisterResponse,
-    RemoveNodeRequest, SetNodeRoutesRequest, SocketAddress, WatchRequest,
+    agent_report, AgentReport, Applied, ApplyFailed, GetNodeRequest, IpPrefix, ListNodesRequest, PeerStat, PeerStats,
+    RegisterResponse, RemoveNodeRequest, SetNodeRoutesRequest, SocketAddress, WatchRequest,
 };
 
 #[tokio::test]
@@ -96,11 +96,15 @@ async fn reregistration_cannot_change_hostname_or_public_key() {
     assert_code(r, Code::PermissionDenied, "public_key");
     let node = cp.admin.get_node(GetNodeRequest { node: me.node_id.clone() }).await.unwrap().into_inner();
     assert_eq!((node.hostname.as_str(), node.public_key), ("web1", pubkey(1)));
+    // The operator sees the last refusal and its reason.
+    assert!(node.last_refusal.contains("public_key") && node.last_refusal_unix > 0, "{}", node.last_refusal);
     // Unchanged identity: accepted. Both replies announce the overlay ranges (agents pin them).
     let again = agent.register(authed(register_req("web1", 1, ""), &me.credential)).await.unwrap().into_inner();
     for reply in [&me, &again] {
         assert_eq!(reply.overlay, vec![prefix("10.77.0.0/16"), prefix("fd77::/64")]);
     }
+    let node = cp.admin.get_node(GetNodeRequest { node: "web1".into() }).await.unwrap().into_inner();
+    assert_eq!((node.last_refusal.as_str(), node.last_refusal_unix), ("", 0), "a success clears it");
 }
 
 #[tokio::test]
@@ -119,6 +123,23 @@ async fn removed_nodes_cannot_enroll_again() {
     // The refusals did not use the single-use key; a new key pair enrolls fine.
     let r = agent.register(cp.enroll_req("laptop", 2, &fresh).await).await.unwrap().into_inner();
     assert_ne!(r.node_id, gone.node_id);
+
+    // The removed node is kept, and shown when asked for.
+    let ids = |nodes: Vec<wirefence_proto::v1::Node>| -> Vec<(String, bool)> {
+        nodes.into_iter().map(|n| (n.node_id, n.removed)).collect()
+    };
+    let live = cp.admin.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner().nodes;
+    assert_eq!(ids(live), [(r.node_id.clone(), false)]);
+    let all = cp.admin.list_nodes(ListNodesRequest { include_removed: true }).await.unwrap().into_inner().nodes;
+    let mut all = ids(all);
+    all.sort();
+    let mut want = vec![(r.node_id.clone(), false), (gone.node_id.clone(), true)];
+    want.sort();
+    assert_eq!(all, want);
+    let shown = cp.admin.get_node(GetNodeRequest { node: gone.node_id.clone() }).await.unwrap().into_inner();
+    assert!(shown.removed && shown.hostname == "laptop", "{shown:?}");
+    let shown = cp.admin.get_node(GetNodeRequest { node: "laptop".into() }).await.unwrap().into_inner();
+    assert_eq!((shown.node_id, shown.removed), (r.node_id, false), "the live owner of the name first");
 }
 
 #[tokio::test]
@@ -234,10 +255,7 @@ async fn bad_registration_input_names_the_field() {
     r.routes = vec![prefix("10.0.0.0/8")];
     assert_code(agent.register(r).await, Code::InvalidArgument, "overlaps the overlay");
     // Nothing was enrolled by the rejected calls.
-    assert_eq!(
-        cp.admin.list_nodes(wirefence_proto::v1::ListNodesRequest {}).await.unwrap().into_inner().nodes.len(),
-        0
-    );
+    assert_eq!(cp.admin.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner().nodes.len(), 0);
 }
 
 #[tokio::test]
@@ -277,7 +295,10 @@ async fn unauthenticated_tampered_and_removed_nodes_are_refused() {
     assert_code(agent.report(authed(reports, &me.credential)).await, Code::PermissionDenied, "removed");
     let rereg = agent.register(authed(register_req("laptop", 1, ""), &me.credential)).await;
     assert_code(rereg, Code::PermissionDenied, "removed");
-    assert_code(cp.admin.get_node(GetNodeRequest { node: "laptop".into() }).await, Code::NotFound, "laptop");
+    // Kept and shown as removed; a name nobody had is not found.
+    let shown = cp.admin.get_node(GetNodeRequest { node: "laptop".into() }).await.unwrap().into_inner();
+    assert!(shown.removed && !shown.connected, "{shown:?}");
+    assert_code(cp.admin.get_node(GetNodeRequest { node: "nobody".into() }).await, Code::NotFound, "nobody");
 }
 
 #[tokio::test]
@@ -285,19 +306,21 @@ async fn reports_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let mut cp = start(dir.path()).await;
     let me = cp.enroll("laptop", 1, &[]).await;
+    cp.enroll("db", 2, &[]).await;
     let peer_key = vec![9u8; 32];
     let body = |b| AgentReport { body: Some(b) };
+    let stat = |public_key: Vec<u8>| PeerStat {
+        public_key,
+        last_handshake_unix: 1_700_000_000,
+        rx_bytes: 10,
+        tx_bytes: 20,
+        endpoint: Some(SocketAddress::from("192.0.2.9:51820".parse::<std::net::SocketAddr>().unwrap())),
+        // An agent does not name peers for the admins.
+        name: "forged".into(),
+    };
     let msgs = vec![
         body(agent_report::Body::Applied(Applied { version: 7 })),
-        body(agent_report::Body::Stats(PeerStats {
-            peers: vec![PeerStat {
-                public_key: peer_key.clone(),
-                last_handshake_unix: 1_700_000_000,
-                rx_bytes: 10,
-                tx_bytes: 20,
-                endpoint: Some(SocketAddress::from("192.0.2.9:51820".parse::<std::net::SocketAddr>().unwrap())),
-            }],
-        })),
+        body(agent_report::Body::Stats(PeerStats { peers: vec![stat(peer_key.clone()), stat(pubkey(2))] })),
         body(agent_report::Body::Failed(ApplyFailed { version: 8, reason: "netlink said no".into() })),
     ];
     let mut agent = cp.agent().await;
@@ -306,8 +329,11 @@ async fn reports_are_recorded() {
     assert_eq!(n.applied_version, 7);
     assert_eq!(n.last_error, "netlink said no");
     assert!(n.last_seen_unix > 0);
-    assert_eq!(n.peer_stats.len(), 1);
-    assert_eq!((n.peer_stats[0].public_key.clone(), n.peer_stats[0].rx_bytes), (peer_key, 10));
+    let mut stats: Vec<(&str, Vec<u8>, u64)> =
+        n.peer_stats.iter().map(|s| (s.name.as_str(), s.public_key.clone(), s.rx_bytes)).collect();
+    stats.sort();
+    // Peers by the name the control plane knows (none for an unknown key).
+    assert_eq!(stats, [("", peer_key, 10), ("db", pubkey(2), 10)]);
     assert!(!n.connected);
 
     // A success clears the error; a watching node shows as connected.

@@ -20,7 +20,7 @@ async fn a_restarted_control_plane_keeps_nodes_policy_and_versions() {
     let db1 = cp.enroll("db1", 2, &[]).await;
     let v_policy = cp.apply(POLICY).await.unwrap();
     let key = cp.bound_key("web1", &["web"]).await;
-    let before = cp.admin.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let before = cp.admin.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner().nodes;
     let mut stream = watch(&cp, &laptop.credential, 0).await.unwrap();
     let v_before = next(&mut stream).await.unwrap().version;
     assert_eq!(v_before, v_policy);
@@ -31,7 +31,7 @@ async fn a_restarted_control_plane_keeps_nodes_policy_and_versions() {
     assert_eq!(next(&mut stream).await.unwrap_err().code(), tonic::Code::Unavailable);
 
     let mut cp = start(dir.path()).await;
-    let after = cp.admin.list_nodes(ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let after = cp.admin.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner().nodes;
     let ids = |v: &[wirefence_proto::v1::Node]| {
         v.iter().map(|n| (n.node_id.clone(), n.hostname.clone(), n.addresses.clone())).collect::<Vec<_>>()
     };

@@ -172,7 +172,7 @@ fn push_latency(rt: &tokio::runtime::Runtime, changes: usize, flood: bool) -> Re
     }
     let mut admin = rt.block_on(wirefence_control::admin_client::connect(&cp.admin_socket()))?;
     wait_until("3 nodes enrolled", Duration::from_secs(30), || {
-        rt.block_on(admin.list_nodes(v1::ListNodesRequest {})).is_ok_and(|r| r.into_inner().nodes.len() == 3)
+        rt.block_on(admin.list_nodes(v1::ListNodesRequest::default())).is_ok_and(|r| r.into_inner().nodes.len() == 3)
     });
     let mut pusher = Pusher { rt, admin, maps: Vec::new(), before: Vec::new(), port: 999 };
     pusher.apply()?;

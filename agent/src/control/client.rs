@@ -466,6 +466,8 @@ pub fn device_peer_stats(backend: &dyn WgBackend, ifname: &IfName) -> Vec<v1::Pe
             rx_bytes: p.stats.rx_bytes,
             tx_bytes: p.stats.tx_bytes,
             endpoint: p.config.endpoint.map(Into::into),
+            // Only the control plane names peers, for its admins.
+            name: String::new(),
         })
         .collect()
 }

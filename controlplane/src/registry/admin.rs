@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
+use super::sync::ViewSync;
 use super::Registry;
 use crate::policy;
 use crate::store::{self, NodeRow};
@@ -73,15 +74,19 @@ impl Registry {
             .unwrap_or_default())
     }
 
-    /// Live nodes, as the admin API shows them.
-    pub fn list_nodes(&self) -> Result<Vec<v1::Node>, Error> {
+    /// Live nodes (and removed ones with `include_removed`), as the admin API shows them.
+    pub fn list_nodes(&self, include_removed: bool) -> Result<Vec<v1::Node>, Error> {
         let rows = self.store().nodes()?;
-        Ok(rows.into_iter().filter(|r| !r.removed).map(|r| self.node_info(r)).collect())
+        Ok(rows.into_iter().filter(|r| include_removed || !r.removed).map(|r| self.node_info(r)).collect())
     }
 
-    /// A live node by id or hostname.
+    /// A live node by id or hostname, else a removed one by id or hostname.
     pub fn get_node(&self, sel: &str) -> Result<v1::Node, Error> {
-        let row = find(self.store().nodes()?, sel)?;
+        let rows = self.store().nodes()?;
+        let row = match find(rows.clone(), sel) {
+            Ok(row) => row,
+            Err(e) => find_removed(rows, sel).ok_or(e)?,
+        };
         Ok(self.node_info(row))
     }
 
@@ -103,11 +108,19 @@ impl Registry {
     /// A node row with what is observed of it (kept in memory, see `observed`).
     fn node_info(&self, r: NodeRow) -> v1::Node {
         let observed = self.observed.get(&r.rec.id);
+        let current = self.current();
+        // Only a name the node owns: an unbound hostname is a label the agent chose itself.
+        let hostname = |id: &str| current.node(id).filter(|n| n.bound).map(|n| n.hostname.clone()).unwrap_or_default();
+        let peer_name = |key: &[u8]| {
+            let n = current.nodes.iter().find(|n| n.public_key[..] == *key)?;
+            Some(if n.bound { n.hostname.clone() } else { n.id.clone() })
+        };
         let peer_stats = observed
             .peer_stats
-            .into_iter()
+            .iter()
             .map(|s| PeerStat {
-                public_key: s.public_key,
+                name: peer_name(&s.public_key).unwrap_or_default(),
+                public_key: s.public_key.clone(),
                 last_handshake_unix: s.last_handshake,
                 rx_bytes: s.rx_bytes,
                 tx_bytes: s.tx_bytes,
@@ -115,10 +128,16 @@ impl Registry {
             })
             .collect();
         // Kept in the live record only (see NodeRec::refused_routes).
-        let refused = self.current().node(&r.rec.id).map(|n| n.refused_routes.clone()).unwrap_or_default();
-        let current = self.current();
-        // Only a name the node owns: an unbound hostname is a label the agent chose itself.
-        let hostname = |id: &str| current.node(id).filter(|n| n.bound).map(|n| n.hostname.clone()).unwrap_or_default();
+        let refused = current.node(&r.rec.id).map(|n| n.refused_routes.clone()).unwrap_or_default();
+        let (sync, updates_behind) = match r.removed {
+            true => (ViewSync::Unknown, 0),
+            false => match self.view_sync(&r.rec.id, r.applied_version, &observed) {
+                ViewSync::Unknown => (ViewSync::Unknown, 0),
+                ViewSync::InSync => (ViewSync::InSync, 0),
+                ViewSync::Behind(n) => (ViewSync::Behind(n), n),
+            },
+        };
+        let (last_refusal_unix, last_refusal) = observed.last_refusal.clone().unwrap_or_default();
         let route_groups = self
             .route_groups()
             .into_iter()
@@ -158,8 +177,25 @@ impl Registry {
             refused_routes: refused.iter().map(|r| r.to_wire()).collect(),
             granted_routes: r.granted_routes.iter().map(|a| IpPrefix::from(*a)).collect(),
             route_groups,
+            sync: match sync {
+                ViewSync::Unknown => v1::ViewSync::Unknown,
+                ViewSync::InSync => v1::ViewSync::InSync,
+                ViewSync::Behind(_) => v1::ViewSync::Behind,
+            }
+            .into(),
+            updates_behind,
+            removed: r.removed,
+            last_refusal,
+            last_refusal_unix,
         }
     }
+}
+
+/// A removed node by id, else one that had the hostname (several may have had it: the
+/// lowest id; its id picks another).
+fn find_removed(rows: Vec<NodeRow>, sel: &str) -> Option<NodeRow> {
+    let (by_id, rest): (Vec<_>, Vec<_>) = rows.into_iter().filter(|r| r.removed).partition(|r| r.rec.id == sel);
+    by_id.into_iter().next().or_else(|| rest.into_iter().find(|r| r.rec.hostname == sel))
 }
 
 /// A live node by id, else the live node that owns the hostname, else a live node with

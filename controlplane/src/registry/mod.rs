@@ -23,6 +23,7 @@ pub mod observed;
 pub mod register;
 pub mod report;
 pub mod routes;
+pub mod sync;
 pub mod throttle;
 
 use std::collections::HashSet;

@@ -33,6 +33,11 @@ pub struct Observed {
     pub cert_expiry: CertExpiry,
     /// Routes its last registration advertised (`None`: none since start).
     pub requested_routes: Option<Vec<ipnet::IpNet>>,
+    /// Versions of the last updates sent on its Watch streams, oldest first
+    /// ([`super::sync`]).
+    pub sent: std::collections::VecDeque<u64>,
+    /// Its last refused registration (Unix seconds, reason), cleared by a successful one.
+    pub last_refusal: Option<(i64, String)>,
 }
 
 /// Unix seconds a certificate expires, per address family; `None`: not reported.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ipnet::IpNet;
+use tonic::Code;
 use wirefence_proto::v1::{IpPrefix, RegisterRequest, RegisterResponse};
 use wirefence_proto::Escaped;
 
@@ -129,10 +130,17 @@ impl Registry {
         meta: &tonic::metadata::MetadataMap,
         req: &RegisterRequest,
     ) -> Result<RegisterResponse, Error> {
-        let reg = validate(req, &self.overlay, &self.gate.control_plane())?;
         match auth::bearer(meta)? {
-            Some(token) => self.reregister(token, reg),
+            Some(token) => {
+                self.check_credential(&token)?;
+                let id = token.id.clone();
+                let result = validate(req, &self.overlay, &self.gate.control_plane())
+                    .and_then(|reg| self.reregister(token, reg));
+                self.note_registration(&id, &result);
+                result
+            }
             None => {
+                let reg = validate(req, &self.overlay, &self.gate.control_plane())?;
                 if req.enrollment_key.trim().is_empty() {
                     return Err(Error::EnrollmentKeyMissing);
                 }
@@ -176,8 +184,8 @@ impl Registry {
     /// and public key are what policy and peers know the node by, so they stay fixed.
     /// A change comes into effect at once, or, when the node changed something less than
     /// an interval ago, once that interval is over ([`super::throttle::Coalescer`]).
+    /// Call with a checked credential.
     fn reregister(&self, token: Token, reg: Registration) -> Result<RegisterResponse, Error> {
-        self.check_credential(&token)?;
         // Registering with the rotated credential completes the rotation: the old one ends.
         if self.credentials.is_pending(&token) {
             self.store().change(false, |tx| store::promote_credential(tx, &token.id))?;
@@ -204,6 +212,20 @@ impl Registry {
         }
         let rotate = self.store().rotate_requested(&token.id)?;
         Ok(response(&old, token.expose(), rotate, &self.overlay, &refused))
+    }
+
+    /// Keeps a refused registration of a known node for `nodes show` (and logs it: an
+    /// operator must act on a refusal that is not a passing condition); a success clears it.
+    fn note_registration<T>(&self, id: &str, result: &Result<T, Error>) {
+        match result {
+            Ok(_) => self.observed.update(id, |o| o.last_refusal = None),
+            Err(e) if matches!(e.code(), Code::Internal | Code::Unavailable | Code::DeadlineExceeded) => {}
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::info!(node = %id, reason = %Escaped(&reason), "registration refused");
+                self.observed.update(id, |o| o.last_refusal = Some((now_unix(), reason)));
+            }
+        }
     }
 
     /// Writes and publishes a node's new endpoints and routes, checked again against the

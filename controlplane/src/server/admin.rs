@@ -46,9 +46,10 @@ impl AdminService for AdminSvc {
         Ok(Response::new(GetPolicyReply { file_name: p.file_name, source: p.source, version: p.version }))
     }
 
-    async fn list_nodes(&self, _: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {
+    async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {
+        let include_removed = request.into_inner().include_removed;
         let registry = self.registry.clone();
-        Ok(Response::new(ListNodesReply { nodes: off_worker(move || registry.list_nodes()).await? }))
+        Ok(Response::new(ListNodesReply { nodes: off_worker(move || registry.list_nodes(include_removed)).await? }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {

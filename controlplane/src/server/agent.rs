@@ -83,9 +83,11 @@ impl Stream {
     async fn run(mut self, first: Option<Update>) {
         let mut shutdown = self.registry.shutdown_signal();
         if let Some(u) = first {
+            let version = u.version;
             if self.tx.send(Ok(u)).await.is_err() {
                 return;
             }
+            self.registry.sent(&self.node, version);
         }
         loop {
             tokio::select! {
@@ -121,6 +123,7 @@ impl Stream {
                 return false;
             }
             self.registry.metrics.pushed(state.created.elapsed());
+            self.registry.sent(&self.node, state.version);
             self.sent = state.version;
         }
         self.view = new;
