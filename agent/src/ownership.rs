@@ -211,7 +211,7 @@ mod tests {
             // A failed cleanup leaves the covering record.
             let failed = own
                 .adopt(&claim("wf2", BackendKind::Userspace, 99), |_| async {
-                    Err(StateError::Locked { path: "x".into() })
+                    Err(StateError::Locked { path: "x".into(), pid: None })
                 })
                 .await;
             assert!(failed.is_err());

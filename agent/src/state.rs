@@ -16,8 +16,8 @@ pub enum StateError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a wirefence state file: {source}")]
     Corrupt { path: PathBuf, source: serde_json::Error },
-    #[error("another wirefence agent holds {path} (stop it first)")]
-    Locked { path: PathBuf },
+    #[error("{} holds {}: stop it first (systemctl stop wirefence-agent{})", holder(.pid), .path.display(), kill(.pid))]
+    Locked { path: PathBuf, pid: Option<u32> },
     #[error("state directory: {0}")]
     Unsafe(#[from] crate::perms::UnsafePath),
 }
@@ -39,8 +39,14 @@ impl StateDir {
         let lock_path = dir.join("agent.lock");
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
         if !crate::sys::try_lock_exclusive(&lock) {
-            return Err(StateError::Locked { path: lock_path });
+            let pid = lock_holder(dir);
+            return Err(StateError::Locked { path: lock_path, pid });
         }
+        // Who holds it, for `status` and for the next agent refused (the kernel's lock
+        // table is what counts; the number only names the process).
+        let mut lock = lock;
+        let pid = format!("{}\n", std::process::id());
+        lock.set_len(0).and_then(|()| std::io::Write::write_all(&mut lock, pid.as_bytes())).map_err(io(&lock_path))?;
         Ok(StateDir { dir: dir.to_owned(), _lock: lock })
     }
 
@@ -62,6 +68,41 @@ impl StateDir {
     pub(crate) fn set_owned(&self, owned: &Owned) -> Result<(), StateError> {
         write_atomic(&self.owned_path(), &serde_json::to_vec_pretty(owned).expect("serializable"))
     }
+}
+
+fn holder(pid: &Option<u32>) -> String {
+    pid.map_or_else(|| "another wirefence agent".to_owned(), |p| format!("the wirefence agent with pid {p}"))
+}
+
+fn kill(pid: &Option<u32>) -> String {
+    pid.map_or_else(String::new, |p| format!(" or kill {p}"))
+}
+
+/// The process holding the agent lock of `state_dir` (a running agent), from the
+/// kernel's lock table (`/proc/locks`): the pid written in the file names the holder only
+/// while the lock is held, and taking the lock to test it could refuse an agent starting
+/// at that moment.
+pub fn lock_holder(state_dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(state_dir.join("agent.lock")).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    flock_holder(&locks, libc::major(meta.dev()), libc::minor(meta.dev()), meta.ino())
+}
+
+/// The pid of a process holding an exclusive `flock` on inode `ino` of device
+/// `major:minor`, as `/proc/locks` lists it (`1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<ino>
+/// 0 EOF`, device numbers in hex; waiting requests are marked `->` and skipped).
+fn flock_holder(locks: &str, major: u32, minor: u32, ino: u64) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [_, "FLOCK", _, "WRITE", pid, file, ..] = f.as_slice() else { return None };
+        let mut parts = file.split(':');
+        let (maj, min, i) = (parts.next()?, parts.next()?, parts.next()?);
+        let same = u32::from_str_radix(maj, 16).ok()? == major
+            && u32::from_str_radix(min, 16).ok()? == minor
+            && i.parse::<u64>().ok()? == ino;
+        same.then(|| pid.parse().ok())?
+    })
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
@@ -143,15 +184,38 @@ mod tests {
     fn lock_is_exclusive_and_record_roundtrips() {
         let dir = std::env::temp_dir().join(format!("wf-state-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(lock_holder(&dir), None, "no lock file yet");
         let s = StateDir::open(&dir).unwrap();
-        assert!(matches!(StateDir::open(&dir), Err(StateError::Locked { .. })));
+        // The second open is refused naming this process, as the kernel's lock table says.
+        let me = std::process::id();
+        match StateDir::open(&dir) {
+            Err(e @ StateError::Locked { pid: Some(pid), .. }) if pid == me => {
+                assert!(e.to_string().contains(&format!("pid {me}")), "{e}")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(std::fs::read_to_string(dir.join("agent.lock")).unwrap(), format!("{me}\n"));
         assert!(s.owned().unwrap().interfaces.is_empty());
         let wf0: IfName = "wf0".parse().unwrap();
         s.set_owned(&Owned { interfaces: [wf0.clone()].into(), ..Default::default() }).unwrap();
         assert_eq!(s.owned().unwrap().interfaces, [wf0].into());
         drop(s);
+        assert_eq!(lock_holder(&dir), None, "released with the StateDir");
         StateDir::open(&dir).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_lock_holder_is_read_off_the_kernels_lock_table() {
+        let table = "1: POSIX  ADVISORY  WRITE 77 fd:01:1234 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ 88 fd:01:1234 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 99 00:2a:1234 0 EOF\n\
+                     3: -> FLOCK  ADVISORY  WRITE 100 fd:01:1234 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF\n";
+        assert_eq!(flock_holder(table, 0xfd, 1, 1234), Some(4242));
+        assert_eq!(flock_holder(table, 0, 0x2a, 1234), Some(99));
+        assert_eq!(flock_holder(table, 0xfd, 1, 999), None);
+        assert_eq!(flock_holder("garbage\n1: FLOCK\n", 0xfd, 1, 1234), None);
     }
 
     #[test]

@@ -10,6 +10,9 @@ use crate::reconcile::Reconciler;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// The pid of the agent running on this state directory (the holder of its lock);
+    /// `None`: no agent runs, so nothing keeps what is shown here converged.
+    pub agent_pid: Option<u32>,
     pub interface: IfName,
     pub backend: &'static str,
     pub link: Option<LinkState>,
@@ -173,6 +176,7 @@ pub async fn collect(
         None => None,
     };
     Ok(Status {
+        agent_pid: None,
         control: None,
         removable_enrollment_key: None,
         policy,
@@ -207,6 +211,10 @@ fn bytes(n: u64) -> String {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.agent_pid {
+            Some(pid) => writeln!(f, "agent: running (pid {pid})")?,
+            None => writeln!(f, "agent: not running (nothing keeps this state converged)")?,
+        }
         match &self.link {
             None => return writeln!(f, "interface {}: absent ({} backend)", self.interface, self.backend),
             Some(l) => writeln!(
@@ -322,7 +330,15 @@ impl std::fmt::Display for Status {
             }
         }
         if let Some(c) = &self.control {
-            writeln!(f, "\ncontrol plane: {}", c.connected_to.as_deref().unwrap_or("not connected"))?;
+            // What the agent recorded is only current while it runs.
+            match (self.agent_pid, c.connected_to.as_deref()) {
+                (Some(_), Some(to)) => writeln!(f, "\ncontrol plane: {to}")?,
+                (Some(_), None) => writeln!(f, "\ncontrol plane: not connected")?,
+                (None, Some(to)) => {
+                    writeln!(f, "\ncontrol plane: not connected (the agent is not running; it was connected to {to})")?
+                }
+                (None, None) => writeln!(f, "\ncontrol plane: not connected (the agent is not running)")?,
+            }
             writeln!(f, "  node: {}", Escaped(c.node_id.as_deref().unwrap_or("(not registered)")))?;
             writeln!(f, "  applied version: {}", c.applied_version)?;
             let now =
@@ -365,6 +381,7 @@ mod tests {
             persistent_keepalive: None,
         };
         let st = Status {
+            agent_pid: Some(4242),
             interface: "wf0".parse().unwrap(),
             backend: "userspace",
             link: Some(LinkState { index: 3, mtu: 1420, up: true }),
@@ -433,5 +450,41 @@ mod tests {
         );
         // The forged line is not a line of its own.
         assert_eq!(text.lines().filter(|l| l.trim_start().starts_with("endpoint:")).count(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_stopped_agent_is_not_shown_as_connected() {
+        let mut st = Status {
+            agent_pid: None,
+            interface: "wf0".parse().unwrap(),
+            backend: "kernel",
+            link: Some(LinkState { index: 3, mtu: 1420, up: true }),
+            public_key: None,
+            listen_port: None,
+            addresses: vec![],
+            peers: vec![],
+            routes: vec![],
+            rules: vec![],
+            policy: None,
+            mss_clamp: None,
+            gateway: GatewayStatus::default(),
+            control: Some(crate::control::ControlStatus {
+                connected_to: Some("https://cp.example:7443".into()),
+                ..Default::default()
+            }),
+            removable_enrollment_key: None,
+        };
+        let text = st.to_string();
+        assert!(text.starts_with("agent: not running"), "{text}");
+        assert!(
+            text.contains(
+                "control plane: not connected (the agent is not running; it was connected to https://cp.example:7443)"
+            ),
+            "{text}"
+        );
+        st.agent_pid = Some(77);
+        let text = st.to_string();
+        assert!(text.starts_with("agent: running (pid 77)\n"), "{text}");
+        assert!(text.contains("\ncontrol plane: https://cp.example:7443\n"), "{text}");
     }
 }

@@ -105,7 +105,16 @@ fn kill9_then_restart_with_changed_config_leaves_nothing_stale() {
     let agent = a.spawn_agent();
     let _pb = b.spawn_agent();
     ping_ok(a, &b.overlay_v4);
+    // status names the running agent; down refuses while it runs and says what to do.
+    assert_eq!(a.status_json()["agent_pid"], agent.pid());
+    let down = run(a.agent().args(["down", "--config"]).arg(a.config_path()));
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(!down.status.success(), "down ran beside the agent");
+    assert!(err.contains(&format!("pid {} holds", agent.pid())) && err.contains("stop it first"), "{err}");
+    let pid = agent.pid();
     agent.kill9();
+    let st = a.status_json();
+    assert!(st["agent_pid"].is_null(), "agent {pid} shown as running after it was killed: {st}");
 
     // The tunnel survives the agent.
     assert!(a.ns.ping(&b.overlay_v4), "tunnel died with the agent");
