@@ -21,6 +21,7 @@ pub mod plan;
 pub mod policy;
 pub mod primitives;
 pub mod reconcile;
+pub mod report;
 pub mod state;
 pub mod status;
 pub mod supervisor;

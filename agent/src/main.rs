@@ -121,7 +121,7 @@ fn main() -> ExitCode {
     match rt.block_on(dispatch(cli.cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", wirefence_agent::report::chain(e.chain()));
             ExitCode::FAILURE
         }
     }
@@ -217,11 +217,19 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Check { config } => {
             let loaded = load::load_effective(&config)?;
-            let key = keys::load(&loaded.interface.private_key_file)
-                .context("check reads the private key but never creates it")?;
+            let key_file = &loaded.interface.private_key_file;
+            // Before the first run the key does not exist yet: `run` creates it, `check`
+            // never does; the rest is checked with a throwaway key.
+            let (key, key_note) = match std::fs::symlink_metadata(key_file) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                    wirefence_agent::model::PrivateKey::generate(),
+                    format!("; private key {} does not exist yet: the first run creates it", key_file.display()),
+                ),
+                _ => (keys::load(key_file).context("check reads the private key but never creates it")?, String::new()),
+            };
             let desired = wirefence_agent::desired::desired_state(&loaded, &key)?;
             println!(
-                "{}: ok: interface {}, {} peers, {} routes, {} rules",
+                "{}: ok: interface {}, {} peers, {} routes, {} rules{key_note}",
                 config.display(),
                 desired.ifname,
                 desired.peers.len(),
