@@ -37,6 +37,26 @@ pub struct DenyRecord {
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 
+impl DenyRecord {
+    /// IPv6 link-local control traffic of the tunnel itself: the router and neighbour
+    /// solicitations and MLD reports the kernel sends on every IPv6 link (ICMPv6 types
+    /// 130-143, from `fe80::/10` or `::` to `ff02::/16` or `fe80::/10`). WireGuard routes
+    /// by allowed-ips, so it means nothing there; it is dropped like anything no rule
+    /// allows, but it is no deny an operator needs to see.
+    pub fn is_link_local_control(&self) -> bool {
+        let (Ok(src), Ok(dst)) = (self.src.parse::<std::net::Ipv6Addr>(), self.dst.parse::<std::net::Ipv6Addr>())
+        else {
+            return false;
+        };
+        let link_local = |a: std::net::Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+        let control_type = self.port.is_none_or(|p| (130..=143).contains(&(p >> 8)));
+        self.proto == IPPROTO_ICMPV6
+            && control_type
+            && (link_local(src) || src.is_unspecified())
+            && (dst.segments()[0] == 0xff02 || link_local(dst))
+    }
+}
+
 impl fmt::Display for DenyRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -159,6 +179,9 @@ pub async fn follow(pin_dir: PathBuf, state_dir: PathBuf, ifname: IfName) -> any
                 let e: common::Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const common::Event) };
                 let r = record(&e);
                 match e.kind {
+                    common::EVENT_DENY if r.is_link_local_control() => {
+                        tracing::trace!(deny = %r, "denied link-local control traffic");
+                    }
                     common::EVENT_DENY => {
                         tracing::debug!(deny = %r, "denied");
                         recent.push_back(r);
@@ -213,6 +236,33 @@ mod tests {
             "in 10.0.0.2:5353 -> 10.0.0.1:53 udp (60 bytes)"
         );
         assert_eq!(deny("10.0.0.2", "10.0.0.1", 47, 0, 0, None), "in 10.0.0.2 -> 10.0.0.1 proto 47 (60 bytes)");
+    }
+
+    #[test]
+    fn the_tunnels_own_link_local_control_traffic_is_no_deny_to_show() {
+        let rec = |src: &str, dst: &str, proto, port| DenyRecord {
+            at: 0,
+            direction: "out".into(),
+            src: src.into(),
+            dst: dst.into(),
+            proto,
+            sport: 0,
+            dport: 0,
+            len: 56,
+            port,
+        };
+        // Router solicitation, MLDv2 report, DAD neighbour solicitation, an older record.
+        assert!(rec("fe80::1", "ff02::2", 58, Some(133 << 8)).is_link_local_control());
+        assert!(rec("fe80::1", "ff02::16", 58, Some(143 << 8)).is_link_local_control());
+        assert!(rec("::", "ff02::1:ff00:1", 58, Some(135 << 8)).is_link_local_control());
+        assert!(rec("fe80::1", "ff02::2", 58, None).is_link_local_control());
+        // An echo between link-local addresses, ND to a global address, other protocols
+        // and families: shown.
+        assert!(!rec("fe80::1", "ff02::1", 58, Some(128 << 8)).is_link_local_control());
+        assert!(!rec("fe80::1", "fd00::1", 58, Some(135 << 8)).is_link_local_control());
+        assert!(!rec("fd77::1", "ff02::2", 58, Some(133 << 8)).is_link_local_control());
+        assert!(!rec("fe80::1", "ff02::fb", 17, None).is_link_local_control());
+        assert!(!rec("10.0.0.1", "224.0.0.22", 2, None).is_link_local_control());
     }
 
     #[test]
