@@ -36,6 +36,19 @@ pub struct Status {
     pub removable_enrollment_key: Option<std::path::PathBuf>,
 }
 
+impl Status {
+    /// Moves the counters of rules that are not in `current` (the policy the agent runs)
+    /// out of the rule counters, into `retired_rules`.
+    pub fn retire_rules_not_in<'a>(&mut self, current: impl IntoIterator<Item = &'a str>) {
+        let Some(p) = &mut self.policy else { return };
+        let current: std::collections::BTreeSet<&str> = current.into_iter().collect();
+        let (keep, retired) =
+            std::mem::take(&mut p.counters.rules).into_iter().partition(|(id, _)| current.contains(id.as_str()));
+        p.counters.rules = keep;
+        p.retired_rules = retired;
+    }
+}
+
 /// The enrollment key file if it still exists although the node has a credential.
 pub fn removable_enrollment_key(
     files: &crate::control::persist::ControlFiles,
@@ -49,7 +62,12 @@ pub fn removable_enrollment_key(
 pub struct PolicyStatus {
     pub epoch: u32,
     pub attached: bool,
+    /// Counters of the current policy's rules (`rules`) and of the whole program (`stats`).
     pub counters: crate::enforce::Counters,
+    /// Counters of rules the current policy no longer has, while the previous generation
+    /// of the programs' maps still holds their slots.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub retired_rules: std::collections::BTreeMap<String, crate::enforce::Count>,
     /// The latest denied packets the running agent saw (newest last).
     pub recent_denies: Vec<crate::enforce::DenyRecord>,
     /// The pins come from another wirefence build (its id, or "not recorded").
@@ -170,6 +188,7 @@ pub async fn collect(
             epoch: i.state.epoch,
             attached: observed.link.map_or(Ok(false), |l| crate::enforce::attached_elsewhere(root, ifname, l.index))?,
             counters: i.counters,
+            retired_rules: Default::default(),
             recent_denies: crate::enforce::denies::load(state_dir, ifname),
             other_build: i.other_build,
         }),
@@ -319,6 +338,12 @@ impl std::fmt::Display for Status {
             }
             for (id, c) in &p.counters.rules {
                 writeln!(f, "  rule {id}: {} packets, {}", c.packets, bytes(c.bytes))?;
+            }
+            if !p.retired_rules.is_empty() {
+                writeln!(f, "  rules of the previous policy:")?;
+                for (id, c) in &p.retired_rules {
+                    writeln!(f, "    rule {id}: {} packets, {}", c.packets, bytes(c.bytes))?;
+                }
             }
             let stats: Vec<String> = p.counters.stats.iter().map(|(k, c)| format!("{k} {}", c.packets)).collect();
             writeln!(f, "  packets: {}", stats.join(", "))?;

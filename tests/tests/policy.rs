@@ -117,11 +117,20 @@ fn policy_change_keeps_allowed_established_flows_and_cuts_the_rest() {
     assert!(echoes(&mut kept, SHORT) && echoes(&mut cut, SHORT));
 
     let epoch = b.status_json()["policy"]["epoch"].as_u64().unwrap();
-    b.config().peer(a).extra(&policy(b, &web_rules(a, b, &["80"]))).write();
+    // The new rule has another id: "web" is no rule of the policy any more.
+    let rules = web_rules(a, b, &["80"]).replace("id = \"web\"", "id = \"web-80\"");
+    b.config().peer(a).extra(&policy(b, &rules)).write();
     wait_until("new policy live", T, || b.status_json()["policy"]["epoch"].as_u64().unwrap() > epoch);
     assert!(echoes(&mut kept, SHORT), "an established flow the new policy still allows was dropped");
     assert!(!echoes(&mut cut, SHORT), "an established flow the new policy forbids still passes");
     assert!(connect(&a.ns, sock(&b.overlay_v4, 8080), SHORT).is_none());
+    // Only the current rules' counters are the rule counters; the old one is apart.
+    let st = b.status_json();
+    let rules: Vec<&String> = st["policy"]["counters"]["rules"].as_object().unwrap().keys().collect();
+    assert_eq!(rules, ["web-80"], "{st}");
+    assert!(st["policy"]["retired_rules"]["web"]["packets"].as_u64().unwrap() > 0, "{st}");
+    let text = run_ok(b.agent().args(["status", "--config"]).arg(b.config_path()));
+    assert!(text.contains("  rules of the previous policy:\n    rule web: "), "{text}");
 }
 
 #[test]
