@@ -18,6 +18,9 @@ pub struct Status {
     pub link: Option<LinkState>,
     pub public_key: Option<PublicKey>,
     pub listen_port: Option<u16>,
+    /// The mark on the tunnel's own (encrypted) packets, set for a default route through
+    /// the tunnel: the policy routing rules send everything else to the tunnel's table.
+    pub fwmark: Option<u32>,
     pub addresses: Vec<String>,
     pub peers: Vec<PeerStatus>,
     pub routes: Vec<OwnedRoute>,
@@ -205,6 +208,7 @@ pub async fn collect(
         link: observed.link,
         public_key: info.as_ref().and_then(|d| d.public_key.as_ref()).map(|k| PublicKey(k.0)),
         listen_port: info.as_ref().and_then(|d| d.listen_port),
+        fwmark: info.as_ref().and_then(|d| d.fwmark).filter(|m| *m != 0),
         addresses: observed.addresses.iter().map(|a| a.to_string()).collect(),
         peers,
         routes: observed.routes.into_iter().collect(),
@@ -251,6 +255,9 @@ impl std::fmt::Display for Status {
         }
         if let Some(p) = self.listen_port {
             writeln!(f, "  listening port: {p}")?;
+        }
+        if let Some(m) = self.fwmark {
+            writeln!(f, "  fwmark: {m:#x} (its own packets; the rules below send the rest to the tunnel's table)")?;
         }
         writeln!(f, "  addresses: {}", self.addresses.join(", "))?;
         for p in &self.peers {
@@ -412,6 +419,7 @@ mod tests {
             link: Some(LinkState { index: 3, mtu: 1420, up: true }),
             public_key: None,
             listen_port: None,
+            fwmark: None,
             addresses: vec![],
             peers: vec![peer("gw\x1b[2J\x1b[H"), peer("db\n  endpoint: 203.0.113.9:51820"), peer("ab\u{202e}cd")],
             routes: vec![
@@ -486,6 +494,7 @@ mod tests {
             link: Some(LinkState { index: 3, mtu: 1420, up: true }),
             public_key: None,
             listen_port: None,
+            fwmark: None,
             addresses: vec![],
             peers: vec![],
             routes: vec![],

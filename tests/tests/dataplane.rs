@@ -177,6 +177,12 @@ fn down_leaves_nothing_with_policy_routing() {
     // and overlay traffic crosses the tunnel through the default route.
     ping_ok(a, &b.overlay_v4);
     ping_ok(a, &b.underlay_v4);
+    // status shows the mark, the table and the rules.
+    let text = run_ok(a.agent().args(["status", "--config"]).arg(a.config_path()));
+    assert!(text.contains("  fwmark: 0xca6c ("), "{text}");
+    assert!(text.contains("0.0.0.0/0 dev") && text.contains("table 51820"), "{text}");
+    assert!(text.contains("not fwmark 0xca6c lookup 51820"), "{text}");
+    assert_eq!(a.status_json()["fwmark"], 0xca6c);
 
     a.down();
     assert!(!a.ns.link_exists(&a.ifname));
