@@ -380,9 +380,16 @@ impl std::fmt::Display for Status {
                     writeln!(f, "  certificate over {family} expires in {} days (unix {t})", (t - now) / 86_400)?;
                 }
             }
-            if let Some(e) = &c.last_error {
+            match (&c.action_needed, &c.last_error) {
                 // May quote what the control plane answered.
-                writeln!(f, "  last error: {}", Escaped(e))?;
+                (Some(why), _) => writeln!(
+                    f,
+                    "  operator action needed: {} (retried every {} minutes)",
+                    Escaped(why),
+                    crate::control::client::OPERATOR_RETRY.as_secs() / 60
+                )?,
+                (None, Some(e)) => writeln!(f, "  last error: {}", Escaped(e))?,
+                (None, None) => {}
             }
             for r in &c.refused_routes {
                 writeln!(f, "  route refused by the control plane: {}", Escaped(r))?;

@@ -128,6 +128,20 @@ fn enrollment_mesh_policy_pushes_and_node_removal() {
     wait_until("h3 is gone from h1 and h2", T, || !wg_peers(h1).contains(&h3_key) && !wg_peers(h2).contains(&h3_key));
     assert!(!h3.ns.ping(&h2_v4), "a removed node is cut off");
     wait_until("the removed agent is refused", T, || agents[2].log_text().contains("PermissionDenied"));
+    // It says an operator must act and retries slowly, not every few seconds.
+    wait_until("status says operator action needed", T, || {
+        h3.control_status()["action_needed"].as_str().is_some_and(|s| s.contains("removed"))
+    });
+    let text = run_ok(h3.agent().args(["status", "--config"]).arg(h3.config_path()));
+    assert!(text.contains("  operator action needed: PermissionDenied: "), "{text}");
+    // Every attempt logs one of these.
+    let attempts = || {
+        let log = agents[2].log_text();
+        log.matches("operator action needed").count() + log.matches("control plane session ended").count()
+    };
+    let before = attempts();
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(attempts(), before, "a refused node retried within 5 s");
     assert!(h1.ns.ping(&h2_v4), "the others keep talking");
     assert_no_secrets_logged(&lab, &cp, &agents, &key_files);
 }

@@ -24,6 +24,10 @@ use crate::wg::WgBackend;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The retry after a refusal only an operator can lift (see [`SessionError::needs_operator`]):
+/// slow, so a refused node does not hammer the control plane, yet it comes back by itself
+/// once the operator acted.
+pub(crate) const OPERATOR_RETRY: Duration = Duration::from_secs(300);
 const STATS_EVERY: Duration = Duration::from_secs(10);
 const REPORT_DRAIN: Duration = Duration::from_secs(2);
 
@@ -87,6 +91,29 @@ enum SessionError {
     Guard(#[from] GuardError),
 }
 
+impl SessionError {
+    /// Whether retrying soon cannot help: the control plane refused this node for what only
+    /// an operator can change (a removed node, an identity it may not change, an enrollment
+    /// key refused, input it rejects), or the local setup lacks something or disagrees with
+    /// the control plane about TLS.
+    fn needs_operator(&self) -> bool {
+        match self {
+            SessionError::Rpc(s) => {
+                matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::InvalidArgument | tonic::Code::AlreadyExists
+                )
+            }
+            SessionError::Connect(super::connect::ConnectError::Mismatch { .. })
+            | SessionError::NoEnrollmentKey
+            | SessionError::CredentialRefused(..)
+            | SessionError::EnrollmentKey { .. }
+            | SessionError::EnrollmentKeyUnsafe(_) => true,
+            _ => false,
+        }
+    }
+}
+
 pub struct ControlClient {
     pub config: ControlConfig,
     /// What registrations advertise: `config`'s at start, then each reload's.
@@ -140,15 +167,23 @@ impl ControlClient {
         loop {
             let started = tokio::time::Instant::now();
             let result = self.session(&mut status).await;
+            let operator = matches!(&result, Err(e) if e.needs_operator());
             let message = match result {
                 Err(SessionError::DaemonGone) => return,
                 Ok(()) => "the control plane closed the stream".to_string(),
                 Err(e) => e.to_string(),
             };
-            tracing::warn!(error = %message, "control plane session ended");
             status.connected_to = None;
+            status.action_needed = operator.then(|| message.clone());
             status.last_error = Some(message);
             self.save_status(&status);
+            if operator {
+                let every = OPERATOR_RETRY.as_secs();
+                tracing::error!(error = ?status.last_error, retry_secs = every, "the control plane refused this node: operator action needed");
+                tokio::time::sleep(jitter(OPERATOR_RETRY)).await;
+                continue;
+            }
+            tracing::warn!(error = ?status.last_error, "control plane session ended");
             // A session that ran a while was healthy: start the backoff over.
             if started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_MIN;
@@ -172,6 +207,7 @@ impl ControlClient {
         record_connection(status, &connected);
         status.node_id = Some(cred.node_id.clone());
         status.last_error = None;
+        status.action_needed = None;
         status.refused_routes = refused_routes;
         self.save_status(status);
         tracing::info!(addr = %connected.addr, node = %cred.node_id, version = self.tracker.version(), "connected to the control plane");

@@ -56,6 +56,10 @@ pub struct ControlStatus {
     /// registration reply, then in each applied view).
     #[serde(default)]
     pub refused_routes: Vec<String>,
+    /// The control plane refused this node for what only an operator can change (or the
+    /// local setup lacks something): why. The agent retries only slowly meanwhile.
+    #[serde(default)]
+    pub action_needed: Option<String>,
 }
 
 #[derive(Clone, Debug)]
