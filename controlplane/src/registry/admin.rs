@@ -1,5 +1,6 @@
 //! Administration: policy, nodes, enrollment keys.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
 use super::sync::ViewSync;
 use super::Registry;
+use crate::model::NodeRec;
 use crate::policy;
 use crate::store::{self, NodeRow};
 use crate::Error;
@@ -111,8 +113,12 @@ impl Registry {
         let current = self.current();
         // Only a name the node owns: an unbound hostname is a label the agent chose itself.
         let hostname = |id: &str| current.node(id).filter(|n| n.bound).map(|n| n.hostname.clone()).unwrap_or_default();
+        let by_key: HashMap<&[u8], &NodeRec> = match observed.peer_stats.is_empty() {
+            true => HashMap::new(),
+            false => current.nodes.iter().map(|n| (&n.public_key[..], &**n)).collect(),
+        };
         let peer_name = |key: &[u8]| {
-            let n = current.nodes.iter().find(|n| n.public_key[..] == *key)?;
+            let n = by_key.get(key)?;
             Some(if n.bound { n.hostname.clone() } else { n.id.clone() })
         };
         let peer_stats = observed
@@ -129,13 +135,9 @@ impl Registry {
             .collect();
         // Kept in the live record only (see NodeRec::refused_routes).
         let refused = current.node(&r.rec.id).map(|n| n.refused_routes.clone()).unwrap_or_default();
-        let (sync, updates_behind) = match r.removed {
-            true => (ViewSync::Unknown, 0),
-            false => match self.view_sync(&r.rec.id, r.applied_version, &observed) {
-                ViewSync::Unknown => (ViewSync::Unknown, 0),
-                ViewSync::InSync => (ViewSync::InSync, 0),
-                ViewSync::Behind(n) => (ViewSync::Behind(n), n),
-            },
+        let sync = match r.removed {
+            true => ViewSync::Unknown,
+            false => self.view_sync(&r.rec.id, r.applied_version, &observed),
         };
         let (last_refusal_unix, last_refusal) = observed.last_refusal.clone().unwrap_or_default();
         let route_groups = self
@@ -183,7 +185,10 @@ impl Registry {
                 ViewSync::Behind(_) => v1::ViewSync::Behind,
             }
             .into(),
-            updates_behind,
+            updates_behind: match sync {
+                ViewSync::Behind(n) => n,
+                ViewSync::Unknown | ViewSync::InSync => 0,
+            },
             removed: r.removed,
             last_refusal,
             last_refusal_unix,
