@@ -179,6 +179,7 @@ impl Agent {
         let mut converged = false;
         // READY=1 to systemd after the first converged pass (the unit is Type=notify).
         let mut supervisor = Supervisor::default();
+        let mut passes = crate::passes::PassLog::new(&self.loaded.config.agent.state_dir);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
@@ -220,6 +221,7 @@ impl Agent {
                     }
                     converged = true;
                     supervisor.converged();
+                    passes.converged();
                     self.follow_events(&mut denies);
                     // A good pass also sweeps expired conntrack entries: at most once per
                     // SWEEP_INTERVAL, as a sweep walks the whole table and event-driven passes
@@ -239,6 +241,7 @@ impl Agent {
                 }
                 Err(e) => {
                     converged = false;
+                    passes.failed(&e.to_string());
                     tracing::error!(error = %e, retry_in = ?backoff, "reconcile failed");
                     next = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod ownership;
+pub mod passes;
 pub mod perms;
 pub mod plan;
 pub mod policy;

@@ -185,6 +185,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let dirs = config.policy.as_ref().map(|p| (p.pin_dir.as_path(), config.agent.state_dir.as_path()));
             let mut st = status::collect(&rec, &config.interface.name, &names, dirs).await?;
             st.agent_pid = wirefence_agent::state::lock_holder(&config.agent.state_dir);
+            st.passes = wirefence_agent::passes::load(&config.agent.state_dir);
             if let Some(p) = &config.policy {
                 st.retire_rules_not_in(p.policy.rule_ids());
             }

@@ -13,6 +13,9 @@ pub struct Status {
     /// The pid of the agent running on this state directory (the holder of its lock);
     /// `None`: no agent runs, so nothing keeps what is shown here converged.
     pub agent_pid: Option<u32>,
+    /// When the agent of this state directory last converged and whether a pass failed
+    /// since (as it recorded them; `None`: never).
+    pub passes: Option<crate::passes::PassRecord>,
     pub interface: IfName,
     pub backend: &'static str,
     pub link: Option<LinkState>,
@@ -199,6 +202,7 @@ pub async fn collect(
     };
     Ok(Status {
         agent_pid: None,
+        passes: None,
         control: None,
         removable_enrollment_key: None,
         policy,
@@ -215,6 +219,15 @@ pub async fn collect(
         rules: observed.rules.into_iter().collect(),
         gateway: GatewayStatus::of(observed.gateway),
     })
+}
+
+/// `12 s ago`, `5 min ago`, `3 h ago`.
+fn ago(now: u64, then: u64) -> String {
+    match now.saturating_sub(then) {
+        d @ 0..120 => format!("{d} s ago"),
+        d @ 120..7200 => format!("{} min ago", d / 60),
+        d => format!("{} h ago", d / 3600),
+    }
 }
 
 fn bytes(n: u64) -> String {
@@ -234,9 +247,17 @@ fn bytes(n: u64) -> String {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let converged = match &self.passes {
+            Some(p) if p.converged_unix > 0 => format!("last converged {}", ago(now, p.converged_unix)),
+            _ => "never converged".to_owned(),
+        };
         match self.agent_pid {
-            Some(pid) => writeln!(f, "agent: running (pid {pid})")?,
-            None => writeln!(f, "agent: not running (nothing keeps this state converged)")?,
+            Some(pid) => writeln!(f, "agent: running (pid {pid}), {converged}")?,
+            None => writeln!(f, "agent: not running (nothing keeps this state converged), {converged}")?,
+        }
+        if let Some((at, why)) = self.passes.as_ref().and_then(|p| p.failed.as_ref()) {
+            writeln!(f, "  last pass failed {}: {}", ago(now, *at), Escaped(why))?;
         }
         match &self.link {
             None => return writeln!(f, "interface {}: absent ({} backend)", self.interface, self.backend),
@@ -421,6 +442,7 @@ mod tests {
         };
         let st = Status {
             agent_pid: Some(4242),
+            passes: None,
             interface: "wf0".parse().unwrap(),
             backend: "userspace",
             link: Some(LinkState { index: 3, mtu: 1420, up: true }),
@@ -496,6 +518,7 @@ mod tests {
     fn a_stopped_agent_is_not_shown_as_connected() {
         let mut st = Status {
             agent_pid: None,
+            passes: None,
             interface: "wf0".parse().unwrap(),
             backend: "kernel",
             link: Some(LinkState { index: 3, mtu: 1420, up: true }),
@@ -523,9 +546,16 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(text.starts_with("agent: not running (nothing keeps this state converged), never converged\n"));
         st.agent_pid = Some(77);
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        st.passes = Some(crate::passes::PassRecord {
+            converged_unix: now - 30,
+            failed: Some((now - 5, "netlink: \x1b[2J".into())),
+        });
         let text = st.to_string();
-        assert!(text.starts_with("agent: running (pid 77)\n"), "{text}");
+        assert!(text.starts_with("agent: running (pid 77), last converged 30 s ago\n"), "{text}");
+        assert!(text.contains("\n  last pass failed 5 s ago: netlink: \\u{1b}[2J\n"), "{text}");
         assert!(text.contains("\ncontrol plane: https://cp.example:7443\n"), "{text}");
     }
 }

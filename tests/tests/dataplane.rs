@@ -106,7 +106,9 @@ fn kill9_then_restart_with_changed_config_leaves_nothing_stale() {
     let _pb = b.spawn_agent();
     ping_ok(a, &b.overlay_v4);
     // status names the running agent; down refuses while it runs and says what to do.
-    assert_eq!(a.status_json()["agent_pid"], agent.pid());
+    let st = a.status_json();
+    assert_eq!(st["agent_pid"], agent.pid());
+    assert!(st["passes"]["converged_unix"].as_u64().is_some_and(|t| t > 0), "{st}");
     let down = run(a.agent().args(["down", "--config"]).arg(a.config_path()));
     let err = String::from_utf8_lossy(&down.stderr);
     assert!(!down.status.success(), "down ran beside the agent");
