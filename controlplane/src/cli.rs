@@ -188,6 +188,22 @@ pub enum NodesCommand {
         /// Node id or hostname.
         node: String,
     },
+    /// Change a node's tags and/or hostname in one version; the node need not enroll or
+    /// register again. A new hostname is owned by the node (`node:<hostname>` matches it).
+    #[command(arg_required_else_help = true)]
+    Set {
+        /// Node id or hostname.
+        node: String,
+        /// The node's tags from now on (replacing all); repeatable.
+        #[arg(long = "tag", value_name = "TAG", conflicts_with = "no_tags")]
+        tags: Vec<String>,
+        /// Take every tag away.
+        #[arg(long)]
+        no_tags: bool,
+        /// The node's hostname from now on.
+        #[arg(long)]
+        hostname: Option<String>,
+    },
     /// Widen or narrow the subnets a node may route for the mesh (its grant, from its
     /// enrollment key). What it advertises inside the new grant comes into effect, and what
     /// falls outside goes, at once: the node need not register or restart.

@@ -16,7 +16,7 @@ use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
     ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix,
     ListEnrollmentKeysRequest, ListNodesRequest, ReleaseNameRequest, RemoveNodeRequest,
-    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, SetNodeRoutesRequest,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, SetNodeRequest, SetNodeRoutesRequest, TagList,
 };
 
 fn main() -> ExitCode {
@@ -235,6 +235,15 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
             let req = RequestCredentialRotationRequest { node: node.clone() };
             admin.request_credential_rotation(req).await.map_err(status)?;
             format!("{node} rotates its credential at its next registration\n")
+        }
+        Command::Nodes(NodesCommand::Set { node, tags, no_tags, hostname }) => {
+            let tags = (no_tags || !tags.is_empty()).then_some(TagList { tags });
+            if tags.is_none() && hostname.is_none() {
+                anyhow::bail!("nodes set {node}: nothing to change (give --tag, --no-tags or --hostname)");
+            }
+            let r = admin.set_node(SetNodeRequest { node, tags, hostname }).await.map_err(status)?.into_inner();
+            let n = r.node.context("the control plane answered without the node")?;
+            format!("version {}\n{}", r.version, output::node_text(&n, now))
         }
         Command::Nodes(NodesCommand::Routes { node, grant, revoke }) => {
             if grant.is_empty() && revoke.is_empty() {

@@ -92,6 +92,8 @@ const MIGRATIONS: &[(&str, &str, &str, &str)] = &[
     ("nodes", "bound", "INTEGER NOT NULL DEFAULT 0", "UPDATE nodes SET bound = 1 WHERE removed = 0"),
     ("nodes", "pending_credential_hash", "BLOB", ""),
     ("nodes", "rotate_requested", "INTEGER NOT NULL DEFAULT 0", ""),
+    // The hostname the agent registers with, apart from the one an admin may set.
+    ("nodes", "claimed_hostname", "TEXT NOT NULL DEFAULT ''", "UPDATE nodes SET claimed_hostname = hostname"),
 ];
 
 /// After the migrations: a bound name belongs to one node (live or removed) at a time.
@@ -282,6 +284,12 @@ impl Store {
         Ok(out)
     }
 
+    /// The hostname the node's agent registers with (the one it enrolled with; an admin's
+    /// rename does not change it).
+    pub fn claimed_hostname(&self, id: &str) -> Result<String> {
+        Ok(self.conn.query_row("SELECT claimed_hostname FROM nodes WHERE id = ?1", [id], |r| r.get(0))?)
+    }
+
     /// The routes a live node may advertise (granted by its enrollment key).
     pub fn granted_routes(&self, id: &str) -> Result<Vec<IpNet>> {
         let text: String = self.conn.query_row("SELECT granted_routes FROM nodes WHERE id = ?1", [id], |r| r.get(0))?;
@@ -428,7 +436,7 @@ fn migrate(conn: &Connection) -> Result<()> {
 pub fn insert_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8], granted_routes: &[IpNet]) -> Result<()> {
     tx.execute(
         "INSERT INTO nodes (id, hostname, public_key, addresses, endpoints, routes, tags, credential_hash, \
-         granted_routes, bound) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         granted_routes, bound, claimed_hostname) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?2)",
         params![
             n.id,
             n.hostname,
@@ -450,6 +458,15 @@ pub fn update_node(tx: &Transaction, n: &NodeRec) -> Result<()> {
     tx.execute(
         "UPDATE nodes SET endpoints = ?2, routes = ?3 WHERE id = ?1",
         params![n.id, strings(&n.endpoints), strings(&n.routes)],
+    )?;
+    Ok(())
+}
+
+/// An admin's edit: the node's hostname (bound or not, as given) and tags.
+pub fn set_identity(tx: &Transaction, n: &NodeRec) -> Result<()> {
+    tx.execute(
+        "UPDATE nodes SET hostname = ?2, bound = ?3, tags = ?4 WHERE id = ?1",
+        params![n.id, n.hostname, n.bound, json(&n.tags)],
     )?;
     Ok(())
 }

@@ -138,6 +138,13 @@ async fn admin_commands_over_the_socket() {
     assert_eq!(n["routes"][0], "10.88.5.0/24");
     let out = cli(&sock, &["nodes", "show", "db1"]).await;
     assert!(text(&out.stdout).contains("hostname:        db1"));
+    let out = cli(&sock, &["nodes", "set", "db1", "--tag", "web", "--tag", "db"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("version ") && text(&out.stdout).contains("tags:            db, web"));
+    let out = cli(&sock, &["nodes", "set", "db1"]).await;
+    assert!(!out.status.success());
+    let out = cli(&sock, &["nodes", "set", "db1", "--hostname", "db1"]).await;
+    assert!(out.status.success(), "its own name again changes nothing: {}", text(&out.stderr));
     let out = cli(&sock, &["nodes", "remove", "db1"]).await;
     assert!(out.status.success() && text(&out.stdout).starts_with("removed db1"));
     // Kept, and shown as removed: by name, and in `nodes list --all` only.

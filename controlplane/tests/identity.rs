@@ -10,7 +10,8 @@ use tonic::Code;
 use wirefence_control::enroll::{EnrollLimits, Rate};
 use wirefence_proto::v1::{
     ApproveNodeRequest, GetNodeRequest, NodeView, ReleaseNameRequest, RemoveNodeRequest,
-    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, RotateCredentialRequest, SocketAddress,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, RotateCredentialRequest, SetNodeRequest,
+    SocketAddress, TagList,
 };
 
 const SSH_TO_DB1: &str = r#"
@@ -251,4 +252,64 @@ async fn credentials_rotate_without_reenrollment_and_the_old_one_ends() {
     assert_code(watch(&cp, &me.credential, 0).await, Code::Unauthenticated, "invalid credential");
     assert_code(agent.register(rereg(&me.credential)).await, Code::Unauthenticated, "invalid credential");
     assert!(watch(&cp, &new, 0).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_admin_edits_tags_and_hostname_in_one_version_without_reenrollment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let laptop = cp.enroll("laptop", 1, &[]).await;
+    let web1 = cp.enroll("web1", 2, &["web"]).await;
+    cp.apply(
+        "[[rules]]\nid = \"to-db\"\nfrom = [\"node:laptop\"]\nto = [\"tag:db\"]\n\n\
+         [[rules]]\nid = \"to-db9\"\nfrom = [\"node:laptop\"]\nto = [\"node:db9\"]\nproto = \"icmp\"\n",
+    )
+    .await
+    .unwrap();
+    let mut stream = watch(&cp, &laptop.credential, 0).await.unwrap();
+    let first = next(&mut stream).await.unwrap();
+    assert!(snapshot(&first).peers.is_empty(), "web1 is no db yet");
+
+    // Tags: one version, and laptop's view gets web1 as a peer at once.
+    let set = |node: &str, tags: Option<&[&str]>, hostname: Option<&str>| SetNodeRequest {
+        node: node.into(),
+        tags: tags.map(|t| TagList { tags: t.iter().map(|s| s.to_string()).collect() }),
+        hostname: hostname.map(str::to_owned),
+    };
+    let r = cp.admin.set_node(set("web1", Some(&["db", "web"]), None)).await.unwrap().into_inner();
+    assert_eq!(r.version, first.version + 1);
+    assert_eq!(r.node.unwrap().tags, ["db", "web"]);
+    let u = next(&mut stream).await.unwrap();
+    assert_eq!((u.version, delta(&u).upsert_peers.len()), (r.version, 1));
+    assert_eq!(delta(&u).upsert_peers[0].name, "web1");
+
+    // Hostname: owned by the node from now on; node:db9 matches it, in one version.
+    let r = cp.admin.set_node(set("web1", None, Some("db9"))).await.unwrap().into_inner();
+    let n = r.node.unwrap();
+    assert_eq!((n.hostname.as_str(), n.name_bound, n.node_id.as_str()), ("db9", true, web1.node_id.as_str()));
+    let u = next(&mut stream).await.unwrap();
+    assert_eq!(u.version, r.version);
+    assert_eq!(delta(&u).upsert_peers[0].name, "db9");
+    assert!(delta(&u).policy.as_ref().unwrap().rules.iter().any(|r| r.id == "to-db9"));
+
+    // Its agent keeps registering with the name it enrolled with; another name is refused.
+    let mut agent = cp.agent().await;
+    agent.register(authed(register_req("web1", 2, ""), &web1.credential)).await.unwrap();
+    assert_code(
+        agent.register(authed(register_req("db10", 2, ""), &web1.credential)).await,
+        Code::PermissionDenied,
+        "hostname",
+    );
+    assert_eq!(cp.admin.get_node(GetNodeRequest { node: "db9".into() }).await.unwrap().into_inner().hostname, "db9");
+
+    // Refused: a name another node owns, a bad tag, a bad name; nothing changes.
+    assert_code(cp.admin.set_node(set("db9", None, Some("laptop"))).await, Code::AlreadyExists, "laptop");
+    assert_code(cp.admin.set_node(set("db9", Some(&["no spaces"]), None)).await, Code::InvalidArgument, "no spaces");
+    assert_code(cp.admin.set_node(set("db9", None, Some("-bad-"))).await, Code::InvalidArgument, "-bad-");
+    silent(&mut stream, 200).await;
+    // Untagging: laptop's view loses it from `tag:db` (it stays a peer through `node:db9`).
+    let r = cp.admin.set_node(set("db9", Some(&[]), None)).await.unwrap().into_inner();
+    assert!(r.node.unwrap().tags.is_empty());
+    let u = next(&mut stream).await.unwrap();
+    assert_eq!(u.version, r.version);
 }

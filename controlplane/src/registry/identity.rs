@@ -2,8 +2,13 @@
 //! hostname to it (one owner at a time; a removed owner keeps the name reserved until an
 //! admin releases it), and an admin may ask a node to rotate its credential.
 
+use std::sync::Arc;
+
+use wirefence_proto::policy::valid_name;
+
 use super::admin::find;
 use super::Registry;
+use crate::model::valid_hostname;
 use crate::store;
 use crate::Error;
 
@@ -36,6 +41,49 @@ impl Registry {
         self.publish(state.with_nodes(version, nodes));
         tracing::info!(node = %id, hostname = %row.rec.hostname, version, "node approved: owns its hostname");
         Ok(version)
+    }
+
+    /// An admin's edit of a node's tags and/or hostname (which it then owns), in one
+    /// version; returns it and the node.
+    pub fn set_node(
+        &self,
+        sel: &str,
+        tags: Option<Vec<String>>,
+        hostname: Option<String>,
+    ) -> Result<(u64, wirefence_proto::v1::Node), Error> {
+        if let Some(bad) = tags.iter().flatten().find(|t| !valid_name(t)) {
+            return Err(Error::Tag(bad.clone()));
+        }
+        if let Some(h) = hostname.as_ref().filter(|h| !valid_hostname(h)) {
+            return Err(Error::Hostname(h.clone()));
+        }
+        let mut store = self.store();
+        let id = find(store.nodes()?, sel)?.rec.id;
+        let state = self.current();
+        let old = state.node(&id).ok_or_else(|| Error::NodeRemoved(id.clone()))?.clone();
+        let mut new = (*old).clone();
+        if let Some(mut tags) = tags {
+            tags.sort();
+            tags.dedup();
+            new.tags = tags;
+        }
+        if let Some(h) = hostname {
+            match store.name_owner(&h)? {
+                Some((node, removed)) if node != id => return Err(Error::HostnameOwned { name: h, node, removed }),
+                _ => {}
+            }
+            new.hostname = h;
+            new.bound = true;
+        }
+        if new == *old {
+            drop(store);
+            return Ok((state.version, self.get_node(&id)?));
+        }
+        let ((), version) = store.change(true, |tx| store::set_identity(tx, &new))?;
+        tracing::info!(node = %id, version, hostname = %new.hostname, tags = ?new.tags, "node edited");
+        self.publish(state.with_nodes(version, super::register::replace(&state.nodes, Arc::new(new))));
+        drop(store);
+        Ok((version, self.get_node(&id)?))
     }
 
     /// Frees a name a removed node still reserves.

@@ -193,7 +193,8 @@ impl Registry {
         }
         let state = self.current();
         let old = state.node(&token.id).ok_or_else(|| Error::NodeRemoved(token.id.clone()))?.clone();
-        if reg.hostname != old.hostname {
+        // Compared with what it enrolled with: an admin may have renamed the node since.
+        if reg.hostname != self.store().claimed_hostname(&old.id)? {
             return Err(Error::Immutable("hostname"));
         }
         if reg.public_key != old.public_key {

@@ -9,7 +9,8 @@ use wirefence_proto::v1::{
     CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyReply, GetPolicyRequest, ListEnrollmentKeysReply,
     ListEnrollmentKeysRequest, ListNodesReply, ListNodesRequest, Node, ReleaseNameReply, ReleaseNameRequest,
     RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply, RequestCredentialRotationRequest,
-    RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
+    RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeReply, SetNodeRequest, SetNodeRoutesReply,
+    SetNodeRoutesRequest,
 };
 
 use crate::registry::keys::KeySpec;
@@ -121,5 +122,13 @@ impl AdminService for AdminSvc {
         let registry = self.registry.clone();
         let (version, node) = off_worker(move || registry.set_node_routes(&r.node, &grant, &revoke)).await?;
         Ok(Response::new(SetNodeRoutesReply { version, node: Some(node) }))
+    }
+
+    async fn set_node(&self, request: Request<SetNodeRequest>) -> Result<Response<SetNodeReply>, Status> {
+        let r = request.into_inner();
+        let registry = self.registry.clone();
+        let tags = r.tags.map(|t| t.tags);
+        let (version, node) = off_worker(move || registry.set_node(&r.node, tags, r.hostname)).await?;
+        Ok(Response::new(SetNodeReply { version, node: Some(node) }))
     }
 }
