@@ -586,6 +586,7 @@ mod tests {
         assert_eq!(credentials.get("n2"), None);
         assert_eq!(s.granted_routes("n1").unwrap(), vec!["10.88.0.0/16".parse::<IpNet>().unwrap()]);
         assert_eq!(s.removed_with_key(&[7; 32]).unwrap(), None);
+        assert_eq!(s.claimed_hostname("n1").unwrap(), "h-n1", "what it enrolled with");
     }
 
     #[test]
@@ -614,8 +615,9 @@ mod tests {
         let k1 = s.key("k1").unwrap().unwrap();
         assert!(k1.routes.is_empty());
         assert_eq!((k1.max_uses, k1.uses, k1.revoked, k1.hostname), (0, 0, false, None));
-        // Live nodes of old databases keep their names.
+        // Live nodes of old databases keep their names, and register with them.
         assert!(s.nodes().unwrap()[0].rec.bound);
+        assert_eq!(s.claimed_hostname("n1").unwrap(), "h");
         let incarnation = s.incarnation().unwrap();
         assert_eq!(incarnation.len(), 32);
         drop(s);
