@@ -48,6 +48,14 @@ enum Cmd {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Leave the mesh: tell the control plane (the node is removed from every view), stop a
+    /// running agent, do what `down` does and forget the credential and the saved view.
+    /// When the control plane cannot be told, nothing changes.
+    Leave {
+        /// Agent config (TOML).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Show the interface, peers (handshake age, transfer, endpoint) and owned routes.
     Status {
         /// Agent config (TOML).
@@ -141,33 +149,32 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             }
             agent.with_config_cache(cache).run(&config).await
         }
-        Cmd::Down { config } => {
+        Cmd::Down { config } => down(&load::load_effective(&config)?).await,
+        Cmd::Leave { config } => {
             let config = load::load_effective(&config)?;
-            let mut ownership = Ownership::open(StateDir::open(&config.agent.state_dir)?)?;
-            let backend = wg::for_cleanup(ownership.record().backend, &config);
-            let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol)
-                .with_policy_dirs(config.agent.state_dir.clone(), None);
-            let (rec, config) = (&rec, &config);
-            ownership
-                .release(&config.interface.name, |owned| async move {
-                    let protocols: BTreeSet<u8> =
-                        [Some(config.routing.protocol), owned.protocol].into_iter().flatten().collect();
-                    let pin_roots: BTreeSet<PathBuf> =
-                        [config.policy.as_ref().map(|p| p.pin_dir.clone()), owned.pin_root]
-                            .into_iter()
-                            .flatten()
-                            .collect();
-                    let ifnames: Vec<IfName> = owned.interfaces.into_iter().collect();
-                    let protocols: Vec<u8> = protocols.into_iter().collect();
-                    let pin_roots: Vec<PathBuf> = pin_roots.into_iter().collect();
-                    rec.teardown(&ifnames, &protocols, &pin_roots).await
-                })
-                .await?;
-            println!(
-                "removed interface {}, its policy programs and maps, every route and rule wirefence owned, \
-                 its nftables table, and restored the forwarding it changed",
-                config.interface.name
-            );
+            let Some(cc) = &config.control else {
+                anyhow::bail!(
+                    "{}: no [control] section: there is no control plane to leave (`down` removes what the agent made)",
+                    config.agent.state_dir.display()
+                );
+            };
+            // The control plane first: when it cannot be told, nothing has changed here.
+            let files = ControlFiles::new(&config.agent.state_dir);
+            match files.credential()? {
+                Some(cred) => {
+                    let connector =
+                        wirefence_agent::control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?;
+                    let version = wirefence_agent::control::client::leave(&connector, &cred)
+                        .await
+                        .context("tell the control plane the node leaves (nothing was removed)")?;
+                    println!("node {} left the mesh (control-plane version {version})", cred.node_id);
+                }
+                None => println!("the node has no credential: it never joined, nothing to tell the control plane"),
+            }
+            stop_running_agent(&config.agent.state_dir).await?;
+            down(&config).await?;
+            files.remove_all()?;
+            println!("forgot the credential and the saved view ({})", config.agent.state_dir.join("control").display());
             Ok(())
         }
         Cmd::Status { config, json } => {
@@ -243,4 +250,50 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Stops the agent running on `state_dir` (SIGTERM to the holder of its lock) and waits
+/// until it let go of the lock.
+async fn stop_running_agent(state_dir: &std::path::Path) -> anyhow::Result<()> {
+    let Some(pid) = wirefence_agent::state::lock_holder(state_dir) else { return Ok(()) };
+    let pid_t = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: kill(2) with a pid the kernel's lock table names as the agent's.
+    if unsafe { libc::kill(pid_t, libc::SIGTERM) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("stop the running agent (pid {pid})"));
+    }
+    println!("stopping the running agent (pid {pid})");
+    for _ in 0..100 {
+        if wirefence_agent::state::lock_holder(state_dir).is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the running agent (pid {pid}) did not stop within 10 s; run `leave` again once it has")
+}
+
+/// `down`: everything the agent owns goes; forwarding gets back what it had.
+async fn down(config: &wirefence_agent::config::Config) -> anyhow::Result<()> {
+    let mut ownership = Ownership::open(StateDir::open(&config.agent.state_dir)?)?;
+    let backend = wg::for_cleanup(ownership.record().backend, &config);
+    let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol)
+        .with_policy_dirs(config.agent.state_dir.clone(), None);
+    let rec = &rec;
+    ownership
+        .release(&config.interface.name, |owned| async move {
+            let protocols: BTreeSet<u8> =
+                [Some(config.routing.protocol), owned.protocol].into_iter().flatten().collect();
+            let pin_roots: BTreeSet<PathBuf> =
+                [config.policy.as_ref().map(|p| p.pin_dir.clone()), owned.pin_root].into_iter().flatten().collect();
+            let ifnames: Vec<IfName> = owned.interfaces.into_iter().collect();
+            let protocols: Vec<u8> = protocols.into_iter().collect();
+            let pin_roots: Vec<PathBuf> = pin_roots.into_iter().collect();
+            rec.teardown(&ifnames, &protocols, &pin_roots).await
+        })
+        .await?;
+    println!(
+        "removed interface {}, its policy programs and maps, every route and rule wirefence owned, \
+         its nftables table, and restored the forwarding it changed",
+        config.interface.name
+    );
+    Ok(())
 }

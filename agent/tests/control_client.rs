@@ -87,6 +87,10 @@ impl AgentService for Faulty {
         Err(Status::unimplemented("not asked for"))
     }
 
+    async fn leave(&self, _: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveReply>, Status> {
+        Err(Status::unimplemented("not part of these faults"))
+    }
+
     type WatchStream = ReceiverStream<Result<v1::Update, Status>>;
 
     async fn watch(&self, r: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {

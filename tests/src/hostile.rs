@@ -48,6 +48,10 @@ impl AgentService for Service {
         Err(Status::unimplemented("the hostile control plane never asks for a rotation"))
     }
 
+    async fn leave(&self, _: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveReply>, Status> {
+        Err(Status::unimplemented("the hostile control plane keeps every node"))
+    }
+
     type WatchStream = ReceiverStream<Result<v1::Update, Status>>;
 
     /// Every pushed update above `resume_from`, in push order, then each new one.

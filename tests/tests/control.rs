@@ -321,3 +321,30 @@ fn a_route_outside_the_grant_is_refused_not_the_gateway() {
     assert!(a1.log_text().contains("registered again with the reloaded endpoints and routes"));
     assert!(granted());
 }
+
+#[test]
+fn leave_stops_the_agent_tells_the_control_plane_and_forgets_the_node() {
+    let (lab, cp, mut agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    assert!(cp.apply_policy(&policy(&[])).status.success());
+    let (h2_v4, _) = cp.node_addresses("h2");
+    wait_until("h1 pings h2", T, || h1.ns.ping(&h2_v4));
+    let leave = || run(h2.agent().args(["leave", "--config"]).arg(h2.config_path()));
+
+    // With the agent running: it is stopped first, then the rest.
+    let out = leave();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("stopping the running agent") && stdout.contains("left the mesh"), "{stdout}");
+    assert!(!agents[1].running(), "the agent still runs after leave");
+    assert!(!h2.ns.link_exists(&h2.ifname), "the tunnel is still there");
+    assert!(!h2.dir.join("state/control").exists(), "the credential and the view are still there");
+    // The control plane removed it: out of h1's view, kept as removed.
+    wait_until("h2 is gone from h1's device", T, || !wg_peers(h1).contains(&h2.public_key));
+    assert!(cp.admin_ok(&["nodes", "show", "h2"]).contains("removed:         yes"));
+
+    // Again: nothing left to tell or remove, and it says so.
+    let out = leave();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("never joined"));
+}

@@ -531,6 +531,23 @@ fn record_probe(status: &mut ControlStatus, probe: &super::health::CertProbe) ->
     changed
 }
 
+/// Why `leave` could not tell the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaveError {
+    #[error(transparent)]
+    Connect(#[from] super::connect::ConnectError),
+    #[error("the control plane refused: {:?}: {}", .0.code(), .0.message())]
+    Rpc(#[from] Status),
+}
+
+/// Tells the control plane the node with `cred` leaves the mesh; returns the version
+/// without it.
+pub async fn leave(connector: &super::connect::Connector, cred: &Credential) -> Result<u64, LeaveError> {
+    let (channel, _) = connector.connect().await?;
+    let reply = AgentServiceClient::new(channel).leave(authed(cred, v1::LeaveRequest {})).await?;
+    Ok(reply.into_inner().version)
+}
+
 /// A request carrying the node credential.
 fn authed<T>(cred: &Credential, body: T) -> Request<T> {
     let mut req = Request::new(body);

@@ -86,6 +86,16 @@ impl Registry {
         Ok((version, self.get_node(&id)?))
     }
 
+    /// The node behind `meta`'s credential leaves: removed as by an admin. Returns the
+    /// version without it.
+    pub fn leave(&self, meta: &tonic::metadata::MetadataMap) -> Result<u64, Error> {
+        let token = crate::auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
+        self.check_credential(&token)?;
+        let version = self.remove_node(&token.id)?;
+        tracing::info!(node = %token.id, version, "node left the mesh");
+        Ok(version)
+    }
+
     /// Frees a name a removed node still reserves.
     pub fn release_name(&self, hostname: &str) -> Result<(), Error> {
         let mut store = self.store();

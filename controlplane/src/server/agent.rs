@@ -8,8 +8,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use wirefence_proto::v1::agent_service_server::AgentService;
 use wirefence_proto::v1::{
-    update, AgentReport, EnrollChallengeReply, EnrollChallengeRequest, RegisterRequest, RegisterResponse, ReportReply,
-    RotateCredentialReply, RotateCredentialRequest, Update, WatchRequest,
+    update, AgentReport, EnrollChallengeReply, EnrollChallengeRequest, LeaveReply, LeaveRequest, RegisterRequest,
+    RegisterResponse, ReportReply, RotateCredentialReply, RotateCredentialRequest, Update, WatchRequest,
 };
 
 use crate::registry::observed::Connection;
@@ -175,6 +175,13 @@ impl AgentService for AgentSvc {
         let meta = request.into_parts().0;
         let credential = off_worker(move || registry.rotate_credential(&meta)).await?;
         Ok(Response::new(RotateCredentialReply { credential }))
+    }
+
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let registry = self.registry.clone();
+        let meta = request.into_parts().0;
+        let version = off_worker(move || registry.leave(&meta)).await?;
+        Ok(Response::new(LeaveReply { version }))
     }
 
     type WatchStream = ReceiverStream<Result<Update, Status>>;
