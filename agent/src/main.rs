@@ -274,7 +274,7 @@ async fn stop_running_agent(state_dir: &std::path::Path) -> anyhow::Result<()> {
 /// `down`: everything the agent owns goes; forwarding gets back what it had.
 async fn down(config: &wirefence_agent::config::Config) -> anyhow::Result<()> {
     let mut ownership = Ownership::open(StateDir::open(&config.agent.state_dir)?)?;
-    let backend = wg::for_cleanup(ownership.record().backend, &config);
+    let backend = wg::for_cleanup(ownership.record().backend, config);
     let rec = Reconciler::new(Netlink::connect()?, backend, config.routing.protocol)
         .with_policy_dirs(config.agent.state_dir.clone(), None);
     let rec = &rec;
