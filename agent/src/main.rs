@@ -167,7 +167,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                     let version = wirefence_agent::control::client::leave(&connector, &cred)
                         .await
                         .context("tell the control plane the node leaves (nothing was removed)")?;
-                    println!("node {} left the mesh (control-plane version {version})", cred.node_id);
+                    match version {
+                        Some(v) => println!("node {} left the mesh (control-plane version {v})", cred.node_id),
+                        None => println!("node {} was removed by the control plane already", cred.node_id),
+                    }
                 }
                 None => println!("the node has no credential: it never joined, nothing to tell the control plane"),
             }

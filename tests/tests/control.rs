@@ -144,6 +144,12 @@ fn enrollment_mesh_policy_pushes_and_node_removal() {
     assert_eq!(attempts(), before, "a refused node retried within 5 s");
     assert!(h1.ns.ping(&h2_v4), "the others keep talking");
     assert_no_secrets_logged(&lab, &cp, &agents, &key_files);
+    // The removed node can still leave: the rest is done here.
+    let out = run(h3.agent().args(["leave", "--config"]).arg(h3.config_path()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("removed by the control plane already"), "{stdout}");
+    assert!(!h3.ns.link_exists(&h3.ifname) && !h3.dir.join("state/control").exists());
 }
 
 #[test]

@@ -541,11 +541,15 @@ pub enum LeaveError {
 }
 
 /// Tells the control plane the node with `cred` leaves the mesh; returns the version
-/// without it.
-pub async fn leave(connector: &super::connect::Connector, cred: &Credential) -> Result<u64, LeaveError> {
+/// without it, or `None` when an admin had removed the node already.
+pub async fn leave(connector: &super::connect::Connector, cred: &Credential) -> Result<Option<u64>, LeaveError> {
     let (channel, _) = connector.connect().await?;
-    let reply = AgentServiceClient::new(channel).leave(authed(cred, v1::LeaveRequest {})).await?;
-    Ok(reply.into_inner().version)
+    match AgentServiceClient::new(channel).leave(authed(cred, v1::LeaveRequest {})).await {
+        Ok(reply) => Ok(Some(reply.into_inner().version)),
+        // The control plane's word for a removed node's credential (`Error::NodeRemoved`).
+        Err(s) if s.code() == tonic::Code::PermissionDenied && s.message().ends_with("has been removed") => Ok(None),
+        Err(s) => Err(s.into()),
+    }
 }
 
 /// A request carrying the node credential.
