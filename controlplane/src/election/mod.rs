@@ -155,8 +155,9 @@ impl Election {
         }
     }
 
-    fn healthy(&self, node: &str, m: &Member, now: Instant) -> bool {
-        if !self.streams.contains_key(node) || self.tunnels.dead(node, now) {
+    /// `tunnel_dead`: what [`Tunnels::dead`] says of the node now.
+    fn healthy(&self, node: &str, m: &Member, now: Instant, tunnel_dead: bool) -> bool {
+        if !self.streams.contains_key(node) || tunnel_dead {
             return false;
         }
         match m.report {
@@ -172,7 +173,8 @@ impl Election {
         let mut health: Vec<(IpNet, String, bool, bool)> = Vec::new();
         for (prefix, g) in &self.groups {
             for (id, m) in &g.members {
-                health.push((*prefix, id.clone(), self.healthy(id, m, now), self.tunnels.dead(id, now)));
+                let tunnel_dead = self.tunnels.dead(id, now);
+                health.push((*prefix, id.clone(), self.healthy(id, m, now, tunnel_dead), tunnel_dead));
             }
         }
         for (prefix, id, ok, tunnel_dead) in health {
