@@ -9,7 +9,7 @@ use common::*;
 use tonic::Code;
 use wirefence_control::enroll::{EnrollLimits, Rate};
 use wirefence_proto::v1::{
-    ApproveNodeRequest, GetNodeRequest, NodeView, ReleaseNameRequest, RemoveNodeRequest,
+    ApproveNodeRequest, GetNodeRequest, LeaveRequest, NodeView, ReleaseNameRequest, RemoveNodeRequest,
     RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, RotateCredentialRequest, SetNodeRequest,
     SocketAddress, TagList,
 };
@@ -312,4 +312,28 @@ async fn an_admin_edits_tags_and_hostname_in_one_version_without_reenrollment() 
     assert!(r.node.unwrap().tags.is_empty());
     let u = next(&mut stream).await.unwrap();
     assert_eq!(u.version, r.version);
+}
+
+#[tokio::test]
+async fn a_node_leaves_only_itself_and_only_with_its_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let a = cp.enroll("a1", 1, &[]).await;
+    let b = cp.enroll("b1", 2, &[]).await;
+    let mut agent = cp.agent().await;
+    // No credential, a forged one naming b, a's with its secret altered: refused, nobody leaves.
+    assert_code(agent.leave(LeaveRequest {}).await, Code::Unauthenticated, "");
+    let forged = format!("{}.{}", b.node_id, a.credential.split_once('.').unwrap().1);
+    assert_code(agent.leave(authed(LeaveRequest {}, &forged)).await, Code::Unauthenticated, "");
+    let tampered = format!("{}x", a.credential);
+    assert_code(agent.leave(authed(LeaveRequest {}, &tampered)).await, Code::Unauthenticated, "");
+    let live = |n: wirefence_proto::v1::Node| !n.removed;
+    for id in [&a.node_id, &b.node_id] {
+        assert!(live(cp.admin.get_node(GetNodeRequest { node: id.clone() }).await.unwrap().into_inner()));
+    }
+    // a's own credential: a leaves, b stays; a second Leave is refused as removed.
+    agent.leave(authed(LeaveRequest {}, &a.credential)).await.unwrap();
+    assert!(!live(cp.admin.get_node(GetNodeRequest { node: a.node_id.clone() }).await.unwrap().into_inner()));
+    assert!(live(cp.admin.get_node(GetNodeRequest { node: b.node_id.clone() }).await.unwrap().into_inner()));
+    assert_code(agent.leave(authed(LeaveRequest {}, &a.credential)).await, Code::PermissionDenied, "has been removed");
 }
