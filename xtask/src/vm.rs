@@ -283,7 +283,7 @@ fn boot_one(
         std::fs::metadata(&initrd)?.len() >> 20
     );
 
-    let outcome = qemu::run(&qemu::Boot {
+    let boot = qemu::Boot {
         kernel: kernel.vmlinuz.clone(),
         initrd,
         disk,
@@ -292,14 +292,21 @@ fn boot_one(
         cpus: args.cpus,
         timeout: Duration::from_secs(args.timeout),
         log: cache.join(format!("console-{}.log", kernel.release)),
-    })?;
+    };
+    let mut outcome = qemu::run(&boot)?;
+    // A guest that dies before the test script starts says nothing about wirefence; the
+    // emulated boot has done so once in CI. It gets one more boot, and both are reported.
+    if let qemu::Outcome::NotStarted(reason) = &outcome {
+        eprintln!("vm-test: {} did not boot: {reason}\nvm-test: booting it once more", kernel.release);
+        outcome = qemu::run(&boot)?;
+    }
     let took = started.elapsed().as_secs_f64();
     match outcome {
         qemu::Outcome::Pass => {
             eprintln!("vm-test: PASS ({script} on {}, {took:.1}s)", kernel.release);
             Ok(())
         }
-        qemu::Outcome::Fail(reason) => {
+        qemu::Outcome::Fail(reason) | qemu::Outcome::NotStarted(reason) => {
             bail!("vm-test: FAIL ({script} on {}, {took:.1}s): {reason}", kernel.release)
         }
     }

@@ -12,6 +12,13 @@ use std::time::{Duration, Instant};
 /// The line the guest's /init prints last: `WIREFENCE-VM-RESULT: PASS` or `...: FAIL <reason>`.
 pub const MARKER: &str = "WIREFENCE-VM-RESULT:";
 
+/// The line init.sh prints just before it runs the test script: a guest that stops before it
+/// never reached the test (the kernel or /init failed to boot).
+const STARTED: &str = "wirefence-vm: kernel ";
+
+/// Console lines quoted in a failure, so a CI summary that cuts the console still shows why.
+const TAIL_LINES: usize = 30;
+
 /// How long qemu gets to power off after the guest printed its result.
 const POWEROFF_GRACE: Duration = Duration::from_secs(20);
 
@@ -31,6 +38,8 @@ pub struct Boot {
 pub enum Outcome {
     Pass,
     Fail(String),
+    /// The guest stopped before init.sh started the test: a boot failure, not a test result.
+    NotStarted(String),
 }
 
 pub fn run(boot: &Boot) -> Result<Outcome> {
@@ -71,6 +80,8 @@ pub fn run(boot: &Boot) -> Result<Outcome> {
     let mut terminal = std::io::stdout();
     let mut line = Vec::new();
     let mut result: Option<String> = None;
+    let mut test_started = false;
+    let mut tail = std::collections::VecDeque::with_capacity(TAIL_LINES);
     let mut deadline = started + boot.timeout;
     let mut timed_out = false;
 
@@ -91,6 +102,11 @@ pub fn run(boot: &Boot) -> Result<Outcome> {
                         continue;
                     }
                     let text = String::from_utf8_lossy(&line);
+                    test_started |= text.trim_start().starts_with(STARTED);
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(text.trim_end().to_owned());
                     // Anchored at the line start, so `set -x` traces do not count.
                     if let Some(rest) = text.trim().strip_prefix(MARKER) {
                         if result.is_none() {
@@ -125,15 +141,29 @@ pub fn run(boot: &Boot) -> Result<Outcome> {
         boot.log.display()
     );
 
+    if !line.is_empty() {
+        tail.push_back(String::from_utf8_lossy(&line).trim_end().to_owned());
+    }
+    let last_lines = || {
+        let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
+        format!("; the console's last lines:\n    {}", lines.join("\n    "))
+    };
     Ok(match result {
         Some(r) if r == "PASS" => Outcome::Pass,
         Some(r) => Outcome::Fail(r.strip_prefix("FAIL").unwrap_or(&r).trim().to_owned()),
-        None if timed_out => {
-            Outcome::Fail(format!("no result within {}s (raise it with --timeout)", boot.timeout.as_secs()))
-        }
+        None if timed_out => Outcome::Fail(format!(
+            "no result within {}s (raise it with --timeout){}",
+            boot.timeout.as_secs(),
+            last_lines()
+        )),
+        None if !test_started => Outcome::NotStarted(format!(
+            "the VM stopped ({status}) before the test started (kernel panic or /init crash?){}",
+            last_lines()
+        )),
         None => Outcome::Fail(format!(
             "the VM stopped ({status}) without printing a {MARKER} line \
-             (kernel panic or /init crash?)"
+             (kernel panic or /init crash?){}",
+            last_lines()
         )),
     })
 }
