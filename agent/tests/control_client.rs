@@ -87,6 +87,10 @@ impl AgentService for Faulty {
         Err(Status::unimplemented("not asked for"))
     }
 
+    async fn rotate_key(&self, _: Request<v1::RotateKeyRequest>) -> Result<Response<v1::RotateKeyReply>, Status> {
+        Err(Status::unimplemented("not part of these faults"))
+    }
+
     async fn leave(&self, _: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveReply>, Status> {
         Err(Status::unimplemented("not part of these faults"))
     }

@@ -34,6 +34,10 @@ pub enum Error {
     PublicKeyRemoved(String),
     #[error("{0}: a registered node cannot change it (remove the node and enroll a new one)")]
     Immutable(&'static str),
+    #[error("public_key: neither this node's key nor the key it announced (`wirefence-agent rotate-key` announces a new key first)")]
+    KeyNotAnnounced,
+    #[error("new_public_key: is the node's key already")]
+    KeyUnchanged,
     #[error("hostname: {0:?} is not a hostname (dot-separated labels of A-Z a-z 0-9 -, at most 63 each)")]
     Hostname(String),
     #[error("hostname: {0:?} is already used by another node")]
@@ -194,7 +198,8 @@ impl Error {
             | Error::ExpiresInZero
             | Error::KeyOptionsConflict(..)
             | Error::BoundKeyReusable
-            | Error::NotGranted { .. } => Code::InvalidArgument,
+            | Error::NotGranted { .. }
+            | Error::KeyUnchanged => Code::InvalidArgument,
             Error::PublicKeyEnrolled | Error::HostnameTaken(_) | Error::HostnameOwned { .. } => Code::AlreadyExists,
             Error::EnrollmentKeyMissing
             | Error::EnrollmentKeyUnknown
@@ -209,7 +214,8 @@ impl Error {
             | Error::EnrollmentKeyExpired(_)
             | Error::NodeRemoved(_)
             | Error::PublicKeyRemoved(_)
-            | Error::Immutable(_) => Code::PermissionDenied,
+            | Error::Immutable(_)
+            | Error::KeyNotAnnounced => Code::PermissionDenied,
             Error::UnknownNode(_) | Error::UnknownKey(_) | Error::NameNotReserved(_) => Code::NotFound,
             Error::PoolExhausted(_)
             | Error::EnrollRateSource

@@ -28,7 +28,7 @@ fn joined(v: &[String], sep: &str) -> String {
     v.iter().map(|s| shown(s)).collect::<Vec<_>>().join(sep)
 }
 
-fn key(k: &[u8]) -> String {
+pub fn key(k: &[u8]) -> String {
     STANDARD.encode(k)
 }
 

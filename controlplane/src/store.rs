@@ -19,7 +19,7 @@ use ipnet::IpNet;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use crate::credentials::{CredentialIndex, Entry};
-use crate::model::NodeRec;
+use crate::model::{NodeRec, PublicKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -94,6 +94,8 @@ const MIGRATIONS: &[(&str, &str, &str, &str)] = &[
     ("nodes", "rotate_requested", "INTEGER NOT NULL DEFAULT 0", ""),
     // The hostname the agent registers with, apart from the one an admin may set.
     ("nodes", "claimed_hostname", "TEXT NOT NULL DEFAULT ''", "UPDATE nodes SET claimed_hostname = hostname"),
+    // A key announced with RotateKey, not in views until the node registers with it.
+    ("nodes", "pending_public_key", "BLOB", ""),
 ];
 
 /// After the migrations: a bound name belongs to one node (live or removed) at a time.
@@ -353,6 +355,28 @@ impl Store {
     }
 
     /// Whether an admin asked the node to rotate its credential.
+    /// The key a node announced with RotateKey and has not registered with yet.
+    pub fn pending_public_key(&self, id: &str) -> Result<Option<PublicKey>> {
+        let key: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT pending_public_key FROM nodes WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?
+            .flatten();
+        Ok(key.and_then(|k| k.try_into().ok()))
+    }
+
+    /// The node (live or removed) that has or announced `public_key`, and whether it is removed.
+    pub fn key_holder(&self, public_key: &[u8]) -> Result<Option<(String, bool)>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, removed FROM nodes WHERE public_key = ?1 OR pending_public_key = ?1 LIMIT 1",
+                [public_key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
     pub fn rotate_requested(&self, id: &str) -> Result<bool> {
         Ok(self
             .conn
@@ -514,6 +538,22 @@ pub fn promote_credential(tx: &Transaction, id: &str) -> Result<()> {
     tx.execute(
         "UPDATE nodes SET credential_hash = pending_credential_hash, pending_credential_hash = NULL \
          WHERE id = ?1 AND pending_credential_hash IS NOT NULL",
+        [id],
+    )?;
+    Ok(())
+}
+
+/// Records the key a node announced (replacing one it announced before).
+pub fn set_pending_key(tx: &Transaction, id: &str, key: &PublicKey) -> Result<()> {
+    tx.execute("UPDATE nodes SET pending_public_key = ?2 WHERE id = ?1", params![id, key.to_vec()])?;
+    Ok(())
+}
+
+/// The announced key becomes the node's key.
+pub fn commit_key(tx: &Transaction, id: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE nodes SET public_key = pending_public_key, pending_public_key = NULL \
+         WHERE id = ?1 AND pending_public_key IS NOT NULL",
         [id],
     )?;
     Ok(())

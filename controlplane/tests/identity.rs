@@ -9,9 +9,9 @@ use common::*;
 use tonic::Code;
 use wirefence_control::enroll::{EnrollLimits, Rate};
 use wirefence_proto::v1::{
-    ApproveNodeRequest, GetNodeRequest, LeaveRequest, NodeView, ReleaseNameRequest, RemoveNodeRequest,
-    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, RotateCredentialRequest, SetNodeRequest,
-    SocketAddress, TagList,
+    ApproveNodeRequest, EnrollChallengeRequest, GetNodeRequest, LeaveRequest, NodeView, ReleaseNameRequest,
+    RemoveNodeRequest, RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, RotateCredentialRequest,
+    RotateKeyRequest, SetNodeRequest, SocketAddress, TagList,
 };
 
 const SSH_TO_DB1: &str = r#"
@@ -336,4 +336,94 @@ async fn a_node_leaves_only_itself_and_only_with_its_credential() {
     assert!(!live(cp.admin.get_node(GetNodeRequest { node: a.node_id.clone() }).await.unwrap().into_inner()));
     assert!(live(cp.admin.get_node(GetNodeRequest { node: b.node_id.clone() }).await.unwrap().into_inner()));
     assert_code(agent.leave(authed(LeaveRequest {}, &a.credential)).await, Code::PermissionDenied, "has been removed");
+}
+
+/// A RotateKey request for node `node_id` announcing the key of private key `[n; 32]`.
+async fn announce(agent: &mut Agent, node_id: &str, n: u8) -> RotateKeyRequest {
+    let c = agent.enroll_challenge(EnrollChallengeRequest {}).await.expect("challenge").into_inner();
+    wirefence_proto::possession::rotation(&[n; 32], node_id, &c).expect("answer the challenge")
+}
+
+fn peer_keys(view: &NodeView) -> Vec<Vec<u8>> {
+    view.peers.iter().map(|p| p.public_key.clone()).collect()
+}
+
+#[tokio::test]
+async fn a_key_rotates_when_the_node_registers_with_the_key_it_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let db = cp.enroll("db1", 1, &[]).await;
+    let laptop = cp.enroll("laptop", 2, &[]).await;
+    cp.apply(SSH_TO_DB1).await.unwrap();
+    let mut agent = cp.agent().await;
+    assert_eq!(peer_keys(&laptop_view(&cp, &laptop.credential).await), vec![pubkey(1)]);
+
+    // Announced: pending, no view changes.
+    let req = announce(&mut agent, &db.node_id, 3).await;
+    agent.rotate_key(authed(req, &db.credential)).await.unwrap();
+    let mut laptop_watch = watch(&cp, &laptop.credential, 0).await.unwrap();
+    let before = next(&mut laptop_watch).await.unwrap();
+    assert_eq!(peer_keys(snapshot(&before)), vec![pubkey(1)]);
+    // Still the old key until the node uses the new one; then the new one, in one version.
+    agent.register(authed(register_req("db1", 1, ""), &db.credential)).await.unwrap();
+    silent(&mut laptop_watch, 300).await;
+    agent.register(authed(register_req("db1", 3, ""), &db.credential)).await.unwrap();
+    let rotated = next(&mut laptop_watch).await.unwrap();
+    assert_eq!(rotated.version, before.version + 1);
+    assert_eq!(peer_keys(&laptop_view(&cp, &laptop.credential).await), vec![pubkey(3)]);
+    // Done: the old key is no key of this node any more, the new one stays.
+    assert_code(
+        agent.register(authed(register_req("db1", 1, ""), &db.credential)).await,
+        Code::PermissionDenied,
+        "neither this node's key nor the key it announced",
+    );
+    agent.register(authed(register_req("db1", 3, ""), &db.credential)).await.unwrap();
+    // Announcing again (an agent interrupted after its announcement) is harmless.
+    for _ in 0..2 {
+        let req = announce(&mut agent, &db.node_id, 4).await;
+        agent.rotate_key(authed(req, &db.credential)).await.unwrap();
+    }
+    agent.register(authed(register_req("db1", 4, ""), &db.credential)).await.unwrap();
+    assert_eq!(peer_keys(&laptop_view(&cp, &laptop.credential).await), vec![pubkey(4)]);
+}
+
+#[tokio::test]
+async fn a_node_cannot_rotate_to_a_key_it_does_not_hold_or_another_nodes_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let db = cp.enroll("db1", 1, &[]).await;
+    let laptop = cp.enroll("laptop", 2, &[]).await;
+    let gone = cp.enroll("gone", 5, &[]).await;
+    cp.admin.remove_node(RemoveNodeRequest { node: "gone".into() }).await.unwrap();
+    cp.apply(SSH_TO_DB1).await.unwrap();
+    let mut agent = cp.agent().await;
+
+    // Without a credential, or with another node's proof, or a proof for another key.
+    let req = announce(&mut agent, &db.node_id, 3).await;
+    assert_code(agent.rotate_key(req).await, Code::Unauthenticated, "missing credential");
+    let req = announce(&mut agent, &laptop.node_id, 3).await;
+    assert_code(agent.rotate_key(authed(req, &db.credential)).await, Code::Unauthenticated, "proof");
+    let mut req = announce(&mut agent, &db.node_id, 3).await;
+    req.new_public_key = pubkey(6);
+    assert_code(agent.rotate_key(authed(req, &db.credential)).await, Code::Unauthenticated, "proof");
+    // A challenge answers once.
+    let req = announce(&mut agent, &db.node_id, 3).await;
+    agent.rotate_key(authed(req.clone(), &db.credential)).await.unwrap();
+    assert_code(agent.rotate_key(authed(req, &db.credential)).await, Code::Unauthenticated, "challenge");
+    // Keys other nodes have, announced or had (held here: the test knows their private keys).
+    let req = announce(&mut agent, &db.node_id, 2).await;
+    assert_code(agent.rotate_key(authed(req, &db.credential)).await, Code::AlreadyExists, "");
+    let req = announce(&mut agent, &laptop.node_id, 3).await;
+    assert_code(agent.rotate_key(authed(req, &laptop.credential)).await, Code::AlreadyExists, "");
+    let req = announce(&mut agent, &db.node_id, 5).await;
+    assert_code(agent.rotate_key(authed(req, &db.credential)).await, Code::PermissionDenied, &gone.node_id);
+    let req = announce(&mut agent, &db.node_id, 1).await;
+    assert_code(agent.rotate_key(authed(req, &db.credential)).await, Code::InvalidArgument, "already");
+    // A key nobody announced is refused at registration; the node keeps its key.
+    assert_code(
+        agent.register(authed(register_req("db1", 7, ""), &db.credential)).await,
+        Code::PermissionDenied,
+        "rotate-key",
+    );
+    assert_eq!(peer_keys(&laptop_view(&cp, &laptop.credential).await), vec![pubkey(1)]);
 }

@@ -48,6 +48,10 @@ impl AgentService for Service {
         Err(Status::unimplemented("the hostile control plane never asks for a rotation"))
     }
 
+    async fn rotate_key(&self, _: Request<v1::RotateKeyRequest>) -> Result<Response<v1::RotateKeyReply>, Status> {
+        Err(Status::unimplemented("the hostile control plane never takes a new key"))
+    }
+
     async fn leave(&self, _: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveReply>, Status> {
         Err(Status::unimplemented("the hostile control plane keeps every node"))
     }

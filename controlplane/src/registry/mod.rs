@@ -22,6 +22,7 @@ pub mod keys;
 pub mod observed;
 pub mod register;
 pub mod report;
+pub mod rotation;
 pub mod routes;
 pub mod sync;
 pub mod throttle;

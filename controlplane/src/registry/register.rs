@@ -197,9 +197,14 @@ impl Registry {
         if reg.hostname != self.store().claimed_hostname(&old.id)? {
             return Err(Error::Immutable("hostname"));
         }
-        if reg.public_key != old.public_key {
-            return Err(Error::Immutable("public_key"));
-        }
+        // The node switched to the key it announced: now its key for every peer.
+        let old = match reg.public_key == old.public_key {
+            true => old,
+            false if self.store().pending_public_key(&old.id)? == Some(reg.public_key) => {
+                Arc::new(self.commit_key(&old, reg.public_key)?)
+            }
+            false => return Err(Error::KeyNotAnnounced),
+        };
         let (routes, refused) =
             split_routes(&reg.routes, &self.store().granted_routes(&old.id)?, &state.nodes, &old.id);
         self.advertised(&old.id, &reg.routes, &refused);

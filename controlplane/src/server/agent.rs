@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status, Streaming};
 use wirefence_proto::v1::agent_service_server::AgentService;
 use wirefence_proto::v1::{
     update, AgentReport, EnrollChallengeReply, EnrollChallengeRequest, LeaveReply, LeaveRequest, RegisterRequest,
-    RegisterResponse, ReportReply, RotateCredentialReply, RotateCredentialRequest, Update, WatchRequest,
+    RegisterResponse, ReportReply, RotateCredentialReply, RotateCredentialRequest, RotateKeyReply, RotateKeyRequest,
+    Update, WatchRequest,
 };
 
 use crate::registry::observed::Connection;
@@ -175,6 +176,13 @@ impl AgentService for AgentSvc {
         let meta = request.into_parts().0;
         let credential = off_worker(move || registry.rotate_credential(&meta)).await?;
         Ok(Response::new(RotateCredentialReply { credential }))
+    }
+
+    async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<RotateKeyReply>, Status> {
+        let registry = self.registry.clone();
+        let (meta, _, req) = request.into_parts();
+        off_worker(move || registry.rotate_key(&meta, &req)).await?;
+        Ok(Response::new(RotateKeyReply {}))
     }
 
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {

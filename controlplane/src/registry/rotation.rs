@@ -1,0 +1,69 @@
+//! WireGuard key rotation in two steps, so that the node's peers switch last.
+//!
+//! 1. RotateKey: the node announces its next public key with its credential and a proof of
+//!    possession of the new private key. The key is recorded as pending; views do not change.
+//! 2. The node switches its own interface to the new key and registers with it: that
+//!    registration makes it the node's key in one version, and every peer's next view
+//!    carries it. A new peer entry handshakes at once (its persistent keepalive), with a node
+//!    that already answers to the new key, so the gap is one view's trip.
+//!
+//! Either step may be repeated: an agent interrupted anywhere announces again or registers
+//! with whichever key it holds, and the control plane ends with the key the node uses.
+
+use std::time::Instant;
+
+use wirefence_proto::v1::RotateKeyRequest;
+
+use super::register::replace;
+use super::Registry;
+use crate::model::{NodeRec, PublicKey};
+use crate::store;
+use crate::Error;
+
+impl Registry {
+    /// Records the key announced by the node behind `meta`'s credential as its pending key.
+    pub fn rotate_key(&self, meta: &tonic::metadata::MetadataMap, req: &RotateKeyRequest) -> Result<(), Error> {
+        let token = crate::auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
+        self.check_credential(&token)?;
+        let id = token.id;
+        let key: PublicKey =
+            req.new_public_key.as_slice().try_into().map_err(|_| Error::PublicKeyLength(req.new_public_key.len()))?;
+        if key == [0; 32] {
+            return Err(Error::PublicKeyZero);
+        }
+        let challenge = match req.challenge_id.as_str() {
+            "" => return Err(Error::ChallengeMissing),
+            c => self.gate.challenges.take(c, Instant::now()).ok_or(Error::ChallengeUnknown)?,
+        };
+        wirefence_proto::possession::verify_rotation(&challenge, &key, &req.challenge_id, &id, &req.proof)?;
+        let mut store = self.store();
+        let state = self.current();
+        let node = state.node(&id).ok_or_else(|| Error::NodeRemoved(id.clone()))?;
+        if node.public_key == key {
+            return Err(Error::KeyUnchanged);
+        }
+        // A key another node has, had or announced never becomes this node's: views would
+        // name two nodes by one key, and a removed node's key stays retired.
+        match store.key_holder(&key)? {
+            Some((holder, _)) if holder == id => {} // announced again (an interrupted rotation)
+            Some((holder, true)) => return Err(Error::PublicKeyRemoved(holder)),
+            Some(_) => return Err(Error::PublicKeyEnrolled),
+            None => {}
+        }
+        store.change(false, |tx| store::set_pending_key(tx, &id, &key))?;
+        tracing::info!(node = %id, new_key = %crate::output::key(&key), "key rotation announced");
+        Ok(())
+    }
+
+    /// A registration with the pending key: it becomes the node's key, published at once.
+    /// Returns the node as it is now.
+    pub(super) fn commit_key(&self, old: &NodeRec, key: PublicKey) -> Result<NodeRec, Error> {
+        let mut store = self.store();
+        let state = self.current();
+        let ((), version) = store.change(true, |tx| store::commit_key(tx, &old.id))?;
+        let new = NodeRec { public_key: key, ..old.clone() };
+        self.publish(state.with_nodes(version, replace(&state.nodes, std::sync::Arc::new(new.clone()))));
+        tracing::info!(node = %old.id, version, new_key = %crate::output::key(&key), "key rotated");
+        Ok(new)
+    }
+}
