@@ -18,7 +18,7 @@ use crate::hot_loop::HotLoopGuard;
 use crate::keys;
 use crate::load::{self, Loaded};
 use crate::metrics::{self, Metrics};
-use crate::model::Desired;
+use crate::model::{Desired, PrivateKey};
 use crate::netlink::Netlink;
 use crate::ownership::{Claim, Ownership};
 use crate::reconcile::{Applied, ReconcileError, Reconciler};
@@ -41,6 +41,9 @@ pub struct Agent {
     config_cache: ConfigCache,
     /// Served by `run` at `[metrics] listen`; fed here, read at each scrape.
     metrics: Arc<Metrics>,
+    /// SIGUSR1 (`rotate-key`), handled from before the state directory's lock is taken:
+    /// `rotate-key` signals the lock holder, whose default action would be to die.
+    usr1: tokio::signal::unix::Signal,
 }
 
 struct Control {
@@ -49,6 +52,10 @@ struct Control {
     view: Option<ControlView>,
     /// What the client advertises; a reload that changes it makes the client register again.
     advertised: tokio::sync::watch::Sender<control::Advertised>,
+    /// A key rotation's switch to the next key, which only the daemon makes.
+    key_switches: mpsc::Receiver<control::KeySwitch>,
+    /// SIGUSR1 (`rotate-key`) wakes the client to rotate to the next key.
+    rotate: Arc<Notify>,
 }
 
 impl Agent {
@@ -56,6 +63,7 @@ impl Agent {
     /// previous run owned under another name or backend, and routes and rules of another
     /// protocol number.
     pub async fn start(loaded: Loaded) -> anyhow::Result<Agent> {
+        let usr1 = signal(SignalKind::user_defined1())?;
         let c = &loaded.config;
         let wake = Arc::new(Notify::new());
         let backend =
@@ -93,7 +101,7 @@ impl Agent {
             (Some(cc), Some(health)) => Some(start_client(cc, &loaded, backend, health)?),
             _ => None,
         };
-        Ok(Agent { loaded, ownership, reconciler, wake, control, config_cache: ConfigCache::default(), metrics })
+        Ok(Agent { loaded, ownership, reconciler, wake, control, config_cache: ConfigCache::default(), metrics, usr1 })
     }
 
     /// Keeps the parsed peers of the config `loaded` came from (see [`load_cached`]).
@@ -123,7 +131,7 @@ impl Agent {
     /// or changes a setting that needs a restart. Returns what it replaced.
     async fn reload(&mut self, path: &Path) -> anyhow::Result<Loaded> {
         let file = self.config_cache.load(path)?;
-        let key = keys::load_or_generate(&file.interface.private_key_file)?;
+        let key = load::private_key(&file)?;
         let new = load::build(file, &key, self.control.as_ref().and_then(|c| c.view.as_ref()))?;
         load::check_reload(&self.loaded.config, &new.config)?;
         if let (Some(c), Some(cc)) = (&self.control, &new.config.control) {
@@ -199,10 +207,28 @@ impl Agent {
                     self.reload_logged(config_path, converged).await;
                     supervisor.reloaded();
                 }
-                Some(req) = next_view(&mut self.control) => {
-                    let result = self.apply_view(req.view, converged).await;
-                    let _ = req.done.send(result);
-                }
+                Some(req) = from_client(&mut self.control) => match req {
+                    FromClient::View(req) => {
+                        let result = self.apply_view(req.view, converged).await;
+                        let _ = req.done.send(result);
+                    }
+                    FromClient::Key(req) => {
+                        let result = self.switch_key(req.key, converged).await;
+                        let _ = req.done.send(result);
+                    }
+                },
+                _ = self.usr1.recv() => match &self.control {
+                    // The next key is made at once: a rotation is in progress from here on
+                    // (`status` shows it), and finishes whenever the control plane answers.
+                    Some(c) => match keys::next_or_generate(&self.loaded.config.interface.private_key_file) {
+                        Ok(next) => {
+                            tracing::info!(next = %next.public_key(), "key rotation asked for");
+                            c.rotate.notify_one();
+                        }
+                        Err(e) => tracing::error!(error = %e, "key rotation asked for, but the next key cannot be made"),
+                    },
+                    None => tracing::warn!("SIGUSR1 asks for a key rotation, which needs control mode; ignored"),
+                },
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
@@ -323,6 +349,35 @@ impl Agent {
         Ok(Some(Change { operations, plan_ms }))
     }
 
+    /// A key rotation's switch: the next key becomes the key file's, then the interface's.
+    /// An error only when the file is unchanged; once it holds the new key, a failing pass
+    /// is retried by the loop like any other.
+    async fn switch_key(&mut self, key: PrivateKey, converged: bool) -> Result<(), String> {
+        let file = self.loaded.file.clone().expect("rotations happen only in control mode, which keeps the file");
+        keys::promote(&file.interface.private_key_file, &key).map_err(|e| e.to_string())?;
+        let view = self.control.as_ref().and_then(|c| c.view.as_ref());
+        let new = match load::build(file, &key, view) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, "the desired state with the new key does not build; the next start uses the key");
+                return Ok(());
+            }
+        };
+        let previous = std::mem::replace(&mut self.loaded, new);
+        self.loaded_changed();
+        let applied = match converged {
+            true => self.apply_change(previous.desired).await.map(|c| c.is_some()),
+            false => Ok(false),
+        };
+        if !matches!(applied, Ok(true)) {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "the interface is not on the new key yet; retrying");
+            }
+        }
+        tracing::info!(public_key = %key.public_key(), "the interface uses the new key");
+        Ok(())
+    }
+
     /// Applies a view from the control plane. Invalid (it does not build a desired state)
     /// or failing to apply: the previous desired state is restored, so the full pass that
     /// follows converges back to it, and the error goes back to the control plane.
@@ -413,10 +468,19 @@ struct Change {
     plan_ms: f64,
 }
 
-/// The next view from the control-plane client; pending forever without control mode.
-async fn next_view(control: &mut Option<Control>) -> Option<ApplyRequest> {
+/// What the control-plane client asks the daemon to do.
+enum FromClient {
+    View(ApplyRequest),
+    Key(control::KeySwitch),
+}
+
+/// The client's next request; pending forever without control mode.
+async fn from_client(control: &mut Option<Control>) -> Option<FromClient> {
     match control {
-        Some(c) => c.updates.recv().await,
+        Some(c) => tokio::select! {
+            v = c.updates.recv() => v.map(FromClient::View),
+            k = c.key_switches.recv() => k.map(FromClient::Key),
+        },
         None => std::future::pending().await,
     }
 }
@@ -455,6 +519,8 @@ fn start_client(
     let saved = load::saved_view(&files, &own, cc, &loaded.desired.ifname);
     let view = saved.as_ref().map(|a| a.view.clone());
     let (tx, updates) = mpsc::channel(1);
+    let (key_switch, key_switches) = mpsc::channel(1);
+    let rotate = Arc::new(Notify::new());
     let (advertised, advertised_rx) = tokio::sync::watch::channel(cc.advertised());
     let client = control::ControlClient {
         config: cc.clone(),
@@ -462,6 +528,9 @@ fn start_client(
         files,
         own,
         private_key: loaded.desired.device.private_key.clone(),
+        key_file: loaded.config.interface.private_key_file.clone(),
+        key_switch,
+        rotate: rotate.clone(),
         tracker: control::Tracker::new(own, saved),
         apply: tx,
         connector: Arc::new(control::connect::Connector::new(cc.endpoints.clone(), &cc.transport)?),
@@ -478,5 +547,5 @@ fn start_client(
         sent_denies: Vec::new(),
     };
     tokio::spawn(client.run());
-    Ok(Control { updates, view, advertised })
+    Ok(Control { updates, view, advertised, key_switches, rotate })
 }

@@ -1,4 +1,8 @@
 //! The node's private key on disk: created here with mode 0600, read back, never logged.
+//!
+//! A key rotation (control mode) writes the next key beside it, `<key file>.next`, before
+//! the control plane hears of it, and renames it over the key file once the control plane
+//! took it ([`crate::control::rotation`]); a crash at any point leaves either file usable.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -60,6 +64,72 @@ pub fn load_or_generate(path: &Path) -> Result<PrivateKey, KeyError> {
     }
 }
 
+/// Where the next key waits during a rotation.
+pub fn next_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".next");
+    path.with_file_name(name)
+}
+
+/// The next key of a rotation in progress, if there is one. One that does not parse never
+/// reached the control plane (announcing it needs it): it is set aside as `.next.bad`.
+pub fn load_next(path: &Path) -> Result<Option<PrivateKey>, KeyError> {
+    let next = next_path(path);
+    match std::fs::symlink_metadata(&next) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => match load(&next) {
+            Err(KeyError::Invalid { source, .. }) => {
+                tracing::warn!(path = %next.display(), error = %source, "setting an unreadable next key aside");
+                let mut bad = next.clone().into_os_string();
+                bad.push(".bad");
+                crate::durable::rename(&next, Path::new(&bad)).map_err(|source| KeyError::Io { path: next, source })?;
+                Ok(None)
+            }
+            other => other.map(Some),
+        },
+    }
+}
+
+/// The next key: the one a rotation in progress has, or a new one (written atomically, so
+/// a crash never leaves half a key).
+pub fn next_or_generate(path: &Path) -> Result<PrivateKey, KeyError> {
+    if let Some(next) = load_next(path)? {
+        return Ok(next);
+    }
+    let next = next_path(path);
+    let key = PrivateKey::generate();
+    crate::durable::write_atomic(&next, format!("{}\n", key.to_base64()).as_bytes(), 0o600)
+        .map_err(|source| KeyError::Io { path: next, source })?;
+    Ok(key)
+}
+
+/// Makes the next key the key (atomically and durably); `expected` guards against a next
+/// key replaced meanwhile.
+pub fn promote(path: &Path, expected: &PrivateKey) -> Result<(), KeyError> {
+    let next = next_path(path);
+    if load(&next)? != *expected {
+        let source = std::io::Error::other("it changed during the rotation");
+        return Err(KeyError::Io { path: next, source });
+    }
+    crate::durable::rename(&next, path).map_err(|source| KeyError::Io { path: path.to_owned(), source })
+}
+
+/// Finishes a rotation a crash interrupted: when the control-plane credential was already
+/// issued for the next key (saved only once the control plane took it), that key is the key.
+pub fn settle(path: &Path, credential_key: Option<&crate::model::PublicKey>) -> Result<(), KeyError> {
+    let (Some(next), Some(cred)) = (load_next(path)?, credential_key) else { return Ok(()) };
+    if next.public_key() == *cred {
+        promote(path, &next)?;
+        tracing::info!(public_key = %cred, "finished an interrupted key rotation");
+    }
+    Ok(())
+}
+
+/// How long ago the key file was written (its age as a key).
+pub fn age(path: &Path) -> Option<std::time::Duration> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()?.elapsed().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +153,36 @@ mod tests {
         std::fs::write(&path, "garbage").unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains(path.to_str().unwrap()) && !e.contains("garbage"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rotation_keeps_a_usable_key_at_every_step() {
+        let dir = std::env::temp_dir().join(format!("wf-keys-rot-{}", std::process::id()));
+        let path = dir.join("k");
+        let _ = std::fs::remove_dir_all(&dir);
+        let old = generate(&path).unwrap();
+        assert_eq!(load_next(&path).unwrap(), None);
+        let next = next_or_generate(&path).unwrap();
+        assert_eq!(next_path(&path), dir.join("k.next"));
+        // Asked again (an interrupted rotation): the same next key.
+        assert_eq!(next_or_generate(&path).unwrap(), next);
+        assert_eq!(std::fs::metadata(next_path(&path)).unwrap().permissions().mode() & 0o777, 0o600);
+        // Not taken by the control plane yet (credential of the old key): nothing moves.
+        settle(&path, Some(&old.public_key())).unwrap();
+        settle(&path, None).unwrap();
+        assert_eq!((load(&path).unwrap(), load_next(&path).unwrap()), (old.clone(), Some(next.clone())));
+        // Another key than the one expected is not promoted.
+        assert!(promote(&path, &old).is_err());
+        // Taken (the credential names the next key): the next key becomes the key.
+        settle(&path, Some(&next.public_key())).unwrap();
+        assert_eq!((load(&path).unwrap(), load_next(&path).unwrap()), (next, None));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(age(&path).unwrap() < std::time::Duration::from_secs(60));
+        // A next key that does not parse (never announced) is set aside, not fatal.
+        crate::durable::write_atomic(&next_path(&path), b"", 0o600).unwrap();
+        assert_eq!(load_next(&path).unwrap(), None);
+        assert!(dir.join("k.next.bad").exists() && !next_path(&path).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,12 +30,23 @@ pub fn load(path: &Path) -> anyhow::Result<Loaded> {
 /// reloads: a 1% change of 10,000 peers parses 100 of them).
 pub fn load_cached(path: &Path, cache: &mut ConfigCache) -> anyhow::Result<Loaded> {
     let file = cache.load(path)?;
-    let key = keys::load_or_generate(&file.interface.private_key_file)?;
+    let key = private_key(&file)?;
     let view = match &file.control {
         None => None,
         Some(cc) => saved_view(&ControlFiles::new(&file.agent.state_dir), &key.public_key(), cc, &file.interface.name),
     };
     Ok(build(file, &key, view.as_ref().map(|a| &a.view))?)
+}
+
+/// The private key, created on first use. In control mode a key rotation a crash
+/// interrupted after the control plane took the next key is finished first.
+pub fn private_key(file: &Config) -> anyhow::Result<PrivateKey> {
+    let path = &file.interface.private_key_file;
+    if file.control.is_some() {
+        let credential = ControlFiles::new(&file.agent.state_dir).credential().ok().flatten();
+        keys::settle(path, credential.as_ref().map(|c| &c.public_key))?;
+    }
+    Ok(keys::load_or_generate(path)?)
 }
 
 /// The last applied view; one that cannot be read is set aside (the agent then starts

@@ -56,6 +56,18 @@ enum Cmd {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Rotate the node's WireGuard key (control mode): the running agent makes a new key
+    /// pair, proves it to the control plane, switches the interface, and every peer gets the
+    /// new public key; connections through the tunnel survive. Interrupted, it finishes by
+    /// itself. Static mode has a manual procedure (README, "Rotating keys").
+    RotateKey {
+        /// Agent config (TOML).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// How long to wait for the rotation to finish, in seconds.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        wait_secs: u64,
+    },
     /// Show the interface, peers (handshake age, transfer, endpoint) and owned routes.
     Status {
         /// Agent config (TOML).
@@ -180,6 +192,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             println!("forgot the credential and the saved view ({})", config.agent.state_dir.join("control").display());
             Ok(())
         }
+        Cmd::RotateKey { config, wait_secs } => rotate_key(&load::load_effective(&config)?, wait_secs).await,
         Cmd::Status { config, json } => {
             let config = load::load_effective(&config)?;
             let backend = wg::select(
@@ -196,6 +209,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let mut st = status::collect(&rec, &config.interface.name, &names, dirs).await?;
             st.agent_pid = wirefence_agent::state::lock_holder(&config.agent.state_dir);
             st.passes = wirefence_agent::passes::load(&config.agent.state_dir);
+            st.key = status::KeyStatus::read(&config.interface.private_key_file);
             if let Some(p) = &config.policy {
                 st.retire_rules_not_in(p.policy.rule_ids());
             }
@@ -253,6 +267,50 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `rotate-key`: the running agent rotates (SIGUSR1); done when the credential names a new
+/// key and no next key waits.
+async fn rotate_key(config: &wirefence_agent::config::Config, wait_secs: u64) -> anyhow::Result<()> {
+    if config.control.is_none() {
+        anyhow::bail!(
+            "no [control] section: a static node's key is rotated by hand (README, \"Rotating keys\": \
+             a new key file, its public key in every peer's config, then the new file here)"
+        );
+    }
+    let files = ControlFiles::new(&config.agent.state_dir);
+    let Some(old) = files.credential()?.map(|c| c.public_key) else {
+        anyhow::bail!(
+            "the node has not registered with the control plane yet: its first key is the one it enrolls with"
+        );
+    };
+    let Some(pid) = wirefence_agent::state::lock_holder(&config.agent.state_dir) else {
+        anyhow::bail!(
+            "no agent runs on {}: the running agent rotates the key (start it first)",
+            config.agent.state_dir.display()
+        );
+    };
+    let pid_t = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: kill(2) with a pid the kernel's lock table names as the agent's.
+    if unsafe { libc::kill(pid_t, libc::SIGUSR1) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("ask the running agent (pid {pid})"));
+    }
+    println!("asked the running agent (pid {pid}) to rotate the key {old}");
+    let key_file = &config.interface.private_key_file;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // The control plane took the new key (in a registration with it): the peers have it.
+        let taken = files.status().ok().flatten().and_then(|s| s.registered_key);
+        if let Some(new) = taken.filter(|k| *k != old && !keys::next_path(key_file).exists()) {
+            println!("rotated: the node's key is {new} now; the control plane gives it to every peer");
+            return Ok(());
+        }
+    }
+    anyhow::bail!(
+        "the rotation has not finished within {wait_secs} s (is the control plane reachable?); the agent goes on \
+         trying and finishes it by itself: `status` shows the key and the rotation in progress"
+    )
 }
 
 /// Stops the agent running on `state_dir` (SIGTERM to the holder of its lock) and waits

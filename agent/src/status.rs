@@ -20,6 +20,8 @@ pub struct Status {
     pub backend: &'static str,
     pub link: Option<LinkState>,
     pub public_key: Option<PublicKey>,
+    /// The private key file: its age, and a rotation in progress.
+    pub key: KeyStatus,
     pub listen_port: Option<u16>,
     /// The mark on the tunnel's own (encrypted) packets, set for a default route through
     /// the tunnel: the policy routing rules send everything else to the tunnel's table.
@@ -40,6 +42,23 @@ pub struct Status {
     /// is still there (it is never read again, so it can be removed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removable_enrollment_key: Option<std::path::PathBuf>,
+}
+
+/// What the key file says: how old the key is (a rotation writes a new file), and the next
+/// key while a rotation is in progress.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KeyStatus {
+    pub age_secs: Option<u64>,
+    pub rotation_pending: Option<PublicKey>,
+}
+
+impl KeyStatus {
+    pub fn read(key_file: &std::path::Path) -> KeyStatus {
+        KeyStatus {
+            age_secs: crate::keys::age(key_file).map(|d| d.as_secs()),
+            rotation_pending: crate::keys::load_next(key_file).ok().flatten().map(|k| k.public_key()),
+        }
+    }
 }
 
 impl Status {
@@ -211,6 +230,7 @@ pub async fn collect(
         backend: rec.backend().name(),
         link: observed.link,
         public_key: info.as_ref().and_then(|d| d.public_key.as_ref()).map(|k| PublicKey(k.0)),
+        key: KeyStatus::default(),
         listen_port: info.as_ref().and_then(|d| d.listen_port),
         fwmark: info.as_ref().and_then(|d| d.fwmark).filter(|m| *m != 0),
         addresses: observed.addresses.iter().map(|a| a.to_string()).collect(),
@@ -219,6 +239,14 @@ pub async fn collect(
         rules: observed.rules.into_iter().collect(),
         gateway: GatewayStatus::of(observed.gateway),
     })
+}
+
+/// `made 5 min ago`, `12 days old`.
+fn key_age(secs: u64) -> String {
+    match secs {
+        0..172_800 => format!("made {}", ago(secs, 0)),
+        d => format!("{} days old", d / 86_400),
+    }
 }
 
 /// `12 s ago`, `5 min ago`, `3 h ago`.
@@ -272,7 +300,13 @@ impl std::fmt::Display for Status {
             )?,
         }
         if let Some(k) = &self.public_key {
-            writeln!(f, "  public key: {k}")?;
+            match self.key.age_secs {
+                Some(age) => writeln!(f, "  public key: {k} (key {})", key_age(age))?,
+                None => writeln!(f, "  public key: {k}")?,
+            }
+        }
+        if let Some(next) = &self.key.rotation_pending {
+            writeln!(f, "  key rotation in progress: next key {next}")?;
         }
         if let Some(p) = self.listen_port {
             writeln!(f, "  listening port: {p}")?;
@@ -446,7 +480,8 @@ mod tests {
             interface: "wf0".parse().unwrap(),
             backend: "userspace",
             link: Some(LinkState { index: 3, mtu: 1420, up: true }),
-            public_key: None,
+            public_key: Some(PublicKey([9; 32])),
+            key: KeyStatus { age_secs: Some(3 * 86_400 + 5), rotation_pending: Some(PublicKey([8; 32])) },
             listen_port: None,
             fwmark: None,
             addresses: vec![],
@@ -498,6 +533,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("  unreachable 10.20.0.0/16 table 254\n"), "{text}");
+        assert!(text.contains(&format!("  public key: {} (key 3 days old)\n", PublicKey([9; 32]))), "{text}");
+        assert!(text.contains(&format!("  key rotation in progress: next key {}\n", PublicKey([8; 32]))), "{text}");
         assert!(
             text.contains("  10.20.2.0/24 dev wf0 table 254 src 192.168.10.1\n") && !text.contains("stale"),
             "{text}"
@@ -523,6 +560,7 @@ mod tests {
             backend: "kernel",
             link: Some(LinkState { index: 3, mtu: 1420, up: true }),
             public_key: None,
+            key: Default::default(),
             listen_port: None,
             fwmark: None,
             addresses: vec![],

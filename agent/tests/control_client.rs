@@ -195,6 +195,7 @@ fn plaintext_client(
         advertise_routes: vec![],
         route_checks: vec![],
         guard: Default::default(),
+        rotate_key_every: None,
     };
     let own = key.public_key();
     ControlClient {
@@ -204,6 +205,10 @@ fn plaintext_client(
         files: files.clone(),
         own,
         private_key: key.clone(),
+        // No key file and no next key beside it: no rotation here (tests/tests/key_rotation.rs).
+        key_file: std::env::temp_dir().join(format!("wf-client-no-key-{}", std::process::id())),
+        key_switch: mpsc::channel(1).0,
+        rotate: Default::default(),
         tracker: Tracker::new(own, None),
         apply,
         connector: std::sync::Arc::new(Connector::new(endpoints, &Transport::Insecure).unwrap()),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::{run, run_ok, wait_until, Host, Lab, TempDir};
+use crate::{run, run_ok, wait_until, AgentProc, Host, Lab, TempDir};
 
 pub const CP_V4: &str = "172.31.255.254";
 pub const CP_V6: &str = "fdaa::fe";
@@ -303,6 +303,30 @@ impl Host {
     pub fn control_status(&self) -> serde_json::Value {
         self.status_json()["control"].clone()
     }
+}
+
+/// A lab of `n` hosts enrolled with a running control plane, agents started.
+pub fn enrolled(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>) {
+    let (lab, cp, agents, _) = enrolled_with_keys(n);
+    (lab, cp, agents)
+}
+
+/// As [`enrolled`], with the enrollment key files (one per host, bound to its name).
+pub fn enrolled_with_keys(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>, Vec<PathBuf>) {
+    let lab = Lab::new(n);
+    let cp = ControlPlane::start(&lab);
+    let mut agents = Vec::new();
+    let mut keys = Vec::new();
+    for h in &lab.hosts {
+        keys.push(h.write_bound_control_config(&cp, &["server"]));
+        agents.push(h.spawn_agent());
+    }
+    wait_until("every node enrolled", Duration::from_secs(20), || {
+        let out = cp.admin(&["nodes", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().is_some_and(|a| a.len() == n as usize)
+    });
+    (lab, cp, agents, keys)
 }
 
 /// `wg show <if> peers` in the host's namespace.

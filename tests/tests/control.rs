@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use wirefence_tests::control::{wg_peers, ControlPlane};
+use wirefence_tests::control::{enrolled, enrolled_with_keys, wg_peers, ControlPlane};
 use wirefence_tests::*;
 
 const T: Duration = Duration::from_secs(20);
@@ -33,30 +33,6 @@ fn policy(web_from: &[&str]) -> String {
          [[tests]]\nfrom = \"h1\"\nto = \"h2\"\nproto = \"tcp\"\nport = 80\nexpect = \"{expect}\"\n\n\
          [[tests]]\nfrom = \"h1\"\nto = \"h2\"\nproto = \"tcp\"\nport = 81\nexpect = \"deny\"\n"
     )
-}
-
-/// A lab of `n` hosts enrolled with a running control plane, agents started.
-fn enrolled(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>) {
-    let (lab, cp, agents, _) = enrolled_with_keys(n);
-    (lab, cp, agents)
-}
-
-/// As [`enrolled`], with the enrollment key files (one per host, bound to its name).
-fn enrolled_with_keys(n: u8) -> (Lab, ControlPlane, Vec<AgentProc>, Vec<std::path::PathBuf>) {
-    let lab = Lab::new(n);
-    let cp = ControlPlane::start(&lab);
-    let mut agents = Vec::new();
-    let mut keys = Vec::new();
-    for h in &lab.hosts {
-        keys.push(h.write_bound_control_config(&cp, &["server"]));
-        agents.push(h.spawn_agent());
-    }
-    wait_until("every node enrolled", T, || {
-        let out = cp.admin(&["nodes", "list", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v.as_array().is_some_and(|a| a.len() == n as usize)
-    });
-    (lab, cp, agents, keys)
 }
 
 /// No secret of any host (private key, enrollment key, credential) in any log, at debug level.

@@ -61,7 +61,7 @@ pub enum ViewError {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub(super) enum SessionError {
     #[error(transparent)]
     Connect(#[from] super::connect::ConnectError),
     #[error("{:?}: {}", .0.code(), .0.message())]
@@ -89,6 +89,10 @@ enum SessionError {
     AnnouncedOverlay(wirefence_proto::WireError),
     #[error("the local guard: {0}")]
     Guard(#[from] GuardError),
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    #[error("the key rotation: {0}")]
+    KeySwitch(String),
 }
 
 impl SessionError {
@@ -122,6 +126,12 @@ pub struct ControlClient {
     pub own: PublicKey,
     /// Answers the enrollment challenge (proof of possession); never leaves the process.
     pub private_key: crate::model::PrivateKey,
+    /// The private key file, and the next key beside it during a rotation.
+    pub key_file: std::path::PathBuf,
+    /// The daemon switches the key (file and kernel) when a rotation asks it to.
+    pub key_switch: mpsc::Sender<super::KeySwitch>,
+    /// The daemon made a next key (`rotate-key`): rotate to it now.
+    pub rotate: std::sync::Arc<tokio::sync::Notify>,
     pub tracker: Tracker,
     pub apply: mpsc::Sender<ApplyRequest>,
     /// Shared with the certificate probe, which runs beside the sessions.
@@ -193,7 +203,7 @@ impl ControlClient {
         }
     }
 
-    fn save_status(&self, status: &ControlStatus) {
+    pub(super) fn save_status(&self, status: &ControlStatus) {
         self.health.set_connection(status.connected_to.is_some(), status.applied_version);
         if let Err(e) = self.files.set_status(status) {
             tracing::warn!(error = %e, "cannot write the control status file");
@@ -203,7 +213,9 @@ impl ControlClient {
     async fn session(&mut self, status: &mut ControlStatus) -> Result<(), SessionError> {
         let (channel, connected) = self.connector.connect().await?;
         let mut client = AgentServiceClient::new(channel);
-        let (cred, refused_routes) = self.register(&mut client).await?;
+        let (mut cred, refused_routes) = self.register(&mut client).await?;
+        status.registered_key = Some(self.own);
+        self.rotate_if_due(&mut client, &mut cred, status).await?;
         record_connection(status, &connected);
         status.node_id = Some(cred.node_id.clone());
         status.last_error = None;
@@ -219,7 +231,7 @@ impl ControlClient {
         // Route health rides this session's Report stream; it stops with the session so
         // its sender does not hold the stream open.
         let checks = tokio::spawn(super::checks::run(self.advertised.clone(), report_tx.clone()));
-        let result = self.watch(&mut client, &cred, &report_tx, status).await;
+        let result = self.watch(&mut client, &mut cred, &report_tx, status).await;
         checks.abort();
         let _ = checks.await;
         // Closing the queue ends the Report stream once what is queued (often the outcome
@@ -237,7 +249,7 @@ impl ControlClient {
     /// the enrollment key is never read again. Rotates the credential when asked to.
     /// Returns the credential and the advertised routes the control plane refused, as
     /// "route: reason" (the registration stands with the others).
-    async fn register(
+    pub(super) async fn register(
         &self,
         client: &mut AgentServiceClient<tonic::transport::Channel>,
     ) -> Result<(Credential, Vec<String>), SessionError> {
@@ -357,7 +369,7 @@ impl ControlClient {
     async fn watch(
         &mut self,
         client: &mut AgentServiceClient<tonic::transport::Channel>,
-        cred: &Credential,
+        cred: &mut Credential,
         report: &mpsc::Sender<v1::AgentReport>,
         status: &mut ControlStatus,
     ) -> Result<(), SessionError> {
@@ -367,6 +379,7 @@ impl ControlClient {
         };
         let req = authed(cred, resume);
         let mut stream = client.watch(req).await?.into_inner();
+        let rotate = self.rotate.clone();
         let mut advertised_open = true;
         let mut stats = tokio::time::interval(STATS_EVERY);
         let mut first = true;
@@ -389,7 +402,13 @@ impl ControlClient {
                     self.save_status(status);
                     continue;
                 }
+                _ = rotate.notified() => {
+                    self.rotate_if_due(client, cred, status).await?;
+                    continue;
+                }
                 _ = stats.tick() => {
+                    // A scheduled rotation comes due while connected.
+                    self.rotate_if_due(client, cred, status).await?;
                     let stats = v1::PeerStats { peers: (self.telemetry.peer_stats)() };
                     let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::Stats(stats)) });
                     if let Some(probe) = self.health.certificates() {
@@ -553,7 +572,7 @@ pub async fn leave(connector: &super::connect::Connector, cred: &Credential) -> 
 }
 
 /// A request carrying the node credential.
-fn authed<T>(cred: &Credential, body: T) -> Request<T> {
+pub(super) fn authed<T>(cred: &Credential, body: T) -> Request<T> {
     let mut req = Request::new(body);
     match MetadataValue::try_from(format!("Bearer {}", cred.credential)) {
         Ok(v) => {

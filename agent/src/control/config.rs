@@ -22,6 +22,7 @@
 //! overlay = ["100.64.0.0/10", "fd7a::/48"]   # default: the ranges announced at enrollment
 //! accept_routes = ["10.88.0.0/16"]           # peer routes beyond the overlay; default none
 //! accept_default_route = false               # true: accept 0.0.0.0/0, ::/0 (exit node)
+//! rotate_key_days = 90                       # rotate the WireGuard key when it is this old
 //! ```
 
 use std::net::SocketAddr;
@@ -50,7 +51,12 @@ pub struct ControlConfig {
     /// defaults), in `advertise_routes` order.
     pub route_checks: Vec<RouteCheck>,
     pub guard: GuardConfig,
+    /// Rotate the WireGuard key once it is this old (`rotate_key_days`); `None`: only by hand.
+    pub rotate_key_every: Option<Duration>,
 }
+
+/// The longest key rotation schedule: ten years.
+pub const MAX_ROTATE_KEY_DAYS: u32 = 3650;
 
 /// How this node takes part in a route group for one advertised prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +219,7 @@ pub(crate) struct RawControl {
     accept_routes: Vec<Spanned<String>>,
     #[serde(default)]
     accept_default_route: bool,
+    rotate_key_days: Option<Spanned<u32>>,
 }
 
 /// Parses a list of prefixes named `field`; a `/0` is refused where `no_default` says why.
@@ -308,6 +315,14 @@ impl RawControl {
             Some("a default route is accepted only with accept_default_route = true"),
         )?;
         let guard = GuardConfig { overlay, accept_routes, accept_default_route: self.accept_default_route };
+        let rotate_key_every = match self.rotate_key_days {
+            None => None,
+            Some(d) if !(1..=MAX_ROTATE_KEY_DAYS).contains(d.get_ref()) => {
+                let m = format!("control.rotate_key_days: {} is not 1..={MAX_ROTATE_KEY_DAYS} days", d.get_ref());
+                return Err(err(d.span(), m));
+            }
+            Some(d) => Some(Duration::from_secs(u64::from(*d.get_ref()) * 86_400)),
+        };
         Ok(ControlConfig {
             endpoints,
             transport,
@@ -317,6 +332,7 @@ impl RawControl {
             advertise_routes,
             route_checks,
             guard,
+            rotate_key_every,
         })
     }
 }
@@ -348,6 +364,18 @@ mod tests {
     fn parse(control: &str, extra: &str) -> Result<Config, String> {
         let text = format!("[interface]\nname = \"wf0\"\nprivate_key_file = \"/k\"\n{extra}\n[control]\n{control}");
         Config::parse(Path::new("a.toml"), &text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_key_rotation_schedule_is_in_whole_days_within_ten_years() {
+        let base = "endpoints = [\"cp.example:7443\"]\ninsecure = true\n";
+        let every = |extra: &str| parse(&format!("{base}{extra}"), "").map(|c| c.control.unwrap().rotate_key_every);
+        assert_eq!(every(""), Ok(None));
+        assert_eq!(every("rotate_key_days = 90\n"), Ok(Some(Duration::from_secs(90 * 86_400))));
+        for bad in ["0", "3651"] {
+            let e = every(&format!("rotate_key_days = {bad}\n")).unwrap_err();
+            assert!(e.contains("control.rotate_key_days") && e.contains("1..=3650"), "{e}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod connect;
 pub mod guard;
 pub mod health;
 pub mod persist;
+pub mod rotation;
 mod sniff;
 pub mod tracker;
 pub mod view;
@@ -18,6 +19,7 @@ pub use config::{Advertised, ControlConfig};
 pub use guard::{GuardConfig, GuardError};
 pub use health::ControlHealth;
 pub use persist::{ControlFiles, ControlStatus};
+pub use rotation::KeySwitch;
 pub use tracker::{Applied, Offer, Tracker};
 pub use view::{ControlView, UpdateError};
 

@@ -60,6 +60,10 @@ pub struct ControlStatus {
     /// local setup lacks something): why. The agent retries only slowly meanwhile.
     #[serde(default)]
     pub action_needed: Option<String>,
+    /// The public key the control plane last took in a registration (after a key rotation:
+    /// the new key is the node's for every peer).
+    #[serde(default)]
+    pub registered_key: Option<PublicKey>,
 }
 
 #[derive(Clone, Debug)]

@@ -44,6 +44,11 @@ impl Tracker {
         Tracker { own, applied }
     }
 
+    /// The node's key changed (a key rotation): views are checked against the new one.
+    pub fn set_own(&mut self, own: PublicKey) {
+        self.own = own;
+    }
+
     /// The applied version; 0 before the first.
     pub fn version(&self) -> u64 {
         self.applied.as_ref().map_or(0, |a| a.version)
