@@ -188,6 +188,17 @@ pub enum NodesCommand {
         /// Node id or hostname.
         node: String,
     },
+    /// A single-use key that re-enrolls a node which lost its state (key pair, credential):
+    /// the node enrolled with it (as a new node would, with this key as its enrollment key
+    /// and the same hostname) keeps the id, overlay addresses, name, tags and route grants;
+    /// the old key and credential stop working. Printed once, on stdout.
+    Reenroll {
+        /// Node id or hostname.
+        node: String,
+        /// How long the key is good for: 90s, 30m, 2h, 1d (default 1h).
+        #[arg(long, value_parser = parse_duration_nonzero)]
+        expires_in: Option<u64>,
+    },
     /// Change a node's tags and/or hostname in one version; the node need not enroll or
     /// register again. A new hostname is owned by the node (`node:<hostname>` matches it).
     #[command(arg_required_else_help = true)]

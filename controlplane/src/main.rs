@@ -15,7 +15,7 @@ use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
 use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
     ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix,
-    ListEnrollmentKeysRequest, ListNodesRequest, ReleaseNameRequest, RemoveNodeRequest,
+    ListEnrollmentKeysRequest, ListNodesRequest, ReenrollNodeRequest, ReleaseNameRequest, RemoveNodeRequest,
     RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, SetNodeRequest, SetNodeRoutesRequest, TagList,
 };
 
@@ -235,6 +235,16 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
             let req = RequestCredentialRotationRequest { node: node.clone() };
             admin.request_credential_rotation(req).await.map_err(status)?;
             format!("{node} rotates its credential at its next registration\n")
+        }
+        Command::Nodes(NodesCommand::Reenroll { node, expires_in }) => {
+            let req = ReenrollNodeRequest { node, expires_in_secs: expires_in };
+            let k = admin.reenroll_node(req).await.map_err(status)?.into_inner();
+            eprintln!(
+                "re-enrollment key {} for node {} (shown once), expires unix {}: give it to the node as its \
+                 control.enrollment_key_file, with its state directory and key gone",
+                k.key_id, k.node_id, k.expires_unix
+            );
+            format!("{}\n", k.key)
         }
         Command::Nodes(NodesCommand::Set { node, tags, no_tags, hostname }) => {
             let tags = (no_tags || !tags.is_empty()).then_some(TagList { tags });

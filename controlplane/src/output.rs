@@ -177,6 +177,7 @@ pub fn key_json(k: &EnrollmentKey) -> Value {
     json!({
         "key_id": k.key_id,
         "hostname": k.hostname,
+        "reenroll_node": k.reenroll_node,
         "tags": k.tags,
         "routes": prefixes(&k.routes),
         "max_uses": k.max_uses,
@@ -201,7 +202,10 @@ pub fn keys_table(keys: &[EnrollmentKey], now: i64) -> String {
     for k in keys {
         rows.push([
             shown(&k.key_id),
-            shown(&k.hostname),
+            match k.reenroll_node.as_str() {
+                "" => shown(&k.hostname),
+                node => format!("re-enrolls {}", shown(node)),
+            },
             joined(&k.tags, ","),
             prefixes(&k.routes).join(","),
             if k.revoked { "revoked".into() } else { uses_left(k) },
@@ -335,6 +339,8 @@ mod tests {
         let t = keys_table(std::slice::from_ref(&revoked), 100);
         assert!(t.contains("revoked") && t.contains("never"), "{t}");
         assert_eq!(key_json(&revoked)["max_uses"], 3);
+        let reenroll = EnrollmentKey { reenroll_node: "n7".into(), hostname: String::new(), ..revoked };
+        assert!(keys_table(std::slice::from_ref(&reenroll), 100).contains("k1  re-enrolls n7"));
     }
 
     #[test]

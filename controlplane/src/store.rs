@@ -96,6 +96,8 @@ const MIGRATIONS: &[(&str, &str, &str, &str)] = &[
     ("nodes", "claimed_hostname", "TEXT NOT NULL DEFAULT ''", "UPDATE nodes SET claimed_hostname = hostname"),
     // A key announced with RotateKey, not in views until the node registers with it.
     ("nodes", "pending_public_key", "BLOB", ""),
+    // A re-enrollment key: the node (id) whose identity it gives to a new key pair.
+    ("enrollment_keys", "node", "TEXT NOT NULL DEFAULT ''", ""),
 ];
 
 /// After the migrations: a bound name belongs to one node (live or removed) at a time.
@@ -128,9 +130,12 @@ pub struct KeyRow {
     pub routes: Vec<IpNet>,
     /// The hostname the enrolled node owns; `None`: its hostname is a label only.
     pub hostname: Option<String>,
+    /// A re-enrollment key: the node whose identity (id, addresses, name, tags, grants) the
+    /// key pair enrolled with it takes over.
+    pub node: Option<String>,
 }
 
-const KEY_COLUMNS: &str = "id, hash, max_uses, uses, revoked, expires, created, tags, routes, hostname";
+const KEY_COLUMNS: &str = "id, hash, max_uses, uses, revoked, expires, created, tags, routes, hostname, node";
 
 fn key_row(r: &rusqlite::Row) -> rusqlite::Result<(KeyRow, [String; 2])> {
     let hostname: String = r.get(9)?;
@@ -145,6 +150,7 @@ fn key_row(r: &rusqlite::Row) -> rusqlite::Result<(KeyRow, [String; 2])> {
         tags: vec![],
         routes: vec![],
         hostname: Some(hostname).filter(|h| !h.is_empty()),
+        node: Some(r.get::<_, String>(10)?).filter(|n| !n.is_empty()),
     };
     Ok((row, [r.get(7)?, r.get(8)?]))
 }
@@ -323,7 +329,7 @@ impl Store {
         // single_use/used stay filled for databases read by older builds.
         self.conn.execute(
             "INSERT INTO enrollment_keys (id, hash, single_use, used, expires, tags, routes, max_uses, uses, \
-             revoked, hostname, created) VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, 0, 0, ?8, ?9)",
+             revoked, hostname, created, node) VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, 0, 0, ?8, ?9, ?10)",
             params![
                 k.id,
                 k.hash,
@@ -333,7 +339,8 @@ impl Store {
                 strings(&k.routes),
                 k.max_uses,
                 k.hostname.as_deref().unwrap_or(""),
-                k.created
+                k.created,
+                k.node.as_deref().unwrap_or("")
             ],
         )?;
         Ok(())
@@ -546,6 +553,17 @@ pub fn promote_credential(tx: &Transaction, id: &str) -> Result<()> {
 /// Records the key a node announced (replacing one it announced before).
 pub fn set_pending_key(tx: &Transaction, id: &str, key: &PublicKey) -> Result<()> {
     tx.execute("UPDATE nodes SET pending_public_key = ?2 WHERE id = ?1", params![id, key.to_vec()])?;
+    Ok(())
+}
+
+/// A re-enrollment: the node's identity passes to a new key pair with a new credential
+/// (the old key and credentials end), at its new endpoints and routes.
+pub fn reenroll_node(tx: &Transaction, n: &NodeRec, credential_hash: &[u8]) -> Result<()> {
+    tx.execute(
+        "UPDATE nodes SET public_key = ?2, pending_public_key = NULL, credential_hash = ?3, \
+         pending_credential_hash = NULL, rotate_requested = 0, endpoints = ?4, routes = ?5 WHERE id = ?1",
+        params![n.id, n.public_key.to_vec(), credential_hash, strings(&n.endpoints), strings(&n.routes)],
+    )?;
     Ok(())
 }
 

@@ -9,9 +9,9 @@ use common::*;
 use tonic::Code;
 use wirefence_control::enroll::{EnrollLimits, Rate};
 use wirefence_proto::v1::{
-    ApproveNodeRequest, EnrollChallengeRequest, GetNodeRequest, LeaveRequest, NodeView, ReleaseNameRequest,
-    RemoveNodeRequest, RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, RotateCredentialRequest,
-    RotateKeyRequest, SetNodeRequest, SocketAddress, TagList,
+    ApproveNodeRequest, EnrollChallengeRequest, GetNodeRequest, LeaveRequest, NodeView, ReenrollNodeRequest,
+    ReleaseNameRequest, RemoveNodeRequest, RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest,
+    RotateCredentialRequest, RotateKeyRequest, SetNodeRequest, SocketAddress, TagList,
 };
 
 const SSH_TO_DB1: &str = r#"
@@ -426,4 +426,48 @@ async fn a_node_cannot_rotate_to_a_key_it_does_not_hold_or_another_nodes_key() {
         "rotate-key",
     );
     assert_eq!(peer_keys(&laptop_view(&cp, &laptop.credential).await), vec![pubkey(1)]);
+}
+
+#[tokio::test]
+async fn a_node_that_lost_its_state_reenrolls_keeping_its_identity_with_an_admins_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let db = cp.enroll("db1", 1, &["db"]).await;
+    let laptop = cp.enroll("laptop", 2, &[]).await;
+    cp.apply(SSH_TO_DB1).await.unwrap();
+    let mut agent = cp.agent().await;
+    let reenroll = |node: &str| ReenrollNodeRequest { node: node.into(), expires_in_secs: None };
+
+    let key = cp.admin.reenroll_node(reenroll("db1")).await.unwrap().into_inner();
+    assert_eq!(key.node_id, db.node_id);
+    // Only under the node's hostname, only with a key pair nobody has.
+    let req = cp.enroll_req("web1", 3, &key.key).await;
+    assert_code(agent.register(req).await, Code::PermissionDenied, "db1");
+    let req = cp.enroll_req("db1", 2, &key.key).await;
+    assert_code(agent.register(req).await, Code::AlreadyExists, "");
+    // A proof made with another private key than the one of the public key is refused.
+    let mut req = cp.enroll_req("db1", 3, &key.key).await;
+    req.public_key = pubkey(4);
+    assert_code(agent.register(req).await, Code::Unauthenticated, "proof");
+
+    let req = cp.enroll_req("db1", 3, &key.key).await;
+    let again = agent.register(req).await.unwrap().into_inner();
+    assert_eq!((again.node_id.as_str(), &again.addresses), (db.node_id.as_str(), &db.addresses));
+    assert_ne!(again.credential, db.credential);
+    // The old credential is over; the new one works; peers know the new key; the policy
+    // still names the node (same addresses, same place).
+    assert_code(watch(&cp, &db.credential, 0).await, Code::Unauthenticated, "invalid credential");
+    assert!(watch(&cp, &again.credential, 0).await.is_ok());
+    let view = laptop_view(&cp, &laptop.credential).await;
+    assert_eq!(peer_keys(&view), vec![pubkey(3)]);
+    assert!(names(&view, &db, "db1"));
+    let shown = cp.admin.get_node(GetNodeRequest { node: "db1".into() }).await.unwrap().into_inner();
+    assert_eq!((shown.tags, shown.public_key), (vec!["db".to_string()], pubkey(3)));
+    // Single use.
+    let req = cp.enroll_req("db1", 5, &key.key).await;
+    assert_code(agent.register(req).await, Code::PermissionDenied, "no uses left");
+    // Only for a live node.
+    cp.admin.remove_node(RemoveNodeRequest { node: "laptop".into() }).await.unwrap();
+    assert_code(cp.admin.reenroll_node(reenroll("laptop")).await, Code::PermissionDenied, "removed");
+    assert_code(cp.admin.reenroll_node(reenroll("nobody")).await, Code::NotFound, "");
 }

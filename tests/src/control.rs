@@ -210,6 +210,11 @@ impl ControlPlane {
         self.key_file(&options, &[])
     }
 
+    /// A re-enrollment key for `node` (`nodes reenroll`), written to a file.
+    pub fn reenroll_key_file(&self, node: &str) -> PathBuf {
+        self.write_key(self.admin_ok(&["nodes", "reenroll", node]).trim())
+    }
+
     fn key_file(&self, options: &[&str], tags: &[&str]) -> PathBuf {
         let mut args = vec!["keys", "create", "--json"];
         args.extend_from_slice(options);
@@ -217,7 +222,10 @@ impl ControlPlane {
             args.extend(["--tag", t]);
         }
         let out: serde_json::Value = serde_json::from_str(&self.admin_ok(&args)).expect("keys create --json");
-        let key = out["key"].as_str().expect("key in keys create --json");
+        self.write_key(out["key"].as_str().expect("key in keys create --json"))
+    }
+
+    fn write_key(&self, key: &str) -> PathBuf {
         let path = self.dir.0.join(format!("enroll-{}.key", crate::unique()));
         std::fs::write(&path, key).unwrap();
         // Secret: the agent refuses a key file others can read.

@@ -1,6 +1,7 @@
-//! WireGuard key rotation in control mode (`wirefence-agent rotate-key`) with the reference
-//! control plane and wireguard-go: connections survive it, and one interrupted anywhere
-//! (control plane down, agent killed) ends with one key on every side.
+//! A node's identity on a new key pair, with the reference control plane and wireguard-go:
+//! key rotation (`wirefence-agent rotate-key`), which connections survive and which ends
+//! with one key on every side however it is interrupted (control plane down, agent killed);
+//! and re-enrollment of a node that lost its key and state (`nodes reenroll`).
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -70,7 +71,7 @@ fn longest_gap_ms(ping_output: &str) -> u64 {
 
 #[test]
 fn a_key_rotates_under_a_live_tcp_stream_and_a_10ms_ping() {
-    let (lab, cp, _agents) = enrolled(2);
+    let (lab, cp, agents) = enrolled(2);
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     assert!(cp.apply_policy(POLICY).status.success());
     let (h2_v4, _) = cp.node_addresses("h2");
@@ -83,15 +84,25 @@ fn a_key_rotates_under_a_live_tcp_stream_and_a_10ms_ping() {
     let old = device_key(h2);
     assert_eq!(old, h2.public_key);
 
-    let ping =
-        h1.ns.cmd("ping").args(["-n", "-i", "0.01", "-w", "8", &h2_v4]).stdout(Stdio::piped()).spawn().expect("ping");
+    let ping = h1
+        .ns
+        .cmd("ping")
+        .args(["-n", "-D", "-i", "0.01", "-w", "8", &h2_v4])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ping");
     std::thread::sleep(Duration::from_millis(1500));
     let out = run(&mut rotate_key(h2, 5));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let ping = ping.wait_with_output().expect("ping output");
-    let gap = longest_gap_ms(&String::from_utf8_lossy(&ping.stdout));
+    let ping = String::from_utf8_lossy(&ping.stdout);
+    let gap = longest_gap_ms(&ping);
     eprintln!("key rotation: longest ping gap {gap} ms");
+    if gap >= 1000 {
+        // What each side did when: the ping's timestamps against the agents' logs.
+        eprintln!("{ping}\n== h1\n{}\n== h2\n{}", agents[0].log_text(), agents[1].log_text());
+    }
     assert!(gap < 1000, "the rotation interrupted a 10 ms ping for {gap} ms");
 
     let new = device_key(h2);
@@ -147,4 +158,32 @@ fn an_interrupted_rotation_converges_to_one_key_on_every_side() {
             one_key_everywhere(&cp, h1, h2, &h2_v4).is_some()
         });
     }
+}
+
+#[test]
+fn a_node_that_lost_its_state_reenrolls_at_its_address_with_an_admins_key() {
+    let (lab, cp, mut agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    assert!(cp.apply_policy(POLICY).status.success());
+    let (h2_v4, h2_v6) = cp.node_addresses("h2");
+    wait_until("h1 pings h2", T, || h1.ns.ping(&h2_v4));
+
+    // h2 loses everything: the agent, the tunnel, the private key and the state directory.
+    agents.remove(1).kill9();
+    run_ok(h2.agent().args(["down", "--config"]).arg(h2.config_path()));
+    std::fs::remove_file(h2.dir.join("private.key")).unwrap();
+    std::fs::remove_dir_all(h2.dir.join("state")).unwrap();
+    // Its used enrollment key enrolls nobody again; the admin's re-enrollment key does.
+    let key = cp.reenroll_key_file("h2");
+    h2.write_control_config(&cp, &key);
+    agents.push(h2.spawn_agent());
+    wait_until("h1 pings h2 at its old address", T, || h1.ns.ping(&h2_v4));
+
+    let new = device_key(h2);
+    assert_ne!(new, h2.public_key);
+    assert_eq!(cp.node_addresses("h2"), (h2_v4, h2_v6));
+    assert_eq!(cp_key(&cp, "h2"), new);
+    assert_eq!(wg_peers(h1), vec![new]);
+    let nodes: serde_json::Value = serde_json::from_str(&cp.admin_ok(&["nodes", "list", "--all", "--json"])).unwrap();
+    assert_eq!(nodes.as_array().map(Vec::len), Some(2), "a second node appeared: {nodes:#}");
 }

@@ -198,7 +198,7 @@ impl Registry {
 
 /// A removed node by id, else one that had the hostname (several may have had it: the
 /// lowest id; its id picks another).
-fn find_removed(rows: Vec<NodeRow>, sel: &str) -> Option<NodeRow> {
+pub(super) fn find_removed(rows: Vec<NodeRow>, sel: &str) -> Option<NodeRow> {
     let (by_id, rest): (Vec<_>, Vec<_>) = rows.into_iter().filter(|r| r.removed).partition(|r| r.rec.id == sel);
     by_id.into_iter().next().or_else(|| rest.into_iter().find(|r| r.rec.hostname == sel))
 }

@@ -42,6 +42,8 @@ pub struct KeySpec {
     pub routes: Vec<IpNet>,
     /// The hostname the enrolled node owns (the key then enrolls one node).
     pub hostname: Option<String>,
+    /// A re-enrollment key of this node (id): single use, nothing else granted.
+    pub node: Option<String>,
 }
 
 impl Default for KeySpec {
@@ -53,6 +55,7 @@ impl Default for KeySpec {
             tags: vec![],
             routes: vec![],
             hostname: None,
+            node: None,
         }
     }
 }
@@ -87,13 +90,13 @@ impl KeySpec {
                 return Err(Error::BoundKeyReusable);
             }
         }
-        Ok(KeySpec { uses, lifetime, tags: r.tags, routes, hostname })
+        Ok(KeySpec { uses, lifetime, tags: r.tags, routes, hostname, node: None })
     }
 }
 
 impl Registry {
     pub fn create_enrollment_key(&self, spec: KeySpec) -> Result<NewKey, Error> {
-        let KeySpec { uses, lifetime, mut tags, mut routes, hostname } = spec;
+        let KeySpec { uses, lifetime, mut tags, mut routes, hostname, node } = spec;
         if let Some(bad) = tags.iter().find(|t| !valid_name(t)) {
             return Err(Error::Tag(bad.clone()));
         }
@@ -124,11 +127,12 @@ impl Registry {
             tags,
             routes,
             hostname,
+            node,
         };
         self.store().insert_key(&row)?;
         tracing::info!(
             key = %row.id, max_uses = row.max_uses, expires_unix, routes = ?row.routes, hostname = ?row.hostname,
-            "enrollment key created"
+            reenroll_node = ?row.node, "enrollment key created"
         );
         Ok(NewKey { key_id: row.id, key: token.expose(), expires_unix })
     }
@@ -149,8 +153,28 @@ impl Registry {
                 created_unix: k.created,
                 revoked: k.revoked,
                 hostname: k.hostname.unwrap_or_default(),
+                reenroll_node: k.node.unwrap_or_default(),
             })
             .collect())
+    }
+
+    /// A re-enrollment key for the live node `sel` (an admin's approval that a new key pair
+    /// takes over its identity): single use, `expires_in_secs` or an hour.
+    pub fn reenroll_key(&self, sel: &str, expires_in_secs: Option<u64>) -> Result<(NewKey, String), Error> {
+        let rows = self.store().nodes()?;
+        let row = match super::admin::find(rows.clone(), sel) {
+            Ok(row) => row,
+            Err(e) => match super::admin::find_removed(rows, sel) {
+                Some(removed) => return Err(Error::NodeRemoved(removed.rec.id)),
+                None => return Err(e),
+            },
+        };
+        let lifetime = match expires_in_secs {
+            None => KeySpec::default().lifetime,
+            Some(s) => Lifetime::Secs(NonZeroU64::new(s).ok_or(Error::ExpiresInZero)?),
+        };
+        let spec = KeySpec { lifetime, node: Some(row.rec.id.clone()), ..KeySpec::default() };
+        Ok((self.create_enrollment_key(spec)?, row.rec.id))
     }
 
     /// Revokes a key: it enrolls nobody from now on.

@@ -98,7 +98,7 @@ pub fn check_route(index: usize, route: IpNet, overlay: &Overlay) -> Result<(), 
     Ok(())
 }
 
-fn response(
+pub(super) fn response(
     node: &NodeRec,
     credential: String,
     rotate_credential: bool,
@@ -276,6 +276,9 @@ impl Registry {
             return Err(Error::EnrollRateKey(key.id));
         }
         wirefence_proto::possession::verify(&challenge, &reg.public_key, challenge_id, &reg.hostname, proof)?;
+        if let Some(node) = key.node.clone() {
+            return self.reenroll(&mut store, &key, &node, reg);
+        }
         // Only after the key checks out, so key pairs cannot be probed without one.
         if let Some(id) = store.removed_with_key(&reg.public_key)? {
             return Err(Error::PublicKeyRemoved(id));

@@ -1,4 +1,7 @@
-//! WireGuard key rotation in two steps, so that the node's peers switch last.
+//! A node's identity passing to a new key pair: key rotation, and re-enrollment of a node
+//! that lost its state.
+//!
+//! Key rotation runs in two steps, so that the node's peers switch last.
 //!
 //! 1. RotateKey: the node announces its next public key with its credential and a proof of
 //!    possession of the new private key. The key is recorded as pending; views do not change.
@@ -9,15 +12,23 @@
 //!
 //! Either step may be repeated: an agent interrupted anywhere announces again or registers
 //! with whichever key it holds, and the control plane ends with the key the node uses.
+//!
+//! Re-enrollment needs an admin: `nodes reenroll` makes a single-use key naming the node,
+//! and an enrollment with it (a new key pair, proven as in any enrollment, under the node's
+//! hostname) takes over the node's id, addresses, name, tags and grants with a new credential.
 
 use std::time::Instant;
 
 use wirefence_proto::v1::RotateKeyRequest;
 
-use super::register::replace;
+use wirefence_proto::v1::RegisterResponse;
+
+use super::register::{replace, response, Registration};
+use super::routes::split_routes;
 use super::Registry;
+use crate::auth::Token;
 use crate::model::{NodeRec, PublicKey};
-use crate::store;
+use crate::store::{self, KeyRow, Store};
 use crate::Error;
 
 impl Registry {
@@ -65,5 +76,43 @@ impl Registry {
         self.publish(state.with_nodes(version, replace(&state.nodes, std::sync::Arc::new(new.clone()))));
         tracing::info!(node = %old.id, version, new_key = %crate::output::key(&key), "key rotated");
         Ok(new)
+    }
+
+    /// An enrollment with a re-enrollment key of node `id` (the key and the proof checked).
+    pub(super) fn reenroll(
+        &self,
+        store: &mut Store,
+        key: &KeyRow,
+        id: &str,
+        reg: Registration,
+    ) -> Result<RegisterResponse, Error> {
+        let state = self.current();
+        let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
+        let claimed = store.claimed_hostname(id)?;
+        if reg.hostname != claimed {
+            return Err(Error::HostnameNotBound { name: claimed, key: key.id.clone(), wanted: reg.hostname });
+        }
+        match store.key_holder(&reg.public_key)? {
+            Some((holder, true)) => return Err(Error::PublicKeyRemoved(holder)),
+            Some(_) => return Err(Error::PublicKeyEnrolled),
+            None => {}
+        }
+        let (routes, refused) = split_routes(&reg.routes, &store.granted_routes(id)?, &state.nodes, id);
+        let new = NodeRec {
+            public_key: reg.public_key,
+            endpoints: reg.endpoints,
+            routes,
+            refused_routes: refused.clone(),
+            ..(**old).clone()
+        };
+        let credential = Token::generate(id.to_owned());
+        let ((), version) = store.change(true, |tx| {
+            store::reenroll_node(tx, &new, &credential.hash())?;
+            store::use_key(tx, &key.id)
+        })?;
+        self.publish(state.with_nodes(version, replace(&state.nodes, std::sync::Arc::new(new.clone()))));
+        self.advertised(id, &reg.routes, &refused);
+        tracing::info!(node = %id, key = %key.id, version, new_key = %crate::output::key(&new.public_key), "node re-enrolled");
+        Ok(response(&new, credential.expose(), false, &self.overlay, &refused))
     }
 }

@@ -7,10 +7,10 @@ use wirefence_proto::v1::admin_service_server::AdminService;
 use wirefence_proto::v1::{
     ApplyPolicyReply, ApplyPolicyRequest, ApproveNodeReply, ApproveNodeRequest, CreateEnrollmentKeyReply,
     CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyReply, GetPolicyRequest, ListEnrollmentKeysReply,
-    ListEnrollmentKeysRequest, ListNodesReply, ListNodesRequest, Node, ReleaseNameReply, ReleaseNameRequest,
-    RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply, RequestCredentialRotationRequest,
-    RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeReply, SetNodeRequest, SetNodeRoutesReply,
-    SetNodeRoutesRequest,
+    ListEnrollmentKeysRequest, ListNodesReply, ListNodesRequest, Node, ReenrollNodeReply, ReenrollNodeRequest,
+    ReleaseNameReply, ReleaseNameRequest, RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeReply,
+    SetNodeRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
 };
 
 use crate::registry::keys::KeySpec;
@@ -122,6 +122,21 @@ impl AdminService for AdminSvc {
         let registry = self.registry.clone();
         let (version, node) = off_worker(move || registry.set_node_routes(&r.node, &grant, &revoke)).await?;
         Ok(Response::new(SetNodeRoutesReply { version, node: Some(node) }))
+    }
+
+    async fn reenroll_node(
+        &self,
+        request: Request<ReenrollNodeRequest>,
+    ) -> Result<Response<ReenrollNodeReply>, Status> {
+        let registry = self.registry.clone();
+        let r = request.into_inner();
+        let (key, node_id) = off_worker(move || registry.reenroll_key(&r.node, r.expires_in_secs)).await?;
+        Ok(Response::new(ReenrollNodeReply {
+            key_id: key.key_id,
+            key: key.key,
+            expires_unix: key.expires_unix,
+            node_id,
+        }))
     }
 
     async fn set_node(&self, request: Request<SetNodeRequest>) -> Result<Response<SetNodeReply>, Status> {
