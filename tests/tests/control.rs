@@ -330,3 +330,35 @@ fn leave_stops_the_agent_tells_the_control_plane_and_forgets_the_node() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("never joined"));
 }
+
+#[test]
+fn an_admins_tag_and_hostname_edits_change_what_crosses_without_the_node_enrolling_again() {
+    let (lab, cp, mut agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    for port in [80, 81] {
+        echo_server(&h2.ns, sock("::", port));
+    }
+    let rules = "[[rules]]\nid = \"ping\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"icmp\"\n\n\
+                 [[rules]]\nid = \"web\"\nfrom = [\"tag:web\"]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"80\"]\n\n\
+                 [[rules]]\nid = \"admin\"\nfrom = [\"node:ops1\"]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"81\"]\n";
+    assert!(cp.apply_policy(rules).status.success());
+    let (h2_v4, _) = cp.node_addresses("h2");
+    wait_until("h1 pings h2", T, || h1.ns.ping(&h2_v4));
+    assert!(!tcp_echoes(h1, sock(&h2_v4, 80)) && !tcp_echoes(h1, sock(&h2_v4, 81)), "h1 has neither tag nor name yet");
+    let pid = agents[0].pid();
+
+    cp.admin_ok(&["nodes", "set", "h1", "--tag", "web"]);
+    wait_until("h1 reaches h2:80 with the tag web", T, || tcp_echoes(h1, sock(&h2_v4, 80)));
+    assert!(!tcp_echoes(h1, sock(&h2_v4, 81)));
+    cp.admin_ok(&["nodes", "set", "h1", "--hostname", "ops1"]);
+    wait_until("h1 reaches h2:81 as ops1", T, || tcp_echoes(h1, sock(&h2_v4, 81)));
+    cp.admin_ok(&["nodes", "set", "ops1", "--no-tags"]);
+    wait_until("h1 loses h2:80 with the tag", T, || !tcp_echoes(h1, sock(&h2_v4, 80)));
+    assert!(tcp_echoes(h1, sock(&h2_v4, 81)), "the name stays when the tags go");
+
+    // The same agent process and node throughout; it keeps registering with its own name.
+    assert!(agents[0].running() && agents[0].pid() == pid);
+    let shown = cp.admin_ok(&["nodes", "show", "ops1"]);
+    assert!(shown.contains(&format!("public key:      {}", h1.public_key)), "{shown}");
+    assert_eq!(h1.control_status()["action_needed"], serde_json::Value::Null);
+}
