@@ -369,12 +369,14 @@ impl Agent {
             true => self.apply_change(previous.desired).await.map(|c| c.is_some()),
             false => Ok(false),
         };
-        if !matches!(applied, Ok(true)) {
-            if let Err(e) = self.pass().await {
-                tracing::warn!(error = %e, "the interface is not on the new key yet; retrying");
-            }
+        let applied = match applied {
+            Ok(true) => Ok(()),
+            _ => self.pass().await.map(|_| ()),
+        };
+        match applied {
+            Ok(()) => tracing::info!(public_key = %key.public_key(), "the interface uses the new key"),
+            Err(e) => tracing::warn!(error = %e, "the interface is not on the new key yet; the passes retry"),
         }
-        tracing::info!(public_key = %key.public_key(), "the interface uses the new key");
         Ok(())
     }
 

@@ -473,3 +473,30 @@ async fn an_announced_catch_all_overlay_is_not_pinned() {
     assert_eq!(seen.lock().unwrap().enrollment_keys.len(), 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Happy Eyeballs: an endpoint that accepts TCP and then says nothing (a hung replica) costs
+/// the next endpoint one attempt delay, not the 5 s it takes to give up on it; an endpoint
+/// that refuses costs nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_endpoint_does_not_hold_up_the_next_one() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c); // held open, never answered
+        }
+    });
+    let refused = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap(); // closed at once
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let live = serve(Faulty { script: Mutex::new(vec![]), seen, overlay: vec![] }).await;
+    let endpoints = vec![Endpoint::Addr(refused), Endpoint::Addr(silent_addr), Endpoint::Addr(live)];
+    let connector = Connector::new(endpoints, &Transport::Insecure).unwrap();
+    let started = std::time::Instant::now();
+    let (_, connected) = connector.connect().await.expect("the live endpoint answers");
+    let took = started.elapsed();
+    assert_eq!(connected.addr, live);
+    // One by one this took the silent endpoint's 5 s HTTP/2 answer timeout first.
+    assert!(took < Duration::from_secs(3), "connecting took {took:?}");
+    held.abort();
+}

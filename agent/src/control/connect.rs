@@ -1,6 +1,7 @@
 //! One connection to the control plane: every configured endpoint, every address it
-//! resolves to (IPv4 and IPv6), in order, until one answers; TLS with rustls against the
-//! configured CA only. The caller retries with backoff, so this never loops itself. The
+//! resolves to (IPv4 and IPv6, alternating), tried with Happy Eyeballs (RFC 8305: the next
+//! address starts 250 ms after the previous one, or at once when it fails; the first to
+//! complete TCP, TLS and HTTP/2 wins); TLS with rustls against the configured CA only. The caller retries with backoff, so this never loops itself. The
 //! certificate probe shakes hands the same way with every address, one family after an
 //! outage taught that one family's certificate says nothing about the other's.
 
@@ -23,6 +24,9 @@ use super::sniff::{FirstAnswer, Sniff};
 use crate::primitives::Endpoint;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// RFC 8305's Connection Attempt Delay: a silent address costs the next one this, not its
+/// timeouts.
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,21 +102,50 @@ impl Connector {
         Ok(Connector { endpoints, tls, resolved: Mutex::default() })
     }
 
-    /// Connects to the first endpoint address that completes TCP (and TLS), and returns a
-    /// channel bound to that one connection: when it breaks, the caller reconnects.
+    /// Connects to the first endpoint address that completes TCP (and TLS and HTTP/2),
+    /// starting one attempt every [`ATTEMPT_DELAY`] (or at once after a failure) in
+    /// [`happy_eyeballs_order`]; the attempts still running when one wins are dropped. Returns
+    /// a channel bound to that one connection: when it breaks, the caller reconnects.
     pub async fn connect(&self) -> Result<(Channel, Connected), ConnectError> {
+        use futures::StreamExt;
         let (addrs, mut failures) = self.resolve().await;
+        let mut waiting = happy_eyeballs_order(addrs).into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
         let mut mismatch = None;
-        for (host, addr) in addrs {
-            match self.connect_addr(&host, addr).await {
-                Ok(ok) => return Ok(ok),
-                Err(AddrError::Mismatch(m)) => {
-                    mismatch.get_or_insert(ConnectError::Mismatch { addr, mismatch: m });
+        let mut next_start = tokio::time::Instant::now();
+        loop {
+            if running.is_empty() || tokio::time::Instant::now() >= next_start {
+                match waiting.next() {
+                    Some((host, addr)) => {
+                        running.push(self.attempt(host, addr));
+                        next_start = tokio::time::Instant::now() + ATTEMPT_DELAY;
+                    }
+                    None if running.is_empty() => break,
+                    None => next_start = tokio::time::Instant::now() + Duration::from_secs(3600),
                 }
-                Err(err) => failures.push(format!("{addr}: {err}")),
+            }
+            tokio::select! {
+                Some((addr, result)) = running.next() => match result {
+                    Ok(ok) => return Ok(ok),
+                    Err(e) => {
+                        match e {
+                            AddrError::Mismatch(m) => {
+                                mismatch.get_or_insert(ConnectError::Mismatch { addr, mismatch: m });
+                            }
+                            AddrError::Failed(reason) => failures.push(format!("{addr}: {reason}")),
+                        }
+                        // A failed attempt starts the next one at once.
+                        next_start = tokio::time::Instant::now();
+                    }
+                },
+                _ = tokio::time::sleep_until(next_start) => {}
             }
         }
         Err(mismatch.unwrap_or_else(|| ConnectError::Unreachable(failures.join("; "))))
+    }
+
+    async fn attempt(&self, host: String, addr: SocketAddr) -> (SocketAddr, Result<(Channel, Connected), AddrError>) {
+        (addr, self.connect_addr(&host, addr).await)
     }
 
     /// The control plane's addresses: literal endpoints and what host names resolved to.
@@ -221,6 +254,29 @@ impl Connector {
     }
 }
 
+/// The attempt order of RFC 8305 §4: the endpoints in their configured order, and the
+/// addresses of each alternating between the families, starting with the family of its
+/// first address (the resolver's preference).
+pub fn happy_eyeballs_order(addrs: Vec<(String, SocketAddr)>) -> Vec<(String, SocketAddr)> {
+    let mut out = Vec::with_capacity(addrs.len());
+    let mut rest = addrs.into_iter().peekable();
+    while let Some((host, first)) = rest.next() {
+        // This endpoint's addresses (consecutive, under one host name), split by family.
+        let mut same = vec![(host.clone(), first)];
+        while let Some(next) = rest.next_if(|(h, _)| *h == host) {
+            same.push(next);
+        }
+        let (mut a, mut b): (Vec<_>, Vec<_>) = same.into_iter().partition(|(_, x)| x.is_ipv6() == first.is_ipv6());
+        a.reverse();
+        b.reverse();
+        while !a.is_empty() || !b.is_empty() {
+            out.extend(a.pop());
+            out.extend(b.pop());
+        }
+    }
+    out
+}
+
 async fn tcp_connect(addr: SocketAddr) -> Result<TcpStream, String> {
     tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -277,4 +333,38 @@ fn client_config(ca_file: &Path) -> Result<rustls::ClientConfig, ConnectError> {
 fn not_after(der: &CertificateDer<'_>) -> Option<i64> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
     Some(cert.validity().not_after.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_endpoints_addresses_alternate_between_families_in_configured_order() {
+        let a = |host: &str, addr: &str| (host.to_owned(), addr.parse::<SocketAddr>().unwrap());
+        let order = happy_eyeballs_order(vec![
+            a("cp", "[fd00::1]:7443"),
+            a("cp", "[fd00::2]:7443"),
+            a("cp", "[fd00::3]:7443"),
+            a("cp", "192.0.2.1:7443"),
+            a("cp", "192.0.2.2:7443"),
+            a("10.0.0.9", "10.0.0.9:7443"),
+            a("cp2", "192.0.2.9:7443"),
+            a("cp2", "[fd00::9]:7443"),
+        ]);
+        let shown: Vec<String> = order.iter().map(|(_, x)| x.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "[fd00::1]:7443",
+                "192.0.2.1:7443",
+                "[fd00::2]:7443",
+                "192.0.2.2:7443",
+                "[fd00::3]:7443",
+                "10.0.0.9:7443",
+                "192.0.2.9:7443",
+                "[fd00::9]:7443"
+            ]
+        );
+    }
 }
