@@ -5,6 +5,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use wirefence_proto::Escaped;
 
+use crate::enforce::inspect::Pins;
 use crate::model::{IfName, LinkState, OwnedRoute, PublicKey, RouteKind, Rule};
 use crate::reconcile::Reconciler;
 
@@ -32,6 +33,9 @@ pub struct Status {
     pub rules: Vec<Rule>,
     /// `None`: no policy is enforced on the interface.
     pub policy: Option<PolicyStatus>,
+    /// An agent is loading the policy programs: the maps not pinned yet.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policy_loading: Vec<&'static str>,
     /// `None`: TCP MSS is not clamped on the interface.
     pub mss_clamp: Option<MssStatus>,
     /// Forwarding per family and the masquerade rules in the agent's nftables table.
@@ -198,11 +202,13 @@ pub async fn collect(
         .collect();
     // Read only: the pinned maps by path, nothing loaded or written (a running agent may be
     // filling a generation; the pins may be another build's).
-    let inspected = match policy_dirs {
-        Some((root, state_dir)) => {
-            crate::enforce::inspect::inspect(root, ifname, state_dir)?.map(|i| (i, root, state_dir))
-        }
-        None => None,
+    let (inspected, policy_loading) = match policy_dirs {
+        Some((root, state_dir)) => match crate::enforce::inspect::inspect(root, ifname, state_dir)? {
+            Pins::Ready(i) => (Some((i, root, state_dir)), Vec::new()),
+            Pins::Loading { missing } => (None, missing),
+            Pins::Absent => (None, Vec::new()),
+        },
+        None => (None, Vec::new()),
     };
     let mss_clamp = match &inspected {
         Some((i, _, _)) if observed.clamp.limits.is_none() => MssStatus::of(i.mss, "policy programs"),
@@ -225,6 +231,7 @@ pub async fn collect(
         control: None,
         removable_enrollment_key: None,
         policy,
+        policy_loading,
         mss_clamp,
         interface: ifname.clone(),
         backend: rec.backend().name(),
@@ -383,6 +390,13 @@ impl std::fmt::Display for Status {
             }
             _ => writeln!(f, "  table inet wirefence holds rules wirefence does not make (the agent replaces them)")?,
         }
+        if !self.policy_loading.is_empty() {
+            writeln!(
+                f,
+                "\npolicy: being loaded by the agent (maps not pinned yet: {})",
+                self.policy_loading.join(", ")
+            )?;
+        }
         if let Some(p) = &self.policy {
             writeln!(
                 f,
@@ -508,6 +522,7 @@ mod tests {
             ],
             rules: vec![],
             policy: None,
+            policy_loading: Vec::new(),
             mss_clamp: None,
             gateway: GatewayStatus {
                 forwarding: [("ipv4", ForwardingStatus { enabled: true, previous: Some(false) })].into(),
@@ -568,6 +583,7 @@ mod tests {
             routes: vec![],
             rules: vec![],
             policy: None,
+            policy_loading: Vec::new(),
             mss_clamp: None,
             gateway: GatewayStatus::default(),
             control: Some(crate::control::ControlStatus {
@@ -595,5 +611,12 @@ mod tests {
         assert!(text.starts_with("agent: running (pid 77), last converged 30 s ago\n"), "{text}");
         assert!(text.contains("\n  last pass failed 5 s ago: netlink: \\u{1b}[2J\n"), "{text}");
         assert!(text.contains("\ncontrol plane: https://cp.example:7443\n"), "{text}");
+        // An agent creating its maps: said so, not an error and not "no policy".
+        st.policy_loading = vec!["WF_RULE_COUNTERS", "WF_STATS"];
+        let text = st.to_string();
+        assert!(
+            text.contains("\npolicy: being loaded by the agent (maps not pinned yet: WF_RULE_COUNTERS, WF_STATS)\n"),
+            "{text}"
+        );
     }
 }

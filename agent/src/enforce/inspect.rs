@@ -30,11 +30,31 @@ fn pinned(dir: &Path, name: &'static str) -> Result<Map, EnforceError> {
     Map::from_map_data(data).map_err(map_err(name))
 }
 
-/// The interface's pinned policy state; `None` when nothing is pinned for it.
-pub fn inspect(pin_root: &Path, ifname: &IfName, state_dir: &Path) -> Result<Option<Inspection>, EnforceError> {
+/// What is pinned for an interface.
+#[derive(Debug)]
+pub enum Pins {
+    /// No policy state: nothing is enforced (or was ever loaded) on the interface.
+    Absent,
+    /// An agent is loading the programs: it creates and pins the maps one after another
+    /// (a large map can take seconds on a busy host), and these are not there yet.
+    Loading {
+        missing: Vec<&'static str>,
+    },
+    Ready(Inspection),
+}
+
+/// The maps inspection reads.
+const READ: [&str; 4] = [common::STATE, common::RULE_COUNTERS, common::STATS, common::CT_CONFIG];
+
+/// The interface's pinned policy state.
+pub fn inspect(pin_root: &Path, ifname: &IfName, state_dir: &Path) -> Result<Pins, EnforceError> {
     let dir = pin_dir(pin_root, ifname);
     if !dir.join(common::STATE).exists() {
-        return Ok(None);
+        return Ok(Pins::Absent);
+    }
+    let missing: Vec<&'static str> = READ.into_iter().filter(|name| !dir.join(name).exists()).collect();
+    if !missing.is_empty() {
+        return Ok(Pins::Loading { missing });
     }
     let state: Array<MapData, common::PolicyState> =
         Array::try_from(pinned(&dir, common::STATE)?).map_err(map_err(common::STATE))?;
@@ -49,5 +69,5 @@ pub fn inspect(pin_root: &Path, ifname: &IfName, state_dir: &Path) -> Result<Opt
     let mss = config.get(&0, 0).map_err(map_err(common::CT_CONFIG))?.mss_clamp;
     let found = recorded_build(&build_file(state_dir, ifname))?;
     let other_build = (found != crate::bpf::object_id()).then_some(found);
-    Ok(Some(Inspection { state, counters, mss, other_build }))
+    Ok(Pins::Ready(Inspection { state, counters, mss, other_build }))
 }

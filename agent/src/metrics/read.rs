@@ -78,9 +78,10 @@ pub(super) fn policy(reg: &mut Registry, target: &Target, errors: &Family<Source
     let Some((root, state_dir)) = &target.policy else { return };
     errors.get_or_create(&SourceLabel { source: "policy" }).set(0);
     let inspection = match enforce::inspect::inspect(root, &target.ifname, state_dir) {
-        Ok(Some(i)) => i,
-        // Not pinned yet (before the first pass): nothing is enforced, nothing counted.
-        Ok(None) => return,
+        Ok(enforce::inspect::Pins::Ready(i)) => i,
+        // Not pinned yet (before the first pass, or while the maps are created): nothing
+        // is enforced, nothing counted.
+        Ok(enforce::inspect::Pins::Absent | enforce::inspect::Pins::Loading { .. }) => return,
         Err(e) => return failed(errors, "policy", &e),
     };
     let c = &inspection.counters;
