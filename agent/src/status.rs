@@ -60,7 +60,8 @@ impl KeyStatus {
     pub fn read(key_file: &std::path::Path) -> KeyStatus {
         KeyStatus {
             age_secs: crate::keys::age(key_file).map(|d| d.as_secs()),
-            rotation_pending: crate::keys::load_next(key_file).ok().flatten().map(|k| k.public_key()),
+            // Read only (`load_next` would set an unreadable next key aside).
+            rotation_pending: crate::keys::load(&crate::keys::next_path(key_file)).ok().map(|k| k.public_key()),
         }
     }
 }

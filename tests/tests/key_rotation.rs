@@ -153,7 +153,17 @@ fn an_interrupted_rotation_converges_to_one_key_on_every_side() {
         agents.push(h2.spawn_agent());
         // It holds the lock (so it handles the signal, as `rotate-key` assumes).
         let pid = agents[1].pid();
-        wait_until("the restarted agent holds its lock", T, || h2.status_json()["agent_pid"] == pid);
+        let holds = || h2.status_json()["agent_pid"] == pid;
+        let deadline = std::time::Instant::now() + T;
+        while !holds() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let running = agents[1].running();
+        assert!(
+            holds(),
+            "the restarted agent (running: {running}) does not hold its lock; the log:\n{}",
+            agents[1].log_text()
+        );
         wait_until(&format!("one key everywhere after a kill {delay_ms} ms into a rotation"), T, || {
             one_key_everywhere(&cp, h1, h2, &h2_v4).is_some()
         });
