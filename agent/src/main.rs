@@ -290,11 +290,7 @@ async fn rotate_key(config: &wirefence_agent::config::Config, wait_secs: u64) ->
             config.agent.state_dir.display()
         );
     };
-    let pid_t = libc::pid_t::try_from(pid).context("pid out of range")?;
-    // SAFETY: kill(2) with a pid the kernel's lock table names as the agent's.
-    if unsafe { libc::kill(pid_t, libc::SIGUSR1) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("ask the running agent (pid {pid})"));
-    }
+    signal_agent(pid, libc::SIGUSR1).with_context(|| format!("ask the running agent (pid {pid})"))?;
     println!("asked the running agent (pid {pid}) to rotate the key {old}");
     let key_file = &config.interface.private_key_file;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
@@ -313,15 +309,21 @@ async fn rotate_key(config: &wirefence_agent::config::Config, wait_secs: u64) ->
     )
 }
 
+/// Sends `signal` to the agent `pid` (the holder of its state directory's lock).
+fn signal_agent(pid: u32, signal: libc::c_int) -> anyhow::Result<()> {
+    let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: kill(2) with a pid the kernel's lock table names as the agent's.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
 /// Stops the agent running on `state_dir` (SIGTERM to the holder of its lock) and waits
 /// until it let go of the lock.
 async fn stop_running_agent(state_dir: &std::path::Path) -> anyhow::Result<()> {
     let Some(pid) = wirefence_agent::state::lock_holder(state_dir) else { return Ok(()) };
-    let pid_t = libc::pid_t::try_from(pid).context("pid out of range")?;
-    // SAFETY: kill(2) with a pid the kernel's lock table names as the agent's.
-    if unsafe { libc::kill(pid_t, libc::SIGTERM) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("stop the running agent (pid {pid})"));
-    }
+    signal_agent(pid, libc::SIGTERM).with_context(|| format!("stop the running agent (pid {pid})"))?;
     println!("stopping the running agent (pid {pid})");
     for _ in 0..100 {
         if wirefence_agent::state::lock_holder(state_dir).is_none() {

@@ -145,10 +145,7 @@ impl Registry {
                     return Err(Error::EnrollmentKeyMissing);
                 }
                 // Taken first: a challenge is good for one attempt, whatever its outcome.
-                let challenge = match req.challenge_id.as_str() {
-                    "" => return Err(Error::ChallengeMissing),
-                    id => (id, self.gate.challenges.take(id, Instant::now()).ok_or(Error::ChallengeUnknown)?),
-                };
+                let challenge = (req.challenge_id.as_str(), self.take_challenge(&req.challenge_id)?);
                 self.enroll(&req.enrollment_key, reg, challenge, &req.proof)
             }
         }
@@ -167,6 +164,15 @@ impl Registry {
         self.limit_source(source)?;
         let c = self.gate.challenges.issue(Instant::now()).ok_or(Error::ChallengesBusy)?;
         Ok(Challenge { id: c.id, server_public_key: c.server_public_key })
+    }
+
+    /// The secret of challenge `id` (from EnrollChallenge), which it ends: a challenge
+    /// answers one enrollment or key rotation, whatever its outcome.
+    pub(super) fn take_challenge(&self, id: &str) -> Result<x25519_dalek::StaticSecret, Error> {
+        match id {
+            "" => Err(Error::ChallengeMissing),
+            id => self.gate.challenges.take(id, Instant::now()).ok_or(Error::ChallengeUnknown),
+        }
     }
 
     /// Issues a new credential for the node behind `meta`'s credential; the old one stays

@@ -17,8 +17,6 @@
 //! and an enrollment with it (a new key pair, proven as in any enrollment, under the node's
 //! hostname) takes over the node's id, addresses, name, tags and grants with a new credential.
 
-use std::time::Instant;
-
 use wirefence_proto::v1::RotateKeyRequest;
 
 use wirefence_proto::v1::RegisterResponse;
@@ -42,10 +40,7 @@ impl Registry {
         if key == [0; 32] {
             return Err(Error::PublicKeyZero);
         }
-        let challenge = match req.challenge_id.as_str() {
-            "" => return Err(Error::ChallengeMissing),
-            c => self.gate.challenges.take(c, Instant::now()).ok_or(Error::ChallengeUnknown)?,
-        };
+        let challenge = self.take_challenge(&req.challenge_id)?;
         wirefence_proto::possession::verify_rotation(&challenge, &key, &req.challenge_id, &id, &req.proof)?;
         let mut store = self.store();
         let state = self.current();
