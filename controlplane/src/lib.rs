@@ -6,6 +6,8 @@
 //! - [`state`]: immutable [`state::GlobalState`] snapshots (one per version) and the history
 //!   kept for resuming streams.
 //! - [`view`]: one node's view of a global state (addresses, peers, policy) and deltas.
+//! - [`peers`]: peer lists shared between views; [`wire`]: the stream's `Update` as sent
+//!   (peers encoded once, written by reference); [`grpc`]: the services' server code.
 //! - [`registry`]: the node registry, which serializes every change: store, version, publication.
 //! - [`server`]: the gRPC services and [`server::serve`] to run them in-process.
 //! - [`admin_client`]: connect to the admin service over its Unix socket.
@@ -23,15 +25,18 @@ pub mod credentials;
 pub mod election;
 pub mod enroll;
 pub mod error;
+pub mod grpc;
 pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod output;
+pub mod peers;
 pub mod policy;
 pub mod registry;
 pub mod server;
 pub mod state;
 pub mod store;
 pub mod view;
+pub mod wire;
 
 pub use error::Error;

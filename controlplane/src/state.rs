@@ -7,12 +7,13 @@
 //! data of all but the [`KEEP_COMPILED`] newest states; an older state recompiles it on
 //! demand from its nodes and policy, which it shares (`Arc`) with its neighbours.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, TryLockError};
 
 use ipnet::IpNet;
 
 use crate::model::NodeRec;
+use crate::peers::PeerTable;
 use crate::policy::{compile, CompiledRule, Policy, PrefixSet};
 use crate::registry::{lock, Overlay};
 
@@ -26,6 +27,11 @@ pub struct Compiled {
     pub to_nodes: Vec<Vec<usize>>,
     /// Per node: (rule index, in `from`, in `to`) for every rule it is on a side of.
     pub node_rules: Vec<Vec<(usize, bool, bool)>>,
+    /// Per node: its entry in `peer_sets`.
+    node_peers: Vec<u32>,
+    /// The far sides of the rules, one sorted list of node indices per distinct set of
+    /// rule memberships: in a full mesh every node shares one (each skips itself).
+    peer_sets: Vec<Arc<[u32]>>,
 }
 
 fn overlaps(set: &PrefixSet, n: &NodeRec) -> bool {
@@ -40,6 +46,8 @@ impl Compiled {
             to_nodes: vec![Vec::new(); rules.len()],
             node_rules: vec![Vec::new(); nodes.len()],
             rules,
+            node_peers: Vec::new(),
+            peer_sets: Vec::new(),
         };
         for (ri, r) in c.rules.iter().enumerate() {
             for (ni, n) in nodes.iter().enumerate() {
@@ -55,7 +63,37 @@ impl Compiled {
                 }
             }
         }
+        c.group_peers();
         c
+    }
+
+    /// Fills `node_peers` and `peer_sets`: costs the far sides of each distinct set of
+    /// memberships once, not once per node.
+    fn group_peers(&mut self) {
+        let mut sets: HashMap<&[(usize, bool, bool)], u32> = HashMap::new();
+        let mut peer_sets = Vec::new();
+        let mut node_peers = Vec::with_capacity(self.node_rules.len());
+        for memberships in &self.node_rules {
+            let set = *sets.entry(memberships.as_slice()).or_insert_with(|| {
+                let mut far: Vec<u32> = Vec::new();
+                for &(ri, in_from, in_to) in memberships {
+                    let sides =
+                        in_from.then_some(&self.to_nodes[ri]).into_iter().chain(in_to.then_some(&self.from_nodes[ri]));
+                    far.extend(sides.flatten().map(|&ni| u32::try_from(ni).unwrap_or(u32::MAX)));
+                }
+                far.sort_unstable();
+                far.dedup();
+                peer_sets.push(Arc::from(far));
+                u32::try_from(peer_sets.len() - 1).unwrap_or(u32::MAX)
+            });
+            node_peers.push(set);
+        }
+        (self.node_peers, self.peer_sets) = (node_peers, peer_sets);
+    }
+
+    /// Node `ni`'s peers, as indices into the state's nodes (may include `ni` itself).
+    pub fn peers_of(&self, ni: usize) -> &Arc<[u32]> {
+        &self.peer_sets[self.node_peers[ni] as usize]
     }
 }
 
@@ -68,15 +106,18 @@ pub struct GlobalState {
     pub policy: Arc<Policy>,
     /// The overlay ranges and every live node's routes: what the mesh routes, which a
     /// node must never send out in clear (each view carries it, minus the node's own routes).
-    pub mesh_prefixes: Arc<BTreeSet<IpNet>>,
+    pub mesh_prefixes: Arc<[IpNet]>,
     /// Route groups: prefixes routed by several live nodes, with their node ids.
     pub groups: Arc<BTreeMap<IpNet, BTreeSet<String>>>,
     /// Each group's primary, the one node other nodes route the prefix to (set by the
     /// registry's election when the state is published).
-    pub primaries: Arc<BTreeMap<IpNet, String>>,
+    primaries: Arc<BTreeMap<IpNet, String>>,
     overlay: Overlay,
     /// Computed on first use; dropped by the history once the state is old.
     compiled: Mutex<Option<Arc<Compiled>>>,
+    /// The nodes as peers of a node that routes no group prefix; made on first use, and
+    /// shared with the next state when only the policy changes.
+    peer_table: Mutex<Option<Arc<PeerTable>>>,
     /// When this state was made (just before it was committed and published): push
     /// latency is measured from here.
     pub created: std::time::Instant,
@@ -98,13 +139,42 @@ impl GlobalState {
             version,
             nodes: Arc::new(nodes),
             policy,
-            mesh_prefixes: Arc::new(mesh_prefixes),
+            mesh_prefixes: mesh_prefixes.into_iter().collect(),
             groups: Arc::new(routers),
             primaries: Arc::default(),
             overlay,
             compiled: Mutex::default(),
+            peer_table: Mutex::default(),
             created: std::time::Instant::now(),
         }
+    }
+
+    pub fn primaries(&self) -> &BTreeMap<IpNet, String> {
+        &self.primaries
+    }
+
+    /// Sets the route groups' primaries; a peer table made for others is dropped.
+    pub fn set_primaries(&mut self, primaries: BTreeMap<IpNet, String>) {
+        if *self.primaries != primaries {
+            self.primaries = Arc::new(primaries);
+            *lock(&self.peer_table) = None;
+        }
+    }
+
+    /// The nodes as peers of any node that routes no group prefix (see [`Self::as_peer`]),
+    /// in the order of `nodes`.
+    pub fn peer_table(&self) -> Arc<PeerTable> {
+        lock(&self.peer_table)
+            .get_or_insert_with(|| {
+                let recs = self.nodes.iter().map(|n| self.as_peer(n, &[])).collect();
+                Arc::new(PeerTable::new(recs, self.overlay.keepalive))
+            })
+            .clone()
+    }
+
+    /// Whether `me` routes a prefix several nodes route (its peers look different to it).
+    pub fn routes_a_group(&self, me: &NodeRec) -> bool {
+        !self.groups.is_empty() && me.routes.iter().any(|r| self.groups.contains_key(r))
     }
 
     /// The same nodes under another policy.
@@ -118,6 +188,7 @@ impl GlobalState {
             primaries: self.primaries.clone(),
             overlay: self.overlay,
             compiled: Mutex::default(),
+            peer_table: Mutex::new(lock(&self.peer_table).clone()),
             created: std::time::Instant::now(),
         }
     }
@@ -134,16 +205,17 @@ impl GlobalState {
             primaries: Arc::new(primaries),
             overlay: self.overlay,
             compiled: Mutex::new(lock(&self.compiled).clone()),
+            peer_table: Mutex::default(),
             created: std::time::Instant::now(),
         }
     }
 
-    /// Node `n` as a peer of node `me`: without the group prefixes it is not the primary
-    /// of, nor those `me` routes itself (a member reaches its LAN directly, and WireGuard
-    /// takes a prefix from one peer only).
-    pub fn as_peer(&self, n: &Arc<NodeRec>, me: &NodeRec) -> Arc<NodeRec> {
+    /// Node `n` as a peer of a node routing `my_routes`: without the group prefixes it is
+    /// not the primary of, nor those the viewer routes itself (a member reaches its LAN
+    /// directly, and WireGuard takes a prefix from one peer only).
+    pub fn as_peer(&self, n: &Arc<NodeRec>, my_routes: &[IpNet]) -> Arc<NodeRec> {
         let keep = |r: &IpNet| {
-            !self.groups.contains_key(r) || (self.primaries.get(r) == Some(&n.id) && !me.routes.contains(r))
+            !self.groups.contains_key(r) || (self.primaries.get(r) == Some(&n.id) && !my_routes.contains(r))
         };
         if self.groups.is_empty() || n.routes.iter().all(keep) {
             return n.clone();
@@ -177,14 +249,19 @@ impl GlobalState {
         lock(&self.compiled).get_or_insert_with(|| Arc::new(Compiled::new(&self.policy, &self.nodes))).clone()
     }
 
-    /// Drops the cached compilation (holders of it keep theirs). Skipped while someone
-    /// is compiling it, so a publish never waits for that; the next push retries.
+    /// Drops the cached compilation and peer table (holders of them keep theirs). Skipped
+    /// while someone is making them, so a publish never waits for that; the next push retries.
     fn release(&self) {
-        match self.compiled.try_lock() {
-            Ok(mut c) => drop(c.take()),
-            Err(TryLockError::Poisoned(e)) => drop(e.into_inner().take()),
-            Err(TryLockError::WouldBlock) => {}
+        fn take<T>(m: &Mutex<Option<T>>) {
+            match m.try_lock() {
+                Ok(mut c) => drop(c.take()),
+                Err(TryLockError::Poisoned(e)) => drop(e.into_inner().take()),
+                Err(TryLockError::WouldBlock) => {}
+            }
         }
+        take(&self.compiled);
+        // Views still holding the table keep it; the state makes another if asked.
+        take(&self.peer_table);
     }
 
     pub fn is_compiled(&self) -> bool {

@@ -10,15 +10,17 @@
 //! in `to`. Enforcement is the same, a node does not learn the other members of its own
 //! side, and a node joining a group does not change the views of the group's members.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ipnet::IpNet;
 use wirefence_proto::v1::{self, AddressList, IpPrefix, NodeView, RefusedRouteList, SocketAddress, ViewDelta};
 
-use crate::model::{NodeRec, PublicKey, RefusedRoute};
+use crate::model::{NodeRec, RefusedRoute};
+use crate::peers::{PeerList, PeerTable, Refs};
 use crate::policy::{CompiledRule, PrefixSet};
 use crate::state::GlobalState;
+use crate::wire::{Delta, Snapshot};
 
 /// A rule as one node enforces it.
 #[derive(Clone, Debug)]
@@ -66,17 +68,16 @@ impl PartialEq for NodeRule {
 
 impl Eq for NodeRule {}
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct View {
     pub addresses: Vec<IpNet>,
-    pub peers: BTreeMap<PublicKey, Arc<NodeRec>>,
+    pub peers: PeerList,
     pub rules: Vec<NodeRule>,
-    /// What the mesh routes but this node does not: it never sends these out in clear.
-    pub mesh_prefixes: Vec<IpNet>,
+    /// What the mesh routes but this node does not: it never sends these out in clear
+    /// (shared by every node that routes nothing).
+    pub mesh_prefixes: Arc<[IpNet]>,
     /// The routes it advertised and did not get.
     pub refused_routes: Vec<RefusedRoute>,
-    /// Every peer's persistent keepalive (seconds): the mesh's, fixed while it runs.
-    pub keepalive: u16,
 }
 
 /// The part of a rule side (`side`, indexed as `set`) inside the node's prefixes.
@@ -100,36 +101,46 @@ fn narrow(side: &[IpNet], set: &PrefixSet, me: &NodeRec) -> Vec<IpNet> {
     out.into_iter().collect()
 }
 
-/// The view of node `id`, `None` when it is not a live node of `state`.
+/// The view of node `id`, `None` when it is not a live node of `state`. Costs the node's
+/// own rules: its peers are a list the state shares between every node with the same rules.
 pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
     let me_ix = state.index(id)?;
     let me = &state.nodes[me_ix];
     let compiled = state.compiled();
-    let mut rules = Vec::new();
-    let mut peers = BTreeMap::new();
-    for &(ri, in_from, in_to) in &compiled.node_rules[me_ix] {
-        let r = &compiled.rules[ri];
-        let from = (!in_to).then(|| narrow(&r.from, &r.from_set, me));
-        let to = (!in_from).then(|| narrow(&r.to, &r.to_set, me));
-        rules.push(NodeRule { rule: r.clone(), from, to });
-        // The far side of the rule, in either direction.
-        let far =
-            in_from.then_some(&compiled.to_nodes[ri]).into_iter().chain(in_to.then_some(&compiled.from_nodes[ri]));
-        for &ni in far.flatten() {
-            if ni != me_ix {
-                let n = &state.nodes[ni];
-                peers.entry(n.public_key).or_insert_with(|| state.as_peer(n, me));
-            }
-        }
-    }
-    let mesh_prefixes = state.mesh_prefixes.iter().filter(|p| !me.routes.contains(p)).copied().collect();
+    let rules = compiled.node_rules[me_ix]
+        .iter()
+        .map(|&(ri, in_from, in_to)| {
+            let r = &compiled.rules[ri];
+            let from = (!in_to).then(|| narrow(&r.from, &r.from_set, me));
+            let to = (!in_from).then(|| narrow(&r.to, &r.to_set, me));
+            NodeRule { rule: r.clone(), from, to }
+        })
+        .collect();
+    let members = compiled.peers_of(me_ix);
+    let me_pos = u32::try_from(me_ix).ok();
+    let peers = if state.routes_a_group(me) {
+        // A member of a route group sees the group's prefixes differently from everyone
+        // else (it routes them itself): its own table.
+        let recs = members
+            .iter()
+            .filter(|&&i| Some(i) != me_pos)
+            .map(|&i| state.as_peer(&state.nodes[i as usize], &me.routes))
+            .collect::<Vec<_>>();
+        let members = (0..u32::try_from(recs.len()).unwrap_or(u32::MAX)).collect();
+        PeerList { table: Arc::new(PeerTable::new(recs, state.overlay().keepalive)), members, me: None }
+    } else {
+        PeerList { table: state.peer_table(), members: members.clone(), me: me_pos }
+    };
+    let mesh_prefixes = match me.routes.is_empty() {
+        true => state.mesh_prefixes.clone(),
+        false => state.mesh_prefixes.iter().filter(|p| !me.routes.contains(p)).copied().collect(),
+    };
     Some(View {
         addresses: me.addresses.clone(),
         peers,
         rules,
         mesh_prefixes,
         refused_routes: me.refused_routes.clone(),
-        keepalive: state.overlay().keepalive,
     })
 }
 
@@ -148,53 +159,45 @@ pub fn peer(n: &NodeRec, keepalive: u16) -> v1::Peer {
     }
 }
 
-/// Whether two records give the same wire peer.
-fn same_peer(a: &NodeRec, b: &NodeRec) -> bool {
-    a.public_key == b.public_key
-        && a.hostname == b.hostname
-        && a.bound == b.bound
-        && a.endpoints.first() == b.endpoints.first()
-        && a.addresses == b.addresses
-        && a.routes == b.routes
-}
-
 fn policy(rules: &[NodeRule]) -> v1::Policy {
     v1::Policy { rules: rules.iter().map(NodeRule::to_wire).collect() }
 }
 
 impl View {
-    pub fn snapshot(&self) -> NodeView {
-        NodeView {
-            addresses: prefixes(&self.addresses),
-            peers: self.peers.values().map(|n| peer(n, self.keepalive)).collect(),
-            policy: Some(policy(&self.rules)),
-            mesh_prefixes: prefixes(&self.mesh_prefixes),
-            refused_routes: self.refused_routes.iter().map(RefusedRoute::to_wire).collect(),
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            view: NodeView {
+                addresses: prefixes(&self.addresses),
+                peers: vec![],
+                policy: Some(policy(&self.rules)),
+                mesh_prefixes: prefixes(self.mesh_prefixes.iter()),
+                refused_routes: self.refused_routes.iter().map(RefusedRoute::to_wire).collect(),
+            },
+            peers: Refs::all(&self.peers),
         }
     }
 }
 
 /// The changes from `old` to `new` on top of `base_version`; `None` when they give the
-/// same wire view.
-pub fn delta(old: &View, new: &View, base_version: u64) -> Option<ViewDelta> {
-    let upsert_peers: Vec<v1::Peer> = new
-        .peers
-        .iter()
-        .filter(|(k, n)| {
-            old.keepalive != new.keepalive || old.peers.get(*k).is_none_or(|o| !(Arc::ptr_eq(o, n) || same_peer(o, n)))
-        })
-        .map(|(_, n)| peer(n, new.keepalive))
-        .collect();
-    let remove_peers: Vec<Vec<u8>> =
-        old.peers.keys().filter(|k| !new.peers.contains_key(*k)).map(|k| k.to_vec()).collect();
+/// same wire view. Peers cost nothing when both views share their list, and their
+/// difference is computed once for every view making the same move.
+pub fn delta(old: &View, new: &View, base_version: u64) -> Option<Delta> {
+    let same_table = Arc::ptr_eq(&old.peers.table, &new.peers.table);
+    let (upserts, removes) = if same_table && old.peers.same_as(&new.peers) {
+        (Refs::new(&new.peers.table, &Arc::from([]), None), Refs::new(&old.peers.table, &Arc::from([]), None))
+    } else {
+        let d = new.peers.table.diff(&old.peers, &new.peers);
+        (Refs::new(&new.peers.table, &d.upserts, new.peers.me), Refs::new(&old.peers.table, &d.removes, old.peers.me))
+    };
     let addresses = (old.addresses != new.addresses).then(|| AddressList { prefixes: prefixes(&new.addresses) });
     let policy = (old.rules != new.rules).then(|| policy(&new.rules));
-    let mesh_prefixes =
-        (old.mesh_prefixes != new.mesh_prefixes).then(|| AddressList { prefixes: prefixes(&new.mesh_prefixes) });
+    let mesh_prefixes = (!Arc::ptr_eq(&old.mesh_prefixes, &new.mesh_prefixes)
+        && old.mesh_prefixes != new.mesh_prefixes)
+        .then(|| AddressList { prefixes: prefixes(new.mesh_prefixes.iter()) });
     let refused_routes = (old.refused_routes != new.refused_routes)
         .then(|| RefusedRouteList { routes: new.refused_routes.iter().map(RefusedRoute::to_wire).collect() });
-    if upsert_peers.is_empty()
-        && remove_peers.is_empty()
+    if upserts.is_empty()
+        && removes.is_empty()
         && addresses.is_none()
         && policy.is_none()
         && mesh_prefixes.is_none()
@@ -202,7 +205,16 @@ pub fn delta(old: &View, new: &View, base_version: u64) -> Option<ViewDelta> {
     {
         return None;
     }
-    Some(ViewDelta { base_version, upsert_peers, remove_peers, addresses, policy, mesh_prefixes, refused_routes })
+    let delta = ViewDelta {
+        base_version,
+        upsert_peers: vec![],
+        remove_peers: vec![],
+        addresses,
+        policy,
+        mesh_prefixes,
+        refused_routes,
+    };
+    Some(Delta { delta, upserts, removes })
 }
 
 #[cfg(test)]
@@ -236,8 +248,12 @@ ports = ["22"]
         ]
     }
 
+    fn wdelta(old: &View, new: &View, base: u64) -> Option<ViewDelta> {
+        delta(old, new, base).map(|d| d.to_wire())
+    }
+
     fn names(v: &View) -> Vec<&str> {
-        let mut n: Vec<&str> = v.peers.values().map(|n| n.hostname.as_str()).collect();
+        let mut n: Vec<&str> = v.peers.iter().map(|n| n.hostname.as_str()).collect();
         n.sort();
         n
     }
@@ -254,12 +270,12 @@ ports = ["22"]
         let other = node_view(&s, "n4").unwrap();
         assert!(other.peers.is_empty() && other.rules.is_empty());
         // An empty but present policy: deny everything.
-        let snap = other.snapshot();
+        let snap = other.snapshot().to_wire();
         assert_eq!(snap.policy, Some(v1::Policy { rules: vec![] }));
         assert_eq!(snap.addresses.len(), 2);
         assert!(node_view(&s, "n9").is_none());
 
-        let snap = db1.snapshot();
+        let snap = db1.snapshot().to_wire();
         let p = &snap.peers[0];
         assert_eq!(p.name, "laptop");
         assert_eq!(p.public_key, vec![1; 32]);
@@ -272,9 +288,10 @@ ports = ["22"]
         // db1 is only in `to`: it gets its own part of it, not web1's addresses.
         assert_eq!(rule.from.len(), 2);
         assert_eq!(rule.to, snap.addresses);
-        // laptop is only in `from`: the whole `to`, its own `from`.
+        // laptop is only in `from`: the whole `to` (db1's and web1's adjacent addresses,
+        // merged), its own `from`.
         let rule = laptop.rules[0].to_wire();
-        assert_eq!((rule.from.len(), rule.to.len()), (2, 4));
+        assert_eq!((rule.from.len(), rule.to.len()), (2, 2));
     }
 
     #[test]
@@ -287,7 +304,7 @@ ports = ["22"]
         let s = state(1, nodes, src);
         let laptop = node_view(&s, "n1").unwrap();
         assert_eq!(names(&laptop), ["router"]);
-        let snap = laptop.snapshot();
+        let snap = laptop.snapshot().to_wire();
         assert_eq!(snap.peers[0].allowed_ips.len(), 3, "addresses and the route");
         let router = node_view(&s, "n5").unwrap();
         assert_eq!(names(&router), ["laptop"]);
@@ -306,15 +323,15 @@ ports = ["22"]
         let overlay = Overlay::default();
         let net = |s: &str| s.parse::<IpNet>().unwrap();
         // Not a peer of the router (no rule), and still told its subnet is the mesh's.
-        assert_eq!(node_view(&s1, "n2").unwrap().mesh_prefixes, [overlay.v4, net("10.88.0.0/24"), overlay.v6]);
-        assert_eq!(node_view(&s1, "n5").unwrap().mesh_prefixes, [overlay.v4, overlay.v6]);
-        let snap = node_view(&s1, "n2").unwrap().snapshot();
+        assert_eq!(*node_view(&s1, "n2").unwrap().mesh_prefixes, [overlay.v4, net("10.88.0.0/24"), overlay.v6]);
+        assert_eq!(*node_view(&s1, "n5").unwrap().mesh_prefixes, [overlay.v4, overlay.v6]);
+        let snap = node_view(&s1, "n2").unwrap().snapshot().to_wire();
         assert_eq!(snap.mesh_prefixes.len(), 3);
 
         // The router leaves: its subnet stops being the mesh's, in a delta of its own.
         nodes.pop();
         let s2 = s1.with_nodes(2, nodes);
-        let d = delta(&node_view(&s1, "n2").unwrap(), &node_view(&s2, "n2").unwrap(), 1).unwrap();
+        let d = wdelta(&node_view(&s1, "n2").unwrap(), &node_view(&s2, "n2").unwrap(), 1).unwrap();
         assert!(d.upsert_peers.is_empty() && d.remove_peers.is_empty() && d.policy.is_none());
         assert_eq!(d.mesh_prefixes.unwrap().prefixes, prefixes(&[overlay.v4, overlay.v6]));
     }
@@ -335,7 +352,7 @@ ports = ["22"]
         assert_eq!(s.groups[&net].len(), 2);
         let routed = |s: &GlobalState, id: &str| -> Vec<String> {
             let v = node_view(s, id).unwrap();
-            v.peers.values().filter(|p| p.routes.contains(&net)).map(|p| p.hostname.clone()).collect()
+            v.peers.iter().filter(|p| p.routes.contains(&net)).map(|p| p.hostname.clone()).collect()
         };
         let s1 = s.with_primaries(2, [(net, "n6".to_string())].into());
         let laptop = node_view(&s1, "n1").unwrap();
@@ -346,7 +363,7 @@ ports = ["22"]
         // Failover: one delta upserts both gateways' peers, nothing else.
         let s2 = s1.with_primaries(3, [(net, "n5".to_string())].into());
         assert_eq!(routed(&s2, "n1"), ["gw1"]);
-        let d = delta(&node_view(&s1, "n1").unwrap(), &node_view(&s2, "n1").unwrap(), 2).unwrap();
+        let d = wdelta(&node_view(&s1, "n1").unwrap(), &node_view(&s2, "n1").unwrap(), 2).unwrap();
         assert_eq!(d.upsert_peers.len(), 2);
         assert!(d.policy.is_none() && d.mesh_prefixes.is_none() && d.remove_peers.is_empty());
         assert!(s2.is_compiled(), "the compiled policy is shared across an election");
@@ -362,20 +379,20 @@ ports = ["22"]
         let v = |s: &GlobalState, id| node_view(s, id).unwrap();
 
         // laptop: same peers, same rules -> nothing to send.
-        assert!(delta(&v(&s1, "n1"), &v(&s2, "n1"), 5).is_none());
+        assert!(wdelta(&v(&s1, "n1"), &v(&s2, "n1"), 5).is_none());
         // db1: web1 becomes a peer and the policy gains a rule.
-        let d = delta(&v(&s1, "n2"), &v(&s2, "n2"), 5).unwrap();
+        let d = wdelta(&v(&s1, "n2"), &v(&s2, "n2"), 5).unwrap();
         assert_eq!(d.base_version, 5);
         assert_eq!(d.upsert_peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["web1"]);
         assert!(d.remove_peers.is_empty() && d.addresses.is_none());
         assert_eq!(d.policy.unwrap().rules.len(), 2);
         // other: untouched.
-        assert!(delta(&v(&s1, "n4"), &v(&s2, "n4"), 5).is_none());
+        assert!(wdelta(&v(&s1, "n4"), &v(&s2, "n4"), 5).is_none());
 
         // web1 removed: laptop drops the peer, and the rule loses web1's addresses.
         let nodes: Vec<_> = s2.nodes.iter().filter(|n| n.id != "n3").cloned().collect();
         let s3 = s2.with_nodes(7, nodes);
-        let d = delta(&v(&s2, "n1"), &v(&s3, "n1"), 6).unwrap();
+        let d = wdelta(&v(&s2, "n1"), &v(&s3, "n1"), 6).unwrap();
         assert_eq!(d.remove_peers, vec![vec![3u8; 32]]);
         assert!(d.upsert_peers.is_empty());
         assert_eq!(d.policy.unwrap().rules[0].to.len(), 2);
@@ -386,7 +403,7 @@ ports = ["22"]
         let nodes: Vec<_> =
             s3.nodes.iter().map(|n| if n.id == "n2" { Arc::new(moved.clone()) } else { n.clone() }).collect();
         let s4 = s3.with_nodes(8, nodes);
-        let d = delta(&v(&s3, "n1"), &v(&s4, "n1"), 7).unwrap();
+        let d = wdelta(&v(&s3, "n1"), &v(&s4, "n1"), 7).unwrap();
         assert_eq!(d.upsert_peers.len(), 1);
         assert_eq!(d.upsert_peers[0].endpoint.as_ref().unwrap().ip.len(), 16);
         assert!(d.policy.is_none() && d.remove_peers.is_empty() && d.addresses.is_none());
@@ -396,7 +413,7 @@ ports = ["22"]
         let nodes: Vec<_> =
             s4.nodes.iter().map(|n| if n.id == "n4" { Arc::new(tagged.clone()) } else { n.clone() }).collect();
         let s5 = s4.with_nodes(9, nodes);
-        assert!(delta(&v(&s4, "n1"), &v(&s5, "n1"), 8).is_none());
+        assert!(wdelta(&v(&s4, "n1"), &v(&s5, "n1"), 8).is_none());
     }
 
     #[test]
@@ -407,11 +424,51 @@ ports = ["22"]
         let s2 = state(2, sims(4), src);
         let before = node_view(&s1, "n1").unwrap();
         let after = node_view(&s2, "n1").unwrap();
-        assert!(delta(&before, &after, 1).is_none());
+        assert!(wdelta(&before, &after, 1).is_none());
         assert!(after.peers.is_empty());
         let rule = after.rules[0].to_wire();
         // Only its own address (IPv4: the source range is IPv4 only).
         assert_eq!(rule.to, vec![IpPrefix::from("10.77.0.1/32".parse::<IpNet>().unwrap())]);
         assert_eq!(rule.from, vec![IpPrefix::from("10.99.0.0/24".parse::<IpNet>().unwrap())]);
+    }
+
+    fn full_mesh(port: u16) -> String {
+        format!("[[rules]]\nid = \"mesh\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n")
+    }
+
+    #[test]
+    fn a_full_mesh_shares_its_peers_and_a_change_that_keeps_them_costs_no_peer_work() {
+        let nodes: Vec<_> = (1..=50).map(|i| node(&format!("n{i:02}"), &format!("h{i}"), i, &[])).collect();
+        let s1 = state(1, nodes, &full_mesh(443));
+        let (a1, b1) = (node_view(&s1, "n01").unwrap(), node_view(&s1, "n02").unwrap());
+        assert!(Arc::ptr_eq(&a1.peers.table, &b1.peers.table), "one table");
+        assert!(Arc::ptr_eq(&a1.peers.members, &b1.peers.members), "one list, each node skips itself");
+        assert_eq!((a1.peers.len(), a1.peers.iter().filter(|p| p.id == "n01").count()), (49, 0));
+        // `*` over 50 nearby addresses per family: merged, far fewer than 100 prefixes.
+        assert!(a1.rules[0].to().len() < 25, "{:?}", a1.rules[0].to());
+
+        // The port changes: the same table and lists, no peer in any delta.
+        let s2 = s1.with_policy(2, Arc::new(parse("p.toml", &full_mesh(8443)).unwrap()));
+        let (a2, b2) = (node_view(&s2, "n01").unwrap(), node_view(&s2, "n02").unwrap());
+        assert!(Arc::ptr_eq(&a1.peers.table, &a2.peers.table), "the previous state's table");
+        let d = wdelta(&a1, &a2, 1).unwrap();
+        assert!(d.upsert_peers.is_empty() && d.remove_peers.is_empty());
+        assert_eq!(d.policy.unwrap().rules[0].ports, vec![v1::PortRange { first: 8443, last: 8443 }]);
+
+        // A node joins: the difference is computed once for every node, one peer each.
+        let mut more = s2.nodes.to_vec();
+        more.push(node("n51", "h51", 51, &[]));
+        let s3 = s2.with_nodes(3, more);
+        let (a3, b3) = (node_view(&s3, "n01").unwrap(), node_view(&s3, "n02").unwrap());
+        let (da, db) = (delta(&a2, &a3, 2).unwrap(), delta(&b2, &b3, 2).unwrap());
+        assert!(Arc::ptr_eq(&da.upserts.positions, &db.upserts.positions), "one shared difference");
+        let wire = da.to_wire();
+        assert_eq!((wire.upsert_peers.len(), wire.upsert_peers[0].name.as_str()), (1, "h51"));
+        assert!(wire.remove_peers.is_empty());
+        // `*` now covers its address too.
+        let to: Vec<IpNet> = wire.policy.unwrap().rules[0].to.iter().map(|p| IpNet::try_from(p).unwrap()).collect();
+        assert!(to.iter().any(|p| p.contains(&"10.77.0.51".parse::<std::net::IpAddr>().unwrap())));
+        // The newcomer's own snapshot has the 50 others.
+        assert_eq!(node_view(&s3, "n51").unwrap().snapshot().to_wire().peers.len(), 50);
     }
 }

@@ -236,7 +236,7 @@ proptest! {
         // Each node's policy as its agent holds it after the wire.
         let mut at: BTreeMap<&str, agent::Policy> = BTreeMap::new();
         for n in &nodes {
-            let snap = node_view(&state, &n.id).unwrap().snapshot();
+            let snap = node_view(&state, &n.id).unwrap().snapshot().to_wire();
             let view = ControlView::from_snapshot(&snap, &PublicKey(n.public_key)).expect("a valid view");
             at.insert(n.id.as_str(), view.policy);
         }

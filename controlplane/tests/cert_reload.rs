@@ -105,7 +105,11 @@ async fn a_renewed_certificate_reaches_new_connections_while_streams_go_on() {
     let key = cp.bound_key("laptop", &[]).await;
     let req = prove(&mut agent, register_req("laptop", 1, &key), &[1; 32]).await;
     let credential = agent.register(req).await.unwrap().into_inner().credential;
-    let req = WatchRequest { resume_from: 0, incarnation: cp.handle.registry().incarnation().to_owned() };
+    let req = WatchRequest {
+        resume_from: 0,
+        incarnation: cp.handle.registry().incarnation().to_owned(),
+        ..Default::default()
+    };
     let mut stream = agent.watch(authed(req, &credential)).await.unwrap().into_inner();
     let v0 = next(&mut stream).await.unwrap().version;
 

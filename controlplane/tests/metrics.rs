@@ -30,7 +30,11 @@ async fn metrics_count_nodes_streams_enrollments_and_pushes() {
     assert!(agent.register(cp.enroll_req("twice", 5, &key).await).await.is_err());
     cp.admin.remove_node(RemoveNodeRequest { node: "old".into() }).await.unwrap();
 
-    let req = WatchRequest { resume_from: 0, incarnation: cp.handle.registry().incarnation().to_owned() };
+    let req = WatchRequest {
+        resume_from: 0,
+        incarnation: cp.handle.registry().incarnation().to_owned(),
+        ..Default::default()
+    };
     let mut first = agent.watch(authed(req.clone(), &laptop.credential)).await.unwrap().into_inner();
     let mut second = agent.watch(authed(req, &laptop.credential)).await.unwrap().into_inner();
     next(&mut first).await.unwrap();

@@ -47,7 +47,12 @@ fn with_mesh(version: u64, addresses: &[&str], peers: Vec<v1::Peer>, mesh: &[&st
         mesh_prefixes: mesh.iter().map(|m| prefix(m)).collect(),
         refused_routes: vec![],
     };
-    v1::Update { version, body: Some(v1::update::Body::Snapshot(view)), incarnation: HOSTILE_INCARNATION.into() }
+    v1::Update {
+        version,
+        body: Some(v1::update::Body::Snapshot(view)),
+        incarnation: HOSTILE_INCARNATION.into(),
+        continued: false,
+    }
 }
 
 fn applied_version(h: &Host) -> u64 {
@@ -165,6 +170,7 @@ fn a_hostile_control_plane_cannot_take_the_host() {
             v1::Update {
                 version: 10,
                 incarnation: HOSTILE_INCARNATION.into(),
+                continued: false,
                 body: Some(v1::update::Body::Delta(v1::ViewDelta {
                     base_version: 1,
                     upsert_peers: vec![peer(

@@ -21,6 +21,9 @@ use wirefence_proto::v1;
 use wirefence_tests::control::ControlPlane;
 use wirefence_tests::{wait_until, Lab};
 
+mod loopback;
+mod scale;
+
 #[derive(clap::Args)]
 pub struct BenchControlArgs {
     /// Policy changes timed for push latency.
@@ -39,6 +42,12 @@ pub struct BenchControlArgs {
     /// Skip the fan-out part.
     #[arg(long)]
     no_fanout: bool,
+    /// Node counts of the scale part (simulated agents, full mesh), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2000,4000")]
+    scale: Vec<usize>,
+    /// Skip the scale part.
+    #[arg(long)]
+    no_scale: bool,
     /// Use debug builds (quicker to build; the numbers are not the release goals').
     #[arg(long)]
     debug: bool,
@@ -68,6 +77,13 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
     if !args.no_fanout {
         rows.extend(rt.block_on(fan_out(&bins.control, args.agents))?);
         print(&rows);
+    }
+    if !args.no_scale {
+        let mut measured = Vec::new();
+        for n in &args.scale {
+            measured.push(rt.block_on(scale::run(&bins.control, *n))?);
+            scale::print(&measured);
+        }
     }
     Ok(())
 }

@@ -93,6 +93,8 @@ pub(super) enum SessionError {
     Key(#[from] crate::keys::KeyError),
     #[error("the key rotation: {0}")]
     KeySwitch(String),
+    #[error("the control plane's update in parts: {0}; resuming")]
+    Parts(#[from] super::parts::PartsError),
 }
 
 impl SessionError {
@@ -376,6 +378,7 @@ impl ControlClient {
         let resume = v1::WatchRequest {
             resume_from: self.tracker.version(),
             incarnation: self.tracker.incarnation().to_owned(),
+            accepts_parts: true,
         };
         let req = authed(cred, resume);
         let mut stream = client.watch(req).await?.into_inner();
@@ -383,11 +386,15 @@ impl ControlClient {
         let mut advertised_open = true;
         let mut stats = tokio::time::interval(STATS_EVERY);
         let mut first = true;
+        let mut parts = super::parts::Parts::default();
         loop {
             let update = tokio::select! {
                 u = stream.next() => match u {
                     None => return Ok(()),
-                    Some(u) => u?,
+                    Some(u) => match parts.push(u?)? {
+                        Some(whole) => whole,
+                        None => continue,
+                    },
                 },
                 changed = self.advertised.changed(), if advertised_open => {
                     if changed.is_err() {

@@ -143,6 +143,7 @@ impl ControlFiles {
             version: a.version,
             body: Some(v1::update::Body::Snapshot(a.view.to_snapshot())),
             incarnation: a.incarnation.clone(),
+            continued: false,
         };
         self.write("view.pb", &u.encode_to_vec())
     }

@@ -154,7 +154,7 @@ mod tests {
             mesh_prefixes: vec![prefix("10.77.0.0/24")],
             refused_routes: vec![],
         };
-        v1::Update { version, body: Some(Body::Snapshot(view)), incarnation: String::new() }
+        v1::Update { version, body: Some(Body::Snapshot(view)), incarnation: String::new(), continued: false }
     }
 
     fn delta(version: u64, base: u64, d: v1::ViewDelta) -> v1::Update {
@@ -162,6 +162,7 @@ mod tests {
             version,
             body: Some(Body::Delta(v1::ViewDelta { base_version: base, ..d })),
             incarnation: String::new(),
+            continued: false,
         }
     }
 

@@ -13,36 +13,56 @@ use wirefence_proto::policy::normalize_ports;
 use super::{Policy, PortRange, RuleDef, Selector};
 use crate::model::NodeRec;
 
-/// A set of prefixes with fast membership for host prefixes.
+/// A set of prefixes answering membership and overlap in time independent of its size
+/// (one hash lookup per prefix length present, and one ordered lookup): compiling a policy
+/// asks it once per rule and node.
 #[derive(Clone, Debug, Default)]
 pub struct PrefixSet {
-    hosts: HashSet<IpAddr>,
-    nets: Vec<IpNet>,
+    /// Every prefix, by its (truncated) network.
+    nets: HashSet<IpNet>,
+    /// The prefix lengths present, per family.
+    lens_v4: BTreeSet<u8>,
+    lens_v6: BTreeSet<u8>,
+    /// Every prefix's network address, for "some prefix lies inside this one".
+    starts: BTreeSet<IpAddr>,
 }
 
 impl PrefixSet {
     pub fn new(prefixes: &[IpNet]) -> PrefixSet {
         let mut s = PrefixSet::default();
-        for p in prefixes {
-            if p.prefix_len() == p.max_prefix_len() {
-                s.hosts.insert(p.addr());
-            } else {
-                s.nets.push(*p);
-            }
+        for p in prefixes.iter().map(IpNet::trunc) {
+            s.nets.insert(p);
+            s.starts.insert(p.network());
+            match p {
+                IpNet::V4(_) => s.lens_v4.insert(p.prefix_len()),
+                IpNet::V6(_) => s.lens_v6.insert(p.prefix_len()),
+            };
         }
         s
     }
 
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        self.hosts.contains(&ip) || self.nets.iter().any(|n| n.contains(&ip))
+    fn lens(&self, ip: IpAddr) -> &BTreeSet<u8> {
+        if ip.is_ipv4() {
+            &self.lens_v4
+        } else {
+            &self.lens_v6
+        }
     }
 
-    /// Whether some address is in both `p` and the set.
+    /// Whether a prefix of the set of length <= `max_len` contains `ip`.
+    fn covers(&self, ip: IpAddr, max_len: u8) -> bool {
+        self.lens(ip).range(..=max_len).any(|len| IpNet::new(ip, *len).is_ok_and(|n| self.nets.contains(&n.trunc())))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.covers(ip, u8::MAX)
+    }
+
+    /// Whether some address is in both `p` and the set: a prefix of the set contains `p`,
+    /// or starts inside it.
     pub fn overlaps(&self, p: &IpNet) -> bool {
-        if p.prefix_len() == p.max_prefix_len() {
-            return self.contains(p.addr());
-        }
-        self.nets.iter().any(|n| n.contains(p) || p.contains(n)) || self.hosts.iter().any(|h| p.contains(h))
+        let p = p.trunc();
+        self.covers(p.network(), p.prefix_len()) || self.starts.range(p.network()..=p.broadcast()).next().is_some()
     }
 }
 
@@ -135,7 +155,11 @@ fn compile_rule(r: &RuleDef, nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &No
     let filter = |s: BTreeSet<IpNet>| -> Vec<IpNet> {
         s.into_iter().filter(|n| if matches!(n, IpNet::V6(_)) { k6 } else { k4 }).collect()
     };
-    let (from, to) = (filter(from), filter(to));
+    // Merged into the fewest prefixes covering the same addresses: `*` over sequentially
+    // allocated addresses becomes a handful of prefixes, so a rule's size on the wire and in
+    // the agent's maps stops growing with the fleet. Rules allow only and rank by protocol
+    // and ports, never by prefix length, so merging changes no decision.
+    let (from, to) = (IpNet::aggregate(&filter(from)), IpNet::aggregate(&filter(to)));
     if from.is_empty() || to.is_empty() {
         return None;
     }

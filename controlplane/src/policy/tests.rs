@@ -108,9 +108,10 @@ fn a_good_file_parses_compiles_and_its_tests_pass() {
     let r = &rules[0];
     let s = |v: &[ipnet::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
     assert_eq!(s(&r.from), ["10.77.0.1/32", "fd77::1/128"]);
-    assert_eq!(s(&r.to), ["10.77.0.2/32", "10.77.0.3/32", "10.88.0.0/24", "fd77::2/128", "fd77::3/128"]);
+    // Adjacent node addresses merge into one prefix.
+    assert_eq!(s(&r.to), ["10.77.0.2/31", "10.88.0.0/24", "fd77::2/127"]);
     // ping is icmp: IPv4 only.
-    assert_eq!(s(&rules[1].from), ["10.77.0.1/32", "10.77.0.2/32", "10.77.0.3/32"]);
+    assert_eq!(s(&rules[1].from), ["10.77.0.1/32", "10.77.0.2/31"]);
     assert!(rules[1].to.iter().all(|n| matches!(n, ipnet::IpNet::V4(_))));
 }
 

@@ -100,7 +100,7 @@ impl Registry {
     /// Publishes a new version if the election names other primaries than the current
     /// state's. Blocks (store write) only then.
     pub fn reelect(&self) -> Result<Option<u64>, Error> {
-        let changed = |s: &crate::state::GlobalState| *s.primaries != lock(&self.election).evaluate(Instant::now());
+        let changed = |s: &crate::state::GlobalState| *s.primaries() != lock(&self.election).evaluate(Instant::now());
         if !changed(&self.current()) {
             return Ok(None);
         }

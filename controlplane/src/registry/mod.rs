@@ -76,7 +76,7 @@ pub const FLOW_LOG: usize = 512;
 pub struct Registry {
     store: Mutex<Store>,
     /// The database's incarnation: versions are only comparable within one.
-    incarnation: String,
+    incarnation: Arc<str>,
     /// Read by authentication instead of the store (kept current by the store).
     credentials: Arc<CredentialIndex>,
     limits: Limits,
@@ -129,14 +129,14 @@ impl Registry {
         let keepalive = std::time::Duration::from_secs(overlay.keepalive.into());
         let mut election = crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN, keepalive);
         election.set_groups(&state.groups);
-        state.primaries = Arc::new(election.evaluate(std::time::Instant::now()));
+        state.set_primaries(election.evaluate(std::time::Instant::now()));
         let state = Arc::new(state);
         let mut hist = History::new(history);
         hist.push(state.clone());
         Ok(Registry {
             credentials: store.credentials(),
             store: Mutex::new(store),
-            incarnation,
+            incarnation: incarnation.into(),
             limits,
             overlay,
             state: watch::Sender::new(state),
@@ -163,6 +163,11 @@ impl Registry {
         &self.incarnation
     }
 
+    /// [`Registry::incarnation`], for messages that carry it.
+    pub fn incarnation_shared(&self) -> Arc<str> {
+        self.incarnation.clone()
+    }
+
     pub fn overlay(&self) -> Overlay {
         self.overlay
     }
@@ -187,7 +192,7 @@ impl Registry {
     /// Call with the store lock held, right after committing `state.version`.
     fn publish(&self, mut state: GlobalState) -> u64 {
         // Membership may have changed with the nodes; the primaries go with the state.
-        state.primaries = Arc::new(self.elected(&state.groups));
+        state.set_primaries(self.elected(&state.groups));
         let version = state.version;
         let state = Arc::new(state);
         lock(&self.history).push(state.clone());

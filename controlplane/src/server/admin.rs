@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use crate::grpc::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
-use wirefence_proto::v1::admin_service_server::AdminService;
 use wirefence_proto::v1::{
     ApplyPolicyReply, ApplyPolicyRequest, ApproveNodeReply, ApproveNodeRequest, CreateEnrollmentKeyReply,
     CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyReply, GetPolicyRequest, ListEnrollmentKeysReply,

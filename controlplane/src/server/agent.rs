@@ -6,17 +6,18 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use wirefence_proto::v1::agent_service_server::AgentService;
 use wirefence_proto::v1::{
-    update, AgentReport, EnrollChallengeReply, EnrollChallengeRequest, LeaveReply, LeaveRequest, RegisterRequest,
+    AgentReport, EnrollChallengeReply, EnrollChallengeRequest, LeaveReply, LeaveRequest, RegisterRequest,
     RegisterResponse, ReportReply, RotateCredentialReply, RotateCredentialRequest, RotateKeyReply, RotateKeyRequest,
-    Update, WatchRequest,
+    WatchRequest,
 };
 
+use crate::grpc::agent_service_server::AgentService;
 use crate::registry::observed::Connection;
 use crate::registry::{off_worker, Registry};
 use crate::state::GlobalState;
 use crate::view::{delta, node_view, View};
+use crate::wire::{Body, Delta, Update, PART_PEERS};
 use crate::Error;
 
 /// Updates buffered per stream; a slow agent makes its stream wait, and the changes in
@@ -29,12 +30,12 @@ pub struct AgentSvc {
 }
 
 fn snapshot(registry: &Registry, state: &GlobalState, view: &View) -> Update {
-    stamped(registry, state, update::Body::Snapshot(view.snapshot()))
+    stamped(registry, state, Body::Snapshot(view.snapshot()))
 }
 
 /// Every update names the database incarnation its version counts in.
-fn stamped(registry: &Registry, state: &GlobalState, body: update::Body) -> Update {
-    Update { version: state.version, body: Some(body), incarnation: registry.incarnation().to_owned() }
+fn stamped(registry: &Registry, state: &GlobalState, body: Body) -> Update {
+    Update { version: state.version, body: Some(body), incarnation: registry.incarnation_shared(), continued: false }
 }
 
 /// What a new stream starts with: a snapshot (fresh, unknown or future version, or a
@@ -61,9 +62,8 @@ pub fn first_update(
     }
     match registry.at_version(resume_from).and_then(|old| node_view(&old, node)) {
         Some(old) => {
-            let d = delta(&old, view, resume_from)
-                .unwrap_or(wirefence_proto::v1::ViewDelta { base_version: resume_from, ..Default::default() });
-            Some(stamped(registry, state, update::Body::Delta(d)))
+            let d = delta(&old, view, resume_from).unwrap_or_else(|| Delta::empty(resume_from, &view.peers.table));
+            Some(stamped(registry, state, Body::Delta(d)))
         }
         None => Some(snapshot(registry, state, view)),
     }
@@ -75,6 +75,8 @@ struct Stream {
     states: watch::Receiver<Arc<GlobalState>>,
     view: View,
     sent: u64,
+    /// The agent assembles updates sent in parts ([`crate::wire::PART_PEERS`] peers each).
+    parts: bool,
     tx: mpsc::Sender<Result<Update, Status>>,
     /// Counts the stream as a connection while it runs.
     _connection: Connection,
@@ -85,7 +87,7 @@ impl Stream {
         let mut shutdown = self.registry.shutdown_signal();
         if let Some(u) = first {
             let version = u.version;
-            if self.tx.send(Ok(u)).await.is_err() {
+            if !self.send(u).await {
                 return;
             }
             self.registry.sent(&self.node, version);
@@ -111,6 +113,17 @@ impl Stream {
         tracing::debug!(node = %self.node, "watch stream ended");
     }
 
+    /// Queues `u`, in parts when the agent takes them; false = stream over.
+    async fn send(&self, u: Update) -> bool {
+        let max = if self.parts { PART_PEERS } else { usize::MAX };
+        for p in u.into_parts(max) {
+            if self.tx.send(Ok(p)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Sends the delta for `state`, if this node's view changed; false = stream over.
     async fn next(&mut self, state: &GlobalState) -> bool {
         let Some(new) = node_view(state, &self.node) else {
@@ -119,8 +132,8 @@ impl Stream {
             return false;
         };
         if let Some(d) = delta(&self.view, &new, self.sent) {
-            let update = stamped(&self.registry, state, update::Body::Delta(d));
-            if self.tx.send(Ok(update)).await.is_err() {
+            let update = stamped(&self.registry, state, Body::Delta(d));
+            if !self.send(update).await {
                 return false;
             }
             self.registry.metrics.pushed(state.created.elapsed());
@@ -219,6 +232,7 @@ impl AgentService for AgentSvc {
             states,
             view,
             sent: state.version,
+            parts: resume.accepts_parts,
             tx,
             _connection: connection,
         };

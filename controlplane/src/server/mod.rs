@@ -16,13 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::grpc::admin_service_server::AdminServiceServer;
+use crate::grpc::agent_service_server::AgentServiceServer;
 use nix::sys::stat::{umask, Mode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
-use wirefence_proto::v1::admin_service_server::AdminServiceServer;
-use wirefence_proto::v1::agent_service_server::AgentServiceServer;
 
 use crate::limits::Limits;
 use crate::registry::{Overlay, Registry, DEFAULT_HISTORY};

@@ -158,7 +158,7 @@ pub async fn watch_of(
     incarnation: &str,
 ) -> Result<Streaming<Update>, Status> {
     let mut agent = cp.agent().await;
-    let req = WatchRequest { resume_from, incarnation: incarnation.to_owned() };
+    let req = WatchRequest { resume_from, incarnation: incarnation.to_owned(), ..Default::default() };
     Ok(agent.watch(authed(req, credential)).await?.into_inner())
 }
 

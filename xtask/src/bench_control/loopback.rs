@@ -1,0 +1,51 @@
+//! A release control plane on loopback (plaintext, SQLite in a temporary directory) for
+//! the benches whose agents are simulated in this process.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use wirefence_control::admin_client::AdminClient;
+
+pub struct Loopback {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub admin: AdminClient,
+    _dir: wirefence_tests::TempDir,
+}
+
+impl Loopback {
+    /// Starts it for `agents` simulated agents, all from 127.0.0.1 with one reusable key.
+    pub async fn start(control: &Path, agents: usize) -> Result<Loopback> {
+        let dir = wirefence_tests::TempDir::new();
+        let admin_socket = dir.0.join("admin.sock");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        drop(listener);
+        let mut child = tokio::process::Command::new(control)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .arg("serve")
+            .arg("--db")
+            .arg(dir.0.join("control.db"))
+            .args(["--listen", &addr.to_string(), "--insecure", "--overlay-v4", "10.64.0.0/16"])
+            .args(["--enroll-burst", "1000000"])
+            .args(["--max-connections-per-source", &(agents + 16).to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start wirefence-control")?;
+        let pid = child.id().context("control plane pid")?;
+        let admin = loop {
+            match wirefence_control::admin_client::connect(&admin_socket).await {
+                Ok(a) => break a,
+                Err(_) if child.try_wait()?.is_none() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => bail!("control plane exited: {e}"),
+            }
+        };
+        Ok(Loopback { child, pid, addr, admin, _dir: dir })
+    }
+}

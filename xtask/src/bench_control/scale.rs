@@ -1,0 +1,297 @@
+//! Scale: N simulated agents enroll and watch on one control plane over loopback; then a
+//! full-mesh policy (every node gains N−1 peers), then a change of its port only (peers
+//! unchanged). Timed until every watcher has each version; the control plane's peak RSS.
+//!
+//! The simulated agents take updates in parts, as agents do, and decode only an update's
+//! version and count the peers in it (a real agent's decoding would cost this process more
+//! than the control plane under test).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use prost::bytes::{Buf, Bytes};
+use tokio::sync::mpsc;
+use wirefence_proto::v1;
+
+use super::loopback::Loopback;
+
+/// Simulated agents sharing one HTTP/2 connection (the control plane allows 16 streams).
+const PER_CONNECTION: usize = 10;
+/// Enrollments in flight at once.
+const ENROLLING: usize = 64;
+
+/// An update as the simulated agents read it: the version and the encoded body.
+#[derive(Clone, PartialEq, prost::Message)]
+struct UpdateHead {
+    #[prost(uint64, tag = "1")]
+    version: u64,
+    #[prost(bytes = "bytes", optional, tag = "2")]
+    snapshot: Option<Bytes>,
+    #[prost(bytes = "bytes", optional, tag = "3")]
+    delta: Option<Bytes>,
+    #[prost(bool, tag = "5")]
+    continued: bool,
+}
+
+/// How many entries field 2 (`NodeView.peers`, `ViewDelta.upsert_peers`) has in `body`.
+fn peers_in(mut body: Bytes) -> Result<u32> {
+    let mut n = 0;
+    while body.has_remaining() {
+        let key = prost::encoding::decode_varint(&mut body)?;
+        let skip = match key & 7 {
+            0 => {
+                prost::encoding::decode_varint(&mut body)?;
+                0
+            }
+            1 => 8,
+            2 => prost::encoding::decode_varint(&mut body)? as usize,
+            5 => 4,
+            w => bail!("wire type {w} in an update"),
+        };
+        ensure!(body.remaining() >= skip, "truncated update");
+        body.advance(skip);
+        if key >> 3 == 2 && key & 7 == 2 {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// One update received by simulated agent `agent`.
+struct Seen {
+    agent: usize,
+    version: u64,
+    peers: u32,
+    at: Instant,
+}
+
+pub struct Measured {
+    pub nodes: usize,
+    pub enrolled_per_sec: f64,
+    pub mesh: Duration,
+    pub mesh_apply: Duration,
+    pub change: Duration,
+    pub change_apply: Duration,
+    pub peak_rss_kib: u64,
+}
+
+fn policy(port: u16) -> v1::ApplyPolicyRequest {
+    v1::ApplyPolicyRequest {
+        file_name: "mesh.toml".into(),
+        source: format!(
+            "[[rules]]\nid = \"mesh\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n"
+        ),
+    }
+}
+
+pub async fn run(control: &Path, n: usize) -> Result<Measured> {
+    eprintln!("bench-control: scale, {n} simulated agents, full mesh");
+    let mut cp = Loopback::start(control, n).await?;
+    let key = cp
+        .admin
+        .create_enrollment_key(v1::CreateEnrollmentKeyRequest { reusable: true, ..Default::default() })
+        .await?
+        .into_inner()
+        .key;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<Seen>>();
+    let enrolling = Arc::new(tokio::sync::Semaphore::new(ENROLLING));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for first in (0..n).step_by(PER_CONNECTION) {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.addr))?.connect().await?;
+        for agent in first..(first + PER_CONNECTION).min(n) {
+            let (channel, key, tx, enrolling) = (channel.clone(), key.clone(), tx.clone(), enrolling.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = sim_agent(channel, agent, key, &tx, enrolling).await {
+                    let _ = tx.send(Err(e.context(format!("sim{agent}"))));
+                }
+            }));
+        }
+    }
+    drop(tx);
+    let mut last = vec![0u64; n];
+    // Every agent has its snapshot.
+    wait_all(&mut rx, &mut last, 1, Duration::from_secs(600), |_| Ok(())).await?;
+    let enrolled_per_sec = n as f64 / started.elapsed().as_secs_f64();
+    let pid = cp.pid;
+    let rss = move |phase: &str| {
+        if let Ok((hwm, now)) = super::rss_kib(pid) {
+            eprintln!("bench-control: {n} nodes, after {phase}: RSS {} MiB (peak {} MiB)", now / 1024, hwm / 1024);
+        }
+    };
+    rss("enrollment");
+
+    let (mesh, mesh_apply) = timed_change(&mut cp, &mut rx, &mut last, policy(443), |s| {
+        ensure!(s.peers as usize == n - 1, "sim{} got {} peers with the mesh, not {}", s.agent, s.peers, n - 1);
+        Ok(())
+    })
+    .await?;
+    rss("the mesh");
+    let (change, change_apply) = timed_change(&mut cp, &mut rx, &mut last, policy(8443), |s| {
+        ensure!(s.peers == 0, "sim{} got {} peers with a change that keeps them", s.agent, s.peers);
+        Ok(())
+    })
+    .await?;
+    let (peak_rss_kib, _) = super::rss_kib(cp.pid)?;
+    cp.child.kill().await?;
+    for t in tasks {
+        t.abort();
+    }
+    Ok(Measured { nodes: n, enrolled_per_sec, mesh, mesh_apply, change, change_apply, peak_rss_kib })
+}
+
+/// Applies `req`; returns how long until every agent had its version, and the apply call's time.
+async fn timed_change(
+    cp: &mut Loopback,
+    rx: &mut mpsc::UnboundedReceiver<Result<Seen>>,
+    last: &mut [u64],
+    req: v1::ApplyPolicyRequest,
+    check: impl Fn(&Seen) -> Result<()>,
+) -> Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    let version = cp.admin.apply_policy(req).await?.into_inner().version;
+    let applied = t0.elapsed();
+    let done = wait_all(rx, last, version, Duration::from_secs(600), check).await?;
+    Ok((done.saturating_duration_since(t0), applied))
+}
+
+/// Waits until every agent has an update of `version` or later; returns when the last did.
+async fn wait_all(
+    rx: &mut mpsc::UnboundedReceiver<Result<Seen>>,
+    last: &mut [u64],
+    version: u64,
+    limit: Duration,
+    check: impl Fn(&Seen) -> Result<()>,
+) -> Result<Instant> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut missing = last.iter().filter(|v| **v < version).count();
+    let mut at = Instant::now();
+    while missing > 0 {
+        let seen = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(seen)) => seen?,
+            Ok(None) => bail!("every simulated agent ended"),
+            Err(_) => bail!("{missing} agents lack version {version} after {limit:?}"),
+        };
+        if seen.version >= version && last[seen.agent] < version {
+            check(&seen)?;
+            missing -= 1;
+            at = seen.at;
+        }
+        last[seen.agent] = last[seen.agent].max(seen.version);
+    }
+    Ok(at)
+}
+
+async fn sim_agent(
+    channel: tonic::transport::Channel,
+    agent: usize,
+    key: String,
+    tx: &mpsc::UnboundedSender<Result<Seen>>,
+    enrolling: Arc<tokio::sync::Semaphore>,
+) -> Result<()> {
+    use v1::agent_service_client::AgentServiceClient;
+    let permit = enrolling.acquire_owned().await?;
+    let mut client = AgentServiceClient::new(channel.clone());
+    let private: [u8; 32] = rand::random();
+    let mut req = v1::RegisterRequest {
+        public_key: wirefence_proto::possession::public_key(&private).to_vec(),
+        hostname: format!("sim{agent}"),
+        enrollment_key: key,
+        endpoints: vec![v1::SocketAddress::from(SocketAddr::from(([192, 0, 2, 1], 51820)))],
+        ..Default::default()
+    };
+    let challenge = client.enroll_challenge(v1::EnrollChallengeRequest {}).await?.into_inner();
+    wirefence_proto::possession::answer(&mut req, &private, &challenge)?;
+    let reg = client.register(req).await?.into_inner();
+    drop(permit);
+    let mut req = tonic::Request::new(v1::WatchRequest { resume_from: 0, accepts_parts: true, ..Default::default() });
+    req.metadata_mut().insert("authorization", format!("Bearer {}", reg.credential).parse()?);
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<v1::WatchRequest, UpdateHead>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/wirefence.v1.AgentService/Watch");
+    let mut stream = grpc.server_streaming(req, path, codec).await?.into_inner();
+    // Peers of the update being received (it may come in parts).
+    let mut peers = 0;
+    while let Some(u) = stream.message().await? {
+        peers += match (u.snapshot, u.delta) {
+            (Some(b), _) | (None, Some(b)) => peers_in(b)?,
+            (None, None) => 0,
+        };
+        if u.continued {
+            continue;
+        }
+        if tx.send(Ok(Seen { agent, version: u.version, peers, at: Instant::now() })).is_err() {
+            break;
+        }
+        peers = 0;
+    }
+    bail!("the stream ended")
+}
+
+/// The rows so far side by side, then the goals: a change that keeps peers grows at most
+/// 1.1x as fast as the nodes (2x nodes <= 2.2x time); at 10,000 nodes it takes < 2 s and
+/// the control plane's peak RSS stays < 2 GiB.
+pub fn print(rows: &[Measured]) {
+    let s = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    println!(
+        "\n{:<28} {:>10} {:>12} {:>12} {:>14} {:>14} {:>10}",
+        "scale: full mesh, tcp/443", "enroll/s", "mesh", "(apply)", "port change", "(apply)", "peak RSS"
+    );
+    for m in rows {
+        println!(
+            "{:<28} {:>10.0} {:>12} {:>12} {:>14} {:>14} {:>6} MiB",
+            format!("{} nodes, single node", m.nodes),
+            m.enrolled_per_sec,
+            s(m.mesh),
+            s(m.mesh_apply),
+            s(m.change),
+            s(m.change_apply),
+            m.peak_rss_kib / 1024
+        );
+    }
+    for pair in rows.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let nodes = b.nodes as f64 / a.nodes as f64;
+        let time = b.change.as_secs_f64() / a.change.as_secs_f64().max(1e-6);
+        let goal = nodes * 1.1;
+        let verdict = if time <= goal { "met" } else { "MISSED" };
+        println!(
+            "port change, {} -> {} nodes: {nodes:.1}x nodes, {time:.2}x time (goal <= {goal:.1}x: {verdict})",
+            a.nodes, b.nodes
+        );
+    }
+    for m in rows.iter().filter(|m| m.nodes >= 10_000) {
+        let t = m.change.as_secs_f64() / 2.0;
+        let r = m.peak_rss_kib as f64 / (2.0 * 1024.0 * 1024.0);
+        let v = |x: f64| if x <= 1.0 { "met" } else { "MISSED" };
+        println!("port change at {} nodes: {t:.2}x of the 2 s goal ({})", m.nodes, v(t));
+        println!("peak RSS at {} nodes: {r:.2}x of the 2 GiB goal ({})", m.nodes, v(r));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    #[test]
+    fn counts_the_peers_of_an_encoded_update() {
+        let peer = v1::Peer { public_key: vec![1; 32], name: "a".into(), ..Default::default() };
+        let view =
+            v1::NodeView { peers: vec![peer.clone(), peer], policy: Some(Default::default()), ..Default::default() };
+        let u = v1::Update {
+            version: 7,
+            body: Some(v1::update::Body::Snapshot(view)),
+            incarnation: "x".into(),
+            continued: false,
+        };
+        let head = UpdateHead::decode(u.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(head.version, 7);
+        assert_eq!(peers_in(head.snapshot.unwrap()).unwrap(), 2);
+    }
+}
