@@ -25,6 +25,7 @@ const CHALLENGE_SECRET: [u8; 32] = [5; 32];
 #[derive(Default)]
 struct Seen {
     resumes: Vec<u64>,
+    accepts_parts: Vec<bool>,
     reports: Vec<v1::agent_report::Body>,
     enrollment_keys: Vec<String>,
 }
@@ -99,7 +100,11 @@ impl AgentService for Faulty {
 
     async fn watch(&self, r: Request<v1::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         authorized(&r)?;
-        self.seen.lock().unwrap().resumes.push(r.get_ref().resume_from);
+        {
+            let mut seen = self.seen.lock().unwrap();
+            seen.resumes.push(r.get_ref().resume_from);
+            seen.accepts_parts.push(r.get_ref().accepts_parts);
+        }
         let (updates, close) = {
             let mut script = self.script.lock().unwrap();
             if script.is_empty() {
@@ -499,4 +504,92 @@ async fn a_silent_endpoint_does_not_hold_up_the_next_one() {
     // One by one this took the silent endpoint's 5 s HTTP/2 answer timeout first.
     assert!(took < Duration::from_secs(3), "connecting took {took:?}");
     held.abort();
+}
+
+/// `u` as the control plane sends it in parts of `max` peers (wirefence.proto).
+fn in_parts(u: v1::Update, max: usize) -> Vec<v1::Update> {
+    let head = v1::Update { body: None, ..u.clone() };
+    let (mut first, peers) = match u.body {
+        Some(v1::update::Body::Snapshot(mut s)) => {
+            let peers = std::mem::take(&mut s.peers);
+            (v1::Update { body: Some(v1::update::Body::Snapshot(s)), ..head.clone() }, peers)
+        }
+        Some(v1::update::Body::Delta(mut d)) => {
+            let peers = std::mem::take(&mut d.upsert_peers);
+            (v1::Update { body: Some(v1::update::Body::Delta(d)), ..head.clone() }, peers)
+        }
+        None => return vec![head],
+    };
+    let mut chunks = peers.chunks(max);
+    match (&mut first.body, chunks.next()) {
+        (Some(v1::update::Body::Snapshot(s)), Some(c)) => s.peers = c.to_vec(),
+        (Some(v1::update::Body::Delta(d)), Some(c)) => d.upsert_peers = c.to_vec(),
+        _ => {}
+    }
+    let mut out = vec![first];
+    for c in chunks {
+        let more = v1::ViewDelta { upsert_peers: c.to_vec(), ..Default::default() };
+        out.push(v1::Update { body: Some(v1::update::Body::Delta(more)), ..head.clone() });
+    }
+    let last = out.len() - 1;
+    for (i, p) in out.iter_mut().enumerate() {
+        p.continued = i < last;
+    }
+    out
+}
+
+/// A view sent in parts is applied once and whole; a part that does not continue its
+/// update ends the session with nothing of it applied, and the client resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_in_parts_is_applied_whole_and_a_broken_one_not_at_all() {
+    let key = PrivateKey::generate();
+    let peers: Vec<(PublicKey, v1::Peer)> = (0..300u32)
+        .map(|i| {
+            let k = PrivateKey::generate().public_key();
+            let p = peer(&k, &format!("10.77.{}.{}/32", 1 + i / 200, 1 + i % 200));
+            (k, p)
+        })
+        .collect();
+    let all: Vec<v1::Peer> = peers.iter().map(|(_, p)| p.clone()).collect();
+    let mut broken = in_parts(delta(6, 5, v1::ViewDelta { upsert_peers: all[..20].to_vec(), ..Default::default() }), 8);
+    broken[1].version = 7; // a part of another update
+    let mut script_1 = in_parts(snapshot(5, all.clone()), 128);
+    assert_eq!(script_1.len(), 3);
+    script_1.extend(broken);
+    let removal = v1::ViewDelta { remove_peers: vec![peers[0].0 .0.to_vec()], ..Default::default() };
+    let script = vec![(script_1, false), (vec![delta(6, 5, removal)], false)];
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let server = Faulty { script: Mutex::new(script), seen: seen.clone(), overlay: vec![prefix("10.77.0.0/16")] };
+    let addr = serve(server).await;
+    let dir = std::env::temp_dir().join(format!("wf-client-parts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
+    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let files = ControlFiles::new(&dir);
+    let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
+    let client = plaintext_client(
+        &key,
+        &files,
+        vec![Endpoint::Addr(addr)],
+        Some(dir.join("enroll.key")),
+        tx,
+        Box::new(Vec::new),
+    );
+    let task = tokio::spawn(client.run());
+
+    let mut applied = Vec::new();
+    while applied.len() < 2 {
+        let req = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an update").unwrap();
+        applied.push((req.version, req.view.peers.len()));
+        req.done.send(Ok(())).unwrap();
+    }
+    task.abort();
+    let _ = task.await;
+    assert_eq!(applied, vec![(5, 300), (6, 299)], "the parts whole, nothing of the broken update");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.resumes, vec![0, 5], "the broken update ended the session; resumed from 5");
+        assert!(seen.accepts_parts.iter().all(|a| *a), "the client says it takes parts");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -166,22 +166,19 @@ impl PeerList {
     }
 
     pub fn len(&self) -> usize {
-        self.members.len() - usize::from(self.me.is_some_and(|m| self.members.binary_search(&m).is_ok()))
+        Refs::all(self).len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The same peers as `other`, known without comparing records when both share a table.
-    pub fn same_as(&self, other: &PeerList) -> bool {
-        if Arc::ptr_eq(&self.table, &other.table) {
-            return self.me == other.me
-                && (Arc::ptr_eq(&self.members, &other.members) || self.members == other.members);
-        }
-        let d = other.table.diff(self, other);
-        Refs::new(&other.table, &d.upserts, other.me).is_empty()
-            && Refs::new(&self.table, &d.removes, self.me).is_empty()
+    /// The same peers as `other` by the same table: known without looking at a record
+    /// (at most the positions are compared).
+    pub fn shares(&self, other: &PeerList) -> bool {
+        Arc::ptr_eq(&self.table, &other.table)
+            && self.me == other.me
+            && (Arc::ptr_eq(&self.members, &other.members) || self.members == other.members)
     }
 }
 

@@ -182,8 +182,7 @@ impl View {
 /// same wire view. Peers cost nothing when both views share their list, and their
 /// difference is computed once for every view making the same move.
 pub fn delta(old: &View, new: &View, base_version: u64) -> Option<Delta> {
-    let same_table = Arc::ptr_eq(&old.peers.table, &new.peers.table);
-    let (upserts, removes) = if same_table && old.peers.same_as(&new.peers) {
+    let (upserts, removes) = if old.peers.shares(&new.peers) {
         (Refs::new(&new.peers.table, &Arc::from([]), None), Refs::new(&old.peers.table, &Arc::from([]), None))
     } else {
         let d = new.peers.table.diff(&old.peers, &new.peers);

@@ -299,3 +299,64 @@ async fn one_change_reaches_hundreds_of_watchers() {
     let took = started.elapsed();
     assert!(took < std::time::Duration::from_secs(5), "fan-out to {N} watchers took {took:?}");
 }
+
+/// Every message of one update, up to the one that does not continue.
+async fn whole_update(s: &mut tonic::Streaming<wirefence_proto::v1::Update>) -> Vec<wirefence_proto::v1::Update> {
+    let mut parts = vec![next(s).await.unwrap()];
+    while parts.last().unwrap().continued {
+        parts.push(next(s).await.unwrap());
+    }
+    parts
+}
+
+#[tokio::test]
+async fn large_updates_come_in_parts_to_agents_that_take_them_and_whole_to_others() {
+    use wirefence_agent::control::parts::Parts;
+    use wirefence_control::wire::PART_PEERS;
+    use wirefence_proto::v1::WatchRequest;
+
+    let peers = PART_PEERS + 11;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    cp.apply("[[rules]]\nid = \"mesh\"\nfrom = [\"*\"]\nto = [\"*\"]\nproto = \"tcp\"\nports = [\"443\"]\n")
+        .await
+        .unwrap();
+    let key = cp.key(false, 0, &[]).await;
+    let mut agent = cp.agent().await;
+    let mut credentials = Vec::new();
+    for n in 1..=u8::try_from(peers + 1).unwrap() {
+        let req = cp.enroll_req(&format!("n{n}"), n, &key).await;
+        credentials.push(agent.register(req).await.unwrap().into_inner().credential);
+    }
+    let watch = |accepts_parts| WatchRequest { accepts_parts, ..Default::default() };
+    let mut parted = agent.watch(authed(watch(true), &credentials[0])).await.unwrap().into_inner();
+    let mut whole = agent.watch(authed(watch(false), &credentials[1])).await.unwrap().into_inner();
+
+    // The snapshot: the first part holds the body and PART_PEERS peers; the rest continue it.
+    let parts = whole_update(&mut parted).await;
+    assert_eq!(parts.len(), 2);
+    assert_eq!(snapshot(&parts[0]).peers.len(), PART_PEERS);
+    assert!(snapshot(&parts[0]).policy.is_some());
+    let more = delta(&parts[1]);
+    assert_eq!((more.upsert_peers.len(), more.base_version, more.policy.is_none()), (11, 0, true));
+    assert!(parts.iter().all(|p| p.version == parts[0].version && p.incarnation == parts[0].incarnation));
+    let mut assembler = Parts::default();
+    let assembled = parts.into_iter().map(|p| assembler.push(p).unwrap()).last().flatten().unwrap();
+    let one = whole_update(&mut whole).await;
+    assert_eq!(one.len(), 1, "an agent that does not take parts gets one message");
+    assert_eq!(snapshot(&one[0]).peers.len(), peers);
+    let names = peer_names(snapshot(&assembled));
+    assert_eq!(names.len(), peers);
+    assert!(!names.contains(&"n1".to_string()), "never itself");
+    assert!(names.windows(2).all(|w| w[0] != w[1]), "each peer once");
+
+    // Every peer goes: the removals come in parts too, after the policy.
+    let version = cp.apply("[[rules]]\nid = \"none\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"*\"]\n").await.unwrap();
+    let parts = whole_update(&mut parted).await;
+    assert_eq!(parts.len(), 2);
+    assert!(parts.iter().all(|p| p.version == version));
+    assert!(delta(&parts[0]).policy.is_some());
+    assert_eq!((delta(&parts[0]).remove_peers.len(), delta(&parts[1]).remove_peers.len()), (PART_PEERS, 11));
+    let one = whole_update(&mut whole).await;
+    assert_eq!((one.len(), delta(&one[0]).remove_peers.len()), (1, peers));
+}

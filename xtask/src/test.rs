@@ -107,6 +107,22 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         false => tally.failed += 1,
     }
 
+    // The control plane at scale: 1,000 and 2,000 simulated agents in a full mesh, on the
+    // release builds the packages made (about a minute). Fails when a watcher misses the
+    // mesh or a change that keeps peers carries any; the times are reported. One test.
+    let scale = Command::new(std::env::current_exe()?)
+        .args(["bench-control", "--no-push", "--no-fanout", "--scale", "1000,2000"])
+        .status()
+        .map_err(anyhow::Error::from)
+        .and_then(|s| if s.success() { Ok(()) } else { Err(anyhow::anyhow!("bench-control: {s}")) });
+    if let Err(e) = &scale {
+        eprintln!("xtask test: the control plane's scale benchmark failed: {e:#}");
+    }
+    match scale.is_ok() {
+        true => tally.passed += 1,
+        false => tally.failed += 1,
+    }
+
     // The Vagrant lab's definition (provider options are checked only where a provider runs).
     let lab_ok = crate::lab::validate(&ws);
     if let Err(e) = &lab_ok {
@@ -156,6 +172,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     anyhow::ensure!(tests_ok, "cargo test failed");
     fuzz.context("fuzzing the update decoder")?;
     failover.context("the failover benchmark")?;
+    scale.context("the control plane's scale benchmark")?;
     packages.context("the Debian packages")?;
     lab_ok.context("the Vagrant lab")?;
     anyhow::ensure!(vm_ok, "a VM test failed");
