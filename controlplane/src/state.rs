@@ -39,7 +39,10 @@ fn overlaps(set: &PrefixSet, n: &NodeRec) -> bool {
 }
 
 impl Compiled {
-    fn new(policy: &Policy, nodes: &[Arc<NodeRec>]) -> Compiled {
+    /// `same_nodes`: a compilation of another policy over the same nodes, whose peer lists
+    /// are taken where this one's are equal (views then see the same list, and compare no
+    /// position).
+    fn new(policy: &Policy, nodes: &[Arc<NodeRec>], same_nodes: Option<&Compiled>) -> Compiled {
         let rules = compile(policy, nodes);
         let mut c = Compiled {
             from_nodes: vec![Vec::new(); rules.len()],
@@ -64,6 +67,14 @@ impl Compiled {
             }
         }
         c.group_peers();
+        if let Some(prev) = same_nodes {
+            let known: HashMap<&[u32], &Arc<[u32]>> = prev.peer_sets.iter().map(|s| (&s[..], s)).collect();
+            for set in &mut c.peer_sets {
+                if let Some(k) = known.get(&set[..]) {
+                    *set = Arc::clone(k);
+                }
+            }
+        }
         c
     }
 
@@ -115,6 +126,9 @@ pub struct GlobalState {
     overlay: Overlay,
     /// Computed on first use; dropped by the history once the state is old.
     compiled: Mutex<Option<Arc<Compiled>>>,
+    /// The previous state's compilation when only the policy changed, until this one's is
+    /// made (see [`Compiled::new`]).
+    same_nodes: Mutex<Option<Arc<Compiled>>>,
     /// The nodes as peers of a node that routes no group prefix; made on first use, and
     /// shared with the next state when only the policy changes.
     peer_table: Mutex<Option<Arc<PeerTable>>>,
@@ -144,6 +158,7 @@ impl GlobalState {
             primaries: Arc::default(),
             overlay,
             compiled: Mutex::default(),
+            same_nodes: Mutex::default(),
             peer_table: Mutex::default(),
             created: std::time::Instant::now(),
         }
@@ -188,6 +203,7 @@ impl GlobalState {
             primaries: self.primaries.clone(),
             overlay: self.overlay,
             compiled: Mutex::default(),
+            same_nodes: Mutex::new(lock(&self.compiled).clone()),
             peer_table: Mutex::new(lock(&self.peer_table).clone()),
             created: std::time::Instant::now(),
         }
@@ -205,6 +221,7 @@ impl GlobalState {
             primaries: Arc::new(primaries),
             overlay: self.overlay,
             compiled: Mutex::new(lock(&self.compiled).clone()),
+            same_nodes: Mutex::default(),
             peer_table: Mutex::default(),
             created: std::time::Instant::now(),
         }
@@ -246,7 +263,12 @@ impl GlobalState {
     /// [`GlobalState::release`]). Computed under the lock, so concurrent streams wait for
     /// one compilation instead of each doing their own.
     pub fn compiled(&self) -> Arc<Compiled> {
-        lock(&self.compiled).get_or_insert_with(|| Arc::new(Compiled::new(&self.policy, &self.nodes))).clone()
+        lock(&self.compiled)
+            .get_or_insert_with(|| {
+                let same_nodes = lock(&self.same_nodes).take();
+                Arc::new(Compiled::new(&self.policy, &self.nodes, same_nodes.as_deref()))
+            })
+            .clone()
     }
 
     /// Drops the cached compilation and peer table (holders of them keep theirs). Skipped
@@ -260,6 +282,7 @@ impl GlobalState {
             }
         }
         take(&self.compiled);
+        take(&self.same_nodes);
         // Views still holding the table keep it; the state makes another if asked.
         take(&self.peer_table);
     }

@@ -450,6 +450,7 @@ ports = ["22"]
         let s2 = s1.with_policy(2, Arc::new(parse("p.toml", &full_mesh(8443)).unwrap()));
         let (a2, b2) = (node_view(&s2, "n01").unwrap(), node_view(&s2, "n02").unwrap());
         assert!(Arc::ptr_eq(&a1.peers.table, &a2.peers.table), "the previous state's table");
+        assert!(Arc::ptr_eq(&a1.peers.members, &a2.peers.members), "and its peer list");
         let d = wdelta(&a1, &a2, 1).unwrap();
         assert!(d.upsert_peers.is_empty() && d.remove_peers.is_empty());
         assert_eq!(d.policy.unwrap().rules[0].ports, vec![v1::PortRange { first: 8443, last: 8443 }]);

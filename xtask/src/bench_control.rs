@@ -45,6 +45,9 @@ pub struct BenchControlArgs {
     /// Node counts of the scale part (simulated agents, full mesh), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2000,4000")]
     scale: Vec<usize>,
+    /// Port changes timed per node count (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    scale_changes: usize,
     /// Skip the scale part.
     #[arg(long)]
     no_scale: bool,
@@ -81,7 +84,7 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
     if !args.no_scale {
         let mut measured = Vec::new();
         for n in &args.scale {
-            measured.push(rt.block_on(scale::run(&bins.control, *n))?);
+            measured.push(rt.block_on(scale::run(&bins.control, *n, args.scale_changes))?);
             scale::print(&measured);
         }
     }
