@@ -258,11 +258,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
 
-    let dir = std::env::temp_dir().join(format!("wf-client-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
-    // The agent refuses a key file others can read.
-    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let dir = client_dir("wf-client-");
     let files = ControlFiles::new(&dir);
     // An unreachable endpoint first: the client must go on to the next one.
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap()), Endpoint::Addr(addr)];
@@ -442,10 +438,7 @@ async fn a_pinned_overlay_is_not_widened_by_a_later_announcement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announced_catch_all_overlay_is_not_pinned() {
     let key = PrivateKey::generate();
-    let dir = std::env::temp_dir().join(format!("wf-client-catchall-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
-    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let dir = client_dir("wf-client-catchall-");
     let files = ControlFiles::new(&dir);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let script = vec![(vec![snapshot(1, vec![])], false)];
@@ -506,6 +499,16 @@ async fn a_silent_endpoint_does_not_hold_up_the_next_one() {
     held.abort();
 }
 
+/// A fresh state directory `<name><pid>` holding the enrollment key "enroll-me" (0600:
+/// the agent refuses a key file others can read).
+fn client_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
+    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    dir
+}
+
 /// `u` as the control plane sends it in parts of `max` peers (wirefence.proto).
 fn in_parts(u: v1::Update, max: usize) -> Vec<v1::Update> {
     let head = v1::Update { body: None, ..u.clone() };
@@ -561,10 +564,7 @@ async fn an_update_in_parts_is_applied_whole_and_a_broken_one_not_at_all() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let server = Faulty { script: Mutex::new(script), seen: seen.clone(), overlay: vec![prefix("10.77.0.0/16")] };
     let addr = serve(server).await;
-    let dir = std::env::temp_dir().join(format!("wf-client-parts-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("enroll.key"), "enroll-me\n").unwrap();
-    std::fs::set_permissions(dir.join("enroll.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let dir = client_dir("wf-client-parts-");
     let files = ControlFiles::new(&dir);
     let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
     let client = plaintext_client(

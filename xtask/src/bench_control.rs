@@ -12,7 +12,7 @@
 //!    one control plane over loopback; one policy change, timed until every watcher has
 //!    received its update. Goal: < 1 s. The control plane's peak RSS is reported.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -315,35 +315,8 @@ fn flooded(
 
 async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
     eprintln!("bench-control: fan-out, {n} simulated agents on loopback");
-    let dir = wirefence_tests::TempDir::new();
-    let admin_socket = dir.0.join("admin.sock");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    drop(listener);
-    let mut child = tokio::process::Command::new(control)
-        .arg("--admin-socket")
-        .arg(&admin_socket)
-        .arg("serve")
-        .arg("--db")
-        .arg(dir.0.join("control.db"))
-        .args(["--listen", &addr.to_string(), "--insecure", "--overlay-v4", "10.64.0.0/16"])
-        // Every simulated agent comes from 127.0.0.1 and enrolls with one key.
-        .args(["--enroll-burst", "1000000"])
-        .args(["--max-connections-per-source", &(n + 16).to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("start wirefence-control")?;
-    let pid = child.id().context("control plane pid")?;
-    let admin_path: PathBuf = admin_socket.clone();
-    let mut admin = loop {
-        match wirefence_control::admin_client::connect(&admin_path).await {
-            Ok(a) => break a,
-            Err(_) if child.try_wait()?.is_none() => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(e) => bail!("control plane exited: {e}"),
-        }
-    };
+    let cp = loopback::Loopback::start(control, n).await?;
+    let (mut child, pid, addr, mut admin) = (cp.child, cp.pid, cp.addr, cp.admin);
     let apply = |port: u16| {
         v1::ApplyPolicyRequest {
         file_name: "fanout.toml".into(),
