@@ -119,7 +119,21 @@ impl GroupLab {
             let shown = String::from_utf8_lossy(&g.cp.admin(&["nodes", "show", "h2"]).stdout).into_owned();
             shown.contains("primary h2 ") && shown.matches(", healthy)").count() == 2
         });
-        wait_until("h1 routes the subnet to h2", Duration::from_secs(30), || g.routed_to(2));
+        // h1 may still be applying earlier versions (its WireGuard routed the subnet to h2
+        // when h2 alone advertised it, then to h3): it must run its current view, and route
+        // the subnet to h2 for a while, not only at one look.
+        let mut since: Option<Instant> = None;
+        wait_until("h1 in sync, routing the subnet to h2 for 1 s", Duration::from_secs(30), || {
+            let shown: serde_json::Value =
+                serde_json::from_str(&g.cp.admin_ok(&["nodes", "show", "h1", "--json"])).unwrap_or_default();
+            match shown["sync"] == "in_sync" && g.routed_to(2) {
+                true => since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(1),
+                false => {
+                    since = None;
+                    false
+                }
+            }
+        });
         g.until_reachable(Duration::from_secs(30));
         g
     }
