@@ -63,14 +63,6 @@ impl PeerTable {
         &self.recs[i as usize]
     }
 
-    pub fn len(&self) -> usize {
-        self.recs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.recs.is_empty()
-    }
-
     /// The wire encoding of `v1::Peer` for position `i` (made once, shared by every message).
     pub fn encoded(&self, i: u32) -> &Bytes {
         self.encoded[i as usize].get_or_init(|| peer(&self.recs[i as usize], self.keepalive).encode_to_vec().into())
@@ -104,7 +96,7 @@ impl PeerTable {
 }
 
 /// Whether two records give the same wire peer.
-pub fn same_peer(a: &NodeRec, b: &NodeRec) -> bool {
+fn same_peer(a: &NodeRec, b: &NodeRec) -> bool {
     a.public_key == b.public_key
         && a.hostname == b.hostname
         && a.bound == b.bound
