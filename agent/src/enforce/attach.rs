@@ -41,6 +41,37 @@ fn directions() -> [(TcAttachType, &'static str, &'static str); 2] {
     ]
 }
 
+/// How often a program load that the kernel answered with EAGAIN is tried in all.
+const LOAD_TRIES: usize = 5;
+
+/// Loads a classifier, trying again while the kernel answers EAGAIN: the verifier gives up
+/// with EAGAIN when a signal is pending for the loading thread (as libbpf does, the load is
+/// simply repeated; aya keeps the object after a failed load).
+pub fn load(prog: &mut SchedClassifier) -> Result<(), aya::programs::ProgramError> {
+    retry_while(
+        || prog.load(),
+        |e| matches!(e, aya::programs::ProgramError::LoadError { io_error, .. } if interrupted(io_error)),
+    )
+}
+
+fn interrupted(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+/// Runs `f` up to [`LOAD_TRIES`] times while its error is one `again` accepts.
+fn retry_while<E>(mut f: impl FnMut() -> Result<(), E>, again: impl Fn(&E) -> bool) -> Result<(), E> {
+    let mut tries = 1;
+    loop {
+        match f() {
+            Err(e) if again(&e) && tries < LOAD_TRIES => {
+                tracing::debug!(tries, "program load interrupted (EAGAIN); trying again");
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EnforceError {
     move |e| EnforceError::Program { name, source: Box::new(e) }
 }
@@ -159,7 +190,7 @@ pub fn attach(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName, index: u32) -> 
         let prog: &mut SchedClassifier =
             ebpf.program_mut(name).ok_or(EnforceError::MissingProgram { name })?.try_into().map_err(prog_err(name))?;
         if prog.fd().is_err() {
-            prog.load().map_err(prog_err(name))?;
+            load(prog).map_err(prog_err(name))?;
         }
         match mode {
             AttachMode::Tcx => {
@@ -215,7 +246,7 @@ pub fn replace(ebpf: &mut aya::Ebpf, dir: &Path, ifname: &IfName) -> Result<usiz
         let prog: &mut SchedClassifier =
             ebpf.program_mut(name).ok_or(EnforceError::MissingProgram { name })?.try_into().map_err(prog_err(name))?;
         if prog.fd().is_err() {
-            prog.load().map_err(prog_err(name))?;
+            load(prog).map_err(prog_err(name))?;
         }
         let link: SchedClassifierLink = match mode {
             AttachMode::Tcx => {
@@ -309,4 +340,53 @@ pub fn remove(dir: &Path, ifname: &IfName) -> Result<(), EnforceError> {
         std::fs::remove_file(&path).map_err(|source| EnforceError::Pin { path: path.clone(), source })?;
     }
     std::fs::remove_dir(dir).map_err(|source| EnforceError::Pin { path: dir.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_error(errno: i32) -> std::io::Error {
+        std::io::Error::from_raw_os_error(errno)
+    }
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_and_other_errors_are_not() {
+        let mut calls = 0;
+        retry_while(
+            || {
+                calls += 1;
+                if calls < 3 {
+                    Err(load_error(libc::EAGAIN))
+                } else {
+                    Ok(())
+                }
+            },
+            interrupted,
+        )
+        .expect("the third try loads");
+        assert_eq!(calls, 3);
+
+        let mut calls = 0;
+        retry_while(
+            || {
+                calls += 1;
+                Err(load_error(libc::EAGAIN))
+            },
+            interrupted,
+        )
+        .unwrap_err();
+        assert_eq!(calls, LOAD_TRIES, "gives up after {LOAD_TRIES} tries");
+
+        let mut calls = 0;
+        retry_while(
+            || {
+                calls += 1;
+                Err(load_error(libc::EACCES))
+            },
+            interrupted,
+        )
+        .unwrap_err();
+        assert_eq!(calls, 1, "a verifier refusal is final");
+    }
 }

@@ -90,7 +90,7 @@ pub fn attach(ifname: &IfName, index: u32, m: MssClamp) -> Result<(), EnforceErr
         .map_err(map_err(common::CT_CONFIG))?;
     let prog: &mut SchedClassifier =
         ebpf.program_mut(name).ok_or(EnforceError::MissingProgram { name })?.try_into().map_err(prog_err)?;
-    prog.load().map_err(prog_err)?;
+    super::attach::load(prog).map_err(prog_err)?;
     match aya::programs::tc::qdisc_add_clsact(ifname.as_str()) {
         Ok(()) => {}
         Err(e) if tc_exists(&e) => {} // shared with the policy's filters and anyone else's
