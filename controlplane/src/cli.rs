@@ -43,9 +43,11 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// SQLite database (created 0600).
+    /// The database: a SQLite file (created 0600; a path or sqlite:PATH) or PostgreSQL
+    /// (postgres://user@host/db, or postgres:///db?host=/run/postgresql for its socket).
+    /// One server per database.
     #[arg(long, default_value = DEFAULT_DB)]
-    pub db: PathBuf,
+    pub db: crate::store::DbLocation,
     /// Address for agents, e.g. 0.0.0.0:7443 or [::]:7443; repeat for several.
     #[arg(long, required = true)]
     pub listen: Vec<SocketAddr>,
@@ -422,7 +424,7 @@ mod tests {
             unreachable!("serve")
         };
         assert_eq!(s.listen.len(), 2);
-        assert_eq!(s.db, PathBuf::from(DEFAULT_DB));
+        assert_eq!(s.db, crate::store::DbLocation::Sqlite(PathBuf::from(DEFAULT_DB)));
         assert_eq!(s.overlay_v4.to_string(), "10.77.0.0/16");
         assert_eq!(s.overlay_v6.to_string(), "fd77::/64");
         assert_eq!(s.enroll_limits(), crate::enroll::EnrollLimits::default());

@@ -166,6 +166,8 @@ pub enum Error {
     CertFile { path: PathBuf, why: String },
     #[error("database {db} is in use by another control plane ({}lock {lock}); run one `serve` per database", match pid { Some(p) => format!("pid {p} holds "), None => String::new() })]
     DatabaseInUse { db: PathBuf, lock: PathBuf, pid: Option<u32> },
+    #[error("{db}: another wirefence-control already serves this database (it holds its advisory lock)")]
+    DatabaseServed { db: String },
     /// A database directory or TLS key another user owns or can write (a key: read).
     #[error("{path}: {why}; refusing to use it")]
     NotPrivate { path: PathBuf, why: String },
@@ -241,6 +243,7 @@ impl Error {
             | Error::Exists(_)
             | Error::CertFile { .. }
             | Error::DatabaseInUse { .. }
+            | Error::DatabaseServed { .. }
             | Error::NotPrivate { .. } => Code::Internal,
         }
     }

@@ -109,8 +109,7 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         metrics_listen: args.metrics_listen,
         route_hold_down: std::time::Duration::from_secs(args.route_hold_down),
     };
-    let handle =
-        serve(cfg).await.with_context(|| format!("start the control plane (database {})", args.db.display()))?;
+    let handle = serve(cfg).await.with_context(|| format!("start the control plane (database {})", args.db))?;
     for addr in &handle.agent_addrs {
         println!("listening on {addr}");
     }

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::net::TcpListener;
 
-use crate::registry::{off_worker, Registry};
+use crate::registry::{detached, Registry};
 use crate::server::ServerTls;
 use crate::Error;
 
@@ -125,8 +125,8 @@ impl Metrics {
     }
 
     /// The text exposition, with the states read now.
-    fn render(&self, registry: &Registry, tls: Option<&ServerTls>) -> Result<String, Error> {
-        let counts = registry.node_counts()?;
+    async fn render(&self, registry: &Registry, tls: Option<&ServerTls>) -> Result<String, Error> {
+        let counts = registry.node_counts().await?;
         self.nodes.clear();
         for (state, n) in
             [("connected", counts.connected), ("disconnected", counts.disconnected), ("removed", counts.removed)]
@@ -166,7 +166,7 @@ pub async fn serve(
     let handler = move || {
         let (registry, tls) = (registry.clone(), tls.clone());
         async move {
-            let rendered = off_worker(move || registry.metrics.render(&registry, tls.as_deref())).await;
+            let rendered = detached(async move { registry.metrics.render(&registry, tls.as_deref()).await }).await;
             match rendered {
                 Ok(text) => {
                     ([(header::CONTENT_TYPE, prometheus_client::encoding::prometheus_text::CONTENT_TYPE)], text)

@@ -174,15 +174,15 @@ async fn bad_credentials_are_refused_without_waiting_for_the_store() {
     let tampered = format!("{id}.{}", "A".repeat(43));
     let unknown = format!("nffffffffffffffff.{}", "A".repeat(43));
 
-    // Hold the store lock, as a long write would, from another thread.
+    // Hold the store lock, as a long write would, from another task.
     let registry = cp.handle.registry().clone();
-    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    let holder = std::thread::spawn(move || {
-        let _guard = registry.hold_store_lock();
+    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+    let holder = tokio::spawn(async move {
+        let _guard = registry.hold_store_lock().await;
         locked_tx.send(()).unwrap();
-        std::thread::sleep(Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_secs(3)).await;
     });
-    locked_rx.recv().unwrap();
+    locked_rx.await.unwrap();
     let t0 = Instant::now();
     for (cred, code) in [
         (unknown.as_str(), Code::Unauthenticated),
@@ -197,7 +197,7 @@ async fn bad_credentials_are_refused_without_waiting_for_the_store() {
         assert_code(r.expect("a bad Report credential waited for the store lock"), code, "credential");
     }
     assert!(t0.elapsed() < Duration::from_secs(2));
-    holder.join().unwrap();
+    holder.await.unwrap();
     // The index follows committed writes: a removed node's credential stops working.
     let _ = watch(&cp, &a.credential, 0).await.expect("the real credential works");
     let req = wirefence_proto::v1::RemoveNodeRequest { node: "a".into() };

@@ -17,8 +17,8 @@ fn body(b: agent_report::Body) -> AgentReport {
 }
 
 /// Changes committed to the database by anyone else since the last call on `conn`.
-fn data_version(conn: &rusqlite::Connection) -> i64 {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0)).unwrap()
+async fn data_version(conn: &mut sqlx::SqliteConnection) -> i64 {
+    sqlx::query_scalar("PRAGMA data_version").fetch_one(conn).await.unwrap()
 }
 
 #[tokio::test]
@@ -26,8 +26,9 @@ async fn observations_stay_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let mut cp = start(dir.path()).await;
     let me = cp.enroll("laptop", 1, &[]).await;
-    let db = rusqlite::Connection::open(dir.path().join("control.db")).unwrap();
-    let before = data_version(&db);
+    let url = format!("sqlite://{}", dir.path().join("control.db").display());
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    let before = data_version(&mut db).await;
 
     let stats = |rx| {
         body(agent_report::Body::Stats(PeerStats {
@@ -47,7 +48,7 @@ async fn observations_stay_in_memory() {
     assert_eq!(n.peer_stats.len(), 64);
     assert!(n.peer_stats.iter().all(|s| s.rx_bytes == 2), "the last report wins");
     assert!(n.connected && n.last_seen_unix > 0);
-    assert_eq!(data_version(&db), before, "statistics, contact and connects must not write the database");
+    assert_eq!(data_version(&mut db).await, before, "statistics, contact and connects must not write the database");
 }
 
 #[tokio::test]

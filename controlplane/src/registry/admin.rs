@@ -54,37 +54,41 @@ impl fmt::Debug for NewKey {
 impl Registry {
     /// Validates `source` (syntax, references, satisfiability, then the tests against the
     /// current nodes) and, only if all pass, makes it the policy of every node.
-    pub fn apply_policy(&self, file_name: &str, source: &str) -> Result<Applied, Error> {
+    pub async fn apply_policy(&self, file_name: &str, source: &str) -> Result<Applied, Error> {
         let policy = policy::parse(file_name, source)?;
-        let mut store = self.store();
+        let store = self.store().await;
         let state = self.current();
         let rules = policy::compile(&policy, &state.nodes);
         let tests_passed = policy::run_tests(&policy, &rules, &state.nodes)?;
         let unmatched = policy::unmatched_selectors(&policy, &state.nodes);
-        let ((), version) = store.change(true, |tx| store::set_policy(tx, file_name, source))?;
+        let mut tx = store.begin().await?;
+        store::set_policy(&mut tx, file_name, source).await?;
+        let version = store.commit(tx, true).await?;
         let rule_count = policy.rules.len();
         self.publish(state.with_policy(version, Arc::new(policy)));
         tracing::info!(version, rules = rule_count, tests_passed, file = file_name, ?unmatched, "policy applied");
         Ok(Applied { version, rules: rule_count, tests_passed, unmatched })
     }
 
-    pub fn policy_file(&self) -> Result<PolicyFile, Error> {
+    pub async fn policy_file(&self) -> Result<PolicyFile, Error> {
         Ok(self
             .store()
-            .policy()?
+            .await
+            .policy()
+            .await?
             .map(|(file_name, source, version)| PolicyFile { file_name, source, version })
             .unwrap_or_default())
     }
 
     /// Live nodes (and removed ones with `include_removed`), as the admin API shows them.
-    pub fn list_nodes(&self, include_removed: bool) -> Result<Vec<v1::Node>, Error> {
-        let rows = self.store().nodes()?;
+    pub async fn list_nodes(&self, include_removed: bool) -> Result<Vec<v1::Node>, Error> {
+        let rows = self.store().await.nodes().await?;
         Ok(rows.into_iter().filter(|r| include_removed || !r.removed).map(|r| self.node_info(r)).collect())
     }
 
     /// A live node by id or hostname, else a removed one by id or hostname.
-    pub fn get_node(&self, sel: &str) -> Result<v1::Node, Error> {
-        let rows = self.store().nodes()?;
+    pub async fn get_node(&self, sel: &str) -> Result<v1::Node, Error> {
+        let rows = self.store().await.nodes().await?;
         let row = match find(rows.clone(), sel) {
             Ok(row) => row,
             Err(e) => find_removed(rows, sel).ok_or(e)?,
@@ -94,11 +98,13 @@ impl Registry {
 
     /// Removes a live node: its credential stops working, its streams end, and it leaves
     /// every other node's view. Returns the new version.
-    pub fn remove_node(&self, sel: &str) -> Result<u64, Error> {
-        let mut store = self.store();
-        let row = find(store.nodes()?, sel)?;
+    pub async fn remove_node(&self, sel: &str) -> Result<u64, Error> {
+        let store = self.store().await;
+        let row = find(store.nodes().await?, sel)?;
         let id = row.rec.id;
-        let ((), version) = store.change(true, |tx| store::mark_removed(tx, &id))?;
+        let mut tx = store.begin().await?;
+        store::mark_removed(&mut tx, &id).await?;
+        let version = store.commit(tx, true).await?;
         let state = self.current();
         let nodes = state.nodes.iter().filter(|n| n.id != id).cloned().collect();
         self.publish(state.with_nodes(version, nodes));

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use wirefence_proto::v1::RouteHealth;
 
 use super::observed::PeerStatRow;
-use super::{lock, off_worker, Registry};
+use super::{lock, Registry};
 use crate::election::{GroupStatus, Report, Sample};
 use crate::Error;
 
@@ -99,17 +99,17 @@ impl Registry {
 
     /// Publishes a new version if the election names other primaries than the current
     /// state's. Blocks (store write) only then.
-    pub fn reelect(&self) -> Result<Option<u64>, Error> {
+    pub async fn reelect(&self) -> Result<Option<u64>, Error> {
         let changed = |s: &crate::state::GlobalState| *s.primaries() != lock(&self.election).evaluate(Instant::now());
         if !changed(&self.current()) {
             return Ok(None);
         }
-        let mut store = self.store();
+        let store = self.store().await;
         let state = self.current();
         if !changed(&state) {
             return Ok(None);
         }
-        let ((), version) = store.change(true, |_| Ok(()))?;
+        let version = store.commit(store.begin().await?, true).await?;
         let primaries = lock(&self.election).evaluate(Instant::now());
         tracing::info!(version, primaries = ?primaries, "route group primaries changed");
         Ok(Some(self.publish(state.with_primaries(version, primaries))))
@@ -121,7 +121,7 @@ impl Registry {
         loop {
             if !self.current().groups.is_empty() {
                 let registry = self.clone();
-                if let Err(e) = off_worker(move || registry.reelect()).await {
+                if let Err(e) = registry.reelect().await {
                     tracing::warn!(error = %e, "route group election not published; retrying");
                 }
             }

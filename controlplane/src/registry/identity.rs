@@ -15,17 +15,19 @@ use crate::Error;
 impl Registry {
     /// Binds the node's hostname to it, so `node:<hostname>` selectors match it; returns
     /// the version (the policy may now resolve differently).
-    pub fn approve_node(&self, sel: &str) -> Result<u64, Error> {
-        let mut store = self.store();
-        let row = find(store.nodes()?, sel)?;
+    pub async fn approve_node(&self, sel: &str) -> Result<u64, Error> {
+        let store = self.store().await;
+        let row = find(store.nodes().await?, sel)?;
         if row.rec.bound {
             return Ok(self.current().version);
         }
-        if let Some((node, removed)) = store.name_owner(&row.rec.hostname)? {
+        if let Some((node, removed)) = store.name_owner(&row.rec.hostname).await? {
             return Err(Error::HostnameOwned { name: row.rec.hostname, node, removed });
         }
         let id = row.rec.id.clone();
-        let ((), version) = store.change(true, |tx| store::bind_name(tx, &id))?;
+        let mut tx = store.begin().await?;
+        store::bind_name(&mut tx, &id).await?;
+        let version = store.commit(tx, true).await?;
         let state = self.current();
         let nodes = state
             .nodes
@@ -45,7 +47,7 @@ impl Registry {
 
     /// An admin's edit of a node's tags and/or hostname (which it then owns), in one
     /// version; returns it and the node.
-    pub fn set_node(
+    pub async fn set_node(
         &self,
         sel: &str,
         tags: Option<Vec<String>>,
@@ -57,8 +59,8 @@ impl Registry {
         if let Some(h) = hostname.as_ref().filter(|h| !valid_hostname(h)) {
             return Err(Error::Hostname(h.clone()));
         }
-        let mut store = self.store();
-        let id = find(store.nodes()?, sel)?.rec.id;
+        let store = self.store().await;
+        let id = find(store.nodes().await?, sel)?.rec.id;
         let state = self.current();
         let old = state.node(&id).ok_or_else(|| Error::NodeRemoved(id.clone()))?.clone();
         let mut new = (*old).clone();
@@ -68,7 +70,7 @@ impl Registry {
             new.tags = tags;
         }
         if let Some(h) = hostname {
-            match store.name_owner(&h)? {
+            match store.name_owner(&h).await? {
                 Some((node, removed)) if node != id => return Err(Error::HostnameOwned { name: h, node, removed }),
                 _ => {}
             }
@@ -77,29 +79,33 @@ impl Registry {
         }
         if new == *old {
             drop(store);
-            return Ok((state.version, self.get_node(&id)?));
+            return Ok((state.version, self.get_node(&id).await?));
         }
-        let ((), version) = store.change(true, |tx| store::set_identity(tx, &new))?;
+        let mut tx = store.begin().await?;
+        store::set_identity(&mut tx, &new).await?;
+        let version = store.commit(tx, true).await?;
         tracing::info!(node = %id, version, hostname = %new.hostname, tags = ?new.tags, "node edited");
         self.publish(state.with_nodes(version, super::register::replace(&state.nodes, Arc::new(new))));
         drop(store);
-        Ok((version, self.get_node(&id)?))
+        Ok((version, self.get_node(&id).await?))
     }
 
     /// The node behind `meta`'s credential leaves: removed as by an admin. Returns the
     /// version without it.
-    pub fn leave(&self, meta: &tonic::metadata::MetadataMap) -> Result<u64, Error> {
+    pub async fn leave(&self, meta: &tonic::metadata::MetadataMap) -> Result<u64, Error> {
         let token = crate::auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
         self.check_credential(&token)?;
-        let version = self.remove_node(&token.id)?;
+        let version = self.remove_node(&token.id).await?;
         tracing::info!(node = %token.id, version, "node left the mesh");
         Ok(version)
     }
 
     /// Frees a name a removed node still reserves.
-    pub fn release_name(&self, hostname: &str) -> Result<(), Error> {
-        let mut store = self.store();
-        let (changed, _) = store.change(false, |tx| store::release_name(tx, hostname))?;
+    pub async fn release_name(&self, hostname: &str) -> Result<(), Error> {
+        let store = self.store().await;
+        let mut tx = store.begin().await?;
+        let changed = store::release_name(&mut tx, hostname).await?;
+        store.commit(tx, false).await?;
         if changed == 0 {
             return Err(Error::NameNotReserved(hostname.to_owned()));
         }
@@ -108,10 +114,12 @@ impl Registry {
     }
 
     /// The node is told to rotate its credential at its next registration.
-    pub fn request_rotation(&self, sel: &str) -> Result<(), Error> {
-        let mut store = self.store();
-        let id = find(store.nodes()?, sel)?.rec.id;
-        store.change(false, |tx| store::request_rotation(tx, &id))?;
+    pub async fn request_rotation(&self, sel: &str) -> Result<(), Error> {
+        let store = self.store().await;
+        let id = find(store.nodes().await?, sel)?.rec.id;
+        let mut tx = store.begin().await?;
+        store::request_rotation(&mut tx, &id).await?;
+        store.commit(tx, false).await?;
         tracing::info!(node = %id, "credential rotation requested");
         Ok(())
     }

@@ -95,7 +95,7 @@ impl KeySpec {
 }
 
 impl Registry {
-    pub fn create_enrollment_key(&self, spec: KeySpec) -> Result<NewKey, Error> {
+    pub async fn create_enrollment_key(&self, spec: KeySpec) -> Result<NewKey, Error> {
         let KeySpec { uses, lifetime, mut tags, mut routes, hostname, node } = spec;
         if let Some(bad) = tags.iter().find(|t| !valid_name(t)) {
             return Err(Error::Tag(bad.clone()));
@@ -129,7 +129,7 @@ impl Registry {
             hostname,
             node,
         };
-        self.store().insert_key(&row)?;
+        self.store().await.insert_key(&row).await?;
         tracing::info!(
             key = %row.id, max_uses = row.max_uses, expires_unix, routes = ?row.routes, hostname = ?row.hostname,
             reenroll_node = ?row.node, "enrollment key created"
@@ -138,10 +138,12 @@ impl Registry {
     }
 
     /// Every key, without secrets.
-    pub fn list_enrollment_keys(&self) -> Result<Vec<v1::EnrollmentKey>, Error> {
+    pub async fn list_enrollment_keys(&self) -> Result<Vec<v1::EnrollmentKey>, Error> {
         Ok(self
             .store()
-            .keys()?
+            .await
+            .keys()
+            .await?
             .into_iter()
             .map(|k| v1::EnrollmentKey {
                 key_id: k.id,
@@ -160,8 +162,8 @@ impl Registry {
 
     /// A re-enrollment key for the live node `sel` (an admin's approval that a new key pair
     /// takes over its identity): single use, `expires_in_secs` or an hour.
-    pub fn reenroll_key(&self, sel: &str, expires_in_secs: Option<u64>) -> Result<(NewKey, String), Error> {
-        let rows = self.store().nodes()?;
+    pub async fn reenroll_key(&self, sel: &str, expires_in_secs: Option<u64>) -> Result<(NewKey, String), Error> {
+        let rows = self.store().await.nodes().await?;
         let row = match super::admin::find(rows.clone(), sel) {
             Ok(row) => row,
             Err(e) => match super::admin::find_removed(rows, sel) {
@@ -174,12 +176,12 @@ impl Registry {
             Some(s) => Lifetime::Secs(NonZeroU64::new(s).ok_or(Error::ExpiresInZero)?),
         };
         let spec = KeySpec { lifetime, node: Some(row.rec.id.clone()), ..KeySpec::default() };
-        Ok((self.create_enrollment_key(spec)?, row.rec.id))
+        Ok((self.create_enrollment_key(spec).await?, row.rec.id))
     }
 
     /// Revokes a key: it enrolls nobody from now on.
-    pub fn revoke_enrollment_key(&self, id: &str) -> Result<(), Error> {
-        if !self.store().revoke_key(id)? {
+    pub async fn revoke_enrollment_key(&self, id: &str) -> Result<(), Error> {
+        if !self.store().await.revoke_key(id).await? {
             return Err(Error::UnknownKey(id.to_owned()));
         }
         tracing::info!(key = %id, "enrollment key revoked");

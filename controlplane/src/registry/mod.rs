@@ -3,8 +3,9 @@
 //! publish the new [`GlobalState`] to the history and the watch channel, so states are
 //! published in version order.
 //!
-//! Methods that touch the store block (SQLite, fsync): async callers run them through
-//! [`off_worker`] so a slow disk never stalls the tokio workers driving the streams.
+//! Methods that touch the store are async (sqlx): a slow disk or database waits without
+//! holding a tokio worker. The store lock (an async mutex) is held across a change and its
+//! publication.
 //!
 //! - [`register`]: enrollment and re-registration.
 //! - [`admin`]: the administration operations.
@@ -29,7 +30,6 @@ pub mod throttle;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::IpNet;
@@ -41,7 +41,7 @@ use crate::credentials::CredentialIndex;
 use crate::limits::Limits;
 use crate::policy::{self, Policy};
 use crate::state::{GlobalState, History};
-use crate::store::Store;
+use crate::store::{DbLocation, Store};
 use crate::Error;
 
 /// The overlay network: the ranges addresses are allocated from, and how its tunnels are
@@ -74,7 +74,7 @@ pub const DEFAULT_HISTORY: usize = 256;
 pub const FLOW_LOG: usize = 512;
 
 pub struct Registry {
-    store: Mutex<Store>,
+    store: tokio::sync::Mutex<Store>,
     /// The database's incarnation: versions are only comparable within one.
     incarnation: Arc<str>,
     /// Read by authentication instead of the store (kept current by the store).
@@ -109,20 +109,25 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Registry {
     /// Opens the store and rebuilds the current state from it, with the default limits.
-    pub fn open(db: &Path, overlay: Overlay, history: usize) -> Result<Registry, Error> {
-        Registry::open_with(db, overlay, history, Limits::default())
+    pub async fn open(db: &DbLocation, overlay: Overlay, history: usize) -> Result<Registry, Error> {
+        Registry::open_with(db, overlay, history, Limits::default()).await
     }
 
     /// [`Registry::open`] with the given limits.
-    pub fn open_with(db: &Path, overlay: Overlay, history: usize, limits: Limits) -> Result<Registry, Error> {
-        let store = Store::open(db)?;
-        let version = store.version()?;
-        let incarnation = store.incarnation()?;
-        let policy = match store.policy()? {
+    pub async fn open_with(
+        db: &DbLocation,
+        overlay: Overlay,
+        history: usize,
+        limits: Limits,
+    ) -> Result<Registry, Error> {
+        let store = Store::open(db).await?;
+        let version = store.version().await?;
+        let incarnation = store.incarnation().await?;
+        let policy = match store.policy().await? {
             Some((file, source, _)) => policy::parse(&file, &source)?,
             None => Policy::default(),
         };
-        let rows = store.nodes()?;
+        let rows = store.nodes().await?;
         let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
         let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
         let mut state = GlobalState::new(version, live, Arc::new(policy), overlay);
@@ -135,7 +140,7 @@ impl Registry {
         hist.push(state.clone());
         Ok(Registry {
             credentials: store.credentials(),
-            store: Mutex::new(store),
+            store: tokio::sync::Mutex::new(store),
             incarnation: incarnation.into(),
             limits,
             overlay,
@@ -201,15 +206,15 @@ impl Registry {
         version
     }
 
-    fn store(&self) -> MutexGuard<'_, Store> {
-        lock(&self.store)
+    async fn store(&self) -> tokio::sync::MutexGuard<'_, Store> {
+        self.store.lock().await
     }
 
     /// Holds the store lock, as a long write would: lets tests prove that authentication
     /// does not wait for it.
     #[doc(hidden)]
-    pub fn hold_store_lock(&self) -> MutexGuard<'_, impl Sized> {
-        self.store()
+    pub async fn hold_store_lock(&self) -> tokio::sync::MutexGuard<'_, impl Sized> {
+        self.store().await
     }
 
     /// The node id behind the request's bearer credential: refused when missing,
@@ -238,9 +243,13 @@ impl Registry {
     }
 }
 
-/// Runs blocking work (anything touching the store) on tokio's blocking pool.
-pub async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Task(e.to_string()))?
+/// Runs registry work (anything touching the store) as a task of its own: a caller that
+/// gives up (a deadline, a client gone) must not cancel a change between its commit and
+/// its publication, or a committed version would never be published.
+pub async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(work).await.map_err(|e| Error::Task(e.to_string()))?
 }
 
 /// Resolves once `signal` (from [`Registry::shutdown_signal`]) says shutting down.

@@ -111,7 +111,7 @@ pub struct NodeCounts {
 impl Registry {
     /// Counts the nodes: live ones from the current state and the observations, removed
     /// ones from the store.
-    pub fn node_counts(&self) -> Result<NodeCounts, Error> {
+    pub async fn node_counts(&self) -> Result<NodeCounts, Error> {
         let state = self.current();
         let mut c = NodeCounts::default();
         for n in state.nodes.iter() {
@@ -125,9 +125,9 @@ impl Registry {
                 c.disconnected += 1;
             }
         }
-        let store = self.store();
-        c.removed = store.nodes()?.iter().filter(|r| r.removed).count();
-        c.policy_version = store.policy()?.map_or(0, |(_, _, v)| v);
+        let store = self.store().await;
+        c.removed = store.nodes().await?.iter().filter(|r| r.removed).count();
+        c.policy_version = store.policy().await?.map_or(0, |(_, _, v)| v);
         Ok(c)
     }
 }

@@ -125,7 +125,7 @@ pub struct Challenge {
 impl Registry {
     /// Handles a Register call; `meta` may carry a node credential. Enrollment attempts
     /// are limited per source address through the challenges they need.
-    pub fn register(
+    pub async fn register(
         &self,
         meta: &tonic::metadata::MetadataMap,
         req: &RegisterRequest,
@@ -134,8 +134,10 @@ impl Registry {
             Some(token) => {
                 self.check_credential(&token)?;
                 let id = token.id.clone();
-                let result = validate(req, &self.overlay, &self.gate.control_plane())
-                    .and_then(|reg| self.reregister(token, reg));
+                let result = match validate(req, &self.overlay, &self.gate.control_plane()) {
+                    Ok(reg) => self.reregister(token, reg).await,
+                    Err(e) => Err(e),
+                };
                 self.note_registration(&id, &result);
                 result
             }
@@ -146,7 +148,7 @@ impl Registry {
                 }
                 // Taken first: a challenge is good for one attempt, whatever its outcome.
                 let challenge = (req.challenge_id.as_str(), self.take_challenge(&req.challenge_id)?);
-                self.enroll(&req.enrollment_key, reg, challenge, &req.proof)
+                self.enroll(&req.enrollment_key, reg, challenge, &req.proof).await
             }
         }
     }
@@ -177,11 +179,14 @@ impl Registry {
 
     /// Issues a new credential for the node behind `meta`'s credential; the old one stays
     /// valid until the node registers with the new one.
-    pub fn rotate_credential(&self, meta: &tonic::metadata::MetadataMap) -> Result<String, Error> {
+    pub async fn rotate_credential(&self, meta: &tonic::metadata::MetadataMap) -> Result<String, Error> {
         let token = auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
         self.check_credential(&token)?;
         let new = Token::generate(token.id.clone());
-        self.store().change(false, |tx| store::set_pending_credential(tx, &token.id, &new.hash()))?;
+        let store = self.store().await;
+        let mut tx = store.begin().await?;
+        store::set_pending_credential(&mut tx, &token.id, &new.hash()).await?;
+        store.commit(tx, false).await?;
         tracing::info!(node = %token.id, "credential rotation started");
         Ok(new.expose())
     }
@@ -191,28 +196,31 @@ impl Registry {
     /// A change comes into effect at once, or, when the node changed something less than
     /// an interval ago, once that interval is over ([`super::throttle::Coalescer`]).
     /// Call with a checked credential.
-    fn reregister(&self, token: Token, reg: Registration) -> Result<RegisterResponse, Error> {
+    async fn reregister(&self, token: Token, reg: Registration) -> Result<RegisterResponse, Error> {
         // Registering with the rotated credential completes the rotation: the old one ends.
         if self.credentials.is_pending(&token) {
-            self.store().change(false, |tx| store::promote_credential(tx, &token.id))?;
+            let store = self.store().await;
+            let mut tx = store.begin().await?;
+            store::promote_credential(&mut tx, &token.id).await?;
+            store.commit(tx, false).await?;
             tracing::info!(node = %token.id, "credential rotated");
         }
         let state = self.current();
         let old = state.node(&token.id).ok_or_else(|| Error::NodeRemoved(token.id.clone()))?.clone();
         // Compared with what it enrolled with: an admin may have renamed the node since.
-        if reg.hostname != self.store().claimed_hostname(&old.id)? {
+        if reg.hostname != self.store().await.claimed_hostname(&old.id).await? {
             return Err(Error::Immutable("hostname"));
         }
         // The node switched to the key it announced: now its key for every peer.
         let old = match reg.public_key == old.public_key {
             true => old,
-            false if self.store().pending_public_key(&old.id)? == Some(reg.public_key) => {
-                Arc::new(self.commit_key(&old, reg.public_key)?)
+            false if self.store().await.pending_public_key(&old.id).await? == Some(reg.public_key) => {
+                Arc::new(self.commit_key(&old, reg.public_key).await?)
             }
             false => return Err(Error::KeyNotAnnounced),
         };
         let (routes, refused) =
-            split_routes(&reg.routes, &self.store().granted_routes(&old.id)?, &state.nodes, &old.id);
+            split_routes(&reg.routes, &self.store().await.granted_routes(&old.id).await?, &state.nodes, &old.id);
         self.advertised(&old.id, &reg.routes, &refused);
         let change = Change { endpoints: reg.endpoints, routes, refused_routes: refused.clone() };
         let changed = (change.endpoints != old.endpoints
@@ -220,9 +228,9 @@ impl Registry {
             || change.refused_routes != old.refused_routes)
             .then_some(change.clone());
         if self.reregistrations.offer(&old.id, changed) == Admit::Now {
-            self.apply_reregistration(&old.id, change)?;
+            self.apply_reregistration(&old.id, change).await?;
         }
-        let rotate = self.store().rotate_requested(&token.id)?;
+        let rotate = self.store().await.rotate_requested(&token.id).await?;
         Ok(response(&old, token.expose(), rotate, &self.overlay, &refused))
     }
 
@@ -242,18 +250,20 @@ impl Registry {
 
     /// Writes and publishes a node's new endpoints and routes, checked again against the
     /// state at this moment (it may be applied an interval after it was asked for).
-    pub(super) fn apply_reregistration(&self, id: &str, change: Change) -> Result<(), Error> {
-        let mut store = self.store();
+    pub(super) async fn apply_reregistration(&self, id: &str, change: Change) -> Result<(), Error> {
+        let store = self.store().await;
         let state = self.current();
         let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
         // Checked again: another node may have taken a route since it was asked for.
-        let (routes, later) = split_routes(&change.routes, &store.granted_routes(id)?, &state.nodes, id);
+        let (routes, later) = split_routes(&change.routes, &store.granted_routes(id).await?, &state.nodes, id);
         self.log_refused(id, &later);
         let mut refused_routes = change.refused_routes;
         refused_routes.extend(later);
         let new = NodeRec { endpoints: change.endpoints, routes, refused_routes, ..(**old).clone() };
         if new != **old {
-            let ((), version) = store.change(true, |tx| store::update_node(tx, &new))?;
+            let mut tx = store.begin().await?;
+            store::update_node(&mut tx, &new).await?;
+            let version = store.commit(tx, true).await?;
             tracing::info!(node = %new.id, version, "node re-registered with changes");
             let nodes = replace(&state.nodes, Arc::new(new));
             self.publish(state.with_nodes(version, nodes));
@@ -261,7 +271,7 @@ impl Registry {
         Ok(())
     }
 
-    fn enroll(
+    async fn enroll(
         &self,
         key: &str,
         reg: Registration,
@@ -272,8 +282,8 @@ impl Registry {
             return Err(Error::EnrollmentKeyMissing);
         }
         let token = Token::parse(key).ok_or(Error::EnrollmentKeyUnknown)?;
-        let mut store = self.store();
-        let key = store.key(&token.id)?.ok_or(Error::EnrollmentKeyUnknown)?;
+        let store = self.store().await;
+        let key = store.key(&token.id).await?.ok_or(Error::EnrollmentKeyUnknown)?;
         if !token.matches(&key.hash) {
             return Err(Error::EnrollmentKeyUnknown);
         }
@@ -283,17 +293,17 @@ impl Registry {
         }
         wirefence_proto::possession::verify(&challenge, &reg.public_key, challenge_id, &reg.hostname, proof)?;
         if let Some(node) = key.node.clone() {
-            return self.reenroll(&mut store, &key, &node, reg);
+            return self.reenroll(&store, &key, &node, reg).await;
         }
         // Only after the key checks out, so key pairs cannot be probed without one.
-        if let Some(id) = store.removed_with_key(&reg.public_key)? {
+        if let Some(id) = store.removed_with_key(&reg.public_key).await? {
             return Err(Error::PublicKeyRemoved(id));
         }
         let bound = match &key.hostname {
             Some(name) if *name != reg.hostname => {
                 return Err(Error::HostnameNotBound { name: name.clone(), key: key.id, wanted: reg.hostname });
             }
-            Some(name) => match store.name_owner(name)? {
+            Some(name) => match store.name_owner(name).await? {
                 Some((node, removed)) => return Err(Error::HostnameOwned { name: name.clone(), node, removed }),
                 None => true,
             },
@@ -311,10 +321,11 @@ impl Registry {
         }
         let requested = reg.routes.clone();
         let (routes, refused) = split_routes(&reg.routes, &key.routes, &state.nodes, "");
-        let used = lock(&self.allocated);
-        let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
-        let v6 = allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?;
-        drop(used);
+        let (v4, v6) = {
+            let used = lock(&self.allocated);
+            let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
+            (v4, allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?)
+        };
         let node = NodeRec {
             id: auth::new_id('n'),
             hostname: reg.hostname,
@@ -327,11 +338,10 @@ impl Registry {
             refused_routes: refused.clone(),
         };
         let credential = Token::generate(node.id.clone());
-        let ((), version) = store.change(true, |tx| {
-            store::insert_node(tx, &node, &credential.hash(), &key.routes)?;
-            store::use_key(tx, &key.id)?;
-            Ok(())
-        })?;
+        let mut tx = store.begin().await?;
+        store::insert_node(&mut tx, &node, &credential.hash(), &key.routes).await?;
+        store::use_key(&mut tx, &key.id).await?;
+        let version = store.commit(tx, true).await?;
         lock(&self.allocated).extend(node.addresses.iter().map(|a| a.addr()));
         tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), bound, key = %key.id, version, "node enrolled");
         let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();

@@ -52,10 +52,10 @@ impl Registry {
     /// applied: its Applied report may have been lost with its previous session.
     /// Blocks (store write); the count only starts once that succeeded.
     /// At most `limits.max_watches_per_node` streams per node (`TooManyWatches`).
-    pub fn connect(self: &Arc<Self>, node: &str, resume_from: u64) -> Result<Connection, Error> {
+    pub async fn connect(self: &Arc<Self>, node: &str, resume_from: u64) -> Result<Connection, Error> {
         let connection = Connection::open(self.clone(), node, self.limits.max_watches_per_node)?;
         if resume_from > 0 && resume_from <= self.current().version {
-            self.store().acknowledge(node, resume_from)?;
+            self.store().await.acknowledge(node, resume_from).await?;
         }
         Ok(connection)
     }
@@ -66,7 +66,7 @@ impl Registry {
     }
 
     /// Records one report message of `node` in memory; returns what must still be
-    /// written to the store with [`Registry::record`] (off the async workers).
+    /// written to the store with [`Registry::record`].
     pub fn report(&self, node: &str, report: AgentReport) -> Result<Option<Durable>, Error> {
         if !self.is_live(node) {
             return Err(Error::NodeRemoved(node.to_owned()));
@@ -129,10 +129,10 @@ impl Registry {
     }
 
     /// Writes a node's apply status. Blocks.
-    pub fn record(&self, node: &str, d: &Durable) -> Result<(), Error> {
+    pub async fn record(&self, node: &str, d: &Durable) -> Result<(), Error> {
         match d {
-            Durable::Applied(v) => self.store().record_applied(node, *v)?,
-            Durable::Failed(reason) => self.store().record_failed(node, reason)?,
+            Durable::Applied(v) => self.store().await.record_applied(node, *v).await?,
+            Durable::Failed(reason) => self.store().await.record_failed(node, reason).await?,
         }
         Ok(())
     }
@@ -157,19 +157,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_failed_connect_leaves_no_connection_counted() {
+    #[tokio::test]
+    async fn a_failed_connect_leaves_no_connection_counted() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("control.db");
-        let registry = Arc::new(Registry::open(&db, Overlay::default(), DEFAULT_HISTORY).unwrap());
-        let guard = registry.connect("n1", 0).unwrap();
+        let registry = Arc::new(Registry::open(&(&db).into(), Overlay::default(), DEFAULT_HISTORY).await.unwrap());
+        let guard = registry.connect("n1", 0).await.unwrap();
         assert_eq!(registry.observed.get("n1").connected, 1);
         assert!(registry.observed.get("n1").last_seen > 0);
         drop(guard);
         assert_eq!(registry.observed.get("n1").connected, 0);
         // Make the store fail underneath: acknowledging version 1 has to write.
-        rusqlite::Connection::open(&db).unwrap().execute_batch("DROP TABLE nodes").unwrap();
-        assert!(registry.connect("n1", 1).is_err());
+        sqlx::raw_sql("DROP TABLE nodes").execute(&registry.store().await.pool).await.unwrap();
+        assert!(registry.connect("n1", 1).await.is_err());
         assert_eq!(registry.observed.get("n1").connected, 0, "a failed connect must not count");
     }
 }

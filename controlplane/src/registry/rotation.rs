@@ -31,7 +31,7 @@ use crate::Error;
 
 impl Registry {
     /// Records the key announced by the node behind `meta`'s credential as its pending key.
-    pub fn rotate_key(&self, meta: &tonic::metadata::MetadataMap, req: &RotateKeyRequest) -> Result<(), Error> {
+    pub async fn rotate_key(&self, meta: &tonic::metadata::MetadataMap, req: &RotateKeyRequest) -> Result<(), Error> {
         let token = crate::auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
         self.check_credential(&token)?;
         let id = token.id;
@@ -42,7 +42,7 @@ impl Registry {
         }
         let challenge = self.take_challenge(&req.challenge_id)?;
         wirefence_proto::possession::verify_rotation(&challenge, &key, &req.challenge_id, &id, &req.proof)?;
-        let mut store = self.store();
+        let store = self.store().await;
         let state = self.current();
         let node = state.node(&id).ok_or_else(|| Error::NodeRemoved(id.clone()))?;
         if node.public_key == key {
@@ -50,23 +50,27 @@ impl Registry {
         }
         // A key another node has, had or announced never becomes this node's: views would
         // name two nodes by one key, and a removed node's key stays retired.
-        match store.key_holder(&key)? {
+        match store.key_holder(&key).await? {
             Some((holder, _)) if holder == id => {} // announced again (an interrupted rotation)
             Some((holder, true)) => return Err(Error::PublicKeyRemoved(holder)),
             Some(_) => return Err(Error::PublicKeyEnrolled),
             None => {}
         }
-        store.change(false, |tx| store::set_pending_key(tx, &id, &key))?;
+        let mut tx = store.begin().await?;
+        store::set_pending_key(&mut tx, &id, &key).await?;
+        store.commit(tx, false).await?;
         tracing::info!(node = %id, new_key = %crate::output::key(&key), "key rotation announced");
         Ok(())
     }
 
     /// A registration with the pending key: it becomes the node's key, published at once.
     /// Returns the node as it is now.
-    pub(super) fn commit_key(&self, old: &NodeRec, key: PublicKey) -> Result<NodeRec, Error> {
-        let mut store = self.store();
+    pub(super) async fn commit_key(&self, old: &NodeRec, key: PublicKey) -> Result<NodeRec, Error> {
+        let store = self.store().await;
         let state = self.current();
-        let ((), version) = store.change(true, |tx| store::commit_key(tx, &old.id))?;
+        let mut tx = store.begin().await?;
+        store::commit_key(&mut tx, &old.id).await?;
+        let version = store.commit(tx, true).await?;
         let new = NodeRec { public_key: key, ..old.clone() };
         self.publish(state.with_nodes(version, replace(&state.nodes, std::sync::Arc::new(new.clone()))));
         tracing::info!(node = %old.id, version, new_key = %crate::output::key(&key), "key rotated");
@@ -74,25 +78,25 @@ impl Registry {
     }
 
     /// An enrollment with a re-enrollment key of node `id` (the key and the proof checked).
-    pub(super) fn reenroll(
+    pub(super) async fn reenroll(
         &self,
-        store: &mut Store,
+        store: &Store,
         key: &KeyRow,
         id: &str,
         reg: Registration,
     ) -> Result<RegisterResponse, Error> {
         let state = self.current();
         let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
-        let claimed = store.claimed_hostname(id)?;
+        let claimed = store.claimed_hostname(id).await?;
         if reg.hostname != claimed {
             return Err(Error::HostnameNotBound { name: claimed, key: key.id.clone(), wanted: reg.hostname });
         }
-        match store.key_holder(&reg.public_key)? {
+        match store.key_holder(&reg.public_key).await? {
             Some((holder, true)) => return Err(Error::PublicKeyRemoved(holder)),
             Some(_) => return Err(Error::PublicKeyEnrolled),
             None => {}
         }
-        let (routes, refused) = split_routes(&reg.routes, &store.granted_routes(id)?, &state.nodes, id);
+        let (routes, refused) = split_routes(&reg.routes, &store.granted_routes(id).await?, &state.nodes, id);
         let new = NodeRec {
             public_key: reg.public_key,
             endpoints: reg.endpoints,
@@ -101,10 +105,10 @@ impl Registry {
             ..(**old).clone()
         };
         let credential = Token::generate(id.to_owned());
-        let ((), version) = store.change(true, |tx| {
-            store::reenroll_node(tx, &new, &credential.hash())?;
-            store::use_key(tx, &key.id)
-        })?;
+        let mut tx = store.begin().await?;
+        store::reenroll_node(&mut tx, &new, &credential.hash()).await?;
+        store::use_key(&mut tx, &key.id).await?;
+        let version = store.commit(tx, true).await?;
         self.publish(state.with_nodes(version, replace(&state.nodes, std::sync::Arc::new(new.clone()))));
         self.advertised(id, &reg.routes, &refused);
         tracing::info!(node = %id, key = %key.id, version, new_key = %crate::output::key(&new.public_key), "node re-enrolled");

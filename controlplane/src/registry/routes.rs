@@ -74,12 +74,17 @@ impl Registry {
     /// Adds `grant` to and takes `revoke` out of node `sel`'s granted routes, then gives it
     /// what it advertised (at its last registration since start; else the routes it has)
     /// within the new grant, in one version.
-    pub fn set_node_routes(&self, sel: &str, grant: &[IpNet], revoke: &[IpNet]) -> Result<(u64, v1::Node), Error> {
+    pub async fn set_node_routes(
+        &self,
+        sel: &str,
+        grant: &[IpNet],
+        revoke: &[IpNet],
+    ) -> Result<(u64, v1::Node), Error> {
         for (index, route) in grant.iter().enumerate() {
             check_route(index, *route, &self.overlay)?;
         }
-        let mut store = self.store();
-        let row = find(store.nodes()?, sel)?;
+        let store = self.store().await;
+        let row = find(store.nodes().await?, sel)?;
         let id = row.rec.id.clone();
         let mut granted = row.granted_routes;
         for r in revoke {
@@ -99,14 +104,14 @@ impl Registry {
         let requested = self.observed.get(&id).requested_routes.unwrap_or_else(|| old.routes.clone());
         let (routes, refused) = split_routes(&requested, &granted, &state.nodes, &id);
         let new = NodeRec { routes, refused_routes: refused, ..(*old).clone() };
-        let ((), version) = store.change(true, |tx| {
-            store::set_granted_routes(tx, &id, &granted)?;
-            store::update_node(tx, &new)
-        })?;
+        let mut tx = store.begin().await?;
+        store::set_granted_routes(&mut tx, &id, &granted).await?;
+        store::update_node(&mut tx, &new).await?;
+        let version = store.commit(tx, true).await?;
         tracing::info!(node = %id, version, granted = ?granted, routes = ?new.routes, "node's granted routes changed");
         self.publish(state.with_nodes(version, replace(&state.nodes, Arc::new(new))));
         drop(store);
-        Ok((version, self.get_node(&id)?))
+        Ok((version, self.get_node(&id).await?))
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tokio::sync::Notify;
 
-use super::{lock, off_worker, Registry};
+use super::{detached, lock, Registry};
 
 /// Token buckets by node id.
 #[derive(Debug)]
@@ -144,7 +144,7 @@ impl Registry {
             for (node, change) in due {
                 let registry = self.clone();
                 let id = node.clone();
-                if let Err(e) = off_worker(move || registry.apply_reregistration(&id, change)).await {
+                if let Err(e) = detached(async move { registry.apply_reregistration(&id, change).await }).await {
                     tracing::info!(node = %node, error = %e, "parked re-registration not applied");
                 }
             }

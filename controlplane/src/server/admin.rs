@@ -15,7 +15,7 @@ use wirefence_proto::v1::{
 
 use crate::registry::keys::KeySpec;
 use crate::registry::routes::wire_prefixes;
-use crate::registry::{off_worker, Registry};
+use crate::registry::{detached, Registry};
 
 #[derive(Clone)]
 pub struct AdminSvc {
@@ -32,7 +32,7 @@ impl AdminService for AdminSvc {
         let r = request.into_inner();
         let file = if r.file_name.is_empty() { "policy".to_owned() } else { r.file_name };
         let registry = self.registry.clone();
-        let applied = off_worker(move || registry.apply_policy(&file, &r.source)).await?;
+        let applied = detached(async move { registry.apply_policy(&file, &r.source).await }).await?;
         Ok(Response::new(ApplyPolicyReply {
             version: applied.version,
             rules: count(applied.rules),
@@ -43,24 +43,26 @@ impl AdminService for AdminSvc {
 
     async fn get_policy(&self, _: Request<GetPolicyRequest>) -> Result<Response<GetPolicyReply>, Status> {
         let registry = self.registry.clone();
-        let p = off_worker(move || registry.policy_file()).await?;
+        let p = detached(async move { registry.policy_file().await }).await?;
         Ok(Response::new(GetPolicyReply { file_name: p.file_name, source: p.source, version: p.version }))
     }
 
     async fn list_nodes(&self, request: Request<ListNodesRequest>) -> Result<Response<ListNodesReply>, Status> {
         let include_removed = request.into_inner().include_removed;
         let registry = self.registry.clone();
-        Ok(Response::new(ListNodesReply { nodes: off_worker(move || registry.list_nodes(include_removed)).await? }))
+        Ok(Response::new(ListNodesReply {
+            nodes: detached(async move { registry.list_nodes(include_removed).await }).await?,
+        }))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
         let (registry, node) = (self.registry.clone(), request.into_inner().node);
-        Ok(Response::new(off_worker(move || registry.get_node(&node)).await?))
+        Ok(Response::new(detached(async move { registry.get_node(&node).await }).await?))
     }
 
     async fn remove_node(&self, request: Request<RemoveNodeRequest>) -> Result<Response<RemoveNodeReply>, Status> {
         let (registry, node) = (self.registry.clone(), request.into_inner().node);
-        let version = off_worker(move || registry.remove_node(&node)).await?;
+        let version = detached(async move { registry.remove_node(&node).await }).await?;
         Ok(Response::new(RemoveNodeReply { version }))
     }
 
@@ -70,7 +72,7 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<CreateEnrollmentKeyReply>, Status> {
         let spec = KeySpec::from_request(request.into_inner())?;
         let registry = self.registry.clone();
-        let k = off_worker(move || registry.create_enrollment_key(spec)).await?;
+        let k = detached(async move { registry.create_enrollment_key(spec).await }).await?;
         Ok(Response::new(CreateEnrollmentKeyReply { key_id: k.key_id, key: k.key, expires_unix: k.expires_unix }))
     }
 
@@ -79,7 +81,9 @@ impl AdminService for AdminSvc {
         _: Request<ListEnrollmentKeysRequest>,
     ) -> Result<Response<ListEnrollmentKeysReply>, Status> {
         let registry = self.registry.clone();
-        Ok(Response::new(ListEnrollmentKeysReply { keys: off_worker(move || registry.list_enrollment_keys()).await? }))
+        Ok(Response::new(ListEnrollmentKeysReply {
+            keys: detached(async move { registry.list_enrollment_keys().await }).await?,
+        }))
     }
 
     async fn revoke_enrollment_key(
@@ -87,19 +91,19 @@ impl AdminService for AdminSvc {
         request: Request<RevokeEnrollmentKeyRequest>,
     ) -> Result<Response<RevokeEnrollmentKeyReply>, Status> {
         let (registry, id) = (self.registry.clone(), request.into_inner().key_id);
-        off_worker(move || registry.revoke_enrollment_key(&id)).await?;
+        detached(async move { registry.revoke_enrollment_key(&id).await }).await?;
         Ok(Response::new(RevokeEnrollmentKeyReply {}))
     }
 
     async fn approve_node(&self, request: Request<ApproveNodeRequest>) -> Result<Response<ApproveNodeReply>, Status> {
         let (registry, node) = (self.registry.clone(), request.into_inner().node);
-        let version = off_worker(move || registry.approve_node(&node)).await?;
+        let version = detached(async move { registry.approve_node(&node).await }).await?;
         Ok(Response::new(ApproveNodeReply { version }))
     }
 
     async fn release_name(&self, request: Request<ReleaseNameRequest>) -> Result<Response<ReleaseNameReply>, Status> {
         let (registry, name) = (self.registry.clone(), request.into_inner().hostname);
-        off_worker(move || registry.release_name(&name)).await?;
+        detached(async move { registry.release_name(&name).await }).await?;
         Ok(Response::new(ReleaseNameReply {}))
     }
 
@@ -108,7 +112,7 @@ impl AdminService for AdminSvc {
         request: Request<RequestCredentialRotationRequest>,
     ) -> Result<Response<RequestCredentialRotationReply>, Status> {
         let (registry, node) = (self.registry.clone(), request.into_inner().node);
-        off_worker(move || registry.request_rotation(&node)).await?;
+        detached(async move { registry.request_rotation(&node).await }).await?;
         Ok(Response::new(RequestCredentialRotationReply {}))
     }
 
@@ -120,7 +124,7 @@ impl AdminService for AdminSvc {
         let grant = wire_prefixes("grant", &r.grant)?;
         let revoke = wire_prefixes("revoke", &r.revoke)?;
         let registry = self.registry.clone();
-        let (version, node) = off_worker(move || registry.set_node_routes(&r.node, &grant, &revoke)).await?;
+        let (version, node) = detached(async move { registry.set_node_routes(&r.node, &grant, &revoke).await }).await?;
         Ok(Response::new(SetNodeRoutesReply { version, node: Some(node) }))
     }
 
@@ -130,7 +134,7 @@ impl AdminService for AdminSvc {
     ) -> Result<Response<ReenrollNodeReply>, Status> {
         let registry = self.registry.clone();
         let r = request.into_inner();
-        let (key, node_id) = off_worker(move || registry.reenroll_key(&r.node, r.expires_in_secs)).await?;
+        let (key, node_id) = detached(async move { registry.reenroll_key(&r.node, r.expires_in_secs).await }).await?;
         Ok(Response::new(ReenrollNodeReply {
             key_id: key.key_id,
             key: key.key,
@@ -143,7 +147,7 @@ impl AdminService for AdminSvc {
         let r = request.into_inner();
         let registry = self.registry.clone();
         let tags = r.tags.map(|t| t.tags);
-        let (version, node) = off_worker(move || registry.set_node(&r.node, tags, r.hostname)).await?;
+        let (version, node) = detached(async move { registry.set_node(&r.node, tags, r.hostname).await }).await?;
         Ok(Response::new(SetNodeReply { version, node: Some(node) }))
     }
 }

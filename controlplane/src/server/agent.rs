@@ -14,7 +14,7 @@ use wirefence_proto::v1::{
 
 use crate::grpc::agent_service_server::AgentService;
 use crate::registry::observed::Connection;
-use crate::registry::{off_worker, Registry};
+use crate::registry::{detached, Registry};
 use crate::state::GlobalState;
 use crate::view::{delta, node_view, View};
 use crate::wire::{Body, Delta, Update, PART_PEERS};
@@ -173,7 +173,7 @@ impl AgentService for AgentSvc {
         let registry = self.registry.clone();
         let (meta, _, req) = request.into_parts();
         let enrollment = !req.enrollment_key.is_empty();
-        let work = off_worker(move || registry.register(&meta, &req));
+        let work = detached(async move { registry.register(&meta, &req).await });
         let result = self.in_time("Register", work).await.map_err(Status::from);
         if enrollment {
             self.registry.metrics.enrollment(result.as_ref().map(|_| ()).map_err(|s| s.code()));
@@ -187,21 +187,21 @@ impl AgentService for AgentSvc {
     ) -> Result<Response<RotateCredentialReply>, Status> {
         let registry = self.registry.clone();
         let meta = request.into_parts().0;
-        let credential = off_worker(move || registry.rotate_credential(&meta)).await?;
+        let credential = detached(async move { registry.rotate_credential(&meta).await }).await?;
         Ok(Response::new(RotateCredentialReply { credential }))
     }
 
     async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<RotateKeyReply>, Status> {
         let registry = self.registry.clone();
         let (meta, _, req) = request.into_parts();
-        off_worker(move || registry.rotate_key(&meta, &req)).await?;
+        detached(async move { registry.rotate_key(&meta, &req).await }).await?;
         Ok(Response::new(RotateKeyReply {}))
     }
 
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
         let registry = self.registry.clone();
         let meta = request.into_parts().0;
-        let version = off_worker(move || registry.leave(&meta)).await?;
+        let version = detached(async move { registry.leave(&meta).await }).await?;
         Ok(Response::new(LeaveReply { version }))
     }
 
@@ -218,7 +218,7 @@ impl AgentService for AgentSvc {
         let id = node.clone();
         // A version of another incarnation says nothing about what the node runs here.
         let ours = incarnation == registry.incarnation();
-        let work = off_worker(move || registry.connect(&id, if ours { resume_from } else { 0 }));
+        let work = detached(async move { registry.connect(&id, if ours { resume_from } else { 0 }).await });
         let connection = self.in_time("Watch", work).await?;
         let mut states = self.registry.subscribe();
         let state = states.borrow_and_update().clone();
@@ -255,7 +255,7 @@ impl AgentService for AgentSvc {
                         self.registry.admit_report(&node)?;
                         if let Some(d) = self.registry.report(&node, r)? {
                             let (registry, node) = (self.registry.clone(), node.clone());
-                            off_worker(move || registry.record(&node, &d)).await?;
+                            detached(async move { registry.record(&node, &d).await }).await?;
                         }
                     }
                     None => break,

@@ -26,6 +26,7 @@ use tonic::transport::Server;
 
 use crate::limits::Limits;
 use crate::registry::{Overlay, Registry, DEFAULT_HISTORY};
+use crate::store::DbLocation;
 use crate::Error;
 
 pub use admin::AdminSvc;
@@ -34,7 +35,8 @@ pub use tls::{ServerTls, TlsIdentity};
 
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    pub db: PathBuf,
+    /// A SQLite file or a PostgreSQL URL.
+    pub db: DbLocation,
     /// Agent listen addresses (port 0 = any free port).
     pub listen: Vec<SocketAddr>,
     /// `None` = plaintext (the CLI requires `--insecure` for that), on loopback addresses
@@ -61,7 +63,7 @@ pub struct ServeConfig {
 
 impl ServeConfig {
     /// Defaults for everything but the paths; listens on 127.0.0.1:0, plaintext.
-    pub fn new(db: impl Into<PathBuf>, admin_socket: impl Into<PathBuf>) -> ServeConfig {
+    pub fn new(db: impl Into<DbLocation>, admin_socket: impl Into<PathBuf>) -> ServeConfig {
         ServeConfig {
             db: db.into(),
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
@@ -258,15 +260,18 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
 /// Opens the store and starts serving; returns once every listener is bound.
 pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
     check_insecure(&cfg)?;
-    let db_dir = cfg.db.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if db_dir.exists() {
-        check_private(db_dir, 0o022)?;
+    if let Some(file) = cfg.db.file() {
+        let db_dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if db_dir.exists() {
+            check_private(db_dir, 0o022)?;
+        }
     }
-    let db_lock = lock::DbLock::acquire(&cfg.db)?;
+    let db_lock = lock::DbLock::acquire(&cfg.db).await?;
     let tls = cfg.tls.as_ref().map(ServerTls::new).transpose()?.map(Arc::new);
     let limits = cfg.limits;
     let registry = Arc::new(
-        Registry::open_with(&cfg.db, cfg.overlay, cfg.history, limits)?
+        Registry::open_with(&cfg.db, cfg.overlay, cfg.history, limits)
+            .await?
             .with_enroll_limits(cfg.enroll_limits)
             .with_hold_down(cfg.route_hold_down),
     );

@@ -211,7 +211,10 @@ fn control_files(u: &Unpacked) -> Result<()> {
     let cli = wirefence_control::cli::Cli::try_parse_from(argv)
         .map_err(|e| anyhow::anyhow!("the example WIREFENCE_CONTROL_OPTS do not parse: {e}"))?;
     let wirefence_control::cli::Command::Serve(serve) = cli.command else { unreachable!("parsed as serve") };
-    ensure!(serve.db.starts_with("/var/lib/wirefence-control"), "the default database is outside the StateDirectory");
+    ensure!(
+        serve.db.file().is_some_and(|f| f.starts_with("/var/lib/wirefence-control")),
+        "the default database is outside the StateDirectory"
+    );
     ensure!(
         cli.admin_socket.starts_with("/run/wirefence-control"),
         "the default admin socket is outside the RuntimeDirectory"

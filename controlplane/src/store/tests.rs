@@ -1,0 +1,122 @@
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+fn node(id: &str) -> NodeRec {
+    NodeRec {
+        id: id.into(),
+        hostname: format!("h-{id}"),
+        bound: true,
+        public_key: [7; 32],
+        addresses: vec!["10.77.0.1/32".parse().unwrap(), "fd77::1/128".parse().unwrap()],
+        endpoints: vec!["192.0.2.1:51820".parse().unwrap(), "[2001:db8::1]:51820".parse().unwrap()],
+        routes: vec!["10.88.0.0/24".parse().unwrap()],
+        tags: vec!["web".into()],
+        refused_routes: vec![],
+    }
+}
+
+fn sqlite(path: &Path) -> DbLocation {
+    DbLocation::Sqlite(path.to_path_buf())
+}
+
+#[tokio::test]
+async fn roundtrip_versions_and_permissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/control.db");
+    {
+        let s = Store::open(&sqlite(&path)).await.unwrap();
+        assert_eq!(s.version().await.unwrap(), 1);
+        let mut tx = s.begin().await.unwrap();
+        insert_node(&mut tx, &node("n1"), &[1; 32], &["10.88.0.0/16".parse().unwrap()]).await.unwrap();
+        assert_eq!(s.commit(tx, true).await.unwrap(), 2);
+        let mut tx = s.begin().await.unwrap();
+        set_policy(&mut tx, "p.toml", "# empty").await.unwrap();
+        assert_eq!(s.commit(tx, true).await.unwrap(), 3);
+        s.record_applied("n1", 3).await.unwrap();
+        // A change dropped before its commit leaves nothing, not even its version.
+        let mut tx = s.begin().await.unwrap();
+        mark_removed(&mut tx, "n1").await.unwrap();
+        drop(tx);
+        assert_eq!(s.version().await.unwrap(), 3);
+    }
+    let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let s = Store::open(&sqlite(&path)).await.unwrap();
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&s.pool).await.unwrap();
+    assert_eq!(sync, 2, "synchronous=FULL");
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&s.pool).await.unwrap();
+    assert_eq!(journal, "wal");
+    assert_eq!(s.version().await.unwrap(), 3);
+    let rows = s.nodes().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].rec, node("n1"));
+    assert!(!rows[0].removed);
+    assert_eq!(rows[0].applied_version, 3);
+    assert_eq!(s.policy().await.unwrap(), Some(("p.toml".into(), "# empty".into(), 3)));
+    let credentials = credential_rows(&s.pool).await.unwrap();
+    assert_eq!(credentials.get("n1"), Some(&Entry { hash: vec![1; 32], pending: None, removed: false }));
+    assert_eq!(credentials.get("n2"), None);
+    assert_eq!(s.granted_routes("n1").await.unwrap(), vec!["10.88.0.0/16".parse::<IpNet>().unwrap()]);
+    assert_eq!(s.removed_with_key(&[7; 32]).await.unwrap(), None);
+    assert_eq!(s.claimed_hostname("n1").await.unwrap(), "h-n1", "what it enrolled with");
+}
+
+#[tokio::test]
+async fn old_databases_gain_the_new_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.db");
+    {
+        // As the first release left it, before versioned migrations.
+        let pool = open_sqlite(&path).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE nodes (id TEXT PRIMARY KEY, hostname TEXT NOT NULL, public_key BLOB NOT NULL, \
+             addresses TEXT NOT NULL, endpoints TEXT NOT NULL, routes TEXT NOT NULL, tags TEXT NOT NULL, \
+             credential_hash BLOB NOT NULL, removed INTEGER NOT NULL DEFAULT 0, \
+             applied_version INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '', \
+             last_seen INTEGER NOT NULL DEFAULT 0);
+             INSERT INTO nodes (id, hostname, public_key, addresses, endpoints, routes, tags, credential_hash) \
+             VALUES ('n1', 'h', zeroblob(32), '[]', '[]', '[\"10.88.0.0/24\"]', '[]', x'00');
+             CREATE TABLE enrollment_keys (id TEXT PRIMARY KEY, hash BLOB NOT NULL, \
+             single_use INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0, expires INTEGER NOT NULL, \
+             tags TEXT NOT NULL);
+             INSERT INTO enrollment_keys (id, hash, single_use, expires, tags) VALUES ('k1', x'00', 0, 0, '[]');
+             CREATE TABLE counter (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+             INSERT INTO counter (id, version) VALUES (1, 41);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let s = Store::open(&sqlite(&path)).await.unwrap();
+    assert_eq!(s.version().await.unwrap(), 41, "the version goes on");
+    assert_eq!(s.granted_routes("n1").await.unwrap(), vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
+    let k1 = s.key("k1").await.unwrap().unwrap();
+    assert!(k1.routes.is_empty());
+    assert_eq!((k1.max_uses, k1.uses, k1.revoked, k1.hostname), (0, 0, false, None));
+    // Live nodes of old databases keep their names, and register with them.
+    assert!(s.nodes().await.unwrap()[0].rec.bound);
+    assert_eq!(s.claimed_hostname("n1").await.unwrap(), "h");
+    let incarnation = s.incarnation().await.unwrap();
+    assert_eq!(incarnation.len(), 32);
+    drop(s);
+    let again = Store::open(&sqlite(&path)).await.unwrap();
+    assert_eq!(again.incarnation().await.unwrap(), incarnation, "kept across opens");
+    assert_eq!(again.version().await.unwrap(), 41);
+}
+
+#[tokio::test]
+async fn a_recreated_database_is_a_new_incarnation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.db");
+    let first = Store::open(&sqlite(&path)).await.unwrap().incarnation().await.unwrap();
+    assert_eq!(Store::open(&sqlite(&path)).await.unwrap().incarnation().await.unwrap(), first);
+    for f in ["control.db", "control.db-wal", "control.db-shm"] {
+        let _ = fs::remove_file(dir.path().join(f));
+    }
+    let second = Store::open(&sqlite(&path)).await.unwrap();
+    assert_eq!(second.version().await.unwrap(), 1);
+    assert_ne!(second.incarnation().await.unwrap(), first);
+}
