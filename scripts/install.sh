@@ -14,6 +14,7 @@ packages=(
     wireguard-go wireguard-tools               # userspace WireGuard for host tests, `wg`
     iperf3 nftables ethtool                    # demo throughput, benchmark baselines (offloads off)
     prometheus                                 # promtool: the metrics endpoints' output is checked
+    postgresql haproxy                         # the control plane on PostgreSQL; replicas behind an L4 balancer
     qemu-system-x86 busybox-static binutils    # VM test of the kernel backend (strip)
     mmdebstrap e2fsprogs                       # vm-test --systemd: a Debian 12 root disk for the lab
     dpkg-dev lintian systemd                   # cargo xtask deb: shlibdeps, lintian, systemd-analyze verify

@@ -45,7 +45,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// The database: a SQLite file (created 0600; a path or sqlite:PATH) or PostgreSQL
     /// (postgres://user@host/db, or postgres:///db?host=/run/postgresql for its socket).
-    /// One server per database.
+    /// One server per SQLite file; any number of replicas on one PostgreSQL database.
     #[arg(long, default_value = DEFAULT_DB)]
     pub db: crate::store::DbLocation,
     /// Address for agents, e.g. 0.0.0.0:7443 or [::]:7443; repeat for several.

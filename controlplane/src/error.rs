@@ -16,6 +16,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Change(#[from] crate::change::ChangeError),
 
     // Request validation (the message names the field).
     #[error("{field}: {source}")]
@@ -166,8 +168,6 @@ pub enum Error {
     CertFile { path: PathBuf, why: String },
     #[error("database {db} is in use by another control plane ({}lock {lock}); run one `serve` per database", match pid { Some(p) => format!("pid {p} holds "), None => String::new() })]
     DatabaseInUse { db: PathBuf, lock: PathBuf, pid: Option<u32> },
-    #[error("{db}: another wirefence-control already serves this database (it holds its advisory lock)")]
-    DatabaseServed { db: String },
     /// A database directory or TLS key another user owns or can write (a key: read).
     #[error("{path}: {why}; refusing to use it")]
     NotPrivate { path: PathBuf, why: String },
@@ -226,8 +226,9 @@ impl Error {
             | Error::TooManyWatches { .. }
             | Error::ReportRate { .. } => Code::ResourceExhausted,
             Error::RequestTimeout(_) => Code::DeadlineExceeded,
-            Error::ShuttingDown => Code::Unavailable,
+            Error::ShuttingDown | Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(_)
+            | Error::Change(_)
             | Error::Task(_)
             | Error::Io { .. }
             | Error::Bind { .. }
@@ -243,7 +244,6 @@ impl Error {
             | Error::Exists(_)
             | Error::CertFile { .. }
             | Error::DatabaseInUse { .. }
-            | Error::DatabaseServed { .. }
             | Error::NotPrivate { .. } => Code::Internal,
         }
     }

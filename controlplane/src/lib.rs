@@ -20,6 +20,7 @@ pub mod admin_client;
 pub mod alloc;
 pub mod auth;
 pub mod certs;
+pub mod change;
 pub mod cli;
 pub mod credentials;
 pub mod election;

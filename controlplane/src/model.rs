@@ -8,7 +8,7 @@ use ipnet::IpNet;
 pub type PublicKey = [u8; 32];
 
 /// A live node as the views see it. Holds no credential material.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRec {
     pub id: String,
     pub hostname: String,
@@ -82,7 +82,7 @@ mod tests {
 }
 
 /// An advertised route the control plane did not take, and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum RefusedRoute {
     #[error("{route} is not within the routes granted to this node ({}; keys create --route)", prefix_list(.granted))]
     NotGranted { route: IpNet, granted: Vec<IpNet> },

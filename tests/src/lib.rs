@@ -10,6 +10,7 @@ pub mod control;
 pub mod hostile;
 pub mod metrics;
 pub mod packet;
+pub mod postgres;
 pub mod route_group;
 pub mod steady;
 

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 
 use wirefence_proto::v1::{self, IpPrefix, PeerStat, SocketAddress};
 
@@ -63,9 +62,10 @@ impl Registry {
         let unmatched = policy::unmatched_selectors(&policy, &state.nodes);
         let mut tx = store.begin().await?;
         store::set_policy(&mut tx, file_name, source).await?;
-        let version = store.commit(tx, true).await?;
+        let change = crate::change::Change::Policy { file_name: file_name.to_owned(), source: source.to_owned() };
+        let version = store.commit(tx, Some(&change)).await?;
         let rule_count = policy.rules.len();
-        self.publish(state.with_policy(version, Arc::new(policy)));
+        self.published(version).await;
         tracing::info!(version, rules = rule_count, tests_passed, file = file_name, ?unmatched, "policy applied");
         Ok(Applied { version, rules: rule_count, tests_passed, unmatched })
     }
@@ -104,11 +104,8 @@ impl Registry {
         let id = row.rec.id;
         let mut tx = store.begin().await?;
         store::mark_removed(&mut tx, &id).await?;
-        let version = store.commit(tx, true).await?;
-        let state = self.current();
-        let nodes = state.nodes.iter().filter(|n| n.id != id).cloned().collect();
-        self.publish(state.with_nodes(version, nodes));
-        self.observed.forget(&id);
+        let version = store.commit(tx, Some(&crate::change::Change::Removed(id.clone()))).await?;
+        self.published(version).await;
         tracing::info!(node = %id, version, "node removed");
         Ok(version)
     }

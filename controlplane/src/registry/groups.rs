@@ -109,10 +109,12 @@ impl Registry {
         if !changed(&state) {
             return Ok(None);
         }
-        let version = store.commit(store.begin().await?, true).await?;
         let primaries = lock(&self.election).evaluate(Instant::now());
+        let version =
+            store.commit(store.begin().await?, Some(&crate::change::Change::Primaries(primaries.clone()))).await?;
         tracing::info!(version, primaries = ?primaries, "route group primaries changed");
-        Ok(Some(self.publish(state.with_primaries(version, primaries))))
+        self.published(version).await;
+        Ok(Some(version))
     }
 
     /// Re-evaluates the election on every health event and every [`TICK`] until shutdown.

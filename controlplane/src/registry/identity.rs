@@ -2,8 +2,6 @@
 //! hostname to it (one owner at a time; a removed owner keeps the name reserved until an
 //! admin releases it), and an admin may ask a node to rotate its credential.
 
-use std::sync::Arc;
-
 use wirefence_proto::policy::valid_name;
 
 use super::admin::find;
@@ -27,20 +25,12 @@ impl Registry {
         let id = row.rec.id.clone();
         let mut tx = store.begin().await?;
         store::bind_name(&mut tx, &id).await?;
-        let version = store.commit(tx, true).await?;
-        let state = self.current();
-        let nodes = state
-            .nodes
-            .iter()
-            .map(|n| {
-                if n.id == id {
-                    std::sync::Arc::new(crate::model::NodeRec { bound: true, ..(**n).clone() })
-                } else {
-                    n.clone()
-                }
-            })
-            .collect();
-        self.publish(state.with_nodes(version, nodes));
+        let approved = crate::model::NodeRec {
+            bound: true,
+            ..(**self.current().node(&id).ok_or_else(|| Error::NodeRemoved(id.clone()))?).clone()
+        };
+        let version = store.commit(tx, Some(&crate::change::Change::Node(approved))).await?;
+        self.published(version).await;
         tracing::info!(node = %id, hostname = %row.rec.hostname, version, "node approved: owns its hostname");
         Ok(version)
     }
@@ -83,9 +73,9 @@ impl Registry {
         }
         let mut tx = store.begin().await?;
         store::set_identity(&mut tx, &new).await?;
-        let version = store.commit(tx, true).await?;
+        let version = store.commit(tx, Some(&crate::change::Change::Node(new.clone()))).await?;
         tracing::info!(node = %id, version, hostname = %new.hostname, tags = ?new.tags, "node edited");
-        self.publish(state.with_nodes(version, super::register::replace(&state.nodes, Arc::new(new))));
+        self.published(version).await;
         drop(store);
         Ok((version, self.get_node(&id).await?))
     }
@@ -105,7 +95,7 @@ impl Registry {
         let store = self.store().await;
         let mut tx = store.begin().await?;
         let changed = store::release_name(&mut tx, hostname).await?;
-        store.commit(tx, false).await?;
+        store.commit(tx, None).await?;
         if changed == 0 {
             return Err(Error::NameNotReserved(hostname.to_owned()));
         }
@@ -119,7 +109,7 @@ impl Registry {
         let id = find(store.nodes().await?, sel)?.rec.id;
         let mut tx = store.begin().await?;
         store::request_rotation(&mut tx, &id).await?;
-        store.commit(tx, false).await?;
+        store.commit(tx, None).await?;
         tracing::info!(node = %id, "credential rotation requested");
         Ok(())
     }

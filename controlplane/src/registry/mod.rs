@@ -1,7 +1,7 @@
-//! The registry: the one place that changes nodes, keys and policy. Every versioned change
-//! happens under the store lock: write (with the version bump) in one transaction, then
-//! publish the new [`GlobalState`] to the history and the watch channel, so states are
-//! published in version order.
+//! The registry: the one place that changes nodes, keys and policy. A versioned change is
+//! written in one transaction with its version and its change log entry; states are
+//! published only by applying the log in version order ([`follow`]), the server's own
+//! changes included, so every server of one database publishes the same sequence.
 //!
 //! Methods that touch the store are async (sqlx): a slow disk or database waits without
 //! holding a tokio worker. The store lock (an async mutex) is held across a change and its
@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod flows;
+pub mod follow;
 pub mod groups;
 pub mod identity;
 pub mod keys;
@@ -74,7 +75,12 @@ pub const DEFAULT_HISTORY: usize = 256;
 pub const FLOW_LOG: usize = 512;
 
 pub struct Registry {
-    store: tokio::sync::Mutex<Store>,
+    store: Store,
+    /// Held across a change (its checks, its transaction, its publication): one change at
+    /// a time per server; the database orders the servers' changes.
+    writer: tokio::sync::Mutex<()>,
+    /// Held while applying the change log ([`follow`]).
+    following: tokio::sync::Mutex<()>,
     /// The database's incarnation: versions are only comparable within one.
     incarnation: Arc<str>,
     /// Read by authentication instead of the store (kept current by the store).
@@ -101,6 +107,33 @@ pub struct Registry {
     pub metrics: crate::metrics::Metrics,
 }
 
+/// The store while holding the writer's turn.
+struct Writing<'a> {
+    _turn: tokio::sync::MutexGuard<'a, ()>,
+    store: &'a Store,
+}
+
+impl std::ops::Deref for Writing<'_> {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        self.store
+    }
+}
+
+/// The current state as the database holds it, and every address ever given out.
+async fn load(store: &Store, overlay: Overlay) -> Result<(GlobalState, HashSet<IpAddr>), Error> {
+    let version = store.version().await?;
+    let policy = match store.policy().await? {
+        Some((file, source, _)) => policy::parse(&file, &source)?,
+        None => Policy::default(),
+    };
+    let rows = store.nodes().await?;
+    let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
+    let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
+    Ok((GlobalState::new(version, live, Arc::new(policy), overlay), allocated))
+}
+
 /// Locks a mutex, recovering the data if a holder panicked (every critical section leaves
 /// its data consistent or changes nothing).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,16 +154,8 @@ impl Registry {
         limits: Limits,
     ) -> Result<Registry, Error> {
         let store = Store::open(db).await?;
-        let version = store.version().await?;
         let incarnation = store.incarnation().await?;
-        let policy = match store.policy().await? {
-            Some((file, source, _)) => policy::parse(&file, &source)?,
-            None => Policy::default(),
-        };
-        let rows = store.nodes().await?;
-        let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
-        let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
-        let mut state = GlobalState::new(version, live, Arc::new(policy), overlay);
+        let (mut state, allocated) = load(&store, overlay).await?;
         let keepalive = std::time::Duration::from_secs(overlay.keepalive.into());
         let mut election = crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN, keepalive);
         election.set_groups(&state.groups);
@@ -140,7 +165,9 @@ impl Registry {
         hist.push(state.clone());
         Ok(Registry {
             credentials: store.credentials(),
-            store: tokio::sync::Mutex::new(store),
+            store,
+            writer: tokio::sync::Mutex::new(()),
+            following: tokio::sync::Mutex::new(()),
             incarnation: incarnation.into(),
             limits,
             overlay,
@@ -194,7 +221,7 @@ impl Registry {
         lock(&self.history).get(version)
     }
 
-    /// Call with the store lock held, right after committing `state.version`.
+    /// Called by [`follow`] only, in version order.
     fn publish(&self, mut state: GlobalState) -> u64 {
         // Membership may have changed with the nodes; the primaries go with the state.
         state.set_primaries(self.elected(&state.groups));
@@ -206,14 +233,20 @@ impl Registry {
         version
     }
 
-    async fn store(&self) -> tokio::sync::MutexGuard<'_, Store> {
-        self.store.lock().await
+    /// The store, for a change: one at a time (see [`Registry::writer`]), checked against
+    /// the latest state (other servers' changes applied first).
+    async fn store(&self) -> Writing<'_> {
+        let turn = self.writer.lock().await;
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!(error = %e, "catching up with the change log failed");
+        }
+        Writing { _turn: turn, store: &self.store }
     }
 
     /// Holds the store lock, as a long write would: lets tests prove that authentication
     /// does not wait for it.
     #[doc(hidden)]
-    pub async fn hold_store_lock(&self) -> tokio::sync::MutexGuard<'_, impl Sized> {
+    pub async fn hold_store_lock(&self) -> impl Sized + '_ {
         self.store().await
     }
 

@@ -22,7 +22,7 @@ use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
 use crate::auth::{self, Token};
 use crate::model::{now_unix, valid_hostname, NodeRec, PublicKey, RefusedRoute};
-use crate::store::{self, KeyRow};
+use crate::store::{self, KeyRow, StoreError};
 use crate::Error;
 
 pub const MAX_ENDPOINTS: usize = 16;
@@ -186,7 +186,7 @@ impl Registry {
         let store = self.store().await;
         let mut tx = store.begin().await?;
         store::set_pending_credential(&mut tx, &token.id, &new.hash()).await?;
-        store.commit(tx, false).await?;
+        store.commit(tx, None).await?;
         tracing::info!(node = %token.id, "credential rotation started");
         Ok(new.expose())
     }
@@ -202,7 +202,7 @@ impl Registry {
             let store = self.store().await;
             let mut tx = store.begin().await?;
             store::promote_credential(&mut tx, &token.id).await?;
-            store.commit(tx, false).await?;
+            store.commit(tx, None).await?;
             tracing::info!(node = %token.id, "credential rotated");
         }
         let state = self.current();
@@ -263,10 +263,9 @@ impl Registry {
         if new != **old {
             let mut tx = store.begin().await?;
             store::update_node(&mut tx, &new).await?;
-            let version = store.commit(tx, true).await?;
+            let version = store.commit(tx, Some(&crate::change::Change::Node(new.clone()))).await?;
             tracing::info!(node = %new.id, version, "node re-registered with changes");
-            let nodes = replace(&state.nodes, Arc::new(new));
-            self.publish(state.with_nodes(version, nodes));
+            self.published(version).await;
         }
         Ok(())
     }
@@ -321,31 +320,47 @@ impl Registry {
         }
         let requested = reg.routes.clone();
         let (routes, refused) = split_routes(&reg.routes, &key.routes, &state.nodes, "");
-        let (v4, v6) = {
-            let used = lock(&self.allocated);
-            let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
-            (v4, allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?)
-        };
-        let node = NodeRec {
+        let mut node = NodeRec {
             id: auth::new_id('n'),
             hostname: reg.hostname,
             bound,
             public_key: reg.public_key,
-            addresses: vec![host(v4), host(v6)],
+            addresses: vec![],
             endpoints: reg.endpoints,
             routes,
             tags: key.tags.clone(),
             refused_routes: refused.clone(),
         };
         let credential = Token::generate(node.id.clone());
-        let mut tx = store.begin().await?;
-        store::insert_node(&mut tx, &node, &credential.hash(), &key.routes).await?;
-        store::use_key(&mut tx, &key.id).await?;
-        let version = store.commit(tx, true).await?;
-        lock(&self.allocated).extend(node.addresses.iter().map(|a| a.addr()));
+        let mut attempts = 0;
+        let version = loop {
+            node.addresses = {
+                let used = lock(&self.allocated);
+                let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
+                vec![host(v4), host(allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?)]
+            };
+            let mut tx = store.begin().await?;
+            // The key's row first: it decides between servers enrolling with it at once.
+            if !store::use_key(&mut tx, &key.id).await? {
+                return Err(Error::EnrollmentKeyExhausted { id: key.id, uses: key.max_uses, max_uses: key.max_uses });
+            }
+            match store::insert_node(&mut tx, &node, &credential.hash(), &key.routes).await {
+                // Another server gave out the address meanwhile: learn its change, then
+                // allocate again.
+                Err(StoreError::Conflict(e)) if attempts < 3 => {
+                    attempts += 1;
+                    tracing::debug!(error = %e, "address taken by another server; allocating again");
+                    drop(tx);
+                    self.catch_up().await?;
+                }
+                r => {
+                    r?;
+                    break store.commit(tx, Some(&crate::change::Change::Node(node.clone()))).await?;
+                }
+            }
+        };
         tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), bound, key = %key.id, version, "node enrolled");
-        let nodes = state.nodes.iter().cloned().chain(std::iter::once(Arc::new(node.clone()))).collect();
-        self.publish(state.with_nodes(version, nodes));
+        self.published(version).await;
         self.advertised(&node.id, &requested, &refused);
         Ok(response(&node, credential.expose(), false, &self.overlay, &refused))
     }
@@ -362,11 +377,6 @@ fn check_key(key: &KeyRow) -> Result<(), Error> {
         return Err(Error::EnrollmentKeyExpired(key.id.clone()));
     }
     Ok(())
-}
-
-/// `nodes` with the node of `new.id` replaced by `new`.
-pub(super) fn replace(nodes: &[Arc<NodeRec>], new: Arc<NodeRec>) -> Vec<Arc<NodeRec>> {
-    nodes.iter().map(|n| if n.id == new.id { new.clone() } else { n.clone() }).collect()
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use wirefence_proto::v1::RotateKeyRequest;
 
 use wirefence_proto::v1::RegisterResponse;
 
-use super::register::{replace, response, Registration};
+use super::register::{response, Registration};
 use super::routes::split_routes;
 use super::Registry;
 use crate::auth::Token;
@@ -58,7 +58,7 @@ impl Registry {
         }
         let mut tx = store.begin().await?;
         store::set_pending_key(&mut tx, &id, &key).await?;
-        store.commit(tx, false).await?;
+        store.commit(tx, None).await?;
         tracing::info!(node = %id, new_key = %crate::output::key(&key), "key rotation announced");
         Ok(())
     }
@@ -67,12 +67,11 @@ impl Registry {
     /// Returns the node as it is now.
     pub(super) async fn commit_key(&self, old: &NodeRec, key: PublicKey) -> Result<NodeRec, Error> {
         let store = self.store().await;
-        let state = self.current();
         let mut tx = store.begin().await?;
         store::commit_key(&mut tx, &old.id).await?;
-        let version = store.commit(tx, true).await?;
         let new = NodeRec { public_key: key, ..old.clone() };
-        self.publish(state.with_nodes(version, replace(&state.nodes, std::sync::Arc::new(new.clone()))));
+        let version = store.commit(tx, Some(&crate::change::Change::Node(new.clone()))).await?;
+        self.published(version).await;
         tracing::info!(node = %old.id, version, new_key = %crate::output::key(&key), "key rotated");
         Ok(new)
     }
@@ -106,10 +105,16 @@ impl Registry {
         };
         let credential = Token::generate(id.to_owned());
         let mut tx = store.begin().await?;
+        if !store::use_key(&mut tx, &key.id).await? {
+            return Err(Error::EnrollmentKeyExhausted {
+                id: key.id.clone(),
+                uses: key.max_uses,
+                max_uses: key.max_uses,
+            });
+        }
         store::reenroll_node(&mut tx, &new, &credential.hash()).await?;
-        store::use_key(&mut tx, &key.id).await?;
-        let version = store.commit(tx, true).await?;
-        self.publish(state.with_nodes(version, replace(&state.nodes, std::sync::Arc::new(new.clone()))));
+        let version = store.commit(tx, Some(&crate::change::Change::Node(new.clone()))).await?;
+        self.published(version).await;
         self.advertised(id, &reg.routes, &refused);
         tracing::info!(node = %id, key = %key.id, version, new_key = %crate::output::key(&new.public_key), "node re-enrolled");
         Ok(response(&new, credential.expose(), false, &self.overlay, &refused))

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use wirefence_proto::v1::{self, IpPrefix};
 
 use super::admin::find;
-use super::register::{check_route, replace};
+use super::register::check_route;
 use super::Registry;
 use crate::model::{NodeRec, RefusedRoute};
 use crate::store;
@@ -107,9 +107,9 @@ impl Registry {
         let mut tx = store.begin().await?;
         store::set_granted_routes(&mut tx, &id, &granted).await?;
         store::update_node(&mut tx, &new).await?;
-        let version = store.commit(tx, true).await?;
+        let version = store.commit(tx, Some(&crate::change::Change::Node(new.clone()))).await?;
         tracing::info!(node = %id, version, granted = ?granted, routes = ?new.routes, "node's granted routes changed");
-        self.publish(state.with_nodes(version, replace(&state.nodes, Arc::new(new))));
+        self.published(version).await;
         drop(store);
         Ok((version, self.get_node(&id).await?))
     }

@@ -1,60 +1,25 @@
-//! One `serve` per database. Two servers on one database would each publish only their
-//! own changes to their own agents (a policy applied through one never reaches the other's
-//! agents while its `policy show` displays it), so the second is refused. SQLite: an
+//! One `serve` per SQLite file. Servers of one database learn each other's changes from the
+//! change log (see `registry::follow`); on SQLite a second server would also contend for
+//! the single writer and share one disk, which buys nothing, so it is refused (replicas
+//! are for PostgreSQL). The lock is an
 //! exclusive `flock` on `<db>.lock`, held for the life of the process: the kernel drops it
-//! when the process dies, so a crash never leaves a stale lock behind. PostgreSQL: a
-//! session advisory lock on a connection of its own, which the server drops when that
-//! connection ends, for whatever reason.
+//! when the process dies, so a crash never leaves a stale lock behind.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use sqlx::Connection;
-
-use crate::store::DbLocation;
 use crate::Error;
-
-/// The advisory lock key of a served database ("WF" and 1).
-const PG_LOCK_KEY: i64 = 0x5746_0001;
 
 /// Held while the server runs; dropping it releases the database.
 #[derive(Debug)]
-pub enum DbLock {
-    File(FileLock),
-    Postgres(sqlx::AnyConnection),
-}
-
-impl DbLock {
-    pub async fn acquire(db: &DbLocation) -> Result<DbLock, Error> {
-        match db {
-            DbLocation::Sqlite(path) => Ok(DbLock::File(FileLock::acquire(path)?)),
-            DbLocation::Postgres(url) => {
-                sqlx::any::install_default_drivers();
-                let store_err = |e: sqlx::Error| Error::Store(e.into());
-                let mut conn = sqlx::AnyConnection::connect(url).await.map_err(store_err)?;
-                let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(PG_LOCK_KEY)
-                    .fetch_one(&mut conn)
-                    .await
-                    .map_err(store_err)?;
-                match held {
-                    true => Ok(DbLock::Postgres(conn)),
-                    false => Err(Error::DatabaseServed { db: db.to_string() }),
-                }
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct FileLock {
+pub struct DbLock {
     _file: File,
     path: PathBuf,
 }
 
-impl FileLock {
+impl DbLock {
     /// The lock file beside `db`.
     pub fn path_for(db: &Path) -> PathBuf {
         let mut name = db.as_os_str().to_owned();
@@ -64,7 +29,7 @@ impl FileLock {
 
     /// Takes the lock without waiting, and writes our pid into the file so a refusal can
     /// name the holder.
-    pub fn acquire(db: &Path) -> Result<FileLock, Error> {
+    pub fn acquire(db: &Path) -> Result<DbLock, Error> {
         let path = Self::path_for(db);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
@@ -95,7 +60,7 @@ impl FileLock {
             writeln!(f, "{}", std::process::id())
         };
         write_pid(&mut file).map_err(Error::io("write lock file", &path))?;
-        Ok(FileLock { _file: file, path })
+        Ok(DbLock { _file: file, path })
     }
 
     pub fn path(&self) -> &Path {
@@ -111,15 +76,15 @@ mod tests {
     fn a_second_lock_on_the_same_database_is_refused_naming_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("control.db");
-        let held = FileLock::acquire(&db).unwrap();
+        let held = DbLock::acquire(&db).unwrap();
         assert_eq!(held.path(), dir.path().join("control.db.lock"));
         // flock locks belong to the open file description: a second open in this process
         // conflicts just as another process would.
-        let err = FileLock::acquire(&db).unwrap_err();
+        let err = DbLock::acquire(&db).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, Error::DatabaseInUse { pid: Some(p), .. } if p == std::process::id()), "{text}");
         assert!(text.contains("control.db.lock") && text.contains(&std::process::id().to_string()), "{text}");
         drop(held);
-        FileLock::acquire(&db).expect("free again once the holder is gone");
+        DbLock::acquire(&db).expect("free again once the holder is gone");
     }
 }

@@ -91,9 +91,9 @@ pub struct ServerHandle {
     registry: Arc<Registry>,
     tls: Option<Arc<ServerTls>>,
     tasks: JoinSet<Result<(), tonic::transport::Error>>,
-    /// Held until the handle is dropped (after shutdown), so no second server opens the
-    /// database meanwhile.
-    _db_lock: lock::DbLock,
+    /// SQLite: held until the handle is dropped (after shutdown), so no second server
+    /// opens the file meanwhile.
+    _db_lock: Option<lock::DbLock>,
 }
 
 /// How often `serve` checks the certificate files by default.
@@ -266,7 +266,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
             check_private(db_dir, 0o022)?;
         }
     }
-    let db_lock = lock::DbLock::acquire(&cfg.db).await?;
+    let db_lock = cfg.db.file().map(lock::DbLock::acquire).transpose()?;
     let tls = cfg.tls.as_ref().map(ServerTls::new).transpose()?.map(Arc::new);
     let limits = cfg.limits;
     let registry = Arc::new(
@@ -293,6 +293,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
     let election = registry.clone();
     tasks.spawn(async move {
         election.run_election().await;
+        Ok(())
+    });
+    let follower = registry.clone();
+    tasks.spawn(async move {
+        follower.run_follower().await;
         Ok(())
     });
     let mut agent_addrs = Vec::new();

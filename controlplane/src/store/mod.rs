@@ -27,6 +27,7 @@ use ipnet::IpNet;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row};
 
+use crate::change::Change;
 use crate::credentials::{CredentialIndex, Entry};
 use crate::model::{NodeRec, PublicKey};
 
@@ -36,7 +37,14 @@ pub use write::*;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Sql(#[from] sqlx::Error),
+    Sql(sqlx::Error),
+    /// The database cannot be reached (down, restarting, connections exhausted): the
+    /// change was not made, and may be tried again.
+    #[error("database unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    /// A unique constraint refused the change (another server made a conflicting one).
+    #[error("database: {0}")]
+    Conflict(sqlx::Error),
     #[error("database schema migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database file {path}: {source}")]
@@ -45,10 +53,40 @@ pub enum StoreError {
     Corrupt { id: String, field: &'static str },
 }
 
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        let unreachable = match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // SQLSTATE class 08: connection exception; 57P0x: the server shuts down,
+            // crashed or cannot take connections yet.
+            sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+            _ => false,
+        };
+        if unreachable {
+            return StoreError::Unavailable(e);
+        }
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(e),
+            _ => StoreError::Sql(e),
+        }
+    }
+}
+
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// A transaction of [`Store::begin`], finished by [`Store::commit`] (dropped: rolled back).
 pub type Tx = sqlx::Transaction<'static, Any>;
+
+/// The channel a commit notifies on PostgreSQL.
+pub const NOTIFY_CHANNEL: &str = "wirefence_changes";
+/// How many change log entries are kept (a server further behind reloads the whole state).
+const LOG_KEPT: i64 = 10_000;
+/// The log is pruned at every this many versions.
+const LOG_PRUNE_EVERY: i64 = 1_000;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -113,6 +151,7 @@ fn key_row(r: &AnyRow) -> Result<KeyRow> {
 pub struct Store {
     pub(crate) pool: AnyPool,
     engine: Engine,
+    location: DbLocation,
     /// Follows every committed change (see [`Store::commit`]).
     credentials: Arc<CredentialIndex>,
 }
@@ -170,7 +209,12 @@ impl Store {
             .await?;
         let credentials = Arc::new(CredentialIndex::default());
         credentials.replace(credential_rows(&pool).await?);
-        Ok(Store { pool, engine, credentials })
+        Ok(Store { pool, engine, location: db.clone(), credentials })
+    }
+
+    /// Where the database is.
+    pub fn location(&self) -> &DbLocation {
+        &self.location
     }
 
     pub fn engine(&self) -> Engine {
@@ -197,17 +241,53 @@ impl Store {
         Ok(self.pool.begin().await?)
     }
 
-    /// Commits a change; with `bump`, the change also increments the version counter.
-    /// Returns the version after the change.
-    pub async fn commit(&self, mut tx: Tx, bump: bool) -> Result<u64> {
-        if bump {
+    /// Commits a change. A versioned change (`Some`) takes the next version and goes into
+    /// the change log under it. Taking the version locks the counter row until the commit,
+    /// so concurrent changes (on any server of the database) get consecutive versions in
+    /// the order they commit, and a change rolled back gives its version up. Returns the
+    /// version after the change.
+    pub async fn commit(&self, mut tx: Tx, change: Option<&Change>) -> Result<u64> {
+        if change.is_some() {
             sqlx::query("UPDATE counter SET version = version + 1 WHERE id = 1").execute(&mut *tx).await?;
         }
         let v: i64 = sqlx::query_scalar("SELECT version FROM counter WHERE id = 1").fetch_one(&mut *tx).await?;
+        if let Some(change) = change {
+            sqlx::query("INSERT INTO changes (version, body) VALUES ($1, $2)")
+                .bind(v)
+                .bind(change.encode())
+                .execute(&mut *tx)
+                .await?;
+            if v % LOG_PRUNE_EVERY == 0 {
+                sqlx::query("DELETE FROM changes WHERE version <= $1").bind(v - LOG_KEPT).execute(&mut *tx).await?;
+            }
+        }
+        if self.engine == Engine::Postgres {
+            // Delivered at commit: other servers read the log (a versioned change) or
+            // reload their credential index (any change may have touched a credential).
+            sqlx::query("SELECT pg_notify($1, '')").bind(NOTIFY_CHANNEL).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
-        // Every committed change, whatever it touched: the index must never lag a removal
-        // or a credential change. If reading back fails, fail closed (no node
-        // authenticates) until the next change reloads it, rather than keep stale entries.
+        // The index must never lag a removal or a credential change: a versioned change is
+        // read back with the change log entries it is published with (registry::follow).
+        if change.is_none() {
+            self.reload_credentials().await;
+        }
+        Ok(to_u64(v))
+    }
+
+    /// The change log's entries after `version`, in version order (at most `limit`).
+    pub async fn changes_after(&self, version: u64, limit: u32) -> Result<Vec<(u64, String)>> {
+        let rows = sqlx::query("SELECT version, body FROM changes WHERE version > $1 ORDER BY version LIMIT $2")
+            .bind(to_i64(version))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((to_u64(r.try_get(0)?), r.try_get(1)?))).collect()
+    }
+
+    /// Reads every credential again (another server changed one). On failure the index
+    /// is emptied: no node authenticates until a reload succeeds (fail closed).
+    pub async fn reload_credentials(&self) {
         match credential_rows(&self.pool).await {
             Ok(rows) => self.credentials.replace(rows),
             Err(e) => {
@@ -215,7 +295,6 @@ impl Store {
                 self.credentials.replace(Default::default());
             }
         }
-        Ok(to_u64(v))
     }
 
     /// Every node, live and removed, ordered by id.
@@ -421,7 +500,12 @@ async fn open_sqlite(path: &Path) -> Result<AnyPool> {
 
 async fn open_postgres(url: &str) -> Result<AnyPool> {
     let options: AnyConnectOptions = url.parse()?;
-    Ok(AnyPoolOptions::new().max_connections(8).connect_with(options).await?)
+    // A database that does not answer fails a change within seconds, not the pool's 30.
+    Ok(AnyPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await?)
 }
 
 /// 128 random bits, hex: unique across recreations and restores of a database.

@@ -30,10 +30,15 @@ async fn roundtrip_versions_and_permissions() {
         assert_eq!(s.version().await.unwrap(), 1);
         let mut tx = s.begin().await.unwrap();
         insert_node(&mut tx, &node("n1"), &[1; 32], &["10.88.0.0/16".parse().unwrap()]).await.unwrap();
-        assert_eq!(s.commit(tx, true).await.unwrap(), 2);
+        assert_eq!(s.commit(tx, Some(&Change::Node(node("n1")))).await.unwrap(), 2);
         let mut tx = s.begin().await.unwrap();
         set_policy(&mut tx, "p.toml", "# empty").await.unwrap();
-        assert_eq!(s.commit(tx, true).await.unwrap(), 3);
+        let policy = Change::Policy { file_name: "p.toml".into(), source: "# empty".into() };
+        assert_eq!(s.commit(tx, Some(&policy)).await.unwrap(), 3);
+        let log = s.changes_after(1, 10).await.unwrap();
+        assert_eq!(log.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [2, 3], "one log entry per version");
+        assert_eq!(Change::decode(3, &log[1].1).unwrap(), policy);
+        assert_eq!(s.changes_after(3, 10).await.unwrap(), []);
         s.record_applied("n1", 3).await.unwrap();
         // A change dropped before its commit leaves nothing, not even its version.
         let mut tx = s.begin().await.unwrap();

@@ -23,6 +23,14 @@ pub async fn insert_node(tx: &mut Tx, n: &NodeRec, credential_hash: &[u8], grant
     .bind(i64::from(n.bound))
     .execute(&mut **tx)
     .await?;
+    for a in &n.addresses {
+        // The primary key refuses an address another server gave out meanwhile.
+        sqlx::query("INSERT INTO addresses (address, node) VALUES ($1, $2)")
+            .bind(a.to_string())
+            .bind(&n.id)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
@@ -64,16 +72,18 @@ pub async fn mark_removed(tx: &mut Tx, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Counts one enrollment against the key.
-pub async fn use_key(tx: &mut Tx, id: &str) -> Result<()> {
-    sqlx::query(
+/// Counts one enrollment against the key, if it has a use left; false if not (another
+/// server may have taken the last one since the key was read: the row decides).
+pub async fn use_key(tx: &mut Tx, id: &str) -> Result<bool> {
+    let done = sqlx::query(
         "UPDATE enrollment_keys SET uses = uses + 1, \
-         used = CASE WHEN max_uses != 0 AND uses + 1 >= max_uses THEN 1 ELSE used END WHERE id = $1",
+         used = CASE WHEN max_uses != 0 AND uses + 1 >= max_uses THEN 1 ELSE used END \
+         WHERE id = $1 AND (max_uses = 0 OR uses < max_uses)",
     )
     .bind(id)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// The node owns its hostname from now on (the unique index refuses a second owner).

@@ -31,7 +31,7 @@ impl Cp {
     }
 
     pub async fn agent(&self) -> Agent {
-        AgentServiceClient::connect(format!("http://{}", self.addr())).await.expect("connect to the agent service")
+        agent_at(self.addr()).await
     }
 
     /// An unbound key: single-use or reusable; `expires_in_secs` 0 = never expires.
@@ -102,11 +102,27 @@ pub async fn start_with(dir: &Path, f: impl FnOnce(&mut ServeConfig)) -> Cp {
 
 /// Enrollment rate limits out of the way (tests of the limits set their own).
 pub async fn start(dir: &Path) -> Cp {
+    start_with(dir, relaxed).await
+}
+
+/// Enrollment rate limits out of the way.
+pub fn relaxed(c: &mut ServeConfig) {
+    let rate = Rate { burst: 100_000, every: Duration::from_millis(1) };
+    c.enroll_limits = EnrollLimits { per_source: rate, per_key: rate };
+}
+
+/// A control plane in `dir` (its admin socket) on the PostgreSQL database at `url`.
+pub async fn start_on(dir: &Path, url: &str) -> Cp {
     start_with(dir, |c| {
-        let rate = Rate { burst: 100_000, every: Duration::from_millis(1) };
-        c.enroll_limits = EnrollLimits { per_source: rate, per_key: rate };
+        relaxed(c);
+        c.db = url.parse().expect("a postgres URL");
     })
     .await
+}
+
+/// A client of the agent service at `addr`.
+pub async fn agent_at(addr: std::net::SocketAddr) -> Agent {
+    AgentServiceClient::connect(format!("http://{addr}")).await.expect("connect to the agent service")
 }
 
 /// The public key of private key `[n; 32]`.
