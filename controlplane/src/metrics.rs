@@ -33,6 +33,22 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FirstLabel {
+    first: &'static str,
+}
+
+/// What a Watch stream started with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchStart {
+    /// A whole view: a new agent, or one whose version is not in the history.
+    Snapshot,
+    /// A delta from the version the agent resumed from.
+    Delta,
+    /// Nothing: the agent already had the current version.
+    Current,
+}
+
 /// Every metric of the control plane, registered once.
 pub struct Metrics {
     prom: prometheus_client::registry::Registry,
@@ -42,6 +58,7 @@ pub struct Metrics {
     state_version: Gauge,
     policy_version: Gauge,
     enrollments: Family<OutcomeLabel, Counter>,
+    watch_starts: Family<FirstLabel, Counter>,
     push_seconds: Histogram,
     certificate_expiry: Gauge,
     reported_expiry: Family<FamilyLabel, Gauge>,
@@ -59,6 +76,7 @@ impl Default for Metrics {
             state_version: Gauge::default(),
             policy_version: Gauge::default(),
             enrollments: Family::default(),
+            watch_starts: Family::default(),
             // 100 us .. ~6.5 s.
             push_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 9)),
             certificate_expiry: Gauge::default(),
@@ -81,6 +99,12 @@ impl Default for Metrics {
             "enrollments",
             "Enrollment attempts (Register with an enrollment key) by outcome",
             m.enrollments.clone(),
+        );
+        prom.register(
+            "watch_starts",
+            "Watch streams started, by what they started with: snapshot (a whole view), delta (a \
+             resume from a version in the history), current (nothing to send)",
+            m.watch_starts.clone(),
         );
         prom.register(
             "push_seconds",
@@ -117,6 +141,16 @@ impl Metrics {
             Err(_) => "error",
         };
         self.enrollments.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// A Watch stream started with `first`.
+    pub fn watch_started(&self, first: WatchStart) {
+        let first = match first {
+            WatchStart::Snapshot => "snapshot",
+            WatchStart::Delta => "delta",
+            WatchStart::Current => "current",
+        };
+        self.watch_starts.get_or_create(&FirstLabel { first }).inc();
     }
 
     /// A delta of a change committed `since` ago was queued on a stream.

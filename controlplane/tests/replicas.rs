@@ -219,3 +219,25 @@ async fn enrollments_racing_on_two_replicas_get_distinct_addresses() {
     assert_eq!(reaches(&cps[0], last).await.nodes.len(), 12);
     assert_eq!(reaches(&cps[1], last).await.nodes.len(), 12);
 }
+
+#[tokio::test]
+async fn an_agent_failing_over_resumes_on_another_replica_with_a_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_pg, mut cps) = replicas(dir.path(), 2).await;
+    let laptop = cps[0].enroll("laptop", 1, &["dev"]).await;
+    cps[0].enroll("db1", 2, &["db"]).await;
+    let v1 = cps[0].apply(&policy(5432)).await.unwrap();
+    let mut on_a = watch(&cps[0], &laptop.credential, 0).await.unwrap();
+    assert_eq!(next(&mut on_a).await.unwrap().version, v1);
+
+    // A goes away; a change is made on B meanwhile; the agent resumes there from v1.
+    let a = cps.remove(0);
+    a.handle.shutdown().await.unwrap();
+    let v2 = cps[0].apply(&policy(22)).await.unwrap();
+    let mut on_b = watch(&cps[0], &laptop.credential, v1).await.unwrap();
+    let first = next(&mut on_b).await.unwrap();
+    assert_eq!(first.version, v2);
+    assert_eq!(delta(&first).base_version, v1, "a delta from the applied version");
+    let text = scrape(cps[0].handle.metrics_addr.expect("metrics served")).await;
+    assert!(text.contains("wirefence_control_watch_starts_total{first=\"delta\"} 1"), "{text}");
+}

@@ -11,6 +11,8 @@ use crate::{run, run_ok, wait_until, AgentProc, Host, Lab, TempDir};
 pub const CP_V4: &str = "172.31.255.254";
 pub const CP_V6: &str = "fdaa::fe";
 pub const CP_PORT: u16 = 7443;
+/// Replicas behind a balancer listen on 127.0.0.1 from this port on (switch namespace).
+pub const REPLICA_PORT: u16 = 7450;
 
 /// Path of `wirefence-control` next to the test binary's target directory.
 pub fn control_bin() -> PathBuf {
@@ -40,6 +42,8 @@ pub struct ControlPlane {
     serve_args: Vec<String>,
     /// Serve without TLS (`--insecure --insecure-allow-remote`); `tls` still holds a CA.
     plaintext: bool,
+    /// `--db`: a PostgreSQL URL shared with other replicas; `None`: a SQLite file of its own.
+    db: Option<String>,
 }
 
 impl ControlPlane {
@@ -79,9 +83,58 @@ impl ControlPlane {
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], CP_METRICS_PORT)),
             serve_args: serve_args.iter().map(|a| a.to_string()).collect(),
             plaintext,
+            db: None,
         };
         cp.restart();
         cp
+    }
+
+    /// `n` replicas on the PostgreSQL database at `url`, sharing one certificate (made for
+    /// the lab's control-plane addresses, where a [`crate::balancer::Balancer`] takes
+    /// agents), each listening on 127.0.0.1:7450+i of the switch namespace, metrics on
+    /// 9590+i.
+    pub fn replicas(lab: &Lab, url: &str, n: u16) -> Vec<ControlPlane> {
+        let first = ControlPlane::start_on(lab, url, 0, None);
+        let tls = first.tls.clone();
+        let mut all = vec![first];
+        for i in 1..n {
+            all.push(ControlPlane::start_on(lab, url, i, Some(tls.clone())));
+        }
+        all
+    }
+
+    /// Replica `i` on `url`; with `tls: None` it adds the lab's addresses and makes the CA.
+    fn start_on(lab: &Lab, url: &str, i: u16, tls: Option<PathBuf>) -> ControlPlane {
+        let dir = TempDir::new();
+        let tls = tls.unwrap_or_else(|| {
+            lab.switch.ip(&["addr", "add", &format!("{CP_V4}/24"), "dev", "br0"]);
+            lab.switch.ip(&["addr", "add", &format!("{CP_V6}/64"), "dev", "br0", "nodad"]);
+            run_ok(
+                Command::new(control_bin())
+                    .args(["certs", "init", "--dir"])
+                    .arg(dir.0.join("tls"))
+                    .args(["--san", CP_V4, "--san", CP_V6]),
+            );
+            dir.0.join("tls")
+        });
+        let mut cp = ControlPlane {
+            dir,
+            switch: lab.switch.name.clone(),
+            child: None,
+            listen: vec![format!("127.0.0.1:{}", REPLICA_PORT + i)],
+            tls,
+            metrics: std::net::SocketAddr::from(([127, 0, 0, 1], CP_METRICS_PORT + i)),
+            serve_args: Vec::new(),
+            plaintext: false,
+            db: Some(url.to_owned()),
+        };
+        cp.restart();
+        cp
+    }
+
+    /// Where this server takes agents.
+    pub fn listen(&self) -> &[String] {
+        &self.listen
     }
 
     /// Serves agents only at `listen` from the next restart on.
@@ -102,6 +155,7 @@ impl ControlPlane {
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics.port() + 1)),
             serve_args: self.serve_args.clone(),
             plaintext: self.plaintext,
+            db: None,
         };
         cp.restart();
         cp
@@ -153,7 +207,7 @@ impl ControlPlane {
             .arg(self.admin_socket())
             .arg("serve")
             .arg("--db")
-            .arg(self.dir.0.join("control.db"))
+            .arg(self.db.clone().map_or_else(|| self.dir.0.join("control.db").into_os_string(), Into::into))
             .args(listen)
             .arg("--metrics-listen")
             .arg(self.metrics.to_string())

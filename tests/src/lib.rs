@@ -5,6 +5,7 @@
 //! parallel and never collide; the guards delete everything they created on drop. Tests
 //! panic on any failure, and fail loudly (never skip) when not run as root.
 
+pub mod balancer;
 pub mod bpf;
 pub mod control;
 pub mod hostile;

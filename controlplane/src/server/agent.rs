@@ -13,6 +13,7 @@ use wirefence_proto::v1::{
 };
 
 use crate::grpc::agent_service_server::AgentService;
+use crate::metrics::WatchStart;
 use crate::registry::observed::Connection;
 use crate::registry::{detached, Registry};
 use crate::state::GlobalState;
@@ -224,7 +225,13 @@ impl AgentService for AgentSvc {
         let state = states.borrow_and_update().clone();
         let view = node_view(&state, &node).ok_or_else(|| Error::NodeRemoved(node.clone()))?;
         let first = first_update(&self.registry, &state, &node, &view, &resume);
-        tracing::debug!(node = %node, resume_from, version = state.version, "watch");
+        let start = match first.as_ref().and_then(|u| u.body.as_ref()) {
+            None => WatchStart::Current,
+            Some(Body::Delta(_)) => WatchStart::Delta,
+            Some(_) => WatchStart::Snapshot,
+        };
+        self.registry.metrics.watch_started(start);
+        tracing::debug!(node = %node, resume_from, version = state.version, ?start, "watch");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = Stream {
             registry: self.registry.clone(),

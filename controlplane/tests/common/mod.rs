@@ -116,6 +116,7 @@ pub async fn start_on(dir: &Path, url: &str) -> Cp {
     start_with(dir, |c| {
         relaxed(c);
         c.db = url.parse().expect("a postgres URL");
+        c.metrics_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     })
     .await
 }
