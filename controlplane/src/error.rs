@@ -227,6 +227,8 @@ impl Error {
             | Error::ReportRate { .. } => Code::ResourceExhausted,
             Error::RequestTimeout(_) => Code::DeadlineExceeded,
             Error::ShuttingDown | Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+            // Another server's change won a race on a unique name or address: try again.
+            Error::Store(StoreError::Conflict(_)) => Code::Aborted,
             Error::Store(_)
             | Error::Change(_)
             | Error::Task(_)

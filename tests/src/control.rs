@@ -94,17 +94,20 @@ impl ControlPlane {
     /// agents), each listening on 127.0.0.1:7450+i of the switch namespace, metrics on
     /// 9590+i.
     pub fn replicas(lab: &Lab, url: &str, n: u16) -> Vec<ControlPlane> {
-        let first = ControlPlane::start_on(lab, url, 0, None);
+        let listen = |i: u16| vec![format!("127.0.0.1:{}", REPLICA_PORT + i)];
+        let first = ControlPlane::start_on(lab, url, 0, None, listen(0));
         let tls = first.tls.clone();
         let mut all = vec![first];
         for i in 1..n {
-            all.push(ControlPlane::start_on(lab, url, i, Some(tls.clone())));
+            all.push(ControlPlane::start_on(lab, url, i, Some(tls.clone()), listen(i)));
         }
         all
     }
 
-    /// Replica `i` on `url`; with `tls: None` it adds the lab's addresses and makes the CA.
-    fn start_on(lab: &Lab, url: &str, i: u16, tls: Option<PathBuf>) -> ControlPlane {
+    /// Replica `i` on `url` (metrics on 9590+i), taking agents at `listen`; with `tls:
+    /// None` it adds the lab's control-plane addresses to the switch and makes the CA
+    /// and certificate for them.
+    pub fn start_on(lab: &Lab, url: &str, i: u16, tls: Option<PathBuf>, listen: Vec<String>) -> ControlPlane {
         let dir = TempDir::new();
         let tls = tls.unwrap_or_else(|| {
             lab.switch.ip(&["addr", "add", &format!("{CP_V4}/24"), "dev", "br0"]);
@@ -121,7 +124,7 @@ impl ControlPlane {
             dir,
             switch: lab.switch.name.clone(),
             child: None,
-            listen: vec![format!("127.0.0.1:{}", REPLICA_PORT + i)],
+            listen,
             tls,
             metrics: std::net::SocketAddr::from(([127, 0, 0, 1], CP_METRICS_PORT + i)),
             serve_args: Vec::new(),

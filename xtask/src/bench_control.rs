@@ -11,6 +11,9 @@
 //! 2. Fan-out: 1,000 simulated agents (one HTTP/2 connection, Register and Watch each) on
 //!    one control plane over loopback; one policy change, timed until every watcher has
 //!    received its update. Goal: < 1 s. The control plane's peak RSS is reported.
+//! 3. Replicas on PostgreSQL (`replicas.rs`): fan-out over two, push latency from one to
+//!    agents on the other, failover of an agent behind HAProxy when its replica is killed.
+//! 4. Scale (`scale.rs`): a full mesh of simulated agents, 2,000 and 4,000 nodes.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -22,6 +25,7 @@ use wirefence_tests::control::ControlPlane;
 use wirefence_tests::{wait_until, Lab};
 
 mod loopback;
+mod replicas;
 mod scale;
 
 #[derive(clap::Args)]
@@ -51,6 +55,16 @@ pub struct BenchControlArgs {
     /// Skip the scale part.
     #[arg(long)]
     no_scale: bool,
+    /// Skip the replicas' part (PostgreSQL: fan-out over 2 replicas, push latency across
+    /// replicas, failover).
+    #[arg(long)]
+    no_replicas: bool,
+    /// Simulated agents of the fan-out over 2 replicas (the goal is stated for 10,000).
+    #[arg(long, default_value_t = 2000)]
+    replica_agents: usize,
+    /// Replicas killed in the failover part.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
     /// Use debug builds (quicker to build; the numbers are not the release goals').
     #[arg(long)]
     debug: bool,
@@ -79,6 +93,16 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
     }
     if !args.no_fanout {
         rows.extend(rt.block_on(fan_out(&bins.control, args.agents))?);
+        print(&rows);
+    }
+    if !args.no_replicas {
+        rows.extend(rt.block_on(replicas::fan_out(&bins.control, args.replica_agents))?);
+        print(&rows);
+        if !args.no_push {
+            rows.extend(replicas::push_latency(&rt, args.changes)?);
+            print(&rows);
+        }
+        rows.extend(replicas::failover(&rt, args.kills)?);
         print(&rows);
     }
     if !args.no_scale {

@@ -107,11 +107,14 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         false => tally.failed += 1,
     }
 
-    // The control plane at scale: 1,000 and 2,000 simulated agents in a full mesh, on the
-    // release builds the packages made (about a minute). Fails when a watcher misses the
-    // mesh or a change that keeps peers carries any; the times are reported. One test.
+    // The control plane's benches, smaller: push latency (20 changes, SQLite and across two
+    // replicas on PostgreSQL), fan-out over two replicas (500 watchers), 5 failovers behind
+    // HAProxy, and 1,000 and 2,000 simulated agents in a full mesh, on the release builds
+    // the packages made (a few minutes). Fails when an agent or watcher misses a change or
+    // the mesh, or a failover does not complete; the times are reported. One test.
     let scale = Command::new(std::env::current_exe()?)
-        .args(["bench-control", "--no-push", "--no-fanout", "--scale", "1000,2000"])
+        .args(["bench-control", "--no-flood", "--no-fanout", "--changes", "20"])
+        .args(["--replica-agents", "500", "--kills", "5", "--scale", "1000,2000"])
         .status()
         .map_err(anyhow::Error::from)
         .and_then(|s| if s.success() { Ok(()) } else { Err(anyhow::anyhow!("bench-control: {s}")) });

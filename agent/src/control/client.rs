@@ -24,6 +24,10 @@ use crate::wg::WgBackend;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session registered for at least this long was healthy: the next one starts the
+/// backoff over (a replica that died is replaced at once, but a server that accepts and
+/// drops every session still gets an agent's growing backoff).
+const HEALTHY_SESSION: Duration = Duration::from_secs(1);
 /// The retry after a refusal only an operator can lift (see [`SessionError::needs_operator`]):
 /// slow, so a refused node does not hammer the control plane, yet it comes back by itself
 /// once the operator acted.
@@ -180,6 +184,7 @@ impl ControlClient {
             let started = tokio::time::Instant::now();
             let result = self.session(&mut status).await;
             let operator = matches!(&result, Err(e) if e.needs_operator());
+            let registered = status.connected_to.is_some();
             let message = match result {
                 Err(SessionError::DaemonGone) => return,
                 Ok(()) => "the control plane closed the stream".to_string(),
@@ -196,8 +201,8 @@ impl ControlClient {
                 continue;
             }
             tracing::warn!(error = ?status.last_error, "control plane session ended");
-            // A session that ran a while was healthy: start the backoff over.
-            if started.elapsed() > BACKOFF_MAX {
+            // A session that registered and ran a while was healthy: start the backoff over.
+            if (registered && started.elapsed() >= HEALTHY_SESSION) || started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_MIN;
             }
             tokio::time::sleep(jitter(backoff)).await;

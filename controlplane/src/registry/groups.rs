@@ -98,7 +98,7 @@ impl Registry {
     }
 
     /// Publishes a new version if the election names other primaries than the current
-    /// state's. Blocks (store write) only then.
+    /// state's. Writes to the store only then.
     pub async fn reelect(&self) -> Result<Option<u64>, Error> {
         let changed = |s: &crate::state::GlobalState| *s.primaries() != lock(&self.election).evaluate(Instant::now());
         if !changed(&self.current()) {
@@ -122,8 +122,7 @@ impl Registry {
         let mut shutdown = self.shutdown_signal();
         loop {
             if !self.current().groups.is_empty() {
-                let registry = self.clone();
-                if let Err(e) = registry.reelect().await {
+                if let Err(e) = self.reelect().await {
                     tracing::warn!(error = %e, "route group election not published; retrying");
                 }
             }

@@ -22,7 +22,7 @@ use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
 use crate::auth::{self, Token};
 use crate::model::{now_unix, valid_hostname, NodeRec, PublicKey, RefusedRoute};
-use crate::store::{self, KeyRow, StoreError};
+use crate::store::{self, KeyRow};
 use crate::Error;
 
 pub const MAX_ENDPOINTS: usize = 16;
@@ -332,33 +332,21 @@ impl Registry {
             refused_routes: refused.clone(),
         };
         let credential = Token::generate(node.id.clone());
-        let mut attempts = 0;
-        let version = loop {
-            node.addresses = {
-                let used = lock(&self.allocated);
-                let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
-                vec![host(v4), host(allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?)]
-            };
-            let mut tx = store.begin().await?;
-            // The key's row first: it decides between servers enrolling with it at once.
-            if !store::use_key(&mut tx, &key.id).await? {
-                return Err(Error::EnrollmentKeyExhausted { id: key.id, uses: key.max_uses, max_uses: key.max_uses });
-            }
-            match store::insert_node(&mut tx, &node, &credential.hash(), &key.routes).await {
-                // Another server gave out the address meanwhile: learn its change, then
-                // allocate again.
-                Err(StoreError::Conflict(e)) if attempts < 3 => {
-                    attempts += 1;
-                    tracing::debug!(error = %e, "address taken by another server; allocating again");
-                    drop(tx);
-                    self.catch_up().await?;
-                }
-                r => {
-                    r?;
-                    break store.commit(tx, Some(&crate::change::Change::Node(node.clone()))).await?;
-                }
-            }
+        let mut tx = store.begin().await?;
+        // Holding the version row, no other server commits a change until this one does:
+        // once caught up, the addresses given out are all known here.
+        store::hold_versions(&mut tx).await?;
+        self.catch_up().await?;
+        node.addresses = {
+            let used = lock(&self.allocated);
+            let v4 = allocate(self.overlay.v4, &used).ok_or(Error::PoolExhausted(self.overlay.v4))?;
+            vec![host(v4), host(allocate(self.overlay.v6, &used).ok_or(Error::PoolExhausted(self.overlay.v6))?)]
         };
+        if !store::use_key(&mut tx, &key.id).await? {
+            return Err(Error::EnrollmentKeyExhausted { id: key.id, uses: key.max_uses, max_uses: key.max_uses });
+        }
+        store::insert_node(&mut tx, &node, &credential.hash(), &key.routes).await?;
+        let version = store.commit(tx, Some(&crate::change::Change::Node(node.clone()))).await?;
         tracing::info!(node = %node.id, hostname = %Escaped(&node.hostname), bound, key = %key.id, version, "node enrolled");
         self.published(version).await;
         self.advertised(&node.id, &requested, &refused);

@@ -154,6 +154,9 @@ pub struct Store {
     location: DbLocation,
     /// Follows every committed change (see [`Store::commit`]).
     credentials: Arc<CredentialIndex>,
+    /// Held from reading the credentials to replacing the index: of two reloads at once,
+    /// the one that read later replaces later (the index never goes back).
+    reloading: tokio::sync::Mutex<()>,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -209,7 +212,7 @@ impl Store {
             .await?;
         let credentials = Arc::new(CredentialIndex::default());
         credentials.replace(credential_rows(&pool).await?);
-        Ok(Store { pool, engine, location: db.clone(), credentials })
+        Ok(Store { pool, engine, location: db.clone(), credentials, reloading: tokio::sync::Mutex::new(()) })
     }
 
     /// Where the database is.
@@ -288,6 +291,7 @@ impl Store {
     /// Reads every credential again (another server changed one). On failure the index
     /// is emptied: no node authenticates until a reload succeeds (fail closed).
     pub async fn reload_credentials(&self) {
+        let _one_at_a_time = self.reloading.lock().await;
         match credential_rows(&self.pool).await {
             Ok(rows) => self.credentials.replace(rows),
             Err(e) => {

@@ -24,13 +24,20 @@ pub async fn insert_node(tx: &mut Tx, n: &NodeRec, credential_hash: &[u8], grant
     .execute(&mut **tx)
     .await?;
     for a in &n.addresses {
-        // The primary key refuses an address another server gave out meanwhile.
+        // The primary key: one owner per address, whatever happens.
         sqlx::query("INSERT INTO addresses (address, node) VALUES ($1, $2)")
             .bind(a.to_string())
             .bind(&n.id)
             .execute(&mut **tx)
             .await?;
     }
+    Ok(())
+}
+
+/// Takes the version counter's row (a write that changes nothing) until the commit: no other
+/// versioned change, on any server of the database, commits meanwhile.
+pub async fn hold_versions(tx: &mut Tx) -> Result<()> {
+    sqlx::query("UPDATE counter SET version = version WHERE id = 1").execute(&mut **tx).await?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! A release control plane on loopback (plaintext, SQLite in a temporary directory) for
-//! the benches whose agents are simulated in this process.
+//! A release control plane on loopback (plaintext; SQLite in a temporary directory, or a
+//! PostgreSQL database shared with other replicas) for the benches whose agents are
+//! simulated in this process.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,6 +20,11 @@ pub struct Loopback {
 impl Loopback {
     /// Starts it for `agents` simulated agents, all from 127.0.0.1 with one reusable key.
     pub async fn start(control: &Path, agents: usize) -> Result<Loopback> {
+        Loopback::start_on(control, agents, None).await
+    }
+
+    /// [`Loopback::start`] on the PostgreSQL database at `db` (`None`: SQLite of its own).
+    pub async fn start_on(control: &Path, agents: usize, db: Option<&str>) -> Result<Loopback> {
         let dir = wirefence_tests::TempDir::new();
         let admin_socket = dir.0.join("admin.sock");
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -29,7 +35,7 @@ impl Loopback {
             .arg(&admin_socket)
             .arg("serve")
             .arg("--db")
-            .arg(dir.0.join("control.db"))
+            .arg(db.map_or_else(|| dir.0.join("control.db").into_os_string(), Into::into))
             .args(["--listen", &addr.to_string(), "--insecure", "--overlay-v4", "10.64.0.0/16"])
             .args(["--enroll-burst", "1000000"])
             .args(["--max-connections-per-source", &(agents + 16).to_string()])

@@ -1,0 +1,228 @@
+//! The replicas' goals: two control planes on one PostgreSQL (a cluster of its own, made
+//! with initdb in a temporary directory).
+//!
+//! - Fan-out: simulated agents spread over both replicas (alternating), one change applied
+//!   on the first; timed until every watcher has it. Goal: p99 < 1 s.
+//! - Push latency across replicas: 3 agents in namespaces attached to replica B, changes
+//!   applied on replica A, timed until the kernel runs them (as the single-server part).
+//!   Goal: p99 < 50 ms.
+//! - Failover: one agent behind HAProxy; the replica it uses is killed (SIGKILL), timed
+//!   until it is connected to the other; the killed one is started again for the next
+//!   round. Goal: p99 < 2 s. Streams that started with a snapshot are counted too (none
+//!   is the goal: agents resume).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use wirefence_proto::v1;
+use wirefence_tests::balancer::Balancer;
+use wirefence_tests::control::{ControlPlane, CP_PORT, CP_V4, CP_V6};
+use wirefence_tests::postgres::Postgres;
+use wirefence_tests::{wait_until, Lab, TempDir};
+
+use super::loopback::Loopback;
+use super::{epoch_map, epochs, ms, pct, row, rss_kib, sim_agent, Pusher, Row};
+
+/// A PostgreSQL cluster with one database for a bench; dropped with its directory.
+struct Database {
+    _pg: Postgres,
+    url: String,
+    _dir: TempDir,
+}
+
+fn database() -> Database {
+    let dir = TempDir::new();
+    let pg = Postgres::start(&dir.0.join("pg"));
+    let url = pg.create_database("bench");
+    Database { _pg: pg, url, _dir: dir }
+}
+
+pub async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
+    eprintln!("bench-control: fan-out over 2 replicas on PostgreSQL, {n} simulated agents on loopback");
+    let db = database();
+    let a = Loopback::start_on(control, n, Some(&db.url)).await?;
+    let b = Loopback::start_on(control, n, Some(&db.url)).await?;
+    let mut admin = a.admin.clone();
+    let apply = |port: u16| {
+        v1::ApplyPolicyRequest {
+        file_name: "fanout.toml".into(),
+        source: format!(
+            "[[rules]]\nid = \"probe\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"tag:sim\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n"
+        ),
+    }
+    };
+    admin.apply_policy(apply(1)).await?;
+    let req = v1::CreateEnrollmentKeyRequest { tags: vec!["sim".into()], reusable: true, ..Default::default() };
+    let key = admin.create_enrollment_key(req).await?.into_inner().key;
+
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<()>>(n);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let addr = if i % 2 == 0 { a.addr } else { b.addr };
+        let (ready, key) = (ready_tx.clone(), key.clone());
+        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready).await }));
+    }
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_secs(600), ready_rx.recv()).await {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => bail!("a simulated agent failed: {e:#}"),
+            Ok(None) | Err(_) => bail!("simulated agents did not all get their snapshot within 600 s"),
+        }
+    }
+    let setup = started.elapsed();
+    let t0 = Instant::now();
+    let version = admin.apply_policy(apply(2)).await?.into_inner().version;
+    let mut latencies = Vec::with_capacity(n);
+    for t in tasks {
+        let (received, got) =
+            tokio::time::timeout(Duration::from_secs(60), t).await.context("fan-out timed out")???;
+        ensure!(got == version, "a watcher got version {got}, not the change's {version}");
+        latencies.push(received.saturating_duration_since(t0));
+    }
+    latencies.sort();
+    let (p99, max) = (pct(&latencies, 0.99), latencies[latencies.len() - 1]);
+    let (a_hwm, _) = rss_kib(a.pid)?;
+    let (b_hwm, _) = rss_kib(b.pid)?;
+    drop((a, b, db));
+    Ok(vec![
+        row(
+            format!("fan-out, 2 replicas: one change to {n} watchers, p99 (setup {:.0} s)", setup.as_secs_f64()),
+            format!("{:.0} ms", ms(p99)),
+            p99.as_secs_f64(),
+            "< 1 s",
+        ),
+        (
+            "fan-out, 2 replicas: the last watcher; replicas' peak RSS".into(),
+            format!("{:.0} ms", ms(max)),
+            format!("{}+{} MiB", a_hwm / 1024, b_hwm / 1024),
+            "reported".into(),
+        ),
+    ])
+}
+
+pub fn push_latency(rt: &tokio::runtime::Runtime, changes: usize) -> Result<Vec<Row>> {
+    eprintln!("bench-control: push latency across replicas, applied on A, 3 agents on B, {changes} changes");
+    let db = database();
+    let lab = Lab::new(3);
+    // B takes the agents at the lab's control-plane addresses; A only has its admin socket.
+    let b = ControlPlane::start_on(
+        &lab,
+        &db.url,
+        1,
+        None,
+        vec![format!("{CP_V4}:{CP_PORT}"), format!("[{CP_V6}]:{CP_PORT}")],
+    );
+    let a = ControlPlane::start_on(&lab, &db.url, 0, Some(b.tls_dir().to_owned()), vec!["127.0.0.1:7450".into()]);
+    let key = b.enrollment_key_file(&[]);
+    let mut agents = Vec::new();
+    for h in &lab.hosts {
+        h.write_control_config(&b, &key);
+        agents.push(h.spawn_agent());
+    }
+    let mut admin = rt.block_on(wirefence_control::admin_client::connect(&a.admin_socket()))?;
+    wait_until("3 nodes enrolled", Duration::from_secs(30), || {
+        rt.block_on(admin.list_nodes(v1::ListNodesRequest::default())).is_ok_and(|r| r.into_inner().nodes.len() == 3)
+    });
+    let mut pusher = Pusher { rt, admin, maps: Vec::new(), before: Vec::new(), port: 999 };
+    pusher.apply()?;
+    let root = wirefence_tests::bpffs_root();
+    for h in &lab.hosts {
+        let ifname = h.ifname.clone();
+        wait_until("policy pinned", Duration::from_secs(30), || epoch_map(&root, &ifname).is_ok());
+        pusher.maps.push(epoch_map(&root, &ifname)?);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    pusher.before = epochs(&pusher.maps)?;
+    let measured = pusher.measure(changes)?;
+    let (p50, p99) = (pct(&measured, 0.50), pct(&measured, 0.99));
+    drop(agents);
+    for h in &lab.hosts {
+        h.down();
+    }
+    drop((a, b, db));
+    Ok(vec![
+        row(
+            "push latency p50, applied on replica A, 3 agents on replica B".into(),
+            format!("{:.1} ms", ms(p50)),
+            ms(p50) / 50.0,
+            "p99 < 50 ms",
+        ),
+        row(
+            "push latency p99, applied on replica A, 3 agents on replica B".into(),
+            format!("{:.1} ms", ms(p99)),
+            ms(p99) / 50.0,
+            "< 50 ms",
+        ),
+    ])
+}
+
+/// Whether `hostname` has a stream open on `cp` (each replica knows its own streams).
+fn attached(
+    rt: &tokio::runtime::Runtime,
+    admin: &mut wirefence_control::admin_client::AdminClient,
+    hostname: &str,
+) -> bool {
+    rt.block_on(admin.list_nodes(v1::ListNodesRequest::default()))
+        .is_ok_and(|r| r.into_inner().nodes.iter().any(|n| n.hostname == hostname && n.connected))
+}
+
+fn snapshots(lab: &Lab, cp: &ControlPlane) -> f64 {
+    let text = wirefence_tests::metrics::scrape(&lab.switch, cp.metrics_addr());
+    wirefence_tests::metrics::find_sample(&text, "wirefence_control_watch_starts_total{first=\"snapshot\"}")
+        .unwrap_or(0.0)
+}
+
+pub fn failover(rt: &tokio::runtime::Runtime, kills: usize) -> Result<Vec<Row>> {
+    eprintln!("bench-control: failover, 1 agent behind HAProxy, 2 replicas, {kills} kills");
+    let db = database();
+    let lab = Lab::new(1);
+    let mut cps = ControlPlane::replicas(&lab, &db.url, 2);
+    let _lb = Balancer::start(&lab, &cps);
+    let h1 = &lab.hosts[0];
+    h1.write_bound_control_config(&cps[0], &[]);
+    let _agent = h1.spawn_agent();
+    let connect = |cp: &ControlPlane| rt.block_on(wirefence_control::admin_client::connect(&cp.admin_socket()));
+    let mut admins = [connect(&cps[0])?, connect(&cps[1])?];
+    wait_until("h1 attached to a replica", Duration::from_secs(30), || {
+        attached(rt, &mut admins[0], "h1") || attached(rt, &mut admins[1], "h1")
+    });
+    let mut times = Vec::with_capacity(kills);
+    let mut snapshot_starts = 0.0;
+    for round in 1..=kills {
+        let dead = if attached(rt, &mut admins[0], "h1") { 0 } else { 1 };
+        let alive = 1 - dead;
+        let before = snapshots(&lab, &cps[alive]);
+        cps[dead].kill();
+        let t0 = Instant::now();
+        while !attached(rt, &mut admins[alive], "h1") {
+            ensure!(t0.elapsed() < Duration::from_secs(30), "round {round}: h1 not on the other replica within 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let took = t0.elapsed();
+        snapshot_starts += snapshots(&lab, &cps[alive]) - before;
+        eprintln!("bench-control: failover round {round}: {took:?}");
+        times.push(took);
+        cps[dead].restart();
+        admins[dead] = connect(&cps[dead])?;
+        // Replicas do not die back to back: the agent's session is a healthy one by then.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    times.sort();
+    let (p50, p99, max) = (pct(&times, 0.5), pct(&times, 0.99), times[times.len() - 1]);
+    Ok(vec![
+        row(
+            format!("failover: replica killed -> agent on another, p99 of {kills}"),
+            format!("{:.2} s", p99.as_secs_f64()),
+            p99.as_secs_f64() / 2.0,
+            "< 2 s",
+        ),
+        (
+            "failover: p50, max; streams restarted with a snapshot".into(),
+            format!("{:.2} s", p50.as_secs_f64()),
+            format!("{:.2} s", max.as_secs_f64()),
+            format!("reported ({snapshot_starts} snapshots)"),
+        ),
+    ])
+}
