@@ -49,6 +49,10 @@ pub struct BenchControlArgs {
     /// Node counts of the scale part (simulated agents, full mesh), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2000,4000")]
     scale: Vec<usize>,
+    /// Servers of the scale part, comma-separated: 1 (SQLite) and/or more (replicas on
+    /// PostgreSQL, the agents spread over them).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    scale_servers: Vec<usize>,
     /// Port changes timed per node count (the median is reported).
     #[arg(long, default_value_t = 5)]
     scale_changes: usize,
@@ -107,9 +111,11 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
     }
     if !args.no_scale {
         let mut measured = Vec::new();
-        for n in &args.scale {
-            measured.push(rt.block_on(scale::run(&bins.control, *n, args.scale_changes))?);
-            scale::print(&measured);
+        for servers in &args.scale_servers {
+            for n in &args.scale {
+                measured.push(rt.block_on(scale::run(&bins.control, *n, args.scale_changes, *servers))?);
+                scale::print(&measured);
+            }
         }
     }
     Ok(())

@@ -25,13 +25,13 @@ use super::loopback::Loopback;
 use super::{epoch_map, epochs, ms, pct, row, rss_kib, sim_agent, Pusher, Row};
 
 /// A PostgreSQL cluster with one database for a bench; dropped with its directory.
-struct Database {
+pub struct Database {
     _pg: Postgres,
-    url: String,
+    pub url: String,
     _dir: TempDir,
 }
 
-fn database() -> Database {
+pub fn database() -> Database {
     let dir = TempDir::new();
     let pg = Postgres::start(&dir.0.join("pg"));
     let url = pg.create_database("bench");

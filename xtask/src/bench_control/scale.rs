@@ -1,6 +1,8 @@
-//! Scale: N simulated agents enroll and watch on one control plane over loopback; then a
-//! full-mesh policy (every node gains N−1 peers), then a change of its port only (peers
-//! unchanged). Timed until every watcher has each version; the control plane's peak RSS.
+//! Scale: N simulated agents enroll and watch on one control plane over loopback (SQLite),
+//! or spread over 2 replicas on one PostgreSQL; then a full-mesh policy (every node gains
+//! N−1 peers), then a change of its port only (peers unchanged), applied on the first
+//! server. Timed until every watcher has each version; the control planes' peak RSS (the
+//! largest replica's).
 //!
 //! The simulated agents take updates in parts, as agents do, and decode only an update's
 //! version and count the peers in it (a real agent's decoding would cost this process more
@@ -70,6 +72,8 @@ struct Seen {
 
 pub struct Measured {
     pub nodes: usize,
+    /// Servers the agents were spread over (1: SQLite, more: replicas on PostgreSQL).
+    pub replicas: usize,
     pub enrolled_per_sec: f64,
     pub mesh: Duration,
     pub mesh_apply: Duration,
@@ -88,11 +92,15 @@ fn policy(port: u16) -> v1::ApplyPolicyRequest {
     }
 }
 
-pub async fn run(control: &Path, n: usize, port_changes: usize) -> Result<Measured> {
-    eprintln!("bench-control: scale, {n} simulated agents, full mesh");
-    let mut cp = Loopback::start(control, n).await?;
-    let key = cp
-        .admin
+pub async fn run(control: &Path, n: usize, port_changes: usize, replicas: usize) -> Result<Measured> {
+    eprintln!("bench-control: scale, {n} simulated agents, full mesh, {replicas} server(s)");
+    let db = (replicas > 1).then(super::replicas::database);
+    let mut cps = Vec::new();
+    for _ in 0..replicas.max(1) {
+        cps.push(Loopback::start_on(control, n, db.as_ref().map(|d| d.url.as_str())).await?);
+    }
+    let mut admin = cps[0].admin.clone();
+    let key = admin
         .create_enrollment_key(v1::CreateEnrollmentKeyRequest { reusable: true, ..Default::default() })
         .await?
         .into_inner()
@@ -102,7 +110,8 @@ pub async fn run(control: &Path, n: usize, port_changes: usize) -> Result<Measur
     let started = Instant::now();
     let mut tasks = Vec::new();
     for first in (0..n).step_by(PER_CONNECTION) {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.addr))?.connect().await?;
+        let addr = cps[(first / PER_CONNECTION) % cps.len()].addr;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
         for agent in first..(first + PER_CONNECTION).min(n) {
             let (channel, key, tx, enrolling) = (channel.clone(), key.clone(), tx.clone(), enrolling.clone());
             tasks.push(tokio::spawn(async move {
@@ -117,15 +126,15 @@ pub async fn run(control: &Path, n: usize, port_changes: usize) -> Result<Measur
     // Every agent has its snapshot.
     wait_all(&mut rx, &mut last, 1, Duration::from_secs(600), |_| Ok(())).await?;
     let enrolled_per_sec = n as f64 / started.elapsed().as_secs_f64();
-    let pid = cp.pid;
-    let rss = move |phase: &str| {
-        if let Ok((hwm, now)) = super::rss_kib(pid) {
-            eprintln!("bench-control: {n} nodes, after {phase}: RSS {} MiB (peak {} MiB)", now / 1024, hwm / 1024);
-        }
+    let pids: Vec<u32> = cps.iter().map(|c| c.pid).collect();
+    let peak = move || pids.iter().filter_map(|p| super::rss_kib(*p).ok()).max().unwrap_or_default();
+    let rss = |phase: &str| {
+        let (hwm, now) = peak();
+        eprintln!("bench-control: {n} nodes, after {phase}: RSS {} MiB (peak {} MiB)", now / 1024, hwm / 1024);
     };
     rss("enrollment");
 
-    let (mesh, mesh_apply) = timed_change(&mut cp, &mut rx, &mut last, policy(443), |s| {
+    let (mesh, mesh_apply) = timed_change(&mut admin, &mut rx, &mut last, policy(443), |s| {
         ensure!(s.peers as usize == n - 1, "sim{} got {} peers with the mesh, not {}", s.agent, s.peers, n - 1);
         Ok(())
     })
@@ -135,7 +144,7 @@ pub async fn run(control: &Path, n: usize, port_changes: usize) -> Result<Measur
     let mut changes = Vec::with_capacity(port_changes);
     for i in 0..port_changes.max(1) {
         let port = 8443 + u16::try_from(i).unwrap_or(0);
-        let timed = timed_change(&mut cp, &mut rx, &mut last, policy(port), |s| {
+        let timed = timed_change(&mut admin, &mut rx, &mut last, policy(port), |s| {
             ensure!(s.peers == 0, "sim{} got {} peers with a change that keeps them", s.agent, s.peers);
             Ok(())
         })
@@ -144,24 +153,27 @@ pub async fn run(control: &Path, n: usize, port_changes: usize) -> Result<Measur
     }
     changes.sort();
     let (change, change_apply) = changes[changes.len() / 2];
-    let (peak_rss_kib, _) = super::rss_kib(cp.pid)?;
-    cp.child.kill().await?;
+    let (peak_rss_kib, _) = peak();
+    for mut cp in cps {
+        cp.child.kill().await?;
+    }
     for t in tasks {
         t.abort();
     }
-    Ok(Measured { nodes: n, enrolled_per_sec, mesh, mesh_apply, change, change_apply, peak_rss_kib })
+    drop(db);
+    Ok(Measured { nodes: n, replicas, enrolled_per_sec, mesh, mesh_apply, change, change_apply, peak_rss_kib })
 }
 
 /// Applies `req`; returns how long until every agent had its version, and the apply call's time.
 async fn timed_change(
-    cp: &mut Loopback,
+    admin: &mut wirefence_control::admin_client::AdminClient,
     rx: &mut mpsc::UnboundedReceiver<Result<Seen>>,
     last: &mut [u64],
     req: v1::ApplyPolicyRequest,
     check: impl Fn(&Seen) -> Result<()>,
 ) -> Result<(Duration, Duration)> {
     let t0 = Instant::now();
-    let version = cp.admin.apply_policy(req).await?.into_inner().version;
+    let version = admin.apply_policy(req).await?.into_inner().version;
     let applied = t0.elapsed();
     let done = wait_all(rx, last, version, Duration::from_secs(600), check).await?;
     Ok((done.saturating_duration_since(t0), applied))
@@ -251,9 +263,10 @@ pub fn print(rows: &[Measured]) {
         "scale: full mesh, tcp/443", "enroll/s", "mesh", "(apply)", "port change, p50", "(apply)", "peak RSS"
     );
     for m in rows {
+        let servers = if m.replicas > 1 { format!("{} replicas", m.replicas) } else { "single node".into() };
         println!(
             "{:<28} {:>10.0} {:>12} {:>12} {:>17} {:>14} {:>6} MiB",
-            format!("{} nodes, single node", m.nodes),
+            format!("{} nodes, {servers}", m.nodes),
             m.enrolled_per_sec,
             s(m.mesh),
             s(m.mesh_apply),
@@ -262,23 +275,29 @@ pub fn print(rows: &[Measured]) {
             m.peak_rss_kib / 1024
         );
     }
-    for pair in rows.windows(2) {
-        let (a, b) = (&pair[0], &pair[1]);
+    let mut kinds: Vec<usize> = rows.iter().map(|m| m.replicas).collect();
+    kinds.sort();
+    kinds.dedup();
+    let pairs = kinds.iter().flat_map(|k| {
+        let same: Vec<&Measured> = rows.iter().filter(|m| m.replicas == *k).collect();
+        same.windows(2).map(|w| (w[0], w[1])).collect::<Vec<_>>()
+    });
+    for (a, b) in pairs {
         let nodes = b.nodes as f64 / a.nodes as f64;
         let time = b.change.as_secs_f64() / a.change.as_secs_f64().max(1e-6);
         let goal = nodes * 1.1;
         let verdict = if time <= goal { "met" } else { "MISSED" };
         println!(
-            "port change, {} -> {} nodes: {nodes:.1}x nodes, {time:.2}x time (goal <= {goal:.1}x: {verdict})",
-            a.nodes, b.nodes
+            "port change, {} -> {} nodes, {} server(s): {nodes:.1}x nodes, {time:.2}x time (goal <= {goal:.1}x: {verdict})",
+            a.nodes, b.nodes, a.replicas
         );
     }
     for m in rows.iter().filter(|m| m.nodes >= 10_000) {
         let t = m.change.as_secs_f64() / 2.0;
         let r = m.peak_rss_kib as f64 / (2.0 * 1024.0 * 1024.0);
         let v = |x: f64| if x <= 1.0 { "met" } else { "MISSED" };
-        println!("port change at {} nodes: {t:.2}x of the 2 s goal ({})", m.nodes, v(t));
-        println!("peak RSS at {} nodes: {r:.2}x of the 2 GiB goal ({})", m.nodes, v(r));
+        println!("port change at {} nodes, {} server(s): {t:.2}x of the 2 s goal ({})", m.nodes, m.replicas, v(t));
+        println!("peak RSS at {} nodes, {} server(s): {r:.2}x of the 2 GiB goal ({})", m.nodes, m.replicas, v(r));
     }
 }
 
