@@ -13,12 +13,18 @@ use wirefence_control::store::DbLocation;
 use wirefence_proto::v1::{GetPolicyRequest, ListNodesRequest};
 use wirefence_tests::postgres::Postgres;
 
+/// A PostgreSQL cluster in `dir` with one database, and a control plane on it.
+async fn on_postgres(dir: &std::path::Path) -> (Postgres, String, Cp) {
+    let pg = Postgres::start(&dir.join("pg"));
+    let url = pg.create_database("control");
+    let cp = start_on(dir, &url).await;
+    (pg, url, cp)
+}
+
 #[tokio::test]
 async fn nodes_policy_and_versions_survive_a_restart_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(&dir.path().join("pg"));
-    let url = pg.create_database("control");
-    let mut cp = start_on(dir.path(), &url).await;
+    let (_pg, url, mut cp) = on_postgres(dir.path()).await;
     let laptop = cp.enroll("laptop", 1, &["dev"]).await;
     cp.enroll("db1", 2, &["db"]).await;
     let policy =
@@ -48,26 +54,18 @@ async fn nodes_policy_and_versions_survive_a_restart_on_postgres() {
 #[tokio::test]
 async fn a_single_use_key_raced_enrolls_exactly_one_node() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(&dir.path().join("pg"));
-    let url = pg.create_database("control");
-    let mut cp = start_on(dir.path(), &url).await;
+    let (_pg, _url, mut cp) = on_postgres(dir.path()).await;
     let key = cp.key(true, 0, &[]).await;
-    let mut reqs = Vec::new();
-    for n in 1..=8u8 {
-        reqs.push(cp.enroll_req(&format!("racer{n}"), n, &key).await);
-    }
-    let racers = reqs.into_iter().map(|req| {
-        let addr = cp.addr();
-        tokio::spawn(async move { common::agent_at(addr).await.register(req).await })
-    });
+    let cps = [cp];
     let mut won = 0;
-    for r in futures::future::join_all(racers).await {
-        match r.unwrap() {
+    for r in race(&cps, &key, 8, "racer").await {
+        match r {
             Ok(_) => won += 1,
             Err(s) => assert_eq!(s.code(), Code::PermissionDenied, "{s:?}"),
         }
     }
     assert_eq!(won, 1, "a single-use key enrolls one node");
+    let [mut cp] = cps;
     let nodes = cp.admin.list_nodes(ListNodesRequest::default()).await.unwrap().into_inner().nodes;
     assert_eq!(nodes.len(), 1);
 }
@@ -75,9 +73,7 @@ async fn a_single_use_key_raced_enrolls_exactly_one_node() {
 #[tokio::test]
 async fn while_postgres_is_down_admin_changes_fail_clearly_and_streams_stay_then_it_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let pg = Postgres::start(&dir.path().join("pg"));
-    let url = pg.create_database("control");
-    let mut cp = start_on(dir.path(), &url).await;
+    let (pg, _url, mut cp) = on_postgres(dir.path()).await;
     let laptop = cp.enroll("laptop", 1, &["dev"]).await;
     cp.enroll("db1", 2, &["db"]).await;
     let v1 = cp.apply("").await.unwrap();

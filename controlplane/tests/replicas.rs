@@ -156,16 +156,9 @@ async fn a_single_use_key_raced_on_two_replicas_enrolls_exactly_one_node() {
     let dir = tempfile::tempdir().unwrap();
     let (_pg, mut cps) = replicas(dir.path(), 2).await;
     let key = cps[0].key(true, 0, &[]).await;
-    let mut racers = Vec::new();
-    for n in 1..=8u8 {
-        let cp = &cps[usize::from(n % 2)];
-        let req = cp.enroll_req(&format!("racer{n}"), n, &key).await;
-        let addr = cp.addr();
-        racers.push(tokio::spawn(async move { agent_at(addr).await.register(req).await }));
-    }
     let mut won = 0;
-    for r in futures::future::join_all(racers).await {
-        match r.unwrap() {
+    for r in race(&cps, &key, 8, "racer").await {
+        match r {
             Ok(_) => won += 1,
             Err(s) => assert_eq!(s.code(), Code::PermissionDenied, "{s:?}"),
         }
@@ -200,16 +193,9 @@ async fn enrollments_racing_on_two_replicas_get_distinct_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let (_pg, mut cps) = replicas(dir.path(), 2).await;
     let key = cps[0].key(false, 0, &[]).await;
-    let mut racers = Vec::new();
-    for n in 1..=12u8 {
-        let cp = &cps[usize::from(n % 2)];
-        let req = cp.enroll_req(&format!("node{n}"), n, &key).await;
-        let addr = cp.addr();
-        racers.push(tokio::spawn(async move { agent_at(addr).await.register(req).await }));
-    }
     let mut addresses = std::collections::BTreeSet::new();
-    for r in futures::future::join_all(racers).await {
-        let reply = r.unwrap().expect("every enrollment succeeds, on either replica").into_inner();
+    for r in race(&cps, &key, 12, "node").await {
+        let reply = r.expect("every enrollment succeeds, on either replica");
         for a in reply.addresses {
             assert!(addresses.insert(format!("{a:?}")), "address {a:?} given out twice");
         }

@@ -156,6 +156,39 @@ struct Pusher<'a> {
 }
 
 impl Pusher<'_> {
+    /// Agents on `hosts` enrolled at `agents_at`, changes applied through `admin_at`'s admin
+    /// socket; returns once the first policy runs everywhere.
+    fn start<'a>(
+        rt: &'a tokio::runtime::Runtime,
+        hosts: &[wirefence_tests::Host],
+        agents_at: &ControlPlane,
+        admin_at: &ControlPlane,
+    ) -> Result<(Pusher<'a>, Vec<wirefence_tests::AgentProc>)> {
+        let key = agents_at.enrollment_key_file(&[]);
+        let mut agents = Vec::new();
+        for h in hosts {
+            h.write_control_config(agents_at, &key);
+            agents.push(h.spawn_agent());
+        }
+        let mut admin = rt.block_on(wirefence_control::admin_client::connect(&admin_at.admin_socket()))?;
+        wait_until("every node enrolled", Duration::from_secs(30), || {
+            rt.block_on(admin.list_nodes(v1::ListNodesRequest::default()))
+                .is_ok_and(|r| r.into_inner().nodes.len() == hosts.len())
+        });
+        let mut pusher = Pusher { rt, admin, maps: Vec::new(), before: Vec::new(), port: 999 };
+        pusher.apply()?;
+        let root = wirefence_tests::bpffs_root();
+        for h in hosts {
+            let ifname = h.ifname.clone();
+            wait_until("policy pinned", Duration::from_secs(30), || epoch_map(&root, &ifname).is_ok());
+            pusher.maps.push(epoch_map(&root, &ifname)?);
+        }
+        // Let the first policy settle everywhere (agents' first passes).
+        std::thread::sleep(Duration::from_secs(2));
+        pusher.before = epochs(&pusher.maps)?;
+        Ok((pusher, agents))
+    }
+
     fn apply(&mut self) -> Result<u64> {
         self.port += 1;
         let req = v1::ApplyPolicyRequest { file_name: "bench.toml".into(), source: policy(self.port) };
@@ -212,29 +245,8 @@ fn push_latency(rt: &tokio::runtime::Runtime, changes: usize, flood: bool) -> Re
     let lab = Lab::new(4);
     let cp = ControlPlane::start(&lab);
     let pid = cp.pid().context("control plane pid")?;
-    let key = cp.enrollment_key_file(&[]);
     let agent_hosts = &lab.hosts[..3];
-    let mut agents = Vec::new();
-    for h in agent_hosts {
-        h.write_control_config(&cp, &key);
-        agents.push(h.spawn_agent());
-    }
-    let mut admin = rt.block_on(wirefence_control::admin_client::connect(&cp.admin_socket()))?;
-    wait_until("3 nodes enrolled", Duration::from_secs(30), || {
-        rt.block_on(admin.list_nodes(v1::ListNodesRequest::default())).is_ok_and(|r| r.into_inner().nodes.len() == 3)
-    });
-    let mut pusher = Pusher { rt, admin, maps: Vec::new(), before: Vec::new(), port: 999 };
-    pusher.apply()?;
-    let root = wirefence_tests::bpffs_root();
-    for h in agent_hosts {
-        let ifname = h.ifname.clone();
-        wait_until("policy pinned", Duration::from_secs(30), || epoch_map(&root, &ifname).is_ok());
-        pusher.maps.push(epoch_map(&root, &ifname)?);
-    }
-    pusher.before = epochs(&pusher.maps)?;
-    // Let the first policy settle everywhere (agents' first passes).
-    std::thread::sleep(Duration::from_secs(2));
-    pusher.before = epochs(&pusher.maps).unwrap_or(pusher.before.clone());
+    let (mut pusher, agents) = Pusher::start(rt, agent_hosts, &cp, &cp)?;
 
     let calm = pusher.measure(changes)?;
     let (calm_hwm, _) = rss_kib(pid)?;
@@ -347,51 +359,12 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
     eprintln!("bench-control: fan-out, {n} simulated agents on loopback");
     let cp = loopback::Loopback::start(control, n).await?;
     let (mut child, pid, addr, mut admin) = (cp.child, cp.pid, cp.addr, cp.admin);
-    let apply = |port: u16| {
-        v1::ApplyPolicyRequest {
-        file_name: "fanout.toml".into(),
-        source: format!(
-            "[[rules]]\nid = \"probe\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"tag:sim\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n"
-        ),
-    }
-    };
-    admin.apply_policy(apply(1)).await?;
-    let key = admin
-        .create_enrollment_key(v1::CreateEnrollmentKeyRequest {
-            tags: vec!["sim".into()],
-            reusable: true,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .key;
+    let key = fan_out_setup(&mut admin).await?;
 
-    // Every simulated agent: connect, enroll, watch; say when it has its snapshot, then
-    // return the time it receives a version >= the target. A failure anywhere ends the run.
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<()>>(n);
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let (ready, key) = (ready_tx.clone(), key.clone());
-        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready).await }));
-    }
-    for _ in 0..n {
-        match tokio::time::timeout(Duration::from_secs(120), ready_rx.recv()).await {
-            Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(e))) => bail!("a simulated agent failed: {e:#}"),
-            Ok(None) | Err(_) => bail!("simulated agents did not all get their snapshot within 120 s"),
-        }
-    }
-    let setup = started.elapsed();
+    let (tasks, setup) = watchers(&[addr], n, &key, Duration::from_secs(120)).await?;
     let t0 = Instant::now();
-    let version = admin.apply_policy(apply(2)).await?.into_inner().version;
-    let mut last = Duration::ZERO;
-    for t in tasks {
-        let (received, got) =
-            tokio::time::timeout(Duration::from_secs(30), t).await.context("fan-out timed out")???;
-        anyhow::ensure!(got == version, "a watcher got version {got}, not the change's {version}");
-        last = last.max(received.saturating_duration_since(t0));
-    }
+    let version = admin.apply_policy(probe_policy(2)).await?.into_inner().version;
+    let last = *received(tasks, t0, version).await?.last().context("no watchers")?;
     let (hwm, rss) = rss_kib(pid)?;
     child.kill().await?;
     Ok(vec![
@@ -408,6 +381,64 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
             "reported".into(),
         ),
     ])
+}
+
+/// The fan-out's policy: probes from outside the mesh to the simulated agents on `port`
+/// (every watcher's rules change with it, no peers do).
+fn probe_policy(port: u16) -> v1::ApplyPolicyRequest {
+    v1::ApplyPolicyRequest {
+        file_name: "fanout.toml".into(),
+        source: format!(
+            "[[rules]]\nid = \"probe\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"tag:sim\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n"
+        ),
+    }
+}
+
+/// Applies the first probe policy; returns a reusable key tagging nodes `sim`.
+async fn fan_out_setup(admin: &mut wirefence_control::admin_client::AdminClient) -> Result<String> {
+    admin.apply_policy(probe_policy(1)).await?;
+    let req = v1::CreateEnrollmentKeyRequest { tags: vec!["sim".into()], reusable: true, ..Default::default() };
+    Ok(admin.create_enrollment_key(req).await?.into_inner().key)
+}
+
+type Watcher = tokio::task::JoinHandle<Result<(Instant, u64)>>;
+
+/// `n` simulated agents, agent i at `addrs[i % addrs.len()]`: each connects, enrolls with
+/// `key` and watches. Returns once every one has its snapshot (a failure anywhere ends the
+/// run), with how long that took.
+async fn watchers(
+    addrs: &[std::net::SocketAddr],
+    n: usize,
+    key: &str,
+    limit: Duration,
+) -> Result<(Vec<Watcher>, Duration)> {
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<()>>(n);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (addr, ready, key) = (addrs[i % addrs.len()], ready_tx.clone(), key.to_owned());
+        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready).await }));
+    }
+    for _ in 0..n {
+        match tokio::time::timeout(limit, ready_rx.recv()).await {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => bail!("a simulated agent failed: {e:#}"),
+            Ok(None) | Err(_) => bail!("simulated agents did not all get their snapshot within {limit:?}"),
+        }
+    }
+    Ok((tasks, started.elapsed()))
+}
+
+/// How long after `t0` each watcher received `version` (the next update it gets), sorted.
+async fn received(tasks: Vec<Watcher>, t0: Instant, version: u64) -> Result<Vec<Duration>> {
+    let mut latencies = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let (at, got) = tokio::time::timeout(Duration::from_secs(60), t).await.context("fan-out timed out")???;
+        anyhow::ensure!(got == version, "a watcher got version {got}, not the change's {version}");
+        latencies.push(at.saturating_duration_since(t0));
+    }
+    latencies.sort();
+    Ok(latencies)
 }
 
 async fn sim_agent(

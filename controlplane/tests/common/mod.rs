@@ -121,6 +121,19 @@ pub async fn start_on(dir: &Path, url: &str) -> Cp {
     .await
 }
 
+/// `n` enrollments with `key` at once, spread over `cps` in turn: node i (key pair
+/// `[i; 32]`) named `{name}{i}`.
+pub async fn race(cps: &[Cp], key: &str, n: u8, name: &str) -> Vec<Result<RegisterResponse, Status>> {
+    let mut racers = Vec::new();
+    for i in 1..=n {
+        let cp = &cps[usize::from(i) % cps.len()];
+        let req = cp.enroll_req(&format!("{name}{i}"), i, key).await;
+        let addr = cp.addr();
+        racers.push(tokio::spawn(async move { agent_at(addr).await.register(req).await.map(|r| r.into_inner()) }));
+    }
+    futures::future::join_all(racers).await.into_iter().map(|r| r.expect("a racer panicked")).collect()
+}
+
 /// A client of the agent service at `addr`.
 pub async fn agent_at(addr: std::net::SocketAddr) -> Agent {
     AgentServiceClient::connect(format!("http://{addr}")).await.expect("connect to the agent service")

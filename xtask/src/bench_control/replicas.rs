@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use wirefence_proto::v1;
 use wirefence_tests::balancer::Balancer;
 use wirefence_tests::control::{ControlPlane, CP_PORT, CP_V4, CP_V6};
@@ -22,7 +22,7 @@ use wirefence_tests::postgres::Postgres;
 use wirefence_tests::{wait_until, Lab, TempDir};
 
 use super::loopback::Loopback;
-use super::{epoch_map, epochs, ms, pct, row, rss_kib, sim_agent, Pusher, Row};
+use super::{fan_out_setup, ms, pct, probe_policy, received, row, rss_kib, watchers, Pusher, Row};
 
 /// A PostgreSQL cluster with one database for a bench; dropped with its directory.
 pub struct Database {
@@ -44,44 +44,12 @@ pub async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
     let a = Loopback::start_on(control, n, Some(&db.url)).await?;
     let b = Loopback::start_on(control, n, Some(&db.url)).await?;
     let mut admin = a.admin.clone();
-    let apply = |port: u16| {
-        v1::ApplyPolicyRequest {
-        file_name: "fanout.toml".into(),
-        source: format!(
-            "[[rules]]\nid = \"probe\"\nfrom = [\"10.99.0.0/24\"]\nto = [\"tag:sim\"]\nproto = \"tcp\"\nports = [\"{port}\"]\n"
-        ),
-    }
-    };
-    admin.apply_policy(apply(1)).await?;
-    let req = v1::CreateEnrollmentKeyRequest { tags: vec!["sim".into()], reusable: true, ..Default::default() };
-    let key = admin.create_enrollment_key(req).await?.into_inner().key;
+    let key = fan_out_setup(&mut admin).await?;
 
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<()>>(n);
-    let started = Instant::now();
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let addr = if i % 2 == 0 { a.addr } else { b.addr };
-        let (ready, key) = (ready_tx.clone(), key.clone());
-        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready).await }));
-    }
-    for _ in 0..n {
-        match tokio::time::timeout(Duration::from_secs(600), ready_rx.recv()).await {
-            Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(e))) => bail!("a simulated agent failed: {e:#}"),
-            Ok(None) | Err(_) => bail!("simulated agents did not all get their snapshot within 600 s"),
-        }
-    }
-    let setup = started.elapsed();
+    let (tasks, setup) = watchers(&[a.addr, b.addr], n, &key, Duration::from_secs(600)).await?;
     let t0 = Instant::now();
-    let version = admin.apply_policy(apply(2)).await?.into_inner().version;
-    let mut latencies = Vec::with_capacity(n);
-    for t in tasks {
-        let (received, got) =
-            tokio::time::timeout(Duration::from_secs(60), t).await.context("fan-out timed out")???;
-        ensure!(got == version, "a watcher got version {got}, not the change's {version}");
-        latencies.push(received.saturating_duration_since(t0));
-    }
-    latencies.sort();
+    let version = admin.apply_policy(probe_policy(2)).await?.into_inner().version;
+    let latencies = received(tasks, t0, version).await?;
     let (p99, max) = (pct(&latencies, 0.99), latencies[latencies.len() - 1]);
     let (a_hwm, _) = rss_kib(a.pid)?;
     let (b_hwm, _) = rss_kib(b.pid)?;
@@ -115,26 +83,7 @@ pub fn push_latency(rt: &tokio::runtime::Runtime, changes: usize) -> Result<Vec<
         vec![format!("{CP_V4}:{CP_PORT}"), format!("[{CP_V6}]:{CP_PORT}")],
     );
     let a = ControlPlane::start_on(&lab, &db.url, 0, Some(b.tls_dir().to_owned()), vec!["127.0.0.1:7450".into()]);
-    let key = b.enrollment_key_file(&[]);
-    let mut agents = Vec::new();
-    for h in &lab.hosts {
-        h.write_control_config(&b, &key);
-        agents.push(h.spawn_agent());
-    }
-    let mut admin = rt.block_on(wirefence_control::admin_client::connect(&a.admin_socket()))?;
-    wait_until("3 nodes enrolled", Duration::from_secs(30), || {
-        rt.block_on(admin.list_nodes(v1::ListNodesRequest::default())).is_ok_and(|r| r.into_inner().nodes.len() == 3)
-    });
-    let mut pusher = Pusher { rt, admin, maps: Vec::new(), before: Vec::new(), port: 999 };
-    pusher.apply()?;
-    let root = wirefence_tests::bpffs_root();
-    for h in &lab.hosts {
-        let ifname = h.ifname.clone();
-        wait_until("policy pinned", Duration::from_secs(30), || epoch_map(&root, &ifname).is_ok());
-        pusher.maps.push(epoch_map(&root, &ifname)?);
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    pusher.before = epochs(&pusher.maps)?;
+    let (mut pusher, agents) = Pusher::start(rt, &lab.hosts, &b, &a)?;
     let measured = pusher.measure(changes)?;
     let (p50, p99) = (pct(&measured, 0.50), pct(&measured, 0.99));
     drop(agents);
