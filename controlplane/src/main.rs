@@ -91,6 +91,12 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
     };
     let enroll_limits = args.enroll_limits();
     let limits = Limits { max_connections_per_source: args.max_connections_per_source, ..Limits::default() };
+    if args.db.has_password() {
+        tracing::warn!(
+            "the --db URL holds a password, which every local user can read from this process's command line; \
+             put it in PGPASSWORD or a PGPASSFILE (the service's environment file) instead"
+        );
+    }
     let cfg = ServeConfig {
         db: args.db.clone(),
         listen: args.listen,

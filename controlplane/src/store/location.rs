@@ -101,16 +101,28 @@ impl fmt::Debug for DbLocation {
     }
 }
 
+impl DbLocation {
+    /// Whether the URL holds a password (better kept in `PGPASSWORD` or a `PGPASSFILE`: a
+    /// command line is readable by every local user).
+    pub fn has_password(&self) -> bool {
+        matches!(self, DbLocation::Postgres(url) if split_password(url).is_some())
+    }
+}
+
+/// The URL around its password, if it has one: (before, after).
+fn split_password(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let colon = userinfo.find(':')?;
+    let start = scheme.len() + 3 + colon + 1;
+    Some((&url[..start], &url[start + (userinfo.len() - colon - 1)..]))
+}
+
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
 fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
+    match split_password(url) {
+        Some((before, after)) => format!("{before}***{after}"),
         None => url.to_string(),
     }
 }
@@ -142,6 +154,12 @@ mod tests {
         assert_eq!(pg.engine(), Engine::Postgres);
         assert_eq!(pg.to_string(), "postgres://wf:***@db.example:5432/wirefence");
         assert!(!format!("{pg:?}").contains("hunter2"));
+        assert!(pg.has_password());
+        let no_password: DbLocation = "postgres://wf@db.example/wirefence?host=/run/postgresql".parse().unwrap();
+        assert!(!no_password.has_password());
+        assert_eq!(no_password.to_string(), "postgres://wf@db.example/wirefence?host=/run/postgresql");
+        let odd: DbLocation = "postgresql://wf:p%40ss:w@h?sslmode=require".parse().unwrap();
+        assert_eq!(odd.to_string(), "postgresql://wf:***@h?sslmode=require");
         assert!(matches!("mysql://x/y".parse::<DbLocation>(), Err(LocationError::UnknownScheme(_))));
         assert!(matches!("".parse::<DbLocation>(), Err(LocationError::Empty)));
         assert!(matches!("sqlite:".parse::<DbLocation>(), Err(LocationError::Empty)));
