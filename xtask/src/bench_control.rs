@@ -413,11 +413,15 @@ async fn watchers(
     limit: Duration,
 ) -> Result<(Vec<Watcher>, Duration)> {
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<Result<()>>(n);
+    // Enrollments in flight at once, as a fleet's agents spread theirs out (thousands at
+    // once only queue behind each other until their requests time out).
+    let enrolling = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let (addr, ready, key) = (addrs[i % addrs.len()], ready_tx.clone(), key.to_owned());
-        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready).await }));
+        let (addr, ready, key, enrolling) =
+            (addrs[i % addrs.len()], ready_tx.clone(), key.to_owned(), enrolling.clone());
+        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready, enrolling).await }));
     }
     for _ in 0..n {
         match tokio::time::timeout(limit, ready_rx.recv()).await {
@@ -446,8 +450,12 @@ async fn sim_agent(
     i: usize,
     key: String,
     ready: tokio::sync::mpsc::Sender<Result<()>>,
+    enrolling: std::sync::Arc<tokio::sync::Semaphore>,
 ) -> Result<(Instant, u64)> {
-    let mut stream = match watching(addr, i, key).await {
+    let permit = enrolling.acquire_owned().await?;
+    let watched = watching(addr, i, key).await;
+    drop(permit);
+    let mut stream = match watched {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(anyhow::anyhow!("sim{i}: {e:#}"))).await;
