@@ -168,8 +168,24 @@ impl GlobalState {
         &self.primaries
     }
 
+    /// Makes the primaries those of `in_force` that are still members of their groups; a
+    /// group without one starts with its lowest node id (what the election picks when no
+    /// member reported) until the elector decides. A function of the state and `in_force`
+    /// only, so every server derives the same primaries for a version.
+    pub fn settle_primaries(&mut self, in_force: &BTreeMap<IpNet, String>) {
+        let settled = self
+            .groups
+            .iter()
+            .filter_map(|(prefix, ids)| {
+                let kept = in_force.get(prefix).filter(|id| ids.contains(*id));
+                kept.or_else(|| ids.first()).map(|id| (*prefix, id.clone()))
+            })
+            .collect();
+        self.set_primaries(settled);
+    }
+
     /// Sets the route groups' primaries; a peer table made for others is dropped.
-    pub fn set_primaries(&mut self, primaries: BTreeMap<IpNet, String>) {
+    fn set_primaries(&mut self, primaries: BTreeMap<IpNet, String>) {
         if *self.primaries != primaries {
             self.primaries = Arc::new(primaries);
             *lock(&self.peer_table) = None;
@@ -240,9 +256,12 @@ impl GlobalState {
         Arc::new(NodeRec { routes: n.routes.iter().copied().filter(keep).collect(), ..(**n).clone() })
     }
 
-    /// The same policy with other nodes.
+    /// The same policy with other nodes; the primaries carry over (see
+    /// [`Self::settle_primaries`]).
     pub fn with_nodes(&self, version: u64, nodes: Vec<Arc<NodeRec>>) -> GlobalState {
-        GlobalState::new(version, nodes, self.policy.clone(), self.overlay)
+        let mut state = GlobalState::new(version, nodes, self.policy.clone(), self.overlay);
+        state.settle_primaries(&self.primaries);
+        state
     }
 
     /// The overlay network this state was made for.

@@ -67,6 +67,16 @@ impl Reporter {
     }
 }
 
+/// Healthy reports with these priorities every 250 ms, until dropped.
+async fn heartbeats(reporters: &[(&Reporter, u32)]) {
+    loop {
+        for (r, priority) in reporters {
+            r.health(true, *priority).await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Applies updates until `want` routes both prefixes; returns how long that took.
 async fn until_routed(s: &mut tonic::Streaming<Update>, peers: &mut Peers, want: &str) -> Duration {
     let start = std::time::Instant::now();
@@ -180,4 +190,89 @@ async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
     assert!(g.members.iter().all(|m| m.checked));
     let text = wirefence_control::output::node_text(&node, 0);
     assert!(text.contains(&format!("route group:     {NET4} primary {id1}: *{id1} (priority 100, healthy)")), "{text}");
+}
+
+/// Two replicas of one PostgreSQL database, the members' report streams on different ones:
+/// one elector decides from what both observe, and every replica publishes the same
+/// primaries at every version.
+#[tokio::test]
+async fn members_streaming_to_two_replicas_make_one_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = wirefence_tests::postgres::Postgres::start(&dir.path().join("pg"));
+    let url = pg.create_database("control");
+    let mut cps = Vec::new();
+    for i in 0..2 {
+        let own = dir.path().join(format!("r{i}"));
+        std::fs::create_dir(&own).unwrap();
+        cps.push(
+            start_with(&own, |c| {
+                relaxed(c);
+                c.db = url.parse().unwrap();
+                c.route_hold_down = HOLD_DOWN;
+            })
+            .await,
+        );
+    }
+    cps[0].apply("[[rules]]\nid = \"all\"\nfrom = [\"*\"]\nto = [\"*\"]\n").await.unwrap();
+    let key = cps[0].route_key(&["10.88.0.0/16", "fd88::/48"]).await.unwrap();
+    let mut gw = Vec::new();
+    for (name, n) in [("gw1", 1), ("gw2", 2)] {
+        let mut r = register_req(name, n, &key);
+        r.routes = vec![prefix(NET4), prefix(NET6)];
+        let cp = &cps[usize::from(n - 1)];
+        gw.push(cp.agent().await.register(cp.prove(r, n).await).await.unwrap().into_inner());
+    }
+    gw.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let (first, better) = (gw[0].node_id.clone(), gw[1].node_id.clone());
+    let remote = cps[0].enroll("remote", 9, &[]).await;
+    let mut s = watch(&cps[1], &remote.credential, 0).await.unwrap();
+    let mut peers = Peers::default();
+    peers.apply(&next(&mut s).await.unwrap());
+    assert_eq!(peers.routing(NET4), [first.as_str()], "no report yet: the lowest id");
+
+    // The preferred member (priority 200) streams to the other replica than the first.
+    let r_first = Reporter::open(&cps[0], &gw[0].credential).await;
+    let r_better = Reporter::open(&cps[1], &gw[1].credential).await;
+    let both = [(&r_first, 100), (&r_better, 200)];
+    let started = std::time::Instant::now();
+    tokio::select! {
+        _ = until_routed(&mut s, &mut peers, &better) => {
+            let t = started.elapsed();
+            assert!(t >= HOLD_DOWN && t < HOLD_DOWN + Duration::from_secs(2), "took over after {t:?}");
+        }
+        _ = heartbeats(&both) => unreachable!(),
+    }
+    // Stable: nothing moves while both stay healthy.
+    tokio::select! {
+        _ = silent(&mut s, 1500) => {}
+        _ = heartbeats(&both) => unreachable!(),
+    }
+
+    // Its stream ends on its replica: the member on the other replica at once.
+    let dropped = std::time::Instant::now();
+    drop(r_better);
+    let alone = [(&r_first, 100)];
+    tokio::select! {
+        _ = until_routed(&mut s, &mut peers, &first) => {
+            assert!(dropped.elapsed() < Duration::from_secs(1), "{:?}", dropped.elapsed());
+        }
+        _ = heartbeats(&alone) => unreachable!(),
+    }
+
+    // One history: every replica has the same primaries at every version.
+    let last = cps[0].handle.registry().current().version.max(cps[1].handle.registry().current().version);
+    for cp in &cps {
+        let mut states = cp.handle.registry().subscribe();
+        tokio::time::timeout(Duration::from_secs(5), states.wait_for(|s| s.version >= last)).await.unwrap().unwrap();
+    }
+    let mut moves = 0;
+    for v in 2..=last {
+        let at = |cp: &Cp| cp.handle.registry().at_version(v).expect("in the history").primaries().clone();
+        let (a, b) = (at(&cps[0]), at(&cps[1]));
+        assert_eq!(a, b, "version {v}");
+        let before = cps[0].handle.registry().at_version(v - 1).map(|p| p.primaries().clone()).unwrap_or_default();
+        // The group's forming (gw2 enrolls) gives it its first primary; then it moves.
+        moves += usize::from(!before.is_empty() && before != a);
+    }
+    assert_eq!(moves, 2, "to the better member and back, nothing else");
 }

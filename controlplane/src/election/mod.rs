@@ -1,7 +1,9 @@
 //! Route groups: one prefix routed by several nodes, one of them (the primary) at a time.
 //! Pure logic driven by an explicit clock, so failover and hold-down are tested without
-//! waiting; [`crate::registry`] feeds it reports and stream events and publishes a new
-//! state whenever [`Election::evaluate`] names another primary.
+//! waiting. Two halves: every server's [`Observer`] turns the report streams, health
+//! reports and tunnel counters it receives into [`Observation`]s; one server at a time (the
+//! elector, see [`crate::registry`]) merges all servers' and runs the [`Election`], and
+//! publishes a new state whenever it names another primary.
 //!
 //! Rules: the primary stays while it is healthy (stability beats priority); when it is not,
 //! the healthy member with the highest priority (tie: lowest node id) takes over at once; a
@@ -14,14 +16,15 @@
 //! runs any) with a heartbeat at least every three intervals, and the tunnels to it carry
 //! traffic as the nodes that peer with it see them ([`tunnel`]).
 
+mod observe;
 mod tunnel;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-pub use tunnel::Sample;
-use tunnel::Tunnels;
+pub use observe::{merge, Observation, Observed, Observer};
+pub use tunnel::{Sample, Tunnel};
 
 /// Priority of a member that did not say (plain `advertise_routes`).
 pub const DEFAULT_PRIORITY: u32 = 100;
@@ -53,20 +56,10 @@ impl Report {
 
 #[derive(Clone, Debug, Default)]
 struct Member {
-    /// `None`: the agent never reported health for this prefix (an agent without checks):
-    /// healthy while its report stream is open.
-    report: Option<Report>,
+    /// The merged observation of the last evaluation.
+    seen: Observation,
     /// Since when it has been healthy without interruption (as of the last evaluation).
     healthy_since: Option<Instant>,
-    /// Whether the nodes that peer with it said its tunnels were dead (as of the last
-    /// evaluation).
-    tunnel_dead: bool,
-}
-
-#[derive(Clone, Debug, Default)]
-struct Group {
-    members: BTreeMap<String, Member>,
-    primary: Option<String>,
 }
 
 /// One member's state as shown to an operator.
@@ -89,114 +82,63 @@ pub struct GroupStatus {
     pub members: Vec<MemberStatus>,
 }
 
+/// The decision: members' health over time and each group's primary.
 #[derive(Debug)]
 pub struct Election {
     hold_down: Duration,
-    groups: BTreeMap<IpNet, Group>,
-    /// Open report streams per node.
-    streams: HashMap<String, usize>,
-    tunnels: Tunnels,
+    groups: BTreeMap<IpNet, BTreeMap<String, Member>>,
+    /// As of the last evaluation.
+    primaries: BTreeMap<IpNet, String>,
 }
 
 impl Election {
-    /// An election with `hold_down`, for a mesh whose peers send a keepalive every
-    /// `keepalive` (how long a silent tunnel may be).
-    pub fn new(hold_down: Duration, keepalive: Duration) -> Election {
-        Election { hold_down, groups: BTreeMap::new(), streams: HashMap::new(), tunnels: Tunnels::new(keepalive) }
+    pub fn new(hold_down: Duration) -> Election {
+        Election { hold_down, groups: BTreeMap::new(), primaries: BTreeMap::new() }
     }
 
     pub fn set_hold_down(&mut self, hold_down: Duration) {
         self.hold_down = hold_down;
     }
 
-    /// Makes the groups those of `groups` (prefix -> member node ids): new members start
-    /// unhealthy-until-seen, departed members and groups are forgotten. A group keeps its
-    /// primary while that is still a member.
-    pub fn set_groups(&mut self, groups: &BTreeMap<IpNet, BTreeSet<String>>) {
+    /// Brings every member of `groups` (prefix -> member node ids) up to `now` as
+    /// `observed` says (a member nobody observed is unhealthy), and returns each group's
+    /// primary. `incumbents` are the primaries in force (the state's): the decision
+    /// depends on them, not on what this election said last, so a server that takes the
+    /// election over continues it.
+    pub fn evaluate(
+        &mut self,
+        now: Instant,
+        groups: &BTreeMap<IpNet, BTreeSet<String>>,
+        incumbents: &BTreeMap<IpNet, String>,
+        observed: &Observed,
+    ) -> BTreeMap<IpNet, String> {
         self.groups.retain(|p, _| groups.contains_key(p));
         for (prefix, ids) in groups {
             let g = self.groups.entry(*prefix).or_default();
-            g.members.retain(|id, _| ids.contains(id));
+            g.retain(|id, _| ids.contains(id));
             for id in ids {
-                g.members.entry(id.clone()).or_default();
+                let m = g.entry(id.clone()).or_default();
+                m.seen = observed.get(&(*prefix, id.clone())).copied().unwrap_or_default();
+                let ok = m.seen.healthy();
+                if ok != m.healthy_since.is_some() {
+                    let tunnel_dead = m.seen.tunnel == Tunnel::Dead;
+                    tracing::info!(prefix = %prefix, node = %id, healthy = ok, tunnel_dead, "route group member health changed");
+                }
+                m.healthy_since = match (ok, m.healthy_since) {
+                    (true, Some(since)) => Some(since),
+                    (true, None) => Some(now),
+                    (false, _) => None,
+                };
             }
-            if g.primary.as_ref().is_some_and(|p| !ids.contains(p)) {
-                g.primary = None;
-            }
-        }
-    }
-
-    /// Records a health report of `node` for `prefix`; ignored unless the node is a member
-    /// of that group (an agent cannot affect a prefix it does not route).
-    pub fn report(&mut self, node: &str, prefix: IpNet, report: Report) {
-        if let Some(m) = self.groups.get_mut(&prefix).and_then(|g| g.members.get_mut(node)) {
-            m.report = Some(report);
-        }
-    }
-
-    /// Records what `reporter`'s WireGuard says about its peer `member` (a statistics
-    /// report received `now`); ignored unless `member` is in a group.
-    pub fn tunnel(&mut self, reporter: &str, member: &str, sample: Sample, now: Instant) {
-        if self.groups.values().any(|g| g.members.contains_key(member)) {
-            self.tunnels.record(reporter, member, sample, now);
-        }
-    }
-
-    /// A report stream of `node` opened (`true`) or ended.
-    pub fn stream(&mut self, node: &str, open: bool) {
-        let n = self.streams.entry(node.to_owned()).or_default();
-        if open {
-            *n += 1;
-        } else {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.streams.remove(node);
-            }
-        }
-    }
-
-    /// `tunnel_dead`: what [`Tunnels::dead`] says of the node now.
-    fn healthy(&self, node: &str, m: &Member, now: Instant, tunnel_dead: bool) -> bool {
-        if !self.streams.contains_key(node) || tunnel_dead {
-            return false;
-        }
-        match m.report {
-            None => true,
-            Some(r) => r.healthy && now.saturating_duration_since(r.at) < r.interval * MISSED_HEARTBEATS,
-        }
-    }
-
-    /// Brings every member's health up to `now` and returns each group's primary (groups
-    /// without one are left out).
-    pub fn evaluate(&mut self, now: Instant) -> BTreeMap<IpNet, String> {
-        self.tunnels.retain(&self.groups.values().flat_map(|g| g.members.keys()).collect(), now);
-        let mut health: Vec<(IpNet, String, bool, bool)> = Vec::new();
-        for (prefix, g) in &self.groups {
-            for (id, m) in &g.members {
-                let tunnel_dead = self.tunnels.dead(id, now);
-                health.push((*prefix, id.clone(), self.healthy(id, m, now, tunnel_dead), tunnel_dead));
-            }
-        }
-        for (prefix, id, ok, tunnel_dead) in health {
-            let m = self.groups.get_mut(&prefix).and_then(|g| g.members.get_mut(&id)).expect("collected above");
-            m.tunnel_dead = tunnel_dead;
-            if ok != m.healthy_since.is_some() {
-                tracing::info!(prefix = %prefix, node = %id, healthy = ok, tunnel_dead, "route group member health changed");
-            }
-            m.healthy_since = match (ok, m.healthy_since) {
-                (true, Some(since)) => Some(since),
-                (true, None) => Some(now),
-                (false, _) => None,
-            };
         }
         let hold_down = self.hold_down;
         let mut out = BTreeMap::new();
-        for (prefix, g) in &mut self.groups {
-            let priority = |m: &Member| m.report.map_or(DEFAULT_PRIORITY, |r| r.priority);
+        for (prefix, g) in &self.groups {
+            let priority = |m: &Member| m.seen.priority;
             // Best first: highest priority, then lowest id (BTreeMap order).
-            let mut ranked: Vec<(&String, &Member)> = g.members.iter().collect();
+            let mut ranked: Vec<(&String, &Member)> = g.iter().collect();
             ranked.sort_by_key(|(_, m)| std::cmp::Reverse(priority(m)));
-            let current = g.primary.as_ref().and_then(|p| g.members.get_key_value(p));
+            let current = incumbents.get(prefix).and_then(|p| g.get_key_value(p));
             let next = match current {
                 Some((id, m)) if m.healthy_since.is_some() => {
                     // A better member takes over only once it has proven itself stable.
@@ -217,13 +159,9 @@ impl Election {
                     },
                 },
             };
-            let next = next.clone();
-            if g.primary.as_ref() != Some(&next) {
-                tracing::info!(prefix = %prefix, from = ?g.primary, to = %next, "route group primary changed");
-            }
-            g.primary = Some(next.clone());
-            out.insert(*prefix, next);
+            out.insert(*prefix, next.clone());
         }
+        self.primaries = out.clone();
         out
     }
 
@@ -233,16 +171,15 @@ impl Election {
             .iter()
             .map(|(prefix, g)| GroupStatus {
                 prefix: *prefix,
-                primary: g.primary.clone(),
+                primary: self.primaries.get(prefix).cloned(),
                 members: g
-                    .members
                     .iter()
                     .map(|(id, m)| MemberStatus {
                         node: id.clone(),
-                        priority: m.report.map_or(DEFAULT_PRIORITY, |r| r.priority),
+                        priority: m.seen.priority,
                         healthy: m.healthy_since.is_some(),
-                        checked: m.report.is_some(),
-                        tunnel_dead: m.tunnel_dead,
+                        checked: m.seen.checked,
+                        tunnel_dead: m.seen.tunnel == Tunnel::Dead,
                     })
                     .collect(),
             })
@@ -262,9 +199,55 @@ mod tests {
         "10.10.1.0/24".parse().unwrap()
     }
 
+    /// One server: its observer feeding the election, the primaries it elects in force.
+    struct Lab {
+        observer: Observer,
+        election: Election,
+        groups: BTreeMap<IpNet, BTreeSet<String>>,
+        primaries: BTreeMap<IpNet, String>,
+    }
+
+    impl Lab {
+        fn new() -> Lab {
+            Lab {
+                observer: Observer::new(KEEPALIVE),
+                election: Election::new(HOLD),
+                groups: BTreeMap::new(),
+                primaries: BTreeMap::new(),
+            }
+        }
+
+        fn set_groups(&mut self, groups: &BTreeMap<IpNet, BTreeSet<String>>) {
+            self.groups = groups.clone();
+            self.observer.set_groups(groups);
+        }
+
+        fn stream(&mut self, node: &str, open: bool) {
+            self.observer.stream(node, open);
+        }
+
+        fn report(&mut self, node: &str, prefix: IpNet, report: Report) {
+            self.observer.report(node, prefix, report);
+        }
+
+        fn tunnel(&mut self, reporter: &str, member: &str, sample: Sample, now: Instant) {
+            self.observer.tunnel(reporter, member, sample, now);
+        }
+
+        fn evaluate(&mut self, now: Instant) -> BTreeMap<IpNet, String> {
+            let seen = merge([self.observer.observe(now)]);
+            self.primaries = self.election.evaluate(now, &self.groups, &self.primaries, &seen);
+            self.primaries.clone()
+        }
+
+        fn status(&self) -> Vec<GroupStatus> {
+            self.election.status()
+        }
+    }
+
     /// A group of `members` with their report streams open.
-    fn group(members: &[&str]) -> Election {
-        let mut e = Election::new(HOLD, KEEPALIVE);
+    fn group(members: &[&str]) -> Lab {
+        let mut e = Lab::new();
         let ids = members.iter().map(|s| s.to_string()).collect();
         e.set_groups(&[(net(), ids)].into());
         for m in members {
@@ -273,11 +256,11 @@ mod tests {
         e
     }
 
-    fn say(e: &mut Election, node: &str, healthy: bool, priority: u32, at: Instant) {
+    fn say(e: &mut Lab, node: &str, healthy: bool, priority: u32, at: Instant) {
         e.report(node, net(), Report::new(healthy, priority, TICK, at));
     }
 
-    fn primary(e: &mut Election, now: Instant) -> String {
+    fn primary(e: &mut Lab, now: Instant) -> String {
         e.evaluate(now)[&net()].clone()
     }
 
@@ -374,7 +357,7 @@ mod tests {
         e.stream("a", false);
         e.stream("b", false);
         assert_eq!(primary(&mut e, t), "a");
-        let mut fresh = Election::new(HOLD, KEEPALIVE);
+        let mut fresh = Lab::new();
         fresh.set_groups(&[(net(), ["x".to_string(), "y".to_string()].into())].into());
         assert_eq!(primary(&mut fresh, t), "x", "a new group starts with its preferred member");
     }
@@ -405,7 +388,7 @@ mod tests {
         let sample = |rx| Sample { rx_bytes: rx, last_handshake: 1 };
         // Both pass their checks throughout; x peers with both, and its counter for a
         // stops after the first report.
-        let step = |e: &mut Election, now, a_rx, b_rx| {
+        let step = |e: &mut Lab, now, a_rx, b_rx| {
             say(e, "a", true, 200, now);
             say(e, "b", true, 100, now);
             e.tunnel("x", "a", sample(a_rx), now);
@@ -434,5 +417,74 @@ mod tests {
         assert_eq!(primary(&mut e, t), "b");
         e.set_groups(&BTreeMap::new());
         assert!(e.evaluate(t).is_empty());
+    }
+
+    #[test]
+    fn members_streaming_to_different_servers_are_one_group() {
+        let t = Instant::now();
+        let ids: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let groups = [(net(), ids)].into();
+        let mut servers = [Observer::new(KEEPALIVE), Observer::new(KEEPALIVE)];
+        for s in &mut servers {
+            s.set_groups(&groups);
+        }
+        servers[0].stream("a", true);
+        servers[0].report("a", net(), Report::new(true, 200, TICK, t));
+        servers[1].stream("b", true);
+        servers[1].report("b", net(), Report::new(true, 100, TICK, t));
+        let mut e = Election::new(HOLD);
+        let mut elect = |servers: &mut [Observer; 2], now, incumbents: &BTreeMap<IpNet, String>| {
+            let seen = merge(servers.iter_mut().map(|s| s.observe(now)));
+            e.evaluate(now, &groups, incumbents, &seen)
+        };
+        let primaries = elect(&mut servers, t, &BTreeMap::new());
+        assert_eq!(primaries[&net()], "a");
+        // a's stream ends on its server: b, whose stream is on the other, takes over.
+        servers[0].stream("a", false);
+        let primaries = elect(&mut servers, t + TICK, &primaries);
+        assert_eq!(primaries[&net()], "b");
+        // a reconnects to the other server: back after the hold-down only.
+        servers[1].stream("a", true);
+        servers[1].report("a", net(), Report::new(true, 200, TICK, t + TICK * 2));
+        servers[1].report("b", net(), Report::new(true, 100, TICK, t + TICK * 2));
+        assert_eq!(elect(&mut servers, t + TICK * 2, &primaries)[&net()], "b");
+        let later = t + TICK * 2 + HOLD;
+        servers[1].report("a", net(), Report::new(true, 200, TICK, later));
+        servers[1].report("b", net(), Report::new(true, 100, TICK, later));
+        assert_eq!(elect(&mut servers, later, &primaries)[&net()], "a");
+    }
+
+    #[test]
+    fn a_new_elector_keeps_the_primary_in_force() {
+        let t = Instant::now();
+        let mut old = group(&["a", "b"]);
+        say(&mut old, "a", true, 200, t);
+        say(&mut old, "b", true, 100, t);
+        let in_force = [(net(), "b".to_string())].into();
+        // The server that elected b is gone; another one, with a's better priority
+        // observed since just now, does not move the prefix before the hold-down.
+        let mut new = Election::new(HOLD);
+        let seen = merge([old.observer.observe(t)]);
+        assert_eq!(new.evaluate(t, &old.groups, &in_force, &seen)[&net()], "b");
+        let seen = merge([old.observer.observe(t + TICK)]);
+        assert_eq!(new.evaluate(t + TICK, &old.groups, &in_force, &seen)[&net()], "b");
+    }
+
+    #[test]
+    fn one_server_whose_reporters_receive_from_a_member_outweighs_another_whose_do_not() {
+        let key = (net(), "a".to_string());
+        let seen = |stream, tunnel| Observation { stream, healthy: stream, checked: false, priority: 100, tunnel };
+        let merged = merge([
+            [(key.clone(), seen(true, Tunnel::Dead))].into(),
+            [(key.clone(), seen(false, Tunnel::Alive))].into(),
+        ]);
+        assert!(merged[&key].healthy(), "{:?}", merged[&key]);
+        let merged = merge([
+            [(key.clone(), seen(true, Tunnel::Unknown))].into(),
+            [(key.clone(), seen(false, Tunnel::Dead))].into(),
+        ]);
+        assert!(!merged[&key].healthy(), "dead by the only word: {:?}", merged[&key]);
+        let merged = merge([[(key.clone(), seen(false, Tunnel::Alive))].into()]);
+        assert!(!merged[&key].healthy(), "no stream anywhere: {:?}", merged[&key]);
     }
 }

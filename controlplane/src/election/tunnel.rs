@@ -27,6 +27,16 @@ pub const SESSION_EXPIRY: Duration = Duration::from_secs(180);
 /// stopped (its agent died, it left) says nothing about anyone.
 pub const REPORT_FRESH: Duration = Duration::from_secs(35);
 
+/// What the reporters say about a member's data path. Ordered by weight: merging takes
+/// the greatest (one working tunnel outweighs dead ones, any word outweighs none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tunnel {
+    /// Nobody reported on it recently.
+    Unknown,
+    Dead,
+    Alive,
+}
+
 /// One reporter's counters for one peer, as in a statistics report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sample {
@@ -87,11 +97,18 @@ impl Tunnels {
         }
     }
 
-    /// Whether `member`'s tunnels are dead as of `now` (see the module's rule).
-    pub fn dead(&self, member: &str, now: Instant) -> bool {
-        let Some(by) = self.seen.get(member) else { return false };
-        let mut recent = by.values().filter(|s| now.saturating_duration_since(s.at) < REPORT_FRESH).peekable();
-        recent.peek().is_some() && recent.all(|s| s.dead(self.silence))
+    /// What the recent reports say about `member`'s tunnels as of `now` (see the
+    /// module's rule).
+    pub fn verdict(&self, member: &str, now: Instant) -> Tunnel {
+        let Some(by) = self.seen.get(member) else { return Tunnel::Unknown };
+        let recent: Vec<&Seen> = by.values().filter(|s| now.saturating_duration_since(s.at) < REPORT_FRESH).collect();
+        if recent.is_empty() {
+            Tunnel::Unknown
+        } else if recent.iter().all(|s| s.dead(self.silence)) {
+            Tunnel::Dead
+        } else {
+            Tunnel::Alive
+        }
     }
 
     /// Forgets nodes that are no members any more, and words too old to count.
@@ -111,6 +128,15 @@ mod tests {
     const KEEPALIVE: Duration = Duration::from_secs(1);
     const EVERY: Duration = Duration::from_secs(10);
 
+    fn dead(tun: &Tunnels, member: &str, now: Instant) -> bool {
+        tun.verdict(member, now) == Tunnel::Dead
+    }
+
+    /// Alive, or no word at all.
+    fn not_dead(tun: &Tunnels, member: &str, now: Instant) -> bool {
+        !dead(tun, member, now)
+    }
+
     fn sample(rx_bytes: u64, last_handshake: i64) -> Sample {
         Sample { rx_bytes, last_handshake }
     }
@@ -120,17 +146,17 @@ mod tests {
         let t = Instant::now();
         let mut tun = Tunnels::new(Duration::from_secs(25));
         tun.record("x", "m", sample(100, 5), t);
-        assert!(!tun.dead("m", t), "a first word proves nothing either way");
+        assert!(not_dead(&tun, "m", t), "a first word proves nothing either way");
         tun.record("x", "m", sample(200, 5), t + EVERY);
-        assert!(!tun.dead("m", t + EVERY + EVERY / 2), "between reports nothing changes");
+        assert!(not_dead(&tun, "m", t + EVERY + EVERY / 2), "between reports nothing changes");
         for i in 2..=8 {
             tun.record("x", "m", sample(200, 5), t + EVERY * i);
-            assert!(!tun.dead("m", t + EVERY * i), "{}s of silence is under 75s", 10 * (i - 1));
+            assert!(not_dead(&tun, "m", t + EVERY * i), "{}s of silence is under 75s", 10 * (i - 1));
         }
         tun.record("x", "m", sample(200, 5), t + EVERY * 9);
-        assert!(tun.dead("m", t + EVERY * 9), "80s without a byte");
+        assert!(dead(&tun, "m", t + EVERY * 9), "80s without a byte");
         tun.record("x", "m", sample(260, 5), t + EVERY * 10);
-        assert!(!tun.dead("m", t + EVERY * 10), "a byte again: alive");
+        assert!(not_dead(&tun, "m", t + EVERY * 10), "a byte again: alive");
     }
 
     #[test]
@@ -142,14 +168,14 @@ mod tests {
         let mut rx = 0;
         while now < t + SESSION_EXPIRY {
             tun.record("x", "m", sample(rx, 42), now);
-            assert!(!tun.dead("m", now));
+            assert!(not_dead(&tun, "m", now));
             rx += 148;
             now += EVERY;
         }
         tun.record("x", "m", sample(rx, 42), now);
-        assert!(tun.dead("m", now));
+        assert!(dead(&tun, "m", now));
         tun.record("x", "m", sample(rx + 148, 43), now + EVERY);
-        assert!(!tun.dead("m", now + EVERY), "renewed");
+        assert!(not_dead(&tun, "m", now + EVERY), "renewed");
     }
 
     #[test]
@@ -162,14 +188,14 @@ mod tests {
             tun.record("y", "m", sample(0, 0), now);
             tun.record("z", "m", sample(rx, 1), now);
         }
-        assert!(!tun.dead("m", t + EVERY * 2));
+        assert_eq!(tun.verdict("m", t + EVERY * 2), Tunnel::Alive, "z receives from it");
         // z's reports stop (its agent died): its word expires, x and y decide.
         tun.record("x", "m", sample(0, 0), t + EVERY * 6);
         tun.record("y", "m", sample(0, 0), t + EVERY * 6);
-        assert!(tun.dead("m", t + EVERY * 6));
+        assert!(dead(&tun, "m", t + EVERY * 6));
         // Nobody reports any more: no evidence, not dead.
-        assert!(!tun.dead("m", t + EVERY * 6 + REPORT_FRESH));
-        assert!(!tun.dead("other", t), "a member nobody reported on");
+        assert_eq!(tun.verdict("m", t + EVERY * 6 + REPORT_FRESH), Tunnel::Unknown);
+        assert_eq!(tun.verdict("other", t), Tunnel::Unknown, "a member nobody reported on");
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! Route groups in the registry: members' health reports and report streams go into the
-//! [`Election`](crate::election::Election); [`Registry::run_election`] publishes a new
-//! version whenever it names another primary, so every affected Watch stream sends its
-//! node a delta at once (the prefix moves from one peer's allowed-ips to another's).
+//! Route groups in the registry. Every server feeds the report streams, health reports
+//! and tunnel counters it receives into its [`Observer`](crate::election::Observer) and
+//! shares the observations through the database; one server at a time, the holder of the
+//! elector's lease, merges every server's and runs the
+//! [`Election`](crate::election::Election). When that names another primary it commits a
+//! [`Change::Primaries`], which every server publishes from the change log, so every
+//! affected Watch stream sends its node a delta (the prefix moves from one peer's
+//! allowed-ips to another's). With SQLite the one server is always the elector.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +16,8 @@ use wirefence_proto::v1::RouteHealth;
 
 use super::observed::PeerStatRow;
 use super::{lock, Registry};
-use crate::election::{GroupStatus, Report, Sample};
+use crate::change::Change;
+use crate::election::{merge, GroupStatus, Observed, Report, Sample};
 use crate::Error;
 
 /// Prefixes read from one health report; a node has at most this many routes anyway.
@@ -20,6 +25,13 @@ pub const MAX_HEALTH_ENTRIES: usize = super::register::MAX_ROUTES;
 /// How often the election is re-evaluated without an event: heartbeat deadlines and
 /// hold-downs expire on their own. Small against the failover budget (seconds).
 pub const TICK: Duration = Duration::from_millis(100);
+
+/// How long the elector's lease runs; renewed every [`SHARE_EVERY`]. A dead elector is
+/// replaced after at most this long.
+const LEASE: Duration = Duration::from_secs(3);
+/// Observations are shared when they change, and at least this often (they expire after
+/// [`crate::store::OBSERVATIONS_FRESH_MS`]).
+const SHARE_EVERY: Duration = Duration::from_millis(500);
 
 /// An open report stream of a node; its end counts as the node's members failing.
 pub struct ReportStream {
@@ -29,15 +41,24 @@ pub struct ReportStream {
 
 impl Drop for ReportStream {
     fn drop(&mut self) {
-        lock(&self.registry.election).stream(&self.node, false);
+        lock(&self.registry.observer).stream(&self.node, false);
         self.registry.elect.notify_one();
     }
+}
+
+/// The election loop's own memory.
+#[derive(Default)]
+struct Elector {
+    /// What was shared last, and when.
+    shared: Option<(Observed, Instant)>,
+    /// When the lease was last renewed, if it is held.
+    leased: Option<Instant>,
 }
 
 impl Registry {
     /// Marks a report stream of `node` open until the guard drops.
     pub fn report_stream(self: &Arc<Self>, node: &str) -> ReportStream {
-        lock(&self.election).stream(node, true);
+        lock(&self.observer).stream(node, true);
         self.elect.notify_one();
         ReportStream { registry: self.clone(), node: node.to_owned() }
     }
@@ -49,19 +70,19 @@ impl Registry {
     }
 
     /// Takes a node's health report: entries that are not prefixes are skipped, the
-    /// election ignores prefixes the node is no member of.
+    /// observer ignores prefixes the node is no member of.
     pub(super) fn route_health(&self, node: &str, health: RouteHealth) {
         let now = Instant::now();
-        let mut election = lock(&self.election);
+        let mut observer = lock(&self.observer);
         for h in health.prefixes.into_iter().take(MAX_HEALTH_ENTRIES) {
             let Some(prefix) = h.prefix.as_ref().and_then(|p| IpNet::try_from(p).ok()) else {
                 tracing::debug!(node, "health report without a valid prefix; skipped");
                 continue;
             };
             let interval = Duration::from_millis(h.interval_ms.into());
-            election.report(node, prefix, Report::new(h.healthy, h.priority, interval, now));
+            observer.report(node, prefix, Report::new(h.healthy, h.priority, interval, now));
         }
-        drop(election);
+        drop(observer);
         self.elect.notify_one();
     }
 
@@ -74,62 +95,86 @@ impl Registry {
         }
         let now = Instant::now();
         let members: BTreeSet<&String> = state.groups.values().flatten().filter(|id| *id != node).collect();
-        let mut election = lock(&self.election);
+        let mut observer = lock(&self.observer);
         for id in members {
             let Some(key) = state.node(id).map(|n| n.public_key) else { continue };
             if let Some(r) = rows.iter().find(|r| r.public_key == key) {
-                election.tunnel(node, id, Sample { rx_bytes: r.rx_bytes, last_handshake: r.last_handshake }, now);
+                observer.tunnel(node, id, Sample { rx_bytes: r.rx_bytes, last_handshake: r.last_handshake }, now);
             }
         }
-        drop(election);
+        drop(observer);
         self.elect.notify_one();
     }
 
-    /// The primaries for `groups` now. Called when a state is published.
-    pub(super) fn elected(&self, groups: &BTreeMap<IpNet, BTreeSet<String>>) -> BTreeMap<IpNet, String> {
-        let mut election = lock(&self.election);
-        election.set_groups(groups);
-        election.evaluate(Instant::now())
-    }
-
-    /// The route groups as of the last evaluation.
+    /// The route groups as of this server's last evaluation.
     pub fn route_groups(&self) -> Vec<GroupStatus> {
         lock(&self.election).status()
     }
 
-    /// Publishes a new version if the election names other primaries than the current
-    /// state's. Writes to the store only then.
-    pub async fn reelect(&self) -> Result<Option<u64>, Error> {
-        let changed = |s: &crate::state::GlobalState| *s.primaries() != lock(&self.election).evaluate(Instant::now());
-        if !changed(&self.current()) {
+    /// One round: shares this server's observations, renews or takes the lease, and, as
+    /// the elector, commits the primaries the election names if they differ from the
+    /// state's. Every server evaluates (for [`Self::route_groups`]); only the elector
+    /// writes. Returns the version it published, if any.
+    async fn elect_round(&self, me: &mut Elector) -> Result<Option<u64>, Error> {
+        let now = Instant::now();
+        let state = self.current();
+        let mine = {
+            let mut observer = lock(&self.observer);
+            observer.set_groups(&state.groups);
+            observer.observe(now)
+        };
+        let due = me.shared.as_ref().is_none_or(|(last, at)| *last != mine || now.duration_since(*at) >= SHARE_EVERY);
+        if due {
+            self.store.share_observations(&self.server_id, &mine).await?;
+            me.shared = Some((mine, now));
+        }
+        if me.leased.is_none_or(|at| now.duration_since(at) >= SHARE_EVERY) {
+            let lease_ms = i64::try_from(LEASE.as_millis()).unwrap_or(i64::MAX);
+            me.leased = self.store.lease(&self.server_id, lease_ms).await?.then_some(now);
+        }
+        let observed = merge(self.store.observations().await?);
+        let primaries = lock(&self.election).evaluate(now, &state.groups, state.primaries(), &observed);
+        if me.leased.is_none() || primaries == *state.primaries() {
             return Ok(None);
         }
         let store = self.store().await;
-        let state = self.current();
-        if !changed(&state) {
+        if self.current().version != state.version {
+            // Decided on a state that is gone; the next round decides on the new one.
+            self.elect.notify_one();
             return Ok(None);
         }
-        let primaries = lock(&self.election).evaluate(Instant::now());
-        let version =
-            store.commit(store.begin().await?, Some(&crate::change::Change::Primaries(primaries.clone()))).await?;
+        let mut tx = store.begin().await?;
+        if !store.holds_lease(&mut tx, &self.server_id).await? {
+            me.leased = None;
+            return Ok(None);
+        }
+        let version = store.commit(tx, Some(&Change::Primaries(primaries.clone()))).await?;
+        drop(store);
         tracing::info!(version, primaries = ?primaries, "route group primaries changed");
         self.published(version).await;
         Ok(Some(version))
     }
 
-    /// Re-evaluates the election on every health event and every [`TICK`] until shutdown.
+    /// Runs election rounds on every health event and every [`TICK`] until shutdown.
     pub async fn run_election(self: Arc<Self>) {
         let mut shutdown = self.shutdown_signal();
+        let mut me = Elector::default();
         loop {
             if !self.current().groups.is_empty() {
-                if let Err(e) = self.reelect().await {
-                    tracing::warn!(error = %e, "route group election not published; retrying");
+                if let Err(e) = self.elect_round(&mut me).await {
+                    tracing::warn!(error = %e, "route group election round failed; retrying");
+                    me.shared = None;
                 }
             }
             tokio::select! {
                 _ = self.elect.notified() => {}
                 _ = tokio::time::sleep(TICK) => {}
-                _ = super::stopped(&mut shutdown) => return,
+                _ = super::stopped(&mut shutdown) => break,
+            }
+        }
+        if me.leased.is_some() {
+            if let Err(e) = self.store.release_lease(&self.server_id).await {
+                tracing::debug!(error = %e, "giving up the elector's lease failed; it lapses");
             }
         }
     }

@@ -94,8 +94,13 @@ pub struct Registry {
     /// the store lock held.
     allocated: Mutex<HashSet<IpAddr>>,
     flows: Mutex<flows::FlowLog>,
-    /// Route groups' members and primaries ([`groups`]).
+    /// What this server sees of route group members ([`groups`]).
+    observer: Mutex<crate::election::Observer>,
+    /// The route groups' election, run on every server, committed by the elector only.
     election: Mutex<crate::election::Election>,
+    /// This server among those of the database (random per start): names its shared
+    /// observations and its elector's lease.
+    server_id: String,
     /// Woken when a member's health may have changed (report, stream end).
     elect: tokio::sync::Notify,
     reports: throttle::Rates,
@@ -131,7 +136,9 @@ async fn load(store: &Store, overlay: Overlay) -> Result<(GlobalState, HashSet<I
     let rows = store.nodes().await?;
     let allocated = rows.iter().flat_map(|r| r.rec.addresses.iter().map(|a| a.addr())).collect();
     let live = rows.into_iter().filter(|r| !r.removed).map(|r| Arc::new(r.rec)).collect();
-    Ok((GlobalState::new(version, live, Arc::new(policy), overlay), allocated))
+    let mut state = GlobalState::new(version, live, Arc::new(policy), overlay);
+    state.settle_primaries(&store.primaries().await?);
+    Ok((state, allocated))
 }
 
 /// Locks a mutex, recovering the data if a holder panicked (every critical section leaves
@@ -155,11 +162,8 @@ impl Registry {
     ) -> Result<Registry, Error> {
         let store = Store::open(db).await?;
         let incarnation = store.incarnation().await?;
-        let (mut state, allocated) = load(&store, overlay).await?;
+        let (state, allocated) = load(&store, overlay).await?;
         let keepalive = std::time::Duration::from_secs(overlay.keepalive.into());
-        let mut election = crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN, keepalive);
-        election.set_groups(&state.groups);
-        state.set_primaries(election.evaluate(std::time::Instant::now()));
         let state = Arc::new(state);
         let mut hist = History::new(history);
         hist.push(state.clone());
@@ -176,7 +180,9 @@ impl Registry {
             observed: observed::Observations::default(),
             allocated: Mutex::new(allocated),
             flows: Mutex::new(flows::FlowLog::new(FLOW_LOG, limits.flows_per_node)),
-            election: Mutex::new(election),
+            observer: Mutex::new(crate::election::Observer::new(keepalive)),
+            election: Mutex::new(crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN)),
+            server_id: format!("{:016x}", rand::random::<u64>()),
             elect: tokio::sync::Notify::new(),
             reports: throttle::Rates::new(limits.reports_per_sec, limits.report_burst),
             reregistrations: throttle::Coalescer::new(limits.reregister_interval),
@@ -222,9 +228,7 @@ impl Registry {
     }
 
     /// Called by [`follow`] only, in version order.
-    fn publish(&self, mut state: GlobalState) -> u64 {
-        // Membership may have changed with the nodes; the primaries go with the state.
-        state.set_primaries(self.elected(&state.groups));
+    fn publish(&self, state: GlobalState) -> u64 {
         let version = state.version;
         let state = Arc::new(state);
         lock(&self.history).push(state.clone());

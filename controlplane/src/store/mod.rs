@@ -15,6 +15,7 @@
 
 mod legacy;
 mod location;
+mod routes;
 mod write;
 
 use std::fs::{self, OpenOptions, Permissions};
@@ -260,6 +261,9 @@ impl Store {
                 .bind(change.encode())
                 .execute(&mut *tx)
                 .await?;
+            if let Change::Primaries(primaries) = change {
+                routes::save_primaries(&mut tx, primaries).await?;
+            }
             if v % LOG_PRUNE_EVERY == 0 {
                 sqlx::query("DELETE FROM changes WHERE version <= $1").bind(v - LOG_KEPT).execute(&mut *tx).await?;
             }

@@ -125,3 +125,62 @@ async fn a_recreated_database_is_a_new_incarnation() {
     assert_eq!(second.version().await.unwrap(), 1);
     assert_ne!(second.incarnation().await.unwrap(), first);
 }
+
+#[tokio::test]
+async fn one_elector_at_a_time_and_a_lapsed_one_cannot_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = wirefence_tests::postgres::Postgres::start(&dir.path().join("pg"));
+    let s = Store::open(&pg.create_database("control").parse().unwrap()).await.unwrap();
+    assert!(s.lease("a", 300).await.unwrap());
+    assert!(!s.lease("b", 300).await.unwrap(), "a's lease runs");
+    assert!(s.lease("a", 300).await.unwrap(), "the holder renews");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(s.lease("b", 60_000).await.unwrap(), "a's lease lapsed");
+    let mut tx = s.begin().await.unwrap();
+    assert!(!s.holds_lease(&mut tx, "a").await.unwrap(), "a lapsed elector is fenced off");
+    assert!(s.holds_lease(&mut tx, "b").await.unwrap());
+    // The primaries an election commits are what a reload finds.
+    let primaries: std::collections::BTreeMap<IpNet, String> = [("10.88.0.0/24".parse().unwrap(), "n1".into())].into();
+    s.commit(tx, Some(&Change::Primaries(primaries.clone()))).await.unwrap();
+    assert_eq!(s.primaries().await.unwrap(), primaries);
+    // A server shutting down hands the lease over at once.
+    s.release_lease("b").await.unwrap();
+    assert!(s.lease("a", 300).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_restarted_sqlite_server_takes_the_lease_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&sqlite(&dir.path().join("control.db"))).await.unwrap();
+    assert!(s.lease("before", 60_000).await.unwrap());
+    // One server per SQLite file (flock): the lease of the one before it is no obstacle.
+    assert!(s.lease("after", 60_000).await.unwrap());
+    let mut tx = s.begin().await.unwrap();
+    assert!(!s.holds_lease(&mut tx, "before").await.unwrap());
+}
+
+#[tokio::test]
+async fn observations_of_silent_servers_expire() {
+    use crate::election::{Observation, Tunnel};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&sqlite(&dir.path().join("control.db"))).await.unwrap();
+    let seen = |stream, tunnel| Observation { stream, healthy: stream, checked: true, priority: 150, tunnel };
+    let net: IpNet = "10.88.0.0/24".parse().unwrap();
+    let a: crate::election::Observed = [((net, "n1".to_string()), seen(true, Tunnel::Unknown))].into();
+    let b: crate::election::Observed = [((net, "n1".to_string()), seen(false, Tunnel::Dead))].into();
+    s.share_observations("a", &a).await.unwrap();
+    s.share_observations("b", &b).await.unwrap();
+    let mut all = s.observations().await.unwrap();
+    all.sort_by_key(|o| o.values().next().unwrap().stream);
+    assert_eq!(all, [b.clone(), a.clone()], "each server's word as shared");
+    // Sharing again replaces a server's rows.
+    s.share_observations("a", &Default::default()).await.unwrap();
+    assert_eq!(s.observations().await.unwrap(), [b]);
+    // A server that stopped sharing (killed) is not heard after the freshness window.
+    sqlx::query("UPDATE observers SET shared_ms = shared_ms - $1")
+        .bind(routes::OBSERVATIONS_FRESH_MS + 1)
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    assert!(s.observations().await.unwrap().is_empty());
+}
