@@ -2,10 +2,11 @@
 //! reads only this index, under a read lock, so a flood of bad or unknown tokens never
 //! touches SQLite or waits for the store lock that every change holds.
 //!
-//! The [`crate::store::Store`] owns the writing side: it reloads the index from the
-//! `nodes` table after every committed [`crate::store::Store::change`], whatever the
-//! change was, so enrollment, removal and any later credential change are followed
-//! without each call site having to remember it.
+//! The [`crate::store::Store`] owns the writing side: after every commit (its own or, read
+//! from the change log or woken by a notification, another server's) it reads the nodes
+//! whose credential columns changed since its last reload and updates their entries, so
+//! enrollment, removal and any later credential change are followed without each call
+//! site having to remember it, at a cost in proportion to what changed.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -47,9 +48,14 @@ impl CredentialIndex {
         map.get(&token.id).and_then(|e| e.pending.as_ref()).is_some_and(|p| token.matches(p))
     }
 
-    /// Replaces the whole index (after a reload from the store).
+    /// Replaces the whole index (a full reload from the store).
     pub fn replace(&self, entries: HashMap<String, Entry>) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = entries;
+    }
+
+    /// Replaces the entries of the nodes in `changed` (an incremental reload).
+    pub fn update(&self, changed: HashMap<String, Entry>) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).extend(changed);
     }
 
     pub fn len(&self) -> usize {

@@ -87,6 +87,17 @@ async fn while_postgres_is_down_admin_changes_fail_clearly_and_streams_stay_then
     assert_eq!(cp.handle.registry().current().version, v1, "nothing half-applied");
     // The connected agent keeps its stream, and is sent nothing.
     silent(&mut stream, 500).await;
+    // An agent that comes back meanwhile (its replica died, it restarted) registers from
+    // the state in memory and resumes where it is, without the database.
+    let mut agent = cp.agent().await;
+    let again = agent.register(authed(register_req("laptop", 1, ""), &laptop.credential)).await;
+    let again = again.expect("a known node registers while the database is down").into_inner();
+    assert_eq!((again.node_id.as_str(), again.addresses.len()), (laptop.node_id.as_str(), laptop.addresses.len()));
+    let mut resumed = watch(&cp, &laptop.credential, v1).await.expect("it resumes its stream");
+    silent(&mut resumed, 300).await;
+    // One that would change something (another key) is told to come back later.
+    let changed = agent.register(authed(register_req("laptop", 7, ""), &laptop.credential)).await;
+    assert_code(changed, Code::Unavailable, "database unavailable");
 
     pg.restart();
     let policy =
@@ -95,6 +106,8 @@ async fn while_postgres_is_down_admin_changes_fail_clearly_and_streams_stay_then
     assert_eq!(v2, v1 + 1, "the failed change took no version");
     let update = tokio::time::timeout(Duration::from_secs(5), next(&mut stream)).await.unwrap().unwrap();
     assert_eq!(update.version, v2, "the same stream carries the change");
+    let update = tokio::time::timeout(Duration::from_secs(5), next(&mut resumed)).await.unwrap().unwrap();
+    assert_eq!(update.version, v2, "and so does the one resumed during the outage");
 }
 
 #[tokio::test]

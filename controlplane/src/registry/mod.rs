@@ -247,6 +247,18 @@ impl Registry {
         Writing { _turn: turn, store: &self.store }
     }
 
+    /// The turn a status write (an agent's applied version or error: not a change) takes.
+    /// On PostgreSQL none: it locks one row, and a replica's agents reconnecting at once do
+    /// not queue behind each other or behind the log. On SQLite the writer's turn, without
+    /// catching up: a write waiting for the file's lock would hold one of the pool's
+    /// connections, which the writer may need to finish the change that holds the lock.
+    async fn status_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.store.engine() {
+            crate::store::Engine::Sqlite => Some(self.writer.lock().await),
+            crate::store::Engine::Postgres => None,
+        }
+    }
+
     /// Holds the store lock, as a long write would: lets tests prove that authentication
     /// does not wait for it.
     #[doc(hidden)]

@@ -22,7 +22,7 @@ use super::{lock, Overlay, Registry};
 use crate::alloc::{allocate, host};
 use crate::auth::{self, Token};
 use crate::model::{now_unix, valid_hostname, NodeRec, PublicKey, RefusedRoute};
-use crate::store::{self, KeyRow};
+use crate::store::{self, KeyRow, StoreError};
 use crate::Error;
 
 pub const MAX_ENDPOINTS: usize = 16;
@@ -207,20 +207,31 @@ impl Registry {
         }
         let state = self.current();
         let old = state.node(&token.id).ok_or_else(|| Error::NodeRemoved(token.id.clone()))?.clone();
+        // Read without the writer's turn: nothing here depends on the order of changes.
+        let standing = match self.store.standing(&old.id).await {
+            Ok(s) => s,
+            Err(StoreError::Unavailable(e)) if reg.public_key == old.public_key && reg.hostname == old.hostname => {
+                // The database is down and a node comes back (its replica died, its agent
+                // restarted): it gets the state in memory; what it would change waits until
+                // it registers with the database back.
+                tracing::warn!(node = %old.id, error = %e, "database unavailable: registered from the state in memory");
+                return Ok(response(&old, token.expose(), false, &self.overlay, &old.refused_routes));
+            }
+            Err(e) => return Err(e.into()),
+        };
         // Compared with what it enrolled with: an admin may have renamed the node since.
-        if reg.hostname != self.store().await.claimed_hostname(&old.id).await? {
+        if reg.hostname != standing.claimed_hostname {
             return Err(Error::Immutable("hostname"));
         }
         // The node switched to the key it announced: now its key for every peer.
         let old = match reg.public_key == old.public_key {
             true => old,
-            false if self.store().await.pending_public_key(&old.id).await? == Some(reg.public_key) => {
+            false if standing.pending_public_key == Some(reg.public_key) => {
                 Arc::new(self.commit_key(&old, reg.public_key).await?)
             }
             false => return Err(Error::KeyNotAnnounced),
         };
-        let (routes, refused) =
-            split_routes(&reg.routes, &self.store().await.granted_routes(&old.id).await?, &state.nodes, &old.id);
+        let (routes, refused) = split_routes(&reg.routes, &standing.granted_routes, &state.nodes, &old.id);
         self.advertised(&old.id, &reg.routes, &refused);
         let change = Change { endpoints: reg.endpoints, routes, refused_routes: refused.clone() };
         let changed = (change.endpoints != old.endpoints
@@ -230,8 +241,7 @@ impl Registry {
         if self.reregistrations.offer(&old.id, changed) == Admit::Now {
             self.apply_reregistration(&old.id, change).await?;
         }
-        let rotate = self.store().await.rotate_requested(&token.id).await?;
-        Ok(response(&old, token.expose(), rotate, &self.overlay, &refused))
+        Ok(response(&old, token.expose(), standing.rotate_requested, &self.overlay, &refused))
     }
 
     /// Keeps a refused registration of a known node for `nodes show` (and logs it: an
@@ -255,7 +265,7 @@ impl Registry {
         let state = self.current();
         let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
         // Checked again: another node may have taken a route since it was asked for.
-        let (routes, later) = split_routes(&change.routes, &store.granted_routes(id).await?, &state.nodes, id);
+        let (routes, later) = split_routes(&change.routes, &store.standing(id).await?.granted_routes, &state.nodes, id);
         self.log_refused(id, &later);
         let mut refused_routes = change.refused_routes;
         refused_routes.extend(later);

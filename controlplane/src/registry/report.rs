@@ -9,6 +9,7 @@ use wirefence_proto::Escaped;
 
 use super::observed::{CertExpiry, Connection, PeerStatRow};
 use super::{lock, Registry};
+use crate::store::StoreError;
 use crate::Error;
 
 /// At most this many peer statistics are kept per node.
@@ -46,16 +47,30 @@ pub enum Durable {
     Failed(String),
 }
 
+/// A status write's outcome: while the database is unavailable the status is not kept
+/// (the agent reports again with its next version) and the agent's streams go on.
+fn status_written(node: &str, written: Result<(), StoreError>) -> Result<(), Error> {
+    match written {
+        Err(StoreError::Unavailable(e)) => {
+            tracing::warn!(node, error = %e, "database unavailable: a node's apply status is not recorded");
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
 impl Registry {
     /// Opens a Watch stream of `node`, counted until the guard drops. A `resume_from`
     /// between 1 and the current version is what the agent runs, so it is recorded as
-    /// applied: its Applied report may have been lost with its previous session.
-    /// Blocks (store write); the count only starts once that succeeded.
+    /// applied: its Applied report may have been lost with its previous session. That
+    /// record is status, not a change (see [`Registry::status_turn`]), and skipped while the
+    /// database is unavailable (the stream serves the state in memory).
     /// At most `limits.max_watches_per_node` streams per node (`TooManyWatches`).
     pub async fn connect(self: &Arc<Self>, node: &str, resume_from: u64) -> Result<Connection, Error> {
         let connection = Connection::open(self.clone(), node, self.limits.max_watches_per_node)?;
         if resume_from > 0 && resume_from <= self.current().version {
-            self.store().await.acknowledge(node, resume_from).await?;
+            let _turn = self.status_turn().await;
+            status_written(node, self.store.acknowledge(node, resume_from).await)?;
         }
         Ok(connection)
     }
@@ -128,13 +143,15 @@ impl Registry {
         Ok(durable)
     }
 
-    /// Writes a node's apply status. Blocks.
+    /// Writes a node's apply status (see [`Registry::status_turn`]); skipped while the
+    /// database is unavailable.
     pub async fn record(&self, node: &str, d: &Durable) -> Result<(), Error> {
-        match d {
-            Durable::Applied(v) => self.store().await.record_applied(node, *v).await?,
-            Durable::Failed(reason) => self.store().await.record_failed(node, reason).await?,
-        }
-        Ok(())
+        let _turn = self.status_turn().await;
+        let written = match d {
+            Durable::Applied(v) => self.store.record_applied(node, *v).await,
+            Durable::Failed(reason) => self.store.record_failed(node, reason).await,
+        };
+        status_written(node, written)
     }
 
     /// The most recent flow records (node id, record), oldest first.

@@ -86,16 +86,17 @@ impl Registry {
     ) -> Result<RegisterResponse, Error> {
         let state = self.current();
         let old = state.node(id).ok_or_else(|| Error::NodeRemoved(id.to_owned()))?;
-        let claimed = store.claimed_hostname(id).await?;
-        if reg.hostname != claimed {
-            return Err(Error::HostnameNotBound { name: claimed, key: key.id.clone(), wanted: reg.hostname });
+        let standing = store.standing(id).await?;
+        if reg.hostname != standing.claimed_hostname {
+            let name = standing.claimed_hostname;
+            return Err(Error::HostnameNotBound { name, key: key.id.clone(), wanted: reg.hostname });
         }
         match store.key_holder(&reg.public_key).await? {
             Some((holder, true)) => return Err(Error::PublicKeyRemoved(holder)),
             Some(_) => return Err(Error::PublicKeyEnrolled),
             None => {}
         }
-        let (routes, refused) = split_routes(&reg.routes, &store.granted_routes(id).await?, &state.nodes, id);
+        let (routes, refused) = split_routes(&reg.routes, &standing.granted_routes, &state.nodes, id);
         let new = NodeRec {
             public_key: reg.public_key,
             endpoints: reg.endpoints,

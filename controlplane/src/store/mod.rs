@@ -103,6 +103,20 @@ pub struct NodeRow {
     pub granted_routes: Vec<IpNet>,
 }
 
+/// What the database holds about a node beyond its record in the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standing {
+    /// The hostname its agent registers with: the one it enrolled with (an admin's rename
+    /// does not change it).
+    pub claimed_hostname: String,
+    /// The prefixes its routes must lie in.
+    pub granted_routes: Vec<IpNet>,
+    /// The key it announced with RotateKey and has not registered with yet.
+    pub pending_public_key: Option<PublicKey>,
+    /// An admin asked for a credential rotation.
+    pub rotate_requested: bool,
+}
+
 #[derive(Clone, Debug)]
 pub struct KeyRow {
     pub id: String,
@@ -155,9 +169,10 @@ pub struct Store {
     location: DbLocation,
     /// Follows every committed change (see [`Store::commit`]).
     credentials: Arc<CredentialIndex>,
-    /// Held from reading the credentials to replacing the index: of two reloads at once,
-    /// the one that read later replaces later (the index never goes back).
-    reloading: tokio::sync::Mutex<()>,
+    /// Held from reading the credentials to updating the index (of two reloads at once, the
+    /// one that read later updates later: the index never goes back); the highest
+    /// `credential_seq` read so far.
+    reloading: tokio::sync::Mutex<i64>,
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -212,8 +227,9 @@ impl Store {
             .execute(&pool)
             .await?;
         let credentials = Arc::new(CredentialIndex::default());
-        credentials.replace(credential_rows(&pool).await?);
-        Ok(Store { pool, engine, location: db.clone(), credentials, reloading: tokio::sync::Mutex::new(()) })
+        let (rows, seen) = credential_rows(&pool, -1).await?;
+        credentials.replace(rows);
+        Ok(Store { pool, engine, location: db.clone(), credentials, reloading: tokio::sync::Mutex::new(seen) })
     }
 
     /// Where the database is.
@@ -292,15 +308,20 @@ impl Store {
         rows.iter().map(|r| Ok((to_u64(r.try_get(0)?), r.try_get(1)?))).collect()
     }
 
-    /// Reads every credential again (another server changed one). On failure the index
-    /// is emptied: no node authenticates until a reload succeeds (fail closed).
+    /// Reads the credentials changed since the last reload (by this server or another).
+    /// On failure the index is emptied: no node authenticates until a reload (a full one)
+    /// succeeds (fail closed).
     pub async fn reload_credentials(&self) {
-        let _one_at_a_time = self.reloading.lock().await;
-        match credential_rows(&self.pool).await {
-            Ok(rows) => self.credentials.replace(rows),
+        let mut seen = self.reloading.lock().await;
+        match credential_rows(&self.pool, *seen).await {
+            Ok((rows, last)) => {
+                self.credentials.update(rows);
+                *seen = last.max(*seen);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reloading the credential index failed; refusing all node credentials");
                 self.credentials.replace(Default::default());
+                *seen = -1;
             }
         }
     }
@@ -314,22 +335,6 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(node_row).collect()
-    }
-
-    /// The hostname the node's agent registers with (the one it enrolled with; an admin's
-    /// rename does not change it).
-    pub async fn claimed_hostname(&self, id: &str) -> Result<String> {
-        Ok(sqlx::query_scalar("SELECT claimed_hostname FROM nodes WHERE id = $1")
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    /// The routes a live node may advertise (granted by its enrollment key).
-    pub async fn granted_routes(&self, id: &str) -> Result<Vec<IpNet>> {
-        let text: String =
-            sqlx::query_scalar("SELECT granted_routes FROM nodes WHERE id = $1").bind(id).fetch_one(&self.pool).await?;
-        list(id, "granted_routes", &text)
     }
 
     /// The id of a removed node with this public key, if any: removed rows are the
@@ -389,15 +394,6 @@ impl Store {
         row.map(|r| Ok((r.try_get(0)?, flag(r.try_get(1)?)))).transpose()
     }
 
-    /// The key a node announced with RotateKey and has not registered with yet.
-    pub async fn pending_public_key(&self, id: &str) -> Result<Option<PublicKey>> {
-        let key: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT pending_public_key FROM nodes WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(key.flatten().and_then(|k| k.try_into().ok()))
-    }
-
     /// The node (live or removed) that has or announced `public_key`, and whether it is removed.
     pub async fn key_holder(&self, public_key: &[u8]) -> Result<Option<(String, bool)>> {
         let row = sqlx::query("SELECT id, removed FROM nodes WHERE public_key = $1 OR pending_public_key = $1 LIMIT 1")
@@ -407,13 +403,22 @@ impl Store {
         row.map(|r| Ok((r.try_get(0)?, flag(r.try_get(1)?)))).transpose()
     }
 
-    /// Whether an admin asked the node to rotate its credential.
-    pub async fn rotate_requested(&self, id: &str) -> Result<bool> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT rotate_requested FROM nodes WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(v.is_some_and(flag))
+    /// What a re-registration of live node `id` is checked against beyond the state, in
+    /// one query.
+    pub async fn standing(&self, id: &str) -> Result<Standing> {
+        let r = sqlx::query(
+            "SELECT claimed_hostname, granted_routes, pending_public_key, rotate_requested FROM nodes WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        let pending: Option<Vec<u8>> = r.try_get(2)?;
+        Ok(Standing {
+            claimed_hostname: r.try_get(0)?,
+            granted_routes: list(id, "granted_routes", &r.try_get::<String, _>(1)?)?,
+            pending_public_key: pending.and_then(|k| k.try_into().ok()),
+            rotate_requested: flag(r.try_get(3)?),
+        })
     }
 
     /// The current policy file (name, source, version it was applied at), if any.
@@ -522,16 +527,24 @@ fn new_incarnation() -> String {
     format!("{bits:032x}")
 }
 
-/// Every node's credential hashes and removed flag, for the [`CredentialIndex`].
-async fn credential_rows(pool: &AnyPool) -> Result<std::collections::HashMap<String, Entry>> {
-    let rows =
-        sqlx::query("SELECT id, credential_hash, pending_credential_hash, removed FROM nodes").fetch_all(pool).await?;
-    rows.iter()
-        .map(|r| {
-            let entry = Entry { hash: r.try_get(1)?, pending: r.try_get(2)?, removed: flag(r.try_get(3)?) };
-            Ok((r.try_get(0)?, entry))
-        })
-        .collect()
+/// The credential hashes and removed flag of the nodes whose credentials changed after
+/// `after` (a `credential_seq`; -1: every node), and the highest number read.
+async fn credential_rows(pool: &AnyPool, after: i64) -> Result<(std::collections::HashMap<String, Entry>, i64)> {
+    let rows = sqlx::query(
+        "SELECT id, credential_hash, pending_credential_hash, removed, credential_seq FROM nodes \
+         WHERE credential_seq > $1",
+    )
+    .bind(after)
+    .fetch_all(pool)
+    .await?;
+    let mut last = after;
+    let mut entries = std::collections::HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let entry = Entry { hash: r.try_get(1)?, pending: r.try_get(2)?, removed: flag(r.try_get(3)?) };
+        entries.insert(r.try_get(0)?, entry);
+        last = last.max(r.try_get(4)?);
+    }
+    Ok((entries, last))
 }
 
 #[cfg(test)]

@@ -60,12 +60,22 @@ async fn roundtrip_versions_and_permissions() {
     assert!(!rows[0].removed);
     assert_eq!(rows[0].applied_version, 3);
     assert_eq!(s.policy().await.unwrap(), Some(("p.toml".into(), "# empty".into(), 3)));
-    let credentials = credential_rows(&s.pool).await.unwrap();
+    let (credentials, seen) = credential_rows(&s.pool, -1).await.unwrap();
     assert_eq!(credentials.get("n1"), Some(&Entry { hash: vec![1; 32], pending: None, removed: false }));
     assert_eq!(credentials.get("n2"), None);
-    assert_eq!(s.granted_routes("n1").await.unwrap(), vec!["10.88.0.0/16".parse::<IpNet>().unwrap()]);
+    // A reload after `seen` reads only what changed since, and the index follows it.
+    assert!(credential_rows(&s.pool, seen).await.unwrap().0.is_empty());
+    let rotated = crate::auth::Token::generate("n1".into());
+    let mut tx = s.begin().await.unwrap();
+    set_pending_credential(&mut tx, "n1", &rotated.hash()).await.unwrap();
+    s.commit(tx, None).await.unwrap();
+    let (changed, after) = credential_rows(&s.pool, seen).await.unwrap();
+    assert_eq!(changed.keys().collect::<Vec<_>>(), ["n1"]);
+    assert!(after > seen);
+    assert!(s.credentials().is_pending(&rotated), "the commit's reload took it in");
+    assert_eq!(s.standing("n1").await.unwrap().granted_routes, vec!["10.88.0.0/16".parse::<IpNet>().unwrap()]);
     assert_eq!(s.removed_with_key(&[7; 32]).await.unwrap(), None);
-    assert_eq!(s.claimed_hostname("n1").await.unwrap(), "h-n1", "what it enrolled with");
+    assert_eq!(s.standing("n1").await.unwrap().claimed_hostname, "h-n1", "what it enrolled with");
 }
 
 #[tokio::test]
@@ -97,13 +107,13 @@ async fn old_databases_gain_the_new_columns() {
     }
     let s = Store::open(&sqlite(&path)).await.unwrap();
     assert_eq!(s.version().await.unwrap(), 41, "the version goes on");
-    assert_eq!(s.granted_routes("n1").await.unwrap(), vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
+    assert_eq!(s.standing("n1").await.unwrap().granted_routes, vec!["10.88.0.0/24".parse::<IpNet>().unwrap()]);
     let k1 = s.key("k1").await.unwrap().unwrap();
     assert!(k1.routes.is_empty());
     assert_eq!((k1.max_uses, k1.uses, k1.revoked, k1.hostname), (0, 0, false, None));
     // Live nodes of old databases keep their names, and register with them.
     assert!(s.nodes().await.unwrap()[0].rec.bound);
-    assert_eq!(s.claimed_hostname("n1").await.unwrap(), "h");
+    assert_eq!(s.standing("n1").await.unwrap().claimed_hostname, "h");
     let incarnation = s.incarnation().await.unwrap();
     assert_eq!(incarnation.len(), 32);
     drop(s);

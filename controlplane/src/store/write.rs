@@ -31,13 +31,28 @@ pub async fn insert_node(tx: &mut Tx, n: &NodeRec, credential_hash: &[u8], grant
             .execute(&mut **tx)
             .await?;
     }
-    Ok(())
+    credentials_changed(tx, &n.id).await
 }
 
 /// Takes the version counter's row (a write that changes nothing) until the commit: no other
-/// versioned change, on any server of the database, commits meanwhile.
+/// versioned change, on any server of the database, commits meanwhile. Takes the credential
+/// counter's first: every change takes the two in that order (a removal marks the node,
+/// then commits its version), so two servers never wait on each other.
 pub async fn hold_versions(tx: &mut Tx) -> Result<()> {
+    sqlx::query("UPDATE credential_counter SET seq = seq WHERE id = 1").execute(&mut **tx).await?;
     sqlx::query("UPDATE counter SET version = version WHERE id = 1").execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Numbers a change of node `id`'s credential columns (hash, pending hash, removed) for
+/// the servers' incremental reloads. The counter row stays locked until the commit, so such
+/// changes commit in the order of their numbers and a reload never skips one.
+async fn credentials_changed(tx: &mut Tx, id: &str) -> Result<()> {
+    sqlx::query("UPDATE credential_counter SET seq = seq + 1 WHERE id = 1").execute(&mut **tx).await?;
+    sqlx::query("UPDATE nodes SET credential_seq = (SELECT seq FROM credential_counter WHERE id = 1) WHERE id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -76,7 +91,7 @@ pub async fn set_granted_routes(tx: &mut Tx, id: &str, granted: &[IpNet]) -> Res
 
 pub async fn mark_removed(tx: &mut Tx, id: &str) -> Result<()> {
     sqlx::query("UPDATE nodes SET removed = 1 WHERE id = $1").bind(id).execute(&mut **tx).await?;
-    Ok(())
+    credentials_changed(tx, id).await
 }
 
 /// Counts one enrollment against the key, if it has a use left; false if not (another
@@ -115,7 +130,7 @@ pub async fn set_pending_credential(tx: &mut Tx, id: &str, hash: &[u8]) -> Resul
         .bind(hash.to_vec())
         .execute(&mut **tx)
         .await?;
-    Ok(())
+    credentials_changed(tx, id).await
 }
 
 /// The pending credential becomes the only one.
@@ -127,7 +142,7 @@ pub async fn promote_credential(tx: &mut Tx, id: &str) -> Result<()> {
     .bind(id)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    credentials_changed(tx, id).await
 }
 
 /// Records the key a node announced (replacing one it announced before).
@@ -154,7 +169,7 @@ pub async fn reenroll_node(tx: &mut Tx, n: &NodeRec, credential_hash: &[u8]) -> 
     .bind(strings(&n.routes))
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    credentials_changed(tx, &n.id).await
 }
 
 /// The announced key becomes the node's key.
