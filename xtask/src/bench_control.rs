@@ -361,7 +361,7 @@ async fn fan_out(control: &Path, n: usize) -> Result<Vec<Row>> {
     let (mut child, pid, addr, mut admin) = (cp.child, cp.pid, cp.addr, cp.admin);
     let key = fan_out_setup(&mut admin).await?;
 
-    let (tasks, setup) = watchers(&[addr], n, &key, Duration::from_secs(120)).await?;
+    let (tasks, setup) = watchers(&[addr], n, 1, &key, Duration::from_secs(120)).await?;
     let t0 = Instant::now();
     let version = admin.apply_policy(probe_policy(2)).await?.into_inner().version;
     let last = *received(tasks, t0, version).await?.last().context("no watchers")?;
@@ -401,14 +401,21 @@ async fn fan_out_setup(admin: &mut wirefence_control::admin_client::AdminClient)
     Ok(admin.create_enrollment_key(req).await?.into_inner().key)
 }
 
+/// Simulated agents sharing one HTTP/2 connection where a bench multiplexes them (the
+/// control plane allows 16 streams per connection).
+const PER_CONNECTION: usize = 10;
+
 type Watcher = tokio::task::JoinHandle<Result<(Instant, u64)>>;
 
-/// `n` simulated agents, agent i at `addrs[i % addrs.len()]`: each connects, enrolls with
+/// `n` simulated agents, `per_connection` of them sharing one HTTP/2 connection (1: each
+/// its own, as real agents; more: the bench's own client costs less of the 2 cores the
+/// servers share with it), connection c to `addrs[c % addrs.len()]`: each enrolls with
 /// `key` and watches. Returns once every one has its snapshot (a failure anywhere ends the
 /// run), with how long that took.
 async fn watchers(
     addrs: &[std::net::SocketAddr],
     n: usize,
+    per_connection: usize,
     key: &str,
     limit: Duration,
 ) -> Result<(Vec<Watcher>, Duration)> {
@@ -418,10 +425,14 @@ async fn watchers(
     let enrolling = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let (addr, ready, key, enrolling) =
-            (addrs[i % addrs.len()], ready_tx.clone(), key.to_owned(), enrolling.clone());
-        tasks.push(tokio::spawn(async move { sim_agent(addr, i, key, ready, enrolling).await }));
+    for first in (0..n).step_by(per_connection) {
+        let addr = addrs[(first / per_connection) % addrs.len()];
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+        for i in first..(first + per_connection).min(n) {
+            let (channel, ready, key, enrolling) =
+                (channel.clone(), ready_tx.clone(), key.to_owned(), enrolling.clone());
+            tasks.push(tokio::spawn(async move { sim_agent(channel, i, key, ready, enrolling).await }));
+        }
     }
     for _ in 0..n {
         match tokio::time::timeout(limit, ready_rx.recv()).await {
@@ -446,14 +457,14 @@ async fn received(tasks: Vec<Watcher>, t0: Instant, version: u64) -> Result<Vec<
 }
 
 async fn sim_agent(
-    addr: std::net::SocketAddr,
+    channel: tonic::transport::Channel,
     i: usize,
     key: String,
     ready: tokio::sync::mpsc::Sender<Result<()>>,
     enrolling: std::sync::Arc<tokio::sync::Semaphore>,
 ) -> Result<(Instant, u64)> {
     let permit = enrolling.acquire_owned().await?;
-    let watched = watching(addr, i, key).await;
+    let watched = watching(channel, i, key).await;
     drop(permit);
     let mut stream = match watched {
         Ok(s) => s,
@@ -469,9 +480,8 @@ async fn sim_agent(
 }
 
 /// Connects, enrolls and opens a Watch; returns the stream after its snapshot.
-async fn watching(addr: std::net::SocketAddr, i: usize, key: String) -> Result<tonic::Streaming<v1::Update>> {
+async fn watching(channel: tonic::transport::Channel, i: usize, key: String) -> Result<tonic::Streaming<v1::Update>> {
     use v1::agent_service_client::AgentServiceClient;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut client = AgentServiceClient::new(channel);
     let private: [u8; 32] = rand::random();
     let mut req = v1::RegisterRequest {

@@ -212,8 +212,8 @@ impl Registry {
             Ok(s) => s,
             Err(StoreError::Unavailable(e)) if reg.public_key == old.public_key && reg.hostname == old.hostname => {
                 // The database is down and a node comes back (its replica died, its agent
-                // restarted): it gets the state in memory; what it would change waits until
-                // it registers with the database back.
+                // restarted): it gets its record as the state in memory has it; new
+                // endpoints or routes take effect at a later registration.
                 tracing::warn!(node = %old.id, error = %e, "database unavailable: registered from the state in memory");
                 return Ok(response(&old, token.expose(), false, &self.overlay, &old.refused_routes));
             }

@@ -19,9 +19,8 @@ use tokio::sync::mpsc;
 use wirefence_proto::v1;
 
 use super::loopback::Loopback;
+use super::PER_CONNECTION;
 
-/// Simulated agents sharing one HTTP/2 connection (the control plane allows 16 streams).
-const PER_CONNECTION: usize = 10;
 /// Enrollments in flight at once.
 const ENROLLING: usize = 64;
 
