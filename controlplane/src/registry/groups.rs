@@ -53,6 +53,8 @@ struct Elector {
     shared: Option<(Observed, Instant)>,
     /// When the lease was last renewed, if it is held.
     leased: Option<Instant>,
+    /// The last round failed.
+    failing: bool,
 }
 
 impl Registry {
@@ -161,9 +163,14 @@ impl Registry {
         let mut me = Elector::default();
         loop {
             if !self.current().groups.is_empty() {
-                if let Err(e) = self.elect_round(&mut me).await {
-                    tracing::warn!(error = %e, "route group election round failed; retrying");
-                    me.shared = None;
+                match self.elect_round(&mut me).await {
+                    Ok(_) => me.failing = false,
+                    // Every round fails while the database is down: said once.
+                    Err(e) if !me.failing => {
+                        tracing::warn!(error = %e, "route group election round failed; retrying");
+                        (me.failing, me.shared) = (true, None);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "route group election round failed again"),
                 }
             }
             tokio::select! {
