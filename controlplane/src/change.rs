@@ -60,7 +60,7 @@ impl Change {
                     .map_err(|e| ChangeError::Policy { version, source: Box::new(e) })?;
                 state.with_policy(version, Arc::new(policy))
             }
-            Change::Primaries(primaries) => state.with_primaries(version, primaries.clone()),
+            Change::Primaries(primaries) => state.with_primaries(version, primaries),
         })
     }
 

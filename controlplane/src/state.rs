@@ -225,22 +225,26 @@ impl GlobalState {
         }
     }
 
-    /// The same nodes and policy with other route group primaries. The compiled policy
-    /// does not depend on them, so it is shared: a failover costs no recompilation.
-    pub fn with_primaries(&self, version: u64, primaries: BTreeMap<IpNet, String>) -> GlobalState {
-        GlobalState {
+    /// The same nodes and policy with other route group primaries, settled against this
+    /// state's groups (an election decided on an older state may name a node that left
+    /// since). The compiled policy does not depend on them, so it is shared: a failover
+    /// costs no recompilation.
+    pub fn with_primaries(&self, version: u64, primaries: &BTreeMap<IpNet, String>) -> GlobalState {
+        let mut state = GlobalState {
             version,
             nodes: self.nodes.clone(),
             policy: self.policy.clone(),
             mesh_prefixes: self.mesh_prefixes.clone(),
             groups: self.groups.clone(),
-            primaries: Arc::new(primaries),
+            primaries: Arc::default(),
             overlay: self.overlay,
             compiled: Mutex::new(lock(&self.compiled).clone()),
             same_nodes: Mutex::default(),
             peer_table: Mutex::default(),
             created: std::time::Instant::now(),
-        }
+        };
+        state.settle_primaries(primaries);
+        state
     }
 
     /// Node `n` as a peer of a node routing `my_routes`: without the group prefixes it is
@@ -360,6 +364,28 @@ mod tests {
         assert_eq!(h.get(3).unwrap().version, 3);
         assert_eq!(h.get(5).unwrap().version, 5);
         assert!(h.get(6).is_none());
+    }
+
+    #[test]
+    fn primaries_are_settled_against_the_groups() {
+        let node = |id: &str| {
+            let mut n = (*crate::policy::tests::node(id, id, id.as_bytes()[0], &[])).clone();
+            n.routes = vec!["10.88.0.0/24".parse().unwrap()];
+            Arc::new(n)
+        };
+        let net: IpNet = "10.88.0.0/24".parse().unwrap();
+        let two = GlobalState::new(1, vec![node("b"), node("c")], Arc::new(Policy::default()), Overlay::default());
+        let elected = two.with_primaries(2, &[(net, "c".to_string())].into());
+        assert_eq!(elected.primaries()[&net], "c");
+        // c leaves: the group's lowest id until the elector decides.
+        let left = elected.with_nodes(3, vec![node("b"), node("a")]);
+        assert_eq!(left.primaries()[&net], "a");
+        // An election made before c left, committed after: settled the same way.
+        let late = left.with_primaries(4, &[(net, "c".to_string())].into());
+        assert_eq!(late.primaries()[&net], "a");
+        // A prefix that is no group (one router) has no primary.
+        let alone = late.with_nodes(5, vec![node("b")]);
+        assert!(alone.primaries().is_empty());
     }
 
     #[test]

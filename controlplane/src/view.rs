@@ -353,14 +353,14 @@ ports = ["22"]
             let v = node_view(s, id).unwrap();
             v.peers.iter().filter(|p| p.routes.contains(&net)).map(|p| p.hostname.clone()).collect()
         };
-        let s1 = s.with_primaries(2, [(net, "n6".to_string())].into());
+        let s1 = s.with_primaries(2, &[(net, "n6".to_string())].into());
         let laptop = node_view(&s1, "n1").unwrap();
         assert_eq!(names(&laptop), ["gw1", "gw2"], "both members stay peers (the rule covers both)");
         assert_eq!(routed(&s1, "n1"), ["gw2"]);
         // A member routes its own LAN: no peer gets the prefix in its view.
         assert!(routed(&s1, "n5").is_empty());
         // Failover: one delta upserts both gateways' peers, nothing else.
-        let s2 = s1.with_primaries(3, [(net, "n5".to_string())].into());
+        let s2 = s1.with_primaries(3, &[(net, "n5".to_string())].into());
         assert_eq!(routed(&s2, "n1"), ["gw1"]);
         let d = wdelta(&node_view(&s1, "n1").unwrap(), &node_view(&s2, "n1").unwrap(), 2).unwrap();
         assert_eq!(d.upsert_peers.len(), 2);
