@@ -1,8 +1,8 @@
 //! A versioned change as the change log keeps it: enough for any server to derive state N
 //! from state N−1 exactly as the server that made the change did. Every server publishes
 //! states only by applying log entries in version order, its own changes included, so all
-//! of them publish the same sequence (see docs/ARCHITECTURE.md, "Versions and the change
-//! log").
+//! of them publish the same sequence (see docs/ARCHITECTURE.md, "Versions, the change log
+//! and failover").
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
