@@ -22,6 +22,9 @@ pub enum StateError {
     Unsafe(#[from] crate::perms::UnsafePath),
 }
 
+/// How long [`StateDir::open`] waits for a lock whose taker is gone.
+const ORPHANED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct StateDir {
     dir: PathBuf,
     _lock: File,
@@ -38,9 +41,18 @@ impl StateDir {
         crate::perms::private_dir(dir)?;
         let lock_path = dir.join("agent.lock");
         let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
-        if !crate::sys::try_lock_exclusive(&lock) {
+        let deadline = std::time::Instant::now() + ORPHANED_LOCK_WAIT;
+        while !crate::sys::try_lock_exclusive(&lock) {
             let pid = lock_holder(dir);
-            return Err(StateError::Locked { path: lock_path, pid });
+            // The kernel names the process that took the lock. If that one is gone, the
+            // descriptor lives on in a process it was starting when it died (a child
+            // between fork and exec), which lets go in a moment: a restart right after a
+            // kill waits for that instead of failing.
+            let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+            if !gone || std::time::Instant::now() >= deadline {
+                return Err(StateError::Locked { path: lock_path, pid });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         // Who holds it, for `status` and for the next agent refused (the kernel's lock
         // table is what counts; the number only names the process).
@@ -179,6 +191,25 @@ impl EndpointRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_outliving_its_taker_is_waited_for() {
+        let dir = std::env::temp_dir().join(format!("wf-state-orphan-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::perms::private_dir(&dir).unwrap();
+        // A shell takes the lock and exits; a child it started holds the descriptor on for
+        // a moment, as a process the agent was starting when it was killed would.
+        let lock = dir.join("agent.lock");
+        let script = format!("exec 9>>'{}'; flock -x 9; sleep 0.5 & exit 0", lock.display());
+        let status = std::process::Command::new("sh").args(["-c", &script]).status().unwrap();
+        assert!(status.success());
+        assert!(lock_holder(&dir).is_some(), "the lock is held after its taker exited");
+        let started = std::time::Instant::now();
+        let s = StateDir::open(&dir).expect("taken once the orphaned descriptor is closed");
+        assert!(started.elapsed() < ORPHANED_LOCK_WAIT, "{:?}", started.elapsed());
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn lock_is_exclusive_and_record_roundtrips() {
