@@ -141,18 +141,12 @@ async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
     // gw1 recovers with a higher priority: it takes over only after the hold-down.
     let back = std::time::Instant::now();
     r1.health(true, 200).await;
-    let heartbeats = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            r1.health(true, 200).await;
-            r2.health(true, 100).await;
-        }
-    };
+    let both = [(&r1, 200), (&r2, 100)];
     tokio::select! {
         took = until_routed(&mut s, &mut peers, &id1) => {
             assert!(back.elapsed() >= HOLD_DOWN, "took over after {took:?}, before the hold-down");
         }
-        _ = heartbeats => unreachable!(),
+        _ = heartbeats(&both) => unreachable!(),
     }
 
     // gw1's report stream ends (its agent died): gw2 at once.
@@ -164,18 +158,13 @@ async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
     // gw2 goes silent (its namespace is gone, its stream not yet): after three intervals.
     let silent_since = std::time::Instant::now();
     let r1 = Reporter::open(&cp, &gw[0].credential).await;
-    let heartbeats = async {
-        loop {
-            r1.health(true, 100).await;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    };
+    let alone = [(&r1, 100)];
     tokio::select! {
         _ = until_routed(&mut s, &mut peers, &id1) => {
             let t = silent_since.elapsed();
             assert!(t >= Duration::from_millis(800) && t < Duration::from_secs(3), "{t:?}");
         }
-        _ = heartbeats => unreachable!(),
+        _ = heartbeats(&alone) => unreachable!(),
     }
     drop(r2);
 
