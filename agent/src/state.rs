@@ -47,8 +47,9 @@ impl StateDir {
             // The kernel names the process that took the lock. If that one is gone, the
             // descriptor lives on in a process it was starting when it died (a child
             // between fork and exec), which lets go in a moment: a restart right after a
-            // kill waits for that instead of failing.
-            let gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+            // kill waits for that instead of failing. No holder listed: the lock was let go
+            // between the two looks, so the next try takes it.
+            let gone = pid.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists());
             if !gone || std::time::Instant::now() >= deadline {
                 return Err(StateError::Locked { path: lock_path, pid });
             }

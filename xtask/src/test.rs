@@ -21,11 +21,17 @@ pub struct TestArgs {
 struct Tally {
     passed: u64,
     failed: u64,
+    /// The names of the libtest tests that failed, repeated after the summary: CI shows only
+    /// the end of a long log.
+    failures: Vec<String>,
 }
 
 impl Tally {
     /// Adds a libtest summary line ("test result: ok. 9 passed; 0 failed; ...").
     fn add(&mut self, line: &str) {
+        if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED")) {
+            self.failures.push(name.to_string());
+        }
         let Some(rest) = line.strip_prefix("test result: ") else { return };
         for part in rest.split(';') {
             let mut words = part.split_whitespace().rev();
@@ -58,8 +64,13 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     ws.build_next_layout_agent().context("building the agent's next-layout build")?;
     ws.build_bins(false).context("building the agent and the control plane")?;
 
-    let mut child =
-        ws.cargo_cmd().args(["test", "--workspace"]).stdout(Stdio::piped()).spawn().context("cargo test")?;
+    // Every test binary runs even after one fails, so the tally counts the whole suite.
+    let mut child = ws
+        .cargo_cmd()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cargo test")?;
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
         println!("{line}");
@@ -171,6 +182,9 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         }
         all_ok
     };
+    for name in &tally.failures {
+        println!("xtask test: FAILED {name}");
+    }
     println!("xtask test: {} passed, {} failed", tally.passed, tally.failed);
     anyhow::ensure!(tests_ok, "cargo test failed");
     fuzz.context("fuzzing the update decoder")?;
@@ -180,4 +194,24 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     lab_ok.context("the Vagrant lab")?;
     anyhow::ensure!(vm_ok, "a VM test failed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn the_tally_counts_summaries_and_names_failures() {
+        let mut tally = Tally::default();
+        for line in [
+            "test store::a ... ok",
+            "test ha::kill_one ... FAILED",
+            "test result: FAILED. 9 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            "test result: ok. 3 passed; 0 failed; 1 ignored",
+        ] {
+            tally.add(line);
+        }
+        assert_eq!((tally.passed, tally.failed), (12, 1));
+        assert_eq!(tally.failures, ["ha::kill_one"]);
+    }
 }
