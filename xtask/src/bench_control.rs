@@ -46,7 +46,8 @@ pub struct BenchControlArgs {
     /// Skip the fan-out part.
     #[arg(long)]
     no_fanout: bool,
-    /// Node counts of the scale part (simulated agents, full mesh), comma-separated.
+    /// Node counts of the scale part (simulated agents, full mesh), comma-separated,
+    /// ascending: one fleet grows through them.
     #[arg(long, value_delimiter = ',', default_value = "2000,4000")]
     scale: Vec<usize>,
     /// Servers of the scale part, comma-separated: 1 (SQLite) and/or more (replicas on
@@ -112,10 +113,8 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
     if !args.no_scale {
         let mut measured = Vec::new();
         for servers in &args.scale_servers {
-            for n in &args.scale {
-                measured.push(rt.block_on(scale::run(&bins.control, *n, args.scale_changes, *servers))?);
-                scale::print(&measured);
-            }
+            measured.extend(rt.block_on(scale::run(&bins.control, &args.scale, args.scale_changes, *servers))?);
+            scale::print(&measured);
         }
     }
     Ok(())

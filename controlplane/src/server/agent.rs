@@ -23,7 +23,7 @@ use crate::Error;
 
 /// Updates buffered per stream; a slow agent makes its stream wait, and the changes in
 /// between are coalesced into one delta.
-const STREAM_BUFFER: usize = 8;
+const STREAM_BUFFER: usize = 2;
 
 #[derive(Clone)]
 pub struct AgentSvc {

@@ -2,7 +2,7 @@
 //! or spread over 2 replicas on one PostgreSQL; then a full-mesh policy (every node gains
 //! N−1 peers), then a change of its port only (peers unchanged), applied on the first
 //! server. Timed until every watcher has each version; the control planes' peak RSS (the
-//! largest replica's).
+//! largest replica's) and their CPU time. The node counts are steps of one growing fleet.
 //!
 //! The simulated agents take updates in parts, as agents do, and decode only an update's
 //! version and count the peers in it (a real agent's decoding would cost this process more
@@ -79,6 +79,9 @@ pub struct Measured {
     /// The median of the port changes.
     pub change: Duration,
     pub change_apply: Duration,
+    /// The control planes' CPU time (every thread of every server) for that change: the
+    /// work the servers did, apart from the simulated agents sharing the machine's cores.
+    pub change_cpu: Duration,
     pub peak_rss_kib: u64,
 }
 
@@ -91,12 +94,23 @@ fn policy(port: u16) -> v1::ApplyPolicyRequest {
     }
 }
 
-pub async fn run(control: &Path, n: usize, port_changes: usize, replicas: usize) -> Result<Measured> {
-    eprintln!("bench-control: scale, {n} simulated agents, full mesh, {replicas} server(s)");
+/// No rules: every node loses its peers, and new nodes join without any.
+fn deny_all() -> v1::ApplyPolicyRequest {
+    v1::ApplyPolicyRequest { file_name: "none.toml".into(), source: "# no rules\n".into() }
+}
+
+/// Measures every count of `sizes` (ascending) on one fleet that grows: the same servers
+/// and simulated agents throughout, so the rows differ by the nodes only, not by what
+/// differs between two processes (their memory layout, their hash seeds), which moved a
+/// row by a third between runs. Before each count's nodes enroll, a policy without rules
+/// takes the mesh away, so each row establishes its mesh from no peers.
+pub async fn run(control: &Path, sizes: &[usize], port_changes: usize, replicas: usize) -> Result<Vec<Measured>> {
+    let most = sizes.iter().copied().max().unwrap_or(0);
+    eprintln!("bench-control: scale, up to {most} simulated agents, full mesh, {replicas} server(s)");
     let db = (replicas > 1).then(super::replicas::database);
     let mut cps = Vec::new();
     for _ in 0..replicas.max(1) {
-        cps.push(Loopback::start_on(control, n, db.as_ref().map(|d| d.url.as_str())).await?);
+        cps.push(Loopback::start_on(control, most, db.as_ref().map(|d| d.url.as_str())).await?);
     }
     let mut admin = cps[0].admin.clone();
     let key = admin
@@ -106,53 +120,77 @@ pub async fn run(control: &Path, n: usize, port_changes: usize, replicas: usize)
         .key;
     let (tx, mut rx) = mpsc::unbounded_channel::<Result<Seen>>();
     let enrolling = Arc::new(tokio::sync::Semaphore::new(ENROLLING));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for first in (0..n).step_by(PER_CONNECTION) {
-        let addr = cps[(first / PER_CONNECTION) % cps.len()].addr;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
-        for agent in first..(first + PER_CONNECTION).min(n) {
-            let (channel, key, tx, enrolling) = (channel.clone(), key.clone(), tx.clone(), enrolling.clone());
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = sim_agent(channel, agent, key, &tx, enrolling).await {
-                    let _ = tx.send(Err(e.context(format!("sim{agent}"))));
-                }
-            }));
-        }
-    }
-    drop(tx);
-    let mut last = vec![0u64; n];
-    // Every agent has its snapshot.
-    wait_all(&mut rx, &mut last, 1, Duration::from_secs(600), |_| Ok(())).await?;
-    let enrolled_per_sec = n as f64 / started.elapsed().as_secs_f64();
     let pids: Vec<u32> = cps.iter().map(|c| c.pid).collect();
-    let peak = move || pids.iter().filter_map(|p| super::rss_kib(*p).ok()).max().unwrap_or_default();
-    let rss = |phase: &str| {
-        let (hwm, now) = peak();
-        eprintln!("bench-control: {n} nodes, after {phase}: RSS {} MiB (peak {} MiB)", now / 1024, hwm / 1024);
+    let peak = {
+        let pids = pids.clone();
+        move || pids.iter().filter_map(|p| super::rss_kib(*p).ok()).max().unwrap_or_default()
     };
-    rss("enrollment");
-
-    let (mesh, mesh_apply) = timed_change(&mut admin, &mut rx, &mut last, policy(443), |s| {
-        ensure!(s.peers as usize == n - 1, "sim{} got {} peers with the mesh, not {}", s.agent, s.peers, n - 1);
-        Ok(())
-    })
-    .await?;
-    rss("the mesh");
-    // Port changes, each keeping every peer: the median is reported.
-    let mut changes = Vec::with_capacity(port_changes);
-    for i in 0..port_changes.max(1) {
-        let port = 8443 + u16::try_from(i).unwrap_or(0);
-        let timed = timed_change(&mut admin, &mut rx, &mut last, policy(port), |s| {
-            ensure!(s.peers == 0, "sim{} got {} peers with a change that keeps them", s.agent, s.peers);
+    let cpu = move || pids.iter().map(|p| cpu_time(*p)).sum::<Duration>();
+    let mut tasks = Vec::new();
+    let mut last = vec![0u64; most];
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let enrolled = tasks.len();
+        ensure!(n > enrolled, "scale sizes must ascend: {sizes:?}");
+        if enrolled > 0 {
+            timed_change(&mut admin, &mut rx, &mut last[..enrolled], deny_all(), &cpu, |_| Ok(())).await?;
+        }
+        let started = Instant::now();
+        // Connections of PER_CONNECTION agents each, spread over the servers in turn.
+        for first in (enrolled..n).step_by(PER_CONNECTION) {
+            let addr = cps[(first / PER_CONNECTION) % cps.len()].addr;
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+            for agent in first..(first + PER_CONNECTION).min(n) {
+                let (channel, key, tx, enrolling) = (channel.clone(), key.clone(), tx.clone(), enrolling.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = sim_agent(channel, agent, key, &tx, enrolling).await {
+                        let _ = tx.send(Err(e.context(format!("sim{agent}"))));
+                    }
+                }));
+            }
+        }
+        // Every new agent has its snapshot.
+        wait_all(&mut rx, &mut last[..n], 1, Duration::from_secs(600), |_| Ok(())).await?;
+        let enrolled_per_sec = (n - enrolled) as f64 / started.elapsed().as_secs_f64();
+        let rss = |phase: &str| {
+            let (hwm, now) = peak();
+            eprintln!("bench-control: {n} nodes, after {phase}: RSS {} MiB (peak {} MiB)", now / 1024, hwm / 1024);
+        };
+        rss("enrollment");
+        let (mesh, mesh_apply, _) = timed_change(&mut admin, &mut rx, &mut last[..n], policy(443), &cpu, |s| {
+            ensure!(s.peers as usize == n - 1, "sim{} got {} peers with the mesh, not {}", s.agent, s.peers, n - 1);
             Ok(())
         })
         .await?;
-        changes.push(timed);
+        rss("the mesh");
+        // Port changes, each keeping every peer: the median is reported.
+        let mut changes = Vec::with_capacity(port_changes);
+        for i in 0..port_changes.max(1) {
+            let port = 8443 + u16::try_from(i).unwrap_or(0);
+            let timed = timed_change(&mut admin, &mut rx, &mut last[..n], policy(port), &cpu, |s| {
+                ensure!(s.peers == 0, "sim{} got {} peers with a change that keeps them", s.agent, s.peers);
+                Ok(())
+            })
+            .await?;
+            let (all, _, cpu) = timed;
+            eprintln!("bench-control: {n} nodes, port change {}: {all:.2?}, server CPU {cpu:.2?}", i + 1);
+            changes.push(timed);
+        }
+        changes.sort();
+        let (change, change_apply, change_cpu) = changes[changes.len() / 2];
+        rows.push(Measured {
+            nodes: n,
+            replicas,
+            enrolled_per_sec,
+            mesh,
+            mesh_apply,
+            change,
+            change_apply,
+            change_cpu,
+            peak_rss_kib: peak().0,
+        });
     }
-    changes.sort();
-    let (change, change_apply) = changes[changes.len() / 2];
-    let (peak_rss_kib, _) = peak();
+    drop(tx);
     for mut cp in cps {
         cp.child.kill().await?;
     }
@@ -160,22 +198,38 @@ pub async fn run(control: &Path, n: usize, port_changes: usize, replicas: usize)
         t.abort();
     }
     drop(db);
-    Ok(Measured { nodes: n, replicas, enrolled_per_sec, mesh, mesh_apply, change, change_apply, peak_rss_kib })
+    Ok(rows)
 }
 
-/// Applies `req`; returns how long until every agent had its version, and the apply call's time.
+/// Applies `req`; returns how long until every agent had its version, the apply call's
+/// time, and the CPU time `cpu` counted meanwhile.
 async fn timed_change(
     admin: &mut wirefence_control::admin_client::AdminClient,
     rx: &mut mpsc::UnboundedReceiver<Result<Seen>>,
     last: &mut [u64],
     req: v1::ApplyPolicyRequest,
+    cpu: impl Fn() -> Duration,
     check: impl Fn(&Seen) -> Result<()>,
-) -> Result<(Duration, Duration)> {
+) -> Result<(Duration, Duration, Duration)> {
+    let cpu0 = cpu();
     let t0 = Instant::now();
     let version = admin.apply_policy(req).await?.into_inner().version;
     let applied = t0.elapsed();
     let done = wait_all(rx, last, version, Duration::from_secs(600), check).await?;
-    Ok((done.saturating_duration_since(t0), applied))
+    Ok((done.saturating_duration_since(t0), applied, cpu().saturating_sub(cpu0)))
+}
+
+/// The CPU time of every thread of process `pid` so far, in nanoseconds from the scheduler
+/// (`/proc/PID/task/TID/schedstat`, first field): the clock ticks of `/proc/PID/stat` are
+/// too coarse for a change of tens of milliseconds. Zero for a process that is gone.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
 }
 
 /// Waits until every agent has an update of `version` or later; returns when the last did.
@@ -258,19 +312,27 @@ async fn sim_agent(
 pub fn print(rows: &[Measured]) {
     let s = |d: Duration| format!("{:.2} s", d.as_secs_f64());
     println!(
-        "\n{:<28} {:>10} {:>12} {:>12} {:>17} {:>14} {:>10}",
-        "scale: full mesh, tcp/443", "enroll/s", "mesh", "(apply)", "port change, p50", "(apply)", "peak RSS"
+        "\n{:<28} {:>10} {:>12} {:>12} {:>17} {:>14} {:>12} {:>10}",
+        "scale: full mesh, tcp/443",
+        "enroll/s",
+        "mesh",
+        "(apply)",
+        "port change, p50",
+        "(apply)",
+        "(server CPU)",
+        "peak RSS"
     );
     for m in rows {
         let servers = if m.replicas > 1 { format!("{} replicas", m.replicas) } else { "single node".into() };
         println!(
-            "{:<28} {:>10.0} {:>12} {:>12} {:>17} {:>14} {:>6} MiB",
+            "{:<28} {:>10.0} {:>12} {:>12} {:>17} {:>14} {:>12} {:>6} MiB",
             format!("{} nodes, {servers}", m.nodes),
             m.enrolled_per_sec,
             s(m.mesh),
             s(m.mesh_apply),
             s(m.change),
             s(m.change_apply),
+            s(m.change_cpu),
             m.peak_rss_kib / 1024
         );
     }
@@ -285,9 +347,10 @@ pub fn print(rows: &[Measured]) {
         let nodes = b.nodes as f64 / a.nodes as f64;
         let time = b.change.as_secs_f64() / a.change.as_secs_f64().max(1e-6);
         let goal = nodes * 1.1;
+        let cpu = b.change_cpu.as_secs_f64() / a.change_cpu.as_secs_f64().max(1e-6);
         let verdict = if time <= goal { "met" } else { "MISSED" };
         println!(
-            "port change, {} -> {} nodes, {} server(s): {nodes:.1}x nodes, {time:.2}x time (goal <= {goal:.1}x: {verdict})",
+            "port change, {} -> {} nodes, {} server(s): {nodes:.1}x nodes, {time:.2}x time (goal <= {goal:.1}x: {verdict}), {cpu:.2}x server CPU",
             a.nodes, b.nodes, a.replicas
         );
     }
