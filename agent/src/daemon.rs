@@ -44,6 +44,9 @@ pub struct Agent {
     /// SIGUSR1 (`rotate-key`), handled from before the state directory's lock is taken:
     /// `rotate-key` signals the lock holder, whose default action would be to die.
     usr1: tokio::signal::unix::Signal,
+    /// Flow events from the policy programs for the control-plane client (without one,
+    /// they fill up to its bound and are dropped).
+    flows: Arc<crate::enforce::flows::FlowQueue>,
 }
 
 struct Control {
@@ -96,12 +99,23 @@ impl Agent {
             })
             .await?;
         let health = c.control.as_ref().map(|_| Arc::new(control::ControlHealth::default()));
+        let flows = Arc::new(crate::enforce::flows::FlowQueue::default());
         let metrics = Arc::new(Metrics::new(backend.clone(), health.clone(), metrics_target(&loaded)));
         let control = match (&c.control, health) {
-            (Some(cc), Some(health)) => Some(start_client(cc, &loaded, backend, health)?),
+            (Some(cc), Some(health)) => Some(start_client(cc, &loaded, backend, health, flows.clone())?),
             _ => None,
         };
-        Ok(Agent { loaded, ownership, reconciler, wake, control, config_cache: ConfigCache::default(), metrics, usr1 })
+        Ok(Agent {
+            loaded,
+            ownership,
+            reconciler,
+            wake,
+            control,
+            config_cache: ConfigCache::default(),
+            metrics,
+            usr1,
+            flows,
+        })
     }
 
     /// Keeps the parsed peers of the config `loaded` came from (see [`load_cached`]).
@@ -293,8 +307,9 @@ impl Agent {
         let ifname = self.loaded.desired.ifname.clone();
         let dir = crate::enforce::pin_dir(&policy.pin_root, &ifname);
         let state_dir = self.loaded.config.agent.state_dir.clone();
+        let flows = self.flows.clone();
         *task = Some(tokio::spawn(async move {
-            if let Err(e) = crate::enforce::denies::follow(dir, state_dir, ifname).await {
+            if let Err(e) = crate::enforce::denies::follow(dir, state_dir, ifname, flows).await {
                 tracing::warn!(error = format!("{e:#}"), "policy event reader stopped");
             }
         }));
@@ -511,6 +526,7 @@ fn start_client(
     loaded: &Loaded,
     backend: Arc<dyn crate::wg::WgBackend>,
     health: Arc<control::ControlHealth>,
+    flows: Arc<crate::enforce::flows::FlowQueue>,
 ) -> anyhow::Result<Control> {
     let own = loaded.desired.device.private_key.public_key();
     let files = ControlFiles::new(&loaded.config.agent.state_dir);
@@ -539,14 +555,12 @@ fn start_client(
         health: health.clone(),
         tunnel: loaded.desired.ifname.clone(),
         telemetry: {
-            let (ifname, state_dir) = (loaded.desired.ifname.clone(), loaded.config.agent.state_dir.clone());
-            let denies_if = ifname.clone();
+            let ifname = loaded.desired.ifname.clone();
             control::client::Telemetry {
                 peer_stats: Box::new(move || control::client::device_peer_stats(backend.as_ref(), &ifname)),
-                denies: Box::new(move || crate::enforce::denies::load(&state_dir, &denies_if)),
+                flows,
             }
         },
-        sent_denies: Vec::new(),
     };
     tokio::spawn(client.run());
     Ok(Control { updates, view, advertised, key_switches, rotate })

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use wirefence_agent::enforce::flows::{FlowEvent, FlowQueue};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -167,19 +168,21 @@ fn delta(version: u64, base: u64, d: v1::ViewDelta) -> v1::Update {
     }
 }
 
-/// A deny event as the enforcer's reader records it.
-fn deny() -> wirefence_agent::enforce::DenyRecord {
-    wirefence_agent::enforce::DenyRecord {
-        at: 1_700_000_000,
-        direction: "in".into(),
-        src: "10.77.0.9".into(),
-        dst: "10.77.0.1".into(),
+/// A deny event as the enforcer's reader queues it.
+fn deny() -> std::sync::Arc<FlowQueue> {
+    let q = FlowQueue::default();
+    q.push(FlowEvent {
+        at_ms: 1_700_000_000_000,
+        allowed: false,
+        rule: String::new(),
+        ingress: true,
+        src: "10.77.0.9".parse().unwrap(),
+        dst: "10.77.0.1".parse().unwrap(),
         proto: 6,
         sport: 40000,
         dport: 22,
-        len: 60,
-        port: Some(22),
-    }
+    });
+    std::sync::Arc::new(q)
 }
 
 /// The client as the daemon builds it, over plaintext, with no peer statistics.
@@ -189,7 +192,7 @@ fn plaintext_client(
     endpoints: Vec<Endpoint>,
     enrollment_key_file: Option<std::path::PathBuf>,
     apply: mpsc::Sender<ApplyRequest>,
-    denies: Box<dyn Fn() -> Vec<wirefence_agent::enforce::DenyRecord> + Send + Sync>,
+    flows: std::sync::Arc<FlowQueue>,
 ) -> ControlClient {
     let config = ControlConfig {
         endpoints: endpoints.clone(),
@@ -219,8 +222,7 @@ fn plaintext_client(
         connector: std::sync::Arc::new(Connector::new(endpoints, &Transport::Insecure).unwrap()),
         health: Default::default(),
         tunnel: "wf-client0".parse().unwrap(),
-        telemetry: wirefence_agent::control::client::Telemetry { peer_stats: Box::new(Vec::new), denies },
-        sent_denies: Vec::new(),
+        telemetry: wirefence_agent::control::client::Telemetry { peer_stats: Box::new(Vec::new), flows },
     }
 }
 
@@ -263,7 +265,7 @@ async fn ignores_duplicates_and_stale_rejects_invalid_and_resumes_after_a_gap() 
     // An unreachable endpoint first: the client must go on to the next one.
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap()), Endpoint::Addr(addr)];
     let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
-    let client = plaintext_client(&key, &files, endpoints, Some(dir.join("enroll.key")), tx, Box::new(|| vec![deny()]));
+    let client = plaintext_client(&key, &files, endpoints, Some(dir.join("enroll.key")), tx, deny());
     let task = tokio::spawn(client.run());
 
     let mut applied = Vec::new();
@@ -354,7 +356,7 @@ async fn offline_status_names_the_node_of_the_saved_credential() {
         .unwrap();
     let endpoints = vec![Endpoint::Addr("127.0.0.1:1".parse().unwrap())];
     let (tx, _rx) = mpsc::channel::<ApplyRequest>(1);
-    let task = tokio::spawn(plaintext_client(&key, &files, endpoints, None, tx, Box::new(Vec::new)).run());
+    let task = tokio::spawn(plaintext_client(&key, &files, endpoints, None, tx, Default::default()).run());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = files.status().unwrap().filter(|s| s.last_error.is_some()) {
@@ -409,7 +411,7 @@ async fn a_pinned_overlay_is_not_widened_by_a_later_announcement() {
         serve(Faulty { script: Mutex::new(script), seen: seen.clone(), overlay: vec![prefix("10.0.0.0/8")] }).await;
     let (tx, mut rx) = mpsc::channel::<ApplyRequest>(1);
     let task =
-        tokio::spawn(plaintext_client(&key, &files, vec![Endpoint::Addr(addr)], None, tx, Box::new(Vec::new)).run());
+        tokio::spawn(plaintext_client(&key, &files, vec![Endpoint::Addr(addr)], None, tx, Default::default()).run());
     let req = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("an update").unwrap();
     assert_eq!(req.version, 1);
     req.done.send(Ok(())).unwrap();
@@ -451,7 +453,7 @@ async fn an_announced_catch_all_overlay_is_not_pinned() {
         vec![Endpoint::Addr(addr)],
         Some(dir.join("enroll.key")),
         tx,
-        Box::new(Vec::new),
+        Default::default(),
     );
     let task = tokio::spawn(client.run());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -573,7 +575,7 @@ async fn an_update_in_parts_is_applied_whole_and_a_broken_one_not_at_all() {
         vec![Endpoint::Addr(addr)],
         Some(dir.join("enroll.key")),
         tx,
-        Box::new(Vec::new),
+        Default::default(),
     );
     let task = tokio::spawn(client.run());
 

@@ -39,6 +39,41 @@ pub enum Command {
     /// Generate a CA and a server certificate for the agent listener.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The flow records agents reported, oldest first, each marked with whether the node at
+    /// the other end reported the flow too (PAIRED), reported nothing of it (ONE-SIDED:
+    /// lost or suppressed there, or another path), or none was expected (-).
+    Flows(FlowsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Only this node's records (node id or hostname).
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Only records of this last while (seconds, or a number with s, m, h or d).
+    #[arg(long, value_parser = parse_duration_nonzero)]
+    pub since: Option<u64>,
+    /// Only allowed or only denied flows.
+    #[arg(long, value_enum)]
+    pub verdict: Option<VerdictArg>,
+    /// Only records of this rule.
+    #[arg(long)]
+    pub rule: Option<String>,
+    /// Only records whose other end is a node that reported nothing of the flow.
+    #[arg(long)]
+    pub one_sided: bool,
+    /// At most this many records, the newest (at most 100000).
+    #[arg(long, default_value_t = crate::registry::flows::DEFAULT_LIMIT)]
+    pub limit: u32,
+    /// Output JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictArg {
+    Allow,
+    Deny,
 }
 
 #[derive(Debug, Args)]
@@ -104,6 +139,16 @@ pub struct ServeArgs {
     /// failed over.
     #[arg(long, default_value = "25s", value_parser = parse_keepalive)]
     pub persistent_keepalive: u16,
+    /// How long flow records are kept (seconds, or a number with s, m, h or d).
+    #[arg(long, default_value = "7d", value_parser = parse_duration_nonzero)]
+    pub flow_retention: u64,
+    /// How many flow records are kept at most (the oldest go first).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub flow_max_records: u64,
+    /// Flow records stored per node per second (a burst of 20 seconds' worth is allowed);
+    /// what a node reports above it is counted, not stored.
+    #[arg(long, default_value_t = crate::limits::FLOWS_PER_SEC, value_parser = clap::value_parser!(u32).range(1..))]
+    pub flow_rate: u32,
 }
 
 impl ServeArgs {

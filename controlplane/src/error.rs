@@ -118,6 +118,12 @@ pub enum Error {
     BoundKeyReusable,
     #[error("no removed node reserves the name {0:?}")]
     NameNotReserved(String),
+    #[error("verdict: {0} is neither allow (1) nor deny (2) (0 for both)")]
+    FlowVerdict(i32),
+    #[error("rule_id: {0:?} is not a rule id (1-64 of A-Z a-z 0-9 _ . -)")]
+    FlowRuleId(String),
+    #[error("limit: {limit} is above {max}")]
+    FlowLimit { limit: u32, max: u32 },
 
     // Serving.
     #[error("the control plane is shutting down")]
@@ -201,7 +207,10 @@ impl Error {
             | Error::KeyOptionsConflict(..)
             | Error::BoundKeyReusable
             | Error::NotGranted { .. }
-            | Error::KeyUnchanged => Code::InvalidArgument,
+            | Error::KeyUnchanged
+            | Error::FlowVerdict(_)
+            | Error::FlowRuleId(_)
+            | Error::FlowLimit { .. } => Code::InvalidArgument,
             Error::PublicKeyEnrolled | Error::HostnameTaken(_) | Error::HostnameOwned { .. } => Code::AlreadyExists,
             Error::EnrollmentKeyMissing
             | Error::EnrollmentKeyUnknown

@@ -14,6 +14,7 @@
 //! - [`credentials`]: the in-memory credential index authentication reads.
 //! - [`auth`], [`alloc`], [`certs`]: credentials, overlay address allocation, test PKI.
 //! - [`limits`]: what one client may cost (connections, handshakes, streams, rates).
+//! - [`flows`]: flow records as kept (checked, and who should have seen the other end).
 //! - [`cli`], [`output`]: the command line and its renderings.
 
 pub mod admin_client;
@@ -26,6 +27,7 @@ pub mod credentials;
 pub mod election;
 pub mod enroll;
 pub mod error;
+pub mod flows;
 pub mod grpc;
 pub mod limits;
 pub mod metrics;

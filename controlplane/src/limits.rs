@@ -2,7 +2,7 @@
 //! every resource an unauthenticated or misbehaving peer can hold is bounded here: TCP
 //! connections (per source and in total), the time to finish a TLS handshake, HTTP/2
 //! streams and resets per connection, message and header sizes, the time a request may
-//! take; and per authenticated node: Watch streams, report messages, flow records kept,
+//! take; and per authenticated node: Watch streams, report messages, flow records stored,
 //! and how often a re-registration may change what every other node sees.
 //!
 //! The defaults are generous for a real agent (one connection, one Watch, a report every
@@ -44,9 +44,11 @@ pub const REREGISTER_INTERVAL: Duration = Duration::from_secs(5);
 /// Sustained report messages per second per node, and the burst allowed above it.
 pub const REPORTS_PER_SEC: u32 = 20;
 pub const REPORT_BURST: u32 = 100;
-/// Flow records kept in memory per node (of [`crate::registry::FLOW_LOG`] in total), so one
-/// node's records cannot push out everyone else's.
-pub const FLOWS_PER_NODE: usize = 128;
+/// Flow records stored per node per second, and the burst allowed above it: one node's
+/// flood cannot push out everyone else's records (retention counts all of them). What is
+/// over is counted, not stored.
+pub const FLOWS_PER_SEC: u32 = 100;
+pub const FLOW_BURST: u32 = 2_000;
 
 /// The limits of one control plane; `Default` gives the constants above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +66,8 @@ pub struct Limits {
     pub reregister_interval: Duration,
     pub reports_per_sec: u32,
     pub report_burst: u32,
-    pub flows_per_node: usize,
+    pub flows_per_sec: u32,
+    pub flow_burst: u32,
 }
 
 impl Default for Limits {
@@ -83,7 +86,8 @@ impl Default for Limits {
             reregister_interval: REREGISTER_INTERVAL,
             reports_per_sec: REPORTS_PER_SEC,
             report_burst: REPORT_BURST,
-            flows_per_node: FLOWS_PER_NODE,
+            flows_per_sec: FLOWS_PER_SEC,
+            flow_burst: FLOW_BURST,
         }
     }
 }

@@ -6,7 +6,7 @@ use clap::Parser;
 use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 use wirefence_control::cli::{
-    CertsCommand, Cli, Command, ExpiresIn, KeysCommand, NodesCommand, PolicyCommand, ServeArgs, TlsMode,
+    CertsCommand, Cli, Command, ExpiresIn, KeysCommand, NodesCommand, PolicyCommand, ServeArgs, TlsMode, VerdictArg,
 };
 use wirefence_control::limits::Limits;
 use wirefence_control::model::now_unix;
@@ -15,8 +15,9 @@ use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
 use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
     ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix,
-    ListEnrollmentKeysRequest, ListNodesRequest, ReenrollNodeRequest, ReleaseNameRequest, RemoveNodeRequest,
-    RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, SetNodeRequest, SetNodeRoutesRequest, TagList,
+    ListEnrollmentKeysRequest, ListFlowsRequest, ListNodesRequest, ReenrollNodeRequest, ReleaseNameRequest,
+    RemoveNodeRequest, RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, SetNodeRequest,
+    SetNodeRoutesRequest, TagList, Verdict,
 };
 
 fn main() -> ExitCode {
@@ -90,7 +91,12 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         }
     };
     let enroll_limits = args.enroll_limits();
-    let limits = Limits { max_connections_per_source: args.max_connections_per_source, ..Limits::default() };
+    let limits = Limits {
+        max_connections_per_source: args.max_connections_per_source,
+        flows_per_sec: args.flow_rate,
+        flow_burst: args.flow_rate.saturating_mul(20),
+        ..Limits::default()
+    };
     if args.db.has_password() {
         tracing::warn!(
             "the --db URL holds a password, which every local user can read from this process's command line; \
@@ -114,6 +120,10 @@ async fn run_serve(args: ServeArgs, admin_socket: std::path::PathBuf) -> Result<
         limits,
         metrics_listen: args.metrics_listen,
         route_hold_down: std::time::Duration::from_secs(args.route_hold_down),
+        flow_retention: wirefence_control::flows::Retention {
+            max_age: std::time::Duration::from_secs(args.flow_retention),
+            max_records: args.flow_max_records,
+        },
     };
     let handle = serve(cfg).await.with_context(|| format!("start the control plane (database {})", args.db))?;
     for addr in &handle.agent_addrs {
@@ -214,6 +224,29 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
                 format!("{:#}\n", serde_json::Value::Array(nodes.iter().map(output::node_json).collect()))
             } else {
                 output::nodes_table(&nodes, now)
+            }
+        }
+        Command::Flows(f) => {
+            let request = ListFlowsRequest {
+                node: f.node.unwrap_or_default(),
+                since_unix_ms: f
+                    .since
+                    .map_or(0, |s| now.saturating_sub(i64::try_from(s).unwrap_or(i64::MAX)).saturating_mul(1000)),
+                verdict: match f.verdict {
+                    None => Verdict::Unspecified,
+                    Some(VerdictArg::Allow) => Verdict::Allow,
+                    Some(VerdictArg::Deny) => Verdict::Deny,
+                }
+                .into(),
+                rule_id: f.rule.unwrap_or_default(),
+                one_sided: f.one_sided,
+                limit: f.limit,
+            };
+            let reply = admin.list_flows(request).await.map_err(status)?.into_inner();
+            if f.json {
+                format!("{:#}\n", output::flows_json(&reply))
+            } else {
+                output::flows_table(&reply)
             }
         }
         Command::Nodes(NodesCommand::Show { node, json }) => {

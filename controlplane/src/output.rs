@@ -6,7 +6,10 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ipnet::IpNet;
 use serde_json::{json, Value};
-use wirefence_proto::v1::{EnrollmentKey, GetPolicyReply, IpPrefix, Node, RouteGroupMember, SocketAddress, ViewSync};
+use wirefence_proto::v1::{
+    Direction, EnrollmentKey, GetPolicyReply, IpPrefix, ListFlowsReply, Node, Pairing, RouteGroupMember, SocketAddress,
+    Verdict, ViewSync,
+};
 use wirefence_proto::Escaped;
 
 fn prefixes(v: &[IpPrefix]) -> Vec<String> {
@@ -292,6 +295,145 @@ fn member_name(m: &RouteGroupMember) -> String {
     } else {
         format!("{} ({})", Escaped(&m.hostname), Escaped(&m.node_id))
     }
+}
+
+/// A flow record's addresses as text (`<n bytes>` for a length no address has).
+fn flow_ip(b: &[u8]) -> String {
+    match b.len() {
+        4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(b).unwrap_or_default()).to_string(),
+        16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap_or_default()).to_string(),
+        n => format!("<{n} bytes>"),
+    }
+}
+
+/// `addr:port`, an IPv6 address in brackets.
+fn flow_end(b: &[u8], port: u32) -> String {
+    match b.len() {
+        16 => format!("[{}]:{port}", flow_ip(b)),
+        _ => format!("{}:{port}", flow_ip(b)),
+    }
+}
+
+fn protocol(p: u32) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        p => p.to_string(),
+    }
+}
+
+fn verdict(v: i32) -> &'static str {
+    match Verdict::try_from(v) {
+        Ok(Verdict::Allow) => "allow",
+        Ok(Verdict::Deny) => "deny",
+        _ => "?",
+    }
+}
+
+fn direction(d: i32) -> &'static str {
+    match Direction::try_from(d) {
+        Ok(Direction::Ingress) => "in",
+        Ok(Direction::Egress) => "out",
+        _ => "?",
+    }
+}
+
+fn pairing(p: i32) -> &'static str {
+    match Pairing::try_from(p) {
+        Ok(Pairing::Paired) => "paired",
+        Ok(Pairing::OneSided) => "one-sided",
+        Ok(Pairing::NoneExpected) => "none-expected",
+        _ => "?",
+    }
+}
+
+/// When, as UTC `YYYY-MM-DD HH:MM:SS`.
+fn utc(unix_ms: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000)) {
+        Ok(t) => format!(
+            "{}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => unix_ms.to_string(),
+    }
+}
+
+pub fn flows_json(r: &ListFlowsReply) -> Value {
+    json!({
+        "flows": r.flows.iter().map(|f| {
+            let rec = f.record.clone().unwrap_or_default();
+            json!({
+                "node_id": f.node_id,
+                "hostname": f.hostname,
+                "time_unix_ms": rec.time_unix_ms,
+                "direction": direction(rec.direction),
+                "verdict": verdict(rec.verdict),
+                "protocol": rec.protocol,
+                "src": flow_ip(&rec.src),
+                "src_port": rec.src_port,
+                "dst": flow_ip(&rec.dst),
+                "dst_port": rec.dst_port,
+                "rule_id": rec.rule_id,
+                "packets": rec.packets,
+                "bytes": rec.bytes,
+                "pairing": pairing(f.pairing),
+                "peer_node_id": f.peer_node_id,
+                "peer_hostname": f.peer_hostname,
+            })
+        }).collect::<Vec<_>>(),
+        "refused": r.refused.iter().map(|x| json!({
+            "node_id": x.node_id,
+            "hostname": x.hostname,
+            "over_rate": x.over_rate,
+            "invalid": x.invalid,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn flows_table(r: &ListFlowsReply) -> String {
+    let mut rows = vec![[
+        "TIME (UTC)".to_string(),
+        "NODE".into(),
+        "DIR".into(),
+        "VERDICT".into(),
+        "PROTO".into(),
+        "SOURCE".into(),
+        "DESTINATION".into(),
+        "RULE".into(),
+        "OTHER END".into(),
+    ]];
+    for f in &r.flows {
+        let rec = f.record.clone().unwrap_or_default();
+        let other = match Pairing::try_from(f.pairing) {
+            Ok(Pairing::NoneExpected) => "-".to_string(),
+            _ => format!("{} {}", shown(&f.peer_hostname), pairing(f.pairing)),
+        };
+        rows.push([
+            utc(rec.time_unix_ms),
+            shown(&f.hostname),
+            direction(rec.direction).into(),
+            verdict(rec.verdict).into(),
+            protocol(rec.protocol),
+            flow_end(&rec.src, rec.src_port),
+            flow_end(&rec.dst, rec.dst_port),
+            if rec.rule_id.is_empty() { "-".into() } else { shown(&rec.rule_id) },
+            other,
+        ]);
+    }
+    let mut out = table(&rows);
+    for x in &r.refused {
+        let _ =
+            writeln!(out, "refused from {}: {} over its rate, {} invalid", shown(&x.hostname), x.over_rate, x.invalid);
+    }
+    out
 }
 
 #[cfg(test)]

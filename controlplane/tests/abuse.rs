@@ -1,7 +1,7 @@
 //! The agent listener under abuse, against a real in-process control plane: connection
 //! caps per source, the handshake timeout, HTTP/2 stream limits, message sizes, Watch
 //! streams per node, authentication that never waits for the store, coalesced
-//! re-registrations, report rates, the flow-record quota, and plaintext only on loopback.
+//! re-registrations, report rates, the flow-record rate, and plaintext only on loopback.
 
 mod common;
 
@@ -13,7 +13,10 @@ use tokio::net::TcpStream;
 use tonic::Code;
 use wirefence_control::limits::Limits;
 use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
-use wirefence_proto::v1::{agent_report, AgentReport, FlowRecord, FlowRecords, SocketAddress, WatchRequest};
+use wirefence_proto::v1::{
+    agent_report, AgentReport, Direction, FlowRecord, FlowRecords, ListFlowsRequest, RegisterResponse, SocketAddress,
+    Verdict, WatchRequest,
+};
 
 async fn start_limited(dir: &std::path::Path, f: impl FnOnce(&mut Limits)) -> Cp {
     start_with(dir, |cfg| f(&mut cfg.limits)).await
@@ -131,7 +134,9 @@ async fn messages_above_the_size_bound_are_refused() {
     let r = agent.report(authed(tokio_stream::iter(vec![report]), &a.credential)).await;
     let status = r.expect_err("a 2 MiB message was accepted");
     assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status:?}");
-    assert!(cp.handle.registry().recent_flows().is_empty());
+    cp.handle.registry().flush_flows().await.unwrap();
+    let stored = cp.admin.list_flows(ListFlowsRequest::default()).await.unwrap().into_inner();
+    assert!(stored.flows.is_empty() && stored.refused.is_empty(), "{stored:?}");
 }
 
 #[tokio::test]
@@ -230,25 +235,55 @@ async fn a_flapping_node_bumps_the_version_at_most_once_per_interval() {
     assert_eq!(registry.current().version, v0 + 2, "nothing else is applied afterwards");
 }
 
-fn flows(n: usize, port: u32) -> AgentReport {
-    let records = (0..n).map(|_| FlowRecord { dst_port: port, ..Default::default() }).collect();
-    AgentReport { body: Some(agent_report::Body::Flows(FlowRecords { records })) }
+/// `n` records of flows from the node `reg` enrolled to another overlay address.
+fn flows(reg: &RegisterResponse, n: usize, port: u32) -> AgentReport {
+    let src = reg.addresses.iter().find_map(|p| match p.addr.len() {
+        4 => Some(p.addr.clone()),
+        _ => None,
+    });
+    let record = FlowRecord {
+        time_unix_ms: i64::try_from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+        )
+        .unwrap(),
+        src: src.expect("an IPv4 overlay address"),
+        dst: vec![10, 77, 255, 1],
+        protocol: 6,
+        src_port: 40000,
+        dst_port: port,
+        verdict: Verdict::Allow.into(),
+        direction: Direction::Egress.into(),
+        rule_id: "web".into(),
+        ..Default::default()
+    };
+    AgentReport { body: Some(agent_report::Body::Flows(FlowRecords { records: vec![record; n] })) }
 }
 
 #[tokio::test]
 async fn one_node_cannot_push_out_the_others_flow_records() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cp = start(dir.path()).await;
+    let mut cp = start_limited(dir.path(), |l| {
+        l.flows_per_sec = 10;
+        l.flow_burst = 100;
+    })
+    .await;
     let quiet = cp.enroll("quiet", 1, &[]).await;
     let loud = cp.enroll("loud", 2, &[]).await;
     let mut agent = cp.agent().await;
-    agent.report(authed(tokio_stream::iter(vec![flows(5, 22)]), &quiet.credential)).await.unwrap();
-    let flood: Vec<_> = (0..50).map(|_| flows(100, 443)).collect();
+    agent.report(authed(tokio_stream::iter(vec![flows(&quiet, 5, 22)]), &quiet.credential)).await.unwrap();
+    let flood: Vec<_> = (0..50).map(|_| flows(&loud, 100, 443)).collect();
     agent.report(authed(tokio_stream::iter(flood), &loud.credential)).await.unwrap();
-    let kept = cp.handle.registry().recent_flows();
-    let of = |id: &str| kept.iter().filter(|(n, _)| n == id).count();
+    cp.handle.registry().flush_flows().await.unwrap();
+    let req = ListFlowsRequest { limit: 100_000, ..Default::default() };
+    let stored = cp.admin.list_flows(req).await.unwrap().into_inner();
+    let of = |id: &str| stored.flows.iter().filter(|f| f.node_id == id).count();
     assert_eq!(of(&quiet.node_id), 5, "the flood pushed out another node's records");
-    assert_eq!(of(&loud.node_id), wirefence_control::limits::FLOWS_PER_NODE);
+    // The burst and what refilled while the flood arrived (well under a second's worth).
+    let kept = of(&loud.node_id);
+    assert!((100..=120).contains(&kept), "{kept} of the flood stored");
+    let refused: Vec<_> =
+        stored.refused.iter().map(|r| (r.node_id.as_str(), r.over_rate + kept as u64, r.invalid)).collect();
+    assert_eq!(refused, [(loud.node_id.as_str(), 5_000, 0)], "what was not stored is counted");
 }
 
 #[tokio::test]
@@ -261,13 +296,13 @@ async fn a_report_flood_ends_the_stream() {
     .await;
     let a = cp.enroll("a", 1, &[]).await;
     let mut agent = cp.agent().await;
-    let fine: Vec<_> = (0..10).map(|_| flows(1, 22)).collect();
+    let fine: Vec<_> = (0..10).map(|_| flows(&a, 1, 22)).collect();
     agent.report(authed(tokio_stream::iter(fine), &a.credential)).await.expect("within the burst");
-    let flood: Vec<_> = (0..50).map(|_| flows(1, 22)).collect();
+    let flood: Vec<_> = (0..50).map(|_| flows(&a, 1, 22)).collect();
     let r = agent.report(authed(tokio_stream::iter(flood), &a.credential)).await;
     assert_code(r, Code::ResourceExhausted, "report messages a second");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    agent.report(authed(tokio_stream::iter(vec![flows(1, 22)]), &a.credential)).await.expect("refilled");
+    agent.report(authed(tokio_stream::iter(vec![flows(&a, 1, 22)]), &a.credential)).await.expect("refilled");
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use super::guard::{self, GuardConfig, GuardError, Surroundings};
 use super::persist::{ControlFiles, ControlStatus, Credential};
 use super::tracker::{Applied, Offer, Tracker};
 use super::view::ControlView;
-use crate::enforce::DenyRecord;
+use crate::enforce::flows::{FlowEvent, FlowQueue};
 use crate::model::{IfName, PublicKey};
 use crate::reconcile::ReconcileError;
 use crate::wg::WgBackend;
@@ -148,16 +148,14 @@ pub struct ControlClient {
     pub tunnel: IfName,
     /// Reads what reports carry besides versions (read only).
     pub telemetry: Telemetry,
-    /// Deny events already sent as flow records (start empty), so a new session does not
-    /// send them again.
-    pub sent_denies: Vec<DenyRecord>,
 }
 
-/// Sources of the periodic reports: the device's peer statistics and the policy's deny
-/// events (the latest few, as the enforcer's event reader keeps them).
+/// Sources of the periodic reports: the device's peer statistics and the policy programs'
+/// flow events.
 pub struct Telemetry {
     pub peer_stats: Box<dyn Fn() -> Vec<v1::PeerStat> + Send + Sync>,
-    pub denies: Box<dyn Fn() -> Vec<DenyRecord> + Send + Sync>,
+    /// New allowed flows and denies from the policy programs, sent with the statistics.
+    pub flows: std::sync::Arc<FlowQueue>,
 }
 
 impl ControlClient {
@@ -430,11 +428,10 @@ impl ControlClient {
                             self.save_status(status);
                         }
                     }
-                    let denies = (self.telemetry.denies)();
-                    let records: Vec<v1::FlowRecord> =
-                        denies.iter().filter(|d| !self.sent_denies.contains(d)).filter_map(flow_record).collect();
-                    self.sent_denies = denies;
-                    if !records.is_empty() {
+                    // Each event once, in messages well under the control plane's size bound.
+                    let events = self.telemetry.flows.drain();
+                    for chunk in events.chunks(FLOW_RECORDS_PER_MESSAGE) {
+                        let records = chunk.iter().map(flow_record).collect();
                         let flows = v1::agent_report::Body::Flows(v1::FlowRecords { records });
                         let _ = report.try_send(v1::AgentReport { body: Some(flows) });
                     }
@@ -601,22 +598,23 @@ fn jitter(d: Duration) -> Duration {
     d / 2 + d.mul_f64(rand::random::<f64>() / 2.0)
 }
 
-/// A deny event as a flow record (an event the agent cannot parse back is skipped).
-pub fn flow_record(d: &DenyRecord) -> Option<v1::FlowRecord> {
-    let ip = |s: &str| s.parse::<std::net::IpAddr>().ok().map(wirefence_proto::ip_to_bytes);
-    Some(v1::FlowRecord {
-        time_unix_ms: i64::try_from(d.at).ok()?.saturating_mul(1000),
-        src: ip(&d.src)?,
-        dst: ip(&d.dst)?,
-        protocol: d.proto.into(),
-        src_port: d.sport.into(),
-        dst_port: d.dport.into(),
-        verdict: v1::Verdict::Deny.into(),
-        direction: match d.direction.as_str() {
-            "in" => v1::Direction::Ingress,
-            _ => v1::Direction::Egress,
-        }
-        .into(),
-        rule_id: String::new(),
-    })
+/// Flow records per Report message: about 60 bytes each, far below the control plane's
+/// 1 MiB message bound.
+const FLOW_RECORDS_PER_MESSAGE: usize = 1000;
+
+/// A flow event as a flow record.
+pub fn flow_record(e: &FlowEvent) -> v1::FlowRecord {
+    v1::FlowRecord {
+        time_unix_ms: e.at_ms,
+        src: wirefence_proto::ip_to_bytes(e.src),
+        dst: wirefence_proto::ip_to_bytes(e.dst),
+        protocol: e.proto.into(),
+        src_port: e.sport.into(),
+        dst_port: e.dport.into(),
+        verdict: if e.allowed { v1::Verdict::Allow } else { v1::Verdict::Deny }.into(),
+        direction: if e.ingress { v1::Direction::Ingress } else { v1::Direction::Egress }.into(),
+        rule_id: e.rule.clone(),
+        packets: 0,
+        bytes: 0,
+    }
 }

@@ -1,5 +1,6 @@
 //! Deny and new-flow events from the programs' ring buffer: the running agent keeps the
-//! latest denies in `<state_dir>/<ifname>.denies.json` (for `status`) and logs new flows.
+//! latest denies in `<state_dir>/<ifname>.denies.json` (for `status`), and queues every
+//! event for the control plane ([`super::flows`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -155,8 +156,34 @@ fn record(e: &common::Event) -> DenyRecord {
     }
 }
 
-/// Reads the pinned ring buffer of `pin_dir` until the task is dropped.
-pub async fn follow(pin_dir: PathBuf, state_dir: PathBuf, ifname: IfName) -> anyhow::Result<()> {
+/// The event as it goes to the control plane (`rule`: the deciding rule's id).
+fn flow_event(e: &common::Event, rule: String) -> super::flows::FlowEvent {
+    super::flows::FlowEvent {
+        at_ms: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+        allowed: e.kind == common::EVENT_NEW_FLOW,
+        rule,
+        ingress: e.flow.direction == common::DIR_INGRESS,
+        src: addr(e.flow.src),
+        dst: addr(e.flow.dst),
+        proto: e.flow.proto,
+        sport: e.flow.sport,
+        dport: e.flow.dport,
+    }
+}
+
+/// Reads the pinned ring buffer of `pin_dir` until the task is dropped: denies are kept
+/// for `status`, and every event but link-local control traffic is queued for the control
+/// plane in `flows`.
+pub async fn follow(
+    pin_dir: PathBuf,
+    state_dir: PathBuf,
+    ifname: IfName,
+    flows: std::sync::Arc<super::flows::FlowQueue>,
+) -> anyhow::Result<()> {
+    let mut rules = super::flows::RuleNames::new(super::slots_file(&state_dir, &ifname));
     let data = MapData::from_pin(pin_dir.join(common::EVENTS))?;
     let ring = RingBuf::try_from(Map::RingBuf(data))?;
     // SAFETY: the ring buffer owns its descriptor and outlives the registration (it moves
@@ -184,13 +211,18 @@ pub async fn follow(pin_dir: PathBuf, state_dir: PathBuf, ifname: IfName) -> any
                     }
                     common::EVENT_DENY => {
                         tracing::debug!(deny = %r, "denied");
+                        flows.push(flow_event(&e, String::new()));
                         recent.push_back(r);
                         if recent.len() > KEEP {
                             recent.pop_front();
                         }
                         dirty = true;
                     }
-                    _ => tracing::debug!(flow = %r, rule = e.rule, "new flow"),
+                    _ => {
+                        let rule = rules.name(e.rule);
+                        tracing::debug!(flow = %r, rule, "new flow");
+                        flows.push(flow_event(&e, rule));
+                    }
                 }
             }
             guard.clear_ready();

@@ -1,99 +1,253 @@
-//! The most recent flow records, in memory. The log is shared by every node, so each node
-//! has a quota within it: a node at its quota replaces its own oldest record, and only a
-//! full log drops the oldest record overall. One node reporting a flood of flows therefore
-//! keeps at most its quota and cannot push out the others' records.
+//! Flow records from the agents into the database, and back out for `flows`.
+//!
+//! Intake never waits for the database: a report's records are checked ([`Flow::from_wire`]),
+//! held to the node's rate ([`crate::limits::FLOWS_PER_SEC`]) and queued; one task per server
+//! writes the queue in batches ([`Registry::run_flow_writer`]) and prunes by age and count.
+//! What is refused (over the rate, the queue full, or invalid) is counted per node in the
+//! database, so `flows` shows it whichever server the node reported to.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
 
-use wirefence_proto::v1::FlowRecord;
+use tokio::sync::mpsc;
+use wirefence_proto::v1;
 
-#[derive(Debug)]
-pub struct FlowLog {
-    capacity: usize,
-    per_node: usize,
-    records: VecDeque<(String, FlowRecord)>,
-    counts: HashMap<String, usize>,
+use super::{lock, Registry};
+use crate::flows::{far_end, Flow, Retention, Verdict};
+use crate::store::{FlowQuery, Refused};
+use crate::Error;
+
+/// Records queued for the database, at most.
+const QUEUE: usize = 50_000;
+/// Records written in one transaction, at most.
+const BATCH: usize = 2_000;
+/// How often the writer prunes.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// `flows` without a limit.
+pub const DEFAULT_LIMIT: u32 = 1_000;
+pub const MAX_LIMIT: u32 = 100_000;
+
+/// The intake of one server.
+pub struct FlowIntake {
+    queue: mpsc::Sender<(String, Flow)>,
+    /// Taken by the writer for each batch (and by [`Registry::flush_flows`]).
+    pending: tokio::sync::Mutex<mpsc::Receiver<(String, Flow)>>,
+    /// Refused records not yet added to the database's counts.
+    refused: Mutex<HashMap<String, Refused>>,
+    rates: super::throttle::Rates,
+    retention: Retention,
 }
 
-impl FlowLog {
-    pub fn new(capacity: usize, per_node: usize) -> FlowLog {
-        FlowLog {
-            capacity,
-            per_node: per_node.min(capacity),
-            records: VecDeque::with_capacity(capacity),
-            counts: HashMap::new(),
+impl FlowIntake {
+    pub fn new(per_sec: u32, burst: u32, retention: Retention) -> FlowIntake {
+        let (queue, pending) = mpsc::channel(QUEUE);
+        FlowIntake {
+            queue,
+            pending: tokio::sync::Mutex::new(pending),
+            refused: Mutex::default(),
+            rates: super::throttle::Rates::new(per_sec, burst),
+            retention,
         }
     }
+}
 
-    pub fn push(&mut self, node: &str, record: FlowRecord) {
-        if self.per_node == 0 {
-            return;
-        }
-        let mine = self.counts.get(node).copied().unwrap_or(0);
-        if mine >= self.per_node {
-            // The log holds at most a few hundred records: a scan is cheap.
-            if let Some(i) = self.records.iter().position(|(n, _)| n == node) {
-                self.records.remove(i);
-            }
-        } else {
-            if self.records.len() >= self.capacity {
-                if let Some((old, _)) = self.records.pop_front() {
-                    self.uncount(&old);
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// How long and how many flow records are kept.
+    pub fn with_flow_retention(mut self, retention: Retention) -> Registry {
+        self.flows.retention = retention;
+        self
+    }
+
+    /// Takes the records `node` reported: checked against what the node is, held to its
+    /// rate, queued for the database.
+    pub(super) fn take_flows(&self, node: &str, records: Vec<v1::FlowRecord>) {
+        let Some(me) = self.current().node(node).cloned() else { return };
+        let received = now_ms();
+        let mut refused = Refused::default();
+        let mut valid = Vec::with_capacity(records.len());
+        for r in &records {
+            match Flow::from_wire(r, &me, received) {
+                Ok(f) => valid.push(f),
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "flow record refused");
+                    refused.invalid += 1;
                 }
             }
-            *self.counts.entry(node.to_owned()).or_default() += 1;
         }
-        self.records.push_back((node.to_owned(), record));
-    }
-
-    fn uncount(&mut self, node: &str) {
-        if let Some(n) = self.counts.get_mut(node) {
-            *n -= 1;
-            if *n == 0 {
-                self.counts.remove(node);
+        let allowed = self.flows.rates.take(node, valid.len());
+        refused.over_rate += (valid.len() - allowed) as u64;
+        for f in valid.into_iter().take(allowed) {
+            if self.flows.queue.try_send((node.to_owned(), f)).is_err() {
+                refused.over_rate += 1;
             }
         }
+        if refused != Refused::default() {
+            let mut all = lock(&self.flows.refused);
+            let counts = all.entry(node.to_owned()).or_default();
+            counts.over_rate += refused.over_rate;
+            counts.invalid += refused.invalid;
+        }
     }
 
-    /// Oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = &(String, FlowRecord)> {
-        self.records.iter()
+    /// Writes the queued records in batches until shutdown; prunes every minute.
+    pub async fn run_flow_writer(&self) {
+        let mut shutdown = self.shutdown_signal();
+        let mut last_prune = tokio::time::Instant::now();
+        let mut failing = false;
+        loop {
+            let wrote = tokio::select! {
+                w = self.write_flows(Some(Duration::from_secs(1))) => w,
+                _ = super::stopped(&mut shutdown) => break,
+            };
+            let pruned = if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                self.prune_flows().await.map(|_| ())
+            } else {
+                Ok(())
+            };
+            match wrote.and(pruned) {
+                Ok(()) => failing = false,
+                // Logged once per outage: the queue goes on filling, and over its bound
+                // records are counted as refused.
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, "writing flow records failed");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+        // What arrived before the shutdown.
+        let _ = self.write_flows(None).await;
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(port: u32) -> FlowRecord {
-        FlowRecord { dst_port: port, ..Default::default() }
+    /// Writes what is queued now, waiting up to `wait` for a first record; then the
+    /// refused counts.
+    async fn write_flows(&self, wait: Option<Duration>) -> Result<(), Error> {
+        let mut pending = self.flows.pending.lock().await;
+        let mut batch = Vec::new();
+        if let Some(wait) = wait {
+            if let Ok(Some(first)) = tokio::time::timeout(wait, pending.recv()).await {
+                batch.push(first);
+            }
+        }
+        while batch.len() < BATCH {
+            match pending.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let refused: Vec<(String, Refused)> = lock(&self.flows.refused).drain().collect();
+        let _turn = self.status_turn().await;
+        if !batch.is_empty() {
+            self.store.insert_flows(&batch).await?;
+        }
+        for (node, counts) in refused {
+            self.store.add_refused(&node, &counts).await?;
+        }
+        Ok(())
     }
 
-    #[test]
-    fn a_node_at_its_quota_replaces_its_own_oldest_records() {
-        let mut log = FlowLog::new(10, 4);
-        for p in 0..3 {
-            log.push("quiet", rec(p));
+    async fn prune_flows(&self) -> Result<u64, Error> {
+        let Retention { max_age, max_records } = self.flows.retention;
+        let before = now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+        let _turn = self.status_turn().await;
+        let gone = self.store.prune_flows(before, max_records).await?;
+        if gone > 0 {
+            tracing::debug!(gone, "flow records pruned");
         }
-        for p in 100..1100 {
-            log.push("loud", rec(p));
+        Ok(gone)
+    }
+
+    /// Writes every record queued so far, and prunes (tests: the writer's pace made
+    /// deterministic).
+    #[doc(hidden)]
+    pub async fn flush_flows(&self) -> Result<(), Error> {
+        loop {
+            self.write_flows(None).await?;
+            if self.flows.queue.capacity() == self.flows.queue.max_capacity() {
+                break;
+            }
         }
-        fn of(log: &FlowLog, node: &str) -> Vec<u32> {
-            log.iter().filter(|(n, _)| n == node).map(|(_, r)| r.dst_port).collect()
+        self.prune_flows().await.map(|_| ())
+    }
+
+    /// The stored records `req` asks for, each with who should have seen its other end.
+    pub async fn list_flows(&self, req: v1::ListFlowsRequest) -> Result<v1::ListFlowsReply, Error> {
+        let verdict = match v1::Verdict::try_from(req.verdict) {
+            Ok(v1::Verdict::Unspecified) => None,
+            Ok(v1::Verdict::Allow) => Some(Verdict::Allow),
+            Ok(v1::Verdict::Deny) => Some(Verdict::Deny),
+            Err(_) => return Err(Error::FlowVerdict(req.verdict)),
+        };
+        if !req.rule_id.is_empty() && !crate::flows::rule_id_ok(&req.rule_id) {
+            return Err(Error::FlowRuleId(req.rule_id));
         }
-        assert_eq!(of(&log, "quiet"), vec![0, 1, 2], "the flood must not evict another node's records");
-        assert_eq!(
-            of(&log, "loud"),
-            vec![1096, 1097, 1098, 1099],
-            "the flooding node keeps its newest, up to its quota"
-        );
-        for p in 0..3 {
-            log.push(&format!("n{p}"), rec(p));
+        let limit = match req.limit {
+            0 => DEFAULT_LIMIT,
+            l if l > MAX_LIMIT => return Err(Error::FlowLimit { limit: l, max: MAX_LIMIT }),
+            l => l,
+        };
+        let rows = self.store.nodes().await?;
+        let node = match req.node.as_str() {
+            "" => None,
+            sel => Some(
+                super::admin::find(rows.clone(), sel)
+                    .or_else(|e| super::admin::find_removed(rows.clone(), sel).ok_or(e))?
+                    .rec
+                    .id,
+            ),
+        };
+        let names: HashMap<String, String> = rows.into_iter().map(|r| (r.rec.id.clone(), r.rec.peer_name())).collect();
+        let name = |id: &str| names.get(id).cloned().unwrap_or_default();
+        let q = FlowQuery {
+            node,
+            since_ms: req.since_unix_ms,
+            verdict,
+            rule_id: Some(req.rule_id).filter(|r| !r.is_empty()),
+            unpaired: req.one_sided,
+            limit,
+        };
+        let state = self.current();
+        let mut flows = Vec::new();
+        for s in self.store.flows(&q).await? {
+            let far = far_end(&state, &s.node, &s.flow);
+            let pairing = match (far, s.paired) {
+                (_, true) => v1::Pairing::Paired,
+                (Some(_), false) => v1::Pairing::OneSided,
+                (None, false) => v1::Pairing::NoneExpected,
+            };
+            if req.one_sided && pairing != v1::Pairing::OneSided {
+                continue;
+            }
+            flows.push(v1::StoredFlow {
+                hostname: name(&s.node),
+                node_id: s.node,
+                record: Some(s.flow.to_wire()),
+                pairing: pairing.into(),
+                peer_node_id: far.map(|n| n.id.clone()).unwrap_or_default(),
+                peer_hostname: far.map(|n| n.peer_name()).unwrap_or_default(),
+            });
         }
-        assert_eq!(log.iter().count(), 10);
-        log.push("late", rec(7));
-        assert_eq!(log.iter().count(), 10, "a full log drops its oldest record");
-        assert_eq!(of(&log, "quiet"), vec![1, 2]);
-        assert_eq!(log.counts.values().sum::<usize>(), 10);
+        let refused = self
+            .store
+            .refused()
+            .await?
+            .into_iter()
+            .map(|(id, r)| v1::FlowsRefused {
+                hostname: name(&id),
+                node_id: id,
+                over_rate: r.over_rate,
+                invalid: r.invalid,
+            })
+            .collect();
+        Ok(v1::ListFlowsReply { flows, refused })
     }
 }

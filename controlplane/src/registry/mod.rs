@@ -12,7 +12,7 @@
 //! - [`report`]: agent reports and Watch acknowledgements.
 //! - [`observed`]: in-memory observations (connections, last contact, peer statistics).
 //! - [`throttle`]: per-node rates (reports, coalesced re-registrations).
-//! - [`flows`]: the in-memory flow-record log with a per-node quota.
+//! - [`flows`]: flow records from the agents into the database, and `flows` queries.
 //! - [`groups`]: route groups: members' health in, the elected primaries out.
 
 pub mod admin;
@@ -71,8 +71,6 @@ impl Default for Overlay {
 
 /// How many global states are kept for resuming streams.
 pub const DEFAULT_HISTORY: usize = 256;
-/// How many flow records are kept in memory.
-pub const FLOW_LOG: usize = 512;
 
 pub struct Registry {
     store: Store,
@@ -93,7 +91,8 @@ pub struct Registry {
     /// Every overlay address ever allocated (removed nodes' included); changed only with
     /// the store lock held.
     allocated: Mutex<HashSet<IpAddr>>,
-    flows: Mutex<flows::FlowLog>,
+    /// Flow records on their way to the database ([`flows`]).
+    flows: flows::FlowIntake,
     /// What this server sees of route group members ([`groups`]).
     observer: Mutex<crate::election::Observer>,
     /// The route groups' election, run on every server, committed by the elector only.
@@ -179,7 +178,7 @@ impl Registry {
             history: Mutex::new(hist),
             observed: observed::Observations::default(),
             allocated: Mutex::new(allocated),
-            flows: Mutex::new(flows::FlowLog::new(FLOW_LOG, limits.flows_per_node)),
+            flows: flows::FlowIntake::new(limits.flows_per_sec, limits.flow_burst, crate::flows::Retention::default()),
             observer: Mutex::new(crate::election::Observer::new(keepalive)),
             election: Mutex::new(crate::election::Election::new(crate::election::DEFAULT_HOLD_DOWN)),
             server_id: format!("{:016x}", rand::random::<u64>()),

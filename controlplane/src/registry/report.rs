@@ -1,6 +1,6 @@
 //! Agent reports (applied versions, apply errors, peer statistics, flow records) and the
-//! opening of Watch streams. Only the apply status is durable; the rest is observed in
-//! memory ([`super::observed`]).
+//! opening of Watch streams. The apply status is durable, flow records go to the database
+//! through [`super::flows`]; the rest is observed in memory ([`super::observed`]).
 
 use std::sync::Arc;
 
@@ -8,7 +8,7 @@ use wirefence_proto::v1::{agent_report, AgentReport, SocketAddress};
 use wirefence_proto::Escaped;
 
 use super::observed::{CertExpiry, Connection, PeerStatRow};
-use super::{lock, Registry};
+use super::Registry;
 use crate::store::StoreError;
 use crate::Error;
 
@@ -125,10 +125,7 @@ impl Registry {
             Some(agent_report::Body::RouteHealth(h)) => self.route_health(node, h),
             Some(agent_report::Body::Flows(f)) => {
                 tracing::debug!(node, records = f.records.len(), "flow records");
-                let mut log = lock(&self.flows);
-                for r in f.records {
-                    log.push(node, r);
-                }
+                self.take_flows(node, f.records);
             }
         }
         self.observed.seen(node, |o| {
@@ -152,11 +149,6 @@ impl Registry {
             Durable::Failed(reason) => self.store.record_failed(node, reason).await,
         };
         status_written(node, written)
-    }
-
-    /// The most recent flow records (node id, record), oldest first.
-    pub fn recent_flows(&self) -> Vec<(String, wirefence_proto::v1::FlowRecord)> {
-        lock(&self.flows).iter().cloned().collect()
     }
 }
 

@@ -34,17 +34,20 @@ impl Rates {
 
     /// Takes one token of `node`'s bucket; false when it is empty.
     pub fn allow(&self, node: &str) -> bool {
+        self.take(node, 1) == 1
+    }
+
+    /// Takes up to `n` tokens of `node`'s bucket; returns how many it had.
+    pub fn take(&self, node: &str, n: usize) -> usize {
         let now = Instant::now();
         let mut buckets = lock(&self.buckets);
         let (tokens, at) = buckets.entry(node.to_owned()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
         *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        // Whole tokens only: the bucket holds at most `burst`, so this fits.
+        let granted = (tokens.floor() as usize).min(n);
+        *tokens -= granted as f64;
+        granted
     }
 }
 

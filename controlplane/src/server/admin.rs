@@ -7,10 +7,10 @@ use tonic::{Request, Response, Status};
 use wirefence_proto::v1::{
     ApplyPolicyReply, ApplyPolicyRequest, ApproveNodeReply, ApproveNodeRequest, CreateEnrollmentKeyReply,
     CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyReply, GetPolicyRequest, ListEnrollmentKeysReply,
-    ListEnrollmentKeysRequest, ListNodesReply, ListNodesRequest, Node, ReenrollNodeReply, ReenrollNodeRequest,
-    ReleaseNameReply, ReleaseNameRequest, RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply,
-    RequestCredentialRotationRequest, RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeReply,
-    SetNodeRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
+    ListEnrollmentKeysRequest, ListFlowsReply, ListFlowsRequest, ListNodesReply, ListNodesRequest, Node,
+    ReenrollNodeReply, ReenrollNodeRequest, ReleaseNameReply, ReleaseNameRequest, RemoveNodeReply, RemoveNodeRequest,
+    RequestCredentialRotationReply, RequestCredentialRotationRequest, RevokeEnrollmentKeyReply,
+    RevokeEnrollmentKeyRequest, SetNodeReply, SetNodeRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
 };
 
 use crate::registry::keys::KeySpec;
@@ -53,6 +53,11 @@ impl AdminService for AdminSvc {
         Ok(Response::new(ListNodesReply {
             nodes: detached(async move { registry.list_nodes(include_removed).await }).await?,
         }))
+    }
+
+    async fn list_flows(&self, request: Request<ListFlowsRequest>) -> Result<Response<ListFlowsReply>, Status> {
+        let (registry, req) = (self.registry.clone(), request.into_inner());
+        Ok(Response::new(detached(async move { registry.list_flows(req).await }).await?))
     }
 
     async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {

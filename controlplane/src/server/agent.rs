@@ -22,7 +22,9 @@ use crate::wire::{Body, Delta, Update, PART_PEERS};
 use crate::Error;
 
 /// Updates buffered per stream; a slow agent makes its stream wait, and the changes in
-/// between are coalesced into one delta.
+/// between are coalesced into one delta. Two: a full mesh comes in parts of 128 peers,
+/// and with 8 every slow stream held 8 of them (10,000 nodes peaked at 1.85 GiB, 0.8 with
+/// 2); HTTP/2's window keeps the connection busy meanwhile.
 const STREAM_BUFFER: usize = 2;
 
 #[derive(Clone)]

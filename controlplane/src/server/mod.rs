@@ -59,6 +59,8 @@ pub struct ServeConfig {
     /// How long a recovered route group member of higher priority must stay healthy
     /// before it takes the prefix back from the current primary (`--route-hold-down`).
     pub route_hold_down: Duration,
+    /// How long and how many flow records are kept (`--flow-retention`, `--flow-max-records`).
+    pub flow_retention: crate::flows::Retention,
 }
 
 impl ServeConfig {
@@ -77,6 +79,7 @@ impl ServeConfig {
             limits: Limits::default(),
             metrics_listen: None,
             route_hold_down: crate::election::DEFAULT_HOLD_DOWN,
+            flow_retention: crate::flows::Retention::default(),
         }
     }
 }
@@ -273,7 +276,8 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
         Registry::open_with(&cfg.db, cfg.overlay, cfg.history, limits)
             .await?
             .with_enroll_limits(cfg.enroll_limits)
-            .with_hold_down(cfg.route_hold_down),
+            .with_hold_down(cfg.route_hold_down)
+            .with_flow_retention(cfg.flow_retention),
     );
     let agent =
         AgentServiceServer::new(AgentSvc { registry: registry.clone() }).max_decoding_message_size(limits.max_message);
@@ -293,6 +297,11 @@ pub async fn serve(cfg: ServeConfig) -> Result<ServerHandle, Error> {
     let election = registry.clone();
     tasks.spawn(async move {
         election.run_election().await;
+        Ok(())
+    });
+    let flows = registry.clone();
+    tasks.spawn(async move {
+        flows.run_flow_writer().await;
         Ok(())
     });
     let follower = registry.clone();

@@ -13,6 +13,7 @@
 //! recreated or restored database starts a new one, so agents can tell their version
 //! belongs to another history.
 
+mod flows;
 mod legacy;
 mod location;
 mod routes;
@@ -32,6 +33,7 @@ use crate::change::Change;
 use crate::credentials::{CredentialIndex, Entry};
 use crate::model::{NodeRec, PublicKey};
 
+pub use flows::{FlowQuery, Refused, StoredFlow};
 pub use location::{DbLocation, Engine};
 pub use write::*;
 

@@ -194,3 +194,90 @@ async fn observations_of_silent_servers_expire() {
         .unwrap();
     assert!(s.observations().await.unwrap().is_empty());
 }
+
+fn flow(at_ms: i64, src: &str, dst: &str, direction: crate::flows::Direction, rule: &str) -> crate::flows::Flow {
+    crate::flows::Flow {
+        at_ms,
+        direction,
+        verdict: if rule.is_empty() { crate::flows::Verdict::Deny } else { crate::flows::Verdict::Allow },
+        protocol: 6,
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        src_port: 40000,
+        dst_port: 443,
+        rule_id: rule.into(),
+        packets: 3,
+        bytes: 180,
+    }
+}
+
+/// Flow records on one engine: filters, pairing of the two ends, refused counts, pruning.
+async fn flows_on(s: Store) {
+    use crate::flows::{Direction::*, Verdict, PAIR_WINDOW_MS};
+    let t = 1_000_000_000;
+    s.insert_flows(&[
+        // One flow from both ends, and its reply direction must not pair with it.
+        ("a".into(), flow(t, "10.77.0.1", "10.77.0.2", Egress, "web")),
+        ("b".into(), flow(t + 900, "10.77.0.1", "10.77.0.2", Ingress, "web")),
+        // From one end only.
+        ("a".into(), flow(t + 1_000, "10.77.0.1", "10.77.0.3", Egress, "web")),
+        // The same tuple from the other end, but too long after: no pair.
+        ("a".into(), flow(t + 2_000, "10.77.0.1", "10.77.0.4", Egress, "web")),
+        ("c".into(), flow(t + 2_000 + PAIR_WINDOW_MS + 1, "10.77.0.1", "10.77.0.4", Ingress, "web")),
+        // A deny, IPv6.
+        ("b".into(), flow(t + 3_000, "fd77::3", "fd77::2", Ingress, "")),
+    ])
+    .await
+    .unwrap();
+    let q = |f: &dyn Fn(&mut FlowQuery)| {
+        let mut q = FlowQuery { limit: 100, ..Default::default() };
+        f(&mut q);
+        q
+    };
+    let all = s.flows(&q(&|_| {})).await.unwrap();
+    assert_eq!(all.len(), 6);
+    assert!(all.windows(2).all(|w| w[0].flow.at_ms <= w[1].flow.at_ms), "oldest first");
+    let paired: Vec<bool> = all.iter().map(|f| f.paired).collect();
+    assert_eq!(paired, [true, true, false, false, false, false]);
+    assert_eq!(all[4].flow, flow(t + 3_000, "fd77::3", "fd77::2", Ingress, ""), "read back as written");
+    let ids = |v: Vec<StoredFlow>| v.into_iter().map(|f| (f.node, f.flow.at_ms - t)).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.flows(&q(&|q| q.node = Some("b".into()))).await.unwrap()),
+        [("b".into(), 900), ("b".into(), 3_000)]
+    );
+    assert_eq!(ids(s.flows(&q(&|q| q.verdict = Some(Verdict::Deny))).await.unwrap()), [("b".into(), 3_000)]);
+    assert_eq!(s.flows(&q(&|q| q.rule_id = Some("web".into()))).await.unwrap().len(), 5);
+    assert_eq!(s.flows(&q(&|q| q.rule_id = Some("ssh".into()))).await.unwrap().len(), 0);
+    assert_eq!(s.flows(&q(&|q| q.since_ms = t + 1_000)).await.unwrap().len(), 4);
+    assert_eq!(s.flows(&q(&|q| q.unpaired = true)).await.unwrap().len(), 4);
+    assert_eq!(
+        ids(s.flows(&q(&|q| q.limit = 2)).await.unwrap()),
+        [("b".into(), 3_000), ("c".into(), 2_000 + PAIR_WINDOW_MS + 1)],
+        "the newest"
+    );
+
+    s.add_refused("a", &Refused { over_rate: 5, invalid: 1 }).await.unwrap();
+    s.add_refused("a", &Refused { over_rate: 2, invalid: 0 }).await.unwrap();
+    assert_eq!(s.refused().await.unwrap(), [("a".to_string(), Refused { over_rate: 7, invalid: 1 })]);
+
+    // By age, then by count (the oldest go first).
+    assert_eq!(s.prune_flows(t + 1, 100).await.unwrap(), 1);
+    assert_eq!(s.prune_flows(0, 2).await.unwrap(), 3);
+    assert_eq!(
+        ids(s.flows(&q(&|_| {})).await.unwrap()),
+        [("b".into(), 3_000), ("c".into(), 2_000 + PAIR_WINDOW_MS + 1)]
+    );
+}
+
+#[tokio::test]
+async fn flow_records_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    flows_on(Store::open(&sqlite(&dir.path().join("control.db"))).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn flow_records_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = wirefence_tests::postgres::Postgres::start(&dir.path().join("pg"));
+    flows_on(Store::open(&pg.create_database("control").parse().unwrap()).await.unwrap()).await;
+}

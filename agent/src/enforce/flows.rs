@@ -1,0 +1,136 @@
+//! Flow events on their way to the control plane: every new allowed flow and every deny the
+//! policy programs report ([`super::denies::follow`] reads them off the ring buffer), with
+//! the deciding rule's id. Bounded: when the control plane is away or slow, what does not
+//! fit is counted and dropped, never held without limit.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use wirefence_common as common;
+
+/// Events held at most (about a minute of the programs' event budget on one CPU).
+pub const FLOW_QUEUE: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// Unix ms, when the agent read the event.
+    pub at_ms: i64,
+    pub allowed: bool,
+    /// The deciding rule; empty for a deny (or a rule the slot table does not name yet).
+    pub rule: String,
+    /// Arriving from the tunnel (else leaving into it).
+    pub ingress: bool,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[derive(Debug, Default)]
+pub struct FlowQueue {
+    events: Mutex<VecDeque<FlowEvent>>,
+    dropped: AtomicU64,
+}
+
+impl FlowQueue {
+    pub fn push(&self, e: FlowEvent) {
+        let mut q = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= FLOW_QUEUE {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.push_back(e);
+    }
+
+    /// Everything queued, oldest first; the queue is empty afterwards.
+    pub fn drain(&self) -> Vec<FlowEvent> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+    }
+
+    /// Events dropped because the queue was full, since the agent started.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Rule ids by counter slot (an event names its rule by slot), from the table the policy
+/// writer saves before each flip; read again, at most once a second, when an event names
+/// a slot the last reading did not have.
+pub struct RuleNames {
+    file: PathBuf,
+    by_slot: HashMap<u32, String>,
+    read_at: Option<Instant>,
+}
+
+impl RuleNames {
+    pub fn new(file: PathBuf) -> RuleNames {
+        RuleNames { file, by_slot: HashMap::new(), read_at: None }
+    }
+
+    pub fn name(&mut self, slot: u32) -> String {
+        if slot == common::NO_RULE {
+            return String::new();
+        }
+        if !self.by_slot.contains_key(&slot) && self.read_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.read_at = Some(Instant::now());
+            self.by_slot = invert(super::read_slots(&self.file));
+        }
+        self.by_slot.get(&slot).cloned().unwrap_or_default()
+    }
+}
+
+fn invert(slots: BTreeMap<String, u32>) -> HashMap<u32, String> {
+    slots.into_iter().map(|(id, slot)| (slot, id)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(port: u16) -> FlowEvent {
+        FlowEvent {
+            at_ms: 1,
+            allowed: true,
+            rule: "web".into(),
+            ingress: false,
+            src: "10.77.0.1".parse().unwrap(),
+            dst: "10.77.0.2".parse().unwrap(),
+            proto: 6,
+            sport: 40000,
+            dport: port,
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_counts_what_it_drops() {
+        let q = FlowQueue::default();
+        for p in 0..(FLOW_QUEUE + 10) {
+            q.push(event(p as u16));
+        }
+        assert_eq!(q.dropped(), 10);
+        let all = q.drain();
+        assert_eq!(all.len(), FLOW_QUEUE);
+        assert_eq!(all[0], event(0), "oldest first; the newest are what is dropped");
+        assert!(q.drain().is_empty());
+    }
+
+    #[test]
+    fn rules_are_named_by_their_slot_from_the_saved_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wf0.policy-slots.json");
+        std::fs::write(&file, r#"{"web": 0, "ssh": 3}"#).unwrap();
+        let mut names = RuleNames::new(file.clone());
+        assert_eq!(names.name(3), "ssh");
+        assert_eq!(names.name(common::NO_RULE), "");
+        // A rule added since: read again (not sooner than a second after the last reading).
+        std::fs::write(&file, r#"{"web": 0, "ssh": 3, "db": 4}"#).unwrap();
+        assert_eq!(names.name(4), "", "read less than a second ago");
+        names.read_at = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(names.name(4), "db");
+    }
+}

@@ -1,0 +1,162 @@
+//! Flow records in the database (`flows`, `flows_refused`): written in batches, read
+//! newest first with whether the other end of each flow reported it too, pruned by age and
+//! count. The same statements run on both engines.
+
+use std::net::IpAddr;
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{to_i64, to_u64, Result, Store, StoreError};
+use crate::flows::{Direction, Flow, Verdict, PAIR_WINDOW_MS};
+
+/// What [`Store::flows`] returns.
+#[derive(Clone, Debug, Default)]
+pub struct FlowQuery {
+    /// A node id; `None`: every node.
+    pub node: Option<String>,
+    /// Unix ms.
+    pub since_ms: i64,
+    pub verdict: Option<Verdict>,
+    pub rule_id: Option<String>,
+    /// Only records no other node reported the other end of.
+    pub unpaired: bool,
+    pub limit: u32,
+}
+
+/// A stored record: the reporting node, the flow, and whether another node reported the
+/// same flow from the other side (same addresses, protocol and ports, the other direction,
+/// within [`PAIR_WINDOW_MS`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFlow {
+    pub node: String,
+    pub flow: Flow,
+    pub paired: bool,
+}
+
+/// Records refused per node, summed over every server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refused {
+    pub over_rate: u64,
+    pub invalid: u64,
+}
+
+fn corrupt(node: &str) -> StoreError {
+    StoreError::Corrupt { id: node.to_owned(), field: "flow record" }
+}
+
+fn stored(r: &AnyRow) -> Result<StoredFlow> {
+    let node: String = r.try_get(0)?;
+    let ip = |i: usize| -> Result<IpAddr> { r.try_get::<String, _>(i)?.parse().map_err(|_| corrupt(&node)) };
+    let small = |i: usize| -> Result<i64> { r.try_get::<i64, _>(i).map_err(StoreError::from) };
+    let flow = Flow {
+        at_ms: r.try_get(1)?,
+        direction: Direction::from_code(small(2)?).ok_or_else(|| corrupt(&node))?,
+        verdict: Verdict::from_code(small(3)?).ok_or_else(|| corrupt(&node))?,
+        protocol: u8::try_from(small(4)?).map_err(|_| corrupt(&node))?,
+        src: ip(5)?,
+        dst: ip(6)?,
+        src_port: u16::try_from(small(7)?).map_err(|_| corrupt(&node))?,
+        dst_port: u16::try_from(small(8)?).map_err(|_| corrupt(&node))?,
+        rule_id: r.try_get(9)?,
+        packets: to_u64(r.try_get(10)?),
+        bytes: to_u64(r.try_get(11)?),
+    };
+    Ok(StoredFlow { paired: small(12)? != 0, node, flow })
+}
+
+impl Store {
+    /// Adds `flows` of `node` in one transaction.
+    pub async fn insert_flows(&self, batch: &[(String, Flow)]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (node, f) in batch {
+            sqlx::query(
+                "INSERT INTO flows (node, at_ms, direction, verdict, protocol, src, dst, src_port, dst_port, \
+                 rule_id, packets, bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(node)
+            .bind(f.at_ms)
+            .bind(f.direction.code())
+            .bind(f.verdict.code())
+            .bind(i64::from(f.protocol))
+            .bind(f.src.to_string())
+            .bind(f.dst.to_string())
+            .bind(i64::from(f.src_port))
+            .bind(i64::from(f.dst_port))
+            .bind(&f.rule_id)
+            .bind(to_i64(f.packets))
+            .bind(to_i64(f.bytes))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Adds to the counts of `node`'s refused records.
+    pub async fn add_refused(&self, node: &str, r: &Refused) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO flows_refused (node, over_rate, invalid) VALUES ($1, $2, $3) \
+             ON CONFLICT (node) DO UPDATE SET over_rate = flows_refused.over_rate + excluded.over_rate, \
+             invalid = flows_refused.invalid + excluded.invalid",
+        )
+        .bind(node)
+        .bind(to_i64(r.over_rate))
+        .bind(to_i64(r.invalid))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every node's refused records.
+    pub async fn refused(&self) -> Result<Vec<(String, Refused)>> {
+        let rows = sqlx::query("SELECT node, over_rate, invalid FROM flows_refused ORDER BY node")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, Refused { over_rate: to_u64(r.try_get(1)?), invalid: to_u64(r.try_get(2)?) })))
+            .collect()
+    }
+
+    /// The newest `q.limit` records matching `q`, oldest first.
+    pub async fn flows(&self, q: &FlowQuery) -> Result<Vec<StoredFlow>> {
+        let rows = sqlx::query(
+            "SELECT node, at_ms, direction, verdict, protocol, src, dst, src_port, dst_port, rule_id, packets, \
+             bytes, paired FROM (\
+               SELECT f.id, f.node, f.at_ms, f.direction, f.verdict, f.protocol, f.src, f.dst, f.src_port, \
+               f.dst_port, f.rule_id, f.packets, f.bytes, \
+               CASE WHEN EXISTS (SELECT 1 FROM flows g WHERE g.src = f.src AND g.dst = f.dst \
+                 AND g.dst_port = f.dst_port AND g.src_port = f.src_port AND g.protocol = f.protocol \
+                 AND g.direction <> f.direction AND g.node <> f.node \
+                 AND g.at_ms BETWEEN f.at_ms - $6 AND f.at_ms + $6) THEN 1 ELSE 0 END AS paired \
+               FROM flows f \
+               WHERE f.at_ms >= $1 AND ($2 = '' OR f.node = $2) AND ($3 = 0 OR f.verdict = $3) \
+                 AND ($4 = '' OR f.rule_id = $4)\
+             ) q WHERE ($7 = 0 OR q.paired = 0) ORDER BY q.at_ms DESC, q.id DESC LIMIT $5",
+        )
+        .bind(q.since_ms)
+        .bind(q.node.as_deref().unwrap_or(""))
+        .bind(q.verdict.map_or(0, Verdict::code))
+        .bind(q.rule_id.as_deref().unwrap_or(""))
+        .bind(i64::from(q.limit))
+        .bind(PAIR_WINDOW_MS)
+        .bind(i64::from(q.unpaired))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = rows.iter().map(stored).collect::<Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Deletes the records older than `before_ms`, then all but the newest `keep`. Returns
+    /// how many went.
+    pub async fn prune_flows(&self, before_ms: i64, keep: u64) -> Result<u64> {
+        let old = sqlx::query("DELETE FROM flows WHERE at_ms < $1").bind(before_ms).execute(&self.pool).await?;
+        let over =
+            sqlx::query("DELETE FROM flows WHERE id <= (SELECT id FROM flows ORDER BY id DESC LIMIT 1 OFFSET $1)")
+                .bind(to_i64(keep))
+                .execute(&self.pool)
+                .await?;
+        Ok(old.rows_affected() + over.rows_affected())
+    }
+}

@@ -1,0 +1,214 @@
+//! Flow records through a real in-process control plane: agents report over the Report
+//! stream, the records are stored (SQLite here, PostgreSQL in the store's tests), paired by
+//! their two ends, refused when they are not the reporting node's, and listed with
+//! `ListFlows` and the `flows` command.
+
+mod common;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::*;
+use tonic::Code;
+use wirefence_control::flows::Retention;
+use wirefence_proto::v1::{
+    agent_report, AgentReport, Direction, FlowRecord, FlowRecords, ListFlowsReply, ListFlowsRequest, Pairing,
+    RegisterResponse, Verdict,
+};
+
+fn now_ms() -> i64 {
+    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+fn v4(reg: &RegisterResponse) -> Vec<u8> {
+    reg.addresses.iter().find(|p| p.addr.len() == 4).expect("an IPv4 overlay address").addr.clone()
+}
+
+fn record(src: &[u8], dst: &[u8], port: u32, direction: Direction, rule: &str) -> FlowRecord {
+    FlowRecord {
+        time_unix_ms: now_ms(),
+        src: src.to_vec(),
+        dst: dst.to_vec(),
+        protocol: 6,
+        src_port: 40000,
+        dst_port: port,
+        verdict: if rule.is_empty() { Verdict::Deny } else { Verdict::Allow }.into(),
+        direction: direction.into(),
+        rule_id: rule.into(),
+        ..Default::default()
+    }
+}
+
+async fn report(cp: &Cp, node: &RegisterResponse, records: Vec<FlowRecord>) {
+    let msg = AgentReport { body: Some(agent_report::Body::Flows(FlowRecords { records })) };
+    cp.agent().await.report(authed(tokio_stream::iter(vec![msg]), &node.credential)).await.expect("report");
+}
+
+async fn list(cp: &mut Cp, f: impl FnOnce(&mut ListFlowsRequest)) -> ListFlowsReply {
+    cp.handle.registry().flush_flows().await.unwrap();
+    let mut req = ListFlowsRequest::default();
+    f(&mut req);
+    cp.admin.list_flows(req).await.expect("list flows").into_inner()
+}
+
+/// (reporting hostname, destination port, pairing, other end's hostname), oldest first.
+fn seen(r: &ListFlowsReply) -> Vec<(String, u32, Pairing, String)> {
+    r.flows
+        .iter()
+        .map(|f| {
+            let port = f.record.as_ref().unwrap().dst_port;
+            (f.hostname.clone(), port, f.pairing(), f.peer_hostname.clone())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn both_ends_of_a_flow_pair_and_one_end_alone_is_one_sided() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let (a, b, c) = (cp.enroll("a", 1, &[]).await, cp.enroll("b", 2, &[]).await, cp.enroll("c", 3, &[]).await);
+    let outside = [198, 51, 100, 7];
+    // a -> b: both ends. a -> c: c reports nothing. a's deny leaving: nothing to expect.
+    // a -> an address of no node: nothing to expect.
+    report(
+        &cp,
+        &a,
+        vec![
+            record(&v4(&a), &v4(&b), 443, Direction::Egress, "web"),
+            record(&v4(&a), &v4(&c), 444, Direction::Egress, "web"),
+            record(&v4(&a), &v4(&b), 22, Direction::Egress, ""),
+            record(&v4(&a), &outside, 445, Direction::Egress, "web"),
+        ],
+    )
+    .await;
+    report(&cp, &b, vec![record(&v4(&a), &v4(&b), 443, Direction::Ingress, "web")]).await;
+
+    let all = list(&mut cp, |_| {}).await;
+    let mut got = seen(&all);
+    got.sort();
+    let want = [
+        ("a".into(), 22, Pairing::NoneExpected, "".into()),
+        ("a".into(), 443, Pairing::Paired, "b".into()),
+        ("a".into(), 444, Pairing::OneSided, "c".into()),
+        ("a".into(), 445, Pairing::NoneExpected, "".into()),
+        ("b".into(), 443, Pairing::Paired, "a".into()),
+    ];
+    assert_eq!(got, want);
+    assert!(all.refused.is_empty(), "{:?}", all.refused);
+
+    let one_sided = list(&mut cp, |q| q.one_sided = true).await;
+    assert_eq!(seen(&one_sided), [("a".into(), 444, Pairing::OneSided, "c".into())]);
+    let denies = list(&mut cp, |q| q.verdict = Verdict::Deny.into()).await;
+    assert_eq!(seen(&denies), [("a".into(), 22, Pairing::NoneExpected, "".into())]);
+    let of_b = list(&mut cp, |q| q.node = "b".into()).await;
+    assert_eq!(seen(&of_b), [("b".into(), 443, Pairing::Paired, "a".into())]);
+    assert_eq!(list(&mut cp, |q| q.rule_id = "web".into()).await.flows.len(), 4);
+    assert_eq!(list(&mut cp, |q| q.since_unix_ms = now_ms() + 60_000).await.flows.len(), 0);
+    assert_eq!(list(&mut cp, |q| q.limit = 2).await.flows.len(), 2);
+}
+
+#[tokio::test]
+async fn a_node_cannot_report_other_nodes_traffic_nor_date_it_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let (a, b, c) = (cp.enroll("a", 1, &[]).await, cp.enroll("b", 2, &[]).await, cp.enroll("c", 3, &[]).await);
+    // c claims to have seen b's side of a flow between a and b (to make a look one-sided or
+    // paired), and sends records that are malformed.
+    let mut future = record(&v4(&c), &v4(&a), 80, Direction::Egress, "web");
+    future.time_unix_ms = i64::MAX;
+    let forged = vec![
+        record(&v4(&a), &v4(&b), 443, Direction::Ingress, "web"),
+        record(&v4(&b), &v4(&a), 443, Direction::Egress, "web"),
+        FlowRecord { src: vec![1, 2, 3], ..record(&v4(&c), &v4(&a), 80, Direction::Egress, "web") },
+        FlowRecord { verdict: 7, ..record(&v4(&c), &v4(&a), 80, Direction::Egress, "web") },
+        FlowRecord { rule_id: "no such\nrule".into(), ..record(&v4(&c), &v4(&a), 80, Direction::Egress, "web") },
+        future,
+    ];
+    report(&cp, &c, forged).await;
+    let r = list(&mut cp, |_| {}).await;
+    assert_eq!(r.flows.len(), 1, "only c's own, well-formed record: {:?}", seen(&r));
+    let at = r.flows[0].record.as_ref().unwrap().time_unix_ms;
+    assert!(at <= now_ms(), "a record dated ahead is kept at its arrival, not {at}");
+    let refused: Vec<_> = r.refused.iter().map(|x| (x.hostname.as_str(), x.over_rate, x.invalid)).collect();
+    assert_eq!(refused, [("c", 0, 5)]);
+}
+
+#[tokio::test]
+async fn queries_with_bad_arguments_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    for (req, says) in [
+        (ListFlowsRequest { verdict: 9, ..Default::default() }, "verdict: 9"),
+        (ListFlowsRequest { limit: 100_001, ..Default::default() }, "limit: 100001 is above 100000"),
+        (ListFlowsRequest { rule_id: "a b".into(), ..Default::default() }, "rule_id"),
+        (ListFlowsRequest { node: "nobody".into(), ..Default::default() }, "no node \"nobody\""),
+    ] {
+        let e = cp.admin.list_flows(req).await.expect_err(says);
+        assert!(e.message().contains(says), "{e:?}");
+        assert!(matches!(e.code(), Code::InvalidArgument | Code::NotFound), "{e:?}");
+    }
+}
+
+#[tokio::test]
+async fn records_beyond_the_retention_count_go_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start_with(dir.path(), |c| {
+        relaxed(c);
+        c.flow_retention = Retention { max_records: 3, ..Retention::default() };
+    })
+    .await;
+    let a = cp.enroll("a", 1, &[]).await;
+    for port in 1..=5 {
+        report(&cp, &a, vec![record(&v4(&a), &[10, 77, 255, 1], port, Direction::Egress, "web")]).await;
+        cp.handle.registry().flush_flows().await.unwrap();
+    }
+    let ports: Vec<u32> =
+        list(&mut cp, |_| {}).await.flows.iter().map(|f| f.record.as_ref().unwrap().dst_port).collect();
+    assert_eq!(ports, [3, 4, 5]);
+}
+
+async fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_wirefence-control"))
+        .arg("--admin-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .await
+        .expect("run wirefence-control")
+}
+
+#[tokio::test]
+async fn the_flows_command_lists_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let (a, b) = (cp.enroll("a", 1, &[]).await, cp.enroll("b", 2, &[]).await);
+    report(&cp, &a, vec![record(&v4(&a), &v4(&b), 443, Direction::Egress, "web")]).await;
+    report(&cp, &b, vec![record(&v4(&a), &v4(&b), 5432, Direction::Ingress, "")]).await;
+    cp.handle.registry().flush_flows().await.unwrap();
+    let sock = cp.handle.admin_socket.clone();
+
+    let out = cli(&sock, &["flows"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("TIME (UTC)"), "{table}");
+    assert!(table.contains("10.77.0.1:40000") && table.contains("web") && table.contains("b one-sided"), "{table}");
+
+    let out = cli(&sock, &["flows", "--json", "--verdict", "deny", "--since", "10m", "--node", "b"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flows = j["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), 1, "{j:#}");
+    assert_eq!(flows[0]["hostname"], "b");
+    assert_eq!(flows[0]["dst_port"], 5432);
+    assert_eq!(flows[0]["verdict"], "deny");
+    assert_eq!(flows[0]["direction"], "in");
+    assert_eq!(flows[0]["pairing"], "one-sided", "a reported another port");
+    assert_eq!(flows[0]["peer_hostname"], "a");
+
+    let out = cli(&sock, &["flows", "--verdict", "maybe"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("maybe"));
+    let out = cli(&sock, &["flows", "--limit", "100001"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limit: 100001 is above 100000"));
+}

@@ -1,0 +1,77 @@
+//! Flow records end to end: two agents in control mode (wireguard-go, the policy programs
+//! loaded into the running kernel) and `wirefence-control serve`. One TCP connection is
+//! reported by both ends, with its rule, and the control plane pairs the two records; a
+//! connection the policy denies is reported by the end that dropped it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use wirefence_tests::control::enrolled;
+use wirefence_tests::*;
+
+const T: Duration = Duration::from_secs(40);
+
+fn sock(addr: &str, port: u16) -> SocketAddr {
+    format!("{addr}:{port}").parse().unwrap()
+}
+
+const POLICY: &str =
+    "[[rules]]\nid = \"web\"\nfrom = [\"node:h1\"]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"80\"]\n";
+
+#[test]
+fn one_connection_is_reported_by_both_ends_and_pairs() {
+    let (lab, cp, _agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    echo_server(&h2.ns, sock("0.0.0.0", 80));
+    echo_server(&h2.ns, sock("0.0.0.0", 81));
+    let applied = cp.apply_policy(POLICY);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let (h1_v4, _) = cp.node_addresses("h1");
+    let (h2_v4, _) = cp.node_addresses("h2");
+
+    // One connection: wait until the policy lets it through, then make exactly one more
+    // from a port of our own choosing, the one whose records are checked.
+    wait_until("h1 reaches h2:80", T, || {
+        connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
+            .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
+    });
+    let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80");
+    assert!(echoes(&mut s, Duration::from_secs(2)));
+    let sport = s.local_addr().unwrap().port();
+    assert!(connect(&h1.ns, sock(&h2_v4, 81), Duration::from_millis(700)).is_none(), "h1 -> h2:81 is denied");
+
+    // Agents report on their 10 s statistics tick.
+    let flows = || -> Vec<serde_json::Value> {
+        let j: serde_json::Value = serde_json::from_str(&cp.admin_ok(&["flows", "--json"])).unwrap();
+        j["flows"].as_array().unwrap().clone()
+    };
+    let of = |all: &[serde_json::Value], host: &str, port: u64| -> Vec<serde_json::Value> {
+        all.iter().filter(|f| f["hostname"] == host && f["dst_port"] == port).cloned().collect()
+    };
+    wait_until("both ends reported the connection", T, || {
+        let all = flows();
+        of(&all, "h1", 80).iter().any(|f| f["src_port"] == sport)
+            && of(&all, "h2", 80).iter().any(|f| f["src_port"] == sport)
+    });
+    let all = flows();
+    let one = |host: &str| of(&all, host, 80).into_iter().find(|f| f["src_port"] == sport).unwrap();
+    let (out, inn) = (one("h1"), one("h2"));
+    for (f, direction, peer) in [(&out, "out", "h2"), (&inn, "in", "h1")] {
+        assert_eq!(f["src"], h1_v4.as_str(), "{f}");
+        assert_eq!(f["dst"], h2_v4.as_str(), "{f}");
+        assert_eq!(f["direction"], direction, "{f}");
+        assert_eq!(f["verdict"], "allow", "{f}");
+        assert_eq!(f["rule_id"], "web", "the deciding rule, named: {f}");
+        assert_eq!(f["pairing"], "paired", "{f}");
+        assert_eq!(f["peer_hostname"], peer, "{f}");
+    }
+    // h1 dropped the connection to :81 on its way out (no rule allows it): its record says
+    // so, and nothing is expected of h2.
+    wait_until("h1 reported the denied connection", T, || {
+        of(&flows(), "h1", 81).iter().any(|f| f["verdict"] == "deny" && f["pairing"] == "none-expected")
+    });
+    assert!(of(&flows(), "h2", 81).is_empty(), "h2 never saw it");
+    // The text form names both ends.
+    let table = cp.admin_ok(&["flows", "--node", "h2", "--verdict", "allow"]);
+    assert!(table.contains(&format!("{h1_v4}:{sport}")) && table.contains("h1 paired"), "{table}");
+}
