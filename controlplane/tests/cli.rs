@@ -3,20 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Output;
-
 use common::*;
-
-async fn cli(socket: &Path, args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wirefence-control"))
-        .arg("--admin-socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .await
-        .expect("run wirefence-control")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()

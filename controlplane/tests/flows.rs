@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -165,16 +164,6 @@ async fn records_beyond_the_retention_count_go_oldest_first() {
     let ports: Vec<u32> =
         list(&mut cp, |_| {}).await.flows.iter().map(|f| f.record.as_ref().unwrap().dst_port).collect();
     assert_eq!(ports, [3, 4, 5]);
-}
-
-async fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wirefence-control"))
-        .arg("--admin-socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .await
-        .expect("run wirefence-control")
 }
 
 #[tokio::test]

@@ -292,3 +292,14 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
 // Not every test binary uses both (each compiles this module).
 #[allow(unused_imports)]
 pub use wirefence_tests::metrics::{promtool_check, sample};
+
+/// Runs the `wirefence-control` binary against the admin socket `socket`.
+pub async fn cli(socket: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_wirefence-control"))
+        .arg("--admin-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .await
+        .expect("run wirefence-control")
+}
