@@ -3,7 +3,7 @@
 //! node's), and which node should have seen the other end of it ([`far_end`]).
 //!
 //! Storage is [`crate::store`]'s (`flows`), intake and queries the registry's
-//! (`registry::flow_intake`).
+//! (`registry::flows`).
 
 use std::net::IpAddr;
 
