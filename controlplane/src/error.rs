@@ -120,7 +120,7 @@ pub enum Error {
     NameNotReserved(String),
     #[error("verdict: {0} is neither allow (1) nor deny (2) (0 for both)")]
     FlowVerdict(i32),
-    #[error("rule_id: {0:?} is not a rule id (1-64 of A-Z a-z 0-9 _ . -)")]
+    #[error("rule_id: {0:?} is not a rule id ({chars})", chars = wirefence_proto::policy::NAME_CHARS)]
     FlowRuleId(String),
     #[error("limit: {limit} is above {max}")]
     FlowLimit { limit: u32, max: u32 },

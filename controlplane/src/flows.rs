@@ -32,9 +32,6 @@ impl Default for Retention {
     }
 }
 
-/// Longest rule id (the policy's own bound).
-const MAX_RULE_ID: usize = 64;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     /// Arriving from the tunnel: the destination is on the reporting node's side.
@@ -117,7 +114,7 @@ pub enum InvalidFlow {
     Verdict(i32),
     #[error("direction {0} is neither ingress nor egress")]
     Direction(i32),
-    #[error("rule id is not 1-64 of [A-Za-z0-9_.-]")]
+    #[error("rule id is not {chars}", chars = wirefence_proto::policy::NAME_CHARS)]
     RuleId,
     #[error("{0} is neither an address of the reporting node nor in its routes")]
     NotTheNodes(IpAddr),
@@ -135,8 +132,9 @@ fn port(p: u32) -> Result<u16, InvalidFlow> {
     u16::try_from(p).map_err(|_| InvalidFlow::Port(p))
 }
 
+/// A reported rule id: empty (a deny) or a policy name.
 pub fn rule_id_ok(id: &str) -> bool {
-    id.len() <= MAX_RULE_ID && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    id.is_empty() || wirefence_proto::policy::valid_name(id)
 }
 
 impl Flow {

@@ -187,7 +187,7 @@ impl Registry {
             Ok(v1::Verdict::Deny) => Some(Verdict::Deny),
             Err(_) => return Err(Error::FlowVerdict(req.verdict)),
         };
-        if !req.rule_id.is_empty() && !crate::flows::rule_id_ok(&req.rule_id) {
+        if !crate::flows::rule_id_ok(&req.rule_id) {
             return Err(Error::FlowRuleId(req.rule_id));
         }
         let limit = match req.limit {
