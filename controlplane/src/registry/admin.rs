@@ -89,11 +89,7 @@ impl Registry {
     /// A live node by id or hostname, else a removed one by id or hostname.
     pub async fn get_node(&self, sel: &str) -> Result<v1::Node, Error> {
         let rows = self.store().await.nodes().await?;
-        let row = match find(rows.clone(), sel) {
-            Ok(row) => row,
-            Err(e) => find_removed(rows, sel).ok_or(e)?,
-        };
-        Ok(self.node_info(row))
+        Ok(self.node_info(find_any(rows, sel)?))
     }
 
     /// Removes a live node: its credential stops working, its streams end, and it leaves
@@ -204,6 +200,14 @@ impl Registry {
 pub(super) fn find_removed(rows: Vec<NodeRow>, sel: &str) -> Option<NodeRow> {
     let (by_id, rest): (Vec<_>, Vec<_>) = rows.into_iter().filter(|r| r.removed).partition(|r| r.rec.id == sel);
     by_id.into_iter().next().or_else(|| rest.into_iter().find(|r| r.rec.hostname == sel))
+}
+
+/// A live node as [`find`] picks it, else a removed one as [`find_removed`] does.
+pub(super) fn find_any(rows: Vec<NodeRow>, sel: &str) -> Result<NodeRow, Error> {
+    match find(rows.clone(), sel) {
+        Ok(row) => Ok(row),
+        Err(e) => find_removed(rows, sel).ok_or(e),
+    }
 }
 
 /// A live node by id, else the live node that owns the hostname, else a live node with

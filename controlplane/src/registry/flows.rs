@@ -198,12 +198,7 @@ impl Registry {
         let rows = self.store.nodes().await?;
         let node = match req.node.as_str() {
             "" => None,
-            sel => Some(
-                super::admin::find(rows.clone(), sel)
-                    .or_else(|e| super::admin::find_removed(rows.clone(), sel).ok_or(e))?
-                    .rec
-                    .id,
-            ),
+            sel => Some(super::admin::find_any(rows.clone(), sel)?.rec.id),
         };
         let names: HashMap<String, String> = rows.into_iter().map(|r| (r.rec.id.clone(), r.rec.peer_name())).collect();
         let name = |id: &str| names.get(id).cloned().unwrap_or_default();
