@@ -1,10 +1,11 @@
 //! Flow records as the control plane keeps them: a reported [`v1::FlowRecord`] checked
 //! into a [`Flow`] (nothing malformed, and nothing about traffic that is not the reporting
-//! node's), and which node should have seen the other end of it ([`far_end`]).
+//! node's), and which node should have seen the other end of it ([`FarEnds`]).
 //!
 //! Storage is [`crate::store`]'s (`flows`), intake and queries the registry's
 //! (`registry::flows`).
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -217,30 +218,46 @@ fn holds(node: &NodeRec, ip: IpAddr) -> bool {
     node.addresses.iter().chain(&node.routes).any(|p| p.contains(&ip))
 }
 
-/// The node that should have seen the other end of `flow`, reported by node `reporter`:
-/// the node with the far address, else the one routing it (the longest route; of a route
-/// group, its primary). `None` when nothing is expected there: a packet denied on its way
-/// out never crossed, and an address of no node has no agent.
-pub fn far_end<'a>(state: &'a GlobalState, reporter: &str, flow: &Flow) -> Option<&'a NodeRec> {
-    if flow.direction == Direction::Egress && flow.verdict == Verdict::Deny {
-        return None;
-    }
-    let far = flow.far();
-    let by_address = state.nodes.iter().find(|n| n.addresses.iter().any(|a| a.addr() == far));
-    let node = by_address.map(|n| &**n).or_else(|| {
-        let mut best: Option<(&IpNet, &NodeRec)> = None;
+/// Who should have seen the other end of a flow, for one state: the node with the far
+/// address, else the one routing it (the longest route; of a route group, its primary).
+/// Built once per listing, so each record costs a lookup, not a scan of the nodes.
+pub struct FarEnds<'a> {
+    by_address: HashMap<IpAddr, &'a NodeRec>,
+    /// Longest first; of a group's prefix, the primary's only.
+    routes: Vec<(IpNet, &'a NodeRec)>,
+}
+
+impl<'a> FarEnds<'a> {
+    pub fn new(state: &'a GlobalState) -> FarEnds<'a> {
+        let mut by_address = HashMap::new();
+        let mut routes = Vec::new();
         for n in state.nodes.iter() {
-            for r in n.routes.iter().filter(|r| r.contains(&far)) {
-                let primary = state.primaries().get(r).is_none_or(|p| *p == n.id);
-                let longer = best.is_none_or(|(b, _)| r.prefix_len() > b.prefix_len());
-                if primary && longer {
-                    best = Some((r, n));
-                }
+            for a in &n.addresses {
+                by_address.entry(a.addr()).or_insert(&**n);
             }
+            let primary = |r: &IpNet| state.primaries().get(r).is_none_or(|p| *p == n.id);
+            routes.extend(n.routes.iter().filter(|r| primary(r)).map(|r| (*r, &**n)));
         }
-        best.map(|(_, n)| n)
-    })?;
-    (node.id != reporter).then_some(node)
+        // Stable: of equally long routes, the first node's.
+        routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.prefix_len()));
+        FarEnds { by_address, routes }
+    }
+
+    /// The node that should have seen the other end of `flow`, reported by node
+    /// `reporter`. `None` when nothing is expected there: a packet denied on its way out
+    /// never crossed, and an address of no node has no agent.
+    pub fn of(&self, reporter: &str, flow: &Flow) -> Option<&'a NodeRec> {
+        if flow.direction == Direction::Egress && flow.verdict == Verdict::Deny {
+            return None;
+        }
+        let far = flow.far();
+        let node = self
+            .by_address
+            .get(&far)
+            .copied()
+            .or_else(|| self.routes.iter().find(|(r, _)| r.contains(&far)).map(|(_, n)| *n))?;
+        (node.id != reporter).then_some(node)
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +320,31 @@ mod tests {
         assert_eq!(bad(&|r| r.direction = 9), InvalidFlow::Direction(9));
         assert_eq!(bad(&|r| r.rule_id = "a b".into()), InvalidFlow::RuleId);
         assert_eq!(bad(&|r| r.rule_id = "x".repeat(65)), InvalidFlow::RuleId);
+    }
+
+    #[test]
+    fn the_far_end_is_the_address_owner_else_the_longest_route_else_none() {
+        use std::sync::Arc;
+        let mk = |id: &str, addr: &str, routes: &[&str]| Arc::new(NodeRec { id: id.into(), ..node(addr, routes) });
+        let nodes = vec![
+            mk("a", "10.77.0.1", &[]),
+            mk("b", "10.77.0.2", &["192.168.0.0/16"]),
+            mk("c", "10.77.0.3", &["192.168.1.0/24"]),
+        ];
+        let state = GlobalState::new(1, nodes, Arc::default(), crate::registry::Overlay::default());
+        let ends = FarEnds::new(&state);
+        let flow = |dst: [u8; 4], verdict: v1::Verdict| {
+            let mut r = record([10, 77, 0, 1], dst, v1::Direction::Egress);
+            r.verdict = verdict.into();
+            Flow::from_wire(&r, &state.nodes[0], 1_000_000).unwrap()
+        };
+        let end = |f: &Flow| ends.of("a", f).map(|n| n.id.clone());
+        assert_eq!(end(&flow([10, 77, 0, 2], v1::Verdict::Allow)), Some("b".into()));
+        assert_eq!(end(&flow([192, 168, 1, 9], v1::Verdict::Allow)), Some("c".into()), "the longest route");
+        assert_eq!(end(&flow([192, 168, 7, 9], v1::Verdict::Allow)), Some("b".into()));
+        assert_eq!(end(&flow([198, 51, 100, 1], v1::Verdict::Allow)), None, "no node's address");
+        assert_eq!(end(&flow([10, 77, 0, 2], v1::Verdict::Deny)), None, "denied on its way out");
+        assert_eq!(end(&flow([10, 77, 0, 1], v1::Verdict::Allow)), None, "not the reporter itself");
     }
 
     #[test]

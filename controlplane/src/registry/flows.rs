@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use wirefence_proto::v1;
 
 use super::{lock, Registry};
-use crate::flows::{far_end, Flow, Retention, Verdict};
+use crate::flows::{FarEnds, Flow, Retention, Verdict};
 use crate::store::{FlowQuery, Refused};
 use crate::Error;
 
@@ -211,9 +211,10 @@ impl Registry {
             limit,
         };
         let state = self.current();
+        let ends = FarEnds::new(&state);
         let mut flows = Vec::new();
         for s in self.store.flows(&q).await? {
-            let far = far_end(&state, &s.node, &s.flow);
+            let far = ends.of(&s.node, &s.flow);
             let pairing = match (far, s.paired) {
                 (_, true) => v1::Pairing::Paired,
                 (Some(_), false) => v1::Pairing::OneSided,
