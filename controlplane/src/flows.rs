@@ -48,12 +48,16 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub fn wire(self) -> v1::Verdict {
+        match self {
+            Verdict::Allow => v1::Verdict::Allow,
+            Verdict::Deny => v1::Verdict::Deny,
+        }
+    }
+
     /// The stored code (the wire enum's numbers).
     pub fn code(self) -> i64 {
-        match self {
-            Verdict::Allow => v1::Verdict::Allow as i64,
-            Verdict::Deny => v1::Verdict::Deny as i64,
-        }
+        self.wire() as i64
     }
 
     pub fn from_code(code: i64) -> Option<Verdict> {
@@ -66,11 +70,16 @@ impl Verdict {
 }
 
 impl Direction {
-    pub fn code(self) -> i64 {
+    pub fn wire(self) -> v1::Direction {
         match self {
-            Direction::Ingress => v1::Direction::Ingress as i64,
-            Direction::Egress => v1::Direction::Egress as i64,
+            Direction::Ingress => v1::Direction::Ingress,
+            Direction::Egress => v1::Direction::Egress,
         }
+    }
+
+    /// The stored code (the wire enum's numbers).
+    pub fn code(self) -> i64 {
+        self.wire() as i64
     }
 
     pub fn from_code(code: i64) -> Option<Direction> {
@@ -180,16 +189,8 @@ impl Flow {
             protocol: self.protocol.into(),
             src_port: self.src_port.into(),
             dst_port: self.dst_port.into(),
-            verdict: match self.verdict {
-                Verdict::Allow => v1::Verdict::Allow,
-                Verdict::Deny => v1::Verdict::Deny,
-            }
-            .into(),
-            direction: match self.direction {
-                Direction::Ingress => v1::Direction::Ingress,
-                Direction::Egress => v1::Direction::Egress,
-            }
-            .into(),
+            verdict: self.verdict.wire().into(),
+            direction: self.direction.wire().into(),
             rule_id: self.rule_id.clone(),
             packets: self.packets,
             bytes: self.bytes,

@@ -181,11 +181,9 @@ impl Registry {
 
     /// The stored records `req` asks for, each with who should have seen its other end.
     pub async fn list_flows(&self, req: v1::ListFlowsRequest) -> Result<v1::ListFlowsReply, Error> {
-        let verdict = match v1::Verdict::try_from(req.verdict) {
-            Ok(v1::Verdict::Unspecified) => None,
-            Ok(v1::Verdict::Allow) => Some(Verdict::Allow),
-            Ok(v1::Verdict::Deny) => Some(Verdict::Deny),
-            Err(_) => return Err(Error::FlowVerdict(req.verdict)),
+        let verdict = match req.verdict {
+            0 => None,
+            v => Some(Verdict::from_code(v.into()).ok_or(Error::FlowVerdict(v))?),
         };
         if !crate::flows::rule_id_ok(&req.rule_id) {
             return Err(Error::FlowRuleId(req.rule_id));
