@@ -189,6 +189,41 @@ async fn a_credential_rotated_through_one_replica_is_accepted_by_another_at_once
 }
 
 #[tokio::test]
+async fn a_node_enrolled_on_one_replica_is_served_by_another_before_its_follower_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_pg, mut cps) = replicas(dir.path(), 2).await;
+    // B's follower is stuck (a notification lost, the poll not yet due): the agent's first
+    // session after enrolling through A lands on B.
+    let b = cps[1].handle.registry().clone();
+    let held = b.hold_following().await;
+    let laptop = cps[0].enroll("laptop", 1, &[]).await;
+    let enrolled = cps[0].handle.registry().current().version;
+    assert!(b.current().version < enrolled);
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+    };
+    let (watched, ()) = tokio::join!(watch(&cps[1], &laptop.credential, 0), release);
+    let mut stream = watched.expect("B reads the database before refusing a credential it does not know");
+    assert_eq!(next(&mut stream).await.unwrap().version, enrolled, "and serves the state with the node in it");
+}
+
+#[tokio::test]
+async fn unknown_credentials_in_a_flood_share_one_database_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_pg, cps) = replicas(dir.path(), 2).await;
+    let t0 = Instant::now();
+    // Fewer than the 64 connections one source may open.
+    let forged: Vec<String> = (0..48).map(|i| format!("n{i:012}.{}", "A".repeat(43))).collect();
+    let answers = futures::future::join_all(forged.iter().map(|c| watch(&cps[1], c, 0))).await;
+    for a in answers {
+        assert_eq!(a.err().map(|s| s.code()), Some(Code::Unauthenticated));
+    }
+    // A refresh each, at most one every 200 ms, would take 9.6 s.
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+}
+
+#[tokio::test]
 async fn enrollments_racing_on_two_replicas_get_distinct_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let (_pg, mut cps) = replicas(dir.path(), 2).await;

@@ -86,6 +86,24 @@ async fn until_routed(s: &mut tonic::Streaming<Update>, peers: &mut Peers, want:
     start.elapsed()
 }
 
+/// Waits (5 s at most) until `cp`'s election counts `node` as a checked, healthy member of
+/// every group.
+async fn seen_checked(cp: &Cp, node: &str) {
+    let seen = || {
+        let groups = cp.handle.registry().route_groups();
+        !groups.is_empty() && groups.iter().all(|g| g.members.iter().any(|m| m.node == node && m.checked && m.healthy))
+    };
+    let start = std::time::Instant::now();
+    while !seen() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{node} not seen checked: {:?}",
+            cp.handle.registry().route_groups()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,7 +184,6 @@ async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
         }
         _ = heartbeats(&alone) => unreachable!(),
     }
-    drop(r2);
 
     let groups = cp.handle.registry().route_groups();
     assert_eq!(groups.len(), 2);
@@ -179,6 +196,8 @@ async fn the_prefix_goes_to_the_primary_only_and_moves_on_failure() {
     assert!(g.members.iter().all(|m| m.checked));
     let text = wirefence_control::output::node_text(&node, 0);
     assert!(text.contains(&format!("route group:     {NET4} primary {id1}: *{id1} (priority 100, healthy)")), "{text}");
+    // Only now: a member whose report stream has ended is no longer "checked".
+    drop(r2);
 }
 
 /// Two replicas of one PostgreSQL database, the members' report streams on different ones:
@@ -219,8 +238,15 @@ async fn members_streaming_to_two_replicas_make_one_group() {
     peers.apply(&next(&mut s).await.unwrap());
     assert_eq!(peers.routing(NET4), [first.as_str()], "no report yet: the lowest id");
 
-    // The preferred member (priority 200) streams to the other replica than the first.
+    // The primary's checks are seen by every replica before the preferred member (priority
+    // 200) appears, streaming to the other replica; else the election could rightly move
+    // the prefix at once, the primary having no stream yet.
     let r_first = Reporter::open(&cps[0], &gw[0].credential).await;
+    let first_alone = [(&r_first, 100)];
+    tokio::select! {
+        _ = async { for cp in &cps { seen_checked(cp, &first).await } } => {}
+        _ = heartbeats(&first_alone) => unreachable!(),
+    }
     let r_better = Reporter::open(&cps[1], &gw[1].credential).await;
     let both = [(&r_first, 100), (&r_better, 200)];
     let started = std::time::Instant::now();

@@ -24,6 +24,11 @@ struct Tally {
     /// The names of the libtest tests that failed, repeated after the summary: CI shows only
     /// the end of a long log.
     failures: Vec<String>,
+    /// Where each failed test panicked and the panic's first line, from libtest's failure
+    /// report ("---- name stdout ----", then "thread 'name' panicked at file:line:col:").
+    panics: Vec<(String, String)>,
+    /// The test whose failure report is being read, and whether its panic line was just seen.
+    reading: Option<(String, bool)>,
 }
 
 impl Tally {
@@ -31,6 +36,19 @@ impl Tally {
     fn add(&mut self, line: &str) {
         if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED")) {
             self.failures.push(name.to_string());
+        }
+        if let Some(name) = line.strip_prefix("---- ").and_then(|l| l.strip_suffix(" stdout ----")) {
+            self.reading = Some((name.to_string(), false));
+        } else if let Some((name, at_panic)) = &mut self.reading {
+            if *at_panic {
+                // The line after the location: the assertion or the panic message.
+                let (_, place) = self.panics.last_mut().expect("pushed with the location");
+                *place = format!("{place} {line}");
+                self.reading = None;
+            } else if let Some((_, place)) = line.split_once(" panicked at ") {
+                self.panics.push((name.clone(), place.to_string()));
+                *at_panic = true;
+            }
         }
         let Some(rest) = line.strip_prefix("test result: ") else { return };
         for part in rest.split(';') {
@@ -183,7 +201,10 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         all_ok
     };
     for name in &tally.failures {
-        println!("xtask test: FAILED {name}");
+        match tally.panics.iter().find(|(n, _)| n == name) {
+            Some((_, place)) => println!("xtask test: FAILED {name}: panicked at {place}"),
+            None => println!("xtask test: FAILED {name}"),
+        }
     }
     println!("xtask test: {} passed, {} failed", tally.passed, tally.failed);
     anyhow::ensure!(tests_ok, "cargo test failed");
@@ -206,6 +227,13 @@ mod tests {
         for line in [
             "test store::a ... ok",
             "test ha::kill_one ... FAILED",
+            "failures:",
+            "",
+            "---- ha::kill_one stdout ----",
+            "a line the test printed",
+            "thread 'ha::kill_one' (4711) panicked at tests/ha.rs:90:5:",
+            "assertion failed: resumed",
+            "note: run with `RUST_BACKTRACE=1`",
             "test result: FAILED. 9 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
             "test result: ok. 3 passed; 0 failed; 1 ignored",
         ] {
@@ -213,5 +241,7 @@ mod tests {
         }
         assert_eq!((tally.passed, tally.failed), (12, 1));
         assert_eq!(tally.failures, ["ha::kill_one"]);
+        let place = ("ha::kill_one".to_string(), "tests/ha.rs:90:5: assertion failed: resumed".to_string());
+        assert_eq!(tally.panics, [place]);
     }
 }

@@ -84,7 +84,7 @@ impl Registry {
     /// version without it.
     pub async fn leave(&self, meta: &tonic::metadata::MetadataMap) -> Result<u64, Error> {
         let token = crate::auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
-        self.check_credential(&token)?;
+        self.check_credential(&token).await?;
         let version = self.remove_node(&token.id).await?;
         tracing::info!(node = %token.id, version, "node left the mesh");
         Ok(version)

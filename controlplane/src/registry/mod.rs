@@ -72,6 +72,9 @@ impl Default for Overlay {
 /// How many global states are kept for resuming streams.
 pub const DEFAULT_HISTORY: usize = 256;
 
+/// The least time between two database refreshes caused by unknown credentials.
+const MISS_REFRESH_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub struct Registry {
     store: Store,
     /// Held across a change (its checks, its transaction, its publication): one change at
@@ -79,6 +82,8 @@ pub struct Registry {
     writer: tokio::sync::Mutex<()>,
     /// Held while applying the change log ([`follow`]).
     following: tokio::sync::Mutex<()>,
+    /// When the last refresh after a credential miss started ([`Registry::check_credential`]).
+    miss_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// The database's incarnation: versions are only comparable within one.
     incarnation: Arc<str>,
     /// Read by authentication instead of the store (kept current by the store).
@@ -171,6 +176,7 @@ impl Registry {
             store,
             writer: tokio::sync::Mutex::new(()),
             following: tokio::sync::Mutex::new(()),
+            miss_refresh: tokio::sync::Mutex::new(None),
             incarnation: incarnation.into(),
             limits,
             overlay,
@@ -265,18 +271,55 @@ impl Registry {
         self.store().await
     }
 
+    /// Holds the change log's follower, as a slow or lost notification would: lets tests
+    /// prove that a node known only to the database still authenticates here.
+    #[doc(hidden)]
+    pub async fn hold_following(&self) -> impl Sized + '_ {
+        self.following.lock().await
+    }
+
     /// The node id behind the request's bearer credential: refused when missing,
     /// malformed, unknown or tampered (`Unauthenticated`) or removed (`PermissionDenied`).
-    /// Never blocks: it reads the in-memory index, not the store.
-    pub fn authenticate(&self, meta: &MetadataMap) -> Result<String, Error> {
+    /// Reads the in-memory index, never waiting for a change's store lock.
+    pub async fn authenticate(&self, meta: &MetadataMap) -> Result<String, Error> {
         let token = auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
-        self.check_credential(&token)?;
+        self.check_credential(&token).await?;
         Ok(token.id)
     }
 
-    /// Checks a node credential against the in-memory index.
-    fn check_credential(&self, token: &auth::Token) -> Result<(), Error> {
-        self.credentials.check(token)
+    /// Checks a node credential against the in-memory index. On PostgreSQL a node that
+    /// enrolled (or rotated its credential) through another replica may arrive here before
+    /// this server's follower has read the change: an unknown credential first brings this
+    /// server up to date with the database, then is checked again.
+    async fn check_credential(&self, token: &auth::Token) -> Result<(), Error> {
+        match self.credentials.check(token) {
+            Err(Error::CredentialInvalid) if self.store.engine() == crate::store::Engine::Postgres => {
+                self.refresh_after_miss().await;
+                self.credentials.check(token)
+            }
+            checked => checked,
+        }
+    }
+
+    /// Reloads the credential index and applies the change log (so a node that now
+    /// authenticates is also in the published state). Misses share refreshes, which start
+    /// at most every [`MISS_REFRESH_EVERY`]: unknown credentials sent in a flood cost the
+    /// database a few cheap queries a second, and each one waits its turn.
+    async fn refresh_after_miss(&self) {
+        let asked = std::time::Instant::now();
+        let mut last = self.miss_refresh.lock().await;
+        if let Some(started) = *last {
+            if started >= asked {
+                // A refresh that started after this miss has finished: it covers it.
+                return;
+            }
+            tokio::time::sleep_until((started + MISS_REFRESH_EVERY).into()).await;
+        }
+        *last = Some(std::time::Instant::now());
+        self.store.reload_credentials().await;
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!(error = %e, "catching up after an unknown credential failed");
+        }
     }
 }
 

@@ -132,7 +132,7 @@ impl Registry {
     ) -> Result<RegisterResponse, Error> {
         match auth::bearer(meta)? {
             Some(token) => {
-                self.check_credential(&token)?;
+                self.check_credential(&token).await?;
                 let id = token.id.clone();
                 let result = match validate(req, &self.overlay, &self.gate.control_plane()) {
                     Ok(reg) => self.reregister(token, reg).await,
@@ -181,7 +181,7 @@ impl Registry {
     /// valid until the node registers with the new one.
     pub async fn rotate_credential(&self, meta: &tonic::metadata::MetadataMap) -> Result<String, Error> {
         let token = auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
-        self.check_credential(&token)?;
+        self.check_credential(&token).await?;
         let new = Token::generate(token.id.clone());
         let store = self.store().await;
         let mut tx = store.begin().await?;

@@ -33,7 +33,7 @@ impl Registry {
     /// Records the key announced by the node behind `meta`'s credential as its pending key.
     pub async fn rotate_key(&self, meta: &tonic::metadata::MetadataMap, req: &RotateKeyRequest) -> Result<(), Error> {
         let token = crate::auth::bearer(meta)?.ok_or(Error::CredentialMissing)?;
-        self.check_credential(&token)?;
+        self.check_credential(&token).await?;
         let id = token.id;
         let key: PublicKey =
             req.new_public_key.as_slice().try_into().map_err(|_| Error::PublicKeyLength(req.new_public_key.len()))?;

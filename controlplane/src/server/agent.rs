@@ -215,9 +215,9 @@ impl AgentService for AgentSvc {
         let resume = request.get_ref().clone();
         let (resume_from, incarnation) = (resume.resume_from, resume.incarnation.clone());
         let meta = request.into_parts().0;
-        // Authentication reads memory only; a bad credential is refused before any task or
-        // store access.
-        let node = registry.authenticate(&meta)?;
+        // Authentication reads memory (and on a miss, the database's latest): a bad
+        // credential is refused before any task or stream.
+        let node = registry.authenticate(&meta).await?;
         let id = node.clone();
         // A version of another incarnation says nothing about what the node runs here.
         let ours = incarnation == registry.incarnation();
@@ -250,7 +250,7 @@ impl AgentService for AgentSvc {
     }
 
     async fn report(&self, request: Request<Streaming<AgentReport>>) -> Result<Response<ReportReply>, Status> {
-        let node = self.registry.authenticate(request.metadata())?;
+        let node = self.registry.authenticate(request.metadata()).await?;
         let mut reports = request.into_inner();
         // Once this stream ends (however it ends), the node counts as failed in its route groups.
         let _stream = self.registry.report_stream(&node);
