@@ -187,6 +187,16 @@ pub enum PolicyCommand {
     Apply {
         /// The policy file (TOML).
         file: PathBuf,
+        /// Apply nothing: validate the file, then replay the flows recorded in a window
+        /// against it and print those whose verdict would change, by deciding rule.
+        #[arg(long)]
+        dry_run: bool,
+        /// The window a dry run replays (seconds, or a number with s, m, h or d).
+        #[arg(long, requires = "dry_run", value_parser = parse_duration_nonzero, default_value = "24h")]
+        since: u64,
+        /// Output JSON (a dry run's findings).
+        #[arg(long, requires = "dry_run")]
+        json: bool,
     },
     /// Print the current policy file and the version it was applied at.
     Show {

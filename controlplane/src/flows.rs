@@ -109,6 +109,21 @@ pub struct Flow {
     pub bytes: u64,
 }
 
+/// The records of one flow as a policy decides it: same source, destination, protocol and
+/// destination port (the source port decides nothing), from either end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowKind {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: u8,
+    pub dst_port: u16,
+    /// Distinct source ports: its connections, near enough.
+    pub connections: u64,
+    pub records: u64,
+    /// Unix ms.
+    pub last_ms: i64,
+}
+
 /// Why a reported record was not kept.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InvalidFlow {

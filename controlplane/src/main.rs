@@ -14,10 +14,10 @@ use wirefence_control::registry::Overlay;
 use wirefence_control::server::{serve, ServeConfig, TlsIdentity};
 use wirefence_control::{admin_client, certs, output};
 use wirefence_proto::v1::{
-    ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyRequest, IpPrefix,
-    ListEnrollmentKeysRequest, ListFlowsRequest, ListNodesRequest, ReenrollNodeRequest, ReleaseNameRequest,
-    RemoveNodeRequest, RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest, SetNodeRequest,
-    SetNodeRoutesRequest, TagList, Verdict,
+    ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, DryRunPolicyRequest, GetNodeRequest,
+    GetPolicyRequest, IpPrefix, ListEnrollmentKeysRequest, ListFlowsRequest, ListNodesRequest, ReenrollNodeRequest,
+    ReleaseNameRequest, RemoveNodeRequest, RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest,
+    SetNodeRequest, SetNodeRoutesRequest, TagList, Verdict,
 };
 
 fn main() -> ExitCode {
@@ -183,19 +183,37 @@ fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message()).context(format!("control plane refused ({:?})", e.code()))
 }
 
+/// A policy file the control plane refused (its message names file:line), else [`status`].
+fn rejected(e: tonic::Status, outcome: &str) -> anyhow::Error {
+    if e.code() == tonic::Code::InvalidArgument {
+        anyhow::anyhow!("{}", e.message()).context(format!("policy rejected; {outcome}"))
+    } else {
+        status(e)
+    }
+}
+
 async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) -> Result<String> {
     let now = now_unix();
     Ok(match command {
-        Command::Policy(PolicyCommand::Apply { file }) => {
+        Command::Policy(PolicyCommand::Apply { file, dry_run: true, since, json }) => {
             let source = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
             let file_name = file.display().to_string();
-            let r = admin.apply_policy(ApplyPolicyRequest { file_name, source }).await.map_err(|e| {
-                if e.code() == tonic::Code::InvalidArgument {
-                    anyhow::anyhow!("{}", e.message()).context("policy rejected; the running policy is unchanged")
-                } else {
-                    status(e)
-                }
-            })?;
+            let since_unix_ms = now.saturating_sub(i64::try_from(since).unwrap_or(i64::MAX)).saturating_mul(1000);
+            let request = DryRunPolicyRequest { file_name: file_name.clone(), source, since_unix_ms };
+            let r = admin.dry_run_policy(request).await.map_err(|e| rejected(e, "nothing applied"))?.into_inner();
+            if json {
+                format!("{:#}\n", output::dry_run_json(&r))
+            } else {
+                output::dry_run_text(&r, &file_name)
+            }
+        }
+        Command::Policy(PolicyCommand::Apply { file, .. }) => {
+            let source = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
+            let file_name = file.display().to_string();
+            let r = admin
+                .apply_policy(ApplyPolicyRequest { file_name, source })
+                .await
+                .map_err(|e| rejected(e, "the running policy is unchanged"))?;
             let r = r.into_inner();
             let mut out =
                 format!("applied at version {}: {} rules, {} tests passed\n", r.version, r.rules, r.tests_passed);

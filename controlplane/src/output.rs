@@ -7,8 +7,8 @@ use base64::Engine;
 use ipnet::IpNet;
 use serde_json::{json, Value};
 use wirefence_proto::v1::{
-    Direction, EnrollmentKey, GetPolicyReply, IpPrefix, ListFlowsReply, Node, Pairing, RouteGroupMember, SocketAddress,
-    Verdict, ViewSync,
+    Direction, DryRunPolicyReply, EnrollmentKey, GetPolicyReply, IpPrefix, ListFlowsReply, Node, Pairing,
+    RouteGroupMember, SocketAddress, Verdict, ViewSync,
 };
 use wirefence_proto::Escaped;
 
@@ -432,6 +432,104 @@ pub fn flows_table(r: &ListFlowsReply) -> String {
     for x in &r.refused {
         let _ =
             writeln!(out, "refused from {}: {} over its rate, {} invalid", shown(&x.hostname), x.over_rate, x.invalid);
+    }
+    out
+}
+
+/// A side of a verdict change: `allow (rule)` or `deny`.
+fn decided(v: i32, rule: &str) -> String {
+    match rule {
+        "" => verdict(v).to_string(),
+        r => format!("{} ({})", verdict(v), shown(r)),
+    }
+}
+
+fn plural(n: usize, one: &str) -> String {
+    format!("{n} {one}{}", if n == 1 { "" } else { "s" })
+}
+
+pub fn dry_run_json(r: &DryRunPolicyReply) -> Value {
+    json!({
+        "rules": r.rules,
+        "tests_passed": r.tests_passed,
+        "unmatched_selectors": r.unmatched_selectors,
+        "since_unix_ms": r.since_unix_ms,
+        "flows_evaluated": r.flows_evaluated,
+        "records": r.records,
+        "truncated": r.truncated,
+        "changes": r.changes.iter().map(|c| json!({
+            "old_verdict": verdict(c.old_verdict),
+            "old_rule": c.old_rule,
+            "new_verdict": verdict(c.new_verdict),
+            "new_rule": c.new_rule,
+            "flows": c.flows.iter().map(|f| json!({
+                "src": flow_ip(&f.src),
+                "dst": flow_ip(&f.dst),
+                "protocol": f.protocol,
+                "dst_port": f.dst_port,
+                "connections": f.connections,
+                "records": f.records,
+                "last_seen_unix_ms": f.last_seen_unix_ms,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// What a dry run found: the candidate's counts, the window, then one table per change of
+/// verdict (old -> new, with the deciding rules).
+pub fn dry_run_text(r: &DryRunPolicyReply, file_name: &str) -> String {
+    let mut out = format!(
+        "dry run of {}: {}, {} passed; nothing applied\n",
+        shown(file_name),
+        plural(r.rules as usize, "rule"),
+        plural(r.tests_passed as usize, "test")
+    );
+    if !r.unmatched_selectors.is_empty() {
+        let _ = writeln!(out, "note: no node matches {} yet", r.unmatched_selectors.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "replayed {} ({}) recorded since {} UTC",
+        plural(r.flows_evaluated as usize, "flow"),
+        plural(r.records as usize, "record"),
+        utc(r.since_unix_ms)
+    );
+    if r.truncated {
+        let _ = writeln!(out, "note: only the {} most recently seen flows were replayed", r.flows_evaluated);
+    }
+    let changed: usize = r.changes.iter().map(|c| c.flows.len()).sum();
+    if changed == 0 {
+        out += "no flow would change verdict\n";
+        return out;
+    }
+    let _ = writeln!(out, "{} would change verdict:", plural(changed, "flow"));
+    for c in &r.changes {
+        let _ = writeln!(
+            out,
+            "\n{} -> {}: {}",
+            decided(c.old_verdict, &c.old_rule),
+            decided(c.new_verdict, &c.new_rule),
+            plural(c.flows.len(), "flow")
+        );
+        let mut rows = vec![[
+            "SOURCE".to_string(),
+            "DESTINATION".into(),
+            "PROTO".into(),
+            "CONNECTIONS".into(),
+            "RECORDS".into(),
+            "LAST SEEN (UTC)".into(),
+        ]];
+        for f in &c.flows {
+            rows.push([
+                flow_ip(&f.src),
+                flow_end(&f.dst, f.dst_port),
+                protocol(f.protocol),
+                f.connections.to_string(),
+                f.records.to_string(),
+                utc(f.last_seen_unix_ms),
+            ]);
+        }
+        out += &table(&rows);
     }
     out
 }

@@ -11,8 +11,8 @@ use common::*;
 use tonic::Code;
 use wirefence_control::flows::Retention;
 use wirefence_proto::v1::{
-    agent_report, AgentReport, Direction, FlowRecord, FlowRecords, ListFlowsReply, ListFlowsRequest, Pairing,
-    RegisterResponse, Verdict,
+    agent_report, AgentReport, Direction, DryRunPolicyRequest, FlowRecord, FlowRecords, ListFlowsReply,
+    ListFlowsRequest, Pairing, RegisterResponse, Verdict,
 };
 
 fn now_ms() -> i64 {
@@ -200,4 +200,88 @@ async fn the_flows_command_lists_and_filters() {
     let out = cli(&sock, &["flows", "--limit", "100001"]).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("limit: 100001 is above 100000"));
+}
+
+const DB: &str =
+    "[[rules]]\nid = \"db\"\nfrom = [\"tag:dev\"]\nto = [\"tag:db\"]\nproto = \"tcp\"\nports = [\"5432\"]\n";
+const WEB: &str = "[[rules]]\nid = \"web\"\nfrom = [\"*\"]\nto = [\"tag:web\"]\nproto = \"tcp\"\nports = [\"443\"]\n";
+const SSH: &str = "[[rules]]\nid = \"ssh\"\nfrom = [\"tag:dev\"]\nto = [\"*\"]\nproto = \"tcp\"\nports = [\"22\"]\n";
+
+#[tokio::test]
+async fn a_dry_run_lists_exactly_the_flows_a_removed_rule_allowed_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let a = cp.enroll("laptop", 1, &["dev"]).await;
+    let b = cp.enroll("db1", 2, &["db"]).await;
+    let c = cp.enroll("web1", 3, &["web"]).await;
+    let applied = cp.apply(&format!("{DB}{WEB}{SSH}")).await.unwrap();
+    let from = |src_port, r: FlowRecord| FlowRecord { src_port, ..r };
+    // ssh from the laptop to db1: three connections, two reported at both ends; to web1: one.
+    let mut of_a = Vec::new();
+    let mut of_b = Vec::new();
+    for port in [50001, 50002, 50003] {
+        of_a.push(from(port, record(&v4(&a), &v4(&b), 22, Direction::Egress, "ssh")));
+    }
+    for port in [50001, 50002] {
+        of_b.push(from(port, record(&v4(&a), &v4(&b), 22, Direction::Ingress, "ssh")));
+    }
+    of_a.push(record(&v4(&a), &v4(&c), 22, Direction::Egress, "ssh"));
+    // Flows the other rules allow, and a deny: none of them changes.
+    of_a.push(record(&v4(&a), &v4(&b), 5432, Direction::Egress, "db"));
+    of_b.push(record(&v4(&b), &v4(&c), 443, Direction::Egress, "web"));
+    of_b.push(record(&v4(&b), &v4(&a), 22, Direction::Egress, ""));
+    report(&cp, &a, of_a).await;
+    report(&cp, &b, of_b).await;
+    cp.handle.registry().flush_flows().await.unwrap();
+
+    let candidate = dir.path().join("candidate.toml");
+    let tests = "[[tests]]\nfrom = \"laptop\"\nto = \"db1\"\nproto = \"tcp\"\nport = 5432\nexpect = \"allow\"\n";
+    std::fs::write(&candidate, format!("{DB}{WEB}{tests}")).unwrap();
+    let sock = cp.handle.admin_socket.clone();
+    let out = cli(&sock, &["policy", "apply", "--dry-run", "--json", candidate.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["rules"].as_u64(), j["tests_passed"].as_u64()), (Some(2), Some(1)), "{j:#}");
+    assert_eq!((j["flows_evaluated"].as_u64(), j["records"].as_u64()), (Some(5), Some(9)), "{j:#}");
+    let changes = j["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{j:#}");
+    let ch = &changes[0];
+    assert_eq!((ch["old_verdict"].as_str(), ch["old_rule"].as_str()), (Some("allow"), Some("ssh")));
+    assert_eq!((ch["new_verdict"].as_str(), ch["new_rule"].as_str()), (Some("deny"), Some("")));
+    let mut flows: Vec<(String, u64, u64)> = ch["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (f["dst"].as_str().unwrap().to_owned(), f["connections"].as_u64().unwrap(), f["records"].as_u64().unwrap())
+        })
+        .collect();
+    flows.sort();
+    assert_eq!(flows, [("10.77.0.2".into(), 3, 5), ("10.77.0.3".into(), 1, 1)]);
+
+    let text = cli(&sock, &["policy", "apply", "--dry-run", candidate.to_str().unwrap()]).await;
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("replayed 5 flows (9 records)"), "{text}");
+    assert!(text.contains("2 flows would change verdict:\n\nallow (ssh) -> deny: 2 flows"), "{text}");
+    assert!(text.contains("10.77.0.2:22"), "{text}");
+
+    // Nothing changed: no version, the same policy.
+    assert_eq!(cp.handle.registry().current().version, applied);
+    let shown = cp.admin.get_policy(wirefence_proto::v1::GetPolicyRequest {}).await.unwrap().into_inner();
+    assert_eq!(shown.source, format!("{DB}{WEB}{SSH}"));
+
+    // A candidate whose test fails is refused as an apply would refuse it.
+    std::fs::write(&candidate, format!("{WEB}{tests}")).unwrap();
+    let out = cli(&sock, &["policy", "apply", "--dry-run", candidate.to_str().unwrap()]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("policy rejected; nothing applied") && err.contains("candidate.toml:"), "{err}");
+    // A window with nothing in it replays nothing.
+    let source = format!("{DB}{WEB}");
+    let later = DryRunPolicyRequest { source, since_unix_ms: now_ms() + 60_000, ..Default::default() };
+    let r = cp.admin.dry_run_policy(later).await.unwrap().into_inner();
+    assert_eq!((r.flows_evaluated, r.changes.len()), (0, 0));
+    let out = cli(&sock, &["policy", "apply", "--since", "1h", candidate.to_str().unwrap()]).await;
+    assert!(!out.status.success(), "--since without --dry-run");
+    assert_eq!(cp.handle.registry().current().version, applied);
 }

@@ -1,7 +1,8 @@
 //! Flow records end to end: two agents in control mode (wireguard-go, the policy programs
 //! loaded into the running kernel) and `wirefence-control serve`. One TCP connection is
 //! reported by both ends, with its rule, and the control plane pairs the two records; a
-//! connection the policy denies is reported by the end that dropped it.
+//! connection the policy denies is reported by the end that dropped it. A dry run of a
+//! policy without the rule lists the flows it allowed and changes nothing on any node.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -74,4 +75,28 @@ fn one_connection_is_reported_by_both_ends_and_pairs() {
     // The text form names both ends.
     let table = cp.admin_ok(&["flows", "--node", "h2", "--verdict", "allow"]);
     assert!(table.contains(&format!("{h1_v4}:{sport}")) && table.contains("h1 paired"), "{table}");
+
+    // A dry run of a file without `web`: the connections web allowed would be denied, the
+    // denied one stays as it was; and nothing changes on any node.
+    let applied_versions = || -> Vec<u64> {
+        let j: serde_json::Value = serde_json::from_str(&cp.admin_ok(&["nodes", "list", "--json"])).unwrap();
+        j.as_array().unwrap().iter().map(|n| n["applied_version"].as_u64().unwrap()).collect()
+    };
+    let before = applied_versions();
+    let candidate = cp.dir.0.join("candidate.toml");
+    std::fs::write(&candidate, POLICY.replace("id = \"web\"", "id = \"ssh\"").replace("\"80\"", "\"22\"")).unwrap();
+    let dry = cp.admin_ok(&["policy", "apply", "--dry-run", "--json", candidate.to_str().unwrap()]);
+    let j: serde_json::Value = serde_json::from_str(&dry).unwrap();
+    let changes = j["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{j:#}");
+    assert_eq!((changes[0]["old_rule"].as_str(), changes[0]["new_verdict"].as_str()), (Some("web"), Some("deny")));
+    let flows = changes[0]["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), 1, "{j:#}");
+    assert_eq!((flows[0]["dst"].as_str(), flows[0]["dst_port"].as_u64()), (Some(h2_v4.as_str()), Some(80)));
+    assert!(flows[0]["connections"].as_u64().unwrap() >= 2, "the waits' connections and ours: {j:#}");
+    let shown = cp.admin_ok(&["policy", "show"]);
+    assert!(shown.contains("id = \"web\""), "the applied policy stays: {shown}");
+    assert_eq!(applied_versions(), before);
+    let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80 after the dry run");
+    assert!(echoes(&mut s, Duration::from_secs(2)));
 }

@@ -5,6 +5,7 @@
 //! - [`compile`]: resolve selectors against the current nodes into prefixes
 //!   ([`CompiledRule`]), dropping address families that cannot match.
 //! - [`eval`]: decide a packet against compiled rules and run the file's `[[tests]]`.
+//! - [`replay`]: decide recorded flows under the policy in force and a candidate.
 //!
 //! Semantics (the agent's): default deny; a packet is allowed when some rule matches
 //! (source in `from`, destination in `to`, protocol, destination port). ICMP rules match
@@ -14,6 +15,7 @@
 pub mod compile;
 pub mod eval;
 pub mod file;
+pub mod replay;
 
 use std::fmt;
 use std::net::IpAddr;

@@ -16,6 +16,7 @@
 //! - [`groups`]: route groups: members' health in, the elected primaries out.
 
 pub mod admin;
+pub mod dry_run;
 pub mod flows;
 pub mod follow;
 pub mod groups;

@@ -6,11 +6,12 @@ use crate::grpc::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 use wirefence_proto::v1::{
     ApplyPolicyReply, ApplyPolicyRequest, ApproveNodeReply, ApproveNodeRequest, CreateEnrollmentKeyReply,
-    CreateEnrollmentKeyRequest, GetNodeRequest, GetPolicyReply, GetPolicyRequest, ListEnrollmentKeysReply,
-    ListEnrollmentKeysRequest, ListFlowsReply, ListFlowsRequest, ListNodesReply, ListNodesRequest, Node,
-    ReenrollNodeReply, ReenrollNodeRequest, ReleaseNameReply, ReleaseNameRequest, RemoveNodeReply, RemoveNodeRequest,
-    RequestCredentialRotationReply, RequestCredentialRotationRequest, RevokeEnrollmentKeyReply,
-    RevokeEnrollmentKeyRequest, SetNodeReply, SetNodeRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
+    CreateEnrollmentKeyRequest, DryRunPolicyReply, DryRunPolicyRequest, GetNodeRequest, GetPolicyReply,
+    GetPolicyRequest, ListEnrollmentKeysReply, ListEnrollmentKeysRequest, ListFlowsReply, ListFlowsRequest,
+    ListNodesReply, ListNodesRequest, Node, ReenrollNodeReply, ReenrollNodeRequest, ReleaseNameReply,
+    ReleaseNameRequest, RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeReply,
+    SetNodeRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
 };
 
 use crate::registry::keys::KeySpec;
@@ -53,6 +54,16 @@ impl AdminService for AdminSvc {
         Ok(Response::new(ListNodesReply {
             nodes: detached(async move { registry.list_nodes(include_removed).await }).await?,
         }))
+    }
+
+    async fn dry_run_policy(
+        &self,
+        request: Request<DryRunPolicyRequest>,
+    ) -> Result<Response<DryRunPolicyReply>, Status> {
+        let r = request.into_inner();
+        let file = if r.file_name.is_empty() { "policy".to_owned() } else { r.file_name.clone() };
+        let registry = self.registry.clone();
+        Ok(Response::new(detached(async move { registry.dry_run_policy(&file, &r).await }).await?))
     }
 
     async fn list_flows(&self, request: Request<ListFlowsRequest>) -> Result<Response<ListFlowsReply>, Status> {

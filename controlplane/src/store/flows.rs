@@ -8,7 +8,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{to_i64, to_u64, Result, Store, StoreError};
-use crate::flows::{Direction, Flow, Verdict, PAIR_WINDOW_MS};
+use crate::flows::{Direction, Flow, FlowKind, Verdict, PAIR_WINDOW_MS};
 
 /// What [`Store::flows`] returns.
 #[derive(Clone, Debug, Default)]
@@ -146,6 +146,34 @@ impl Store {
         let mut out = rows.iter().map(stored).collect::<Result<Vec<_>>>()?;
         out.reverse();
         Ok(out)
+    }
+
+    /// The distinct flows (source, destination, protocol, destination port) of the records
+    /// since `since_ms`, the most recently seen first, at most `limit`.
+    pub async fn flow_kinds(&self, since_ms: i64, limit: u32) -> Result<Vec<FlowKind>> {
+        let rows = sqlx::query(
+            "SELECT src, dst, protocol, dst_port, COUNT(DISTINCT src_port), COUNT(*), MAX(at_ms) FROM flows \
+             WHERE at_ms >= $1 GROUP BY src, dst, protocol, dst_port ORDER BY MAX(at_ms) DESC LIMIT $2",
+        )
+        .bind(since_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let bad = || corrupt("(a flow record)");
+                let ip = |i: usize| -> Result<IpAddr> { r.try_get::<String, _>(i)?.parse().map_err(|_| bad()) };
+                Ok(FlowKind {
+                    src: ip(0)?,
+                    dst: ip(1)?,
+                    protocol: u8::try_from(r.try_get::<i64, _>(2)?).map_err(|_| bad())?,
+                    dst_port: u16::try_from(r.try_get::<i64, _>(3)?).map_err(|_| bad())?,
+                    connections: to_u64(r.try_get(4)?),
+                    records: to_u64(r.try_get(5)?),
+                    last_ms: r.try_get(6)?,
+                })
+            })
+            .collect()
     }
 
     /// Deletes the records older than `before_ms`, then all but the newest `keep`. Returns

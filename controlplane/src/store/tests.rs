@@ -256,6 +256,19 @@ async fn flows_on(s: Store) {
         "the newest"
     );
 
+    // Distinct flows for a dry run: both ends' records of one flow are one, the most
+    // recently seen first.
+    let kinds = s.flow_kinds(t, 100).await.unwrap();
+    let got: Vec<_> = kinds.iter().map(|k| (k.dst.to_string(), k.connections, k.records, k.last_ms - t)).collect();
+    let want = [
+        ("10.77.0.4".to_string(), 1, 2, 2_000 + PAIR_WINDOW_MS + 1),
+        ("fd77::2".into(), 1, 1, 3_000),
+        ("10.77.0.3".into(), 1, 1, 1_000),
+        ("10.77.0.2".into(), 1, 2, 900),
+    ];
+    assert_eq!(got, want);
+    assert_eq!(s.flow_kinds(t + 1_000, 2).await.unwrap(), kinds[..2]);
+
     s.add_refused("a", &Refused { over_rate: 5, invalid: 1 }).await.unwrap();
     s.add_refused("a", &Refused { over_rate: 2, invalid: 0 }).await.unwrap();
     assert_eq!(s.refused().await.unwrap(), [("a".to_string(), Refused { over_rate: 7, invalid: 1 })]);

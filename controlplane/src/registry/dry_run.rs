@@ -1,0 +1,77 @@
+//! `policy apply --dry-run`: a candidate policy checked as an apply checks it, then the
+//! recorded flows of a window replayed against it ([`crate::policy::replay`]). Reads only:
+//! no version, no store lock, nothing sent to any node.
+
+use wirefence_proto::v1;
+
+use super::flows::now_ms;
+use super::Registry;
+use crate::flows::{FlowKind, Verdict};
+use crate::policy::{self, replay};
+use crate::Error;
+
+/// The window replayed when the request names none.
+pub const DEFAULT_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
+/// Distinct flows replayed at most: the most recently seen.
+pub const MAX_FLOWS: u32 = 200_000;
+
+impl Registry {
+    /// Checks `source` against the current nodes (syntax, references, its tests: an error
+    /// here is the error `apply` would give) and replays the flows recorded since
+    /// `req.since_unix_ms` under the policy in force and under the candidate.
+    pub async fn dry_run_policy(
+        &self,
+        file_name: &str,
+        req: &v1::DryRunPolicyRequest,
+    ) -> Result<v1::DryRunPolicyReply, Error> {
+        let candidate = policy::parse(file_name, &req.source)?;
+        let state = self.current();
+        let rules = policy::compile(&candidate, &state.nodes);
+        let tests_passed = policy::run_tests(&candidate, &rules, &state.nodes)?;
+        let unmatched_selectors = policy::unmatched_selectors(&candidate, &state.nodes);
+        let since = match req.since_unix_ms {
+            0 => now_ms().saturating_sub(DEFAULT_WINDOW_MS),
+            s => s,
+        };
+        let mut flows = self.store.flow_kinds(since, MAX_FLOWS + 1).await?;
+        let truncated = flows.len() > MAX_FLOWS as usize;
+        flows.truncate(MAX_FLOWS as usize);
+        let (flows_evaluated, records) = (flows.len() as u64, flows.iter().map(|f| f.records).sum());
+        let changes = replay::replay(&state.compiled().rules, &rules, flows);
+        let verdict = |rule: &Option<String>| match rule {
+            Some(_) => Verdict::Allow.wire(),
+            None => Verdict::Deny.wire(),
+        };
+        Ok(v1::DryRunPolicyReply {
+            rules: u32::try_from(candidate.rules.len()).unwrap_or(u32::MAX),
+            tests_passed: u32::try_from(tests_passed).unwrap_or(u32::MAX),
+            unmatched_selectors,
+            since_unix_ms: since,
+            flows_evaluated,
+            records,
+            truncated,
+            changes: changes
+                .into_iter()
+                .map(|c| v1::VerdictChange {
+                    old_verdict: verdict(&c.old_rule).into(),
+                    new_verdict: verdict(&c.new_rule).into(),
+                    old_rule: c.old_rule.unwrap_or_default(),
+                    new_rule: c.new_rule.unwrap_or_default(),
+                    flows: c.flows.iter().map(replayed).collect(),
+                })
+                .collect(),
+        })
+    }
+}
+
+fn replayed(f: &FlowKind) -> v1::ReplayedFlow {
+    v1::ReplayedFlow {
+        src: wirefence_proto::ip_to_bytes(f.src),
+        dst: wirefence_proto::ip_to_bytes(f.dst),
+        protocol: f.protocol.into(),
+        dst_port: f.dst_port.into(),
+        connections: f.connections,
+        records: f.records,
+        last_seen_unix_ms: f.last_ms,
+    }
+}
