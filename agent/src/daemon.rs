@@ -556,9 +556,16 @@ fn start_client(
         tunnel: loaded.desired.ifname.clone(),
         telemetry: {
             let ifname = loaded.desired.ifname.clone();
+            let pins = loaded.desired.policy.as_ref().map(|p| p.pin_root.clone());
+            let (state_dir, counted) = (loaded.config.agent.state_dir.clone(), ifname.clone());
+            let read_counters = move || match crate::enforce::inspect::inspect(pins.as_ref()?, &counted, &state_dir) {
+                Ok(crate::enforce::inspect::Pins::Ready(i)) => Some(i.counters.rules),
+                _ => None,
+            };
             control::client::Telemetry {
                 peer_stats: Box::new(move || control::client::device_peer_stats(backend.as_ref(), &ifname)),
                 flows,
+                rule_hits: control::hits::RuleHits::new(Box::new(read_counters)),
             }
         },
     };

@@ -222,7 +222,11 @@ fn plaintext_client(
         connector: std::sync::Arc::new(Connector::new(endpoints, &Transport::Insecure).unwrap()),
         health: Default::default(),
         tunnel: "wf-client0".parse().unwrap(),
-        telemetry: wirefence_agent::control::client::Telemetry { peer_stats: Box::new(Vec::new), flows },
+        telemetry: wirefence_agent::control::client::Telemetry {
+            peer_stats: Box::new(Vec::new),
+            flows,
+            rule_hits: wirefence_agent::control::hits::RuleHits::new(Box::new(|| None)),
+        },
     }
 }
 

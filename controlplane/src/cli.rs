@@ -203,6 +203,14 @@ pub enum PolicyCommand {
         /// Output JSON.
         #[arg(long)]
         json: bool,
+        /// Instead: each rule with what the nodes' rule counters counted under it in a
+        /// window (summed over nodes: a packet between two nodes counts at both ends),
+        /// and the rules that matched nothing.
+        #[arg(long)]
+        usage: bool,
+        /// The window of --usage (seconds, or a number with s, m, h or d).
+        #[arg(long, requires = "usage", value_parser = parse_duration_nonzero, default_value = "24h")]
+        since: u64,
     },
 }
 

@@ -17,7 +17,7 @@ use wirefence_proto::v1::{
     ApplyPolicyRequest, ApproveNodeRequest, CreateEnrollmentKeyRequest, DryRunPolicyRequest, GetNodeRequest,
     GetPolicyRequest, IpPrefix, ListEnrollmentKeysRequest, ListFlowsRequest, ListNodesRequest, ReenrollNodeRequest,
     ReleaseNameRequest, RemoveNodeRequest, RequestCredentialRotationRequest, RevokeEnrollmentKeyRequest,
-    SetNodeRequest, SetNodeRoutesRequest, TagList, Verdict,
+    RuleUsageRequest, SetNodeRequest, SetNodeRoutesRequest, TagList, Verdict,
 };
 
 fn main() -> ExitCode {
@@ -225,7 +225,16 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
             }
             out
         }
-        Command::Policy(PolicyCommand::Show { json }) => {
+        Command::Policy(PolicyCommand::Show { json, usage: true, since }) => {
+            let since_unix_ms = now.saturating_sub(i64::try_from(since).unwrap_or(i64::MAX)).saturating_mul(1000);
+            let r = admin.get_rule_usage(RuleUsageRequest { since_unix_ms }).await.map_err(status)?.into_inner();
+            if json {
+                format!("{:#}\n", output::usage_json(&r))
+            } else {
+                output::usage_text(&r)
+            }
+        }
+        Command::Policy(PolicyCommand::Show { json, .. }) => {
             let p = admin.get_policy(GetPolicyRequest {}).await.map_err(status)?.into_inner();
             if json {
                 format!("{:#}\n", output::policy_json(&p))

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 use wirefence_proto::v1::{
     Direction, DryRunPolicyReply, EnrollmentKey, GetPolicyReply, IpPrefix, ListFlowsReply, Node, Pairing,
-    RouteGroupMember, SocketAddress, Verdict, ViewSync,
+    RouteGroupMember, RuleUsageReply, SocketAddress, Verdict, ViewSync,
 };
 use wirefence_proto::Escaped;
 
@@ -530,6 +530,42 @@ pub fn dry_run_text(r: &DryRunPolicyReply, file_name: &str) -> String {
             ]);
         }
         out += &table(&rows);
+    }
+    out
+}
+
+pub fn usage_json(r: &RuleUsageReply) -> Value {
+    json!({
+        "since_unix_ms": r.since_unix_ms,
+        "rules": r.rules.iter().map(|u| json!({
+            "rule_id": u.rule_id,
+            "packets": u.packets,
+            "bytes": u.bytes,
+        })).collect::<Vec<_>>(),
+        "unused": r.rules.iter().filter(|u| u.packets == 0).map(|u| u.rule_id.as_str()).collect::<Vec<_>>(),
+    })
+}
+
+/// The policy's rules with their hits, then the ones that matched nothing.
+pub fn usage_text(r: &RuleUsageReply) -> String {
+    if r.rules.is_empty() {
+        return "no policy applied (every node denies everything)\n".into();
+    }
+    let mut out = format!(
+        "rule usage since {} UTC, summed over the nodes (a packet between two nodes counts at both ends)\n",
+        utc(r.since_unix_ms)
+    );
+    let mut rows = vec![["RULE".to_string(), "PACKETS".into(), "BYTES".into()]];
+    for u in &r.rules {
+        rows.push([shown(&u.rule_id), u.packets.to_string(), u.bytes.to_string()]);
+    }
+    out += &table(&rows);
+    let unused: Vec<String> = r.rules.iter().filter(|u| u.packets == 0).map(|u| shown(&u.rule_id)).collect();
+    match unused.len() {
+        0 => out += "every rule matched traffic\n",
+        n => {
+            let _ = writeln!(out, "{} matched nothing: {}", plural(n, "rule"), unused.join(", "));
+        }
     }
     out
 }

@@ -12,7 +12,7 @@ use tonic::Code;
 use wirefence_control::flows::Retention;
 use wirefence_proto::v1::{
     agent_report, AgentReport, Direction, DryRunPolicyRequest, FlowRecord, FlowRecords, ListFlowsReply,
-    ListFlowsRequest, Pairing, RegisterResponse, Verdict,
+    ListFlowsRequest, Pairing, RegisterResponse, RuleHit, RuleHits, RuleUsageRequest, Verdict,
 };
 
 fn now_ms() -> i64 {
@@ -284,4 +284,37 @@ async fn a_dry_run_lists_exactly_the_flows_a_removed_rule_allowed_and_changes_no
     let out = cli(&sock, &["policy", "apply", "--since", "1h", candidate.to_str().unwrap()]).await;
     assert!(!out.status.success(), "--since without --dry-run");
     assert_eq!(cp.handle.registry().current().version, applied);
+}
+
+#[tokio::test]
+async fn rule_usage_sums_the_nodes_and_refuses_counts_for_rules_that_are_not_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let a = cp.enroll("laptop", 1, &["dev"]).await;
+    let b = cp.enroll("db1", 2, &["db"]).await;
+    let c = cp.enroll("web1", 3, &["web"]).await;
+    cp.apply(&format!("{DB}{WEB}{SSH}")).await.unwrap();
+    let hits = |v: &[(&str, u64)]| {
+        let rules = v.iter().map(|(id, n)| RuleHit { rule_id: id.to_string(), packets: *n, bytes: n * 100 }).collect();
+        AgentReport { body: Some(agent_report::Body::RuleHits(RuleHits { rules })) }
+    };
+    for (node, msg) in [
+        (&a, hits(&[("db", 10), ("ssh", 2)])),
+        (&b, hits(&[("db", 10)])),
+        (&a, hits(&[("db", 1)])),
+        // web1 is on no side of `db`; a rule that does not exist; a count no link carries.
+        (&c, hits(&[("db", 1_000_000), ("nope", 5), ("web", 3_000_000_000)])),
+    ] {
+        cp.agent().await.report(authed(tokio_stream::iter(vec![msg]), &node.credential)).await.expect("report");
+    }
+    cp.handle.registry().flush_flows().await.unwrap();
+    let r = cp.admin.get_rule_usage(RuleUsageRequest::default()).await.unwrap().into_inner();
+    let got: Vec<_> = r.rules.iter().map(|u| (u.rule_id.as_str(), u.packets, u.bytes)).collect();
+    assert_eq!(got, [("db", 21, 2_100), ("web", 0, 0), ("ssh", 2, 200)], "in the file's order");
+
+    let sock = cp.handle.admin_socket.clone();
+    let text = String::from_utf8(cli(&sock, &["policy", "show", "--usage"]).await.stdout).unwrap();
+    assert!(text.contains("1 rule matched nothing: web"), "{text}");
+    let out = cli(&sock, &["policy", "show", "--since", "1h"]).await;
+    assert!(!out.status.success(), "--since without --usage");
 }

@@ -100,3 +100,42 @@ fn one_connection_is_reported_by_both_ends_and_pairs() {
     let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80 after the dry run");
     assert!(echoes(&mut s, Duration::from_secs(2)));
 }
+
+/// `policy show --usage`: the nodes' rule counters summed. Five echo requests from h1 to h2
+/// under `ping` are counted four times each (h1 out, h2 in, the reply out of h2 and into
+/// h1); `ssh` matched nothing.
+#[test]
+fn rule_usage_counts_the_packets_sent_and_names_unused_rules() {
+    let (lab, cp, _agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    echo_server(&h2.ns, sock("0.0.0.0", 80));
+    let ping = "[[rules]]\nid = \"ping\"\nfrom = [\"node:h1\"]\nto = [\"node:h2\"]\nproto = \"icmp\"\n";
+    let ssh = "[[rules]]\nid = \"ssh\"\nfrom = [\"node:h1\"]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"22\"]\n";
+    let applied = cp.apply_policy(&format!("{POLICY}{ping}{ssh}"));
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let (h2_v4, _) = cp.node_addresses("h2");
+    // In force once a connection passes (under `web`: no packet under `ping` before ours).
+    wait_until("h1 reaches h2:80", T, || {
+        connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
+            .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
+    });
+    let out = run(h1.ns.cmd("ping").args(["-c", "5", "-i", "0.2", "-W", "2", "-n", "-q", &h2_v4]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    let usage = || -> serde_json::Value {
+        serde_json::from_str(&cp.admin_ok(&["policy", "show", "--usage", "--since", "10m", "--json"])).unwrap()
+    };
+    let packets = |u: &serde_json::Value, id: &str| -> u64 {
+        let rules = u["rules"].as_array().unwrap();
+        rules.iter().find(|r| r["rule_id"] == id).unwrap()["packets"].as_u64().unwrap()
+    };
+    // Agents report on their 10 s statistics tick, both of them.
+    wait_until("both nodes' counts of the pings", T, || packets(&usage(), "ping") >= 20);
+    std::thread::sleep(Duration::from_secs(11));
+    let u = usage();
+    assert_eq!(packets(&u, "ping"), 20, "{u:#}");
+    assert!(packets(&u, "web") > 0, "{u:#}");
+    assert_eq!(u["unused"], serde_json::json!(["ssh"]), "{u:#}");
+    let text = cp.admin_ok(&["policy", "show", "--usage"]);
+    assert!(text.contains("1 rule matched nothing: ssh"), "{text}");
+}

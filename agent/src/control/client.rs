@@ -151,11 +151,13 @@ pub struct ControlClient {
 }
 
 /// Sources of the periodic reports: the device's peer statistics and the policy programs'
-/// flow events.
+/// flow events and rule counters.
 pub struct Telemetry {
     pub peer_stats: Box<dyn Fn() -> Vec<v1::PeerStat> + Send + Sync>,
     /// New allowed flows and denies from the policy programs, sent with the statistics.
     pub flows: std::sync::Arc<FlowQueue>,
+    /// What the rule counters counted since the last statistics.
+    pub rule_hits: super::hits::RuleHits,
 }
 
 impl ControlClient {
@@ -427,6 +429,9 @@ impl ControlClient {
                         if record_probe(status, &probe) {
                             self.save_status(status);
                         }
+                    }
+                    if let Some(hits) = self.telemetry.rule_hits.next() {
+                        let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::RuleHits(hits)) });
                     }
                     // Each event once, in messages well under the control plane's size bound.
                     let events = self.telemetry.flows.drain();

@@ -8,6 +8,7 @@ pub mod config;
 pub mod connect;
 pub mod guard;
 pub mod health;
+pub mod hits;
 pub mod parts;
 pub mod persist;
 pub mod rotation;

@@ -37,6 +37,8 @@ pub struct FlowIntake {
     refused: Mutex<HashMap<String, Refused>>,
     rates: super::throttle::Rates,
     retention: Retention,
+    /// Rule hits not yet written ([`super::usage`]).
+    pub(super) usage: Mutex<HashMap<String, crate::store::Hits>>,
 }
 
 impl FlowIntake {
@@ -48,6 +50,7 @@ impl FlowIntake {
             refused: Mutex::default(),
             rates: super::throttle::Rates::new(per_sec, burst),
             retention,
+            usage: Mutex::default(),
         }
     }
 }
@@ -97,7 +100,8 @@ impl Registry {
         }
     }
 
-    /// Writes the queued records in batches until shutdown; prunes every minute.
+    /// Writes the queued records in batches (and the rule hits) until shutdown; prunes every
+    /// minute.
     pub async fn run_flow_writer(&self) {
         let mut shutdown = self.shutdown_signal();
         let mut last_prune = tokio::time::Instant::now();
@@ -129,7 +133,7 @@ impl Registry {
     }
 
     /// Writes what is queued now, waiting up to `wait` for a first record; then the
-    /// refused counts.
+    /// refused counts and the rule hits.
     async fn write_flows(&self, wait: Option<Duration>) -> Result<(), Error> {
         let mut pending = self.flows.pending.lock().await;
         let mut batch = Vec::new();
@@ -152,7 +156,7 @@ impl Registry {
         for (node, counts) in refused {
             self.store.add_refused(&node, &counts).await?;
         }
-        Ok(())
+        self.write_rule_usage().await
     }
 
     async fn prune_flows(&self) -> Result<u64, Error> {
@@ -160,6 +164,7 @@ impl Registry {
         let before = now_ms().saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
         let _turn = self.status_turn().await;
         let gone = self.store.prune_flows(before, max_records).await?;
+        self.store.prune_rule_usage(before).await?;
         if gone > 0 {
             tracing::debug!(gone, "flow records pruned");
         }

@@ -29,6 +29,7 @@ pub mod rotation;
 pub mod routes;
 pub mod sync;
 pub mod throttle;
+pub mod usage;
 
 use std::collections::HashSet;
 use std::net::IpAddr;

@@ -123,6 +123,7 @@ impl Registry {
                 });
             }
             Some(agent_report::Body::RouteHealth(h)) => self.route_health(node, h),
+            Some(agent_report::Body::RuleHits(h)) => self.take_rule_hits(node, h),
             Some(agent_report::Body::Flows(f)) => {
                 tracing::debug!(node, records = f.records.len(), "flow records");
                 self.take_flows(node, f.records);

@@ -10,8 +10,8 @@ use wirefence_proto::v1::{
     GetPolicyRequest, ListEnrollmentKeysReply, ListEnrollmentKeysRequest, ListFlowsReply, ListFlowsRequest,
     ListNodesReply, ListNodesRequest, Node, ReenrollNodeReply, ReenrollNodeRequest, ReleaseNameReply,
     ReleaseNameRequest, RemoveNodeReply, RemoveNodeRequest, RequestCredentialRotationReply,
-    RequestCredentialRotationRequest, RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, SetNodeReply,
-    SetNodeRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
+    RequestCredentialRotationRequest, RevokeEnrollmentKeyReply, RevokeEnrollmentKeyRequest, RuleUsageReply,
+    RuleUsageRequest, SetNodeReply, SetNodeRequest, SetNodeRoutesReply, SetNodeRoutesRequest,
 };
 
 use crate::registry::keys::KeySpec;
@@ -64,6 +64,11 @@ impl AdminService for AdminSvc {
         let file = if r.file_name.is_empty() { "policy".to_owned() } else { r.file_name.clone() };
         let registry = self.registry.clone();
         Ok(Response::new(detached(async move { registry.dry_run_policy(&file, &r).await }).await?))
+    }
+
+    async fn get_rule_usage(&self, request: Request<RuleUsageRequest>) -> Result<Response<RuleUsageReply>, Status> {
+        let (registry, req) = (self.registry.clone(), request.into_inner());
+        Ok(Response::new(detached(async move { registry.rule_usage(&req).await }).await?))
     }
 
     async fn list_flows(&self, request: Request<ListFlowsRequest>) -> Result<Response<ListFlowsReply>, Status> {

@@ -17,6 +17,7 @@ mod flows;
 mod legacy;
 mod location;
 mod routes;
+mod usage;
 mod write;
 
 use std::fs::{self, OpenOptions, Permissions};
@@ -35,6 +36,7 @@ use crate::model::{NodeRec, PublicKey};
 
 pub use flows::{FlowQuery, Refused, StoredFlow};
 pub use location::{DbLocation, Engine};
+pub use usage::Hits;
 pub use write::*;
 
 #[derive(Debug, thiserror::Error)]

@@ -212,7 +212,7 @@ fn flow(at_ms: i64, src: &str, dst: &str, direction: crate::flows::Direction, ru
 }
 
 /// Flow records on one engine: filters, pairing of the two ends, refused counts, pruning.
-async fn flows_on(s: Store) {
+async fn flows_on(s: &Store) {
     use crate::flows::{Direction::*, Verdict, PAIR_WINDOW_MS};
     let t = 1_000_000_000;
     s.insert_flows(&[
@@ -285,12 +285,33 @@ async fn flows_on(s: Store) {
 #[tokio::test]
 async fn flow_records_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    flows_on(Store::open(&sqlite(&dir.path().join("control.db"))).await.unwrap()).await;
+    let s = Store::open(&sqlite(&dir.path().join("control.db"))).await.unwrap();
+    flows_on(&s).await;
+    usage_on(&s).await;
+}
+
+/// Rule hits: added up per rule and minute (two servers' increments into one row), summed
+/// over a window of minutes, pruned by age.
+async fn usage_on(s: &Store) {
+    use super::Hits;
+    let hits = |v: &[(&str, u64)]| -> std::collections::HashMap<String, Hits> {
+        v.iter().map(|(id, n)| (id.to_string(), Hits { packets: *n, bytes: n * 10 })).collect()
+    };
+    s.add_rule_usage(60_000, &hits(&[("web", 3), ("ssh", 1)])).await.unwrap();
+    s.add_rule_usage(60_000, &hits(&[("web", 4)])).await.unwrap();
+    s.add_rule_usage(120_000, &hits(&[("web", 5)])).await.unwrap();
+    let all = s.rule_usage(0).await.unwrap();
+    assert_eq!(all, hits(&[("web", 12), ("ssh", 1)]));
+    assert_eq!(s.rule_usage(120_000).await.unwrap(), hits(&[("web", 5)]));
+    assert_eq!(s.prune_rule_usage(120_000).await.unwrap(), 2);
+    assert_eq!(s.rule_usage(0).await.unwrap(), hits(&[("web", 5)]));
 }
 
 #[tokio::test]
 async fn flow_records_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let pg = wirefence_tests::postgres::Postgres::start(&dir.path().join("pg"));
-    flows_on(Store::open(&pg.create_database("control").parse().unwrap()).await.unwrap()).await;
+    let s = Store::open(&pg.create_database("control").parse().unwrap()).await.unwrap();
+    flows_on(&s).await;
+    usage_on(&s).await;
 }
