@@ -1,7 +1,8 @@
 //! Flow records end to end: two agents in control mode (wireguard-go, the policy programs
 //! loaded into the running kernel) and `wirefence-control serve`. One TCP connection is
 //! reported by both ends, with its rule, and the control plane pairs the two records; a
-//! connection the policy denies is reported by the end that dropped it. A dry run of a
+//! connection the policy denies is reported by the end that dropped it; one an end did not
+//! report is one-sided. A dry run of a
 //! policy without the rule lists the flows it allowed and changes nothing on any node.
 
 use std::net::SocketAddr;
@@ -99,6 +100,45 @@ fn one_connection_is_reported_by_both_ends_and_pairs() {
     assert_eq!(applied_versions(), before);
     let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80 after the dry run");
     assert!(echoes(&mut s, Duration::from_secs(2)));
+}
+
+/// A flow one end did not report (its agent stopped: the kernel still passes and counts
+/// the packets, the events wait in the ring buffer) is one-sided; once that end reports,
+/// it pairs (pairing is read, not stored).
+#[test]
+fn a_flow_one_end_did_not_report_is_one_sided_until_it_does() {
+    let (lab, cp, agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    echo_server(&h2.ns, sock("0.0.0.0", 80));
+    let applied = cp.apply_policy(POLICY);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let (h2_v4, _) = cp.node_addresses("h2");
+    wait_until("h1 reaches h2:80", T, || {
+        connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
+            .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
+    });
+    let h2_agent = i32::try_from(agents[1].pid()).unwrap();
+    // SAFETY: kill has no memory preconditions; the pid is our own child's.
+    assert_eq!(unsafe { libc::kill(h2_agent, libc::SIGSTOP) }, 0);
+    let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80");
+    assert!(echoes(&mut s, Duration::from_secs(2)));
+    let sport = s.local_addr().unwrap().port();
+    let ours = |args: &[&str]| -> Vec<serde_json::Value> {
+        let j: serde_json::Value = serde_json::from_str(&cp.admin_ok(args)).unwrap();
+        j["flows"].as_array().unwrap().iter().filter(|f| f["src_port"] == sport).cloned().collect()
+    };
+    wait_until("h1 reported the connection", T, || !ours(&["flows", "--json", "--node", "h1"]).is_empty());
+    let one_sided = ours(&["flows", "--json", "--one-sided"]);
+    assert_eq!(one_sided.len(), 1, "{one_sided:?}");
+    assert_eq!((one_sided[0]["hostname"].as_str(), one_sided[0]["peer_hostname"].as_str()), (Some("h1"), Some("h2")));
+
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(h2_agent, libc::SIGCONT) }, 0);
+    wait_until("h2 reported it too", T, || {
+        let all = ours(&["flows", "--json"]);
+        all.len() == 2 && all.iter().all(|f| f["pairing"] == "paired")
+    });
+    assert!(ours(&["flows", "--json", "--one-sided"]).is_empty());
 }
 
 /// `policy show --usage`: the nodes' rule counters summed. Five echo requests from h1 to h2
