@@ -59,6 +59,7 @@ pub struct Metrics {
     policy_version: Gauge,
     enrollments: Family<OutcomeLabel, Counter>,
     watch_starts: Family<FirstLabel, Counter>,
+    flow_records: Family<OutcomeLabel, Counter>,
     push_seconds: Histogram,
     certificate_expiry: Gauge,
     reported_expiry: Family<FamilyLabel, Gauge>,
@@ -77,6 +78,7 @@ impl Default for Metrics {
             policy_version: Gauge::default(),
             enrollments: Family::default(),
             watch_starts: Family::default(),
+            flow_records: Family::default(),
             // 100 us .. ~6.5 s.
             push_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 9)),
             certificate_expiry: Gauge::default(),
@@ -105,6 +107,12 @@ impl Default for Metrics {
             "Watch streams started, by what they started with: snapshot (a whole view), delta (a \
              resume from a version in the history), current (nothing to send)",
             m.watch_starts.clone(),
+        );
+        prom.register(
+            "flow_records",
+            "Flow records agents reported, by outcome: stored (written to the database by this \
+             server), over_rate (over the node's rate, or the queue to the database full), invalid",
+            m.flow_records.clone(),
         );
         prom.register(
             "push_seconds",
@@ -151,6 +159,13 @@ impl Metrics {
             WatchStart::Current => "current",
         };
         self.watch_starts.get_or_create(&FirstLabel { first }).inc();
+    }
+
+    /// `n` flow records reached `outcome`: "stored", "over_rate" or "invalid".
+    pub fn flow_records(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.flow_records.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
+        }
     }
 
     /// A delta of a change committed `since` ago was queued on a stream.

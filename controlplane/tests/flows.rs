@@ -109,7 +109,11 @@ async fn both_ends_of_a_flow_pair_and_one_end_alone_is_one_sided() {
 #[tokio::test]
 async fn a_node_cannot_report_other_nodes_traffic_nor_date_it_ahead() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cp = start(dir.path()).await;
+    let mut cp = start_with(dir.path(), |c| {
+        relaxed(c);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
     let (a, b, c) = (cp.enroll("a", 1, &[]).await, cp.enroll("b", 2, &[]).await, cp.enroll("c", 3, &[]).await);
     // c claims to have seen b's side of a flow between a and b (to make a look one-sided or
     // paired), and sends records that are malformed.
@@ -130,6 +134,9 @@ async fn a_node_cannot_report_other_nodes_traffic_nor_date_it_ahead() {
     assert!(at <= now_ms(), "a record dated ahead is kept at its arrival, not {at}");
     let refused: Vec<_> = r.refused.iter().map(|x| (x.hostname.as_str(), x.over_rate, x.invalid)).collect();
     assert_eq!(refused, [("c", 0, 5)]);
+    let m = scrape(cp.handle.metrics_addr.unwrap()).await;
+    assert!(m.contains("wirefence_control_flow_records_total{outcome=\"stored\"} 1\n"), "{m}");
+    assert!(m.contains("wirefence_control_flow_records_total{outcome=\"invalid\"} 5\n"), "{m}");
 }
 
 #[tokio::test]

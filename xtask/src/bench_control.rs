@@ -14,6 +14,7 @@
 //! 3. Replicas on PostgreSQL (`replicas.rs`): fan-out over two, push latency from one to
 //!    agents on the other, failover of an agent behind HAProxy when its replica is killed.
 //! 4. Scale (`scale.rs`): a full mesh of simulated agents, 2,000 and 4,000 nodes.
+//! 5. Flow-record ingest (`ingest.rs`): records stored per second, SQLite and PostgreSQL.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use wirefence_proto::v1;
 use wirefence_tests::control::ControlPlane;
 use wirefence_tests::{wait_until, Lab};
 
+mod ingest;
 mod loopback;
 mod replicas;
 mod scale;
@@ -70,6 +72,12 @@ pub struct BenchControlArgs {
     /// Replicas killed in the failover part.
     #[arg(long, default_value_t = 20)]
     kills: usize,
+    /// Skip the flow-record ingest part.
+    #[arg(long)]
+    no_ingest: bool,
+    /// Flow records sent in the ingest part (by 20 simulated nodes).
+    #[arg(long, default_value_t = 200_000)]
+    ingest_records: usize,
     /// Use debug builds (quicker to build; the numbers are not the release goals').
     #[arg(long)]
     debug: bool,
@@ -108,6 +116,10 @@ pub fn run(args: BenchControlArgs) -> Result<()> {
             print(&rows);
         }
         rows.extend(replicas::failover(&rt, args.kills)?);
+        print(&rows);
+    }
+    if !args.no_ingest {
+        rows.extend(rt.block_on(ingest::run(&bins.control, 20, args.ingest_records))?);
         print(&rows);
     }
     if !args.no_scale {

@@ -144,6 +144,7 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     let scale = Command::new(std::env::current_exe()?)
         .args(["bench-control", "--no-flood", "--no-fanout", "--changes", "20"])
         .args(["--replica-agents", "500", "--kills", "5", "--scale", "1000,2000"])
+        .args(["--ingest-records", "50000"])
         .status()
         .map_err(anyhow::Error::from)
         .and_then(|s| if s.success() { Ok(()) } else { Err(anyhow::anyhow!("bench-control: {s}")) });

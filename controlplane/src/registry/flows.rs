@@ -92,6 +92,8 @@ impl Registry {
                 refused.over_rate += 1;
             }
         }
+        self.metrics.flow_records("over_rate", refused.over_rate);
+        self.metrics.flow_records("invalid", refused.invalid);
         if refused != Refused::default() {
             let mut all = lock(&self.flows.refused);
             let counts = all.entry(node.to_owned()).or_default();
@@ -152,6 +154,7 @@ impl Registry {
         let _turn = self.status_turn().await;
         if !batch.is_empty() {
             self.store.insert_flows(&batch).await?;
+            self.metrics.flow_records("stored", batch.len() as u64);
         }
         for (node, counts) in refused {
             self.store.add_refused(&node, &counts).await?;

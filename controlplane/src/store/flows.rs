@@ -10,6 +10,33 @@ use sqlx::Row;
 use super::{to_i64, to_u64, Result, Store, StoreError};
 use crate::flows::{Direction, Flow, FlowKind, Verdict, PAIR_WINDOW_MS};
 
+/// Rows of one INSERT (12 parameters each). Binding grows faster than linearly with the
+/// parameters of a statement on SQLite (10,000 rows: 0.09 s in statements of 20 rows,
+/// 0.15 s of 50, 0.9 s of 500), while one row per statement costs PostgreSQL a round trip
+/// each.
+const ROWS_PER_INSERT: usize = 20;
+const INSERT_COLUMNS: usize = 12;
+
+/// `INSERT INTO flows ... VALUES ($1, ..., $12), ($13, ...)` for `rows` rows: only
+/// placeholders are generated, never values.
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO flows (node, at_ms, direction, verdict, protocol, src, dst, src_port, dst_port, rule_id, \
+         packets, bytes) VALUES ",
+    );
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for col in 0..INSERT_COLUMNS {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * INSERT_COLUMNS + col + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 /// What [`Store::flows`] returns.
 #[derive(Clone, Debug, Default)]
 pub struct FlowQuery {
@@ -66,28 +93,28 @@ fn stored(r: &AnyRow) -> Result<StoredFlow> {
 }
 
 impl Store {
-    /// Adds `flows` of `node` in one transaction.
+    /// Adds `batch` (records with their reporting nodes) in one transaction, up to
+    /// [`ROWS_PER_INSERT`] rows per statement (one round trip each, not one per record).
     pub async fn insert_flows(&self, batch: &[(String, Flow)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (node, f) in batch {
-            sqlx::query(
-                "INSERT INTO flows (node, at_ms, direction, verdict, protocol, src, dst, src_port, dst_port, \
-                 rule_id, packets, bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(node)
-            .bind(f.at_ms)
-            .bind(f.direction.code())
-            .bind(f.verdict.code())
-            .bind(i64::from(f.protocol))
-            .bind(f.src.to_string())
-            .bind(f.dst.to_string())
-            .bind(i64::from(f.src_port))
-            .bind(i64::from(f.dst_port))
-            .bind(&f.rule_id)
-            .bind(to_i64(f.packets))
-            .bind(to_i64(f.bytes))
-            .execute(&mut *tx)
-            .await?;
+        for chunk in batch.chunks(ROWS_PER_INSERT) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len())));
+            for (node, f) in chunk {
+                q = q
+                    .bind(node)
+                    .bind(f.at_ms)
+                    .bind(f.direction.code())
+                    .bind(f.verdict.code())
+                    .bind(i64::from(f.protocol))
+                    .bind(f.src.to_string())
+                    .bind(f.dst.to_string())
+                    .bind(i64::from(f.src_port))
+                    .bind(i64::from(f.dst_port))
+                    .bind(&f.rule_id)
+                    .bind(to_i64(f.packets))
+                    .bind(to_i64(f.bytes));
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

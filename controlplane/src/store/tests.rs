@@ -280,6 +280,29 @@ async fn flows_on(s: &Store) {
         ids(s.flows(&q(&|_| {})).await.unwrap()),
         [("b".into(), 3_000), ("c".into(), 2_000 + PAIR_WINDOW_MS + 1)]
     );
+
+    // A batch of several statements' worth, each record read back.
+    let many: Vec<(String, crate::flows::Flow)> = (0..1_201)
+        .map(|i| {
+            (
+                "d".to_string(),
+                crate::flows::Flow { src_port: i, ..flow(t + 10_000, "10.77.0.5", "10.77.0.6", Egress, "web") },
+            )
+        })
+        .collect();
+    s.insert_flows(&many).await.unwrap();
+    let mut ports: Vec<u16> = s
+        .flows(&q(&|q| {
+            q.node = Some("d".into());
+            q.limit = 5_000
+        }))
+        .await
+        .unwrap()
+        .iter()
+        .map(|f| f.flow.src_port)
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(ports, (0..1_201).collect::<Vec<u16>>());
 }
 
 #[tokio::test]

@@ -25,6 +25,11 @@ impl Loopback {
 
     /// [`Loopback::start`] on the PostgreSQL database at `db` (`None`: SQLite of its own).
     pub async fn start_on(control: &Path, agents: usize, db: Option<&str>) -> Result<Loopback> {
+        Loopback::start_with(control, agents, db, &[]).await
+    }
+
+    /// [`Loopback::start_on`] with more `serve` arguments.
+    pub async fn start_with(control: &Path, agents: usize, db: Option<&str>, extra: &[&str]) -> Result<Loopback> {
         let dir = wirefence_tests::TempDir::new();
         let admin_socket = dir.0.join("admin.sock");
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -39,6 +44,7 @@ impl Loopback {
             .args(["--listen", &addr.to_string(), "--insecure", "--overlay-v4", "10.64.0.0/16"])
             .args(["--enroll-burst", "1000000"])
             .args(["--max-connections-per-source", &(agents + 16).to_string()])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
