@@ -99,6 +99,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Full resync period, on top of the netlink events that trigger one at once.
     pub resync_interval_secs: u64,
+    /// Every flow event (new allowed flow, deny) as a JSON line in this file (absolute).
+    pub flow_log: Option<PathBuf>,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -200,6 +202,7 @@ struct RawRouting {
 struct RawAgent {
     state_dir: Option<PathBuf>,
     resync_interval_secs: Option<Spanned<u64>>,
+    flow_log: Option<Spanned<PathBuf>>,
 }
 
 /// Smallest MSS `mss_clamp` accepts: IPv4's minimum (576-byte datagrams).
@@ -408,7 +411,7 @@ impl Config {
         };
 
         let agent = match raw.agent {
-            None => AgentConfig { state_dir: default_state_dir(), resync_interval_secs: 30 },
+            None => AgentConfig { state_dir: default_state_dir(), resync_interval_secs: 30, flow_log: None },
             Some(a) => {
                 let resync = match a.resync_interval_secs {
                     None => 30,
@@ -417,7 +420,17 @@ impl Config {
                     }
                     Some(s) => s.into_inner(),
                 };
-                AgentConfig { state_dir: a.state_dir.unwrap_or_else(default_state_dir), resync_interval_secs: resync }
+                let flow_log = match a.flow_log {
+                    Some(p) if !p.get_ref().is_absolute() => {
+                        return Err(at(p.span(), "agent.flow_log: must be an absolute path".into()))
+                    }
+                    p => p.map(Spanned::into_inner),
+                };
+                AgentConfig {
+                    state_dir: a.state_dir.unwrap_or_else(default_state_dir),
+                    resync_interval_secs: resync,
+                    flow_log,
+                }
             }
         };
 
@@ -581,6 +594,15 @@ mod tests {
         assert_eq!(c.peers[0].persistent_keepalive, Some(25));
         assert_eq!(c.peers[1].endpoint, Some(Endpoint::Addr("[2001:db8::1]:51820".parse().unwrap())));
         assert_eq!(c.routing.table, TableChoice::Auto);
+    }
+
+    #[test]
+    fn a_flow_log_is_an_absolute_path() {
+        let c = parse(&format!("{}[agent]\nflow_log = \"/var/log/wirefence/flows.jsonl\"\n", base())).unwrap();
+        assert_eq!(c.agent.flow_log.as_deref(), Some(Path::new("/var/log/wirefence/flows.jsonl")));
+        assert!(parse(&base()).unwrap().agent.flow_log.is_none());
+        let e = err(&format!("{}[agent]\nflow_log = \"flows.jsonl\"\n", base()));
+        assert!(e.contains("agent.toml:6") && e.contains("agent.flow_log: must be an absolute path"), "{e}");
     }
 
     #[test]

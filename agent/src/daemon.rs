@@ -308,8 +308,9 @@ impl Agent {
         let dir = crate::enforce::pin_dir(&policy.pin_root, &ifname);
         let state_dir = self.loaded.config.agent.state_dir.clone();
         let flows = self.flows.clone();
+        let flow_log = self.loaded.config.agent.flow_log.clone();
         *task = Some(tokio::spawn(async move {
-            if let Err(e) = crate::enforce::denies::follow(dir, state_dir, ifname, flows).await {
+            if let Err(e) = crate::enforce::denies::follow(dir, state_dir, ifname, flows, flow_log).await {
                 tracing::warn!(error = format!("{e:#}"), "policy event reader stopped");
             }
         }));

@@ -141,6 +141,53 @@ fn a_flow_one_end_did_not_report_is_one_sided_until_it_does() {
     assert!(ours(&["flows", "--json", "--one-sided"]).is_empty());
 }
 
+/// `[agent] flow_log`: the agent writes each flow event as a JSON line, with the deciding
+/// rule, into a file only root reads.
+#[test]
+fn a_flow_log_holds_each_event_as_a_json_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::new(2);
+    let cp = wirefence_tests::control::ControlPlane::start(&lab);
+    let log = lab.hosts[0].dir.join("flows.jsonl");
+    let mut agents = Vec::new();
+    for h in &lab.hosts {
+        h.write_bound_control_config(&cp, &["server"]);
+        if h.index == 1 {
+            let text = std::fs::read_to_string(h.config_path()).unwrap();
+            let line = format!("[agent]\nflow_log = \"{}\"\n", log.display());
+            h.write_config(&text.replacen("[agent]\n", &line, 1));
+        }
+        agents.push(h.spawn_agent());
+    }
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    echo_server(&h2.ns, sock("0.0.0.0", 80));
+    wait_until("both enrolled", T, || cp.admin(&["nodes", "show", "h2"]).status.success());
+    let applied = cp.apply_policy(POLICY);
+    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
+    let (h2_v4, _) = cp.node_addresses("h2");
+    wait_until("h1 reaches h2:80", T, || {
+        connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
+            .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
+    });
+    assert!(connect(&h1.ns, sock(&h2_v4, 81), Duration::from_millis(700)).is_none(), "h1 -> h2:81 is denied");
+    let lines = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    };
+    let to = |l: &serde_json::Value, port: u64, verdict: &str| {
+        l["dport"] == port && l["verdict"] == verdict && l["dst"] == h2_v4.as_str()
+    };
+    wait_until("the allowed and the denied connection logged", T, || {
+        let all = lines();
+        all.iter().any(|l| to(l, 80, "allow")) && all.iter().any(|l| to(l, 81, "deny"))
+    });
+    let all = lines();
+    let allowed = all.iter().find(|l| to(l, 80, "allow")).unwrap();
+    assert_eq!((allowed["rule"].as_str(), allowed["direction"].as_str()), (Some("web"), Some("out")), "{allowed}");
+    assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+    drop(agents);
+}
+
 /// `policy show --usage`: the nodes' rule counters summed. Five echo requests from h1 to h2
 /// under `ping` are counted four times each (h1 out, h2 in, the reply out of h2 and into
 /// h1); `ssh` matched nothing.

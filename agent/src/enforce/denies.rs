@@ -174,15 +174,45 @@ fn flow_event(e: &common::Event, rule: String) -> super::flows::FlowEvent {
     }
 }
 
+/// Where flow events go: the control plane's queue, and the local log if configured. A
+/// log that cannot be opened or written is reported and left off: the denies and the
+/// control plane's records do not depend on it.
+struct Sinks {
+    flows: std::sync::Arc<super::flows::FlowQueue>,
+    log: Option<super::flowlog::FlowLog>,
+}
+
+impl Sinks {
+    fn push(&mut self, event: super::flows::FlowEvent) {
+        if let Some(Err(e)) = self.log.as_mut().map(|l| l.write(&event)) {
+            tracing::error!(error = %e, "flow log not written from now on");
+            self.log = None;
+        }
+        self.flows.push(event);
+    }
+
+    fn flush(&mut self) {
+        if let Some(Err(e)) = self.log.as_mut().map(|l| l.flush()) {
+            tracing::error!(error = %e, "flow log not written from now on");
+            self.log = None;
+        }
+    }
+}
+
 /// Reads the pinned ring buffer of `pin_dir` until the task is dropped: denies are kept
 /// for `status`, and every event but link-local control traffic is queued for the control
-/// plane in `flows`.
+/// plane in `flows` and written to `flow_log` when there is one.
 pub async fn follow(
     pin_dir: PathBuf,
     state_dir: PathBuf,
     ifname: IfName,
     flows: std::sync::Arc<super::flows::FlowQueue>,
+    flow_log: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    let log = flow_log.and_then(|path| {
+        super::flowlog::FlowLog::open(&path).inspect_err(|e| tracing::error!(error = %e, "flow log not written")).ok()
+    });
+    let mut out = Sinks { flows, log };
     let mut rules = super::flows::RuleNames::new(super::slots_file(&state_dir, &ifname));
     let data = MapData::from_pin(pin_dir.join(common::EVENTS))?;
     let ring = RingBuf::try_from(Map::RingBuf(data))?;
@@ -211,7 +241,7 @@ pub async fn follow(
                     }
                     common::EVENT_DENY => {
                         tracing::debug!(deny = %r, "denied");
-                        flows.push(flow_event(&e, String::new()));
+                        out.push(flow_event(&e, String::new()));
                         recent.push_back(r);
                         if recent.len() > KEEP {
                             recent.pop_front();
@@ -221,11 +251,12 @@ pub async fn follow(
                     _ => {
                         let rule = rules.name(e.rule);
                         tracing::debug!(flow = %r, rule, "new flow");
-                        flows.push(flow_event(&e, rule));
+                        out.push(flow_event(&e, rule));
                     }
                 }
             }
             guard.clear_ready();
+            out.flush();
         }
         if dirty && last_write.elapsed() >= Duration::from_secs(1) {
             let path = file(&state_dir, &ifname);

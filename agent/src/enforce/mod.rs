@@ -12,6 +12,7 @@ mod attach;
 pub mod bpffs;
 pub mod clamp;
 pub mod denies;
+pub mod flowlog;
 pub mod flows;
 pub mod inspect;
 mod migrate;

@@ -1,0 +1,158 @@
+//! `[agent] flow_log`: every flow event the policy programs report (new allowed flows and
+//! denies) as one JSON line in a local file, without a control plane. The file is the
+//! agent's (mode 0600, never through a symlink); past [`ROTATE_AT`] it becomes `<path>.1`
+//! (replacing the previous one) and a new file starts, so it holds at most twice that.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::flows::FlowEvent;
+
+/// Size at which the file is rotated.
+pub const ROTATE_AT: u64 = 64 << 20;
+
+/// One line of the log.
+#[derive(Serialize)]
+struct Line<'a> {
+    time_unix_ms: i64,
+    direction: &'static str,
+    verdict: &'static str,
+    /// The deciding rule; empty for a deny.
+    rule: &'a str,
+    src: String,
+    dst: String,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+}
+
+pub struct FlowLog {
+    path: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    size: u64,
+    rotate_at: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("flow log {}: {source}", path.display())]
+pub struct FlowLogError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+fn open(path: &Path) -> Result<std::fs::File, FlowLogError> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| FlowLogError { path: path.to_owned(), source })
+}
+
+impl FlowLog {
+    /// Opens (or creates) the log at `path`, appending.
+    pub fn open(path: &Path) -> Result<FlowLog, FlowLogError> {
+        FlowLog::open_rotating_at(path, ROTATE_AT)
+    }
+
+    fn open_rotating_at(path: &Path, rotate_at: u64) -> Result<FlowLog, FlowLogError> {
+        let file = open(path)?;
+        let size = file.metadata().map_err(|source| FlowLogError { path: path.to_owned(), source })?.len();
+        Ok(FlowLog { path: path.to_owned(), out: std::io::BufWriter::new(file), size, rotate_at })
+    }
+
+    /// Appends `e` (buffered: [`FlowLog::flush`] writes it out).
+    pub fn write(&mut self, e: &FlowEvent) -> Result<(), FlowLogError> {
+        let err = |source| FlowLogError { path: self.path.clone(), source };
+        if self.size >= self.rotate_at {
+            self.out.flush().map_err(err)?;
+            let old = PathBuf::from(format!("{}.1", self.path.display()));
+            std::fs::rename(&self.path, &old).map_err(err)?;
+            self.out = std::io::BufWriter::new(open(&self.path)?);
+            self.size = 0;
+        }
+        let line = Line {
+            time_unix_ms: e.at_ms,
+            direction: if e.ingress { "in" } else { "out" },
+            verdict: if e.allowed { "allow" } else { "deny" },
+            rule: &e.rule,
+            src: e.src.to_string(),
+            dst: e.dst.to_string(),
+            proto: e.proto,
+            sport: e.sport,
+            dport: e.dport,
+        };
+        let mut bytes = serde_json::to_vec(&line).map_err(|e| err(e.into()))?;
+        bytes.push(b'\n');
+        self.out.write_all(&bytes).map_err(err)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<(), FlowLogError> {
+        self.out.flush().map_err(|source| FlowLogError { path: self.path.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn event(dport: u16) -> FlowEvent {
+        FlowEvent {
+            at_ms: 1_700_000_000_000,
+            allowed: dport == 443,
+            rule: if dport == 443 { "web".into() } else { String::new() },
+            ingress: false,
+            src: "10.77.0.1".parse().unwrap(),
+            dst: "fd77::2".parse().unwrap(),
+            proto: 6,
+            sport: 40000,
+            dport,
+        }
+    }
+
+    #[test]
+    fn writes_json_lines_private_and_rotates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flows.jsonl");
+        // Two lines are some 290 bytes.
+        let mut log = FlowLog::open_rotating_at(&path, 250).unwrap();
+        log.write(&event(443)).unwrap();
+        log.write(&event(22)).unwrap();
+        log.flush().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["verdict"], "allow");
+        assert_eq!(lines[0]["rule"], "web");
+        assert_eq!(lines[0]["dst"], "fd77::2");
+        assert_eq!(lines[1]["verdict"], "deny");
+        assert_eq!(lines[1]["dport"], 22);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+
+        // Over the size: the next line starts a new file, the old one is `.1`.
+        log.write(&event(80)).unwrap();
+        log.flush().unwrap();
+        let rotated = std::fs::read_to_string(dir.path().join("flows.jsonl.1")).unwrap();
+        assert_eq!(rotated, text);
+        assert!(std::fs::read_to_string(&path).unwrap().contains("\"dport\":80}"));
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn never_writes_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("shadow");
+        std::fs::write(&target, "").unwrap();
+        let path = dir.path().join("flows.jsonl");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let e = FlowLog::open(&path).err().expect("a symlink is refused");
+        assert!(e.to_string().contains("flows.jsonl"), "{e}");
+    }
+}
