@@ -214,14 +214,21 @@ const DB: &str =
 const WEB: &str = "[[rules]]\nid = \"web\"\nfrom = [\"*\"]\nto = [\"tag:web\"]\nproto = \"tcp\"\nports = [\"443\"]\n";
 const SSH: &str = "[[rules]]\nid = \"ssh\"\nfrom = [\"tag:dev\"]\nto = [\"*\"]\nproto = \"tcp\"\nports = [\"22\"]\n";
 
-#[tokio::test]
-async fn a_dry_run_lists_exactly_the_flows_a_removed_rule_allowed_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cp = start(dir.path()).await;
+/// Enrolls laptop (dev), db1 (db) and web1 (web) and applies db, web and ssh; the
+/// policy's version.
+async fn laptop_db_web(cp: &mut Cp) -> (RegisterResponse, RegisterResponse, RegisterResponse, u64) {
     let a = cp.enroll("laptop", 1, &["dev"]).await;
     let b = cp.enroll("db1", 2, &["db"]).await;
     let c = cp.enroll("web1", 3, &["web"]).await;
     let applied = cp.apply(&format!("{DB}{WEB}{SSH}")).await.unwrap();
+    (a, b, c, applied)
+}
+
+#[tokio::test]
+async fn a_dry_run_lists_exactly_the_flows_a_removed_rule_allowed_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = start(dir.path()).await;
+    let (a, b, c, applied) = laptop_db_web(&mut cp).await;
     let from = |src_port, r: FlowRecord| FlowRecord { src_port, ..r };
     // ssh from the laptop to db1: three connections, two reported at both ends; to web1: one.
     let mut of_a = Vec::new();
@@ -297,10 +304,7 @@ async fn a_dry_run_lists_exactly_the_flows_a_removed_rule_allowed_and_changes_no
 async fn rule_usage_sums_the_nodes_and_refuses_counts_for_rules_that_are_not_theirs() {
     let dir = tempfile::tempdir().unwrap();
     let mut cp = start(dir.path()).await;
-    let a = cp.enroll("laptop", 1, &["dev"]).await;
-    let b = cp.enroll("db1", 2, &["db"]).await;
-    let c = cp.enroll("web1", 3, &["web"]).await;
-    cp.apply(&format!("{DB}{WEB}{SSH}")).await.unwrap();
+    let (a, b, c, _) = laptop_db_web(&mut cp).await;
     let hits = |v: &[(&str, u64)]| {
         let rules = v.iter().map(|(id, n)| RuleHit { rule_id: id.to_string(), packets: *n, bytes: n * 100 }).collect();
         AgentReport { body: Some(agent_report::Body::RuleHits(RuleHits { rules })) }

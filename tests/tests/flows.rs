@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use wirefence_tests::control::enrolled;
+use wirefence_tests::control::{enrolled, ControlPlane};
 use wirefence_tests::*;
 
 const T: Duration = Duration::from_secs(40);
@@ -20,23 +20,29 @@ fn sock(addr: &str, port: u16) -> SocketAddr {
 const POLICY: &str =
     "[[rules]]\nid = \"web\"\nfrom = [\"node:h1\"]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"80\"]\n";
 
-#[test]
-fn one_connection_is_reported_by_both_ends_and_pairs() {
-    let (lab, cp, _agents) = enrolled(2);
-    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+/// Starts an echo server on h2:80, applies `policy` (`web` at least) and waits until h1's
+/// connections to it pass; h2's IPv4 overlay address.
+fn web_in_force(cp: &ControlPlane, h1: &Host, h2: &Host, policy: &str) -> String {
     echo_server(&h2.ns, sock("0.0.0.0", 80));
-    echo_server(&h2.ns, sock("0.0.0.0", 81));
-    let applied = cp.apply_policy(POLICY);
+    let applied = cp.apply_policy(policy);
     assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    let (h1_v4, _) = cp.node_addresses("h1");
     let (h2_v4, _) = cp.node_addresses("h2");
-
-    // One connection: wait until the policy lets it through, then make exactly one more
-    // from a port of our own choosing, the one whose records are checked.
     wait_until("h1 reaches h2:80", T, || {
         connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
             .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
     });
+    h2_v4
+}
+
+#[test]
+fn one_connection_is_reported_by_both_ends_and_pairs() {
+    let (lab, cp, _agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    echo_server(&h2.ns, sock("0.0.0.0", 81));
+    // One connection: wait until the policy lets it through, then make exactly one more
+    // from a port of our own choosing, the one whose records are checked.
+    let h2_v4 = web_in_force(&cp, h1, h2, POLICY);
+    let (h1_v4, _) = cp.node_addresses("h1");
     let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80");
     assert!(echoes(&mut s, Duration::from_secs(2)));
     let sport = s.local_addr().unwrap().port();
@@ -109,14 +115,7 @@ fn one_connection_is_reported_by_both_ends_and_pairs() {
 fn a_flow_one_end_did_not_report_is_one_sided_until_it_does() {
     let (lab, cp, agents) = enrolled(2);
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
-    echo_server(&h2.ns, sock("0.0.0.0", 80));
-    let applied = cp.apply_policy(POLICY);
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    let (h2_v4, _) = cp.node_addresses("h2");
-    wait_until("h1 reaches h2:80", T, || {
-        connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
-            .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
-    });
+    let h2_v4 = web_in_force(&cp, h1, h2, POLICY);
     let h2_agent = i32::try_from(agents[1].pid()).unwrap();
     // SAFETY: kill has no memory preconditions; the pid is our own child's.
     assert_eq!(unsafe { libc::kill(h2_agent, libc::SIGSTOP) }, 0);
@@ -147,7 +146,7 @@ fn a_flow_one_end_did_not_report_is_one_sided_until_it_does() {
 fn a_flow_log_holds_each_event_as_a_json_line() {
     use std::os::unix::fs::PermissionsExt;
     let lab = Lab::new(2);
-    let cp = wirefence_tests::control::ControlPlane::start(&lab);
+    let cp = ControlPlane::start(&lab);
     let log = lab.hosts[0].dir.join("flows.jsonl");
     let mut agents = Vec::new();
     for h in &lab.hosts {
@@ -160,15 +159,8 @@ fn a_flow_log_holds_each_event_as_a_json_line() {
         agents.push(h.spawn_agent());
     }
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
-    echo_server(&h2.ns, sock("0.0.0.0", 80));
     wait_until("both enrolled", T, || cp.admin(&["nodes", "show", "h2"]).status.success());
-    let applied = cp.apply_policy(POLICY);
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    let (h2_v4, _) = cp.node_addresses("h2");
-    wait_until("h1 reaches h2:80", T, || {
-        connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
-            .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
-    });
+    let h2_v4 = web_in_force(&cp, h1, h2, POLICY);
     assert!(connect(&h1.ns, sock(&h2_v4, 81), Duration::from_millis(700)).is_none(), "h1 -> h2:81 is denied");
     let lines = || -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -195,17 +187,10 @@ fn a_flow_log_holds_each_event_as_a_json_line() {
 fn rule_usage_counts_the_packets_sent_and_names_unused_rules() {
     let (lab, cp, _agents) = enrolled(2);
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
-    echo_server(&h2.ns, sock("0.0.0.0", 80));
     let ping = "[[rules]]\nid = \"ping\"\nfrom = [\"node:h1\"]\nto = [\"node:h2\"]\nproto = \"icmp\"\n";
     let ssh = "[[rules]]\nid = \"ssh\"\nfrom = [\"node:h1\"]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"22\"]\n";
-    let applied = cp.apply_policy(&format!("{POLICY}{ping}{ssh}"));
-    assert!(applied.status.success(), "{}", String::from_utf8_lossy(&applied.stderr));
-    let (h2_v4, _) = cp.node_addresses("h2");
     // In force once a connection passes (under `web`: no packet under `ping` before ours).
-    wait_until("h1 reaches h2:80", T, || {
-        connect(&h1.ns, sock(&h2_v4, 80), Duration::from_millis(700))
-            .is_some_and(|mut s| echoes(&mut s, Duration::from_millis(700)))
-    });
+    let h2_v4 = web_in_force(&cp, h1, h2, &format!("{POLICY}{ping}{ssh}"));
     let out = run(h1.ns.cmd("ping").args(["-c", "5", "-i", "0.2", "-W", "2", "-n", "-q", &h2_v4]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 
