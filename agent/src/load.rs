@@ -107,6 +107,8 @@ pub struct RestartSettings<'a> {
     pub control: Option<ControlConfig>,
     /// Bound once at start: a reload that could fail to bind would leave the config half applied.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Opened by the events task when it starts.
+    pub flow_log: Option<&'a Path>,
 }
 
 impl<'a> RestartSettings<'a> {
@@ -119,6 +121,7 @@ impl<'a> RestartSettings<'a> {
             pin_dir: c.policy.as_ref().map(|p| p.pin_dir.as_path()),
             control: c.control.as_ref().map(ControlConfig::restart_settings),
             metrics_listen: c.metrics.listen,
+            flow_log: c.agent.flow_log.as_deref(),
         }
     }
 
@@ -137,6 +140,7 @@ impl<'a> RestartSettings<'a> {
         check(self.pin_dir != new.pin_dir, "policy.pin_dir");
         check(self.control != new.control, "[control]");
         check(self.metrics_listen != new.metrics_listen, "metrics.listen");
+        check(self.flow_log != new.flow_log, "agent.flow_log");
         out
     }
 }
@@ -180,6 +184,8 @@ mod tests {
         assert_eq!(e.changed, vec!["agent.state_dir"]);
         let e = check_reload(&running, &config("backend = \"userspace\"\n[metrics]\nlisten = \"\"\n")).unwrap_err();
         assert_eq!(e.changed, vec!["metrics.listen"]);
+        let logged = "backend = \"userspace\"\n[agent]\nflow_log = \"/var/log/flows.jsonl\"\n";
+        assert_eq!(check_reload(&running, &config(logged)).unwrap_err().changed, vec!["agent.flow_log"]);
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub type AdminClient = AdminServiceClient<Channel>;
 
 /// Connects to the admin socket at `path` (the URI below is required by tonic and
 /// otherwise unused).
+/// Largest admin reply the client accepts.
+const MAX_REPLY: usize = 256 << 20;
+
 pub async fn connect(path: &Path) -> Result<AdminClient, Error> {
     let path: PathBuf = path.to_owned();
     let channel = Endpoint::from_static("http://admin.socket")
@@ -21,5 +24,7 @@ pub async fn connect(path: &Path) -> Result<AdminClient, Error> {
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await?;
-    Ok(AdminServiceClient::new(channel))
+    // Replies from the local server may be large (100,000 flow records): above tonic's
+    // default limit of 4 MiB.
+    Ok(AdminServiceClient::new(channel).max_decoding_message_size(MAX_REPLY))
 }

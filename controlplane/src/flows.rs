@@ -20,6 +20,8 @@ pub const MAX_REPORT_AGE_MS: i64 = 10 * 60 * 1000;
 /// Two records of one flow from its two ends pair when their times are this close (agents
 /// report on their statistics tick, and their clocks differ a little).
 pub const PAIR_WINDOW_MS: i64 = 2 * 60 * 1000;
+/// The window a dry run replays and `--usage` sums when the request names none.
+pub const DEFAULT_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 /// How long and how many records are kept (`serve --flow-retention`, `--flow-max-records`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {

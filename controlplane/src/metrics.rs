@@ -111,7 +111,8 @@ impl Default for Metrics {
         prom.register(
             "flow_records",
             "Flow records agents reported, by outcome: stored (written to the database by this \
-             server), over_rate (over the node's rate, or the queue to the database full), invalid",
+             server), failed (the database refused the write), over_rate (over the node's rate, or \
+             the queue to the database full), invalid",
             m.flow_records.clone(),
         );
         prom.register(
@@ -161,7 +162,7 @@ impl Metrics {
         self.watch_starts.get_or_create(&FirstLabel { first }).inc();
     }
 
-    /// `n` flow records reached `outcome`: "stored", "over_rate" or "invalid".
+    /// `n` flow records reached `outcome`: "stored", "failed", "over_rate" or "invalid".
     pub fn flow_records(&self, outcome: &'static str, n: u64) {
         if n > 0 {
             self.flow_records.get_or_create(&OutcomeLabel { outcome }).inc_by(n);

@@ -462,6 +462,9 @@ pub fn dry_run_json(r: &DryRunPolicyReply) -> Value {
             "old_rule": c.old_rule,
             "new_verdict": verdict(c.new_verdict),
             "new_rule": c.new_rule,
+            "flows_total": c.flows_total,
+            "connections": c.connections,
+            "records": c.records,
             "flows": c.flows.iter().map(|f| json!({
                 "src": flow_ip(&f.src),
                 "dst": flow_ip(&f.dst),
@@ -497,7 +500,7 @@ pub fn dry_run_text(r: &DryRunPolicyReply, file_name: &str) -> String {
     if r.truncated {
         let _ = writeln!(out, "note: only the {} most recently seen flows were replayed", r.flows_evaluated);
     }
-    let changed: usize = r.changes.iter().map(|c| c.flows.len()).sum();
+    let changed: usize = r.changes.iter().map(|c| c.flows_total as usize).sum();
     if changed == 0 {
         out += "no flow would change verdict\n";
         return out;
@@ -506,11 +509,15 @@ pub fn dry_run_text(r: &DryRunPolicyReply, file_name: &str) -> String {
     for c in &r.changes {
         let _ = writeln!(
             out,
-            "\n{} -> {}: {}",
+            "\n{} -> {}: {}, {}",
             decided(c.old_verdict, &c.old_rule),
             decided(c.new_verdict, &c.new_rule),
-            plural(c.flows.len(), "flow")
+            plural(c.flows_total as usize, "flow"),
+            plural(c.connections as usize, "connection")
         );
+        if c.flows.len() < c.flows_total as usize {
+            let _ = writeln!(out, "(the {} with the most records)", c.flows.len());
+        }
         let mut rows = vec![[
             "SOURCE".to_string(),
             "DESTINATION".into(),

@@ -262,6 +262,10 @@ async fn a_dry_run_lists_exactly_the_flows_a_removed_rule_allowed_and_changes_no
     let ch = &changes[0];
     assert_eq!((ch["old_verdict"].as_str(), ch["old_rule"].as_str()), (Some("allow"), Some("ssh")));
     assert_eq!((ch["new_verdict"].as_str(), ch["new_rule"].as_str()), (Some("deny"), Some("")));
+    assert_eq!(
+        (ch["flows_total"].as_u64(), ch["connections"].as_u64(), ch["records"].as_u64()),
+        (Some(2), Some(4), Some(6))
+    );
     let mut flows: Vec<(String, u64, u64)> = ch["flows"]
         .as_array()
         .unwrap()
@@ -276,7 +280,7 @@ async fn a_dry_run_lists_exactly_the_flows_a_removed_rule_allowed_and_changes_no
     let text = cli(&sock, &["policy", "apply", "--dry-run", candidate.to_str().unwrap()]).await;
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains("replayed 5 flows (9 records)"), "{text}");
-    assert!(text.contains("2 flows would change verdict:\n\nallow (ssh) -> deny: 2 flows"), "{text}");
+    assert!(text.contains("2 flows would change verdict:\n\nallow (ssh) -> deny: 2 flows, 4 connections"), "{text}");
     assert!(text.contains("10.77.0.2:22"), "{text}");
 
     // Nothing changed: no version, the same policy.
@@ -310,18 +314,21 @@ async fn rule_usage_sums_the_nodes_and_refuses_counts_for_rules_that_are_not_the
         AgentReport { body: Some(agent_report::Body::RuleHits(RuleHits { rules })) }
     };
     for (node, msg) in [
-        (&a, hits(&[("db", 10), ("ssh", 2)])),
+        // A rule named twice counts once with both parts.
+        (&a, hits(&[("db", 10), ("ssh", 2), ("ssh", 3)])),
         (&b, hits(&[("db", 10)])),
+        // Within 5 s of a's last report: refused.
         (&a, hits(&[("db", 1)])),
-        // web1 is on no side of `db`; a rule that does not exist; a count no link carries.
-        (&c, hits(&[("db", 1_000_000), ("nope", 5), ("web", 3_000_000_000)])),
+        // web1 is on no side of `db`; a rule that does not exist; a count no link carries,
+        // also when split into parts.
+        (&c, hits(&[("db", 1_000_000), ("nope", 5), ("web", 1_500_000_000), ("web", 1_500_000_000)])),
     ] {
         cp.agent().await.report(authed(tokio_stream::iter(vec![msg]), &node.credential)).await.expect("report");
     }
     cp.handle.registry().flush_flows().await.unwrap();
     let r = cp.admin.get_rule_usage(RuleUsageRequest::default()).await.unwrap().into_inner();
     let got: Vec<_> = r.rules.iter().map(|u| (u.rule_id.as_str(), u.packets, u.bytes)).collect();
-    assert_eq!(got, [("db", 21, 2_100), ("web", 0, 0), ("ssh", 2, 200)], "in the file's order");
+    assert_eq!(got, [("db", 20, 2_000), ("web", 0, 0), ("ssh", 5, 500)], "in the file's order");
 
     let sock = cp.handle.admin_socket.clone();
     let text = String::from_utf8(cli(&sock, &["policy", "show", "--usage"]).await.stdout).unwrap();

@@ -431,7 +431,12 @@ impl ControlClient {
                         }
                     }
                     if let Some(hits) = self.telemetry.rule_hits.next() {
-                        let _ = report.try_send(v1::AgentReport { body: Some(v1::agent_report::Body::RuleHits(hits)) });
+                        let body = Some(v1::agent_report::Body::RuleHits(hits));
+                        if let Err(e) = report.try_send(v1::AgentReport { body }) {
+                            if let Some(v1::agent_report::Body::RuleHits(hits)) = e.into_inner().body {
+                                self.telemetry.rule_hits.unsent(&hits);
+                            }
+                        }
                     }
                     // Each event once, in messages well under the control plane's size bound.
                     let events = self.telemetry.flows.drain();

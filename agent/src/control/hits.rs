@@ -40,6 +40,21 @@ impl RuleHits {
     }
 }
 
+impl RuleHits {
+    /// Takes back increments [`RuleHits::next`] returned that could not be sent: they are
+    /// reported with the next ones.
+    pub fn unsent(&self, hits: &v1::RuleHits) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(last) = last.as_mut() else { return };
+        for h in &hits.rules {
+            if let Some(c) = last.get_mut(&h.rule_id) {
+                c.packets = c.packets.saturating_sub(h.packets);
+                c.bytes = c.bytes.saturating_sub(h.bytes);
+            }
+        }
+    }
+}
+
 /// Per rule, what `now` counted beyond `before`. A rule absent before counts from zero; a
 /// counter below its previous value was restarted (its slot given to a new rule of that
 /// id) and counts from zero too.
@@ -91,6 +106,17 @@ mod tests {
         ];
         assert_eq!(got, want);
         assert_eq!(hits.next(), None, "no maps: nothing");
+    }
+
+    #[test]
+    fn increments_not_sent_come_again_with_the_next() {
+        let readings = Arc::new(Mutex::new(vec![counts(&[("web", 1)]), counts(&[("web", 5)]), counts(&[("web", 6)])]));
+        let source = readings.clone();
+        let hits = RuleHits::new(Box::new(move || Some(source.lock().unwrap().remove(0))));
+        assert_eq!(hits.next(), None);
+        let lost = hits.next().unwrap();
+        hits.unsent(&lost);
+        assert_eq!(hits.next().unwrap().rules, [v1::RuleHit { rule_id: "web".into(), packets: 5, bytes: 500 }]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `[agent] flow_log`: every flow event the policy programs report (new allowed flows and
 //! denies) as one JSON line in a local file, without a control plane. The file is the
-//! agent's (mode 0600, never through a symlink); past [`ROTATE_AT`] it becomes `<path>.1`
+//! agent's (mode 0600, a regular file of its own, never through a link); past [`ROTATE_AT`] it becomes `<path>.1`
 //! (replacing the previous one) and a new file starts, so it holds at most twice that.
 
 use std::io::Write;
@@ -43,14 +43,33 @@ pub struct FlowLogError {
     source: std::io::Error,
 }
 
+/// Opens the log for appending: a regular file of this user's with no other name (never
+/// through a symlink, a hard link, or into a FIFO or device), mode 0600 whatever it had.
 fn open(path: &Path) -> Result<std::fs::File, FlowLogError> {
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let err = |source| FlowLogError { path: path.to_owned(), source };
+    let refused = |what: &str| err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, what.to_owned()));
+    let file = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        // Non-blocking: opening a FIFO must not stall the events task.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|source| FlowLogError { path: path.to_owned(), source })
+        .map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.file_type().is_file() {
+        return Err(refused("not a regular file"));
+    }
+    if meta.nlink() != 1 {
+        return Err(refused("the file has other names (hard links)"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if meta.uid() != unsafe { libc::geteuid() } {
+        return Err(refused("owned by another user"));
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(file)
 }
 
 impl FlowLog {
@@ -101,7 +120,7 @@ impl FlowLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
     fn event(dport: u16) -> FlowEvent {
         FlowEvent {
@@ -143,6 +162,34 @@ mod tests {
         assert_eq!(rotated, text);
         assert!(std::fs::read_to_string(&path).unwrap().contains("\"dport\":80}"));
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn an_existing_file_becomes_private_and_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flows.jsonl");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        FlowLog::open(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+
+        // A second name for the file (which another user could read it by), and a FIFO
+        // (which would block the writer).
+        let linked = dir.path().join("linked.jsonl");
+        std::fs::hard_link(&path, &linked).unwrap();
+        assert!(FlowLog::open(&linked).err().unwrap().to_string().contains("hard links"));
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Refused at once: without a reader, a non-blocking open for writing fails (ENXIO);
+        // with one, the file type is checked.
+        let e = FlowLog::open(&fifo).err().expect("a FIFO is refused").to_string();
+        assert!(e.contains("fifo"), "{e}");
+        let reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+        let e = FlowLog::open(&fifo).err().expect("a FIFO with a reader is refused").to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        drop(reader);
     }
 
     #[test]

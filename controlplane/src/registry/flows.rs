@@ -39,6 +39,8 @@ pub struct FlowIntake {
     retention: Retention,
     /// Rule hits not yet written ([`super::usage`]).
     pub(super) usage: Mutex<HashMap<String, crate::store::Hits>>,
+    /// When each node's last rule hits were taken.
+    pub(super) usage_reports: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl FlowIntake {
@@ -51,6 +53,7 @@ impl FlowIntake {
             rates: super::throttle::Rates::new(per_sec, burst),
             retention,
             usage: Mutex::default(),
+            usage_reports: Mutex::default(),
         }
     }
 }
@@ -95,10 +98,7 @@ impl Registry {
         self.metrics.flow_records("over_rate", refused.over_rate);
         self.metrics.flow_records("invalid", refused.invalid);
         if refused != Refused::default() {
-            let mut all = lock(&self.flows.refused);
-            let counts = all.entry(node.to_owned()).or_default();
-            counts.over_rate += refused.over_rate;
-            counts.invalid += refused.invalid;
+            self.keep_refused(vec![(node.to_owned(), refused)]);
         }
     }
 
@@ -124,7 +124,7 @@ impl Registry {
                 // Logged once per outage: the queue goes on filling, and over its bound
                 // records are counted as refused.
                 Err(e) if !failing => {
-                    tracing::warn!(error = %e, "writing flow records failed");
+                    tracing::warn!(error = %e, "writing flow records or rule usage failed");
                     failing = true;
                 }
                 Err(_) => {}
@@ -150,16 +150,34 @@ impl Registry {
                 Err(_) => break,
             }
         }
-        let refused: Vec<(String, Refused)> = lock(&self.flows.refused).drain().collect();
+        let mut refused: Vec<(String, Refused)> = lock(&self.flows.refused).drain().collect();
         let _turn = self.status_turn().await;
         if !batch.is_empty() {
-            self.store.insert_flows(&batch).await?;
+            if let Err(e) = self.store.insert_flows(&batch).await {
+                self.metrics.flow_records("failed", batch.len() as u64);
+                self.keep_refused(refused);
+                return Err(e.into());
+            }
             self.metrics.flow_records("stored", batch.len() as u64);
         }
-        for (node, counts) in refused {
-            self.store.add_refused(&node, &counts).await?;
+        while let Some((node, counts)) = refused.pop() {
+            if let Err(e) = self.store.add_refused(&node, &counts).await {
+                refused.push((node, counts));
+                self.keep_refused(refused);
+                return Err(e.into());
+            }
         }
         self.write_rule_usage().await
+    }
+
+    /// Puts refused counts that were not written back for the next write.
+    fn keep_refused(&self, counts: Vec<(String, Refused)>) {
+        let mut all = lock(&self.flows.refused);
+        for (node, r) in counts {
+            let c = all.entry(node).or_default();
+            c.over_rate += r.over_rate;
+            c.invalid += r.invalid;
+        }
     }
 
     async fn prune_flows(&self) -> Result<u64, Error> {

@@ -86,6 +86,7 @@ pub struct Registry {
     following: tokio::sync::Mutex<()>,
     /// When the last refresh after a credential miss started ([`Registry::check_credential`]).
     miss_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
+    miss_refreshes: std::sync::atomic::AtomicU64,
     /// The database's incarnation: versions are only comparable within one.
     incarnation: Arc<str>,
     /// Read by authentication instead of the store (kept current by the store).
@@ -179,6 +180,7 @@ impl Registry {
             writer: tokio::sync::Mutex::new(()),
             following: tokio::sync::Mutex::new(()),
             miss_refresh: tokio::sync::Mutex::new(None),
+            miss_refreshes: Default::default(),
             incarnation: incarnation.into(),
             limits,
             overlay,
@@ -318,10 +320,19 @@ impl Registry {
             tokio::time::sleep_until((started + MISS_REFRESH_EVERY).into()).await;
         }
         *last = Some(std::time::Instant::now());
-        self.store.reload_credentials().await;
+        self.miss_refreshes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self.store.try_reload_credentials().await {
+            tracing::warn!(error = %e, "reading credentials after an unknown one failed");
+        }
         if let Err(e) = self.catch_up().await {
             tracing::warn!(error = %e, "catching up after an unknown credential failed");
         }
+    }
+
+    /// How many refreshes unknown credentials have caused (tests: misses share them).
+    #[doc(hidden)]
+    pub fn miss_refreshes(&self) -> u64 {
+        self.miss_refreshes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -12,52 +12,83 @@ use super::{lock, Registry};
 use crate::store::Hits;
 use crate::Error;
 
-/// The window `--usage` sums when the request names none.
-pub const DEFAULT_WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
-/// More packets than a 100 Gbit/s link carries in a 10 s report interval (of 64-byte
-/// packets): an increment above is not a count, and is dropped.
+/// More than a 100 Gbit/s link carries in the agents' 10 s report interval (of 64-byte
+/// packets; bytes): a rule's increment above is not a count, and is dropped.
 const MAX_PACKETS: u64 = 2_000_000_000;
-const MAX_BYTES: u64 = MAX_PACKETS * 65_536;
+const MAX_BYTES: u64 = 125_000_000_000;
+/// A node's reports are taken at most this often (agents send one every 10 s). With the
+/// caps above, one minute's row stays far inside an i64 even if every node lies.
+const MIN_REPORT_GAP: std::time::Duration = std::time::Duration::from_secs(5);
 const MINUTE_MS: i64 = 60_000;
 
 impl Registry {
     /// Adds what `node` counted, for the rules it is on a side of.
     pub(super) fn take_rule_hits(&self, node: &str, hits: v1::RuleHits) {
+        {
+            let mut last = lock(&self.flows.usage_reports);
+            let now = std::time::Instant::now();
+            if last.get(node).is_some_and(|at| now.duration_since(*at) < MIN_REPORT_GAP) {
+                tracing::debug!(node, "rule hits refused: too soon after the last");
+                return;
+            }
+            last.insert(node.to_owned(), now);
+        }
         let state = self.current();
         let Some(index) = state.index(node) else { return };
         let compiled = state.compiled();
         let concerns: HashSet<&str> =
             compiled.node_rules[index].iter().map(|(rule, _, _)| compiled.rules[*rule].id.as_str()).collect();
+        // Each rule once per report, however often the message names it.
+        let mut per_rule: HashMap<&str, Hits> = HashMap::new();
+        for h in &hits.rules {
+            let sum = per_rule.entry(h.rule_id.as_str()).or_default();
+            sum.packets = sum.packets.saturating_add(h.packets);
+            sum.bytes = sum.bytes.saturating_add(h.bytes);
+        }
         let mut pending = lock(&self.flows.usage);
-        for h in hits.rules {
-            if !concerns.contains(h.rule_id.as_str()) || h.packets > MAX_PACKETS || h.bytes > MAX_BYTES {
-                tracing::debug!(node, rule = %wirefence_proto::Escaped(&h.rule_id), "rule hits refused");
+        for (rule, h) in per_rule {
+            if !concerns.contains(rule) || h.packets > MAX_PACKETS || h.bytes > MAX_BYTES {
+                tracing::debug!(node, rule = %wirefence_proto::Escaped(rule), "rule hits refused");
                 continue;
             }
-            let sum = pending.entry(h.rule_id).or_default();
-            sum.packets += h.packets;
-            sum.bytes += h.bytes;
+            let sum = pending.entry(rule.to_owned()).or_default();
+            sum.packets = sum.packets.saturating_add(h.packets);
+            sum.bytes = sum.bytes.saturating_add(h.bytes);
         }
     }
 
-    /// Writes the hits summed since the last call into the current minute.
+    /// Writes the hits summed since the last call into the current minute; what fails to
+    /// be written goes back for the next call.
     pub(super) async fn write_rule_usage(&self) -> Result<(), Error> {
         let pending: HashMap<String, Hits> = std::mem::take(&mut *lock(&self.flows.usage));
         if pending.is_empty() {
             return Ok(());
         }
+        // In one order on every server: two replicas' upserts never wait on each other's
+        // rows in opposite orders.
+        let rows: std::collections::BTreeMap<String, Hits> = pending.into_iter().collect();
         let now = now_ms();
-        Ok(self.store.add_rule_usage(now - now.rem_euclid(MINUTE_MS), &pending).await?)
+        if let Err(e) = self.store.add_rule_usage(now - now.rem_euclid(MINUTE_MS), &rows).await {
+            let mut back = lock(&self.flows.usage);
+            for (rule, h) in rows {
+                let sum = back.entry(rule).or_default();
+                sum.packets = sum.packets.saturating_add(h.packets);
+                sum.bytes = sum.bytes.saturating_add(h.bytes);
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
 
-    /// Every rule of the policy in force with its hits since `req.since_unix_ms` (whole
-    /// minutes: the one containing it included).
+    /// Every rule of the policy in force with its hits since `req.since_unix_ms`, in whole
+    /// minutes: the reply's window starts with the minute containing it.
     pub async fn rule_usage(&self, req: &v1::RuleUsageRequest) -> Result<v1::RuleUsageReply, Error> {
         let since = match req.since_unix_ms {
-            0 => now_ms().saturating_sub(DEFAULT_WINDOW_MS),
+            0 => now_ms().saturating_sub(crate::flows::DEFAULT_WINDOW_MS),
             s => s,
         };
-        let hits = self.store.rule_usage(since - since.rem_euclid(MINUTE_MS)).await?;
+        let since = since - since.rem_euclid(MINUTE_MS);
+        let hits = self.store.rule_usage(since).await?;
         let policy = self.current().policy.clone();
         let rules = policy
             .rules

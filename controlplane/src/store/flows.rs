@@ -188,13 +188,15 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                let bad = || corrupt("(a flow record)");
-                let ip = |i: usize| -> Result<IpAddr> { r.try_get::<String, _>(i)?.parse().map_err(|_| bad()) };
+                // Grouped rows have no node: the column names the problem.
+                let bad = |field| StoreError::Corrupt { id: "flows".into(), field };
+                let ip =
+                    |i: usize, field| -> Result<IpAddr> { r.try_get::<String, _>(i)?.parse().map_err(|_| bad(field)) };
                 Ok(FlowKind {
-                    src: ip(0)?,
-                    dst: ip(1)?,
-                    protocol: u8::try_from(r.try_get::<i64, _>(2)?).map_err(|_| bad())?,
-                    dst_port: u16::try_from(r.try_get::<i64, _>(3)?).map_err(|_| bad())?,
+                    src: ip(0, "src")?,
+                    dst: ip(1, "dst")?,
+                    protocol: u8::try_from(r.try_get::<i64, _>(2)?).map_err(|_| bad("protocol"))?,
+                    dst_port: u16::try_from(r.try_get::<i64, _>(3)?).map_err(|_| bad("dst_port"))?,
                     connections: to_u64(r.try_get(4)?),
                     records: to_u64(r.try_get(5)?),
                     last_ms: r.try_get(6)?,

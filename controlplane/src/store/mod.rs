@@ -316,18 +316,22 @@ impl Store {
     /// On failure the index is emptied: no node authenticates until a reload (a full one)
     /// succeeds (fail closed).
     pub async fn reload_credentials(&self) {
-        let mut seen = self.reloading.lock().await;
-        match credential_rows(&self.pool, *seen).await {
-            Ok((rows, last)) => {
-                self.credentials.update(rows);
-                *seen = last.max(*seen);
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "reloading the credential index failed; refusing all node credentials");
-                self.credentials.replace(Default::default());
-                *seen = -1;
-            }
+        if let Err(e) = self.try_reload_credentials().await {
+            tracing::error!(error = %e, "reloading the credential index failed; refusing all node credentials");
+            self.credentials.replace(Default::default());
+            *self.reloading.lock().await = -1;
         }
+    }
+
+    /// [`Store::reload_credentials`] that leaves the index as it is on failure: for
+    /// refreshes anyone can cause (an unknown credential), which must not be able to lock
+    /// every node out during a database hiccup.
+    pub async fn try_reload_credentials(&self) -> Result<()> {
+        let mut seen = self.reloading.lock().await;
+        let (rows, last) = credential_rows(&self.pool, *seen).await?;
+        self.credentials.update(rows);
+        *seen = last.max(*seen);
+        Ok(())
     }
 
     /// Every node, live and removed, ordered by id.

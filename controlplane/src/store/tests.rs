@@ -317,17 +317,28 @@ async fn flow_records_on_sqlite() {
 /// over a window of minutes, pruned by age.
 async fn usage_on(s: &Store) {
     use super::Hits;
-    let hits = |v: &[(&str, u64)]| -> std::collections::HashMap<String, Hits> {
+    let hits = |v: &[(&str, u64)]| -> std::collections::BTreeMap<String, Hits> {
         v.iter().map(|(id, n)| (id.to_string(), Hits { packets: *n, bytes: n * 10 })).collect()
+    };
+    let read = |since| async move {
+        s.rule_usage(since).await.unwrap().into_iter().collect::<std::collections::BTreeMap<_, _>>()
     };
     s.add_rule_usage(60_000, &hits(&[("web", 3), ("ssh", 1)])).await.unwrap();
     s.add_rule_usage(60_000, &hits(&[("web", 4)])).await.unwrap();
     s.add_rule_usage(120_000, &hits(&[("web", 5)])).await.unwrap();
-    let all = s.rule_usage(0).await.unwrap();
-    assert_eq!(all, hits(&[("web", 12), ("ssh", 1)]));
-    assert_eq!(s.rule_usage(120_000).await.unwrap(), hits(&[("web", 5)]));
+    assert_eq!(read(0).await, hits(&[("web", 12), ("ssh", 1)]));
+    assert_eq!(read(120_000).await, hits(&[("web", 5)]));
     assert_eq!(s.prune_rule_usage(120_000).await.unwrap(), 2);
-    assert_eq!(s.rule_usage(0).await.unwrap(), hits(&[("web", 5)]));
+    assert_eq!(read(0).await, hits(&[("web", 5)]));
+    // Sums beyond an i64 are clamped, not an error.
+    let huge = |minute| async move {
+        let h = [("big".to_string(), Hits { packets: 1 << 62, bytes: 1 << 62 })].into_iter().collect();
+        s.add_rule_usage(minute, &h).await.unwrap();
+    };
+    huge(180_000).await;
+    huge(240_000).await;
+    let big = read(0).await["big"];
+    assert!(big.packets >= 9_200_000_000_000_000_000 && big.bytes >= 9_200_000_000_000_000_000, "{big:?}");
 }
 
 #[tokio::test]

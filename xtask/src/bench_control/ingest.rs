@@ -117,7 +117,7 @@ async fn ingest(cp: &Loopback, metrics: SocketAddr, nodes: usize, records: usize
         loop {
             let m = scrape(metrics).await?;
             let (stored, refused) = (sample(&m, "stored"), sample(&m, "over_rate"));
-            if stored + refused + sample(&m, "invalid") >= sent {
+            if stored + refused + sample(&m, "invalid") + sample(&m, "failed") >= sent {
                 if round + 1 == rounds {
                     return Ok((stored, refused, t0.elapsed()));
                 }
@@ -137,16 +137,17 @@ fn free_port() -> Result<String> {
     Ok(l.local_addr()?.to_string())
 }
 
+/// `GET /metrics` on loopback: the body.
 async fn scrape(addr: SocketAddr) -> Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n").await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await?;
+    Ok(wirefence_tests::metrics::metrics_body(&raw))
 }
 
 /// `wirefence_control_flow_records_total{outcome="..."}`, 0 when absent.
 fn sample(metrics: &str, outcome: &str) -> u64 {
-    let name = format!("wirefence_control_flow_records_total{{outcome=\"{outcome}\"}} ");
-    metrics.lines().find_map(|l| l.strip_prefix(name.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    let name = format!("wirefence_control_flow_records_total{{outcome=\"{outcome}\"}}");
+    wirefence_tests::metrics::find_sample(metrics, &name).unwrap_or(0.0) as u64
 }
