@@ -100,6 +100,15 @@ fn three_sites_with_an_ha_pair_as_the_readme_walks_through() {
             .any(|l| l.starts_with(gw.public_key.as_str()) && l.contains("10.10.2.0/24"))
     };
     // The higher priority wins: at once, or (when gw-b2 came first) after the hold-down.
+    // Before both members' report streams are seen, the lower id is primary without any
+    // word from them, and the first to report may take over: stable only once both are
+    // healthy and gw-b1 leads.
+    wait_until("both members healthy, gw-b1 primary", T, || {
+        let show = cp.admin_ok(&["nodes", "show", "gw-b2"]);
+        show.contains("route group:     10.10.2.0/24 primary gw-b1 (")
+            && show.contains("(priority 100, healthy)")
+            && show.contains("(priority 200, healthy)")
+    });
     wait_until("gw-a routes site B to gw-b1", T, || routes_b(gw_b1));
     wait_until("site A reaches site B through gw-b1", T, || exchanges(&lan_a, web, SHORT));
     // Nothing else crosses: B's 8080, C to B, B back to A.
