@@ -138,9 +138,10 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
 
     // The control plane's benches, smaller: push latency (20 changes, SQLite and across two
     // replicas on PostgreSQL), fan-out over two replicas (500 watchers), 5 failovers behind
-    // HAProxy, and 1,000 and 2,000 simulated agents in a full mesh, on the release builds
-    // the packages made (a few minutes). Fails when an agent or watcher misses a change or
-    // the mesh, or a failover does not complete; the times are reported. One test.
+    // HAProxy, 50,000 flow records ingested on each engine, and 1,000 and 2,000 simulated
+    // agents in a full mesh, on the release builds the packages made (a few minutes). Fails
+    // when an agent or watcher misses a change or the mesh, a failover does not complete, or
+    // records go missing; the times and rates are reported. One test.
     let scale = Command::new(std::env::current_exe()?)
         .args(["bench-control", "--no-flood", "--no-fanout", "--changes", "20"])
         .args(["--replica-agents", "500", "--kills", "5", "--scale", "1000,2000"])
