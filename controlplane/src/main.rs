@@ -183,6 +183,11 @@ fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message()).context(format!("control plane refused ({:?})", e.code()))
 }
 
+/// `secs` before `now` (Unix seconds), in Unix ms: the start of a `--since` window.
+fn ago_ms(now: i64, secs: u64) -> i64 {
+    now.saturating_sub(i64::try_from(secs).unwrap_or(i64::MAX)).saturating_mul(1000)
+}
+
 /// A policy file the control plane refused (its message names file:line), else [`status`].
 fn rejected(e: tonic::Status, outcome: &str) -> anyhow::Error {
     if e.code() == tonic::Code::InvalidArgument {
@@ -198,7 +203,7 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
         Command::Policy(PolicyCommand::Apply { file, dry_run: true, since, json }) => {
             let source = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
             let file_name = file.display().to_string();
-            let since_unix_ms = now.saturating_sub(i64::try_from(since).unwrap_or(i64::MAX)).saturating_mul(1000);
+            let since_unix_ms = ago_ms(now, since);
             let request = DryRunPolicyRequest { file_name: file_name.clone(), source, since_unix_ms };
             let r = admin.dry_run_policy(request).await.map_err(|e| rejected(e, "nothing applied"))?.into_inner();
             if json {
@@ -226,7 +231,7 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
             out
         }
         Command::Policy(PolicyCommand::Show { json, usage: true, since }) => {
-            let since_unix_ms = now.saturating_sub(i64::try_from(since).unwrap_or(i64::MAX)).saturating_mul(1000);
+            let since_unix_ms = ago_ms(now, since);
             let r = admin.get_rule_usage(RuleUsageRequest { since_unix_ms }).await.map_err(status)?.into_inner();
             if json {
                 format!("{:#}\n", output::usage_json(&r))
@@ -256,9 +261,7 @@ async fn admin_command(admin: &mut admin_client::AdminClient, command: Command) 
         Command::Flows(f) => {
             let request = ListFlowsRequest {
                 node: f.node.unwrap_or_default(),
-                since_unix_ms: f
-                    .since
-                    .map_or(0, |s| now.saturating_sub(i64::try_from(s).unwrap_or(i64::MAX)).saturating_mul(1000)),
+                since_unix_ms: f.since.map_or(0, |s| ago_ms(now, s)),
                 verdict: match f.verdict {
                     None => Verdict::Unspecified,
                     Some(VerdictArg::Allow) => Verdict::Allow,

@@ -4,7 +4,7 @@
 
 use wirefence_proto::v1;
 
-use super::flows::now_ms;
+use super::flows::window_start;
 use super::Registry;
 use crate::flows::{FlowKind, Verdict};
 use crate::policy::{self, replay};
@@ -29,10 +29,7 @@ impl Registry {
         let rules = policy::compile(&candidate, &state.nodes);
         let tests_passed = policy::run_tests(&candidate, &rules, &state.nodes)?;
         let unmatched_selectors = policy::unmatched_selectors(&candidate, &state.nodes);
-        let since = match req.since_unix_ms {
-            0 => now_ms().saturating_sub(crate::flows::DEFAULT_WINDOW_MS),
-            s => s,
-        };
+        let since = window_start(req.since_unix_ms);
         let mut flows = self.store.flow_kinds(since, MAX_FLOWS + 1).await?;
         let truncated = flows.len() > MAX_FLOWS as usize;
         flows.truncate(MAX_FLOWS as usize);

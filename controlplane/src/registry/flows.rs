@@ -58,6 +58,15 @@ impl FlowIntake {
     }
 }
 
+/// A request's window start (Unix ms): as given, or [`crate::flows::DEFAULT_WINDOW_MS`]
+/// before now when 0.
+pub(super) fn window_start(since_unix_ms: i64) -> i64 {
+    match since_unix_ms {
+        0 => now_ms().saturating_sub(crate::flows::DEFAULT_WINDOW_MS),
+        s => s,
+    }
+}
+
 pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use wirefence_proto::v1;
 
-use super::flows::now_ms;
+use super::flows::{now_ms, window_start};
 use super::{lock, Registry};
 use crate::store::Hits;
 use crate::Error;
@@ -41,9 +41,7 @@ impl Registry {
         // Each rule once per report, however often the message names it.
         let mut per_rule: HashMap<&str, Hits> = HashMap::new();
         for h in &hits.rules {
-            let sum = per_rule.entry(h.rule_id.as_str()).or_default();
-            sum.packets = sum.packets.saturating_add(h.packets);
-            sum.bytes = sum.bytes.saturating_add(h.bytes);
+            *per_rule.entry(h.rule_id.as_str()).or_default() += Hits { packets: h.packets, bytes: h.bytes };
         }
         let mut pending = lock(&self.flows.usage);
         for (rule, h) in per_rule {
@@ -51,9 +49,7 @@ impl Registry {
                 tracing::debug!(node, rule = %wirefence_proto::Escaped(rule), "rule hits refused");
                 continue;
             }
-            let sum = pending.entry(rule.to_owned()).or_default();
-            sum.packets = sum.packets.saturating_add(h.packets);
-            sum.bytes = sum.bytes.saturating_add(h.bytes);
+            *pending.entry(rule.to_owned()).or_default() += h;
         }
     }
 
@@ -71,9 +67,7 @@ impl Registry {
         if let Err(e) = self.store.add_rule_usage(now - now.rem_euclid(MINUTE_MS), &rows).await {
             let mut back = lock(&self.flows.usage);
             for (rule, h) in rows {
-                let sum = back.entry(rule).or_default();
-                sum.packets = sum.packets.saturating_add(h.packets);
-                sum.bytes = sum.bytes.saturating_add(h.bytes);
+                *back.entry(rule).or_default() += h;
             }
             return Err(e.into());
         }
@@ -83,10 +77,7 @@ impl Registry {
     /// Every rule of the policy in force with its hits since `req.since_unix_ms`, in whole
     /// minutes: the reply's window starts with the minute containing it.
     pub async fn rule_usage(&self, req: &v1::RuleUsageRequest) -> Result<v1::RuleUsageReply, Error> {
-        let since = match req.since_unix_ms {
-            0 => now_ms().saturating_sub(crate::flows::DEFAULT_WINDOW_MS),
-            s => s,
-        };
+        let since = window_start(req.since_unix_ms);
         let since = since - since.rem_euclid(MINUTE_MS);
         let hits = self.store.rule_usage(since).await?;
         let policy = self.current().policy.clone();

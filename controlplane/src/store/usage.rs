@@ -14,6 +14,14 @@ pub struct Hits {
     pub bytes: u64,
 }
 
+/// Adds without overflowing: a lying node's counts saturate instead.
+impl std::ops::AddAssign for Hits {
+    fn add_assign(&mut self, other: Hits) {
+        self.packets = self.packets.saturating_add(other.packets);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+    }
+}
+
 impl Store {
     /// Adds `hits` to the minute starting at `minute_ms`, in one transaction, rule by rule
     /// in order (so that concurrent servers lock the rows in one order).

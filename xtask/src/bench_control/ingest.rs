@@ -56,18 +56,7 @@ async fn ingest(cp: &Loopback, metrics: SocketAddr, nodes: usize, records: usize
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.addr))?.connect().await?;
     let mut enrolled = Vec::new();
     for n in 0..nodes {
-        let mut client = AgentServiceClient::new(channel.clone());
-        let private: [u8; 32] = rand::random();
-        let mut req = v1::RegisterRequest {
-            public_key: wirefence_proto::possession::public_key(&private).to_vec(),
-            hostname: format!("flows{n}"),
-            enrollment_key: key.clone(),
-            endpoints: vec![v1::SocketAddress::from(SocketAddr::from(([192, 0, 2, 1], 51820)))],
-            ..Default::default()
-        };
-        let challenge = client.enroll_challenge(v1::EnrollChallengeRequest {}).await?.into_inner();
-        wirefence_proto::possession::answer(&mut req, &private, &challenge)?;
-        let reg = client.register(req).await?.into_inner();
+        let reg = super::loopback::enroll(channel.clone(), format!("flows{n}"), key.clone()).await?;
         let v4 = reg.addresses.iter().find(|a| a.addr.len() == 4).context("an IPv4 overlay address")?.addr.clone();
         enrolled.push((reg.credential, v4));
     }

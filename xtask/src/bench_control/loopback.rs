@@ -61,3 +61,25 @@ impl Loopback {
         Ok(Loopback { child, pid, addr, admin, _dir: dir })
     }
 }
+
+/// Enrolls a simulated agent named `hostname` with `key` (a fresh key pair, the challenge
+/// answered) over `channel`.
+pub async fn enroll(
+    channel: tonic::transport::Channel,
+    hostname: String,
+    key: String,
+) -> Result<wirefence_proto::v1::RegisterResponse> {
+    use wirefence_proto::v1;
+    let mut client = v1::agent_service_client::AgentServiceClient::new(channel);
+    let private: [u8; 32] = rand::random();
+    let mut req = v1::RegisterRequest {
+        public_key: wirefence_proto::possession::public_key(&private).to_vec(),
+        hostname,
+        enrollment_key: key,
+        endpoints: vec![v1::SocketAddress::from(SocketAddr::from(([192, 0, 2, 1], 51820)))],
+        ..Default::default()
+    };
+    let challenge = client.enroll_challenge(v1::EnrollChallengeRequest {}).await?.into_inner();
+    wirefence_proto::possession::answer(&mut req, &private, &challenge)?;
+    Ok(client.register(req).await?.into_inner())
+}

@@ -8,7 +8,6 @@
 //! version and count the peers in it (a real agent's decoding would cost this process more
 //! than the control plane under test).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -266,20 +265,8 @@ async fn sim_agent(
     tx: &mpsc::UnboundedSender<Result<Seen>>,
     enrolling: Arc<tokio::sync::Semaphore>,
 ) -> Result<()> {
-    use v1::agent_service_client::AgentServiceClient;
     let permit = enrolling.acquire_owned().await?;
-    let mut client = AgentServiceClient::new(channel.clone());
-    let private: [u8; 32] = rand::random();
-    let mut req = v1::RegisterRequest {
-        public_key: wirefence_proto::possession::public_key(&private).to_vec(),
-        hostname: format!("sim{agent}"),
-        enrollment_key: key,
-        endpoints: vec![v1::SocketAddress::from(SocketAddr::from(([192, 0, 2, 1], 51820)))],
-        ..Default::default()
-    };
-    let challenge = client.enroll_challenge(v1::EnrollChallengeRequest {}).await?.into_inner();
-    wirefence_proto::possession::answer(&mut req, &private, &challenge)?;
-    let reg = client.register(req).await?.into_inner();
+    let reg = super::loopback::enroll(channel.clone(), format!("sim{agent}"), key).await?;
     drop(permit);
     let mut req = tonic::Request::new(v1::WatchRequest { resume_from: 0, accepts_parts: true, ..Default::default() });
     req.metadata_mut().insert("authorization", format!("Bearer {}", reg.credential).parse()?);
