@@ -1,4 +1,5 @@
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 use wirefence_agent::config::ConfigCache;
 use wirefence_agent::control::ControlFiles;
 use wirefence_agent::daemon::Agent;
+use wirefence_agent::enforce::trace::{TraceSpec, Tracer};
 use wirefence_agent::load;
 use wirefence_agent::model::IfName;
 use wirefence_agent::netlink::Netlink;
@@ -89,6 +91,33 @@ enum Cmd {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Show the policy's decisions for live packets on the tunnel device, until interrupted:
+    /// the path taken (flow-cache, conntrack, icmp-error, fragment, new), the verdict and
+    /// the deciding rule. Reads the running agent's pins (as root); one trace at a time.
+    /// Costs nothing while no trace runs.
+    Trace {
+        /// Agent config (TOML).
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Source address or prefix of the packets (10.0.0.1, 10.0.0.0/24, fd00::/64).
+        #[arg(long, value_parser = parse_net)]
+        src: Option<ipnet::IpNet>,
+        /// Destination address or prefix of the packets.
+        #[arg(long, value_parser = parse_net)]
+        dst: Option<ipnet::IpNet>,
+        /// Protocol: tcp, udp, icmp, icmpv6, sctp, udplite, gre, esp or a number 0-255.
+        #[arg(long, value_parser = parse_trace_proto)]
+        proto: Option<u8>,
+        /// Port at either end (TCP, UDP, UDP-Lite and SCTP packets).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Stop after this many packets.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Print JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Access policy tools.
     Policy {
         #[command(subcommand)]
@@ -118,6 +147,20 @@ enum PolicyCmd {
         #[arg(long)]
         fragment: bool,
     },
+}
+
+/// An address (a host prefix) or a prefix.
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an address nor a prefix (10.0.0.1, 10.0.0.0/24, fd00::/64)"))
+}
+
+fn parse_trace_proto(s: &str) -> Result<u8, String> {
+    match policy::model::parse_proto(s)? {
+        Some(p) => Ok(p),
+        None => Err("leave --proto out to trace every protocol".into()),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -226,6 +269,11 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Trace { config, src, dst, proto, port, count, json } => {
+            let config = load::load_effective(&config)?;
+            let spec = TraceSpec::new(src, dst, proto, port)?;
+            trace(&config, &spec, count, json).await
+        }
         Cmd::Keygen { out } => {
             let key = keys::generate(&out)?;
             println!("{}", key.public_key());
@@ -267,6 +315,76 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `trace`: prints the traced packets until `count` of them, Ctrl-C or SIGTERM; the
+/// tracer disarms on the way out.
+async fn trace(
+    config: &wirefence_agent::config::Config,
+    spec: &TraceSpec,
+    count: Option<u64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Some(p) = &config.policy else {
+        anyhow::bail!(
+            "no [policy] section: nothing is enforced on {}, so nothing decides packets",
+            config.interface.name
+        );
+    };
+    // Before arming: from then on Ctrl-C and SIGTERM end the loop, so the tracer disarms.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut int, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
+    let mut tracer = Tracer::start(&p.pin_dir, &config.interface.name, &config.agent.state_dir, spec)?;
+    eprintln!("tracing {} (Ctrl-C to stop)", config.interface.name);
+    let mut shown = 0u64;
+    let result = loop {
+        let batch = tokio::select! {
+            batch = tracer.next() => batch,
+            _ = int.recv() => break Ok(()),
+            _ = term.recv() => break Ok(()),
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => break Err(e.into()),
+        };
+        match print_traced(&batch, json, count.map(|c| c - shown)) {
+            Ok(n) => shown += n,
+            // A closed pipe (`| head`) ends the trace like Ctrl-C.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break Ok(()),
+            Err(e) => break Err(e.into()),
+        }
+        if count.is_some_and(|c| shown >= c) {
+            break Ok(());
+        }
+    };
+    let lost = tracer.lost();
+    drop(tracer);
+    eprintln!(
+        "{shown} packets traced{}",
+        if lost > 0 { format!(", {lost} lost (the trace ring was full)") } else { String::new() }
+    );
+    result
+}
+
+/// Prints up to `limit` of `batch` (text or JSON lines); returns how many.
+fn print_traced(
+    batch: &[wirefence_agent::enforce::trace::Traced],
+    json: bool,
+    limit: Option<u64>,
+) -> std::io::Result<u64> {
+    let mut out = std::io::stdout().lock();
+    let mut n = 0;
+    for t in batch.iter().take(limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX))) {
+        if json {
+            serde_json::to_writer(&mut out, t)?;
+        } else {
+            write!(out, "{t}")?;
+        }
+        writeln!(out)?;
+        n += 1;
+    }
+    out.flush()?;
+    Ok(n)
 }
 
 /// `rotate-key`: the running agent rotates (SIGUSR1); done when the credential names a new

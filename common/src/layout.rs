@@ -37,7 +37,7 @@ const CONNTRACK_VERSION: u32 = CONNTRACK_V2;
 const CONNTRACK_VERSION: u32 = CONNTRACK_V3;
 
 /// This build's layouts, one per pinned map, in [`MAPS`] order.
-pub const LAYOUTS: [MapLayout; 14] = [
+pub const LAYOUTS: [MapLayout; 17] = [
     layout::<u32, PolicyState>(STATE, 1),
     layout::<[u32; 3], ClassValue>(SRC_V4, 1),
     layout::<[u32; 3], ClassValue>(DST_V4, 1),
@@ -53,6 +53,9 @@ pub const LAYOUTS: [MapLayout; 14] = [
     layout::<u32, EventBudget>(EVENT_BUDGET, 1),
     layout::<u32, CtConfig>(CT_CONFIG, 1),
     layout::<[u8; 16], u64>(CT_QUOTA, 1),
+    layout::<u32, trace::TraceFilter>(TRACE, 1),
+    MapLayout { name: TRACE_EVENTS, version: 1, key_size: 0, value_size: 0 },
+    layout::<u32, u32>(TRACE_ARMED, 1),
 ];
 
 /// This build's layout of map `name`.
@@ -60,10 +63,11 @@ pub fn of(name: &str) -> Option<&'static MapLayout> {
     LAYOUTS.iter().find(|l| l.name.as_bytes() == name.as_bytes())
 }
 
-/// Maps whose content is only in transit (the event ring and its rate budget): a build
-/// finding them in another layout starts them afresh instead of migrating them.
+/// Maps whose content is only in transit (the event rings, the events' rate budget and the
+/// trace's filter and switch): a build finding them in another layout starts them afresh
+/// instead of migrating them.
 pub fn transient(name: &str) -> bool {
-    name == EVENTS || name == EVENT_BUDGET
+    [EVENTS, EVENT_BUDGET, TRACE, TRACE_EVENTS, TRACE_ARMED].contains(&name)
 }
 
 #[cfg(test)]

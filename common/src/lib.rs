@@ -44,6 +44,7 @@
 #![no_std]
 
 pub mod layout;
+pub mod trace;
 
 /// Map names (as in the object file and under the bpffs pin directory).
 pub const STATE: &str = "WF_STATE";
@@ -62,6 +63,24 @@ pub const EVENT_BUDGET: &str = "WF_EVENT_BUDGET";
 pub const CT_CONFIG: &str = "WF_CT_CONFIG";
 /// Live conntrack entries per remote source ([`quota_key`] -> u64 count).
 pub const CT_QUOTA: &str = "WF_CT_QUOTA";
+/// The live trace's filter ([`trace::TraceFilter`], one entry), written by the tracer.
+pub const TRACE: &str = "WF_TRACE";
+/// The live trace's records ([`trace::TraceRecord`]), read by the tracer.
+pub const TRACE_EVENTS: &str = "WF_TRACE_EVENTS";
+/// The live trace's switch: the programs' data section holding `WF_TRACE_ARMED` (one u32,
+/// non-zero while a tracer runs), an array of one entry as maps go. Pinned as
+/// `WF_TRACE_ARMED` ([`pin_name`]).
+pub const TRACE_ARMED: &str = ".bss.wf_trace";
+
+/// The file map `name` is pinned under: its name, but for a data section's map (bpffs
+/// refuses names with a dot).
+pub fn pin_name(name: &str) -> &str {
+    if name == TRACE_ARMED {
+        "WF_TRACE_ARMED"
+    } else {
+        name
+    }
+}
 
 /// The programs' per-CPU flow cache (`ebpf/src/flow_cache.rs`): not pinned and never
 /// touched by the agent; each loaded object has its own. Tools may load a copy with 1 slot
@@ -74,7 +93,7 @@ pub const FLOW_CACHE: &str = "WF_FLOW_CACHE";
 pub const VERDICT_CACHE: &str = "WF_VERDICT_CACHE";
 
 /// Every pinned map of the object (the agent pins each under the interface's pin directory).
-pub const MAPS: [&str; 14] = [
+pub const MAPS: [&str; 17] = [
     STATE,
     SRC_V4,
     DST_V4,
@@ -89,6 +108,9 @@ pub const MAPS: [&str; 14] = [
     EVENT_BUDGET,
     CT_CONFIG,
     CT_QUOTA,
+    TRACE,
+    TRACE_EVENTS,
+    TRACE_ARMED,
 ];
 
 /// Program names (functions in the object file).

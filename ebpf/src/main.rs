@@ -3,8 +3,9 @@
 //! `wirefence-common` (common/src/lib.rs); this crate implements it. This file holds the
 //! entry points and the decision; the parser ([`parse`]), conntrack ([`conntrack`]), the
 //! policy lookup ([`policy`]) and its cache ([`verdict_cache`]), counters and events
-//! ([`events`]), the class probes ([`classes`]), the flow cache ([`flow_cache`]) and MSS
-//! clamping ([`mss`], also alone as a third classifier, `wf_mss`) are modules of their own.
+//! ([`events`]), the class probes ([`classes`]), the flow cache ([`flow_cache`]), MSS
+//! clamping ([`mss`], also alone as a third classifier, `wf_mss`) and the live trace
+//! ([`trace`]) are modules of their own.
 //!
 //! # Per packet
 //!
@@ -47,12 +48,16 @@
 //!
 //! 6. A TCP SYN or SYN-ACK that passes (new or established) has its MSS option clamped to
 //!    the tunnel's limit ([`mss`]); `wf_mss` does only that, on a device without a policy.
+//! 7. Decided (steps 4-5; not a malformed, non-IP or uninitialised drop): the live trace's
+//!    switch, a global, is loaded ([`trace`]); only while a tracer runs does a subprogram
+//!    match its filter and send the path, verdict and rule. It cannot change the verdict.
 //!
-//! Per packet this is at most: 1 array read, 1 flow-cache slot, 1 conntrack lookup (of
-//! the packet's flow, or of the flow an ICMP error quotes), 1 verdict-cache slot, 2 class
-//! lookups (a hash probe per prefix length the policy uses) and 1 policy lookup (the last
-//! four repeated once when an old-epoch entry is re-checked), a conntrack insert or delete, and counter/event-budget
-//! updates: a number that does not grow with the rule count.
+//! Per packet this is at most: 1 array read, 1 global load (the trace's switch), 1 flow-cache
+//! slot, 1 conntrack lookup (of the packet's flow, or of the flow an ICMP error quotes), 1
+//! verdict-cache slot, 2 class lookups (a hash probe per prefix length the policy uses) and
+//! 1 policy lookup (the last four repeated once when an old-epoch entry is re-checked), a
+//! conntrack insert or delete, and counter/event-budget updates: a number that does not
+//! grow with the rule count.
 //!
 //! # Ports and ICMP
 //!
@@ -107,6 +112,7 @@ mod flow_cache;
 mod mss;
 mod parse;
 mod policy;
+mod trace;
 mod verdict_cache;
 
 use aya_ebpf::{
@@ -116,7 +122,7 @@ use aya_ebpf::{
     programs::TcContext,
     Global,
 };
-use wirefence_common::{self as c, stat, FlowValue};
+use wirefence_common::{self as c, stat, trace::path, FlowValue};
 
 use conntrack::{TCP_FIN, TCP_RST, TCP_SYN};
 use events::{count, count_rule, event};
@@ -168,12 +174,40 @@ pub fn wf_mss(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn run(ctx: &TcContext, dir: u8) -> i32 {
-    match try_classify(ctx, dir) {
-        Ok(verdict) => verdict,
+    let mut slot = core::mem::MaybeUninit::uninit();
+    match try_classify(ctx, dir, &mut slot) {
+        Ok(d) => {
+            // The trace's one read per packet: everything else happens only while armed.
+            if d.path != 0 && trace::armed() {
+                // SAFETY: a non-zero path comes only from packets parsed into `slot`.
+                trace::emit(unsafe { slot.assume_init_ref() }, d.rule, d.path, d.code == PASS, ctx.len());
+            }
+            d.code
+        }
         Err(Malformed) => {
             count(stat::MALFORMED, ctx.len());
             DROP
         }
+    }
+}
+
+/// How a packet was decided: the return code, and for the trace the deciding rule and the
+/// path taken (0: not parsed, nothing to trace).
+struct Decided {
+    code: i32,
+    rule: u32,
+    path: u8,
+}
+
+impl Decided {
+    #[inline(always)]
+    fn unparsed(code: i32) -> Decided {
+        Decided { code, rule: c::NO_RULE, path: 0 }
+    }
+
+    #[inline(always)]
+    fn pass(rule: u32, path: u8) -> Decided {
+        Decided { code: PASS, rule, path }
     }
 }
 
@@ -183,7 +217,7 @@ fn run(ctx: &TcContext, dir: u8) -> i32 {
 // parser fills a [`Pkt`] owned by the caller.
 
 #[inline(always)]
-fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
+fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>) -> Result<Decided, Malformed> {
     let len = ctx.len();
     // __sk_buff.protocol holds the ethertype in network byte order.
     let v6 = match u16::from_be(ctx.skb.protocol() as u16) {
@@ -193,22 +227,21 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
             count(stat::NOT_IP, len);
             // WireGuard carries only IP: on an L3 device anything else is dropped. (Ethernet
             // test devices need ARP.)
-            return Ok(if WF_L3_OFFSET.load() == 0 { DROP } else { PASS });
+            return Ok(Decided::unparsed(if WF_L3_OFFSET.load() == 0 { DROP } else { PASS }));
         }
     };
     let Some(st) = read_state() else {
         count(stat::UNINITIALIZED, len);
-        return Ok(DROP);
+        return Ok(Decided::unparsed(DROP));
     };
     let flags = if v6 { PARSE_V6 } else { 0 };
     let family = if v6 { policy::V6 } else { 0 };
-    let mut slot = core::mem::MaybeUninit::uninit();
     let frame = Frame::of(ctx);
     let off = WF_L3_OFFSET.load();
-    let pkt = match parse::parse_fast(&frame, off, v6, dir, &mut slot) {
+    let pkt = match parse::parse_fast(&frame, off, v6, dir, slot) {
         Some(pkt) => pkt,
         None => {
-            let pkt = Pkt::init(&mut slot);
+            let pkt = Pkt::init(slot);
             // The general parser, inlined here; the packet an ICMP error quotes goes
             // through `parse`.
             parse::parse_into(&frame, off, flags, dir, pkt)?;
@@ -219,7 +252,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     // SYN, FIN and RST change a flow's state: they always go through conntrack.
     if pkt.kind == KIND_TRACKED && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
         if let Some(rule) = flow_cache::lookup(&pkt.key, st.epoch, tick) {
-            return Ok(pass_established(rule, len));
+            return Ok(pass_established(rule, len, path::FLOW_CACHE));
         }
     }
     // The coarse clock (jiffies resolution) is a plain load; the precise one reads the TSC.
@@ -230,10 +263,10 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         count(stat::FRAGMENTS, len);
         let rule = policy_rule(&pkt.key, 0, st.epoch, family);
         if rule == c::NO_RULE {
-            return Ok(deny(pkt, len, now));
+            return Ok(deny(pkt, len, now, path::FRAGMENT));
         }
         count_rule(rule, len);
-        return Ok(PASS);
+        return Ok(Decided::pass(rule, path::FRAGMENT));
     }
     if pkt.kind == KIND_TRACKED {
         if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -246,7 +279,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
                 flow_cache::remember(&pkt.key, st.epoch, rule, tick);
             }
             clamp_syn(ctx, pkt, off, v6);
-            return Ok(pass_established(rule, len));
+            return Ok(pass_established(rule, len, path::CONNTRACK));
         }
     } else if pkt.kind == KIND_ICMP_ERROR {
         let mut slot = core::mem::MaybeUninit::uninit();
@@ -258,14 +291,14 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         {
             let rule = conntrack::established(quoted, st.epoch, now, true) as u32;
             if rule != c::NO_RULE {
-                return Ok(pass_established(rule, len));
+                return Ok(pass_established(rule, len, path::ICMP_ERROR));
             }
         }
     }
 
     let rule = policy_rule(&pkt.key, pkt.port, st.epoch, family | policy::PORT_KNOWN);
     if rule == c::NO_RULE {
-        return Ok(deny(pkt, len, now));
+        return Ok(deny(pkt, len, now, path::NEW));
     }
     // A TCP packet other than a SYN opens no entry: allowed by the policy in its own
     // direction it passes, but its answers are judged by the policy too.
@@ -290,7 +323,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     count_rule(rule, len);
     event(c::EVENT_NEW_FLOW, rule, pkt, len, now);
     clamp_syn(ctx, pkt, off, v6);
-    Ok(PASS)
+    Ok(Decided::pass(rule, path::NEW))
 }
 
 /// A TCP SYN or SYN-ACK that passes has its MSS clamped ([`mss`]). Other packets (their
@@ -313,17 +346,17 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
 }
 
 #[inline(always)]
-fn pass_established(rule: u32, len: u32) -> i32 {
+fn pass_established(rule: u32, len: u32, path: u8) -> Decided {
     count(stat::ALLOWED_ESTABLISHED, len);
     count_rule(rule, len);
-    PASS
+    Decided::pass(rule, path)
 }
 
 #[inline(always)]
-fn deny(pkt: &Pkt, len: u32, now: u64) -> i32 {
+fn deny(pkt: &Pkt, len: u32, now: u64, path: u8) -> Decided {
     count(stat::DENIED, len);
     event(c::EVENT_DENY, c::NO_RULE, pkt, len, now);
-    DROP
+    Decided { code: DROP, rule: c::NO_RULE, path }
 }
 
 #[cfg(not(target_endian = "little"))]

@@ -2,7 +2,7 @@
 //! `wirefence/v1/wirefence.proto`, plus the conversions between wire addresses (bytes +
 //! length) and `ipnet`/`std::net` types that both ends need, and the policy-language
 //! vocabulary both ends read rules with ([`iana`] protocol names, [`policy`] names, port
-//! ranges and the order among matching rules), and [`Escaped`] for showing text from a
+//! ranges and the order among matching rules), the limits on [`rule_hits`] reports, and [`Escaped`] for showing text from a
 //! peer in logs and on terminals.
 
 pub mod v1 {
@@ -20,5 +20,6 @@ pub mod iana;
 pub mod policy;
 pub mod possession;
 mod redact;
+pub mod rule_hits;
 pub use convert::{ip_from_bytes, ip_to_bytes, WireError};
 pub use display::Escaped;

@@ -18,6 +18,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use aya::maps::lpm_trie::Key;
 use aya::programs::{TestRun, TestRunOptions};
 use wirefence_agent::bpf::Programs;
+use wirefence_agent::enforce::trace::{disarm_orphan, TraceSpec};
+use wirefence_common::trace::{path, TraceFilter, TraceRecord, TRACE_DROP, TRACE_PASS};
 use wirefence_common::{
     self as common, stat, ClassValue, Counter, Event, FlowKey, PolicyState, PolicyValue, DIR_EGRESS, DIR_INGRESS,
 };
@@ -1526,6 +1528,133 @@ fn passed_syns_and_syn_acks_have_their_mss_clamped() {
             let ack = Packet::tcp(h.peer, h.local, 40000, 443).tcp_options(&mss_1460).tcp_flags(0x10);
             let (verdict, out) = run(&bed, DIR_INGRESS, ack);
             assert_eq!((verdict, tcp_mss(&out)), (TC_ACT_OK, Some(1460)), "{what}: ACK left alone");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The live trace.
+
+fn set_trace(bed: &mut Bed, filter: TraceFilter, on: u32) {
+    let map = bed.p.ebpf.map_mut(common::TRACE).expect("TRACE map");
+    aya::maps::Array::<_, TraceFilter>::try_from(map).unwrap().set(0, filter, 0).unwrap();
+    let map = bed.p.ebpf.map_mut(common::TRACE_ARMED).expect("TRACE_ARMED map");
+    aya::maps::Array::<_, u32>::try_from(map).unwrap().set(0, on, 0).unwrap();
+}
+
+fn arm_trace(bed: &mut Bed, spec: &TraceSpec) {
+    set_trace(bed, spec.filter(std::process::id()), 1);
+}
+
+fn disarm_trace(bed: &mut Bed) {
+    set_trace(bed, TraceFilter::default(), 0);
+}
+
+fn traced(bed: &mut Bed) -> Vec<TraceRecord> {
+    let map = bed.p.ebpf.map_mut(common::TRACE_EVENTS).expect("TRACE_EVENTS map");
+    let mut ring = aya::maps::RingBuf::try_from(map).unwrap();
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(item.len(), std::mem::size_of::<TraceRecord>());
+        // SAFETY: a plain #[repr(C)] record of the size just checked.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const TraceRecord) });
+    }
+    out
+}
+
+/// Only an armed trace sends records, only of the packets its filter matches (source
+/// prefix, protocol, a port at either end), each with the path that decided it (new,
+/// conntrack, flow cache), the verdict and the deciding rule.
+#[test]
+fn trace_reports_path_verdict_and_rule_of_matching_packets() {
+    pin_to_one_cpu(); // the flow-cache hit below needs the CPU that cached the flow
+    for off in OFFSETS {
+        for is_v6 in [false, true] {
+            let h = hosts(is_v6);
+            let (p, l) = (h.peer, h.local);
+            let what = format!("v6 {is_v6}, l3 offset {off}");
+            let rules = [
+                /* 0 */ rule(DIR_INGRESS, &[h.trusted], &[l], None, None),
+                /* 1 */ rule(DIR_INGRESS, &[p], &[l], Some(IPPROTO_TCP), Some((22, 22))),
+            ];
+            let mut bed = Bed::new(off, &rules);
+            bed.expect("not armed", DIR_INGRESS, &Packet::tcp(p, l, 40000, 22), Pass, NEW);
+            assert_eq!(traced(&mut bed), [], "{what}: nothing is sent while no trace runs");
+
+            let peer = ipnet::IpNet::from(p);
+            arm_trace(&mut bed, &TraceSpec::new(Some(peer), None, None, Some(22)).unwrap());
+            bed.expect("syn", DIR_INGRESS, &Packet::tcp(p, l, 40001, 22), Pass, NEW);
+            bed.expect("ack", DIR_INGRESS, &Packet::tcp_ack(p, l, 40001, 22), Pass, EST);
+            bed.expect("ack again", DIR_INGRESS, &Packet::tcp_ack(p, l, 40001, 22), Pass, EST);
+            // Not from the peer; not port 22; another peer's traffic.
+            bed.expect("reply", DIR_EGRESS, &Packet::tcp_ack(l, p, 22, 40001), Pass, EST);
+            bed.expect("port 23", DIR_INGRESS, &Packet::tcp(p, l, 40002, 23), Drop, DENIED);
+            bed.expect("trusted", DIR_INGRESS, &Packet::tcp(h.trusted, l, 40003, 22), Pass, NEW);
+            let got = traced(&mut bed);
+            let summary: Vec<(u8, u8, u32, u16, u8)> =
+                got.iter().map(|r| (r.path, r.verdict, r.rule, r.flow.sport, r.tcp_flags)).collect();
+            assert_eq!(
+                summary,
+                [
+                    (path::NEW, TRACE_PASS, 1, 40001, 0x02),
+                    (path::CONNTRACK, TRACE_PASS, 1, 40001, 0x10),
+                    (path::FLOW_CACHE, TRACE_PASS, 1, 40001, 0x10),
+                ],
+                "{what}: {got:?}"
+            );
+            let syn = bed.frame(&Packet::tcp(p, l, 40001, 22));
+            assert_eq!(got[0].len, syn.len() as u32, "{what}");
+            assert_eq!(got[0].port, common::EVENT_PORT | 22, "{what}");
+            assert_eq!(
+                got[0].flow,
+                FlowKey {
+                    src: mapped(p),
+                    dst: mapped(l),
+                    sport: 40001,
+                    dport: 22,
+                    proto: IPPROTO_TCP,
+                    direction: DIR_INGRESS,
+                    _pad: [0; 2]
+                },
+                "{what}: the packet's own tuple"
+            );
+
+            // A denial names no rule; the trusted peer's packets name rule 0; the egress
+            // reply matches a destination filter and either end's port.
+            let any = TraceSpec::new(None, Some(ipnet::IpNet::from(p)), None, Some(22)).unwrap();
+            arm_trace(&mut bed, &any);
+            bed.expect("reply", DIR_EGRESS, &Packet::tcp_ack(l, p, 22, 40001), Pass, EST);
+            arm_trace(&mut bed, &TraceSpec::new(None, None, Some(IPPROTO_UDP), None).unwrap());
+            bed.expect("udp", DIR_INGRESS, &Packet::udp(p, l, 40004, 53), Drop, DENIED);
+            bed.expect("tcp: other protocol", DIR_INGRESS, &Packet::tcp(p, l, 40005, 22), Pass, NEW);
+            bed.expect("trusted udp", DIR_INGRESS, &Packet::udp(h.trusted, l, 40006, 53), Pass, NEW);
+            let got: Vec<(u8, u8, u32, u8)> =
+                traced(&mut bed).iter().map(|r| (r.path, r.verdict, r.rule, r.flow.direction)).collect();
+            assert_eq!(
+                got,
+                [
+                    (path::FLOW_CACHE, TRACE_PASS, 1, DIR_EGRESS),
+                    (path::NEW, TRACE_DROP, common::NO_RULE, DIR_INGRESS),
+                    (path::NEW, TRACE_PASS, 0, DIR_INGRESS),
+                ],
+                "{what}"
+            );
+
+            // The agent's sweep leaves a live tracer's filter alone and disarms a dead one's.
+            assert!(!disarm_orphan(&mut bed.p.ebpf).unwrap(), "{what}: this process traces");
+            bed.expect("still armed", DIR_INGRESS, &Packet::udp(p, l, 40007, 53), Drop, DENIED);
+            assert_eq!(traced(&mut bed).len(), 1, "{what}");
+            let mut gone = TraceSpec::new(None, None, None, None).unwrap().filter(std::process::id());
+            gone.tracer = 1 << 23; // beyond pid_max: no such process
+            set_trace(&mut bed, gone, 1);
+            assert!(disarm_orphan(&mut bed.p.ebpf).unwrap(), "{what}: the tracer is gone");
+            bed.expect("orphan disarmed", DIR_INGRESS, &Packet::udp(p, l, 40008, 53), Drop, DENIED);
+            assert_eq!(traced(&mut bed), [], "{what}: nothing once the orphan is disarmed");
+
+            arm_trace(&mut bed, &TraceSpec::new(None, None, None, None).unwrap());
+            disarm_trace(&mut bed);
+            bed.expect("disarmed", DIR_INGRESS, &Packet::udp(p, l, 40009, 53), Drop, DENIED);
+            assert_eq!(traced(&mut bed), [], "{what}: nothing after disarming");
         }
     }
 }

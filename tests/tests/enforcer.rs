@@ -8,8 +8,10 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
+use wirefence_agent::enforce::trace::{TraceSpec, Tracer};
 use wirefence_agent::enforce::{self, EnforceError, Enforcer};
 use wirefence_agent::model::IfName;
+use wirefence_common::trace::TraceFilter;
 use wirefence_common::{self as common, FlowKey, FlowValue};
 
 /// A bpffs of this test's own (mounted here, in the host's mount namespace, 0700) with the
@@ -242,4 +244,69 @@ fn pin_directories_others_own_or_can_write_are_refused_and_nothing_is_loaded_fro
     // Closed again: adopted as before.
     std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o700)).unwrap();
     drop(d.open().expect("a private pin directory is adopted"));
+}
+
+/// The pinned array `name` of `d`'s interface.
+fn pinned<V: aya::Pod>(d: &Dirs, name: &str) -> aya::maps::Array<MapData, V> {
+    let data = MapData::from_pin(d.pins().join(common::pin_name(name))).unwrap();
+    aya::maps::Array::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// Pins of a build before the live trace (its record names no trace maps) are taken over
+/// with the flows kept, and the trace maps created; a trace pin such a build left beside
+/// its own (an earlier downgrade) is not adopted but started afresh, disarmed.
+#[test]
+fn pins_of_a_build_without_the_trace_maps_are_taken_over_and_get_them() {
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    let (canon, _) = first_packet().canonical();
+    d.conntrack().insert(canon, flow_value(0), 0).unwrap();
+    let older = |keep_trace_pin: bool| {
+        let mut record = enforce::record::BuildRecord::ours();
+        record.object = "00000000000000aa".to_owned();
+        for name in [common::TRACE, common::TRACE_EVENTS, common::TRACE_ARMED] {
+            record.maps.remove(name);
+            if !keep_trace_pin || name == common::TRACE_EVENTS {
+                let _ = std::fs::remove_file(d.pins().join(common::pin_name(name)));
+            }
+        }
+        enforce::record::write(&d.build_file(), &record).unwrap();
+    };
+    older(false);
+    drop(d.open().expect("an older build's pins are taken over"));
+    assert_eq!(d.conntrack().get(&canon, 0).unwrap(), flow_value(0), "the flows were kept");
+    for name in [common::TRACE, common::TRACE_EVENTS, common::TRACE_ARMED] {
+        assert!(d.pins().join(common::pin_name(name)).exists(), "{name} is pinned");
+    }
+    assert_eq!(enforce::record::read(&d.build_file()).unwrap().unwrap(), enforce::record::BuildRecord::ours());
+
+    // An armed trace under the names, unknown to the record: replaced by fresh maps.
+    pinned(&d, common::TRACE).set(0, TraceFilter { tracer: 1, ..Default::default() }, 0).unwrap();
+    pinned(&d, common::TRACE_ARMED).set(0, 1u32, 0).unwrap();
+    older(true);
+    drop(d.open().expect("taken over again"));
+    assert_eq!(pinned::<TraceFilter>(&d, common::TRACE).get(&0, 0).unwrap(), TraceFilter::default());
+    assert_eq!(pinned::<u32>(&d, common::TRACE_ARMED).get(&0, 0).unwrap(), 0, "the stale switch was not adopted");
+}
+
+/// An agent (re)loading the programs clears the trace's switch (a data section starts
+/// zeroed); a running tracer sets it again within a second, and clears it when it ends.
+#[test]
+fn a_trace_survives_the_agent_loading_its_programs_again() {
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    let switch = || pinned::<u32>(&d, common::TRACE_ARMED).get(&0, 0).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _in_rt = rt.enter();
+    let spec = TraceSpec::default();
+    let mut tracer = Tracer::start(&d.root, &d.ifname, &d.state, &spec).expect("trace starts");
+    assert_eq!(switch(), 1, "armed");
+    drop(d.open().expect("the agent loads the programs again"));
+    assert_eq!(switch(), 0, "loading cleared the switch");
+    let waited = rt.block_on(tokio::time::timeout(std::time::Duration::from_millis(1500), tracer.next()));
+    assert!(waited.is_err(), "no packet crossed");
+    assert_eq!(switch(), 1, "the tracer armed it again");
+    drop(tracer);
+    assert_eq!(switch(), 0, "disarmed when the tracer ends");
+    assert_eq!(pinned::<TraceFilter>(&d, common::TRACE).get(&0, 0).unwrap(), TraceFilter::default());
 }

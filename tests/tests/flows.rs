@@ -211,3 +211,125 @@ fn rule_usage_counts_the_packets_sent_and_names_unused_rules() {
     let text = cp.admin_ok(&["policy", "show", "--usage"]);
     assert!(text.contains("1 rule matched nothing: ssh"), "{text}");
 }
+
+/// A running `trace` on h1: what it printed (JSON lines) once stopped with SIGTERM.
+struct Trace {
+    child: std::process::Child,
+    stdout: std::thread::JoinHandle<Vec<serde_json::Value>>,
+}
+
+impl Trace {
+    /// Starts `trace --json ARGS` on `host` and waits until it says it traces.
+    fn start(host: &Host, args: &[&str]) -> Trace {
+        use std::io::BufRead;
+        let mut child = host
+            .agent()
+            .args(["trace", "--json", "--config"])
+            .arg(host.config_path())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn trace");
+        let out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            std::io::BufReader::new(out)
+                .lines()
+                .map(|l| serde_json::from_str(&l.unwrap()).expect("a JSON line"))
+                .collect()
+        });
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        assert!(line.starts_with("tracing "), "trace did not start: {line}");
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Trace { child, stdout }
+    }
+
+    fn stop(mut self) -> Vec<serde_json::Value> {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) }, 0);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "trace exited with {status}");
+        self.stdout.join().unwrap()
+    }
+}
+
+/// `wirefence-agent trace` on h1 while h1 connects to h2: the SYN to :80 passes as a new
+/// flow under `web`, later packets of it as established, and the SYNs to :81 are dropped
+/// with no rule; h2's answers are not shown (the filter names h2 as destination). One
+/// tracer at a time; one killed before it could disarm leaves the way free.
+#[test]
+fn trace_shows_the_deciding_rule_of_an_allowed_and_a_denied_packet() {
+    let (lab, cp, _agents) = enrolled(2);
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let h2_v4 = web_in_force(&cp, h1, h2, POLICY);
+
+    // A tracer killed -9 leaves its filter armed: the next one takes over all the same.
+    let orphan = Trace::start(h1, &["--dst", &h2_v4]);
+    let mut child = orphan.child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let trace = Trace::start(h1, &["--dst", &h2_v4, "--proto", "tcp"]);
+    let busy = run(h1.agent().args(["trace", "--config"]).arg(h1.config_path()));
+    let text = String::from_utf8_lossy(&busy.stderr);
+    assert!(!busy.status.success() && text.contains("runs already"), "a second tracer: {text}");
+
+    let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80");
+    assert!(echoes(&mut s, Duration::from_secs(2)));
+    let sport = s.local_addr().unwrap().port();
+    drop(s);
+    assert!(connect(&h1.ns, sock(&h2_v4, 81), Duration::from_millis(700)).is_none(), "h1 -> h2:81 is denied");
+    let lines = trace.stop();
+
+    let of = |port: u64| -> Vec<&serde_json::Value> { lines.iter().filter(|l| l["dport"] == port).collect() };
+    let web: Vec<_> = of(80).into_iter().filter(|l| l["sport"] == sport).collect();
+    let syn = web.first().unwrap_or_else(|| panic!("no packet of the connection traced: {lines:#?}"));
+    assert_eq!(
+        (&syn["path"], &syn["allowed"], &syn["rule"], &syn["tcp_flags"], &syn["direction"]),
+        (&"new".into(), &true.into(), &"web".into(), &"S".into(), &"out".into()),
+        "{syn}"
+    );
+    assert!(
+        web[1..].iter().all(|l| l["allowed"] == true
+            && l["rule"] == "web"
+            && ["conntrack", "flow-cache"].contains(&l["path"].as_str().unwrap())),
+        "the rest of the connection passes as established under web: {web:#?}"
+    );
+    assert!(web.len() >= 3, "SYN, ACK, data at least: {web:#?}");
+    let denied = of(81);
+    assert!(!denied.is_empty(), "the SYNs to :81: {lines:#?}");
+    for l in &denied {
+        assert_eq!(
+            (&l["path"], &l["allowed"], &l["rule"]),
+            (&"new".into(), &false.into(), &serde_json::Value::Null),
+            "{l}"
+        );
+    }
+    assert!(
+        lines.iter().all(|l| l["dst"] == h2_v4.as_str() && l["proto"] == 6),
+        "only the filter's packets: {lines:#?}"
+    );
+
+    // Stopped, it disarmed: a new trace starts at once. With --count it ends by itself.
+    let mut counted = Trace::start(h1, &["--dst", &h2_v4, "--count", "1"]);
+    let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80");
+    assert!(echoes(&mut s, Duration::from_secs(2)));
+    wait_until("trace --count 1 ends by itself", T, || counted.child.try_wait().unwrap().is_some());
+    assert!(counted.child.wait().unwrap().success());
+    assert_eq!(counted.stdout.join().unwrap().len(), 1);
+
+    // What matches nothing, or is no filter, is refused before anything is armed.
+    for (args, says) in [
+        (&["--src", "10.0.0.1", "--dst", "fd00::1"][..], "different address families"),
+        (&["--proto", "icmp", "--port", "8"], "has no ports"),
+        (&["--proto", "any"], "leave --proto out"),
+        (&["--src", "10.0.0.300"], "neither an address nor a prefix"),
+    ] {
+        let out = run(h1.agent().args(["trace", "--config"]).arg(h1.config_path()).args(args));
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(says), "trace {args:?}: {text}");
+    }
+    Trace::start(h1, &[]).stop();
+}

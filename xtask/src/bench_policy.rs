@@ -1,4 +1,4 @@
-//! `cargo xtask bench-policy`: the access policy's three costs, in one run, against the
+//! `cargo xtask bench-policy`: the access policy's costs, in one run, against the
 //! issue's goals.
 //!
 //! 1. Per-packet cost of the classifiers under BPF_PROG_TEST_RUN at 10 to 100,000 rules,
@@ -9,6 +9,8 @@
 //!    no filter ([`throughput`]).
 //! 3. Policy swap time for 100,000 rules and for a one-rule change on top ([`swap`]).
 //! 4. MSS clamping's cost per packet, off against on ([`mss`]).
+//! 5. The live trace's cost per packet: before it existed, no trace running, armed
+//!    ([`trace`]).
 //!
 //! Rules are generated ([`rules`]), compiled by the agent's compiler and written by its
 //! `Enforcer` into maps pinned under a bpffs the bench mounts (`/run/wirefence-bench-bpf`)
@@ -23,6 +25,7 @@ mod perpacket;
 mod rules;
 mod swap;
 mod throughput;
+mod trace;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -91,7 +94,7 @@ pub struct BenchPolicyArgs {
     #[arg(long, default_value_t = 5)]
     steady_changes: u32,
 
-    /// Run only these parts (per-packet, throughput, swap, mss; comma-separated).
+    /// Run only these parts (per-packet, throughput, swap, mss, trace; comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 
@@ -158,6 +161,7 @@ struct Parts {
     throughput: bool,
     swap: bool,
     mss: bool,
+    trace: bool,
 }
 
 pub fn run(args: BenchPolicyArgs) -> Result<()> {
@@ -166,10 +170,18 @@ pub fn run(args: BenchPolicyArgs) -> Result<()> {
     }
     let started = Instant::now();
     let want = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
-    let parts =
-        Parts { per_packet: want("per-packet"), throughput: want("throughput"), swap: want("swap"), mss: want("mss") };
+    let parts = Parts {
+        per_packet: want("per-packet"),
+        throughput: want("throughput"),
+        swap: want("swap"),
+        mss: want("mss"),
+        trace: want("trace"),
+    };
     for o in &args.only {
-        ensure!(["per-packet", "throughput", "swap", "mss"].contains(&o.as_str()), "--only: unknown part {o:?}");
+        ensure!(
+            ["per-packet", "throughput", "swap", "mss", "trace"].contains(&o.as_str()),
+            "--only: unknown part {o:?}"
+        );
     }
     ensure!(args.rules.iter().all(|&n| n >= 1), "--rules: counts must be positive");
     ensure!(args.iperf_rules >= 2 && args.swap_rules >= 2, "--iperf-rules and --swap-rules need at least 2");
@@ -205,6 +217,9 @@ pub fn run(args: BenchPolicyArgs) -> Result<()> {
         if parts.mss {
             report.mss = Some(mss::run(&root, &work, args.repeat, args.reps, args.one_shots)?);
         }
+        if parts.trace {
+            report.trace = Some(trace::run(&root, &work, args.repeat, args.reps)?);
+        }
         let _ = std::fs::remove_dir(&root);
         drop(fs);
         Ok(report)
@@ -224,6 +239,7 @@ struct Report {
     throughput: Option<throughput::Results>,
     swap: Option<swap::Swap>,
     mss: Option<mss::Results>,
+    trace: Option<trace::Results>,
 }
 
 fn verdict(ok: bool, missed: &mut usize) -> &'static str {
@@ -257,6 +273,9 @@ impl Report {
         }
         if let Some(m) = &self.mss {
             mss::print(m, args.reps, args.repeat, args.one_shots);
+        }
+        if let Some(t) = &self.trace {
+            trace::print(t, args.reps, args.repeat);
         }
         println!();
         println!(

@@ -4,10 +4,17 @@
 //! reading as the baseline, so nothing counted before it is reported twice (what was
 //! counted between the last report and the restart is not reported at all). Maps not
 //! there yet count from zero once they are.
+//!
+//! Reports keep to what the control plane takes ([`wirefence_proto::rule_hits`]): none
+//! sooner than its minimum gap after the previous one (a reconnect's first tick can come
+//! early), and per rule at most its caps, the rest kept for the next reports (after a long
+//! disconnection the counts arrive in parts, not dropped whole).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use wirefence_proto::rule_hits::{MAX_BYTES, MAX_PACKETS, MIN_GAP};
 use wirefence_proto::v1;
 
 use crate::enforce::Count;
@@ -17,40 +24,82 @@ pub type ReadCounters = Box<dyn Fn() -> Option<BTreeMap<String, Count>> + Send +
 
 pub struct RuleHits {
     read: ReadCounters,
-    /// The previous reading; `None` before the first.
+    /// The counts reported so far (`None` before the first reading): the previous reading,
+    /// less what was held back.
     last: Mutex<Option<BTreeMap<String, Count>>>,
+    /// When the last report was handed out, and the gap kept after it.
+    sent_at: Mutex<Option<Instant>>,
+    gap: Duration,
 }
 
 impl RuleHits {
     pub fn new(read: ReadCounters) -> RuleHits {
-        RuleHits { read, last: Mutex::new(None) }
+        RuleHits::with_gap(read, MIN_GAP + Duration::from_millis(500))
     }
 
-    /// The increments since the previous call; `None` on the first reading or when there
-    /// is nothing to report.
+    fn with_gap(read: ReadCounters, gap: Duration) -> RuleHits {
+        RuleHits { read, last: Mutex::new(None), sent_at: Mutex::new(None), gap }
+    }
+
+    /// The increments since the previous report, each rule's within the caps; `None` on
+    /// the first reading, within the gap after the last report, or when there is nothing
+    /// to report.
     pub fn next(&self) -> Option<v1::RuleHits> {
+        let mut sent_at = self.sent_at.lock().unwrap_or_else(|e| e.into_inner());
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let Some(now) = (self.read)() else {
             last.get_or_insert_with(BTreeMap::new);
             return None;
         };
-        let rules = last.as_ref().map(|before| increments(before, &now));
-        *last = Some(now);
-        rules.filter(|r| !r.is_empty()).map(|rules| v1::RuleHits { rules })
+        let Some(before) = last.as_ref() else {
+            *last = Some(now);
+            return None;
+        };
+        if sent_at.is_some_and(|t| t.elapsed() < self.gap) {
+            return None; // all of it comes with the next report
+        }
+        let mut rules = increments(before, &now);
+        let held: Vec<v1::RuleHit> = rules.iter_mut().filter_map(cap).collect();
+        let mut reported = now;
+        give_back(&mut reported, &held);
+        *last = Some(reported);
+        if rules.is_empty() {
+            return None;
+        }
+        *sent_at = Some(Instant::now());
+        Some(v1::RuleHits { rules })
     }
-}
 
-impl RuleHits {
     /// Takes back increments [`RuleHits::next`] returned that could not be sent: they are
     /// reported with the next ones.
     pub fn unsent(&self, hits: &v1::RuleHits) {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(last) = last.as_mut() else { return };
-        for h in &hits.rules {
-            if let Some(c) = last.get_mut(&h.rule_id) {
-                c.packets = c.packets.saturating_sub(h.packets);
-                c.bytes = c.bytes.saturating_sub(h.bytes);
-            }
+        if let Some(last) = self.last.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            give_back(last, &hits.rules);
+        }
+    }
+}
+
+/// Cuts `h` to the control plane's caps; returns the part held back, if any.
+fn cap(h: &mut v1::RuleHit) -> Option<v1::RuleHit> {
+    if h.packets <= MAX_PACKETS && h.bytes <= MAX_BYTES {
+        return None;
+    }
+    let held = v1::RuleHit {
+        rule_id: h.rule_id.clone(),
+        packets: h.packets.saturating_sub(MAX_PACKETS),
+        bytes: h.bytes.saturating_sub(MAX_BYTES),
+    };
+    h.packets = h.packets.min(MAX_PACKETS);
+    h.bytes = h.bytes.min(MAX_BYTES);
+    Some(held)
+}
+
+/// Lowers the counts reported so far by `hits`, so they are reported again.
+fn give_back(reported: &mut BTreeMap<String, Count>, hits: &[v1::RuleHit]) {
+    for h in hits {
+        if let Some(c) = reported.get_mut(&h.rule_id) {
+            c.packets = c.packets.saturating_sub(h.packets);
+            c.bytes = c.bytes.saturating_sub(h.bytes);
         }
     }
 }
@@ -90,10 +139,13 @@ mod tests {
             counts(&[("web", 4), ("db", 2)]),
         ]));
         let source = readings.clone();
-        let hits = RuleHits::new(Box::new(move || {
-            let mut r = source.lock().unwrap();
-            (!r.is_empty()).then(|| r.remove(0))
-        }));
+        let hits = RuleHits::with_gap(
+            Box::new(move || {
+                let mut r = source.lock().unwrap();
+                (!r.is_empty()).then(|| r.remove(0))
+            }),
+            Duration::ZERO,
+        );
         assert_eq!(hits.next(), None, "the first reading is the baseline");
         let got = hits.next().unwrap().rules;
         assert_eq!(got, [v1::RuleHit { rule_id: "web".into(), packets: 3, bytes: 300 }]);
@@ -112,7 +164,7 @@ mod tests {
     fn increments_not_sent_come_again_with_the_next() {
         let readings = Arc::new(Mutex::new(vec![counts(&[("web", 1)]), counts(&[("web", 5)]), counts(&[("web", 6)])]));
         let source = readings.clone();
-        let hits = RuleHits::new(Box::new(move || Some(source.lock().unwrap().remove(0))));
+        let hits = RuleHits::with_gap(Box::new(move || Some(source.lock().unwrap().remove(0))), Duration::ZERO);
         assert_eq!(hits.next(), None);
         let lost = hits.next().unwrap();
         hits.unsent(&lost);
@@ -123,8 +175,50 @@ mod tests {
     fn maps_that_appear_after_the_start_count_from_zero() {
         let readings = Arc::new(Mutex::new(vec![None, Some(counts(&[("web", 5)]))]));
         let source = readings.clone();
-        let hits = RuleHits::new(Box::new(move || source.lock().unwrap().remove(0)));
+        let hits = RuleHits::with_gap(Box::new(move || source.lock().unwrap().remove(0)), Duration::ZERO);
         assert_eq!(hits.next(), None);
         assert_eq!(hits.next().unwrap().rules, [v1::RuleHit { rule_id: "web".into(), packets: 5, bytes: 500 }]);
+    }
+
+    /// After a long disconnection a rule's increment exceeds what the control plane takes
+    /// in one report: it goes in parts of that size, nothing dropped.
+    #[test]
+    fn counts_over_the_caps_go_in_parts() {
+        let big = Count { packets: 2 * MAX_PACKETS + 7, bytes: 3 * MAX_BYTES };
+        let readings = Arc::new(Mutex::new(vec![counts(&[("web", 0)]), BTreeMap::from([("web".to_string(), big)])]));
+        let source = readings.clone();
+        let hits = RuleHits::with_gap(
+            Box::new(move || {
+                let mut r = source.lock().unwrap();
+                Some(if r.len() > 1 { r.remove(0) } else { r[0].clone() })
+            }),
+            Duration::ZERO,
+        );
+        assert_eq!(hits.next(), None);
+        let mut sent = Count::default();
+        for _ in 0..3 {
+            let h = hits.next().unwrap().rules;
+            assert!(h[0].packets <= MAX_PACKETS && h[0].bytes <= MAX_BYTES, "{h:?}");
+            sent.packets += h[0].packets;
+            sent.bytes += h[0].bytes;
+        }
+        assert_eq!((sent.packets, sent.bytes), (big.packets, big.bytes));
+        assert_eq!(hits.next(), None, "all of it was sent");
+    }
+
+    /// A report is never handed out within the gap after the previous one (the control plane
+    /// would refuse it): its counts come with the next.
+    #[test]
+    fn no_report_within_the_gap_and_nothing_lost_by_waiting() {
+        let readings = Arc::new(Mutex::new(vec![counts(&[("web", 0)]), counts(&[("web", 1)]), counts(&[("web", 3)])]));
+        let source = readings.clone();
+        let hits =
+            RuleHits::with_gap(Box::new(move || Some(source.lock().unwrap().remove(0))), Duration::from_secs(3600));
+        assert_eq!(hits.next(), None, "baseline");
+        assert_eq!(hits.next().unwrap().rules, [v1::RuleHit { rule_id: "web".into(), packets: 1, bytes: 100 }]);
+        assert_eq!(hits.next(), None, "within the gap");
+        *hits.sent_at.lock().unwrap() = Some(Instant::now() - Duration::from_secs(3601));
+        readings.lock().unwrap().push(counts(&[("web", 4)]));
+        assert_eq!(hits.next().unwrap().rules, [v1::RuleHit { rule_id: "web".into(), packets: 3, bytes: 300 }]);
     }
 }

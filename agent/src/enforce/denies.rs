@@ -61,22 +61,28 @@ impl DenyRecord {
 impl fmt::Display for DenyRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-        write!(f, "{}s ago {} ", now.saturating_sub(self.at), self.direction)?;
-        match self.proto {
+        write!(f, "{}s ago {}", now.saturating_sub(self.at), PacketText(self))
+    }
+}
+
+/// The packet of a record without its age: `in 10.0.0.2:5353 -> 10.0.0.1:53 udp (60 bytes)`.
+pub struct PacketText<'a>(pub &'a DenyRecord);
+
+impl fmt::Display for PacketText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        write!(f, "{} ", d.direction)?;
+        match d.proto {
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-                write!(f, "{} -> {} {}", self.src, self.dst, Icmp(self))?;
+                write!(f, "{} -> {} {}", d.src, d.dst, Icmp(d))?;
             }
             // The protocols whose ports the programs read.
-            6 | 17 | 132 | 136 => write!(
-                f,
-                "{} -> {} {}",
-                with_port(&self.src, self.sport),
-                with_port(&self.dst, self.dport),
-                proto_name(self.proto)
-            )?,
-            other => write!(f, "{} -> {} proto {other}", self.src, self.dst)?,
+            6 | 17 | 132 | 136 => {
+                write!(f, "{} -> {} {}", with_port(&d.src, d.sport), with_port(&d.dst, d.dport), proto_name(d.proto))?
+            }
+            other => write!(f, "{} -> {} proto {other}", d.src, d.dst)?,
         }
-        write!(f, " ({} bytes)", self.len)
+        write!(f, " ({} bytes)", d.len)
     }
 }
 
@@ -143,16 +149,22 @@ fn addr(bytes: [u8; 16]) -> IpAddr {
 }
 
 fn record(e: &common::Event) -> DenyRecord {
+    packet_record(&e.flow, e.len, e.port)
+}
+
+/// A packet the programs reported (its tuple, `skb->len` and policy port as they send it),
+/// read now.
+pub(super) fn packet_record(flow: &common::FlowKey, len: u32, port: u32) -> DenyRecord {
     DenyRecord {
         at: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
-        direction: if e.flow.direction == common::DIR_INGRESS { "in" } else { "out" }.into(),
-        src: addr(e.flow.src).to_string(),
-        dst: addr(e.flow.dst).to_string(),
-        proto: e.flow.proto,
-        sport: e.flow.sport,
-        dport: e.flow.dport,
-        len: e.len,
-        port: (e.port & common::EVENT_PORT != 0).then_some(e.port as u16),
+        direction: if flow.direction == common::DIR_INGRESS { "in" } else { "out" }.into(),
+        src: addr(flow.src).to_string(),
+        dst: addr(flow.dst).to_string(),
+        proto: flow.proto,
+        sport: flow.sport,
+        dport: flow.dport,
+        len,
+        port: (port & common::EVENT_PORT != 0).then_some(port as u16),
     }
 }
 

@@ -19,6 +19,7 @@ mod migrate;
 pub mod record;
 pub mod sweep;
 pub mod takeover;
+pub mod trace;
 pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -167,7 +168,8 @@ impl Enforcer {
         let counters_new = !dir.join(common::RULE_COUNTERS).exists();
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
-        let paths: Vec<(&'static str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let paths: Vec<(&'static str, PathBuf)> =
+            common::MAPS.iter().map(|m| (*m, dir.join(common::pin_name(m)))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -214,8 +216,12 @@ impl Enforcer {
     }
 
     /// Deletes the conntrack entries whose lifetime ran out and recounts the per-source
-    /// quotas ([`sweep`]); the configured lifetimes are the programs' (`CT_CONFIG`).
+    /// quotas ([`sweep`]); the configured lifetimes are the programs' (`CT_CONFIG`). Also
+    /// disarms a trace whose tracer died ([`trace::disarm_orphan`]).
     pub fn sweep_conntrack(&mut self) -> Result<sweep::SweepStats, EnforceError> {
+        if trace::disarm_orphan(&mut self.ebpf)? {
+            tracing::info!(dir = %self.dir.display(), "disarmed the trace of a tracer that is gone");
+        }
         Ok(sweep::sweep_object(&mut self.ebpf)?)
     }
 

@@ -23,6 +23,7 @@
 use std::path::{Path, PathBuf};
 
 use wirefence_common::layout::{self, MapLayout};
+use wirefence_common::{self as common};
 
 use super::record::{BuildRecord, Layout};
 use super::{map_err, migrate, EnforceError};
@@ -43,7 +44,12 @@ pub struct Takeover {
 
 /// The pin a map to migrate is moved to.
 fn staged_path(dir: &Path, name: &str, version: u32) -> PathBuf {
-    dir.join(format!("{name}@v{version}"))
+    dir.join(format!("{}@v{version}", common::pin_name(name)))
+}
+
+/// The pin of map `name`.
+fn pin(dir: &Path, name: &str) -> PathBuf {
+    dir.join(common::pin_name(name))
 }
 
 /// Decides what to do with the pins in `dir`, recorded by `previous` (`file` names the
@@ -104,7 +110,7 @@ fn describe(l: &Layout) -> String {
 /// A pin to reuse must hold what the record says (the kernel knows its sizes): a map of
 /// another shape under the name is never handed to this build's programs.
 fn check_pinned(dir: &Path, l: &MapLayout) -> Result<(), EnforceError> {
-    let path = dir.join(l.name);
+    let path = pin(dir, l.name);
     if !path.exists() {
         return Ok(());
     }
@@ -126,21 +132,21 @@ pub fn stage(dir: &Path, t: &Takeover) -> Result<(), EnforceError> {
         move |source| EnforceError::Pin { path, source }
     };
     for (name, version) in &t.migrate {
-        let (pin, staged) = (dir.join(name), staged_path(dir, name, *version));
+        let (pinned, staged) = (pin(dir, name), staged_path(dir, name, *version));
         // Already moved by an interrupted takeover: the pin under the name (if any) is
         // this build's map, filled in part.
-        if !staged.exists() && pin.exists() {
-            std::fs::rename(&pin, &staged).map_err(pin_err(&pin))?;
+        if !staged.exists() && pinned.exists() {
+            std::fs::rename(&pinned, &staged).map_err(pin_err(&pinned))?;
         }
     }
     for name in &t.restore {
         let version = layout::of(name).expect("a map of this build").version;
         let staged = staged_path(dir, name, version);
-        std::fs::rename(&staged, dir.join(name)).map_err(pin_err(&staged))?;
+        std::fs::rename(&staged, pin(dir, name)).map_err(pin_err(&staged))?;
     }
     for name in &t.fresh {
-        match std::fs::remove_file(dir.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(pin_err(&dir.join(name))(e)),
+        match std::fs::remove_file(pin(dir, name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(pin_err(&pin(dir, name))(e)),
             _ => {}
         }
     }

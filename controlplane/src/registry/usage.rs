@@ -12,13 +12,9 @@ use super::{lock, Registry};
 use crate::store::Hits;
 use crate::Error;
 
-/// More than a 100 Gbit/s link carries in the agents' 10 s report interval (of 64-byte
-/// packets; bytes): a rule's increment above is not a count, and is dropped.
-const MAX_PACKETS: u64 = 2_000_000_000;
-const MAX_BYTES: u64 = 125_000_000_000;
-/// A node's reports are taken at most this often (agents send one every 10 s). With the
-/// caps above, one minute's row stays far inside an i64 even if every node lies.
-const MIN_REPORT_GAP: std::time::Duration = std::time::Duration::from_secs(5);
+// A rule's increment above these is not a count, and is dropped; one report per node per
+// `MIN_GAP`. With both, one minute's row stays far inside an i64 even if every node lies.
+use wirefence_proto::rule_hits::{MAX_BYTES, MAX_PACKETS, MIN_GAP as MIN_REPORT_GAP};
 const MINUTE_MS: i64 = 60_000;
 
 impl Registry {

@@ -152,6 +152,24 @@ pub struct Pins {
     pub ifname: wirefence_agent::model::IfName,
 }
 
+/// An enforcer of its own (pins named `<tag><pid>`, removed with the returned [`Pins`])
+/// with one generated IPv4 rule applied: the bed of the parts that measure one path.
+pub fn one_rule(
+    root: &Path,
+    state_dir: &Path,
+    tag: &str,
+    l3_offset: u32,
+) -> Result<(Pins, wirefence_agent::enforce::Enforcer)> {
+    let ifname: wirefence_agent::model::IfName = format!("{tag}{}", std::process::id() % 100_000).parse()?;
+    let pins = Pins { root: root.to_owned(), ifname: ifname.clone() };
+    let mut enforcer =
+        wirefence_agent::enforce::Enforcer::open(root, &ifname, l3_offset, state_dir).context("Enforcer::open")?;
+    let policy = super::rules::policy(super::rules::generate(1, false))?;
+    let compiled = wirefence_agent::policy::compile(&policy).map_err(|e| anyhow::anyhow!("compile: {e}"))?;
+    enforcer.apply(&compiled, 1).context("Enforcer::apply")?;
+    Ok((pins, enforcer))
+}
+
 impl Drop for Pins {
     fn drop(&mut self) {
         if let Err(e) = wirefence_agent::enforce::remove(&self.root, &self.ifname) {
@@ -180,13 +198,25 @@ pub enum Caches {
 
 impl Shared {
     pub fn load(dir: &Path, l3_offset: u32, cache: Caches) -> Result<Shared> {
+        Shared::load_with(dir, l3_offset, cache, true)
+    }
+
+    /// As loaded before the live trace existed: `WF_TRACE_BUILT = 0`, so the verifier
+    /// removes the trace's check from the programs.
+    pub fn load_traceless(dir: &Path, l3_offset: u32) -> Result<Shared> {
+        Shared::load_with(dir, l3_offset, Caches::On, false)
+    }
+
+    fn load_with(dir: &Path, l3_offset: u32, cache: Caches, trace: bool) -> Result<Shared> {
+        let trace = u32::from(trace);
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
+        loader.override_global(common::trace::GLOBAL_TRACE, &trace, true);
         if cache == Caches::Off {
             loader.map_max_entries(common::FLOW_CACHE, 1);
             loader.map_max_entries(common::VERDICT_CACHE, 1);
         }
-        let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(common::pin_name(m)))).collect();
         for (name, path) in &paths {
             anyhow::ensure!(path.exists(), "{} is not pinned", path.display());
             loader.map_pin_path(name, path.as_path());

@@ -17,14 +17,11 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use wirefence_agent::enforce::Enforcer;
-use wirefence_agent::model::IfName;
-use wirefence_agent::policy::compile;
 use wirefence_common::{self as common, stat, MssClamp};
 use wirefence_tests::bpf::TC_ACT_OK;
 use wirefence_tests::packet::Packet;
 
-use super::bpf::{self, Caches, Pins, Shared};
+use super::bpf::{self, Caches, Shared};
 use super::median;
 use super::perpacket::L3_OFFSET;
 use super::rules;
@@ -46,11 +43,7 @@ pub struct Results {
 }
 
 pub fn run(root: &Path, state_dir: &Path, repeat: u32, reps: usize, one_shots: u32) -> Result<Results> {
-    let ifname: IfName = format!("wfbmss{}", std::process::id() % 100_000).parse()?;
-    let _pins = Pins { root: root.to_owned(), ifname: ifname.clone() };
-    let mut enforcer = Enforcer::open(root, &ifname, L3_OFFSET, state_dir).context("Enforcer::open")?;
-    let compiled = compile(&rules::policy(rules::generate(1, false))?).map_err(|e| anyhow::anyhow!("compile: {e}"))?;
-    enforcer.apply(&compiled, 1).context("Enforcer::apply")?;
+    let (_pins, mut enforcer) = bpf::one_rule(root, state_dir, "wfbmss", L3_OFFSET)?;
     let shared = Shared::load(enforcer.dir(), L3_OFFSET, Caches::On)?;
     let (ingress, alone) = (shared.prog_fd(common::PROG_INGRESS)?, shared.prog_fd(common::PROG_MSS)?);
     let noop = bpf::load_noop()?;
@@ -63,7 +56,21 @@ pub fn run(root: &Path, state_dir: &Path, repeat: u32, reps: usize, one_shots: u
 
     let mut s: [Vec<f64>; 8] = Default::default();
     let mut sport = 10000u16;
+    let ack_flow = common::FlowKey {
+        src: wirefence_tests::bpf::mapped(f.src),
+        dst: wirefence_tests::bpf::mapped(f.dst),
+        sport: 9999,
+        dport: f.dport,
+        proto: rules::TCP,
+        direction: common::DIR_INGRESS,
+        _pad: [0; 2],
+    }
+    .canonical()
+    .0;
     for _ in 0..reps {
+        // The SYNs' source ports wrap after 55,536 flows: their entries go first, so every
+        // SYN is a new flow (an entry's SYN would pass as established).
+        forget_flows_but(enforcer.dir(), &ack_flow)?;
         for (on, est, syn_slot) in [(false, 0, 2), (true, 1, 3)] {
             enforcer.set_mss(if on { MssClamp::for_mtu(1420) } else { MssClamp::OFF })?;
             let before = shared.stat(stat::ALLOWED_ESTABLISHED)?;
@@ -78,7 +85,8 @@ pub fn run(root: &Path, state_dir: &Path, repeat: u32, reps: usize, one_shots: u
                 ensure!(ret == TC_ACT_OK, "allowed SYN: verdict {ret}");
                 s[syn_slot].push(f64::from(ns));
             }
-            ensure!(shared.stat(stat::ALLOWED_NEW)? - before == u64::from(one_shots), "allowed SYNs: not counted");
+            let counted = shared.stat(stat::ALLOWED_NEW)? - before;
+            ensure!(counted == u64::from(one_shots), "allowed SYNs: {counted} of {one_shots} counted");
         }
         s[4].push(f64::from(bpf::test_run(noop.as_raw_fd(), &ack, repeat)?.1));
         let (ret, ns) = bpf::test_run(alone, &ack, repeat)?;
@@ -102,6 +110,18 @@ pub fn run(root: &Path, state_dir: &Path, repeat: u32, reps: usize, one_shots: u
         alone_ack: median(&s[6]),
         alone_syn: median(&s[7]),
     })
+}
+
+/// Deletes every conntrack entry but `keep`'s (a canonical key).
+fn forget_flows_but(dir: &Path, keep: &common::FlowKey) -> Result<()> {
+    let data = aya::maps::MapData::from_pin(dir.join(common::CONNTRACK)).context("open the pinned conntrack")?;
+    let mut map: aya::maps::HashMap<_, common::FlowKey, common::FlowValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+    let keys: Vec<common::FlowKey> = map.keys().collect::<Result<_, _>>()?;
+    for k in keys.iter().filter(|k| *k != keep) {
+        map.remove(k)?;
+    }
+    Ok(())
 }
 
 pub fn print(r: &Results, reps: usize, repeat: u32, one_shots: u32) {
