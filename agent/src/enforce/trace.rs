@@ -1,8 +1,8 @@
 //! `wirefence-agent trace`: the live verdict trace (see `wirefence_common::trace`). The
 //! tracer opens the interface's pinned `TRACE`, `TRACE_ARMED` and `TRACE_EVENTS`, writes its
 //! filter, sets the switch, reads the records and disarms when it ends. It writes nothing
-//! else: the policy, conntrack and counters are the reconciler's. One tracer at a time per interface;
-//! one that died without disarming is disarmed by the running agent's sweep
+//! else: the policy, conntrack and counters are the reconciler's. One tracer at a time per
+//! interface; one that died without disarming is disarmed by the running agent's sweep
 //! ([`disarm_orphan`]) or replaced by the next tracer.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use wirefence_common::trace::{path, TraceFilter, TraceRecord, MATCH_PORT, MATCH_PROTO, TRACE_PASS};
 use wirefence_common::{self as common};
+use wirefence_proto::iana;
 
 use super::denies::{packet_record, DenyRecord, PacketText};
 use super::flows::RuleNames;
@@ -50,8 +51,8 @@ pub struct TraceSpec {
     port: Option<u16>,
 }
 
-/// The protocols whose ports the programs read (TCP, UDP, SCTP, UDP-Lite).
-const PORTED: [u8; 4] = [6, 17, 132, 136];
+/// The protocols whose ports the programs read.
+const PORTED: [u8; 4] = [iana::PROTO_TCP, iana::PROTO_UDP, iana::PROTO_SCTP, iana::PROTO_UDPLITE];
 
 impl TraceSpec {
     /// Source and destination prefixes of one family; a port only with a protocol that has
@@ -153,7 +154,7 @@ fn path_name(p: u8) -> &'static str {
 
 /// TCP flags in tcpdump's letters: S, F, R, P, U, then `.` for ACK.
 fn tcp_flags(proto: u8, flags: u8) -> String {
-    if proto != 6 {
+    if proto != iana::PROTO_TCP {
         return String::new();
     }
     let mut s: String = [(0x02, 'S'), (0x01, 'F'), (0x04, 'R'), (0x08, 'P'), (0x20, 'U')]
