@@ -174,16 +174,8 @@ pub fn wf_mss(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn run(ctx: &TcContext, dir: u8) -> i32 {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    match try_classify(ctx, dir, &mut slot) {
-        Ok(d) => {
-            // The trace's one read per packet: everything else happens only while armed.
-            if d.path != 0 && trace::armed() {
-                // SAFETY: a non-zero path comes only from packets parsed into `slot`.
-                trace::emit(unsafe { slot.assume_init_ref() }, d.rule, d.path, d.code == PASS, ctx.len());
-            }
-            d.code
-        }
+    match try_classify(ctx, dir) {
+        Ok(verdict) => verdict,
         Err(Malformed) => {
             count(stat::MALFORMED, ctx.len());
             DROP
@@ -191,23 +183,43 @@ fn run(ctx: &TcContext, dir: u8) -> i32 {
     }
 }
 
-/// How a packet was decided: the return code, and for the trace the deciding rule and the
-/// path taken (0: not parsed, nothing to trace).
-struct Decided {
-    code: i32,
-    rule: u32,
-    path: u8,
+/// A parsed packet's decision, traced when a tracer runs: the trace's one load per packet
+/// (everything else happens only while armed). At each exit rather than once after
+/// `try_classify`: a join of every exit's decision took the entry points a spill slot
+/// past the stack the deepest call chain leaves them on 6.1.
+#[inline(always)]
+fn decided(pkt: &Pkt, d: Decided, len: u32) -> i32 {
+    if trace::armed() {
+        trace::emit(pkt, d.0, len);
+    }
+    d.code()
 }
 
+/// How a parsed packet was decided, in one register: dropped or passed (bit 0) and, for the
+/// trace, the path taken (bits 8-15) and the deciding rule (bits 32-63).
+#[derive(Clone, Copy)]
+struct Decided(u64);
+
 impl Decided {
-    #[inline(always)]
-    fn unparsed(code: i32) -> Decided {
-        Decided { code, rule: c::NO_RULE, path: 0 }
-    }
+    const DROPPED: u64 = 1;
 
     #[inline(always)]
     fn pass(rule: u32, path: u8) -> Decided {
-        Decided { code: PASS, rule, path }
+        Decided(((rule as u64) << 32) | ((path as u64) << 8))
+    }
+
+    #[inline(always)]
+    fn drop(path: u8) -> Decided {
+        Decided(((c::NO_RULE as u64) << 32) | ((path as u64) << 8) | Self::DROPPED)
+    }
+
+    #[inline(always)]
+    fn code(self) -> i32 {
+        if self.0 & Self::DROPPED != 0 {
+            DROP
+        } else {
+            PASS
+        }
     }
 }
 
@@ -217,7 +229,7 @@ impl Decided {
 // parser fills a [`Pkt`] owned by the caller.
 
 #[inline(always)]
-fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>) -> Result<Decided, Malformed> {
+fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
     let len = ctx.len();
     // __sk_buff.protocol holds the ethertype in network byte order.
     let v6 = match u16::from_be(ctx.skb.protocol() as u16) {
@@ -227,21 +239,22 @@ fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>
             count(stat::NOT_IP, len);
             // WireGuard carries only IP: on an L3 device anything else is dropped. (Ethernet
             // test devices need ARP.)
-            return Ok(Decided::unparsed(if WF_L3_OFFSET.load() == 0 { DROP } else { PASS }));
+            return Ok(if WF_L3_OFFSET.load() == 0 { DROP } else { PASS });
         }
     };
     let Some(st) = read_state() else {
         count(stat::UNINITIALIZED, len);
-        return Ok(Decided::unparsed(DROP));
+        return Ok(DROP);
     };
     let flags = if v6 { PARSE_V6 } else { 0 };
     let family = if v6 { policy::V6 } else { 0 };
+    let mut slot = core::mem::MaybeUninit::uninit();
     let frame = Frame::of(ctx);
     let off = WF_L3_OFFSET.load();
-    let pkt = match parse::parse_fast(&frame, off, v6, dir, slot) {
+    let pkt = match parse::parse_fast(&frame, off, v6, dir, &mut slot) {
         Some(pkt) => pkt,
         None => {
-            let pkt = Pkt::init(slot);
+            let pkt = Pkt::init(&mut slot);
             // The general parser, inlined here; the packet an ICMP error quotes goes
             // through `parse`.
             parse::parse_into(&frame, off, flags, dir, pkt)?;
@@ -252,7 +265,7 @@ fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>
     // SYN, FIN and RST change a flow's state: they always go through conntrack.
     if pkt.kind == KIND_TRACKED && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
         if let Some(rule) = flow_cache::lookup(&pkt.key, st.epoch, tick) {
-            return Ok(pass_established(rule, len, path::FLOW_CACHE));
+            return Ok(decided(pkt, pass_established(rule, len, path::FLOW_CACHE), len));
         }
     }
     // The coarse clock (jiffies resolution) is a plain load; the precise one reads the TSC.
@@ -263,10 +276,10 @@ fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>
         count(stat::FRAGMENTS, len);
         let rule = policy_rule(&pkt.key, 0, st.epoch, family);
         if rule == c::NO_RULE {
-            return Ok(deny(pkt, len, now, path::FRAGMENT));
+            return Ok(decided(pkt, deny(pkt, len, now, path::FRAGMENT), len));
         }
         count_rule(rule, len);
-        return Ok(Decided::pass(rule, path::FRAGMENT));
+        return Ok(decided(pkt, Decided::pass(rule, path::FRAGMENT), len));
     }
     if pkt.kind == KIND_TRACKED {
         if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -279,7 +292,7 @@ fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>
                 flow_cache::remember(&pkt.key, st.epoch, rule, tick);
             }
             clamp_syn(ctx, pkt, off, v6);
-            return Ok(pass_established(rule, len, path::CONNTRACK));
+            return Ok(decided(pkt, pass_established(rule, len, path::CONNTRACK), len));
         }
     } else if pkt.kind == KIND_ICMP_ERROR {
         let mut slot = core::mem::MaybeUninit::uninit();
@@ -291,14 +304,14 @@ fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>
         {
             let rule = conntrack::established(quoted, st.epoch, now, true) as u32;
             if rule != c::NO_RULE {
-                return Ok(pass_established(rule, len, path::ICMP_ERROR));
+                return Ok(decided(pkt, pass_established(rule, len, path::ICMP_ERROR), len));
             }
         }
     }
 
     let rule = policy_rule(&pkt.key, pkt.port, st.epoch, family | policy::PORT_KNOWN);
     if rule == c::NO_RULE {
-        return Ok(deny(pkt, len, now, path::NEW));
+        return Ok(decided(pkt, deny(pkt, len, now, path::NEW), len));
     }
     // A TCP packet other than a SYN opens no entry: allowed by the policy in its own
     // direction it passes, but its answers are judged by the policy too.
@@ -323,7 +336,7 @@ fn try_classify(ctx: &TcContext, dir: u8, slot: &mut core::mem::MaybeUninit<Pkt>
     count_rule(rule, len);
     event(c::EVENT_NEW_FLOW, rule, pkt, len, now);
     clamp_syn(ctx, pkt, off, v6);
-    Ok(Decided::pass(rule, path::NEW))
+    Ok(decided(pkt, Decided::pass(rule, path::NEW), len))
 }
 
 /// A TCP SYN or SYN-ACK that passes has its MSS clamped ([`mss`]). Other packets (their
@@ -356,7 +369,7 @@ fn pass_established(rule: u32, len: u32, path: u8) -> Decided {
 fn deny(pkt: &Pkt, len: u32, now: u64, path: u8) -> Decided {
     count(stat::DENIED, len);
     event(c::EVENT_DENY, c::NO_RULE, pkt, len, now);
-    Decided { code: DROP, rule: c::NO_RULE, path }
+    Decided::drop(path)
 }
 
 #[cfg(not(target_endian = "little"))]

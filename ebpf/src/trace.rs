@@ -45,10 +45,12 @@ pub fn armed() -> bool {
     unsafe { core::ptr::read_volatile(&raw const WF_TRACE_ARMED) != 0 }
 }
 
-/// Sends the record of a decided packet if the filter matches it; a full ring buffer
-/// counts in `TRACE[0].lost` (approximately: see below).
+/// Sends the record of a decided packet (`decided`: `main`'s `Decided` word: dropped in bit
+/// 0, the path in bits 8-15, the rule in 32-63) if the filter matches it; a full ring
+/// buffer counts in `TRACE[0].lost` (approximately: see below).
 #[inline(never)]
-pub fn emit(pkt: &Pkt, rule: u32, path: u8, pass: bool, len: u32) {
+pub fn emit(pkt: &Pkt, decided: u64, len: u32) {
+    let (pass, path, rule) = (decided & 1 == 0, (decided >> 8) as u8, (decided >> 32) as u32);
     let Some(f) = TRACE.get_ptr_mut(0) else { return };
     // SAFETY: the array's one value.
     if !matches(unsafe { &*f }, pkt) {
