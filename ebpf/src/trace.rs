@@ -14,7 +14,7 @@ use wirefence_common::{
     trace::{TraceFilter, TraceRecord, MATCH_PORT, MATCH_PROTO, TRACE_DROP, TRACE_PASS},
 };
 
-use crate::parse::{Pkt, KIND_FRAGMENT};
+use crate::parse::{Pkt, IPPROTO_ICMP, IPPROTO_ICMPV6, KIND_FRAGMENT};
 
 /// [`c::trace::GLOBAL_TRACE`]: 1 unless a loader sets it to 0.
 #[no_mangle]
@@ -31,9 +31,6 @@ static mut WF_TRACE_ARMED: u32 = 0;
 static TRACE: Array<TraceFilter> = Array::with_max_entries(1, 0);
 #[map(name = "WF_TRACE_EVENTS")]
 static TRACE_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
 
 /// Whether a tracer is running.
 #[inline(always)]

@@ -225,7 +225,7 @@ type Loaded = (
 );
 
 fn load_programs(dir: &Path) -> Loaded {
-    let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(common::pin_name(m)))).collect();
+    let paths = wirefence_agent::enforce::pin_paths(dir);
     let mut loader = aya::EbpfLoader::new();
     loader.override_global(common::GLOBAL_L3_OFFSET, &L3_OFFSET, true);
     for (name, path) in &paths {

@@ -248,7 +248,7 @@ fn pin_directories_others_own_or_can_write_are_refused_and_nothing_is_loaded_fro
 
 /// The pinned array `name` of `d`'s interface.
 fn pinned<V: aya::Pod>(d: &Dirs, name: &str) -> aya::maps::Array<MapData, V> {
-    let data = MapData::from_pin(d.pins().join(common::pin_name(name))).unwrap();
+    let data = MapData::from_pin(enforce::pin_path(&d.pins(), name)).unwrap();
     aya::maps::Array::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
 }
 
@@ -267,7 +267,7 @@ fn pins_of_a_build_without_the_trace_maps_are_taken_over_and_get_them() {
         for name in [common::TRACE, common::TRACE_EVENTS, common::TRACE_ARMED] {
             record.maps.remove(name);
             if !keep_trace_pin || name == common::TRACE_EVENTS {
-                let _ = std::fs::remove_file(d.pins().join(common::pin_name(name)));
+                let _ = std::fs::remove_file(enforce::pin_path(&d.pins(), name));
             }
         }
         enforce::record::write(&d.build_file(), &record).unwrap();
@@ -276,7 +276,7 @@ fn pins_of_a_build_without_the_trace_maps_are_taken_over_and_get_them() {
     drop(d.open().expect("an older build's pins are taken over"));
     assert_eq!(d.conntrack().get(&canon, 0).unwrap(), flow_value(0), "the flows were kept");
     for name in [common::TRACE, common::TRACE_EVENTS, common::TRACE_ARMED] {
-        assert!(d.pins().join(common::pin_name(name)).exists(), "{name} is pinned");
+        assert!(enforce::pin_path(&d.pins(), name).exists(), "{name} is pinned");
     }
     assert_eq!(enforce::record::read(&d.build_file()).unwrap().unwrap(), enforce::record::BuildRecord::ours());
 

@@ -63,6 +63,13 @@ impl ObjectMapError {
     }
 }
 
+/// Map `name` as pinned at `path` (by another process, or an earlier run), without loading
+/// any object.
+pub fn from_pin(path: &std::path::Path, name: &'static str) -> Result<aya::maps::Map, ObjectMapError> {
+    let data = MapData::from_pin(path).map_err(ObjectMapError::on(name))?;
+    aya::maps::Map::from_map_data(data).map_err(ObjectMapError::on(name))
+}
+
 /// A typed handle (`HashMap`, `Array`, ...) on map `name` of `ebpf`, for writing.
 pub fn typed_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, ObjectMapError>
 where

@@ -77,7 +77,7 @@ impl fmt::Display for PacketText<'_> {
                 write!(f, "{} -> {} {}", d.src, d.dst, Icmp(d))?;
             }
             // The protocols whose ports the programs read.
-            6 | 17 | 132 | 136 => {
+            p if wirefence_proto::iana::has_ports(p) => {
                 write!(f, "{} -> {} {}", with_port(&d.src, d.sport), with_port(&d.dst, d.dport), proto_name(d.proto))?
             }
             other => write!(f, "{} -> {} proto {other}", d.src, d.dst)?,

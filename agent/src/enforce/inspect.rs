@@ -26,8 +26,7 @@ pub struct Inspection {
 }
 
 fn pinned(dir: &Path, name: &'static str) -> Result<Map, EnforceError> {
-    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
-    Map::from_map_data(data).map_err(map_err(name))
+    Ok(crate::bpf::from_pin(&super::pin_path(dir, name), name)?)
 }
 
 /// What is pinned for an interface.

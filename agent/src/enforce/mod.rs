@@ -153,6 +153,16 @@ pub fn pin_dir(root: &Path, ifname: &IfName) -> PathBuf {
     root.join(ifname.as_str())
 }
 
+/// Where map `name` is pinned in an interface's pin directory `dir`.
+pub fn pin_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(common::pin_name(name))
+}
+
+/// Every pinned map of the object with its pin in `dir`, as a loader takes them.
+pub fn pin_paths(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+    common::MAPS.iter().map(|m| (*m, pin_path(dir, m))).collect()
+}
+
 impl Enforcer {
     /// Loads the programs with every map pinned under the interface's pin directory
     /// (adopting existing pins) and reads back what the policy maps hold. Attaches nothing.
@@ -168,8 +178,7 @@ impl Enforcer {
         let counters_new = !dir.join(common::RULE_COUNTERS).exists();
         let mut loader = aya::EbpfLoader::new();
         loader.override_global(common::GLOBAL_L3_OFFSET, &l3_offset, true);
-        let paths: Vec<(&'static str, PathBuf)> =
-            common::MAPS.iter().map(|m| (*m, dir.join(common::pin_name(m)))).collect();
+        let paths = pin_paths(&dir);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -26,7 +26,7 @@ use wirefence_common::layout::{self, MapLayout};
 use wirefence_common::{self as common};
 
 use super::record::{BuildRecord, Layout};
-use super::{map_err, migrate, EnforceError};
+use super::{map_err, migrate, pin_path as pin, EnforceError};
 use crate::model::IfName;
 
 /// What taking over an interface's pins involves.
@@ -45,11 +45,6 @@ pub struct Takeover {
 /// The pin a map to migrate is moved to.
 fn staged_path(dir: &Path, name: &str, version: u32) -> PathBuf {
     dir.join(format!("{}@v{version}", common::pin_name(name)))
-}
-
-/// The pin of map `name`.
-fn pin(dir: &Path, name: &str) -> PathBuf {
-    dir.join(common::pin_name(name))
 }
 
 /// Decides what to do with the pins in `dir`, recorded by `previous` (`file` names the

@@ -51,9 +51,6 @@ pub struct TraceSpec {
     port: Option<u16>,
 }
 
-/// The protocols whose ports the programs read.
-const PORTED: [u8; 4] = [iana::PROTO_TCP, iana::PROTO_UDP, iana::PROTO_SCTP, iana::PROTO_UDPLITE];
-
 impl TraceSpec {
     /// Source and destination prefixes of one family; a port only with a protocol that has
     /// ports (or none: then it matches the ported protocols' packets).
@@ -69,7 +66,7 @@ impl TraceSpec {
             }
         }
         if let (Some(p), Some(_)) = (proto, port) {
-            if !PORTED.contains(&p) {
+            if !iana::has_ports(p) {
                 return Err(TraceError::NoPorts { proto: p });
             }
         }
@@ -180,7 +177,7 @@ pub struct Tracer {
 }
 
 fn pinned(dir: &Path, name: &'static str, ifname: &IfName) -> Result<Map, TraceError> {
-    let path = dir.join(common::pin_name(name));
+    let path = super::pin_path(dir, name);
     match std::fs::symlink_metadata(&path) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -189,8 +186,7 @@ fn pinned(dir: &Path, name: &'static str, ifname: &IfName) -> Result<Map, TraceE
         // The pin directory is root's alone (mode 0700).
         Err(source) => return Err(TraceError::Access { path, source }),
     }
-    let data = MapData::from_pin(&path).map_err(ObjectMapError::on(name))?;
-    Ok(Map::from_map_data(data).map_err(ObjectMapError::on(name))?)
+    Ok(crate::bpf::from_pin(&path, name)?)
 }
 
 impl Tracer {

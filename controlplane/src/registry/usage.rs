@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use wirefence_proto::rule_hits::{MAX_BYTES, MAX_PACKETS, MIN_GAP};
 use wirefence_proto::v1;
 
 use super::flows::{now_ms, window_start};
@@ -12,18 +13,17 @@ use super::{lock, Registry};
 use crate::store::Hits;
 use crate::Error;
 
-// A rule's increment above these is not a count, and is dropped; one report per node per
-// `MIN_GAP`. With both, one minute's row stays far inside an i64 even if every node lies.
-use wirefence_proto::rule_hits::{MAX_BYTES, MAX_PACKETS, MIN_GAP as MIN_REPORT_GAP};
 const MINUTE_MS: i64 = 60_000;
 
 impl Registry {
-    /// Adds what `node` counted, for the rules it is on a side of.
+    /// Adds what `node` counted, for the rules it is on a side of. A rule's increment above
+    /// the caps is not a count and is dropped; one report per node per `MIN_GAP`. With both,
+    /// one minute's row stays far inside an i64 even if every node lies.
     pub(super) fn take_rule_hits(&self, node: &str, hits: v1::RuleHits) {
         {
             let mut last = lock(&self.flows.usage_reports);
             let now = std::time::Instant::now();
-            if last.get(node).is_some_and(|at| now.duration_since(*at) < MIN_REPORT_GAP) {
+            if last.get(node).is_some_and(|at| now.duration_since(*at) < MIN_GAP) {
                 tracing::debug!(node, "rule hits refused: too soon after the last");
                 return;
             }

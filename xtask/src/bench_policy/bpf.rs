@@ -216,7 +216,7 @@ impl Shared {
             loader.map_max_entries(common::FLOW_CACHE, 1);
             loader.map_max_entries(common::VERDICT_CACHE, 1);
         }
-        let paths: Vec<(&str, PathBuf)> = common::MAPS.iter().map(|m| (*m, dir.join(common::pin_name(m)))).collect();
+        let paths = wirefence_agent::enforce::pin_paths(dir);
         for (name, path) in &paths {
             anyhow::ensure!(path.exists(), "{} is not pinned", path.display());
             loader.map_pin_path(name, path.as_path());

@@ -16,7 +16,7 @@
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use wirefence_common::{self as common, stat, MssClamp};
 use wirefence_tests::bpf::TC_ACT_OK;
 use wirefence_tests::packet::Packet;
@@ -56,17 +56,7 @@ pub fn run(root: &Path, state_dir: &Path, repeat: u32, reps: usize, one_shots: u
 
     let mut s: [Vec<f64>; 8] = Default::default();
     let mut sport = 10000u16;
-    let ack_flow = common::FlowKey {
-        src: wirefence_tests::bpf::mapped(f.src),
-        dst: wirefence_tests::bpf::mapped(f.dst),
-        sport: 9999,
-        dport: f.dport,
-        proto: rules::TCP,
-        direction: common::DIR_INGRESS,
-        _pad: [0; 2],
-    }
-    .canonical()
-    .0;
+    let ack_flow = f.key(9999).canonical().0;
     for _ in 0..reps {
         // The SYNs' source ports wrap after 55,536 flows: their entries go first, so every
         // SYN is a new flow (an entry's SYN would pass as established).
@@ -114,9 +104,8 @@ pub fn run(root: &Path, state_dir: &Path, repeat: u32, reps: usize, one_shots: u
 
 /// Deletes every conntrack entry but `keep`'s (a canonical key).
 fn forget_flows_but(dir: &Path, keep: &common::FlowKey) -> Result<()> {
-    let data = aya::maps::MapData::from_pin(dir.join(common::CONNTRACK)).context("open the pinned conntrack")?;
-    let mut map: aya::maps::HashMap<_, common::FlowKey, common::FlowValue> =
-        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+    let pinned = wirefence_agent::bpf::from_pin(&dir.join(common::CONNTRACK), common::CONNTRACK)?;
+    let mut map: aya::maps::HashMap<_, common::FlowKey, common::FlowValue> = aya::maps::HashMap::try_from(pinned)?;
     let keys: Vec<common::FlowKey> = map.keys().collect::<Result<_, _>>()?;
     for k in keys.iter().filter(|k| *k != keep) {
         map.remove(k)?;

@@ -42,7 +42,7 @@ use wirefence_agent::enforce::Enforcer;
 use wirefence_agent::model::IfName;
 use wirefence_agent::policy::compile;
 use wirefence_common::{self as common, stat};
-use wirefence_tests::bpf::{mapped, TC_ACT_OK, TC_ACT_SHOT};
+use wirefence_tests::bpf::{TC_ACT_OK, TC_ACT_SHOT};
 use wirefence_tests::packet::{arp_frame, Packet};
 
 use super::bpf::{self, Caches, Pins, Shared};
@@ -211,15 +211,7 @@ fn setup(root: &Path, state_dir: &Path, i: usize, n: u32, v6: bool, noop: RawFd,
     row.noop_1shot = median(&base);
 
     // The flow of the first allowed SYN is in conntrack, under the last rule, this epoch.
-    let key = common::FlowKey {
-        src: mapped(f.src),
-        dst: mapped(f.dst),
-        sport: base_port,
-        dport: f.dport,
-        proto: rules::TCP,
-        direction: common::DIR_INGRESS,
-        _pad: [0; 2],
-    };
+    let key = f.key(base_port);
     let epoch = enforcer.state()?.epoch;
     let entry = shared.conntrack(&key)?.with_context(|| format!("{what}: allowed flow not in conntrack"))?;
     ensure!(

@@ -33,6 +33,21 @@ pub struct Flow {
     pub dport: u16,
 }
 
+impl Flow {
+    /// The tuple of this flow's TCP packets from source port `sport`, arriving (ingress).
+    pub fn key(&self, sport: u16) -> wirefence_common::FlowKey {
+        wirefence_common::FlowKey {
+            src: wirefence_tests::bpf::mapped(self.src),
+            dst: wirefence_tests::bpf::mapped(self.dst),
+            sport,
+            dport: self.dport,
+            proto: TCP,
+            direction: wirefence_common::DIR_INGRESS,
+            _pad: [0; 2],
+        }
+    }
+}
+
 pub fn src_of(i: u32, v6: bool) -> IpNet {
     if v6 {
         IpNet::V6(Ipv6Net::new(Ipv6Addr::from(0xfd00u128 << 112 | u128::from(i + 1)), 128).expect("/128"))

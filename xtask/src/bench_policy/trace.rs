@@ -18,7 +18,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use aya::maps::{Array, Map, MapData, RingBuf};
+use aya::maps::{Array, MapData, RingBuf};
+use wirefence_agent::enforce::pin_path;
 use wirefence_agent::enforce::trace::TraceSpec;
 use wirefence_common::trace::TraceFilter;
 use wirefence_common::{self as common, stat};
@@ -48,11 +49,7 @@ struct Trace {
 
 impl Trace {
     fn open(dir: &Path) -> Result<Trace> {
-        let map = |name: &str| -> Result<Map> {
-            let data =
-                MapData::from_pin(dir.join(common::pin_name(name))).with_context(|| format!("open pinned {name}"))?;
-            Ok(Map::from_map_data(data)?)
-        };
+        let map = |name: &'static str| wirefence_agent::bpf::from_pin(&pin_path(dir, name), name);
         Ok(Trace {
             filter: Array::try_from(map(common::TRACE)?)?,
             switch: Array::try_from(map(common::TRACE_ARMED)?)?,
