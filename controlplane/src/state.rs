@@ -8,7 +8,7 @@
 //! demand from its nodes and policy, which it shares (`Arc`) with its neighbours.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 
 use ipnet::IpNet;
 
@@ -16,6 +16,7 @@ use crate::model::NodeRec;
 use crate::peers::PeerTable;
 use crate::policy::{compile, CompiledRule, Policy, PrefixSet};
 use crate::registry::{lock, Overlay};
+use crate::view::NodePolicy;
 
 /// The policy compiled against the nodes of a state, with who is on which side of each
 /// rule, so that a node's view costs its own rules and peers, not a scan of every node.
@@ -32,6 +33,9 @@ pub struct Compiled {
     /// The far sides of the rules, one sorted list of node indices per distinct set of
     /// rule memberships: in a full mesh every node shares one (each skips itself).
     peer_sets: Vec<Arc<[u32]>>,
+    /// Per entry of `peer_sets`: the policy of its nodes when none of their rules is
+    /// narrowed ([`NodePolicy`]), made on first use; `None` when they are.
+    policies: Vec<Option<OnceLock<NodePolicy>>>,
 }
 
 fn overlaps(set: &PrefixSet, n: &NodeRec) -> bool {
@@ -51,6 +55,7 @@ impl Compiled {
             rules,
             node_peers: Vec::new(),
             peer_sets: Vec::new(),
+            policies: Vec::new(),
         };
         for (ri, r) in c.rules.iter().enumerate() {
             for (ni, n) in nodes.iter().enumerate() {
@@ -83,6 +88,7 @@ impl Compiled {
     fn group_peers(&mut self) {
         let mut sets: HashMap<&[(usize, bool, bool)], u32> = HashMap::new();
         let mut peer_sets = Vec::new();
+        let mut policies = Vec::new();
         let mut node_peers = Vec::with_capacity(self.node_rules.len());
         for memberships in &self.node_rules {
             let set = *sets.entry(memberships.as_slice()).or_insert_with(|| {
@@ -95,16 +101,24 @@ impl Compiled {
                 far.sort_unstable();
                 far.dedup();
                 peer_sets.push(Arc::from(far));
+                let unnarrowed = memberships.iter().all(|&(_, in_from, in_to)| in_from && in_to);
+                policies.push(unnarrowed.then(OnceLock::new));
                 u32::try_from(peer_sets.len() - 1).unwrap_or(u32::MAX)
             });
             node_peers.push(set);
         }
-        (self.node_peers, self.peer_sets) = (node_peers, peer_sets);
+        (self.node_peers, self.peer_sets, self.policies) = (node_peers, peer_sets, policies);
     }
 
     /// Node `ni`'s peers, as indices into the state's nodes (may include `ni` itself).
     pub fn peers_of(&self, ni: usize) -> &Arc<[u32]> {
         &self.peer_sets[self.node_peers[ni] as usize]
+    }
+
+    /// The policy node `ni` shares with every node with its rules, `None` when a rule is
+    /// narrowed to the node (each has its own then).
+    pub fn shared_policy(&self, ni: usize) -> Option<&OnceLock<NodePolicy>> {
+        self.policies[self.node_peers[ni] as usize].as_ref()
     }
 }
 

@@ -14,6 +14,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use prost::bytes::Bytes;
+use prost::Message;
 use wirefence_proto::v1::{self, AddressList, IpPrefix, NodeView, RefusedRouteList, SocketAddress, ViewDelta};
 
 use crate::model::{NodeRec, RefusedRoute};
@@ -55,29 +57,48 @@ impl NodeRule {
     }
 }
 
-/// Equal when they give the same wire rule.
-impl PartialEq for NodeRule {
-    fn eq(&self, o: &NodeRule) -> bool {
-        self.rule.id == o.rule.id
-            && self.rule.protocol == o.rule.protocol
-            && self.rule.ports == o.rule.ports
-            && self.from() == o.from()
-            && self.to() == o.to()
+/// The rules a node enforces with their wire encoding (`v1::Policy`), made once. Nodes on
+/// both sides of each of their rules enforce them as compiled (nothing to narrow), so every
+/// node with the same rules shares one (a full mesh: one for the fleet): a policy change
+/// then encodes each rule once, not once per node.
+#[derive(Clone, Debug)]
+pub struct NodePolicy(Arc<(Vec<NodeRule>, Bytes)>);
+
+impl NodePolicy {
+    fn new(rules: Vec<NodeRule>) -> NodePolicy {
+        let encoded = v1::Policy { rules: rules.iter().map(NodeRule::to_wire).collect() }.encode_to_vec();
+        NodePolicy(Arc::new((rules, encoded.into())))
+    }
+
+    pub fn rules(&self) -> &[NodeRule] {
+        &self.0 .0
+    }
+
+    pub fn encoded(&self) -> &Bytes {
+        &self.0 .1
     }
 }
 
-impl Eq for NodeRule {}
+/// Equal when they give the same wire policy.
+impl PartialEq for NodePolicy {
+    fn eq(&self, o: &NodePolicy) -> bool {
+        Arc::ptr_eq(&self.0, &o.0) || self.encoded() == o.encoded()
+    }
+}
+
+impl Eq for NodePolicy {}
 
 #[derive(Clone, Debug)]
 pub struct View {
-    pub addresses: Vec<IpNet>,
+    /// The node's position in its state's nodes: where the next state's view looks first.
+    position: usize,
+    /// The node itself: its addresses and refused routes are the view's.
+    me: Arc<NodeRec>,
     pub peers: PeerList,
-    pub rules: Vec<NodeRule>,
+    pub policy: NodePolicy,
     /// What the mesh routes but this node does not: it never sends these out in clear
     /// (shared by every node that routes nothing).
     pub mesh_prefixes: Arc<[IpNet]>,
-    /// The routes it advertised and did not get.
-    pub refused_routes: Vec<RefusedRoute>,
 }
 
 /// The part of a rule side (`side`, indexed as `set`) inside the node's prefixes.
@@ -104,18 +125,36 @@ fn narrow(side: &[IpNet], set: &PrefixSet, me: &NodeRec) -> Vec<IpNet> {
 /// The view of node `id`, `None` when it is not a live node of `state`. Costs the node's
 /// own rules: its peers are a list the state shares between every node with the same rules.
 pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
-    let me_ix = state.index(id)?;
+    Some(view_at(state, state.index(id)?))
+}
+
+/// The view of node `id` in `state`, which follows `prev`'s state: found at `prev`'s
+/// position unless nodes came or went. Each of N streams searching N nodes would read
+/// log N nodes scattered in memory; this reads one.
+pub fn next_view(state: &GlobalState, id: &str, prev: &View) -> Option<View> {
+    match state.nodes.get(prev.position) {
+        Some(n) if n.id == id => Some(view_at(state, prev.position)),
+        _ => node_view(state, id),
+    }
+}
+
+/// The view of the node at `me_ix` in `state.nodes`.
+fn view_at(state: &GlobalState, me_ix: usize) -> View {
     let me = &state.nodes[me_ix];
     let compiled = state.compiled();
-    let rules = compiled.node_rules[me_ix]
-        .iter()
-        .map(|&(ri, in_from, in_to)| {
+    let rules = || {
+        let rules = compiled.node_rules[me_ix].iter().map(|&(ri, in_from, in_to)| {
             let r = &compiled.rules[ri];
             let from = (!in_to).then(|| narrow(&r.from, &r.from_set, me));
             let to = (!in_from).then(|| narrow(&r.to, &r.to_set, me));
             NodeRule { rule: r.clone(), from, to }
-        })
-        .collect();
+        });
+        NodePolicy::new(rules.collect())
+    };
+    let policy = match compiled.shared_policy(me_ix) {
+        Some(shared) => shared.get_or_init(rules).clone(),
+        None => rules(),
+    };
     let members = compiled.peers_of(me_ix);
     let me_pos = u32::try_from(me_ix).ok();
     let peers = if state.routes_a_group(me) {
@@ -135,13 +174,7 @@ pub fn node_view(state: &GlobalState, id: &str) -> Option<View> {
         true => state.mesh_prefixes.clone(),
         false => state.mesh_prefixes.iter().filter(|p| !me.routes.contains(p)).copied().collect(),
     };
-    Some(View {
-        addresses: me.addresses.clone(),
-        peers,
-        rules,
-        mesh_prefixes,
-        refused_routes: me.refused_routes.clone(),
-    })
+    View { position: me_ix, me: me.clone(), peers, policy, mesh_prefixes }
 }
 
 fn prefixes<'a>(v: impl IntoIterator<Item = &'a IpNet>) -> Vec<IpPrefix> {
@@ -159,21 +192,18 @@ pub fn peer(n: &NodeRec, keepalive: u16) -> v1::Peer {
     }
 }
 
-fn policy(rules: &[NodeRule]) -> v1::Policy {
-    v1::Policy { rules: rules.iter().map(NodeRule::to_wire).collect() }
-}
-
 impl View {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             view: NodeView {
-                addresses: prefixes(&self.addresses),
+                addresses: prefixes(&self.me.addresses),
                 peers: vec![],
-                policy: Some(policy(&self.rules)),
+                policy: None,
                 mesh_prefixes: prefixes(self.mesh_prefixes.iter()),
-                refused_routes: self.refused_routes.iter().map(RefusedRoute::to_wire).collect(),
+                refused_routes: self.me.refused_routes.iter().map(RefusedRoute::to_wire).collect(),
             },
             peers: Refs::all(&self.peers),
+            policy: self.policy.encoded().clone(),
         }
     }
 }
@@ -188,13 +218,17 @@ pub fn delta(old: &View, new: &View, base_version: u64) -> Option<Delta> {
         let d = new.peers.table.diff(&old.peers, &new.peers);
         (Refs::new(&new.peers.table, &d.upserts, new.peers.me), Refs::new(&old.peers.table, &d.removes, old.peers.me))
     };
-    let addresses = (old.addresses != new.addresses).then(|| AddressList { prefixes: prefixes(&new.addresses) });
-    let policy = (old.rules != new.rules).then(|| policy(&new.rules));
+    // The same record (a change elsewhere) has the same addresses and refused routes.
+    let same_me = Arc::ptr_eq(&old.me, &new.me);
+    let (was, is) = (&old.me, &new.me);
+    let addresses =
+        (!same_me && was.addresses != is.addresses).then(|| AddressList { prefixes: prefixes(&is.addresses) });
+    let policy = (old.policy != new.policy).then(|| new.policy.encoded().clone());
     let mesh_prefixes = (!Arc::ptr_eq(&old.mesh_prefixes, &new.mesh_prefixes)
         && old.mesh_prefixes != new.mesh_prefixes)
         .then(|| AddressList { prefixes: prefixes(new.mesh_prefixes.iter()) });
-    let refused_routes = (old.refused_routes != new.refused_routes)
-        .then(|| RefusedRouteList { routes: new.refused_routes.iter().map(RefusedRoute::to_wire).collect() });
+    let refused_routes = (!same_me && was.refused_routes != is.refused_routes)
+        .then(|| RefusedRouteList { routes: is.refused_routes.iter().map(RefusedRoute::to_wire).collect() });
     if upserts.is_empty()
         && removes.is_empty()
         && addresses.is_none()
@@ -209,11 +243,11 @@ pub fn delta(old: &View, new: &View, base_version: u64) -> Option<Delta> {
         upsert_peers: vec![],
         remove_peers: vec![],
         addresses,
-        policy,
+        policy: None,
         mesh_prefixes,
         refused_routes,
     };
-    Some(Delta { delta, upserts, removes })
+    Some(Delta { delta, upserts, removes, policy })
 }
 
 #[cfg(test)]
@@ -262,12 +296,12 @@ ports = ["22"]
         let s = state(5, four(), POLICY);
         let laptop = node_view(&s, "n1").unwrap();
         assert_eq!(names(&laptop), ["db1", "web1"]);
-        assert_eq!(laptop.rules.len(), 1);
+        assert_eq!(laptop.policy.rules().len(), 1);
         let db1 = node_view(&s, "n2").unwrap();
         assert_eq!(names(&db1), ["laptop"]);
-        assert_eq!(db1.rules[0].id(), "admin-ssh");
+        assert_eq!(db1.policy.rules()[0].id(), "admin-ssh");
         let other = node_view(&s, "n4").unwrap();
-        assert!(other.peers.is_empty() && other.rules.is_empty());
+        assert!(other.peers.is_empty() && other.policy.rules().is_empty());
         // An empty but present policy: deny everything.
         let snap = other.snapshot().to_wire();
         assert_eq!(snap.policy, Some(v1::Policy { rules: vec![] }));
@@ -289,8 +323,10 @@ ports = ["22"]
         assert_eq!(rule.to, snap.addresses);
         // laptop is only in `from`: the whole `to` (db1's and web1's adjacent addresses,
         // merged), its own `from`.
-        let rule = laptop.rules[0].to_wire();
+        let rule = laptop.policy.rules()[0].to_wire();
         assert_eq!((rule.from.len(), rule.to.len()), (2, 2));
+        // db1 and web1 are on the same side of the same rule, narrowed to each: not shared.
+        assert_ne!(db1.policy, node_view(&s, "n3").unwrap().policy);
     }
 
     #[test]
@@ -307,9 +343,9 @@ ports = ["22"]
         assert_eq!(snap.peers[0].allowed_ips.len(), 3, "addresses and the route");
         let router = node_view(&s, "n5").unwrap();
         assert_eq!(names(&router), ["laptop"]);
-        assert_eq!(router.rules[0].id(), "lan");
-        assert_eq!(router.rules[0].to(), ["10.88.0.5/32".parse::<IpNet>().unwrap()]);
-        assert!(node_view(&s, "n2").unwrap().rules.is_empty());
+        assert_eq!(router.policy.rules()[0].id(), "lan");
+        assert_eq!(router.policy.rules()[0].to(), ["10.88.0.5/32".parse::<IpNet>().unwrap()]);
+        assert!(node_view(&s, "n2").unwrap().policy.rules().is_empty());
     }
 
     #[test]
@@ -425,7 +461,7 @@ ports = ["22"]
         let after = node_view(&s2, "n1").unwrap();
         assert!(wdelta(&before, &after, 1).is_none());
         assert!(after.peers.is_empty());
-        let rule = after.rules[0].to_wire();
+        let rule = after.policy.rules()[0].to_wire();
         // Only its own address (IPv4: the source range is IPv4 only).
         assert_eq!(rule.to, vec![IpPrefix::from("10.77.0.1/32".parse::<IpNet>().unwrap())]);
         assert_eq!(rule.from, vec![IpPrefix::from("10.99.0.0/24".parse::<IpNet>().unwrap())]);
@@ -444,7 +480,10 @@ ports = ["22"]
         assert!(Arc::ptr_eq(&a1.peers.members, &b1.peers.members), "one list, each node skips itself");
         assert_eq!((a1.peers.len(), a1.peers.iter().filter(|p| p.id == "n01").count()), (49, 0));
         // `*` over 50 nearby addresses per family: merged, far fewer than 100 prefixes.
-        assert!(a1.rules[0].to().len() < 25, "{:?}", a1.rules[0].to());
+        assert!(a1.policy.rules()[0].to().len() < 25, "{:?}", a1.policy.rules()[0].to());
+        // Nothing narrowed (every node is on both sides): one policy, encoded once.
+        assert!(Arc::ptr_eq(&a1.policy.0, &b1.policy.0), "one policy for the fleet");
+        assert_eq!(a1.snapshot().policy.as_ptr(), b1.snapshot().policy.as_ptr(), "and one encoding");
 
         // The port changes: the same table and lists, no peer in any delta.
         let s2 = s1.with_policy(2, Arc::new(parse("p.toml", &full_mesh(8443)).unwrap()));
@@ -470,5 +509,17 @@ ports = ["22"]
         assert!(to.iter().any(|p| p.contains(&"10.77.0.51".parse::<std::net::IpAddr>().unwrap())));
         // The newcomer's own snapshot has the 50 others.
         assert_eq!(node_view(&s3, "n51").unwrap().snapshot().to_wire().peers.len(), 50);
+
+        // A node ahead of n02 leaves: n02's position moves, and its next view still finds it.
+        let s4 = s3.with_nodes(4, s3.nodes.iter().filter(|n| n.id != "n01").cloned().collect());
+        let b4 = next_view(&s4, "n02", &b3).unwrap();
+        assert_eq!((b4.me.id.as_str(), b4.position, b3.position), ("n02", 0, 1));
+        assert_eq!(wdelta(&b3, &b4, 3).unwrap().remove_peers, vec![vec![1u8; 32]]);
+        assert!(next_view(&s4, "n01", &a3).is_none(), "a removed node has no view");
+        // Nothing changed: the same view at the same position, no delta.
+        let s5 = s4.with_policy(5, s4.policy.clone());
+        let b5 = next_view(&s5, "n02", &b4).unwrap();
+        assert_eq!(b5.position, 0);
+        assert!(!Arc::ptr_eq(&b4.policy.0, &b5.policy.0) && wdelta(&b4, &b5, 4).is_none(), "compared by encoding");
     }
 }

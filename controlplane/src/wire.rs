@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use prost::bytes::{Buf, BufMut};
+use prost::bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, encode_key, encode_varint, encoded_len_varint, key_len, DecodeContext, WireType};
 use prost::{DecodeError, Message};
 use wirefence_proto::v1;
@@ -25,21 +25,27 @@ const UPDATE_CONTINUED: u32 = 5;
 /// `NodeView.peers` and `ViewDelta.upsert_peers`.
 const PEERS: u32 = 2;
 const DELTA_REMOVE_PEERS: u32 = 3;
+const VIEW_POLICY: u32 = 3;
+const DELTA_POLICY: u32 = 5;
 
-/// A node's whole view: everything but its peers in `view`, the peers by reference.
+/// A node's whole view: everything but its peers and policy in `view`, the peers by
+/// reference, the policy encoded (`v1::Policy`, shared by every node with the same rules).
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub view: v1::NodeView,
     pub peers: Refs,
+    pub policy: Bytes,
 }
 
-/// Changes on top of `delta.base_version`: everything but the peers in `delta`, the peers
-/// to upsert (positions in the new table) and to remove (in the old one) by reference.
+/// Changes on top of `delta.base_version`: everything but the peers and the policy in
+/// `delta`, the peers to upsert (positions in the new table) and to remove (in the old
+/// one) by reference, and the new policy encoded when it changed.
 #[derive(Clone, Debug)]
 pub struct Delta {
     pub delta: v1::ViewDelta,
     pub upserts: Refs,
     pub removes: Refs,
+    pub policy: Option<Bytes>,
 }
 
 impl Snapshot {
@@ -66,7 +72,12 @@ impl Delta {
     /// A delta that changes nothing: a resume from a version whose view is the current one.
     pub fn empty(base_version: u64, table: &Arc<PeerTable>) -> Delta {
         let none = Refs::new(table, &Arc::from([]), None);
-        Delta { delta: v1::ViewDelta { base_version, ..Default::default() }, upserts: none.clone(), removes: none }
+        Delta {
+            delta: v1::ViewDelta { base_version, ..Default::default() },
+            upserts: none.clone(),
+            removes: none,
+            policy: None,
+        }
     }
 }
 
@@ -117,15 +128,30 @@ impl Body {
         }
     }
 
-    /// The length of the nested message.
-    fn len(&self) -> usize {
+    /// The policy's field number and encoding, when the message has one.
+    fn policy(&self) -> Option<(u32, &Bytes)> {
         match self {
-            Body::Snapshot(s) => s.view.encoded_len() + peers_len(&s.peers),
-            Body::Delta(d) => d.delta.encoded_len() + peers_len(&d.upserts) + removes_len(&d.removes),
+            Body::Snapshot(s) => Some((VIEW_POLICY, &s.policy)),
+            Body::Delta(d) => d.policy.as_ref().map(|p| (DELTA_POLICY, p)),
         }
     }
 
+    /// The length of the nested message.
+    fn len(&self) -> usize {
+        let policy = self.policy().map_or(0, |(tag, p)| field_len(tag, p.len()));
+        policy
+            + match self {
+                Body::Snapshot(s) => s.view.encoded_len() + peers_len(&s.peers),
+                Body::Delta(d) => d.delta.encoded_len() + peers_len(&d.upserts) + removes_len(&d.removes),
+            }
+    }
+
     fn encode(&self, buf: &mut impl BufMut) {
+        // Set there too, the policy would be sent twice, and a receiver merges the two.
+        debug_assert!(match self {
+            Body::Snapshot(s) => s.view.policy.is_none(),
+            Body::Delta(d) => d.delta.policy.is_none(),
+        });
         encode_key(self.tag(), WireType::LengthDelimited, buf);
         encode_varint(self.len() as u64, buf);
         let (peers, removes) = match self {
@@ -138,6 +164,9 @@ impl Body {
                 (&d.upserts, Some(&d.removes))
             }
         };
+        if let Some((tag, p)) = self.policy() {
+            put_field(tag, p, buf);
+        }
         for i in peers.iter() {
             put_field(PEERS, peers.table.encoded(i), buf);
         }
@@ -180,9 +209,9 @@ impl Iterator for PartIter {
         let up = Refs::new(&ups.table, &up, None);
         let rm = Refs::new(self.removes.as_ref().map_or(&ups.table, |r| &r.table), &rm, None);
         let body = match self.first.take() {
-            Some(Body::Snapshot(s)) => Body::Snapshot(Snapshot { view: s.view, peers: up }),
-            Some(Body::Delta(d)) => Body::Delta(Delta { delta: d.delta, upserts: up, removes: rm }),
-            None => Body::Delta(Delta { delta: v1::ViewDelta::default(), upserts: up, removes: rm }),
+            Some(Body::Snapshot(s)) => Body::Snapshot(Snapshot { peers: up, ..s }),
+            Some(Body::Delta(d)) => Body::Delta(Delta { upserts: up, removes: rm, ..d }),
+            None => Body::Delta(Delta { delta: v1::ViewDelta::default(), upserts: up, removes: rm, policy: None }),
         };
         let continued = self.made < self.parts;
         Some(Update { version: self.version, body: Some(body), incarnation: self.incarnation.clone(), continued })

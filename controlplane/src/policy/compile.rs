@@ -120,8 +120,10 @@ pub fn unmatched_selectors(policy: &Policy, nodes: &[Arc<NodeRec>]) -> Vec<Strin
     out.into_iter().collect()
 }
 
-fn resolve(side: &[Selector], nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &NodeRec>) -> BTreeSet<IpNet> {
-    let mut out = BTreeSet::new();
+/// The prefixes of `side`, unordered and possibly repeated ([`IpNet::aggregate`] sorts and
+/// merges them: an ordered set here cost more than the rest of a full mesh's compilation).
+fn resolve(side: &[Selector], nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &NodeRec>) -> Vec<IpNet> {
+    let mut out = Vec::new();
     for s in side {
         match s {
             Selector::All => out.extend(nodes.iter().flat_map(|n| n.addresses.iter().copied())),
@@ -138,9 +140,7 @@ fn resolve(side: &[Selector], nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &N
             Selector::Tag(t) => out.extend(
                 nodes.iter().filter(|n| n.tags.iter().any(|x| x == t)).flat_map(|n| n.addresses.iter().copied()),
             ),
-            Selector::Net(n) => {
-                out.insert(*n);
-            }
+            Selector::Net(n) => out.push(*n),
         }
     }
     out
@@ -149,11 +149,12 @@ fn resolve(side: &[Selector], nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &N
 fn compile_rule(r: &RuleDef, nodes: &[Arc<NodeRec>], by_host: &HashMap<&str, &NodeRec>) -> Option<CompiledRule> {
     let from = resolve(&r.from, nodes, by_host);
     let to = resolve(&r.to, nodes, by_host);
-    let has = |s: &BTreeSet<IpNet>, v6: bool| s.iter().any(|n| matches!(n, IpNet::V6(_)) == v6);
+    let has = |s: &[IpNet], v6: bool| s.iter().any(|n| matches!(n, IpNet::V6(_)) == v6);
     let keep = |v6: bool| wirefence_proto::iana::proto_allows_family(r.protocol, v6) && has(&from, v6) && has(&to, v6);
     let (k4, k6) = (keep(false), keep(true));
-    let filter = |s: BTreeSet<IpNet>| -> Vec<IpNet> {
-        s.into_iter().filter(|n| if matches!(n, IpNet::V6(_)) { k6 } else { k4 }).collect()
+    let filter = |mut s: Vec<IpNet>| -> Vec<IpNet> {
+        s.retain(|n| if matches!(n, IpNet::V6(_)) { k6 } else { k4 });
+        s
     };
     // Merged into the fewest prefixes covering the same addresses: `*` over sequentially
     // allocated addresses becomes a handful of prefixes, so a rule's size on the wire and in

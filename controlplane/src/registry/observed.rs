@@ -58,9 +58,11 @@ impl CertExpiry {
     }
 }
 
-/// Observations of every node seen since start, by node id.
+/// Observations of every node seen since start, by node id. Every stream updates its node's
+/// per update sent: hashed with foldhash, not SipHash (node ids are the control plane's own,
+/// nobody can choose them to collide).
 #[derive(Debug, Default)]
-pub struct Observations(Mutex<HashMap<String, Observed>>);
+pub struct Observations(Mutex<HashMap<String, Observed, foldhash::fast::RandomState>>);
 
 impl Observations {
     /// Marks `node` as seen now and applies `f` to its observations.
@@ -77,7 +79,12 @@ impl Observations {
 
     /// Applies `f` to `node`'s observations without counting it as a sign of life.
     pub fn update(&self, node: &str, f: impl FnOnce(&mut Observed)) {
-        f(lock(&self.0).entry(node.to_owned()).or_default());
+        let mut all = lock(&self.0);
+        // Every stream calls this per update sent: no key copied when the node is there.
+        match all.get_mut(node) {
+            Some(o) => f(o),
+            None => f(all.entry(node.to_owned()).or_default()),
+        }
     }
 
     pub fn forget(&self, node: &str) {

@@ -17,7 +17,7 @@ use crate::metrics::WatchStart;
 use crate::registry::observed::Connection;
 use crate::registry::{detached, Registry};
 use crate::state::GlobalState;
-use crate::view::{delta, node_view, View};
+use crate::view::{delta, next_view, node_view, View};
 use crate::wire::{Body, Delta, Update, PART_PEERS};
 use crate::Error;
 
@@ -129,7 +129,7 @@ impl Stream {
 
     /// Sends the delta for `state`, if this node's view changed; false = stream over.
     async fn next(&mut self, state: &GlobalState) -> bool {
-        let Some(new) = node_view(state, &self.node) else {
+        let Some(new) = next_view(state, &self.node, &self.view) else {
             tracing::info!(node = %self.node, "ending the stream of a removed node");
             let _ = self.tx.send(Err(Error::NodeRemoved(self.node.clone()).into())).await;
             return false;
