@@ -48,8 +48,8 @@ impl Dirs {
     }
 
     fn conntrack(&self) -> HashMap<MapData, FlowKey, FlowValue> {
-        let data = MapData::from_pin(self.pins().join(common::CONNTRACK)).unwrap();
-        HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+        let pin = enforce::pin_path(&self.pins(), common::CONNTRACK);
+        HashMap::try_from(wirefence_agent::bpf::from_pin(&pin, common::CONNTRACK).unwrap()).unwrap()
     }
 
     /// Records the pins as made by build `object` with this build's layouts but conntrack's

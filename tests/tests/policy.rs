@@ -209,13 +209,9 @@ fn untouched_by_status(host: &Host) -> (String, String, Vec<String>, Vec<String>
     use aya::maps::{Array, MapData};
     use wirefence_common as common;
     let dir = bpffs_root().join(&host.ifname);
-    let state: Array<MapData, common::PolicyState> =
-        Array::try_from(aya::maps::Map::from_map_data(MapData::from_pin(dir.join(common::STATE)).unwrap()).unwrap())
-            .unwrap();
-    let lens: Array<MapData, common::ClassLens> = Array::try_from(
-        aya::maps::Map::from_map_data(MapData::from_pin(dir.join(common::CLASS_LENS)).unwrap()).unwrap(),
-    )
-    .unwrap();
+    let pinned = |name| wirefence_agent::bpf::from_pin(&wirefence_agent::enforce::pin_path(&dir, name), name).unwrap();
+    let state: Array<MapData, common::PolicyState> = Array::try_from(pinned(common::STATE)).unwrap();
+    let lens: Array<MapData, common::ClassLens> = Array::try_from(pinned(common::CLASS_LENS)).unwrap();
     let lens: Vec<_> = (0..common::CLASS_LENS_ENTRIES).map(|i| lens.get(&i, 0).unwrap().bits).collect();
     let mut pins: Vec<String> =
         std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use aya::maps::{Map, MapData, RingBuf};
+use aya::maps::RingBuf;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use wirefence_common as common;
@@ -226,8 +226,7 @@ pub async fn follow(
     });
     let mut out = Sinks { flows, log };
     let mut rules = super::flows::RuleNames::new(super::slots_file(&state_dir, &ifname));
-    let data = MapData::from_pin(pin_dir.join(common::EVENTS))?;
-    let ring = RingBuf::try_from(Map::RingBuf(data))?;
+    let ring = RingBuf::try_from(crate::bpf::from_pin(&super::pin_path(&pin_dir, common::EVENTS), common::EVENTS)?)?;
     // SAFETY: the ring buffer owns its descriptor and outlives the registration (it moves
     // into the AsyncFd and is dropped with it).
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(|e| anyhow::anyhow!("register ring buffer: {e}"))?;

@@ -55,7 +55,7 @@ pub fn supported(name: &str, from: u32, to: u32) -> bool {
 /// returns how many were written.
 pub fn run(name: &'static str, old: &Path, from: u32, new: &mut Map) -> Result<usize, EnforceError> {
     debug_assert_eq!(name, common::CONNTRACK, "only conntrack has migrations");
-    let old = Map::from_map_data(MapData::from_pin(old).map_err(map_err(name))?).map_err(map_err(name))?;
+    let old = crate::bpf::from_pin(old, name)?;
     let entries: Vec<(FlowKey, FlowValueV2)> = match from {
         CONNTRACK_V3 => read::<FlowValueV3>(name, old)?.into_iter().map(|(k, v)| (k, v.v2)).collect(),
         _ => read::<FlowValueV2>(name, old)?,

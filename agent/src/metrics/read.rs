@@ -141,7 +141,7 @@ fn single(reg: &mut Registry, name: &str, help: &str, v: u64) {
 /// Counts the pinned conntrack map's entries: one key walk, bounded by the table's size
 /// (`MAX_CONNTRACK`, a few tens of ms when full) and one scrape at a time.
 fn conntrack_entries(dir: &std::path::Path) -> Result<usize, aya::maps::MapError> {
-    let data = MapData::from_pin(dir.join(common::CONNTRACK))?;
+    let data = MapData::from_pin(crate::enforce::pin_path(dir, common::CONNTRACK))?;
     let map: BpfHashMap<MapData, FlowKey, FlowValue> = BpfHashMap::try_from(Map::from_map_data(data)?)?;
     // A key deleted under the walk (a sweep, a program) makes the kernel restart it from the
     // first key: the count may then be high for one scrape, and the cap keeps it finite.

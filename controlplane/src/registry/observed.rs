@@ -67,10 +67,10 @@ pub struct Observations(Mutex<HashMap<String, Observed, foldhash::fast::RandomSt
 impl Observations {
     /// Marks `node` as seen now and applies `f` to its observations.
     pub fn seen(&self, node: &str, f: impl FnOnce(&mut Observed)) {
-        let mut map = lock(&self.0);
-        let o = map.entry(node.to_owned()).or_default();
-        o.last_seen = now_unix();
-        f(o);
+        self.update(node, |o| {
+            o.last_seen = now_unix();
+            f(o);
+        });
     }
 
     pub fn get(&self, node: &str) -> Observed {
