@@ -100,7 +100,7 @@ impl Agent {
             .await?;
         let health = c.control.as_ref().map(|_| Arc::new(control::ControlHealth::default()));
         let flows = Arc::new(crate::enforce::flows::FlowQueue::default());
-        let metrics = Arc::new(Metrics::new(backend.clone(), health.clone(), metrics_target(&loaded)));
+        let metrics = Arc::new(Metrics::new(backend.clone(), health.clone(), metrics_target(&loaded), flows.clone()));
         let control = match (&c.control, health) {
             (Some(cc), Some(health)) => Some(start_client(cc, &loaded, backend, health, flows.clone())?),
             _ => None,
@@ -270,7 +270,8 @@ impl Agent {
                         swept_at = Some(tokio::time::Instant::now());
                         match self.reconciler.sweep_conntrack().await {
                             Ok(Some(s)) if s.expired > 0 => {
-                                tracing::debug!(expired = s.expired, live = s.live, "conntrack swept")
+                                tracing::debug!(expired = s.expired, live = s.live, "conntrack swept");
+                                self.flows.ended(s.ended);
                             }
                             Ok(_) => {}
                             Err(error) => tracing::warn!(%error, "conntrack sweep failed"),

@@ -181,6 +181,8 @@ fn deny() -> std::sync::Arc<FlowQueue> {
         proto: 6,
         sport: 40000,
         dport: 22,
+        packets: 0,
+        bytes: 0,
     });
     std::sync::Arc::new(q)
 }

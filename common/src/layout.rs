@@ -24,17 +24,20 @@ const fn layout<K, V>(name: &'static str, version: u32) -> MapLayout {
 
 /// [`CONNTRACK`]'s layout versions: 1, keyed by each flow's first packet (looked up by the
 /// tuple and its reversal); 2, keyed by the canonical tuple ([`FlowKey::canonical`], with
-/// [`FLOW_SWAPPED`]); 3, as 2 with [`FlowValue`] grown by a word, built only with the
-/// `next-layout` feature (a stand-in for a future build, so the upgrade tests run a real
-/// migration).
+/// [`FLOW_SWAPPED`]); 4, as 2 with the flow's first-seen time and its packet and byte
+/// counts; 5, as 4 with [`FlowValue`] grown by a word, built only with the `next-layout`
+/// feature (a stand-in for a future build, so the upgrade tests run a real migration).
+/// 3 was that stand-in in the builds before counts: skipped, so that those builds refuse
+/// the counting layout by its number instead of reading it as their stand-in's.
 pub const CONNTRACK_V1: u32 = 1;
 pub const CONNTRACK_V2: u32 = 2;
-pub const CONNTRACK_V3: u32 = 3;
+pub const CONNTRACK_V4: u32 = 4;
+pub const CONNTRACK_V5: u32 = 5;
 
 #[cfg(not(feature = "next-layout"))]
-const CONNTRACK_VERSION: u32 = CONNTRACK_V2;
+const CONNTRACK_VERSION: u32 = CONNTRACK_V4;
 #[cfg(feature = "next-layout")]
-const CONNTRACK_VERSION: u32 = CONNTRACK_V3;
+const CONNTRACK_VERSION: u32 = CONNTRACK_V5;
 
 /// This build's layouts, one per pinned map, in [`MAPS`] order.
 pub const LAYOUTS: [MapLayout; 17] = [

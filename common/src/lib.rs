@@ -82,8 +82,9 @@ pub fn pin_name(name: &str) -> &str {
     }
 }
 
-/// The programs' per-CPU flow cache (`ebpf/src/flow_cache.rs`): not pinned and never
-/// touched by the agent; each loaded object has its own. Tools may load a copy with 1 slot
+/// The programs' per-CPU flow cache (`ebpf/src/flow_cache.rs`, slots [`FlowSlot`]): not
+/// pinned; each loaded object has its own, which the agent only reads (the counts not yet
+/// folded into conntrack). Tools may load a copy with 1 slot
 /// to measure the conntrack path.
 pub const FLOW_CACHE: &str = "WF_FLOW_CACHE";
 /// The programs' per-CPU cache of policy decisions (`ebpf/src/verdict_cache.rs`): not
@@ -434,7 +435,16 @@ pub struct FlowValue {
     pub state: u32,
     /// [`FLOW_QUOTA_COUNTED`]: the entry counts against its source's quota.
     pub flags: u32,
-    /// Only in the `next-layout` test build ([`layout::CONNTRACK_V3`]): a word a future
+    /// bpf_ktime_get_coarse_ns() of the flow's first packet.
+    pub first_seen_ns: u64,
+    /// Packets and bytes (`skb->len`) of the flow, both directions: the first packet's,
+    /// those the conntrack path passes without filling a flow-cache slot (closing flows,
+    /// short lifetimes) and, folded in, what the per-CPU [`FlowSlot`]s counted (the packet
+    /// that filled the slot and its hits) when a slot is refilled, taken by another flow or
+    /// dropped. Added atomically: CPUs share the entry.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Only in the `next-layout` test build ([`layout::CONNTRACK_V5`]): a word a future
     /// layout adds, always zero, so that build's conntrack map has another value size.
     #[cfg(feature = "next-layout")]
     pub next: u64,
@@ -446,6 +456,62 @@ pub const FLOW_QUOTA_COUNTED: u32 = 1;
 /// `FlowValue::flags`: the entry's key is the reversal of its flow's first packet
 /// ([`FlowKey::canonical`] swapped it).
 pub const FLOW_SWAPPED: u32 = 2;
+
+/// One slot of the flow cache (`FLOW_CACHE`, a per-CPU array the programs keep and the
+/// agent only reads): the verdict conntrack gave the packets of one tuple (`key`, as the
+/// packet had it, not canonical), and what this CPU passed on it since it was filled, not
+/// yet folded into the conntrack entry.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSlot {
+    pub key: FlowKey,
+    pub epoch: u32,
+    pub rule: u32,
+    /// Low 32 bits of jiffies when filled, with bit 0 set; 0: empty (matches no packet).
+    pub stamp: u32,
+    /// [`slot_time`] of when the slot was filled: its counts belong to a conntrack entry
+    /// only if that entry's flow was first seen no later.
+    pub since: u32,
+    /// Packets (high 32 bits) and bytes (low 32 bits) counted and not yet folded: one word,
+    /// so a hit counts with one add. Bytes stay below 2^31 (a slot past that sends its next
+    /// packet through conntrack, which folds it), so they never carry into the packets.
+    pub counts: u64,
+}
+
+/// A coarse ns time as the flow cache records it: in units of 2^20 ns (about a
+/// millisecond), wrapping after 52 days.
+#[inline(always)]
+pub const fn slot_time(ns: u64) -> u32 {
+    (ns >> 20) as u32
+}
+
+/// What one packet of `len` bytes adds to [`FlowSlot::counts`].
+#[inline(always)]
+pub const fn slot_count(len: u32) -> u64 {
+    1 << 32 | len as u64
+}
+
+/// [`FlowSlot::counts`] past which a slot is folded first.
+pub const SLOT_MAX_BYTES: u64 = 1 << 31;
+
+impl FlowSlot {
+    #[inline(always)]
+    pub const fn packets(&self) -> u64 {
+        self.counts >> 32
+    }
+
+    #[inline(always)]
+    pub const fn bytes(&self) -> u64 {
+        self.counts & 0xffff_ffff
+    }
+
+    /// Whether this slot's counts were made while the entry of a flow first seen at
+    /// `first_seen_ns` existed (not by an earlier flow of the same tuple).
+    #[inline(always)]
+    pub fn counts_for(&self, first_seen_ns: u64) -> bool {
+        self.since.wrapping_sub(slot_time(first_seen_ns)) as i32 >= 0
+    }
+}
 
 impl FlowValue {
     /// The tuple of the first packet of the flow filed under `key` (the canonical key).
@@ -658,6 +724,7 @@ mod pod {
     unsafe impl aya::Pod for ClassLens {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FlowSlot {}
     unsafe impl aya::Pod for CtConfig {}
     unsafe impl aya::Pod for MssClamp {}
     unsafe impl aya::Pod for Counter {}
@@ -675,7 +742,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<PolicyState>(), 8);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), if cfg!(feature = "next-layout") { 32 } else { 24 });
+        assert_eq!(size_of::<FlowValue>(), if cfg!(feature = "next-layout") { 56 } else { 48 });
+        assert_eq!(size_of::<FlowSlot>(), 64);
         assert_eq!(size_of::<CtConfig>(), 40);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<Event>(), 56);
@@ -749,6 +817,18 @@ mod key_tests {
         // the canonical key.
         assert_eq!(key(3, 7, 3, 7, 0).canonical(), (key(3, 7, 3, 7, 0), false));
         assert_eq!(key(3, 7, 3, 7, 1).canonical(), (key(3, 7, 3, 7, 0), true));
+    }
+
+    #[test]
+    fn a_slots_counts_belong_only_to_an_entry_first_seen_by_its_fill() {
+        let ms = 1u64 << 20;
+        let slot = FlowSlot { since: slot_time(50 * ms), ..Default::default() };
+        assert!(slot.counts_for(50 * ms) && slot.counts_for(10 * ms));
+        assert!(!slot.counts_for(51 * ms), "an entry made after the slot was filled: an earlier flow's counts");
+        // Across the wrap of the 32-bit time (52 days).
+        let wrap = (1u64 << 52) * 2;
+        let late = FlowSlot { since: slot_time(wrap + 3 * ms), ..Default::default() };
+        assert!(late.counts_for(wrap - 3 * ms) && !late.counts_for(wrap + 4 * ms));
     }
 
     #[test]

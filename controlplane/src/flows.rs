@@ -107,8 +107,11 @@ pub struct Flow {
     pub dst_port: u16,
     /// The deciding rule; empty for a deny.
     pub rule_id: String,
+    /// Both directions; 0 until the flow's end is reported.
     pub packets: u64,
     pub bytes: u64,
+    /// A flow's end ([`v1::FlowRecord::ended`]); read back: the record holds its end.
+    pub ended: bool,
 }
 
 /// The records of one flow as a policy decides it: same source, destination, protocol and
@@ -145,6 +148,8 @@ pub enum InvalidFlow {
     RuleId,
     #[error("{0} is neither an address of the reporting node nor in its routes")]
     NotTheNodes(IpAddr),
+    #[error("a denied packet is no flow that could end (ended set on a deny)")]
+    EndOfDeny,
 }
 
 fn address(bytes: &[u8], which: &'static str) -> Result<IpAddr, InvalidFlow> {
@@ -176,8 +181,13 @@ impl Flow {
         if !rule_id_ok(&r.rule_id) {
             return Err(InvalidFlow::RuleId);
         }
+        if r.ended && verdict != Verdict::Allow {
+            return Err(InvalidFlow::EndOfDeny);
+        }
+        // An end is timed by its flow's start, which may be long ago.
+        let oldest = if r.ended { 0 } else { received_ms - MAX_REPORT_AGE_MS };
         let flow = Flow {
-            at_ms: r.time_unix_ms.clamp(received_ms - MAX_REPORT_AGE_MS, received_ms),
+            at_ms: r.time_unix_ms.clamp(oldest, received_ms),
             direction,
             verdict,
             protocol: u8::try_from(r.protocol).map_err(|_| InvalidFlow::Protocol(r.protocol))?,
@@ -188,6 +198,7 @@ impl Flow {
             rule_id: r.rule_id.clone(),
             packets: r.packets,
             bytes: r.bytes,
+            ended: r.ended,
         };
         // A node speaks for its own traffic only: what it forwards for its LAN counts, a
         // flow between two other nodes does not.
@@ -211,6 +222,7 @@ impl Flow {
             rule_id: self.rule_id.clone(),
             packets: self.packets,
             bytes: self.bytes,
+            ended: self.ended,
         }
     }
 
@@ -338,6 +350,14 @@ mod tests {
         assert_eq!(bad(&|r| r.direction = 9), InvalidFlow::Direction(9));
         assert_eq!(bad(&|r| r.rule_id = "a b".into()), InvalidFlow::RuleId);
         assert_eq!(bad(&|r| r.rule_id = "x".repeat(65)), InvalidFlow::RuleId);
+        assert_eq!(
+            bad(&|r| {
+                r.verdict = v1::Verdict::Deny.into();
+                r.rule_id.clear();
+                r.ended = true;
+            }),
+            InvalidFlow::EndOfDeny
+        );
     }
 
     #[test]
@@ -373,6 +393,10 @@ mod tests {
         assert_eq!(Flow::from_wire(&r, &n, 5_000_000).unwrap().at_ms, 5_000_000, "not from the future");
         r.time_unix_ms = 0;
         assert_eq!(Flow::from_wire(&r, &n, 5_000_000).unwrap().at_ms, 5_000_000 - MAX_REPORT_AGE_MS);
+        // An end is timed by its flow's start, however long ago.
+        r.ended = true;
+        r.time_unix_ms = 1_000;
+        assert_eq!(Flow::from_wire(&r, &n, 5_000_000 + MAX_REPORT_AGE_MS).unwrap().at_ms, 1_000);
         let back = Flow::from_wire(&record([10, 77, 0, 1], [10, 77, 0, 2], v1::Direction::Egress), &n, 1_000_000);
         assert_eq!(back.unwrap().to_wire(), record([10, 77, 0, 1], [10, 77, 0, 2], v1::Direction::Egress));
     }

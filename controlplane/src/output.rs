@@ -384,6 +384,7 @@ pub fn flows_json(r: &ListFlowsReply) -> Value {
                 "rule_id": rec.rule_id,
                 "packets": rec.packets,
                 "bytes": rec.bytes,
+                "ended": rec.ended,
                 "pairing": pairing(f.pairing),
                 "peer_node_id": f.peer_node_id,
                 "peer_hostname": f.peer_hostname,
@@ -408,6 +409,8 @@ pub fn flows_table(r: &ListFlowsReply) -> String {
         "SOURCE".into(),
         "DESTINATION".into(),
         "RULE".into(),
+        "PACKETS".into(),
+        "BYTES".into(),
         "OTHER END".into(),
     ]];
     for f in &r.flows {
@@ -425,6 +428,9 @@ pub fn flows_table(r: &ListFlowsReply) -> String {
             flow_end(&rec.src, rec.src_port),
             flow_end(&rec.dst, rec.dst_port),
             if rec.rule_id.is_empty() { "-".into() } else { shown(&rec.rule_id) },
+            // Counted once the flow's end is reported.
+            if rec.ended { rec.packets.to_string() } else { "-".into() },
+            if rec.ended { rec.bytes.to_string() } else { "-".into() },
             other,
         ]);
     }

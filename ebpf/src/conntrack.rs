@@ -19,7 +19,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap},
 };
-use wirefence_common::{self as c, CtConfig, CtState, FlowKey, FlowValue};
+use core::intrinsics::AtomicOrdering;
+
+use wirefence_common::{self as c, CtConfig, CtState, FlowKey, FlowSlot, FlowValue};
 
 use crate::parse::Pkt;
 use crate::policy::{self, policy_rule};
@@ -71,7 +73,9 @@ pub fn settings() -> Option<&'static CtConfig> {
 /// The rule of the established flow `pkt` belongs to (either way: one lookup of the
 /// canonical tuple), after re-checking an entry of an older epoch, with [`CACHEABLE`] set
 /// when the flow cache may keep it; `NO_RULE` if there is none (any more). `quoted`: `pkt`
-/// is the packet an ICMP error quotes, which neither advances nor refreshes the entry.
+/// is the packet an ICMP error quotes, which neither advances nor refreshes the entry nor
+/// counts; any other is counted (`pkt.len` bytes): here, unless [`CACHEABLE`] (then the
+/// caller counts it in the flow-cache slot it fills).
 #[inline(never)]
 pub fn established(pkt: &Pkt, epoch: u32, now: u64, quoted: bool) -> u64 {
     let swap = swaps(&pkt.key);
@@ -169,7 +173,38 @@ fn track(v: *mut FlowValue, key: &FlowKey, pkt: &Pkt, swap: u64, quoted: bool, e
     // Closing flows are left to conntrack (their lives are short and ending); the others'
     // state only changes on a SYN, FIN or RST (never cached) or an answer (its own slot).
     let cacheable = state <= CtState::Established as u32 && lifetime > CACHE_MIN_LIFETIME_NS;
-    v.rule as u64 | if cacheable { CACHEABLE } else { 0 }
+    if cacheable {
+        // Counted in the flow-cache slot the caller fills (`flow_cache::remember`).
+        return v.rule as u64 | CACHEABLE;
+    }
+    add(&mut v.packets, 1);
+    add(&mut v.bytes, pkt.len as u64);
+    v.rule as u64
+}
+
+/// Adds what the flow-cache slot `s` counted to the entry of its flow, if that entry was
+/// there when the slot was filled (else the counts were an earlier flow's on the same
+/// tuple, whose entry is gone: dropped). The caller zeroes the slot's counts.
+#[inline(never)]
+pub fn fold(s: &FlowSlot) {
+    let swap = swaps(&s.key);
+    let key = s.key.oriented(swap);
+    let Some(v) = CONNTRACK.get_ptr_mut(&key) else { return };
+    // SAFETY: a conntrack value pointer from a lookup, valid for this program run.
+    let v = unsafe { &mut *v };
+    if s.counts_for(v.first_seen_ns) {
+        add(&mut v.packets, s.packets());
+        add(&mut v.bytes, s.bytes());
+    }
+}
+
+/// `*n += d`, atomically: other CPUs count into the same entry. (The atomic types have no
+/// `fetch_add` on this target; the intrinsic, its result unused, is BPF's `lock +=`, which
+/// every kernel's verifier takes.)
+#[inline(always)]
+fn add(n: &mut u64, d: u64) {
+    // SAFETY: an aligned u64 in a map value, valid for this program run.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(n, d) };
 }
 
 /// Deletes the entry `key` (canonical), releasing its quota count if this call deleted it.

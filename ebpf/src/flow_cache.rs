@@ -19,12 +19,19 @@
 //!   path again, which keeps an active flow's LRU entry referenced (not evicted as idle)
 //!   and its `last_seen_ns` fresh.
 //!
-//! The map (`wirefence_common::FLOW_CACHE`) is not pinned (the agent never reads or writes
-//! it): a loaded object has its own, empty at load. Loaded with fewer than [`SLOTS`] entries
+//! Counts: a hit counts its packet in the slot (this CPU's, so plain adds); the slot's counts
+//! go into the flow's conntrack entry when the slot is refilled, taken by another flow or
+//! dropped (`conntrack::fold`), and only into an entry that was there when the slot was
+//! filled. The agent's sweep reads what is still in the slots when a flow ends.
+//!
+//! The map (`wirefence_common::FLOW_CACHE`) is not pinned (the agent only reads it, through
+//! the object it loaded): a loaded object has its own, empty at load. Loaded with fewer than [`SLOTS`] entries
 //! (bench-policy does, with 1) the out-of-range slots simply miss.
 
 use aya_ebpf::{helpers::bpf_jiffies64, macros::map, maps::PerCpuArray};
-use wirefence_common::FlowKey;
+use wirefence_common::{slot_count, slot_time, FlowKey, FlowSlot, SLOT_MAX_BYTES};
+
+use crate::conntrack;
 
 /// Slots per CPU (a power of two): 2,048 × 64 bytes = 128 KiB per CPU.
 const SLOTS: u32 = 2048;
@@ -32,23 +39,11 @@ const SLOTS: u32 = 2048;
 /// Jiffies a slot is trusted (0.25 s at HZ=1000, 1 s at HZ=250, 2.5 s at HZ=100).
 const REFRESH_JIFFIES: u32 = 250;
 
-#[repr(C, align(8))]
-pub struct Slot {
-    key: FlowKey,
-    epoch: u32,
-    rule: u32,
-    /// Low 32 bits of jiffies when filled.
-    filled: u32,
-    /// 1 once filled (an all-zero slot matches no packet).
-    valid: u32,
-    _pad: u64,
-}
-
-const _: () = assert!(core::mem::size_of::<Slot>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 64);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 #[map(name = "WF_FLOW_CACHE")]
-static FLOW_CACHE: PerCpuArray<Slot> = PerCpuArray::with_max_entries(SLOTS, 0);
+static FLOW_CACHE: PerCpuArray<FlowSlot> = PerCpuArray::with_max_entries(SLOTS, 0);
 
 /// The key as five words (its layout is 40 bytes, 8-byte aligned in every holder here).
 #[inline(always)]
@@ -74,39 +69,54 @@ pub fn jiffies() -> u32 {
     unsafe { bpf_jiffies64() as u32 }
 }
 
-/// The cached rule of the established flow `key` under `epoch`, if this CPU has one.
+/// The cached rule of the established flow `key` under `epoch`, if this CPU has one; the
+/// packet (`len` bytes) is counted in the slot.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, epoch: u32, now: u32) -> Option<u32> {
-    let s = FLOW_CACHE.get_ptr(slot_of(key))?;
+pub fn lookup(key: &FlowKey, epoch: u32, now: u32, len: u32) -> Option<u32> {
+    let s = FLOW_CACHE.get_ptr_mut(slot_of(key))?;
     // SAFETY: this CPU's slot; nothing else writes it while this program runs.
-    let s = unsafe { &*s };
-    if s.valid == 0 || s.epoch != epoch || now.wrapping_sub(s.filled) >= REFRESH_JIFFIES {
+    let s = unsafe { &mut *s };
+    // Both stamps with bit 0 set (a stamp is never ahead of `now`).
+    if s.stamp == 0
+        || s.epoch != epoch
+        || (now | 1).wrapping_sub(s.stamp) >= REFRESH_JIFFIES
+        || s.counts & 0xffff_ffff >= SLOT_MAX_BYTES
+    {
         return None;
     }
     let (a, b) = (words(&s.key), words(key));
     if a[0] != b[0] || a[1] != b[1] || a[2] != b[2] || a[3] != b[3] || a[4] != b[4] {
         return None;
     }
+    s.counts += slot_count(len);
     Some(s.rule)
 }
 
 /// Records that packets with tuple `key` belong to an established flow under `rule` in
-/// `epoch` (only after conntrack said so).
+/// `epoch` (only after conntrack said so, at coarse time `now_ns`), first folding what the
+/// slot counted into its flow's entry; the packet conntrack passed (`len` bytes) is the
+/// slot's first count (conntrack leaves cacheable packets to the slot: no atomic adds on
+/// that path). A copy loaded with fewer slots (bench-policy's) counts no such packet.
 #[inline(always)]
-pub fn remember(key: &FlowKey, epoch: u32, rule: u32, now: u32) {
+pub fn remember(key: &FlowKey, epoch: u32, rule: u32, now: u32, now_ns: u64, len: u32) {
     let Some(s) = FLOW_CACHE.get_ptr_mut(slot_of(key)) else { return };
     // SAFETY: this CPU's slot; nothing else reads or writes it while this program runs.
     let s = unsafe { &mut *s };
+    if s.counts != 0 {
+        conntrack::fold(s);
+    }
     s.key = *key;
     s.epoch = epoch;
     s.rule = rule;
-    s.filled = now;
-    s.valid = 1;
+    s.stamp = now | 1;
+    s.since = slot_time(now_ns);
+    s.counts = slot_count(len);
 }
 
 /// Drops this CPU's slots of the flow `key` in both directions (a FIN or RST ends it, and its
-/// closing state is left to conntrack). Other CPUs' slots of it expire within
-/// [`REFRESH_JIFFIES`].
+/// closing state is left to conntrack), folding their counts into its entry. Other CPUs'
+/// slots of it expire within [`REFRESH_JIFFIES`]; their counts are folded when the slot is
+/// reused, and read by the agent meanwhile.
 #[inline(never)]
 pub fn forget_flow(key: &FlowKey) {
     forget(key);
@@ -118,6 +128,12 @@ pub fn forget_flow(key: &FlowKey) {
 fn forget(key: &FlowKey) {
     if let Some(s) = FLOW_CACHE.get_ptr_mut(slot_of(key)) {
         // SAFETY: this CPU's slot; nothing else reads or writes it while this program runs.
-        unsafe { (*s).valid = 0 };
+        let s = unsafe { &mut *s };
+        // Whichever flow's counts the slot holds: folded into that flow's entry.
+        if s.counts != 0 {
+            conntrack::fold(s);
+            s.counts = 0;
+        }
+        s.stamp = 0;
     }
 }

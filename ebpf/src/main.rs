@@ -31,7 +31,9 @@
 //!    state's lifetime ([`conntrack`])
 //!    is deleted and the packet judged as new. A hit advances the TCP/answered state and
 //!    refills the cache if the flow is not closing and lives long enough (a FIN or RST
-//!    clears this CPU's slots of the flow).
+//!    clears this CPU's slots of the flow). Each passed packet is counted for its flow: in
+//!    the entry (atomic adds) on this path, in the cache slot on a hit (folded into the
+//!    entry when the slot is refilled, reused or cleared).
 //!    Current epoch: pass (`ALLOWED_ESTABLISHED`, `last_seen_ns` refreshed if older than 1 s). Older epoch: the
 //!    entry's own tuple and direction (the flow's first packet) is judged under the live
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet
@@ -101,6 +103,9 @@
 //! counts `STATS[EVENTS_LOST]`.
 #![no_std]
 #![no_main]
+// `atomic_xadd` for conntrack's shared counters (`conntrack::add`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 // Map keys and values go by reference: by value, each call site copies them onto the 512-byte
 // BPF stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -261,10 +266,11 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
             pkt
         }
     };
+    pkt.len = len;
     let tick = flow_cache::jiffies();
     // SYN, FIN and RST change a flow's state: they always go through conntrack.
     if pkt.kind == KIND_TRACKED && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
-        if let Some(rule) = flow_cache::lookup(&pkt.key, st.epoch, tick) {
+        if let Some(rule) = flow_cache::lookup(&pkt.key, st.epoch, tick, len) {
             return Ok(decided(pkt, pass_established(rule, len, path::FLOW_CACHE), len));
         }
     }
@@ -289,7 +295,7 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
         let rule = found as u32;
         if rule != c::NO_RULE {
             if found & conntrack::CACHEABLE != 0 {
-                flow_cache::remember(&pkt.key, st.epoch, rule, tick);
+                flow_cache::remember(&pkt.key, st.epoch, rule, tick, now, len);
             }
             clamp_syn(ctx, pkt, off, v6);
             return Ok(decided(pkt, pass_established(rule, len, path::CONNTRACK), len));
@@ -322,6 +328,9 @@ fn try_classify(ctx: &TcContext, dir: u8) -> Result<i32, Malformed> {
             last_seen_ns: now,
             state: 0,
             flags: 0,
+            first_seen_ns: now,
+            packets: 1,
+            bytes: len as u64,
             #[cfg(feature = "next-layout")]
             next: 0,
         };

@@ -58,6 +58,9 @@ pub struct Pkt {
     _pad: u8,
     /// [`KIND_ICMP_ERROR`]: offset of the quoted packet.
     pub quoted: u32,
+    /// `skb->len`, for conntrack's counts: set by the caller after parsing (0 until then,
+    /// and in a quote).
+    pub len: u32,
 }
 
 /// Looked up in and recorded into conntrack.
@@ -244,7 +247,7 @@ pub fn parse_fast<'s>(
     let (sport, dport) = (be16(l4, 0) as u64, be16(l4, 2) as u64);
     let tcp_flags = if proto == IPPROTO_TCP { byte(l4_more, 5) as u64 } else { 0 };
     // The Pkt's words (layout checked below): key, then port = dport, reply_port = sport,
-    // kind KIND_TRACKED, v6, tcp_flags; quoted 0.
+    // kind KIND_TRACKED, v6, tcp_flags; quoted and len 0.
     let words: [u64; 7] = [
         addrs[0],
         addrs[1],
@@ -269,7 +272,7 @@ const _: () = {
     assert!(offset_of!(FlowKey, proto) == 36 && offset_of!(FlowKey, direction) == 37);
     assert!(offset_of!(Pkt, port) == 40 && offset_of!(Pkt, reply_port) == 42);
     assert!(offset_of!(Pkt, kind) == 44 && offset_of!(Pkt, v6) == 45 && offset_of!(Pkt, quoted) == 48);
-    assert!(offset_of!(Pkt, tcp_flags) == 46);
+    assert!(offset_of!(Pkt, tcp_flags) == 46 && offset_of!(Pkt, len) == 52);
 };
 
 /// Parses the packet whose IP header is at `off` into `out` (`flags`: [`PARSE_V6`],

@@ -16,8 +16,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::lpm_trie::Key;
+use aya::maps::PerCpuArray;
 use aya::programs::{TestRun, TestRunOptions};
 use wirefence_agent::bpf::Programs;
+use wirefence_agent::enforce::sweep::Unfolded;
 use wirefence_agent::enforce::trace::{disarm_orphan, TraceSpec};
 use wirefence_common::trace::{path, TraceFilter, TraceRecord, TRACE_DROP, TRACE_PASS};
 use wirefence_common::{
@@ -1348,6 +1350,84 @@ fn sweep_deletes_expired_entries_and_recounts_quotas() {
         let quota = bed.p.ct_quota().unwrap();
         assert_eq!(quota.get(&qp, 0).unwrap(), 1, "{fam}: peer count");
         assert!(quota.get(&qt, 0).is_err(), "{fam}: a source without entries is forgotten");
+    }
+}
+
+/// A flow's packets and bytes, both directions, whichever path each took (the new-flow
+/// path, conntrack, the per-CPU flow cache): the entry's counts plus what the cache holds
+/// unfolded add up to every packet, a FIN folds the cache into the entry, and the sweep
+/// hands the ended flow back with its first packet's tuple, its rule and every packet.
+#[test]
+fn conntrack_counts_every_packet_of_a_flow() {
+    pin_to_one_cpu();
+    const EACH: u32 = 40;
+    for is_v6 in [false, true] {
+        let h = hosts(is_v6);
+        let (p, l) = (h.peer, h.local);
+        let fam = if is_v6 { "v6" } else { "v4" };
+        let rules = [rule(DIR_INGRESS, &[p], &[l], None, None)];
+        let mut bed = Bed::new(14, &rules);
+        let unfolded = |bed: &Bed, key: &FlowKey, v: &common::FlowValue| {
+            let cache = PerCpuArray::try_from(bed.p.ebpf.map(common::FLOW_CACHE).unwrap()).unwrap();
+            Unfolded::read(&cache).unwrap().of(key, v.first_seen_ns)
+        };
+        let entry = |bed: &mut Bed, first: &Packet| {
+            // One flow per protocol in this test.
+            let found = bed.p.conntrack().unwrap().iter().map(|r| r.unwrap()).find(|(k, _)| k.proto == first.proto);
+            found.unwrap_or_else(|| panic!("{fam}: no entry of protocol {}", first.proto))
+        };
+
+        // UDP: a query, its answer, then EACH more each way: the cache passes most.
+        let (q, a) = (Packet::udp(p, l, 5000, 53), Packet::udp(l, p, 53, 5000));
+        let (qf, af) = (bed.frame(&q), bed.frame(&a));
+        assert_eq!(bed.run_frame(DIR_INGRESS, &qf, 1), TC_ACT_OK);
+        assert_eq!(bed.run_frame(DIR_EGRESS, &af, 1), TC_ACT_OK);
+        assert_eq!(bed.run_frame(DIR_INGRESS, &qf, EACH), TC_ACT_OK);
+        assert_eq!(bed.run_frame(DIR_EGRESS, &af, EACH), TC_ACT_OK);
+        let sent = (2 * (EACH as u64 + 1), (EACH as u64 + 1) * (qf.len() + af.len()) as u64);
+        let (k, v) = entry(&mut bed, &q);
+        let (up, ub) = unfolded(&bed, &k, &v);
+        assert!(up > 0, "{fam}: the cache passed packets the entry has not counted yet: {v:?}");
+        assert_eq!((v.packets + up, v.bytes + ub), sent, "{fam} udp: entry {v:?} + unfolded ({up}, {ub})");
+
+        // TCP: the handshake, EACH acks each way, a FIN: the FIN folds this CPU's slots.
+        let (syn, synack) = (Packet::tcp(p, l, 40000, 22), tcp_flags(Packet::tcp(l, p, 22, 40000), SYN_ACK));
+        let (fwd, back) = (Packet::tcp_ack(p, l, 40000, 22), Packet::tcp_ack(l, p, 22, 40000));
+        let fin = tcp_flags(Packet::tcp(p, l, 40000, 22), FIN_ACK);
+        let mut total = (0, 0);
+        for (dir, pkt, n) in [
+            (DIR_INGRESS, &syn, 1),
+            (DIR_EGRESS, &synack, 1),
+            (DIR_INGRESS, &fwd, EACH),
+            (DIR_EGRESS, &back, EACH),
+            (DIR_INGRESS, &fin, 1),
+        ] {
+            let frame = bed.frame(pkt);
+            assert_eq!(bed.run_frame(dir, &frame, n), TC_ACT_OK, "{fam} tcp");
+            total = (total.0 + n as u64, total.1 + n as u64 * frame.len() as u64);
+        }
+        let (tk, tv) = entry(&mut bed, &syn);
+        assert_eq!((tv.packets, tv.bytes), total, "{fam} tcp: the FIN folded the cache's counts into the entry");
+        assert_eq!(unfolded(&bed, &tk, &tv), (0, 0), "{fam} tcp");
+
+        // Both end (short lifetimes): the sweep hands them back with every packet.
+        bed.p
+            .set_ct_config(common::CtConfig {
+                timeouts_ms: [50; common::CT_TIMEOUTS],
+                quota: 0,
+                mss_clamp: common::MssClamp::OFF,
+            })
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        let mut ended = bed.p.sweep_conntrack().unwrap().ended;
+        ended.sort_by_key(|f| f.first.proto);
+        let got: Vec<_> = ended.iter().map(|f| (f.first, f.rule, f.packets, f.bytes)).collect();
+        assert_eq!(
+            got,
+            [(tv.first_packet(&tk), 0, total.0, total.1), (v.first_packet(&k), 0, sent.0, sent.1)],
+            "{fam}: ended flows"
+        );
+        assert!(ended.iter().all(|f| f.first_seen_ns > 0 && f.first.direction == DIR_INGRESS), "{fam}: {ended:?}");
     }
 }
 

@@ -86,7 +86,55 @@ fn first_packet() -> FlowKey {
 }
 
 fn flow_value(flags: u32) -> FlowValue {
-    FlowValue { epoch: 7, rule: 3, last_seen_ns: 1234, state: 1, flags }
+    FlowValue { epoch: 7, rule: 3, last_seen_ns: 1234, state: 1, flags, first_seen_ns: 1000, packets: 5, bytes: 700 }
+}
+
+/// An entry of the builds before counts (conntrack layouts 1 and 2: epoch and rule, last
+/// seen, state and flags; 24 bytes), as `flow_value` has it.
+fn uncounted_value(flags: u32) -> [u64; 3] {
+    let v = flow_value(flags);
+    [u64::from(v.epoch) | u64::from(v.rule) << 32, v.last_seen_ns, u64::from(v.state) | u64::from(flags) << 32]
+}
+
+/// `bpf(cmd, attr)` with `attr` a zeroed `union bpf_attr` of which the caller set the first
+/// words; the result, or the call's error.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> i64 {
+    // SAFETY: `attr` is a 128-byte buffer, larger than the fields each command reads.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    assert!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+    r
+}
+
+/// Replaces the pinned conntrack map with one in the layout of the builds before counts
+/// (24-byte values) holding `entries`, as such a build would have left it.
+fn pin_uncounted_conntrack(d: &Dirs, entries: &[(FlowKey, [u64; 3])]) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u64 = 1;
+    let pin = enforce::pin_path(&d.pins(), common::CONNTRACK);
+    std::fs::remove_file(&pin).unwrap();
+    // map_type, key_size | value_size << 32, max_entries (map_flags 0).
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_MAP_TYPE_HASH | 40 << 32;
+    attr[1] = 24 | u64::from(common::MAX_CONNTRACK) << 32;
+    let fd = bpf(BPF_MAP_CREATE, &mut attr);
+    for (key, value) in entries {
+        // map_fd, key, value, flags (BPF_ANY).
+        let mut attr = [0u64; 16];
+        attr[0] = fd as u64;
+        attr[1] = key as *const FlowKey as u64;
+        attr[2] = value.as_ptr() as u64;
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr);
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
+    // pathname, bpf_fd.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = fd as u64;
+    bpf(BPF_OBJ_PIN, &mut attr);
+    // SAFETY: the map's descriptor, no longer used (the pin holds the map).
+    unsafe { libc::close(fd as i32) };
 }
 
 fn staged_pins(d: &Dirs) -> Vec<String> {
@@ -114,20 +162,39 @@ fn another_builds_pins_with_the_same_layouts_are_taken_over_and_kept() {
     assert!(staged_pins(&d).is_empty());
 }
 
+/// The upgrade from the last build without counts (conntrack layout 2): the flows are
+/// carried over, counted from then on.
+#[test]
+fn flows_of_a_build_without_counts_are_carried_over_and_counted_from_then_on() {
+    let d = Dirs::new();
+    drop(d.open().expect("first open pins the maps"));
+    let (canon, _) = first_packet().canonical();
+    pin_uncounted_conntrack(&d, &[(canon, uncounted_value(0))]);
+    d.record_other_build("0123456789abcdef", common::layout::CONNTRACK_V2);
+    drop(d.open().expect("a build without counts is taken over"));
+    let want = FlowValue { first_seen_ns: 1234, packets: 0, bytes: 0, ..flow_value(0) };
+    assert_eq!(d.conntrack().get(&canon, 0).unwrap(), want);
+    assert!(staged_pins(&d).is_empty());
+}
+
 #[test]
 fn a_legacy_record_migrates_conntrack_to_canonical_keys() {
     let d = Dirs::new();
     drop(d.open().expect("first open pins the maps"));
     let key = first_packet();
-    let mut ct = d.conntrack();
-    ct.insert(key, flow_value(common::FLOW_QUOTA_COUNTED), 0).unwrap();
+    pin_uncounted_conntrack(&d, &[(key, uncounted_value(common::FLOW_QUOTA_COUNTED))]);
     // What builds before layout records wrote: the object's digest alone.
     std::fs::write(d.build_file(), "0123456789abcdef\n").unwrap();
     drop(d.open().expect("a legacy record is taken over"));
     let ct = d.conntrack();
     let (canon, swapped) = key.canonical();
     assert!(swapped, "the test's key must not be canonical already");
-    assert_eq!(ct.get(&canon, 0).unwrap(), flow_value(common::FLOW_QUOTA_COUNTED | common::FLOW_SWAPPED));
+    // Counted from the migration on, first seen when last seen.
+    let want = FlowValue { first_seen_ns: 1234, packets: 0, bytes: 0, ..flow_value(0) };
+    assert_eq!(
+        ct.get(&canon, 0).unwrap(),
+        FlowValue { flags: common::FLOW_QUOTA_COUNTED | common::FLOW_SWAPPED, ..want }
+    );
     assert!(ct.get(&key, 0).is_err(), "the first-packet key was carried over as it was");
     assert!(staged_pins(&d).is_empty(), "the moved pin is unlinked once this build is recorded");
     assert_eq!(enforce::record::read(&d.build_file()).unwrap().unwrap(), enforce::record::BuildRecord::ours());

@@ -20,6 +20,24 @@ fn sock(addr: &str, port: u16) -> SocketAddr {
 const POLICY: &str =
     "[[rules]]\nid = \"web\"\nfrom = [\"node:h1\"]\nto = [\"node:h2\"]\nproto = \"tcp\"\nports = [\"80\"]\n";
 
+/// Agents in control mode on every host of `lab`, each with the `[agent]` lines `agent`
+/// gives it, once both are enrolled.
+fn enrolled_with(lab: &Lab, cp: &ControlPlane, agent: impl Fn(&Host) -> String) -> Vec<AgentProc> {
+    let agents = lab
+        .hosts
+        .iter()
+        .map(|h| {
+            h.write_bound_control_config(cp, &["server"]);
+            let text = std::fs::read_to_string(h.config_path()).unwrap();
+            assert!(text.contains("[agent]\n"), "no [agent] section to add to: {text}");
+            h.write_config(&text.replacen("[agent]\n", &format!("[agent]\n{}", agent(h)), 1));
+            h.spawn_agent()
+        })
+        .collect();
+    wait_until("both enrolled", T, || cp.admin(&["nodes", "show", "h2"]).status.success());
+    agents
+}
+
 /// Starts an echo server on h2:80, applies `policy` (`web` at least) and waits until h1's
 /// connections to it pass; h2's IPv4 overlay address.
 fn web_in_force(cp: &ControlPlane, h1: &Host, h2: &Host, policy: &str) -> String {
@@ -148,18 +166,11 @@ fn a_flow_log_holds_each_event_as_a_json_line() {
     let lab = Lab::new(2);
     let cp = ControlPlane::start(&lab);
     let log = lab.hosts[0].dir.join("flows.jsonl");
-    let mut agents = Vec::new();
-    for h in &lab.hosts {
-        h.write_bound_control_config(&cp, &["server"]);
-        if h.index == 1 {
-            let text = std::fs::read_to_string(h.config_path()).unwrap();
-            let line = format!("[agent]\nflow_log = \"{}\"\n", log.display());
-            h.write_config(&text.replacen("[agent]\n", &line, 1));
-        }
-        agents.push(h.spawn_agent());
-    }
+    let agents = enrolled_with(&lab, &cp, |h| match h.index {
+        1 => format!("flow_log = \"{}\"\n", log.display()),
+        _ => String::new(),
+    });
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
-    wait_until("both enrolled", T, || cp.admin(&["nodes", "show", "h2"]).status.success());
     let h2_v4 = web_in_force(&cp, h1, h2, POLICY);
     assert!(connect(&h1.ns, sock(&h2_v4, 81), Duration::from_millis(700)).is_none(), "h1 -> h2:81 is denied");
     let lines = || -> Vec<serde_json::Value> {
@@ -177,6 +188,72 @@ fn a_flow_log_holds_each_event_as_a_json_line() {
     let allowed = all.iter().find(|l| to(l, 80, "allow")).unwrap();
     assert_eq!((allowed["rule"].as_str(), allowed["direction"].as_str()), (Some("web"), Some("out")), "{allowed}");
     assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+    drop(agents);
+}
+
+/// A flow's end: a connection that carried a known amount and was reset (its entry lives
+/// 10 s after the RST) is swept by both agents (resyncing every 2 s here, so they sweep
+/// soon after), and each end's record of it gets what it carried, both directions; h1's
+/// flow log has the end's line with the same counts.
+#[test]
+fn an_ended_flow_has_its_packets_and_bytes_on_both_ends_records() {
+    use std::io::{Read, Write};
+    const PAYLOAD: usize = 3000;
+    let lab = Lab::new(2);
+    let cp = ControlPlane::start(&lab);
+    let log = lab.hosts[0].dir.join("flows.jsonl");
+    let agents = enrolled_with(&lab, &cp, |h| match h.index {
+        1 => format!("resync_interval_secs = 2\nflow_log = \"{}\"\n", log.display()),
+        _ => "resync_interval_secs = 2\n".into(),
+    });
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let h2_v4 = web_in_force(&cp, h1, h2, POLICY);
+    let mut s = connect(&h1.ns, sock(&h2_v4, 80), Duration::from_secs(2)).expect("h1 -> h2:80");
+    let sport = s.local_addr().unwrap().port();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let sent: Vec<u8> = (0..PAYLOAD).map(|i| i as u8).collect();
+    s.write_all(&sent).unwrap();
+    let mut back = vec![0u8; PAYLOAD];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, sent);
+    // A reset, not a FIN: the entry then lives 10 s, not 120.
+    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+
+    let ended = || -> Vec<serde_json::Value> {
+        let j: serde_json::Value = serde_json::from_str(&cp.admin_ok(&["flows", "--json"])).unwrap();
+        let all = j["flows"].as_array().unwrap().clone();
+        all.into_iter().filter(|f| f["src_port"] == sport && f["dst_port"] == 80 && f["ended"] == true).collect()
+    };
+    wait_until("both ends reported the flow's end", Duration::from_secs(60), || ended().len() == 2);
+    let records = ended();
+    for f in &records {
+        let (packets, bytes) = (f["packets"].as_u64().unwrap(), f["bytes"].as_u64().unwrap());
+        // The payload both ways with its TCP/IP headers, the handshake and the reset: at
+        // least 2 x 3000 bytes in 8 packets, and no more than a few dozen packets' headers.
+        assert!((8..40).contains(&packets), "{f}");
+        assert!(bytes >= 2 * PAYLOAD as u64 && bytes < 2 * PAYLOAD as u64 + 60 * packets, "{f}");
+        assert_eq!((f["rule_id"].as_str(), f["pairing"].as_str()), (Some("web"), Some("paired")), "{f}");
+    }
+    // One record per end: the end went on the start's record.
+    let of = |host: &str| -> usize {
+        let j: serde_json::Value = serde_json::from_str(&cp.admin_ok(&["flows", "--json", "--node", host])).unwrap();
+        j["flows"].as_array().unwrap().iter().filter(|f| f["src_port"] == sport && f["dst_port"] == 80).count()
+    };
+    assert_eq!((of("h1"), of("h2")), (1, 1));
+    let table = cp.admin_ok(&["flows", "--node", "h1", "--verdict", "allow"]);
+    let h1_counts = records.iter().find(|f| f["hostname"] == "h1").unwrap();
+    let row = table.lines().find(|l| l.contains(&format!(":{sport}"))).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(&h1_counts["bytes"].to_string()), "the table shows the bytes: {row}");
+
+    let logged: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["sport"] == sport && l.get("packets").is_some())
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!((&logged[0]["packets"], &logged[0]["bytes"]), (&h1_counts["packets"], &h1_counts["bytes"]));
     drop(agents);
 }
 

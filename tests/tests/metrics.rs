@@ -135,6 +135,7 @@ fn agent_metrics_match_the_traffic_sent() {
         );
     }
     assert_eq!(sample(&after, "wirefence_agent_events_lost_total"), 0.0);
+    assert_eq!(sample(&after, "wirefence_agent_flow_events_dropped_total"), 0.0);
     // One UDP flow per family (the denied ones make no entry).
     assert_eq!(sample(&after, "wirefence_agent_conntrack_entries"), 2.0);
     assert_eq!(sample(&after, "wirefence_agent_scrape_source_failed{source=\"policy\"}"), 0.0);

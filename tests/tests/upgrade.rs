@@ -266,9 +266,9 @@ fn upgrade_and_downgrade(clsact: bool) {
     });
     std::thread::sleep(Duration::from_secs(1));
 
-    let pb = swap(b, pb, (&launcher, &installed), &second, 3, clsact);
+    let pb = swap(b, pb, (&launcher, &installed), &second, 5, clsact);
     std::thread::sleep(Duration::from_secs(1));
-    let pb = swap(b, pb, (&launcher, &installed), &first, 2, clsact);
+    let pb = swap(b, pb, (&launcher, &installed), &first, 4, clsact);
     std::thread::sleep(Duration::from_secs(1));
 
     let (stall, rounds) = stream.finish();

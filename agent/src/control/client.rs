@@ -624,7 +624,8 @@ pub fn flow_record(e: &FlowEvent) -> v1::FlowRecord {
         verdict: if e.allowed { v1::Verdict::Allow } else { v1::Verdict::Deny }.into(),
         direction: if e.ingress { v1::Direction::Ingress } else { v1::Direction::Egress }.into(),
         rule_id: e.rule.clone(),
-        packets: 0,
-        bytes: 0,
+        packets: e.packets,
+        bytes: e.bytes,
+        ended: e.packets > 0,
     }
 }

@@ -171,10 +171,7 @@ pub(super) fn packet_record(flow: &common::FlowKey, len: u32, port: u32) -> Deny
 /// The event as it goes to the control plane (`rule`: the deciding rule's id).
 fn flow_event(e: &common::Event, rule: String) -> super::flows::FlowEvent {
     super::flows::FlowEvent {
-        at_ms: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0),
+        at_ms: unix_ms(),
         allowed: e.kind == common::EVENT_NEW_FLOW,
         rule,
         ingress: e.flow.direction == common::DIR_INGRESS,
@@ -183,7 +180,35 @@ fn flow_event(e: &common::Event, rule: String) -> super::flows::FlowEvent {
         proto: e.flow.proto,
         sport: e.flow.sport,
         dport: e.flow.dport,
+        packets: 0,
+        bytes: 0,
     }
+}
+
+/// An ended flow as it goes to the control plane: timed by its first packet, as the record
+/// of its start is (give or take the moment the agent read that), with its counts.
+fn ended_event(f: &super::sweep::EndedFlow, rule: String, now_unix_ms: i64, now_ns: u64) -> super::flows::FlowEvent {
+    let age_ms = i64::try_from(now_ns.saturating_sub(f.first_seen_ns) / 1_000_000).unwrap_or(i64::MAX);
+    super::flows::FlowEvent {
+        at_ms: now_unix_ms.saturating_sub(age_ms),
+        allowed: true,
+        rule,
+        ingress: f.first.direction == common::DIR_INGRESS,
+        src: addr(f.first.src),
+        dst: addr(f.first.dst),
+        proto: f.first.proto,
+        sport: f.first.sport,
+        dport: f.first.dport,
+        packets: f.packets,
+        bytes: f.bytes,
+    }
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// Where flow events go: the control plane's queue, and the local log if configured. A
@@ -212,8 +237,9 @@ impl Sinks {
 }
 
 /// Reads the pinned ring buffer of `pin_dir` until the task is dropped: denies are kept
-/// for `status`, and every event but link-local control traffic is queued for the control
-/// plane in `flows` and written to `flow_log` when there is one.
+/// for `status`, and every event but link-local control traffic, and every ended flow the
+/// sweep handed to `flows`, is queued for the control plane in `flows` and written to
+/// `flow_log` when there is one.
 pub async fn follow(
     pin_dir: PathBuf,
     state_dir: PathBuf,
@@ -267,6 +293,15 @@ pub async fn follow(
                 }
             }
             guard.clear_ready();
+            out.flush();
+        }
+        let ended = out.flows.take_ended();
+        if !ended.is_empty() {
+            let (now_ms, now_ns) = (unix_ms(), super::sweep::now_ns()?);
+            // An entry migrated from a build that did not count has nothing to tell.
+            for f in ended.iter().filter(|f| f.packets > 0) {
+                out.push(ended_event(f, rules.name(f.rule), now_ms, now_ns));
+            }
             out.flush();
         }
         if dirty && last_write.elapsed() >= Duration::from_secs(1) {

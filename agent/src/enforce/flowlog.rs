@@ -1,5 +1,6 @@
 //! `[agent] flow_log`: every flow event the policy programs report (new allowed flows and
-//! denies) as one JSON line in a local file, without a control plane. The file is the
+//! denies) and every allowed flow's end (with `packets` and `bytes`, which only an end's
+//! line has) as one JSON line in a local file, without a control plane. The file is the
 //! agent's (mode 0600, a regular file of its own, never through a link); past [`ROTATE_AT`] it becomes `<path>.1`
 //! (replacing the previous one) and a new file starts, so it holds at most twice that.
 
@@ -27,6 +28,11 @@ struct Line<'a> {
     proto: u8,
     sport: u16,
     dport: u16,
+    /// A flow's end: what it carried, both directions (absent in other lines).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packets: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
 }
 
 pub struct FlowLog {
@@ -104,6 +110,8 @@ impl FlowLog {
             proto: e.proto,
             sport: e.sport,
             dport: e.dport,
+            packets: (e.packets > 0).then_some(e.packets),
+            bytes: (e.packets > 0).then_some(e.bytes),
         };
         let mut bytes = serde_json::to_vec(&line).map_err(|e| err(e.into()))?;
         bytes.push(b'\n');
@@ -133,6 +141,8 @@ mod tests {
             proto: 6,
             sport: 40000,
             dport,
+            packets: 0,
+            bytes: 0,
         }
     }
 
@@ -153,6 +163,7 @@ mod tests {
         assert_eq!(lines[0]["dst"], "fd77::2");
         assert_eq!(lines[1]["verdict"], "deny");
         assert_eq!(lines[1]["dport"], 22);
+        assert!(lines[0].get("packets").is_none(), "only an end's line has counts");
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
 
         // Over the size: the next line starts a new file, the old one is `.1`.
@@ -162,6 +173,17 @@ mod tests {
         assert_eq!(rotated, text);
         assert!(std::fs::read_to_string(&path).unwrap().contains("\"dport\":80}"));
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_flows_end_has_its_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flows.jsonl");
+        let mut log = FlowLog::open(&path).unwrap();
+        log.write(&FlowEvent { packets: 12, bytes: 3400, ..event(443) }).unwrap();
+        log.flush().unwrap();
+        let line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        assert_eq!((line["packets"].as_u64(), line["bytes"].as_u64()), (Some(12), Some(3400)));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Flow events on their way to the control plane: every new allowed flow and every deny the
 //! policy programs report ([`super::denies::follow`] reads them off the ring buffer), with
-//! the deciding rule's id. Bounded: when the control plane is away or slow, what does not
-//! fit is counted and dropped, never held without limit.
+//! the deciding rule's id, and every allowed flow that ended (the conntrack sweep found its
+//! entry expired: [`FlowQueue::ended`]) with what it carried. Bounded: when the control
+//! plane is away or slow, what does not fit is counted and dropped, never held without
+//! limit.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -11,6 +13,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use wirefence_common as common;
+
+use super::sweep::EndedFlow;
 
 /// Events held at most (about a minute of the programs' event budget on one CPU).
 pub const FLOW_QUEUE: usize = 4096;
@@ -29,11 +33,16 @@ pub struct FlowEvent {
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
+    /// What an ended flow carried, both directions; 0 in the record of its start.
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct FlowQueue {
     events: Mutex<VecDeque<FlowEvent>>,
+    /// Ended flows the sweep found, not yet named and queued by the event reader.
+    ended: Mutex<Vec<EndedFlow>>,
     dropped: AtomicU64,
 }
 
@@ -50,6 +59,22 @@ impl FlowQueue {
     /// Everything queued, oldest first; the queue is empty afterwards.
     pub fn drain(&self) -> Vec<FlowEvent> {
         self.events.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
+    }
+
+    /// Hands the flows a sweep found ended to the event reader ([`FlowQueue::take_ended`]),
+    /// which names their rules and queues them; those over [`FLOW_QUEUE`] are dropped.
+    pub fn ended(&self, flows: Vec<EndedFlow>) {
+        let mut held = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let room = FLOW_QUEUE.saturating_sub(held.len());
+        if flows.len() > room {
+            self.dropped.fetch_add((flows.len() - room) as u64, Ordering::Relaxed);
+        }
+        held.extend(flows.into_iter().take(room));
+    }
+
+    /// The ended flows handed over since the last call.
+    pub fn take_ended(&self) -> Vec<EndedFlow> {
+        std::mem::take(&mut *self.ended.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Events dropped because the queue was full, since the agent started.
@@ -103,6 +128,8 @@ mod tests {
             proto: 6,
             sport: 40000,
             dport: port,
+            packets: 0,
+            bytes: 0,
         }
     }
 
@@ -117,6 +144,18 @@ mod tests {
         assert_eq!(all.len(), FLOW_QUEUE);
         assert_eq!(all[0], event(0), "oldest first; the newest are what is dropped");
         assert!(q.drain().is_empty());
+    }
+
+    #[test]
+    fn ended_flows_are_bounded_too() {
+        let q = FlowQueue::default();
+        let key = common::FlowKey::default();
+        let ended = |n: usize| vec![EndedFlow { first: key, rule: 0, first_seen_ns: 1, packets: 2, bytes: 3 }; n];
+        q.ended(ended(FLOW_QUEUE - 1));
+        q.ended(ended(3));
+        assert_eq!(q.dropped(), 2);
+        assert_eq!(q.take_ended().len(), FLOW_QUEUE);
+        assert!(q.take_ended().is_empty());
     }
 
     #[test]

@@ -3,13 +3,17 @@
 //! from what stays. It changes no configuration: it removes what the programs would ignore
 //! anyway and corrects counts the programs keep without atomic updates.
 //!
+//! An allowed flow's entry expiring is its end: the sweep hands back each such flow with
+//! what it carried, the entry's counts plus what the flow cache counted and has not folded
+//! into it yet ([`Unfolded`]), for the flow records.
+//!
 //! Time is the programs' clock: `bpf_ktime_get_coarse_ns` is CLOCK_MONOTONIC_COARSE.
 
 use std::borrow::BorrowMut;
 use std::collections::HashMap;
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
-use wirefence_common::{self as common, CtConfig, FlowKey, FlowValue};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use wirefence_common::{self as common, CtConfig, FlowKey, FlowSlot, FlowValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -26,12 +30,60 @@ fn on(name: &'static str) -> impl Fn(MapError) -> SweepError {
 }
 
 /// What one sweep did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepStats {
     /// Entries deleted because their lifetime ran out.
     pub expired: usize,
     /// Entries left.
     pub live: usize,
+    /// The flows of the expired entries.
+    pub ended: Vec<EndedFlow>,
+}
+
+/// An allowed flow whose conntrack entry expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndedFlow {
+    /// The tuple of its first packet.
+    pub first: FlowKey,
+    /// The counter slot of the rule that allowed it last.
+    pub rule: u32,
+    /// When its first packet passed, on the programs' clock.
+    pub first_seen_ns: u64,
+    /// Packets and bytes, both directions.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the flow cache's slots (every CPU's) counted and have not folded into conntrack,
+/// by the tuple the slot holds.
+#[derive(Debug, Default)]
+pub struct Unfolded(HashMap<FlowKey, Vec<FlowSlot>>);
+
+impl Unfolded {
+    /// The slots of a loaded object's flow cache that hold counts.
+    pub fn read(cache: &PerCpuArray<&MapData, FlowSlot>) -> Result<Unfolded, MapError> {
+        let mut by_key: HashMap<FlowKey, Vec<FlowSlot>> = HashMap::new();
+        for i in 0..cache.len() {
+            for slot in cache.get(&i, 0)?.iter() {
+                if slot.counts != 0 {
+                    by_key.entry(slot.key).or_default().push(*slot);
+                }
+            }
+        }
+        Ok(Unfolded(by_key))
+    }
+
+    /// Packets and bytes the slots hold for the flow of entry `key` (canonical) first seen
+    /// at `first_seen_ns`: slots of either orientation, filled while the entry was there.
+    pub fn of(&self, key: &FlowKey, first_seen_ns: u64) -> (u64, u64) {
+        let reversed = key.reversed();
+        [key, &reversed]
+            .into_iter()
+            .filter_map(|k| self.0.get(k))
+            .flatten()
+            .filter(|s| s.counts_for(first_seen_ns))
+            .fold((0, 0), |(p, b), s| (p + s.packets(), b + s.bytes()))
+    }
 }
 
 /// Now on the programs' clock, in ns.
@@ -59,21 +111,29 @@ pub fn sweep_object(ebpf: &mut aya::Ebpf) -> Result<SweepStats, SweepError> {
             .map_err(on(common::CT_CONFIG))?;
     let config = config.get(&0, 0).map_err(on(common::CT_CONFIG))?;
     let now = now_ns()?;
-    let [ct, quota] = ebpf.maps_disjoint_mut([common::CONNTRACK, common::CT_QUOTA]);
+    let [ct, quota, cache] = ebpf.maps_disjoint_mut([common::CONNTRACK, common::CT_QUOTA, common::FLOW_CACHE]);
     let mut ct: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
         BpfHashMap::try_from(ct.ok_or(missing(common::CONNTRACK))?).map_err(on(common::CONNTRACK))?;
     let mut quota: BpfHashMap<&mut MapData, [u8; 16], u64> =
         BpfHashMap::try_from(quota.ok_or(missing(common::CT_QUOTA))?).map_err(on(common::CT_QUOTA))?;
-    sweep(&mut ct, &mut quota, &config, now)
+    let cache = cache.ok_or(missing(common::FLOW_CACHE))?;
+    let unfolded = || {
+        let cache: PerCpuArray<&MapData, FlowSlot> = PerCpuArray::try_from(&*cache).map_err(on(common::FLOW_CACHE))?;
+        Unfolded::read(&cache).map_err(on(common::FLOW_CACHE))
+    };
+    sweep(&mut ct, &mut quota, &config, now, unfolded)
 }
 
-/// Deletes the entries of `conntrack` expired at `now` and rewrites `quota` with the count
-/// of live quota-counted entries per source.
+/// Deletes the entries of `conntrack` expired at `now` (their flows, with the counts
+/// `unfolded` reads added, are [`SweepStats::ended`]) and rewrites `quota` with the count of
+/// live quota-counted entries per source. `unfolded` is called only when some entry expired
+/// (a walk of every CPU's flow-cache slots, one call per slot).
 pub fn sweep<C, Q>(
     conntrack: &mut BpfHashMap<C, FlowKey, FlowValue>,
     quota: &mut BpfHashMap<Q, [u8; 16], u64>,
     config: &CtConfig,
     now: u64,
+    unfolded: impl FnOnce() -> Result<Unfolded, SweepError>,
 ) -> Result<SweepStats, SweepError>
 where
     C: BorrowMut<MapData>,
@@ -83,11 +143,21 @@ where
     let mut counts: HashMap<[u8; 16], u64> = HashMap::new();
     let entries: Vec<(FlowKey, FlowValue)> =
         conntrack.iter().collect::<Result<_, _>>().map_err(on(common::CONNTRACK))?;
+    let ends = entries.iter().any(|(key, value)| expired(config, key.proto, value, now));
+    let unfolded = if ends { unfolded()? } else { Unfolded::default() };
     for (key, value) in entries {
         if expired(config, key.proto, &value, now) {
             // Gone already is fine: a packet found it expired first.
             absent(conntrack.remove(&key)).map_err(on(common::CONNTRACK))?;
             stats.expired += 1;
+            let (packets, bytes) = unfolded.of(&key, value.first_seen_ns);
+            stats.ended.push(EndedFlow {
+                first: value.first_packet(&key),
+                rule: value.rule,
+                first_seen_ns: value.first_seen_ns,
+                packets: value.packets + packets,
+                bytes: value.bytes + bytes,
+            });
             continue;
         }
         stats.live += 1;

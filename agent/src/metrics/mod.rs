@@ -60,6 +60,8 @@ pub struct Target {
 /// each scrape.
 pub struct Metrics {
     events: Events,
+    /// Flow events on their way to the control plane (what it dropped, full).
+    flows: Arc<crate::enforce::flows::FlowQueue>,
     backend: Arc<dyn WgBackend>,
     control: Option<Arc<ControlHealth>>,
     target: Mutex<Arc<Target>>,
@@ -69,9 +71,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(backend: Arc<dyn WgBackend>, control: Option<Arc<ControlHealth>>, target: Target) -> Metrics {
+    pub fn new(
+        backend: Arc<dyn WgBackend>,
+        control: Option<Arc<ControlHealth>>,
+        target: Target,
+        flows: Arc<crate::enforce::flows::FlowQueue>,
+    ) -> Metrics {
         Metrics {
             events: Events::default(),
+            flows,
             backend,
             control,
             target: Mutex::new(Arc::new(target)),
@@ -105,6 +113,7 @@ impl Metrics {
         self.events.register(&mut reg);
         let errors = Family::<read::SourceLabel, prometheus_client::metrics::gauge::Gauge>::default();
         read::policy(&mut reg, &target, &errors);
+        read::flow_queue(&mut reg, &self.flows);
         read::peers(&mut reg, self.backend.as_ref(), &target, &errors);
         if let Some(control) = &self.control {
             read::control(&mut reg, control);
@@ -215,6 +224,24 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).unwrap();
         out
+    }
+
+    #[test]
+    fn flow_events_the_full_queue_dropped_are_counted() {
+        let flows = crate::enforce::flows::FlowQueue::default();
+        let ended = crate::enforce::sweep::EndedFlow {
+            first: Default::default(),
+            rule: 0,
+            first_seen_ns: 1,
+            packets: 1,
+            bytes: 1,
+        };
+        flows.ended(vec![ended; crate::enforce::flows::FLOW_QUEUE + 7]);
+        let mut reg = Registry::with_prefix("wirefence_agent");
+        read::flow_queue(&mut reg, &flows);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &reg).unwrap();
+        assert!(out.contains("wirefence_agent_flow_events_dropped_total 7\n"), "{out}");
     }
 
     #[test]

@@ -132,6 +132,19 @@ pub(super) fn policy(reg: &mut Registry, target: &Target, errors: &Family<Source
     }
 }
 
+/// What the agent's queue to the control plane dropped (over [`FLOW_QUEUE`] waiting: the
+/// control plane away or slow).
+///
+/// [`FLOW_QUEUE`]: crate::enforce::flows::FLOW_QUEUE
+pub(super) fn flow_queue(reg: &mut Registry, flows: &crate::enforce::flows::FlowQueue) {
+    single(
+        reg,
+        "flow_events_dropped",
+        "Flow events (new flows, denies, flow ends) dropped because the queue to the control plane was full",
+        flows.dropped(),
+    );
+}
+
 fn single(reg: &mut Registry, name: &str, help: &str, v: u64) {
     let c = Counter::<u64>::default();
     c.inc_by(v);

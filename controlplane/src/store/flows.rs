@@ -10,19 +10,19 @@ use sqlx::Row;
 use super::{to_i64, to_u64, Result, Store, StoreError};
 use crate::flows::{Direction, Flow, FlowKind, Verdict, PAIR_WINDOW_MS};
 
-/// Rows of one INSERT (12 parameters each). Binding grows faster than linearly with the
+/// Rows of one INSERT (13 parameters each). Binding grows faster than linearly with the
 /// parameters of a statement on SQLite (10,000 rows: 0.09 s in statements of 20 rows,
 /// 0.15 s of 50, 0.9 s of 500), while one row per statement costs PostgreSQL a round trip
 /// each.
 const ROWS_PER_INSERT: usize = 20;
-const INSERT_COLUMNS: usize = 12;
+const INSERT_COLUMNS: usize = 13;
 
-/// `INSERT INTO flows ... VALUES ($1, ..., $12), ($13, ...)` for `rows` rows: only
+/// `INSERT INTO flows ... VALUES ($1, ..., $13), ($14, ...)` for `rows` rows: only
 /// placeholders are generated, never values.
 fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO flows (node, at_ms, direction, verdict, protocol, src, dst, src_port, dst_port, rule_id, \
-         packets, bytes) VALUES ",
+         packets, bytes, ended) VALUES ",
     );
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -68,6 +68,37 @@ pub struct Refused {
     pub invalid: u64,
 }
 
+type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Binds the record's node, time, direction, verdict and tuple (in that order) to `q`.
+fn bind_flow<'q>(q: Query<'q>, node: &'q str, f: &Flow) -> Query<'q> {
+    q.bind(node)
+        .bind(f.at_ms)
+        .bind(f.direction.code())
+        .bind(f.verdict.code())
+        .bind(i64::from(f.protocol))
+        .bind(f.src.to_string())
+        .bind(f.dst.to_string())
+        .bind(i64::from(f.src_port))
+        .bind(i64::from(f.dst_port))
+}
+
+/// Inserts `rows`, [`ROWS_PER_INSERT`] per statement.
+async fn insert_rows(tx: &mut sqlx::Transaction<'_, sqlx::Any>, rows: &[&(String, Flow)]) -> Result<()> {
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len())));
+        for (node, f) in chunk.iter().copied() {
+            q = bind_flow(q, node, f)
+                .bind(&f.rule_id)
+                .bind(to_i64(f.packets))
+                .bind(to_i64(f.bytes))
+                .bind(i64::from(f.ended));
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 fn corrupt(node: &str) -> StoreError {
     StoreError::Corrupt { id: node.to_owned(), field: "flow record" }
 }
@@ -88,34 +119,43 @@ fn stored(r: &AnyRow) -> Result<StoredFlow> {
         rule_id: r.try_get(9)?,
         packets: to_u64(r.try_get(10)?),
         bytes: to_u64(r.try_get(11)?),
+        ended: small(12)? != 0,
     };
-    Ok(StoredFlow { paired: small(12)? != 0, node, flow })
+    Ok(StoredFlow { paired: small(13)? != 0, node, flow })
 }
 
 impl Store {
     /// Adds `batch` (records with their reporting nodes) in one transaction, up to
     /// [`ROWS_PER_INSERT`] rows per statement (one round trip each, not one per record).
+    /// A flow's end ([`Flow::ended`]) goes on the record of its start instead (one
+    /// statement each, after the batch's starts): the same node, tuple, direction and
+    /// verdict, not ended yet, within [`PAIR_WINDOW_MS`] of the end's time (its first
+    /// packet's), the nearest; it is added as a record of its own when there is none (its
+    /// start was not reported).
     pub async fn insert_flows(&self, batch: &[(String, Flow)]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for chunk in batch.chunks(ROWS_PER_INSERT) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert_sql(chunk.len())));
-            for (node, f) in chunk {
-                q = q
-                    .bind(node)
-                    .bind(f.at_ms)
-                    .bind(f.direction.code())
-                    .bind(f.verdict.code())
-                    .bind(i64::from(f.protocol))
-                    .bind(f.src.to_string())
-                    .bind(f.dst.to_string())
-                    .bind(i64::from(f.src_port))
-                    .bind(i64::from(f.dst_port))
-                    .bind(&f.rule_id)
-                    .bind(to_i64(f.packets))
-                    .bind(to_i64(f.bytes));
+        let (ends, starts): (Vec<_>, Vec<_>) = batch.iter().partition(|(_, f)| f.ended);
+        insert_rows(&mut tx, &starts).await?;
+        let mut alone = Vec::new();
+        for end in ends {
+            let (node, f) = end;
+            let update = sqlx::query(
+                "UPDATE flows SET packets = $10, bytes = $11, ended = 1 WHERE id = (\
+                   SELECT id FROM flows WHERE node = $1 AND direction = $3 AND verdict = $4 AND protocol = $5 \
+                   AND src = $6 AND dst = $7 AND src_port = $8 AND dst_port = $9 AND ended = 0 \
+                   AND at_ms BETWEEN $2 - $12 AND $2 + $12 ORDER BY ABS(at_ms - $2), id LIMIT 1)",
+            );
+            let updated = bind_flow(update, node, f)
+                .bind(to_i64(f.packets))
+                .bind(to_i64(f.bytes))
+                .bind(PAIR_WINDOW_MS)
+                .execute(&mut *tx)
+                .await?;
+            if updated.rows_affected() == 0 {
+                alone.push(end);
             }
-            q.execute(&mut *tx).await?;
         }
+        insert_rows(&mut tx, &alone).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -149,9 +189,9 @@ impl Store {
     pub async fn flows(&self, q: &FlowQuery) -> Result<Vec<StoredFlow>> {
         let rows = sqlx::query(
             "SELECT node, at_ms, direction, verdict, protocol, src, dst, src_port, dst_port, rule_id, packets, \
-             bytes, paired FROM (\
+             bytes, ended, paired FROM (\
                SELECT f.id, f.node, f.at_ms, f.direction, f.verdict, f.protocol, f.src, f.dst, f.src_port, \
-               f.dst_port, f.rule_id, f.packets, f.bytes, \
+               f.dst_port, f.rule_id, f.packets, f.bytes, f.ended, \
                CASE WHEN EXISTS (SELECT 1 FROM flows g WHERE g.src = f.src AND g.dst = f.dst \
                  AND g.dst_port = f.dst_port AND g.src_port = f.src_port AND g.protocol = f.protocol \
                  AND g.direction <> f.direction AND g.node <> f.node \

@@ -208,6 +208,7 @@ fn flow(at_ms: i64, src: &str, dst: &str, direction: crate::flows::Direction, ru
         rule_id: rule.into(),
         packets: 3,
         bytes: 180,
+        ended: false,
     }
 }
 
@@ -303,6 +304,48 @@ async fn flows_on(s: &Store) {
         .collect();
     ports.sort_unstable();
     assert_eq!(ports, (0..1_201).collect::<Vec<u16>>());
+
+    // A flow's end goes on its start's record (the same node's, the nearest in time, not
+    // ended yet), whether in a later batch or the same; without a start it is a record.
+    let start = |at, port| crate::flows::Flow {
+        src_port: port,
+        packets: 0,
+        bytes: 0,
+        ..flow(at, "10.77.0.7", "10.77.0.8", Egress, "web")
+    };
+    let end = |at, port, packets| crate::flows::Flow { packets, bytes: packets * 100, ended: true, ..start(at, port) };
+    let t2 = t + 20_000;
+    s.insert_flows(&[("e".into(), start(t2, 1)), ("e".into(), start(t2 + 60_000, 1)), ("f".into(), start(t2, 1))])
+        .await
+        .unwrap();
+    s.insert_flows(&[
+        ("e".into(), end(t2 - 3, 1, 7)),
+        ("e".into(), start(t2, 2)),
+        ("e".into(), end(t2 + 1, 2, 4)),
+        ("e".into(), end(t2, 3, 9)),
+    ])
+    .await
+    .unwrap();
+    let got = |node: &str| {
+        let node = node.to_string();
+        async move {
+            let q = FlowQuery { node: Some(node), limit: 100, ..Default::default() };
+            s.flows(&q)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|f| (f.flow.at_ms - t2, f.flow.src_port, f.flow.packets, f.flow.bytes, f.flow.ended))
+                .collect::<Vec<_>>()
+        }
+    };
+    let mut e = got("e").await;
+    e.sort();
+    assert_eq!(
+        e,
+        [(0, 1, 7, 700, true), (0, 2, 4, 400, true), (0, 3, 9, 900, true), (60_000, 1, 0, 0, false)],
+        "each end on the nearest start of its own node's flow; one without a start kept"
+    );
+    assert_eq!(got("f").await, [(0, 1, 0, 0, false)], "another node's record of the tuple is not touched");
 }
 
 #[tokio::test]
