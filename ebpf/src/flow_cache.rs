@@ -80,7 +80,7 @@ pub fn lookup(key: &FlowKey, epoch: u32, now: u32, len: u32) -> Option<u32> {
     if s.stamp == 0
         || s.epoch != epoch
         || (now | 1).wrapping_sub(s.stamp) >= REFRESH_JIFFIES
-        || s.counts & 0xffff_ffff >= SLOT_MAX_BYTES
+        || s.bytes() >= SLOT_MAX_BYTES
     {
         return None;
     }

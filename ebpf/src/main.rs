@@ -32,8 +32,10 @@
 //!    is deleted and the packet judged as new. A hit advances the TCP/answered state and
 //!    refills the cache if the flow is not closing and lives long enough (a FIN or RST
 //!    clears this CPU's slots of the flow). Each passed packet is counted for its flow: in
-//!    the entry (atomic adds) on this path, in the cache slot on a hit (folded into the
-//!    entry when the slot is refilled, reused or cleared).
+//!    the cache slot on a hit, and as the first count of the slot it fills on this path
+//!    (folded into the entry, with atomic adds, when the slot is refilled, reused or
+//!    cleared); in the entry directly when this path fills no slot (closing flows, short
+//!    lifetimes).
 //!    Current epoch: pass (`ALLOWED_ESTABLISHED`, `last_seen_ns` refreshed if older than 1 s). Older epoch: the
 //!    entry's own tuple and direction (the flow's first packet) is judged under the live
 //!    generation; still allowed => the entry gets the new epoch and rule and the packet

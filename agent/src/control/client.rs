@@ -626,6 +626,6 @@ pub fn flow_record(e: &FlowEvent) -> v1::FlowRecord {
         rule_id: e.rule.clone(),
         packets: e.packets,
         bytes: e.bytes,
-        ended: e.packets > 0,
+        ended: e.ended(),
     }
 }

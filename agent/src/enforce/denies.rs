@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use wirefence_common as common;
 
+use super::flows::FlowEvent;
 use crate::model::IfName;
 
 const KEEP: usize = 32;
@@ -169,38 +170,35 @@ pub(super) fn packet_record(flow: &common::FlowKey, len: u32, port: u32) -> Deny
 }
 
 /// The event as it goes to the control plane (`rule`: the deciding rule's id).
-fn flow_event(e: &common::Event, rule: String) -> super::flows::FlowEvent {
-    super::flows::FlowEvent {
-        at_ms: unix_ms(),
-        allowed: e.kind == common::EVENT_NEW_FLOW,
-        rule,
-        ingress: e.flow.direction == common::DIR_INGRESS,
-        src: addr(e.flow.src),
-        dst: addr(e.flow.dst),
-        proto: e.flow.proto,
-        sport: e.flow.sport,
-        dport: e.flow.dport,
-        packets: 0,
-        bytes: 0,
-    }
+fn flow_event(e: &common::Event, rule: String) -> FlowEvent {
+    tuple_event(&e.flow, unix_ms(), e.kind == common::EVENT_NEW_FLOW, rule)
 }
 
 /// An ended flow as it goes to the control plane: timed by its first packet, as the record
 /// of its start is (give or take the moment the agent read that), with its counts.
-fn ended_event(f: &super::sweep::EndedFlow, rule: String, now_unix_ms: i64, now_ns: u64) -> super::flows::FlowEvent {
+fn ended_event(f: &super::sweep::EndedFlow, rule: String, now_unix_ms: i64, now_ns: u64) -> FlowEvent {
     let age_ms = i64::try_from(now_ns.saturating_sub(f.first_seen_ns) / 1_000_000).unwrap_or(i64::MAX);
-    super::flows::FlowEvent {
-        at_ms: now_unix_ms.saturating_sub(age_ms),
-        allowed: true,
-        rule,
-        ingress: f.first.direction == common::DIR_INGRESS,
-        src: addr(f.first.src),
-        dst: addr(f.first.dst),
-        proto: f.first.proto,
-        sport: f.first.sport,
-        dport: f.first.dport,
+    FlowEvent {
         packets: f.packets,
         bytes: f.bytes,
+        ..tuple_event(&f.first, now_unix_ms.saturating_sub(age_ms), true, rule)
+    }
+}
+
+/// An event of the tuple `flow` as the programs have it, without counts.
+fn tuple_event(flow: &common::FlowKey, at_ms: i64, allowed: bool, rule: String) -> FlowEvent {
+    FlowEvent {
+        at_ms,
+        allowed,
+        rule,
+        ingress: flow.direction == common::DIR_INGRESS,
+        src: addr(flow.src),
+        dst: addr(flow.dst),
+        proto: flow.proto,
+        sport: flow.sport,
+        dport: flow.dport,
+        packets: 0,
+        bytes: 0,
     }
 }
 
@@ -220,7 +218,7 @@ struct Sinks {
 }
 
 impl Sinks {
-    fn push(&mut self, event: super::flows::FlowEvent) {
+    fn push(&mut self, event: FlowEvent) {
         if let Some(Err(e)) = self.log.as_mut().map(|l| l.write(&event)) {
             tracing::error!(error = %e, "flow log not written from now on");
             self.log = None;

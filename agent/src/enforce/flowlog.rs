@@ -110,8 +110,8 @@ impl FlowLog {
             proto: e.proto,
             sport: e.sport,
             dport: e.dport,
-            packets: (e.packets > 0).then_some(e.packets),
-            bytes: (e.packets > 0).then_some(e.bytes),
+            packets: e.ended().then_some(e.packets),
+            bytes: e.ended().then_some(e.bytes),
         };
         let mut bytes = serde_json::to_vec(&line).map_err(|e| err(e.into()))?;
         bytes.push(b'\n');

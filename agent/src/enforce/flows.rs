@@ -38,6 +38,13 @@ pub struct FlowEvent {
     pub bytes: u64,
 }
 
+impl FlowEvent {
+    /// Whether this is a flow's end (only an end has counts: every flow passed a packet).
+    pub fn ended(&self) -> bool {
+        self.packets > 0
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct FlowQueue {
     events: Mutex<VecDeque<FlowEvent>>,

@@ -143,23 +143,23 @@ where
     let mut counts: HashMap<[u8; 16], u64> = HashMap::new();
     let entries: Vec<(FlowKey, FlowValue)> =
         conntrack.iter().collect::<Result<_, _>>().map_err(on(common::CONNTRACK))?;
-    let ends = entries.iter().any(|(key, value)| expired(config, key.proto, value, now));
-    let unfolded = if ends { unfolded()? } else { Unfolded::default() };
-    for (key, value) in entries {
-        if expired(config, key.proto, &value, now) {
-            // Gone already is fine: a packet found it expired first.
-            absent(conntrack.remove(&key)).map_err(on(common::CONNTRACK))?;
-            stats.expired += 1;
-            let (packets, bytes) = unfolded.of(&key, value.first_seen_ns);
-            stats.ended.push(EndedFlow {
-                first: value.first_packet(&key),
-                rule: value.rule,
-                first_seen_ns: value.first_seen_ns,
-                packets: value.packets + packets,
-                bytes: value.bytes + bytes,
-            });
-            continue;
-        }
+    let (gone, kept): (Vec<_>, Vec<_>) =
+        entries.into_iter().partition(|(key, value)| expired(config, key.proto, value, now));
+    let unfolded = if gone.is_empty() { Unfolded::default() } else { unfolded()? };
+    for (key, value) in gone {
+        // Gone already is fine: a packet found it expired first.
+        absent(conntrack.remove(&key)).map_err(on(common::CONNTRACK))?;
+        stats.expired += 1;
+        let (packets, bytes) = unfolded.of(&key, value.first_seen_ns);
+        stats.ended.push(EndedFlow {
+            first: value.first_packet(&key),
+            rule: value.rule,
+            first_seen_ns: value.first_seen_ns,
+            packets: value.packets + packets,
+            bytes: value.bytes + bytes,
+        });
+    }
+    for (key, value) in kept {
         stats.live += 1;
         if value.flags & common::FLOW_QUOTA_COUNTED != 0 {
             let source = value.first_packet(&key).src;
